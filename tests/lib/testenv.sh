@@ -1,0 +1,184 @@
+# testenv.sh — shared harness for kvroute's multi-process integration tests (bash).
+#
+#   source "$(dirname "$0")/../lib/testenv.sh"
+#   kvr_test_init my_test_name          # temp dir, EXIT trap that kills everything we started
+#   kvr_start_nats                      # nats-server -js on an OS-chosen port; sets NATS_URL
+#   port=$(kvr_free_port)
+#   kvr_spawn worker1 "$KVR_BIN/kvr-worker" --listen 127.0.0.1:$port --nats "$NATS_URL" ...
+#   kvr_wait_http "http://127.0.0.1:$port/health" 10
+#   kvr_kill9 worker1                   # SIGKILL, like a crash
+#   kvr_assert_eq "$got" "$want" "what"
+#   kvr_pass                            # prints "1 passed, 0 failed" and exits 0
+#
+# Every spawned process runs in its own process group under setsid; the EXIT trap sends
+# SIGKILL to each group, so nothing is left behind when a test fails or times out (ctest's
+# TIMEOUT sends SIGTERM to bash, which runs the trap). Logs go to $KVR_TMP/<name>.log and the
+# last lines of each are printed when a test fails.
+#
+# Environment: KVR_BIN (directory of the built binaries; default: build/bin next to tests/),
+# KVR_KEEP_TMP=1 keeps the temp dir.
+
+set -u
+set -o pipefail
+
+KVR_TESTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+: "${KVR_BIN:=$(cd "$KVR_TESTS_DIR/.." && pwd)/build/bin}"
+KVR_NAMES=()
+declare -A KVR_PIDS=()
+KVR_FAILED=0
+
+kvr_log() { printf '[%s] %s\n' "$(date +%H:%M:%S.%3N)" "$*" >&2; }
+
+kvr_cleanup() {
+    local rc=$?
+    local name
+    for name in "${KVR_NAMES[@]}"; do
+        local pid=${KVR_PIDS[$name]:-}
+        [ -n "$pid" ] && kill -KILL -- "-$pid" 2>/dev/null
+    done
+    for name in "${KVR_NAMES[@]}"; do
+        local pid=${KVR_PIDS[$name]:-}
+        [ -n "$pid" ] && wait "$pid" 2>/dev/null
+    done
+    if [ $rc -ne 0 ] || [ $KVR_FAILED -ne 0 ]; then
+        for name in "${KVR_NAMES[@]}"; do
+            if [ -f "$KVR_TMP/$name.log" ]; then
+                echo "----- last lines of $name.log -----" >&2
+                tail -n 25 "$KVR_TMP/$name.log" >&2
+            fi
+        done
+    fi
+    if [ "${KVR_KEEP_TMP:-0}" = 1 ]; then
+        echo "kept $KVR_TMP" >&2
+    else
+        rm -rf "$KVR_TMP"
+    fi
+    exit $rc
+}
+
+kvr_test_init() {
+    KVR_TEST_NAME=$1
+    KVR_TMP=$(mktemp -d "${TMPDIR:-/tmp}/kvr-$1.XXXXXX")
+    trap kvr_cleanup EXIT
+    trap 'exit 143' TERM INT
+}
+
+# A free TCP port on 127.0.0.1, chosen by the OS (bind to port 0, read it, close).
+kvr_free_port() {
+    /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# kvr_spawn NAME CMD ARGS... : start in its own process group; logs to $KVR_TMP/NAME.log.
+kvr_spawn() {
+    local name=$1
+    shift
+    setsid "$@" >>"$KVR_TMP/$name.log" 2>&1 &
+    KVR_PIDS[$name]=$!
+    local n
+    for n in "${KVR_NAMES[@]}"; do [ "$n" = "$name" ] && return 0; done
+    KVR_NAMES+=("$name")
+}
+
+kvr_pid() { echo "${KVR_PIDS[$1]}"; }
+
+kvr_alive() { kill -0 "${KVR_PIDS[$1]}" 2>/dev/null; }
+
+# SIGKILL a spawned process group and reap it.
+kvr_kill9() {
+    local pid=${KVR_PIDS[$1]}
+    kill -KILL -- "-$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    return 0
+}
+
+# SIGTERM and wait up to $2 seconds (default 10); returns the exit status, 124 on timeout.
+kvr_term() {
+    local pid=${KVR_PIDS[$1]} t=${2:-10} i
+    kill -TERM "$pid" 2>/dev/null
+    for ((i = 0; i < t * 10; i++)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            wait "$pid" 2>/dev/null
+            return $?
+        fi
+        sleep 0.1
+    done
+    kill -KILL -- "-$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    return 124
+}
+
+# Start nats-server with JetStream on an OS-chosen client port; sets NATS_URL and NATS_DIR.
+# kvr_start_nats [NAME] (default "nats"); calling again with the same NAME restarts it on the
+# same port and store (for "NATS restarted under the router" tests).
+kvr_start_nats() {
+    local name=${1:-nats}
+    NATS_DIR="$KVR_TMP/$name"
+    mkdir -p "$NATS_DIR/js"
+    if [ -z "${KVR_NATS_PORT:-}" ]; then
+        KVR_NATS_PORT=$(kvr_free_port)
+    fi
+    cat >"$NATS_DIR/nats.conf" <<CONF
+listen: 127.0.0.1:$KVR_NATS_PORT
+jetstream {
+  store_dir: "$NATS_DIR/js"
+  max_memory_store: 256MB
+  max_file_store: 2GB
+}
+max_payload: 8MB
+CONF
+    kvr_spawn "$name" nats-server -c "$NATS_DIR/nats.conf"
+    NATS_URL="nats://127.0.0.1:$KVR_NATS_PORT"
+    local i
+    for ((i = 0; i < 100; i++)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$KVR_NATS_PORT") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    kvr_fail "nats-server did not listen on $KVR_NATS_PORT"
+}
+
+# kvr_wait_http URL [SECONDS] [EXPECTED_STATUS]: poll until the URL answers the status (200).
+kvr_wait_http() {
+    local url=$1 t=${2:-10} want=${3:-200} i code
+    for ((i = 0; i < t * 10; i++)); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" 2>/dev/null)
+        [ "$code" = "$want" ] && return 0
+        sleep 0.1
+    done
+    kvr_fail "timed out waiting for $url to answer $want (last: $code)"
+}
+
+# kvr_wait_for SECONDS CMD...: poll until CMD succeeds.
+kvr_wait_for() {
+    local t=$1 i
+    shift
+    for ((i = 0; i < t * 10; i++)); do
+        "$@" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+kvr_fail() {
+    KVR_FAILED=1
+    kvr_log "FAIL [$KVR_TEST_NAME]: $*"
+    echo "0 passed, 1 failed"
+    exit 1
+}
+
+kvr_assert_eq() {
+    [ "$1" = "$2" ] || kvr_fail "${3:-value}: got '$1', want '$2'"
+}
+
+kvr_assert() {
+    local what=$1
+    shift
+    "$@" || kvr_fail "$what"
+}
+
+kvr_pass() {
+    kvr_log "PASS [$KVR_TEST_NAME]"
+    echo "1 passed, 0 failed"
+    exit 0
+}
