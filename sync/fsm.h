@@ -1,0 +1,187 @@
+/* fsm: kvroute's replicated state machine (DESIGN section 6), usable standalone.
+ *
+ * State: worker registry (sorted by worker id), bookings (request_id → worker, blocks, prefill
+ * blocks outstanding, frontend_id, start_ms), frontend leases (frontend_id → last_seen_ms), and
+ * per-worker active_blocks / active_prefill_blocks derived from the bookings.
+ *
+ * Commands are msgpack with a version byte first (kvr_cmd_encode/kvr_cmd_decode); the same
+ * bytes go into the Raft log. kvr_fsm_apply is total: it never fails, a malformed or rejected
+ * command changes nothing and says why in the result's outcome. It is deterministic (time comes
+ * from the command, never the clock; the route choice is kvr_cost_choose over the registry in
+ * ascending worker id order) and idempotent per request_id: re-applying a ROUTE whose booking is
+ * still live returns that booking with outcome KVR_OUT_DUPLICATE and changes nothing.
+ *
+ * Memory: a kvr_fsm owns all its state; kvr_fsm_free releases it. A kvr_cmd decoded from bytes
+ * borrows strings from those bytes and its candidates from caller storage.
+ * Threads: none of its own; one thread at a time (the loop thread that owns it). */
+#ifndef KVR_SYNC_FSM_H
+#define KVR_SYNC_FSM_H
+
+#include "cost.h"
+#include "kvr_buf.h"
+#include "kvr_err.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define KVR_CMD_VERSION 1
+#define KVR_FSM_MAX_CANDIDATES 1024
+#define KVR_FSM_MAX_WORKERS 4096
+#define KVR_FSM_MAX_FRONTENDS 4096
+#define KVR_FSM_DEFAULT_MAX_BOOKINGS (1u << 20)
+#define KVR_FSM_MODEL_MAX 127
+#define KVR_FSM_NS_MAX 63
+#define KVR_FSM_URL_MAX 255
+/* Upper bound of one encoded command (ROUTE with KVR_FSM_MAX_CANDIDATES candidates). */
+#define KVR_CMD_MAX_BYTES (64 + KVR_FSM_MODEL_MAX + KVR_FSM_NS_MAX + 24 * KVR_FSM_MAX_CANDIDATES)
+
+typedef enum kvr_cmd_type {
+    KVR_CMD_NONE = 0,
+    KVR_CMD_ROUTE = 1,
+    KVR_CMD_PREFILL_DONE = 2,
+    KVR_CMD_FREE = 3,
+    KVR_CMD_WORKER_UP = 4,
+    KVR_CMD_WORKER_DOWN = 5,
+    KVR_CMD_FRONTEND_SEEN = 6,
+    KVR_CMD_FRONTEND_EXPIRE = 7,
+    KVR_CMD_EXPIRE = 8,
+} kvr_cmd_type;
+
+typedef enum kvr_worker_role {
+    KVR_ROLE_BOTH = 0,
+    KVR_ROLE_PREFILL = 1,
+    KVR_ROLE_DECODE = 2,
+} kvr_worker_role;
+
+typedef struct kvr_route_candidate {
+    uint64_t worker_id;
+    uint32_t overlap; /* blocks matched in the router's own index */
+} kvr_route_candidate;
+
+typedef struct kvr_route_cmd {
+    uint8_t request_id[KVR_REQUEST_ID_LEN];
+    uint64_t frontend_id;
+    uint64_t now_ms;
+    uint32_t request_blocks;
+    kvr_slice model;
+    kvr_slice ns;        /* namespace */
+    uint64_t pin_worker; /* 0: choose by cost. Else book this worker (used by degraded-mode
+                            reconciliation: the request is already being served there). */
+    const kvr_route_candidate *candidates;
+    uint32_t n_candidates; /* <= KVR_FSM_MAX_CANDIDATES */
+} kvr_route_cmd;
+
+typedef struct kvr_worker_info {
+    uint64_t id; /* != 0 */
+    kvr_slice ns, model, url;
+    kvr_worker_role role;
+    uint32_t block_size;
+    uint32_t capacity_blocks;
+} kvr_worker_info;
+
+typedef struct kvr_cmd {
+    kvr_cmd_type type;
+    union {
+        kvr_route_cmd route;                                   /* ROUTE */
+        uint8_t request_id[KVR_REQUEST_ID_LEN];                /* PREFILL_DONE, FREE */
+        kvr_worker_info worker;                                /* WORKER_UP */
+        uint64_t worker_id;                                    /* WORKER_DOWN */
+        struct { uint64_t frontend_id, now_ms; } frontend;     /* FRONTEND_SEEN, _EXPIRE */
+        uint64_t before_ms;                                    /* EXPIRE */
+    } u;
+} kvr_cmd;
+
+/* Appends the encoding of cmd to out. KVR_EINVAL when a field is over its bound. */
+int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err);
+/* Decodes data[0..len) into cmd. Strings point into data; ROUTE candidates are stored in
+ * cand[0..KVR_FSM_MAX_CANDIDATES). KVR_EINVAL / KVR_ETRUNC / KVR_ELIMIT / KVR_EUNSUPPORTED
+ * (other version) with a message. Never allocates. */
+int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candidate *cand,
+                   kvr_err *err);
+/* Request id of a ROUTE/PREFILL_DONE/FREE command, else NULL. */
+const uint8_t *kvr_cmd_request_id(const kvr_cmd *cmd);
+const char *kvr_cmd_type_name(kvr_cmd_type t);
+
+typedef enum kvr_outcome {
+    KVR_OUT_OK = 0,
+    KVR_OUT_DUPLICATE = 1, /* ROUTE re-applied: the original booking is returned */
+    KVR_OUT_INVALID = 2,   /* malformed command or field out of bounds */
+    KVR_OUT_FULL = 3,      /* booking/worker/frontend table at its bound */
+    KVR_OUT_NO_WORKER = 4, /* ROUTE: no live worker for this model/namespace */
+    KVR_OUT_UNKNOWN = 5,   /* FREE/PREFILL_DONE/WORKER_DOWN/FRONTEND_EXPIRE of nothing known */
+} kvr_outcome;
+const char *kvr_outcome_name(kvr_outcome o);
+
+typedef struct kvr_fsm_result {
+    kvr_outcome outcome;
+    kvr_cmd_type type;
+    uint64_t worker_id;      /* ROUTE: booked worker (also for DUPLICATE) */
+    uint32_t overlap;        /* ROUTE: the booked worker's overlap */
+    uint32_t request_blocks; /* ROUTE */
+    double cost;             /* ROUTE: the booked worker's cost at decision time */
+    uint32_t freed;          /* bookings freed (FREE, WORKER_DOWN, FRONTEND_EXPIRE, EXPIRE) */
+    char url[KVR_FSM_URL_MAX + 1]; /* ROUTE: booked worker's url */
+} kvr_fsm_result;
+
+typedef struct kvr_fsm_options {
+    uint32_t max_bookings;   /* 0 → KVR_FSM_DEFAULT_MAX_BOOKINGS */
+    kvr_cost_params cost;    /* all zero → kvr_cost_params_default() (weight 1.0, temp 0) */
+} kvr_fsm_options;
+
+typedef struct kvr_fsm kvr_fsm;
+
+/* Copy of one registry entry (strings NUL-terminated), for /v1/state. */
+typedef struct kvr_fsm_worker_view {
+    uint64_t id;
+    char ns[KVR_FSM_NS_MAX + 1];
+    char model[KVR_FSM_MODEL_MAX + 1];
+    char url[KVR_FSM_URL_MAX + 1];
+    kvr_worker_role role;
+    uint32_t block_size, capacity_blocks;
+    bool up;
+    uint64_t active_blocks, active_prefill_blocks;
+    uint32_t bookings;
+} kvr_fsm_worker_view;
+
+typedef struct kvr_fsm_booking_view {
+    uint8_t request_id[KVR_REQUEST_ID_LEN];
+    uint64_t worker_id, frontend_id, start_ms;
+    uint32_t blocks, prefill_blocks, overlap;
+} kvr_fsm_booking_view;
+
+/* opts may be NULL. Returns NULL on allocation failure. */
+kvr_fsm *kvr_fsm_new(const kvr_fsm_options *opts);
+void kvr_fsm_free(kvr_fsm *f);
+
+/* Applies one command. Total: always fills *res (outcome says what happened). */
+void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res);
+/* Decodes then applies; undecodable bytes give outcome KVR_OUT_INVALID. */
+void kvr_fsm_apply_bytes(kvr_fsm *f, const void *data, size_t len, kvr_fsm_result *res);
+
+/* Order-independent 64-bit digest of bookings + registry + leases: two replicas that applied
+ * the same commands have equal digests, whatever their memory layout. */
+uint64_t kvr_fsm_digest(const kvr_fsm *f);
+uint32_t kvr_fsm_booking_count(const kvr_fsm *f);
+uint32_t kvr_fsm_worker_count(const kvr_fsm *f);
+uint32_t kvr_fsm_frontend_count(const kvr_fsm *f);
+/* Copies registry entry i (0 <= i < worker_count, ascending id). KVR_ENOTFOUND past the end. */
+int kvr_fsm_worker_at(const kvr_fsm *f, uint32_t i, kvr_fsm_worker_view *out);
+int kvr_fsm_worker_get(const kvr_fsm *f, uint64_t worker_id, kvr_fsm_worker_view *out);
+int kvr_fsm_booking_get(const kvr_fsm *f, const uint8_t request_id[KVR_REQUEST_ID_LEN],
+                        kvr_fsm_booking_view *out);
+/* Calls fn for every live booking (unspecified order); stops when fn returns non-zero. */
+void kvr_fsm_foreach_booking(const kvr_fsm *f, int (*fn)(const kvr_fsm_booking_view *, void *),
+                             void *data);
+int kvr_fsm_frontend_last_seen(const kvr_fsm *f, uint64_t frontend_id, uint64_t *last_seen_ms);
+
+/* Snapshot: "KVRS" magic, format version, msgpack body, XXH3-64 checksum of all before it.
+ * Appends to out. */
+int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err);
+/* Replaces f's state with a snapshot's. On any error (bad magic/version/checksum/contents)
+ * f is left unchanged and err says why. */
+int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err);
+/* A deep copy (via snapshot/restore). NULL on failure. */
+kvr_fsm *kvr_fsm_clone(const kvr_fsm *f);
+
+#endif

@@ -1,0 +1,375 @@
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "fsm.h"
+#include "sync_test_util.h"
+
+static char urls[64][64];
+
+static void add_workers(kvr_fsm *f, int n)
+{
+    for (int i = 1; i <= n; i++) {
+        kvr_cmd c = tu_worker_up((uint64_t)i, "m", "ns", urls[i], sizeof urls[i]);
+        kvr_fsm_result r;
+        kvr_fsm_apply(f, &c, &r);
+        assert_int_equal(r.outcome, KVR_OUT_OK);
+    }
+}
+
+/* Applies cmd through its encoding (the path the Raft log takes). */
+static void apply_enc(kvr_fsm *f, const kvr_cmd *c, kvr_fsm_result *r)
+{
+    kvr_buf b;
+    kvr_buf_init(&b);
+    assert_int_equal(kvr_cmd_encode(c, &b, NULL), 0);
+    kvr_fsm_apply_bytes(f, b.base, b.len, r);
+    kvr_buf_free(&b);
+}
+
+static void test_route_books_least_cost(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_workers(f, 3);
+    kvr_route_candidate cand[] = {{2, 5}};
+    kvr_cmd c = tu_route(1, 7, 1000, 8, cand, 1);
+    kvr_fsm_result r;
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(r.worker_id, 2);
+    assert_int_equal(r.overlap, 5);
+    assert_string_equal(r.url, "http://127.0.0.1:9002");
+    kvr_fsm_worker_view v;
+    assert_int_equal(kvr_fsm_worker_get(f, 2, &v), 0);
+    assert_int_equal(v.active_blocks, 8);
+    assert_int_equal(v.active_prefill_blocks, 3);
+    /* next request with no overlap avoids the loaded worker 2 */
+    kvr_cmd c2 = tu_route(2, 7, 1001, 8, NULL, 0);
+    apply_enc(f, &c2, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_true(r.worker_id == 1 || r.worker_id == 3);
+    /* other model: no worker */
+    kvr_cmd c3 = tu_route(3, 7, 1002, 8, NULL, 0);
+    c3.u.route.model = kvr_slice_of("other");
+    apply_enc(f, &c3, &r);
+    assert_int_equal(r.outcome, KVR_OUT_NO_WORKER);
+    assert_int_equal(kvr_fsm_booking_count(f), 2);
+    kvr_fsm_free(f);
+}
+
+static void test_idempotent(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_workers(f, 4);
+    kvr_cmd c = tu_route(42, 1, 5, 10, NULL, 0);
+    kvr_fsm_result r1, r2;
+    apply_enc(f, &c, &r1);
+    assert_int_equal(r1.outcome, KVR_OUT_OK);
+    uint64_t d = kvr_fsm_digest(f);
+    /* re-applied with other candidates: same booking, nothing changes */
+    kvr_route_candidate cand[] = {{4, 10}};
+    c.u.route.candidates = cand;
+    c.u.route.n_candidates = 1;
+    apply_enc(f, &c, &r2);
+    assert_int_equal(r2.outcome, KVR_OUT_DUPLICATE);
+    assert_int_equal(r2.worker_id, r1.worker_id);
+    assert_string_equal(r2.url, r1.url);
+    assert_true(kvr_fsm_digest(f) == d);
+    assert_int_equal(kvr_fsm_booking_count(f), 1);
+    /* PREFILL_DONE then FREE; a second FREE is unknown and harmless */
+    kvr_cmd p = tu_req(KVR_CMD_PREFILL_DONE, 42);
+    apply_enc(f, &p, &r2);
+    assert_int_equal(r2.outcome, KVR_OUT_OK);
+    kvr_fsm_worker_view v;
+    kvr_fsm_worker_get(f, r1.worker_id, &v);
+    assert_int_equal(v.active_prefill_blocks, 0);
+    assert_int_equal(v.active_blocks, 10);
+    kvr_cmd fr = tu_req(KVR_CMD_FREE, 42);
+    apply_enc(f, &fr, &r2);
+    assert_int_equal(r2.outcome, KVR_OUT_OK);
+    assert_int_equal(r2.freed, 1);
+    apply_enc(f, &fr, &r2);
+    assert_int_equal(r2.outcome, KVR_OUT_UNKNOWN);
+    kvr_fsm_worker_get(f, r1.worker_id, &v);
+    assert_int_equal(v.active_blocks, 0);
+    assert_int_equal(kvr_fsm_booking_count(f), 0);
+    kvr_fsm_free(f);
+}
+
+/* A random command sequence, applied to two FSMs (one directly, one through encode/decode and
+ * with a snapshot/restore half-way), must give equal digests; the digest changes with state. */
+static void run_random(kvr_fsm *f, unsigned seed, int n, int snap_at)
+{
+    srand(seed);
+    for (int i = 0; i < n; i++) {
+        if (i == snap_at) {
+            kvr_buf b;
+            kvr_buf_init(&b);
+            assert_int_equal(kvr_fsm_snapshot(f, &b, NULL), 0);
+            kvr_fsm *g = kvr_fsm_new(NULL);
+            assert_int_equal(kvr_fsm_restore(g, b.base, b.len, NULL), 0);
+            assert_true(kvr_fsm_digest(g) == kvr_fsm_digest(f));
+            assert_int_equal(kvr_fsm_restore(f, b.base, b.len, NULL), 0);
+            kvr_fsm_free(g);
+            kvr_buf_free(&b);
+        }
+        int k = rand() % 100;
+        kvr_cmd c;
+        kvr_route_candidate cand[3];
+        kvr_fsm_result r;
+        uint64_t req = (uint64_t)(rand() % 300);
+        if (k < 55) {
+            for (int j = 0; j < 3; j++)
+                cand[j] = (kvr_route_candidate){(uint64_t)(rand() % 8 + 1), (uint32_t)(rand() % 20)};
+            c = tu_route(req, (uint64_t)(rand() % 4), (uint64_t)i, (uint32_t)(rand() % 20 + 1), cand, 3);
+        } else if (k < 70) {
+            c = tu_req(KVR_CMD_PREFILL_DONE, req);
+        } else if (k < 88) {
+            c = tu_req(KVR_CMD_FREE, req);
+        } else if (k < 91) {
+            c = (kvr_cmd){.type = KVR_CMD_WORKER_DOWN, .u.worker_id = (uint64_t)(rand() % 8 + 1)};
+        } else if (k < 94) {
+            uint64_t id = (uint64_t)(rand() % 8 + 1);
+            c = tu_worker_up(id, "m", "ns", urls[id], sizeof urls[id]);
+        } else if (k < 97) {
+            c = (kvr_cmd){.type = KVR_CMD_FRONTEND_SEEN};
+            c.u.frontend.frontend_id = (uint64_t)(rand() % 4);
+            c.u.frontend.now_ms = (uint64_t)i;
+        } else if (k < 99) {
+            c = (kvr_cmd){.type = KVR_CMD_FRONTEND_EXPIRE};
+            c.u.frontend.frontend_id = (uint64_t)(rand() % 4);
+        } else {
+            c = (kvr_cmd){.type = KVR_CMD_EXPIRE, .u.before_ms = (uint64_t)(i > 50 ? i - 50 : 0)};
+        }
+        if (i % 2)
+            kvr_fsm_apply(f, &c, &r);
+        else
+            apply_enc(f, &c, &r);
+        assert_true(r.outcome != KVR_OUT_INVALID && r.outcome != KVR_OUT_FULL);
+    }
+}
+
+static int check_load(const kvr_fsm_booking_view *b, void *data)
+{
+    uint64_t *sum = data;
+    sum[b->worker_id] += b->blocks;
+    sum[16 + b->worker_id] += b->prefill_blocks;
+    return 0;
+}
+
+static void test_determinism(void **state)
+{
+    (void)state;
+    for (unsigned seed = 1; seed <= 5; seed++) {
+        kvr_fsm *a = kvr_fsm_new(NULL), *b = kvr_fsm_new(NULL);
+        add_workers(a, 8);
+        add_workers(b, 8);
+        uint64_t d0 = kvr_fsm_digest(a);
+        run_random(a, seed, 3000, -1);
+        run_random(b, seed, 3000, 1234);
+        assert_true(kvr_fsm_digest(a) == kvr_fsm_digest(b));
+        assert_true(kvr_fsm_digest(a) != d0);
+        assert_int_equal(kvr_fsm_booking_count(a), kvr_fsm_booking_count(b));
+        /* derived loads equal the sum of live bookings */
+        uint64_t sum[32] = {0};
+        kvr_fsm_foreach_booking(a, check_load, sum);
+        for (uint32_t i = 0; i < kvr_fsm_worker_count(a); i++) {
+            kvr_fsm_worker_view v;
+            kvr_fsm_worker_at(a, i, &v);
+            assert_int_equal(v.active_blocks, sum[v.id]);
+            assert_int_equal(v.active_prefill_blocks, sum[16 + v.id]);
+        }
+        kvr_fsm *c = kvr_fsm_clone(a);
+        assert_non_null(c);
+        assert_true(kvr_fsm_digest(c) == kvr_fsm_digest(a));
+        kvr_fsm_free(a);
+        kvr_fsm_free(b);
+        kvr_fsm_free(c);
+    }
+}
+
+static void test_expiry_and_leases(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_workers(f, 2);
+    kvr_fsm_result r;
+    for (uint64_t i = 0; i < 100; i++) {
+        kvr_cmd c = tu_route(i, i % 2 ? 11 : 22, 1000 + i, 4, NULL, 0);
+        apply_enc(f, &c, &r);
+        assert_int_equal(r.outcome, KVR_OUT_OK);
+    }
+    kvr_cmd s = {.type = KVR_CMD_FRONTEND_SEEN};
+    s.u.frontend.frontend_id = 11;
+    s.u.frontend.now_ms = 5000;
+    apply_enc(f, &s, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    uint64_t seen = 0;
+    assert_int_equal(kvr_fsm_frontend_last_seen(f, 11, &seen), 0);
+    assert_int_equal(seen, 5000);
+    /* EXPIRE frees bookings older than before_ms: 1000..1019 */
+    kvr_cmd e = {.type = KVR_CMD_EXPIRE, .u.before_ms = 1020};
+    apply_enc(f, &e, &r);
+    assert_int_equal(r.freed, 20);
+    assert_int_equal(kvr_fsm_booking_count(f), 80);
+    /* FRONTEND_EXPIRE frees all of frontend 11's (odd ids 21..99 = 40) and drops its lease */
+    kvr_cmd x = {.type = KVR_CMD_FRONTEND_EXPIRE};
+    x.u.frontend.frontend_id = 11;
+    apply_enc(f, &x, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(r.freed, 40);
+    assert_int_equal(kvr_fsm_booking_count(f), 40);
+    assert_int_equal(kvr_fsm_frontend_last_seen(f, 11, &seen), KVR_ENOTFOUND);
+    kvr_fsm_booking_view bv;
+    uint8_t rid[16];
+    tu_rid(rid, 98);
+    assert_int_equal(kvr_fsm_booking_get(f, rid, &bv), 0);
+    tu_rid(rid, 99);
+    assert_int_equal(kvr_fsm_booking_get(f, rid, &bv), KVR_ENOTFOUND);
+    /* WORKER_DOWN frees its bookings and takes it out of the candidates */
+    kvr_cmd d = {.type = KVR_CMD_WORKER_DOWN, .u.worker_id = 1};
+    apply_enc(f, &d, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    kvr_fsm_worker_view v;
+    kvr_fsm_worker_get(f, 1, &v);
+    assert_false(v.up);
+    assert_int_equal(v.active_blocks, 0);
+    assert_int_equal(kvr_fsm_booking_count(f), 40 - r.freed);
+    for (uint64_t i = 500; i < 520; i++) {
+        kvr_cmd c = tu_route(i, 22, 9000, 4, (kvr_route_candidate[]){{1, 4}}, 1);
+        apply_enc(f, &c, &r);
+        assert_int_equal(r.worker_id, 2);
+    }
+    kvr_fsm_free(f);
+}
+
+static void test_full(void **state)
+{
+    (void)state;
+    kvr_fsm_options o = {.max_bookings = 10};
+    kvr_fsm *f = kvr_fsm_new(&o);
+    add_workers(f, 1);
+    kvr_fsm_result r;
+    for (uint64_t i = 0; i < 12; i++) {
+        kvr_cmd c = tu_route(i, 1, 1, 1, NULL, 0);
+        kvr_fsm_apply(f, &c, &r);
+        assert_int_equal(r.outcome, i < 10 ? KVR_OUT_OK : KVR_OUT_FULL);
+    }
+    /* a duplicate of a live booking still answers when full */
+    kvr_cmd c = tu_route(3, 1, 1, 1, NULL, 0);
+    kvr_fsm_apply(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_DUPLICATE);
+    kvr_fsm_free(f);
+}
+
+static void test_malformed(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_workers(f, 2);
+    uint64_t d = kvr_fsm_digest(f);
+    kvr_fsm_result r;
+    /* valid command, then every truncation and single-byte corruption */
+    kvr_route_candidate cand[] = {{1, 3}, {2, 1}};
+    kvr_cmd c = tu_route(9, 1, 1, 4, cand, 2);
+    kvr_buf b;
+    kvr_buf_init(&b);
+    assert_int_equal(kvr_cmd_encode(&c, &b, NULL), 0);
+    for (size_t n = 0; n < b.len; n++) {
+        kvr_fsm_apply_bytes(f, b.base, n, &r);
+        assert_int_equal(r.outcome, KVR_OUT_INVALID);
+    }
+    assert_true(kvr_fsm_digest(f) == d);
+    char *m = malloc(b.len);
+    for (size_t i = 0; i < b.len; i++) {
+        for (int x = 1; x < 256; x += 37) {
+            memcpy(m, b.base, b.len);
+            m[i] ^= (char)x;
+            kvr_fsm_apply_bytes(f, m, b.len, &r); /* must not crash; any outcome */
+            if (r.outcome == KVR_OUT_OK) {
+                kvr_cmd fr = {.type = KVR_CMD_FREE};
+                kvr_cmd dc;
+                kvr_route_candidate cc[KVR_FSM_MAX_CANDIDATES];
+                assert_int_equal(kvr_cmd_decode(m, b.len, &dc, cc, NULL), 0);
+                memcpy(fr.u.request_id, dc.u.route.request_id, 16);
+                kvr_fsm_apply(f, &fr, &r);
+            }
+        }
+    }
+    free(m);
+    /* wrong version byte */
+    b.base[0] = 9;
+    kvr_err e;
+    kvr_cmd dc;
+    kvr_route_candidate cc[KVR_FSM_MAX_CANDIDATES];
+    assert_int_equal(kvr_cmd_decode(b.base, b.len, &dc, cc, &e), KVR_EUNSUPPORTED);
+    kvr_buf_free(&b);
+    /* hostile header: array32 claiming 100 M candidates */
+    const uint8_t bad[] = {1, 0x99, 1, 0xc4, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                           1, 1, 1, 0xa1, 'm', 0xa2, 'n', 's', 0, 0xdd, 0x05, 0xf5, 0xe1, 0x00};
+    kvr_fsm_apply_bytes(f, bad, sizeof bad, &r);
+    assert_int_equal(r.outcome, KVR_OUT_INVALID);
+    /* in-memory command with out-of-bounds fields */
+    kvr_cmd big = tu_route(77, 1, 1, 1, NULL, KVR_FSM_MAX_CANDIDATES + 1);
+    kvr_fsm_apply(f, &big, &r);
+    assert_int_equal(r.outcome, KVR_OUT_INVALID);
+    kvr_cmd bad_type = {.type = (kvr_cmd_type)99};
+    kvr_fsm_apply(f, &bad_type, &r);
+    assert_int_equal(r.outcome, KVR_OUT_INVALID);
+    assert_true(kvr_fsm_digest(f) == d);
+    assert_int_equal(kvr_fsm_booking_count(f), 0);
+    kvr_fsm_free(f);
+}
+
+static void test_snapshot_corrupt(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_workers(f, 3);
+    kvr_fsm_result r;
+    for (uint64_t i = 0; i < 50; i++) {
+        kvr_cmd c = tu_route(i, 1, i, 3, NULL, 0);
+        kvr_fsm_apply(f, &c, &r);
+    }
+    kvr_buf b;
+    kvr_buf_init(&b);
+    assert_int_equal(kvr_fsm_snapshot(f, &b, NULL), 0);
+    kvr_fsm *g = kvr_fsm_new(NULL);
+    add_workers(g, 1);
+    uint64_t dg = kvr_fsm_digest(g);
+    kvr_err e;
+    for (size_t i = 0; i < b.len; i += 7) {
+        b.base[i] ^= 0x40;
+        assert_true(kvr_fsm_restore(g, b.base, b.len, &e) < 0);
+        b.base[i] ^= 0x40;
+    }
+    assert_true(kvr_fsm_restore(g, b.base, b.len - 1, &e) < 0);
+    assert_true(kvr_fsm_digest(g) == dg); /* untouched after failures */
+    assert_int_equal(kvr_fsm_restore(g, b.base, b.len, &e), 0);
+    assert_true(kvr_fsm_digest(g) == kvr_fsm_digest(f));
+    assert_int_equal(kvr_fsm_booking_count(g), 50);
+    kvr_buf_free(&b);
+    kvr_fsm_free(f);
+    kvr_fsm_free(g);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_route_books_least_cost),
+        cmocka_unit_test(test_idempotent),
+        cmocka_unit_test(test_determinism),
+        cmocka_unit_test(test_expiry_and_leases),
+        cmocka_unit_test(test_full),
+        cmocka_unit_test(test_malformed),
+        cmocka_unit_test(test_snapshot_corrupt),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
