@@ -9,6 +9,9 @@
  * Every function returns 0 or a negative KVR_E* code: KVR_ETRUNC (input ends early),
  * KVR_ETYPE (value of another type; the cursor is NOT advanced), KVR_ELIMIT (count larger
  * than the remaining bytes, or nesting deeper than KVR_MP_MAX_DEPTH in kvr_mp_skip).
+ * Every error leaves the cursor unmoved (kvr_mp_skip restores it too). A signed encoding of a
+ * non-negative value peeks as KVR_MP_UINT; kvr_mp_read_int refuses a uint64 above INT64_MAX
+ * with KVR_ETYPE.
  * Any thread; a reader is used by one thread at a time. */
 #ifndef KVR_MP_H
 #define KVR_MP_H
@@ -71,7 +74,9 @@ int kvr_mp_read_map(kvr_mp_reader *r, uint32_t *n);
 /* Skips one whole value of any type, nesting at most KVR_MP_MAX_DEPTH deep. */
 int kvr_mp_skip(kvr_mp_reader *r);
 
-/* Writer: each appends one value to b, choosing the smallest encoding. Returns 0 or KVR_ENOMEM. */
+/* Writer: each appends one value to b, choosing the smallest encoding (doubles as float32
+ * when that holds them exactly). Returns 0 or KVR_ENOMEM (nothing appended), or KVR_ELIMIT
+ * for a str/bin longer than 4 GiB - 1. */
 int kvr_mp_write_nil(kvr_buf *b);
 int kvr_mp_write_bool(kvr_buf *b, bool v);
 int kvr_mp_write_uint(kvr_buf *b, uint64_t v);
