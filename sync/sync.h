@@ -1,0 +1,136 @@
+/* sync: the replicated route-and-reserve module the router daemon uses (DESIGN sections 5, 6).
+ *
+ * Every router replica runs one kvr_sync. Commands (kvr_cmd, see fsm.h) are agreed through
+ * one Raft group (canonical/raft, libuv TCP) and applied to every replica's kvr_fsm; the route
+ * decision is made inside apply, so all replicas book the same worker.
+ *
+ * Any router answers. The leader batches the commands that arrive in one loop turn (its own and
+ * forwarded ones) into one log entry and answers each with its apply result. A follower
+ * forwards a command to the leader over kvroute's own forwarding RPC and answers when the
+ * leader replies with the result after applying it. On leadership change, connection loss or
+ * a per-try timeout it retries with the same command (idempotent per request_id), with bounded
+ * waits.
+ *
+ * Ports: each node listens for Raft on its raft_addr host:P and for forwarded commands on
+ * host:P+1 ("raft port + 1"). A cluster launcher must leave P+1 free for every router.
+ * Forwarding frames: u32 big-endian length, then msgpack. Request [1, rpc_id, cmd bin];
+ * reply [2, rpc_id, status, outcome, type, worker_id, overlap, request_blocks, freed, url].
+ * Frames over 64 KiB are refused and the connection closed.
+ *
+ * Degraded mode: when no leader has been known for degraded_after_ms (no quorum reachable),
+ * a command that is still unanswered is applied to a local copy of this replica's state
+ * (cloned when degradation starts) and answered with mode KVR_SYNC_LOCAL. Every command
+ * applied locally is remembered. When a leader is known again the module reconciles by
+ * re-proposing through Raft: each booking made locally and still live becomes a ROUTE pinned
+ * to the worker that local mode chose (pin_worker, so load accounting reflects where the
+ * request really runs), followed by PREFILL_DONE when its prefill finished; the other local
+ * commands (FREE, PREFILL_DONE of Raft bookings, WORKER_*, FRONTEND_*, EXPIRE) are
+ * re-proposed in order. All are idempotent, so a retried or repeated reconcile is harmless.
+ * Then the local copy is dropped. Known gap: a FREE that reaches Raft before the pinned ROUTE
+ * it frees leaves that booking until EXPIRE.
+ *
+ * Threads: everything (calls and callbacks) on the loop thread passed to kvr_sync_init.
+ * Memory: the caller's kvr_cmd / kvr_route_cmd is encoded at submission; the caller may reuse
+ * it as soon as the call returns. The kvr_fsm_result passed to a callback is valid only during
+ * the callback. */
+#ifndef KVR_SYNC_SYNC_H
+#define KVR_SYNC_SYNC_H
+
+#include "fsm.h"
+#include "kvr_err.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+typedef struct kvr_sync kvr_sync;
+
+typedef struct kvr_sync_options {
+    uint32_t id;                   /* this node's Raft id, >= 1 */
+    const char *raft_addr;         /* "host:port" (IPv4 dotted quad) */
+    const char *peers;             /* "1@host:port,2@host:port,3@host:port": the initial voters */
+    const char *data_dir;          /* created if missing; holds the Raft log and snapshots */
+    bool join;                     /* true: start without bootstrapping (a node added at run time) */
+    uint32_t degraded_after_ms;    /* default 500 */
+    uint32_t forward_timeout_ms;   /* per try; default 1000 */
+    uint32_t max_wait_ms;          /* total per command before it is answered locally; default 5000 */
+    uint32_t election_timeout_ms;  /* default 1000 */
+    uint32_t heartbeat_timeout_ms; /* default 100 */
+    uint32_t snapshot_threshold;   /* log entries between snapshots; default 1024 */
+    uint32_t snapshot_trailing;    /* entries kept after a snapshot; default 256 */
+    uint32_t max_batch;            /* commands per log entry; default 512 */
+    kvr_fsm_options fsm;
+} kvr_sync_options;
+
+/* Defaults for every field; the caller sets id, raft_addr, peers, data_dir. */
+void kvr_sync_options_default(kvr_sync_options *o);
+
+typedef enum kvr_sync_mode {
+    KVR_SYNC_RAFT = 0,  /* agreed through Raft */
+    KVR_SYNC_LOCAL = 1, /* degraded: applied to this router's own copy only */
+} kvr_sync_mode;
+const char *kvr_sync_mode_name(kvr_sync_mode m); /* "raft" / "local" */
+
+/* Answer to a command. status 0: res holds the FSM result (res->outcome says what the FSM did).
+ * status < 0: KVR_ECLOSED (module closing), KVR_EINVAL (command could not be encoded); res is
+ * NULL. Runs on the loop thread, never from inside the submitting call. */
+typedef void (*kvr_sync_cb)(kvr_sync *s, int status, const kvr_fsm_result *res,
+                            kvr_sync_mode mode, void *data);
+
+/* Allocates and initialises (Raft I/O, data dir, forwarding listener are set up in start). */
+int kvr_sync_init(kvr_sync **out, uv_loop_t *loop, const kvr_sync_options *opts, kvr_err *err);
+/* Starts Raft (bootstraps the peers configuration on a pristine data dir unless join) and the
+ * forwarding listener on raft port + 1. */
+int kvr_sync_start(kvr_sync *s, kvr_err *err);
+
+int kvr_sync_route(kvr_sync *s, const kvr_route_cmd *cmd, kvr_sync_cb cb, void *data);
+int kvr_sync_submit(kvr_sync *s, const kvr_cmd *cmd, kvr_sync_cb cb, void *data);
+
+/* Stops accepting commands, answers every pending one with KVR_ECLOSED, closes Raft and all
+ * handles; close_cb runs when everything is closed, after which s is freed. */
+void kvr_sync_close(kvr_sync *s, void (*close_cb)(void *data), void *data);
+
+/* State for GET /v1/state. */
+typedef struct kvr_sync_state {
+    uint32_t id;
+    const char *role; /* "leader" | "follower" | "candidate" | "unavailable" */
+    uint32_t leader_id; /* 0 when unknown */
+    uint64_t term, commit_index, applied_index;
+    uint64_t digest;    /* kvr_fsm_digest of the Raft replica */
+    uint32_t bookings, workers;
+    bool degraded;      /* answering locally now */
+    uint32_t local_pending; /* commands applied locally and not yet reconciled */
+} kvr_sync_state;
+void kvr_sync_get_state(kvr_sync *s, kvr_sync_state *out);
+uint64_t kvr_sync_digest(kvr_sync *s);
+/* The Raft replica's state machine, read-only, for the worker list and booking lookups. Valid
+ * until the next loop turn. */
+const kvr_fsm *kvr_sync_fsm(kvr_sync *s);
+
+typedef struct kvr_sync_metrics {
+    uint64_t commits;            /* log entries applied */
+    uint64_t commands_applied;   /* commands applied through Raft */
+    uint64_t proposals;          /* log entries proposed by this node as leader */
+    uint64_t forwards;           /* commands forwarded to a leader */
+    uint64_t forward_retries;
+    uint64_t forward_latency_us_sum, forward_latency_count;
+    uint64_t forwarded_in;       /* commands received from followers */
+    uint64_t elections;          /* leader changes seen */
+    uint64_t degraded_answers;   /* commands answered in local mode */
+    uint64_t reconciled;         /* local commands re-proposed */
+} kvr_sync_metrics;
+void kvr_sync_get_metrics(kvr_sync *s, kvr_sync_metrics *out);
+
+/* Membership (on the leader only; elsewhere KVR_EAGAIN with the leader id in *leader if not
+ * NULL). One change at a time. cb(status) on the loop thread: 0 done, <0 failed. */
+typedef void (*kvr_sync_change_cb)(kvr_sync *s, int status, void *data);
+int kvr_sync_add_node(kvr_sync *s, uint32_t id, const char *raft_addr, kvr_sync_change_cb cb,
+                      void *data, uint32_t *leader);
+int kvr_sync_promote_node(kvr_sync *s, uint32_t id, kvr_sync_change_cb cb, void *data,
+                          uint32_t *leader);
+int kvr_sync_remove_node(kvr_sync *s, uint32_t id, kvr_sync_change_cb cb, void *data,
+                         uint32_t *leader);
+/* Hands leadership to another voter (id 0: any). */
+int kvr_sync_transfer(kvr_sync *s, uint32_t id, kvr_sync_change_cb cb, void *data);
+
+#endif
