@@ -1,0 +1,450 @@
+/* fe_core: OpenAI request parsing, error JSON and stream rewriting. See fe_core.h. */
+#include "fe_core.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void fe_req_init(fe_req *r)
+{
+    memset(r, 0, sizeof *r);
+    r->max_tokens = -1;
+    kvr_buf_init(&r->tokens);
+}
+
+void fe_req_free(fe_req *r)
+{
+    kvr_buf_free(&r->tokens);
+}
+
+void fe_error_set(fe_http_error *e, int status, const char *type, const char *param,
+                  const char *code, const char *fmt, ...)
+{
+    e->status = status;
+    e->type = type;
+    snprintf(e->param, sizeof e->param, "%s", param ? param : "");
+    snprintf(e->code, sizeof e->code, "%s", code ? code : "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+}
+
+static int json_str(kvr_buf *out, const char *s)
+{
+    if (kvr_buf_append(out, "\"", 1) || kvr_tok_json_escape(out, s, strlen(s)) ||
+        kvr_buf_append(out, "\"", 1))
+        return KVR_ENOMEM;
+    return 0;
+}
+
+static int json_str_or_null(kvr_buf *out, const char *s)
+{
+    if (!s || !*s)
+        return kvr_buf_append_cstr(out, "null");
+    return json_str(out, s);
+}
+
+int fe_error_json(kvr_buf *out, const fe_http_error *e)
+{
+    int rc = kvr_buf_append_cstr(out, "{\"error\":{\"message\":");
+    rc = rc ? rc : json_str(out, e->message);
+    rc = rc ? rc : kvr_buf_append_cstr(out, ",\"type\":");
+    rc = rc ? rc : json_str(out, e->type ? e->type : "invalid_request_error");
+    rc = rc ? rc : kvr_buf_append_cstr(out, ",\"param\":");
+    rc = rc ? rc : json_str_or_null(out, e->param);
+    rc = rc ? rc : kvr_buf_append_cstr(out, ",\"code\":");
+    rc = rc ? rc : json_str_or_null(out, e->code);
+    rc = rc ? rc : kvr_buf_append_cstr(out, "}}");
+    return rc;
+}
+
+#define BAD(param, ...)                                                                            \
+    do {                                                                                           \
+        fe_error_set(e, 400, "invalid_request_error", (param), NULL, __VA_ARGS__);                 \
+        rc = KVR_EINVAL;                                                                           \
+        goto out;                                                                                  \
+    } while (0)
+
+static bool as_token_id(const cJSON *it, uint32_t *v)
+{
+    if (!cJSON_IsNumber(it))
+        return false;
+    double d = it->valuedouble;
+    if (!(d >= 0 && d <= 4294967295.0) || floor(d) != d)
+        return false;
+    *v = (uint32_t)d;
+    return true;
+}
+
+/* Text of a chat message's content: a string, or an array of {"type":"text","text":…} parts
+ * (concatenated). Non-text parts are refused. */
+static int chat_content(const cJSON *c, kvr_buf *tmp, kvr_slice *out)
+{
+    if (cJSON_IsString(c)) {
+        *out = kvr_slice_of(c->valuestring);
+        return 0;
+    }
+    if (cJSON_IsNull(c)) {
+        *out = (kvr_slice){"", 0};
+        return 0;
+    }
+    if (!cJSON_IsArray(c))
+        return KVR_ETYPE;
+    size_t start = tmp->len;
+    const cJSON *part;
+    cJSON_ArrayForEach(part, c)
+    {
+        const cJSON *type = cJSON_GetObjectItemCaseSensitive(part, "type");
+        const cJSON *text = cJSON_GetObjectItemCaseSensitive(part, "text");
+        if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") != 0 ||
+            !cJSON_IsString(text))
+            return KVR_ETYPE;
+        if (kvr_buf_append_cstr(tmp, text->valuestring))
+            return KVR_ENOMEM;
+    }
+    /* tmp may move on later appends: callers render each message before the next. */
+    *out = (kvr_slice){tmp->base ? tmp->base + start : "", tmp->len - start};
+    return 0;
+}
+
+int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_tokenizer *tok,
+                     fe_req *r, fe_http_error *e)
+{
+    int rc = 0;
+    kvr_err kerr = {0};
+    kvr_buf text, tmp;
+    kvr_buf_init(&text);
+    kvr_buf_init(&tmp);
+    r->is_chat = is_chat;
+    cJSON *root = cJSON_ParseWithLength(body, len);
+    if (!root)
+        BAD(NULL, "We could not parse the JSON body of your request. (HINT: This likely means "
+                  "you aren't using your HTTP library correctly. The OpenAI API expects a JSON "
+                  "payload.)");
+    if (!cJSON_IsObject(root))
+        BAD(NULL, "The request body must be a JSON object.");
+
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
+    if (!model)
+        BAD("model", "you must provide a model parameter");
+    if (!cJSON_IsString(model))
+        BAD("model", "'model' must be a string");
+    if (strlen(model->valuestring) == 0 || strlen(model->valuestring) >= FE_MODEL_MAX)
+        BAD("model", "'model' must be 1..%d bytes", FE_MODEL_MAX - 1);
+    snprintf(r->model, sizeof r->model, "%s", model->valuestring);
+
+    const cJSON *stream = cJSON_GetObjectItemCaseSensitive(root, "stream");
+    if (stream && !cJSON_IsNull(stream)) {
+        if (!cJSON_IsBool(stream))
+            BAD("stream", "'stream' must be a boolean");
+        r->stream = cJSON_IsTrue(stream);
+    }
+    const cJSON *so = cJSON_GetObjectItemCaseSensitive(root, "stream_options");
+    if (so && !cJSON_IsNull(so)) {
+        if (!cJSON_IsObject(so))
+            BAD("stream_options", "'stream_options' must be an object");
+        const cJSON *iu = cJSON_GetObjectItemCaseSensitive(so, "include_usage");
+        if (iu && !cJSON_IsNull(iu)) {
+            if (!cJSON_IsBool(iu))
+                BAD("stream_options.include_usage", "'include_usage' must be a boolean");
+            r->include_usage = cJSON_IsTrue(iu);
+        }
+    }
+    const char *mt_names[2] = {"max_tokens", "max_completion_tokens"};
+    for (int i = 0; i < 2; i++) {
+        const cJSON *mt = cJSON_GetObjectItemCaseSensitive(root, mt_names[i]);
+        if (!mt || cJSON_IsNull(mt))
+            continue;
+        if (!cJSON_IsNumber(mt) || floor(mt->valuedouble) != mt->valuedouble)
+            BAD(mt_names[i], "'%s' must be an integer", mt_names[i]);
+        if (mt->valuedouble < 1 || mt->valuedouble > 1e9)
+            BAD(mt_names[i], "'%s' must be between 1 and 1000000000", mt_names[i]);
+        r->max_tokens = (int64_t)mt->valuedouble;
+    }
+    const cJSON *n = cJSON_GetObjectItemCaseSensitive(root, "n");
+    if (n && !cJSON_IsNull(n) && !(cJSON_IsNumber(n) && n->valuedouble == 1))
+        BAD("n", "only n=1 is supported");
+
+    if (!is_chat) {
+        const cJSON *p = cJSON_GetObjectItemCaseSensitive(root, "prompt");
+        if (!p)
+            BAD("prompt", "you must provide a prompt parameter");
+        /* A one-element array holding a string or a token array is the same prompt. */
+        if (cJSON_IsArray(p) && cJSON_GetArraySize(p) == 1 &&
+            (cJSON_IsString(p->child) || cJSON_IsArray(p->child)))
+            p = p->child;
+        if (cJSON_IsString(p)) {
+            size_t pl = strlen(p->valuestring);
+            if (pl > FE_MAX_PROMPT_TOKENS)
+                BAD("prompt", "prompt too long");
+            if (kvr_tok_encode(tok, (kvr_slice){p->valuestring, pl}, &r->tokens, &kerr))
+                BAD("prompt", "tokenizing prompt: %s", kerr.msg);
+        } else if (cJSON_IsArray(p)) {
+            int cnt = cJSON_GetArraySize(p);
+            if (cnt == 0)
+                BAD("prompt", "'prompt' must not be empty");
+            if ((unsigned)cnt > FE_MAX_PROMPT_TOKENS)
+                BAD("prompt", "prompt too long (%d tokens)", cnt);
+            if (kvr_buf_reserve(&r->tokens, (size_t)cnt * 4))
+                BAD("prompt", "out of memory");
+            const cJSON *it;
+            int i = 0;
+            cJSON_ArrayForEach(it, p)
+            {
+                uint32_t v;
+                if (!as_token_id(it, &v))
+                    BAD("prompt", "'prompt' array element %d is not a token id (integer 0..2^32-1)",
+                        i);
+                memcpy(r->tokens.base + r->tokens.len, &v, 4);
+                r->tokens.len += 4;
+                i++;
+            }
+        } else {
+            BAD("prompt", "'prompt' must be a string or an array of token ids");
+        }
+    } else {
+        const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
+        if (!msgs)
+            BAD("messages", "you must provide a messages parameter");
+        if (!cJSON_IsArray(msgs))
+            BAD("messages", "'messages' must be an array");
+        int cnt = cJSON_GetArraySize(msgs);
+        if (cnt == 0)
+            BAD("messages", "'messages' must not be empty");
+        if (cnt > KVR_TOK_MAX_MESSAGES)
+            BAD("messages", "too many messages (%d, max %d)", cnt, KVR_TOK_MAX_MESSAGES);
+        const cJSON *m;
+        int i = 0;
+        cJSON_ArrayForEach(m, msgs)
+        {
+            if (!cJSON_IsObject(m))
+                BAD("messages", "messages[%d] must be an object", i);
+            const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
+            if (!cJSON_IsString(role))
+                BAD("messages", "messages[%d].role must be a string", i);
+            const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+            kvr_chat_msg cm = {.role = kvr_slice_of(role->valuestring)};
+            kvr_buf_reset(&tmp);
+            int crc = content ? chat_content(content, &tmp, &cm.content) : KVR_ETYPE;
+            if (crc == KVR_ENOMEM)
+                BAD("messages", "out of memory");
+            if (crc)
+                BAD("messages", "messages[%d].content must be a string or an array of text parts",
+                    i);
+            /* Render one message at a time: tmp is reused. */
+            if (kvr_tok_chat(tok, &cm, 1, 0, &text, &kerr))
+                BAD("messages", "chat template: %s", kerr.msg);
+            i++;
+        }
+        if (kvr_tok_chat(tok, NULL, 0, 1, &text, &kerr))
+            BAD("messages", "chat template: %s", kerr.msg);
+        if (text.len > FE_MAX_PROMPT_TOKENS)
+            BAD("messages", "prompt too long");
+        if (kvr_tok_encode(tok, (kvr_slice){text.base, text.len}, &r->tokens, &kerr))
+            BAD("messages", "tokenizing: %s", kerr.msg);
+    }
+    if (r->tokens.len == 0)
+        BAD("prompt", "the prompt has no tokens");
+out:
+    cJSON_Delete(root);
+    kvr_buf_free(&text);
+    kvr_buf_free(&tmp);
+    return rc;
+}
+
+int fe_upstream_body(kvr_buf *out, const fe_req *r)
+{
+    int rc = kvr_buf_append_cstr(out, "{\"model\":");
+    rc = rc ? rc : json_str(out, r->model);
+    rc = rc ? rc : kvr_buf_append_cstr(out, ",\"stream\":true,\"stream_options\":{\"include_usage\":true}");
+    if (!rc && r->max_tokens > 0)
+        rc = kvr_buf_appendf(out, ",\"max_tokens\":%lld", (long long)r->max_tokens);
+    rc = rc ? rc : kvr_buf_append_cstr(out, ",\"prompt\":[");
+    size_t n = kvr_tok_count(&r->tokens);
+    const uint32_t *ids = kvr_tok_ids(&r->tokens);
+    if (!rc)
+        rc = kvr_buf_reserve(out, n * 11 + 2);
+    for (size_t i = 0; i < n && !rc; i++) {
+        char num[16];
+        int l = snprintf(num, sizeof num, i ? ",%u" : "%u", ids[i]);
+        rc = kvr_buf_append(out, num, (size_t)l);
+    }
+    rc = rc ? rc : kvr_buf_append_cstr(out, "]}");
+    return rc;
+}
+
+void fe_relay_init(fe_relay *rl, const fe_req *r, const char *id, int64_t created)
+{
+    memset(rl, 0, sizeof *rl);
+    rl->is_chat = r->is_chat;
+    rl->stream = r->stream;
+    rl->include_usage = r->include_usage;
+    snprintf(rl->id, sizeof rl->id, "%s", id);
+    snprintf(rl->model, sizeof rl->model, "%s", r->model);
+    rl->created = created;
+    kvr_buf_init(&rl->text);
+}
+
+void fe_relay_free(fe_relay *rl)
+{
+    kvr_buf_free(&rl->text);
+}
+
+static int usage_json(kvr_buf *out, const fe_relay *rl)
+{
+    return kvr_buf_appendf(out,
+                           "{\"prompt_tokens\":%lld,\"completion_tokens\":%lld,\"total_tokens\":%lld}",
+                           (long long)rl->prompt_tokens, (long long)rl->completion_tokens,
+                           (long long)(rl->prompt_tokens + rl->completion_tokens));
+}
+
+static int chunk_head(kvr_buf *out, const fe_relay *rl)
+{
+    int rc = kvr_buf_append_cstr(out, "data: {\"id\":");
+    rc = rc ? rc : json_str(out, rl->id);
+    rc = rc ? rc
+            : kvr_buf_appendf(out, ",\"object\":\"%s\",\"created\":%lld,\"model\":",
+                              rl->is_chat ? "chat.completion.chunk" : "text_completion",
+                              (long long)rl->created);
+    rc = rc ? rc : json_str(out, rl->model);
+    return rc;
+}
+
+int fe_relay_event(fe_relay *rl, const char *data, size_t len, kvr_buf *out, kvr_err *err)
+{
+    if (len == 6 && memcmp(data, "[DONE]", 6) == 0)
+        return FE_EV_DONE;
+    cJSON *root = cJSON_ParseWithLength(data, len);
+    if (!root || !cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        return kvr_err_set(err, KVR_EINVAL, "upstream event is not a JSON object");
+    }
+    int ret = FE_EV_NONE, rc = 0;
+    const cJSON *error = cJSON_GetObjectItemCaseSensitive(root, "error");
+    if (error) {
+        const cJSON *msg = cJSON_IsObject(error) ? cJSON_GetObjectItemCaseSensitive(error, "message")
+                                                 : error;
+        kvr_err_set(err, KVR_EIO, "worker error: %.400s",
+                    cJSON_IsString(msg) ? msg->valuestring : "unknown");
+        cJSON_Delete(root);
+        return FE_EV_ERROR;
+    }
+    const cJSON *usage = cJSON_GetObjectItemCaseSensitive(root, "usage");
+    if (cJSON_IsObject(usage)) {
+        const cJSON *pt = cJSON_GetObjectItemCaseSensitive(usage, "prompt_tokens");
+        const cJSON *ct = cJSON_GetObjectItemCaseSensitive(usage, "completion_tokens");
+        if (cJSON_IsNumber(pt) && cJSON_IsNumber(ct)) {
+            rl->have_usage = true;
+            rl->prompt_tokens = (int64_t)pt->valuedouble;
+            rl->completion_tokens = (int64_t)ct->valuedouble;
+        }
+    }
+    const cJSON *choices = cJSON_GetObjectItemCaseSensitive(root, "choices");
+    const cJSON *c0 = cJSON_IsArray(choices) ? cJSON_GetArrayItem(choices, 0) : NULL;
+    if (c0 && cJSON_IsObject(c0)) {
+        const cJSON *text = cJSON_GetObjectItemCaseSensitive(c0, "text");
+        const char *t = cJSON_IsString(text) ? text->valuestring : "";
+        const cJSON *fr = cJSON_GetObjectItemCaseSensitive(c0, "finish_reason");
+        const char *frs = cJSON_IsString(fr) ? fr->valuestring : NULL;
+        rl->got_first = true;
+        rl->chunks++;
+        ret = FE_EV_CHUNK;
+        if (frs)
+            snprintf(rl->finish_reason, sizeof rl->finish_reason, "%s", frs);
+        if (!rl->stream) {
+            rc = kvr_buf_append_cstr(&rl->text, t);
+        } else if (rl->is_chat) {
+            rc = chunk_head(out, rl);
+            rc = rc ? rc : kvr_buf_append_cstr(out, ",\"choices\":[{\"index\":0,\"delta\":{");
+            if (!rc && !rl->sent_role) {
+                rc = kvr_buf_append_cstr(out, "\"role\":\"assistant\",");
+                rl->sent_role = true;
+            }
+            rc = rc ? rc : kvr_buf_append_cstr(out, "\"content\":");
+            rc = rc ? rc : json_str(out, t);
+            rc = rc ? rc : kvr_buf_append_cstr(out, "},\"logprobs\":null,\"finish_reason\":");
+            rc = rc ? rc : json_str_or_null(out, frs);
+            rc = rc ? rc : kvr_buf_append_cstr(out, "}]}\n\n");
+        } else {
+            rc = chunk_head(out, rl);
+            rc = rc ? rc : kvr_buf_append_cstr(out, ",\"choices\":[{\"index\":0,\"text\":");
+            rc = rc ? rc : json_str(out, t);
+            rc = rc ? rc : kvr_buf_append_cstr(out, ",\"logprobs\":null,\"finish_reason\":");
+            rc = rc ? rc : json_str_or_null(out, frs);
+            rc = rc ? rc : kvr_buf_append_cstr(out, "}]}\n\n");
+        }
+    } else if (cJSON_IsObject(usage)) {
+        ret = FE_EV_USAGE;
+        if (rl->stream && rl->include_usage) {
+            rc = chunk_head(out, rl);
+            rc = rc ? rc : kvr_buf_append_cstr(out, ",\"choices\":[],\"usage\":");
+            rc = rc ? rc : usage_json(out, rl);
+            rc = rc ? rc : kvr_buf_append_cstr(out, "}\n\n");
+        }
+    }
+    cJSON_Delete(root);
+    if (rc)
+        return kvr_err_set(err, rc, "relaying upstream event: out of memory");
+    return ret;
+}
+
+int fe_relay_final_json(const fe_relay *rl, kvr_buf *out)
+{
+    int rc = kvr_buf_append_cstr(out, "{\"id\":");
+    rc = rc ? rc : json_str(out, rl->id);
+    rc = rc ? rc
+            : kvr_buf_appendf(out, ",\"object\":\"%s\",\"created\":%lld,\"model\":",
+                              rl->is_chat ? "chat.completion" : "text_completion",
+                              (long long)rl->created);
+    rc = rc ? rc : json_str(out, rl->model);
+    if (rl->is_chat) {
+        rc = rc ? rc
+                : kvr_buf_append_cstr(out, ",\"choices\":[{\"index\":0,\"message\":{\"role\":"
+                                           "\"assistant\",\"content\":");
+    } else {
+        rc = rc ? rc : kvr_buf_append_cstr(out, ",\"choices\":[{\"index\":0,\"text\":");
+    }
+    if (!rc) {
+        rc = kvr_buf_append(out, "\"", 1);
+        rc = rc ? rc : kvr_tok_json_escape(out, rl->text.base ? rl->text.base : "", rl->text.len);
+        rc = rc ? rc : kvr_buf_append(out, "\"", 1);
+    }
+    if (rl->is_chat)
+        rc = rc ? rc : kvr_buf_append_cstr(out, "},\"logprobs\":null,\"finish_reason\":");
+    else
+        rc = rc ? rc : kvr_buf_append_cstr(out, ",\"logprobs\":null,\"finish_reason\":");
+    rc = rc ? rc : json_str_or_null(out, rl->finish_reason);
+    rc = rc ? rc : kvr_buf_append_cstr(out, "}],\"usage\":");
+    rc = rc ? rc : usage_json(out, rl);
+    rc = rc ? rc : kvr_buf_append_cstr(out, "}");
+    return rc;
+}
+
+int fe_relay_error_event(kvr_buf *out, const char *message)
+{
+    int rc = kvr_buf_append_cstr(out, "data: {\"error\":{\"message\":");
+    rc = rc ? rc : json_str(out, message);
+    rc = rc ? rc
+            : kvr_buf_append_cstr(out, ",\"type\":\"upstream_error\",\"param\":null,\"code\":"
+                                       "\"worker_failed\"}}\n\ndata: [DONE]\n\n");
+    return rc;
+}
+
+bool fe_auth_ok(const char *key, const char *authz, size_t authz_len)
+{
+    static const char pfx[] = "Bearer ";
+    size_t kl = strlen(key);
+    /* Compare over the presented length; the key length itself is not secret-dependent. */
+    unsigned diff = (authz_len != kl + sizeof pfx - 1);
+    for (size_t i = 0; i < authz_len; i++) {
+        unsigned char want = i < sizeof pfx - 1 ? (unsigned char)pfx[i]
+                             : i - (sizeof pfx - 1) < kl ? (unsigned char)key[i - (sizeof pfx - 1)]
+                                                           : 0;
+        diff |= (unsigned char)authz[i] ^ want;
+    }
+    return diff == 0 && authz_len > 0;
+}

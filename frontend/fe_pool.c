@@ -1,0 +1,376 @@
+/* fe_pool: live workers, pool selection, local choice, route API codec. See fe_pool.h. */
+#include "fe_pool.h"
+
+#include "kvr_mp.h"
+#include "kvr_tok.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *mode_names[] = {"kv", "round-robin", "random", "least-loaded"};
+
+int fe_mode_parse(const char *s, fe_mode *out)
+{
+    for (int i = 0; i < 4; i++)
+        if (strcmp(s, mode_names[i]) == 0) {
+            *out = (fe_mode)i;
+            return 0;
+        }
+    return KVR_EINVAL;
+}
+
+const char *fe_mode_name(fe_mode m)
+{
+    return (unsigned)m < 4 ? mode_names[m] : "?";
+}
+
+int fe_pool_init(fe_pool *p, const char *ns_or_prefix, bool prefix_mode, uint64_t seed)
+{
+    memset(p, 0, sizeof *p);
+    if (strlen(ns_or_prefix) >= FE_NS_MAX)
+        return KVR_ELIMIT;
+    p->w = calloc(FE_POOL_MAX_WORKERS, sizeof *p->w);
+    if (!p->w)
+        return KVR_ENOMEM;
+    snprintf(p->ns, sizeof p->ns, "%s", ns_or_prefix);
+    p->prefix_mode = prefix_mode;
+    p->ttl_ms = 3000;
+    p->rng = seed ? seed : 0x9e3779b97f4a7c15ull;
+    return 0;
+}
+
+void fe_pool_free(fe_pool *p)
+{
+    free(p->w);
+    p->w = NULL;
+    p->n = 0;
+}
+
+static uint64_t rnd(fe_pool *p)
+{
+    uint64_t x = p->rng;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    p->rng = x;
+    return x;
+}
+
+bool fe_pool_ns_match(const fe_pool *p, const char *ns, size_t len)
+{
+    size_t pl = strlen(p->ns);
+    if (len == pl && memcmp(ns, p->ns, pl) == 0)
+        return true;
+    return p->prefix_mode && len > pl + 1 && memcmp(ns, p->ns, pl) == 0 && ns[pl] == '-';
+}
+
+static int copy_str(kvr_slice s, char *dst, size_t cap)
+{
+    if (s.len >= cap)
+        return KVR_ELIMIT;
+    memcpy(dst, s.base, s.len);
+    dst[s.len] = '\0';
+    return 0;
+}
+
+static int read_u32(kvr_mp_reader *r, uint32_t *v)
+{
+    uint64_t x;
+    int rc = kvr_mp_read_uint(r, &x);
+    if (rc)
+        return rc;
+    if (x > UINT32_MAX)
+        return KVR_ELIMIT;
+    *v = (uint32_t)x;
+    return 0;
+}
+
+int fe_pool_heartbeat(fe_pool *p, const void *data, size_t len, int64_t now_ms, kvr_err *err)
+{
+    kvr_mp_reader r;
+    kvr_mp_reader_init(&r, data, len);
+    uint32_t n;
+    int rc = kvr_mp_read_map(&r, &n);
+    if (rc)
+        goto bad;
+    fe_worker w;
+    memset(&w, 0, sizeof w);
+    bool have_id = false, have_ns = false, have_url = false;
+    for (uint32_t i = 0; i < n; i++) {
+        kvr_slice k, s;
+        if ((rc = kvr_mp_read_str(&r, &k)))
+            goto bad;
+#define KEY(lit) kvr_slice_eq_cstr(k, lit)
+        if (KEY("id")) {
+            rc = kvr_mp_read_uint(&r, &w.id);
+            have_id = true;
+        } else if (KEY("namespace")) {
+            rc = kvr_mp_read_str(&r, &s);
+            rc = rc ? rc : copy_str(s, w.ns, sizeof w.ns);
+            have_ns = true;
+        } else if (KEY("model")) {
+            rc = kvr_mp_read_str(&r, &s);
+            rc = rc ? rc : copy_str(s, w.model, sizeof w.model);
+        } else if (KEY("url")) {
+            rc = kvr_mp_read_str(&r, &s);
+            rc = rc ? rc : copy_str(s, w.url, sizeof w.url);
+            have_url = true;
+        } else if (KEY("role")) {
+            rc = kvr_mp_read_str(&r, &s);
+            rc = rc ? rc : copy_str(s, w.role, sizeof w.role);
+        } else if (KEY("block_size")) {
+            rc = read_u32(&r, &w.block_size);
+        } else if (KEY("capacity_blocks")) {
+            rc = read_u32(&r, &w.capacity_blocks);
+        } else if (KEY("active")) {
+            rc = read_u32(&r, &w.active);
+        } else if (KEY("waiting")) {
+            rc = read_u32(&r, &w.waiting);
+        } else if (KEY("used_blocks")) {
+            rc = read_u32(&r, &w.used_blocks);
+        } else if (KEY("started_ms")) {
+            rc = kvr_mp_read_uint(&r, &w.started_ms);
+        } else {
+            rc = kvr_mp_skip(&r);
+        }
+#undef KEY
+        if (rc)
+            goto bad;
+    }
+    if (!have_id || !have_ns || !have_url) {
+        rc = KVR_EINVAL;
+        goto bad;
+    }
+    if (!fe_pool_ns_match(p, w.ns, strlen(w.ns)))
+        return 0;
+    w.last_seen_ms = now_ms;
+    fe_worker *e = fe_pool_find(p, w.ns, w.id);
+    if (!e) {
+        if (p->n >= FE_POOL_MAX_WORKERS) {
+            p->rejected++;
+            return kvr_err_set(err, KVR_ELIMIT, "worker table full (%d)", FE_POOL_MAX_WORKERS);
+        }
+        e = &p->w[p->n++];
+    } else {
+        w.inflight = e->inflight;
+    }
+    *e = w;
+    return 0;
+bad:
+    p->rejected++;
+    return kvr_err_set(err, rc, "malformed worker heartbeat: %s", kvr_strerror(rc));
+}
+
+void fe_pool_expire(fe_pool *p, int64_t now_ms)
+{
+    size_t j = 0;
+    for (size_t i = 0; i < p->n; i++)
+        if (now_ms - p->w[i].last_seen_ms <= p->ttl_ms)
+            p->w[j++] = p->w[i];
+    p->n = j;
+}
+
+static bool live(const fe_pool *p, const fe_worker *w, const char *model, int64_t now_ms)
+{
+    if (now_ms - w->last_seen_ms > p->ttl_ms)
+        return false;
+    if (strcmp(w->role, "prefill") == 0)
+        return false;
+    return !model || strcmp(model, w->model) == 0;
+}
+
+size_t fe_pool_live(const fe_pool *p, const char *model, int64_t now_ms)
+{
+    size_t c = 0;
+    for (size_t i = 0; i < p->n; i++)
+        c += live(p, &p->w[i], model, now_ms);
+    return c;
+}
+
+int fe_pool_pick_ns(fe_pool *p, const char *model, int64_t now_ms, char ns_out[FE_NS_MAX])
+{
+    size_t total = fe_pool_live(p, model, now_ms);
+    if (total == 0)
+        return fe_pool_live(p, NULL, now_ms) ? KVR_ENOTFOUND : KVR_EAGAIN;
+    /* Picking a uniformly random live instance and taking its namespace gives each pool a
+     * probability proportional to its live instance count. */
+    size_t k = (size_t)(rnd(p) % total);
+    for (size_t i = 0; i < p->n; i++) {
+        if (!live(p, &p->w[i], model, now_ms))
+            continue;
+        if (k-- == 0) {
+            memcpy(ns_out, p->w[i].ns, FE_NS_MAX);
+            return 0;
+        }
+    }
+    return KVR_EAGAIN; /* unreachable */
+}
+
+fe_worker *fe_pool_find(fe_pool *p, const char *ns, uint64_t id)
+{
+    for (size_t i = 0; i < p->n; i++)
+        if (p->w[i].id == id && (!ns || strcmp(p->w[i].ns, ns) == 0))
+            return &p->w[i];
+    return NULL;
+}
+
+fe_worker *fe_pool_find_url(fe_pool *p, const char *url)
+{
+    for (size_t i = 0; i < p->n; i++)
+        if (strcmp(p->w[i].url, url) == 0)
+            return &p->w[i];
+    return NULL;
+}
+
+fe_worker *fe_pool_choose(fe_pool *p, fe_mode mode, const char *ns, const char *model,
+                          int64_t now_ms, bool has_exclude, uint64_t exclude_id)
+{
+    fe_worker *cand[FE_POOL_MAX_WORKERS];
+    size_t nc = 0;
+    for (int pass = 0; pass < 2 && nc == 0; pass++)
+        for (size_t i = 0; i < p->n; i++) {
+            fe_worker *w = &p->w[i];
+            if (!live(p, w, model, now_ms) || (ns && strcmp(w->ns, ns) != 0))
+                continue;
+            if (pass == 0 && has_exclude && w->id == exclude_id)
+                continue;
+            cand[nc++] = w;
+        }
+    if (nc == 0)
+        return NULL;
+    switch (mode) {
+    case FE_MODE_RR: {
+        /* Order by id so the rotation is stable while heartbeats reorder nothing. */
+        fe_worker *best = NULL;
+        /* the (rr % nc)-th smallest id */
+        size_t k = (size_t)(p->rr++ % nc);
+        for (size_t i = 0; i < nc; i++) {
+            size_t smaller = 0;
+            for (size_t j = 0; j < nc; j++)
+                smaller += cand[j]->id < cand[i]->id;
+            if (smaller == k) {
+                best = cand[i];
+                break;
+            }
+        }
+        return best ? best : cand[0];
+    }
+    case FE_MODE_RANDOM:
+        return cand[rnd(p) % nc];
+    case FE_MODE_KV:
+    case FE_MODE_LEAST:
+    default: {
+        /* Heartbeat load (active+waiting) plus what we sent since, then used blocks, then id. */
+        fe_worker *best = cand[0];
+        for (size_t i = 1; i < nc; i++) {
+            fe_worker *w = cand[i];
+            uint64_t lw = (uint64_t)w->active + w->waiting + w->inflight;
+            uint64_t lb = (uint64_t)best->active + best->waiting + best->inflight;
+            if (lw < lb || (lw == lb && (w->used_blocks < best->used_blocks ||
+                                         (w->used_blocks == best->used_blocks && w->id < best->id))))
+                best = w;
+        }
+        return best;
+    }
+    }
+}
+
+int fe_pool_models_json(const fe_pool *p, int64_t now_ms, kvr_buf *out)
+{
+    int rc = kvr_buf_append_cstr(out, "{\"object\":\"list\",\"data\":[");
+    bool first = true;
+    for (size_t i = 0; i < p->n && !rc; i++) {
+        const fe_worker *w = &p->w[i];
+        if (!live(p, w, NULL, now_ms))
+            continue;
+        bool dup = false;
+        for (size_t j = 0; j < i && !dup; j++)
+            dup = live(p, &p->w[j], NULL, now_ms) && strcmp(p->w[j].model, w->model) == 0;
+        if (dup)
+            continue;
+        rc = kvr_buf_append_cstr(out, first ? "{\"id\":\"" : ",{\"id\":\"");
+        rc = rc ? rc : kvr_tok_json_escape(out, w->model, strlen(w->model));
+        rc = rc ? rc
+                : kvr_buf_appendf(out, "\",\"object\":\"model\",\"created\":%llu,\"owned_by\":\"kvroute\"}",
+                                  (unsigned long long)(w->started_ms / 1000));
+        first = false;
+    }
+    rc = rc ? rc : kvr_buf_append_cstr(out, "]}");
+    return rc;
+}
+
+int fe_route_req_encode(kvr_buf *out, const fe_route_req *r)
+{
+    int rc = kvr_mp_write_map(out, 6);
+    rc = rc ? rc : kvr_mp_write_cstr(out, "request_id");
+    rc = rc ? rc : kvr_mp_write_bin(out, r->request_id, 16);
+    rc = rc ? rc : kvr_mp_write_cstr(out, "frontend_id");
+    rc = rc ? rc : kvr_mp_write_uint(out, r->frontend_id);
+    rc = rc ? rc : kvr_mp_write_cstr(out, "model");
+    rc = rc ? rc : kvr_mp_write_cstr(out, r->model);
+    rc = rc ? rc : kvr_mp_write_cstr(out, "namespace");
+    rc = rc ? rc : kvr_mp_write_cstr(out, r->ns);
+    rc = rc ? rc : kvr_mp_write_cstr(out, "tokens");
+    rc = rc ? rc : kvr_mp_write_uint(out, r->tokens);
+    rc = rc ? rc : kvr_mp_write_cstr(out, "seq_hashes");
+    rc = rc ? rc : kvr_mp_write_array(out, (uint32_t)r->n_hashes);
+    for (size_t i = 0; i < r->n_hashes && !rc; i++)
+        rc = kvr_mp_write_uint(out, r->seq_hashes[i]);
+    return rc;
+}
+
+int fe_route_reply_decode(const void *data, size_t len, fe_route_reply *o, kvr_err *err)
+{
+    memset(o, 0, sizeof *o);
+    kvr_mp_reader r;
+    kvr_mp_reader_init(&r, data, len);
+    uint32_t n;
+    bool have_ok = false, have_worker = false;
+    int rc = kvr_mp_read_map(&r, &n);
+    for (uint32_t i = 0; i < n && !rc; i++) {
+        kvr_slice k, s;
+        if ((rc = kvr_mp_read_str(&r, &k)))
+            break;
+        if (kvr_slice_eq_cstr(k, "ok")) {
+            rc = kvr_mp_read_bool(&r, &o->ok);
+            have_ok = true;
+        } else if (kvr_slice_eq_cstr(k, "worker_id")) {
+            rc = kvr_mp_read_uint(&r, &o->worker_id);
+            have_worker = true;
+        } else if (kvr_slice_eq_cstr(k, "url")) {
+            rc = kvr_mp_read_str(&r, &s);
+            rc = rc ? rc : copy_str(s, o->url, sizeof o->url);
+        } else if (kvr_slice_eq_cstr(k, "overlap_blocks")) {
+            rc = read_u32(&r, &o->overlap_blocks);
+        } else if (kvr_slice_eq_cstr(k, "router_id")) {
+            rc = read_u32(&r, &o->router_id);
+        } else if (kvr_slice_eq_cstr(k, "mode")) {
+            rc = kvr_mp_read_str(&r, &s);
+            if (!rc)
+                snprintf(o->mode, sizeof o->mode, "%.*s", (int)(s.len < 15 ? s.len : 15), s.base);
+        } else if (kvr_slice_eq_cstr(k, "error")) {
+            rc = kvr_mp_read_str(&r, &s);
+            if (!rc)
+                snprintf(o->error, sizeof o->error, "%.*s", (int)(s.len < 255 ? s.len : 255),
+                         s.base);
+        } else {
+            rc = kvr_mp_skip(&r);
+        }
+    }
+    if (rc)
+        return kvr_err_set(err, rc, "malformed route reply: %s", kvr_strerror(rc));
+    if (!have_ok || (o->ok && (!have_worker || !o->url[0])))
+        return kvr_err_set(err, KVR_EINVAL, "route reply lacks ok/worker_id/url");
+    return 0;
+}
+
+int fe_route_event_encode(kvr_buf *out, const uint8_t request_id[16], const char *event)
+{
+    int rc = kvr_mp_write_map(out, 2);
+    rc = rc ? rc : kvr_mp_write_cstr(out, "request_id");
+    rc = rc ? rc : kvr_mp_write_bin(out, request_id, 16);
+    rc = rc ? rc : kvr_mp_write_cstr(out, "event");
+    rc = rc ? rc : kvr_mp_write_cstr(out, event);
+    return rc;
+}

@@ -1,0 +1,104 @@
+/* fe_pool: the frontend's view of live workers (from kvr.workers.> heartbeats), pool
+ * (namespace) selection for rolling updates, local worker choice (round-robin, random,
+ * least-loaded; also the fallback when no router answers), and the msgpack encoding of the
+ * route API (DESIGN section 5).
+ *
+ * Loop thread only. The table owns its entries; pointers returned into it stay valid until
+ * the next fe_pool_heartbeat or fe_pool_expire call. */
+#ifndef FE_POOL_H
+#define FE_POOL_H
+
+#include "kvr_buf.h"
+#include "kvr_err.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#define FE_POOL_MAX_WORKERS 4096
+#define FE_NS_MAX 128
+#define FE_URL_MAX 256
+
+typedef struct fe_worker {
+    uint64_t id;
+    char ns[FE_NS_MAX];
+    char model[256];
+    char url[FE_URL_MAX];
+    char role[16];
+    uint32_t block_size, capacity_blocks, active, waiting, used_blocks;
+    uint64_t started_ms;
+    int64_t last_seen_ms; /* monotonic */
+    uint32_t inflight;    /* requests this frontend has sent it and not finished */
+} fe_worker;
+
+typedef enum { FE_MODE_KV = 0, FE_MODE_RR, FE_MODE_RANDOM, FE_MODE_LEAST } fe_mode;
+int fe_mode_parse(const char *s, fe_mode *out);
+const char *fe_mode_name(fe_mode m);
+
+typedef struct fe_pool {
+    fe_worker *w; /* n entries, cap FE_POOL_MAX_WORKERS */
+    size_t n;
+    /* Namespace filter: exact `ns`, or (prefix mode) `prefix` and `prefix-*`. */
+    bool prefix_mode;
+    char ns[FE_NS_MAX];
+    int64_t ttl_ms; /* a worker unseen for this long is down (default 3000) */
+    uint64_t rr;    /* round-robin counter */
+    uint64_t rng;   /* xorshift state */
+    uint64_t rejected; /* malformed heartbeats */
+} fe_pool;
+
+int fe_pool_init(fe_pool *p, const char *ns_or_prefix, bool prefix_mode, uint64_t seed);
+void fe_pool_free(fe_pool *p);
+
+/* True if namespace ns is served by this frontend. */
+bool fe_pool_ns_match(const fe_pool *p, const char *ns, size_t len);
+
+/* Applies one heartbeat (msgpack map, DESIGN 4) seen at monotonic time now_ms. Heartbeats
+ * of other namespaces are ignored (return 0). Malformed → KVR_EINVAL/ETYPE/ETRUNC + err. */
+int fe_pool_heartbeat(fe_pool *p, const void *data, size_t len, int64_t now_ms, kvr_err *err);
+/* Drops workers unseen for ttl_ms. */
+void fe_pool_expire(fe_pool *p, int64_t now_ms);
+
+/* Live workers serving model (NULL: any). */
+size_t fe_pool_live(const fe_pool *p, const char *model, int64_t now_ms);
+
+/* Chooses a pool (namespace) for model, with probability proportional to its live instance
+ * count. Returns 0 and copies the namespace into ns_out, KVR_ENOTFOUND if some workers are
+ * live but none serves model, KVR_EAGAIN if no worker is live at all. */
+int fe_pool_pick_ns(fe_pool *p, const char *model, int64_t now_ms, char ns_out[FE_NS_MAX]);
+
+/* Local choice within namespace ns (mode RR/RANDOM/LEAST; KV falls back to LEAST), skipping
+ * worker `exclude_id` when has_exclude (retry on another worker; if it is the only one, it is
+ * chosen). NULL if no live worker. */
+fe_worker *fe_pool_choose(fe_pool *p, fe_mode mode, const char *ns, const char *model,
+                          int64_t now_ms, bool has_exclude, uint64_t exclude_id);
+fe_worker *fe_pool_find(fe_pool *p, const char *ns, uint64_t id);
+fe_worker *fe_pool_find_url(fe_pool *p, const char *url);
+
+/* Appends the distinct models of live workers as an OpenAI /v1/models body. */
+int fe_pool_models_json(const fe_pool *p, int64_t now_ms, kvr_buf *out);
+
+/* ---- route API (msgpack) ---- */
+typedef struct fe_route_req {
+    uint8_t request_id[16];
+    uint64_t frontend_id;
+    const char *model, *ns;
+    uint32_t tokens;
+    const uint64_t *seq_hashes;
+    size_t n_hashes;
+} fe_route_req;
+int fe_route_req_encode(kvr_buf *out, const fe_route_req *r);
+
+typedef struct fe_route_reply {
+    bool ok;
+    uint64_t worker_id;
+    char url[FE_URL_MAX];
+    uint32_t overlap_blocks, router_id;
+    char mode[16];
+    char error[256];
+} fe_route_reply;
+int fe_route_reply_decode(const void *data, size_t len, fe_route_reply *out, kvr_err *err);
+
+/* {"request_id":bin16,"event":"prefill_done"|"free"} */
+int fe_route_event_encode(kvr_buf *out, const uint8_t request_id[16], const char *event);
+
+#endif

@@ -1,0 +1,515 @@
+/* Unit tests: tokenizer, request parsing/validation, error JSON, stream rewriting, auth,
+ * worker table, pool selection, route codec. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "fe_core.h"
+#include "fe_pool.h"
+#include "kvr_mp.h"
+#include "kvr_tok.h"
+
+static void test_byte_tokenizer(void **state)
+{
+    (void)state;
+    const kvr_tokenizer *t = kvr_tok_byte();
+    assert_string_equal(kvr_tok_name(t), "byte");
+    kvr_buf ids, text;
+    kvr_buf_init(&ids);
+    kvr_buf_init(&text);
+    assert_int_equal(kvr_tok_encode(t, kvr_slice_of("h\xc3\xa9"), &ids, NULL), 0);
+    assert_int_equal(kvr_tok_count(&ids), 3);
+    assert_int_equal(kvr_tok_ids(&ids)[0], 'h');
+    assert_int_equal(kvr_tok_ids(&ids)[1], 0xc3);
+    assert_int_equal(kvr_tok_ids(&ids)[2], 0xa9);
+    uint32_t mixed[] = {'a', 300, 'b', 256, 0xffffffffu, 'c'};
+    assert_int_equal(kvr_tok_decode(t, mixed, 6, &text, NULL), 0);
+    assert_int_equal(text.len, 3);
+    assert_memory_equal(text.base, "abc", 3);
+    kvr_tokenizer *o = NULL;
+    assert_int_equal(kvr_tok_open(NULL, &o, NULL), 0);
+    assert_ptr_equal(o, t);
+    kvr_err e = {0};
+    assert_int_equal(kvr_tok_open("hf:llama", &o, &e), KVR_EUNSUPPORTED);
+    assert_non_null(strstr(e.msg, "hf:llama"));
+    kvr_buf_free(&ids);
+    kvr_buf_free(&text);
+}
+
+static void test_chatml(void **state)
+{
+    (void)state;
+    kvr_chat_msg m[2] = {{kvr_slice_of("system"), kvr_slice_of("be brief")},
+                         {kvr_slice_of("user"), kvr_slice_of("hi")}};
+    kvr_buf out;
+    kvr_buf_init(&out);
+    assert_int_equal(kvr_tok_chat(kvr_tok_byte(), m, 2, 1, &out, NULL), 0);
+    const char *want = "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                       "<|im_start|>assistant\n";
+    assert_int_equal(out.len, strlen(want));
+    assert_memory_equal(out.base, want, out.len);
+    assert_int_equal(kvr_tok_chatml(m, KVR_TOK_MAX_MESSAGES + 1, 0, &out, NULL), KVR_ELIMIT);
+    kvr_buf_free(&out);
+}
+
+static void test_json_escape(void **state)
+{
+    (void)state;
+    kvr_buf out;
+    kvr_buf_init(&out);
+    const char in[] = "a\"b\\c\n\x01\xc3\xa9\xff\xe2\x82";
+    assert_int_equal(kvr_tok_json_escape(&out, in, sizeof in - 1), 0);
+    const char *want = "a\\\"b\\\\c\\n\\u0001\xc3\xa9\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd";
+    assert_int_equal(out.len, strlen(want));
+    assert_memory_equal(out.base, want, out.len);
+    kvr_buf_free(&out);
+}
+
+static int parse(const char *body, bool chat, fe_req *r, fe_http_error *e)
+{
+    fe_req_init(r);
+    memset(e, 0, sizeof *e);
+    return fe_parse_request(body, strlen(body), chat, kvr_tok_byte(), r, e);
+}
+
+static void test_parse_completion(void **state)
+{
+    (void)state;
+    fe_req r;
+    fe_http_error e;
+    assert_int_equal(parse("{\"model\":\"m1\",\"prompt\":\"abc\",\"max_tokens\":5,\"stream\":true,"
+                           "\"stream_options\":{\"include_usage\":true}}",
+                           false, &r, &e),
+                     0);
+    assert_string_equal(r.model, "m1");
+    assert_true(r.stream);
+    assert_true(r.include_usage);
+    assert_int_equal(r.max_tokens, 5);
+    assert_int_equal(kvr_tok_count(&r.tokens), 3);
+    assert_int_equal(kvr_tok_ids(&r.tokens)[2], 'c');
+    fe_req_free(&r);
+
+    assert_int_equal(parse("{\"model\":\"m\",\"prompt\":[1,2,4294967295]}", false, &r, &e), 0);
+    assert_false(r.stream);
+    assert_int_equal(r.max_tokens, -1);
+    assert_int_equal(kvr_tok_count(&r.tokens), 3);
+    assert_int_equal(kvr_tok_ids(&r.tokens)[2], 4294967295u);
+    kvr_buf body;
+    kvr_buf_init(&body);
+    assert_int_equal(fe_upstream_body(&body, &r), 0);
+    assert_int_equal(kvr_buf_append(&body, "", 1), 0);
+    assert_string_equal(body.base, "{\"model\":\"m\",\"stream\":true,\"stream_options\":{"
+                                   "\"include_usage\":true},\"prompt\":[1,2,4294967295]}");
+    kvr_buf_free(&body);
+    fe_req_free(&r);
+}
+
+static void expect_400(const char *body, bool chat, const char *param)
+{
+    fe_req r;
+    fe_http_error e;
+    assert_int_equal(parse(body, chat, &r, &e), KVR_EINVAL);
+    assert_int_equal(e.status, 400);
+    assert_string_equal(e.type, "invalid_request_error");
+    assert_string_equal(e.param, param);
+    assert_true(strlen(e.message) > 0);
+    fe_req_free(&r);
+}
+
+static void test_parse_errors(void **state)
+{
+    (void)state;
+    expect_400("{\"model\":\"m\",\"prompt\":\"a\"", false, "");
+    expect_400("[1,2]", false, "");
+    expect_400("{\"prompt\":\"a\"}", false, "model");
+    expect_400("{\"model\":7,\"prompt\":\"a\"}", false, "model");
+    expect_400("{\"model\":\"m\"}", false, "prompt");
+    expect_400("{\"model\":\"m\",\"prompt\":5}", false, "prompt");
+    expect_400("{\"model\":\"m\",\"prompt\":[1,-2]}", false, "prompt");
+    expect_400("{\"model\":\"m\",\"prompt\":[1.5]}", false, "prompt");
+    expect_400("{\"model\":\"m\",\"prompt\":[]}", false, "prompt");
+    expect_400("{\"model\":\"m\",\"prompt\":\"\"}", false, "prompt");
+    expect_400("{\"model\":\"m\",\"prompt\":\"a\",\"stream\":\"yes\"}", false, "stream");
+    expect_400("{\"model\":\"m\",\"prompt\":\"a\",\"max_tokens\":0}", false, "max_tokens");
+    expect_400("{\"model\":\"m\",\"prompt\":\"a\",\"max_tokens\":\"5\"}", false, "max_tokens");
+    expect_400("{\"model\":\"m\",\"prompt\":\"a\",\"stream_options\":3}", false, "stream_options");
+    expect_400("{\"model\":\"m\"}", true, "messages");
+    expect_400("{\"model\":\"m\",\"messages\":{}}", true, "messages");
+    expect_400("{\"model\":\"m\",\"messages\":[]}", true, "messages");
+    expect_400("{\"model\":\"m\",\"messages\":[{\"content\":\"x\"}]}", true, "messages");
+    expect_400("{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":5}]}", true,
+               "messages");
+    expect_400("{\"model\":\"m\",\"messages\":[\"hi\"]}", true, "messages");
+}
+
+static void test_parse_chat(void **state)
+{
+    (void)state;
+    fe_req r;
+    fe_http_error e;
+    assert_int_equal(parse("{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"},"
+                           "{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},"
+                           "{\"type\":\"text\",\"text\":\"b\"}]}]}",
+                           true, &r, &e),
+                     0);
+    const char *want = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>user\nab<|im_end|>\n"
+                       "<|im_start|>assistant\n";
+    assert_int_equal(kvr_tok_count(&r.tokens), strlen(want));
+    for (size_t i = 0; i < strlen(want); i++)
+        assert_int_equal(kvr_tok_ids(&r.tokens)[i], (unsigned char)want[i]);
+    fe_req_free(&r);
+}
+
+static void test_error_json(void **state)
+{
+    (void)state;
+    fe_http_error e;
+    fe_error_set(&e, 404, "invalid_request_error", "model", "model_not_found",
+                 "The model `x\"y` does not exist");
+    kvr_buf out;
+    kvr_buf_init(&out);
+    assert_int_equal(fe_error_json(&out, &e), 0);
+    cJSON *j = cJSON_ParseWithLength(out.base, out.len);
+    assert_non_null(j);
+    cJSON *err = cJSON_GetObjectItem(j, "error");
+    assert_string_equal(cJSON_GetObjectItem(err, "message")->valuestring,
+                        "The model `x\"y` does not exist");
+    assert_string_equal(cJSON_GetObjectItem(err, "type")->valuestring, "invalid_request_error");
+    assert_string_equal(cJSON_GetObjectItem(err, "param")->valuestring, "model");
+    assert_string_equal(cJSON_GetObjectItem(err, "code")->valuestring, "model_not_found");
+    cJSON_Delete(j);
+    kvr_buf_reset(&out);
+    fe_error_set(&e, 400, "invalid_request_error", NULL, NULL, "bad");
+    assert_int_equal(fe_error_json(&out, &e), 0);
+    j = cJSON_ParseWithLength(out.base, out.len);
+    assert_true(cJSON_IsNull(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "error"), "param")));
+    cJSON_Delete(j);
+    kvr_buf_free(&out);
+}
+
+/* Returns the JSON after "data: " of the single SSE event in out. */
+static cJSON *sse_json(const kvr_buf *out)
+{
+    assert_true(out->len > 8);
+    assert_memory_equal(out->base, "data: ", 6);
+    assert_memory_equal(out->base + out->len - 2, "\n\n", 2);
+    cJSON *j = cJSON_ParseWithLength(out->base + 6, out->len - 8);
+    assert_non_null(j);
+    return j;
+}
+
+#define EV1 "{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[{\"index\":0,\"text\":\"He\",\"finish_reason\":null}]}"
+#define EV2 "{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[{\"index\":0,\"text\":\"y\\n\",\"finish_reason\":\"length\"}]}"
+#define EVU "{\"id\":\"cmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}"
+
+static void test_relay_chat_stream(void **state)
+{
+    (void)state;
+    fe_req r;
+    fe_http_error e;
+    assert_int_equal(parse("{\"model\":\"m\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                           "\"stream_options\":{\"include_usage\":true}}",
+                           true, &r, &e),
+                     0);
+    fe_relay rl;
+    fe_relay_init(&rl, &r, "chatcmpl-abc", 1700000000);
+    kvr_buf out;
+    kvr_buf_init(&out);
+    assert_int_equal(fe_relay_event(&rl, EV1, strlen(EV1), &out, NULL), FE_EV_CHUNK);
+    cJSON *j = sse_json(&out);
+    assert_string_equal(cJSON_GetObjectItem(j, "object")->valuestring, "chat.completion.chunk");
+    assert_string_equal(cJSON_GetObjectItem(j, "id")->valuestring, "chatcmpl-abc");
+    cJSON *c0 = cJSON_GetArrayItem(cJSON_GetObjectItem(j, "choices"), 0);
+    cJSON *d = cJSON_GetObjectItem(c0, "delta");
+    assert_string_equal(cJSON_GetObjectItem(d, "role")->valuestring, "assistant");
+    assert_string_equal(cJSON_GetObjectItem(d, "content")->valuestring, "He");
+    assert_true(cJSON_IsNull(cJSON_GetObjectItem(c0, "finish_reason")));
+    cJSON_Delete(j);
+    kvr_buf_reset(&out);
+    assert_int_equal(fe_relay_event(&rl, EV2, strlen(EV2), &out, NULL), FE_EV_CHUNK);
+    j = sse_json(&out);
+    c0 = cJSON_GetArrayItem(cJSON_GetObjectItem(j, "choices"), 0);
+    d = cJSON_GetObjectItem(c0, "delta");
+    assert_null(cJSON_GetObjectItem(d, "role"));
+    assert_string_equal(cJSON_GetObjectItem(d, "content")->valuestring, "y\n");
+    assert_string_equal(cJSON_GetObjectItem(c0, "finish_reason")->valuestring, "length");
+    cJSON_Delete(j);
+    kvr_buf_reset(&out);
+    assert_int_equal(fe_relay_event(&rl, EVU, strlen(EVU), &out, NULL), FE_EV_USAGE);
+    j = sse_json(&out);
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(j, "choices")), 0);
+    assert_int_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "usage"), "total_tokens")->valueint, 5);
+    cJSON_Delete(j);
+    kvr_buf_reset(&out);
+    assert_int_equal(fe_relay_event(&rl, "[DONE]", 6, &out, NULL), FE_EV_DONE);
+    assert_int_equal(out.len, 0);
+    kvr_err ke = {0};
+    assert_int_equal(fe_relay_event(&rl, "{nope", 5, &out, &ke), KVR_EINVAL);
+    const char *errev = "{\"error\":{\"message\":\"boom\"}}";
+    assert_int_equal(fe_relay_event(&rl, errev, strlen(errev), &out, &ke),
+                     FE_EV_ERROR);
+    assert_non_null(strstr(ke.msg, "boom"));
+    fe_relay_free(&rl);
+    kvr_buf_free(&out);
+    fe_req_free(&r);
+}
+
+static void test_relay_usage_hidden_and_aggregate(void **state)
+{
+    (void)state;
+    fe_req r;
+    fe_http_error e;
+    /* Streaming completion without include_usage: the usage chunk is not forwarded. */
+    assert_int_equal(parse("{\"model\":\"m\",\"stream\":true,\"prompt\":\"x\"}", false, &r, &e), 0);
+    fe_relay rl;
+    fe_relay_init(&rl, &r, "cmpl-z", 1);
+    kvr_buf out;
+    kvr_buf_init(&out);
+    assert_int_equal(fe_relay_event(&rl, EV1, strlen(EV1), &out, NULL), FE_EV_CHUNK);
+    cJSON *j = sse_json(&out);
+    assert_string_equal(cJSON_GetObjectItem(j, "object")->valuestring, "text_completion");
+    assert_string_equal(
+        cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(j, "choices"), 0), "text")->valuestring,
+        "He");
+    cJSON_Delete(j);
+    kvr_buf_reset(&out);
+    assert_int_equal(fe_relay_event(&rl, EVU, strlen(EVU), &out, NULL), FE_EV_USAGE);
+    assert_int_equal(out.len, 0);
+    fe_relay_free(&rl);
+    fe_req_free(&r);
+
+    /* Non-streaming chat: aggregated. */
+    assert_int_equal(parse("{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}",
+                           true, &r, &e),
+                     0);
+    fe_relay_init(&rl, &r, "chatcmpl-q", 2);
+    assert_int_equal(fe_relay_event(&rl, EV1, strlen(EV1), &out, NULL), FE_EV_CHUNK);
+    assert_int_equal(fe_relay_event(&rl, EV2, strlen(EV2), &out, NULL), FE_EV_CHUNK);
+    assert_int_equal(fe_relay_event(&rl, EVU, strlen(EVU), &out, NULL), FE_EV_USAGE);
+    assert_int_equal(out.len, 0);
+    assert_int_equal(fe_relay_final_json(&rl, &out), 0);
+    j = cJSON_ParseWithLength(out.base, out.len);
+    assert_non_null(j);
+    assert_string_equal(cJSON_GetObjectItem(j, "object")->valuestring, "chat.completion");
+    cJSON *c0 = cJSON_GetArrayItem(cJSON_GetObjectItem(j, "choices"), 0);
+    assert_string_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(c0, "message"), "content")->valuestring,
+                        "Hey\n");
+    assert_string_equal(cJSON_GetObjectItem(c0, "finish_reason")->valuestring, "length");
+    assert_int_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "usage"), "completion_tokens")->valueint, 2);
+    cJSON_Delete(j);
+    kvr_buf_reset(&out);
+    assert_int_equal(fe_relay_error_event(&out, "worker died"), 0);
+    assert_non_null(strstr(out.base, "data: [DONE]\n\n"));
+    fe_relay_free(&rl);
+    kvr_buf_free(&out);
+    fe_req_free(&r);
+}
+
+static void test_auth(void **state)
+{
+    (void)state;
+    const char *h = "Bearer s3cret";
+    assert_true(fe_auth_ok("s3cret", h, strlen(h)));
+    assert_false(fe_auth_ok("s3cret", "Bearer s3cres", 13));
+    assert_false(fe_auth_ok("s3cret", "Bearer s3cret2", 14));
+    assert_false(fe_auth_ok("s3cret", "Bearer s3cre", 12));
+    assert_false(fe_auth_ok("s3cret", "bearer s3cret", 13));
+    assert_false(fe_auth_ok("s3cret", "", 0));
+}
+
+static void heartbeat(kvr_buf *b, uint64_t id, const char *ns, const char *model, uint32_t active,
+                      uint32_t used)
+{
+    char url[64];
+    snprintf(url, sizeof url, "http://127.0.0.1:%u", (unsigned)(9000 + id));
+    kvr_buf_reset(b);
+    assert_int_equal(kvr_mp_write_map(b, 9), 0);
+    kvr_mp_write_cstr(b, "id");
+    kvr_mp_write_uint(b, id);
+    kvr_mp_write_cstr(b, "namespace");
+    kvr_mp_write_cstr(b, ns);
+    kvr_mp_write_cstr(b, "model");
+    kvr_mp_write_cstr(b, model);
+    kvr_mp_write_cstr(b, "url");
+    kvr_mp_write_cstr(b, url);
+    kvr_mp_write_cstr(b, "active");
+    kvr_mp_write_uint(b, active);
+    kvr_mp_write_cstr(b, "waiting");
+    kvr_mp_write_uint(b, 0);
+    kvr_mp_write_cstr(b, "used_blocks");
+    kvr_mp_write_uint(b, used);
+    kvr_mp_write_cstr(b, "mdc_sum");
+    kvr_mp_write_cstr(b, "x");
+    kvr_mp_write_cstr(b, "extra");
+    kvr_mp_write_array(b, 2);
+    kvr_mp_write_uint(b, 1);
+    kvr_mp_write_uint(b, 2);
+}
+
+static void test_pool(void **state)
+{
+    (void)state;
+    fe_pool p;
+    assert_int_equal(fe_pool_init(&p, "P", true, 42), 0);
+    kvr_buf b;
+    kvr_buf_init(&b);
+    int64_t now = 1000;
+    char ns[FE_NS_MAX];
+    assert_int_equal(fe_pool_pick_ns(&p, "m", now, ns), KVR_EAGAIN);
+    for (uint64_t id = 1; id <= 3; id++) {
+        heartbeat(&b, id, "P-aaaa1111", "m", (uint32_t)id, 0);
+        assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, now, NULL), 0);
+    }
+    heartbeat(&b, 4, "P-bbbb2222", "m", 9, 0);
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, now, NULL), 0);
+    heartbeat(&b, 5, "Q", "m", 0, 0); /* other namespace: ignored */
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, now, NULL), 0);
+    heartbeat(&b, 6, "P2", "m", 0, 0); /* "P2" is not "P-…" */
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, now, NULL), 0);
+    assert_int_equal(p.n, 4);
+    assert_int_equal(fe_pool_live(&p, "m", now), 4);
+    assert_int_equal(fe_pool_pick_ns(&p, "other", now, ns), KVR_ENOTFOUND);
+
+    int a = 0, bb = 0;
+    for (int i = 0; i < 4000; i++) {
+        assert_int_equal(fe_pool_pick_ns(&p, "m", now, ns), 0);
+        if (strcmp(ns, "P-aaaa1111") == 0)
+            a++;
+        else if (strcmp(ns, "P-bbbb2222") == 0)
+            bb++;
+        else
+            fail();
+    }
+    assert_in_range(a, 2800, 3200); /* 3:1 */
+    assert_int_equal(a + bb, 4000);
+
+    fe_worker *w = fe_pool_choose(&p, FE_MODE_LEAST, "P-aaaa1111", "m", now, false, 0);
+    assert_int_equal(w->id, 1);
+    w = fe_pool_choose(&p, FE_MODE_LEAST, "P-aaaa1111", "m", now, true, 1);
+    assert_int_equal(w->id, 2);
+    uint64_t seq[6];
+    for (int i = 0; i < 6; i++)
+        seq[i] = fe_pool_choose(&p, FE_MODE_RR, "P-aaaa1111", "m", now, false, 0)->id;
+    assert_int_equal(seq[0], 1);
+    assert_int_equal(seq[1], 2);
+    assert_int_equal(seq[2], 3);
+    assert_int_equal(seq[3], 1);
+    /* exclusion of the only worker still returns it */
+    w = fe_pool_choose(&p, FE_MODE_LEAST, "P-bbbb2222", "m", now, true, 4);
+    assert_int_equal(w->id, 4);
+
+    kvr_buf_reset(&b);
+    assert_int_equal(fe_pool_models_json(&p, now, &b), 0);
+    cJSON *j = cJSON_ParseWithLength(b.base, b.len);
+    assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(j, "data")), 1);
+    cJSON_Delete(j);
+
+    /* Pool a stops beating: everything goes to b. */
+    now += 2000;
+    heartbeat(&b, 4, "P-bbbb2222", "m", 9, 0);
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, now, NULL), 0);
+    now += 1500;
+    for (int i = 0; i < 100; i++) {
+        assert_int_equal(fe_pool_pick_ns(&p, "m", now, ns), 0);
+        assert_string_equal(ns, "P-bbbb2222");
+    }
+    fe_pool_expire(&p, now);
+    assert_int_equal(p.n, 1);
+
+    /* malformed heartbeats */
+    kvr_err e = {0};
+    assert_true(fe_pool_heartbeat(&p, "\x93\x01", 2, now, &e) < 0);
+    kvr_buf_reset(&b);
+    kvr_mp_write_map(&b, 1);
+    kvr_mp_write_cstr(&b, "id");
+    kvr_mp_write_cstr(&b, "x");
+    assert_true(fe_pool_heartbeat(&p, b.base, b.len, now, &e) < 0);
+    assert_int_equal(p.rejected, 2);
+    kvr_buf_free(&b);
+    fe_pool_free(&p);
+}
+
+static void test_route_codec(void **state)
+{
+    (void)state;
+    uint64_t hs[3] = {1, UINT64_MAX, 77};
+    fe_route_req rq = {.frontend_id = 9, .model = "m", .ns = "ns", .tokens = 200,
+                       .seq_hashes = hs, .n_hashes = 3};
+    memset(rq.request_id, 0xab, 16);
+    kvr_buf b;
+    kvr_buf_init(&b);
+    assert_int_equal(fe_route_req_encode(&b, &rq), 0);
+    kvr_mp_reader r;
+    kvr_mp_reader_init(&r, b.base, b.len);
+    uint32_t n;
+    assert_int_equal(kvr_mp_read_map(&r, &n), 0);
+    assert_int_equal(n, 6);
+    kvr_slice k, v;
+    assert_int_equal(kvr_mp_read_str(&r, &k), 0);
+    assert_true(kvr_slice_eq_cstr(k, "request_id"));
+    assert_int_equal(kvr_mp_read_bin(&r, &v), 0);
+    assert_int_equal(v.len, 16);
+
+    kvr_buf_reset(&b);
+    kvr_mp_write_map(&b, 6);
+    kvr_mp_write_cstr(&b, "ok");
+    kvr_mp_write_bool(&b, true);
+    kvr_mp_write_cstr(&b, "worker_id");
+    kvr_mp_write_uint(&b, 3);
+    kvr_mp_write_cstr(&b, "url");
+    kvr_mp_write_cstr(&b, "http://127.0.0.1:9003");
+    kvr_mp_write_cstr(&b, "overlap_blocks");
+    kvr_mp_write_uint(&b, 2);
+    kvr_mp_write_cstr(&b, "router_id");
+    kvr_mp_write_uint(&b, 1);
+    kvr_mp_write_cstr(&b, "mode");
+    kvr_mp_write_cstr(&b, "raft");
+    fe_route_reply rep;
+    assert_int_equal(fe_route_reply_decode(b.base, b.len, &rep, NULL), 0);
+    assert_true(rep.ok);
+    assert_int_equal(rep.worker_id, 3);
+    assert_string_equal(rep.url, "http://127.0.0.1:9003");
+    assert_string_equal(rep.mode, "raft");
+    /* truncated */
+    kvr_err e = {0};
+    assert_true(fe_route_reply_decode(b.base, b.len - 3, &rep, &e) < 0);
+    kvr_buf_reset(&b);
+    kvr_mp_write_map(&b, 2);
+    kvr_mp_write_cstr(&b, "ok");
+    kvr_mp_write_bool(&b, false);
+    kvr_mp_write_cstr(&b, "error");
+    kvr_mp_write_cstr(&b, "no workers");
+    assert_int_equal(fe_route_reply_decode(b.base, b.len, &rep, NULL), 0);
+    assert_false(rep.ok);
+    assert_string_equal(rep.error, "no workers");
+    kvr_buf_reset(&b);
+    uint8_t id[16] = {1};
+    assert_int_equal(fe_route_event_encode(&b, id, "free"), 0);
+    assert_true(b.len > 20);
+    kvr_buf_free(&b);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_byte_tokenizer),
+        cmocka_unit_test(test_chatml),
+        cmocka_unit_test(test_json_escape),
+        cmocka_unit_test(test_parse_completion),
+        cmocka_unit_test(test_parse_errors),
+        cmocka_unit_test(test_parse_chat),
+        cmocka_unit_test(test_error_json),
+        cmocka_unit_test(test_relay_chat_stream),
+        cmocka_unit_test(test_relay_usage_hidden_and_aggregate),
+        cmocka_unit_test(test_auth),
+        cmocka_unit_test(test_pool),
+        cmocka_unit_test(test_route_codec),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
