@@ -1,0 +1,868 @@
+/* kvrctl: start, inspect, break and stop a local kvroute cluster (DESIGN section 10).
+ *
+ *   kvrctl up --routers N --workers M --frontends K [--dir D] [--base-port P] …
+ *   kvrctl status | kill router 2|leader|follower | restart router 2 | down   [--dir D]
+ *
+ * Every process runs in its own session (setsid) with its log in D/logs/<role>-<id>.log, so it
+ * outlives kvrctl; D/cluster.json records pid + start time + command line, which is how every
+ * later command finds (and can re-run) it. Process and HTTP helpers live in bench/run_cluster.c
+ * because `kvr-bench run` kills and restarts routers the same way. */
+#define _GNU_SOURCE
+/* Paths are bounded up front (cluster dir <= 300 bytes); snprintf truncation is the intended
+ * behaviour for anything else. */
+#pragma GCC diagnostic ignored "-Wformat-truncation"
+#include <arpa/inet.h>
+#include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "run_cluster.h"
+
+#define DEFAULT_DIR "./cluster"
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+static long long mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage: kvrctl COMMAND [options]\n"
+            "  up --routers N --workers M --frontends K [--dir D] [--base-port P] [--speedup X]\n"
+            "     [--namespace NS] [--model M] [--worker-args \"…\"] [--router-args \"…\"]\n"
+            "     [--frontend-args \"…\"] [--haproxy] [--no-raft-flags] [--bin-dir DIR] [--timeout S]\n"
+            "  status [--dir D] [--json]\n"
+            "  kill ROLE ID|leader|follower [--dir D]     (SIGKILL; prints the id it killed)\n"
+            "  restart ROLE ID [--dir D] [--no-wait] [--timeout S]\n"
+            "  down [--dir D] [--timeout S]\n"
+            "Default --dir is %s. Binaries come from --bin-dir, $KVR_BIN, or kvrctl's own directory.\n",
+            DEFAULT_DIR);
+}
+
+/* ---------- binaries ---------- */
+
+static char bin_dir[PATH_MAX];
+
+static void init_bin_dir(const char *opt)
+{
+    const char *env = getenv("KVR_BIN");
+    if (opt && *opt) {
+        snprintf(bin_dir, sizeof bin_dir, "%s", opt);
+    } else if (env && *env) {
+        snprintf(bin_dir, sizeof bin_dir, "%s", env);
+    } else {
+        ssize_t n = readlink("/proc/self/exe", bin_dir, sizeof bin_dir - 1);
+        bin_dir[n > 0 ? n : 0] = 0;
+        char *slash = strrchr(bin_dir, '/');
+        if (slash)
+            *slash = 0;
+        else
+            snprintf(bin_dir, sizeof bin_dir, ".");
+    }
+    char real[PATH_MAX];
+    if (realpath(bin_dir, real))
+        snprintf(bin_dir, sizeof bin_dir, "%s", real);
+}
+
+/* Full path of one of our binaries, or of a system one found on PATH (+ /usr/sbin, /sbin). */
+static int find_binary(const char *name, bool ours, char *out, size_t cap, kvr_err *err)
+{
+    if (ours) {
+        snprintf(out, cap, "%s/%s", bin_dir, name);
+        if (access(out, X_OK) == 0)
+            return 0;
+        return kvr_err_set(err, KVR_ENOTFOUND, "%s not found in %s (build it, or pass --bin-dir)",
+                           name, bin_dir);
+    }
+    const char *path = getenv("PATH");
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s:/usr/sbin:/sbin:/usr/local/sbin", path ? path : "/usr/bin:/bin");
+    char *save = NULL;
+    for (char *d = strtok_r(buf, ":", &save); d; d = strtok_r(NULL, ":", &save)) {
+        snprintf(out, cap, "%s/%s", d, name);
+        if (access(out, X_OK) == 0)
+            return 0;
+    }
+    return kvr_err_set(err, KVR_ENOTFOUND, "%s not found on PATH", name);
+}
+
+/* ---------- ports ---------- */
+
+typedef struct port_alloc {
+    int base;     /* 0: let the OS choose */
+    int next;
+    int held[256]; /* sockets kept bound until every port is chosen, so none repeats */
+    int nheld;
+} port_alloc;
+
+static int bind_port(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static int sock_port(int fd)
+{
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    if (getsockname(fd, (struct sockaddr *)&a, &len) != 0)
+        return 0;
+    return ntohs(a.sin_port);
+}
+
+/* One port, or two consecutive ones (raft port + forwarding port) when pair. */
+static int alloc_port(port_alloc *pa, bool pair, kvr_err *err)
+{
+    if (pa->base) {
+        int p = pa->next;
+        pa->next += pair ? 2 : 1;
+        if (pa->next > 65535)
+            return kvr_err_set(err, KVR_ELIMIT, "--base-port %d leaves too few ports", pa->base);
+        return p;
+    }
+    for (int attempt = 0; attempt < 200; attempt++) {
+        if (pa->nheld + 2 > (int)(sizeof pa->held / sizeof pa->held[0]))
+            return kvr_err_set(err, KVR_ELIMIT, "too many ports");
+        int fd = bind_port(0);
+        if (fd < 0)
+            return kvr_err_set(err, KVR_EIO, "binding a free port: %s", strerror(errno));
+        int p = sock_port(fd);
+        if (!pair) {
+            pa->held[pa->nheld++] = fd;
+            return p;
+        }
+        int fd2 = p < 65535 ? bind_port(p + 1) : -1;
+        if (fd2 >= 0) {
+            pa->held[pa->nheld++] = fd;
+            pa->held[pa->nheld++] = fd2;
+            return p;
+        }
+        close(fd);
+    }
+    return kvr_err_set(err, KVR_EIO, "no free pair of consecutive ports found");
+}
+
+static void release_ports(port_alloc *pa)
+{
+    for (int i = 0; i < pa->nheld; i++)
+        close(pa->held[i]);
+    pa->nheld = 0;
+}
+
+static bool tcp_listening(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return false;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bool ok = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    close(fd);
+    return ok;
+}
+
+/* ---------- up ---------- */
+
+typedef struct up_opts {
+    int routers, workers, frontends;
+    int base_port;
+    double speedup;
+    const char *ns, *model;
+    const char *worker_args, *router_args, *frontend_args;
+    bool haproxy, raft_flags;
+    int timeout_s;
+} up_opts;
+
+/* Splits extra "…" arguments on whitespace (no quoting) and appends them. */
+static int add_extra(char **argv, int *argc, char *extra, kvr_err *err)
+{
+    if (!extra)
+        return 0;
+    char *save = NULL;
+    for (char *t = strtok_r(extra, " \t\n", &save); t; t = strtok_r(NULL, " \t\n", &save)) {
+        if (*argc >= RUN_MAX_ARGS)
+            return kvr_err_set(err, KVR_ELIMIT, "more than %d arguments", RUN_MAX_ARGS);
+        argv[(*argc)++] = t;
+    }
+    return 0;
+}
+
+static int proc_ready(run_proc *p)
+{
+    if (strcmp(p->role, "nats") == 0)
+        return tcp_listening(p->port);
+    if (strcmp(p->role, "router") == 0)
+        return run_http_ok(p->url, "/ready", 1000);
+    return run_http_ok(p->url, "/health", 1000);
+}
+
+static const char *ready_path(const run_proc *p)
+{
+    if (strcmp(p->role, "nats") == 0)
+        return " (TCP)";
+    return strcmp(p->role, "router") == 0 ? "/ready" : "/health";
+}
+
+/* Waits until every process from index `from` on is ready; on failure names the process. */
+static int wait_ready(run_cluster *c, int from, int to, int timeout_s, kvr_err *err)
+{
+    long long deadline = mono_ms() + (long long)timeout_s * 1000;
+    for (;;) {
+        bool all = true;
+        for (int i = from; i < to; i++) {
+            run_proc *p = &c->procs[i];
+            run_reap();
+            if (!run_proc_alive(p)) {
+                char tail[2048];
+                run_tail_file(p->log, 15, tail, sizeof tail);
+                return kvr_err_set(err, KVR_EIO,
+                                   "%s-%d (pid %d, port %d) exited during start-up; last lines of "
+                                   "%s:\n%s",
+                                   p->role, p->id, p->pid, p->port, p->log, tail);
+            }
+            if (!proc_ready(p)) {
+                all = false;
+                if (mono_ms() > deadline) {
+                    char tail[2048];
+                    run_tail_file(p->log, 15, tail, sizeof tail);
+                    return kvr_err_set(err, KVR_ETIMEDOUT,
+                                       "%s-%d (pid %d, port %d) not ready (%s%s) after %d s; last "
+                                       "lines of %s:\n%s",
+                                       p->role, p->id, p->pid, p->port, p->url, ready_path(p),
+                                       timeout_s, p->log, tail);
+                }
+                break;
+            }
+        }
+        if (all)
+            return 0;
+        sleep_ms(100);
+    }
+}
+
+static void teardown(run_cluster *c)
+{
+    for (int i = c->n - 1; i >= 0; i--)
+        if (run_proc_alive(&c->procs[i]))
+            run_proc_signal(&c->procs[i], SIGKILL);
+    for (int i = c->n - 1; i >= 0; i--)
+        run_proc_stop(&c->procs[i], 2000);
+    run_reap();
+}
+
+static int write_text(const char *path, const char *text, kvr_err *err)
+{
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return kvr_err_set(err, KVR_EIO, "writing %s: %s", path, strerror(errno));
+    fputs(text, f);
+    if (fclose(f) != 0)
+        return kvr_err_set(err, KVR_EIO, "writing %s: %s", path, strerror(errno));
+    return 0;
+}
+
+static int mkdir_p(const char *path, kvr_err *err)
+{
+    char tmp[PATH_MAX];
+    snprintf(tmp, sizeof tmp, "%s", path);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p == '/') {
+            *p = 0;
+            if (mkdir(tmp, 0755) != 0 && errno != EEXIST)
+                return kvr_err_set(err, KVR_EIO, "mkdir %s: %s", tmp, strerror(errno));
+            *p = '/';
+        }
+    }
+    if (mkdir(tmp, 0755) != 0 && errno != EEXIST)
+        return kvr_err_set(err, KVR_EIO, "mkdir %s: %s", tmp, strerror(errno));
+    return 0;
+}
+
+static run_proc *new_proc(run_cluster *c, const char *role, int id, int port, kvr_err *err)
+{
+    run_proc *p = run_cluster_add(c);
+    if (!p) {
+        kvr_err_set(err, KVR_ENOMEM, "too many processes");
+        return NULL;
+    }
+    snprintf(p->role, sizeof p->role, "%s", role);
+    p->id = id;
+    p->port = port;
+    snprintf(p->url, sizeof p->url, "http://127.0.0.1:%d", port);
+    snprintf(p->log, sizeof p->log, "%s/logs/%s-%d.log", c->dir, role, id);
+    return p;
+}
+
+static int spawn_and_record(run_cluster *c, run_proc *p, char **argv, int argc, kvr_err *err)
+{
+    int rc = run_proc_set_argv(p, argv, argc, err);
+    if (rc == 0)
+        rc = run_proc_spawn(p, err);
+    if (rc != 0)
+        return kvr_err_wrap(err, rc, "starting %s-%d", p->role, p->id);
+    /* Record at once: if kvrctl dies now, `down` still finds everything. */
+    return run_cluster_save(c, err);
+}
+
+static int cmd_up(const char *dir, up_opts *o)
+{
+    kvr_err err = {0};
+    run_cluster c;
+    port_alloc pa = {.base = o->base_port, .next = o->base_port};
+    int rc = 0;
+    char path[PATH_MAX], abs_dir[PATH_MAX];
+    char nats_bin[PATH_MAX], router_bin[PATH_MAX], worker_bin[PATH_MAX], frontend_bin[PATH_MAX],
+        haproxy_bin[PATH_MAX];
+
+    if ((rc = mkdir_p(dir, &err)) != 0)
+        goto fail_early;
+    if (!realpath(dir, abs_dir)) {
+        rc = kvr_err_set(&err, KVR_EIO, "realpath %s: %s", dir, strerror(errno));
+        goto fail_early;
+    }
+    if (strlen(abs_dir) > 300) {
+        rc = kvr_err_set(&err, KVR_ELIMIT, "cluster dir path %s is longer than 300 bytes", abs_dir);
+        goto fail_early;
+    }
+    {
+        run_cluster old;
+        if (run_cluster_load(&old, abs_dir, NULL) == 0) {
+            for (int i = 0; i < old.n; i++) {
+                if (run_proc_alive(&old.procs[i])) {
+                    rc = kvr_err_set(&err, KVR_EEXIST,
+                                     "%s/cluster.json: %s-%d (pid %d) is still running; run "
+                                     "`kvrctl down --dir %s` first",
+                                     abs_dir, old.procs[i].role, old.procs[i].id, old.procs[i].pid,
+                                     dir);
+                    run_cluster_free(&old);
+                    goto fail_early;
+                }
+            }
+            run_cluster_free(&old);
+        }
+    }
+    if ((rc = find_binary("nats-server", false, nats_bin, sizeof nats_bin, &err)) != 0 ||
+        (o->routers > 0 &&
+         (rc = find_binary("kvr-routerd", true, router_bin, sizeof router_bin, &err)) != 0) ||
+        (o->workers > 0 &&
+         (rc = find_binary("kvr-worker", true, worker_bin, sizeof worker_bin, &err)) != 0) ||
+        (o->frontends > 0 &&
+         (rc = find_binary("kvr-frontend", true, frontend_bin, sizeof frontend_bin, &err)) != 0) ||
+        (o->haproxy && (rc = find_binary("haproxy", false, haproxy_bin, sizeof haproxy_bin, &err)) != 0))
+        goto fail_early;
+
+    run_cluster_init(&c, abs_dir);
+    snprintf(c.ns, sizeof c.ns, "%s", o->ns);
+    snprintf(c.model, sizeof c.model, "%s", o->model);
+    snprintf(path, sizeof path, "%s/logs", abs_dir);
+    if ((rc = mkdir_p(path, &err)) != 0)
+        goto fail;
+
+    /* Choose every port first (held bound so none repeats), then release them and start. */
+    int nats_port = alloc_port(&pa, false, &err);
+    int router_http[64], router_raft[64], worker_port[256], frontend_port[64], haproxy_port = 0;
+    if (o->routers > 64 || o->workers > 256 || o->frontends > 64) {
+        rc = kvr_err_set(&err, KVR_ELIMIT, "at most 64 routers, 256 workers, 64 frontends");
+        goto fail;
+    }
+    if (nats_port < 0) {
+        rc = nats_port;
+        goto fail;
+    }
+    for (int i = 0; i < o->routers; i++) {
+        if ((router_http[i] = alloc_port(&pa, false, &err)) < 0 ||
+            (router_raft[i] = alloc_port(&pa, true, &err)) < 0) {
+            rc = KVR_EIO;
+            goto fail;
+        }
+    }
+    for (int i = 0; i < o->workers; i++)
+        if ((worker_port[i] = alloc_port(&pa, false, &err)) < 0) {
+            rc = KVR_EIO;
+            goto fail;
+        }
+    for (int i = 0; i < o->frontends; i++)
+        if ((frontend_port[i] = alloc_port(&pa, false, &err)) < 0) {
+            rc = KVR_EIO;
+            goto fail;
+        }
+    if (o->haproxy && (haproxy_port = alloc_port(&pa, false, &err)) < 0) {
+        rc = KVR_EIO;
+        goto fail;
+    }
+    release_ports(&pa);
+
+    /* nats-server with JetStream, store in D/nats. */
+    char nats_dir[PATH_MAX + 16], conf[PATH_MAX + 32], conf_text[PATH_MAX * 2], nats_url[64];
+    snprintf(nats_dir, sizeof nats_dir, "%s/nats", abs_dir);
+    if ((rc = mkdir_p(nats_dir, &err)) != 0)
+        goto fail;
+    snprintf(conf, sizeof conf, "%s/nats.conf", nats_dir);
+    snprintf(conf_text, sizeof conf_text,
+             "listen: 127.0.0.1:%d\njetstream {\n  store_dir: \"%s/js\"\n  max_memory_store: 256MB\n"
+             "  max_file_store: 4GB\n}\nmax_payload: 8MB\n",
+             nats_port, nats_dir);
+    if ((rc = write_text(conf, conf_text, &err)) != 0)
+        goto fail;
+    snprintf(nats_url, sizeof nats_url, "nats://127.0.0.1:%d", nats_port);
+    {
+        run_proc *p = new_proc(&c, "nats", 0, nats_port, &err);
+        if (!p) {
+            rc = KVR_ENOMEM;
+            goto fail;
+        }
+        snprintf(p->url, sizeof p->url, "%s", nats_url);
+        snprintf(p->data_dir, sizeof p->data_dir, "%s", nats_dir);
+        char *argv[] = {nats_bin, "-c", conf};
+        if ((rc = spawn_and_record(&c, p, argv, 3, &err)) != 0 || (rc = wait_ready(&c, 0, c.n, o->timeout_s, &err)) != 0)
+            goto fail;
+    }
+
+    /* Routers: one Raft group. */
+    char peers[4096] = "";
+    for (int i = 0; i < o->routers; i++) {
+        size_t l = strlen(peers);
+        snprintf(peers + l, sizeof peers - l, "%s%d@127.0.0.1:%d", i ? "," : "", i + 1, router_raft[i]);
+    }
+    int stage = c.n;
+    for (int i = 0; i < o->routers; i++) {
+        run_proc *p = new_proc(&c, "router", i + 1, router_http[i], &err);
+        if (!p) {
+            rc = KVR_ENOMEM;
+            goto fail;
+        }
+        p->raft_port = router_raft[i];
+        snprintf(p->data_dir, sizeof p->data_dir, "%s/router-%d", abs_dir, i + 1);
+        if ((rc = mkdir_p(p->data_dir, &err)) != 0)
+            goto fail;
+        char id[16], http[32], raft[32], extra[2048];
+        snprintf(id, sizeof id, "%d", i + 1);
+        snprintf(http, sizeof http, "127.0.0.1:%d", router_http[i]);
+        snprintf(raft, sizeof raft, "127.0.0.1:%d", router_raft[i]);
+        snprintf(extra, sizeof extra, "%s", o->router_args ? o->router_args : "");
+        char *argv[RUN_MAX_ARGS + 1] = {router_bin, "--id", id, "--nats", nats_url, "--http", http,
+                                        "--data-dir", p->data_dir};
+        int argc = 9;
+        if (o->raft_flags) {
+            argv[argc++] = "--raft-addr";
+            argv[argc++] = raft;
+            argv[argc++] = "--peers";
+            argv[argc++] = peers;
+        }
+        if ((rc = add_extra(argv, &argc, extra, &err)) != 0 ||
+            (rc = spawn_and_record(&c, p, argv, argc, &err)) != 0)
+            goto fail;
+    }
+    if ((rc = wait_ready(&c, stage, c.n, o->timeout_s, &err)) != 0)
+        goto fail;
+
+    /* Workers. */
+    stage = c.n;
+    char speed[32];
+    snprintf(speed, sizeof speed, "%g", o->speedup);
+    for (int i = 0; i < o->workers; i++) {
+        run_proc *p = new_proc(&c, "worker", i + 1, worker_port[i], &err);
+        if (!p) {
+            rc = KVR_ENOMEM;
+            goto fail;
+        }
+        char id[16], listen[32], extra[2048];
+        snprintf(id, sizeof id, "%d", i + 1);
+        snprintf(listen, sizeof listen, "127.0.0.1:%d", worker_port[i]);
+        snprintf(extra, sizeof extra, "%s", o->worker_args ? o->worker_args : "");
+        char *argv[RUN_MAX_ARGS + 1] = {worker_bin, "--listen", listen, "--nats", nats_url,
+                                        "--namespace", (char *)o->ns, "--model", (char *)o->model,
+                                        "--id", id, "--speedup", speed};
+        int argc = 13;
+        if ((rc = add_extra(argv, &argc, extra, &err)) != 0 ||
+            (rc = spawn_and_record(&c, p, argv, argc, &err)) != 0)
+            goto fail;
+    }
+    if ((rc = wait_ready(&c, stage, c.n, o->timeout_s, &err)) != 0)
+        goto fail;
+
+    /* Frontends. */
+    stage = c.n;
+    for (int i = 0; i < o->frontends; i++) {
+        run_proc *p = new_proc(&c, "frontend", i + 1, frontend_port[i], &err);
+        if (!p) {
+            rc = KVR_ENOMEM;
+            goto fail;
+        }
+        char id[16], listen[32], extra[2048];
+        snprintf(id, sizeof id, "%d", i + 1);
+        snprintf(listen, sizeof listen, "127.0.0.1:%d", frontend_port[i]);
+        snprintf(extra, sizeof extra, "%s", o->frontend_args ? o->frontend_args : "");
+        char *argv[RUN_MAX_ARGS + 1] = {frontend_bin, "--listen", listen, "--nats", nats_url,
+                                        "--id", id, "--namespace", (char *)o->ns};
+        int argc = 9;
+        if ((rc = add_extra(argv, &argc, extra, &err)) != 0 ||
+            (rc = spawn_and_record(&c, p, argv, argc, &err)) != 0)
+            goto fail;
+    }
+    if ((rc = wait_ready(&c, stage, c.n, o->timeout_s, &err)) != 0)
+        goto fail;
+
+    /* HAProxy (leastconn) in front of the workers, for baseline runs. */
+    if (o->haproxy) {
+        stage = c.n;
+        char cfg[PATH_MAX + 32];
+        kvr_buf t;
+        kvr_buf_init(&t);
+        kvr_buf_appendf(&t,
+                        "global\n  maxconn 8192\n"
+                        "defaults\n  mode http\n  timeout connect 2s\n  timeout client 600s\n"
+                        "  timeout server 600s\n"
+                        "frontend kvr_in\n  bind 127.0.0.1:%d\n  default_backend kvr_workers\n"
+                        "backend kvr_workers\n  balance leastconn\n",
+                        haproxy_port);
+        for (int i = 0; i < c.n; i++)
+            if (strcmp(c.procs[i].role, "worker") == 0)
+                kvr_buf_appendf(&t, "  server w%d 127.0.0.1:%d\n", c.procs[i].id, c.procs[i].port);
+        kvr_buf_append(&t, "", 1);
+        snprintf(cfg, sizeof cfg, "%s/haproxy.cfg", abs_dir);
+        rc = t.base ? write_text(cfg, t.base, &err) : kvr_err_set(&err, KVR_ENOMEM, "haproxy.cfg");
+        kvr_buf_free(&t);
+        if (rc != 0)
+            goto fail;
+        run_proc *p = new_proc(&c, "haproxy", 1, haproxy_port, &err);
+        if (!p) {
+            rc = KVR_ENOMEM;
+            goto fail;
+        }
+        char *argv[] = {haproxy_bin, "-db", "-f", cfg};
+        if ((rc = spawn_and_record(&c, p, argv, 4, &err)) != 0 ||
+            (rc = wait_ready(&c, stage, c.n, o->timeout_s, &err)) != 0)
+            goto fail;
+    }
+
+    printf("cluster up in %s: %d router(s), %d worker(s), %d frontend(s)%s\n", abs_dir, o->routers,
+           o->workers, o->frontends, o->haproxy ? ", haproxy" : "");
+    for (int i = 0; i < c.n; i++)
+        printf("  %-8s %-3d pid %-7d %s\n", c.procs[i].role, c.procs[i].id, c.procs[i].pid,
+               c.procs[i].url);
+    run_cluster_free(&c);
+    return 0;
+
+fail:
+    release_ports(&pa);
+    fprintf(stderr, "kvrctl up: %s\nkvrctl up: stopping what was started\n", err.msg);
+    teardown(&c);
+    run_cluster_save(&c, NULL);
+    run_cluster_free(&c);
+    return 1;
+fail_early:
+    fprintf(stderr, "kvrctl up: %s\n", err.msg);
+    return 1;
+}
+
+/* ---------- status / kill / restart / down ---------- */
+
+static int load_or_die(run_cluster *c, const char *dir)
+{
+    kvr_err err = {0};
+    if (run_cluster_load(c, dir, &err) != 0) {
+        fprintf(stderr, "kvrctl: %s\n", err.msg);
+        return 1;
+    }
+    return 0;
+}
+
+static int cmd_status(const char *dir, bool json)
+{
+    run_cluster c;
+    if (load_or_die(&c, dir))
+        return 1;
+    if (!json)
+        printf("%-8s %3s %8s %-5s %-5s %-9s %-6s %-20s %s\n", "ROLE", "ID", "PID", "ALIVE", "READY",
+               "RAFT", "LEADER", "DIGEST", "URL");
+    else
+        printf("{\"processes\":[");
+    int alive_n = 0;
+    for (int i = 0; i < c.n; i++) {
+        run_proc *p = &c.procs[i];
+        bool alive = run_proc_alive(p);
+        bool ready = alive && proc_ready(p);
+        run_router_state st = {0};
+        bool have_st = false;
+        if (alive && strcmp(p->role, "router") == 0)
+            have_st = run_router_get_state(p, 1000, &st, NULL) == 0;
+        alive_n += alive;
+        char leader[24] = "-";
+        if (have_st && st.leader)
+            snprintf(leader, sizeof leader, "%lld", st.leader);
+        if (!json) {
+            printf("%-8s %3d %8d %-5s %-5s %-9s %-6s %-20s %s\n", p->role, p->id, p->pid,
+                   alive ? "yes" : "no", ready ? "yes" : "no", have_st && st.role[0] ? st.role : "-",
+                   leader, have_st && st.digest[0] ? st.digest : "-", p->url);
+        } else {
+            printf("%s{\"role\":\"%s\",\"id\":%d,\"pid\":%d,\"alive\":%s,\"ready\":%s", i ? "," : "",
+                   p->role, p->id, p->pid, alive ? "true" : "false", ready ? "true" : "false");
+            if (have_st)
+                printf(",\"raft_role\":\"%s\",\"leader\":%lld,\"digest\":\"%s\"", st.role, st.leader,
+                       st.digest);
+            printf(",\"url\":\"%s\"}", p->url);
+        }
+    }
+    if (json)
+        printf("]}\n");
+    run_cluster_free(&c);
+    return 0;
+}
+
+static int cmd_kill(const char *dir, const char *role, const char *which)
+{
+    run_cluster c;
+    kvr_err err = {0};
+    if (load_or_die(&c, dir))
+        return 1;
+    int idx;
+    if (strcmp(role, "router") == 0) {
+        idx = run_cluster_pick_router(&c, which, &err);
+    } else {
+        char *end;
+        long id = strtol(which, &end, 10);
+        run_proc *p = (*which && !*end) ? run_cluster_find(&c, role, (int)id) : NULL;
+        idx = p ? (int)(p - c.procs) : kvr_err_set(&err, KVR_ENOTFOUND, "no %s '%s' in %s/cluster.json", role, which, dir);
+    }
+    if (idx < 0) {
+        fprintf(stderr, "kvrctl kill: %s\n", err.msg);
+        run_cluster_free(&c);
+        return 1;
+    }
+    run_proc *p = &c.procs[idx];
+    if (!run_proc_alive(p)) {
+        fprintf(stderr, "kvrctl kill: %s-%d (pid %d) is not running\n", p->role, p->id, p->pid);
+        run_cluster_free(&c);
+        return 1;
+    }
+    run_proc_signal(p, SIGKILL);
+    for (int i = 0; i < 100 && run_proc_alive(p); i++)
+        sleep_ms(20);
+    printf("%d\n", p->id);
+    fprintf(stderr, "killed %s-%d (pid %d) with SIGKILL\n", p->role, p->id, p->pid);
+    run_cluster_free(&c);
+    return 0;
+}
+
+static int cmd_restart(const char *dir, const char *role, const char *which, bool wait, int timeout_s)
+{
+    run_cluster c;
+    kvr_err err = {0};
+    if (load_or_die(&c, dir))
+        return 1;
+    char *end;
+    long id = strtol(which, &end, 10);
+    run_proc *p = (*which && !*end) ? run_cluster_find(&c, role, (int)id) : NULL;
+    if (!p) {
+        fprintf(stderr, "kvrctl restart: no %s '%s' in %s/cluster.json\n", role, which, dir);
+        run_cluster_free(&c);
+        return 1;
+    }
+    if (run_proc_alive(p)) {
+        fprintf(stderr, "kvrctl restart: %s-%d (pid %d) is still running; kill it first\n", p->role,
+                p->id, p->pid);
+        run_cluster_free(&c);
+        return 1;
+    }
+    long long t0 = mono_ms();
+    int rc = run_proc_spawn(p, &err);
+    if (rc == 0)
+        rc = run_cluster_save(&c, &err);
+    if (rc == 0 && wait)
+        rc = wait_ready(&c, (int)(p - c.procs), (int)(p - c.procs) + 1, timeout_s, &err);
+    if (rc != 0) {
+        fprintf(stderr, "kvrctl restart: %s\n", err.msg);
+        run_cluster_free(&c);
+        return 1;
+    }
+    printf("restarted %s-%d pid %d%s", p->role, p->id, p->pid, wait ? "" : "\n");
+    if (wait)
+        printf(", ready after %lld ms\n", mono_ms() - t0);
+    run_cluster_free(&c);
+    return 0;
+}
+
+static int cmd_down(const char *dir, int timeout_s)
+{
+    run_cluster c;
+    if (load_or_die(&c, dir))
+        return 1;
+    /* Clients first, NATS last, so nothing logs a storm of reconnects. */
+    static const char *order[] = {"haproxy", "frontend", "worker", "router", "nats"};
+    for (size_t r = 0; r < sizeof order / sizeof order[0]; r++)
+        for (int i = 0; i < c.n; i++)
+            if (strcmp(c.procs[i].role, order[r]) == 0 && run_proc_alive(&c.procs[i]))
+                run_proc_signal(&c.procs[i], SIGTERM);
+    long long deadline = mono_ms() + (long long)timeout_s * 1000;
+    for (;;) {
+        int left = 0;
+        for (int i = 0; i < c.n; i++)
+            left += run_proc_alive(&c.procs[i]);
+        if (left == 0 || mono_ms() > deadline)
+            break;
+        sleep_ms(50);
+    }
+    int killed = 0;
+    for (int i = 0; i < c.n; i++) {
+        if (run_proc_alive(&c.procs[i])) {
+            fprintf(stderr, "kvrctl down: %s-%d (pid %d) ignored SIGTERM for %d s; SIGKILL\n",
+                    c.procs[i].role, c.procs[i].id, c.procs[i].pid, timeout_s);
+            run_proc_signal(&c.procs[i], SIGKILL);
+            killed++;
+        }
+    }
+    int left = 0;
+    for (int wait = 0; wait < 60; wait++) {
+        left = 0;
+        for (int i = 0; i < c.n; i++)
+            left += run_proc_alive(&c.procs[i]);
+        if (left == 0)
+            break;
+        sleep_ms(50);
+    }
+    for (int i = 0; i < c.n; i++)
+        if (run_proc_alive(&c.procs[i]))
+            fprintf(stderr, "kvrctl down: %s-%d (pid %d) is STILL running\n", c.procs[i].role,
+                    c.procs[i].id, c.procs[i].pid);
+    printf("down: %d process(es) stopped%s%s\n", c.n - left, killed ? " (some with SIGKILL)" : "",
+           left ? ", SOME STILL RUNNING" : ", nothing left running");
+    run_cluster_free(&c);
+    return left ? 1 : 0;
+}
+
+/* ---------- main ---------- */
+
+static int parse_int(const char *flag, const char *v, int lo, int hi, int *out)
+{
+    char *end;
+    errno = 0;
+    long x = strtol(v, &end, 10);
+    if (errno || *v == 0 || *end || x < lo || x > hi) {
+        fprintf(stderr, "kvrctl: %s wants an integer in [%d, %d], got '%s'\n", flag, lo, hi, v);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    const char *cmd = argv[1];
+    const char *dir = DEFAULT_DIR, *bin = NULL;
+    up_opts o = {.routers = 1, .workers = 1, .frontends = 1, .speedup = 1.0, .ns = "kvr",
+                 .model = "sim", .raft_flags = true, .timeout_s = 30};
+    bool json = false, wait = true;
+    int timeout_set = 0;
+    const char *pos[4] = {0};
+    int npos = 0;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define NEED_VALUE                                                                                 \
+    if (!v) {                                                                                      \
+        fprintf(stderr, "kvrctl: %s needs a value\n", a);                                          \
+        return 2;                                                                                  \
+    }                                                                                              \
+    i++;
+        if (strcmp(a, "--dir") == 0) {
+            NEED_VALUE dir = v;
+        } else if (strcmp(a, "--routers") == 0) {
+            NEED_VALUE if (parse_int(a, v, 0, 64, &o.routers)) return 2;
+        } else if (strcmp(a, "--workers") == 0) {
+            NEED_VALUE if (parse_int(a, v, 0, 256, &o.workers)) return 2;
+        } else if (strcmp(a, "--frontends") == 0) {
+            NEED_VALUE if (parse_int(a, v, 0, 64, &o.frontends)) return 2;
+        } else if (strcmp(a, "--base-port") == 0) {
+            NEED_VALUE if (parse_int(a, v, 1024, 65000, &o.base_port)) return 2;
+        } else if (strcmp(a, "--timeout") == 0) {
+            NEED_VALUE if (parse_int(a, v, 1, 3600, &o.timeout_s)) return 2;
+            timeout_set = 1;
+        } else if (strcmp(a, "--speedup") == 0) {
+            NEED_VALUE char *end;
+            o.speedup = strtod(v, &end);
+            if (*end || !(o.speedup > 0) || o.speedup > 1e6) {
+                fprintf(stderr, "kvrctl: --speedup wants a positive number, got '%s'\n", v);
+                return 2;
+            }
+        } else if (strcmp(a, "--namespace") == 0) {
+            NEED_VALUE o.ns = v;
+        } else if (strcmp(a, "--model") == 0) {
+            NEED_VALUE o.model = v;
+        } else if (strcmp(a, "--worker-args") == 0) {
+            NEED_VALUE o.worker_args = v;
+        } else if (strcmp(a, "--router-args") == 0) {
+            NEED_VALUE o.router_args = v;
+        } else if (strcmp(a, "--frontend-args") == 0) {
+            NEED_VALUE o.frontend_args = v;
+        } else if (strcmp(a, "--bin-dir") == 0) {
+            NEED_VALUE bin = v;
+        } else if (strcmp(a, "--haproxy") == 0) {
+            o.haproxy = true;
+        } else if (strcmp(a, "--no-raft-flags") == 0) {
+            o.raft_flags = false;
+        } else if (strcmp(a, "--json") == 0) {
+            json = true;
+        } else if (strcmp(a, "--no-wait") == 0) {
+            wait = false;
+        } else if (a[0] == '-' && a[1] == '-') {
+            fprintf(stderr, "kvrctl: unknown option %s\n", a);
+            usage(stderr);
+            return 2;
+        } else if (npos < 4) {
+            pos[npos++] = a;
+        } else {
+            fprintf(stderr, "kvrctl: too many arguments\n");
+            return 2;
+        }
+#undef NEED_VALUE
+    }
+    init_bin_dir(bin);
+    run_http_global_init();
+    if (strcmp(cmd, "up") == 0 && npos == 0)
+        return cmd_up(dir, &o);
+    if (strcmp(cmd, "status") == 0 && npos == 0)
+        return cmd_status(dir, json);
+    if (strcmp(cmd, "kill") == 0 && npos == 2)
+        return cmd_kill(dir, pos[0], pos[1]);
+    if (strcmp(cmd, "restart") == 0 && npos == 2)
+        return cmd_restart(dir, pos[0], pos[1], wait, o.timeout_s);
+    if (strcmp(cmd, "down") == 0 && npos == 0)
+        return cmd_down(dir, timeout_set ? o.timeout_s : 10);
+    fprintf(stderr, "kvrctl: bad command line for '%s'\n", cmd);
+    usage(stderr);
+    return 2;
+}
