@@ -1,0 +1,1202 @@
+/* kvr_nats: see kvr_nats.h. cnats threads → one locked FIFO → uv_async_t → loop thread. */
+#include "kvr_nats.h"
+
+#include "kvr_log.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <nats/nats.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KN_SUBJECT_MAX 1024
+#define KN_REQ_BUCKETS 4096
+#define KN_DRAIN_PER_TURN 2048
+#define KN_JS_WAIT_MS 5000
+#define KN_WATCHDOG_MS 1000
+
+typedef enum { QI_MSG = 1, QI_STATE = 2 } qi_kind;
+
+typedef struct qitem {
+    struct qitem *next;
+    qi_kind kind;
+    kvr_nats_sub *sub;
+    kvr_nats_state state;
+    bool no_responders;
+    uint64_t seq, pending;
+    size_t len;
+    char *subject;
+    char *reply;
+    char buf[]; /* subject\0 reply\0 data */
+} qitem;
+
+struct kvr_nats_sub {
+    kvr_nats_impl *ki;
+    natsSubscription *ns;
+    kvr_nats_msg_cb cb;
+    void *data;
+    kvr_nats_consumer *consumer; /* set for one incarnation of a JetStream consumer */
+    bool dead;                   /* loop thread: no more callbacks */
+    bool is_inbox;
+    struct kvr_nats_sub *next_all;
+};
+
+struct kvr_nats_consumer {
+    kvr_nats_impl *ki;
+    char *stream, *filter;
+    kvr_nats_msg_cb cb;
+    void *data;
+    uint64_t last_seq;     /* last delivered to cb */
+    kvr_nats_sub *current; /* live incarnation, or NULL */
+    bool creating;         /* a create work item is in flight */
+    bool checking;         /* a stream-info work item is in flight */
+    bool active;
+    bool stopped;
+    uint64_t tick_seq;  /* last_seq at the previous watchdog tick */
+    int stalled_ticks;  /* ticks without progress */
+    int create_failures;
+    struct kvr_nats_consumer *next;
+};
+
+typedef struct kn_req {
+    uint64_t id;
+    uv_timer_t timer;
+    kvr_nats_reply_cb cb;
+    void *cbdata;
+    struct kn_req *next; /* bucket chain */
+    kvr_nats_impl *ki;
+} kn_req;
+
+struct kvr_nats_impl {
+    kvr_nats *kn;
+    uv_loop_t *loop;
+    natsConnection *nc;
+    jsCtx *js;
+    kvr_nats_state_cb on_state;
+    void *state_data;
+
+    /* queue shared with cnats threads */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    qitem *head, *tail;
+    size_t q_msgs, q_bytes;
+    size_t max_msgs, max_bytes;
+    bool q_closing;
+    uint64_t bp_waits;
+    uv_async_t async;
+
+    _Atomic bool connected;
+    bool closing;      /* loop thread */
+    bool close_started;
+    kvr_nats_close_cb close_cb;
+    int works;         /* outstanding uv_queue_work items */
+    uv_work_t close_work;
+    uv_timer_t watchdog;
+    int handles_open;
+
+    kvr_nats_sub *subs;         /* every sub ever made; freed at close */
+    kvr_nats_consumer *consumers;
+    natsSubscription **graveyard; /* natsSubscriptions to destroy at close */
+    size_t n_graveyard, cap_graveyard;
+
+    /* requests */
+    kvr_nats_sub *inbox_sub;
+    char inbox[128];
+    uint64_t next_req_id;
+    kn_req *req_buckets[KN_REQ_BUCKETS];
+
+    kvr_nats_stats stats;
+    int64_t reconnect_wait_ms, max_reconnect_wait_ms;
+};
+
+const char *kvr_nats_state_name(kvr_nats_state s)
+{
+    switch (s) {
+    case KVR_NATS_CONNECTED: return "connected";
+    case KVR_NATS_DISCONNECTED: return "disconnected";
+    case KVR_NATS_RECONNECTED: return "reconnected";
+    case KVR_NATS_CLOSED: return "closed";
+    }
+    return "unknown";
+}
+
+static int status_to_kvr(natsStatus s)
+{
+    switch (s) {
+    case NATS_OK: return 0;
+    case NATS_TIMEOUT: return KVR_ETIMEDOUT;
+    case NATS_NO_RESPONDERS: return KVR_NATS_NO_RESPONDERS;
+    case NATS_NOT_FOUND: return KVR_ENOTFOUND;
+    case NATS_INVALID_ARG:
+    case NATS_INVALID_SUBJECT: return KVR_EINVAL;
+    case NATS_NO_MEMORY: return KVR_ENOMEM;
+    case NATS_CONNECTION_CLOSED: return KVR_ECLOSED;
+    case NATS_INSUFFICIENT_BUFFER:
+    case NATS_NOT_YET_CONNECTED:
+    case NATS_CONNECTION_DISCONNECTED:
+    case NATS_STALE_CONNECTION: return KVR_EAGAIN;
+    default: return KVR_EIO;
+    }
+}
+
+/* ---------- queue (producers: cnats threads; consumer: loop) ---------- */
+
+static void enqueue(kvr_nats_impl *ki, qitem *it, bool bounded)
+{
+    pthread_mutex_lock(&ki->mu);
+    if (bounded) {
+        bool waited = false;
+        while (!ki->q_closing && (ki->q_msgs >= ki->max_msgs || ki->q_bytes >= ki->max_bytes)) {
+            if (!waited) {
+                ki->bp_waits++;
+                waited = true;
+            }
+            pthread_cond_wait(&ki->cv, &ki->mu);
+        }
+    }
+    if (ki->q_closing) {
+        pthread_mutex_unlock(&ki->mu);
+        free(it);
+        return;
+    }
+    it->next = NULL;
+    if (ki->tail)
+        ki->tail->next = it;
+    else
+        ki->head = it;
+    ki->tail = it;
+    ki->q_msgs++;
+    ki->q_bytes += it->len;
+    pthread_mutex_unlock(&ki->mu);
+    uv_async_send(&ki->async);
+}
+
+/* cnats delivery thread */
+static void on_nats_msg(natsConnection *nc, natsSubscription *ns, natsMsg *m, void *closure)
+{
+    kvr_nats_sub *sub = closure;
+    kvr_nats_impl *ki = sub->ki;
+    const char *subj = natsMsg_GetSubject(m);
+    const char *reply = natsMsg_GetReply(m);
+    const char *data = natsMsg_GetData(m);
+    int len = natsMsg_GetDataLength(m);
+    size_t sl = subj ? strlen(subj) : 0, rl = reply ? strlen(reply) : 0;
+    if (len < 0)
+        len = 0;
+    qitem *it = malloc(sizeof(*it) + sl + 1 + rl + 1 + (size_t)len);
+    if (!it) {
+        KVR_LOG_ERROR_RL(5, "nats message dropped: out of memory", "subject=%s", subj ? subj : "");
+        natsMsg_Destroy(m);
+        return;
+    }
+    memset(it, 0, sizeof(*it));
+    it->kind = QI_MSG;
+    it->sub = sub;
+    it->subject = it->buf;
+    memcpy(it->subject, subj ? subj : "", sl + 1);
+    if (reply && rl) {
+        it->reply = it->buf + sl + 1;
+        memcpy(it->reply, reply, rl + 1);
+    }
+    it->len = (size_t)len;
+    if (len)
+        memcpy(it->buf + sl + 1 + rl + 1, data, (size_t)len);
+    if (sub->is_inbox)
+        it->no_responders = natsMsg_IsNoResponders(m);
+    if (sub->consumer) {
+        jsMsgMetaData *md = NULL;
+        if (natsMsg_GetMetaData(&md, m) == NATS_OK && md) {
+            it->seq = md->Sequence.Stream;
+            it->pending = md->NumPending;
+            jsMsgMetaData_Destroy(md);
+        } else {
+            /* not a stream message (should not happen for an ordered consumer) */
+            natsMsg_Destroy(m);
+            free(it);
+            return;
+        }
+    }
+    natsMsg_Destroy(m);
+    enqueue(ki, it, true);
+}
+
+static void push_state(kvr_nats_impl *ki, kvr_nats_state st)
+{
+    qitem *it = calloc(1, sizeof(*it));
+    if (!it)
+        return;
+    it->kind = QI_STATE;
+    it->state = st;
+    enqueue(ki, it, false);
+}
+
+static void on_connected(natsConnection *nc, void *closure)
+{
+    kvr_nats_impl *ki = closure;
+    atomic_store(&ki->connected, true);
+    push_state(ki, KVR_NATS_CONNECTED);
+}
+
+static void on_disconnected(natsConnection *nc, void *closure)
+{
+    kvr_nats_impl *ki = closure;
+    atomic_store(&ki->connected, false);
+    push_state(ki, KVR_NATS_DISCONNECTED);
+}
+
+static void on_reconnected(natsConnection *nc, void *closure)
+{
+    kvr_nats_impl *ki = closure;
+    atomic_store(&ki->connected, true);
+    push_state(ki, KVR_NATS_RECONNECTED);
+}
+
+static void on_nats_error(natsConnection *nc, natsSubscription *sub, natsStatus err, void *closure)
+{
+    KVR_LOG_WARN_RL(5, "nats async error", "error=\"%s\"", natsStatus_GetText(err));
+}
+
+static int64_t reconnect_delay(natsConnection *nc, int attempts, void *closure)
+{
+    kvr_nats_impl *ki = closure;
+    int64_t base = ki->reconnect_wait_ms, cap = ki->max_reconnect_wait_ms;
+    int64_t d = base;
+    for (int i = 1; i < attempts && d < cap; i++)
+        d *= 2;
+    if (d > cap)
+        d = cap;
+    return d + (rand() % (d / 4 + 1));
+}
+
+/* ---------- requests ---------- */
+
+static kn_req **req_slot(kvr_nats_impl *ki, uint64_t id)
+{
+    kn_req **pp = &ki->req_buckets[id & (KN_REQ_BUCKETS - 1)];
+    while (*pp && (*pp)->id != id)
+        pp = &(*pp)->next;
+    return pp;
+}
+
+static void req_timer_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+static void req_finish(kn_req *r, int status, const char *data, size_t len)
+{
+    kvr_nats_impl *ki = r->ki;
+    kn_req **pp = req_slot(ki, r->id);
+    if (*pp == r)
+        *pp = r->next;
+    uv_timer_stop(&r->timer);
+    uv_close((uv_handle_t *)&r->timer, req_timer_closed);
+    if (status == KVR_ETIMEDOUT)
+        ki->stats.request_timeouts++;
+    else if (status == KVR_NATS_NO_RESPONDERS)
+        ki->stats.request_no_responders++;
+    r->cb(status, status == 0 ? data : NULL, status == 0 ? len : 0, r->cbdata);
+}
+
+static void req_timeout(uv_timer_t *t)
+{
+    req_finish(t->data, KVR_ETIMEDOUT, NULL, 0);
+}
+
+static void inbox_msg(kvr_nats_impl *ki, qitem *it)
+{
+    const char *dot = strrchr(it->subject, '.');
+    if (!dot)
+        return;
+    char *end = NULL;
+    errno = 0;
+    unsigned long long id = strtoull(dot + 1, &end, 10);
+    if (errno || !end || *end)
+        return;
+    kn_req **pp = req_slot(ki, id);
+    if (!*pp)
+        return; /* late reply after a timeout */
+    if (it->no_responders)
+        req_finish(*pp, KVR_NATS_NO_RESPONDERS, NULL, 0);
+    else
+        req_finish(*pp, 0, it->buf + strlen(it->subject) + 1 + (it->reply ? strlen(it->reply) : 0) + 1,
+                   it->len);
+}
+
+int kvr_nats_request(kvr_nats *kn, const char *subject, const void *data, size_t len,
+                     uint32_t timeout_ms, kvr_nats_reply_cb cb, void *cbdata)
+{
+    kvr_nats_impl *ki = kn->impl;
+    if (!ki || ki->closing)
+        return KVR_ECLOSED;
+    if (!subject || !*subject || !cb || len > INT32_MAX)
+        return KVR_EINVAL;
+    kn_req *r = calloc(1, sizeof(*r));
+    if (!r)
+        return KVR_ENOMEM;
+    r->id = ++ki->next_req_id;
+    r->ki = ki;
+    r->cb = cb;
+    r->cbdata = cbdata;
+    char reply[sizeof(ki->inbox) + 24];
+    snprintf(reply, sizeof(reply), "%s.%" PRIu64, ki->inbox, r->id);
+    natsStatus s = natsConnection_PublishRequest(ki->nc, subject, reply, data, (int)len);
+    if (s != NATS_OK) {
+        free(r);
+        return status_to_kvr(s);
+    }
+    uv_timer_init(ki->loop, &r->timer);
+    r->timer.data = r;
+    uv_timer_start(&r->timer, req_timeout, timeout_ms ? timeout_ms : 1, 0);
+    kn_req **pp = &ki->req_buckets[r->id & (KN_REQ_BUCKETS - 1)];
+    r->next = *pp;
+    *pp = r;
+    ki->stats.requests++;
+    ki->stats.msgs_out++;
+    ki->stats.bytes_out += len;
+    return 0;
+}
+
+/* ---------- loop side ---------- */
+
+static void consumer_restart(kvr_nats_consumer *c, const char *why);
+
+static void deliver(kvr_nats_impl *ki, qitem *it)
+{
+    if (it->kind == QI_STATE) {
+        if (it->state == KVR_NATS_RECONNECTED) {
+            ki->stats.reconnects++;
+            for (kvr_nats_consumer *c = ki->consumers; c; c = c->next)
+                if (!c->stopped && c->active)
+                    consumer_restart(c, "reconnected");
+        }
+        if (ki->on_state && !ki->closing)
+            ki->on_state(ki->kn, it->state, ki->state_data);
+        return;
+    }
+    kvr_nats_sub *sub = it->sub;
+    if (sub->dead || ki->closing)
+        return;
+    if (sub->is_inbox) {
+        inbox_msg(ki, it);
+        return;
+    }
+    const char *data = it->buf + strlen(it->subject) + 1 + (it->reply ? strlen(it->reply) : 0) + 1;
+    kvr_nats_msg m = {it->subject, it->reply, data, it->len, it->seq, it->pending};
+    if (sub->consumer) {
+        kvr_nats_consumer *c = sub->consumer;
+        if (c->stopped || c->current != sub || it->seq <= c->last_seq)
+            return;
+        c->last_seq = it->seq;
+        c->stalled_ticks = 0;
+        ki->stats.msgs_in++;
+        ki->stats.bytes_in += it->len;
+        c->cb(&m, c->data);
+        return;
+    }
+    ki->stats.msgs_in++;
+    ki->stats.bytes_in += it->len;
+    sub->cb(&m, sub->data);
+}
+
+static void on_async(uv_async_t *a)
+{
+    kvr_nats_impl *ki = a->data;
+    pthread_mutex_lock(&ki->mu);
+    qitem *first = ki->head, *last = NULL, *p = ki->head;
+    size_t n = 0, bytes = 0;
+    while (p && n < KN_DRAIN_PER_TURN) {
+        bytes += p->len;
+        n++;
+        last = p;
+        p = p->next;
+    }
+    if (last) {
+        ki->head = last->next;
+        if (!ki->head)
+            ki->tail = NULL;
+        last->next = NULL;
+    } else {
+        first = NULL;
+    }
+    ki->q_msgs -= n;
+    ki->q_bytes -= bytes;
+    bool more = ki->head != NULL;
+    pthread_cond_broadcast(&ki->cv);
+    pthread_mutex_unlock(&ki->mu);
+    while (first) {
+        qitem *nx = first->next;
+        deliver(ki, first);
+        free(first);
+        first = nx;
+    }
+    if (more && !ki->close_started)
+        uv_async_send(&ki->async); /* yield to I/O, then continue */
+}
+
+static int graveyard_add(kvr_nats_impl *ki, natsSubscription *ns)
+{
+    if (!ns)
+        return 0;
+    if (ki->n_graveyard == ki->cap_graveyard) {
+        size_t nc = ki->cap_graveyard ? ki->cap_graveyard * 2 : 16;
+        natsSubscription **g = realloc(ki->graveyard, nc * sizeof(*g));
+        if (!g)
+            return KVR_ENOMEM;
+        ki->graveyard = g;
+        ki->cap_graveyard = nc;
+    }
+    ki->graveyard[ki->n_graveyard++] = ns;
+    return 0;
+}
+
+/* ---------- JetStream work items ---------- */
+
+typedef enum { W_ENSURE, W_INFO, W_CREATE, W_DESTROY, W_CHECK } work_op;
+
+typedef struct js_work {
+    uv_work_t req;
+    kvr_nats_impl *ki;
+    work_op op;
+    /* in */
+    char name[256];
+    char subjects[256];
+    int64_t max_age_ms, max_bytes;
+    bool memory;
+    uint64_t start_seq;
+    kvr_nats_sub *sub;            /* W_CREATE: incarnation */
+    kvr_nats_consumer *consumer;  /* W_CREATE, W_CHECK */
+    natsSubscription *ns;         /* W_DESTROY in; W_CREATE out */
+    kvr_nats_stream_cb cb;
+    void *data;
+    /* out */
+    int status;
+    kvr_nats_stream_info info;
+    char errmsg[256];
+} js_work;
+
+static void set_nats_err(js_work *w, natsStatus s, jsErrCode jerr, const char *what)
+{
+    w->status = status_to_kvr(s);
+    const char *last = nats_GetLastError(NULL);
+    snprintf(w->errmsg, sizeof(w->errmsg), "%s: %s (jetstream error %d)%s%s", what,
+             natsStatus_GetText(s), (int)jerr, last ? ": " : "", last ? last : "");
+}
+
+static void fill_info(js_work *w, jsStreamInfo *si)
+{
+    w->info.first_seq = si->State.FirstSeq;
+    w->info.last_seq = si->State.LastSeq;
+    w->info.msgs = si->State.Msgs;
+    w->info.bytes = si->State.Bytes;
+}
+
+static void do_info(js_work *w)
+{
+    jsStreamInfo *si = NULL;
+    jsErrCode jerr = 0;
+    natsStatus s = js_GetStreamInfo(&si, w->ki->js, w->name, NULL, &jerr);
+    if (s == NATS_OK) {
+        fill_info(w, si);
+        jsStreamInfo_Destroy(si);
+        w->status = 0;
+    } else {
+        set_nats_err(w, s, jerr, "stream info");
+    }
+}
+
+static void work_run(uv_work_t *req)
+{
+    js_work *w = req->data;
+    kvr_nats_impl *ki = w->ki;
+    switch (w->op) {
+    case W_INFO:
+    case W_CHECK: do_info(w); break;
+    case W_ENSURE: {
+        do_info(w);
+        if (w->status != KVR_ENOTFOUND)
+            break;
+        jsStreamConfig sc;
+        jsStreamConfig_Init(&sc);
+        const char *subj[1] = {w->subjects};
+        sc.Name = w->name;
+        sc.Subjects = subj;
+        sc.SubjectsLen = 1;
+        sc.Storage = w->memory ? js_MemoryStorage : js_FileStorage;
+        sc.MaxAge = w->max_age_ms * 1000000LL;
+        if (w->max_bytes > 0)
+            sc.MaxBytes = w->max_bytes;
+        jsStreamInfo *si = NULL;
+        jsErrCode jerr = 0;
+        natsStatus s = js_AddStream(&si, ki->js, &sc, NULL, &jerr);
+        if (s == NATS_OK) {
+            fill_info(w, si);
+            jsStreamInfo_Destroy(si);
+            w->status = 0;
+            w->errmsg[0] = 0;
+        } else {
+            set_nats_err(w, s, jerr, "adding stream");
+            do_info(w); /* another router may have created it meanwhile */
+        }
+        break;
+    }
+    case W_CREATE: {
+        jsSubOptions so;
+        jsSubOptions_Init(&so);
+        so.Stream = w->name;
+        so.Ordered = true;
+        if (w->start_seq > 1) {
+            so.Config.DeliverPolicy = js_DeliverByStartSequence;
+            so.Config.OptStartSeq = w->start_seq;
+        } else {
+            so.Config.DeliverPolicy = js_DeliverAll;
+        }
+        jsErrCode jerr = 0;
+        natsSubscription *ns = NULL;
+        natsStatus s = js_Subscribe(&ns, ki->js, w->subjects, on_nats_msg, w->sub, NULL, &so, &jerr);
+        if (s == NATS_OK) {
+            /* our delivery thread blocks for backpressure; let cnats buffer generously */
+            natsSubscription_SetPendingLimits(ns, 1 << 20, 512 << 20);
+            w->ns = ns;
+            w->status = 0;
+        } else {
+            set_nats_err(w, s, jerr, "creating ordered consumer");
+        }
+        break;
+    }
+    case W_DESTROY:
+        if (w->ns) {
+            natsSubscription_Unsubscribe(w->ns);
+            natsSubscription_Destroy(w->ns);
+            w->ns = NULL;
+        }
+        break;
+    }
+}
+
+static void maybe_start_close(kvr_nats_impl *ki);
+
+static void consumer_check_done(js_work *w);
+static void consumer_create_done(js_work *w);
+
+static void work_after(uv_work_t *req, int uvstatus)
+{
+    js_work *w = req->data;
+    kvr_nats_impl *ki = w->ki;
+    ki->works--;
+    switch (w->op) {
+    case W_ENSURE:
+    case W_INFO:
+        if (w->cb) {
+            if (ki->closing)
+                w->cb(KVR_ECLOSED, NULL, "closed", w->data);
+            else
+                w->cb(w->status, w->status == 0 ? &w->info : NULL, w->errmsg, w->data);
+        }
+        break;
+    case W_CREATE: consumer_create_done(w); break;
+    case W_CHECK: consumer_check_done(w); break;
+    case W_DESTROY: break;
+    }
+    free(w);
+    if (ki->closing)
+        maybe_start_close(ki);
+}
+
+static int submit(kvr_nats_impl *ki, js_work *w)
+{
+    w->ki = ki;
+    w->req.data = w;
+    int rc = uv_queue_work(ki->loop, &w->req, work_run, work_after);
+    if (rc != 0)
+        return KVR_EIO; /* the caller still owns w */
+    ki->works++;
+    return 0;
+}
+
+static int stream_op(kvr_nats *kn, work_op op, const kvr_nats_stream_cfg *cfg, const char *name,
+                     kvr_nats_stream_cb cb, void *data)
+{
+    kvr_nats_impl *ki = kn->impl;
+    if (!ki || ki->closing)
+        return KVR_ECLOSED;
+    if (!name || !*name || strlen(name) >= 256)
+        return KVR_EINVAL;
+    js_work *w = calloc(1, sizeof(*w));
+    if (!w)
+        return KVR_ENOMEM;
+    w->op = op;
+    snprintf(w->name, sizeof(w->name), "%s", name);
+    if (cfg) {
+        if (!cfg->subjects || !*cfg->subjects || strlen(cfg->subjects) >= 256) {
+            free(w);
+            return KVR_EINVAL;
+        }
+        snprintf(w->subjects, sizeof(w->subjects), "%s", cfg->subjects);
+        w->max_age_ms = cfg->max_age_ms;
+        w->max_bytes = cfg->max_bytes;
+        w->memory = cfg->memory;
+    }
+    w->cb = cb;
+    w->data = data;
+    int rc = submit(ki, w);
+    if (rc != 0)
+        free(w);
+    return rc;
+}
+
+int kvr_nats_js_ensure_stream(kvr_nats *kn, const kvr_nats_stream_cfg *cfg,
+                              kvr_nats_stream_cb cb, void *data)
+{
+    if (!cfg)
+        return KVR_EINVAL;
+    return stream_op(kn, W_ENSURE, cfg, cfg->name, cb, data);
+}
+
+int kvr_nats_js_stream_info(kvr_nats *kn, const char *stream, kvr_nats_stream_cb cb, void *data)
+{
+    return stream_op(kn, W_INFO, NULL, stream, cb, data);
+}
+
+/* ---------- ordered consumers ---------- */
+
+static void destroy_incarnation(kvr_nats_impl *ki, kvr_nats_sub *sub)
+{
+    if (!sub)
+        return;
+    sub->dead = true;
+    if (sub->ns) {
+        js_work *w = calloc(1, sizeof(*w));
+        if (w) {
+            w->op = W_DESTROY;
+            w->ns = sub->ns;
+            sub->ns = NULL;
+            if (submit(ki, w) != 0) {
+                graveyard_add(ki, w->ns);
+                free(w);
+            }
+        } else {
+            graveyard_add(ki, sub->ns);
+            sub->ns = NULL;
+        }
+    }
+}
+
+static void consumer_create(kvr_nats_consumer *c)
+{
+    kvr_nats_impl *ki = c->ki;
+    if (c->creating || c->stopped || ki->closing)
+        return;
+    kvr_nats_sub *sub = calloc(1, sizeof(*sub));
+    js_work *w = calloc(1, sizeof(*w));
+    if (!sub || !w) {
+        free(sub);
+        free(w);
+        return;
+    }
+    sub->ki = ki;
+    sub->consumer = c;
+    sub->next_all = ki->subs;
+    ki->subs = sub;
+    w->op = W_CREATE;
+    snprintf(w->name, sizeof(w->name), "%s", c->stream);
+    snprintf(w->subjects, sizeof(w->subjects), "%s", c->filter);
+    w->start_seq = c->last_seq + 1;
+    w->sub = sub;
+    w->consumer = c;
+    if (submit(ki, w) == 0)
+        c->creating = true;
+    else
+        free(w);
+}
+
+static void consumer_create_done(js_work *w)
+{
+    kvr_nats_consumer *c = w->consumer;
+    kvr_nats_impl *ki = w->ki;
+    c->creating = false;
+    if (w->status != 0) {
+        w->sub->dead = true;
+        if (c->create_failures++ % 10 == 0)
+            KVR_LOG_WARN("jetstream consumer creation failed, retrying", "stream=%s from_seq=%" PRIu64 " error=\"%s\"",
+                         c->stream, w->start_seq, w->errmsg);
+        return;
+    }
+    w->sub->ns = w->ns;
+    if (c->stopped || ki->closing) {
+        if (ki->closing) {
+            graveyard_add(ki, w->ns);
+            w->sub->ns = NULL;
+            w->sub->dead = true;
+        } else {
+            destroy_incarnation(ki, w->sub);
+        }
+        return;
+    }
+    c->create_failures = 0;
+    c->active = true;
+    c->current = w->sub;
+    c->stalled_ticks = 0;
+    KVR_LOG_INFO("jetstream consumer created", "stream=%s filter=%s from_seq=%" PRIu64, c->stream,
+                 c->filter, w->start_seq);
+}
+
+static void consumer_restart(kvr_nats_consumer *c, const char *why)
+{
+    kvr_nats_impl *ki = c->ki;
+    if (c->creating || c->stopped || ki->closing)
+        return;
+    KVR_LOG_INFO("re-creating jetstream consumer", "stream=%s reason=%s from_seq=%" PRIu64, c->stream,
+                 why, c->last_seq + 1);
+    ki->stats.consumer_restarts++;
+    destroy_incarnation(ki, c->current);
+    c->current = NULL;
+    consumer_create(c);
+}
+
+static void consumer_check_done(js_work *w)
+{
+    kvr_nats_consumer *c = w->consumer;
+    c->checking = false;
+    if (c->stopped || w->ki->closing || w->status != 0)
+        return;
+    if (w->info.last_seq > c->last_seq && c->last_seq == w->start_seq && c->stalled_ticks >= 2)
+        consumer_restart(c, "stalled");
+}
+
+static void on_watchdog(uv_timer_t *t)
+{
+    kvr_nats_impl *ki = t->data;
+    if (ki->closing || !atomic_load(&ki->connected))
+        return;
+    for (kvr_nats_consumer *c = ki->consumers; c; c = c->next) {
+        if (c->stopped || c->creating)
+            continue;
+        if (!c->current) {
+            consumer_create(c);
+            continue;
+        }
+        if (c->last_seq != c->tick_seq) {
+            c->tick_seq = c->last_seq;
+            c->stalled_ticks = 0;
+            continue;
+        }
+        c->stalled_ticks++;
+        if (c->stalled_ticks >= 2 && !c->checking) {
+            js_work *w = calloc(1, sizeof(*w));
+            if (!w)
+                continue;
+            w->op = W_CHECK;
+            snprintf(w->name, sizeof(w->name), "%s", c->stream);
+            w->consumer = c;
+            w->start_seq = c->last_seq; /* progress marker */
+            if (submit(ki, w) == 0)
+                c->checking = true;
+            else
+                free(w);
+        }
+    }
+}
+
+int kvr_nats_js_consume(kvr_nats *kn, const char *stream, const char *filter, uint64_t start_seq,
+                        kvr_nats_msg_cb on_msg, void *data, kvr_nats_consumer **out, kvr_err *err)
+{
+    kvr_nats_impl *ki = kn->impl;
+    if (!ki || ki->closing)
+        return kvr_err_set(err, KVR_ECLOSED, "nats connection closed");
+    if (!stream || !*stream || strlen(stream) >= 256 || !on_msg ||
+        (filter && strlen(filter) >= 256))
+        return kvr_err_set(err, KVR_EINVAL, "bad consumer arguments");
+    kvr_nats_consumer *c = calloc(1, sizeof(*c));
+    if (!c)
+        return kvr_err_set(err, KVR_ENOMEM, "out of memory");
+    c->stream = strdup(stream);
+    c->filter = strdup(filter ? filter : ">");
+    if (!c->stream || !c->filter) {
+        free(c->stream);
+        free(c->filter);
+        free(c);
+        return kvr_err_set(err, KVR_ENOMEM, "out of memory");
+    }
+    c->ki = ki;
+    c->cb = on_msg;
+    c->data = data;
+    c->last_seq = start_seq > 0 ? start_seq - 1 : 0;
+    c->tick_seq = c->last_seq;
+    c->next = ki->consumers;
+    ki->consumers = c;
+    consumer_create(c);
+    if (out)
+        *out = c;
+    return 0;
+}
+
+uint64_t kvr_nats_consumer_last_seq(const kvr_nats_consumer *c)
+{
+    return c->last_seq;
+}
+
+bool kvr_nats_consumer_active(const kvr_nats_consumer *c)
+{
+    return c->active;
+}
+
+int kvr_nats_consumer_stop(kvr_nats_consumer *c)
+{
+    if (c->stopped)
+        return 0;
+    c->stopped = true;
+    destroy_incarnation(c->ki, c->current);
+    c->current = NULL;
+    return 0;
+}
+
+/* ---------- core API ---------- */
+
+int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err *err)
+{
+    kn->impl = NULL;
+    if (!o || !o->url || !*o->url)
+        return kvr_err_set(err, KVR_EINVAL, "nats: url is required");
+    kvr_nats_impl *ki = calloc(1, sizeof(*ki));
+    if (!ki)
+        return kvr_err_set(err, KVR_ENOMEM, "nats: out of memory");
+    ki->kn = kn;
+    ki->loop = loop;
+    ki->on_state = o->on_state;
+    ki->state_data = o->state_data;
+    ki->max_msgs = o->queue_max_msgs ? o->queue_max_msgs : 65536;
+    ki->max_bytes = o->queue_max_bytes ? o->queue_max_bytes : (256u << 20);
+    pthread_mutex_init(&ki->mu, NULL);
+    pthread_cond_init(&ki->cv, NULL);
+    int rc = 0;
+    natsOptions *no = NULL;
+    natsStatus s = natsOptions_Create(&no);
+    if (s != NATS_OK) {
+        rc = kvr_err_set(err, KVR_ENOMEM, "nats: creating options: %s", natsStatus_GetText(s));
+        goto fail;
+    }
+    ki->reconnect_wait_ms = o->reconnect_wait_ms > 0 ? o->reconnect_wait_ms : 100;
+    ki->max_reconnect_wait_ms = o->max_reconnect_wait_ms > 0 ? o->max_reconnect_wait_ms : 2000;
+    if (ki->max_reconnect_wait_ms < ki->reconnect_wait_ms)
+        ki->max_reconnect_wait_ms = ki->reconnect_wait_ms;
+#define CHK(call, what)                                                                            \
+    do {                                                                                           \
+        s = (call);                                                                                \
+        if (s != NATS_OK) {                                                                        \
+            rc = kvr_err_set(err, KVR_EINVAL, "nats: %s: %s", what, natsStatus_GetText(s));        \
+            goto fail;                                                                             \
+        }                                                                                          \
+    } while (0)
+    CHK(natsOptions_SetURL(no, o->url), "url");
+    if (o->name)
+        CHK(natsOptions_SetName(no, o->name), "name");
+    if (o->user || o->password)
+        CHK(natsOptions_SetUserInfo(no, o->user, o->password), "user info");
+    if (o->token)
+        CHK(natsOptions_SetToken(no, o->token), "token");
+    if (o->tls || o->tls_ca_file || o->tls_cert_file || o->tls_key_file) {
+        CHK(natsOptions_SetSecure(no, true), "tls");
+        if (o->tls_ca_file)
+            CHK(natsOptions_LoadCATrustedCertificates(no, o->tls_ca_file), "tls ca file");
+        if (o->tls_cert_file || o->tls_key_file) {
+            if (!o->tls_cert_file || !o->tls_key_file) {
+                rc = kvr_err_set(err, KVR_EINVAL, "nats: tls cert and key go together");
+                goto fail;
+            }
+            CHK(natsOptions_LoadCertificatesChain(no, o->tls_cert_file, o->tls_key_file),
+                "tls cert/key");
+        }
+    }
+    CHK(natsOptions_SetTimeout(no, o->connect_timeout_ms > 0 ? o->connect_timeout_ms : 2000),
+        "timeout");
+    CHK(natsOptions_SetMaxReconnect(no, -1), "max reconnect");
+    CHK(natsOptions_SetCustomReconnectDelay(no, reconnect_delay, ki), "reconnect delay");
+    CHK(natsOptions_SetPingInterval(no, o->ping_interval_ms > 0 ? o->ping_interval_ms : 2000),
+        "ping interval");
+    CHK(natsOptions_SetMaxPingsOut(no, 3), "max pings out");
+    CHK(natsOptions_SetReconnectBufSize(no, 8 << 20), "reconnect buffer");
+    CHK(natsOptions_SetDisconnectedCB(no, on_disconnected, ki), "disconnected cb");
+    CHK(natsOptions_SetReconnectedCB(no, on_reconnected, ki), "reconnected cb");
+    CHK(natsOptions_SetErrorHandler(no, on_nats_error, ki), "error handler");
+    CHK(natsOptions_SetRetryOnFailedConnect(no, true, on_connected, ki), "retry connect");
+#undef CHK
+
+    if (uv_async_init(loop, &ki->async, on_async) != 0) {
+        rc = kvr_err_set(err, KVR_EIO, "nats: uv_async_init failed");
+        goto fail;
+    }
+    ki->async.data = ki;
+    ki->handles_open++;
+    uv_timer_init(loop, &ki->watchdog);
+    ki->watchdog.data = ki;
+    ki->handles_open++;
+    kn->impl = ki;
+
+    s = natsConnection_Connect(&ki->nc, no);
+    if (s == NATS_OK) {
+        atomic_store(&ki->connected, true);
+        push_state(ki, KVR_NATS_CONNECTED);
+    } else if (s != NATS_NOT_YET_CONNECTED) {
+        rc = kvr_err_set(err, KVR_EIO, "nats: connecting to %s: %s", o->url, natsStatus_GetText(s));
+        goto fail_handles;
+    }
+    natsOptions_Destroy(no);
+    no = NULL;
+
+    jsOptions jo;
+    jsOptions_Init(&jo);
+    jo.Wait = KN_JS_WAIT_MS;
+    s = natsConnection_JetStream(&ki->js, ki->nc, &jo);
+    if (s != NATS_OK) {
+        rc = kvr_err_set(err, KVR_EIO, "nats: jetstream context: %s", natsStatus_GetText(s));
+        goto fail_handles;
+    }
+
+    /* the request inbox */
+    natsInbox *inbox = NULL;
+    s = natsInbox_Create(&inbox);
+    if (s != NATS_OK) {
+        rc = kvr_err_set(err, KVR_ENOMEM, "nats: inbox: %s", natsStatus_GetText(s));
+        goto fail_handles;
+    }
+    snprintf(ki->inbox, sizeof(ki->inbox), "%s", (const char *)inbox);
+    natsInbox_Destroy(inbox);
+    char wild[sizeof(ki->inbox) + 4];
+    snprintf(wild, sizeof(wild), "%s.*", ki->inbox);
+    kvr_nats_sub *isub = NULL;
+    rc = kvr_nats_subscribe(kn, wild, NULL, NULL, NULL, &isub, err);
+    if (rc != 0)
+        goto fail_handles;
+    uv_timer_start(&ki->watchdog, on_watchdog, KN_WATCHDOG_MS, KN_WATCHDOG_MS);
+    return 0;
+
+fail_handles:
+    /* the handles are closed by the caller's loop; simplest: mark and close synchronously */
+    kn->impl = NULL;
+    if (ki->nc) {
+        natsConnection_Close(ki->nc);
+        natsConnection_Destroy(ki->nc);
+        ki->nc = NULL;
+    }
+    if (ki->js)
+        jsCtx_Destroy(ki->js);
+    /* handles must be closed before ki is freed; leak ki to keep the loop's handle list valid */
+    uv_close((uv_handle_t *)&ki->async, NULL);
+    uv_close((uv_handle_t *)&ki->watchdog, NULL);
+    ki->close_started = true;
+    ki->closing = true;
+    return rc;
+fail:
+    if (no)
+        natsOptions_Destroy(no);
+    pthread_mutex_destroy(&ki->mu);
+    pthread_cond_destroy(&ki->cv);
+    free(ki);
+    return rc;
+}
+
+bool kvr_nats_connected(const kvr_nats *kn)
+{
+    return kn->impl && atomic_load(&kn->impl->connected);
+}
+
+int kvr_nats_subscribe(kvr_nats *kn, const char *subject, const char *queue_group,
+                       kvr_nats_msg_cb on_msg, void *data, kvr_nats_sub **out, kvr_err *err)
+{
+    kvr_nats_impl *ki = kn->impl;
+    if (!ki || ki->closing)
+        return kvr_err_set(err, KVR_ECLOSED, "nats connection closed");
+    bool inbox = on_msg == NULL && ki->inbox_sub == NULL;
+    if (!subject || !*subject || strlen(subject) > KN_SUBJECT_MAX || (!on_msg && !inbox))
+        return kvr_err_set(err, KVR_EINVAL, "subscribe: bad subject or callback");
+    kvr_nats_sub *sub = calloc(1, sizeof(*sub));
+    if (!sub)
+        return kvr_err_set(err, KVR_ENOMEM, "subscribe: out of memory");
+    sub->ki = ki;
+    sub->cb = on_msg;
+    sub->data = data;
+    sub->is_inbox = inbox;
+    natsStatus s;
+    if (queue_group && *queue_group)
+        s = natsConnection_QueueSubscribe(&sub->ns, ki->nc, subject, queue_group, on_nats_msg, sub);
+    else
+        s = natsConnection_Subscribe(&sub->ns, ki->nc, subject, on_nats_msg, sub);
+    if (s != NATS_OK) {
+        free(sub);
+        return kvr_err_set(err, status_to_kvr(s), "subscribing to %s: %s", subject,
+                           natsStatus_GetText(s));
+    }
+    natsSubscription_SetPendingLimits(sub->ns, 1 << 20, 512 << 20);
+    if (inbox)
+        ki->inbox_sub = sub;
+    sub->next_all = ki->subs;
+    ki->subs = sub;
+    if (out)
+        *out = sub;
+    return 0;
+}
+
+int kvr_nats_unsubscribe(kvr_nats_sub *sub)
+{
+    if (!sub || sub->dead)
+        return 0;
+    sub->dead = true;
+    if (sub->ns) {
+        natsSubscription_Unsubscribe(sub->ns); /* core subscription: a protocol write only */
+        graveyard_add(sub->ki, sub->ns);
+        sub->ns = NULL;
+    }
+    return 0;
+}
+
+int kvr_nats_publish(kvr_nats *kn, const char *subject, const void *data, size_t len)
+{
+    kvr_nats_impl *ki = kn->impl;
+    if (!ki || ki->closing)
+        return KVR_ECLOSED;
+    if (!subject || !*subject || len > INT32_MAX)
+        return KVR_EINVAL;
+    natsStatus s = natsConnection_Publish(ki->nc, subject, data, (int)len);
+    if (s != NATS_OK)
+        return status_to_kvr(s);
+    ki->stats.msgs_out++;
+    ki->stats.bytes_out += len;
+    return 0;
+}
+
+int kvr_nats_respond(kvr_nats *kn, const char *reply, const void *data, size_t len)
+{
+    if (!reply || !*reply)
+        return KVR_EINVAL;
+    return kvr_nats_publish(kn, reply, data, len);
+}
+
+void kvr_nats_get_stats(const kvr_nats *kn, kvr_nats_stats *out)
+{
+    kvr_nats_impl *ki = kn->impl;
+    memset(out, 0, sizeof(*out));
+    if (!ki)
+        return;
+    *out = ki->stats;
+    pthread_mutex_lock(&ki->mu);
+    out->backpressure_waits = ki->bp_waits;
+    out->queue_len = ki->q_msgs;
+    pthread_mutex_unlock(&ki->mu);
+}
+
+/* ---------- close ---------- */
+
+static void close_run(uv_work_t *req)
+{
+    kvr_nats_impl *ki = req->data;
+    if (ki->nc)
+        natsConnection_Close(ki->nc);
+    for (kvr_nats_sub *s = ki->subs; s; s = s->next_all) {
+        if (s->ns) {
+            natsSubscription_Destroy(s->ns);
+            s->ns = NULL;
+        }
+    }
+    for (size_t i = 0; i < ki->n_graveyard; i++)
+        natsSubscription_Destroy(ki->graveyard[i]);
+    ki->n_graveyard = 0;
+    if (ki->js)
+        jsCtx_Destroy(ki->js);
+    ki->js = NULL;
+    if (ki->nc)
+        natsConnection_Destroy(ki->nc);
+    ki->nc = NULL;
+}
+
+static void handle_closed(uv_handle_t *h)
+{
+    kvr_nats_impl *ki = h->data;
+    if (--ki->handles_open > 0)
+        return;
+    kvr_nats *kn = ki->kn;
+    kvr_nats_close_cb cb = ki->close_cb;
+    pthread_mutex_lock(&ki->mu);
+    qitem *p = ki->head;
+    ki->head = ki->tail = NULL;
+    pthread_mutex_unlock(&ki->mu);
+    while (p) {
+        qitem *nx = p->next;
+        free(p);
+        p = nx;
+    }
+    for (kvr_nats_sub *s = ki->subs; s;) {
+        kvr_nats_sub *nx = s->next_all;
+        free(s);
+        s = nx;
+    }
+    for (kvr_nats_consumer *c = ki->consumers; c;) {
+        kvr_nats_consumer *nx = c->next;
+        free(c->stream);
+        free(c->filter);
+        free(c);
+        c = nx;
+    }
+    free(ki->graveyard);
+    pthread_mutex_destroy(&ki->mu);
+    pthread_cond_destroy(&ki->cv);
+    free(ki);
+    kn->impl = NULL;
+    if (cb)
+        cb(kn);
+}
+
+static void close_after(uv_work_t *req, int status)
+{
+    kvr_nats_impl *ki = req->data;
+    uv_close((uv_handle_t *)&ki->async, handle_closed);
+    uv_close((uv_handle_t *)&ki->watchdog, handle_closed);
+}
+
+static void maybe_start_close(kvr_nats_impl *ki)
+{
+    if (ki->close_started || ki->works > 0)
+        return;
+    ki->close_started = true;
+    ki->close_work.data = ki;
+    if (uv_queue_work(ki->loop, &ki->close_work, close_run, close_after) != 0) {
+        close_run(&ki->close_work);
+        close_after(&ki->close_work, 0);
+    }
+}
+
+int kvr_nats_close(kvr_nats *kn, kvr_nats_close_cb close_cb)
+{
+    kvr_nats_impl *ki = kn->impl;
+    if (!ki || ki->closing)
+        return KVR_ECLOSED;
+    ki->closing = true;
+    ki->close_cb = close_cb;
+    uv_timer_stop(&ki->watchdog);
+    pthread_mutex_lock(&ki->mu);
+    ki->q_closing = true;
+    pthread_cond_broadcast(&ki->cv);
+    pthread_mutex_unlock(&ki->mu);
+    for (size_t b = 0; b < KN_REQ_BUCKETS; b++)
+        while (ki->req_buckets[b])
+            req_finish(ki->req_buckets[b], KVR_ECLOSED, NULL, 0);
+    for (kvr_nats_consumer *c = ki->consumers; c; c = c->next) {
+        c->stopped = true;
+        if (c->current && c->current->ns) {
+            graveyard_add(ki, c->current->ns);
+            c->current->ns = NULL;
+        }
+    }
+    if (ki->on_state)
+        ki->on_state(kn, KVR_NATS_CLOSED, ki->state_data);
+    maybe_start_close(ki);
+    return 0;
+}
+
+void kvr_nats_global_shutdown(int timeout_ms)
+{
+    nats_CloseAndWait(timeout_ms > 0 ? timeout_ms : 2000);
+}

@@ -1,0 +1,271 @@
+/* kvr_nats against a real nats-server -js (URL in argv[1], started by test_nats.sh).
+ * Every check runs on one libuv loop; callbacks must arrive on the loop thread. */
+#include "kvr_log.h"
+#include "kvr_nats.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures;
+#define CHECK(c, ...)                                                                              \
+    do {                                                                                           \
+        if (!(c)) {                                                                                \
+            fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #c);                            \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fprintf(stderr, "\n");                                                                 \
+            failures++;                                                                            \
+        }                                                                                          \
+    } while (0)
+
+static uv_loop_t loop;
+static pthread_t loop_thread;
+static kvr_nats kn, kn2;
+
+/* Runs the loop until *flag or timeout_ms. */
+static bool run_until(volatile bool *flag, int timeout_ms)
+{
+    int64_t end = kvr_mono_ms() + timeout_ms;
+    while (!*flag && kvr_mono_ms() < end)
+        uv_run(&loop, UV_RUN_ONCE);
+    return *flag;
+}
+
+static void noop_timer(uv_timer_t *t) {}
+
+/* ---- pub/sub ---- */
+static int got_msgs;
+static bool got_done;
+static char last_subject[128];
+static bool wrong_thread;
+
+static void on_msg(const kvr_nats_msg *m, void *data)
+{
+    if (!pthread_equal(pthread_self(), loop_thread))
+        wrong_thread = true;
+    got_msgs++;
+    snprintf(last_subject, sizeof(last_subject), "%s", m->subject);
+    if (got_msgs == *(int *)data)
+        got_done = true;
+}
+
+/* ---- request/reply ---- */
+static void on_request(const kvr_nats_msg *m, void *data)
+{
+    char buf[256];
+    int n = snprintf(buf, sizeof(buf), "echo:%.*s", (int)m->len, m->data);
+    kvr_nats_respond(&kn2, m->reply, buf, (size_t)n);
+}
+
+typedef struct {
+    bool done;
+    int status;
+    char reply[256];
+    int calls;
+} req_result;
+
+static void on_reply(int status, const char *data, size_t len, void *cbdata)
+{
+    req_result *r = cbdata;
+    if (!pthread_equal(pthread_self(), loop_thread))
+        wrong_thread = true;
+    r->calls++;
+    r->done = true;
+    r->status = status;
+    if (status == 0)
+        snprintf(r->reply, sizeof(r->reply), "%.*s", (int)len, data);
+}
+
+/* ---- JetStream ---- */
+typedef struct {
+    bool done;
+    int status;
+    kvr_nats_stream_info info;
+} stream_result;
+
+static void on_stream(int status, const kvr_nats_stream_info *info, const char *errmsg, void *data)
+{
+    stream_result *r = data;
+    r->done = true;
+    r->status = status;
+    if (info)
+        r->info = *info;
+    else
+        fprintf(stderr, "stream op: %s\n", errmsg);
+}
+
+static uint64_t js_seqs[4096];
+static int js_n;
+static bool js_done;
+static int js_want;
+static bool js_order_ok = true;
+static void on_js(const kvr_nats_msg *m, void *data)
+{
+    if (!pthread_equal(pthread_self(), loop_thread))
+        wrong_thread = true;
+    if (js_n > 0 && m->stream_seq <= js_seqs[js_n - 1])
+        js_order_ok = false;
+    if (js_n < 4096)
+        js_seqs[js_n++] = m->stream_seq;
+    if (js_n >= js_want)
+        js_done = true;
+}
+
+static bool closed1, closed2;
+static void on_closed(kvr_nats *k)
+{
+    if (k == &kn)
+        closed1 = true;
+    else
+        closed2 = true;
+}
+
+static bool connected;
+static void on_state(kvr_nats *k, kvr_nats_state st, void *data)
+{
+    if (st == KVR_NATS_CONNECTED)
+        connected = true;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: test_nats NATS_URL\n");
+        return 2;
+    }
+    kvr_log_setup("test_nats", NULL, KVR_LOG_INFO);
+    uv_loop_init(&loop);
+    loop_thread = pthread_self();
+    uv_timer_t tick; /* keeps uv_run(ONCE) from returning at once when idle */
+    uv_timer_init(&loop, &tick);
+    uv_timer_start(&tick, noop_timer, 10, 10);
+
+    kvr_err err = {0};
+    kvr_nats_opts o = {.url = argv[1], .name = "test-nats", .on_state = on_state,
+                       .queue_max_msgs = 8 /* force backpressure */};
+    CHECK(kvr_nats_init(&kn, &loop, &o, &err) == 0, "%s", err.msg);
+    kvr_nats_opts o2 = {.url = argv[1], .name = "test-nats-2"};
+    CHECK(kvr_nats_init(&kn2, &loop, &o2, &err) == 0, "%s", err.msg);
+    CHECK(run_until(&connected, 5000), "state callback connected");
+
+    /* 1. pub/sub with backpressure: 5000 messages through a queue of 8, none lost */
+    int want = 5000;
+    kvr_nats_sub *sub = NULL;
+    CHECK(kvr_nats_subscribe(&kn, "t.ps.*", NULL, on_msg, &want, &sub, &err) == 0, "%s", err.msg);
+    /* make sure the SUB reached the server before publishing from the other connection */
+    req_result warm = {0};
+    kvr_nats_request(&kn, "t.nobody", "x", 1, 1000, on_reply, &warm);
+    run_until(&warm.done, 2000);
+    for (int i = 0; i < want; i++) {
+        char s[64];
+        snprintf(s, sizeof(s), "t.ps.%d", i);
+        CHECK(kvr_nats_publish(&kn2, s, "hello", 5) == 0, "publish %d", i);
+    }
+    CHECK(run_until(&got_done, 10000), "got %d of %d", got_msgs, want);
+    CHECK(strcmp(last_subject, "t.ps.4999") == 0, "last subject %s", last_subject);
+    kvr_nats_stats st;
+    kvr_nats_get_stats(&kn, &st);
+    fprintf(stderr, "backpressure waits: %" PRIu64 "\n", st.backpressure_waits);
+    CHECK(st.backpressure_waits > 0, "backpressure never engaged");
+    kvr_nats_unsubscribe(sub);
+
+    /* 2. request/reply, no responders, timeout */
+    CHECK(kvr_nats_subscribe(&kn2, "t.echo", "q", on_request, NULL, NULL, &err) == 0, "%s", err.msg);
+    req_result r1 = {0};
+    kvr_nats_request(&kn2, "t.nobody", "x", 1, 1000, on_reply, &warm); /* flush kn2's SUB */
+    req_result flush2 = {0};
+    kvr_nats_request(&kn2, "t.nobody2", "x", 1, 1000, on_reply, &flush2);
+    run_until(&flush2.done, 2000);
+    CHECK(kvr_nats_request(&kn, "t.echo", "abc", 3, 2000, on_reply, &r1) == 0, "request");
+    CHECK(!r1.done, "callback ran inside kvr_nats_request");
+    CHECK(run_until(&r1.done, 3000), "reply");
+    CHECK(r1.status == 0 && strcmp(r1.reply, "echo:abc") == 0, "status %d reply %s", r1.status,
+          r1.reply);
+    req_result r2 = {0};
+    CHECK(kvr_nats_request(&kn, "t.nobody.here", "x", 1, 2000, on_reply, &r2) == 0, "request");
+    CHECK(run_until(&r2.done, 3000), "no-responders reply");
+    CHECK(r2.status == KVR_NATS_NO_RESPONDERS, "status %d", r2.status);
+    /* a subscriber that never answers → timeout */
+    int never = 1 << 30;
+    CHECK(kvr_nats_subscribe(&kn2, "t.silent", NULL, on_msg, &never, NULL, &err) == 0, "%s", err.msg);
+    req_result flush3 = {0};
+    kvr_nats_request(&kn2, "t.nobody3", "x", 1, 1000, on_reply, &flush3);
+    run_until(&flush3.done, 2000);
+    req_result r3 = {0};
+    int64_t t0 = kvr_mono_ms();
+    CHECK(kvr_nats_request(&kn, "t.silent", "x", 1, 300, on_reply, &r3) == 0, "request");
+    CHECK(run_until(&r3.done, 3000), "timeout reply");
+    CHECK(r3.status == KVR_ETIMEDOUT, "status %d", r3.status);
+    CHECK(kvr_mono_ms() - t0 >= 290, "timed out too early");
+    CHECK(r1.calls == 1 && r2.calls == 1 && r3.calls == 1, "callbacks ran more than once");
+
+    /* 3. JetStream: ensure stream (twice: idempotent), publish, consume from start and from 5 */
+    kvr_nats_stream_cfg sc = {.name = "T_EVENTS", .subjects = "t.kv.>", .max_age_ms = 3600000,
+                              .max_bytes = 64 << 20};
+    stream_result s1 = {0}, s2 = {0};
+    CHECK(kvr_nats_js_ensure_stream(&kn, &sc, on_stream, &s1) == 0, "ensure");
+    CHECK(run_until(&s1.done, 8000) && s1.status == 0, "ensure status %d", s1.status);
+    CHECK(kvr_nats_js_ensure_stream(&kn, &sc, on_stream, &s2) == 0, "ensure 2");
+    CHECK(run_until(&s2.done, 8000) && s2.status == 0, "ensure 2 status %d", s2.status);
+    uint64_t base = s2.info.last_seq;
+    for (int i = 0; i < 20; i++) {
+        char s[64];
+        snprintf(s, sizeof(s), "t.kv.ns.%d", i % 3);
+        kvr_nats_publish(&kn2, s, "ev", 2);
+    }
+    stream_result s3 = {0};
+    for (int tries = 0; tries < 50 && s3.info.last_seq < base + 20; tries++) {
+        s3.done = false;
+        kvr_nats_js_stream_info(&kn, "T_EVENTS", on_stream, &s3);
+        run_until(&s3.done, 5000);
+    }
+    CHECK(s3.status == 0 && s3.info.last_seq == base + 20, "last seq %" PRIu64, s3.info.last_seq);
+    stream_result s4 = {0};
+    kvr_nats_js_stream_info(&kn, "NO_SUCH_STREAM", on_stream, &s4);
+    CHECK(run_until(&s4.done, 5000) && s4.status == KVR_ENOTFOUND, "missing stream: %d", s4.status);
+
+    kvr_nats_consumer *c = NULL;
+    js_want = 16;
+    CHECK(kvr_nats_js_consume(&kn, "T_EVENTS", "t.kv.>", base + 5, on_js, NULL, &c, &err) == 0,
+          "%s", err.msg);
+    CHECK(run_until(&js_done, 8000), "consumed %d of 16", js_n);
+    CHECK(js_n == 16 && js_seqs[0] == base + 5 && js_seqs[15] == base + 20, "n %d first %" PRIu64,
+          js_n, js_seqs[0]);
+    CHECK(js_order_ok, "out of order");
+    CHECK(kvr_nats_consumer_last_seq(c) == base + 20, "last seq");
+    /* live messages keep arriving */
+    js_done = false;
+    js_want = 18;
+    kvr_nats_publish(&kn2, "t.kv.ns.9", "ev", 2);
+    kvr_nats_publish(&kn2, "t.kv.ns.9", "ev", 2);
+    CHECK(run_until(&js_done, 5000), "live: %d", js_n);
+    CHECK(js_seqs[17] == base + 22, "live seq %" PRIu64, js_seqs[17]);
+    kvr_nats_consumer_stop(c);
+
+    CHECK(!wrong_thread, "a callback ran off the loop thread");
+
+    /* 4. close: pending request completes with KVR_ECLOSED */
+    req_result r4 = {0};
+    kvr_nats_request(&kn, "t.silent", "x", 1, 5000, on_reply, &r4);
+    kvr_nats_close(&kn, on_closed);
+    CHECK(r4.done && r4.status == KVR_ECLOSED, "pending request on close: %d", r4.status);
+    kvr_nats_close(&kn2, on_closed);
+    bool both = false;
+    int64_t end = kvr_mono_ms() + 10000;
+    while (!(closed1 && closed2) && kvr_mono_ms() < end)
+        uv_run(&loop, UV_RUN_ONCE);
+    both = closed1 && closed2;
+    CHECK(both, "close callbacks");
+    uv_close((uv_handle_t *)&tick, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(uv_loop_close(&loop) == 0, "loop has open handles");
+    kvr_nats_global_shutdown(2000);
+    if (failures) {
+        fprintf(stderr, "%d failures\n", failures);
+        return 1;
+    }
+    fprintf(stderr, "test_nats: all passed\n");
+    return 0;
+}
