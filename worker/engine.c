@@ -4,6 +4,7 @@
 
 #include "kvr_hash.h"
 
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 #include <xxhash.h>
@@ -581,7 +582,7 @@ int kvr_engine_add(kvr_engine *e, const uint32_t *prompt, uint32_t n_prompt, uin
     s->blocks = malloc((size_t)s->cap_blocks * sizeof(uint32_t));
     if (!s->tokens || !s->blocks) {
         seq_destroy(s);
-        return kvr_err_set(err, KVR_ENOMEM, "sequence of %u tokens", s->cap_tokens);
+        return kvr_err_set(err, KVR_ENOMEM, "sequence of %" PRIu64 " tokens", total);
     }
     memcpy(s->tokens, prompt, (size_t)n_prompt * sizeof(uint32_t));
     s->n_tokens = s->n_prompt = n_prompt;
