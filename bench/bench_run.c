@@ -45,6 +45,12 @@ static int parse_num(const char *flag, const char *v, double lo, double hi, doub
 }
 
 static char url_store[4096];
+static volatile int run_stop;
+static void on_signal(int sig)
+{
+    (void)sig;
+    run_stop = 1;
+}
 
 /* Shared by run and compare: parses the flags common to both into cfg. Returns 1 when the
  * flag was consumed (with *i advanced), 0 when unknown, -1 on a bad value. */
@@ -173,6 +179,9 @@ int kvr_bench_run(int argc, char **argv)
         cfg.urls[cfg.n_urls++] = u;
     }
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    cfg.stop = &run_stop;
     run_http_global_init();
 
     run_result res;

@@ -107,6 +107,7 @@ typedef struct req {
     char err[160];
     struct replay *rp;
     struct curl_slist *hdrs;
+    struct req *prev, *next; /* the replay's in-flight list */
 } req;
 
 typedef struct replay {
@@ -116,6 +117,7 @@ typedef struct replay {
     dvec ttft, itl, e2e;
     run_result *res;
     size_t inflight;
+    req *live; /* in-flight requests */
     /* failover window (seconds since t0), published by the failover thread */
     _Atomic double kill_at, ready_at;
 } replay;
@@ -276,6 +278,10 @@ static int start_request(replay *rp, const kvr_trace *tr, size_t index, uint32_t
     r->sent = now_s();
     res->requests++;
     rp->inflight++;
+    r->next = rp->live;
+    if (rp->live)
+        rp->live->prev = r;
+    rp->live = r;
     curl_multi_add_handle(rp->multi, r->h);
     return 0;
 }
@@ -323,6 +329,12 @@ static void finish_request(replay *rp, req *r, CURLcode cc)
             res->failed_during++;
     }
     s->fail_class = cls;
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        rp->live = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
     curl_multi_remove_handle(rp->multi, r->h);
     curl_easy_cleanup(r->h);
     curl_slist_free_all(r->hdrs);
@@ -559,8 +571,13 @@ int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
     }
     size_t next = 0;
     double last_progress = 0, last_done = rp.t0;
+    bool tty = isatty(2);
     while (next < n || rp.inflight > 0) {
         double t = now_s() - rp.t0;
+        if (cfg->stop && *cfg->stop) {
+            rc = kvr_err_set(err, KVR_ECLOSED, "interrupted after %.1f s", t);
+            goto out;
+        }
         while (next < n && rp.inflight < MAX_INFLIGHT &&
                (double)(tr.reqs[next].timestamp_ms - ts0) / 1000.0 / cfg->speedup <= t) {
             if ((rc = start_request(&rp, &tr, next, tokbuf, err)) != 0)
@@ -581,11 +598,11 @@ int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
             last_done = now_s();
         }
         t = now_s() - rp.t0;
-        if (cfg->progress && t - last_progress >= 1.0) {
+        if (cfg->progress && t - last_progress >= (tty ? 1.0 : 5.0)) {
             last_progress = t;
-            fprintf(stderr, "\r%s%st=%5.1fs sent=%ld/%zu done=%ld failed=%ld in-flight=%zu   ",
-                    cfg->label ? cfg->label : "", cfg->label ? " " : "", t, res->requests, n,
-                    res->completed, res->failed, rp.inflight);
+            fprintf(stderr, "%s%s%st=%5.1fs sent=%ld/%zu done=%ld failed=%ld in-flight=%zu   %s",
+                    tty ? "\r" : "", cfg->label ? cfg->label : "", cfg->label ? " " : "", t,
+                    res->requests, n, res->completed, res->failed, rp.inflight, tty ? "" : "\n");
         }
         double wait_ms = 100;
         if (next < n) {
@@ -596,9 +613,9 @@ int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
         curl_multi_poll(rp.multi, NULL, 0, (int)wait_ms, NULL);
     }
     if (cfg->progress)
-        fprintf(stderr, "\r%s%sall %ld requests finished after %.1f s%30s\n",
+        fprintf(stderr, "%s%s%sall %ld requests finished after %.1f s%s\n", tty ? "\r" : "",
                 cfg->label ? cfg->label : "", cfg->label ? " " : "", res->requests,
-                last_done - rp.t0, "");
+                last_done - rp.t0, tty ? "                              " : "");
     res->duration_s = last_done - rp.t0;
     if (fo_started) {
         /* The failover thread runs to its end even if the replay finished first. */
@@ -639,8 +656,12 @@ out:
         atomic_store(&fo.stop, true);
         pthread_join(fo.th, NULL);
     }
-    if (rp.multi)
+    if (rp.multi) {
+        /* Abort whatever is still in flight (only on early exits). */
+        while (rp.live)
+            finish_request(&rp, rp.live, CURLE_ABORTED_BY_CALLBACK);
         curl_multi_cleanup(rp.multi);
+    }
     free(rp.ttft.v);
     free(rp.itl.v);
     free(rp.e2e.v);

@@ -36,6 +36,8 @@ typedef struct run_cfg {
     double request_timeout_s; /* default 300 */
     bool progress;           /* progress line on stderr */
     const char *label;       /* for the progress line */
+    volatile int *stop;      /* optional: when it becomes non-zero (e.g. from a signal
+                              * handler) the run stops sending and aborts what is in flight */
 } run_cfg;
 
 void run_cfg_init(run_cfg *c);
