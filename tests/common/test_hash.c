@@ -7,6 +7,8 @@
 
 #include <cmocka.h>
 
+#include <errno.h>
+
 #include "kv_event.h"
 #include "kvr_hash.h"
 #include "testutil.h"
@@ -21,8 +23,9 @@ static uint64_t parse_u64(const char *s)
 {
     assert_non_null(s);
     char *end;
+    errno = 0;
     unsigned long long v = strtoull(s, &end, 10);
-    assert_true(*end == '\0');
+    assert_true(*end == '\0' && errno == 0);
     return v;
 }
 
