@@ -858,6 +858,34 @@ bad:
     cJSON_Delete(root);
 }
 
+/* GET /debug/cache: the cached blocks' kvroute seq hashes (DESIGN 2), so tests can compare
+ * what the routers rebuilt from events with what the engine holds. */
+static void cache_cb(void *arg, uint64_t ext, uint64_t seq, bool hp, uint64_t pe, uint32_t refs)
+{
+    kvr_buf *b = arg;
+    kvr_buf_appendf(b, "%s\"%" PRIu64 "\"", b->base[b->len - 1] == '[' ? "" : ",", seq);
+}
+
+static void handle_debug_cache(worker *w, kvr_http_req *req)
+{
+    kvr_engine_stats st;
+    kvr_engine_get_stats(w->eng, &st);
+    kvr_buf b;
+    kvr_buf_init(&b);
+    kvr_buf_appendf(&b,
+                    "{\"worker_id\":%" PRIu64 ",\"block_size\":%" PRIu64 ",\"busy\":%s,"
+                    "\"cached_blocks\":%u,\"used_blocks\":%u,\"seq_hashes\":[",
+                    w->o.id, w->o.block_size, kvr_engine_has_work(w->eng) ? "true" : "false",
+                    st.cached_blocks, st.used_blocks);
+    kvr_engine_foreach_cached(w->eng, cache_cb, &b);
+    kvr_buf_append_cstr(&b, "]}");
+    if (!b.base)
+        respond_error(req, 500, "server_error", "out of memory");
+    else
+        kvr_http_respond(req, 200, "application/json", b.base, b.len);
+    kvr_buf_free(&b);
+}
+
 static void on_request(kvr_http_req *req)
 {
     worker *w = req->server->data;
@@ -870,6 +898,8 @@ static void on_request(kvr_http_req *req)
     else if (kvr_slice_eq_cstr(req->path, "/health") && get)
         kvr_http_respond_cstr(req, w->draining ? 503 : 200, "application/json",
                               w->draining ? "{\"status\":\"draining\"}" : "{\"status\":\"ok\"}");
+    else if (kvr_slice_eq_cstr(req->path, "/debug/cache") && get)
+        handle_debug_cache(w, req);
     else if (kvr_slice_eq_cstr(req->path, "/metrics") && get)
         kvr_metrics_respond(w->metrics, req);
     else if (kvr_slice_eq_cstr(req->path, "/v1/models") && get) {

@@ -11,6 +11,9 @@
 
 #include "engine.h"
 #include "kvr_hash.h"
+#ifdef KVR_HAVE_INDEXER
+#include "index.h"
+#endif
 
 static kvr_engine *mk(uint32_t B, uint32_t cap, uint32_t max_seqs, uint32_t max_batched,
                       double speedup)
@@ -428,6 +431,96 @@ static void test_events_rebuild_cache(void **st)
     kvr_engine_free(e);
 }
 
+#ifdef KVR_HAVE_INDEXER
+/* The engine's events, encoded in each wire form, decoded with the project's codec and
+ * applied to the project's indexer, rebuild exactly the engine's cache: the index digest
+ * equals the digest of (worker, seq) over the engine's cached blocks. */
+typedef struct dig {
+    uint64_t worker, sum, n;
+} dig;
+static void dig_block(void *arg, uint64_t ext, uint64_t seq, bool hp, uint64_t pe, uint32_t r)
+{
+    (void)ext;
+    (void)hp;
+    (void)pe;
+    (void)r;
+    dig *d = arg;
+    d->sum += kvr_index_pair_mix(d->worker, seq);
+    d->n++;
+}
+
+static void pump(kvr_engine *e, kvr_index *idx, kvr_kv_decoder *dec, kvr_kv_format f,
+                 kvr_kv_hash_format hf)
+{
+    kvr_kv_batch b;
+    while (kvr_engine_take_events(e, 50, &b) > 0) {
+        kvr_buf wire;
+        kvr_buf_init(&wire);
+        assert_int_equal(kvr_kv_encode(&wire, &b, f, hf), 0);
+        kvr_kv_batch got;
+        kvr_err err = {0};
+        assert_int_equal(kvr_kv_decode(dec, wire.base, wire.len, &got, NULL, &err), 0);
+        assert_int_equal(got.n_events, b.n_events);
+        assert_int_equal(kvr_index_apply_batch(idx, 42, got.events, got.n_events, &err), 0);
+        kvr_buf_free(&wire);
+    }
+}
+
+static void test_events_rebuild_indexer(void **st)
+{
+    (void)st;
+    for (int form = 0; form < 4; form++) {
+        kvr_kv_format f = form & 1 ? KVR_KV_FORMAT_MAP : KVR_KV_FORMAT_ARRAY;
+        kvr_kv_hash_format hf = form & 2 ? KVR_KV_HASH_BYTES : KVR_KV_HASH_INT;
+        kvr_engine *e = mk(4, 48, 4, 32, 1.0);
+        kvr_index *idx;
+        kvr_index_opts io = {.block_size = 4};
+        assert_int_equal(kvr_index_create(&idx, &io, NULL), 0);
+        kvr_kv_decoder dec;
+        kvr_kv_decoder_init(&dec, NULL);
+        uint32_t seed = 11 + form;
+        for (int round = 0; round < 80; round++) {
+            uint32_t p[48];
+            uint32_t n = 3 + (seed = seed * 1103515245 + 12345) % 40;
+            uint32_t fam = (seed >> 8) % 4;
+            for (uint32_t i = 0; i < n; i++)
+                p[i] = i < 16 ? fam * 1000 + i : (seed >> 4) + i;
+            kvr_engine_seq *s;
+            assert_int_equal(kvr_engine_add(e, p, n, 1 + (seed >> 16) % 7, NULL, &s, NULL), 0);
+            if (round % 7 == 3) { /* a cancelled request in the middle of its prefill */
+                assert_int_equal(kvr_engine_step(e, NULL, NULL, NULL), 0);
+                kvr_engine_cancel(e, s);
+            }
+            for (int k = 0; k < 2; k++) {
+                assert_int_equal(kvr_engine_step(e, NULL, NULL, NULL), 0);
+                pump(e, idx, &dec, f, hf);
+            }
+        }
+        while (kvr_engine_has_work(e)) {
+            assert_int_equal(kvr_engine_step(e, NULL, NULL, NULL), 0);
+            pump(e, idx, &dec, f, hf);
+        }
+        kvr_engine_stats es;
+        kvr_engine_get_stats(e, &es);
+        assert_true(es.removed_blocks_total > 10);
+        dig d = {.worker = 42};
+        kvr_engine_foreach_cached(e, dig_block, &d);
+        kvr_index_stats is;
+        kvr_index_stats_get(idx, &is);
+        assert_int_equal(is.entries, d.n);
+        assert_int_equal(is.dropped_unknown_parent, 0);
+        assert_int_equal(kvr_index_digest(idx), d.sum);
+        /* a resync (AllBlocksCleared + the cache) leaves the same index */
+        assert_int_equal(kvr_engine_queue_resync(e), 0);
+        pump(e, idx, &dec, f, hf);
+        assert_int_equal(kvr_index_digest(idx), d.sum);
+        kvr_kv_decoder_free(&dec);
+        kvr_index_destroy(idx);
+        kvr_engine_free(e);
+    }
+}
+#endif
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -438,6 +531,9 @@ int main(void)
         cmocka_unit_test(test_batching_limits_and_preemption),
         cmocka_unit_test(test_cancel_frees),
         cmocka_unit_test(test_events_rebuild_cache),
+#ifdef KVR_HAVE_INDEXER
+        cmocka_unit_test(test_events_rebuild_indexer),
+#endif
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
