@@ -23,6 +23,8 @@
 #include <ctype.h>
 #include <inttypes.h>
 #include <signal.h>
+#include <strings.h>
+#include <sys/resource.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -860,6 +862,12 @@ int main(int argc, char **argv)
     snprintf(idbuf, sizeof idbuf, "%" PRIu64, id);
     kvr_log_setup("frontend", idbuf, lvl);
     signal(SIGPIPE, SIG_IGN);
+    /* Each client stream holds two sockets (client + worker): raise the fd limit. */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
 
     memset(&app, 0, sizeof app);
     app.loop = uv_default_loop();
