@@ -33,11 +33,8 @@ live4() { live_is 4; }
 kvr_wait_for 10 live4 || kvr_fail "frontend never saw exactly 4 workers: $(curl -s "$F/metrics" | grep live_workers)"
 
 PROMPT="rolling update probe prompt"
-PLEN=${#PROMPT}
-served() { # worker id → requests served (prompt tokens / PLEN)
-    local t
-    t=$(curl -s "http://127.0.0.1:${WPORT[$1]}/metrics" | awk '/^kvr_worker_prompt_tokens_total/ {print $2}')
-    echo $(( ${t%.*} / PLEN ))
+served() { # worker id → requests it accepted
+    curl -s "http://127.0.0.1:${WPORT[$1]}/metrics" | awk '/^kvr_worker_requests_total/ {printf "%d\n", $2}'
 }
 send() { # N requests, 8 at a time; prints the number of 200s
     seq "$1" | xargs -P 8 -I{} curl -s -o /dev/null -w '%{http_code}\n' \
