@@ -216,9 +216,8 @@ static int read_hash_list(dec *c, kvr_kv_event *ev)
                     d->limits.max_hashes);
     if (grow((void **)&d->hashes, &d->hashes_cap, c->n_hashes + m, sizeof *d->hashes) != 0)
         return fail(c, KVR_KV_REJ_LIMIT, "block_hashes: out of memory for %u hashes", m);
-    uint64_t *dst = d->hashes + c->n_hashes;
     for (uint32_t i = 0; i < m; i++) {
-        rv = read_hash(c, &dst[i], "block_hashes", (long)i);
+        rv = read_hash(c, &d->hashes[c->n_hashes + i], "block_hashes", (long)i);
         if (rv != 0)
             return rv;
     }
@@ -239,7 +238,6 @@ static int read_token_list(dec *c, kvr_kv_event *ev)
                     d->limits.max_tokens);
     if (grow((void **)&d->tokens, &d->tokens_cap, c->n_tokens + m, sizeof *d->tokens) != 0)
         return fail(c, KVR_KV_REJ_LIMIT, "token_ids: out of memory for %u tokens", m);
-    uint32_t *dst = d->tokens + c->n_tokens;
     for (uint32_t i = 0; i < m; i++) {
         uint64_t v;
         rv = kvr_mp_read_uint(&c->r, &v);
@@ -251,7 +249,7 @@ static int read_token_list(dec *c, kvr_kv_event *ev)
         if (v > UINT32_MAX)
             return fail(c, KVR_KV_REJ_INVALID, "token_ids[%u]: %llu is not a u32 token id", i,
                         (unsigned long long)v);
-        dst[i] = (uint32_t)v;
+        d->tokens[c->n_tokens + i] = (uint32_t)v;
     }
     ev->n_tokens = m;
     c->n_tokens += m;

@@ -8,7 +8,8 @@ For each case NAME it writes
     tests/common/golden/NAME.msgpack   the payload, packed by python3-msgpack
     tests/common/golden/NAME.expect    what the C decoder must return
 and copies every payload to tests/fuzz/seeds/kv_event/NAME (the fuzzer's seed corpus),
-plus a few raw msgpack values to tests/fuzz/seeds/mp/.
+plus a few raw msgpack values to tests/fuzz/seeds/mp/. Files named regress_* in the seed
+folders are fuzzer findings added by hand; regeneration keeps them.
 
 .expect format (whitespace separated):
     ok
@@ -303,9 +304,11 @@ def main():
     os.makedirs(GOLD, exist_ok=True)
     os.makedirs(SEEDS, exist_ok=True)
     os.makedirs(MP_SEEDS, exist_ok=True)
+    # Regenerate our own files; keep fuzzer findings (regress_*) checked in by hand.
     for d in (GOLD, SEEDS):
         for f in os.listdir(d):
-            os.remove(os.path.join(d, f))
+            if not f.startswith("regress_"):
+                os.remove(os.path.join(d, f))
     for name, (payload, expect) in sorted(cases.items()):
         with open(os.path.join(GOLD, name + ".msgpack"), "wb") as f:
             f.write(payload)
