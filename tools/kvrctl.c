@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -177,14 +178,20 @@ static void release_ports(port_alloc *pa)
     pa->nheld = 0;
 }
 
-static bool tcp_listening(int port)
+/* True when a NATS server answers on port: it greets every client with "INFO {…}" at once
+ * (a plain TCP connect could reach some other process holding the port). */
+static bool nats_answers(int port)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return false;
+    struct timeval tv = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bool ok = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
+    char buf[8] = {0};
+    bool ok = connect(fd, (struct sockaddr *)&a, sizeof a) == 0 && recv(fd, buf, 5, MSG_WAITALL) == 5 &&
+              memcmp(buf, "INFO ", 5) == 0;
     close(fd);
     return ok;
 }
@@ -218,7 +225,7 @@ static int add_extra(char **argv, int *argc, char *extra, kvr_err *err)
 static int proc_ready(run_proc *p)
 {
     if (strcmp(p->role, "nats") == 0)
-        return tcp_listening(p->port);
+        return nats_answers(p->port);
     if (strcmp(p->role, "router") == 0)
         return run_http_ok(p->url, "/ready", 1000);
     return run_http_ok(p->url, "/health", 1000);
@@ -231,6 +238,15 @@ static const char *ready_path(const run_proc *p)
     return strcmp(p->role, "router") == 0 ? "/ready" : "/health";
 }
 
+/* The last log lines of the process that made wait_ready fail (too long for a kvr_err). */
+static char fail_tail[4096];
+
+static void print_fail_tail(void)
+{
+    if (fail_tail[0])
+        fprintf(stderr, "%s%s", fail_tail, fail_tail[strlen(fail_tail) - 1] == '\n' ? "" : "\n");
+}
+
 /* Waits until every process from index `from` on is ready; on failure names the process. */
 static int wait_ready(run_cluster *c, int from, int to, int timeout_s, kvr_err *err)
 {
@@ -241,23 +257,21 @@ static int wait_ready(run_cluster *c, int from, int to, int timeout_s, kvr_err *
             run_proc *p = &c->procs[i];
             run_reap();
             if (!run_proc_alive(p)) {
-                char tail[2048];
-                run_tail_file(p->log, 15, tail, sizeof tail);
+                run_tail_file(p->log, 15, fail_tail, sizeof fail_tail);
                 return kvr_err_set(err, KVR_EIO,
                                    "%s-%d (pid %d, port %d) exited during start-up; last lines of "
-                                   "%s:\n%s",
-                                   p->role, p->id, p->pid, p->port, p->log, tail);
+                                   "%s:",
+                                   p->role, p->id, p->pid, p->port, p->log);
             }
             if (!proc_ready(p)) {
                 all = false;
                 if (mono_ms() > deadline) {
-                    char tail[2048];
-                    run_tail_file(p->log, 15, tail, sizeof tail);
+                    run_tail_file(p->log, 15, fail_tail, sizeof fail_tail);
                     return kvr_err_set(err, KVR_ETIMEDOUT,
                                        "%s-%d (pid %d, port %d) not ready (%s%s) after %d s; last "
-                                       "lines of %s:\n%s",
+                                       "lines of %s:",
                                        p->role, p->id, p->pid, p->port, p->url, ready_path(p),
-                                       timeout_s, p->log, tail);
+                                       timeout_s, p->log);
                 }
                 break;
             }
@@ -574,7 +588,9 @@ static int cmd_up(const char *dir, up_opts *o)
 
 fail:
     release_ports(&pa);
-    fprintf(stderr, "kvrctl up: %s\nkvrctl up: stopping what was started\n", err.msg);
+    fprintf(stderr, "kvrctl up: %s\n", err.msg);
+    print_fail_tail();
+    fprintf(stderr, "kvrctl up: stopping what was started\n");
     teardown(&c);
     run_cluster_save(&c, NULL);
     run_cluster_free(&c);
@@ -701,6 +717,7 @@ static int cmd_restart(const char *dir, const char *role, const char *which, boo
         rc = wait_ready(&c, (int)(p - c.procs), (int)(p - c.procs) + 1, timeout_s, &err);
     if (rc != 0) {
         fprintf(stderr, "kvrctl restart: %s\n", err.msg);
+        print_fail_tail();
         run_cluster_free(&c);
         return 1;
     }
