@@ -1,0 +1,154 @@
+/* kvr-routerd: one router replica. See routerd.h and DESIGN sections 3-7. */
+#include "kvr_err.h"
+#include "kvr_flags.h"
+#include "kvr_log.h"
+#include "kvr_nats.h"
+#include "routerd.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+static kvr_routerd *g_rd;
+static uv_signal_t g_sigterm, g_sigint;
+
+static void on_stopped(void *data)
+{
+    uv_close((uv_handle_t *)&g_sigterm, NULL);
+    uv_close((uv_handle_t *)&g_sigint, NULL);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    KVR_LOG_INFO("signal", "signal=%d", signum);
+    uv_signal_stop(&g_sigterm);
+    uv_signal_stop(&g_sigint);
+    kvr_routerd_stop(g_rd, on_stopped, NULL);
+}
+
+static int parse_size(const char *s, int64_t *out)
+{
+    char *end = NULL;
+    double v = strtod(s, &end);
+    if (!end || end == s || v < 0)
+        return KVR_EINVAL;
+    double mul = 1;
+    if (!strcasecmp(end, "") || !strcasecmp(end, "b"))
+        mul = 1;
+    else if (!strcasecmp(end, "k") || !strcasecmp(end, "kb") || !strcasecmp(end, "kib"))
+        mul = 1024.0;
+    else if (!strcasecmp(end, "m") || !strcasecmp(end, "mb") || !strcasecmp(end, "mib"))
+        mul = 1024.0 * 1024;
+    else if (!strcasecmp(end, "g") || !strcasecmp(end, "gb") || !strcasecmp(end, "gib"))
+        mul = 1024.0 * 1024 * 1024;
+    else if (!strcasecmp(end, "t") || !strcasecmp(end, "tb") || !strcasecmp(end, "tib"))
+        mul = 1024.0 * 1024 * 1024 * 1024;
+    else
+        return KVR_EINVAL;
+    *out = (int64_t)(v * mul);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    uint64_t id = 1, block_size = 64;
+    const char *nats = "nats://127.0.0.1:4222", *http = "127.0.0.1:8100", *data_dir = NULL;
+    const char *ns = "all", *log_level = "info", *raft_addr = "", *peers = "";
+    const char *max_bytes_s = "1GiB";
+    int64_t snap_ms = 10000, max_age_ms = 3600000, misses = 3, degraded_ms = 500;
+    int64_t frontend_timeout_ms = 10000, max_request_age_ms = 600000;
+    bool join = false;
+    kvr_flag flags[] = {
+        {"id", KVR_FLAG_U64, &id, "router id (>= 1; also the Raft id)", false},
+        {"nats", KVR_FLAG_STRING, &nats, "NATS URL(s)", false},
+        {"http", KVR_FLAG_STRING, &http, "HTTP listen address host:port", false},
+        {"data-dir", KVR_FLAG_STRING, &data_dir, "data directory (snapshot, raft)", false},
+        {"namespace", KVR_FLAG_STRING, &ns, "worker namespace to serve, or all", false},
+        {"block-size", KVR_FLAG_U64, &block_size, "tokens per block", false},
+        {"snapshot-interval", KVR_FLAG_DURATION, &snap_ms, "index snapshot interval (0: only on exit)", false},
+        {"stream-max-age", KVR_FLAG_DURATION, &max_age_ms, "KVR_EVENTS max age when creating it", false},
+        {"stream-max-bytes", KVR_FLAG_STRING, &max_bytes_s, "KVR_EVENTS max bytes when creating it (1GiB)", false},
+        {"heartbeat-misses", KVR_FLAG_INT, &misses, "missed 1 s heartbeats before a worker is down", false},
+        {"frontend-timeout", KVR_FLAG_DURATION, &frontend_timeout_ms, "frontend lease timeout", false},
+        {"max-request-age", KVR_FLAG_DURATION, &max_request_age_ms, "bookings older than this expire", false},
+        {"log-level", KVR_FLAG_STRING, &log_level, "debug|info|warn|error", false},
+        {"raft-addr", KVR_FLAG_STRING, &raft_addr, "Raft listen host:port (forwarding on port+1)", false},
+        {"peers", KVR_FLAG_STRING, &peers, "initial voters 1@h:p,2@h:p,... (empty: local mode)", false},
+        {"join", KVR_FLAG_BOOL, &join, "start without bootstrapping (node added at run time)", false},
+        {"degraded-after", KVR_FLAG_DURATION, &degraded_ms, "answer locally after this long without quorum", false},
+    };
+    size_t nf = sizeof(flags) / sizeof(flags[0]);
+    kvr_err err = {0};
+    int rv = kvr_flags_parse(flags, nf, argc - 1, argv + 1, NULL, 0, NULL, &err);
+    if (rv == KVR_FLAGS_HELP) {
+        kvr_flags_usage(stdout, "kvr-routerd", flags, nf);
+        return 0;
+    }
+    if (rv < 0) {
+        fprintf(stderr, "kvr-routerd: %s\n", err.msg);
+        return 2;
+    }
+    kvr_log_level lvl;
+    if (kvr_log_parse_level(log_level, &lvl) != 0) {
+        fprintf(stderr, "kvr-routerd: bad --log-level %s\n", log_level);
+        return 2;
+    }
+    int64_t max_bytes = 0;
+    if (parse_size(max_bytes_s, &max_bytes) != 0) {
+        fprintf(stderr, "kvr-routerd: bad --stream-max-bytes %s\n", max_bytes_s);
+        return 2;
+    }
+    if (!data_dir || !*data_dir) {
+        fprintf(stderr, "kvr-routerd: --data-dir is required\n");
+        return 2;
+    }
+    if (id == 0 || id > UINT32_MAX || block_size == 0 || block_size > 4096 || misses < 1) {
+        fprintf(stderr, "kvr-routerd: --id must be >= 1, --block-size in [1, 4096], --heartbeat-misses >= 1\n");
+        return 2;
+    }
+    if (*peers && !*raft_addr) {
+        fprintf(stderr, "kvr-routerd: --peers needs --raft-addr\n");
+        return 2;
+    }
+    static char idbuf[24];
+    snprintf(idbuf, sizeof(idbuf), "%llu", (unsigned long long)id);
+    kvr_log_setup("routerd", idbuf, lvl);
+    signal(SIGPIPE, SIG_IGN);
+
+    kvr_routerd_config cfg = {
+        .id = (uint32_t)id,
+        .nats_url = nats,
+        .http_addr = http,
+        .data_dir = data_dir,
+        .ns = ns,
+        .block_size = (uint32_t)block_size,
+        .snapshot_interval_ms = snap_ms,
+        .stream_max_age_ms = max_age_ms,
+        .stream_max_bytes = max_bytes,
+        .heartbeat_misses = misses,
+        .frontend_timeout_ms = frontend_timeout_ms,
+        .max_request_age_ms = max_request_age_ms,
+        .raft_addr = raft_addr,
+        .peers = peers,
+        .join = join,
+        .degraded_after_ms = degraded_ms,
+    };
+    uv_loop_t *loop = uv_default_loop();
+    int rc = kvr_routerd_start(&g_rd, loop, &cfg);
+    if (rc != 0) {
+        KVR_LOG_ERROR("start failed", "error=\"%s\"", kvr_strerror(rc));
+        return 1;
+    }
+    uv_signal_init(loop, &g_sigterm);
+    uv_signal_init(loop, &g_sigint);
+    uv_signal_start(&g_sigterm, on_signal, SIGTERM);
+    uv_signal_start(&g_sigint, on_signal, SIGINT);
+    uv_run(loop, UV_RUN_DEFAULT);
+    kvr_routerd_free(g_rd);
+    uv_loop_close(loop);
+    kvr_nats_global_shutdown(2000);
+    KVR_LOG_INFO("exited", "id=%llu", (unsigned long long)id);
+    return 0;
+}

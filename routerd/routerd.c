@@ -1,0 +1,1780 @@
+/* routerd: see routerd.h. */
+#include "routerd.h"
+
+#include "fsm.h"
+#include "index.h"
+#include "kv_event.h"
+#include "kvr_buf.h"
+#include "kvr_err.h"
+#include "kvr_hash.h"
+#include "kvr_http.h"
+#include "kvr_json.h"
+#include "kvr_log.h"
+#include "kvr_metrics.h"
+#include "kvr_mp.h"
+#include "kvr_nats.h"
+#include "snapshot.h"
+#ifdef KVR_ROUTERD_HAVE_SYNC
+#include "sync.h"
+#endif
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define RD_STREAM "KVR_EVENTS"
+#define RD_MAX_WORKERS 1024
+#define RD_MAX_FRONTENDS 4096
+#define RD_MAX_SEQ_HASHES 65536
+#define RD_MAX_MATCHES 1024
+
+enum {
+    REJ_TRUNCATED = 0, /* kv_event reasons first, in kvr_kv_reject order - 1 */
+    REJ_TYPE,
+    REJ_LIMIT,
+    REJ_UNKNOWN_TAG,
+    REJ_INVALID,
+    REJ_TRAILING,
+    REJ_BAD_SUBJECT,
+    REJ_OTHER_NS,
+    REJ_WORKER_DOWN,
+    REJ_REFUSED_WORKER,
+    REJ_UNKNOWN_PARENT,
+    REJ_BLOCK_SIZE,
+    REJ_OVER_BOUND,
+    REJ_NO_SLOT,
+    REJ__N
+};
+static const char *const rej_names[] = {"truncated",     "bad_type",       "limit",
+                                        "unknown_event", "invalid",        "trailing",
+                                        "bad_subject",   "other_namespace", "worker_down",
+                                        "refused_worker", "unknown_parent", "block_size",
+                                        "over_bound",    "no_slot",        NULL};
+
+typedef struct rd_worker {
+    uint64_t id;
+    char ns[KVR_FSM_NS_MAX + 1];
+    char model[KVR_FSM_MODEL_MAX + 1];
+    char url[KVR_FSM_URL_MAX + 1];
+    char role[16];
+    uint32_t block_size, capacity;
+    uint32_t active, waiting, used_blocks;
+    uint64_t started_ms;
+    int64_t last_seen_ms; /* monotonic */
+    bool up, refused;
+    bool announced;         /* has sent a valid heartbeat */
+    int64_t first_event_ms; /* !announced: monotonic time of its first event */
+    uint64_t events;        /* messages applied for it */
+} rd_worker;
+
+typedef struct rd_frontend {
+    uint64_t id;
+    int64_t last_seen_ms; /* monotonic */
+} rd_frontend;
+
+struct kvr_routerd {
+    kvr_routerd_config cfg;
+    uv_loop_t *loop;
+    char *data_dir;
+    char *snap_dir; /* <data_dir>/index */
+    char ns_filter[KVR_FSM_NS_MAX + 1]; /* "" = all */
+    /* NATS */
+    kvr_nats nats;
+    bool nats_up;
+    kvr_nats_consumer *consumer;
+    uv_timer_t stream_retry;
+    bool stream_started;
+    /* index */
+    kvr_index *idx;
+    kvr_kv_decoder dec;
+    uint64_t snap_seq;       /* sequence covered by the loaded snapshot (0: none) */
+    bool snap_loaded;
+    uint64_t start_seq;      /* first sequence consumed in this run */
+    uint64_t target_seq;     /* stream's last sequence observed at start */
+    uint64_t stream_first, stream_last;
+    uint64_t applied_msgs;   /* stream messages applied in this run */
+    uint64_t applied_blocks;
+    uint64_t last_pending;
+    bool ready;
+    int64_t start_ms;
+    /* registry */
+    rd_worker workers[RD_MAX_WORKERS];
+    uint32_t n_workers;
+    rd_frontend frontends[RD_MAX_FRONTENDS];
+    uint32_t n_frontends;
+    /* bookings */
+    kvr_fsm *fsm; /* local mode */
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    kvr_sync *sync;
+#endif
+    /* HTTP + metrics */
+    kvr_http_server http;
+    kvr_metrics *metrics;
+    kvr_metric *m_events_applied, *m_blocks_applied, *m_events_rejected, *m_stream_lag,
+        *m_stream_seq, *m_route_decisions, *m_route_errors, *m_route_latency, *m_index_entries,
+        *m_index_blocks, *m_index_bytes, *m_snap_duration, *m_snap_bytes, *m_snaps,
+        *m_snap_failures, *m_ready_s, *m_workers_up, *m_workers_refused, *m_replayed,
+        *m_nats_reconnects, *m_consumer_restarts, *m_nats_backpressure, *m_unknown_worker,
+        *m_unannounced_removed;
+    int64_t ready_ms;
+    /* timers */
+    uv_timer_t tick;      /* 250 ms: heartbeats, leases, expiry */
+    uv_timer_t snap_timer;
+    int64_t last_expire_ms;
+    /* snapshots */
+    bool snap_running;
+    uint64_t snap_last_written_seq;
+    uint64_t snap_last_digest;
+    /* stopping */
+    bool stopping;
+    int closing_handles;
+    void (*done_cb)(void *);
+    void *done_data;
+    /* scratch */
+    uint64_t *seq_scratch;
+    kvr_index_match matches[RD_MAX_MATCHES];
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* small helpers */
+
+static void copy_slice(char *dst, size_t cap, kvr_slice s)
+{
+    size_t n = s.len < cap - 1 ? s.len : cap - 1;
+    if (n)
+        memcpy(dst, s.base, n);
+    dst[n] = 0;
+}
+
+static rd_worker *worker_find(kvr_routerd *rd, uint64_t id)
+{
+    for (uint32_t i = 0; i < rd->n_workers; i++)
+        if (rd->workers[i].id == id)
+            return &rd->workers[i];
+    return NULL;
+}
+
+static void update_index_gauges(kvr_routerd *rd)
+{
+    kvr_index_stats st;
+    kvr_index_stats_get(rd->idx, &st);
+    kvr_metric_set(rd->m_index_entries, 0, (double)st.entries);
+    kvr_metric_set(rd->m_index_blocks, 0, (double)st.blocks);
+    kvr_metric_set(rd->m_index_bytes, 0, (double)st.bytes);
+    uint64_t seq = kvr_index_stream_seq(rd->idx);
+    kvr_metric_set(rd->m_stream_seq, 0, (double)seq);
+    uint64_t lag = rd->last_pending;
+    if (rd->target_seq > seq && rd->target_seq - seq > lag)
+        lag = rd->target_seq - seq;
+    kvr_metric_set(rd->m_stream_lag, 0, (double)lag);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* bookings backend: local FSM or kvr_sync */
+
+typedef void (*rd_cmd_cb)(kvr_routerd *rd, int status, const kvr_fsm_result *res,
+                          const char *mode, void *data);
+
+#ifdef KVR_ROUTERD_HAVE_SYNC
+typedef struct sync_ctx {
+    kvr_routerd *rd;
+    rd_cmd_cb cb;
+    void *data;
+} sync_ctx;
+
+static void on_sync_done(kvr_sync *s, int status, const kvr_fsm_result *res, kvr_sync_mode mode,
+                         void *data)
+{
+    sync_ctx *c = data;
+    if (c->cb)
+        c->cb(c->rd, status, res, kvr_sync_mode_name(mode), c->data);
+    free(c);
+}
+#endif
+
+/* Submits cmd; cb (may be NULL) runs once, possibly before this returns (local mode). */
+static int rd_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data)
+{
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    if (rd->sync) {
+        sync_ctx *c = malloc(sizeof(*c));
+        if (!c)
+            return KVR_ENOMEM;
+        c->rd = rd;
+        c->cb = cb;
+        c->data = data;
+        int rc = kvr_sync_submit(rd->sync, cmd, on_sync_done, c);
+        if (rc != 0)
+            free(c);
+        return rc;
+    }
+#endif
+    kvr_fsm_result res;
+    kvr_fsm_apply(rd->fsm, cmd, &res);
+    if (cb)
+        cb(rd, 0, &res, "local", data);
+    return 0;
+}
+
+static const kvr_fsm *rd_fsm(kvr_routerd *rd)
+{
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    if (rd->sync)
+        return kvr_sync_fsm(rd->sync);
+#endif
+    return rd->fsm;
+}
+
+static void log_cmd_failure(kvr_routerd *rd, int status, const kvr_fsm_result *res,
+                            const char *mode, void *data)
+{
+    const char *what = data;
+    if (status != 0)
+        KVR_LOG_WARN_RL(5, "command failed", "cmd=%s status=\"%s\"", what, kvr_strerror(status));
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* workers */
+
+static void worker_submit_up(kvr_routerd *rd, rd_worker *w)
+{
+    kvr_cmd cmd = {.type = KVR_CMD_WORKER_UP};
+    cmd.u.worker.id = w->id;
+    cmd.u.worker.ns = kvr_slice_of(w->ns);
+    cmd.u.worker.model = kvr_slice_of(w->model);
+    cmd.u.worker.url = kvr_slice_of(w->url);
+    cmd.u.worker.role = strcmp(w->role, "prefill") == 0  ? KVR_ROLE_PREFILL
+                        : strcmp(w->role, "decode") == 0 ? KVR_ROLE_DECODE
+                                                         : KVR_ROLE_BOTH;
+    cmd.u.worker.block_size = w->block_size;
+    cmd.u.worker.capacity_blocks = w->capacity;
+    rd_submit(rd, &cmd, log_cmd_failure, "worker_up");
+}
+
+static void worker_down(kvr_routerd *rd, rd_worker *w, const char *why)
+{
+    w->up = false;
+    kvr_index_remove_worker(rd->idx, w->id);
+    KVR_LOG_WARN("worker down", "worker=%" PRIu64 " reason=%s", w->id, why);
+    kvr_cmd cmd = {.type = KVR_CMD_WORKER_DOWN};
+    cmd.u.worker_id = w->id;
+    rd_submit(rd, &cmd, log_cmd_failure, "worker_down");
+    update_index_gauges(rd);
+}
+
+static bool ns_ok(kvr_routerd *rd, kvr_slice ns)
+{
+    return rd->ns_filter[0] == 0 || kvr_slice_eq_cstr(ns, rd->ns_filter);
+}
+
+static void on_heartbeat(const kvr_nats_msg *m, void *data)
+{
+    kvr_routerd *rd = data;
+    kvr_mp_reader r;
+    kvr_mp_reader_init(&r, m->data, m->len);
+    uint32_t n;
+    if (kvr_mp_read_map(&r, &n) != 0) {
+        KVR_LOG_WARN_RL(10, "malformed heartbeat", "subject=%s error=\"not a map\"", m->subject);
+        return;
+    }
+    uint64_t id = 0, started = 0, bs = 0, cap = 0, active = 0, waiting = 0, used = 0;
+    kvr_slice ns = {0}, model = {0}, url = {0}, role = {0};
+    bool have_id = false, have_bs = false;
+    for (uint32_t i = 0; i < n; i++) {
+        kvr_slice k;
+        if (kvr_mp_read_str(&r, &k) != 0)
+            goto bad;
+        int rc = 0;
+        if (kvr_slice_eq_cstr(k, "id")) {
+            rc = kvr_mp_read_uint(&r, &id);
+            have_id = rc == 0;
+        } else if (kvr_slice_eq_cstr(k, "namespace"))
+            rc = kvr_mp_read_str(&r, &ns);
+        else if (kvr_slice_eq_cstr(k, "model"))
+            rc = kvr_mp_read_str(&r, &model);
+        else if (kvr_slice_eq_cstr(k, "url"))
+            rc = kvr_mp_read_str(&r, &url);
+        else if (kvr_slice_eq_cstr(k, "role"))
+            rc = kvr_mp_read_str(&r, &role);
+        else if (kvr_slice_eq_cstr(k, "block_size")) {
+            rc = kvr_mp_read_uint(&r, &bs);
+            have_bs = rc == 0;
+        } else if (kvr_slice_eq_cstr(k, "capacity_blocks"))
+            rc = kvr_mp_read_uint(&r, &cap);
+        else if (kvr_slice_eq_cstr(k, "active"))
+            rc = kvr_mp_read_uint(&r, &active);
+        else if (kvr_slice_eq_cstr(k, "waiting"))
+            rc = kvr_mp_read_uint(&r, &waiting);
+        else if (kvr_slice_eq_cstr(k, "used_blocks"))
+            rc = kvr_mp_read_uint(&r, &used);
+        else if (kvr_slice_eq_cstr(k, "started_ms"))
+            rc = kvr_mp_read_uint(&r, &started);
+        else
+            rc = kvr_mp_skip(&r);
+        if (rc != 0)
+            goto bad;
+    }
+    if (!have_id || id == 0 || !have_bs || ns.len > KVR_FSM_NS_MAX || model.len > KVR_FSM_MODEL_MAX ||
+        url.len > KVR_FSM_URL_MAX)
+        goto bad;
+    if (!ns_ok(rd, ns))
+        return;
+    rd_worker *w = worker_find(rd, id);
+    bool is_new = false;
+    if (!w) {
+        if (rd->n_workers >= RD_MAX_WORKERS) {
+            KVR_LOG_WARN_RL(10, "too many workers, heartbeat ignored", "worker=%" PRIu64, id);
+            return;
+        }
+        w = &rd->workers[rd->n_workers++];
+        memset(w, 0, sizeof(*w));
+        w->id = id;
+        is_new = true;
+    }
+    if (!w->announced) {
+        is_new = true;
+        w->announced = true;
+    }
+    w->last_seen_ms = kvr_mono_ms();
+    w->active = (uint32_t)active;
+    w->waiting = (uint32_t)waiting;
+    w->used_blocks = (uint32_t)used;
+    if (bs != rd->cfg.block_size) {
+        if (!w->refused) {
+            KVR_LOG_ERROR("worker refused: block size differs from the router's",
+                          "worker=%" PRIu64 " worker_block_size=%" PRIu64 " router_block_size=%u",
+                          id, bs, rd->cfg.block_size);
+            kvr_metric_inc(rd->m_workers_refused);
+            if (w->up)
+                worker_down(rd, w, "block_size_changed");
+            else
+                kvr_index_remove_worker(rd->idx, id);
+        }
+        w->refused = true;
+        w->up = false;
+        w->block_size = (uint32_t)bs;
+        return;
+    }
+    bool restarted = !is_new && w->started_ms != 0 && started != w->started_ms;
+    bool changed = is_new || !w->up || w->refused || restarted || w->capacity != cap ||
+                   !kvr_slice_eq_cstr(ns, w->ns) || !kvr_slice_eq_cstr(model, w->model) ||
+                   !kvr_slice_eq_cstr(url, w->url) || !kvr_slice_eq_cstr(role, w->role);
+    if (restarted) {
+        KVR_LOG_INFO("worker restarted: clearing its entries", "worker=%" PRIu64
+                     " old_started_ms=%" PRIu64 " started_ms=%" PRIu64, id, w->started_ms, started);
+        kvr_index_clear_worker(rd->idx, id);
+    }
+    w->refused = false;
+    w->started_ms = started;
+    w->block_size = (uint32_t)bs;
+    w->capacity = (uint32_t)cap;
+    copy_slice(w->ns, sizeof(w->ns), ns);
+    copy_slice(w->model, sizeof(w->model), model);
+    copy_slice(w->url, sizeof(w->url), url);
+    copy_slice(w->role, sizeof(w->role), role.len ? role : KVR_SLICE_LIT("both"));
+    if (changed) {
+        if (!w->up || is_new)
+            KVR_LOG_INFO("worker up", "worker=%" PRIu64 " ns=%s model=%s url=%s", id, w->ns,
+                         w->model, w->url);
+        w->up = true;
+        kvr_index_set_worker_capacity(rd->idx, id, cap);
+        worker_submit_up(rd, w);
+    }
+    return;
+bad:
+    KVR_LOG_WARN_RL(10, "malformed heartbeat", "subject=%s", m->subject);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* frontends */
+
+static void on_frontend(const kvr_nats_msg *m, void *data)
+{
+    kvr_routerd *rd = data;
+    const char *dot = strrchr(m->subject, '.');
+    char *end = NULL;
+    if (!dot)
+        return;
+    errno = 0;
+    uint64_t id = strtoull(dot + 1, &end, 10);
+    if (errno || !end || *end || id == 0)
+        return;
+    int64_t now = kvr_mono_ms();
+    rd_frontend *f = NULL;
+    for (uint32_t i = 0; i < rd->n_frontends; i++)
+        if (rd->frontends[i].id == id)
+            f = &rd->frontends[i];
+    if (!f) {
+        if (rd->n_frontends >= RD_MAX_FRONTENDS)
+            return;
+        f = &rd->frontends[rd->n_frontends++];
+        f->id = id;
+    }
+    f->last_seen_ms = now;
+    kvr_cmd cmd = {.type = KVR_CMD_FRONTEND_SEEN};
+    cmd.u.frontend.frontend_id = id;
+    cmd.u.frontend.now_ms = (uint64_t)kvr_now_ms();
+    rd_submit(rd, &cmd, NULL, NULL);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* KV events */
+
+static void reject(kvr_routerd *rd, int reason, const char *subject, uint64_t seq, const char *why)
+{
+    kvr_metric_add(rd->m_events_rejected, (size_t)reason, 1);
+    KVR_LOG_WARN_RL(5, "kv event rejected", "reason=%s subject=%s seq=%" PRIu64 " error=\"%s\"",
+                    rej_names[reason], subject, seq, why ? why : "");
+}
+
+static bool parse_kv_subject(const char *subject, kvr_slice *ns, uint64_t *worker_id)
+{
+    static const char prefix[] = "kvr.kv.";
+    size_t pl = sizeof(prefix) - 1;
+    if (strncmp(subject, prefix, pl) != 0)
+        return false;
+    const char *dot = strrchr(subject, '.');
+    if (!dot || dot < subject + pl + 1)
+        return false;
+    char *end = NULL;
+    errno = 0;
+    if (!dot[1] || dot[1] < '0' || dot[1] > '9')
+        return false;
+    unsigned long long id = strtoull(dot + 1, &end, 10);
+    if (errno || !end || *end || id == 0)
+        return false;
+    ns->base = subject + pl;
+    ns->len = (size_t)(dot - ns->base);
+    *worker_id = id;
+    return true;
+}
+
+static void check_ready(kvr_routerd *rd);
+
+static void on_kv_event(const kvr_nats_msg *m, void *data)
+{
+    kvr_routerd *rd = data;
+    rd->last_pending = m->num_pending;
+    kvr_slice ns;
+    uint64_t wid;
+    if (!parse_kv_subject(m->subject, &ns, &wid)) {
+        reject(rd, REJ_BAD_SUBJECT, m->subject, m->stream_seq, "subject is not kvr.kv.<ns>.<id>");
+        goto done;
+    }
+    if (!ns_ok(rd, ns)) {
+        kvr_metric_add(rd->m_events_rejected, REJ_OTHER_NS, 1);
+        goto done;
+    }
+    rd_worker *w = worker_find(rd, wid);
+    if (w && w->announced && w->refused) {
+        reject(rd, REJ_REFUSED_WORKER, m->subject, m->stream_seq, "worker refused (block size)");
+        goto done;
+    }
+    if (w && w->announced && !w->up) {
+        reject(rd, REJ_WORKER_DOWN, m->subject, m->stream_seq, "worker is down");
+        goto done;
+    }
+    if (!w && rd->n_workers < RD_MAX_WORKERS) {
+        /* not announced yet: apply (its heartbeat may come later), remember when we first
+         * heard of it so that a worker that never beats is swept (see on_tick) */
+        w = &rd->workers[rd->n_workers++];
+        memset(w, 0, sizeof(*w));
+        w->id = wid;
+        w->first_event_ms = kvr_mono_ms();
+    }
+    if (!w || !w->announced) {
+        kvr_metric_inc(rd->m_unknown_worker);
+        KVR_LOG_DEBUG("event from a worker not announced by heartbeat (applied)",
+                      "worker=%" PRIu64 " seq=%" PRIu64, wid, m->stream_seq);
+    }
+    kvr_kv_batch b;
+    kvr_kv_reject why = KVR_KV_REJ_NONE;
+    kvr_err err = {0};
+    if (kvr_kv_decode(&rd->dec, m->data, m->len, &b, &why, &err) != 0) {
+        int reason = why > KVR_KV_REJ_NONE && why < KVR_KV_REJ__COUNT ? (int)why - 1 : REJ_INVALID;
+        reject(rd, reason, m->subject, m->stream_seq, err.msg);
+        goto done;
+    }
+    for (uint32_t i = 0; i < b.n_events; i++) {
+        const kvr_kv_event *ev = &b.events[i];
+        kvr_index_stats before;
+        kvr_index_stats_get(rd->idx, &before);
+        int rc = kvr_index_apply(rd->idx, wid, ev, &err);
+        if (rc == 0) {
+            kvr_metric_inc(rd->m_events_applied);
+            if (ev->type == KVR_KV_STORED) {
+                kvr_metric_add(rd->m_blocks_applied, 0, ev->n_hashes);
+                rd->applied_blocks += ev->n_hashes;
+            }
+            continue;
+        }
+        int reason = rc == KVR_ENOTFOUND ? REJ_UNKNOWN_PARENT
+                     : rc == KVR_ELIMIT  ? REJ_OVER_BOUND
+                     : rc == KVR_EINVAL && ev->type == KVR_KV_STORED &&
+                             ev->block_size != rd->cfg.block_size
+                         ? REJ_BLOCK_SIZE
+                         : REJ_INVALID;
+        if (rc == KVR_ELIMIT) {
+            kvr_index_stats after;
+            kvr_index_stats_get(rd->idx, &after);
+            if (after.dropped_no_slot > before.dropped_no_slot)
+                reason = REJ_NO_SLOT;
+        }
+        reject(rd, reason, m->subject, m->stream_seq, err.msg);
+    }
+    if (w)
+        w->events++;
+done:
+    kvr_index_set_stream_seq(rd->idx, m->stream_seq);
+    rd->applied_msgs++;
+    kvr_metric_inc(rd->m_replayed);
+    if (!rd->ready)
+        check_ready(rd);
+}
+
+static void check_ready(kvr_routerd *rd)
+{
+    if (rd->ready || !rd->stream_started)
+        return;
+    uint64_t seq = kvr_index_stream_seq(rd->idx);
+    bool caught_up = seq >= rd->target_seq || (rd->applied_msgs > 0 && rd->last_pending == 0 &&
+                                               rd->consumer && seq == kvr_nats_consumer_last_seq(rd->consumer));
+    if (!caught_up)
+        return;
+    rd->ready = true;
+    rd->ready_ms = kvr_mono_ms();
+    double secs = (double)(kvr_mono_ms() - rd->start_ms) / 1000.0;
+    kvr_metric_set(rd->m_ready_s, 0, secs);
+    kvr_index_stats st;
+    kvr_index_stats_get(rd->idx, &st);
+    KVR_LOG_INFO("ready", "stream_seq=%" PRIu64 " target_seq=%" PRIu64 " replayed_msgs=%" PRIu64
+                 " entries=%" PRIu64 " seconds=%.3f",
+                 seq, rd->target_seq, rd->applied_msgs, st.entries, secs);
+    update_index_gauges(rd);
+}
+
+static int rd_recreate_index(kvr_routerd *rd)
+{
+    kvr_index_opts io = {.block_size = rd->cfg.block_size, .max_workers = RD_MAX_WORKERS};
+    kvr_index *fresh = NULL;
+    kvr_err err = {0};
+    int rc = kvr_index_create(&fresh, &io, &err);
+    if (rc != 0) {
+        KVR_LOG_ERROR("creating index", "error=\"%s\"", err.msg);
+        return rc;
+    }
+    kvr_index_destroy(rd->idx);
+    rd->idx = fresh;
+    return 0;
+}
+
+static void start_stream(kvr_routerd *rd);
+
+static void on_stream_ready(int status, const kvr_nats_stream_info *info, const char *errmsg,
+                            void *data)
+{
+    kvr_routerd *rd = data;
+    if (rd->stopping)
+        return;
+    if (status != 0) {
+        KVR_LOG_WARN_RL(5, "ensuring stream failed, retrying", "stream=%s error=\"%s\"", RD_STREAM,
+                        errmsg ? errmsg : kvr_strerror(status));
+        uv_timer_start(&rd->stream_retry, (uv_timer_cb)start_stream, 1000, 0);
+        return;
+    }
+    rd->stream_first = info->first_seq;
+    rd->stream_last = info->last_seq;
+    rd->target_seq = info->last_seq;
+    uint64_t have = kvr_index_stream_seq(rd->idx);
+    uint64_t start = have + 1;
+    if (rd->snap_loaded && info->msgs > 0 && have + 1 < info->first_seq) {
+        KVR_LOG_WARN("snapshot is stale: the stream no longer holds the events after it; "
+                     "rebuilding from the stream start",
+                     "snapshot_seq=%" PRIu64 " stream_first_seq=%" PRIu64, have, info->first_seq);
+        rd_recreate_index(rd);
+        start = info->first_seq;
+    } else if (rd->snap_loaded && have > info->last_seq) {
+        KVR_LOG_WARN("snapshot is ahead of the stream (stream was reset); rebuilding from the "
+                     "stream start",
+                     "snapshot_seq=%" PRIu64 " stream_last_seq=%" PRIu64, have, info->last_seq);
+        rd_recreate_index(rd);
+        start = info->first_seq ? info->first_seq : 1;
+    }
+    if (start < info->first_seq)
+        start = info->first_seq;
+    if (start == 0)
+        start = 1;
+    rd->start_seq = start;
+    rd->stream_started = true;
+    KVR_LOG_INFO("consuming stream", "stream=%s from_seq=%" PRIu64 " first_seq=%" PRIu64
+                 " last_seq=%" PRIu64, RD_STREAM, start, info->first_seq, info->last_seq);
+    kvr_err err = {0};
+    int rc = kvr_nats_js_consume(&rd->nats, RD_STREAM, "kvr.kv.>", start, on_kv_event, rd,
+                                 &rd->consumer, &err);
+    if (rc != 0) {
+        KVR_LOG_ERROR("creating consumer", "error=\"%s\"", err.msg);
+        rd->stream_started = false;
+        uv_timer_start(&rd->stream_retry, (uv_timer_cb)start_stream, 1000, 0);
+        return;
+    }
+    check_ready(rd);
+}
+
+static void start_stream(kvr_routerd *rd)
+{
+    if (rd->stopping || rd->stream_started)
+        return;
+    kvr_nats_stream_cfg sc = {.name = RD_STREAM,
+                              .subjects = "kvr.kv.>",
+                              .max_age_ms = rd->cfg.stream_max_age_ms,
+                              .max_bytes = rd->cfg.stream_max_bytes};
+    if (kvr_nats_js_ensure_stream(&rd->nats, &sc, on_stream_ready, rd) != 0)
+        uv_timer_start(&rd->stream_retry, (uv_timer_cb)start_stream, 1000, 0);
+}
+
+static void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data)
+{
+    kvr_routerd *rd = kn->data;
+    KVR_LOG_INFO("nats", "state=%s", kvr_nats_state_name(st));
+    rd->nats_up = st == KVR_NATS_CONNECTED || st == KVR_NATS_RECONNECTED;
+    if (st == KVR_NATS_RECONNECTED)
+        kvr_metric_inc(rd->m_nats_reconnects);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* route */
+
+typedef struct route_req {
+    uint8_t request_id[KVR_REQUEST_ID_LEN];
+    uint64_t frontend_id;
+    char model[KVR_FSM_MODEL_MAX + 1];
+    char ns[KVR_FSM_NS_MAX + 1];
+    uint32_t tokens;
+    uint32_t n_seq;
+    const uint64_t *seq;
+} route_req;
+
+typedef struct route_ctx {
+    kvr_routerd *rd;
+    int64_t t0_ns;
+    char *reply;         /* NATS reply subject (NATS route) */
+    kvr_http_req *http;  /* HTTP route */
+} route_ctx;
+
+static void finish_route_nats(kvr_routerd *rd, route_ctx *c, int status, const kvr_fsm_result *res,
+                              const char *mode, const char *errmsg)
+{
+    kvr_buf b;
+    kvr_buf_init(&b);
+    if (status == 0) {
+        kvr_mp_write_map(&b, 6);
+        kvr_mp_write_cstr(&b, "ok");
+        kvr_mp_write_bool(&b, true);
+        kvr_mp_write_cstr(&b, "worker_id");
+        kvr_mp_write_uint(&b, res->worker_id);
+        kvr_mp_write_cstr(&b, "url");
+        kvr_mp_write_cstr(&b, res->url);
+        kvr_mp_write_cstr(&b, "overlap_blocks");
+        kvr_mp_write_uint(&b, res->overlap);
+        kvr_mp_write_cstr(&b, "router_id");
+        kvr_mp_write_uint(&b, rd->cfg.id);
+        kvr_mp_write_cstr(&b, "mode");
+        kvr_mp_write_cstr(&b, mode);
+    } else {
+        kvr_mp_write_map(&b, 2);
+        kvr_mp_write_cstr(&b, "ok");
+        kvr_mp_write_bool(&b, false);
+        kvr_mp_write_cstr(&b, "error");
+        kvr_mp_write_cstr(&b, errmsg);
+    }
+    if (b.len && !rd->stopping)
+        kvr_nats_respond(&rd->nats, c->reply, b.base, b.len);
+    kvr_buf_free(&b);
+}
+
+static void finish_route_http(kvr_routerd *rd, route_ctx *c, int status, const kvr_fsm_result *res,
+                              const char *mode, const char *errmsg, int http_status)
+{
+    kvr_buf b;
+    kvr_buf_init(&b);
+    kvr_jw w;
+    kvr_jw_init(&w, &b);
+    kvr_jw_obj(&w);
+    if (status == 0) {
+        kvr_jw_key(&w, "worker_id");
+        kvr_jw_u64(&w, res->worker_id);
+        kvr_jw_key(&w, "url");
+        kvr_jw_str(&w, res->url);
+        kvr_jw_key(&w, "overlap_blocks");
+        kvr_jw_u64(&w, res->overlap);
+        kvr_jw_key(&w, "router_id");
+        kvr_jw_u64(&w, rd->cfg.id);
+        kvr_jw_key(&w, "mode");
+        kvr_jw_str(&w, mode);
+    } else {
+        kvr_jw_key(&w, "error");
+        kvr_jw_str(&w, errmsg);
+    }
+    kvr_jw_end(&w);
+    kvr_jw_finish(&w);
+    kvr_http_respond(c->http, status == 0 ? 200 : http_status, "application/json", b.base, b.len);
+    kvr_buf_free(&b);
+}
+
+static void on_route_done(kvr_routerd *rd, int status, const kvr_fsm_result *res, const char *mode,
+                          void *data)
+{
+    route_ctx *c = data;
+    const char *errmsg = NULL;
+    int http_status = 503;
+    if (status != 0) {
+        errmsg = kvr_strerror(status);
+        kvr_metric_add(rd->m_route_errors, 0, 1);
+    } else if (res->outcome != KVR_OUT_OK && res->outcome != KVR_OUT_DUPLICATE) {
+        errmsg = res->outcome == KVR_OUT_NO_WORKER ? "no live worker for this model/namespace"
+                                                   : kvr_outcome_name(res->outcome);
+        status = KVR_EAGAIN;
+        http_status = res->outcome == KVR_OUT_INVALID ? 400 : 503;
+        kvr_metric_add(rd->m_route_errors, res->outcome == KVR_OUT_NO_WORKER ? 1 : 2, 1);
+    } else {
+        kvr_metric_add(rd->m_route_decisions, strcmp(mode, "raft") == 0 ? 0 : 1, 1);
+    }
+    kvr_metric_observe(rd->m_route_latency, 0, (double)(kvr_mono_ns() - c->t0_ns) / 1e9);
+    if (c->http)
+        finish_route_http(rd, c, status, res, mode, errmsg, http_status);
+    else
+        finish_route_nats(rd, c, status, res, mode, errmsg);
+    free(c->reply);
+    free(c);
+}
+
+/* Matches + submits a ROUTE. Takes ownership of c. */
+static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
+{
+    size_t nm = kvr_index_find_matches(rd->idx, q->seq, q->n_seq, rd->matches, RD_MAX_MATCHES);
+    if (nm > RD_MAX_MATCHES)
+        nm = RD_MAX_MATCHES;
+    kvr_route_candidate cand[RD_MAX_MATCHES];
+    uint32_t nc = 0;
+    for (size_t i = 0; i < nm && nc < KVR_FSM_MAX_CANDIDATES; i++)
+        cand[nc++] = (kvr_route_candidate){rd->matches[i].worker_id, rd->matches[i].depth};
+    uint32_t bs = rd->cfg.block_size;
+    uint32_t blocks = (q->tokens + bs - 1) / bs;
+    if (blocks < q->n_seq)
+        blocks = q->n_seq;
+    if (blocks == 0)
+        blocks = 1;
+    kvr_cmd cmd = {.type = KVR_CMD_ROUTE};
+    kvr_route_cmd *r = &cmd.u.route;
+    memcpy(r->request_id, q->request_id, KVR_REQUEST_ID_LEN);
+    r->frontend_id = q->frontend_id;
+    r->now_ms = (uint64_t)kvr_now_ms();
+    r->request_blocks = blocks;
+    r->model = kvr_slice_of(q->model);
+    r->ns = kvr_slice_of(q->ns);
+    r->candidates = cand;
+    r->n_candidates = nc;
+    int rc;
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    if (rd->sync) {
+        sync_ctx *sc = malloc(sizeof(*sc));
+        rc = KVR_ENOMEM;
+        if (sc) {
+            sc->rd = rd;
+            sc->cb = on_route_done;
+            sc->data = c;
+            rc = kvr_sync_route(rd->sync, r, on_sync_done, sc);
+            if (rc != 0)
+                free(sc);
+        }
+    } else
+#endif
+        rc = rd_submit(rd, &cmd, on_route_done, c);
+    if (rc != 0)
+        on_route_done(rd, rc, NULL, "local", c);
+}
+
+/* Picks a namespace when the request names none: the router's own filter, else the first
+ * live worker serving the model. */
+static void default_ns(kvr_routerd *rd, route_req *q)
+{
+    if (q->ns[0])
+        return;
+    if (rd->ns_filter[0]) {
+        snprintf(q->ns, sizeof(q->ns), "%s", rd->ns_filter);
+        return;
+    }
+    for (uint32_t i = 0; i < rd->n_workers; i++) {
+        rd_worker *w = &rd->workers[i];
+        if (w->announced && w->up && strcmp(w->model, q->model) == 0) {
+            snprintf(q->ns, sizeof(q->ns), "%s", w->ns);
+            return;
+        }
+    }
+}
+
+static void on_route_nats(const kvr_nats_msg *m, void *data)
+{
+    kvr_routerd *rd = data;
+    int64_t t0 = kvr_mono_ns();
+    if (!m->reply)
+        return;
+    route_ctx *c = calloc(1, sizeof(*c));
+    if (!c)
+        return;
+    c->rd = rd;
+    c->t0_ns = t0;
+    c->reply = strdup(m->reply);
+    if (!c->reply) {
+        free(c);
+        return;
+    }
+    route_req q = {0};
+    q.seq = rd->seq_scratch;
+    const char *why = "malformed route request";
+    kvr_mp_reader r;
+    kvr_mp_reader_init(&r, m->data, m->len);
+    uint32_t n;
+    bool have_rid = false;
+    if (kvr_mp_read_map(&r, &n) != 0)
+        goto bad;
+    for (uint32_t i = 0; i < n; i++) {
+        kvr_slice k, s;
+        if (kvr_mp_read_str(&r, &k) != 0)
+            goto bad;
+        int rc = 0;
+        uint64_t u;
+        if (kvr_slice_eq_cstr(k, "request_id")) {
+            rc = kvr_mp_read_bytes(&r, &s);
+            if (rc == 0 && s.len != KVR_REQUEST_ID_LEN) {
+                why = "request_id must be 16 bytes";
+                goto bad;
+            }
+            if (rc == 0) {
+                memcpy(q.request_id, s.base, KVR_REQUEST_ID_LEN);
+                have_rid = true;
+            }
+        } else if (kvr_slice_eq_cstr(k, "frontend_id")) {
+            rc = kvr_mp_read_uint(&r, &q.frontend_id);
+        } else if (kvr_slice_eq_cstr(k, "model")) {
+            rc = kvr_mp_read_str(&r, &s);
+            if (rc == 0 && s.len > KVR_FSM_MODEL_MAX) {
+                why = "model too long";
+                goto bad;
+            }
+            if (rc == 0)
+                copy_slice(q.model, sizeof(q.model), s);
+        } else if (kvr_slice_eq_cstr(k, "namespace")) {
+            rc = kvr_mp_read_str(&r, &s);
+            if (rc == 0 && s.len > KVR_FSM_NS_MAX) {
+                why = "namespace too long";
+                goto bad;
+            }
+            if (rc == 0)
+                copy_slice(q.ns, sizeof(q.ns), s);
+        } else if (kvr_slice_eq_cstr(k, "tokens")) {
+            rc = kvr_mp_read_uint(&r, &u);
+            q.tokens = u > UINT32_MAX ? UINT32_MAX : (uint32_t)u;
+        } else if (kvr_slice_eq_cstr(k, "seq_hashes")) {
+            uint32_t nh;
+            rc = kvr_mp_read_array(&r, &nh);
+            if (rc == 0 && nh > RD_MAX_SEQ_HASHES) {
+                why = "too many seq_hashes";
+                goto bad;
+            }
+            for (uint32_t j = 0; rc == 0 && j < nh; j++)
+                rc = kvr_mp_read_u64bits(&r, &rd->seq_scratch[j]);
+            if (rc == 0)
+                q.n_seq = nh;
+        } else {
+            rc = kvr_mp_skip(&r);
+        }
+        if (rc != 0)
+            goto bad;
+    }
+    if (!have_rid) {
+        why = "missing request_id";
+        goto bad;
+    }
+    if (!q.model[0]) {
+        why = "missing model";
+        goto bad;
+    }
+    default_ns(rd, &q);
+    do_route(rd, &q, c);
+    return;
+bad:
+    KVR_LOG_WARN_RL(5, "bad route request", "error=\"%s\"", why);
+    kvr_metric_add(rd->m_route_errors, 2, 1);
+    finish_route_nats(rd, c, KVR_EINVAL, NULL, "local", why);
+    free(c->reply);
+    free(c);
+}
+
+static void on_route_event(const kvr_nats_msg *m, void *data)
+{
+    kvr_routerd *rd = data;
+    kvr_mp_reader r;
+    kvr_mp_reader_init(&r, m->data, m->len);
+    uint32_t n;
+    uint8_t rid[KVR_REQUEST_ID_LEN] = {0};
+    bool have_rid = false;
+    int type = 0;
+    if (kvr_mp_read_map(&r, &n) != 0)
+        goto bad;
+    for (uint32_t i = 0; i < n; i++) {
+        kvr_slice k, s;
+        if (kvr_mp_read_str(&r, &k) != 0)
+            goto bad;
+        if (kvr_slice_eq_cstr(k, "request_id")) {
+            if (kvr_mp_read_bytes(&r, &s) != 0 || s.len != KVR_REQUEST_ID_LEN)
+                goto bad;
+            memcpy(rid, s.base, KVR_REQUEST_ID_LEN);
+            have_rid = true;
+        } else if (kvr_slice_eq_cstr(k, "event")) {
+            if (kvr_mp_read_str(&r, &s) != 0)
+                goto bad;
+            type = kvr_slice_eq_cstr(s, "prefill_done") ? KVR_CMD_PREFILL_DONE
+                   : kvr_slice_eq_cstr(s, "free")       ? KVR_CMD_FREE
+                                                        : 0;
+        } else if (kvr_mp_skip(&r) != 0) {
+            goto bad;
+        }
+    }
+    if (!have_rid || !type)
+        goto bad;
+    kvr_cmd cmd = {.type = (kvr_cmd_type)type};
+    memcpy(cmd.u.request_id, rid, KVR_REQUEST_ID_LEN);
+    rd_submit(rd, &cmd, log_cmd_failure, type == KVR_CMD_FREE ? "free" : "prefill_done");
+    return;
+bad:
+    KVR_LOG_WARN_RL(5, "bad route event", "subject=%s", m->subject);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* HTTP */
+
+static void respond_json(kvr_http_req *req, int status, kvr_buf *b)
+{
+    kvr_http_respond(req, status, "application/json", b->base, b->len);
+}
+
+static void respond_error(kvr_http_req *req, int status, const char *msg)
+{
+    kvr_buf b;
+    kvr_buf_init(&b);
+    kvr_jw w;
+    kvr_jw_init(&w, &b);
+    kvr_jw_obj(&w);
+    kvr_jw_key(&w, "error");
+    kvr_jw_str(&w, msg);
+    kvr_jw_end(&w);
+    kvr_jw_finish(&w);
+    respond_json(req, status, &b);
+    kvr_buf_free(&b);
+}
+
+/* Parses {"token_ids":[...], "model"?, "namespace"?} and computes the seq hashes into
+ * rd->seq_scratch. */
+static int parse_tokens_body(kvr_routerd *rd, kvr_http_req *req, route_req *q, kvr_err *err)
+{
+    cJSON *root = NULL;
+    int rc = kvr_json_parse(req->body, 64u << 20, 16, &root, err);
+    if (rc != 0)
+        return rc;
+    const cJSON *arr = NULL;
+    rc = kvr_json_get_array(root, "token_ids", true, &arr, err);
+    if (rc != 0)
+        goto out;
+    int n = cJSON_GetArraySize(arr);
+    if (n < 0 || (size_t)n > (size_t)RD_MAX_SEQ_HASHES * rd->cfg.block_size) {
+        rc = kvr_err_set(err, KVR_ELIMIT, "too many token_ids");
+        goto out;
+    }
+    uint32_t *toks = malloc(((size_t)n + 1) * sizeof(uint32_t));
+    if (!toks) {
+        rc = kvr_err_set(err, KVR_ENOMEM, "out of memory");
+        goto out;
+    }
+    int i = 0;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, arr)
+    {
+        int64_t v;
+        if (kvr_json_int_exact(it, &v) != 0 || v < 0 || v > UINT32_MAX) {
+            free(toks);
+            rc = kvr_err_set(err, KVR_EINVAL, "token_ids[%d] must be an integer in [0, 2^32)", i);
+            goto out;
+        }
+        toks[i++] = (uint32_t)v;
+    }
+    q->n_seq = (uint32_t)kvr_hash_seq(toks, (size_t)n, rd->cfg.block_size, false, 0, rd->seq_scratch,
+                                      RD_MAX_SEQ_HASHES);
+    q->seq = rd->seq_scratch;
+    q->tokens = (uint32_t)n;
+    free(toks);
+    const char *s = NULL;
+    rc = kvr_json_get_string(root, "model", false, &s, err);
+    if (rc == 0) {
+        if (strlen(s) > KVR_FSM_MODEL_MAX) {
+            rc = kvr_err_set(err, KVR_EINVAL, "model too long");
+            goto out;
+        }
+        snprintf(q->model, sizeof(q->model), "%s", s);
+    } else if (rc != KVR_ENOTFOUND)
+        goto out;
+    s = NULL;
+    rc = kvr_json_get_string(root, "namespace", false, &s, err);
+    if (rc == 0) {
+        if (strlen(s) > KVR_FSM_NS_MAX) {
+            rc = kvr_err_set(err, KVR_EINVAL, "namespace too long");
+            goto out;
+        }
+        snprintf(q->ns, sizeof(q->ns), "%s", s);
+    } else if (rc != KVR_ENOTFOUND)
+        goto out;
+    rc = 0;
+out:
+    cJSON_Delete(root);
+    return rc;
+}
+
+static void http_match(kvr_routerd *rd, kvr_http_req *req)
+{
+    route_req q = {0};
+    kvr_err err = {0};
+    if (parse_tokens_body(rd, req, &q, &err) != 0) {
+        respond_error(req, 400, err.msg);
+        return;
+    }
+    size_t nm = kvr_index_find_matches(rd->idx, q.seq, q.n_seq, rd->matches, RD_MAX_MATCHES);
+    if (nm > RD_MAX_MATCHES)
+        nm = RD_MAX_MATCHES;
+    kvr_buf b;
+    kvr_buf_init(&b);
+    kvr_jw w;
+    kvr_jw_init(&w, &b);
+    kvr_jw_obj(&w);
+    kvr_jw_key(&w, "block_size");
+    kvr_jw_u64(&w, rd->cfg.block_size);
+    kvr_jw_key(&w, "blocks");
+    kvr_jw_u64(&w, q.n_seq);
+    kvr_jw_key(&w, "overlaps");
+    kvr_jw_obj(&w);
+    for (size_t i = 0; i < nm; i++) {
+        char k[24];
+        snprintf(k, sizeof(k), "%" PRIu64, rd->matches[i].worker_id);
+        kvr_jw_key(&w, k);
+        kvr_jw_u64(&w, rd->matches[i].depth);
+    }
+    kvr_jw_end(&w);
+    kvr_jw_end(&w);
+    if (kvr_jw_finish(&w) != 0)
+        respond_error(req, 500, "out of memory");
+    else
+        respond_json(req, 200, &b);
+    kvr_buf_free(&b);
+}
+
+static void http_route(kvr_routerd *rd, kvr_http_req *req)
+{
+    int64_t t0 = kvr_mono_ns();
+    route_req q = {0};
+    kvr_err err = {0};
+    if (parse_tokens_body(rd, req, &q, &err) != 0) {
+        respond_error(req, 400, err.msg);
+        return;
+    }
+    if (!q.model[0]) {
+        respond_error(req, 400, "missing field 'model'");
+        return;
+    }
+    route_ctx *c = calloc(1, sizeof(*c));
+    if (!c) {
+        respond_error(req, 500, "out of memory");
+        return;
+    }
+    c->rd = rd;
+    c->t0_ns = t0;
+    c->http = req;
+    /* a random request id: HTTP route calls are not retried by request id */
+    uint64_t a = (uint64_t)kvr_mono_ns() ^ ((uint64_t)rd->cfg.id << 56), b2 = (uint64_t)rand() << 32 | (uint64_t)rand();
+    static uint64_t counter;
+    counter++;
+    a ^= counter * 0x9E3779B97F4A7C15ull;
+    memcpy(q.request_id, &a, 8);
+    memcpy(q.request_id + 8, &b2, 8);
+    default_ns(rd, &q);
+    do_route(rd, &q, c);
+}
+
+static void http_state(kvr_routerd *rd, kvr_http_req *req)
+{
+    kvr_buf b;
+    kvr_buf_init(&b);
+    kvr_jw w;
+    kvr_jw_init(&w, &b);
+    kvr_index_stats st;
+    kvr_index_stats_get(rd->idx, &st);
+    const kvr_fsm *f = rd_fsm(rd);
+    kvr_jw_obj(&w);
+    kvr_jw_key(&w, "router_id");
+    kvr_jw_u64(&w, rd->cfg.id);
+    kvr_jw_key(&w, "ready");
+    kvr_jw_bool(&w, rd->ready);
+    kvr_jw_key(&w, "raft");
+    kvr_jw_obj(&w);
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    if (rd->sync) {
+        kvr_sync_state ss;
+        kvr_sync_get_state(rd->sync, &ss);
+        kvr_jw_key(&w, "role");
+        kvr_jw_str(&w, ss.role);
+        kvr_jw_key(&w, "leader");
+        kvr_jw_u64(&w, ss.leader_id);
+        kvr_jw_key(&w, "term");
+        kvr_jw_u64(&w, ss.term);
+        kvr_jw_key(&w, "commit_index");
+        kvr_jw_u64(&w, ss.commit_index);
+        kvr_jw_key(&w, "applied_index");
+        kvr_jw_u64(&w, ss.applied_index);
+        kvr_jw_key(&w, "degraded");
+        kvr_jw_bool(&w, ss.degraded);
+        kvr_jw_key(&w, "fsm_digest");
+        char d[24];
+        snprintf(d, sizeof(d), "%016" PRIx64, ss.digest);
+        kvr_jw_str(&w, d);
+    } else
+#endif
+    {
+        kvr_jw_key(&w, "role");
+        kvr_jw_str(&w, "local");
+        kvr_jw_key(&w, "leader");
+        kvr_jw_u64(&w, 0);
+        kvr_jw_key(&w, "term");
+        kvr_jw_u64(&w, 0);
+        kvr_jw_key(&w, "commit_index");
+        kvr_jw_u64(&w, 0);
+        kvr_jw_key(&w, "applied_index");
+        kvr_jw_u64(&w, 0);
+        kvr_jw_key(&w, "fsm_digest");
+        char d[24];
+        snprintf(d, sizeof(d), "%016" PRIx64, kvr_fsm_digest(f));
+        kvr_jw_str(&w, d);
+    }
+    kvr_jw_end(&w);
+    kvr_jw_key(&w, "index");
+    kvr_jw_obj(&w);
+    kvr_jw_key(&w, "blocks");
+    kvr_jw_u64(&w, st.blocks);
+    kvr_jw_key(&w, "entries");
+    kvr_jw_u64(&w, st.entries);
+    kvr_jw_key(&w, "bytes");
+    kvr_jw_u64(&w, st.bytes);
+    kvr_jw_key(&w, "digest");
+    char dg[24];
+    snprintf(dg, sizeof(dg), "%016" PRIx64, kvr_index_digest(rd->idx));
+    kvr_jw_str(&w, dg);
+    kvr_jw_key(&w, "stream_seq");
+    kvr_jw_u64(&w, kvr_index_stream_seq(rd->idx));
+    kvr_jw_end(&w);
+    kvr_jw_key(&w, "ingest");
+    kvr_jw_obj(&w);
+    kvr_jw_key(&w, "snapshot_loaded");
+    kvr_jw_bool(&w, rd->snap_loaded);
+    kvr_jw_key(&w, "snapshot_seq");
+    kvr_jw_u64(&w, rd->snap_seq);
+    kvr_jw_key(&w, "start_seq");
+    kvr_jw_u64(&w, rd->start_seq);
+    kvr_jw_key(&w, "target_seq");
+    kvr_jw_u64(&w, rd->target_seq);
+    kvr_jw_key(&w, "applied_msgs");
+    kvr_jw_u64(&w, rd->applied_msgs);
+    kvr_jw_key(&w, "applied_blocks");
+    kvr_jw_u64(&w, rd->applied_blocks);
+    kvr_jw_key(&w, "rejected");
+    kvr_jw_obj(&w);
+    for (int i = 0; i < REJ__N; i++) {
+        kvr_jw_key(&w, rej_names[i]);
+        kvr_jw_u64(&w, kvr_metric_counter_value(rd->m_events_rejected, (size_t)i));
+    }
+    kvr_jw_end(&w);
+    kvr_jw_end(&w);
+    kvr_jw_key(&w, "workers");
+    kvr_jw_arr(&w);
+    int64_t now = kvr_mono_ms();
+    for (uint32_t i = 0; i < rd->n_workers; i++) {
+        rd_worker *wk = &rd->workers[i];
+        kvr_index_worker_info wi = {0};
+        kvr_index_worker(rd->idx, wk->id, &wi);
+        kvr_fsm_worker_view fv;
+        bool have_fv = kvr_fsm_worker_get(f, wk->id, &fv) == 0;
+        kvr_jw_obj(&w);
+        kvr_jw_key(&w, "id");
+        kvr_jw_u64(&w, wk->id);
+        kvr_jw_key(&w, "namespace");
+        kvr_jw_str(&w, wk->ns);
+        kvr_jw_key(&w, "model");
+        kvr_jw_str(&w, wk->model);
+        kvr_jw_key(&w, "url");
+        kvr_jw_str(&w, wk->url);
+        kvr_jw_key(&w, "role");
+        kvr_jw_str(&w, wk->role);
+        kvr_jw_key(&w, "up");
+        kvr_jw_bool(&w, wk->up);
+        kvr_jw_key(&w, "announced");
+        kvr_jw_bool(&w, wk->announced);
+        kvr_jw_key(&w, "refused");
+        kvr_jw_bool(&w, wk->refused);
+        kvr_jw_key(&w, "block_size");
+        kvr_jw_u64(&w, wk->block_size);
+        kvr_jw_key(&w, "started_ms");
+        kvr_jw_u64(&w, wk->started_ms);
+        kvr_jw_key(&w, "last_seen_ms_ago");
+        kvr_jw_int(&w, now - wk->last_seen_ms);
+        kvr_jw_key(&w, "entries");
+        kvr_jw_u64(&w, wi.entries);
+        kvr_jw_key(&w, "active_blocks");
+        kvr_jw_u64(&w, have_fv ? fv.active_blocks : 0);
+        kvr_jw_key(&w, "bookings");
+        kvr_jw_u64(&w, have_fv ? fv.bookings : 0);
+        kvr_jw_end(&w);
+    }
+    kvr_jw_end(&w);
+    kvr_jw_key(&w, "bookings");
+    kvr_jw_u64(&w, kvr_fsm_booking_count(f));
+    kvr_jw_end(&w);
+    if (kvr_jw_finish(&w) != 0)
+        respond_error(req, 500, "out of memory");
+    else
+        respond_json(req, 200, &b);
+    kvr_buf_free(&b);
+}
+
+static void on_http(kvr_http_req *req)
+{
+    kvr_routerd *rd = req->server->data;
+    bool get = kvr_slice_eq_cstr(req->method, "GET");
+    bool post = kvr_slice_eq_cstr(req->method, "POST");
+    if (get && kvr_slice_eq_cstr(req->path, "/health")) {
+        kvr_http_respond_cstr(req, 200, "text/plain", "ok\n");
+    } else if (get && kvr_slice_eq_cstr(req->path, "/ready")) {
+        if (rd->ready)
+            kvr_http_respond_cstr(req, 200, "text/plain", "ready\n");
+        else
+            kvr_http_respond_cstr(req, 503, "text/plain", "catching up\n");
+    } else if (get && kvr_slice_eq_cstr(req->path, "/metrics")) {
+        update_index_gauges(rd);
+        kvr_metrics_respond(rd->metrics, req);
+    } else if (get && kvr_slice_eq_cstr(req->path, "/v1/state")) {
+        http_state(rd, req);
+    } else if (post && kvr_slice_eq_cstr(req->path, "/v1/match")) {
+        http_match(rd, req);
+    } else if (post && kvr_slice_eq_cstr(req->path, "/v1/route")) {
+        http_route(rd, req);
+    } else if (kvr_slice_eq_cstr(req->path, "/health") || kvr_slice_eq_cstr(req->path, "/ready") ||
+               kvr_slice_eq_cstr(req->path, "/metrics") || kvr_slice_eq_cstr(req->path, "/v1/state") ||
+               kvr_slice_eq_cstr(req->path, "/v1/match") || kvr_slice_eq_cstr(req->path, "/v1/route")) {
+        respond_error(req, 405, "method not allowed");
+    } else {
+        respond_error(req, 404, "not found");
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* periodic: heartbeats, leases, expiry */
+
+static void on_tick(uv_timer_t *t)
+{
+    kvr_routerd *rd = t->data;
+    int64_t now = kvr_mono_ms();
+    int64_t limit = rd->cfg.heartbeat_misses * 1000;
+    uint32_t up = 0;
+    for (uint32_t i = 0; i < rd->n_workers;) {
+        rd_worker *w = &rd->workers[i];
+        if (!w->announced) {
+            /* events but never a heartbeat: once we are live and heartbeats had time to
+             * arrive, its entries go (a worker nobody hears from cannot be routed to) */
+            int64_t since = w->first_event_ms > rd->ready_ms ? w->first_event_ms : rd->ready_ms;
+            if (rd->ready && rd->nats_up && now - since > limit) {
+                KVR_LOG_WARN_RL(10, "worker sent events but no heartbeat: removing its entries",
+                                "worker=%" PRIu64 " events=%" PRIu64, w->id, w->events);
+                kvr_index_remove_worker(rd->idx, w->id);
+                kvr_metric_inc(rd->m_unannounced_removed);
+                rd->workers[i] = rd->workers[--rd->n_workers];
+                continue;
+            }
+            i++;
+            continue;
+        }
+        if (w->up && now - w->last_seen_ms > limit)
+            worker_down(rd, w, "missed_heartbeats");
+        if (w->up)
+            up++;
+        i++;
+    }
+    kvr_metric_set(rd->m_workers_up, 0, up);
+    for (uint32_t i = 0; i < rd->n_frontends;) {
+        rd_frontend *f = &rd->frontends[i];
+        if (now - f->last_seen_ms > rd->cfg.frontend_timeout_ms) {
+            KVR_LOG_INFO("frontend lease expired: freeing its bookings", "frontend=%" PRIu64, f->id);
+            kvr_cmd cmd = {.type = KVR_CMD_FRONTEND_EXPIRE};
+            cmd.u.frontend.frontend_id = f->id;
+            cmd.u.frontend.now_ms = (uint64_t)kvr_now_ms();
+            rd_submit(rd, &cmd, NULL, NULL);
+            rd->frontends[i] = rd->frontends[--rd->n_frontends];
+            continue;
+        }
+        i++;
+    }
+    if (now - rd->last_expire_ms > 10000) {
+        rd->last_expire_ms = now;
+        int64_t wall = kvr_now_ms();
+        if (wall > rd->cfg.max_request_age_ms) {
+            kvr_cmd cmd = {.type = KVR_CMD_EXPIRE};
+            cmd.u.before_ms = (uint64_t)(wall - rd->cfg.max_request_age_ms);
+            rd_submit(rd, &cmd, NULL, NULL);
+        }
+    }
+    kvr_nats_stats ns;
+    kvr_nats_get_stats(&rd->nats, &ns);
+    kvr_metric_counter_set(rd->m_consumer_restarts, 0, ns.consumer_restarts);
+    kvr_metric_counter_set(rd->m_nats_backpressure, 0, ns.backpressure_waits);
+    if (!rd->ready)
+        check_ready(rd);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* snapshots */
+
+typedef struct snap_job {
+    uv_work_t req;
+    kvr_routerd *rd;
+    kvr_index_image img;
+    char *dir;
+    int rc;
+    kvr_err err;
+    kvr_snapshot_info info;
+    int64_t t0_ns;
+    bool final;
+} snap_job;
+
+static void snap_work(uv_work_t *req)
+{
+    snap_job *j = req->data;
+    j->rc = kvr_snapshot_write(&j->img, j->dir, &j->info, &j->err);
+}
+
+static void maybe_finish_stop(kvr_routerd *rd);
+static int start_snapshot(kvr_routerd *rd, bool final);
+
+static void snap_after(uv_work_t *req, int status)
+{
+    snap_job *j = req->data;
+    kvr_routerd *rd = j->rd;
+    double secs = (double)(kvr_mono_ns() - j->t0_ns) / 1e9;
+    rd->snap_running = false;
+    if (j->rc == 0) {
+        rd->snap_last_written_seq = j->img.stream_seq;
+        rd->snap_last_digest = j->img.digest;
+        kvr_metric_inc(rd->m_snaps);
+        kvr_metric_observe(rd->m_snap_duration, 0, secs);
+        kvr_metric_set(rd->m_snap_bytes, 0, (double)j->info.file_bytes);
+        KVR_LOG_INFO("snapshot written", "stream_seq=%" PRIu64 " entries=%" PRIu64
+                     " bytes=%" PRIu64 " seconds=%.3f final=%d",
+                     j->img.stream_seq, j->img.entries, j->info.file_bytes, secs, j->final);
+    } else {
+        kvr_metric_inc(rd->m_snap_failures);
+        KVR_LOG_ERROR("snapshot failed", "error=\"%s\"", j->err.msg);
+    }
+    bool was_final = j->final;
+    kvr_index_image_free(&j->img);
+    free(j);
+    if (rd->stopping) {
+        /* a periodic snapshot was running when SIGTERM came: now write the final one */
+        if (!was_final)
+            start_snapshot(rd, true);
+        maybe_finish_stop(rd);
+    }
+}
+
+static int start_snapshot(kvr_routerd *rd, bool final)
+{
+    if (rd->snap_running)
+        return KVR_EAGAIN;
+    if (!rd->stream_started && !rd->snap_loaded)
+        return 0; /* nothing consumed yet: keep whatever is on disk */
+    uint64_t seq = kvr_index_stream_seq(rd->idx);
+    uint64_t dg = kvr_index_digest(rd->idx);
+    if (seq == rd->snap_last_written_seq && dg == rd->snap_last_digest)
+        return 0;
+    snap_job *j = calloc(1, sizeof(*j));
+    if (!j)
+        return KVR_ENOMEM;
+    j->rd = rd;
+    j->dir = rd->snap_dir;
+    j->final = final;
+    j->t0_ns = kvr_mono_ns();
+    kvr_err err = {0};
+    int rc = kvr_index_export(rd->idx, &j->img, &err);
+    if (rc != 0) {
+        KVR_LOG_ERROR("snapshot export failed", "error=\"%s\"", err.msg);
+        free(j);
+        return rc;
+    }
+    j->req.data = j;
+    rd->snap_running = true;
+    if (uv_queue_work(rd->loop, &j->req, snap_work, snap_after) != 0) {
+        rd->snap_running = false;
+        kvr_index_image_free(&j->img);
+        free(j);
+        return KVR_EIO;
+    }
+    return 0;
+}
+
+static void on_snap_timer(uv_timer_t *t)
+{
+    kvr_routerd *rd = t->data;
+    start_snapshot(rd, false);
+}
+
+static void load_snapshot(kvr_routerd *rd)
+{
+    kvr_index_image img = {0};
+    kvr_err err = {0};
+    int64_t t0 = kvr_mono_ns();
+    int rc = kvr_snapshot_read(rd->snap_dir, rd->cfg.block_size, &img, NULL, &err);
+    if (rc == KVR_ENOTFOUND) {
+        KVR_LOG_INFO("no snapshot: building the index from the stream start", "dir=%s", rd->snap_dir);
+        return;
+    }
+    if (rc != 0) {
+        KVR_LOG_WARN("snapshot unusable: rebuilding from the stream start", "error=\"%s\"", err.msg);
+        return;
+    }
+    rc = kvr_index_import(rd->idx, &img, &err);
+    if (rc != 0) {
+        KVR_LOG_WARN("snapshot import failed: rebuilding from the stream start", "error=\"%s\"",
+                     err.msg);
+        kvr_index_image_free(&img);
+        rd_recreate_index(rd);
+        return;
+    }
+    rd->snap_loaded = true;
+    rd->snap_seq = img.stream_seq;
+    rd->snap_last_written_seq = img.stream_seq;
+    rd->snap_last_digest = img.digest;
+    KVR_LOG_INFO("snapshot loaded", "stream_seq=%" PRIu64 " entries=%" PRIu64 " seconds=%.3f",
+                 img.stream_seq, img.entries, (double)(kvr_mono_ns() - t0) / 1e9);
+    kvr_index_image_free(&img);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* metrics */
+
+static void register_metrics(kvr_routerd *rd)
+{
+    kvr_metrics *m = rd->metrics;
+    static const char *const modes[] = {"raft", "local", NULL};
+    static const char *const route_err[] = {"backend", "no_worker", "bad_request", NULL};
+    rd->m_events_applied = kvr_metrics_counter(m, "kvr_routerd_events_applied_total",
+                                               "KV events applied to the index", NULL, NULL);
+    rd->m_blocks_applied = kvr_metrics_counter(m, "kvr_routerd_blocks_applied_total",
+                                               "Blocks in applied BlockStored events", NULL, NULL);
+    rd->m_events_rejected = kvr_metrics_counter(m, "kvr_routerd_events_rejected_total",
+                                                "KV event payloads or events rejected, by reason",
+                                                "reason", rej_names);
+    rd->m_replayed = kvr_metrics_counter(m, "kvr_routerd_stream_messages_total",
+                                         "Stream messages consumed since start", NULL, NULL);
+    rd->m_stream_lag = kvr_metrics_gauge(m, "kvr_routerd_stream_lag_messages",
+                                         "Stream messages not yet applied", NULL, NULL);
+    rd->m_stream_seq = kvr_metrics_gauge(m, "kvr_routerd_stream_seq",
+                                         "Last applied stream sequence", NULL, NULL);
+    rd->m_route_decisions = kvr_metrics_counter(m, "kvr_routerd_route_decisions_total",
+                                                "Route decisions by mode", "mode", modes);
+    rd->m_route_errors = kvr_metrics_counter(m, "kvr_routerd_route_errors_total",
+                                             "Route requests not answered with a worker",
+                                             "reason", route_err);
+    rd->m_route_latency = kvr_metrics_histogram(
+        m, "kvr_routerd_route_latency_seconds", "Route request latency inside the router",
+        kvr_metrics_latency_buckets_s, kvr_metrics_latency_buckets_s_n, NULL, NULL);
+    rd->m_index_entries = kvr_metrics_gauge(m, "kvr_routerd_index_entries", "Index entries (worker x block)", NULL, NULL);
+    rd->m_index_blocks = kvr_metrics_gauge(m, "kvr_routerd_index_blocks", "Distinct blocks in the index", NULL, NULL);
+    rd->m_index_bytes = kvr_metrics_gauge(m, "kvr_routerd_index_bytes", "Heap bytes of the index", NULL, NULL);
+    rd->m_snap_duration = kvr_metrics_histogram(m, "kvr_routerd_snapshot_duration_seconds",
+                                                "Snapshot export+write time",
+                                                kvr_metrics_latency_buckets_s,
+                                                kvr_metrics_latency_buckets_s_n, NULL, NULL);
+    rd->m_snap_bytes = kvr_metrics_gauge(m, "kvr_routerd_snapshot_bytes", "Size of the last snapshot", NULL, NULL);
+    rd->m_snaps = kvr_metrics_counter(m, "kvr_routerd_snapshots_total", "Snapshots written", NULL, NULL);
+    rd->m_snap_failures = kvr_metrics_counter(m, "kvr_routerd_snapshot_failures_total", "Snapshots that failed", NULL, NULL);
+    rd->m_ready_s = kvr_metrics_gauge(m, "kvr_routerd_time_to_ready_seconds", "Seconds from start to caught up", NULL, NULL);
+    rd->m_workers_up = kvr_metrics_gauge(m, "kvr_routerd_workers_up", "Workers with a live heartbeat", NULL, NULL);
+    rd->m_workers_refused = kvr_metrics_counter(m, "kvr_routerd_workers_refused_total",
+                                                "Workers refused (block size differs)", NULL, NULL);
+    rd->m_nats_reconnects = kvr_metrics_counter(m, "kvr_routerd_nats_reconnects_total", "NATS reconnects", NULL, NULL);
+    rd->m_consumer_restarts = kvr_metrics_counter(m, "kvr_routerd_consumer_restarts_total",
+                                                  "JetStream consumer re-creations", NULL, NULL);
+    rd->m_nats_backpressure = kvr_metrics_counter(m, "kvr_routerd_nats_backpressure_total",
+                                                  "Times a NATS delivery thread waited for the loop", NULL, NULL);
+    rd->m_unknown_worker = kvr_metrics_counter(
+        m, "kvr_routerd_events_unknown_worker_total",
+        "Event messages from workers not (yet) announced by heartbeat (applied)", NULL, NULL);
+    rd->m_unannounced_removed = kvr_metrics_counter(
+        m, "kvr_routerd_unannounced_workers_removed_total",
+        "Workers whose entries were removed because they never sent a heartbeat", NULL, NULL);
+    kvr_metrics_add_http_server(m, "kvr_routerd_http", &rd->http);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* start / stop */
+
+static int mkdir_p(const char *path)
+{
+    char buf[4096];
+    size_t n = strlen(path);
+    if (n >= sizeof(buf))
+        return KVR_ELIMIT;
+    memcpy(buf, path, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (buf[i] == '/' || buf[i] == 0) {
+            char c = buf[i];
+            buf[i] = 0;
+            if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+                return KVR_EIO;
+            buf[i] = c;
+        }
+    }
+    return 0;
+}
+
+int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_config *cfg)
+{
+    kvr_routerd *rd = calloc(1, sizeof(*rd));
+    if (!rd)
+        return KVR_ENOMEM;
+    rd->cfg = *cfg;
+    rd->loop = loop;
+    rd->start_ms = kvr_mono_ms();
+    rd->last_expire_ms = rd->start_ms;
+    if (cfg->ns && *cfg->ns && strcmp(cfg->ns, "all") != 0)
+        snprintf(rd->ns_filter, sizeof(rd->ns_filter), "%s", cfg->ns);
+    kvr_err err = {0};
+    int rc;
+    rd->data_dir = strdup(cfg->data_dir);
+    rd->snap_dir = malloc(strlen(cfg->data_dir) + 8);
+    if (rd->snap_dir)
+        sprintf(rd->snap_dir, "%s/index", cfg->data_dir);
+    rd->seq_scratch = malloc(RD_MAX_SEQ_HASHES * sizeof(uint64_t));
+    if (!rd->data_dir || !rd->snap_dir || !rd->seq_scratch) {
+        rc = KVR_ENOMEM;
+        goto fail;
+    }
+    if (mkdir_p(rd->data_dir) != 0) {
+        KVR_LOG_ERROR("cannot create data dir", "dir=%s error=\"%s\"", rd->data_dir, strerror(errno));
+        rc = KVR_EIO;
+        goto fail;
+    }
+    kvr_index_opts io = {.block_size = cfg->block_size, .max_workers = RD_MAX_WORKERS};
+    rc = kvr_index_create(&rd->idx, &io, &err);
+    if (rc != 0) {
+        KVR_LOG_ERROR("creating index", "error=\"%s\"", err.msg);
+        goto fail;
+    }
+    kvr_kv_decoder_init(&rd->dec, NULL);
+    load_snapshot(rd);
+
+    rd->fsm = kvr_fsm_new(NULL);
+    if (!rd->fsm) {
+        rc = KVR_ENOMEM;
+        goto fail;
+    }
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    if (cfg->peers && *cfg->peers) {
+        kvr_sync_options so;
+        kvr_sync_options_default(&so);
+        so.id = cfg->id;
+        so.raft_addr = cfg->raft_addr;
+        so.peers = cfg->peers;
+        so.join = cfg->join;
+        char raft_dir[4096];
+        snprintf(raft_dir, sizeof(raft_dir), "%s/raft", rd->data_dir);
+        so.data_dir = raft_dir;
+        if (cfg->degraded_after_ms > 0)
+            so.degraded_after_ms = (uint32_t)cfg->degraded_after_ms;
+        rc = kvr_sync_init(&rd->sync, loop, &so, &err);
+        if (rc == 0)
+            rc = kvr_sync_start(rd->sync, &err);
+        if (rc != 0) {
+            KVR_LOG_ERROR("starting raft", "error=\"%s\"", err.msg);
+            goto fail;
+        }
+        KVR_LOG_INFO("raft started", "id=%u raft_addr=%s peers=%s", cfg->id, cfg->raft_addr, cfg->peers);
+    }
+#else
+    if (cfg->peers && *cfg->peers) {
+        KVR_LOG_ERROR("--peers given but this build has no sync module", "peers=%s", cfg->peers);
+        rc = KVR_EUNSUPPORTED;
+        goto fail;
+    }
+#endif
+
+    rd->metrics = kvr_metrics_new();
+    if (!rd->metrics) {
+        rc = KVR_ENOMEM;
+        goto fail;
+    }
+    kvr_http_config hc = {.on_request = on_http, .max_body_bytes = 64u << 20};
+    rc = kvr_http_server_init(&rd->http, loop, &hc);
+    if (rc != 0)
+        goto fail;
+    rd->http.data = rd;
+    register_metrics(rd);
+    rc = kvr_http_listen(&rd->http, cfg->http_addr, &err);
+    if (rc != 0) {
+        KVR_LOG_ERROR("http listen", "addr=%s error=\"%s\"", cfg->http_addr, err.msg);
+        goto fail;
+    }
+
+    char name[64];
+    snprintf(name, sizeof(name), "kvr-routerd-%u", cfg->id);
+    kvr_nats_opts no = {.url = cfg->nats_url, .name = name, .on_state = on_nats_state};
+    rd->nats.data = rd;
+    rc = kvr_nats_init(&rd->nats, loop, &no, &err);
+    if (rc != 0) {
+        KVR_LOG_ERROR("nats", "error=\"%s\"", err.msg);
+        goto fail;
+    }
+    rd->nats.data = rd;
+    char subj[128];
+    if (rd->ns_filter[0])
+        snprintf(subj, sizeof(subj), "kvr.workers.%s.*", rd->ns_filter);
+    else
+        snprintf(subj, sizeof(subj), "kvr.workers.>");
+    if ((rc = kvr_nats_subscribe(&rd->nats, subj, NULL, on_heartbeat, rd, NULL, &err)) != 0 ||
+        (rc = kvr_nats_subscribe(&rd->nats, "kvr.route", "kvr-routers", on_route_nats, rd, NULL, &err)) != 0 ||
+        (rc = kvr_nats_subscribe(&rd->nats, "kvr.route.event", "kvr-routers", on_route_event, rd, NULL, &err)) != 0 ||
+        (rc = kvr_nats_subscribe(&rd->nats, "kvr.frontends.*", NULL, on_frontend, rd, NULL, &err)) != 0) {
+        KVR_LOG_ERROR("nats subscribe", "error=\"%s\"", err.msg);
+        goto fail;
+    }
+    uv_timer_init(loop, &rd->stream_retry);
+    rd->stream_retry.data = rd;
+    uv_timer_init(loop, &rd->tick);
+    rd->tick.data = rd;
+    uv_timer_start(&rd->tick, on_tick, 250, 250);
+    uv_timer_init(loop, &rd->snap_timer);
+    rd->snap_timer.data = rd;
+    if (cfg->snapshot_interval_ms > 0)
+        uv_timer_start(&rd->snap_timer, on_snap_timer, (uint64_t)cfg->snapshot_interval_ms,
+                       (uint64_t)cfg->snapshot_interval_ms);
+    start_stream(rd);
+    KVR_LOG_INFO("started", "id=%u http=%s port=%d nats=%s data_dir=%s namespace=%s block_size=%u",
+                 cfg->id, cfg->http_addr, kvr_http_server_port(&rd->http), cfg->nats_url,
+                 rd->data_dir, rd->ns_filter[0] ? rd->ns_filter : "all", cfg->block_size);
+    *out = rd;
+    return 0;
+fail:
+    /* start-up failure: the process exits; the OS reclaims the rest */
+    return rc ? rc : KVR_EIO;
+}
+
+static void handle_closed(uv_handle_t *h)
+{
+    kvr_routerd *rd = h->data;
+    rd->closing_handles--;
+    maybe_finish_stop(rd);
+}
+
+static void nats_closed(kvr_nats *kn)
+{
+    kvr_routerd *rd = kn->data;
+    rd->closing_handles--;
+    maybe_finish_stop(rd);
+}
+
+static void http_closed(kvr_http_server *srv)
+{
+    kvr_routerd *rd = srv->data;
+    rd->closing_handles--;
+    maybe_finish_stop(rd);
+}
+
+#ifdef KVR_ROUTERD_HAVE_SYNC
+static void sync_closed(void *data)
+{
+    kvr_routerd *rd = data;
+    rd->sync = NULL;
+    rd->closing_handles--;
+    maybe_finish_stop(rd);
+}
+#endif
+
+static bool stop_phase2_started;
+
+static void maybe_finish_stop(kvr_routerd *rd)
+{
+    if (!rd->stopping || rd->snap_running)
+        return;
+    if (!stop_phase2_started) {
+        stop_phase2_started = true;
+        rd->closing_handles = 6;
+        uv_close((uv_handle_t *)&rd->tick, handle_closed);
+        uv_close((uv_handle_t *)&rd->snap_timer, handle_closed);
+        uv_close((uv_handle_t *)&rd->stream_retry, handle_closed);
+        kvr_http_server_close(&rd->http, http_closed);
+        if (kvr_nats_close(&rd->nats, nats_closed) != 0)
+            rd->closing_handles--;
+#ifdef KVR_ROUTERD_HAVE_SYNC
+        if (rd->sync)
+            kvr_sync_close(rd->sync, sync_closed, rd);
+        else
+            rd->closing_handles--;
+#else
+        rd->closing_handles--;
+#endif
+        return;
+    }
+    if (rd->closing_handles == 0 && rd->done_cb) {
+        void (*cb)(void *) = rd->done_cb;
+        rd->done_cb = NULL;
+        cb(rd->done_data);
+    }
+}
+
+void kvr_routerd_stop(kvr_routerd *rd, void (*done_cb)(void *), void *data)
+{
+    if (rd->stopping)
+        return;
+    rd->stopping = true;
+    rd->done_cb = done_cb;
+    rd->done_data = data;
+    KVR_LOG_INFO("stopping: final snapshot", "stream_seq=%" PRIu64, kvr_index_stream_seq(rd->idx));
+    uv_timer_stop(&rd->tick);
+    uv_timer_stop(&rd->snap_timer);
+    uv_timer_stop(&rd->stream_retry);
+    if (rd->consumer)
+        kvr_nats_consumer_stop(rd->consumer);
+    if (rd->snap_running)
+        return; /* snap_after calls maybe_finish_stop; then one more below is not needed */
+    start_snapshot(rd, true);
+    maybe_finish_stop(rd);
+}
+
+void kvr_routerd_free(kvr_routerd *rd)
+{
+    if (!rd)
+        return;
+    kvr_index_destroy(rd->idx);
+    kvr_kv_decoder_free(&rd->dec);
+    kvr_fsm_free(rd->fsm);
+    kvr_metrics_free(rd->metrics);
+    free(rd->seq_scratch);
+    free(rd->data_dir);
+    free(rd->snap_dir);
+    free(rd);
+}

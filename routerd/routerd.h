@@ -1,0 +1,56 @@
+/* routerd: one router replica (DESIGN sections 3-7). Internal to kvr-routerd.
+ *
+ * Threads: ONE libuv loop thread owns everything in a kvr_routerd (index, registry, bookings,
+ * metrics). cnats threads hand messages over through kvr_nats (common/kvr_nats.h); snapshot
+ * writes run on the libuv threadpool on an exported image, never touching live state.
+ *
+ * Ingestion policy (decided here, see DESIGN 3/4):
+ *  - worker_id comes from the subject kvr.kv.<ns>.<worker_id>; a subject that does not parse
+ *    is counted (reason "bad_subject") and skipped.
+ *  - events from a worker never seen by heartbeat ARE applied (heartbeats may arrive after the
+ *    first events; replay at start-up comes before any heartbeat).
+ *  - events from a worker the registry knows is DOWN (missed beats) or REFUSED (block size
+ *    differs from the router's) are ignored and counted ("worker_down", "refused_worker").
+ *    A down worker's entries were removed when it went down.
+ *  - with --namespace NS, events and heartbeats of other namespaces are ignored (counted
+ *    "other_namespace").
+ *  - the index records the stream sequence of every applied message, so replays and
+ *    duplicate deliveries at or below it are harmless (kvr_nats filters them too).
+ */
+#ifndef KVR_ROUTERD_H
+#define KVR_ROUTERD_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+typedef struct kvr_routerd_config {
+    uint32_t id;
+    const char *nats_url;
+    const char *http_addr;
+    const char *data_dir;
+    const char *ns; /* NULL or "all": every namespace */
+    uint32_t block_size;
+    int64_t snapshot_interval_ms;
+    int64_t stream_max_age_ms;
+    int64_t stream_max_bytes;
+    int64_t heartbeat_misses;
+    int64_t frontend_timeout_ms;
+    int64_t max_request_age_ms;
+    /* Raft (empty peers: local mode) */
+    const char *raft_addr;
+    const char *peers;
+    bool join;
+    int64_t degraded_after_ms;
+} kvr_routerd_config;
+
+typedef struct kvr_routerd kvr_routerd;
+
+/* Creates and starts the router on loop. Returns 0 or a KVR_E* code (logged). */
+int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_config *cfg);
+/* Graceful stop (SIGTERM): final snapshot, close every handle; done_cb(data) when all closed
+ * (the loop then has nothing left to run). */
+void kvr_routerd_stop(kvr_routerd *rd, void (*done_cb)(void *), void *data);
+void kvr_routerd_free(kvr_routerd *rd);
+
+#endif
