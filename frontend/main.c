@@ -296,7 +296,8 @@ static int on_up_headers(kvr_curl_req *r, long status)
 {
     fe_call *c = kvr_curl_req_data(r);
     c->up_status = status;
-    return status == 200 ? 0 : 1;
+    kvr_buf_reset(&c->out); /* collects an error body */
+    return 0;
 }
 
 static int on_up_data(kvr_curl_req *r, const char *data, size_t len)
@@ -304,6 +305,11 @@ static int on_up_data(kvr_curl_req *r, const char *data, size_t len)
     fe_call *c = kvr_curl_req_data(r);
     if (!c->req || c->client_gone)
         return 1;
+    if (c->up_status != 200) { /* keep (a bounded prefix of) the worker's error body */
+        size_t room = c->out.len < 65536 ? 65536 - c->out.len : 0;
+        kvr_buf_append(&c->out, data, len < room ? len : room);
+        return 0;
+    }
     /* Backpressure: the client's socket is full; keep the bytes upstream. */
     if (c->stream_started && kvr_http_stream_should_pause(c->req))
         return KVR_CURL_PAUSE;
@@ -347,6 +353,26 @@ static void on_up_done(kvr_curl_req *r, int result, long status, const char *err
             respond_json(c->req, c->route, 200, &c->out);
             c->req = NULL;
         }
+        release_worker(c);
+        call_maybe_free(c);
+        return;
+    }
+    /* The worker refused the request itself (4xx): relay its answer, no retry helps. */
+    if (result == 0 && status >= 400 && status < 500 && status != 404 && status != 408 &&
+        status != 429 && !first) {
+        kvr_metric_add(app.m_upstream_err, UE_STATUS, 1);
+        kvr_buf b = c->out;
+        kvr_buf_init(&c->out);
+        if (b.len == 0 || b.base[0] != '{') {
+            fe_http_error e;
+            fe_error_set(&e, (int)status, "invalid_request_error", NULL, NULL,
+                         "the worker refused the request (HTTP %ld)", status);
+            kvr_buf_reset(&b);
+            fe_error_json(&b, &e);
+        }
+        respond_json(c->req, c->route, (int)status, &b);
+        kvr_buf_free(&b);
+        c->req = NULL;
         release_worker(c);
         call_maybe_free(c);
         return;

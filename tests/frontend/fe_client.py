@@ -6,6 +6,7 @@
                                                prints JSON {opened, completed, rss_kb_*}
   fe_client.py slowloris URL SECONDS           sends headers one byte per 0.5 s; prints the
                                                status the server answered (or "closed")
+  fe_client.py stall URL BODY SECONDS PID      starts a stream and stops reading; RSS samples
   fe_client.py disconnect URL BODY [--key K]   reads the first SSE event, then drops the socket
 """
 import asyncio
@@ -207,6 +208,29 @@ async def slowloris(url, seconds):
     return {"result": "still-open", "after_s": time.monotonic() - t0}
 
 
+async def stall(url, body, seconds, pid, key):
+    """Starts a stream, reads its head and first bytes, then reads nothing for `seconds`
+    while sampling the server's RSS; then drops the connection."""
+    host, port, path = parse_url(url)
+    r, w = await asyncio.open_connection(host, port, limit=1 << 16)
+    # a small receive buffer so the server's socket fills quickly
+    sock = w.get_extra_info("socket")
+    import socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    w.write(request_bytes(host, port, path, body, key))
+    await w.drain()
+    status, hdrs = await read_head(r)
+    base = rss_kb(pid)
+    peak = base
+    t0 = time.monotonic()
+    r._transport.pause_reading()
+    while time.monotonic() - t0 < seconds:
+        await asyncio.sleep(0.2)
+        peak = max(peak, rss_kb(pid))
+    w.transport.abort()
+    return {"status": status, "rss_kb_before": base, "rss_kb_peak": peak}
+
+
 async def disconnect(url, body, key):
     host, port, path = parse_url(url)
     r, w = await asyncio.open_connection(host, port)
@@ -237,6 +261,8 @@ def main():
         res = asyncio.run(hold(a[1], a[2], int(a[3]), int(a[4]), key))
     elif cmd == "slowloris":
         res = asyncio.run(slowloris(a[1], float(a[2])))
+    elif cmd == "stall":
+        res = asyncio.run(stall(a[1], a[2], float(a[3]), int(a[4]), key))
     elif cmd == "disconnect":
         res = asyncio.run(disconnect(a[1], a[2], key))
     else:
