@@ -315,6 +315,7 @@ static void test_mutations(void **state)
     }
     assert_true(rejected > 1000);
     assert_true(accepted > 10);
+    kvr_kv_decoder_free(&d);
 }
 
 static void test_limits(void **state)
