@@ -14,7 +14,7 @@
  *
  * Backpressure: on_data may return KVR_CURL_PAUSE: the transfer pauses (receive side) and the
  * same bytes are delivered again after kvr_curl_resume(). kvr_curl_pause() pauses from outside
- * a callback. Note: kvr_curl_resume() may call on_data (and even on_done) before it returns. */
+ * a callback. Note: kvr_curl_resume() may call on_data before it returns (never on_done). */
 #ifndef KVR_CURL_H
 #define KVR_CURL_H
 
@@ -51,6 +51,7 @@ struct kvr_curl {
     bool closing;
     bool in_socket_action;
     kvr_curl_close_cb close_cb;
+    void *socks; /* open poll contexts */
 };
 
 typedef struct kvr_curl_opts {

@@ -88,6 +88,7 @@ struct kvr_http_server {
     bool closing;
     bool listener_closed;
     kvr_http_server_close_cb close_cb;
+    char *readbuf_; /* one read buffer shared by all connections */
 };
 
 struct kvr_http_req {

@@ -5,7 +5,8 @@
  * tree (free with cJSON_Delete). Getters return pointers into the tree (valid while it lives).
  *
  * cJSON keeps numbers as doubles: kvr_json_get_int/u64 reject non-integral values and
- * magnitudes above 2^53 (beyond which a double is not exact). cJSON accepts invalid UTF-8 in
+ * magnitudes of 2^53 and above (2^53 + 1 already parses as 2^53), i.e. they accept exactly
+ * the "safe integers" |v| <= 2^53 - 1. cJSON accepts invalid UTF-8 in
  * strings; callers that need valid UTF-8 check it themselves. */
 #ifndef KVR_JSON_H
 #define KVR_JSON_H
@@ -46,7 +47,7 @@ int kvr_json_get_array(const cJSON *obj, const char *key, bool required, const c
 int kvr_json_get_object(const cJSON *obj, const char *key, bool required, const cJSON **out,
                         kvr_err *err);
 
-/* Exact integer value of a number item: KVR_ETYPE if not a number, not integral, or |v| > 2^53. */
+/* Exact integer value of a number item: KVR_ETYPE if not a number, not integral, or |v| >= 2^53. */
 int kvr_json_int_exact(const cJSON *item, int64_t *out);
 
 /* Appends s as a quoted JSON string: escapes '"', '\\' and control bytes; invalid UTF-8 bytes
