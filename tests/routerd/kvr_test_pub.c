@@ -18,10 +18,16 @@
  *   raw SUBJECT HEX                     any payload (hex bytes; "-" for empty)
  *   beat NS W MODEL URL BS STARTED_MS   one heartbeat
  *   sleep MS
+ *   route MODEL NS P NTOKENS RID        NATS request on kvr.route (seq hashes of prefix P's first
+ *                                       NTOKENS tokens, block size 64, request id RID as 16
+ *                                       bytes); prints "route ok=1 worker=W overlap=O mode=M
+ *                                       router=R" or "route ok=0 error=..."
+ *   rev RID EVENT                       publishes {"request_id","event"} on kvr.route.event
  * Event publishes go through JetStream (acked, so the stream holds them in order) unless --core.
  * Prints "last_seq=N" (stream sequence of the last acked publish) at the end. */
 #include "kv_event.h"
 #include "kvr_buf.h"
+#include "kvr_hash.h"
 #include "kvr_mp.h"
 
 #include <inttypes.h>
@@ -233,6 +239,115 @@ static int beat(const char *ns, uint64_t w, const char *model, const char *url, 
     return s == NATS_OK ? 0 : -1;
 }
 
+static void rid_bytes(const char *rid, uint8_t out[16])
+{
+    memset(out, 0, 16);
+    size_t n = strlen(rid);
+    memcpy(out, rid, n > 16 ? 16 : n);
+}
+
+static int do_route(char **a, int n)
+{
+    if (n < 6)
+        return -1;
+    uint64_t p = strtoull(a[3], NULL, 10), nt = strtoull(a[4], NULL, 10);
+    if (nt > 1u << 20)
+        return -1;
+    uint32_t *toks = malloc((nt + 1) * sizeof(uint32_t));
+    uint64_t *seq = malloc((nt / 64 + 1) * sizeof(uint64_t));
+    if (!toks || !seq)
+        return -1;
+    for (uint64_t k = 0; k < nt; k++)
+        toks[k] = tok(p, k);
+    size_t ns = kvr_hash_seq(toks, nt, 64, false, 0, seq, nt / 64 + 1);
+    uint8_t rid[16];
+    rid_bytes(a[5], rid);
+    kvr_buf b;
+    kvr_buf_init(&b);
+    kvr_mp_write_map(&b, 7);
+    kvr_mp_write_cstr(&b, "request_id");
+    kvr_mp_write_bin(&b, rid, 16);
+    kvr_mp_write_cstr(&b, "frontend_id");
+    kvr_mp_write_uint(&b, 77);
+    kvr_mp_write_cstr(&b, "model");
+    kvr_mp_write_cstr(&b, a[1]);
+    kvr_mp_write_cstr(&b, "namespace");
+    kvr_mp_write_cstr(&b, a[2]);
+    kvr_mp_write_cstr(&b, "role");
+    kvr_mp_write_cstr(&b, "both");
+    kvr_mp_write_cstr(&b, "tokens");
+    kvr_mp_write_uint(&b, nt);
+    kvr_mp_write_cstr(&b, "seq_hashes");
+    kvr_mp_write_array(&b, (uint32_t)ns);
+    for (size_t i = 0; i < ns; i++)
+        kvr_mp_write_uint(&b, seq[i]);
+    free(toks);
+    free(seq);
+    natsMsg *reply = NULL;
+    natsStatus s = natsConnection_Request(&reply, nc, "kvr.route", b.base, (int)b.len, 5000);
+    kvr_buf_free(&b);
+    if (s != NATS_OK) {
+        printf("route ok=0 error=%s\n", natsStatus_GetText(s));
+        fflush(stdout);
+        return 0;
+    }
+    kvr_mp_reader r;
+    kvr_mp_reader_init(&r, natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply));
+    uint32_t nk = 0;
+    bool ok = false;
+    uint64_t worker = 0, overlap = 0, router = 0;
+    kvr_slice mode = {"", 0}, err = {"", 0};
+    if (kvr_mp_read_map(&r, &nk) == 0) {
+        for (uint32_t i = 0; i < nk; i++) {
+            kvr_slice k;
+            if (kvr_mp_read_str(&r, &k) != 0)
+                break;
+            if (kvr_slice_eq_cstr(k, "ok"))
+                kvr_mp_read_bool(&r, &ok);
+            else if (kvr_slice_eq_cstr(k, "worker_id"))
+                kvr_mp_read_uint(&r, &worker);
+            else if (kvr_slice_eq_cstr(k, "overlap_blocks"))
+                kvr_mp_read_uint(&r, &overlap);
+            else if (kvr_slice_eq_cstr(k, "router_id"))
+                kvr_mp_read_uint(&r, &router);
+            else if (kvr_slice_eq_cstr(k, "mode"))
+                kvr_mp_read_str(&r, &mode);
+            else if (kvr_slice_eq_cstr(k, "error"))
+                kvr_mp_read_str(&r, &err);
+            else
+                kvr_mp_skip(&r);
+        }
+    }
+    if (ok)
+        printf("route ok=1 worker=%" PRIu64 " overlap=%" PRIu64 " mode=%.*s router=%" PRIu64 "\n",
+               worker, overlap, (int)mode.len, mode.base, router);
+    else
+        printf("route ok=0 error=%.*s\n", (int)err.len, err.base);
+    fflush(stdout);
+    natsMsg_Destroy(reply);
+    return 0;
+}
+
+static int do_rev(char **a, int n)
+{
+    if (n < 3)
+        return -1;
+    uint8_t rid[16];
+    rid_bytes(a[1], rid);
+    kvr_buf b;
+    kvr_buf_init(&b);
+    kvr_mp_write_map(&b, 2);
+    kvr_mp_write_cstr(&b, "request_id");
+    kvr_mp_write_bin(&b, rid, 16);
+    kvr_mp_write_cstr(&b, "event");
+    kvr_mp_write_cstr(&b, a[2]);
+    natsStatus s = natsConnection_Publish(nc, "kvr.route.event", b.base, (int)b.len);
+    kvr_buf_free(&b);
+    if (s == NATS_OK)
+        s = natsConnection_FlushTimeout(nc, 2000);
+    return s == NATS_OK ? 0 : -1;
+}
+
 static int connect_nats(const char *url)
 {
     natsOptions *o = NULL;
@@ -317,6 +432,10 @@ int main(int argc, char **argv)
             r = n >= 7 ? beat(a[1], strtoull(a[2], NULL, 10), a[3], a[4],
                               (uint32_t)strtoul(a[5], NULL, 10), strtoull(a[6], NULL, 10))
                        : -1;
+        else if (!strcmp(a[0], "route"))
+            r = do_route(a, n);
+        else if (!strcmp(a[0], "rev"))
+            r = do_rev(a, n);
         else if (!strcmp(a[0], "sleep"))
             r = n >= 2 ? (usleep((useconds_t)atoi(a[1]) * 1000), 0) : -1;
         else
