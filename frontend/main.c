@@ -840,14 +840,14 @@ int main(int argc, char **argv)
                *mode = "kv", *api_key = getenv("KVR_API_KEY"), *max_body_s = "16MiB",
                *log_level = "info", *nats_user = NULL, *nats_password = NULL,
                *nats_token = NULL, *nats_ca = NULL, *nats_cert = NULL, *nats_key = NULL;
-    uint64_t id = 0;
+    uint64_t id = 1;
     int64_t block_size = 64, route_timeout = 200, route_tries = 3, max_conns = 10000,
             header_timeout = 10000, idle_timeout = 60000;
     bool nats_tls = false;
     kvr_flag flags[] = {
         {"listen", KVR_FLAG_STRING, &listen, "HTTP listen address (host:port or :port)", 0},
         {"nats", KVR_FLAG_STRING, &nats_url, "NATS URL (required for kv mode and heartbeats)", 0},
-        {"id", KVR_FLAG_U64, &id, "frontend id (lease kvr.frontends.<id>)", 0},
+        {"id", KVR_FLAG_U64, &id, "frontend id >= 1 (lease kvr.frontends.<id>)", 0},
         {"namespace", KVR_FLAG_STRING, &ns, "worker namespace (default \"default\")", 0},
         {"namespace-prefix", KVR_FLAG_STRING, &prefix, "serve namespaces P and P-<suffix>", 0},
         {"router-mode", KVR_FLAG_STRING, &mode, "kv|round-robin|random|least-loaded", 0},
@@ -902,6 +902,10 @@ int main(int argc, char **argv)
     if (fe_mode_parse(mode, &app.mode)) {
         fprintf(stderr, "kvr-frontend: --router-mode %s: want kv|round-robin|random|least-loaded\n",
                 mode);
+        return 2;
+    }
+    if (id == 0) {
+        fprintf(stderr, "kvr-frontend: --id must be >= 1 (routers ignore lease 0)\n");
         return 2;
     }
     if (ns && prefix) {

@@ -1,0 +1,110 @@
+#!/bin/bash
+# frontend_router_failover: kv mode with real kvr-routerd processes.
+#  1. requests are routed by a router (kvr.route), no fallback;
+#  2. a client that disconnects mid-stream frees its booking (router /v1/state bookings → 0)
+#     and cancels the worker's request;
+#  3. SIGKILL the router that routed a live stream → the stream completes intact (same text as
+#     the worker's deterministic output);
+#  4. kill all routers → new requests are still served (local fallback), counted in /metrics.
+source "$(dirname "$0")/../lib/testenv.sh"
+HERE=$(cd "$(dirname "$0")" && pwd)
+kvr_test_init frontend_router_failover
+for b in kvr-worker kvr-frontend kvr-routerd; do
+    [ -x "$KVR_BIN/$b" ] || { echo "SKIP: $b not built"; exit 77; }
+done
+PY=/usr/bin/python3
+kvr_start_nats
+declare -A WPORT RPORT
+for i in 1 2; do
+    WPORT[$i]=$(kvr_free_port)
+    kvr_spawn "worker$i" "$KVR_BIN/kvr-worker" --listen 127.0.0.1:${WPORT[$i]} --nats "$NATS_URL" \
+        --namespace default --model m1 --id "$i" --speedup 10
+done
+start_router() {
+    RPORT[$1]=$(kvr_free_port)
+    mkdir -p "$KVR_TMP/r$1"
+    kvr_spawn "router$1" "$KVR_BIN/kvr-routerd" --id "$1" --nats "$NATS_URL" \
+        --http 127.0.0.1:${RPORT[$1]} --data-dir "$KVR_TMP/r$1"
+}
+start_router 1
+fport=$(kvr_free_port)
+kvr_spawn fe "$KVR_BIN/kvr-frontend" --listen 127.0.0.1:$fport --nats "$NATS_URL" --id 5 \
+    --router-mode kv --route-timeout 200ms --route-tries 2 --log-level debug
+F=http://127.0.0.1:$fport
+kvr_wait_http "$F/health" 10
+kvr_wait_http "http://127.0.0.1:${RPORT[1]}/health" 15
+rworkers() { curl -s --max-time 2 "http://127.0.0.1:${RPORT[$1]}/v1/state" | jq -e '.workers|length==2' >/dev/null; }
+kvr_wait_for 15 rworkers 1 || kvr_fail "router 1 never saw both workers"
+fworkers() { curl -s "$F/metrics" | awk '/^kvr_frontend_live_workers / {exit !($2==2)}'; }
+kvr_wait_for 10 fworkers || kvr_fail "frontend never saw both workers"
+fmetric() { curl -s "$F/metrics" | awk -v k="$1" '$1==k {s+=$2} END {printf "%d\n", s}'; }
+bookings() { curl -s --max-time 2 "http://127.0.0.1:${RPORT[$1]}/v1/state" | jq -r .bookings; }
+
+# 1. routed by the router
+for i in 1 2 3; do
+    r=$(curl -s -d '{"model":"m1","prompt":"route me please","max_tokens":4}' "$F/v1/completions")
+    kvr_assert_eq "$(echo "$r" | jq -r .usage.completion_tokens)" 4 "routed request $i"
+done
+routed=$(( $(fmetric 'kvr_frontend_routed_total{mode="raft"}') + $(fmetric 'kvr_frontend_routed_total{mode="local"}') ))
+kvr_assert_eq "$routed" 3 "requests routed by a router"
+kvr_assert_eq "$(curl -s "$F/metrics" | awk '/^kvr_frontend_route_fallback_total/ {s+=$2} END {printf "%d", s}')" 0 "no fallback yet"
+zero_bookings() { [ "$(bookings 1)" = 0 ]; }
+kvr_wait_for 10 zero_bookings || kvr_fail "bookings not freed after finished requests: $(bookings 1)"
+
+# 2. a disconnecting client frees its booking and cancels the worker's request
+cancelled_sum() {
+    local s=0 i v
+    for i in 1 2; do
+        v=$(curl -s "http://127.0.0.1:${WPORT[$i]}/metrics" | awk '$1=="kvr_worker_requests_cancelled_total" {printf "%d", $2}')
+        s=$((s + v))
+    done
+    echo $s
+}
+c0=$(cancelled_sum)
+$PY "$HERE/fe_client.py" sse "$F/v1/completions" '{"model":"m1","prompt":"long one","max_tokens":100000,"stream":true}' \
+    >/dev/null 2>&1 &
+bg=$!
+one_booking() { [ "$(bookings 1)" = 1 ]; }
+kvr_wait_for 10 one_booking || kvr_fail "no booking for a live stream: $(bookings 1)"
+kill -KILL $bg 2>/dev/null
+wait $bg 2>/dev/null
+kvr_wait_for 10 zero_bookings || kvr_fail "booking not freed after the client left: $(bookings 1)"
+more_cancelled() { [ "$(cancelled_sum)" -gt "$c0" ]; }
+kvr_wait_for 10 more_cancelled || kvr_fail "worker request not cancelled"
+kvr_log "disconnect: booking freed, worker request cancelled"
+
+# 3. kill the router that routed a live stream
+start_router 2
+start_router 3
+kvr_wait_http "http://127.0.0.1:${RPORT[2]}/health" 15
+kvr_wait_http "http://127.0.0.1:${RPORT[3]}/health" 15
+kvr_wait_for 15 rworkers 2 || kvr_fail "router 2 never saw the workers"
+kvr_wait_for 15 rworkers 3 || kvr_fail "router 3 never saw the workers"
+body='{"model":"m1","prompt":"a stream that outlives its router","max_tokens":400,"stream":true}'
+$PY "$HERE/fe_client.py" sse "$F/v1/completions" "$body" >"$KVR_TMP/live.json" 2>&1 &
+bg=$!
+sleep 0.5
+line=$(grep -E 'msg="?routed"? ' "$KVR_TMP/fe.log" | tail -1)
+rid=$(echo "$line" | sed -n 's/.*router=\([0-9]*\).*/\1/p')
+[ -n "$rid" ] || kvr_fail "no routed log line: $line"
+kvr_log "stream routed by router $rid; SIGKILL it"
+kvr_kill9 "router$rid"
+kill -0 $bg 2>/dev/null || kvr_fail "the stream ended before its router was killed (test too fast)"
+wait $bg || kvr_fail "stream client failed"
+kvr_assert_eq "$(jq -r .status "$KVR_TMP/live.json")" 200 "live stream status"
+kvr_assert_eq "$(jq -r .done "$KVR_TMP/live.json")" true "live stream reached [DONE]"
+got=$(jq -r .text "$KVR_TMP/live.json")
+want=$(curl -s -d '{"model":"m1","prompt":"a stream that outlives its router","max_tokens":400}' \
+    "http://127.0.0.1:${WPORT[1]}/v1/completions" | jq -r '.choices[0].text')
+kvr_assert_eq "$got" "$want" "stream intact after its router died"
+
+# 4. all routers gone: still served, counted as fallback
+for i in 1 2 3; do kvr_kill9 "router$i"; done
+for i in 1 2 3 4; do
+    r=$(curl -s --max-time 10 -d '{"model":"m1","prompt":"no routers","max_tokens":3}' "$F/v1/completions")
+    kvr_assert_eq "$(echo "$r" | jq -r .usage.completion_tokens)" 3 "served without routers ($i)"
+done
+fb=$(curl -s "$F/metrics" | awk '/^kvr_frontend_route_fallback_total/ {s+=$2} END {printf "%d", s}')
+[ "$fb" -ge 4 ] || kvr_fail "fallbacks not counted: $fb"
+kvr_log "fallback decisions counted: $fb"
+kvr_pass
