@@ -40,6 +40,9 @@ static void cmp_usage(FILE *out)
             "  --dir D          where the clusters live (default: a new temp dir)\n"
             "  --worker-args \"…\" --router-args \"…\" --frontend-args \"…\"  passed to kvrctl up\n"
             "  --plot-dir DIR   per-mode TTFT plots in DIR/<mode>/\n"
+            "  --worker-speedup X  workers' clock speed-up (default: --speedup); a lower value\n"
+            "                   than --speedup loads the workers harder than the real trace did\n"
+            "  --kvrctl-args \"…\" extra arguments for every `kvrctl up`\n"
             "Each mode runs on a fresh cluster (kvrctl up … ; replay ; kvrctl down).\n");
 }
 
@@ -90,7 +93,8 @@ int kvr_bench_compare(int argc, char **argv)
     run_cfg base;
     run_cfg_init(&base);
     const char *json_out = NULL, *plot_dir = NULL, *dir = NULL;
-    const char *wargs = "", *rargs = "", *fargs = "";
+    const char *wargs = "", *rargs = "", *fargs = "", *kargs = "";
+    double worker_speedup = 0;
     char modes_buf[256] = "kv3,kv1,round_robin,haproxy";
     int workers = 8;
     for (int i = 1; i < argc; i++) {
@@ -127,6 +131,17 @@ int kvr_bench_compare(int argc, char **argv)
             i++;
         } else if (strcmp(a, "--frontend-args") == 0 && v) {
             fargs = v;
+            i++;
+        } else if (strcmp(a, "--kvrctl-args") == 0 && v) {
+            kargs = v;
+            i++;
+        } else if (strcmp(a, "--worker-speedup") == 0 && v) {
+            char *end;
+            worker_speedup = strtod(v, &end);
+            if (*end || !(worker_speedup > 0) || worker_speedup > 1e6) {
+                fprintf(stderr, "kvr-bench compare: --worker-speedup wants a positive number\n");
+                return 2;
+            }
             i++;
         } else {
             fprintf(stderr, "kvr-bench compare: unknown or incomplete option %s\n", a);
@@ -179,7 +194,7 @@ int kvr_bench_compare(int argc, char **argv)
     char wstr[16];
     snprintf(wstr, sizeof wstr, "%d", workers);
     char speed[32];
-    snprintf(speed, sizeof speed, "%g", base.speedup);
+    snprintf(speed, sizeof speed, "%g", worker_speedup > 0 ? worker_speedup : base.speedup);
     for (int m = 0; m < N_MODES && !cmp_stop; m++) {
         if (!want[m])
             continue;
@@ -188,10 +203,19 @@ int kvr_bench_compare(int argc, char **argv)
         const char *routers = m == 0 ? "3" : "1";
         const char *frontends = m == 3 ? "0" : "1";
         snprintf(fa, sizeof fa, "%s%s", fargs, m == 2 ? " --router-mode round-robin" : "");
-        char *up[] = {"up", "--dir", cdir, "--routers", (char *)routers, "--workers", wstr,
-                      "--frontends", (char *)frontends, "--speedup", speed, "--worker-args",
-                      (char *)wargs, "--router-args", (char *)rargs, "--frontend-args", fa,
-                      m == 3 ? "--haproxy" : NULL, NULL};
+        char *up[RUN_MAX_ARGS + 1] = {"up", "--dir", cdir, "--routers", (char *)routers,
+                                      "--workers", wstr, "--frontends", (char *)frontends,
+                                      "--speedup", speed, "--worker-args", (char *)wargs,
+                                      "--router-args", (char *)rargs, "--frontend-args", fa};
+        int nup = 17;
+        if (m == 3)
+            up[nup++] = "--haproxy";
+        char kbuf[1024];
+        snprintf(kbuf, sizeof kbuf, "%s", kargs);
+        char *ksave = NULL;
+        for (char *t = strtok_r(kbuf, " \t", &ksave); t && nup < RUN_MAX_ARGS; t = strtok_r(NULL, " \t", &ksave))
+            up[nup++] = t;
+        up[nup] = NULL;
         fprintf(stderr, "== %s: starting a fresh cluster in %s\n", all_modes[m], cdir);
         if (run_kvrctl(up) != 0) {
             snprintf(errors[m], sizeof errors[m], "kvrctl up failed (logs in %s/logs)", cdir);
@@ -243,7 +267,8 @@ int kvr_bench_compare(int argc, char **argv)
         }
     }
 
-    printf("kvr-bench compare: %d workers, speed-up %g, %s\n", workers, base.speedup, base.trace_path);
+    printf("kvr-bench compare: %d workers, trace speed-up %g, worker speed-up %g, %s\n", workers,
+           base.speedup, worker_speedup > 0 ? worker_speedup : base.speedup, base.trace_path);
     printf("%-12s %9s %9s %9s %9s %11s %7s %7s\n", "mode", "requests", "hit rate", "TTFT p50",
            "TTFT p99", "out tok/s", "failed", "e2e p50");
     for (int m = 0; m < N_MODES; m++) {
@@ -288,9 +313,9 @@ int kvr_bench_compare(int argc, char **argv)
             run_result_json(f, &results[m], NULL);
             first = false;
         }
-        fprintf(f, "},\"config\":{\"workers\":%d,\"speedup\":%g,\"duration_s\":%g,\"max_requests\":%ld,"
+        fprintf(f, "},\"config\":{\"workers\":%d,\"worker_speedup\":%g,\"speedup\":%g,\"duration_s\":%g,\"max_requests\":%ld,"
                    "\"trace_block_size\":%u,\"max_output\":%ld}",
-                workers, base.speedup, base.duration_s, base.max_requests, base.trace_block_size,
+                workers, worker_speedup > 0 ? worker_speedup : base.speedup, base.speedup, base.duration_s, base.max_requests, base.trace_block_size,
                 base.max_output);
         bool any_err = false;
         for (int m = 0; m < N_MODES; m++)

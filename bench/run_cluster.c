@@ -529,6 +529,14 @@ int run_router_get_state(const run_proc *p, long timeout_ms, run_router_state *s
         st->leader = jnum(raft, "leader", 0);
         st->applied_index = jnum(raft, "applied_index", 0);
     }
+    const cJSON *workers = cJSON_GetObjectItemCaseSensitive(root, "workers");
+    const cJSON *w;
+    if (cJSON_IsArray(workers))
+        cJSON_ArrayForEach(w, workers)
+        {
+            const cJSON *up = cJSON_GetObjectItemCaseSensitive(w, "up");
+            st->workers_up += cJSON_IsTrue(up) || (!up && cJSON_IsObject(w));
+        }
     if (index) {
         st->blocks = jnum(index, "blocks", 0);
         /* "index" comes before any other "digest" in the router's output; search from it. */

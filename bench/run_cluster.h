@@ -91,6 +91,7 @@ typedef struct run_router_state {
     char digest[32]; /* index digest as printed by the router (raw JSON token) */
     long long blocks;
     long long applied_index;
+    int workers_up;  /* entries of "workers" with "up": true */
 } run_router_state;
 int run_router_get_state(const run_proc *p, long timeout_ms, run_router_state *st, kvr_err *err);
 

@@ -282,6 +282,49 @@ static int wait_ready(run_cluster *c, int from, int to, int timeout_s, kvr_err *
     }
 }
 
+/* Workers announce themselves by heartbeat (1 s): routers and frontends only route to a worker
+ * they have heard. "Ready" for the cluster means every router and frontend knows all of them,
+ * otherwise the first requests of a benchmark fail with "no worker". */
+static int wait_workers_known(run_cluster *c, int nworkers, int timeout_s, kvr_err *err)
+{
+    if (nworkers == 0)
+        return 0;
+    long long deadline = mono_ms() + (long long)timeout_s * 1000;
+    for (;;) {
+        const run_proc *lagging = NULL;
+        int seen = 0;
+        for (int i = 0; i < c->n && !lagging; i++) {
+            run_proc *p = &c->procs[i];
+            if (strcmp(p->role, "router") == 0) {
+                run_router_state st;
+                seen = run_router_get_state(p, 1000, &st, NULL) == 0 ? st.workers_up : 0;
+                if (seen < nworkers)
+                    lagging = p;
+            } else if (strcmp(p->role, "frontend") == 0) {
+                char url[256];
+                kvr_buf b;
+                kvr_buf_init(&b);
+                long status = 0;
+                double live = 0;
+                snprintf(url, sizeof url, "%s/metrics", p->url);
+                if (run_http_get(url, 1000, &status, &b) == 0 && status == 200 &&
+                    run_prom_sum(b.base, b.len, "kvr_frontend_live_workers", &live) != 0)
+                    live = nworkers; /* a frontend without the gauge: trust /health */
+                kvr_buf_free(&b);
+                seen = (int)live;
+                if (seen < nworkers)
+                    lagging = p;
+            }
+        }
+        if (!lagging)
+            return 0;
+        if (mono_ms() > deadline)
+            return kvr_err_set(err, KVR_ETIMEDOUT, "%s-%d (port %d) knows %d of %d workers after %d s",
+                               lagging->role, lagging->id, lagging->port, seen, nworkers, timeout_s);
+        sleep_ms(100);
+    }
+}
+
 static void teardown(run_cluster *c)
 {
     for (int i = c->n - 1; i >= 0; i--)
@@ -577,6 +620,9 @@ static int cmd_up(const char *dir, up_opts *o)
             (rc = wait_ready(&c, stage, c.n, o->timeout_s, &err)) != 0)
             goto fail;
     }
+
+    if ((rc = wait_workers_known(&c, o->workers, o->timeout_s, &err)) != 0)
+        goto fail;
 
     printf("cluster up in %s: %d router(s), %d worker(s), %d frontend(s)%s\n", abs_dir, o->routers,
            o->workers, o->frontends, o->haproxy ? ", haproxy" : "");
