@@ -22,6 +22,7 @@
  *                                       NTOKENS tokens, block size 64, request id RID as 16
  *                                       bytes); prints "route ok=1 worker=W overlap=O mode=M
  *                                       router=R" or "route ok=0 error=..."
+ *   purge STREAM                        purges every message of a JetStream stream
  *   rev RID EVENT                       publishes {"request_id","event"} on kvr.route.event
  * Event publishes go through JetStream (acked, so the stream holds them in order) unless --core.
  * Prints "last_seq=N" (stream sequence of the last acked publish) at the end. */
@@ -434,7 +435,10 @@ int main(int argc, char **argv)
                        : -1;
         else if (!strcmp(a[0], "route"))
             r = do_route(a, n);
-        else if (!strcmp(a[0], "rev"))
+        else if (!strcmp(a[0], "purge")) {
+            jsErrCode jerr = 0;
+            r = n >= 2 && js_PurgeStream(js, a[1], NULL, &jerr) == NATS_OK ? 0 : -1;
+        } else if (!strcmp(a[0], "rev"))
             r = do_rev(a, n);
         else if (!strcmp(a[0], "sleep"))
             r = n >= 2 ? (usleep((useconds_t)atoi(a[1]) * 1000), 0) : -1;
