@@ -181,7 +181,7 @@ static int cb_timer(CURLM *multi, long timeout_ms, void *userp)
 
 /* ---------------------------------------------------------------- requests */
 
-static void req_unlink_free(kvr_curl_req *r)
+static void req_unlink(kvr_curl_req *r)
 {
     kvr_curl *kc = r->kc;
     if (r->prev)
@@ -190,16 +190,27 @@ static void req_unlink_free(kvr_curl_req *r)
         kc->reqs = r->next;
     if (r->next)
         r->next->prev = r->prev;
+    r->next = r->prev = NULL;
     kc->active--;
-    if (r->easy) {
-        if (r->in_multi)
-            curl_multi_remove_handle(kc->multi, r->easy);
+    if (r->easy && r->in_multi)
+        curl_multi_remove_handle(kc->multi, r->easy);
+    r->in_multi = false;
+}
+
+static void req_free(kvr_curl_req *r)
+{
+    if (r->easy)
         curl_easy_cleanup(r->easy);
-    }
     curl_slist_free_all(r->hdrs);
     free(r->body);
     kvr_buf_free(&r->collected);
     free(r);
+}
+
+static void req_unlink_free(kvr_curl_req *r)
+{
+    req_unlink(r);
+    req_free(r);
 }
 
 static int depth_of(kvr_curl *kc)
@@ -210,7 +221,7 @@ static int depth_of(kvr_curl *kc)
 /* Deferred work: add new handles, drop cancelled ones. */
 static void sweep(kvr_curl *kc)
 {
-    if (depth_of(kc))
+    if (depth_of(kc) || kc->closing)
         return;
     kvr_curl_req *r = kc->reqs;
     while (r != NULL) {
@@ -224,8 +235,12 @@ static void sweep(kvr_curl *kc)
             } else {
                 snprintf(r->errbuf, sizeof r->errbuf, "curl_multi_add_handle: %s",
                          curl_multi_strerror(mc));
+                req_unlink(r);
                 r->o.on_done(r, KVR_EIO, 0, r->errbuf, (kvr_slice){"", 0});
-                req_unlink_free(r);
+                req_free(r);
+                if (kc->closing)
+                    return;
+                next = kc->reqs; /* on_done may have changed the list: rescan */
             }
         }
         r = next;
@@ -258,15 +273,17 @@ static void finish(kvr_curl_req *r, CURLcode rc)
         msg = r->errbuf[0] ? r->errbuf : curl_easy_strerror(rc);
     }
     kvr_slice body = {r->collected.base ? r->collected.base : "", r->collected.len};
+    /* Detached first, so on_done may start requests or even close the client. */
+    req_unlink(r);
     r->o.on_done(r, result, http, msg, body);
-    req_unlink_free(r);
+    req_free(r);
 }
 
 static void check_done(kvr_curl *kc)
 {
     CURLMsg *m;
     int left;
-    while ((m = curl_multi_info_read(kc->multi, &left)) != NULL) {
+    while (!kc->closing && (m = curl_multi_info_read(kc->multi, &left)) != NULL) {
         if (m->msg != CURLMSG_DONE)
             continue;
         kvr_curl_req *r = NULL;
