@@ -6,6 +6,23 @@
  * fields and unknown keys. It never allocates from an unchecked length: every count is checked
  * against the bytes that remain and against the decoder's limits before anything is sized.
  *
+ * Details of the accepted forms:
+ * - batch: array [ts, events, dp_rank|nil, ...more ignored] (at least 2 elements), or map
+ *   with "ts" and "events" required, "data_parallel_rank" optional (nil = absent), other keys
+ *   skipped. ts is float32/float64 or any integer.
+ * - event: array with the tag first (BlockStored needs >= 5 fields, lora_id is the optional
+ *   6th; BlockRemoved >= 2), or map with "type" anywhere among its keys. In map form
+ *   "parent_block_hash" and "lora_id" may be missing (= nil). Non-str map keys are skipped.
+ *   A known key given twice is KVR_KV_REJ_INVALID.
+ * - BlockStored: block_size in 1..max_block_size, token ids u32, and
+ *   n_tokens == n_hashes * block_size, else rejected. Non-stored events report
+ *   n_tokens == 0 and has_parent == false; AllBlocksCleared reports n_hashes == 0.
+ * - Unknown fields and keys are skipped with kvr_mp_skip (nesting <= KVR_MP_MAX_DEPTH each).
+ * Return codes per reason: TRUNCATED -> KVR_ETRUNC, TYPE -> KVR_ETYPE, LIMIT -> KVR_ELIMIT
+ * (also: an array count larger than the bytes left, e.g. `dd 05 f5 e1 00`; out of memory),
+ * UNKNOWN -> KVR_EUNSUPPORTED, INVALID and TRAILING -> KVR_EINVAL. Messages read
+ * "event 3: block_hashes[2]: truncated (at byte 57)" or "batch: ts: wrong type (str) (...)".
+ *
  * Ownership: a decoded batch borrows the decoder's scratch arrays; it is valid until the next
  * kvr_kv_decode() on the same decoder or kvr_kv_decoder_free(). A decoder is used by one
  * thread at a time. */
@@ -101,7 +118,14 @@ typedef enum { KVR_KV_HASH_INT = 0, KVR_KV_HASH_BYTES = 1 } kvr_kv_hash_format;
 
 /* Encodes a batch in vLLM's array or map form, appending to out. With KVR_KV_HASH_BYTES each
  * u64 hash h is written as a 32-byte bin (kvr_kv_hash_to_bytes), so decoding gives back
- * kvr_hash_bytes(those 32 bytes), a stable function of h. Returns 0 or KVR_ENOMEM. */
+ * kvr_hash_bytes(those 32 bytes), a stable function of h. Returns 0 or KVR_ENOMEM, or
+ * KVR_EINVAL for an event of unknown type; on failure nothing is appended.
+ * Array form: [ts, events(, dp_rank)], events ["BlockStored", hashes, parent|nil, tokens,
+ * block_size, lora_id|nil], ["BlockRemoved", hashes], ["AllBlocksCleared"].
+ * Map form (vLLM key names, omit_defaults): {"ts","events"(,"data_parallel_rank" only when
+ * has_dp_rank)}, {"type","block_hashes","parent_block_hash" (nil when none),"token_ids",
+ * "block_size"(,"lora_id" only when has_lora_id)}. ts is written as float32 when that is
+ * exact, else float64. The encoder does not check n_tokens == n_hashes * block_size. */
 int kvr_kv_encode(kvr_buf *out, const kvr_kv_batch *batch, kvr_kv_format fmt,
                   kvr_kv_hash_format hfmt);
 
