@@ -466,7 +466,10 @@ static int cb_headers_complete(llhttp_t *p)
             c->err_status = 413;
             return -1;
         }
-        if (p->content_length > 0 && kvr_buf_reserve(&r->body_, (size_t)p->content_length) != 0) {
+        /* Reserve at most 64 KiB up front: a client announcing a big body and sending
+         * nothing must not cost that much memory. */
+        size_t want = p->content_length < 65536 ? (size_t)p->content_length : 65536;
+        if (want > 0 && kvr_buf_reserve(&r->body_, want) != 0) {
             c->err_status = 503;
             return -1;
         }
@@ -556,7 +559,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         c->in_off = 0;
     }
     if (kvr_buf_append(&c->in, buf->base, (size_t)nread) != 0) {
-        conn_error(c, 503);
+        conn_gone(c);
         return;
     }
     if (c->timer_mode == T_BODY)

@@ -12,7 +12,8 @@
  * and pause until on_drain (see below).
  *
  * Request lifetime: the server calls on_request(req) once the whole body has arrived. From then
- * on the handler owns the duty to FINISH the request exactly once, now or in a later loop turn:
+ * on the handler owns the duty to FINISH the request exactly once (twice is a use-after-free),
+ * now or in a later loop turn:
  * kvr_http_respond() or kvr_http_stream_end() (after kvr_http_stream_start()). Finishing frees
  * the request; the handler must not touch it afterwards. Until then `req` and every slice in it
  * stay valid, even if the client has gone: the request owns copies of its head and body.
@@ -93,7 +94,7 @@ struct kvr_http_server {
 
 struct kvr_http_req {
     void *data;               /* handler's */
-    kvr_http_server *server;
+    kvr_http_server *server;  /* valid until the server's close callback */
     kvr_slice method;         /* "GET", "POST", ... */
     kvr_slice path;           /* "/v1/completions" (URL before '?', not decoded) */
     kvr_slice query;          /* after '?', without it; empty if none */
