@@ -390,11 +390,20 @@ static void on_up_done(kvr_curl_req *r, int result, long status, const char *err
     KVR_LOG_WARN_RL(2, "upstream failed", "request=%s worker=%" PRIu64 " first_token=%d err=\"%s\"",
                     c->rid_hex, c->worker_id, first, why);
     uint64_t failed_id = c->worker_id;
+    if (result != 0 && result != KVR_ECLOSED && !first && c->have_worker) {
+        /* Unreachable: treat it as down until its next heartbeat says otherwise. */
+        fe_worker *fw = fe_pool_find(&app.pool, NULL, failed_id);
+        if (fw && strcmp(fw->url, c->url) == 0)
+            fw->last_seen_ms = INT64_MIN / 4;
+    }
     release_worker(c);
     if (!first && c->attempts < 2 && !app.stopping) {
         /* Retry once on another worker, chosen locally (the booking was freed). */
-        fe_worker *w = fe_pool_choose(&app.pool, app.mode == FE_MODE_KV ? FE_MODE_LEAST : app.mode,
-                                      c->ns, c->r.model, kvr_mono_ms(), true, failed_id);
+        fe_mode m = app.mode == FE_MODE_KV ? FE_MODE_LEAST : app.mode;
+        fe_worker *w = fe_pool_choose(&app.pool, m, c->ns, c->r.model, kvr_mono_ms(), true,
+                                      failed_id);
+        if (!w || w->id == failed_id) /* the pool has no other worker: any served pool */
+            w = fe_pool_choose(&app.pool, m, NULL, c->r.model, kvr_mono_ms(), true, failed_id);
         if (w && w->id != failed_id) {
             kvr_metric_inc(app.m_retries);
             snprintf(c->url, sizeof c->url, "%s", w->url);

@@ -107,4 +107,22 @@ done
 fb=$(curl -s "$F/metrics" | awk '/^kvr_frontend_route_fallback_total/ {s+=$2} END {printf "%d", s}')
 [ "$fb" -ge 4 ] || kvr_fail "fallbacks not counted: $fb"
 kvr_log "fallback decisions counted: $fb"
+
+# 5. a worker that dies before its first token: the request is retried once on another
+#    worker (a round-robin frontend, so the dead worker's turn is certain to come)
+f2port=$(kvr_free_port)
+kvr_spawn fe2 "$KVR_BIN/kvr-frontend" --listen 127.0.0.1:$f2port --nats "$NATS_URL" --id 6 \
+    --router-mode round-robin
+F2=http://127.0.0.1:$f2port
+kvr_wait_http "$F2/health" 10
+f2workers() { curl -s "$F2/metrics" | awk '/^kvr_frontend_live_workers / {exit !($2==2)}'; }
+kvr_wait_for 10 f2workers || kvr_fail "frontend 2 never saw both workers"
+kvr_kill9 worker1
+for i in 1 2 3; do
+    r=$(curl -s --max-time 10 -d '{"model":"m1","prompt":"retry me","max_tokens":3}' "$F2/v1/completions")
+    kvr_assert_eq "$(echo "$r" | jq -r .usage.completion_tokens)" 3 "served despite a dead worker ($i)"
+done
+retries=$(curl -s "$F2/metrics" | awk '$1=="kvr_frontend_upstream_retries_total" {printf "%d", $2}')
+[ "$retries" -ge 1 ] || kvr_fail "no retry counted"
+kvr_log "retries on another worker: $retries"
 kvr_pass
