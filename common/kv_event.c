@@ -176,32 +176,54 @@ static int skip_n(dec *c, uint64_t n, const char *field)
     return 0;
 }
 
+/* mp_fail/type_fail for element idx of a list field ("block_hashes[3]"), or for the field
+ * itself when idx < 0. Formats the name only on the failure path. */
+static void field_name(char *name, size_t cap, const char *field, long idx)
+{
+    if (idx >= 0)
+        snprintf(name, cap, "%s[%ld]", field, idx);
+    else
+        snprintf(name, cap, "%s", field);
+}
+
+static int field_fail(dec *c, int rv, const char *field, long idx)
+{
+    char name[64];
+    field_name(name, sizeof name, field, idx);
+    if (rv == KVR_ETYPE)
+        return type_fail(c, name);
+    return mp_fail(c, rv, name);
+}
+
 /* One block hash: int (u64 or negative i64 as its bit pattern) or str/bin bytes. */
 static int read_hash(dec *c, uint64_t *out, const char *field, long idx)
 {
-    char name[64];
-    if (idx >= 0)
-        snprintf(name, sizeof name, "%s[%ld]", field, idx);
-    else
-        snprintf(name, sizeof name, "%s", field);
     kvr_mp_type t = kvr_mp_peek(&c->r);
     int rv;
     if (t == KVR_MP_UINT || t == KVR_MP_INT) {
         rv = kvr_mp_read_u64bits(&c->r, out);
-        return rv ? mp_fail(c, rv, name) : 0;
+        return rv ? field_fail(c, rv, field, idx) : 0;
     }
     if (t == KVR_MP_STR || t == KVR_MP_BIN) {
         kvr_slice s;
         rv = kvr_mp_read_bytes(&c->r, &s);
         if (rv != 0)
-            return mp_fail(c, rv, name);
-        if (s.len > c->d->limits.max_hash_bytes)
+            return field_fail(c, rv, field, idx);
+        if (s.len > c->d->limits.max_hash_bytes) {
+            char name[64];
+            field_name(name, sizeof name, field, idx);
             return fail(c, KVR_KV_REJ_LIMIT, "%s: %zu-byte hash, limit %u", name, s.len,
                         c->d->limits.max_hash_bytes);
+        }
         *out = kvr_hash_bytes(s.base, s.len);
         return 0;
     }
-    return type_fail(c, name);
+    return field_fail(c, KVR_ETYPE, field, idx);
+}
+
+static inline uint32_t be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
 static int read_hash_list(dec *c, kvr_kv_event *ev)
@@ -217,6 +239,12 @@ static int read_hash_list(dec *c, kvr_kv_event *ev)
     if (grow((void **)&d->hashes, &d->hashes_cap, c->n_hashes + m, sizeof *d->hashes) != 0)
         return fail(c, KVR_KV_REJ_LIMIT, "block_hashes: out of memory for %u hashes", m);
     for (uint32_t i = 0; i < m; i++) {
+        const uint8_t *p = c->r.p;
+        if (c->r.end - p >= 9 && p[0] == 0xcf) { /* fast path: uint64, the usual int hash */
+            d->hashes[c->n_hashes + i] = (uint64_t)be32(p + 1) << 32 | be32(p + 5);
+            c->r.p = p + 9;
+            continue;
+        }
         rv = read_hash(c, &d->hashes[c->n_hashes + i], "block_hashes", (long)i);
         if (rv != 0)
             return rv;
@@ -239,17 +267,33 @@ static int read_token_list(dec *c, kvr_kv_event *ev)
     if (grow((void **)&d->tokens, &d->tokens_cap, c->n_tokens + m, sizeof *d->tokens) != 0)
         return fail(c, KVR_KV_REJ_LIMIT, "token_ids: out of memory for %u tokens", m);
     for (uint32_t i = 0; i < m; i++) {
+        /* fast paths for the encodings of a u32; everything else takes the general reader */
+        const uint8_t *p = c->r.p;
+        ptrdiff_t left = c->r.end - p;
+        uint32_t *dst = &d->tokens[c->n_tokens + i];
+        if (left >= 1 && p[0] <= 0x7f) {
+            *dst = p[0];
+            c->r.p = p + 1;
+            continue;
+        }
+        if (left >= 5 && p[0] == 0xce) {
+            *dst = be32(p + 1);
+            c->r.p = p + 5;
+            continue;
+        }
+        if (left >= 3 && p[0] == 0xcd) {
+            *dst = (uint32_t)p[1] << 8 | p[2];
+            c->r.p = p + 3;
+            continue;
+        }
         uint64_t v;
         rv = kvr_mp_read_uint(&c->r, &v);
-        if (rv != 0) {
-            char name[48];
-            snprintf(name, sizeof name, "token_ids[%u]", i);
-            return rv == KVR_ETYPE ? type_fail(c, name) : mp_fail(c, rv, name);
-        }
+        if (rv != 0)
+            return field_fail(c, rv, "token_ids", (long)i);
         if (v > UINT32_MAX)
             return fail(c, KVR_KV_REJ_INVALID, "token_ids[%u]: %llu is not a u32 token id", i,
                         (unsigned long long)v);
-        d->tokens[c->n_tokens + i] = (uint32_t)v;
+        *dst = (uint32_t)v;
     }
     ev->n_tokens = m;
     c->n_tokens += m;
