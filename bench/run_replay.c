@@ -768,9 +768,11 @@ void run_result_json(FILE *out, const run_result *r, const run_cfg *cfg)
         fprintf(out, ",\"failed_during\":%ld,\"digests_equal\":%s", r->failed_during,
                 r->digests_equal ? "true" : "false");
         if (r->failover_error[0]) {
-            char *e = cJSON_PrintUnformatted(cJSON_CreateString(r->failover_error));
+            cJSON *js = cJSON_CreateString(r->failover_error);
+            char *e = js ? cJSON_PrintUnformatted(js) : NULL;
             fprintf(out, ",\"error\":%s", e ? e : "null");
             free(e);
+            cJSON_Delete(js);
         }
         fputs("}", out);
     }
