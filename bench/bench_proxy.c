@@ -281,7 +281,7 @@ int kvr_bench_proxy(int argc, char **argv)
     if (!f)
         return 1;
     fprintf(f,
-            "global\n  maxconn 20000\n  nbthread 1\n"
+            "global\n  maxconn 8000\n  nbthread 1\n"
             "defaults\n  mode http\n  timeout connect 5s\n  timeout client 120s\n"
             "  timeout server 120s\n  option http-keep-alive\n"
             "frontend fe\n  bind 127.0.0.1:%d\n  default_backend workers\n"
