@@ -837,6 +837,12 @@ int run_result_plot(const run_result *r, const char *dir, kvr_err *err)
             fprintf(f, "set arrow from %.3f, graph 0 to %.3f, graph 1 nohead lc rgb 'dark-green' lw 2\n"
                        "set label 'restart' at %.3f, graph 0.88 tc rgb 'dark-green' offset 0.5,0\n",
                     r->restarted_at_s, r->restarted_at_s, r->restarted_at_s);
+        if (r->restarted_at_s > 0 && r->ready_after_restart_ms >= 0) {
+            double ready = r->restarted_at_s + r->ready_after_restart_ms / 1000.0;
+            fprintf(f, "set arrow from %.3f, graph 0 to %.3f, graph 1 nohead dt 2 lc rgb 'dark-green' lw 1\n"
+                       "set label 'ready (+%.0f ms)' at %.3f, graph 0.81 tc rgb 'dark-green' offset 0.5,0\n",
+                    ready, ready, r->ready_after_restart_ms, ready);
+        }
     }
     fprintf(f, "plot 'ttft.dat' using 1:($3==1?$2:1/0) with points pt 7 ps 0.5 lc rgb 'blue' title 'ok', \\\n"
                "     'ttft.dat' using 1:($3==0?$2:1/0) with points pt 2 ps 1 lc rgb 'red' title 'failed (e2e)'\n"
