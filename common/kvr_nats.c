@@ -707,10 +707,15 @@ static void consumer_create(kvr_nats_consumer *c)
     w->start_seq = c->last_seq + 1;
     w->sub = sub;
     w->consumer = c;
-    if (submit(ki, w) == 0)
+    if (submit(ki, w) == 0) {
         c->creating = true;
-    else
+        /* current from now on: the new consumer may deliver before consumer_create_done runs
+         * on the loop, and those messages must not be dropped as coming from a stale one */
+        c->current = sub;
+    } else {
+        sub->dead = true;
         free(w);
+    }
 }
 
 static void consumer_create_done(js_work *w)
@@ -720,13 +725,15 @@ static void consumer_create_done(js_work *w)
     c->creating = false;
     if (w->status != 0) {
         w->sub->dead = true;
+        if (c->current == w->sub)
+            c->current = NULL;
         if (c->create_failures++ % 10 == 0)
             KVR_LOG_WARN("jetstream consumer creation failed, retrying", "stream=%s from_seq=%" PRIu64 " error=\"%s\"",
                          c->stream, w->start_seq, w->errmsg);
         return;
     }
     w->sub->ns = w->ns;
-    if (c->stopped || ki->closing) {
+    if (c->stopped || ki->closing || c->current != w->sub) {
         if (ki->closing) {
             graveyard_add(ki, w->ns);
             w->sub->ns = NULL;
