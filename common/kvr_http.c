@@ -1062,7 +1062,11 @@ bool kvr_http_stream_should_pause(const kvr_http_req *req)
     kvr_http_conn *c = req->conn_;
     if (c == NULL || c->closing)
         return false;
-    return c->tcp.write_queue_size >= c->srv->cfg.stream_high_water;
+    if (c->tcp.write_queue_size < c->srv->cfg.stream_high_water)
+        return false;
+    /* Whoever was told to pause is owed an on_drain. */
+    ((kvr_http_req *)req)->want_drain_ = true;
+    return true;
 }
 
 int kvr_http_stream_end(kvr_http_req *req)

@@ -3,6 +3,7 @@
  * backpressure. */
 #define _GNU_SOURCE
 #include "http_fixture.h"
+#include "kvr_metrics.h"
 #include "kvr_sse.h"
 
 #include <setjmp.h>
@@ -213,6 +214,19 @@ static void test_keepalive(void **state)
     assert_int_equal(fx->srv.stats.requests, 4);
     assert_int_equal(fx->srv.stats.responses[2], 4);
     assert_int_equal(fx->srv.stats.connections_active, 0);
+    /* The same counters through kvr_metrics. */
+    kvr_metrics *m = kvr_metrics_new();
+    assert_int_equal(kvr_metrics_add_http_server(m, "kvr_test_http", &fx->srv), 0);
+    kvr_buf out;
+    kvr_buf_init(&out);
+    assert_int_equal(kvr_metrics_render(m, &out), 0);
+    kvr_buf_append(&out, "", 1);
+    assert_non_null(strstr(out.base, "\nkvr_test_http_requests_total 4\n"));
+    assert_non_null(strstr(out.base, "\nkvr_test_http_responses_total{code=\"2xx\"} 4\n"));
+    assert_non_null(strstr(out.base, "\nkvr_test_http_connections_total 1\n"));
+    assert_non_null(strstr(out.base, "\nkvr_test_http_connections 0\n"));
+    kvr_buf_free(&out);
+    kvr_metrics_free(m);
     free(fx);
 }
 
