@@ -18,6 +18,7 @@
 #include "kvr_tok.h"
 
 #include <cjson/cJSON.h>
+#include <nats/nats.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,13 +69,7 @@ typedef struct probe {
     uv_timer_t timer;
     int rc;
     bool done;
-    uint64_t worker_id;
-    kvr_index *idx;
-    kvr_kv_decoder dec;
-    uint64_t payloads, rejected, apply_errors, last_seq, pending;
-    uint64_t last_msg_ms, start_ms, timeout_ms;
-    bool got_any;
-    kvr_nats_consumer *cons;
+    uint64_t start_ms;
 } probe;
 
 static void on_closed(kvr_nats *kn)
@@ -90,8 +85,6 @@ static void finish(probe *p, int rc)
     p->rc = rc;
     uv_timer_stop(&p->timer);
     uv_close((uv_handle_t *)&p->timer, NULL);
-    if (p->cons)
-        kvr_nats_consumer_stop(p->cons);
     kvr_nats_close(&p->nats, on_closed);
 }
 
@@ -182,84 +175,91 @@ static uint64_t cache_digest(const char *file, uint64_t worker, uint64_t *n_bloc
     return sum;
 }
 
-static void on_event(const kvr_nats_msg *m, void *data)
-{
-    probe *p = data;
-    kvr_kv_batch b;
-    kvr_err err = {0};
-    p->got_any = true;
-    p->last_msg_ms = uv_now(p->loop);
-    p->last_seq = m->stream_seq;
-    p->pending = m->num_pending;
-    p->payloads++;
-    if (kvr_kv_decode(&p->dec, m->data, m->len, &b, NULL, &err) != 0) {
-        fprintf(stderr, "probe: payload %" PRIu64 " rejected: %s\n", m->stream_seq, err.msg);
-        p->rejected++;
-        return;
-    }
-    p->apply_errors += kvr_index_apply_batch(p->idx, p->worker_id, b.events, b.n_events, &err);
-}
-
-static void digest_tick(uv_timer_t *t)
-{
-    probe *p = t->data;
-    uint64_t now = uv_now(p->loop);
-    if (now - p->start_ms > p->timeout_ms) {
-        fprintf(stderr, "probe: timed out (payloads=%" PRIu64 ")\n", p->payloads);
-        finish(p, 3);
-        return;
-    }
-    /* done when the consumer says nothing is pending after the last message and it has been
-     * quiet for a moment (or nothing at all came for 2 s) */
-    if (p->got_any && p->pending == 0 && now - p->last_msg_ms > 500)
-        finish(p, 0);
-    else if (!p->got_any && now - p->start_ms > 2000)
-        finish(p, 0);
-}
-
+/* Synchronous cnats JetStream subscription (a test tool may block): every message of the
+ * subject from the stream's start, until the consumer reports nothing pending and nothing
+ * more arrives for a moment. */
 static int cmd_digest(int argc, char **argv)
 {
-    probe p = {0};
     kvr_err err = {0};
-    p.worker_id = strtoull(arg(argc, argv, "--worker-id", "1"), NULL, 10);
-    p.timeout_ms = 30000;
+    uint64_t worker_id = strtoull(arg(argc, argv, "--worker-id", "1"), NULL, 10);
     uint32_t bs = (uint32_t)strtoul(arg(argc, argv, "--block-size", "64"), NULL, 10);
     const char *subject = arg(argc, argv, "--subject", NULL);
     const char *cache = arg(argc, argv, "--cache", NULL);
+    const char *url = arg(argc, argv, "--nats", "nats://127.0.0.1:4222");
     if (!subject || !cache) {
         fprintf(stderr, "probe digest: --subject and --cache are required\n");
         return 2;
     }
+    kvr_index *idx;
     kvr_index_opts io = {.block_size = bs};
-    if (kvr_index_create(&p.idx, &io, &err) != 0)
+    if (kvr_index_create(&idx, &io, &err) != 0)
         return 2;
-    kvr_kv_decoder_init(&p.dec, NULL);
-    if (start_nats(&p, arg(argc, argv, "--nats", "nats://127.0.0.1:4222")))
-        return 1;
-    if (kvr_nats_js_consume(&p.nats, "KVR_EVENTS", subject, 1, on_event, &p, &p.cons, &err) != 0) {
-        fprintf(stderr, "probe: consume: %s\n", err.msg);
+    kvr_kv_decoder dec;
+    kvr_kv_decoder_init(&dec, NULL);
+    natsConnection *nc = NULL;
+    jsCtx *js = NULL;
+    natsSubscription *sub = NULL;
+    jsErrCode jerr = 0;
+    natsStatus s = natsConnection_ConnectTo(&nc, url);
+    if (s == NATS_OK)
+        s = natsConnection_JetStream(&js, nc, NULL);
+    jsSubOptions so;
+    jsSubOptions_Init(&so);
+    so.Stream = "KVR_EVENTS";
+    so.Config.DeliverPolicy = js_DeliverAll;
+    so.Config.AckPolicy = js_AckNone;
+    if (s == NATS_OK)
+        s = js_SubscribeSync(&sub, js, subject, NULL, &so, &jerr);
+    if (s != NATS_OK) {
+        fprintf(stderr, "probe: subscribe %s: %s (%d)\n", subject, natsStatus_GetText(s), (int)jerr);
         return 1;
     }
-    p.last_msg_ms = uv_now(p.loop);
-    uv_timer_start(&p.timer, digest_tick, 200, 200);
-    int rc = run(&p);
+    uint64_t payloads = 0, rejected = 0, apply_errors = 0, pending = 1;
+    for (;;) {
+        natsMsg *m = NULL;
+        s = natsSubscription_NextMsg(&m, sub, pending ? 5000 : 700);
+        if (s == NATS_TIMEOUT)
+            break;
+        if (s != NATS_OK) {
+            fprintf(stderr, "probe: next: %s\n", natsStatus_GetText(s));
+            return 1;
+        }
+        jsMsgMetaData *meta = NULL;
+        if (natsMsg_GetMetaData(&meta, m) == NATS_OK) {
+            pending = meta->NumPending;
+            jsMsgMetaData_Destroy(meta);
+        }
+        payloads++;
+        kvr_kv_batch b;
+        if (kvr_kv_decode(&dec, natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m), &b, NULL,
+                          &err) != 0) {
+            fprintf(stderr, "probe: payload rejected: %s\n", err.msg);
+            rejected++;
+        } else {
+            apply_errors += kvr_index_apply_batch(idx, worker_id, b.events, b.n_events, &err);
+        }
+        natsMsg_Destroy(m);
+    }
+    natsSubscription_Unsubscribe(sub);
+    natsSubscription_Destroy(sub);
+    jsCtx_Destroy(js);
+    natsConnection_Destroy(nc);
+    nats_CloseAndWait(2000);
     uint64_t n_cache;
-    uint64_t want = cache_digest(cache, p.worker_id, &n_cache);
+    uint64_t want = cache_digest(cache, worker_id, &n_cache);
     kvr_index_stats st;
-    kvr_index_stats_get(p.idx, &st);
-    uint64_t got = kvr_index_digest(p.idx);
+    kvr_index_stats_get(idx, &st);
+    uint64_t got = kvr_index_digest(idx);
     printf("{\"equal\":%s,\"index_digest\":\"%" PRIu64 "\",\"cache_digest\":\"%" PRIu64
            "\",\"index_entries\":%" PRIu64 ",\"cache_blocks\":%" PRIu64 ",\"payloads\":%" PRIu64
            ",\"rejected\":%" PRIu64 ",\"apply_errors\":%" PRIu64 ",\"clears\":%" PRIu64
            ",\"stores\":%" PRIu64 ",\"removes\":%" PRIu64 ",\"dropped_unknown_parent\":%" PRIu64
            "}\n",
-           got == want ? "true" : "false", got, want, st.entries, n_cache, p.payloads, p.rejected,
-           p.apply_errors, st.clears, st.stores, st.removes, st.dropped_unknown_parent);
-    kvr_kv_decoder_free(&p.dec);
-    kvr_index_destroy(p.idx);
-    if (rc)
-        return rc;
-    return got == want && p.rejected == 0 ? 0 : 1;
+           got == want ? "true" : "false", got, want, st.entries, n_cache, payloads, rejected,
+           apply_errors, st.clears, st.stores, st.removes, st.dropped_unknown_parent);
+    kvr_kv_decoder_free(&dec);
+    kvr_index_destroy(idx);
+    return got == want && rejected == 0 ? 0 : 1;
 }
 
 /* ---- heartbeat ---- */
