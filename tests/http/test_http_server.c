@@ -596,6 +596,116 @@ static void test_max_connections(void **state)
     free(fx);
 }
 
+
+/* ---------------------------------------------------------------- HEAD, HTTP/1.0 streams, 100-continue */
+
+static void c_misc(fixture *fx)
+{
+    static fx_conn c;
+    memset(&c, 0, sizeof c);
+    c.fd = fx_connect(fx, 0);
+    /* HEAD: the head of the GET, no body; the connection stays usable. */
+    fx_send_str(c.fd, "HEAD /hello HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
+    char *end;
+    while ((end = memmem(c.buf, c.len, "\r\n\r\n", 4)) == NULL)
+        if (fx_fill(&c) != 0)
+            break;
+    if (end) {
+        size_t hl = (size_t)(end - c.buf) + 4;
+        memcpy(fx->resp[0], c.buf, hl);
+        fx->resp[0][hl] = '\0';
+        kvr_buf drop;
+        kvr_buf_init(&drop);
+        fx_take(&c, hl, NULL);
+        fx->ints[0] = atoi(fx->resp[0] + 9);
+        /* the next bytes must be the GET's response, not a HEAD body */
+        fx->ints[1] = fx_read_response(&c, &drop);
+        save(fx, 1, &drop);
+        kvr_buf_free(&drop);
+    }
+    /* Expect: 100-continue: the server says go before the body is sent. */
+    fx_send_str(c.fd, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n");
+    while (memmem(c.buf, c.len, "\r\n\r\n", 4) == NULL)
+        if (fx_fill(&c) != 0)
+            break;
+    fx->ints[2] = atoi(c.buf + 9);
+    fx_take(&c, c.len, NULL);
+    fx_send_str(c.fd, "abc");
+    kvr_buf b;
+    kvr_buf_init(&b);
+    fx->ints[3] = fx_read_response(&c, &b);
+    save(fx, 3, &b);
+    kvr_buf_free(&b);
+    close(c.fd);
+    /* HTTP/1.0 stream: no chunked framing, the body ends at the close. */
+    int fd = fx_connect(fx, 0);
+    fx_send_str(fd, "GET /sse HTTP/1.0\r\n\r\n");
+    fx->resp_len[4] = fx_read_all(fd, fx->resp[4], sizeof fx->resp[4]);
+    close(fd);
+    /* An unknown expectation. */
+    fd = fx_connect(fx, 0);
+    fx_send_str(fd, "GET /hello HTTP/1.1\r\nHost: x\r\nExpect: something\r\n\r\n");
+    fx->resp_len[5] = fx_read_all(fd, fx->resp[5], sizeof fx->resp[5]);
+    fx->ints[5] = atoi(fx->resp[5] + 9);
+    close(fd);
+}
+
+static void test_head_http10_continue(void **state)
+{
+    fixture *fx = calloc(1, sizeof *fx);
+    kvr_http_config cfg = base_cfg();
+    run(fx, &cfg, c_misc);
+    assert_int_equal(fx->ints[0], 200);
+    assert_non_null(strstr(fx->resp[0], "Content-Length: 5\r\n"));
+    assert_int_equal(fx->ints[1], 200);
+    assert_non_null(strstr(fx->resp[1], "\r\n\r\nhello"));
+    assert_int_equal(fx->ints[2], 100);
+    assert_int_equal(fx->ints[3], 200);
+    assert_non_null(strstr(fx->resp[3], "\r\n\r\nabc"));
+    assert_null(strstr(fx->resp[4], "chunked"));
+    assert_non_null(strstr(fx->resp[4], "Connection: close\r\n"));
+    assert_non_null(strstr(fx->resp[4], "\r\n\r\ndata: {\"i\":0}\n\n"));
+    assert_non_null(strstr(fx->resp[4], "data: [DONE]\n\n"));
+    assert_int_equal(fx->ints[5], 417);
+    free(fx);
+}
+
+/* ---------------------------------------------------------------- server close with a live stream */
+
+static void c_server_close(fixture *fx)
+{
+    static fx_conn c;
+    memset(&c, 0, sizeof c);
+    c.fd = fx_connect(fx, 0);
+    fx_send_str(c.fd, "GET /hang HTTP/1.1\r\nHost: x\r\n\r\n");
+    while (memmem(c.buf, c.len, "started", 7) == NULL)
+        if (fx_fill(&c) != 0)
+            break;
+    fx->ints[0] = atoi(c.buf + 9);
+    /* Returning makes the fixture close the server while the stream is open. Wait for EOF
+     * from a second thread's point of view afterwards is not needed: the fixture joins us. */
+    fx->user = (void *)(intptr_t)c.fd;
+}
+
+static void test_server_close_live_stream(void **state)
+{
+    fixture *fx = calloc(1, sizeof *fx);
+    kvr_http_config cfg = base_cfg();
+    run(fx, &cfg, c_server_close);
+    assert_int_equal(fx->ints[0], 200);
+    assert_int_equal(fx->on_close_calls, 1);     /* the handler heard about it ... */
+    assert_int_equal(fx->on_close_by_client, 0); /* ... because the server closed */
+    /* the client sees the connection end */
+    int fd = (int)(intptr_t)fx->user;
+    char tmp[4096];
+    ssize_t r;
+    while ((r = recv(fd, tmp, sizeof tmp, 0)) > 0)
+        ;
+    assert_int_equal(r, 0);
+    close(fd);
+    free(fx);
+}
+
 /* ---------------------------------------------------------------- listen errors */
 
 static void noop_handler(kvr_http_req *req)
@@ -642,6 +752,8 @@ int main(void)
         cmocka_unit_test(test_backpressure),
         cmocka_unit_test(test_max_connections),
         cmocka_unit_test(test_listen_errors),
+        cmocka_unit_test(test_head_http10_continue),
+        cmocka_unit_test(test_server_close_live_stream),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
