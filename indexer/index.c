@@ -133,8 +133,15 @@ static inline uint64_t *u64map_find(const u64map *m, uint64_t key)
 
 static inline void u64map_prefetch(const u64map *m, uint64_t key)
 {
-    if (m->cap)
-        PREFETCH(&m->kv[2 * home_of(key, m->shift)]);
+    if (m->cap) {
+        const uint64_t *p = &m->kv[2 * home_of(key, m->shift)];
+        PREFETCH(p);
+        /* Probes and backward-shift deletion run past the home slot: fetch the next line too
+         * when the home slot is in the second half of its line. Memory parallelism is the
+         * limit here (fill buffers), so no more than that. Never faults past the end. */
+        if ((uintptr_t)p & 32)
+            PREFETCH((const void *)((uintptr_t)p + 64));
+    }
 }
 
 static int u64map_resize(u64map *m, uint64_t ncap, uint64_t *bytes)
@@ -161,6 +168,15 @@ static int u64map_resize(u64map *m, uint64_t ncap, uint64_t *bytes)
     m->kv = nkv;
     m->cap = ncap;
     return 0;
+}
+
+/* Smallest power-of-two capacity that holds n keys under the 3/4 load bound. */
+static uint64_t cap_for(uint64_t n)
+{
+    uint64_t cap = MIN_CAP;
+    while (n * 4 > cap * 3)
+        cap *= 2;
+    return cap;
 }
 
 /* Inserts key (must be absent). Returns 0 or KVR_ENOMEM (map unchanged). */
@@ -283,8 +299,12 @@ static inline const uint64_t *blockmap_find(const blockmap *m, uint64_t key)
 
 static inline void blockmap_prefetch(const blockmap *m, uint64_t key)
 {
-    if (m->cap)
-        PREFETCH(m->s + home_of(key, m->shift) * m->stride);
+    if (m->cap) {
+        const uint64_t *p = m->s + home_of(key, m->shift) * m->stride;
+        PREFETCH(p);
+        if (((uintptr_t)p & 63) + (uintptr_t)m->stride * 8 * 2 > 64) /* as u64map_prefetch */
+            PREFETCH((const void *)((uintptr_t)p + 64));
+    }
 }
 
 static int blockmap_resize(blockmap *m, uint64_t ncap, uint64_t *bytes)
@@ -1031,6 +1051,11 @@ int kvr_index_import(kvr_index *idx, const kvr_index_image *img, kvr_err *err)
     int rc = content_init(&nc, &idx->opts, idx->words);
     if (rc)
         return kvr_err_set(err, rc, "importing the index: out of memory");
+    /* Size the tables once (bounded by the image's own arrays, which exist), instead of
+     * growing through every power of two. */
+    if (img->entries <= img->n_pairs && img->entries &&
+        blockmap_resize(&nc.blocks, cap_for(img->entries), &nc.bytes))
+        goto nomem;
     uint64_t next = 0;
     for (uint32_t k = 0; k < img->n_workers; k++) {
         const kvr_index_image_worker *iw = &img->workers[k];
@@ -1051,7 +1076,13 @@ int kvr_index_import(kvr_index *idx, const kvr_index_image *img, kvr_err *err)
         w->bound = bound_of(idx, iw->capacity_blocks);
         w->last_event_seq = iw->last_event_seq;
         const uint64_t *p = img->pairs + 2 * iw->first_pair;
+        if (iw->n_pairs && u64map_resize(&w->ext, cap_for(iw->n_pairs), &nc.bytes))
+            goto nomem;
         for (uint64_t i = 0; i < iw->n_pairs; i++, p += 2) {
+            if (i + 16 < iw->n_pairs) {
+                u64map_prefetch(&w->ext, p[32]);
+                blockmap_prefetch(&nc.blocks, p[33]);
+            }
             if (u64map_find(&w->ext, p[0])) {
                 rc = kvr_err_set(err, KVR_ECORRUPT,
                                  "image worker %" PRIu64 ": external hash %016" PRIx64 " twice",
