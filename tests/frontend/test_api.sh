@@ -125,8 +125,21 @@ echo "$m" | grep -q 'kvr_frontend_requests_total{route="completions"}' || kvr_fa
 echo "$m" | grep -q 'kvr_frontend_responses_total{status="401"} 2' || kvr_fail "metrics: 401 count"
 echo "$m" | grep -q 'kvr_frontend_ttft_seconds_count' || kvr_fail "metrics: ttft"
 
-# no worker → 503 with Retry-After
+# a worker that dies after the first token: the stream ends with an error event, then [DONE]
+$CL sse "$F/v1/completions" '{"model":"m1","prompt":"die midway","max_tokens":100000,"stream":true}' \
+    --key $KEY >"$KVR_TMP/mid.json" &
+bg=$!
+sleep 1
 kvr_kill9 worker1
+wait $bg || kvr_fail "client failed: $(cat "$KVR_TMP/mid.json")"
+kvr_assert_eq "$(jq -r .status "$KVR_TMP/mid.json")" 200 "mid-stream failure: status"
+kvr_assert_eq "$(jq -r .done "$KVR_TMP/mid.json")" true "mid-stream failure: [DONE]"
+jq -e '.events[-1].error.message | length > 0' "$KVR_TMP/mid.json" >/dev/null ||
+    kvr_fail "no error event at the end: $(jq -c '.events[-1]' "$KVR_TMP/mid.json")"
+jq -e '[.events[] | select(.choices)] | length > 0' "$KVR_TMP/mid.json" >/dev/null ||
+    kvr_fail "no tokens before the failure"
+
+# no worker → 503 with Retry-After
 gone() { curl -s "${AUTH[@]}" "$F/v1/models" | jq -e '.data|length==0' >/dev/null; }
 kvr_wait_for 10 gone || kvr_fail "worker never expired"
 hdr=$(curl -s -D - -o "$KVR_TMP/503.json" "${AUTH[@]}" -d "$body" "$F/v1/completions")

@@ -9,6 +9,10 @@ for b in kvr-worker kvr-frontend; do
     [ -x "$KVR_BIN/$b" ] || { echo "SKIP: $b not built"; exit 77; }
 done
 N=${FE_LOAD_STREAMS:-1000}
+# Under AddressSanitizer RSS includes the quarantine of freed memory: memory bounds only
+# hold for normal builds.
+ASAN=0
+ldd "$KVR_BIN/kvr-frontend" 2>/dev/null | grep -q libasan && ASAN=1
 kvr_start_nats
 wport=$(kvr_free_port)
 fport=$(kvr_free_port)
@@ -54,7 +58,7 @@ st=$(/usr/bin/python3 "$HERE/fe_client.py" stall "http://127.0.0.1:$f2port/v1/co
 kvr_log "stalled client: $st"
 kvr_assert_eq "$(echo "$st" | jq -r .status)" 200 "stalled stream status"
 sgrow=$(( $(echo "$st" | jq -r .rss_kb_peak) - $(echo "$st" | jq -r .rss_kb_before) ))
-[ "$sgrow" -lt 4096 ] || kvr_fail "a stalled client grew the frontend by $sgrow KiB"
+[ "$ASAN" = 1 ] || [ "$sgrow" -lt 4096 ] || kvr_fail "a stalled client grew the frontend by $sgrow KiB"
 gen=$(curl -s "http://127.0.0.1:$w2port/metrics" | awk '$1=="kvr_worker_generated_tokens_total" {printf "%d", $2}')
 kvr_log "stalled stream: frontend grew $sgrow KiB; worker generated $gen tokens"
 
@@ -71,7 +75,7 @@ grow=$((peak - before))
 per=$((grow / N))
 kvr_log "frontend RSS $before KiB → peak $peak KiB: +$grow KiB, $per KiB per stream"
 # bounded: under 200 KiB per held stream (client + upstream buffers)
-[ "$grow" -lt $((N * 200)) ] || kvr_fail "RSS grew $grow KiB for $N streams"
+[ "$ASAN" = 1 ] || [ "$grow" -lt $((N * 200)) ] || kvr_fail "RSS grew $grow KiB for $N streams"
 # and the server is fine afterwards
 r=$(curl -s -d '{"model":"m1","prompt":"after","max_tokens":3}' "$F/v1/completions")
 kvr_assert_eq "$(echo "$r" | jq -r .usage.completion_tokens)" 3 "request after the load"
