@@ -706,6 +706,106 @@ static void test_server_close_live_stream(void **state)
     free(fx);
 }
 
+
+/* ---------------------------------------------------------------- byte-by-byte and garbage */
+
+static const char PIPE3[] = "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            "3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+                            "GET /query?k=v HTTP/1.1\r\nHost: x\r\n\r\n"
+                            "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nxy";
+
+static void c_trickle(fixture *fx)
+{
+    static fx_conn c;
+    memset(&c, 0, sizeof c);
+    c.fd = fx_connect(fx, 0);
+    int one = 1;
+    setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    for (size_t i = 0; i < sizeof PIPE3 - 1; i++) {
+        fx_send(c.fd, PIPE3 + i, 1);
+        if (i % 16 == 0)
+            fx_sleep_ms(1); /* let the server see many partial reads */
+    }
+    for (int i = 0; i < 3; i++) {
+        kvr_buf b;
+        kvr_buf_init(&b);
+        fx->ints[i] = fx_read_response(&c, &b);
+        save(fx, i, &b);
+        kvr_buf_free(&b);
+    }
+    close(c.fd);
+}
+
+static void test_byte_by_byte(void **state)
+{
+    fixture *fx = calloc(1, sizeof *fx);
+    kvr_http_config cfg = base_cfg();
+    run(fx, &cfg, c_trickle);
+    assert_int_equal(fx->ints[0], 200);
+    assert_non_null(strstr(fx->resp[0], "\r\n\r\nabcde"));
+    assert_int_equal(fx->ints[1], 200);
+    assert_non_null(strstr(fx->resp[1], "\r\n\r\nk=v"));
+    assert_int_equal(fx->ints[2], 200);
+    assert_non_null(strstr(fx->resp[2], "\r\n\r\nxy"));
+    free(fx);
+}
+
+/* Random mutations of valid requests: the server must answer or close every one, and
+ * keep serving (checked with a final clean request). Run under ASan/valgrind too. */
+static void c_garbage(fixture *fx)
+{
+    uint32_t seed = 12345;
+    int answered = 0, closed = 0;
+    for (int round = 0; round < 150; round++) {
+        char msg[sizeof PIPE3 + 64];
+        size_t n = sizeof PIPE3 - 1;
+        memcpy(msg, PIPE3, n);
+        for (int k = 0; k < 1 + round % 6; k++) {
+            seed = seed * 1103515245u + 12345u;
+            size_t pos = (seed >> 8) % n;
+            seed = seed * 1103515245u + 12345u;
+            switch ((seed >> 16) % 3) {
+            case 0: msg[pos] = (char)(seed >> 24); break;   /* flip a byte */
+            case 1: n = pos + 1; break;                      /* truncate */
+            default: msg[pos] = "\r\n :\0"[(seed >> 24) % 5]; break;
+            }
+        }
+        int fd = fx_connect(fx, 0);
+        fx_send(fd, msg, n);
+        shutdown(fd, SHUT_WR); /* a truncated request must not wait for the header timeout */
+        char out[4096];
+        size_t got = fx_read_all(fd, out, sizeof out);
+        if (got > 0)
+            answered++;
+        else
+            closed++;
+        close(fd);
+    }
+    fx->ints[0] = answered;
+    fx->ints[1] = closed;
+    static fx_conn c;
+    memset(&c, 0, sizeof c);
+    c.fd = fx_connect(fx, 0);
+    fx_send_str(c.fd, "GET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
+    kvr_buf b;
+    kvr_buf_init(&b);
+    fx->ints[2] = fx_read_response(&c, &b);
+    kvr_buf_free(&b);
+    close(c.fd);
+}
+
+static void test_garbage_survives(void **state)
+{
+    fixture *fx = calloc(1, sizeof *fx);
+    kvr_http_config cfg = base_cfg();
+    cfg.header_timeout_ms = 2000;
+    run(fx, &cfg, c_garbage);
+    assert_int_equal(fx->ints[0] + fx->ints[1], 150);
+    assert_int_equal(fx->ints[2], 200);
+    assert_int_equal(fx->srv.stats.connections_active, 0);
+    free(fx);
+}
+
 /* ---------------------------------------------------------------- listen errors */
 
 static void noop_handler(kvr_http_req *req)
@@ -754,6 +854,8 @@ int main(void)
         cmocka_unit_test(test_listen_errors),
         cmocka_unit_test(test_head_http10_continue),
         cmocka_unit_test(test_server_close_live_stream),
+        cmocka_unit_test(test_byte_by_byte),
+        cmocka_unit_test(test_garbage_survives),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
