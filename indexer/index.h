@@ -19,8 +19,11 @@
  * any other thread may then write (indexer/snapshot.h); kvr_index_import() runs on the owner.
  *
  * Memory: the index owns everything it allocates; every allocation is accounted in
- * kvr_index_stats.bytes (exact, including the handle). Tables shrink as entries go away, so
- * an emptied index returns to its baseline. Events are borrowed for the duration of a call.
+ * kvr_index_stats.bytes (exact: requested sizes, tables of 2 MiB and more are mmap'd with
+ * MADV_HUGEPAGE and counted in whole pages; the handle included). Tables grow at 3/4 load and
+ * shrink below 1/8, so an emptied index returns to its baseline. About 64 bytes per (block,
+ * worker) entry when each block is on one worker. Events are borrowed for the duration of a
+ * call.
  *
  * Per-worker bound: a worker may hold at most bound = bound_factor x capacity_blocks
  * external hashes (capacity from kvr_index_set_worker_capacity, else default_capacity_blocks).
@@ -68,7 +71,7 @@ typedef struct kvr_index_stats {
     uint64_t blocks;   /* distinct seq hashes */
     uint64_t workers;  /* registered workers */
     uint64_t ext_hashes; /* external hashes held, all workers (>= entries if engines alias) */
-    uint64_t bytes;    /* exact heap bytes owned by the index, handle included */
+    uint64_t bytes;    /* exact bytes owned by the index, handle included */
 
     uint64_t events_applied;   /* every event passed to kvr_index_apply */
     uint64_t stores;           /* STORED events applied (fully or in part) */
