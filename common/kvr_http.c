@@ -9,6 +9,8 @@
 #include "kvr_log.h"
 
 #include <llhttp.h>
+#include <netdb.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,7 +60,7 @@ typedef struct wreq {
 } wreq;
 
 static llhttp_settings_t g_settings;
-static bool g_settings_ready;
+static pthread_once_t g_settings_once = PTHREAD_ONCE_INIT;
 
 static void conn_process(kvr_http_conn *c);
 static void conn_gone(kvr_http_conn *c);
@@ -517,8 +519,6 @@ static int cb_message_complete(llhttp_t *p)
 
 static void settings_setup(void)
 {
-    if (g_settings_ready)
-        return;
     llhttp_settings_init(&g_settings);
     g_settings.on_message_begin = cb_message_begin;
     g_settings.on_url = cb_url;
@@ -527,7 +527,6 @@ static void settings_setup(void)
     g_settings.on_headers_complete = cb_headers_complete;
     g_settings.on_body = cb_body;
     g_settings.on_message_complete = cb_message_complete;
-    g_settings_ready = true;
 }
 
 /* ---------------------------------------------------------------- reading */
@@ -712,7 +711,7 @@ int kvr_http_server_init(kvr_http_server *srv, uv_loop_t *loop, const kvr_http_c
 {
     if (cfg == NULL || cfg->on_request == NULL)
         return KVR_EINVAL;
-    settings_setup();
+    pthread_once(&g_settings_once, settings_setup);
     void *data = srv->data;
     memset(srv, 0, sizeof *srv);
     srv->data = data;
@@ -769,10 +768,17 @@ static int parse_addr(const char *addr, struct sockaddr_storage *ss, kvr_err *er
     }
     if (hl == 0)
         strcpy(host, "0.0.0.0");
-    else if (strcmp(host, "localhost") == 0)
-        strcpy(host, "127.0.0.1");
-    if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)ss) != 0)
-        return kvr_err_set(err, KVR_EINVAL, "address '%s': host must be an IPv4 address", addr);
+    if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)ss) == 0)
+        return 0;
+    /* A host name: resolved once, at start-up (blocking is fine here). */
+    struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    int rc = getaddrinfo(host, NULL, &hints, &res);
+    if (rc != 0 || res == NULL)
+        return kvr_err_set(err, KVR_EINVAL, "address '%s': cannot resolve '%s': %s", addr, host,
+                           rc ? gai_strerror(rc) : "no address");
+    memcpy(ss, res->ai_addr, res->ai_addrlen);
+    ((struct sockaddr_in *)ss)->sin_port = htons((uint16_t)port);
+    freeaddrinfo(res);
     return 0;
 }
 

@@ -122,8 +122,8 @@ struct kvr_http_req {
  * Returns 0 or KVR_EINVAL (no on_request). */
 int kvr_http_server_init(kvr_http_server *srv, uv_loop_t *loop, const kvr_http_config *cfg);
 
-/* Binds and listens. addr is "host:port", ":port" (all IPv4 interfaces) or "[v6]:port"; port 0
- * lets the OS choose (see kvr_http_server_port()). Returns 0, KVR_EINVAL (bad address) or
+/* Binds and listens. addr is "ip:port", "hostname:port" (resolved to IPv4, blocking), ":port"
+ * (all IPv4 interfaces) or "[v6]:port"; port 0 lets the OS choose (kvr_http_server_port()). Returns 0, KVR_EINVAL (bad address) or
  * KVR_EIO (bind/listen failed, message says why). */
 int kvr_http_listen(kvr_http_server *srv, const char *addr, kvr_err *err);
 

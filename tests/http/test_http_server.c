@@ -831,6 +831,10 @@ static void test_listen_errors(void **state)
     assert_int_equal(kvr_http_server_init(&b, &loop, &cfg), 0);
     assert_int_equal(kvr_http_listen(&b, addr, &err), KVR_EIO);
     assert_non_null(strstr(err.msg, "address already in use"));
+    kvr_http_server c6;
+    assert_int_equal(kvr_http_server_init(&c6, &loop, &cfg), 0);
+    assert_int_equal(kvr_http_listen(&c6, "localhost:0", &err), 0);
+    kvr_http_server_close(&c6, NULL);
     kvr_http_server_close(&a, NULL);
     kvr_http_server_close(&b, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
