@@ -122,19 +122,84 @@ __attribute__((format(printf, 3, 4))) static int fail(dec *c, kvr_kv_reject reas
     return code;
 }
 
-/* Turns a kvr_mp error at the cursor into a rejection naming the field. */
+/* Count claimed by the array/map header at r when it claims more elements than bytes are
+ * left after the header; 0 otherwise (no such header, or the problem is further in). */
+static uint64_t claimed_count(const kvr_mp_reader *r, const char **what, size_t *after)
+{
+    size_t left = kvr_mp_remaining(r);
+    if (left == 0)
+        return 0;
+    const uint8_t *p = r->p;
+    uint8_t b = p[0];
+    bool map = (b & 0xf0) == 0x80 || b == 0xde || b == 0xdf;
+    uint64_t n;
+    size_t hdr;
+    if ((b & 0xe0) == 0x80) {
+        n = b & 0x0f;
+        hdr = 1;
+    } else if ((b == 0xdc || b == 0xde) && left >= 3) {
+        n = (uint64_t)p[1] << 8 | p[2];
+        hdr = 3;
+    } else if ((b == 0xdd || b == 0xdf) && left >= 5) {
+        n = (uint64_t)p[1] << 24 | (uint64_t)p[2] << 16 | (uint64_t)p[3] << 8 | p[4];
+        hdr = 5;
+    } else {
+        return 0;
+    }
+    *what = map ? "map" : "array";
+    *after = left - hdr;
+    return n * (map ? 2 : 1) > left - hdr ? n : 0;
+}
+
+/* kvr_mp_skip says KVR_ELIMIT both for nesting deeper than KVR_MP_MAX_DEPTH and for a count
+ * beyond the bytes left somewhere inside. Tell them apart by walking the value with a single
+ * pending-values counter (no stack, so no depth bound): if that walk completes, the value is
+ * whole and only too deep. */
+static bool value_is_whole(const kvr_mp_reader *r0)
+{
+    kvr_mp_reader r = *r0;
+    uint64_t pending = 1; /* never exceeds the bytes left: every value takes one */
+    while (pending > 0) {
+        pending--;
+        kvr_mp_type t = kvr_mp_peek(&r);
+        uint32_t n;
+        if (t == KVR_MP_ARRAY || t == KVR_MP_MAP) {
+            if ((t == KVR_MP_MAP ? kvr_mp_read_map(&r, &n) : kvr_mp_read_array(&r, &n)) != 0)
+                return false;
+            pending += t == KVR_MP_MAP ? 2 * (uint64_t)n : n;
+        } else if (kvr_mp_skip(&r) != 0) {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Turns a kvr_mp error at the cursor into a rejection naming the field. A count that claims
+ * more elements than bytes are left is reported as truncation: that is what a cut payload
+ * looks like. */
 static int mp_fail(dec *c, int rv, const char *field)
 {
+    if (rv == KVR_ELIMIT) {
+        const char *what = "array";
+        size_t after = 0;
+        uint64_t n = claimed_count(&c->r, &what, &after);
+        size_t left = kvr_mp_remaining(&c->r);
+        if (n > 0)
+            return fail(c, KVR_KV_REJ_TRUNCATED,
+                        "%s: truncated (%s of %llu elements, %zu bytes left)", field, what,
+                        (unsigned long long)n, after);
+        if (value_is_whole(&c->r))
+            return fail(c, KVR_KV_REJ_LIMIT, "%s: nested deeper than %d levels", field,
+                        KVR_MP_MAX_DEPTH);
+        return fail(c, KVR_KV_REJ_TRUNCATED, "%s: truncated (a count inside claims more "
+                    "than the %zu bytes left)", field, left);
+    }
     switch (rv) {
     case KVR_ETRUNC:
         return fail(c, KVR_KV_REJ_TRUNCATED, "%s: truncated", field);
     case KVR_ETYPE:
         return fail(c, KVR_KV_REJ_TYPE, "%s: wrong type (%s)", field,
                     mp_type_name(kvr_mp_peek(&c->r)));
-    case KVR_ELIMIT:
-        return fail(c, KVR_KV_REJ_LIMIT,
-                    "%s: count beyond the %zu bytes left, or nesting deeper than %d", field,
-                    kvr_mp_remaining(&c->r), KVR_MP_MAX_DEPTH);
     default:
         return fail(c, KVR_KV_REJ_INVALID, "%s: %s", field, kvr_strerror(rv));
     }

@@ -18,10 +18,12 @@
  *   n_tokens == n_hashes * block_size, else rejected. Non-stored events report
  *   n_tokens == 0 and has_parent == false; AllBlocksCleared reports n_hashes == 0.
  * - Unknown fields and keys are skipped with kvr_mp_skip (nesting <= KVR_MP_MAX_DEPTH each).
- * Return codes per reason: TRUNCATED -> KVR_ETRUNC, TYPE -> KVR_ETYPE, LIMIT -> KVR_ELIMIT
- * (also: an array count larger than the bytes left, e.g. `dd 05 f5 e1 00`; out of memory),
- * UNKNOWN -> KVR_EUNSUPPORTED, INVALID and TRAILING -> KVR_EINVAL. Messages read
- * "event 3: block_hashes[2]: truncated (at byte 57)" or "batch: ts: wrong type (str) (...)".
+ * Return codes per reason: TRUNCATED -> KVR_ETRUNC (also an array/map count larger than the
+ * bytes left, e.g. `dd 05 f5 e1 00`: that is what a cut payload looks like), TYPE -> KVR_ETYPE,
+ * LIMIT -> KVR_ELIMIT (a configured limit, nesting deeper than KVR_MP_MAX_DEPTH inside a
+ * skipped field, or out of memory), UNKNOWN -> KVR_EUNSUPPORTED, INVALID and TRAILING ->
+ * KVR_EINVAL. Messages read "event 3: block_hashes: truncated (array of 16 elements, 9 bytes
+ * left) (at byte 57)" or "batch: ts: wrong type (str) (at byte 1)".
  *
  * Ownership: a decoded batch borrows the decoder's scratch arrays; it is valid until the next
  * kvr_kv_decode() on the same decoder or kvr_kv_decoder_free(). A decoder is used by one

@@ -275,20 +275,26 @@ bad("bad_duplicate_event_key",
     "invalid", "duplicate")
 bad("bad_trailing_garbage", msgpack.packb([1.0, []]) + b"\x00", "trailing", "1 bytes after")
 bad("bad_trailing_second_batch", msgpack.packb([1.0, []]) * 2, "trailing")
-bad("bad_array32_huge", b"\xdd\x05\xf5\xe1\x00", "limit")
-bad("bad_events_array32_huge", b"\x92\x01\xdd\x05\xf5\xe1\x00", "limit", "events")
+bad("bad_array32_huge", b"\xdd\x05\xf5\xe1\x00", "truncated", "array of 100000000 elements")
+bad("bad_events_array32_huge", b"\x92\x01\xdd\x05\xf5\xe1\x00", "truncated", "events: truncated")
 bad("bad_hashes_array32_huge", b"\x92\x01\x91\x92\xacBlockRemoved\xdd\xff\xff\xff\xff\x01",
-    "limit", "block_hashes")
+    "truncated", "event 0: block_hashes: truncated (array of 4294967295 elements, 1 bytes left)")
 bad("bad_str32_huge_hash", b"\x92\x01\x91\x92\xacBlockRemoved\x91\xdb\xff\xff\xff\xff\x01",
     "truncated", "block_hashes[0]")
 bad("bad_deep_nesting_array_trailing",
-    with_deep([1.0, [["BlockRemoved", [1], DEEP]]], 1000), "limit", "event 0:")
+    with_deep([1.0, [["BlockRemoved", [1], DEEP]]], 1000), "limit", "event 0: trailing field: nested deeper than 32")
 bad("bad_deep_nesting_map_unknown",
     with_deep({"ts": 1.0, "events": [{"type": "AllBlocksCleared", "deep": DEEP}]}, 1000),
     "limit", "event 0:")
 bad("bad_deep_nesting_top_unknown", with_deep({"ts": 1.0, "x": DEEP, "events": []}, 1000),
     "limit", "batch")
 bad("bad_deep_nesting_33", with_deep([1.0, [], None, DEEP], 33), "limit", "batch")
+# a cut deep inside a skipped field: truncation, not nesting
+bad("bad_truncated_inside_unknown", msgpack.packb({"ts": 1.0, "x": [1, [2, [3]]], "events": []})[:20],
+    "truncated", "batch: unknown key's value: truncated (a count inside")
+bad("bad_count_inside_unknown",
+    b"\x83\xa2ts\x01\xa1x\x92\x01\xdd\x00\x01\x00\x00\xa6events\x90",
+    "truncated", "batch: unknown key's value: truncated (a count inside")
 # kvr_mp_skip allows KVR_MP_MAX_DEPTH (32) levels inside one skipped field
 cases["arr_nesting_32_in_trailing_ok"] = (with_deep([1.0, [], None, DEEP], 32),
                                           expect_ok(1.0, []))
