@@ -170,7 +170,8 @@ size_t kvr_http_stream_pending_bytes(const kvr_http_req *req);
  * req->on_drain is called. */
 bool kvr_http_stream_should_pause(const kvr_http_req *req);
 /* Ends the stream (terminating chunk) and finishes the request. Also the way to finish a
- * request whose client is gone. Returns 0 or KVR_ECLOSED. */
+ * request whose client is gone. Called before kvr_http_stream_start() it answers an empty 204.
+ * Returns 0 or KVR_ECLOSED. */
 int kvr_http_stream_end(kvr_http_req *req);
 
 /* Reason phrase for a status code ("OK", "Not Found", ...; "Unknown" otherwise). */
