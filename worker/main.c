@@ -320,7 +320,8 @@ static void ev_flush_buffer(worker *w)
         kvr_metric_inc(w->m_ev_batches);
         kvr_buf_free(&w->evbuf[i]);
     }
-    memmove(w->evbuf, w->evbuf + i, (w->n_evbuf - i) * sizeof *w->evbuf);
+    if (i > 0 && i < w->n_evbuf)
+        memmove(w->evbuf, w->evbuf + i, (w->n_evbuf - i) * sizeof *w->evbuf);
     w->n_evbuf -= i;
     kvr_metric_set(w->m_evbuf, 0, (double)w->n_evbuf);
 }
@@ -1189,8 +1190,8 @@ int main(int argc, char **argv)
                  w->o.capacity_blocks, w->o.speedup, w->started_ms);
     uv_run(w->loop, UV_RUN_DEFAULT);
     kvr_nats_global_shutdown(2000);
-    kvr_metrics_free(w->metrics);
     ev_buffer_drop(w);
+    kvr_metrics_free(w->metrics);
     free(w->evbuf);
     free(w->ready);
     free(w->future);
