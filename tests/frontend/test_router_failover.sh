@@ -98,7 +98,19 @@ want=$(curl -s -d '{"model":"m1","prompt":"a stream that outlives its router","m
     "http://127.0.0.1:${WPORT[1]}/v1/completions" | jq -r '.choices[0].text')
 kvr_assert_eq "$got" "$want" "stream intact after its router died"
 
-# 4. all routers gone: still served, counted as fallback
+# 4a. routers that stop answering (SIGSTOP): every try times out, then a local choice
+for i in 1 2 3; do
+    [ "$i" = "$rid" ] || kill -STOP -- "-$(kvr_pid "router$i")"
+done
+t0=$(date +%s%N)
+r=$(curl -s --max-time 10 -d '{"model":"m1","prompt":"routers asleep","max_tokens":3}' "$F/v1/completions")
+ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+kvr_assert_eq "$(echo "$r" | jq -r .usage.completion_tokens)" 3 "served with routers stopped"
+kvr_assert_eq "$(fmetric 'kvr_frontend_route_fallback_total{reason="timeout"}')" 1 "timeout fallback counted"
+[ "$ms" -ge 400 ] || kvr_fail "answered in $ms ms: 2 tries x 200 ms should have run first"
+kvr_log "routers stopped: fallback after $ms ms"
+
+# 4b. all routers gone: still served, counted as fallback
 for i in 1 2 3; do kvr_kill9 "router$i"; done
 for i in 1 2 3 4; do
     r=$(curl -s --max-time 10 -d '{"model":"m1","prompt":"no routers","max_tokens":3}' "$F/v1/completions")
