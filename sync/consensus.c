@@ -1,0 +1,413 @@
+#include "consensus.h"
+
+#include "kvr_log.h"
+
+#include <errno.h>
+#include <raft/uv.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+struct kvr_consensus {
+    uv_loop_t *loop;
+    struct raft_uv_transport transport;
+    struct raft_io io;
+    struct raft_fsm fsm;
+    struct raft raft;
+    kvr_consensus_fsm *cbs;
+    uint32_t id;
+    char addr[64];
+    char *data_dir;
+    kvr_peer peers[KVR_CONSENSUS_MAX_PEERS];
+    int n_peers;
+    kvr_consensus_options opts;
+    bool io_inited, transport_inited, raft_inited, started;
+    uv_timer_t free_timer; /* closed last: its close callback frees the struct */
+    void (*close_cb)(void *);
+    void *close_data;
+};
+
+/* --- raft_fsm adapter --- */
+
+static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void **result)
+{
+    kvr_consensus_fsm *cbs = fsm->data;
+    /* raft 0.15 does not pass the index; the caller tracks applied entries itself. */
+    cbs->apply(cbs->data, 0, buf->base, buf->len);
+    *result = NULL;
+    return 0; /* P2: always 0, outcomes live in the state machine's results */
+}
+
+static int fsm_snapshot(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
+{
+    kvr_consensus_fsm *cbs = fsm->data;
+    kvr_buf b;
+    kvr_buf_init(&b);
+    int rc = cbs->snapshot(cbs->data, &b);
+    if (rc) {
+        kvr_buf_free(&b);
+        return RAFT_NOMEM;
+    }
+    /* P5: both the array and each base are released by raft with raft_free. */
+    struct raft_buffer *arr = raft_malloc(sizeof *arr);
+    void *base = raft_malloc(b.len ? b.len : 1);
+    if (!arr || !base) {
+        raft_free(arr);
+        raft_free(base);
+        kvr_buf_free(&b);
+        return RAFT_NOMEM;
+    }
+    memcpy(base, b.base, b.len);
+    arr[0].base = base;
+    arr[0].len = b.len;
+    kvr_buf_free(&b);
+    *bufs = arr;
+    *n_bufs = 1;
+    return 0;
+}
+
+static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
+{
+    kvr_consensus_fsm *cbs = fsm->data;
+    int rc = cbs->restore(cbs->data, buf->base, buf->len);
+    if (rc)
+        return RAFT_CORRUPT; /* raft keeps ownership of buf on failure */
+    raft_free(buf->base); /* P3: restore owns the buffer on success */
+    return 0;
+}
+
+void kvr_consensus_raft_fsm(struct raft_fsm *out, kvr_consensus_fsm *cbs)
+{
+    memset(out, 0, sizeof *out);
+    out->version = 1; /* P1 */
+    out->data = cbs;
+    out->apply = fsm_apply;
+    out->snapshot = fsm_snapshot;
+    out->restore = fsm_restore;
+}
+
+/* --- peers --- */
+
+int kvr_consensus_parse_peers(const char *s, kvr_peer *out, int max, kvr_err *err)
+{
+    int n = 0;
+    if (!s || !*s)
+        return kvr_err_set(err, KVR_EINVAL, "peers: empty list");
+    const char *p = s;
+    while (*p) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        const char *at = memchr(p, '@', len);
+        if (!at || at == p)
+            return kvr_err_set(err, KVR_EINVAL, "peers: \"%.*s\" is not id@host:port", (int)len, p);
+        char idbuf[16];
+        size_t il = (size_t)(at - p);
+        if (il >= sizeof idbuf)
+            return kvr_err_set(err, KVR_EINVAL, "peers: id too long in \"%.*s\"", (int)len, p);
+        memcpy(idbuf, p, il);
+        idbuf[il] = 0;
+        char *e;
+        unsigned long id = strtoul(idbuf, &e, 10);
+        if (*e || id == 0 || id > UINT32_MAX)
+            return kvr_err_set(err, KVR_EINVAL, "peers: bad id \"%s\"", idbuf);
+        size_t al = len - il - 1;
+        if (al == 0 || al >= sizeof out[0].addr || !memchr(at + 1, ':', al))
+            return kvr_err_set(err, KVR_EINVAL, "peers: bad address in \"%.*s\"", (int)len, p);
+        if (n >= max)
+            return kvr_err_set(err, KVR_ELIMIT, "peers: more than %d", max);
+        for (int i = 0; i < n; i++)
+            if (out[i].id == id)
+                return kvr_err_set(err, KVR_EINVAL, "peers: duplicate id %lu", id);
+        out[n].id = (uint32_t)id;
+        memcpy(out[n].addr, at + 1, al);
+        out[n].addr[al] = 0;
+        n++;
+        p += len;
+        if (*p == ',')
+            p++;
+    }
+    return n;
+}
+
+static int mkdir_p(const char *path)
+{
+    char tmp[4096];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof tmp)
+        return -ENAMETOOLONG;
+    memcpy(tmp, path, n + 1);
+    for (char *q = tmp + 1; *q; q++) {
+        if (*q == '/') {
+            *q = 0;
+            if (mkdir(tmp, 0755) != 0 && errno != EEXIST)
+                return -errno;
+            *q = '/';
+        }
+    }
+    if (mkdir(tmp, 0755) != 0 && errno != EEXIST)
+        return -errno;
+    return 0;
+}
+
+/* --- lifecycle --- */
+
+int kvr_consensus_init(kvr_consensus **out, uv_loop_t *loop, const kvr_consensus_options *o,
+                       kvr_consensus_fsm *fsm, kvr_err *err)
+{
+    int rc;
+    kvr_consensus *c = calloc(1, sizeof *c);
+    if (!c)
+        return kvr_err_set(err, KVR_ENOMEM, "consensus: out of memory");
+    c->loop = loop;
+    c->cbs = fsm;
+    c->id = o->id;
+    c->opts = *o;
+    if (!o->addr || strlen(o->addr) >= sizeof c->addr) {
+        rc = kvr_err_set(err, KVR_EINVAL, "consensus: bad raft address");
+        goto fail;
+    }
+    snprintf(c->addr, sizeof c->addr, "%s", o->addr);
+    c->opts.addr = c->addr;
+    c->opts.peers = NULL;
+    rc = kvr_consensus_parse_peers(o->peers, c->peers, KVR_CONSENSUS_MAX_PEERS, err);
+    if (rc < 0)
+        goto fail;
+    c->n_peers = rc;
+    c->data_dir = strdup(o->data_dir ? o->data_dir : "");
+    if (!c->data_dir || !o->data_dir || !*o->data_dir) {
+        rc = kvr_err_set(err, KVR_EINVAL, "consensus: no data dir");
+        goto fail;
+    }
+    c->opts.data_dir = c->data_dir;
+    if ((rc = mkdir_p(c->data_dir)) != 0) {
+        rc = kvr_err_set(err, KVR_EIO, "consensus: creating %s: %s", c->data_dir, strerror(-rc));
+        goto fail;
+    }
+    kvr_consensus_raft_fsm(&c->fsm, fsm);
+    if ((rc = raft_uv_tcp_init(&c->transport, loop)) != 0) {
+        rc = kvr_err_set(err, KVR_EIO, "consensus: raft_uv_tcp_init: %s", raft_strerror(rc));
+        goto fail;
+    }
+    c->transport_inited = true;
+    if ((rc = raft_uv_init(&c->io, loop, c->data_dir, &c->transport)) != 0) {
+        rc = kvr_err_set(err, KVR_EIO, "consensus: raft_uv_init %s: %s", c->data_dir, raft_strerror(rc));
+        goto fail;
+    }
+    c->io_inited = true;
+    if ((rc = raft_init(&c->raft, &c->io, &c->fsm, c->id, c->addr)) != 0) {
+        rc = kvr_err_set(err, KVR_EIO, "consensus: raft_init: %s (%s)", raft_strerror(rc),
+                         raft_errmsg(&c->raft));
+        goto fail;
+    }
+    c->raft_inited = true;
+    c->raft.data = c;
+    raft_set_election_timeout(&c->raft, o->election_timeout_ms ? o->election_timeout_ms : 1000);
+    raft_set_heartbeat_timeout(&c->raft, o->heartbeat_timeout_ms ? o->heartbeat_timeout_ms : 100);
+    raft_set_snapshot_threshold(&c->raft, o->snapshot_threshold ? o->snapshot_threshold : 1024);
+    raft_set_snapshot_trailing(&c->raft, o->snapshot_trailing ? o->snapshot_trailing : 256); /* P4 */
+    raft_set_pre_vote(&c->raft, true);
+    uv_timer_init(loop, &c->free_timer);
+    c->free_timer.data = c;
+    *out = c;
+    return 0;
+fail:
+    /* Before raft_init succeeded nothing async is running: uv/tcp backends close synchronously
+     * enough to free here only if raft_init never took them; close them through raft when it did. */
+    if (c->io_inited && !c->raft_inited)
+        raft_uv_close(&c->io);
+    if (c->transport_inited && !c->raft_inited)
+        raft_uv_tcp_close(&c->transport);
+    free(c->data_dir);
+    free(c);
+    return rc;
+}
+
+int kvr_consensus_start(kvr_consensus *c, kvr_err *err)
+{
+    int rc;
+    if (!c->opts.join) {
+        struct raft_configuration conf;
+        raft_configuration_init(&conf);
+        for (int i = 0; i < c->n_peers; i++) {
+            if ((rc = raft_configuration_add(&conf, c->peers[i].id, c->peers[i].addr, RAFT_VOTER)) != 0) {
+                raft_configuration_close(&conf);
+                return kvr_err_set(err, KVR_EINVAL, "consensus: configuration: %s", raft_strerror(rc));
+            }
+        }
+        rc = raft_bootstrap(&c->raft, &conf);
+        raft_configuration_close(&conf);
+        if (rc != 0 && rc != RAFT_CANTBOOTSTRAP) /* already bootstrapped: a restart, fine */
+            return kvr_err_set(err, KVR_EIO, "consensus: bootstrap: %s", raft_strerror(rc));
+    }
+    if ((rc = raft_start(&c->raft)) != 0)
+        return kvr_err_set(err, KVR_EIO, "consensus: raft_start: %s (%s)", raft_strerror(rc),
+                           raft_errmsg(&c->raft));
+    c->started = true;
+    return 0;
+}
+
+static int map_status(int status)
+{
+    switch (status) {
+    case 0:
+        return 0;
+    case RAFT_NOTLEADER:
+    case RAFT_LEADERSHIPLOST:
+    case RAFT_CANTCHANGE:
+    case RAFT_BUSY:
+        return KVR_EAGAIN;
+    case RAFT_SHUTDOWN:
+    case RAFT_CANCELED:
+        return KVR_ECLOSED;
+    case RAFT_NOMEM:
+        return KVR_ENOMEM;
+    default:
+        return KVR_EIO;
+    }
+}
+
+static void apply_cb(struct raft_apply *r, int status, void *result)
+{
+    (void)result;
+    kvr_consensus_req *req = (kvr_consensus_req *)r;
+    req->cb(req, map_status(status));
+}
+
+int kvr_consensus_propose(kvr_consensus *c, kvr_consensus_req *req, const void *buf, size_t len,
+                          kvr_consensus_cb cb)
+{
+    if (raft_state(&c->raft) != RAFT_LEADER)
+        return KVR_EAGAIN;
+    void *base = raft_malloc(len ? len : 1); /* P3: raft frees it once raft_apply returned 0 */
+    if (!base)
+        return KVR_ENOMEM;
+    memcpy(base, buf, len);
+    struct raft_buffer b = {base, len};
+    req->cb = cb;
+    int rv = raft_apply(&c->raft, &req->raft, &b, 1, apply_cb);
+    if (rv != 0) {
+        raft_free(base); /* still ours on failure */
+        return map_status(rv);
+    }
+    return 0;
+}
+
+static void change_cb(struct raft_change *r, int status)
+{
+    kvr_consensus_change *req = (kvr_consensus_change *)r;
+    req->cb(req, map_status(status));
+}
+
+int kvr_consensus_add(kvr_consensus *c, kvr_consensus_change *req, uint32_t id, const char *addr)
+{
+    int rv = raft_add(&c->raft, &req->raft, id, addr, change_cb);
+    return rv == 0 ? 0 : (rv == RAFT_DUPLICATEID || rv == RAFT_DUPLICATEADDRESS) ? KVR_EEXIST : map_status(rv);
+}
+
+int kvr_consensus_assign_voter(kvr_consensus *c, kvr_consensus_change *req, uint32_t id)
+{
+    int rv = raft_assign(&c->raft, &req->raft, id, RAFT_VOTER, change_cb);
+    return rv == 0 ? 0 : rv == RAFT_BADROLE ? KVR_EEXIST : rv == RAFT_NOTFOUND ? KVR_ENOTFOUND : map_status(rv);
+}
+
+int kvr_consensus_remove(kvr_consensus *c, kvr_consensus_change *req, uint32_t id)
+{
+    int rv = raft_remove(&c->raft, &req->raft, id, change_cb);
+    return rv == 0 ? 0 : rv == RAFT_BADID ? KVR_ENOTFOUND : map_status(rv);
+}
+
+static void transfer_cb(struct raft_transfer *r)
+{
+    kvr_consensus_transfer *req = (kvr_consensus_transfer *)r;
+    req->cb(req);
+}
+
+int kvr_consensus_transfer_leadership(kvr_consensus *c, kvr_consensus_transfer *req, uint32_t id)
+{
+    int rv = raft_transfer(&c->raft, &req->raft, id, transfer_cb);
+    return rv == 0 ? 0 : rv == RAFT_BADID || rv == RAFT_NOTFOUND ? KVR_ENOTFOUND : map_status(rv);
+}
+
+kvr_consensus_role kvr_consensus_get_role(kvr_consensus *c)
+{
+    switch (raft_state(&c->raft)) {
+    case RAFT_FOLLOWER:
+        return KVR_ROLE_FOLLOWER;
+    case RAFT_CANDIDATE:
+        return KVR_ROLE_CANDIDATE;
+    case RAFT_LEADER:
+        return KVR_ROLE_LEADER;
+    default:
+        return KVR_ROLE_UNAVAILABLE;
+    }
+}
+
+const char *kvr_consensus_role_name(kvr_consensus_role r)
+{
+    switch (r) {
+    case KVR_ROLE_FOLLOWER:
+        return "follower";
+    case KVR_ROLE_CANDIDATE:
+        return "candidate";
+    case KVR_ROLE_LEADER:
+        return "leader";
+    default:
+        return "unavailable";
+    }
+}
+
+uint32_t kvr_consensus_leader(kvr_consensus *c, const char **addr)
+{
+    raft_id id = 0;
+    const char *a = NULL;
+    raft_leader(&c->raft, &id, &a);
+    if (addr)
+        *addr = a;
+    return (uint32_t)id;
+}
+
+uint64_t kvr_consensus_term(kvr_consensus *c) { return c->raft.current_term; }
+uint64_t kvr_consensus_commit_index(kvr_consensus *c) { return c->raft.commit_index; }
+uint64_t kvr_consensus_applied_index(kvr_consensus *c) { return raft_last_applied(&c->raft); }
+uint32_t kvr_consensus_id(kvr_consensus *c) { return c->id; }
+
+const char *kvr_consensus_peer_addr(kvr_consensus *c, uint32_t id)
+{
+    const struct raft_configuration *conf = &c->raft.configuration;
+    for (unsigned i = 0; i < conf->n; i++)
+        if (conf->servers[i].id == id)
+            return conf->servers[i].address;
+    for (int i = 0; i < c->n_peers; i++)
+        if (c->peers[i].id == id)
+            return c->peers[i].addr;
+    return NULL;
+}
+
+static void free_timer_closed(uv_handle_t *h)
+{
+    kvr_consensus *c = h->data;
+    void (*cb)(void *) = c->close_cb;
+    void *data = c->close_data;
+    free(c->data_dir);
+    free(c);
+    if (cb)
+        cb(data);
+}
+
+static void raft_closed(struct raft *r)
+{
+    kvr_consensus *c = r->data;
+    /* P9: the backends are closed from raft's close callback. */
+    raft_uv_close(&c->io);
+    raft_uv_tcp_close(&c->transport);
+    /* Free on a later callback so the backends' own handle closes run first. */
+    uv_close((uv_handle_t *)&c->free_timer, free_timer_closed);
+}
+
+void kvr_consensus_close(kvr_consensus *c, void (*close_cb)(void *data), void *data)
+{
+    c->close_cb = close_cb;
+    c->close_data = data;
+    raft_close(&c->raft, raft_closed);
+}

@@ -1,0 +1,466 @@
+/* Deterministic Raft cluster tests on raft/fixture.h (in-memory I/O, simulated time): kvroute's
+ * state machine and entry format under message loss, partitions, kills and leader changes. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <raft.h>
+#include <raft/fixture.h>
+
+#include "consensus.h"
+#include "entry.h"
+#include "fsm.h"
+#include "sync_test_util.h"
+
+#define MAXN 5
+#define NREQ 2000
+
+typedef struct node {
+    kvr_fsm *fsm;
+    kvr_consensus_fsm cbs;
+    struct raft_fsm rfsm;
+    uint64_t applied_entries;
+} node;
+
+static void n_apply(void *data, uint64_t index, const void *buf, size_t len)
+{
+    (void)index;
+    node *n = data;
+    kvr_entry_header h;
+    kvr_entry_apply(n->fsm, buf, len, &h, NULL, NULL);
+    n->applied_entries++;
+}
+static int n_snapshot(void *data, kvr_buf *out)
+{
+    return kvr_fsm_snapshot(((node *)data)->fsm, out, NULL);
+}
+static int n_restore(void *data, const void *buf, size_t len)
+{
+    return kvr_fsm_restore(((node *)data)->fsm, buf, len, NULL);
+}
+
+typedef struct cluster {
+    struct raft_fixture f;
+    node nodes[MAXN];
+    unsigned n;
+} cluster;
+
+static char urls[16][64];
+
+static void cluster_setup(cluster *c, unsigned n, unsigned snapshot_threshold)
+{
+    memset(c, 0, sizeof *c); /* P11: raft_fixture_initialize leaves f->n uninitialised in 0.15 */
+    c->n = n;
+    assert_int_equal(raft_fixture_initialize(&c->f), 0);
+    for (unsigned i = 0; i < n; i++) {
+        node *nd = &c->nodes[i];
+        nd->fsm = kvr_fsm_new(NULL);
+        nd->cbs = (kvr_consensus_fsm){nd, n_apply, n_snapshot, n_restore};
+        kvr_consensus_raft_fsm(&nd->rfsm, &nd->cbs);
+        assert_int_equal(raft_fixture_grow(&c->f, &nd->rfsm), 0);
+        struct raft *r = raft_fixture_get(&c->f, i);
+        raft_set_snapshot_threshold(r, snapshot_threshold);
+        raft_set_snapshot_trailing(r, 6);
+        raft_set_pre_vote(r, true);
+    }
+    struct raft_configuration conf;
+    assert_int_equal(raft_fixture_configuration(&c->f, n, &conf), 0);
+    assert_int_equal(raft_fixture_bootstrap(&c->f, &conf), 0);
+    raft_configuration_close(&conf);
+    assert_int_equal(raft_fixture_start(&c->f), 0);
+    raft_fixture_elect(&c->f, 0);
+}
+
+static void cluster_teardown(cluster *c)
+{
+    raft_fixture_close(&c->f);
+    for (unsigned i = 0; i < c->n; i++)
+        kvr_fsm_free(c->nodes[i].fsm);
+}
+
+typedef struct prop {
+    struct raft_apply req;
+    int done, status;
+} prop;
+
+static void prop_cb(struct raft_apply *req, int status, void *result)
+{
+    (void)result;
+    prop *p = req->data;
+    p->done = 1;
+    p->status = status;
+}
+
+static uint64_t g_seq;
+
+/* Proposes the encoded commands as one batch entry on server i. Returns raft_apply's rv. */
+static int propose(cluster *c, unsigned i, const kvr_cmd *cmds, unsigned n, prop *p)
+{
+    kvr_buf b;
+    kvr_buf_init(&b);
+    assert_int_equal(kvr_entry_begin(&b, (uint32_t)i + 1, 77, ++g_seq), 0);
+    for (unsigned k = 0; k < n; k++) {
+        kvr_buf one;
+        kvr_buf_init(&one);
+        assert_int_equal(kvr_cmd_encode(&cmds[k], &one, NULL), 0);
+        assert_int_equal(kvr_entry_add(&b, 0, one.base, one.len), 0);
+        kvr_buf_free(&one);
+    }
+    struct raft_buffer buf = {raft_malloc(b.len), b.len};
+    memcpy(buf.base, b.base, b.len);
+    kvr_buf_free(&b);
+    memset(p, 0, sizeof *p);
+    p->req.data = p;
+    int rv = raft_apply(raft_fixture_get(&c->f, i), &p->req, &buf, 1, prop_cb);
+    if (rv != 0)
+        raft_free(buf.base);
+    return rv;
+}
+
+static void register_workers(cluster *c, int nw)
+{
+    kvr_cmd w[8];
+    for (int k = 0; k < nw; k++)
+        w[k] = tu_worker_up((uint64_t)k + 1, "m", "ns", urls[k + 1], sizeof urls[k + 1]);
+    prop p;
+    unsigned l = raft_fixture_leader_index(&c->f);
+    assert_int_equal(propose(c, l, w, (unsigned)nw, &p), 0);
+    for (int k = 0; k < 2000 && !p.done; k++)
+        raft_fixture_step(&c->f);
+    assert_true(p.done);
+    assert_int_equal(p.status, 0);
+}
+
+static kvr_cmd make_route(uint64_t rid, unsigned seed, kvr_route_candidate *cand)
+{
+    srand(seed * 7919u + (unsigned)rid);
+    for (int j = 0; j < 3; j++)
+        cand[j] = (kvr_route_candidate){(uint64_t)(rand() % 5 + 1), (uint32_t)(rand() % 16)};
+    return tu_route(rid, rid % 3, 1000 + rid, (uint32_t)(rand() % 16 + 1), cand, 3);
+}
+
+static bool all_applied(cluster *c, raft_index idx)
+{
+    for (unsigned i = 0; i < c->n; i++)
+        if (raft_last_applied(raft_fixture_get(&c->f, i)) < idx)
+            return false;
+    return true;
+}
+
+/* Heal everything, wait for a leader, commit a no-op batch and wait until all have applied it. */
+static void converge(cluster *c)
+{
+    for (unsigned i = 0; i < c->n; i++) {
+        if (!raft_fixture_alive(&c->f, i))
+            raft_fixture_revive(&c->f, i);
+        for (unsigned j = 0; j < c->n; j++)
+            if (i != j)
+                raft_fixture_reconnect(&c->f, i, j);
+    }
+    for (int tries = 0; tries < 20; tries++) {
+        assert_true(raft_fixture_step_until_has_leader(&c->f, 20000));
+        unsigned l = raft_fixture_leader_index(&c->f);
+        kvr_cmd noop = {.type = KVR_CMD_EXPIRE, .u.before_ms = 0};
+        prop p;
+        if (propose(c, l, &noop, 1, &p) != 0)
+            continue;
+        for (int k = 0; k < 20000 && !p.done; k++)
+            raft_fixture_step(&c->f);
+        if (p.status != 0)
+            continue;
+        raft_index idx = raft_last_applied(raft_fixture_get(&c->f, l));
+        for (int k = 0; k < 200000 && !all_applied(c, idx); k++)
+            raft_fixture_step(&c->f);
+        assert_true(all_applied(c, idx));
+        return;
+    }
+    fail_msg("cluster did not converge");
+}
+
+typedef struct reqstate {
+    uint64_t worker; /* worker acked to the client (0: not yet) */
+    int freed;       /* a FREE for it has committed */
+} reqstate;
+
+static void chaos_run(unsigned n, unsigned seed)
+{
+    cluster c;
+    /* No snapshots under chaos: raft_fixture 0.15's in-memory truncate assumes the log starts at
+     * index 1 (n = index - 1) and overflows its entries array once a snapshot has compacted the
+     * log and a deposed leader's tail is truncated (found with ASan). Snapshots and restores are
+     * exercised by test_same_as_single and by the real TCP test. */
+    cluster_setup(&c, n, 1000000);
+    register_workers(&c, 5);
+    static reqstate rs[NREQ];
+    memset(rs, 0, sizeof rs);
+    srand(seed);
+    unsigned rng = seed;
+    prop inflight[8];
+    uint64_t inflight_rid[8][4];
+    unsigned inflight_n[8];
+    kvr_cmd_type inflight_type[8];
+    unsigned inflight_on[8];
+    memset(inflight, 0, sizeof inflight);
+    bool busy[8] = {0};
+    uint64_t next_rid = 1;
+    unsigned acked = 0, failed_props = 0, events = 0, leaders = 0;
+    raft_id last_leader = 0;
+
+    for (unsigned step = 0; step < 200000 && acked < NREQ - 1; step++) {
+        rng = rng * 1103515245u + 12345u;
+        unsigned r = (rng >> 8) % 1000;
+        /* chaos */
+        if (r < 3) {
+            unsigned i = (rng >> 12) % n, j = (rng >> 16) % n;
+            if (i != j) {
+                raft_fixture_disconnect(&c.f, i, j);
+                events++;
+            }
+        } else if (r < 6) {
+            for (unsigned i = 0; i < n; i++)
+                for (unsigned j = 0; j < n; j++)
+                    if (i != j)
+                        raft_fixture_reconnect(&c.f, i, j);
+        } else if (r < 7) {
+            /* Kill a follower. (Killing the leader of raft_fixture 0.15 while it has appends in
+             * flight overflows a buffer inside the fixture's in-memory I/O under ASan; leader
+             * changes come from partitions and raft_fixture_depose instead.) */
+            unsigned l = raft_fixture_leader_index(&c.f), v = (rng >> 12) % n;
+            if (v != l && raft_fixture_alive(&c.f, v)) {
+                raft_fixture_kill(&c.f, v);
+                events++;
+            }
+        } else if (r < 10) {
+            unsigned l = raft_fixture_leader_index(&c.f);
+            if (l < n && raft_fixture_alive(&c.f, l)) {
+                /* isolate the leader: it steps down, the others elect a new one */
+                for (unsigned j = 0; j < n; j++)
+                    if (j != l) {
+                        raft_fixture_disconnect(&c.f, l, j);
+                        raft_fixture_disconnect(&c.f, j, l);
+                    }
+                events++;
+            }
+        } else if (r < 13) {
+            for (unsigned i = 0; i < n; i++)
+                if (!raft_fixture_alive(&c.f, i))
+                    raft_fixture_revive(&c.f, i);
+        }
+        /* submit */
+        unsigned l = raft_fixture_leader_index(&c.f);
+        if (l < n && raft_fixture_alive(&c.f, l) && raft_state(raft_fixture_get(&c.f, l)) == RAFT_LEADER) {
+            for (int s = 0; s < 8; s++) {
+                if (busy[s])
+                    continue;
+                kvr_cmd cmds[4];
+                kvr_route_candidate cand[4][3];
+                unsigned k = 0;
+                /* a FREE for an acked request now and then, else up to 4 routes (new or retried) */
+                if ((rng >> 20) % 10 == 0 && acked > 0) {
+                    uint64_t rid = (uint64_t)((rng >> 4) % next_rid);
+                    if (rid >= 1 && rid < NREQ && rs[rid].worker && !rs[rid].freed) {
+                        cmds[0] = tu_req(KVR_CMD_FREE, rid);
+                        inflight_rid[s][0] = rid;
+                        k = 1;
+                        inflight_type[s] = KVR_CMD_FREE;
+                    }
+                }
+                if (k == 0) {
+                    /* first retry any routed-but-unacked id, then new ones */
+                    for (uint64_t rid = 1; rid < next_rid && k < 4; rid++) {
+                        bool mine = false;
+                        for (int t = 0; t < 8; t++)
+                            for (unsigned q = 0; busy[t] && inflight_type[t] == KVR_CMD_ROUTE && q < inflight_n[t]; q++)
+                                if (inflight_rid[t][q] == rid)
+                                    mine = true;
+                        if (!rs[rid].worker && !mine) {
+                            cmds[k] = make_route(rid, seed, cand[k]);
+                            inflight_rid[s][k++] = rid;
+                        }
+                    }
+                    while (k < 4 && next_rid < NREQ) {
+                        cmds[k] = make_route(next_rid, seed, cand[k]);
+                        inflight_rid[s][k++] = next_rid++;
+                    }
+                    inflight_type[s] = KVR_CMD_ROUTE;
+                }
+                if (k == 0)
+                    break;
+                inflight_n[s] = k;
+                if (propose(&c, l, cmds, k, &inflight[s]) == 0) {
+                    busy[s] = true;
+                    inflight_on[s] = l;
+                } else {
+                    failed_props++;
+                }
+                break; /* one proposal per step */
+            }
+        }
+        raft_fixture_step(&c.f);
+        if (c.f.leader_id && c.f.leader_id != last_leader) {
+            leaders++;
+            last_leader = c.f.leader_id;
+        }
+        /* completions */
+        for (int s = 0; s < 8; s++) {
+            if (!busy[s] || !inflight[s].done)
+                continue;
+            busy[s] = false;
+            if (inflight[s].status != 0) {
+                failed_props++;
+                /* may or may not commit: routes are retried with the same ids; a FREE's fate
+                 * is unknown, so that request is left out of the final checks */
+                if (inflight_type[s] == KVR_CMD_FREE)
+                    rs[inflight_rid[s][0]].freed = 2;
+                continue;
+            }
+            kvr_fsm *lf = c.nodes[inflight_on[s]].fsm;
+            for (unsigned q = 0; q < inflight_n[s]; q++) {
+                uint64_t rid = inflight_rid[s][q];
+                if (inflight_type[s] == KVR_CMD_FREE) {
+                    if (rs[rid].freed == 0)
+                        rs[rid].freed = 1;
+                    continue;
+                }
+                uint8_t id[16];
+                tu_rid(id, rid);
+                kvr_fsm_booking_view bv;
+                if (kvr_fsm_booking_get(lf, id, &bv) == 0 && !rs[rid].worker) {
+                    rs[rid].worker = bv.worker_id;
+                    acked++;
+                } else if (!rs[rid].worker && !rs[rid].freed) {
+                    fail_msg("request %llu acked but not booked on the leader", (unsigned long long)rid);
+                }
+            }
+        }
+    }
+    converge(&c);
+    assert_true(events > 0);
+    assert_true(leaders >= 2); /* leadership changed during the run */
+    assert_true(acked > NREQ / 2);
+    /* every replica holds identical state */
+    uint64_t d0 = kvr_fsm_digest(c.nodes[0].fsm);
+    for (unsigned i = 1; i < n; i++)
+        assert_true(kvr_fsm_digest(c.nodes[i].fsm) == d0);
+    /* each acked request is booked exactly once, on the worker the client was told */
+    for (unsigned i = 0; i < n; i++) {
+        uint32_t live = 0;
+        for (uint64_t rid = 1; rid < NREQ; rid++) {
+            uint8_t id[16];
+            tu_rid(id, rid);
+            kvr_fsm_booking_view bv;
+            int rc = kvr_fsm_booking_get(c.nodes[i].fsm, id, &bv);
+            if (rs[rid].worker && !rs[rid].freed) {
+                assert_int_equal(rc, 0);
+                assert_int_equal(bv.worker_id, rs[rid].worker);
+            }
+            if (rs[rid].freed == 1)
+                assert_int_equal(rc, KVR_ENOTFOUND);
+            if (rc == 0)
+                live++;
+        }
+        assert_int_equal(live, kvr_fsm_booking_count(c.nodes[i].fsm));
+        /* load accounting equals the sum of the bookings */
+        uint64_t sum = 0, active = 0;
+        for (uint64_t rid = 1; rid < NREQ; rid++) {
+            uint8_t id[16];
+            tu_rid(id, rid);
+            kvr_fsm_booking_view bv;
+            if (kvr_fsm_booking_get(c.nodes[i].fsm, id, &bv) == 0)
+                sum += bv.blocks;
+        }
+        for (uint32_t w = 0; w < kvr_fsm_worker_count(c.nodes[i].fsm); w++) {
+            kvr_fsm_worker_view v;
+            kvr_fsm_worker_at(c.nodes[i].fsm, w, &v);
+            active += v.active_blocks;
+        }
+        assert_true(sum == active);
+    }
+    print_message("n=%u seed=%u acked=%u failed_proposals=%u chaos_events=%u leaders=%u bookings=%u\n",
+                  n, seed, acked, failed_props, events, leaders, kvr_fsm_booking_count(c.nodes[0].fsm));
+    cluster_teardown(&c);
+}
+
+static void test_chaos_3(void **state)
+{
+    (void)state;
+    for (unsigned seed = 1; seed <= 3; seed++)
+        chaos_run(3, seed);
+}
+
+static void test_chaos_5(void **state)
+{
+    (void)state;
+    for (unsigned seed = 11; seed <= 12; seed++)
+        chaos_run(5, seed);
+}
+
+/* The same route requests applied through a 3-node group book exactly the workers a single
+ * FSM books, and leave the same digest. */
+static void test_same_as_single(void **state)
+{
+    (void)state;
+    cluster c;
+    cluster_setup(&c, 3, 24);
+    register_workers(&c, 5);
+    kvr_fsm *single = kvr_fsm_new(NULL);
+    for (int k = 1; k <= 5; k++) {
+        kvr_cmd w = tu_worker_up((uint64_t)k, "m", "ns", urls[k], sizeof urls[k]);
+        kvr_fsm_result r;
+        kvr_fsm_apply(single, &w, &r);
+    }
+    for (uint64_t rid = 1; rid < 400; rid += 4) {
+        kvr_cmd cmds[4];
+        kvr_route_candidate cand[4][3];
+        for (unsigned k = 0; k < 4; k++)
+            cmds[k] = make_route(rid + k, 99, cand[k]);
+        if (rid % 40 == 1) /* some frees in between */
+            cmds[3] = tu_req(KVR_CMD_FREE, rid - 4);
+        prop p;
+        unsigned l = raft_fixture_leader_index(&c.f);
+        assert_int_equal(propose(&c, l, cmds, 4, &p), 0);
+        for (int k = 0; k < 5000 && !p.done; k++)
+            raft_fixture_step(&c.f);
+        assert_true(p.done && p.status == 0);
+        for (unsigned k = 0; k < 4; k++) {
+            kvr_fsm_result r;
+            kvr_fsm_apply(single, &cmds[k], &r);
+        }
+        if (rid == 201) { /* a leader change half-way changes nothing */
+            raft_fixture_depose(&c.f);
+            assert_true(raft_fixture_step_until_has_leader(&c.f, 20000));
+        }
+    }
+    converge(&c);
+    for (unsigned i = 0; i < 3; i++) {
+        /* the converge no-op EXPIRE{0} frees nothing: digests must match the single FSM */
+        assert_true(kvr_fsm_digest(c.nodes[i].fsm) == kvr_fsm_digest(single));
+        for (uint64_t rid = 1; rid < 400; rid++) {
+            uint8_t id[16];
+            tu_rid(id, rid);
+            kvr_fsm_booking_view a, b;
+            int ra = kvr_fsm_booking_get(c.nodes[i].fsm, id, &a);
+            int rb = kvr_fsm_booking_get(single, id, &b);
+            assert_int_equal(ra, rb);
+            if (ra == 0)
+                assert_int_equal(a.worker_id, b.worker_id);
+        }
+    }
+    assert_true(kvr_fsm_booking_count(single) > 300);
+    kvr_fsm_free(single);
+    cluster_teardown(&c);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_same_as_single),
+        cmocka_unit_test(test_chaos_3),
+        cmocka_unit_test(test_chaos_5),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
