@@ -484,7 +484,8 @@ int kvr_curl_start(kvr_curl *kc, const kvr_curl_opts *opts, kvr_curl_req **out, 
     if (opts->timeout_ms > 0)
         curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, opts->timeout_ms);
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
-                     opts->connect_timeout_ms > 0 ? opts->connect_timeout_ms : kc->connect_timeout_ms);
+                     opts->connect_timeout_ms > 0 ? opts->connect_timeout_ms
+                                                  : kc->connect_timeout_ms);
     r->next = kc->reqs;
     if (kc->reqs)
         kc->reqs->prev = r;

@@ -55,17 +55,19 @@ struct kvr_curl {
 };
 
 typedef struct kvr_curl_opts {
-    const char *url;                /* required */
-    const char *method;             /* "GET", "POST", ...; NULL → POST if body else GET */
-    const char *const *headers;     /* NULL-terminated "Name: value" lines, or NULL */
-    const void *body;               /* copied; may be NULL */
+    const char *url;            /* required */
+    const char *method;         /* "GET", "POST", ...; NULL → POST if body else GET */
+    const char *const *headers; /* NULL-terminated "Name: value" lines, or NULL */
+    const void *body;           /* copied; may be NULL */
     size_t body_len;
-    long timeout_ms;                /* whole transfer; 0 → none */
-    long connect_timeout_ms;        /* 0 → the kvr_curl default */
-    void *data;                     /* request's user data (kvr_curl_req_data) */
-    /* Once, when the final (non-1xx) response headers are complete. Non-zero aborts. May be NULL. */
+    long timeout_ms;         /* whole transfer; 0 → none */
+    long connect_timeout_ms; /* 0 → the kvr_curl default */
+    void *data;              /* request's user data (kvr_curl_req_data) */
+    /* Once, when the final (non-1xx) response headers are complete. Non-zero aborts. May be NULL.
+     */
     int (*on_headers)(kvr_curl_req *r, long http_status);
-    /* Each response header line (before on_headers), name/value trimmed. Non-zero aborts. May be NULL. */
+    /* Each response header line (before on_headers), name/value trimmed. Non-zero aborts. May be
+     * NULL. */
     int (*on_header)(kvr_curl_req *r, kvr_slice name, kvr_slice value);
     /* Body bytes as they arrive (de-chunked). Return 0, KVR_CURL_PAUSE, or anything else to
      * abort. If NULL the body is collected and handed to on_done (up to max_body bytes). */
@@ -75,7 +77,7 @@ typedef struct kvr_curl_opts {
      * error; errmsg says which). body: the collected body when on_data is NULL. Required. */
     void (*on_done)(kvr_curl_req *r, int result, long http_status, const char *errmsg,
                     kvr_slice body);
-    size_t max_body;                /* for collected bodies; 0 → 16 MiB */
+    size_t max_body; /* for collected bodies; 0 → 16 MiB */
 } kvr_curl_opts;
 
 /* Returns 0 or KVR_EIO/KVR_ENOMEM with a message. cfg may be NULL. */

@@ -87,7 +87,8 @@ static int set_value(kvr_flag *f, const char *v, kvr_err *err)
     case KVR_FLAG_DURATION:
         if (kvr_parse_duration_ms(v, (int64_t *)f->dst) != 0)
             return kvr_err_set(err, KVR_EINVAL,
-                               "flag --%s: '%s' is not a duration (e.g. 500ms, 10s, 2m)", f->name, v);
+                               "flag --%s: '%s' is not a duration (e.g. 500ms, 10s, 2m)", f->name,
+                               v);
         return 0;
     case KVR_FLAG_BOOL:
         if (parse_bool(v, (bool *)f->dst) != 0)
@@ -168,12 +169,18 @@ int kvr_flags_parse(kvr_flag *flags, size_t nflags, int argc, char **argv, const
 static const char *type_name(kvr_flag_type t)
 {
     switch (t) {
-    case KVR_FLAG_STRING: return "string";
-    case KVR_FLAG_INT: return "int";
-    case KVR_FLAG_U64: return "uint";
-    case KVR_FLAG_DOUBLE: return "number";
-    case KVR_FLAG_DURATION: return "duration";
-    case KVR_FLAG_BOOL: return "";
+    case KVR_FLAG_STRING:
+        return "string";
+    case KVR_FLAG_INT:
+        return "int";
+    case KVR_FLAG_U64:
+        return "uint";
+    case KVR_FLAG_DOUBLE:
+        return "number";
+    case KVR_FLAG_DURATION:
+        return "duration";
+    case KVR_FLAG_BOOL:
+        return "";
     }
     return "?";
 }
@@ -191,11 +198,21 @@ void kvr_flags_usage(FILE *f, const char *prog, const kvr_flag *flags, size_t nf
                 snprintf(def, sizeof def, "\"%.50s\"", s);
             break;
         }
-        case KVR_FLAG_INT: snprintf(def, sizeof def, "%" PRId64, *(int64_t *)fl->dst); break;
-        case KVR_FLAG_U64: snprintf(def, sizeof def, "%" PRIu64, *(uint64_t *)fl->dst); break;
-        case KVR_FLAG_DOUBLE: snprintf(def, sizeof def, "%g", *(double *)fl->dst); break;
-        case KVR_FLAG_DURATION: snprintf(def, sizeof def, "%" PRId64 "ms", *(int64_t *)fl->dst); break;
-        case KVR_FLAG_BOOL: snprintf(def, sizeof def, "%s", *(bool *)fl->dst ? "true" : "false"); break;
+        case KVR_FLAG_INT:
+            snprintf(def, sizeof def, "%" PRId64, *(int64_t *)fl->dst);
+            break;
+        case KVR_FLAG_U64:
+            snprintf(def, sizeof def, "%" PRIu64, *(uint64_t *)fl->dst);
+            break;
+        case KVR_FLAG_DOUBLE:
+            snprintf(def, sizeof def, "%g", *(double *)fl->dst);
+            break;
+        case KVR_FLAG_DURATION:
+            snprintf(def, sizeof def, "%" PRId64 "ms", *(int64_t *)fl->dst);
+            break;
+        case KVR_FLAG_BOOL:
+            snprintf(def, sizeof def, "%s", *(bool *)fl->dst ? "true" : "false");
+            break;
         }
         fprintf(f, "  --%s %s\n        %s%s%s%s\n", fl->name, type_name(fl->type),
                 fl->help ? fl->help : "", def[0] ? " (default " : "", def, def[0] ? ")" : "");

@@ -40,16 +40,16 @@ struct kvr_http_conn {
     size_t head_bytes;
     size_t url_off, url_len;
     int hstate;
-    int err_status;  /* status to answer a parse error with (0 → 400) */
+    int err_status; /* status to answer a parse error with (0 → 400) */
     int timer_mode;
-    int writes;      /* outstanding uv_write requests */
+    int writes; /* outstanding uv_write requests */
     int handles_open;
     bool reading;
     bool in_process;
-    bool closing;      /* uv_close called */
-    bool close_after;  /* no more requests: shut down once writes are done */
-    bool shut;         /* shutdown requested */
-    bool counted;      /* counts in connections_active */
+    bool closing;     /* uv_close called */
+    bool close_after; /* no more requests: shut down once writes are done */
+    bool shut;        /* shutdown requested */
+    bool counted;     /* counts in connections_active */
 };
 
 typedef struct wreq {
@@ -71,33 +71,60 @@ static void conn_start_close(kvr_http_conn *c);
 const char *kvr_http_status_text(int status)
 {
     switch (status) {
-    case 100: return "Continue";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 304: return "Not Modified";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 413: return "Payload Too Large";
-    case 415: return "Unsupported Media Type";
-    case 422: return "Unprocessable Entity";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 499: return "Client Closed Request";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    default: return "Unknown";
+    case 100:
+        return "Continue";
+    case 200:
+        return "OK";
+    case 201:
+        return "Created";
+    case 202:
+        return "Accepted";
+    case 204:
+        return "No Content";
+    case 301:
+        return "Moved Permanently";
+    case 302:
+        return "Found";
+    case 304:
+        return "Not Modified";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 403:
+        return "Forbidden";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 408:
+        return "Request Timeout";
+    case 409:
+        return "Conflict";
+    case 413:
+        return "Payload Too Large";
+    case 415:
+        return "Unsupported Media Type";
+    case 422:
+        return "Unprocessable Entity";
+    case 429:
+        return "Too Many Requests";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 499:
+        return "Client Closed Request";
+    case 500:
+        return "Internal Server Error";
+    case 501:
+        return "Not Implemented";
+    case 502:
+        return "Bad Gateway";
+    case 503:
+        return "Service Unavailable";
+    case 504:
+        return "Gateway Timeout";
+    default:
+        return "Unknown";
     }
 }
 
@@ -964,8 +991,8 @@ int kvr_http_respond(kvr_http_req *req, int status, const char *content_type, co
     int n = format_head(req, status, content_type, framing, head, cap);
     int rv = KVR_ENOMEM;
     if (n > 0)
-        rv = conn_write2(c, head, (size_t)n, req->is_head_ ? NULL : body,
-                         req->is_head_ ? 0 : len, NULL, 0);
+        rv = conn_write2(c, head, (size_t)n, req->is_head_ ? NULL : body, req->is_head_ ? 0 : len,
+                         NULL, 0);
     if (head != stackbuf)
         free(head);
     count_status(c->srv, status);

@@ -59,9 +59,9 @@ typedef struct kvr_http_config {
                                        and max silence while a body is being read; 0 → 10 s */
     uint64_t idle_timeout_ms;       /* keep-alive connection with no request; 0 → 60 s */
     uint32_t max_connections;       /* 0 → 10000; over it: 503 + close */
-    size_t stream_high_water;       /* pending bytes at which a producer should pause; 0 → 256 KiB */
-    size_t stream_low_water;        /* on_drain fires when pending falls below this after it
-                                       reached stream_high_water; 0 → 64 KiB */
+    size_t stream_high_water; /* pending bytes at which a producer should pause; 0 → 256 KiB */
+    size_t stream_low_water;  /* on_drain fires when pending falls below this after it
+                                 reached stream_high_water; 0 → 64 KiB */
 } kvr_http_config;
 
 /* Counters, monotonically increasing except connections_active. Read them directly. */
@@ -93,25 +93,25 @@ struct kvr_http_server {
 };
 
 struct kvr_http_req {
-    void *data;               /* handler's */
-    kvr_http_server *server;  /* valid until the server's close callback */
-    kvr_slice method;         /* "GET", "POST", ... */
-    kvr_slice path;           /* "/v1/completions" (URL before '?', not decoded) */
-    kvr_slice query;          /* after '?', without it; empty if none */
-    kvr_slice body;           /* the whole (de-chunked) body */
-    uint8_t http_minor;       /* HTTP/1.<minor> */
-    bool keep_alive;          /* the connection stays open after this response */
+    void *data;              /* handler's */
+    kvr_http_server *server; /* valid until the server's close callback */
+    kvr_slice method;        /* "GET", "POST", ... */
+    kvr_slice path;          /* "/v1/completions" (URL before '?', not decoded) */
+    kvr_slice query;         /* after '?', without it; empty if none */
+    kvr_slice body;          /* the whole (de-chunked) body */
+    uint8_t http_minor;      /* HTTP/1.<minor> */
+    bool keep_alive;         /* the connection stays open after this response */
     /* Set these in on_request if wanted (see the lifetime rules above). */
     kvr_http_req_cb on_close; /* client went away before the request was finished */
     kvr_http_req_cb on_drain; /* pending stream bytes fell below stream_low_water */
     /* private */
-    kvr_http_conn *conn_;     /* NULL once the connection is gone */
-    kvr_buf head_;            /* method, url, header names/values */
+    kvr_http_conn *conn_; /* NULL once the connection is gone */
+    kvr_buf head_;        /* method, url, header names/values */
     kvr_buf body_;
-    kvr_buf extra_headers_;   /* "Name: value\r\n" lines added by kvr_http_add_header() */
-    uint32_t *hdr_offs_;      /* 4 per header: name off/len, value off/len into head_ */
+    kvr_buf extra_headers_; /* "Name: value\r\n" lines added by kvr_http_add_header() */
+    uint32_t *hdr_offs_;    /* 4 per header: name off/len, value off/len into head_ */
     size_t nhdr_;
-    int state_;               /* 0 handling, 1 streaming, 2 finished */
+    int state_; /* 0 handling, 1 streaming, 2 finished */
     bool is_head_;
     bool chunked_out_;
     bool want_drain_;
@@ -123,8 +123,8 @@ struct kvr_http_req {
 int kvr_http_server_init(kvr_http_server *srv, uv_loop_t *loop, const kvr_http_config *cfg);
 
 /* Binds and listens. addr is "ip:port", "hostname:port" (resolved to IPv4, blocking), ":port"
- * (all IPv4 interfaces) or "[v6]:port"; port 0 lets the OS choose (kvr_http_server_port()). Returns 0, KVR_EINVAL (bad address) or
- * KVR_EIO (bind/listen failed, message says why). */
+ * (all IPv4 interfaces) or "[v6]:port"; port 0 lets the OS choose (kvr_http_server_port()). Returns
+ * 0, KVR_EINVAL (bad address) or KVR_EIO (bind/listen failed, message says why). */
 int kvr_http_listen(kvr_http_server *srv, const char *addr, kvr_err *err);
 
 /* The bound port (after kvr_http_listen), else 0. */
@@ -155,7 +155,8 @@ int kvr_http_add_header(kvr_http_req *req, const char *name, const char *value);
 int kvr_http_respond(kvr_http_req *req, int status, const char *content_type, const void *body,
                      size_t len);
 /* Convenience: respond with a NUL-terminated body. */
-int kvr_http_respond_cstr(kvr_http_req *req, int status, const char *content_type, const char *body);
+int kvr_http_respond_cstr(kvr_http_req *req, int status, const char *content_type,
+                          const char *body);
 
 /* Starts a streamed response (chunked for HTTP/1.1; for HTTP/1.0 clients the body runs to
  * connection close). For SSE pass "text/event-stream" (Cache-Control: no-cache is added).

@@ -38,8 +38,7 @@ int kvr_json_get_bool(const cJSON *obj, const char *key, bool required, bool *ou
  * between min and max". */
 int kvr_json_get_int(const cJSON *obj, const char *key, bool required, int64_t min, int64_t max,
                      int64_t *out, kvr_err *err);
-int kvr_json_get_u64(const cJSON *obj, const char *key, bool required, uint64_t *out,
-                     kvr_err *err);
+int kvr_json_get_u64(const cJSON *obj, const char *key, bool required, uint64_t *out, kvr_err *err);
 int kvr_json_get_double(const cJSON *obj, const char *key, bool required, double *out,
                         kvr_err *err);
 int kvr_json_get_array(const cJSON *obj, const char *key, bool required, const cJSON **out,

@@ -44,9 +44,8 @@ struct kvr_metrics {
     size_t nhooks_owned;
 };
 
-const double kvr_metrics_latency_buckets_s[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                                                0.1,    0.25,  0.5,    1,     2.5,  5,     10,
-                                                30};
+const double kvr_metrics_latency_buckets_s[] = {
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
 const size_t kvr_metrics_latency_buckets_s_n =
     sizeof kvr_metrics_latency_buckets_s / sizeof kvr_metrics_latency_buckets_s[0];
 
@@ -364,10 +363,11 @@ static int render_family(kvr_metric *f, kvr_buf *out)
             }
             fmt_double(num, sizeof num, hc->sum);
             if (rv == 0)
-                rv = f->nlabels ? kvr_buf_appendf(out, "%s_sum{%.*s} %s\n%s_count{%.*s} %" PRIu64 "\n",
-                                                  f->name, ll, lb, num, f->name, ll, lb, hc->count)
-                                : kvr_buf_appendf(out, "%s_sum %s\n%s_count %" PRIu64 "\n", f->name,
-                                                  num, f->name, hc->count);
+                rv = f->nlabels
+                         ? kvr_buf_appendf(out, "%s_sum{%.*s} %s\n%s_count{%.*s} %" PRIu64 "\n",
+                                           f->name, ll, lb, num, f->name, ll, lb, hc->count)
+                         : kvr_buf_appendf(out, "%s_sum %s\n%s_count %" PRIu64 "\n", f->name, num,
+                                           f->name, hc->count);
         }
         kvr_buf_free(&lbl);
     }
@@ -403,8 +403,7 @@ void kvr_metrics_respond(kvr_metrics *m, struct kvr_http_req *req)
 
 typedef struct http_export {
     struct kvr_http_server *srv;
-    kvr_metric *conns, *accepted, *requests, *responses, *parse_errors, *timeouts, *rejected,
-        *gone;
+    kvr_metric *conns, *accepted, *requests, *responses, *parse_errors, *timeouts, *rejected, *gone;
 } http_export;
 
 static void http_collect(kvr_metrics *m, void *arg)
@@ -433,15 +432,16 @@ int kvr_metrics_add_http_server(kvr_metrics *m, const char *prefix, struct kvr_h
     if (e == NULL)
         return KVR_ENOMEM;
     e->srv = srv;
-#define REG(field, fn, suffix, help, ln, lv)                                                      \
+#define REG(field, fn, suffix, help, ln, lv)                                                       \
     do {                                                                                           \
-        snprintf(name, sizeof name, "%s_%s", prefix, suffix);                                     \
-        e->field = fn(m, name, help, ln, lv);                                                     \
+        snprintf(name, sizeof name, "%s_%s", prefix, suffix);                                      \
+        e->field = fn(m, name, help, ln, lv);                                                      \
         if (e->field == NULL)                                                                      \
             goto fail;                                                                             \
     } while (0)
     REG(conns, kvr_metrics_gauge, "connections", "Open HTTP connections.", NULL, NULL);
-    REG(accepted, kvr_metrics_counter, "connections_total", "Accepted HTTP connections.", NULL, NULL);
+    REG(accepted, kvr_metrics_counter, "connections_total", "Accepted HTTP connections.", NULL,
+        NULL);
     REG(requests, kvr_metrics_counter, "requests_total", "Complete HTTP requests received.", NULL,
         NULL);
     REG(responses, kvr_metrics_counter, "responses_total", "HTTP responses by status class.",

@@ -56,9 +56,9 @@ static inline void kvr_metric_inc(kvr_metric *c)
 {
     kvr_metric_add(c, 0, 1);
 }
-void kvr_metric_set(kvr_metric *g, size_t li, double v);          /* gauge */
+void kvr_metric_set(kvr_metric *g, size_t li, double v);           /* gauge */
 void kvr_metric_gauge_add(kvr_metric *g, size_t li, double delta); /* gauge */
-void kvr_metric_observe(kvr_metric *h, size_t li, double v);      /* histogram */
+void kvr_metric_observe(kvr_metric *h, size_t li, double v);       /* histogram */
 /* Counter: set to an absolute value (for mirroring a counter kept elsewhere, e.g. in a
  * collect hook). */
 void kvr_metric_counter_set(kvr_metric *c, size_t li, uint64_t v);

@@ -235,7 +235,8 @@ static void start(ctx *c, const kvr_curl_opts *o)
         fail_msg("kvr_curl_start: %s", err.msg);
 }
 
-static void record_done(kvr_curl_req *r, int result, long status, const char *errmsg, kvr_slice body)
+static void record_done(kvr_curl_req *r, int result, long status, const char *errmsg,
+                        kvr_slice body)
 {
     ctx *c = kvr_curl_req_data(r);
     c->dones++;
@@ -296,7 +297,8 @@ static int count_headers(kvr_curl_req *r, long status)
     return 0;
 }
 
-static void done_finish(kvr_curl_req *r, int result, long status, const char *errmsg, kvr_slice body)
+static void done_finish(kvr_curl_req *r, int result, long status, const char *errmsg,
+                        kvr_slice body)
 {
     record_done(r, result, status, errmsg, body);
     finish(kvr_curl_req_data(r));
@@ -312,9 +314,14 @@ static void test_post_big_body(void **state)
     char url[160];
     snprintf(url, sizeof url, "%s/echo", c->url);
     const char *hdrs[] = {"X-Test: 1", "Content-Type: application/octet-stream", NULL};
-    kvr_curl_opts o = {.url = url, .headers = hdrs, .body = payload, .body_len = n,
-                       .on_header = echo_header, .on_headers = count_headers,
-                       .on_done = done_finish, .data = c};
+    kvr_curl_opts o = {.url = url,
+                       .headers = hdrs,
+                       .body = payload,
+                       .body_len = n,
+                       .on_header = echo_header,
+                       .on_headers = count_headers,
+                       .on_done = done_finish,
+                       .data = c};
     start(c, &o);
     memset(payload, 0, n); /* the body was copied at start */
     run_and_teardown(c);
@@ -358,8 +365,11 @@ static void test_sse_stream(void **state)
     kvr_sse_init(&c->sse, 0, 0, sse_event, c);
     char url[160];
     snprintf(url, sizeof url, "%s/sse", c->url);
-    kvr_curl_opts o = {.url = url, .on_headers = count_headers, .on_data = sse_data,
-                       .on_done = done_finish, .data = c};
+    kvr_curl_opts o = {.url = url,
+                       .on_headers = count_headers,
+                       .on_data = sse_data,
+                       .on_done = done_finish,
+                       .data = c};
     start(c, &o);
     run_and_teardown(c);
     assert_int_equal(c->last_result, 0);
@@ -471,7 +481,8 @@ static void test_refused_and_bad_args(void **state)
     run_and_teardown(c);
     assert_int_equal(c->dones, 1);
     assert_int_equal(c->last_result, KVR_EIO);
-    assert_non_null(strstr(c->last_err, "onnect")); /* "Failed to connect ..." / "Couldn't connect" */
+    assert_non_null(
+        strstr(c->last_err, "onnect")); /* "Failed to connect ..." / "Couldn't connect" */
     ctx_free(c);
 }
 
@@ -528,8 +539,12 @@ static void test_limits_and_abort(void **state)
     snprintf(url, sizeof url, "%s/echo", c->url);
     char body[5000];
     memset(body, 'z', sizeof body);
-    kvr_curl_opts o = {.url = url, .body = body, .body_len = sizeof body, .max_body = 1000,
-                       .on_done = done_finish, .data = c};
+    kvr_curl_opts o = {.url = url,
+                       .body = body,
+                       .body_len = sizeof body,
+                       .max_body = 1000,
+                       .on_done = done_finish,
+                       .data = c};
     start(c, &o);
     run_and_teardown(c);
     assert_int_equal(c->last_result, KVR_ELIMIT);

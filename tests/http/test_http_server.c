@@ -238,9 +238,10 @@ static void c_pipelined(fixture *fx)
     memset(&c, 0, sizeof c);
     c.fd = fx_connect(fx, 0);
     /* The slow one first: responses must still come back in request order. */
-    fx_send_str(c.fd, "GET /async HTTP/1.1\r\nHost: x\r\n\r\n"
-                      "POST /echo HTTP/1.1\r\nHost: x\r\nx-test: abc\r\nContent-Length: 4\r\n\r\nping"
-                      "GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    fx_send_str(c.fd,
+                "GET /async HTTP/1.1\r\nHost: x\r\n\r\n"
+                "POST /echo HTTP/1.1\r\nHost: x\r\nx-test: abc\r\nContent-Length: 4\r\n\r\nping"
+                "GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     for (int i = 0; i < 3; i++) {
         kvr_buf b;
         kvr_buf_init(&b);
@@ -278,7 +279,8 @@ static void c_chunked(fixture *fx)
     static fx_conn c;
     memset(&c, 0, sizeof c);
     c.fd = fx_connect(fx, 0);
-    fx_send_str(c.fd, "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel");
+    fx_send_str(c.fd,
+                "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel");
     fx_sleep_ms(20);
     fx_send_str(c.fd, "lo\r\n7\r\n, world\r\n0\r\n\r\n");
     kvr_buf b;
@@ -339,7 +341,8 @@ static void c_errors(fixture *fx)
     const char *badcl = "GET /hello HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n";
     one_shot(fx, 4, badcl, strlen(badcl));
     /* 501: upgrade. */
-    const char *up = "GET /hello HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+    const char *up =
+        "GET /hello HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
     one_shot(fx, 5, up, strlen(up));
     /* HTTP/1.0 without keep-alive: answered, then closed. */
     const char *h10 = "GET /hello HTTP/1.0\r\n\r\n";
@@ -402,7 +405,7 @@ static void test_slowloris(void **state)
     cfg.idle_timeout_ms = 300;
     run(fx, &cfg, c_slowloris);
     assert_int_equal(fx->ints[0], 408);
-    assert_true(fx->secs < 5.0); /* closed by the server, not by the client's 10 s timeout */
+    assert_true(fx->secs < 5.0);        /* closed by the server, not by the client's 10 s timeout */
     assert_int_equal(fx->ints[1], 200); /* answered, then closed when idle (read_all saw EOF) */
     assert_int_equal(fx->srv.stats.timeouts, 2);
     assert_int_equal(fx->requests_seen, 1);
@@ -548,10 +551,10 @@ static void test_backpressure(void **state)
     cfg.stream_high_water = 256 * 1024;
     cfg.stream_low_water = 64 * 1024;
     run(fx, &cfg, c_backpressure);
-    assert_int_equal(fx->ints[0], 0);              /* no drain while the client slept */
-    assert_true(fx->max_pending >= 256 * 1024);     /* the queue reached the mark ... */
+    assert_int_equal(fx->ints[0], 0);           /* no drain while the client slept */
+    assert_true(fx->max_pending >= 256 * 1024); /* the queue reached the mark ... */
     assert_true(fx->max_pending < 256 * 1024 + 2 * FLOOD_CHUNK); /* ... and the producer stopped */
-    assert_true(fx->drains >= 1);                   /* resumed by on_drain once the client read */
+    assert_true(fx->drains >= 1); /* resumed by on_drain once the client read */
     assert_int_equal(fx->ints[1], 200);
     assert_int_equal(fx->resp_len[0], FLOOD_TOTAL);
     assert_int_equal(fx->ints[2], 0);
@@ -596,8 +599,8 @@ static void test_max_connections(void **state)
     free(fx);
 }
 
-
-/* ---------------------------------------------------------------- HEAD, HTTP/1.0 streams, 100-continue */
+/* ---------------------------------------------------------------- HEAD, HTTP/1.0 streams,
+ * 100-continue */
 
 static void c_misc(fixture *fx)
 {
@@ -605,7 +608,8 @@ static void c_misc(fixture *fx)
     memset(&c, 0, sizeof c);
     c.fd = fx_connect(fx, 0);
     /* HEAD: the head of the GET, no body; the connection stays usable. */
-    fx_send_str(c.fd, "HEAD /hello HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
+    fx_send_str(c.fd,
+                "HEAD /hello HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n");
     char *end;
     while ((end = memmem(c.buf, c.len, "\r\n\r\n", 4)) == NULL)
         if (fx_fill(&c) != 0)
@@ -624,7 +628,9 @@ static void c_misc(fixture *fx)
         kvr_buf_free(&drop);
     }
     /* Expect: 100-continue: the server says go before the body is sent. */
-    fx_send_str(c.fd, "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n");
+    fx_send_str(
+        c.fd,
+        "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n");
     while (memmem(c.buf, c.len, "\r\n\r\n", 4) == NULL)
         if (fx_fill(&c) != 0)
             break;
@@ -670,7 +676,8 @@ static void test_head_http10_continue(void **state)
     free(fx);
 }
 
-/* ---------------------------------------------------------------- server close with a live stream */
+/* ---------------------------------------------------------------- server close with a live stream
+ */
 
 static void c_server_close(fixture *fx)
 {
@@ -705,7 +712,6 @@ static void test_server_close_live_stream(void **state)
     close(fd);
     free(fx);
 }
-
 
 /* ---------------------------------------------------------------- byte-by-byte and garbage */
 
@@ -765,9 +771,15 @@ static void c_garbage(fixture *fx)
             size_t pos = (seed >> 8) % n;
             seed = seed * 1103515245u + 12345u;
             switch ((seed >> 16) % 3) {
-            case 0: msg[pos] = (char)(seed >> 24); break;   /* flip a byte */
-            case 1: n = pos + 1; break;                      /* truncate */
-            default: msg[pos] = "\r\n :\0"[(seed >> 24) % 5]; break;
+            case 0:
+                msg[pos] = (char)(seed >> 24);
+                break; /* flip a byte */
+            case 1:
+                n = pos + 1;
+                break; /* truncate */
+            default:
+                msg[pos] = "\r\n :\0"[(seed >> 24) % 5];
+                break;
             }
         }
         int fd = fx_connect(fx, 0);

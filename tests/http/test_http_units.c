@@ -37,8 +37,8 @@ static const char SSE_STREAM[] = ": comment\r\n"
                                  "data: line2\n"
                                  "id: 7\n"
                                  "\n"
-                                 "data\r\r"         /* empty data field, CR line ends */
-                                 "retry: 10\n\n"    /* no data: no event */
+                                 "data\r\r"      /* empty data field, CR line ends */
+                                 "retry: 10\n\n" /* no data: no event */
                                  "data: [DONE]\n\n"
                                  "data: partial"; /* never terminated: no event */
 
@@ -168,7 +168,8 @@ static void test_json_parse_bounds(void **state)
     assert_int_equal(kvr_json_parse(kvr_slice_of("[[[[[[1]]]]]]"), 0, 5, &j, &err), KVR_ELIMIT);
     assert_non_null(strstr(err.msg, "deeper than 5"));
     /* brackets inside strings do not count */
-    assert_int_equal(kvr_json_parse(kvr_slice_of("{\"k\":\"[[[[[[[[\\\"[[[[\"}"), 0, 2, &j, &err), 0);
+    assert_int_equal(kvr_json_parse(kvr_slice_of("{\"k\":\"[[[[[[[[\\\"[[[[\"}"), 0, 2, &j, &err),
+                     0);
     cJSON_Delete(j);
     /* 100k-deep nesting: refused quickly, no stack overflow */
     size_t n = 100000;
@@ -181,9 +182,10 @@ static void test_json_parse_bounds(void **state)
 
 static void test_json_getters(void **state)
 {
-    cJSON *j = parse_ok("{\"model\":\"m\",\"max_tokens\":16,\"frac\":1.5,\"big\":9007199254740993,"
-                        "\"neg\":-3,\"stream\":true,\"s\":\"12\",\"arr\":[1],\"obj\":{},\"nul\":null,"
-                        "\"huge\":1e300}");
+    cJSON *j =
+        parse_ok("{\"model\":\"m\",\"max_tokens\":16,\"frac\":1.5,\"big\":9007199254740993,"
+                 "\"neg\":-3,\"stream\":true,\"s\":\"12\",\"arr\":[1],\"obj\":{},\"nul\":null,"
+                 "\"huge\":1e300}");
     kvr_err err = {0};
     const char *s = NULL;
     int64_t i = 0;
@@ -252,8 +254,9 @@ static void test_json_escape_and_writer(void **state)
     const char in[] = "a\"b\\c\n\t\x01 caf\xc3\xa9 \xff end \xe2\x82";
     assert_int_equal(kvr_json_append_string(&b, in, sizeof in - 1), 0);
     kvr_buf_append(&b, "", 1);
-    assert_string_equal(b.base,
-                        "\"a\\\"b\\\\c\\n\\t\\u0001 caf\xc3\xa9 \xef\xbf\xbd end \xef\xbf\xbd\xef\xbf\xbd\"");
+    assert_string_equal(
+        b.base,
+        "\"a\\\"b\\\\c\\n\\t\\u0001 caf\xc3\xa9 \xef\xbf\xbd end \xef\xbf\xbd\xef\xbf\xbd\"");
     /* the output parses back */
     cJSON *j = NULL;
     kvr_err err;
@@ -286,8 +289,9 @@ static void test_json_escape_and_writer(void **state)
     kvr_jw_end(&w);
     assert_int_equal(kvr_jw_finish(&w), 0);
     kvr_buf_append(&b, "", 1);
-    assert_string_equal(b.base, "{\"id\":18446744073709551615,\"neg\":-5,\"list\":[0.1,2,false,null,"
-                                "\"x\\\"y\",{}],\"raw\":[1,2],\"nan\":null}");
+    assert_string_equal(b.base,
+                        "{\"id\":18446744073709551615,\"neg\":-5,\"list\":[0.1,2,false,null,"
+                        "\"x\\\"y\",{}],\"raw\":[1,2],\"nan\":null}");
     kvr_buf_reset(&b);
     /* misuse is reported */
     kvr_jw_init(&w, &b);
@@ -327,9 +331,11 @@ static void test_flags(void **state)
         {"color", KVR_FLAG_BOOL, &color, "color", false},
     };
     size_t nf = sizeof flags / sizeof flags[0];
-    char *argv[] = {"up", "--listen", "127.0.0.1:9", "--n=-4", "-id", "18446744073709551615",
-                    "--speedup", "2.5", "--timeout=10s", "--verbose", "--no-color", "extra", "--",
-                    "--notaflag"};
+    char *argv[] = {"up",        "--listen",   "127.0.0.1:9",
+                    "--n=-4",    "-id",        "18446744073709551615",
+                    "--speedup", "2.5",        "--timeout=10s",
+                    "--verbose", "--no-color", "extra",
+                    "--",        "--notaflag"};
     const char *pos[4];
     size_t np = 0;
     kvr_err err = {0};
@@ -402,38 +408,37 @@ static void test_flags(void **state)
 
 /* ---------------------------------------------------------------- metrics */
 
-static const char GOLDEN[] =
-    "# HELP kvr_test_requests_total Requests handled.\n"
-    "# TYPE kvr_test_requests_total counter\n"
-    "kvr_test_requests_total 3\n"
-    "# HELP kvr_test_rejected_total Rejected events by reason.\n"
-    "# TYPE kvr_test_rejected_total counter\n"
-    "kvr_test_rejected_total{reason=\"truncated\"} 2\n"
-    "kvr_test_rejected_total{reason=\"bad \\\"type\\\"\"} 0\n"
-    "# HELP kvr_test_load_ratio Load with a\\nnewline.\n"
-    "# TYPE kvr_test_load_ratio gauge\n"
-    "kvr_test_load_ratio 0.25\n"
-    "# HELP kvr_test_latency_seconds Latency.\n"
-    "# TYPE kvr_test_latency_seconds histogram\n"
-    "kvr_test_latency_seconds_bucket{le=\"0.01\"} 1\n"
-    "kvr_test_latency_seconds_bucket{le=\"0.1\"} 3\n"
-    "kvr_test_latency_seconds_bucket{le=\"1\"} 3\n"
-    "kvr_test_latency_seconds_bucket{le=\"+Inf\"} 4\n"
-    "kvr_test_latency_seconds_sum 5.205\n"
-    "kvr_test_latency_seconds_count 4\n"
-    "# HELP kvr_test_ttft_seconds TTFT by mode.\n"
-    "# TYPE kvr_test_ttft_seconds histogram\n"
-    "kvr_test_ttft_seconds_bucket{mode=\"raft\",le=\"0.5\"} 0\n"
-    "kvr_test_ttft_seconds_bucket{mode=\"raft\",le=\"+Inf\"} 0\n"
-    "kvr_test_ttft_seconds_sum{mode=\"raft\"} 0\n"
-    "kvr_test_ttft_seconds_count{mode=\"raft\"} 0\n"
-    "kvr_test_ttft_seconds_bucket{mode=\"local\",le=\"0.5\"} 1\n"
-    "kvr_test_ttft_seconds_bucket{mode=\"local\",le=\"+Inf\"} 1\n"
-    "kvr_test_ttft_seconds_sum{mode=\"local\"} 0.5\n"
-    "kvr_test_ttft_seconds_count{mode=\"local\"} 1\n"
-    "# HELP kvr_test_collected Set by a hook.\n"
-    "# TYPE kvr_test_collected gauge\n"
-    "kvr_test_collected 42\n";
+static const char GOLDEN[] = "# HELP kvr_test_requests_total Requests handled.\n"
+                             "# TYPE kvr_test_requests_total counter\n"
+                             "kvr_test_requests_total 3\n"
+                             "# HELP kvr_test_rejected_total Rejected events by reason.\n"
+                             "# TYPE kvr_test_rejected_total counter\n"
+                             "kvr_test_rejected_total{reason=\"truncated\"} 2\n"
+                             "kvr_test_rejected_total{reason=\"bad \\\"type\\\"\"} 0\n"
+                             "# HELP kvr_test_load_ratio Load with a\\nnewline.\n"
+                             "# TYPE kvr_test_load_ratio gauge\n"
+                             "kvr_test_load_ratio 0.25\n"
+                             "# HELP kvr_test_latency_seconds Latency.\n"
+                             "# TYPE kvr_test_latency_seconds histogram\n"
+                             "kvr_test_latency_seconds_bucket{le=\"0.01\"} 1\n"
+                             "kvr_test_latency_seconds_bucket{le=\"0.1\"} 3\n"
+                             "kvr_test_latency_seconds_bucket{le=\"1\"} 3\n"
+                             "kvr_test_latency_seconds_bucket{le=\"+Inf\"} 4\n"
+                             "kvr_test_latency_seconds_sum 5.205\n"
+                             "kvr_test_latency_seconds_count 4\n"
+                             "# HELP kvr_test_ttft_seconds TTFT by mode.\n"
+                             "# TYPE kvr_test_ttft_seconds histogram\n"
+                             "kvr_test_ttft_seconds_bucket{mode=\"raft\",le=\"0.5\"} 0\n"
+                             "kvr_test_ttft_seconds_bucket{mode=\"raft\",le=\"+Inf\"} 0\n"
+                             "kvr_test_ttft_seconds_sum{mode=\"raft\"} 0\n"
+                             "kvr_test_ttft_seconds_count{mode=\"raft\"} 0\n"
+                             "kvr_test_ttft_seconds_bucket{mode=\"local\",le=\"0.5\"} 1\n"
+                             "kvr_test_ttft_seconds_bucket{mode=\"local\",le=\"+Inf\"} 1\n"
+                             "kvr_test_ttft_seconds_sum{mode=\"local\"} 0.5\n"
+                             "kvr_test_ttft_seconds_count{mode=\"local\"} 1\n"
+                             "# HELP kvr_test_collected Set by a hook.\n"
+                             "# TYPE kvr_test_collected gauge\n"
+                             "kvr_test_collected 42\n";
 
 static void hook(kvr_metrics *m, void *arg)
 {
@@ -444,17 +449,20 @@ static void test_metrics_golden(void **state)
 {
     kvr_metrics *m = kvr_metrics_new();
     assert_non_null(m);
-    kvr_metric *req = kvr_metrics_counter(m, "kvr_test_requests_total", "Requests handled.", NULL, NULL);
+    kvr_metric *req =
+        kvr_metrics_counter(m, "kvr_test_requests_total", "Requests handled.", NULL, NULL);
     const char *const reasons[] = {"truncated", "bad \"type\"", NULL};
-    kvr_metric *rej = kvr_metrics_counter(m, "kvr_test_rejected_total", "Rejected events by reason.",
-                                          "reason", reasons);
-    kvr_metric *load = kvr_metrics_gauge(m, "kvr_test_load_ratio", "Load with a\nnewline.", NULL, NULL);
+    kvr_metric *rej = kvr_metrics_counter(m, "kvr_test_rejected_total",
+                                          "Rejected events by reason.", "reason", reasons);
+    kvr_metric *load =
+        kvr_metrics_gauge(m, "kvr_test_load_ratio", "Load with a\nnewline.", NULL, NULL);
     const double b[] = {0.01, 0.1, 1};
-    kvr_metric *lat = kvr_metrics_histogram(m, "kvr_test_latency_seconds", "Latency.", b, 3, NULL, NULL);
+    kvr_metric *lat =
+        kvr_metrics_histogram(m, "kvr_test_latency_seconds", "Latency.", b, 3, NULL, NULL);
     const double b2[] = {0.5};
     const char *const modes[] = {"raft", "local", NULL};
-    kvr_metric *ttft = kvr_metrics_histogram(m, "kvr_test_ttft_seconds", "TTFT by mode.", b2, 1,
-                                             "mode", modes);
+    kvr_metric *ttft =
+        kvr_metrics_histogram(m, "kvr_test_ttft_seconds", "TTFT by mode.", b2, 1, "mode", modes);
     kvr_metric *col = kvr_metrics_gauge(m, "kvr_test_collected", "Set by a hook.", NULL, NULL);
     assert_non_null(req);
     assert_non_null(rej);
