@@ -120,7 +120,16 @@ int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_token
     kvr_buf_init(&text);
     kvr_buf_init(&tmp);
     r->is_chat = is_chat;
-    cJSON *root = cJSON_ParseWithLength(body, len);
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(body, len, &end, false);
+    /* Only whitespace may follow the value. */
+    while (root && end && end < body + len && (*end == ' ' || *end == '\n' || *end == '\r' ||
+                                                *end == '\t'))
+        end++;
+    if (root && end != body + len) {
+        cJSON_Delete(root);
+        root = NULL;
+    }
     if (!root)
         BAD(NULL, "We could not parse the JSON body of your request. (HINT: This likely means "
                   "you aren't using your HTTP library correctly. The OpenAI API expects a JSON "
@@ -356,7 +365,13 @@ int fe_relay_event(fe_relay *rl, const char *data, size_t len, kvr_buf *out, kvr
         if (frs)
             snprintf(rl->finish_reason, sizeof rl->finish_reason, "%s", frs);
         if (!rl->stream) {
-            rc = kvr_buf_append_cstr(&rl->text, t);
+            size_t tl = strlen(t);
+            if (rl->text.len + tl > FE_MAX_AGGREGATE_BYTES) {
+                cJSON_Delete(root);
+                return kvr_err_set(err, KVR_ELIMIT, "aggregated completion over %u bytes",
+                                   (unsigned)FE_MAX_AGGREGATE_BYTES);
+            }
+            rc = kvr_buf_append(&rl->text, t, tl);
         } else if (rl->is_chat) {
             rc = chunk_head(out, rl);
             rc = rc ? rc : kvr_buf_append_cstr(out, ",\"choices\":[{\"index\":0,\"delta\":{");

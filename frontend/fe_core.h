@@ -17,6 +17,7 @@
 
 #define FE_MODEL_MAX 256
 #define FE_MAX_PROMPT_TOKENS (4u * 1024 * 1024)
+#define FE_MAX_AGGREGATE_BYTES (64u * 1024 * 1024) /* non-streaming response text */
 
 typedef struct fe_req {
     bool is_chat;
@@ -81,8 +82,9 @@ enum {
 };
 
 /* Consumes one upstream event's data. For streaming clients appends the SSE bytes to send
- * ("data: …\n\n") to out; for non-streaming ones accumulates. Returns FE_EV_* ≥ 0, or
- * KVR_EINVAL for an undecodable event (err filled). */
+ * ("data: …\n\n") to out; for non-streaming ones accumulates (at most
+ * FE_MAX_AGGREGATE_BYTES). Returns FE_EV_* ≥ 0, or KVR_EINVAL for an undecodable event,
+ * KVR_ELIMIT when the aggregate is too large (err filled). */
 int fe_relay_event(fe_relay *rl, const char *data, size_t len, kvr_buf *out, kvr_err *err);
 
 /* Final non-streaming body (completion or chat.completion). */

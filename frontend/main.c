@@ -261,6 +261,10 @@ static int on_sse_event(void *arg, kvr_slice event, kvr_slice data)
     kvr_err err = {0};
     kvr_buf_reset(&c->out);
     int ev = fe_relay_event(&c->relay, data.base, data.len, &c->out, &err);
+    if (ev == KVR_ELIMIT) {
+        snprintf(c->up_err, sizeof c->up_err, "%.250s", err.msg);
+        return 1;
+    }
     if (ev < 0) {
         kvr_metric_add(app.m_upstream_err, UE_MALFORMED, 1);
         KVR_LOG_WARN_RL(5, "bad upstream event", "request=%s err=\"%s\"", c->rid_hex, err.msg);

@@ -127,6 +127,8 @@ static void test_parse_errors(void **state)
     (void)state;
     expect_400("{\"model\":\"m\",\"prompt\":\"a\"", false, "");
     expect_400("[1,2]", false, "");
+    expect_400("{\"model\":\"m\",\"prompt\":\"a\"} trailing", false, "");
+    expect_400("", false, "");
     expect_400("{\"prompt\":\"a\"}", false, "model");
     expect_400("{\"model\":7,\"prompt\":\"a\"}", false, "model");
     expect_400("{\"model\":\"m\"}", false, "prompt");
@@ -146,6 +148,15 @@ static void test_parse_errors(void **state)
     expect_400("{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":5}]}", true,
                "messages");
     expect_400("{\"model\":\"m\",\"messages\":[\"hi\"]}", true, "messages");
+}
+
+static void test_parse_whitespace(void **state)
+{
+    (void)state;
+    fe_req r;
+    fe_http_error e;
+    assert_int_equal(parse(" {\"model\":\"m\",\"prompt\":\"a\"}\r\n ", false, &r, &e), 0);
+    fe_req_free(&r);
 }
 
 static void test_parse_chat(void **state)
@@ -503,6 +514,7 @@ int main(void)
         cmocka_unit_test(test_json_escape),
         cmocka_unit_test(test_parse_completion),
         cmocka_unit_test(test_parse_errors),
+        cmocka_unit_test(test_parse_whitespace),
         cmocka_unit_test(test_parse_chat),
         cmocka_unit_test(test_error_json),
         cmocka_unit_test(test_relay_chat_stream),
