@@ -926,6 +926,9 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
         "ping interval");
     CHK(natsOptions_SetMaxPingsOut(no, 3), "max pings out");
     CHK(natsOptions_SetReconnectBufSize(no, 8 << 20), "reconnect buffer");
+    /* cnats otherwise leaves small publishes to its flusher thread, which adds ~1 ms to every
+     * request/reply hop; routing is latency-bound */
+    CHK(natsOptions_SetSendAsap(no, true), "send asap");
     CHK(natsOptions_SetDisconnectedCB(no, on_disconnected, ki), "disconnected cb");
     CHK(natsOptions_SetReconnectedCB(no, on_reconnected, ki), "reconnected cb");
     CHK(natsOptions_SetErrorHandler(no, on_nats_error, ki), "error handler");
