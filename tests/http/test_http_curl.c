@@ -579,6 +579,72 @@ static void test_close_with_inflight(void **state)
     ctx_free(c);
 }
 
+
+/* Many concurrent streams on one loop: every one complete and in order. */
+typedef struct stream_state {
+    ctx *c;
+    kvr_sse sse;
+    int events, bad, done_marks;
+} stream_state;
+
+static int many_event(void *arg, kvr_slice ev, kvr_slice data)
+{
+    stream_state *st = arg;
+    if (kvr_slice_eq_cstr(data, "[DONE]")) {
+        st->done_marks++;
+        return 0;
+    }
+    char want[32];
+    snprintf(want, sizeof want, "{\"i\":%d}", st->events);
+    if (!kvr_slice_eq_cstr(data, want))
+        st->bad++;
+    st->events++;
+    return 0;
+}
+
+static int many_data(kvr_curl_req *r, const char *data, size_t len)
+{
+    stream_state *st = kvr_curl_req_data(r);
+    kvr_err err;
+    return kvr_sse_feed(&st->sse, data, len, &err);
+}
+
+#define MANY 200
+
+static void many_done(kvr_curl_req *r, int result, long status, const char *errmsg, kvr_slice body)
+{
+    stream_state *st = kvr_curl_req_data(r);
+    ctx *c = st->c;
+    c->dones++;
+    if (result == 0 && status == 200 && st->events == 20 && st->bad == 0 && st->done_marks == 1)
+        c->sse_events++; /* count of good streams */
+    if (c->dones == MANY)
+        finish(c);
+}
+
+static void test_many_concurrent_streams(void **state)
+{
+    ctx *c = setup(NULL);
+    stream_state *st = calloc(MANY, sizeof *st);
+    char url[160];
+    snprintf(url, sizeof url, "%s/sse", c->url);
+    for (int i = 0; i < MANY; i++) {
+        st[i].c = c;
+        kvr_sse_init(&st[i].sse, 0, 0, many_event, &st[i]);
+        kvr_curl_opts o = {.url = url, .on_data = many_data, .on_done = many_done, .data = &st[i]};
+        start(c, &o);
+    }
+    assert_int_equal(kvr_curl_active(&c->kc), MANY);
+    run_and_teardown(c);
+    assert_int_equal(c->dones, MANY);
+    assert_int_equal(c->sse_events, MANY);
+    assert_true(c->srv.stats.connections_accepted <= 64); /* max_host_connections default */
+    for (int i = 0; i < MANY; i++)
+        kvr_sse_free(&st[i].sse);
+    free(st);
+    ctx_free(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -592,6 +658,7 @@ int main(void)
         cmocka_unit_test(test_pause_resume_backpressure),
         cmocka_unit_test(test_limits_and_abort),
         cmocka_unit_test(test_close_with_inflight),
+        cmocka_unit_test(test_many_concurrent_streams),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
