@@ -282,16 +282,20 @@ static int parse_u64(const char *s, uint64_t *out)
 
 int kvr_bench_indexer(int argc, char **argv)
 {
-    opts o = {.workers = 8, .capacity = 16384, .rbs = 64, .tbs = 512, .queries = 20000,
-              .scale = 1};
+    opts o = {.workers = 8, .capacity = 16384, .rbs = 64, .tbs = 512, .queries = 20000, .scale = 1};
     static const struct option lo[] = {
-        {"trace", required_argument, 0, 't'},         {"json", required_argument, 0, 'j'},
-        {"workers", required_argument, 0, 'w'},       {"capacity-blocks", required_argument, 0, 'c'},
+        {"trace", required_argument, 0, 't'},
+        {"json", required_argument, 0, 'j'},
+        {"workers", required_argument, 0, 'w'},
+        {"capacity-blocks", required_argument, 0, 'c'},
         {"router-block-size", required_argument, 0, 'r'},
         {"trace-block-size", required_argument, 0, 'b'},
-        {"queries", required_argument, 0, 'q'},       {"scale", required_argument, 0, 'k'},
-        {"assign", required_argument, 0, 'a'},        {"snapshot-dir", required_argument, 0, 's'},
-        {"help", no_argument, 0, 'h'},                {0, 0, 0, 0},
+        {"queries", required_argument, 0, 'q'},
+        {"scale", required_argument, 0, 'k'},
+        {"assign", required_argument, 0, 'a'},
+        {"snapshot-dir", required_argument, 0, 's'},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
     };
     optind = 1;
     int c;
@@ -303,15 +307,33 @@ int kvr_bench_indexer(int argc, char **argv)
             return 2;
         }
         switch (c) {
-        case 't': o.trace = optarg; break;
-        case 'j': o.json = optarg; break;
-        case 's': o.snapdir = optarg; break;
-        case 'w': o.workers = (uint32_t)(v > 1024 ? 0 : v); break;
-        case 'c': o.capacity = v; break;
-        case 'r': o.rbs = (uint32_t)(v > 65536 ? 0 : v); break;
-        case 'b': o.tbs = (uint32_t)(v > 65536 ? 0 : v); break;
-        case 'q': o.queries = v; break;
-        case 'k': o.scale = (uint32_t)(v > 1000 ? 0 : v); break;
+        case 't':
+            o.trace = optarg;
+            break;
+        case 'j':
+            o.json = optarg;
+            break;
+        case 's':
+            o.snapdir = optarg;
+            break;
+        case 'w':
+            o.workers = (uint32_t)(v > 1024 ? 0 : v);
+            break;
+        case 'c':
+            o.capacity = v;
+            break;
+        case 'r':
+            o.rbs = (uint32_t)(v > 65536 ? 0 : v);
+            break;
+        case 'b':
+            o.tbs = (uint32_t)(v > 65536 ? 0 : v);
+            break;
+        case 'q':
+            o.queries = v;
+            break;
+        case 'k':
+            o.scale = (uint32_t)(v > 1000 ? 0 : v);
+            break;
         case 'a':
             if (strcmp(optarg, "rr") == 0)
                 o.assign_prefix = false;
@@ -322,8 +344,12 @@ int kvr_bench_indexer(int argc, char **argv)
                 return 2;
             }
             break;
-        case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
         }
     }
     if (!o.trace || !o.json || !o.workers || o.workers > 255 || !o.capacity || !o.rbs || !o.tbs ||
@@ -359,7 +385,8 @@ int kvr_bench_indexer(int argc, char **argv)
         fprintf(stderr, "kvr-bench indexer: hash ids too large to scale\n");
         goto out;
     }
-    kvr_index_opts io = {.block_size = o.rbs, .max_workers = o.workers > 64 ? o.workers : 64,
+    kvr_index_opts io = {.block_size = o.rbs,
+                         .max_workers = o.workers > 64 ? o.workers : 64,
                          .default_capacity_blocks = o.capacity};
     if (kvr_index_create(&idx, &io, &err) || lru_init(&cache, o.workers, o.capacity)) {
         fprintf(stderr, "kvr-bench indexer: setup: %s\n", err.msg[0] ? err.msg : "out of memory");
@@ -617,8 +644,8 @@ int kvr_bench_indexer(int argc, char **argv)
            " blocks/worker, block %u (trace %u), assign %s\n",
            o.trace, n_requests, o.scale, o.workers, o.capacity, o.rbs, o.tbs,
            o.assign_prefix ? "prefix" : "rr");
-    printf("  %-28s %14" PRIu64 "  (%" PRIu64 " stored, %" PRIu64 " removed)\n", "events",
-           n_events, ev_stored, ev_removed);
+    printf("  %-28s %14" PRIu64 "  (%" PRIu64 " stored, %" PRIu64 " removed)\n", "events", n_events,
+           ev_stored, ev_removed);
     printf("  %-28s %14" PRIu64 "  (%" PRIu64 " stored, %" PRIu64 " removed)\n", "blocks in events",
            n_store_blocks + n_remove_blocks, n_store_blocks, n_remove_blocks);
     printf("  %-28s %14.3f  (thread CPU %.3f: %.0f blocks per CPU second)\n", "apply time s",
@@ -669,8 +696,8 @@ int kvr_bench_indexer(int argc, char **argv)
             " \"simulated_hit_rate\":%.4f}\n",
             o.trace, n_requests, o.scale, o.workers, o.capacity, o.rbs, o.tbs,
             o.assign_prefix ? "prefix" : "rr", n_events, n_store_blocks, n_remove_blocks, apply_s,
-            events_per_s, blocks_per_s, stored_blocks_per_s, apply_cpu_s, blocks_per_cpu_s, st.entries, st.blocks, st.bytes,
-            bytes_per_block, consistent ? "true" : "false", nq,
+            events_per_s, blocks_per_s, stored_blocks_per_s, apply_cpu_s, blocks_per_cpu_s,
+            st.entries, st.blocks, st.bytes, bytes_per_block, consistent ? "true" : "false", nq,
             nq ? (double)qblocks / (double)nq : 0, pct(lat, nq, 50), pct(lat, nq, 99),
             nq ? lat[nq - 1] : 0, pct(lat256, n256, 50), pct(lat256, n256, 99), n256, full256,
             export_ms, write_ms, readfile_ms + import_ms, readfile_ms, import_ms, si.file_bytes,

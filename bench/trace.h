@@ -28,9 +28,9 @@
 #define KVR_TRACE_DEFAULT_BLOCK_SIZE 512u
 
 typedef struct kvr_trace_limits {
-    size_t max_line_bytes;  /* default 16 MiB */
-    uint32_t max_hash_ids;  /* per request, default 1 Mi */
-    size_t max_requests;    /* default 10 M */
+    size_t max_line_bytes; /* default 16 MiB */
+    uint32_t max_hash_ids; /* per request, default 1 Mi */
+    size_t max_requests;   /* default 10 M */
 } kvr_trace_limits;
 
 kvr_trace_limits kvr_trace_limits_default(void);

@@ -66,8 +66,8 @@ static void *acc_calloc(uint64_t *bytes, size_t n, size_t size)
         return NULL;
     size_t len = n * size;
     if (len >= BIG_ALLOC) {
-        void *p = mmap(NULL, PAGE_ROUND(len), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                       -1, 0);
+        void *p =
+            mmap(NULL, PAGE_ROUND(len), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED)
             return NULL;
 #ifdef MADV_HUGEPAGE
@@ -790,8 +790,8 @@ int kvr_index_apply(kvr_index *idx, uint64_t worker_id, const kvr_kv_event *ev, 
     return kvr_err_set(err, KVR_EINVAL, "unknown event type %d", (int)ev->type);
 }
 
-size_t kvr_index_apply_batch(kvr_index *idx, uint64_t worker_id, const kvr_kv_event *evs,
-                             size_t n, kvr_err *err)
+size_t kvr_index_apply_batch(kvr_index *idx, uint64_t worker_id, const kvr_kv_event *evs, size_t n,
+                             kvr_err *err)
 {
     size_t failed = 0;
     for (size_t i = 0; i < n; i++)

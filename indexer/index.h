@@ -67,11 +67,11 @@ typedef struct kvr_index_opts {
 
 /* Counters. "events" count kvr_kv_event structs; "blocks" count hashes inside them. */
 typedef struct kvr_index_stats {
-    uint64_t entries;  /* distinct (worker, seq) pairs */
-    uint64_t blocks;   /* distinct seq hashes */
-    uint64_t workers;  /* registered workers */
+    uint64_t entries;    /* distinct (worker, seq) pairs */
+    uint64_t blocks;     /* distinct seq hashes */
+    uint64_t workers;    /* registered workers */
     uint64_t ext_hashes; /* external hashes held, all workers (>= entries if engines alias) */
-    uint64_t bytes;    /* exact bytes owned by the index, handle included */
+    uint64_t bytes;      /* exact bytes owned by the index, handle included */
 
     uint64_t events_applied;   /* every event passed to kvr_index_apply */
     uint64_t stores;           /* STORED events applied (fully or in part) */
@@ -125,8 +125,8 @@ int kvr_index_apply(kvr_index *idx, uint64_t worker_id, const kvr_kv_event *ev, 
 
 /* Applies n events in order; a dropped event does not stop the rest. Returns the number of
  * events that returned an error (0 = all applied); err holds the last error. */
-size_t kvr_index_apply_batch(kvr_index *idx, uint64_t worker_id, const kvr_kv_event *evs,
-                             size_t n, kvr_err *err);
+size_t kvr_index_apply_batch(kvr_index *idx, uint64_t worker_id, const kvr_kv_event *evs, size_t n,
+                             kvr_err *err);
 
 /* Registers the worker if unknown and sets its capacity (0 = unknown -> default). A lowered
  * bound does not evict: it only refuses further stores. Returns 0, KVR_ELIMIT or KVR_ENOMEM. */
@@ -182,7 +182,7 @@ typedef struct kvr_index_image_worker {
  * entries and digest are carried to verify an import. Owned by whoever holds it; plain data,
  * usable on any thread, freed with kvr_index_image_free. */
 typedef struct kvr_index_image {
-    uint32_t format;     /* KVR_INDEX_IMAGE_FORMAT */
+    uint32_t format; /* KVR_INDEX_IMAGE_FORMAT */
     uint32_t block_size;
     uint64_t stream_seq;
     uint64_t entries;

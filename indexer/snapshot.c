@@ -173,8 +173,7 @@ static void encode_trailer(uint8_t t[TRAILER_SIZE], uint64_t lmdb_len, uint64_t 
 
 /* ---- write -------------------------------------------------------------------------------- */
 
-int kvr_snapshot_write(kvr_index_image *img, const char *dir, kvr_snapshot_info *info,
-                       kvr_err *err)
+int kvr_snapshot_write(kvr_index_image *img, const char *dir, kvr_snapshot_info *info, kvr_err *err)
 {
     char tmp[PATH_MAX], final[PATH_MAX];
     int rc;
@@ -373,8 +372,7 @@ int kvr_snapshot_read(const char *dir, uint32_t expected_block_size, kvr_index_i
         goto fail;
     }
     uint64_t size = (uint64_t)st.st_size;
-    if (!S_ISREG(st.st_mode) || size < TRAILER_SIZE + 2 * 4096 ||
-        size > KVR_SNAPSHOT_MAX_BYTES) {
+    if (!S_ISREG(st.st_mode) || size < TRAILER_SIZE + 2 * 4096 || size > KVR_SNAPSHOT_MAX_BYTES) {
         rc = kvr_err_set(err, KVR_ECORRUPT,
                          "%s: %" PRIu64 " bytes is not a snapshot (truncated or foreign)", path,
                          size);
@@ -407,10 +405,11 @@ int kvr_snapshot_read(const char *dir, uint32_t expected_block_size, kvr_index_i
     if ((mrc = mdb_env_create(&env)) || (mrc = mdb_env_set_maxdbs(env, 4)) ||
         (mrc = mdb_env_set_mapsize(env, mapsize)) ||
         (mrc = mdb_env_open(env, path, MDB_NOSUBDIR | MDB_RDONLY | MDB_NOLOCK, 0444))) {
-        rc = mdb_fail(err, mrc == MDB_INVALID || mrc == MDB_VERSION_MISMATCH ||
-                                   mrc == MDB_CORRUPTED || mrc == MDB_PAGE_NOTFOUND
-                               ? KVR_ECORRUPT
-                               : KVR_EIO,
+        rc = mdb_fail(err,
+                      mrc == MDB_INVALID || mrc == MDB_VERSION_MISMATCH || mrc == MDB_CORRUPTED ||
+                              mrc == MDB_PAGE_NOTFOUND
+                          ? KVR_ECORRUPT
+                          : KVR_EIO,
                       mrc, "opening", path);
         goto fail;
     }
@@ -494,8 +493,8 @@ int kvr_snapshot_read(const char *dir, uint32_t expected_block_size, kvr_index_i
         w->n_pairs = get_be64(v + 16);
         w->first_pair = covered;
         if (w->n_pairs > n_pairs - covered) {
-            rc = kvr_err_set(err, KVR_ECORRUPT, "%s: worker records claim more than %" PRIu64
-                             " pairs", path, n_pairs);
+            rc = kvr_err_set(err, KVR_ECORRUPT,
+                             "%s: worker records claim more than %" PRIu64 " pairs", path, n_pairs);
             goto fail;
         }
         covered += w->n_pairs;
@@ -510,7 +509,8 @@ int kvr_snapshot_read(const char *dir, uint32_t expected_block_size, kvr_index_i
     cur = NULL;
     if (nw != n_workers || covered != n_pairs) {
         rc = kvr_err_set(err, KVR_ECORRUPT,
-                         "%s: %u worker records covering %" PRIu64 " pairs, meta says %u and %" PRIu64,
+                         "%s: %u worker records covering %" PRIu64
+                         " pairs, meta says %u and %" PRIu64,
                          path, nw, covered, n_workers, n_pairs);
         goto fail;
     }

@@ -310,10 +310,9 @@ static void test_digest_order_independent(void **state)
         assert_int_equal(kvr_index_apply(a, d % 3, stored(&b, d, 0, 3 + d % 4, 1000 * d), &err), 0);
     for (int d = 9; d >= 0; d--) {
         assert_int_equal(kvr_index_apply(c, 99, stored(&b, 50, 0, 3, 7), &err), 0);
-        assert_int_equal(
-            kvr_index_apply(c, (uint32_t)d % 3, stored(&b, (uint32_t)d, 0, 3 + d % 4, 1000u * d),
-                            &err),
-            0);
+        assert_int_equal(kvr_index_apply(c, (uint32_t)d % 3,
+                                         stored(&b, (uint32_t)d, 0, 3 + d % 4, 1000u * d), &err),
+                         0);
     }
     assert_int_equal(kvr_index_remove_worker(c, 99), 0);
     assert_true(kvr_index_digest(a) == kvr_index_digest(c));
@@ -426,9 +425,8 @@ static void test_worker_slots(void **state)
     /* more than 64 workers: multi-word masks */
     idx = mk(200);
     for (uint64_t w = 0; w < 200; w++)
-        assert_int_equal(kvr_index_apply(idx, 1000 + w, stored(&b, 9, 0, (uint32_t)(w % 7) + 1, w),
-                                         &err),
-                         0);
+        assert_int_equal(
+            kvr_index_apply(idx, 1000 + w, stored(&b, 9, 0, (uint32_t)(w % 7) + 1, w), &err), 0);
     uint64_t q[7];
     doc_seqs(9, 7, q);
     kvr_index_match m[256];

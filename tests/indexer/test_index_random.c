@@ -154,7 +154,9 @@ static void run_random(uint32_t max_workers, int ops)
         ref[k].bound = DEFAULT_CAP * FACTOR;
     }
     kvr_index *idx = NULL;
-    kvr_index_opts o = {.block_size = BS, .max_workers = max_workers, .bound_factor = FACTOR,
+    kvr_index_opts o = {.block_size = BS,
+                        .max_workers = max_workers,
+                        .bound_factor = FACTOR,
                         .default_capacity_blocks = DEFAULT_CAP};
     kvr_err err = {0};
     assert_int_equal(kvr_index_create(&idx, &o, &err), 0);
@@ -176,8 +178,8 @@ static void run_random(uint32_t max_workers, int ops)
             int end = start + 1 + (int)rn((uint32_t)(len - start));
             if (end - start > MAXPATH)
                 end = start + MAXPATH;
-            kvr_kv_event ev = {.type = KVR_KV_STORED, .block_size = BS, .hashes = hashes,
-                               .tokens = tokens};
+            kvr_kv_event ev = {
+                .type = KVR_KV_STORED, .block_size = BS, .hashes = hashes, .tokens = tokens};
             ev.n_hashes = (uint32_t)(end - start);
             ev.n_tokens = ev.n_hashes * BS;
             if (start > 0) {
@@ -291,7 +293,12 @@ static void run_random(uint32_t max_workers, int ops)
     }
     /* the test must have exercised what it claims */
     kvr_index_stats_get(idx, &st);
-    print_message("queries %llu matched %llu unknown_parent %llu over_bound %llu unknown_removes %llu dup %llu\n", (unsigned long long)queries, (unsigned long long)matched_workers, (unsigned long long)st.dropped_unknown_parent, (unsigned long long)st.dropped_over_bound, (unsigned long long)st.unknown_removes, (unsigned long long)st.blocks_duplicate);
+    print_message("queries %llu matched %llu unknown_parent %llu over_bound %llu unknown_removes "
+                  "%llu dup %llu\n",
+                  (unsigned long long)queries, (unsigned long long)matched_workers,
+                  (unsigned long long)st.dropped_unknown_parent,
+                  (unsigned long long)st.dropped_over_bound, (unsigned long long)st.unknown_removes,
+                  (unsigned long long)st.blocks_duplicate);
     assert_true(queries > (uint64_t)ops / 10);
     assert_true(matched_workers > queries / 4);
     assert_true(st.dropped_unknown_parent > 100);

@@ -75,8 +75,12 @@ static void fill(kvr_index *idx, uint32_t docs, uint32_t blocks, uint32_t salt)
             for (uint32_t k = 0; k < BS; k++)
                 tokens[j * BS + k] = (d % (docs / 2 + 1)) * 7919u + j * 31u + k + salt;
         }
-        kvr_kv_event ev = {.type = KVR_KV_STORED, .block_size = BS, .n_hashes = blocks,
-                           .n_tokens = blocks * BS, .hashes = hashes, .tokens = tokens};
+        kvr_kv_event ev = {.type = KVR_KV_STORED,
+                           .block_size = BS,
+                           .n_hashes = blocks,
+                           .n_tokens = blocks * BS,
+                           .hashes = hashes,
+                           .tokens = tokens};
         assert_int_equal(kvr_index_apply(idx, (d % 5) * 1000003ULL, &ev, &err), 0);
     }
 }
