@@ -15,6 +15,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <lmdb.h>
+#include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -390,6 +391,51 @@ static void test_wrong_block_size(void **state)
     kvr_index_destroy(t);
 }
 
+/* The threading contract: the image is written on another thread while the owner keeps
+ * changing the index; the file holds exactly the exported state. */
+typedef struct writer_arg {
+    kvr_index_image *img;
+    int rc;
+    kvr_err err;
+} writer_arg;
+
+static void *writer_main(void *p)
+{
+    writer_arg *a = p;
+    a->rc = kvr_snapshot_write(a->img, g_dir, NULL, &a->err);
+    return NULL;
+}
+
+static void test_write_on_other_thread(void **state)
+{
+    (void)state;
+    kvr_index *a = mk(BS);
+    fill(a, 400, 50, 0);
+    kvr_index_set_stream_seq(a, 10);
+    kvr_index_image img;
+    kvr_err err = {0};
+    assert_int_equal(kvr_index_export(a, &img, &err), 0);
+    uint64_t exported = kvr_index_digest(a);
+    writer_arg wa = {.img = &img};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, writer_main, &wa), 0);
+    fill(a, 300, 20, 77777); /* the owner goes on */
+    kvr_kv_event clr = {.type = KVR_KV_CLEARED};
+    assert_int_equal(kvr_index_apply(a, 0, &clr, &err), 0);
+    kvr_index_set_stream_seq(a, 11);
+    assert_int_equal(pthread_join(th, NULL), 0);
+    assert_int_equal(wa.rc, 0);
+    kvr_index_image_free(&img);
+    assert_true(kvr_index_digest(a) != exported);
+    kvr_index *b = mk(BS);
+    kvr_snapshot_info info;
+    assert_int_equal(kvr_snapshot_load(g_dir, b, &info, &err), 0);
+    assert_true(kvr_index_digest(b) == exported);
+    assert_int_equal(info.stream_seq, 10);
+    kvr_index_destroy(a);
+    kvr_index_destroy(b);
+}
+
 /* Enough entries for the radix sort and several LMDB pages per worker. */
 static void test_large(void **state)
 {
@@ -417,6 +463,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_foreign_lmdb, setup, teardown),
         cmocka_unit_test_setup_teardown(test_record_checksum, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wrong_block_size, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_write_on_other_thread, setup, teardown),
         cmocka_unit_test_setup_teardown(test_large, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
