@@ -22,7 +22,7 @@
 #define KVR_HTTP_MAX_EXTRA_HEADERS 8192
 #define KVR_HTTP_LINGER_MS 2000
 
-enum { T_NONE, T_HEADER, T_BODY, T_IDLE, T_LINGER };
+enum { T_NONE, T_HEADER, T_BODY, T_IDLE, T_LINGER, T_WRITE };
 enum { RS_HANDLING = 0, RS_STREAMING = 1, RS_FINISHED = 2 };
 enum { H_NONE, H_FIELD, H_VALUE };
 
@@ -163,12 +163,17 @@ static void on_write(uv_write_t *w, int status)
         return;
     }
     kvr_http_req *r = c->active;
-    if (r != NULL && r->want_drain_ && c->tcp.write_queue_size < c->srv->cfg.stream_low_water) {
-        r->want_drain_ = false;
-        if (r->on_drain != NULL)
-            r->on_drain(r);
-        if (c->closing)
-            return;
+    if (r != NULL && r->want_drain_) {
+        if (c->tcp.write_queue_size < c->srv->cfg.stream_low_water) {
+            r->want_drain_ = false;
+            timer_set(c, T_NONE, 0);
+            if (r->on_drain != NULL)
+                r->on_drain(r);
+            if (c->closing)
+                return;
+        } else {
+            timer_set(c, T_WRITE, c->srv->cfg.write_timeout_ms); /* progress: re-arm */
+        }
     }
     if (c->writes == 0 && c->close_after && !c->shut && c->active == NULL)
         conn_start_close(c);
@@ -347,6 +352,11 @@ static void on_timer(uv_timer_t *t)
         conn_gone(c);
         break;
     case T_LINGER:
+        conn_gone(c);
+        break;
+    case T_WRITE:
+        /* The client stopped reading a paused stream: give up on it. */
+        c->srv->stats.timeouts++;
         conn_gone(c);
         break;
     default:
@@ -754,6 +764,8 @@ int kvr_http_server_init(kvr_http_server *srv, uv_loop_t *loop, const kvr_http_c
         srv->cfg.idle_timeout_ms = 60000;
     if (!srv->cfg.max_connections)
         srv->cfg.max_connections = 10000;
+    if (!srv->cfg.write_timeout_ms)
+        srv->cfg.write_timeout_ms = 60000;
     if (!srv->cfg.stream_high_water)
         srv->cfg.stream_high_water = 256 * 1024;
     if (!srv->cfg.stream_low_water)
@@ -1056,6 +1068,16 @@ int kvr_http_stream_start(kvr_http_req *req, int status, const char *content_typ
     return 0;
 }
 
+/* The producer is (or should be) paused: on_drain is owed, and the client must make progress
+ * within write_timeout_ms. */
+static void want_drain(kvr_http_req *req, kvr_http_conn *c)
+{
+    if (!req->want_drain_) {
+        req->want_drain_ = true;
+        timer_set(c, T_WRITE, c->srv->cfg.write_timeout_ms);
+    }
+}
+
 int kvr_http_stream_write(kvr_http_req *req, const void *data, size_t len)
 {
     if (req->state_ != RS_STREAMING)
@@ -1078,7 +1100,7 @@ int kvr_http_stream_write(kvr_http_req *req, const void *data, size_t len)
         return KVR_ECLOSED;
     }
     if (c->tcp.write_queue_size >= c->srv->cfg.stream_high_water)
-        req->want_drain_ = true;
+        want_drain(req, c);
     return 0;
 }
 
@@ -1098,7 +1120,7 @@ bool kvr_http_stream_should_pause(const kvr_http_req *req)
     if (c->tcp.write_queue_size < c->srv->cfg.stream_high_water)
         return false;
     /* Whoever was told to pause is owed an on_drain. */
-    ((kvr_http_req *)req)->want_drain_ = true;
+    want_drain((kvr_http_req *)req, c);
     return true;
 }
 

@@ -59,9 +59,11 @@ typedef struct kvr_http_config {
                                        and max silence while a body is being read; 0 → 10 s */
     uint64_t idle_timeout_ms;       /* keep-alive connection with no request; 0 → 60 s */
     uint32_t max_connections;       /* 0 → 10000; over it: 503 + close */
-    size_t stream_high_water; /* pending bytes at which a producer should pause; 0 → 256 KiB */
-    size_t stream_low_water;  /* on_drain fires when pending falls below this after it
-                                 reached stream_high_water; 0 → 64 KiB */
+    size_t stream_high_water;  /* pending bytes at which a producer should pause; 0 → 256 KiB */
+    size_t stream_low_water;   /* on_drain fires when pending falls below this after it
+                                  reached stream_high_water; 0 → 64 KiB */
+    uint64_t write_timeout_ms; /* a stream at its high-water mark whose client reads nothing for
+                                  this long is closed (on_close); 0 → 60 s */
 } kvr_http_config;
 
 /* Counters, monotonically increasing except connections_active. Read them directly. */
@@ -72,7 +74,7 @@ typedef struct kvr_http_stats {
     uint64_t requests;             /* complete requests handed to on_request */
     uint64_t responses[6];         /* by status class: [1]=1xx … [5]=5xx ([0] unused) */
     uint64_t parse_errors;         /* 400/431/413/501 answered by the server */
-    uint64_t timeouts;             /* header / idle / body timeouts */
+    uint64_t timeouts;             /* header / body / idle / stalled-reader timeouts */
     uint64_t client_gone;          /* requests whose client went away before the end */
 } kvr_http_stats;
 

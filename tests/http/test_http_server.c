@@ -818,6 +818,34 @@ static void test_garbage_survives(void **state)
     free(fx);
 }
 
+/* ---------------------------------------------------------------- stalled reader */
+
+static void c_stalled(fixture *fx)
+{
+    int fd = fx_connect(fx, 16 * 1024);
+    fx_send_str(fd, "GET /flood HTTP/1.1\r\nHost: x\r\n\r\n");
+    /* Never read; the server must give up on us by itself. */
+    for (int i = 0; i < 500 && __atomic_load_n(&fx->on_close_calls, __ATOMIC_RELAXED) == 0; i++)
+        fx_sleep_ms(10);
+    fx->ints[0] = __atomic_load_n(&fx->on_close_calls, __ATOMIC_RELAXED);
+    close(fd);
+}
+
+static void test_stalled_reader_times_out(void **state)
+{
+    fixture *fx = calloc(1, sizeof *fx);
+    kvr_http_config cfg = base_cfg();
+    cfg.stream_high_water = 256 * 1024;
+    cfg.stream_low_water = 64 * 1024;
+    cfg.write_timeout_ms = 300;
+    run(fx, &cfg, c_stalled);
+    assert_int_equal(fx->ints[0], 1); /* on_close while the client was still connected */
+    assert_true(fx->streamed < FLOOD_TOTAL);
+    assert_int_equal(fx->srv.stats.timeouts, 1);
+    assert_int_equal(fx->srv.stats.client_gone, 1);
+    free(fx);
+}
+
 /* ---------------------------------------------------------------- listen errors */
 
 static void noop_handler(kvr_http_req *req)
@@ -872,6 +900,7 @@ int main(void)
         cmocka_unit_test(test_server_close_live_stream),
         cmocka_unit_test(test_byte_by_byte),
         cmocka_unit_test(test_garbage_survives),
+        cmocka_unit_test(test_stalled_reader_times_out),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
