@@ -12,7 +12,9 @@
  *
  *   kvr-bench proxy [--bin DIR] [--requests 300] [--prompt-len 256] [--max-tokens 4]
  *                   [--cpu-requests 2000] [--load-seconds 10] [--load-concurrency 64]
- *                   [--speedup 1000] [--json OUT] [--keep] */
+ *                   [--speedup 1000] [--router-mode round-robin|kv] [--json OUT] [--keep]
+ * With --router-mode kv one kvr-routerd (local mode) is started too and every frontend request
+ * asks it over NATS (kvr.route), so the figures include the route round trip. */
 #define _GNU_SOURCE /* memmem */
 #include "kvr_bench.h"
 #include "kvr_buf.h"
@@ -200,6 +202,26 @@ static bool frontend_sees_worker(const char *base)
     return false;
 }
 
+static bool router_sees_worker(const char *base)
+{
+    if (!wait_http(base, "/ready", 15))
+        return false;
+    for (int i = 0; i < 200; i++) {
+        long st = 0;
+        kvr_buf b;
+        kvr_buf_init(&b);
+        char url[256];
+        snprintf(url, sizeof url, "%s/v1/state", base);
+        run_http_get(url, 500, &st, &b);
+        bool ok = st == 200 && b.len && memmem(b.base, b.len, "\"url\"", 5);
+        kvr_buf_free(&b);
+        if (ok)
+            return true;
+        usleep(50000);
+    }
+    return false;
+}
+
 static int spawn(run_proc *p, const char *role, const char *dir, char **argv, int argc)
 {
     kvr_err err = {0};
@@ -219,7 +241,9 @@ int kvr_bench_proxy(int argc, char **argv)
             load_seconds = 10, load_conc = 64;
     double speedup = 1000;
     bool keep = false;
+    const char *router_mode = "round-robin";
     kvr_flag flags[] = {
+        {"router-mode", KVR_FLAG_STRING, &router_mode, "frontend --router-mode (kv starts a kvr-routerd)", 0},
         {"bin", KVR_FLAG_STRING, &bin, "directory of kvr-worker/kvr-frontend (default: next to kvr-bench)", 0},
         {"requests", KVR_FLAG_INT, &requests, "TTFT samples per target", 0},
         {"prompt-len", KVR_FLAG_INT, &prompt_len, "prompt tokens", 0},
@@ -240,6 +264,12 @@ int kvr_bench_proxy(int argc, char **argv)
     }
     if (rv < 0) {
         fprintf(stderr, "kvr-bench proxy: %s\n", err.msg);
+        return 2;
+    }
+    bool kv = strcmp(router_mode, "kv") == 0;
+    if (!kv && strcmp(router_mode, "round-robin") && strcmp(router_mode, "least-loaded") &&
+        strcmp(router_mode, "random")) {
+        fprintf(stderr, "kvr-bench proxy: --router-mode kv|round-robin|least-loaded|random\n");
         return 2;
     }
     if (requests < 1 || prompt_len < 1 || max_tokens < 1 || load_conc < 1 || load_conc > 4096) {
@@ -267,14 +297,16 @@ int kvr_bench_proxy(int argc, char **argv)
     curl_global_init(CURL_GLOBAL_DEFAULT);
     run_http_global_init();
 
-    int nport = free_port(), wport = free_port(), fport = free_port(), hport = free_port();
+    int nport = free_port(), wport = free_port(), fport = free_port(), hport = free_port(),
+        rport = free_port();
     char natsconf[600], natsurl[64], wlisten[64], flisten[64], hcfg[600], sbuf[32];
     snprintf(natsconf, sizeof natsconf, "%s/nats.conf", dir);
     snprintf(natsurl, sizeof natsurl, "nats://127.0.0.1:%d", nport);
     FILE *f = fopen(natsconf, "w");
     if (!f)
         return 1;
-    fprintf(f, "listen: 127.0.0.1:%d\n", nport);
+    fprintf(f, "listen: 127.0.0.1:%d\njetstream {\n  store_dir: \"%s/js\"\n  max_memory_store: 256MB\n"
+               "  max_file_store: 2GB\n}\n", nport, dir);
     fclose(f);
     snprintf(hcfg, sizeof hcfg, "%s/haproxy.cfg", dir);
     f = fopen(hcfg, "w");
@@ -291,30 +323,39 @@ int kvr_bench_proxy(int argc, char **argv)
     snprintf(wlisten, sizeof wlisten, "127.0.0.1:%d", wport);
     snprintf(flisten, sizeof flisten, "127.0.0.1:%d", fport);
     snprintf(sbuf, sizeof sbuf, "%g", speedup);
-    char wbin[PATH_MAX + 16], fbin[PATH_MAX + 16];
+    char wbin[PATH_MAX + 16], fbin[PATH_MAX + 16], rbin[PATH_MAX + 16], rhttp[64],
+        rdir[600], rbase[64];
+    snprintf(rbin, sizeof rbin, "%s/kvr-routerd", bindir);
+    snprintf(rhttp, sizeof rhttp, "127.0.0.1:%d", rport);
+    snprintf(rbase, sizeof rbase, "http://127.0.0.1:%d", rport);
+    snprintf(rdir, sizeof rdir, "%s/router", dir);
     snprintf(wbin, sizeof wbin, "%s/kvr-worker", bindir);
     snprintf(fbin, sizeof fbin, "%s/kvr-frontend", bindir);
 
-    run_proc procs[4];
+    run_proc procs[5];
     memset(procs, 0, sizeof procs);
     int np = 0, rc = 1;
     char *nargv[] = {"/usr/sbin/nats-server", "-c", natsconf};
     char *wargv[] = {wbin, "--listen", wlisten, "--nats", natsurl, "--namespace", "default",
                      "--model", "bench", "--id", "1", "--speedup", sbuf};
     char *fargv[] = {fbin, "--listen", flisten, "--nats", natsurl, "--id", "1",
-                     "--router-mode", "round-robin", "--log-level", "warn"};
+                     "--router-mode", (char *)router_mode, "--log-level", "warn"};
+    char *rargv[] = {rbin, "--id", "1", "--nats", natsurl, "--http", rhttp, "--data-dir", rdir,
+                     "--log-level", "warn"};
     char *hargv[] = {"/usr/sbin/haproxy", "-db", "-f", hcfg};
     if (spawn(&procs[np++], "nats", dir, nargv, 3) ||
         spawn(&procs[np++], "worker", dir, wargv, (int)(sizeof wargv / sizeof *wargv)) ||
         spawn(&procs[np++], "frontend", dir, fargv, (int)(sizeof fargv / sizeof *fargv)) ||
-        spawn(&procs[np++], "haproxy", dir, hargv, 4))
+        spawn(&procs[np++], "haproxy", dir, hargv, 4) ||
+        (kv && spawn(&procs[np++], "router", dir, rargv, (int)(sizeof rargv / sizeof *rargv))))
         goto out;
     char base[T_N][64];
     snprintf(base[T_DIRECT], 64, "http://127.0.0.1:%d", wport);
     snprintf(base[T_FRONTEND], 64, "http://127.0.0.1:%d", fport);
     snprintf(base[T_HAPROXY], 64, "http://127.0.0.1:%d", hport);
     if (!wait_http(base[T_DIRECT], "/health", 10) || !wait_http(base[T_FRONTEND], "/health", 10) ||
-        !wait_http(base[T_HAPROXY], "/health", 10) || !frontend_sees_worker(base[T_FRONTEND])) {
+        !wait_http(base[T_HAPROXY], "/health", 10) || !frontend_sees_worker(base[T_FRONTEND]) ||
+        (kv && !router_sees_worker(rbase))) {
         fprintf(stderr, "proxy: processes did not come up (logs in %s)\n", dir);
         keep = true;
         goto out;
@@ -432,8 +473,9 @@ int kvr_bench_proxy(int argc, char **argv)
     free(lb);
     curl_multi_cleanup(m);
 
-    printf("kvr-bench proxy: prompt %lld tokens, %lld output tokens, worker speedup %g\n",
-           (long long)prompt_len, (long long)max_tokens, speedup);
+    printf("kvr-bench proxy: frontend --router-mode %s, prompt %lld tokens, %lld output tokens, "
+           "worker speedup %g\n",
+           router_mode, (long long)prompt_len, (long long)max_tokens, speedup);
     printf("%-10s %8s %10s %10s %6s\n", "target", "samples", "ttft_p50", "ttft_p90", "fails");
     for (int t = 0; t < T_N; t++)
         printf("%-10s %8zu %8.3fms %8.3fms %6d\n", tname[t], nt[t], med[t], p90[t], fails[t]);
@@ -449,7 +491,7 @@ int kvr_bench_proxy(int argc, char **argv)
         FILE *jf = fopen(json_out, "w");
         if (jf) {
             fprintf(jf,
-                    "{\"prompt_len\":%lld,\"max_tokens\":%lld,\"speedup\":%g,"
+                    "{\"router_mode\":\"%s\",\"prompt_len\":%lld,\"max_tokens\":%lld,\"speedup\":%g,"
                     "\"ttft_ms\":{\"direct\":{\"p50\":%.4f,\"p90\":%.4f,\"n\":%zu},"
                     "\"frontend\":{\"p50\":%.4f,\"p90\":%.4f,\"n\":%zu},"
                     "\"haproxy\":{\"p50\":%.4f,\"p90\":%.4f,\"n\":%zu}},"
@@ -457,7 +499,7 @@ int kvr_bench_proxy(int argc, char **argv)
                     "\"cpu_us_per_request\":%.2f,"
                     "\"throughput\":{\"rps\":%.1f,\"concurrency\":%lld,\"cpu_util\":%.3f,"
                     "\"rps_per_core\":%.1f,\"failed\":%llu,\"rss_kb_before\":%ld,\"rss_kb_peak\":%ld}}\n",
-                    (long long)prompt_len, (long long)max_tokens, speedup, med[0], p90[0], nt[0],
+                    router_mode, (long long)prompt_len, (long long)max_tokens, speedup, med[0], p90[0], nt[0],
                     med[1], p90[1], nt[1], med[2], p90[2], nt[2], ov_fe, ov_ha,
                     ov_ha != 0 ? ov_fe / ov_ha : 0, cpu_per_req_us, rps, (long long)load_conc,
                     util, util > 0 ? rps / util : 0, (unsigned long long)done_bad, rss0, rss_peak);
