@@ -1,9 +1,10 @@
 /* kvr_curl: libcurl multi on libuv (socket + timer callbacks → uv_poll / uv_timer).
  *
  * curl forbids most multi API calls from inside its own callbacks (CURLM_RECURSIVE_API_CALL),
- * and a user callback (on_data...) may want to start or cancel a request. So `depth` counts
- * the curl calls on the stack that can run callbacks; adds and removals requested meanwhile
- * are deferred and done by sweep() once the stack has unwound. */
+ * and a user callback (on_data...) may want to start or cancel a request. So
+ * `in_socket_action` marks the curl calls on the stack that can run callbacks
+ * (curl_multi_socket_action, curl_easy_pause); adds and removals requested meanwhile are
+ * deferred and done by sweep() once the stack has unwound. */
 #include "kvr_curl.h"
 #include "kvr_log.h"
 
