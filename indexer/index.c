@@ -419,6 +419,27 @@ static void blockmap_delete(blockmap *m, uint64_t key, uint64_t *bytes)
     }
 }
 
+/* Widens every mask to `words` words (new words zero). O(table); only when a worker is given
+ * a slot beyond the current width, so the table costs 16 bytes a slot until there are more
+ * than 64 workers at once. Returns 0 or KVR_ENOMEM (table unchanged). */
+static int blockmap_widen(blockmap *m, unsigned words, uint64_t *bytes)
+{
+    unsigned ost = m->stride, nst = 1 + words;
+    if (nst <= ost)
+        return 0;
+    if (m->cap) {
+        uint64_t *ns = acc_calloc(bytes, m->cap * nst, sizeof(uint64_t));
+        if (!ns)
+            return KVR_ENOMEM;
+        for (uint64_t i = 0; i < m->cap; i++)
+            memcpy(ns + i * nst, m->s + i * ost, ost * sizeof(uint64_t));
+        acc_free(bytes, m->s, m->cap * ost, sizeof(uint64_t));
+        m->s = ns;
+    }
+    m->stride = nst;
+    return 0;
+}
+
 /* ---- the index -------------------------------------------------------------------------- */
 
 typedef struct worker {
@@ -448,15 +469,14 @@ typedef struct content {
 
 struct kvr_index {
     kvr_index_opts opts;
-    unsigned words; /* mask words per block */
     content c;
     kvr_index_stats st; /* event counters; content-derived fields filled on read */
 };
 
-static int content_init(content *c, const kvr_index_opts *o, unsigned words)
+static int content_init(content *c, const kvr_index_opts *o)
 {
     memset(c, 0, sizeof *c);
-    c->blocks.stride = 1 + words;
+    c->blocks.stride = 2; /* one mask word until a worker gets slot 64 */
     c->workers = acc_calloc(&c->bytes, o->max_workers, sizeof(worker));
     return c->workers ? 0 : KVR_ENOMEM;
 }
@@ -495,8 +515,7 @@ int kvr_index_create(kvr_index **out, const kvr_index_opts *opts, kvr_err *err)
     if (!idx)
         return kvr_err_set(err, KVR_ENOMEM, "index: out of memory");
     idx->opts = o;
-    idx->words = (o.max_workers + 63) / 64;
-    if (content_init(&idx->c, &o, idx->words)) {
+    if (content_init(&idx->c, &o)) {
         free(idx);
         return kvr_err_set(err, KVR_ENOMEM, "index: out of memory");
     }
@@ -543,6 +562,8 @@ static int get_or_add_worker(kvr_index *idx, content *c, uint64_t id, worker **o
     uint32_t slot = 0;
     while (c->workers[slot].used)
         slot++;
+    if (blockmap_widen(&c->blocks, slot / 64 + 1, &c->bytes))
+        return KVR_ENOMEM;
     if (u64map_insert(&c->by_id, id, slot, &c->bytes))
         return KVR_ENOMEM;
     worker *w = &c->workers[slot];
@@ -905,7 +926,7 @@ size_t kvr_index_find_matches(const kvr_index *idx, const uint64_t *seq_hashes, 
     size_t found = 0;
     for (size_t k = 1; k < PREFETCH_AHEAD && k < n; k++)
         blockmap_prefetch(bm, seq_hashes[k]);
-    if (idx->words == 1) {
+    if (bm->stride == 2) {
         const uint64_t *m0 = blockmap_find(bm, seq_hashes[0]);
         uint64_t live = m0 ? m0[0] : 0;
         size_t i = 1;
@@ -922,7 +943,7 @@ size_t kvr_index_find_matches(const kvr_index *idx, const uint64_t *seq_hashes, 
             found = emit(c, live, 0, (uint32_t)n, out, cap, found);
         return found;
     }
-    unsigned W = idx->words;
+    unsigned W = bm->stride - 1;
     uint64_t live[MAX_MASK_WORDS];
     uint64_t any = 0;
     const uint64_t *m0 = blockmap_find(bm, seq_hashes[0]);
@@ -1048,7 +1069,7 @@ int kvr_index_import(kvr_index *idx, const kvr_index_image *img, kvr_err *err)
     if ((img->n_workers && !img->workers) || (img->n_pairs && !img->pairs))
         return kvr_err_set(err, KVR_EINVAL, "image without arrays");
     content nc;
-    int rc = content_init(&nc, &idx->opts, idx->words);
+    int rc = content_init(&nc, &idx->opts);
     if (rc)
         return kvr_err_set(err, rc, "importing the index: out of memory");
     /* Size the tables once (bounded by the image's own arrays, which exist), instead of

@@ -6,7 +6,8 @@
  * JetStream sequence the index covers.
  *
  * Layout (why it is fast and small): one open-addressing table seq -> bitmask of worker slots
- * (16 bytes a slot with the default 64 workers), and per worker one open-addressing table
+ * (16 bytes a slot while no worker holds a slot beyond 63; masks widen by 64 bits when one
+ * does, so max_workers costs nothing until used), and per worker one open-addressing table
  * external -> seq (16 bytes a slot). No trees, no per-entry allocation. find_matches walks the
  * query's seq hashes in order, intersecting worker masks, and stops as soon as no worker
  * continues. The digest is a sum of a strong 64-bit mix of each (worker_id, seq) pair,
