@@ -26,7 +26,7 @@ typedef struct qitem {
     kvr_nats_sub *sub;
     kvr_nats_state state;
     bool no_responders;
-    uint64_t seq, pending;
+    uint64_t seq, pending, cseq;
     size_t len;
     char *subject;
     char *reply;
@@ -55,6 +55,7 @@ struct kvr_nats_consumer {
     bool checking;         /* a stream-info work item is in flight */
     bool active;
     bool stopped;
+    uint64_t last_cseq; /* consumer sequence of the last message of the current incarnation */
     uint64_t tick_seq;  /* last_seq at the previous watchdog tick */
     int stalled_ticks;  /* ticks without progress */
     int create_failures;
@@ -210,6 +211,7 @@ static void on_nats_msg(natsConnection *nc, natsSubscription *ns, natsMsg *m, vo
         jsMsgMetaData *md = NULL;
         if (natsMsg_GetMetaData(&md, m) == NATS_OK && md) {
             it->seq = md->Sequence.Stream;
+            it->cseq = md->Sequence.Consumer;
             it->pending = md->NumPending;
             jsMsgMetaData_Destroy(md);
         } else {
@@ -388,7 +390,17 @@ static void deliver(kvr_nats_impl *ki, qitem *it)
     kvr_nats_msg m = {it->subject, it->reply, data, it->len, it->seq, it->pending};
     if (sub->consumer) {
         kvr_nats_consumer *c = sub->consumer;
-        if (c->stopped || c->current != sub || it->seq <= c->last_seq)
+        if (c->stopped || c->current != sub)
+            return;
+        /* a push consumer numbers its deliveries 1, 2, 3...: a jump means cnats dropped
+         * messages (slow consumer) or the server lost some; start again after the last one
+         * applied rather than apply past a hole */
+        if (it->cseq != c->last_cseq + 1) {
+            consumer_restart(c, "delivery gap");
+            return;
+        }
+        c->last_cseq = it->cseq;
+        if (it->seq <= c->last_seq)
             return;
         c->last_seq = it->seq;
         c->stalled_ticks = 0;
@@ -544,10 +556,16 @@ static void work_run(uv_work_t *req)
         break;
     }
     case W_CREATE: {
+        /* A plain ephemeral push consumer, no acks, flow control: we re-create it ourselves
+         * (from the last applied sequence + 1) on reconnects, gaps and stalls. Not cnats'
+         * Ordered mode: its internal reset thread races with unsubscribe (use-after-free in
+         * jsSub_deleteConsumer seen under ASan with cnats 3.4.1). */
         jsSubOptions so;
         jsSubOptions_Init(&so);
         so.Stream = w->name;
-        so.Ordered = true;
+        so.Config.AckPolicy = js_AckNone;
+        so.Config.FlowControl = true;
+        so.Config.Heartbeat = 5000000000LL; /* ns */
         if (w->start_seq > 1) {
             so.Config.DeliverPolicy = js_DeliverByStartSequence;
             so.Config.OptStartSeq = w->start_seq;
@@ -568,8 +586,9 @@ static void work_run(uv_work_t *req)
         break;
     }
     case W_DESTROY:
+        /* Destroy only: it does not delete the ephemeral consumer (a blocking API request);
+         * the server drops it once it has no interest */
         if (w->ns) {
-            natsSubscription_Unsubscribe(w->ns);
             natsSubscription_Destroy(w->ns);
             w->ns = NULL;
         }
@@ -709,6 +728,7 @@ static void consumer_create(kvr_nats_consumer *c)
     w->consumer = c;
     if (submit(ki, w) == 0) {
         c->creating = true;
+        c->last_cseq = 0;
         /* current from now on: the new consumer may deliver before consumer_create_done runs
          * on the loop, and those messages must not be dropped as coming from a stale one */
         c->current = sub;

@@ -160,14 +160,15 @@ int kvr_nats_js_ensure_stream(kvr_nats *kn, const kvr_nats_stream_cfg *cfg,
 int kvr_nats_js_stream_info(kvr_nats *kn, const char *stream, kvr_nats_stream_cb cb,
                             void *data);
 
-/* Ordered push consumer (ephemeral, no acks) on `stream`, messages with subjects matching
- * `filter` (NULL: all), from stream sequence start_seq (0 or 1: from the start). Messages
+/* In-order push consumer (ephemeral, no acks, flow control) on `stream`, messages with
+ * subjects matching `filter` (NULL: all), from stream sequence start_seq (0 or 1: from the start). Messages
  * reach on_msg on the loop thread in stream order with msg->stream_seq set; a sequence at or
  * below the last one delivered is never delivered twice (replays after a re-creation are
  * filtered). Sequences may skip (messages expired or purged from the stream).
  *
- * Self-healing: after a reconnect, or when the stream holds messages past the last delivered
- * sequence and nothing has arrived for ~2 s, the consumer is re-created from
+ * Self-healing: after a reconnect, a gap in the consumer's delivery sequence (cnats dropped
+ * messages), or when the stream holds messages past the last delivered sequence and nothing
+ * has arrived for ~2 s, the consumer is re-created from
  * last delivered + 1 (off the loop thread, retried until it succeeds). Creation itself is
  * asynchronous: this returns at once. */
 int kvr_nats_js_consume(kvr_nats *kn, const char *stream, const char *filter,
@@ -177,7 +178,8 @@ int kvr_nats_js_consume(kvr_nats *kn, const char *stream, const char *filter,
 uint64_t kvr_nats_consumer_last_seq(const kvr_nats_consumer *c);
 /* True once the consumer has been created on the server at least once. */
 bool kvr_nats_consumer_active(const kvr_nats_consumer *c);
-/* No callback runs after this returns; the server-side consumer is deleted in the background. */
+/* No callback runs after this returns; the server drops the ephemeral consumer once its
+ * subscription is gone. */
 int kvr_nats_consumer_stop(kvr_nats_consumer *c);
 
 /* Process exit: waits (up to timeout_ms) for cnats' threads to end. Call once, after every

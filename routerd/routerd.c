@@ -1254,6 +1254,61 @@ static void http_state(kvr_routerd *rd, kvr_http_req *req)
     kvr_buf_free(&b);
 }
 
+#ifdef KVR_ROUTERD_HAVE_SYNC
+static void on_admin_done(kvr_sync *sy, int status, void *data)
+{
+    kvr_http_req *req = data;
+    if (status == 0) {
+        kvr_http_respond_cstr(req, 200, "application/json", "{\"ok\":true}");
+    } else {
+        char msg[128];
+        snprintf(msg, sizeof(msg), "membership change failed: %s", kvr_strerror(status));
+        respond_error(req, 500, msg);
+    }
+}
+
+/* POST /admin/raft/add {"id":N,"raft_addr":"h:p"}, /promote {"id":N}, /remove {"id":N}.
+ * Only the leader changes membership; elsewhere 409 with the leader id. */
+static void http_admin(kvr_routerd *rd, kvr_http_req *req, const char *op)
+{
+    if (!rd->sync) {
+        respond_error(req, 409, "not in raft mode (no --peers)");
+        return;
+    }
+    cJSON *root = NULL;
+    kvr_err err = {0};
+    if (kvr_json_parse(req->body, 65536, 8, &root, &err) != 0) {
+        respond_error(req, 400, err.msg);
+        return;
+    }
+    int64_t id = 0;
+    const char *addr = NULL;
+    int rc = kvr_json_get_int(root, "id", true, 1, UINT32_MAX, &id, &err);
+    if (rc == 0 && strcmp(op, "add") == 0)
+        rc = kvr_json_get_string(root, "raft_addr", true, &addr, &err);
+    if (rc != 0) {
+        cJSON_Delete(root);
+        respond_error(req, 400, err.msg);
+        return;
+    }
+    uint32_t leader = 0;
+    if (strcmp(op, "add") == 0)
+        rc = kvr_sync_add_node(rd->sync, (uint32_t)id, addr, on_admin_done, req, &leader);
+    else if (strcmp(op, "promote") == 0)
+        rc = kvr_sync_promote_node(rd->sync, (uint32_t)id, on_admin_done, req, &leader);
+    else
+        rc = kvr_sync_remove_node(rd->sync, (uint32_t)id, on_admin_done, req, &leader);
+    cJSON_Delete(root);
+    if (rc == KVR_EAGAIN) {
+        char msg[128];
+        snprintf(msg, sizeof(msg), "not the leader; leader is %u", leader);
+        respond_error(req, 409, msg);
+    } else if (rc != 0) {
+        respond_error(req, 400, kvr_strerror(rc));
+    }
+}
+#endif
+
 static void on_http(kvr_http_req *req)
 {
     kvr_routerd *rd = req->server->data;
@@ -1275,6 +1330,14 @@ static void on_http(kvr_http_req *req)
         http_match(rd, req);
     } else if (post && kvr_slice_eq_cstr(req->path, "/v1/route")) {
         http_route(rd, req);
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    } else if (post && kvr_slice_eq_cstr(req->path, "/admin/raft/add")) {
+        http_admin(rd, req, "add");
+    } else if (post && kvr_slice_eq_cstr(req->path, "/admin/raft/promote")) {
+        http_admin(rd, req, "promote");
+    } else if (post && kvr_slice_eq_cstr(req->path, "/admin/raft/remove")) {
+        http_admin(rd, req, "remove");
+#endif
     } else if (kvr_slice_eq_cstr(req->path, "/health") || kvr_slice_eq_cstr(req->path, "/ready") ||
                kvr_slice_eq_cstr(req->path, "/metrics") || kvr_slice_eq_cstr(req->path, "/v1/state") ||
                kvr_slice_eq_cstr(req->path, "/v1/match") || kvr_slice_eq_cstr(req->path, "/v1/route")) {
@@ -1499,9 +1562,13 @@ static void register_metrics(kvr_routerd *rd)
     rd->m_route_errors = kvr_metrics_counter(m, "kvr_routerd_route_errors_total",
                                              "Route requests not answered with a worker",
                                              "reason", route_err);
+    static const double route_buckets[] = {0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
+                                           0.001,   0.0025,   0.005,   0.01,   0.025,   0.05,
+                                           0.1,     0.25,     1.0};
     rd->m_route_latency = kvr_metrics_histogram(
-        m, "kvr_routerd_route_latency_seconds", "Route request latency inside the router",
-        kvr_metrics_latency_buckets_s, kvr_metrics_latency_buckets_s_n, NULL, NULL);
+        m, "kvr_routerd_route_latency_seconds",
+        "Route request latency inside the router (request on the loop to reply sent)",
+        route_buckets, sizeof(route_buckets) / sizeof(route_buckets[0]), NULL, NULL);
     rd->m_index_entries = kvr_metrics_gauge(m, "kvr_routerd_index_entries", "Index entries (worker x block)", NULL, NULL);
     rd->m_index_blocks = kvr_metrics_gauge(m, "kvr_routerd_index_blocks", "Distinct blocks in the index", NULL, NULL);
     rd->m_index_bytes = kvr_metrics_gauge(m, "kvr_routerd_index_bytes", "Heap bytes of the index", NULL, NULL);
