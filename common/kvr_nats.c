@@ -594,6 +594,8 @@ static void work_run(uv_work_t *req)
         }
         break;
     }
+    /* cnats keeps an error stack per thread; libuv's pool threads never exit */
+    nats_ReleaseThreadMemory();
 }
 
 static void maybe_start_close(kvr_nats_impl *ki);
@@ -1140,6 +1142,7 @@ static void close_run(uv_work_t *req)
     if (ki->nc)
         natsConnection_Destroy(ki->nc);
     ki->nc = NULL;
+    nats_ReleaseThreadMemory();
 }
 
 static void handle_closed(uv_handle_t *h)
