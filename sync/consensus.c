@@ -279,11 +279,18 @@ int kvr_consensus_propose(kvr_consensus *c, kvr_consensus_req *req, const void *
 {
     if (raft_state(&c->raft) != RAFT_LEADER)
         return KVR_EAGAIN;
-    void *base = raft_malloc(len ? len : 1); /* P3: raft frees it once raft_apply returned 0 */
+    /* The 0.15 uv backend stores entries in batches and reads them back assuming each entry's
+     * length is a multiple of 8 (upstream later added a check, cd3bd28): an entry of another
+     * length is returned corrupted after a restart. Pad with zeros. */
+    size_t padded = (len + 7) & ~(size_t)7;
+    if (padded == 0)
+        padded = 8;
+    void *base = raft_malloc(padded); /* P3: raft frees it once raft_apply returned 0 */
     if (!base)
         return KVR_ENOMEM;
     memcpy(base, buf, len);
-    struct raft_buffer b = {base, len};
+    memset((char *)base + len, 0, padded - len);
+    struct raft_buffer b = {base, padded};
     req->cb = cb;
     int rv = raft_apply(&c->raft, &req->raft, &b, 1, apply_cb);
     if (rv != 0) {

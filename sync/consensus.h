@@ -6,6 +6,9 @@
  * The state machine is given as three callbacks over byte buffers; apply is total.
  *
  * Threads: every call and callback on the loop thread given to kvr_consensus_init.
+ * Entries are zero-padded to a multiple of 8 bytes (the 0.15 uv backend corrupts other lengths
+ * when it reloads its log after a restart), so apply may see up to 7 trailing zero bytes: the
+ * entry format must tolerate them.
  * Memory: kvr_consensus_propose copies the bytes (into raft_malloc memory, which raft owns);
  * request structs are caller-owned and must stay valid until their callback has run. */
 #ifndef KVR_SYNC_CONSENSUS_H

@@ -5,7 +5,8 @@
  *
  * origin/nonce/seq identify the proposer's batch so that the proposing node can hand each
  * command's apply result to whoever is waiting for it; other replicas ignore them. The nonce
- * is random per process start, so entries replayed from an earlier life never match.
+ * is random per process start, so entries replayed from an earlier life never match. Bytes
+ * after the last command are ignored (the consensus layer pads entries to 8 bytes).
  * Pure functions, any thread. */
 #ifndef KVR_SYNC_ENTRY_H
 #define KVR_SYNC_ENTRY_H

@@ -29,6 +29,8 @@
  * Then the local copy is dropped. Known gap: a FREE that reaches Raft before the pinned ROUTE
  * it frees leaves that booking until EXPIRE.
  *
+ * Signals: kvr_sync_init sets SIGPIPE to SIG_IGN if it is at its default (a peer closing a
+ * socket must not kill the process).
  * Threads: everything (calls and callbacks) on the loop thread passed to kvr_sync_init.
  * Memory: the caller's kvr_cmd / kvr_route_cmd is encoded at submission; the caller may reuse
  * it as soon as the call returns. The kvr_fsm_result passed to a callback is valid only during

@@ -1,0 +1,424 @@
+/* A real 3-node kvr_sync group in one process: one uv loop, loopback TCP (Raft + forwarding),
+ * real data dirs. Leader loss mid-burst, restart and catch-up, quorum loss (local mode) and
+ * reconciliation. */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+#include <ftw.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "kvr_log.h"
+#include "sync.h"
+#include "sync_test_util.h"
+
+#define N 3
+
+static uv_loop_t loop;
+static char tmpdir[256];
+static int base_port;
+static kvr_sync *nodes[N + 1];
+static char peers[256];
+static char urls[8][64];
+
+static int rm_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(p);
+}
+
+/* Ports P..P+2N-1 must be free (raft port and raft port + 1 per node). Start from a value
+ * derived from the pid and probe by binding. */
+static int port_free(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int ok = bind(fd, (struct sockaddr *)&sa, sizeof sa) == 0;
+    close(fd);
+    return ok;
+}
+
+static int pick_base_port(void)
+{
+    for (int attempt = 0; attempt < 200; attempt++) {
+        int p = 20000 + (int)((getpid() * 7919u + (unsigned)attempt * 104729u) % 30000);
+        int ok = 1;
+        for (int i = 0; i < 2 * N && ok; i++)
+            ok = port_free(p + i);
+        if (ok)
+            return p;
+    }
+    return -1;
+}
+
+static void start_node(int id)
+{
+    kvr_sync_options o;
+    kvr_sync_options_default(&o);
+    char addr[64], dir[512];
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", base_port + 2 * (id - 1));
+    snprintf(dir, sizeof dir, "%s/node%d", tmpdir, id);
+    o.id = (uint32_t)id;
+    o.raft_addr = addr;
+    o.peers = peers;
+    o.data_dir = dir;
+    o.election_timeout_ms = 300;
+    o.heartbeat_timeout_ms = 50;
+    o.degraded_after_ms = 1500;
+    o.forward_timeout_ms = 500;
+    o.max_wait_ms = 10000;
+    o.snapshot_threshold = 64;
+    o.snapshot_trailing = 16;
+    kvr_err e = {0};
+    int rc = kvr_sync_init(&nodes[id], &loop, &o, &e);
+    if (rc)
+        fail_msg("init node %d: %s", id, e.msg);
+    rc = kvr_sync_start(nodes[id], &e);
+    if (rc)
+        fail_msg("start node %d: %s", id, e.msg);
+}
+
+static int closed_count;
+static void on_closed(void *data)
+{
+    (void)data;
+    closed_count++;
+}
+
+static void stop_node(int id)
+{
+    int before = closed_count;
+    kvr_sync_close(nodes[id], on_closed, NULL);
+    nodes[id] = NULL;
+    while (closed_count == before)
+        uv_run(&loop, UV_RUN_ONCE);
+}
+
+static void wake(uv_timer_t *t)
+{
+    (void)t;
+}
+
+/* Runs the loop until cond() or timeout. */
+static bool run_until(bool (*cond)(void *), void *arg, int timeout_ms)
+{
+    uv_timer_t t;
+    uv_timer_init(&loop, &t);
+    uv_timer_start(&t, wake, 5, 5);
+    int64_t end = kvr_mono_ms() + timeout_ms;
+    bool ok = false;
+    while (kvr_mono_ms() < end) {
+        if (cond(arg)) {
+            ok = true;
+            break;
+        }
+        uv_run(&loop, UV_RUN_ONCE);
+    }
+    uv_close((uv_handle_t *)&t, NULL);
+    uv_run(&loop, UV_RUN_NOWAIT);
+    return ok;
+}
+
+static uint32_t leader_of_all(void)
+{
+    uint32_t l = 0;
+    for (int i = 1; i <= N; i++) {
+        if (!nodes[i])
+            continue;
+        kvr_sync_state st;
+        kvr_sync_get_state(nodes[i], &st);
+        if (st.leader_id == 0 || (l && st.leader_id != l))
+            return 0;
+        l = st.leader_id;
+    }
+    return l && nodes[l] ? l : 0;
+}
+
+static bool have_leader(void *arg)
+{
+    (void)arg;
+    return leader_of_all() != 0;
+}
+
+typedef struct answer {
+    int done, status;
+    kvr_sync_mode mode;
+    kvr_fsm_result res;
+    int node;
+} answer;
+
+static void on_answer(kvr_sync *s, int status, const kvr_fsm_result *res, kvr_sync_mode mode, void *data)
+{
+    (void)s;
+    answer *a = data;
+    a->done++;
+    a->status = status;
+    a->mode = mode;
+    if (res)
+        a->res = *res;
+}
+
+typedef struct wait_all {
+    answer *a;
+    int n;
+} wait_all;
+
+static bool all_done(void *arg)
+{
+    wait_all *w = arg;
+    for (int i = 0; i < w->n; i++)
+        if (!w->a[i].done)
+            return false;
+    return true;
+}
+
+static void submit_route(int node, uint64_t rid, answer *a)
+{
+    kvr_route_candidate cand[2] = {{rid % 4 + 1, 3}, {(rid + 1) % 4 + 1, 1}};
+    kvr_cmd c = tu_route(rid, 5, 1000 + rid, 4, cand, 2);
+    memset(a, 0, sizeof *a);
+    a->node = node;
+    assert_int_equal(kvr_sync_route(nodes[node], &c.u.route, on_answer, a), 0);
+}
+
+/* arg non-NULL: compare only the nodes that are running */
+static bool digests_equal(void *arg)
+{
+    uint64_t d = 0;
+    uint64_t applied = 0;
+    int k = 0;
+    for (int i = 1; i <= N; i++) {
+        if (!nodes[i]) {
+            if (arg)
+                continue;
+            return false;
+        }
+        kvr_sync_state st;
+        kvr_sync_get_state(nodes[i], &st);
+        if (k++ == 0) {
+            d = st.digest;
+            applied = st.applied_index;
+        } else if (st.digest != d || st.applied_index != applied) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static void check_booked(int node, uint64_t rid, uint64_t worker)
+{
+    uint8_t id[16];
+    tu_rid(id, rid);
+    kvr_fsm_booking_view bv;
+    int rc = kvr_fsm_booking_get(kvr_sync_fsm(nodes[node]), id, &bv);
+    if (rc != 0)
+        fail_msg("node %d: request %llu not booked", node, (unsigned long long)rid);
+    assert_int_equal(bv.worker_id, worker);
+}
+
+#define BURST 300
+
+static void test_cluster(void **state)
+{
+    (void)state;
+    kvr_log_setup("test", NULL, getenv("KVR_TEST_LOG") ? KVR_LOG_DEBUG : KVR_LOG_WARN);
+    assert_int_equal(uv_loop_init(&loop), 0);
+    base_port = pick_base_port();
+    assert_true(base_port > 0);
+    snprintf(peers, sizeof peers, "1@127.0.0.1:%d,2@127.0.0.1:%d,3@127.0.0.1:%d", base_port,
+             base_port + 2, base_port + 4);
+    for (int i = 1; i <= N; i++)
+        start_node(i);
+    assert_true(run_until(have_leader, NULL, 10000));
+    uint32_t leader = leader_of_all();
+    print_message("leader %u elected\n", leader);
+
+    /* workers, registered through a follower (forwarded) */
+    int follower = leader == 1 ? 2 : 1;
+    answer wa[4];
+    for (int w = 0; w < 4; w++) {
+        kvr_cmd c = tu_worker_up((uint64_t)w + 1, "m", "ns", urls[w + 1], sizeof urls[w + 1]);
+        memset(&wa[w], 0, sizeof wa[w]);
+        assert_int_equal(kvr_sync_submit(nodes[follower], &c, on_answer, &wa[w]), 0);
+    }
+    wait_all ww = {wa, 4};
+    assert_true(run_until(all_done, &ww, 10000));
+    for (int w = 0; w < 4; w++) {
+        assert_int_equal(wa[w].status, 0);
+        assert_int_equal(wa[w].res.outcome, KVR_OUT_OK);
+        assert_int_equal(wa[w].mode, KVR_SYNC_RAFT);
+    }
+
+    /* burst from every node; the leader is closed half-way */
+    static answer ra[3 * BURST];
+    int sent = 0;
+    for (int i = 0; i < BURST; i++)
+        for (int nd = 1; nd <= N; nd++, sent++)
+            submit_route(nd, (uint64_t)sent + 1, &ra[sent]);
+    wait_all half = {ra, 3 * BURST / 3};
+    assert_true(run_until(all_done, &half, 20000));
+    stop_node((int)leader);
+    /* commands the closed node had not answered are answered ECLOSED: resubmit elsewhere,
+     * with the same request id, as a frontend would */
+    int resubmitted = 0;
+    int alive = leader == 1 ? 2 : 1;
+    for (int i = 0; i < sent; i++)
+        if (ra[i].done && ra[i].status == KVR_ECLOSED) {
+            submit_route(alive, (uint64_t)i + 1, &ra[i]);
+            resubmitted++;
+        }
+    wait_all all = {ra, sent};
+    assert_true(run_until(all_done, &all, 30000));
+    for (int i = 0; i < sent; i++)
+        if (ra[i].status == KVR_ECLOSED && ra[i].node == (int)leader) {
+            submit_route(alive, (uint64_t)i + 1, &ra[i]);
+            resubmitted++;
+        }
+    assert_true(run_until(all_done, &all, 30000));
+    assert_true(run_until(have_leader, NULL, 10000));
+    uint32_t leader2 = leader_of_all();
+    assert_true(leader2 != leader);
+    print_message("leader %u closed mid-burst, new leader %u, %d resubmitted\n", leader, leader2, resubmitted);
+    /* followers learn the commit index with the next heartbeat */
+    assert_true(run_until(digests_equal, "alive", 10000));
+    int n_local = 0;
+    for (int i = 0; i < sent; i++) {
+        assert_int_equal(ra[i].done, 1);
+        assert_int_equal(ra[i].status, 0);
+        assert_true(ra[i].res.outcome == KVR_OUT_OK || ra[i].res.outcome == KVR_OUT_DUPLICATE);
+        n_local += ra[i].mode == KVR_SYNC_LOCAL;
+    }
+    assert_int_equal(n_local, 0);
+    /* none booked twice: every answer names the worker the replicas hold */
+    for (int nd = 1; nd <= N; nd++) {
+        if (!nodes[nd])
+            continue;
+        kvr_sync_state s0;
+        kvr_sync_get_state(nodes[nd], &s0);
+        print_message("node %d role=%s leader=%u term=%llu commit=%llu applied=%llu bookings=%u workers=%u\n", nd,
+                      s0.role, s0.leader_id, (unsigned long long)s0.term, (unsigned long long)s0.commit_index,
+                      (unsigned long long)s0.applied_index, s0.bookings, s0.workers);
+        assert_int_equal(kvr_fsm_booking_count(kvr_sync_fsm(nodes[nd])), sent);
+        for (int i = 0; i < sent; i++)
+            check_booked(nd, (uint64_t)i + 1, ra[i].res.worker_id);
+    }
+
+    /* restart the closed node: it catches up (snapshot + log) */
+    start_node((int)leader);
+    if (!run_until(digests_equal, NULL, 20000)) {
+        for (int nd = 1; nd <= N; nd++) {
+            kvr_sync_state s0;
+            kvr_sync_get_state(nodes[nd], &s0);
+            print_message("node %d role=%s leader=%u term=%llu commit=%llu applied=%llu bookings=%u digest=%llx\n", nd,
+                          s0.role, s0.leader_id, (unsigned long long)s0.term, (unsigned long long)s0.commit_index,
+                          (unsigned long long)s0.applied_index, s0.bookings, (unsigned long long)s0.digest);
+        }
+        fail_msg("restarted node did not catch up");
+    }
+    for (int i = 0; i < sent; i++)
+        check_booked((int)leader, (uint64_t)i + 1, ra[i].res.worker_id);
+    print_message("node %u restarted and caught up\n", leader);
+
+    /* two nodes down: the survivor answers locally after degraded_after */
+    int survivor = 3, down1 = 1, down2 = 2;
+    stop_node(down1);
+    stop_node(down2);
+    static answer la[40];
+    for (int i = 0; i < 40; i++)
+        submit_route(survivor, 100000 + (uint64_t)i, &la[i]);
+    wait_all lw = {la, 40};
+    assert_true(run_until(all_done, &lw, 20000));
+    for (int i = 0; i < 40; i++) {
+        assert_int_equal(la[i].status, 0);
+        assert_int_equal(la[i].mode, KVR_SYNC_LOCAL);
+        assert_int_equal(la[i].res.outcome, KVR_OUT_OK);
+    }
+    /* half of them finish while still degraded */
+    static answer fa[20];
+    for (int i = 0; i < 20; i++) {
+        kvr_cmd f = tu_req(KVR_CMD_FREE, 100000 + (uint64_t)i);
+        memset(&fa[i], 0, sizeof fa[i]);
+        assert_int_equal(kvr_sync_submit(nodes[survivor], &f, on_answer, &fa[i]), 0);
+    }
+    wait_all fw = {fa, 20};
+    assert_true(run_until(all_done, &fw, 10000));
+    for (int i = 0; i < 20; i++)
+        assert_int_equal(fa[i].mode, KVR_SYNC_LOCAL);
+    kvr_sync_state st;
+    kvr_sync_get_state(nodes[survivor], &st);
+    assert_true(st.degraded);
+    assert_int_equal(st.bookings, sent); /* the Raft replica is untouched */
+
+    /* both back: quorum, reconcile, convergence */
+    start_node(down1);
+    start_node(down2);
+    assert_true(run_until(have_leader, NULL, 20000));
+    assert_true(run_until(digests_equal, NULL, 20000));
+    /* digests can be equal before the reconcile proposals land: wait for the bookings */
+    for (int tries = 0; tries < 200; tries++) {
+        kvr_sync_get_state(nodes[survivor], &st);
+        if (st.bookings == (uint32_t)sent + 20 && st.local_pending == 0)
+            break;
+        run_until(digests_equal, NULL, 100);
+        uv_sleep(10);
+    }
+    assert_true(run_until(digests_equal, NULL, 20000));
+    for (int nd = 1; nd <= N; nd++) {
+        kvr_sync_get_state(nodes[nd], &st);
+        assert_int_equal(st.bookings, sent + 20);
+        for (int i = 20; i < 40; i++)
+            check_booked(nd, 100000 + (uint64_t)i, la[i].res.worker_id);
+        for (int i = 0; i < 20; i++) {
+            uint8_t id[16];
+            kvr_fsm_booking_view bv;
+            tu_rid(id, 100000 + (uint64_t)i);
+            assert_int_equal(kvr_fsm_booking_get(kvr_sync_fsm(nodes[nd]), id, &bv), KVR_ENOTFOUND);
+        }
+    }
+    kvr_sync_metrics m;
+    kvr_sync_get_metrics(nodes[survivor], &m);
+    print_message("reconciled=%llu degraded_answers=%llu forwards=%llu\n",
+                  (unsigned long long)m.reconciled, (unsigned long long)m.degraded_answers,
+                  (unsigned long long)m.forwards);
+    assert_true(m.reconciled >= 20);
+
+    for (int i = 1; i <= N; i++)
+        if (nodes[i])
+            stop_node(i);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    assert_int_equal(uv_loop_close(&loop), 0);
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/kvr-sync-test-XXXXXX");
+    return mkdtemp(tmpdir) ? 0 : -1;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    nftw(tmpdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    return 0;
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_cluster),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
