@@ -9,8 +9,9 @@
  * behind the wall clock, and delivers a step's tokens when the wall clock reaches the step's
  * end. When idle the engine clock jumps to the wall clock. If steps take more CPU than the
  * simulated time they stand for, the engine falls behind: lag = wall - sim at the start of a
- * step, exported as kvr_worker_sim_lag_seconds (and _max), and the busy-time totals
- * kvr_worker_busy_seconds{clock="sim"|"wall"} give the fraction of time lost.
+ * step, exported as kvr_worker_sim_lag_seconds (and _max); kvr_worker_clock_seconds{clock=
+ * "sim"|"wall"} exports both clocks, so over a saturated window 1 - d(sim)/d(wall) is the
+ * fraction of time the engine lost (an idle engine's clock jumps to the wall clock).
  *
  * Output granularity: tokens a stream gets in one delivery (normally one step; several when
  * the timer wakes after several short steps, e.g. at high --speedup) go out as one SSE chunk,
@@ -82,9 +83,6 @@ typedef struct worker {
     kvr_buf scratch;
     /* clocks */
     int64_t lag_ns, lag_max_ns;
-    double busy_sim_s, busy_wall_s;
-    int64_t last_drive_wall;
-    bool last_drive_busy;
     bool draining, closing;
     /* metrics */
     kvr_metric *m_prompt, *m_cached, *m_gen, *m_running, *m_waiting, *m_used, *m_cached_blocks,
@@ -382,15 +380,28 @@ static void append_text(kvr_buf *b, const uint32_t *t, size_t n)
     }
 }
 
+/* "[1,2,3]" without printf: this runs for every token the worker streams */
 static void append_ids(kvr_buf *b, const uint32_t *t, size_t n)
 {
-    kvr_buf_append(b, "[", 1);
+    if (kvr_buf_reserve(b, 2 + n * 11) != 0)
+        return;
+    char *p = b->base + b->len;
+    *p++ = '[';
     for (size_t i = 0; i < n; i++) {
-        char num[16];
-        int len = snprintf(num, sizeof num, i ? ",%u" : "%u", t[i]);
-        kvr_buf_append(b, num, (size_t)len);
+        if (i)
+            *p++ = ',';
+        char tmp[10];
+        int k = 0;
+        uint32_t v = t[i];
+        do {
+            tmp[k++] = (char)('0' + v % 10);
+            v /= 10;
+        } while (v);
+        while (k)
+            *p++ = tmp[--k];
     }
-    kvr_buf_append(b, "]", 1);
+    *p++ = ']';
+    b->len = (size_t)(p - b->base);
 }
 
 static void append_usage(kvr_buf *b, const wreq *r)
@@ -626,9 +637,6 @@ static void drive(uv_timer_t *t)
     worker *w = t->data;
     int64_t start = wall_ns(w);
     int64_t now = start;
-    bool busy = kvr_engine_has_work(w->eng);
-    if (w->last_drive_busy)
-        w->busy_wall_s += (double)(now - w->last_drive_wall) / 1e9;
     if (kvr_engine_now_ns(w->eng) <= now)
         promote_future(w);
     for (;;) {
@@ -648,7 +656,6 @@ static void drive(uv_timer_t *t)
         size_t n_outs;
         if (kvr_engine_step(w->eng, &info, &outs, &n_outs) != 0)
             KVR_LOG_ERROR_RL(5, "engine step failed", "err=\"%s\"", kvr_strerror(KVR_ENOMEM));
-        w->busy_sim_s += (double)info.dur_ns / 1e9;
         on_outputs(w, outs, n_outs);
         publish_engine_events(w);
         now = wall_ns(w);
@@ -656,8 +663,6 @@ static void drive(uv_timer_t *t)
             break;
     }
     flush_ready(w);
-    w->last_drive_wall = now;
-    w->last_drive_busy = busy && kvr_engine_has_work(w->eng);
     if (w->closing)
         return;
     if (kvr_engine_has_work(w->eng) || w->n_future) {
@@ -947,8 +952,8 @@ static void collect(kvr_metrics *m, void *arg)
     }
     kvr_metric_set(w->m_lag, 0, (double)lag / 1e9);
     kvr_metric_set(w->m_lag_max, 0, (double)w->lag_max_ns / 1e9);
-    kvr_metric_set(w->m_busy, 0, w->busy_sim_s);
-    kvr_metric_set(w->m_busy, 1, w->busy_wall_s);
+    kvr_metric_set(w->m_busy, 0, (double)kvr_engine_now_ns(w->eng) / 1e9);
+    kvr_metric_set(w->m_busy, 1, (double)wall_ns(w) / 1e9);
 }
 
 static int setup_metrics(worker *w)
@@ -974,7 +979,7 @@ static int setup_metrics(worker *w)
     w->m_removed = kvr_metrics_counter(m, "kvr_worker_kv_blocks_removed_total", "Blocks evicted (BlockRemoved)", NULL, NULL);
     w->m_lag = kvr_metrics_gauge(m, "kvr_worker_sim_lag_seconds", "How far the simulated clock is behind the wall clock now", NULL, NULL);
     w->m_lag_max = kvr_metrics_gauge(m, "kvr_worker_sim_lag_max_seconds", "Largest lag seen at the start of a step", NULL, NULL);
-    w->m_busy = kvr_metrics_gauge(m, "kvr_worker_busy_seconds", "Time with work in the engine, simulated and wall", "clock", clocks);
+    w->m_busy = kvr_metrics_gauge(m, "kvr_worker_clock_seconds", "The engine's simulated clock and the wall clock, since start (sim falls behind wall only when steps cost more CPU than the time they stand for)", "clock", clocks);
     w->m_ev_pub = kvr_metrics_counter(m, "kvr_worker_kv_events_total", "KV events encoded", NULL, NULL);
     w->m_ev_batches = kvr_metrics_counter(m, "kvr_worker_kv_event_batches_published_total", "KV event payloads published", NULL, NULL);
     w->m_ev_dropped = kvr_metrics_counter(m, "kvr_worker_kv_event_batches_dropped_total", "KV event payloads dropped (buffer overflow while NATS was away)", NULL, NULL);
