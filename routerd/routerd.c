@@ -1673,6 +1673,11 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
         so.data_dir = raft_dir;
         if (cfg->degraded_after_ms > 0)
             so.degraded_after_ms = (uint32_t)cfg->degraded_after_ms;
+        if (cfg->election_timeout_ms > 0) {
+            so.election_timeout_ms = (uint32_t)cfg->election_timeout_ms;
+            if (so.heartbeat_timeout_ms * 5 > so.election_timeout_ms)
+                so.heartbeat_timeout_ms = so.election_timeout_ms / 5;
+        }
         rc = kvr_sync_init(&rd->sync, loop, &so, &err);
         if (rc == 0)
             rc = kvr_sync_start(rd->sync, &err);

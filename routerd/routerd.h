@@ -42,6 +42,7 @@ typedef struct kvr_routerd_config {
     const char *peers;
     bool join;
     int64_t degraded_after_ms;
+    int64_t election_timeout_ms; /* 0: kvr_sync's default */
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;

@@ -284,8 +284,17 @@ static int do_route(char **a, int n)
         kvr_mp_write_uint(&b, seq[i]);
     free(toks);
     free(seq);
+    /* like a frontend: retry the same request id (routers dedupe by it) on a timeout or no
+     * responders, up to 10 tries */
     natsMsg *reply = NULL;
-    natsStatus s = natsConnection_Request(&reply, nc, "kvr.route", b.base, (int)b.len, 5000);
+    natsStatus s = NATS_OK;
+    int tries = 0;
+    for (; tries < 10; tries++) {
+        s = natsConnection_Request(&reply, nc, "kvr.route", b.base, (int)b.len, 2000);
+        if (s == NATS_OK)
+            break;
+        usleep(100000);
+    }
     kvr_buf_free(&b);
     if (s != NATS_OK) {
         printf("route ok=0 error=%s\n", natsStatus_GetText(s));
@@ -320,8 +329,9 @@ static int do_route(char **a, int n)
         }
     }
     if (ok)
-        printf("route ok=1 worker=%" PRIu64 " overlap=%" PRIu64 " mode=%.*s router=%" PRIu64 "\n",
-               worker, overlap, (int)mode.len, mode.base, router);
+        printf("route ok=1 worker=%" PRIu64 " overlap=%" PRIu64 " mode=%.*s router=%" PRIu64
+               " rid=%s tries=%d\n",
+               worker, overlap, (int)mode.len, mode.base, router, a[5], tries + 1);
     else
         printf("route ok=0 error=%.*s\n", (int)err.len, err.base);
     fflush(stdout);

@@ -39,3 +39,27 @@ rd_beat() {
 rd_metric() {
     curl -s --max-time 2 "http://127.0.0.1:$1/metrics" | awk -v k="$2" '$1 == k {print $2; exit}'
 }
+# rd_raft_ports N: N "host:port" Raft addresses below the ephemeral range (32768+), each with
+# port+1 free too (kvr_sync's forwarding port), derived from the test name and our pid.
+rd_raft_ports() {
+    /usr/bin/python3 - "$1" "$KVR_TEST_NAME" "$$" <<'PY'
+import socket, sys, zlib
+n, name, pid = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+base = 20000 + (zlib.crc32(name.encode()) + pid * 7) % 1200 * 10
+out = []
+p = base
+while len(out) < n and p < 32700:
+    if free(p) and free(p + 1):
+        out.append("127.0.0.1:%d" % p)
+    p += 2
+print(" ".join(out))
+PY
+}

@@ -82,7 +82,7 @@ kvr_assert_eq "$(rd_match "$P1" 7 320)" '{"2":3}' "restarted worker cleared"
 # routing: NATS and HTTP, the worker with the longest prefix wins on an idle cluster
 route=$(printf 'route m1 ns1 7 320 req-0001\n' | "$PUB" --nats "$NATS_URL" | grep '^route')
 kvr_log "$route"
-case "$route" in "route ok=1 worker=2 overlap=3 mode=local router=1") ;; *) kvr_fail "nats route: $route" ;; esac
+case "$route" in "route ok=1 worker=2 overlap=3 mode=local router=1 "*) ;; *) kvr_fail "nats route: $route" ;; esac
 http=$("$PUB" tokens 7 320 | jq -c '. + {model:"m1",namespace:"ns1"}' |
     curl -s -X POST --data @- "http://127.0.0.1:$P1/v1/route")
 # worker 2 now carries that booking (5 blocks, 2 to prefill): cost 1*(5-3+2)+5+2 = 11 against

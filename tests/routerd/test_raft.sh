@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Three real router processes in one Raft group on loopback: SIGKILL the leader during a burst
+# of route requests -> every request answered (retried by request id), none booked twice, a new
+# leader quickly; the killed router restarts and converges (same booking and index digests);
+# with 2 of 3 down the survivor answers in mode "local"; back together they converge again.
+source "$(dirname "$0")/../lib/testenv.sh"
+source "$(dirname "$0")/rd_lib.sh"
+kvr_test_init routerd_raft
+[ -x "$KVR_BIN/kvr-routerd" ] || kvr_fail "no kvr-routerd"
+kvr_start_nats
+read -r A1 A2 A3 <<<"$(rd_raft_ports 3)"
+[ -n "$A3" ] || kvr_fail "no free raft ports"
+PEERS="1@$A1,2@$A2,3@$A3"
+declare -A HP RA
+HP[1]=$(kvr_free_port); HP[2]=$(kvr_free_port); HP[3]=$(kvr_free_port)
+RA[1]=$A1; RA[2]=$A2; RA[3]=$A3
+start() { rd_start "r$1" "$1" "${HP[$1]}" "$KVR_TMP/r$1" --raft-addr "${RA[$1]}" --peers "$PEERS" --snapshot-interval 2s; }
+rd_beat beat1 ns1 1
+rd_beat beat2 ns1 2
+rd_beat beat3 ns1 3
+for i in 1 2 3; do start $i; done
+for i in 1 2 3; do kvr_wait_http "http://127.0.0.1:${HP[$i]}/ready" 20; done
+seq=$(rd_pub "store ns1 1 array int 7 0 4" "store ns1 2 map bytes 7 0 2" "store ns1 3 array int 8 0 3")
+for i in 1 2 3; do rd_wait_seq "${HP[$i]}" "$seq"; done
+
+leader_of() { rd_q "${HP[$1]}" .raft.leader 2>/dev/null; }
+wait_leader() { # wait_leader SECONDS NOT NODES...: until every listed node reports the same
+    local t=$1 not=$2 i k l first     # leader, other than NOT
+    shift 2
+    for ((k = 0; k < t * 20; k++)); do
+        first=$(leader_of "$1")
+        if [ -n "$first" ] && [ "$first" != 0 ] && [ "$first" != null ] && [ "$first" != "$not" ]; then
+            l=ok
+            for i in "$@"; do [ "$(leader_of "$i")" = "$first" ] || l=; done
+            [ -n "$l" ] && { echo "$first"; return 0; }
+        fi
+        sleep 0.05
+    done
+    return 1
+}
+L=$(wait_leader 10 0 1 2 3) || kvr_fail "no leader elected"
+kvr_log "leader is $L"
+# worker registrations go through Raft: wait until every replica sees 3 live workers
+kvr_wait_for 10 bash -c "[ \"\$(curl -s http://127.0.0.1:${HP[$L]}/v1/state | jq '[.workers[] | select(.up)] | length')\" = 3 ]" ||
+    kvr_fail "workers not up"
+
+# burst of 300 route requests; SIGKILL the leader after ~100 answers
+N=1500
+for ((k = 1; k <= N; k++)); do
+    printf 'route m1 ns1 %d 256 burst-%05d\n' $((7 + k % 2)) "$k"
+done >"$KVR_TMP/burst.txt"
+"$PUB" --nats "$NATS_URL" <"$KVR_TMP/burst.txt" >"$KVR_TMP/burst.out" 2>&1 &
+BURST=$!
+kvr_wait_for 30 bash -c "[ \$(grep -c '^route' $KVR_TMP/burst.out) -ge 300 ]" || kvr_fail "burst too slow"
+t_kill=$(date +%s%3N)
+kvr_kill9 "r$L"
+SURV=()
+for i in 1 2 3; do [ "$i" != "$L" ] && SURV+=("$i"); done
+NL=$(wait_leader 10 "$L" "${SURV[@]}") || kvr_fail "no new leader after killing $L"
+t_new=$(date +%s%3N)
+kvr_log "new leader $NL after $((t_new - t_kill)) ms"
+wait "$BURST" || kvr_fail "burst client failed"
+answered=$(grep -c '^route ok=1' "$KVR_TMP/burst.out")
+kvr_assert_eq "$answered" "$N" "every request answered"
+rids=$(grep '^route ok=1' "$KVR_TMP/burst.out" | sed 's/.*rid=\([^ ]*\).*/\1/' | sort -u | wc -l)
+kvr_assert_eq "$rids" "$N" "distinct request ids answered"
+# one booking per request id on every surviving replica, and the same replicated state
+for i in "${SURV[@]}"; do
+    kvr_wait_for 10 bash -c "[ \"\$(curl -s http://127.0.0.1:${HP[$i]}/v1/state | jq -r .bookings)\" = $N ]" ||
+        kvr_fail "r$i bookings: $(rd_q "${HP[$i]}" .bookings), want $N (a request booked twice or lost)"
+done
+kvr_assert_eq "$(rd_q "${HP[${SURV[0]}]}" .raft.fsm_digest)" "$(rd_q "${HP[${SURV[1]}]}" .raft.fsm_digest)" "survivors' booking digests"
+[ $((t_new - t_kill)) -le 3000 ] || kvr_fail "new leader took $((t_new - t_kill)) ms"
+
+# restart the killed router: converges (bookings via Raft, index via the stream)
+start "$L"
+kvr_wait_http "http://127.0.0.1:${HP[$L]}/ready" 30
+kvr_wait_for 15 bash -c "[ \"\$(curl -s http://127.0.0.1:${HP[$L]}/v1/state | jq -r .raft.fsm_digest)\" = \"$(rd_q "${HP[$NL]}" .raft.fsm_digest)\" ]" ||
+    kvr_fail "restarted router's booking digest differs"
+kvr_assert_eq "$(rd_q "${HP[$L]}" .index.digest)" "$(rd_q "${HP[$NL]}" .index.digest)" "restarted router's index digest"
+kvr_assert_eq "$(rd_q "${HP[$L]}" .bookings)" "$N" "restarted router's bookings ($(rd_state "${HP[$L]}" | jq -c .raft))"
+
+# kill two: the survivor answers alone, in local mode
+S=${SURV[0]}
+for i in 1 2 3; do [ "$i" != "$S" ] && kvr_kill9 "r$i"; done
+sleep 1
+out=$(printf 'route m1 ns1 7 256 alone-1\n' | "$PUB" --nats "$NATS_URL" | grep '^route')
+kvr_log "$out"
+case "$out" in "route ok=1 "*"mode=local router=$S "*) ;; *) kvr_fail "survivor did not answer locally: $out" ;; esac
+kvr_assert_eq "$(rd_q "${HP[$S]}" .raft.degraded)" true "survivor degraded"
+
+# bring them back: everyone converges on one replicated state
+for i in 1 2 3; do [ "$i" != "$S" ] && start "$i"; done
+for i in 1 2 3; do kvr_wait_http "http://127.0.0.1:${HP[$i]}/ready" 30; done
+wait_leader 15 0 1 2 3 >/dev/null || kvr_fail "no leader after the group came back"
+converged() {
+    local d1 d2 d3
+    d1=$(rd_q "${HP[1]}" .raft.fsm_digest); d2=$(rd_q "${HP[2]}" .raft.fsm_digest); d3=$(rd_q "${HP[3]}" .raft.fsm_digest)
+    [ -n "$d1" ] && [ "$d1" = "$d2" ] && [ "$d2" = "$d3" ] && [ "$(rd_q "${HP[1]}" .raft.degraded)" = false ] &&
+        [ "$(rd_q "${HP[$S]}" .raft.degraded)" = false ]
+}
+kvr_wait_for 20 converged || kvr_fail "replicas did not converge"
+kvr_assert_eq "$(rd_q "${HP[1]}" .bookings)" $((N + 1)) "the local booking was reconciled into Raft"
+kvr_assert_eq "$(rd_q "${HP[1]}" .index.digest)" "$(rd_q "${HP[$S]}" .index.digest)" "index digests"
+kvr_pass
