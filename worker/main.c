@@ -82,12 +82,13 @@ typedef struct worker {
     bool need_resync;
     kvr_buf scratch;
     /* clocks */
-    int64_t lag_ns, lag_max_ns;
+    int64_t lag_ns, lag_max_ns; /* at the start of the last step; the largest */
+    int64_t lag_erased_ns;      /* lag forgiven by idle jumps, total */
     bool draining, closing;
     /* metrics */
     kvr_metric *m_prompt, *m_cached, *m_gen, *m_running, *m_waiting, *m_used, *m_cached_blocks,
         *m_capacity, *m_steps, *m_preempt, *m_requests, *m_finished, *m_cancelled, *m_lag,
-        *m_lag_max, *m_busy, *m_ev_pub, *m_ev_batches, *m_ev_dropped, *m_resyncs, *m_evbuf,
+        *m_lag_max, *m_lag_erased, *m_busy, *m_ev_pub, *m_ev_batches, *m_ev_dropped, *m_resyncs, *m_evbuf,
         *m_bad_req, *m_stored, *m_removed, *m_hb;
 } worker;
 
@@ -613,6 +614,18 @@ static void flush_ready(worker *w)
 
 /* ------------------------------------------------------------------ driving the engine */
 
+/* An idle engine's clock jumps to the wall clock. If its last step had started late, that
+ * lag is forgiven by the jump: count it, so "how far behind" stays honest across idle gaps. */
+static void engine_idle_jump(worker *w, int64_t now)
+{
+    if (kvr_engine_has_work(w->eng))
+        return;
+    if (w->lag_ns > 0)
+        w->lag_erased_ns += w->lag_ns;
+    w->lag_ns = 0;
+    kvr_engine_idle_until(w->eng, now);
+}
+
 static void on_outputs(worker *w, const kvr_engine_output *o, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
@@ -641,7 +654,7 @@ static void drive(uv_timer_t *t)
         promote_future(w);
     for (;;) {
         if (!kvr_engine_has_work(w->eng)) {
-            kvr_engine_idle_until(w->eng, now);
+            engine_idle_jump(w, now);
             break;
         }
         int64_t sim = kvr_engine_now_ns(w->eng);
@@ -844,7 +857,7 @@ static void handle_completion(worker *w, kvr_http_req *req, bool chat)
     r->prompt_tokens = (uint32_t)n;
     kvr_buf_init(&r->toks);
     kvr_buf_init(&r->all);
-    kvr_engine_idle_until(w->eng, wall_ns(w));
+    engine_idle_jump(w, wall_ns(w));
     if (kvr_engine_add(w->eng, kvr_tok_ids(&toks), (uint32_t)n, (uint32_t)max_tokens, r, &r->seq,
                        &err) != 0) {
         respond_error(req, err.code == KVR_ENOMEM ? 500 : 400, "invalid_request_error", "%s", err.msg);
@@ -952,6 +965,7 @@ static void collect(kvr_metrics *m, void *arg)
     }
     kvr_metric_set(w->m_lag, 0, (double)lag / 1e9);
     kvr_metric_set(w->m_lag_max, 0, (double)w->lag_max_ns / 1e9);
+    kvr_metric_set(w->m_lag_erased, 0, (double)w->lag_erased_ns / 1e9);
     kvr_metric_set(w->m_busy, 0, (double)kvr_engine_now_ns(w->eng) / 1e9);
     kvr_metric_set(w->m_busy, 1, (double)wall_ns(w) / 1e9);
 }
@@ -979,6 +993,7 @@ static int setup_metrics(worker *w)
     w->m_removed = kvr_metrics_counter(m, "kvr_worker_kv_blocks_removed_total", "Blocks evicted (BlockRemoved)", NULL, NULL);
     w->m_lag = kvr_metrics_gauge(m, "kvr_worker_sim_lag_seconds", "How far the simulated clock is behind the wall clock now", NULL, NULL);
     w->m_lag_max = kvr_metrics_gauge(m, "kvr_worker_sim_lag_max_seconds", "Largest lag seen at the start of a step", NULL, NULL);
+    w->m_lag_erased = kvr_metrics_gauge(m, "kvr_worker_sim_lag_erased_seconds", "Lag forgiven when the engine went idle (its last step had started late), total", NULL, NULL);
     w->m_busy = kvr_metrics_gauge(m, "kvr_worker_clock_seconds", "The engine's simulated clock and the wall clock, since start (sim falls behind wall only when steps cost more CPU than the time they stand for)", "clock", clocks);
     w->m_ev_pub = kvr_metrics_counter(m, "kvr_worker_kv_events_total", "KV events encoded", NULL, NULL);
     w->m_ev_batches = kvr_metrics_counter(m, "kvr_worker_kv_event_batches_published_total", "KV event payloads published", NULL, NULL);
