@@ -130,16 +130,11 @@ static int bind_port(int port)
     return fd;
 }
 
-static int sock_port(int fd)
-{
-    struct sockaddr_in a;
-    socklen_t len = sizeof a;
-    if (getsockname(fd, (struct sockaddr *)&a, &len) != 0)
-        return 0;
-    return ntohs(a.sin_port);
-}
-
-/* One port, or two consecutive ones (raft port + forwarding port) when pair. */
+/* One port, or two consecutive ones (raft port + forwarding port) when pair.
+ * With --base-port: laid out from it, unchecked. Otherwise the search starts at a base derived
+ * from the cluster dir (so clusters in different dirs start apart) and skips any port that is
+ * taken. Ports stay below the ephemeral range (32768+): a restarted process must be able to
+ * bind its port again, and an ephemeral port may meanwhile be some outgoing connection's. */
 static int alloc_port(port_alloc *pa, bool pair, kvr_err *err)
 {
     if (pa->base) {
@@ -149,26 +144,36 @@ static int alloc_port(port_alloc *pa, bool pair, kvr_err *err)
             return kvr_err_set(err, KVR_ELIMIT, "--base-port %d leaves too few ports", pa->base);
         return p;
     }
-    for (int attempt = 0; attempt < 200; attempt++) {
+    for (int p = pa->next; p + 1 < 32768; p++) {
         if (pa->nheld + 2 > (int)(sizeof pa->held / sizeof pa->held[0]))
             return kvr_err_set(err, KVR_ELIMIT, "too many ports");
-        int fd = bind_port(0);
+        int fd = bind_port(p);
         if (fd < 0)
-            return kvr_err_set(err, KVR_EIO, "binding a free port: %s", strerror(errno));
-        int p = sock_port(fd);
+            continue;
         if (!pair) {
             pa->held[pa->nheld++] = fd;
+            pa->next = p + 1;
             return p;
         }
-        int fd2 = p < 65535 ? bind_port(p + 1) : -1;
+        int fd2 = bind_port(p + 1);
         if (fd2 >= 0) {
             pa->held[pa->nheld++] = fd;
             pa->held[pa->nheld++] = fd2;
+            pa->next = p + 2;
             return p;
         }
         close(fd);
     }
-    return kvr_err_set(err, KVR_EIO, "no free pair of consecutive ports found");
+    return kvr_err_set(err, KVR_EIO, "no free port between %d and 32767", pa->next);
+}
+
+/* FNV-1a of the cluster dir -> a start port in [10000, 30000). */
+static int derived_base(const char *dir)
+{
+    uint32_t h = 2166136261u;
+    for (const unsigned char *c = (const unsigned char *)dir; *c; c++)
+        h = (h ^ *c) * 16777619u;
+    return 10000 + (int)(h % 20000u);
 }
 
 static void release_ports(port_alloc *pa)
@@ -436,6 +441,8 @@ static int cmd_up(const char *dir, up_opts *o)
         (o->haproxy && (rc = find_binary("haproxy", false, haproxy_bin, sizeof haproxy_bin, &err)) != 0))
         goto fail_early;
 
+    if (!pa.base)
+        pa.next = derived_base(abs_dir);
     run_cluster_init(&c, abs_dir);
     snprintf(c.ns, sizeof c.ns, "%s", o->ns);
     snprintf(c.model, sizeof c.model, "%s", o->model);
