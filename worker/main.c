@@ -46,7 +46,7 @@
 typedef struct opts {
     const char *listen, *nats, *ns, *model, *role, *event_format, *hash_format, *log_level;
     const char *advertise;
-    uint64_t id, seed, event_buffer_max;
+    uint64_t id, seed, event_buffer_max, resync_after_ms;
     uint64_t block_size, capacity_blocks, max_num_seqs, max_batched_tokens, max_model_len;
     double speedup;
 } opts;
@@ -80,6 +80,7 @@ typedef struct worker {
     kvr_buf *evbuf;
     size_t n_evbuf, cap_evbuf;
     bool need_resync;
+    int64_t disconnected_at; /* kvr_mono_ms of the last disconnect, 0 while connected */
     kvr_buf scratch;
     /* clocks */
     int64_t lag_ns, lag_max_ns; /* at the start of the last step; the largest */
@@ -136,14 +137,15 @@ static void usage(FILE *f)
             "  [--block-size 64] [--capacity-blocks 16384] [--max-num-seqs 256]\n"
             "  [--max-batched-tokens 8192] [--max-model-len 131072] [--speedup 1.0]\n"
             "  [--role both|prefill|decode] [--event-format array|map] [--hash-format int|bytes]\n"
-            "  [--seed S] [--log-level info] [--event-buffer-max 10000] [--advertise-url URL]\n");
+            "  [--seed S] [--log-level info] [--event-buffer-max 10000] [--resync-after-ms 2500]\n"
+            "  [--advertise-url URL]\n");
 }
 
 static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
 {
     *o = (opts){.listen = "127.0.0.1:9001", .nats = "nats://127.0.0.1:4222", .ns = "default",
                 .model = "sim", .role = "both", .event_format = "array", .hash_format = "int",
-                .log_level = "info", .id = 1, .seed = 0, .event_buffer_max = 10000,
+                .log_level = "info", .id = 1, .seed = 0, .event_buffer_max = 10000, .resync_after_ms = 2500,
                 .block_size = 64, .capacity_blocks = 16384, .max_num_seqs = 256,
                 .max_batched_tokens = 8192, .max_model_len = 131072, .speedup = 1.0};
     struct {
@@ -163,6 +165,7 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
         {"id", 1, &o->id},
         {"seed", 1, &o->seed},
         {"event-buffer-max", 1, &o->event_buffer_max},
+        {"resync-after-ms", 1, &o->resync_after_ms},
         {"block-size", 1, &o->block_size},
         {"capacity-blocks", 1, &o->capacity_blocks},
         {"max-num-seqs", 1, &o->max_num_seqs},
@@ -325,12 +328,30 @@ static void ev_flush_buffer(worker *w)
     kvr_metric_set(w->m_evbuf, 0, (double)w->n_evbuf);
 }
 
+/* Connected again (state callback, or a heartbeat that finds the connection up first). */
+static void on_connected(worker *w)
+{
+    /* Away longer than routers wait for heartbeats (3 x 1 s by default): they may have
+     * declared us down and dropped our entries, so deltas would not apply: resync. */
+    if (w->disconnected_at && kvr_mono_ms() - w->disconnected_at > (int64_t)w->o.resync_after_ms &&
+        !w->need_resync) {
+        KVR_LOG_INFO("away longer than --resync-after-ms: resyncing instead of flushing",
+                     "away_ms=%" PRId64 " buffered=%zu", kvr_mono_ms() - w->disconnected_at,
+                     w->n_evbuf);
+        w->need_resync = true;
+    }
+    w->disconnected_at = 0;
+    ev_flush_buffer(w);
+}
+
 static void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data)
 {
     worker *w = data;
     KVR_LOG_INFO("nats", "state=%s", kvr_nats_state_name(st));
+    if (st == KVR_NATS_DISCONNECTED && !w->disconnected_at)
+        w->disconnected_at = kvr_mono_ms();
     if (st == KVR_NATS_CONNECTED || st == KVR_NATS_RECONNECTED)
-        ev_flush_buffer(w);
+        on_connected(w);
 }
 
 static void heartbeat(uv_timer_t *t)
@@ -338,8 +359,8 @@ static void heartbeat(uv_timer_t *t)
     worker *w = t->data;
     if (!kvr_nats_connected(&w->nats))
         return;
-    if (w->n_evbuf || w->need_resync) /* reconnected but the state callback not seen yet */
-        ev_flush_buffer(w);
+    if (w->disconnected_at || w->n_evbuf || w->need_resync) /* state callback not seen yet */
+        on_connected(w);
     kvr_engine_stats st;
     kvr_engine_get_stats(w->eng, &st);
     kvr_buf *b = &w->scratch;

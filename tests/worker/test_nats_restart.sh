@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # worker_nats_restart: nats-server is SIGKILLed under two workers that keep serving; one
 # (--event-buffer-max 2) overflows its event buffer and must heal with AllBlocksCleared + its
-# cache after the reconnect, the other buffers and flushes. Afterwards, replaying each
+# cache after the reconnect, the other (--resync-after-ms large, so the outage does not force a
+# resync either) buffers and flushes. Afterwards, replaying each
 # worker's events from the persisted JetStream stream into the indexer gives exactly its cache.
 source "$(dirname "$0")/../lib/testenv.sh"
 kvr_test_init worker_nats_restart
@@ -13,7 +14,7 @@ pa=$(kvr_free_port)
 pb=$(kvr_free_port)
 common=(--nats "$NATS_URL" --namespace nr --model sim --block-size 16 --capacity-blocks 40 --speedup 50)
 kvr_spawn wa "$KVR_BIN/kvr-worker" --listen "127.0.0.1:$pa" --id 1 --event-buffer-max 2 "${common[@]}"
-kvr_spawn wb "$KVR_BIN/kvr-worker" --listen "127.0.0.1:$pb" --id 2 --event-buffer-max 100000 "${common[@]}"
+kvr_spawn wb "$KVR_BIN/kvr-worker" --listen "127.0.0.1:$pb" --id 2 --event-buffer-max 100000 --resync-after-ms 600000 "${common[@]}"
 kvr_wait_http "http://127.0.0.1:$pa/health" 10
 kvr_wait_http "http://127.0.0.1:$pb/health" 10
 
