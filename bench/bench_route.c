@@ -11,6 +11,7 @@
  * preloaded prefix (--blocks seq hashes); every answered booking is freed right away
  * (kvr.route.event "free") so the router's booking table stays at its steady state.
  * Reports routes/s and client-side latency percentiles (request sent -> reply on the loop). */
+#include "kv_event.h"
 #include "kvr_buf.h"
 #include "kvr_hash.h"
 #include "kvr_log.h"
@@ -182,6 +183,29 @@ static void on_stop(uv_timer_t *t)
     b->t_end_ns = kvr_mono_ns();
 }
 
+/* Keeps the index changing so that the router has something to snapshot every interval. */
+static uv_timer_t touch_timer;
+static uint64_t touch_n;
+static void on_touch(uv_timer_t *t)
+{
+    rb *b = t->data;
+    if (b->stopping)
+        return;
+    uint64_t p = 1000000000ull + touch_n++;
+    uint64_t h = p;
+    uint32_t toks[64];
+    for (uint32_t j = 0; j < 64; j++)
+        toks[j] = benchrd_tok(p, j);
+    kvr_kv_event ev = {.type = KVR_KV_STORED, .n_hashes = 1, .hashes = &h, .n_tokens = 64,
+                       .tokens = toks, .block_size = 64};
+    kvr_kv_batch batch = {.ts = 1.0, .n_events = 1, .events = &ev};
+    kvr_buf out;
+    kvr_buf_init(&out);
+    kvr_kv_encode(&out, &batch, KVR_KV_FORMAT_ARRAY, KVR_KV_HASH_INT);
+    kvr_nats_publish(&b->nats, "kvr.kv.bench.1", out.base, out.len);
+    kvr_buf_free(&out);
+}
+
 static bool conn_up;
 static void on_state(kvr_nats *kn, kvr_nats_state st, void *data)
 {
@@ -212,7 +236,10 @@ static double pct(const double *v, size_t n, double p)
 static void usage(void)
 {
     printf("usage: kvr-bench route [--entries 1000000] [--workers 8] [--blocks 256] [--inflight 128]\n"
-           "                       [--duration 10] [--routerd PATH] [--keep] [--json OUT]\n");
+           "                       [--duration 10] [--snapshot-interval 0|1s|...] [--routerd PATH]\n"
+           "                       [--keep] [--json OUT]\n"
+           "  --snapshot-interval: the router's (0 = none during the run); snapshots only happen\n"
+           "  when the index changed, so the bench re-publishes one event per interval to force them\n");
 }
 
 int kvr_bench_route(int argc, char **argv)
@@ -220,7 +247,7 @@ int kvr_bench_route(int argc, char **argv)
     uint64_t entries = 1000000;
     uint32_t workers = 8, blocks = 256;
     int inflight = 128, duration = 10;
-    const char *routerd = NULL, *json = NULL;
+    const char *routerd = NULL, *json = NULL, *snap = "0";
     bool keep = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -236,6 +263,8 @@ int kvr_bench_route(int argc, char **argv)
             duration = atoi(v), i++;
         else if (!strcmp(a, "--routerd") && v)
             routerd = v, i++;
+        else if (!strcmp(a, "--snapshot-interval") && v)
+            snap = v, i++;
         else if (!strcmp(a, "--json") && v)
             json = v, i++;
         else if (!strcmp(a, "--keep"))
@@ -262,7 +291,7 @@ int kvr_bench_route(int argc, char **argv)
         return 1;
     if (benchrd_setup(&e, argv[0], routerd, keep) != 0)
         goto out;
-    if (benchrd_start_router(&e, "0") != 0 || benchrd_wait_ready(&e, 20000) < 0) {
+    if (benchrd_start_router(&e, snap) != 0 || benchrd_wait_ready(&e, 20000) < 0) {
         fprintf(stderr, "kvr-bench: router did not become ready\n");
         goto out;
     }
@@ -334,6 +363,10 @@ int kvr_bench_route(int argc, char **argv)
     uv_timer_init(&b->loop, &b->stop_timer);
     b->stop_timer.data = b;
     uv_timer_start(&b->stop_timer, on_stop, (uint64_t)duration * 1000, 0);
+    uv_timer_init(&b->loop, &touch_timer);
+    touch_timer.data = b;
+    if (strcmp(snap, "0") != 0)
+        uv_timer_start(&touch_timer, on_touch, 200, 200);
     b->t0_ns = kvr_mono_ns();
     for (int i = 0; i < inflight; i++)
         send_one(b);
@@ -342,6 +375,7 @@ int kvr_bench_route(int argc, char **argv)
     double secs = (double)(b->t_end_ns - b->t0_ns) / 1e9;
     kvr_nats_close(&b->nats, on_closed);
     uv_close((uv_handle_t *)&b->stop_timer, NULL);
+    uv_close((uv_handle_t *)&touch_timer, NULL);
     while (!nats_closed)
         uv_run(&b->loop, UV_RUN_ONCE);
     uv_run(&b->loop, UV_RUN_DEFAULT);
@@ -373,6 +407,18 @@ int kvr_bench_route(int argc, char **argv)
     kvr_buf_free(&mb);
     double router_avg_us = r_cnt > 0 ? r_sum / r_cnt * 1e6 : 0;
     printf("router-side mean route latency %.1f us over %.0f routes\n", router_avg_us, r_cnt);
+    kvr_buf sb;
+    kvr_buf_init(&sb);
+    benchrd_http_get(e.http_port, "/metrics", &sb);
+    double snaps = 0;
+    for (char *line = sb.base, *end = sb.base + sb.len; line && line < end;) {
+        char *nl = memchr(line, '\n', (size_t)(end - line));
+        if (!strncmp(line, "kvr_routerd_snapshots_total ", 28))
+            snaps = strtod(line + 28, NULL);
+        line = nl ? nl + 1 : NULL;
+    }
+    kvr_buf_free(&sb);
+    printf("router snapshots written: %.0f (--snapshot-interval %s)\n", snaps, snap);
     if (json) {
         FILE *f = fopen(json, "w");
         if (f) {
@@ -381,9 +427,10 @@ int kvr_bench_route(int argc, char **argv)
                     ",\"timeouts\":%" PRIu64 ",\"duration_s\":%.3f,\"inflight\":%d,"
                     "\"blocks_per_request\":%u,\"workers\":%u,\"entries\":%" PRIu64 ","
                     "\"latency_us\":{\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,\"max\":%.1f},"
-                    "\"avg_overlap_blocks\":%.2f,\"router_mean_latency_us\":%.1f}\n",
+                    "\"avg_overlap_blocks\":%.2f,\"router_mean_latency_us\":%.1f,"
+                    "\"snapshot_interval\":\"%s\",\"snapshots\":%.0f}\n",
                     rps, b->ok, b->errors, b->timeouts, secs, inflight, blocks, workers,
-                    st_entries, p50, p90, p99, mx, avg_overlap, router_avg_us);
+                    st_entries, p50, p90, p99, mx, avg_overlap, router_avg_us, snap, snaps);
             fclose(f);
         }
     }

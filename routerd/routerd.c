@@ -118,7 +118,7 @@ struct kvr_routerd {
         *m_index_blocks, *m_index_bytes, *m_snap_duration, *m_snap_bytes, *m_snaps,
         *m_snap_failures, *m_ready_s, *m_workers_up, *m_workers_refused, *m_replayed,
         *m_nats_reconnects, *m_consumer_restarts, *m_nats_backpressure, *m_unknown_worker,
-        *m_unannounced_removed;
+        *m_unannounced_removed, *m_snap_export;
     int64_t ready_ms;
     /* timers */
     uv_timer_t tick;      /* 250 ms: heartbeats, leases, expiry */
@@ -1422,6 +1422,7 @@ typedef struct snap_job {
     kvr_err err;
     kvr_snapshot_info info;
     int64_t t0_ns;
+    double export_s; /* time the loop was busy copying the index */
     bool final;
 } snap_job;
 
@@ -1447,8 +1448,9 @@ static void snap_after(uv_work_t *req, int status)
         kvr_metric_observe(rd->m_snap_duration, 0, secs);
         kvr_metric_set(rd->m_snap_bytes, 0, (double)j->info.file_bytes);
         KVR_LOG_INFO("snapshot written", "stream_seq=%" PRIu64 " entries=%" PRIu64
-                     " bytes=%" PRIu64 " seconds=%.3f final=%d",
-                     j->img.stream_seq, j->img.entries, j->info.file_bytes, secs, j->final);
+                     " bytes=%" PRIu64 " seconds=%.3f export_seconds=%.4f final=%d",
+                     j->img.stream_seq, j->img.entries, j->info.file_bytes, secs, j->export_s,
+                     j->final);
     } else {
         kvr_metric_inc(rd->m_snap_failures);
         KVR_LOG_ERROR("snapshot failed", "error=\"%s\"", j->err.msg);
@@ -1483,6 +1485,8 @@ static int start_snapshot(kvr_routerd *rd, bool final)
     j->t0_ns = kvr_mono_ns();
     kvr_err err = {0};
     int rc = kvr_index_export(rd->idx, &j->img, &err);
+    j->export_s = (double)(kvr_mono_ns() - j->t0_ns) / 1e9;
+    kvr_metric_set(rd->m_snap_export, 0, j->export_s);
     if (rc != 0) {
         KVR_LOG_ERROR("snapshot export failed", "error=\"%s\"", err.msg);
         free(j);
@@ -1576,6 +1580,9 @@ static void register_metrics(kvr_routerd *rd)
                                                 "Snapshot export+write time",
                                                 kvr_metrics_latency_buckets_s,
                                                 kvr_metrics_latency_buckets_s_n, NULL, NULL);
+    rd->m_snap_export = kvr_metrics_gauge(m, "kvr_routerd_snapshot_export_seconds",
+                                          "Loop time spent copying the index for the last snapshot",
+                                          NULL, NULL);
     rd->m_snap_bytes = kvr_metrics_gauge(m, "kvr_routerd_snapshot_bytes", "Size of the last snapshot", NULL, NULL);
     rd->m_snaps = kvr_metrics_counter(m, "kvr_routerd_snapshots_total", "Snapshots written", NULL, NULL);
     rd->m_snap_failures = kvr_metrics_counter(m, "kvr_routerd_snapshot_failures_total", "Snapshots that failed", NULL, NULL);
