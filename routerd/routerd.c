@@ -535,6 +535,8 @@ done:
         check_ready(rd);
 }
 
+static void on_route_nats(const kvr_nats_msg *m, void *data);
+
 static void check_ready(kvr_routerd *rd)
 {
     if (rd->ready || !rd->stream_started)
@@ -546,6 +548,11 @@ static void check_ready(kvr_routerd *rd)
         return;
     rd->ready = true;
     rd->ready_ms = kvr_mono_ms();
+    /* join the routers' queue group only now: until the index has caught up, route requests
+     * go to routers that have (or time out, and the frontend falls back) */
+    kvr_err err = {0};
+    if (kvr_nats_subscribe(&rd->nats, "kvr.route", "kvr-routers", on_route_nats, rd, NULL, &err) != 0)
+        KVR_LOG_ERROR("subscribing to kvr.route", "error=\"%s\"", err.msg);
     double secs = (double)(kvr_mono_ms() - rd->start_ms) / 1000.0;
     kvr_metric_set(rd->m_ready_s, 0, secs);
     kvr_index_stats st;
@@ -1735,7 +1742,6 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
     else
         snprintf(subj, sizeof(subj), "kvr.workers.>");
     if ((rc = kvr_nats_subscribe(&rd->nats, subj, NULL, on_heartbeat, rd, NULL, &err)) != 0 ||
-        (rc = kvr_nats_subscribe(&rd->nats, "kvr.route", "kvr-routers", on_route_nats, rd, NULL, &err)) != 0 ||
         (rc = kvr_nats_subscribe(&rd->nats, "kvr.route.event", "kvr-routers", on_route_event, rd, NULL, &err)) != 0 ||
         (rc = kvr_nats_subscribe(&rd->nats, "kvr.frontends.*", NULL, on_frontend, rd, NULL, &err)) != 0) {
         KVR_LOG_ERROR("nats subscribe", "error=\"%s\"", err.msg);
