@@ -417,6 +417,7 @@ static void *failover_main(void *arg)
     }
     run_proc *p = &c.procs[idx];
     res->killed_router = p->id;
+    snprintf(res->killed_role, sizeof res->killed_role, "%s", cfg->kill_role);
     atomic_store(&rp->kill_at, now_s() - rp->t0);
     res->killed_at_s = atomic_load(&rp->kill_at);
     run_proc_signal(p, SIGKILL);
@@ -711,9 +712,9 @@ void run_result_print(FILE *out, const char *title, const run_result *r)
     else
         fprintf(out, "  prefix hit rate: n/a (no --cluster, or workers' /metrics unreadable)\n");
     if (r->failover) {
-        fprintf(out, "  failover: killed router-%d at %.1f s, restarted at %.1f s, ready after %.0f ms, "
+        fprintf(out, "  failover: killed router-%d (%s) at %.1f s, restarted at %.1f s, ready after %.0f ms, "
                      "%ld failed during, digests %s\n",
-                r->killed_router, r->killed_at_s, r->restarted_at_s, r->ready_after_restart_ms,
+                r->killed_router, r->killed_role, r->killed_at_s, r->restarted_at_s, r->ready_after_restart_ms,
                 r->failed_during, r->digests_equal ? "equal" : "DIFFER");
         if (r->failover_error[0])
             fprintf(out, "  failover problem: %s\n", r->failover_error);
@@ -759,7 +760,8 @@ void run_result_json(FILE *out, const run_result *r, const run_cfg *cfg)
     fputs(",\"worker_cached_tokens\":", out);
     jnum(out, r->have_hit_rate ? r->cached_delta : NAN);
     if (r->failover) {
-        fprintf(out, ",\"failover\":{\"killed_router\":%d,\"killed_at_s\":", r->killed_router);
+        fprintf(out, ",\"failover\":{\"killed_router\":%d,\"killed_role\":\"%s\",\"killed_at_s\":",
+                r->killed_router, r->killed_role);
         jnum(out, r->killed_at_s);
         fputs(",\"restarted_at_s\":", out);
         jnum(out, r->restarted_at_s);
@@ -831,8 +833,8 @@ int run_result_plot(const run_result *r, const char *dir, kvr_err *err)
             r->requests, r->failed);
     if (r->failover) {
         fprintf(f, "set arrow from %.3f, graph 0 to %.3f, graph 1 nohead lc rgb 'red' lw 2\n"
-                   "set label 'kill router-%d' at %.3f, graph 0.95 tc rgb 'red' offset 0.5,0\n",
-                r->killed_at_s, r->killed_at_s, r->killed_router, r->killed_at_s);
+                   "set label 'kill router-%d (%s)' at %.3f, graph 0.95 tc rgb 'red' offset 0.5,0\n",
+                r->killed_at_s, r->killed_at_s, r->killed_router, r->killed_role, r->killed_at_s);
         if (r->restarted_at_s > 0)
             fprintf(f, "set arrow from %.3f, graph 0 to %.3f, graph 1 nohead lc rgb 'dark-green' lw 2\n"
                        "set label 'restart' at %.3f, graph 0.88 tc rgb 'dark-green' offset 0.5,0\n",

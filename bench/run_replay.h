@@ -65,6 +65,7 @@ typedef struct run_result {
     /* failover */
     bool failover;
     int killed_router;
+    char killed_role[16]; /* what the router was when killed: leader/follower */
     double killed_at_s, restarted_at_s;
     double ready_after_restart_ms; /* < 0: never became ready */
     long failed_during;
