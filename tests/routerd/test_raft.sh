@@ -8,12 +8,12 @@ source "$(dirname "$0")/rd_lib.sh"
 kvr_test_init routerd_raft
 [ -x "$KVR_BIN/kvr-routerd" ] || kvr_fail "no kvr-routerd"
 kvr_start_nats
-read -r A1 A2 A3 <<<"$(rd_raft_ports 3)"
-[ -n "$A3" ] || kvr_fail "no free raft ports"
+read -r A1 A2 A3 A4 <<<"$(rd_raft_ports 4)"
+[ -n "$A4" ] || kvr_fail "no free raft ports"
 PEERS="1@$A1,2@$A2,3@$A3"
 declare -A HP RA
-HP[1]=$(kvr_free_port); HP[2]=$(kvr_free_port); HP[3]=$(kvr_free_port)
-RA[1]=$A1; RA[2]=$A2; RA[3]=$A3
+HP[1]=$(kvr_free_port); HP[2]=$(kvr_free_port); HP[3]=$(kvr_free_port); HP[4]=$(kvr_free_port)
+RA[1]=$A1; RA[2]=$A2; RA[3]=$A3; RA[4]=$A4
 start() { rd_start "r$1" "$1" "${HP[$1]}" "$KVR_TMP/r$1" --raft-addr "${RA[$1]}" --peers "$PEERS" --snapshot-interval 2s; }
 rd_beat beat1 ns1 1
 rd_beat beat2 ns1 2
@@ -102,4 +102,18 @@ converged() {
 kvr_wait_for 20 converged || kvr_fail "replicas did not converge"
 kvr_assert_eq "$(rd_q "${HP[1]}" .bookings)" $((N + 1)) "the local booking was reconciled into Raft"
 kvr_assert_eq "$(rd_q "${HP[1]}" .index.digest)" "$(rd_q "${HP[$S]}" .index.digest)" "index digests"
+
+# membership through the admin API: add router 4 (started with --join), promote, remove
+rd_start r4 4 "${HP[4]}" "$KVR_TMP/r4" --raft-addr "$A4" --peers "$PEERS" --join
+kvr_wait_http "http://127.0.0.1:${HP[4]}/ready" 30
+L=$(wait_leader 10 0 1 2 3) || kvr_fail "no leader before membership change"
+F=1; [ "$L" = 1 ] && F=2
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -d "{\"id\":4,\"raft_addr\":\"$A4\"}" "http://127.0.0.1:${HP[$F]}/admin/raft/add")
+kvr_assert_eq "$code" 409 "add on a follower is refused"
+kvr_assert_eq "$(curl -s -X POST -d "{\"id\":4,\"raft_addr\":\"$A4\"}" "http://127.0.0.1:${HP[$L]}/admin/raft/add" | jq -r .ok)" true "add node 4"
+kvr_assert_eq "$(curl -s -X POST -d '{"id":4}' "http://127.0.0.1:${HP[$L]}/admin/raft/promote" | jq -r .ok)" true "promote node 4"
+kvr_wait_for 15 bash -c "[ \"\$(curl -s http://127.0.0.1:${HP[4]}/v1/state | jq -r .raft.fsm_digest)\" = \"$(rd_q "${HP[$L]}" .raft.fsm_digest)\" ]" ||
+    kvr_fail "node 4 did not catch up"
+kvr_assert_eq "$(rd_q "${HP[4]}" .bookings)" $((N + 1)) "node 4 bookings"
+kvr_assert_eq "$(curl -s -X POST -d '{"id":4}' "http://127.0.0.1:${HP[$L]}/admin/raft/remove" | jq -r .ok)" true "remove node 4"
 kvr_pass
