@@ -46,7 +46,7 @@
 typedef struct opts {
     const char *listen, *nats, *ns, *model, *role, *event_format, *hash_format, *log_level;
     const char *advertise;
-    uint64_t id, seed, event_buffer_max, resync_after_ms;
+    uint64_t id, seed, event_buffer_max, resync_after_ms, announce_delay_ms;
     uint64_t block_size, capacity_blocks, max_num_seqs, max_batched_tokens, max_model_len;
     double speedup;
 } opts;
@@ -61,7 +61,8 @@ typedef struct worker {
     kvr_nats nats;
     bool nats_ok;
     kvr_metrics *metrics;
-    uv_timer_t drive_timer, hb_timer, drain_timer;
+    uv_timer_t drive_timer, hb_timer, drain_timer, flush_timer;
+    bool flush_pending; /* connected, but events wait until the routers have seen a heartbeat */
     uv_signal_t sigterm, sigint;
     uint64_t t0;
     int64_t started_ms;
@@ -138,14 +139,14 @@ static void usage(FILE *f)
             "  [--max-batched-tokens 8192] [--max-model-len 131072] [--speedup 1.0]\n"
             "  [--role both|prefill|decode] [--event-format array|map] [--hash-format int|bytes]\n"
             "  [--seed S] [--log-level info] [--event-buffer-max 10000] [--resync-after-ms 2500]\n"
-            "  [--advertise-url URL]\n");
+            "  [--announce-delay-ms 1500] [--advertise-url URL]\n");
 }
 
 static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
 {
     *o = (opts){.listen = "127.0.0.1:9001", .nats = "nats://127.0.0.1:4222", .ns = "default",
                 .model = "sim", .role = "both", .event_format = "array", .hash_format = "int",
-                .log_level = "info", .id = 1, .seed = 0, .event_buffer_max = 10000, .resync_after_ms = 2500,
+                .log_level = "info", .id = 1, .seed = 0, .event_buffer_max = 10000, .resync_after_ms = 2500, .announce_delay_ms = 1500,
                 .block_size = 64, .capacity_blocks = 16384, .max_num_seqs = 256,
                 .max_batched_tokens = 8192, .max_model_len = 131072, .speedup = 1.0};
     struct {
@@ -166,6 +167,7 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
         {"seed", 1, &o->seed},
         {"event-buffer-max", 1, &o->event_buffer_max},
         {"resync-after-ms", 1, &o->resync_after_ms},
+        {"announce-delay-ms", 1, &o->announce_delay_ms},
         {"block-size", 1, &o->block_size},
         {"capacity-blocks", 1, &o->capacity_blocks},
         {"max-num-seqs", 1, &o->max_num_seqs},
@@ -245,7 +247,7 @@ static void ev_send(worker *w, kvr_buf *b)
         kvr_buf_free(b);
         return;
     }
-    if (w->n_evbuf == 0 && kvr_nats_connected(&w->nats)) {
+    if (w->n_evbuf == 0 && !w->flush_pending && kvr_nats_connected(&w->nats)) {
         int rc = kvr_nats_publish(&w->nats, w->subj_kv, b->base, b->len);
         if (rc == 0) {
             kvr_metric_inc(w->m_ev_batches);
@@ -328,7 +330,18 @@ static void ev_flush_buffer(worker *w)
     kvr_metric_set(w->m_evbuf, 0, (double)w->n_evbuf);
 }
 
-/* Connected again (state callback, or a heartbeat that finds the connection up first). */
+static void send_heartbeat(worker *w);
+
+static void on_flush_timer(uv_timer_t *t)
+{
+    worker *w = t->data;
+    w->flush_pending = false;
+    ev_flush_buffer(w);
+}
+
+/* Connected again (state callback, or a heartbeat that finds the connection up first).
+ * Routers reject events of a worker they consider down (missed heartbeats during the
+ * outage), so announce ourselves first and send the events a moment later. */
 static void on_connected(worker *w)
 {
     /* Away longer than routers wait for heartbeats (3 x 1 s by default): they may have
@@ -341,7 +354,11 @@ static void on_connected(worker *w)
         w->need_resync = true;
     }
     w->disconnected_at = 0;
-    ev_flush_buffer(w);
+    if (w->closing)
+        return;
+    send_heartbeat(w);
+    w->flush_pending = true;
+    uv_timer_start(&w->flush_timer, on_flush_timer, w->o.announce_delay_ms, 0);
 }
 
 static void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data)
@@ -359,8 +376,15 @@ static void heartbeat(uv_timer_t *t)
     worker *w = t->data;
     if (!kvr_nats_connected(&w->nats))
         return;
-    if (w->disconnected_at || w->n_evbuf || w->need_resync) /* state callback not seen yet */
-        on_connected(w);
+    if ((w->disconnected_at || w->n_evbuf || w->need_resync) && !w->flush_pending) {
+        on_connected(w); /* the state callback has not been seen yet; sends a beat */
+        return;
+    }
+    send_heartbeat(w);
+}
+
+static void send_heartbeat(worker *w)
+{
     kvr_engine_stats st;
     kvr_engine_get_stats(w->eng, &st);
     kvr_buf *b = &w->scratch;
@@ -1082,6 +1106,8 @@ static void shutdown_all(worker *w)
     uv_timer_stop(&w->drive_timer);
     uv_timer_stop(&w->hb_timer);
     uv_timer_stop(&w->drain_timer);
+    uv_timer_stop(&w->flush_timer);
+    uv_close((uv_handle_t *)&w->flush_timer, on_closed_handle);
     uv_close((uv_handle_t *)&w->drive_timer, on_closed_handle);
     uv_close((uv_handle_t *)&w->hb_timer, on_closed_handle);
     uv_close((uv_handle_t *)&w->drain_timer, on_closed_handle);
@@ -1217,6 +1243,8 @@ int main(int argc, char **argv)
     w->hb_timer.data = w;
     uv_timer_init(w->loop, &w->drain_timer);
     w->drain_timer.data = w;
+    uv_timer_init(w->loop, &w->flush_timer);
+    w->flush_timer.data = w;
     uv_timer_start(&w->hb_timer, heartbeat, 0, 1000);
     uv_signal_init(w->loop, &w->sigterm);
     w->sigterm.data = w;

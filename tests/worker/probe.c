@@ -9,6 +9,8 @@
  *       compares its digest with the worker's /debug/cache dump in FILE; exit 0 when equal
  *   heartbeat --nats URL --subject SUBJ
  *       prints the next heartbeat on SUBJ as JSON
+ *   cache-digest --cache FILE --worker-id N
+ *       the index digest (%016x, as routerd's /v1/state shows it) that FILE's blocks would give
  */
 #include "engine.h"
 #include "index.h"
@@ -338,6 +340,15 @@ int main(int argc, char **argv)
         return cmd_digest(argc, argv);
     if (!strcmp(argv[1], "heartbeat"))
         return cmd_heartbeat(argc, argv);
+    if (!strcmp(argv[1], "cache-digest")) {
+        const char *cache = arg(argc, argv, "--cache", NULL);
+        if (!cache)
+            return 2;
+        uint64_t n;
+        uint64_t d = cache_digest(cache, strtoull(arg(argc, argv, "--worker-id", "1"), NULL, 10), &n);
+        printf("%016" PRIx64 "\n", d);
+        return 0;
+    }
     fprintf(stderr, "probe: unknown command %s\n", argv[1]);
     return 2;
 }
