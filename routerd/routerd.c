@@ -66,6 +66,7 @@ typedef struct rd_worker {
     int64_t last_seen_ms; /* monotonic */
     bool up, refused;
     bool announced;         /* has sent a valid heartbeat */
+    int64_t resync_ms;      /* last WORKER_UP re-submitted because the replicated state lacked it */
     int64_t first_event_ms; /* !announced: monotonic time of its first event */
     uint64_t events;        /* messages applied for it */
 } rd_worker;
@@ -1382,8 +1383,18 @@ static void on_tick(uv_timer_t *t)
         }
         if (w->up && now - w->last_seen_ms > limit)
             worker_down(rd, w, "missed_heartbeats");
-        if (w->up)
+        if (w->up) {
             up++;
+            /* another replica may have declared it down (it lost the heartbeats, or a
+             * reconcile replayed an old WORKER_DOWN): while we hear it, keep it up in the
+             * replicated registry */
+            kvr_fsm_worker_view fv;
+            if ((kvr_fsm_worker_get(rd_fsm(rd), w->id, &fv) != 0 || !fv.up) &&
+                now - w->resync_ms > 2000) {
+                w->resync_ms = now;
+                worker_submit_up(rd, w);
+            }
+        }
         i++;
     }
     kvr_metric_set(rd->m_workers_up, 0, up);
