@@ -506,6 +506,73 @@ static void test_route_codec(void **state)
     kvr_buf_free(&b);
 }
 
+/* Mutated inputs: every parser answers 0 or a clean error, never crashes (ASan/valgrind
+ * runs of this test check memory too). */
+static void test_mutations(void **state)
+{
+    (void)state;
+    static const char *seeds[] = {
+        "{\"model\":\"m\",\"prompt\":\"abc\",\"max_tokens\":5,\"stream\":true,"
+        "\"stream_options\":{\"include_usage\":true}}",
+        "{\"model\":\"m\",\"prompt\":[1,2,3,70000]}",
+        "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\","
+        "\"text\":\"a\"}]}]}",
+        EV1, EVU,
+    };
+    uint64_t x = 88172645463325252ull;
+    char buf[512];
+    kvr_buf out, hb;
+    kvr_buf_init(&out);
+    kvr_buf_init(&hb);
+    fe_pool p;
+    assert_int_equal(fe_pool_init(&p, "P", true, 1), 0);
+    heartbeat(&hb, 1, "P-x", "m", 1, 1);
+    for (int it = 0; it < 20000; it++) {
+        const char *seed = seeds[it % 5];
+        size_t n = strlen(seed);
+        memcpy(buf, seed, n);
+        int muts = 1 + it % 4;
+        for (int k = 0; k < muts; k++) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            size_t pos = (size_t)(x % n);
+            switch ((x >> 32) % 3) {
+            case 0: buf[pos] = (char)(x >> 40); break;     /* flip a byte */
+            case 1: n = pos + 1; break;                     /* truncate */
+            default: buf[pos] = "{}[]\",:0-e\\"[(x >> 40) % 12]; /* structural byte */
+            }
+        }
+        fe_req r;
+        fe_http_error e;
+        fe_req_init(&r);
+        int rc = fe_parse_request(buf, n, it % 2, kvr_tok_byte(), &r, &e);
+        assert_true(rc == 0 || (rc == KVR_EINVAL && e.status == 400));
+        fe_relay rl;
+        fe_relay_init(&rl, &r, "id", 1);
+        rl.stream = it % 3 != 0;
+        kvr_err ke;
+        kvr_buf_reset(&out);
+        rc = fe_relay_event(&rl, buf, n, &out, &ke);
+        assert_true(rc >= 0 || rc == KVR_EINVAL);
+        fe_relay_free(&rl);
+        fe_req_free(&r);
+        /* heartbeats: mutate the msgpack too */
+        size_t hn = hb.len;
+        memcpy(buf, hb.base, hn);
+        buf[(x >> 8) % hn] = (char)(x >> 16);
+        if (it % 7 == 0)
+            hn = (x >> 24) % hn;
+        (void)fe_pool_heartbeat(&p, buf, hn, 0, &ke);
+        fe_route_reply rep;
+        (void)fe_route_reply_decode(buf, hn, &rep, &ke);
+    }
+    assert_true(p.n <= FE_POOL_MAX_WORKERS);
+    fe_pool_free(&p);
+    kvr_buf_free(&out);
+    kvr_buf_free(&hb);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -522,6 +589,7 @@ int main(void)
         cmocka_unit_test(test_auth),
         cmocka_unit_test(test_pool),
         cmocka_unit_test(test_route_codec),
+        cmocka_unit_test(test_mutations),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
