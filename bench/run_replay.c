@@ -752,7 +752,7 @@ void run_result_json(FILE *out, const run_result *r, const run_cfg *cfg)
     jnum(out, r->duration_s);
     fputs(",\"prefix_hit_rate\":", out);
     if (r->have_hit_rate)
-        jnum(out, r->prefix_hit_rate);
+        fprintf(out, "%.6f", r->prefix_hit_rate);
     else
         fputs("null", out);
     fputs(",\"worker_prompt_tokens\":", out);
