@@ -315,7 +315,7 @@ int kvr_bench_proxy(int argc, char **argv)
     fprintf(f,
             "global\n  maxconn 8000\n  nbthread 1\n"
             "defaults\n  mode http\n  timeout connect 5s\n  timeout client 120s\n"
-            "  timeout server 120s\n  option http-keep-alive\n"
+            "  timeout server 120s\n  option http-keep-alive\n  option http-no-delay\n"
             "frontend fe\n  bind 127.0.0.1:%d\n  default_backend workers\n"
             "backend workers\n  balance leastconn\n  server w1 127.0.0.1:%d\n",
             hport, wport);
