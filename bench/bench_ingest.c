@@ -140,6 +140,9 @@ int benchrd_setup(benchrd_env *e, const char *argv0, const char *routerd, bool k
     return 0;
 }
 
+/* extra router flag for kvr-bench route --batch */
+const char *benchrd_router_extra;
+
 int benchrd_start_router(benchrd_env *e, const char *snapshot_interval)
 {
     char http[64], data[PATH_MAX + 8], log[PATH_MAX + 16];
@@ -148,7 +151,8 @@ int benchrd_start_router(benchrd_env *e, const char *snapshot_interval)
     snprintf(log, sizeof(log), "%s/router.log", e->dir);
     char *args[] = {e->routerd, "--id", "1", "--nats", e->nats_url, "--http", http,
                     "--data-dir", data, "--snapshot-interval", (char *)snapshot_interval,
-                    "--stream-max-bytes", "8GiB", "--heartbeat-misses", "30", NULL};
+                    "--stream-max-bytes", "8GiB", "--heartbeat-misses", "30",
+                    (char *)benchrd_router_extra, NULL};
     e->router_pid = spawn(log, args);
     return wait_port(e->http_port, 10000);
 }

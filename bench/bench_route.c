@@ -53,6 +53,7 @@ int benchrd_state(benchrd_env *e, uint64_t *stream_seq, uint64_t *entries, char 
 uint64_t benchrd_publish(benchrd_env *e, const benchrd_layout *L, uint64_t *last_seq,
                          double *publish_s, int64_t *t_first_ms);
 uint32_t benchrd_tok(uint64_t p, uint64_t k);
+extern const char *benchrd_router_extra;
 benchrd_hb *benchrd_hb_start(benchrd_env *e, uint32_t workers, uint32_t block_size);
 void benchrd_hb_stop(benchrd_hb *h);
 long benchrd_http_get(int port, const char *path, kvr_buf *body);
@@ -237,7 +238,8 @@ static void usage(void)
 {
     printf("usage: kvr-bench route [--entries 1000000] [--workers 8] [--blocks 256] [--inflight 128]\n"
            "                       [--duration 10] [--snapshot-interval 0|1s|...] [--routerd PATH]\n"
-           "                       [--keep] [--json OUT]\n"
+           "                       [--batch] [--keep] [--json OUT]\n"
+           "  --batch: router and client batch their NATS writes (kvr_nats batch_publishes)\n"
            "  --snapshot-interval: the router's (0 = none during the run); snapshots only happen\n"
            "  when the index changed, so the bench re-publishes one event per interval to force them\n");
 }
@@ -248,10 +250,12 @@ int kvr_bench_route(int argc, char **argv)
     uint32_t workers = 8, blocks = 256;
     int inflight = 128, duration = 10;
     const char *routerd = NULL, *json = NULL, *snap = "0";
-    bool keep = false;
+    bool keep = false, batch = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--entries") && v)
+        if (!strcmp(a, "--batch"))
+            batch = true;
+        else if (!strcmp(a, "--entries") && v)
             entries = strtoull(v, NULL, 10), i++;
         else if (!strcmp(a, "--workers") && v)
             workers = (uint32_t)atoi(v), i++;
@@ -291,6 +295,7 @@ int kvr_bench_route(int argc, char **argv)
         return 1;
     if (benchrd_setup(&e, argv[0], routerd, keep) != 0)
         goto out;
+    benchrd_router_extra = batch ? "--nats-batch" : NULL;
     if (benchrd_start_router(&e, snap) != 0 || benchrd_wait_ready(&e, 20000) < 0) {
         fprintf(stderr, "kvr-bench: router did not become ready\n");
         goto out;
@@ -351,7 +356,8 @@ int kvr_bench_route(int argc, char **argv)
 
     uv_loop_init(&b->loop);
     kvr_err err = {0};
-    kvr_nats_opts no = {.url = e.nats_url, .name = "kvr-bench-route", .on_state = on_state};
+    kvr_nats_opts no = {.url = e.nats_url, .name = "kvr-bench-route", .on_state = on_state,
+                        .batch_publishes = batch};
     if (kvr_nats_init(&b->nats, &b->loop, &no, &err) != 0) {
         fprintf(stderr, "kvr-bench: %s\n", err.msg);
         goto out;
@@ -428,9 +434,10 @@ int kvr_bench_route(int argc, char **argv)
                     "\"blocks_per_request\":%u,\"workers\":%u,\"entries\":%" PRIu64 ","
                     "\"latency_us\":{\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,\"max\":%.1f},"
                     "\"avg_overlap_blocks\":%.2f,\"router_mean_latency_us\":%.1f,"
-                    "\"snapshot_interval\":\"%s\",\"snapshots\":%.0f}\n",
+                    "\"snapshot_interval\":\"%s\",\"snapshots\":%.0f,\"batch\":%s}\n",
                     rps, b->ok, b->errors, b->timeouts, secs, inflight, blocks, workers,
-                    st_entries, p50, p90, p99, mx, avg_overlap, router_avg_us, snap, snaps);
+                    st_entries, p50, p90, p99, mx, avg_overlap, router_avg_us, snap, snaps,
+                    batch ? "true" : "false");
             fclose(f);
         }
     }

@@ -1739,7 +1739,8 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
 
     char name[64];
     snprintf(name, sizeof(name), "kvr-routerd-%u", cfg->id);
-    kvr_nats_opts no = {.url = cfg->nats_url, .name = name, .on_state = on_nats_state};
+    kvr_nats_opts no = {.url = cfg->nats_url, .name = name, .on_state = on_nats_state,
+                        .batch_publishes = cfg->nats_batch};
     rd->nats.data = rd;
     rc = kvr_nats_init(&rd->nats, loop, &no, &err);
     if (rc != 0) {

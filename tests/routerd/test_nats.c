@@ -146,7 +146,7 @@ int main(int argc, char **argv)
     kvr_nats_opts o = {.url = argv[1], .name = "test-nats", .on_state = on_state,
                        .queue_max_msgs = 8 /* force backpressure */};
     CHECK(kvr_nats_init(&kn, &loop, &o, &err) == 0, "%s", err.msg);
-    kvr_nats_opts o2 = {.url = argv[1], .name = "test-nats-2"};
+    kvr_nats_opts o2 = {.url = argv[1], .name = "test-nats-2", .batch_publishes = true};
     CHECK(kvr_nats_init(&kn2, &loop, &o2, &err) == 0, "%s", err.msg);
     CHECK(run_until(&connected, 5000), "state callback connected");
 
