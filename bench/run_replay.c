@@ -80,6 +80,12 @@ static int cmp_double(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+static void dvec_sort(dvec *d)
+{
+    if (d->n > 1) /* qsort's base must not be NULL, even for 0 elements */
+        qsort(d->v, d->n, sizeof(double), cmp_double);
+}
+
 /* Nearest-rank percentile of a sorted array; NAN when empty. */
 static double pct(const dvec *d, double p)
 {
@@ -636,9 +642,9 @@ int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
             res->prefix_hit_rate = res->prompt_delta > 0 ? res->cached_delta / res->prompt_delta : 0;
         }
     }
-    qsort(rp.ttft.v, rp.ttft.n, sizeof(double), cmp_double);
-    qsort(rp.itl.v, rp.itl.n, sizeof(double), cmp_double);
-    qsort(rp.e2e.v, rp.e2e.n, sizeof(double), cmp_double);
+    dvec_sort(&rp.ttft);
+    dvec_sort(&rp.itl);
+    dvec_sort(&rp.e2e);
     res->ttft_p50 = pct(&rp.ttft, 50);
     res->ttft_p90 = pct(&rp.ttft, 90);
     res->ttft_p99 = pct(&rp.ttft, 99);
@@ -808,7 +814,7 @@ int run_result_plot(const run_result *r, const char *dir, kvr_err *err)
         }
     }
     fclose(f);
-    qsort(ok.v, ok.n, sizeof(double), cmp_double);
+    dvec_sort(&ok);
     snprintf(path, sizeof path, "%s/ttft_cdf.dat", dir);
     f = fopen(path, "w");
     if (!f) {
