@@ -51,6 +51,15 @@ typedef struct opts {
     double speedup;
 } opts;
 
+/* A completion request received but not parsed yet: parsing (JSON, tokens, engine add) is
+ * done from drive(), a few requests between engine steps, so a burst of arrivals does not
+ * stall the simulated clock for the whole burst. */
+typedef struct preq {
+    kvr_http_req *req;
+    bool chat, gone;
+    struct preq *next;
+} preq;
+
 typedef struct wreq wreq;
 
 typedef struct worker {
@@ -77,6 +86,8 @@ typedef struct worker {
     uint64_t next_req;
     size_t live_reqs;
     wreq *live;
+    preq *pend_head, *pend_tail;
+    size_t n_pend;
     /* event buffer while NATS is away */
     kvr_buf *evbuf;
     size_t n_evbuf, cap_evbuf;
@@ -690,6 +701,8 @@ static void on_outputs(worker *w, const kvr_engine_output *o, size_t n)
     }
 }
 
+static void admit_pending(worker *w, size_t max);
+
 static void drive(uv_timer_t *t)
 {
     worker *w = t->data;
@@ -698,8 +711,11 @@ static void drive(uv_timer_t *t)
     if (kvr_engine_now_ns(w->eng) <= now)
         promote_future(w);
     for (;;) {
+        admit_pending(w, 16);
         if (!kvr_engine_has_work(w->eng)) {
             engine_idle_jump(w, now);
+            if (w->n_pend)
+                continue;
             break;
         }
         int64_t sim = kvr_engine_now_ns(w->eng);
@@ -723,9 +739,9 @@ static void drive(uv_timer_t *t)
     flush_ready(w);
     if (w->closing)
         return;
-    if (kvr_engine_has_work(w->eng) || w->n_future) {
+    if (kvr_engine_has_work(w->eng) || w->n_future || w->n_pend) {
         int64_t due = kvr_engine_now_ns(w->eng) - wall_ns(w);
-        uint64_t ms = due <= 0 ? 0 : (uint64_t)((due + 999999) / 1000000);
+        uint64_t ms = due <= 0 || w->n_pend ? 0 : (uint64_t)((due + 999999) / 1000000);
         uv_timer_start(&w->drive_timer, drive, ms, 0);
     }
 }
@@ -832,10 +848,6 @@ static int request_tokens(const cJSON *root, bool chat, kvr_buf *toks, kvr_err *
 static void handle_completion(worker *w, kvr_http_req *req, bool chat)
 {
     kvr_err err = {0};
-    if (w->draining) {
-        respond_error(req, 503, "unavailable", "worker is shutting down");
-        return;
-    }
     cJSON *root = cJSON_ParseWithLength(req->body.base, req->body.len);
     if (!root || !cJSON_IsObject(root)) {
         cJSON_Delete(root);
@@ -922,6 +934,57 @@ bad:
     cJSON_Delete(root);
 }
 
+static void on_pending_gone(kvr_http_req *req)
+{
+    preq *p = req->data;
+    if (p)
+        p->gone = true;
+}
+
+static void enqueue_completion(worker *w, kvr_http_req *req, bool chat)
+{
+    if (w->draining) {
+        respond_error(req, 503, "unavailable", "worker is shutting down");
+        return;
+    }
+    preq *p = calloc(1, sizeof *p);
+    if (!p) {
+        respond_error(req, 500, "server_error", "out of memory");
+        return;
+    }
+    p->req = req;
+    p->chat = chat;
+    req->data = p;
+    req->on_close = on_pending_gone;
+    if (w->pend_tail)
+        w->pend_tail->next = p;
+    else
+        w->pend_head = p;
+    w->pend_tail = p;
+    w->n_pend++;
+    kick_drive(w);
+}
+
+/* Parses and admits up to max queued requests (all with max 0). */
+static void admit_pending(worker *w, size_t max)
+{
+    for (size_t k = 0; w->pend_head && (max == 0 || k < max); k++) {
+        preq *p = w->pend_head;
+        w->pend_head = p->next;
+        if (!w->pend_head)
+            w->pend_tail = NULL;
+        w->n_pend--;
+        kvr_http_req *req = p->req;
+        req->data = NULL;
+        req->on_close = NULL;
+        if (p->gone || w->closing)
+            respond_error(req, 503, "unavailable", "client gone or worker closing");
+        else
+            handle_completion(w, req, p->chat);
+        free(p);
+    }
+}
+
 /* GET /debug/cache: the cached blocks' kvroute seq hashes (DESIGN 2), so tests can compare
  * what the routers rebuilt from events with what the engine holds. */
 static void cache_cb(void *arg, uint64_t ext, uint64_t seq, bool hp, uint64_t pe, uint32_t refs)
@@ -956,9 +1019,9 @@ static void on_request(kvr_http_req *req)
     bool get = kvr_slice_eq_cstr(req->method, "GET");
     bool post = kvr_slice_eq_cstr(req->method, "POST");
     if (kvr_slice_eq_cstr(req->path, "/v1/completions") && post)
-        handle_completion(w, req, false);
+        enqueue_completion(w, req, false);
     else if (kvr_slice_eq_cstr(req->path, "/v1/chat/completions") && post)
-        handle_completion(w, req, true);
+        enqueue_completion(w, req, true);
     else if (kvr_slice_eq_cstr(req->path, "/health") && get)
         kvr_http_respond_cstr(req, w->draining ? 503 : 200, "application/json",
                               w->draining ? "{\"status\":\"draining\"}" : "{\"status\":\"ok\"}");
@@ -1084,6 +1147,9 @@ static void shutdown_all(worker *w)
     }
     w->n_future = 0;
     flush_ready(w);
+    w->closing = true; /* pending requests get 503 */
+    admit_pending(w, 0);
+    w->closing = false;
     /* drain timeout or second signal: cut what is left */
     while (w->live) {
         wreq *r = w->live;
@@ -1123,7 +1189,7 @@ static uint64_t drain_started;
 static void drain_tick(uv_timer_t *t)
 {
     worker *w = t->data;
-    if (w->live_reqs == 0) {
+    if (w->live_reqs == 0 && w->n_pend == 0) {
         KVR_LOG_INFO("drained, exiting", "live=%zu", w->live_reqs);
         shutdown_all(w);
         return;
