@@ -56,6 +56,7 @@ typedef struct kvr_consensus_options {
     bool join;            /* do not bootstrap */
     unsigned election_timeout_ms, heartbeat_timeout_ms;
     unsigned snapshot_threshold, snapshot_trailing;
+    unsigned install_snapshot_timeout_ms; /* default 5000 (raft's own default is 30 s) */
 } kvr_consensus_options;
 
 int kvr_consensus_init(kvr_consensus **out, uv_loop_t *loop, const kvr_consensus_options *o,

@@ -278,6 +278,21 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
     }
     booking *old = booking_find(f, rc->request_id);
     if (old) {
+        worker *pw = rc->pin_worker && old->worker_id != rc->pin_worker
+                         ? worker_get(f, rc->pin_worker)
+                         : NULL;
+        if (pw && pw->up) {
+            /* Pinned re-proposal of a booking made elsewhere (degraded-mode reconcile): the
+             * request runs on the pinned worker, so its load moves there. */
+            load_sub(f, old);
+            old->worker_id = pw->id;
+            pw->active_blocks += old->blocks;
+            pw->active_prefill_blocks += old->prefill_blocks;
+            pw->bookings++;
+            res->outcome = KVR_OUT_OK;
+            fill_route_result(f, old, res, 0);
+            return;
+        }
         res->outcome = KVR_OUT_DUPLICATE;
         fill_route_result(f, old, res, 0);
         return;

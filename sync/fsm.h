@@ -9,7 +9,8 @@
  * command changes nothing and says why in the result's outcome. It is deterministic (time comes
  * from the command, never the clock; the route choice is kvr_cost_choose over the registry in
  * ascending worker id order) and idempotent per request_id: re-applying a ROUTE whose booking is
- * still live returns that booking with outcome KVR_OUT_DUPLICATE and changes nothing.
+ * still live returns that booking with outcome KVR_OUT_DUPLICATE and changes nothing, except
+ * that a ROUTE with pin_worker set moves a live booking (and its load) to that worker.
  *
  * Memory: a kvr_fsm owns all its state; kvr_fsm_free releases it. A kvr_cmd decoded from bytes
  * borrows strings from those bytes and its candidates from caller storage.

@@ -351,8 +351,20 @@ static void reconcile(kvr_sync *s)
         b.len = 0;
         if (c.type == KVR_CMD_ROUTE) {
             kvr_fsm_booking_view bv;
-            if (kvr_fsm_booking_get(lf, c.u.route.request_id, &bv) != 0)
-                continue; /* freed (or expired) while local: nothing to account for */
+            if (kvr_fsm_booking_get(lf, c.u.route.request_id, &bv) != 0) {
+                /* finished while local. The same ROUTE may also sit in this node's Raft log
+                 * (proposed before the quorum was lost) and commit later: free it there. */
+                kvr_cmd fr = {.type = KVR_CMD_FREE};
+                memcpy(fr.u.request_id, c.u.route.request_id, KVR_REQUEST_ID_LEN);
+                pending *p;
+                if (kvr_cmd_encode(&fr, &b, NULL) == 0 && (p = pending_new(s, b.base, b.len))) {
+                    p->internal = true;
+                    plist_add(s, p);
+                    dispatch(s, p);
+                    s->m.reconciled++;
+                }
+                continue;
+            }
             kvr_route_candidate pin = {bv.worker_id, bv.overlap};
             c.u.route.pin_worker = bv.worker_id;
             c.u.route.candidates = &pin;

@@ -23,7 +23,9 @@
  * applied locally is remembered. When a leader is known again the module reconciles by
  * re-proposing through Raft: each booking made locally and still live becomes a ROUTE pinned
  * to the worker that local mode chose (pin_worker, so load accounting reflects where the
- * request really runs), followed by PREFILL_DONE when its prefill finished; the other local
+ * request really runs; it moves the booking if the same request was also booked through Raft),
+ * followed by PREFILL_DONE when its prefill finished; a request routed and finished locally
+ * becomes a FREE (its ROUTE may still commit from the node's own log); the other local
  * commands (FREE, PREFILL_DONE of Raft bookings, WORKER_*, FRONTEND_*, EXPIRE) are
  * re-proposed in order. All are idempotent, so a retried or repeated reconcile is harmless.
  * Then the local copy is dropped. Known gap: a FREE that reaches Raft before the pinned ROUTE

@@ -79,8 +79,8 @@ static void start_node(int id)
     o.degraded_after_ms = 1500;
     o.forward_timeout_ms = 500;
     o.max_wait_ms = 10000;
-    o.snapshot_threshold = 64;
-    o.snapshot_trailing = 16;
+    o.snapshot_threshold = getenv("SNAP") ? (uint32_t)atoi(getenv("SNAP")) : 16;
+    o.snapshot_trailing = 4;
     kvr_err e = {0};
     int rc = kvr_sync_init(&nodes[id], &loop, &o, &e);
     if (rc)
@@ -228,7 +228,40 @@ static void check_booked(int node, uint64_t rid, uint64_t worker)
     assert_int_equal(bv.worker_id, worker);
 }
 
-#define BURST 300
+#define BURST 400
+
+typedef struct feeder {
+    answer *a;
+    int sent, dead;
+} feeder;
+
+/* Each tick submits 3 commands to every live node. */
+static void feed(uv_timer_t *t)
+{
+    feeder *f = t->data;
+    for (int k = 0; k < 3; k++)
+        for (int nd = 1; nd <= N && f->sent < 3 * BURST; nd++) {
+            int to = nd;
+            for (int k2 = 0; !nodes[to] && k2 < N; k2++)
+                to = to % N + 1; /* a stopped node's share goes to the next live one */
+            submit_route(to, (uint64_t)f->sent + 1, &f->a[f->sent]);
+            f->sent++;
+        }
+}
+
+static bool fed_half(void *arg)
+{
+    feeder *f = arg;
+    int done = 0;
+    for (int i = 0; i < f->sent; i++)
+        done += f->a[i].done;
+    return f->sent >= 3 * BURST / 2 && done > 0;
+}
+
+static bool fed_all(void *arg)
+{
+    return ((feeder *)arg)->sent >= 3 * BURST;
+}
 
 static void test_cluster(void **state)
 {
@@ -261,36 +294,43 @@ static void test_cluster(void **state)
         assert_int_equal(wa[w].mode, KVR_SYNC_RAFT);
     }
 
-    /* burst from every node; the leader is closed half-way */
+    /* burst from every node, fed over many loop turns (so it spans many log entries and
+     * snapshots); the leader is closed half-way with commands in flight */
     static answer ra[3 * BURST];
-    int sent = 0;
-    for (int i = 0; i < BURST; i++)
-        for (int nd = 1; nd <= N; nd++, sent++)
-            submit_route(nd, (uint64_t)sent + 1, &ra[sent]);
-    wait_all half = {ra, 3 * BURST / 3};
-    assert_true(run_until(all_done, &half, 20000));
+    feeder fd = {ra, 0, 0};
+    uv_timer_t ft;
+    uv_timer_init(&loop, &ft);
+    ft.data = &fd;
+    uv_timer_start(&ft, feed, 1, 1);
+    assert_true(run_until(fed_half, &fd, 20000));
+    int in_flight = 0;
+    for (int i = 0; i < fd.sent; i++)
+        in_flight += !ra[i].done;
     stop_node((int)leader);
-    /* commands the closed node had not answered are answered ECLOSED: resubmit elsewhere,
-     * with the same request id, as a frontend would */
-    int resubmitted = 0;
+    fd.dead = (int)leader;
+    assert_true(run_until(fed_all, &fd, 30000));
+    uv_close((uv_handle_t *)&ft, NULL);
+    int sent = fd.sent;
+    /* commands the closed node could not answer come back ECLOSED: resubmit elsewhere with the
+     * same request id, as a frontend would */
     int alive = leader == 1 ? 2 : 1;
-    for (int i = 0; i < sent; i++)
-        if (ra[i].done && ra[i].status == KVR_ECLOSED) {
-            submit_route(alive, (uint64_t)i + 1, &ra[i]);
-            resubmitted++;
-        }
+    int resubmitted = 0;
     wait_all all = {ra, sent};
-    assert_true(run_until(all_done, &all, 30000));
-    for (int i = 0; i < sent; i++)
-        if (ra[i].status == KVR_ECLOSED && ra[i].node == (int)leader) {
-            submit_route(alive, (uint64_t)i + 1, &ra[i]);
-            resubmitted++;
-        }
+    for (int round = 0; round < 3; round++) {
+        assert_true(run_until(all_done, &all, 30000));
+        for (int i = 0; i < sent; i++)
+            if (ra[i].status == KVR_ECLOSED) {
+                submit_route(alive, (uint64_t)i + 1, &ra[i]);
+                resubmitted++;
+            }
+    }
     assert_true(run_until(all_done, &all, 30000));
     assert_true(run_until(have_leader, NULL, 10000));
     uint32_t leader2 = leader_of_all();
     assert_true(leader2 != leader);
-    print_message("leader %u closed mid-burst, new leader %u, %d resubmitted\n", leader, leader2, resubmitted);
+    print_message("leader %u closed mid-burst (%d in flight), new leader %u, %d resubmitted\n", leader,
+                  in_flight, leader2, resubmitted);
+    assert_true(in_flight > 0);
     /* followers learn the commit index with the next heartbeat */
     assert_true(run_until(digests_equal, "alive", 10000));
     int n_local = 0;

@@ -360,6 +360,39 @@ static void test_snapshot_corrupt(void **state)
     kvr_fsm_free(g);
 }
 
+static void test_pinned_route_moves(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_workers(f, 3);
+    kvr_fsm_result r;
+    kvr_route_candidate cand[] = {{1, 6}};
+    kvr_cmd c = tu_route(5, 1, 1, 8, cand, 1);
+    kvr_fsm_apply(f, &c, &r);
+    assert_int_equal(r.worker_id, 1);
+    /* pinned re-proposal on another worker moves booking and load */
+    c.u.route.pin_worker = 3;
+    kvr_fsm_apply(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(r.worker_id, 3);
+    kvr_fsm_worker_view v1, v3;
+    kvr_fsm_worker_get(f, 1, &v1);
+    kvr_fsm_worker_get(f, 3, &v3);
+    assert_int_equal(v1.active_blocks, 0);
+    assert_int_equal(v3.active_blocks, 8);
+    assert_int_equal(v3.active_prefill_blocks, 2);
+    /* same pin again: a plain duplicate */
+    kvr_fsm_apply(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_DUPLICATE);
+    /* a new pinned request books the pinned worker even if another is cheaper */
+    kvr_cmd d = tu_route(6, 1, 1, 8, cand, 1);
+    d.u.route.pin_worker = 2;
+    kvr_fsm_apply(f, &d, &r);
+    assert_int_equal(r.worker_id, 2);
+    assert_int_equal(kvr_fsm_booking_count(f), 2);
+    kvr_fsm_free(f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -370,6 +403,7 @@ int main(void)
         cmocka_unit_test(test_full),
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_snapshot_corrupt),
+        cmocka_unit_test(test_pinned_route_moves),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
