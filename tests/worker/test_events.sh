@@ -7,7 +7,7 @@ source "$(dirname "$0")/../lib/testenv.sh"
 kvr_test_init worker_events
 kvr_start_nats
 PROBE="$KVR_BIN/kvr-worker-probe"
-"$PROBE" ensure-stream --nats "$NATS_URL" >/dev/null || kvr_fail "creating KVR_EVENTS"
+kvr_wait_for 15 "$PROBE" ensure-stream --nats "$NATS_URL" || kvr_fail "creating KVR_EVENTS" # (JetStream may need a moment)
 
 start_worker() { # name id port extra...
     local name=$1 id=$2 port=$3

@@ -8,7 +8,7 @@ source "$(dirname "$0")/../lib/testenv.sh"
 kvr_test_init worker_nats_restart
 kvr_start_nats
 PROBE="$KVR_BIN/kvr-worker-probe"
-"$PROBE" ensure-stream --nats "$NATS_URL" >/dev/null || kvr_fail "creating KVR_EVENTS"
+kvr_wait_for 15 "$PROBE" ensure-stream --nats "$NATS_URL" || kvr_fail "creating KVR_EVENTS" # (JetStream may need a moment)
 
 pa=$(kvr_free_port)
 pb=$(kvr_free_port)
