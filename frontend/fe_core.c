@@ -311,6 +311,54 @@ static int usage_json(kvr_buf *out, const fe_relay *rl)
                            (long long)(rl->prompt_tokens + rl->completion_tokens));
 }
 
+/* Length of the tail of s[0..n) that is the start of a UTF-8 sequence still missing bytes. */
+static size_t utf8_cut_tail(const unsigned char *s, size_t n)
+{
+    for (size_t back = 1; back <= 3 && back <= n; back++) {
+        unsigned c = s[n - back];
+        if ((c & 0xc0) == 0x80)
+            continue; /* continuation byte: look further back */
+        size_t need = c >= 0xf0 && c <= 0xf4 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 && c < 0xe0 ? 2 : 1;
+        return need > back ? back : 0;
+    }
+    return 0;
+}
+
+/* Appends the JSON string of carry + t, holding back (into carry) a cut UTF-8 character
+ * unless final. */
+static int json_str_streamed(kvr_buf *out, fe_relay *rl, const char *t, bool final)
+{
+    size_t tl = strlen(t);
+    char small[256];
+    kvr_buf tmp;
+    kvr_buf_init(&tmp);
+    const char *p = t;
+    size_t n = tl;
+    if (rl->carry_len) {
+        if (rl->carry_len + tl <= sizeof small) {
+            memcpy(small, rl->carry, rl->carry_len);
+            memcpy(small + rl->carry_len, t, tl);
+            p = small;
+        } else {
+            if (kvr_buf_append(&tmp, rl->carry, rl->carry_len) || kvr_buf_append(&tmp, t, tl))
+                return KVR_ENOMEM;
+            p = tmp.base;
+        }
+        n = rl->carry_len + tl;
+        rl->carry_len = 0;
+    }
+    size_t cut = final ? 0 : utf8_cut_tail((const unsigned char *)p, n);
+    int rc = kvr_buf_append(out, "\"", 1);
+    rc = rc ? rc : kvr_tok_json_escape(out, p, n - cut);
+    rc = rc ? rc : kvr_buf_append(out, "\"", 1);
+    if (cut) {
+        memcpy(rl->carry, p + n - cut, cut);
+        rl->carry_len = (uint8_t)cut;
+    }
+    kvr_buf_free(&tmp);
+    return rc;
+}
+
 static int chunk_head(kvr_buf *out, const fe_relay *rl)
 {
     int rc = kvr_buf_append_cstr(out, "data: {\"id\":");
@@ -380,14 +428,14 @@ int fe_relay_event(fe_relay *rl, const char *data, size_t len, kvr_buf *out, kvr
                 rl->sent_role = true;
             }
             rc = rc ? rc : kvr_buf_append_cstr(out, "\"content\":");
-            rc = rc ? rc : json_str(out, t);
+            rc = rc ? rc : json_str_streamed(out, rl, t, frs != NULL);
             rc = rc ? rc : kvr_buf_append_cstr(out, "},\"logprobs\":null,\"finish_reason\":");
             rc = rc ? rc : json_str_or_null(out, frs);
             rc = rc ? rc : kvr_buf_append_cstr(out, "}]}\n\n");
         } else {
             rc = chunk_head(out, rl);
             rc = rc ? rc : kvr_buf_append_cstr(out, ",\"choices\":[{\"index\":0,\"text\":");
-            rc = rc ? rc : json_str(out, t);
+            rc = rc ? rc : json_str_streamed(out, rl, t, frs != NULL);
             rc = rc ? rc : kvr_buf_append_cstr(out, ",\"logprobs\":null,\"finish_reason\":");
             rc = rc ? rc : json_str_or_null(out, frs);
             rc = rc ? rc : kvr_buf_append_cstr(out, "}]}\n\n");

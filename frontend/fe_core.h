@@ -61,6 +61,10 @@ typedef struct fe_relay {
     char model[FE_MODEL_MAX];
     int64_t created;
     bool sent_role;      /* chat: first chunk carries delta.role */
+    /* streaming: the bytes of a UTF-8 character cut at the end of the last chunk's text (byte
+     * tokens can split one), sent with the next chunk */
+    char carry[4];
+    uint8_t carry_len;
     bool got_first;      /* a chunk with choices arrived */
     uint64_t chunks;     /* upstream chunks with choices */
     /* aggregation (non-streaming clients) */

@@ -322,6 +322,39 @@ static void test_relay_usage_hidden_and_aggregate(void **state)
     fe_req_free(&r);
 }
 
+static void test_relay_utf8_split(void **state)
+{
+    (void)state;
+    fe_req r;
+    fe_http_error e;
+    assert_int_equal(parse("{\"model\":\"m\",\"stream\":true,\"prompt\":\"x\"}", false, &r, &e), 0);
+    fe_relay rl;
+    fe_relay_init(&rl, &r, "c", 1);
+    kvr_buf out;
+    kvr_buf_init(&out);
+    /* "é" (c3 a9) and "€" (e2 82 ac) cut across chunks by byte tokens */
+    const char *ev[] = {
+        "{\"choices\":[{\"index\":0,\"text\":\"a\xc3\",\"finish_reason\":null}]}",
+        "{\"choices\":[{\"index\":0,\"text\":\"\xa9\xe2\",\"finish_reason\":null}]}",
+        "{\"choices\":[{\"index\":0,\"text\":\"\x82\",\"finish_reason\":null}]}",
+        "{\"choices\":[{\"index\":0,\"text\":\"\xac!\",\"finish_reason\":null}]}",
+        "{\"choices\":[{\"index\":0,\"text\":\"\xc3\",\"finish_reason\":\"length\"}]}",
+    };
+    const char *want[] = {"a", "\xc3\xa9", "", "\xe2\x82\xac!", "\xef\xbf\xbd"};
+    for (int i = 0; i < 5; i++) {
+        kvr_buf_reset(&out);
+        assert_int_equal(fe_relay_event(&rl, ev[i], strlen(ev[i]), &out, NULL), FE_EV_CHUNK);
+        cJSON *j = sse_json(&out);
+        const char *t =
+            cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(j, "choices"), 0), "text")->valuestring;
+        assert_string_equal(t, want[i]);
+        cJSON_Delete(j);
+    }
+    fe_relay_free(&rl);
+    kvr_buf_free(&out);
+    fe_req_free(&r);
+}
+
 static void test_auth(void **state)
 {
     (void)state;
@@ -586,6 +619,7 @@ int main(void)
         cmocka_unit_test(test_error_json),
         cmocka_unit_test(test_relay_chat_stream),
         cmocka_unit_test(test_relay_usage_hidden_and_aggregate),
+        cmocka_unit_test(test_relay_utf8_split),
         cmocka_unit_test(test_auth),
         cmocka_unit_test(test_pool),
         cmocka_unit_test(test_route_codec),
