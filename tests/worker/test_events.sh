@@ -18,6 +18,7 @@ start_worker() { # name id port extra...
 }
 p1=$(kvr_free_port)
 p2=$(kvr_free_port)
+while [ "$p2" = "$p1" ]; do p2=$(kvr_free_port); done
 start_worker w1 1 "$p1" --event-format array --hash-format int
 start_worker w2 2 "$p2" --event-format map --hash-format bytes
 

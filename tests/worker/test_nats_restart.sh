@@ -12,6 +12,7 @@ kvr_wait_for 15 "$PROBE" ensure-stream --nats "$NATS_URL" || kvr_fail "creating 
 
 pa=$(kvr_free_port)
 pb=$(kvr_free_port)
+while [ "$pb" = "$pa" ]; do pb=$(kvr_free_port); done
 common=(--nats "$NATS_URL" --namespace nr --model sim --block-size 16 --capacity-blocks 40 --speedup 50)
 kvr_spawn wa "$KVR_BIN/kvr-worker" --listen "127.0.0.1:$pa" --id 1 --event-buffer-max 2 "${common[@]}"
 kvr_spawn wb "$KVR_BIN/kvr-worker" --listen "127.0.0.1:$pb" --id 2 --event-buffer-max 100000 --resync-after-ms 600000 "${common[@]}"

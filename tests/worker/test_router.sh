@@ -9,6 +9,7 @@ kvr_start_nats
 PROBE="$KVR_BIN/kvr-worker-probe"
 rport=$(kvr_free_port)
 wport=$(kvr_free_port)
+while [ "$wport" = "$rport" ]; do wport=$(kvr_free_port); done
 R="http://127.0.0.1:$rport"
 W="http://127.0.0.1:$wport"
 mkdir -p "$KVR_TMP/r1"
