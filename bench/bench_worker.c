@@ -2,8 +2,8 @@
  * while serving many concurrent SSE streams?
  *
  *   kvr-bench worker [--streams 2000] [--duration 20] [--speedup 100] [--prompt-tokens 512]
- *                    [--max-tokens 512] [--shared-prefix 256] [--max-num-seqs 2048]
- *                    [--capacity-blocks 32768] [--url URL | --worker-bin PATH]
+ *                    [--max-tokens 512] [--shared-prefix 256] [--max-num-seqs 256]
+ *                    [--capacity-blocks 16384] [--url URL | --worker-bin PATH]
  *                    [--nats URL] [--no-pin] [--json OUT]
  *
  * Unless --url is given, it starts nats-server (core, loopback) and kvr-worker itself, the
@@ -458,16 +458,16 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: kvr-bench worker [--streams 2000] [--duration 20] [--speedup 100]\n"
-            "  [--prompt-tokens 512] [--max-tokens 512] [--shared-prefix 256] [--max-num-seqs 2048]\n"
-            "  [--capacity-blocks 32768] [--url http://127.0.0.1:PORT | --worker-bin PATH]\n"
+            "  [--prompt-tokens 512] [--max-tokens 512] [--shared-prefix 256] [--max-num-seqs 256]\n"
+            "  [--capacity-blocks 16384] [--url http://127.0.0.1:PORT | --worker-bin PATH]\n"
             "  [--nats URL] [--no-pin] [--json OUT]\n");
 }
 
 int kvr_bench_worker(int argc, char **argv)
 {
     bw_opts o = {.streams = 2000, .duration_s = 20, .prompt_tokens = 512, .max_tokens = 512,
-                 .shared_prefix = 256, .speedup = 100, .max_num_seqs = 2048,
-                 .capacity_blocks = 32768, .pin = true};
+                 .shared_prefix = 256, .speedup = 100, .max_num_seqs = 256,
+                 .capacity_blocks = 16384, .pin = true};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--no-pin")) {
