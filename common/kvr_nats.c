@@ -82,8 +82,13 @@ struct kvr_nats_impl {
     /* queue shared with cnats threads */
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    qitem *head, *tail;
-    size_t q_msgs, q_bytes;
+    /* two lanes: [0] core subscriptions, replies and state changes, [1] JetStream consumers.
+     * The loop serves lane 0 first and gives lane 1 a time budget per turn, so a backlog of
+     * events never queues route requests behind it. Each lane has its own bound. */
+    struct {
+        qitem *head, *tail;
+        size_t msgs, bytes;
+    } lane[2];
     size_t max_msgs, max_bytes;
     bool q_closing;
     uint64_t bp_waits;
@@ -200,10 +205,12 @@ static int status_to_kvr(natsStatus s)
 
 static void enqueue(kvr_nats_impl *ki, qitem *it, bool bounded)
 {
+    int l = it->sub && it->sub->consumer ? 1 : 0;
     pthread_mutex_lock(&ki->mu);
     if (bounded) {
         bool waited = false;
-        while (!ki->q_closing && (ki->q_msgs >= ki->max_msgs || ki->q_bytes >= ki->max_bytes)) {
+        while (!ki->q_closing &&
+               (ki->lane[l].msgs >= ki->max_msgs || ki->lane[l].bytes >= ki->max_bytes)) {
             if (!waited) {
                 ki->bp_waits++;
                 waited = true;
@@ -217,13 +224,13 @@ static void enqueue(kvr_nats_impl *ki, qitem *it, bool bounded)
         return;
     }
     it->next = NULL;
-    if (ki->tail)
-        ki->tail->next = it;
+    if (ki->lane[l].tail)
+        ki->lane[l].tail->next = it;
     else
-        ki->head = it;
-    ki->tail = it;
-    ki->q_msgs++;
-    ki->q_bytes += it->len;
+        ki->lane[l].head = it;
+    ki->lane[l].tail = it;
+    ki->lane[l].msgs++;
+    ki->lane[l].bytes += it->len;
     pthread_mutex_unlock(&ki->mu);
     uv_async_send(&ki->async);
 }
@@ -468,36 +475,55 @@ static void deliver(kvr_nats_impl *ki, qitem *it)
     sub->cb(&m, sub->data);
 }
 
-static void on_async(uv_async_t *a)
+/* Under ki->mu: detaches up to max items from the head of lane l. */
+static qitem *take(kvr_nats_impl *ki, int l, size_t max)
 {
-    kvr_nats_impl *ki = a->data;
-    pthread_mutex_lock(&ki->mu);
-    qitem *first = ki->head, *last = NULL, *p = ki->head;
+    qitem *first = ki->lane[l].head, *last = NULL, *p = first;
     size_t n = 0, bytes = 0;
-    while (p && n < KN_DRAIN_PER_TURN) {
+    while (p && n < max) {
         bytes += p->len;
         n++;
         last = p;
         p = p->next;
     }
-    if (last) {
-        ki->head = last->next;
-        if (!ki->head)
-            ki->tail = NULL;
-        last->next = NULL;
-    } else {
-        first = NULL;
-    }
-    ki->q_msgs -= n;
-    ki->q_bytes -= bytes;
-    bool more = ki->head != NULL;
-    pthread_cond_broadcast(&ki->cv);
-    pthread_mutex_unlock(&ki->mu);
-    while (first) {
-        qitem *nx = first->next;
-        deliver(ki, first);
-        free(first);
-        first = nx;
+    if (!last)
+        return NULL;
+    ki->lane[l].head = last->next;
+    if (!ki->lane[l].head)
+        ki->lane[l].tail = NULL;
+    last->next = NULL;
+    ki->lane[l].msgs -= n;
+    ki->lane[l].bytes -= bytes;
+    return first;
+}
+
+#define KN_LANE1_BATCH 32
+#define KN_TURN_BUDGET_NS 2000000 /* loop time per turn before yielding to I/O */
+
+static void on_async(uv_async_t *a)
+{
+    kvr_nats_impl *ki = a->data;
+    int64_t t0 = kvr_mono_ns();
+    bool more = false;
+    for (;;) {
+        pthread_mutex_lock(&ki->mu);
+        qitem *batch = take(ki, 0, KN_DRAIN_PER_TURN);
+        if (!batch)
+            batch = take(ki, 1, KN_LANE1_BATCH);
+        more = ki->lane[0].head || ki->lane[1].head;
+        if (batch)
+            pthread_cond_broadcast(&ki->cv);
+        pthread_mutex_unlock(&ki->mu);
+        if (!batch)
+            break;
+        while (batch) {
+            qitem *nx = batch->next;
+            deliver(ki, batch);
+            free(batch);
+            batch = nx;
+        }
+        if (!more || ki->close_started || kvr_mono_ns() - t0 > KN_TURN_BUDGET_NS)
+            break;
     }
     if (more && !ki->close_started)
         uv_async_send(&ki->async); /* yield to I/O, then continue */
@@ -1183,7 +1209,7 @@ void kvr_nats_get_stats(const kvr_nats *kn, kvr_nats_stats *out)
     *out = ki->stats;
     pthread_mutex_lock(&ki->mu);
     out->backpressure_waits = ki->bp_waits;
-    out->queue_len = ki->q_msgs;
+    out->queue_len = ki->lane[0].msgs + ki->lane[1].msgs;
     pthread_mutex_unlock(&ki->mu);
 }
 
@@ -1221,14 +1247,16 @@ static void handle_closed(uv_handle_t *h)
     kvr_nats *kn = ki->kn;
     kvr_nats_close_cb cb = ki->close_cb;
     pthread_mutex_lock(&ki->mu);
-    qitem *p = ki->head;
-    ki->head = ki->tail = NULL;
-    pthread_mutex_unlock(&ki->mu);
-    while (p) {
-        qitem *nx = p->next;
-        free(p);
-        p = nx;
+    for (int l = 0; l < 2; l++) {
+        qitem *p = ki->lane[l].head;
+        ki->lane[l].head = ki->lane[l].tail = NULL;
+        while (p) {
+            qitem *nx = p->next;
+            free(p);
+            p = nx;
+        }
     }
+    pthread_mutex_unlock(&ki->mu);
     for (kvr_nats_sub *s = ki->subs; s;) {
         kvr_nats_sub *nx = s->next_all;
         free(s);
