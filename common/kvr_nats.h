@@ -1,10 +1,13 @@
 /* kvr_nats: cnats (default threaded mode) bridged to one libuv loop.
  *
- * cnats runs its own reader/delivery threads. Every inbound message is copied into one
- * mutex-protected FIFO queue and the loop is woken with one uv_async_t; every user callback in
- * this header runs on the loop thread that called kvr_nats_init (the "loop thread"). The queue
- * is bounded: when the loop falls behind, the cnats delivery thread blocks on a condition
- * variable (backpressure) instead of dropping. Blocking cnats calls (connect, close,
+ * cnats runs its own reader/delivery threads. Every inbound message is copied into a
+ * mutex-protected queue and the loop is woken with one uv_async_t; every user callback in this
+ * header runs on the loop thread that called kvr_nats_init (the "loop thread"). The queue has
+ * two FIFO lanes: core subscriptions, request replies and state changes are served first;
+ * JetStream consumer messages get at most ~2 ms of loop time per turn, so an event backlog never
+ * delays a route request. Each lane is bounded: when the loop falls behind, the cnats delivery
+ * thread blocks on a condition variable (backpressure) instead of dropping. Order is FIFO within
+ * a subscription, not across the two lanes. Blocking cnats calls (connect, close,
  * every JetStream management call, consumer creation) run off the loop thread
  * (uv_queue_work), never on it. (NOT the cnats libuv adapter: see NOTES-deps 2.3.)
  *
@@ -78,8 +81,8 @@ typedef struct kvr_nats_opts {
     int reconnect_wait_ms;     /* 0 → 100: first reconnect delay; doubles per failed attempt */
     int max_reconnect_wait_ms; /* 0 → 2000 */
     int ping_interval_ms;      /* 0 → 2000; stale-connection detection */
-    size_t queue_max_msgs;     /* 0 → 65536: inbound queue bound before backpressure */
-    size_t queue_max_bytes;    /* 0 → 256 MiB */
+    size_t queue_max_msgs;     /* 0 → 65536: inbound bound per lane before backpressure */
+    size_t queue_max_bytes;    /* 0 → 256 MiB, per lane */
     /* Outbound writes. false (default): every publish is written at once (cnats SendAsap),
      * lowest latency, one write per message. true: publishes are buffered and a helper thread
      * flushes as soon as it can (it writes whatever accumulated while the previous flush was in
