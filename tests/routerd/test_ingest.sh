@@ -12,7 +12,7 @@ rd_beat beat1 ns1 1
 rd_beat beat2 ns1 2
 rd_beat beat3 ns1 3
 rd_beat beat4 ns1 4
-rd_start r1 1 "$P1" "$KVR_TMP/r1" --heartbeat-misses 2
+rd_start r1 1 "$P1" "$KVR_TMP/r1" --heartbeat-misses 2 --frontend-timeout 2s
 kvr_wait_http "http://127.0.0.1:$P1/ready" 15
 
 # four workers, four encodings, prefix 7
@@ -94,6 +94,15 @@ kvr_assert_eq "$(rd_q "$P1" .bookings)" 2 "two bookings"
 printf 'rev req-0001 free\n' | "$PUB" --nats "$NATS_URL" >/dev/null
 kvr_wait_for 5 bash -c "[ \"\$(curl -s http://127.0.0.1:$P1/v1/state | jq -r .bookings)\" = 1 ]" ||
     kvr_fail "free did not release the booking"
+# frontend lease: frontend 77 (kvr-test-pub's) beats once, books, then goes silent: after
+# --frontend-timeout its bookings are freed; the HTTP booking (no frontend) stays
+printf 'raw kvr.frontends.77 -\n' | "$PUB" --nats "$NATS_URL" --core >/dev/null
+route=$(printf 'route m1 ns1 7 320 req-0002\n' | "$PUB" --nats "$NATS_URL" | grep '^route')
+case "$route" in "route ok=1 "*) ;; *) kvr_fail "route for the lease test: $route" ;; esac
+kvr_assert_eq "$(rd_q "$P1" .bookings)" 2 "booking of frontend 77"
+kvr_wait_for 10 bash -c "[ \"\$(curl -s http://127.0.0.1:$P1/v1/state | jq -r .bookings)\" = 1 ]" ||
+    kvr_fail "silent frontend's bookings not freed"
+grep -q "frontend lease expired" "$KVR_TMP/r1.log" || kvr_fail "no lease expiry log"
 code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -d '{"token_ids":"x"}' "http://127.0.0.1:$P1/v1/match")
 kvr_assert_eq "$code" 400 "bad match body"
 kvr_assert "router alive at the end" kvr_alive r1
