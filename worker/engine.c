@@ -233,7 +233,8 @@ static void ev_stored(kvr_engine *e, uint32_t b)
      * same meaning, fewer events */
     ev_rec *r = e->n_evs > e->ev_cursor ? &e->evs[e->n_evs - 1] : NULL;
     bool chain = r && r->type == KVR_KV_STORED && r->n_h > 0 && k->has_parent &&
-                 e->ev_hashes[r->h_off + r->n_h - 1] == k->parent_ext;
+                 e->ev_hashes[r->h_off + r->n_h - 1] == k->parent_ext &&
+                 r->n_t + B <= KVR_ENGINE_EVENT_MAX_TOKENS;
     if (!chain) {
         if (ev_new(e, KVR_KV_STORED, &r))
             return;

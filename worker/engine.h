@@ -43,6 +43,9 @@
 
 #define KVR_ENGINE_EXT_SEED 0x6b76722d776b7231ull /* "kvr-wkr1" */
 #define KVR_ENGINE_MAX_BLOCK_SIZE 4096u
+/* A BlockStored event grows by chaining blocks up to this many tokens (then a new event
+ * continues the chain), so one event stays well under NATS' default 1 MiB payload. */
+#define KVR_ENGINE_EVENT_MAX_TOKENS 16384u
 
 typedef struct kvr_engine_config {
     uint32_t block_size;         /* tokens per block, 1..KVR_ENGINE_MAX_BLOCK_SIZE (64) */

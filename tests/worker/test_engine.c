@@ -521,6 +521,40 @@ static void test_events_rebuild_indexer(void **st)
 }
 #endif
 
+static void test_long_chain_events_are_bounded(void **st)
+{
+    (void)st;
+    /* 40000 tokens in blocks of 16: one prefill chunk of 8192 stores 512 blocks per step;
+     * a resync re-sends the whole 2500-block chain; no event may exceed the bound and the
+     * chain must still rebuild from the events */
+    kvr_engine *e = mk(16, 4096, 4, 8192, 1.0);
+    uint32_t *p = malloc(40000 * sizeof *p);
+    fill(p, 40000, 3);
+    kvr_engine_seq *s;
+    assert_int_equal(kvr_engine_add(e, p, 40000, 1, NULL, &s, NULL), 0);
+    map *m = calloc(1, sizeof *m);
+    for (int round = 0; round < 2; round++) {
+        while (kvr_engine_has_work(e))
+            assert_int_equal(kvr_engine_step(e, NULL, NULL, NULL), 0);
+        if (round == 1)
+            assert_int_equal(kvr_engine_queue_resync(e), 0);
+        kvr_kv_batch b;
+        size_t events = 0;
+        while (kvr_engine_take_events(e, 65536, &b) > 0) {
+            for (uint32_t i = 0; i < b.n_events; i++)
+                assert_true(b.events[i].n_tokens <= KVR_ENGINE_EVENT_MAX_TOKENS);
+            events += b.n_events;
+            apply(m, &b);
+        }
+        assert_true(events >= 2500 * 16 / KVR_ENGINE_EVENT_MAX_TOKENS);
+        assert_int_equal(m->n, 2500); /* every full block of the prompt was computed */
+    }
+    kvr_engine_foreach_cached(e, check_block, m);
+    free(m);
+    free(p);
+    kvr_engine_free(e);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -531,6 +565,7 @@ int main(void)
         cmocka_unit_test(test_batching_limits_and_preemption),
         cmocka_unit_test(test_cancel_frees),
         cmocka_unit_test(test_events_rebuild_cache),
+        cmocka_unit_test(test_long_chain_events_are_bounded),
 #ifdef KVR_HAVE_INDEXER
         cmocka_unit_test(test_events_rebuild_indexer),
 #endif
