@@ -24,7 +24,7 @@ struct kvr_consensus {
     kvr_consensus_options opts;
     bool io_inited, transport_inited, raft_inited, started;
     uv_timer_t free_timer; /* waits for a snapshot before close; closed last, frees the struct */
-    unsigned close_waits;
+    unsigned close_waits, close_phase;
     struct raft_transfer close_transfer;
     void (*close_cb)(void *);
     void *close_data;
@@ -397,6 +397,13 @@ const char *kvr_consensus_peer_addr(kvr_consensus *c, uint32_t id)
     return NULL;
 }
 
+static bool snapshot_in_progress(kvr_consensus *c)
+{
+    return c->raft.snapshot.pending.term != 0 || c->raft.snapshot.put.data != NULL;
+}
+
+static void close_transfer_cb(struct raft_transfer *req);
+
 static void free_timer_closed(uv_handle_t *h)
 {
     kvr_consensus *c = h->data;
@@ -418,50 +425,43 @@ static void raft_closed(struct raft *r)
     uv_close((uv_handle_t *)&c->free_timer, free_timer_closed);
 }
 
-static bool snapshot_in_progress(kvr_consensus *c)
-{
-    return c->raft.snapshot.pending.term != 0 || c->raft.snapshot.put.data != NULL;
-}
-
-/* raft_close while a snapshot is being written crashes 0.15 (seen in our 3-node test, SIGSEGV
- * inside libraft during close; upstream fixed several snapshot/close races after 0.15). Wait
- * for the snapshot to finish, at most ~5 s. */
-static void close_wait(uv_timer_t *t)
+/* Close steps run from our own timer, never from inside a raft callback (the transfer
+ * callback fires from raft's tick; closing raft under its own feet crashed 0.15). */
+static void close_step(uv_timer_t *t)
 {
     kvr_consensus *c = t->data;
-    if (snapshot_in_progress(c) && ++c->close_waits < 1000)
-        return;
     uv_timer_stop(t);
-    raft_close(&c->raft, raft_closed);
-}
-
-static void close_now(kvr_consensus *c)
-{
-    if (c->started && snapshot_in_progress(c)) {
-        uv_timer_start(&c->free_timer, close_wait, 5, 5);
+    if (c->close_phase == 0) {
+        c->close_phase = 1;
+        /* A leader hands over first (as canonical/raft's example server does): in-flight
+         * entries finish and the group elects at once instead of after an election timeout;
+         * raft_close of a busy 0.15 leader crashed inside libraft in our tests. */
+        if (c->started && raft_state(&c->raft) == RAFT_LEADER && c->raft.transfer == NULL) {
+            memset(&c->close_transfer, 0, sizeof c->close_transfer);
+            c->close_transfer.data = c;
+            if (raft_transfer(&c->raft, &c->close_transfer, 0, close_transfer_cb) == 0)
+                return; /* close_transfer_cb restarts the timer */
+        }
+    }
+    /* raft_close while a snapshot is being written is another 0.15 crash window: wait for
+     * it, at most ~5 s. */
+    if (c->started && snapshot_in_progress(c) && ++c->close_waits < 1000) {
+        uv_timer_start(t, close_step, 5, 0);
         return;
     }
+    c->close_phase = 2;
     raft_close(&c->raft, raft_closed);
 }
 
 static void close_transfer_cb(struct raft_transfer *req)
 {
     kvr_consensus *c = req->data;
-    close_now(c);
+    uv_timer_start(&c->free_timer, close_step, 0, 0);
 }
 
 void kvr_consensus_close(kvr_consensus *c, void (*close_cb)(void *data), void *data)
 {
     c->close_cb = close_cb;
     c->close_data = data;
-    /* A leader hands over first (as canonical/raft's example server does): in-flight entries
-     * finish, the group elects at once instead of after an election timeout, and raft_close of
-     * a busy 0.15 leader, which crashed inside libraft in our tests, is avoided. */
-    if (c->started && raft_state(&c->raft) == RAFT_LEADER && c->raft.transfer == NULL) {
-        memset(&c->close_transfer, 0, sizeof c->close_transfer);
-        c->close_transfer.data = c;
-        if (raft_transfer(&c->raft, &c->close_transfer, 0, close_transfer_cb) == 0)
-            return;
-    }
-    close_now(c);
+    uv_timer_start(&c->free_timer, close_step, 0, 0);
 }
