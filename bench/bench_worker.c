@@ -3,7 +3,7 @@
  *
  *   kvr-bench worker [--streams 2000] [--duration 20] [--speedup 100] [--prompt-tokens 512]
  *                    [--max-tokens 512] [--shared-prefix 256] [--max-num-seqs 256]
- *                    [--capacity-blocks 16384] [--url URL | --worker-bin PATH]
+ *                    [--capacity-blocks 16384] [--stream-interval 1] [--url URL | --worker-bin PATH]
  *                    [--nats URL] [--no-pin] [--json OUT]
  *
  * Unless --url is given, it starts nats-server (core, loopback) and kvr-worker itself, the
@@ -45,7 +45,7 @@
 typedef struct bw_opts {
     int streams, duration_s, prompt_tokens, max_tokens, shared_prefix;
     double speedup;
-    int max_num_seqs, capacity_blocks;
+    int max_num_seqs, capacity_blocks, stream_interval;
     const char *url, *worker_bin, *nats, *json;
     bool pin;
 } bw_opts;
@@ -459,7 +459,7 @@ static void usage(void)
     fprintf(stderr,
             "usage: kvr-bench worker [--streams 2000] [--duration 20] [--speedup 100]\n"
             "  [--prompt-tokens 512] [--max-tokens 512] [--shared-prefix 256] [--max-num-seqs 256]\n"
-            "  [--capacity-blocks 16384] [--url http://127.0.0.1:PORT | --worker-bin PATH]\n"
+            "  [--capacity-blocks 16384] [--stream-interval 1] [--url http://127.0.0.1:PORT | --worker-bin PATH]\n"
             "  [--nats URL] [--no-pin] [--json OUT]\n");
 }
 
@@ -467,7 +467,7 @@ int kvr_bench_worker(int argc, char **argv)
 {
     bw_opts o = {.streams = 2000, .duration_s = 20, .prompt_tokens = 512, .max_tokens = 512,
                  .shared_prefix = 256, .speedup = 100, .max_num_seqs = 256,
-                 .capacity_blocks = 16384, .pin = true};
+                 .capacity_blocks = 16384, .stream_interval = 1, .pin = true};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--no-pin")) {
@@ -487,6 +487,7 @@ int kvr_bench_worker(int argc, char **argv)
         else if (!strcmp(a, "--shared-prefix")) o.shared_prefix = atoi(v);
         else if (!strcmp(a, "--max-num-seqs")) o.max_num_seqs = atoi(v);
         else if (!strcmp(a, "--capacity-blocks")) o.capacity_blocks = atoi(v);
+        else if (!strcmp(a, "--stream-interval")) o.stream_interval = atoi(v);
         else if (!strcmp(a, "--url")) o.url = v;
         else if (!strcmp(a, "--worker-bin")) o.worker_bin = v;
         else if (!strcmp(a, "--nats")) o.nats = v;
@@ -542,7 +543,8 @@ int kvr_bench_worker(int argc, char **argv)
             snprintf(slash ? slash + 1 : bin, 32, "kvr-worker");
         }
         port = free_port();
-        char listen[64], speed[32], seqs[16], cap[16], log[256];
+        char listen[64], speed[32], seqs[16], cap[16], si[16], log[256];
+        snprintf(si, sizeof si, "%d", o.stream_interval);
         snprintf(listen, sizeof listen, "127.0.0.1:%d", port);
         snprintf(speed, sizeof speed, "%g", o.speedup);
         snprintf(seqs, sizeof seqs, "%d", o.max_num_seqs);
@@ -550,7 +552,7 @@ int kvr_bench_worker(int argc, char **argv)
         snprintf(log, sizeof log, "%s/worker.log", tmpdir);
         char *wargv[] = {bin, "--listen", listen, "--nats", (char *)o.nats, "--namespace", "bench",
                          "--model", "sim", "--id", "1", "--speedup", speed, "--max-num-seqs", seqs,
-                         "--capacity-blocks", cap, "--log-level", "warn", NULL};
+                         "--capacity-blocks", cap, "--stream-interval", si, "--log-level", "warn", NULL};
         worker_pid = spawn(wargv, log);
         if (two_cpus) {
             pin_to(worker_pid, 0);
@@ -569,9 +571,10 @@ int kvr_bench_worker(int argc, char **argv)
     }
     free(h);
     printf("kvr-bench worker: %d streams, prompt %d tokens (%d shared), max_tokens %d, speedup %g, "
-           "max-num-seqs %d, capacity %d blocks, %d s measured after %d s warm-up%s\n",
+           "max-num-seqs %d, capacity %d blocks, stream-interval %d, %d s measured after %d s warm-up%s\n",
            o.streams, o.prompt_tokens, o.shared_prefix, o.max_tokens, o.speedup, o.max_num_seqs,
-           o.capacity_blocks, o.duration_s, 5, two_cpus ? ", worker on CPU 0, client on CPU 1" : "");
+           o.capacity_blocks, o.stream_interval, o.duration_s, 5,
+           two_cpus ? ", worker on CPU 0, client on CPU 1" : "");
     fflush(stdout);
     bw_stats st = {0};
     char *mb = NULL, *ma = NULL;

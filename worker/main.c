@@ -46,7 +46,7 @@
 typedef struct opts {
     const char *listen, *nats, *ns, *model, *role, *event_format, *hash_format, *log_level;
     const char *advertise;
-    uint64_t id, seed, event_buffer_max, resync_after_ms, announce_delay_ms;
+    uint64_t id, seed, event_buffer_max, resync_after_ms, announce_delay_ms, stream_interval;
     uint64_t block_size, capacity_blocks, max_num_seqs, max_batched_tokens, max_model_len;
     double speedup;
 } opts;
@@ -150,14 +150,14 @@ static void usage(FILE *f)
             "  [--max-batched-tokens 8192] [--max-model-len 131072] [--speedup 1.0]\n"
             "  [--role both|prefill|decode] [--event-format array|map] [--hash-format int|bytes]\n"
             "  [--seed S] [--log-level info] [--event-buffer-max 10000] [--resync-after-ms 2500]\n"
-            "  [--announce-delay-ms 1500] [--advertise-url URL]\n");
+            "  [--announce-delay-ms 1500] [--stream-interval 1] [--advertise-url URL]\n");
 }
 
 static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
 {
     *o = (opts){.listen = "127.0.0.1:9001", .nats = "nats://127.0.0.1:4222", .ns = "default",
                 .model = "sim", .role = "both", .event_format = "array", .hash_format = "int",
-                .log_level = "info", .id = 1, .seed = 0, .event_buffer_max = 10000, .resync_after_ms = 2500, .announce_delay_ms = 1500,
+                .log_level = "info", .id = 1, .seed = 0, .event_buffer_max = 10000, .resync_after_ms = 2500, .announce_delay_ms = 1500, .stream_interval = 1,
                 .block_size = 64, .capacity_blocks = 16384, .max_num_seqs = 256,
                 .max_batched_tokens = 8192, .max_model_len = 131072, .speedup = 1.0};
     struct {
@@ -179,6 +179,7 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
         {"event-buffer-max", 1, &o->event_buffer_max},
         {"resync-after-ms", 1, &o->resync_after_ms},
         {"announce-delay-ms", 1, &o->announce_delay_ms},
+        {"stream-interval", 1, &o->stream_interval},
         {"block-size", 1, &o->block_size},
         {"capacity-blocks", 1, &o->capacity_blocks},
         {"max-num-seqs", 1, &o->max_num_seqs},
@@ -227,6 +228,8 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
         return kvr_err_set(err, KVR_EINVAL, "--event-format must be array or map");
     if (strcmp(o->hash_format, "int") && strcmp(o->hash_format, "bytes"))
         return kvr_err_set(err, KVR_EINVAL, "--hash-format must be int or bytes");
+    if (o->stream_interval < 1 || o->stream_interval > 1000000)
+        return kvr_err_set(err, KVR_EINVAL, "--stream-interval must be in 1..1000000 tokens");
     if (o->event_buffer_max < 1 || o->event_buffer_max > 10000000)
         return kvr_err_set(err, KVR_EINVAL, "--event-buffer-max must be in 1..10000000");
     uint64_t lim32[] = {o->block_size, o->capacity_blocks, o->max_num_seqs,
@@ -566,7 +569,8 @@ static bool wreq_flush(wreq *r)
         r->started = true;
         kvr_http_stream_start(r->http, 200, "text/event-stream");
     }
-    if (n == 0 && !r->done_ready)
+    /* like vLLM's --stream-interval: a chunk carries at least that many tokens (or the end) */
+    if (!r->done_ready && n < w->o.stream_interval)
         return false;
     if (!r->done_ready && kvr_http_stream_should_pause(r->http))
         return false; /* on_drain brings us back; tokens wait in r->toks (bounded by max_tokens) */

@@ -101,4 +101,15 @@ kvr_assert_eq "$(metric kvr_worker_kv_blocks_capacity)" 16384 "capacity metric"
 [ -n "$(metric kvr_worker_sim_lag_seconds)" ] || kvr_fail "no lag metric"
 [ "$(metric kvr_worker_steps_total)" -gt 10 ] || kvr_fail "steps metric"
 kvr_alive worker || kvr_fail "worker died"
+
+# --- --stream-interval 5 (vLLM's streaming granularity): every chunk but the last has >= 5
+port2=$(kvr_free_port)
+while [ "$port2" = "$port" ]; do port2=$(kvr_free_port); done
+kvr_spawn worker2 "$KVR_BIN/kvr-worker" --listen "127.0.0.1:$port2" --nats "$NATS_URL" \
+    --namespace t --model sim --id 8 --block-size 16 --seed 5 --speedup 20 --stream-interval 5
+kvr_wait_http "http://127.0.0.1:$port2/health" 10
+W="http://127.0.0.1:$port2"
+ev=$(stream /v1/completions "{\"prompt\":\"$prompt\",\"max_tokens\":12,\"stream\":true}") || exit 1
+kvr_assert_eq "$(jq -sc '[.[] | .choices[]?.token_ids[]]' <<<"$ev")" "$want" "stream-interval token_ids"
+kvr_assert_eq "$(jq -s '[.[] | .choices[0].token_ids | length] | .[:-1] | map(select(. < 5)) | length' <<<"$ev")" 0 "chunks of at least 5 tokens"
 kvr_pass
