@@ -97,6 +97,7 @@ typedef struct worker {
     /* clocks */
     int64_t lag_ns, lag_max_ns; /* at the start of the last step; the largest */
     int64_t lag_erased_ns;      /* lag forgiven by idle jumps, total */
+    int64_t last_drive_end;
     bool draining, closing;
     /* metrics */
     kvr_metric *m_prompt, *m_cached, *m_gen, *m_running, *m_waiting, *m_used, *m_cached_blocks,
@@ -729,6 +730,14 @@ static void drive(uv_timer_t *t)
         w->lag_ns = now - sim;
         if (w->lag_ns > w->lag_max_ns)
             w->lag_max_ns = w->lag_ns;
+        if (w->lag_ns > 100000000) {
+            kvr_engine_stats es;
+            kvr_engine_get_stats(w->eng, &es);
+            KVR_LOG_WARN_RL(1, "simulated clock behind", "lag_ms=%.1f since_last_drive_ms=%.1f "
+                            "pending=%zu running=%u waiting=%u live=%zu",
+                            (double)w->lag_ns / 1e6, (double)(start - w->last_drive_end) / 1e6,
+                            w->n_pend, es.running, es.waiting, w->live_reqs);
+        }
         kvr_engine_step_info info;
         const kvr_engine_output *outs;
         size_t n_outs;
@@ -741,6 +750,7 @@ static void drive(uv_timer_t *t)
             break;
     }
     flush_ready(w);
+    w->last_drive_end = wall_ns(w);
     if (w->closing)
         return;
     if (kvr_engine_has_work(w->eng) || w->n_future || w->n_pend) {
