@@ -368,7 +368,7 @@ int kvr_bench_raft(int argc, char **argv)
     snprintf(b.ns, sizeof b.ns, "ns");
     const char *json = NULL;
     double delay_ms = 2, hold_ms = 2000, rate = 2000;
-    uint32_t snap_threshold = 1024;
+    uint32_t snap_threshold = 8192;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {

@@ -114,8 +114,8 @@ void kvr_sync_options_default(kvr_sync_options *o)
     o->max_wait_ms = 5000;
     o->election_timeout_ms = 1000;
     o->heartbeat_timeout_ms = 100;
-    o->snapshot_threshold = 1024;
-    o->snapshot_trailing = 256;
+    o->snapshot_threshold = 8192;
+    o->snapshot_trailing = 2048;
     o->max_batch = 512;
     o->fsm.cost = kvr_cost_params_default();
 }
