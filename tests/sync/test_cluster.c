@@ -26,7 +26,7 @@
 static uv_loop_t loop;
 static char tmpdir[256];
 static int base_port;
-static kvr_sync *nodes[N + 1];
+static kvr_sync *nodes[N + 2]; /* N voters + one node added at run time */
 static char peers[256];
 static char urls[8][64];
 
@@ -55,7 +55,7 @@ static int pick_base_port(void)
     for (int attempt = 0; attempt < 200; attempt++) {
         int p = 20000 + (int)((getpid() * 7919u + (unsigned)attempt * 104729u) % 30000);
         int ok = 1;
-        for (int i = 0; i < 2 * N && ok; i++)
+        for (int i = 0; i < 2 * (N + 1) && ok; i++)
             ok = port_free(p + i);
         if (ok)
             return p;
@@ -81,6 +81,7 @@ static void start_node(int id)
     o.max_wait_ms = 10000;
     o.snapshot_threshold = getenv("SNAP") ? (uint32_t)atoi(getenv("SNAP")) : 16;
     o.snapshot_trailing = 4;
+    o.join = id > N;
     kvr_err e = {0};
     int rc = kvr_sync_init(&nodes[id], &loop, &o, &e);
     if (rc)
@@ -226,6 +227,32 @@ static void check_booked(int node, uint64_t rid, uint64_t worker)
     if (rc != 0)
         fail_msg("node %d: request %llu not booked", node, (unsigned long long)rid);
     assert_int_equal(bv.worker_id, worker);
+}
+
+static int change_status;
+static void on_change(kvr_sync *s, int status, void *data)
+{
+    (void)s;
+    (void)data;
+    change_status = status;
+}
+static bool change_done(void *arg)
+{
+    (void)arg;
+    return change_status != 1;
+}
+
+static bool digests_equal4(void *arg)
+{
+    (void)arg;
+    kvr_sync_state a, b;
+    kvr_sync_get_state(nodes[N + 1], &b);
+    for (int i = 1; i <= N; i++) {
+        kvr_sync_get_state(nodes[i], &a);
+        if (a.digest != b.digest || a.applied_index != b.applied_index)
+            return false;
+    }
+    return true;
 }
 
 #define BURST 400
@@ -434,7 +461,43 @@ static void test_cluster(void **state)
                   (unsigned long long)m.forwards);
     assert_true(m.reconciled >= 20);
 
-    for (int i = 1; i <= N; i++)
+    /* membership at run time: node 4 starts empty, is added as a spare, promoted to voter,
+     * catches up; then removed again */
+    start_node(N + 1);
+    uint32_t ldr = leader_of_all();
+    assert_true(ldr > 0);
+    char addr4[64];
+    snprintf(addr4, sizeof addr4, "127.0.0.1:%d", base_port + 2 * N);
+    change_status = 1;
+    uint32_t other = 0;
+    int l2 = ldr == 1 ? 2 : 1;
+    assert_int_equal(kvr_sync_add_node(nodes[l2], N + 1, addr4, on_change, NULL, &other), KVR_EAGAIN);
+    assert_int_equal(other, ldr);
+    assert_int_equal(kvr_sync_add_node(nodes[ldr], N + 1, addr4, on_change, NULL, NULL), 0);
+    assert_true(run_until(change_done, NULL, 10000));
+    assert_int_equal(change_status, 0);
+    change_status = 1;
+    assert_int_equal(kvr_sync_promote_node(nodes[ldr], N + 1, on_change, NULL, NULL), 0);
+    assert_true(run_until(change_done, NULL, 20000));
+    assert_int_equal(change_status, 0);
+    assert_true(run_until(digests_equal4, NULL, 20000));
+    kvr_sync_get_state(nodes[N + 1], &st);
+    assert_int_equal(st.bookings, sent + 20);
+    /* the new voter forwards like any router */
+    answer na;
+    submit_route(N + 1, 777777, &na);
+    wait_all nw = {&na, 1};
+    assert_true(run_until(all_done, &nw, 10000));
+    assert_int_equal(na.status, 0);
+    assert_int_equal(na.mode, KVR_SYNC_RAFT);
+    ldr = leader_of_all();
+    change_status = 1;
+    assert_int_equal(kvr_sync_remove_node(nodes[ldr], N + 1, on_change, NULL, NULL), 0);
+    assert_true(run_until(change_done, NULL, 10000));
+    assert_int_equal(change_status, 0);
+    print_message("node %d added, promoted, caught up, removed\n", N + 1);
+
+    for (int i = 1; i <= N + 1; i++)
         if (nodes[i])
             stop_node(i);
     uv_run(&loop, UV_RUN_DEFAULT);
