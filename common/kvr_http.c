@@ -212,12 +212,26 @@ static void conn_error(kvr_http_conn *c, int status)
 {
     if (c->closing || c->shut)
         return;
-    char msg[256];
+    /* The body is OpenAI-style error JSON: every kvroute HTTP API speaks it, and a client of
+     * the frontend must not meet a different error shape just because the server itself,
+     * not the handler, refused the request (413, 431, 408, ...). */
+    char body[192];
     const char *text = kvr_http_status_text(status);
+    int blen = snprintf(body, sizeof body,
+                        "{\"error\":{\"message\":\"%s\",\"type\":\"%s\",\"param\":null,"
+                        "\"code\":%d}}\n",
+                        text, status >= 500 ? "server_error" : "invalid_request_error", status);
+    if (blen < 0 || (size_t)blen >= sizeof body)
+        blen = 0;
+    char msg[448];
     int n = snprintf(msg, sizeof msg,
-                     "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %zu\r\n"
-                     "Connection: close\r\n\r\n%s\n",
-                     status, text, strlen(text) + 1, text);
+                     "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                     "%sConnection: close\r\n\r\n%.*s",
+                     status, text, blen, status == 503 ? "Retry-After: 1\r\n" : "", blen, body);
+    if (n < 0 || (size_t)n >= sizeof msg) {
+        conn_gone(c);
+        return;
+    }
     count_status(c->srv, status);
     c->close_after = true;
     if (c->reading) {

@@ -106,6 +106,8 @@ kvr_assert_eq "$(err GET /v1/completions '' "${AUTH[@]}")" \
 head -c 2000000 /dev/zero | tr '\0' 'a' >"$KVR_TMP/big.txt"
 big=$(curl -s -o "$KVR_TMP/big.out" -w '%{http_code}' "${AUTH[@]}" --data-binary @"$KVR_TMP/big.txt" "$F/v1/completions")
 kvr_assert_eq "$big" 413 "oversized body"
+kvr_assert_eq "$(jq -r '.error.type + " " + (.error.code|tostring)' "$KVR_TMP/big.out")" \
+    "invalid_request_error 413" "oversized body: OpenAI error JSON"
 # slow-loris: headers trickling in are cut off by the header timeout (2 s)
 sl=$($CL slowloris "$F/health" 8)
 case $(echo "$sl" | jq -r .result) in
