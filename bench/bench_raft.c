@@ -412,7 +412,9 @@ int kvr_bench_raft(int argc, char **argv)
         return 2;
     }
     kvr_log_setup("bench", NULL, KVR_LOG_WARN);
-    char dir[] = "/tmp/kvr-bench-raft-XXXXXX";
+    char dir[512];
+    const char *tmp = getenv("TMPDIR");
+    snprintf(dir, sizeof dir, "%s/kvr-bench-raft-XXXXXX", tmp && *tmp ? tmp : "/tmp");
     if (!mkdtemp(dir)) {
         perror("mkdtemp");
         return 1;

@@ -507,7 +507,8 @@ static void test_cluster(void **state)
 static int setup(void **state)
 {
     (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/kvr-sync-test-XXXXXX");
+    const char *t = getenv("TMPDIR");
+    snprintf(tmpdir, sizeof tmpdir, "%s/kvr-sync-test-XXXXXX", t && *t ? t : "/tmp");
     return mkdtemp(tmpdir) ? 0 : -1;
 }
 
