@@ -412,7 +412,7 @@ int kvr_bench_raft(int argc, char **argv)
         return 2;
     }
     kvr_log_setup("bench", NULL, KVR_LOG_WARN);
-    char dir[512];
+    char dir[256];
     const char *tmp = getenv("TMPDIR");
     snprintf(dir, sizeof dir, "%s/kvr-bench-raft-XXXXXX", tmp && *tmp ? tmp : "/tmp");
     if (!mkdtemp(dir)) {
