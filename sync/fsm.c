@@ -916,6 +916,15 @@ int kvr_fsm_frontend_last_seen(const kvr_fsm *f, uint64_t id, uint64_t *last)
     return KVR_ENOTFOUND;
 }
 
+int kvr_fsm_frontend_at(const kvr_fsm *f, uint32_t i, uint64_t *id, uint64_t *last)
+{
+    if (i >= f->n_leases)
+        return KVR_ENOTFOUND;
+    *id = f->leases[i].frontend_id;
+    *last = f->leases[i].last_seen_ms;
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Snapshot */
 

@@ -175,6 +175,8 @@ int kvr_fsm_booking_get(const kvr_fsm *f, const uint8_t request_id[KVR_REQUEST_I
 void kvr_fsm_foreach_booking(const kvr_fsm *f, int (*fn)(const kvr_fsm_booking_view *, void *),
                              void *data);
 int kvr_fsm_frontend_last_seen(const kvr_fsm *f, uint64_t frontend_id, uint64_t *last_seen_ms);
+/* Lease i (0 <= i < frontend_count). KVR_ENOTFOUND past the end. */
+int kvr_fsm_frontend_at(const kvr_fsm *f, uint32_t i, uint64_t *frontend_id, uint64_t *last_seen_ms);
 
 /* Snapshot: "KVRS" magic, format version, msgpack body, XXH3-64 checksum of all before it.
  * Appends to out. */

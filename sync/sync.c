@@ -92,6 +92,7 @@ struct kvr_sync {
     conn *clients[KVR_CONSENSUS_MAX_PEERS + 1]; /* by slot, lookup by peer id */
     uint32_t last_leader;
     int64_t no_leader_since;
+    int64_t last_housekeeping_ms;
     bool degraded;
     kvr_fsm *local;
     local_rec *log;
@@ -117,6 +118,9 @@ void kvr_sync_options_default(kvr_sync_options *o)
     o->snapshot_threshold = 8192;
     o->snapshot_trailing = 2048;
     o->max_batch = 512;
+    o->housekeeping_ms = 1000;
+    o->lease_ttl_ms = 10000;
+    o->max_request_age_ms = 600000;
     o->fsm.cost = kvr_cost_params_default();
 }
 
@@ -944,6 +948,47 @@ static void dispatch(kvr_sync *s, pending *p)
     p->state = P_WAIT;
 }
 
+static void submit_internal(kvr_sync *s, const kvr_cmd *cmd)
+{
+    kvr_buf b;
+    kvr_buf_init(&b);
+    pending *p;
+    if (kvr_cmd_encode(cmd, &b, NULL) == 0 && (p = pending_new(s, b.base, b.len))) {
+        p->internal = true;
+        plist_add(s, p);
+        dispatch(s, p);
+    }
+    kvr_buf_free(&b);
+}
+
+/* Leader only: expire silent frontends' leases and over-age bookings (see sync.h). */
+static void housekeeping(kvr_sync *s, int64_t mono_now)
+{
+    if (s->o.housekeeping_ms == UINT32_MAX ||
+        mono_now - s->last_housekeeping_ms < (int64_t)s->o.housekeeping_ms)
+        return;
+    s->last_housekeeping_ms = mono_now;
+    if (kvr_consensus_get_role(s->cons) != KVR_ROLE_LEADER)
+        return;
+    uint64_t now = (uint64_t)kvr_now_ms();
+    uint32_t n = kvr_fsm_frontend_count(s->fsm);
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t id, last;
+        if (kvr_fsm_frontend_at(s->fsm, i, &id, &last) == 0 && last + s->o.lease_ttl_ms < now) {
+            kvr_cmd c = {.type = KVR_CMD_FRONTEND_EXPIRE};
+            c.u.frontend.frontend_id = id;
+            c.u.frontend.now_ms = now;
+            submit_internal(s, &c);
+            KVR_LOG_INFO("sync frontend lease expired", "frontend=%llu silent_ms=%llu",
+                         (unsigned long long)id, (unsigned long long)(now - last));
+        }
+    }
+    if (now > s->o.max_request_age_ms) {
+        kvr_cmd c = {.type = KVR_CMD_EXPIRE, .u.before_ms = now - s->o.max_request_age_ms};
+        submit_internal(s, &c);
+    }
+}
+
 static void on_tick(uv_timer_t *t)
 {
     kvr_sync *s = t->data;
@@ -974,6 +1019,7 @@ static void on_tick(uv_timer_t *t)
         }
         if (s->local)
             reconcile(s);
+        housekeeping(s, now);
     }
     /* Retry, time out, or answer locally. Newly reconciled commands sit at the list's tail. */
     for (pending *p = s->head.next, *nx; p != &s->head; p = nx) {
@@ -1047,6 +1093,9 @@ int kvr_sync_init(kvr_sync **out, uv_loop_t *loop, const kvr_sync_options *o, kv
     DEF(snapshot_threshold);
     DEF(snapshot_trailing);
     DEF(max_batch);
+    DEF(housekeeping_ms);
+    DEF(lease_ttl_ms);
+    DEF(max_request_age_ms);
 #undef DEF
     if (s->o.max_batch > KVR_ENTRY_MAX_COMMANDS)
         s->o.max_batch = KVR_ENTRY_MAX_COMMANDS;

@@ -64,6 +64,12 @@ typedef struct kvr_sync_options {
                                       stalls appends for tens of ms in 0.15: keep them rare) */
     uint32_t snapshot_trailing;    /* entries kept after a snapshot; default 2048 */
     uint32_t max_batch;            /* commands per log entry; default 512 */
+    /* Housekeeping, done by the leader only, through Raft, with wall-clock time in the commands:
+     * every housekeeping_ms (default 1000) it proposes FRONTEND_EXPIRE for each frontend whose
+     * lease is older than lease_ttl_ms (default 10000; frontends renew it with FRONTEND_SEEN),
+     * and EXPIRE{now - max_request_age_ms} (default 600000). 0 keeps the default; set
+     * housekeeping_ms to UINT32_MAX to disable. */
+    uint32_t housekeeping_ms, lease_ttl_ms, max_request_age_ms;
     kvr_fsm_options fsm;
 } kvr_sync_options;
 

@@ -82,6 +82,8 @@ static void start_node(int id)
     o.snapshot_threshold = getenv("SNAP") ? (uint32_t)atoi(getenv("SNAP")) : 16;
     o.snapshot_trailing = 4;
     o.join = id > N;
+    o.housekeeping_ms = 100;
+    o.lease_ttl_ms = 1500;
     kvr_err e = {0};
     int rc = kvr_sync_init(&nodes[id], &loop, &o, &e);
     if (rc)
@@ -188,7 +190,7 @@ static bool all_done(void *arg)
 static void submit_route(int node, uint64_t rid, answer *a)
 {
     kvr_route_candidate cand[2] = {{rid % 4 + 1, 3}, {(rid + 1) % 4 + 1, 1}};
-    kvr_cmd c = tu_route(rid, 5, 1000 + rid, 4, cand, 2);
+    kvr_cmd c = tu_route(rid, 5, (uint64_t)kvr_now_ms(), 4, cand, 2);
     memset(a, 0, sizeof *a);
     a->node = node;
     assert_int_equal(kvr_sync_route(nodes[node], &c.u.route, on_answer, a), 0);
@@ -240,6 +242,16 @@ static bool change_done(void *arg)
 {
     (void)arg;
     return change_status != 1;
+}
+
+static bool lease_gone(void *arg)
+{
+    (void)arg;
+    uint64_t last;
+    for (int i = 1; i <= N; i++)
+        if (kvr_fsm_frontend_last_seen(kvr_sync_fsm(nodes[i]), 9, &last) == 0)
+            return false;
+    return true;
 }
 
 static bool digests_equal4(void *arg)
@@ -460,6 +472,36 @@ static void test_cluster(void **state)
                   (unsigned long long)m.reconciled, (unsigned long long)m.degraded_answers,
                   (unsigned long long)m.forwards);
     assert_true(m.reconciled >= 20);
+
+    /* frontend lease: frontend 9 is seen once, books, then goes silent: the leader expires
+     * its lease after lease_ttl_ms and its booking is freed on every replica */
+    {
+        kvr_cmd seen = {.type = KVR_CMD_FRONTEND_SEEN};
+        seen.u.frontend.frontend_id = 9;
+        seen.u.frontend.now_ms = (uint64_t)kvr_now_ms();
+        answer sa, ba;
+        memset(&sa, 0, sizeof sa);
+        assert_int_equal(kvr_sync_submit(nodes[1], &seen, on_answer, &sa), 0);
+        kvr_cmd bk = tu_route(555555, 9, (uint64_t)kvr_now_ms(), 4, NULL, 0);
+        memset(&ba, 0, sizeof ba);
+        assert_int_equal(kvr_sync_route(nodes[2], &bk.u.route, on_answer, &ba), 0);
+        wait_all bw = {&sa, 1}, bw2 = {&ba, 1};
+        assert_true(run_until(all_done, &bw, 10000));
+        assert_true(run_until(all_done, &bw2, 10000));
+        assert_int_equal(ba.res.outcome, KVR_OUT_OK);
+        uint64_t last;
+        assert_true(run_until(digests_equal, NULL, 1000));
+        assert_int_equal(kvr_fsm_frontend_last_seen(kvr_sync_fsm(nodes[3]), 9, &last), 0);
+        assert_true(run_until(lease_gone, NULL, 10000));
+        assert_true(run_until(digests_equal, NULL, 10000));
+        for (int nd = 1; nd <= N; nd++) {
+            uint8_t id[16];
+            kvr_fsm_booking_view bv;
+            tu_rid(id, 555555);
+            assert_int_equal(kvr_fsm_booking_get(kvr_sync_fsm(nodes[nd]), id, &bv), KVR_ENOTFOUND);
+        }
+        print_message("frontend lease expired, its booking freed everywhere\n");
+    }
 
     /* membership at run time: node 4 starts empty, is added as a spare, promoted to voter,
      * catches up; then removed again */
