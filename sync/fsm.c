@@ -33,6 +33,12 @@ typedef struct lease {
     uint64_t frontend_id, last_seen_ms;
 } lease;
 
+/* One recently finished request (see "Finished record" in fsm.h). */
+typedef struct fin_rec {
+    uint8_t rid[KVR_REQUEST_ID_LEN];
+    uint64_t ms;
+} fin_rec;
+
 struct kvr_fsm {
     kvr_fsm_options opts;
     worker *workers; /* sorted by id */
@@ -43,6 +49,14 @@ struct kvr_fsm {
     uint32_t n_leases, cap_leases;
     kvr_cost_worker *scratch; /* KVR_FSM_MAX_WORKERS entries */
     worker **scratch_w;
+    /* Finished record: FIFO ring of opts.max_finished entries (allocated on first use) and an
+     * open-addressing index over it (ring position + 1; 0 = empty; linear probing,
+     * backward-shift deletion), fin_mask + 1 >= 2 * max_finished slots. */
+    fin_rec *fin;
+    uint32_t *fin_idx;
+    uint32_t fin_mask, fin_head, n_fin;
+    uint64_t fin_evicted; /* records dropped before their time because the ring was full */
+    uint64_t clock_ms;    /* max time carried by any applied command: the FSM's only clock */
 };
 
 static uint64_t rid_hash(const uint8_t *rid)
@@ -63,6 +77,12 @@ kvr_fsm *kvr_fsm_new(const kvr_fsm_options *opts)
         f->opts.max_bookings = KVR_FSM_DEFAULT_MAX_BOOKINGS;
     if (f->opts.cost.overlap_weight == 0 && f->opts.cost.temperature == 0)
         f->opts.cost = kvr_cost_params_default();
+    if (f->opts.max_finished == 0)
+        f->opts.max_finished = KVR_FSM_DEFAULT_MAX_FINISHED;
+    if (f->opts.max_finished > KVR_FSM_MAX_FINISHED_LIMIT)
+        f->opts.max_finished = KVR_FSM_MAX_FINISHED_LIMIT;
+    if (f->opts.finished_ttl_ms == 0)
+        f->opts.finished_ttl_ms = KVR_FSM_DEFAULT_FINISHED_TTL_MS;
     f->cap_slots = 1024;
     f->slots = calloc(f->cap_slots, sizeof *f->slots);
     f->scratch = malloc(KVR_FSM_MAX_WORKERS * sizeof *f->scratch);
@@ -79,10 +99,16 @@ static void fsm_clear(kvr_fsm *f)
     free(f->workers);
     free(f->slots);
     free(f->leases);
+    free(f->fin);
+    free(f->fin_idx);
     f->workers = NULL;
     f->slots = NULL;
     f->leases = NULL;
+    f->fin = NULL;
+    f->fin_idx = NULL;
     f->n_workers = f->cap_workers = f->cap_slots = f->n_bookings = f->n_leases = f->cap_leases = 0;
+    f->fin_mask = f->fin_head = f->n_fin = 0;
+    f->fin_evicted = f->clock_ms = 0;
 }
 
 void kvr_fsm_free(kvr_fsm *f)
@@ -116,6 +142,110 @@ static worker *worker_get(kvr_fsm *f, uint64_t id)
 {
     long i = worker_find(f, id);
     return i >= 0 ? &f->workers[i] : NULL;
+}
+
+
+/* --- finished record --- */
+
+static int fin_alloc(kvr_fsm *f)
+{
+    if (f->fin)
+        return 0;
+    uint32_t slots = 16;
+    while (slots < 2 * f->opts.max_finished)
+        slots *= 2;
+    f->fin = malloc((size_t)f->opts.max_finished * sizeof *f->fin);
+    f->fin_idx = calloc(slots, sizeof *f->fin_idx);
+    if (!f->fin || !f->fin_idx) {
+        free(f->fin);
+        free(f->fin_idx);
+        f->fin = NULL;
+        f->fin_idx = NULL;
+        return KVR_ENOMEM;
+    }
+    f->fin_mask = slots - 1;
+    f->fin_head = f->n_fin = 0;
+    return 0;
+}
+
+/* Index slot holding rid, or -1. */
+static long fin_slot(const kvr_fsm *f, const uint8_t *rid)
+{
+    if (!f->fin_idx)
+        return -1;
+    for (uint32_t i = (uint32_t)rid_hash(rid) & f->fin_mask;; i = (i + 1) & f->fin_mask) {
+        uint32_t v = f->fin_idx[i];
+        if (v == 0)
+            return -1;
+        if (memcmp(f->fin[v - 1].rid, rid, KVR_REQUEST_ID_LEN) == 0)
+            return i;
+    }
+}
+
+static bool fin_has(const kvr_fsm *f, const uint8_t *rid)
+{
+    return fin_slot(f, rid) >= 0;
+}
+
+/* Drops the oldest record (the ring's head). */
+static void fin_pop(kvr_fsm *f)
+{
+    uint32_t mask = f->fin_mask;
+    long s = fin_slot(f, f->fin[f->fin_head].rid);
+    if (s >= 0) {
+        uint32_t hole = (uint32_t)s;
+        f->fin_idx[hole] = 0;
+        for (uint32_t j = (hole + 1) & mask; f->fin_idx[j]; j = (j + 1) & mask) {
+            uint32_t home = (uint32_t)rid_hash(f->fin[f->fin_idx[j] - 1].rid) & mask;
+            bool in_range = hole <= j ? (home > hole && home <= j) : (home > hole || home <= j);
+            if (!in_range) {
+                f->fin_idx[hole] = f->fin_idx[j];
+                f->fin_idx[j] = 0;
+                hole = j;
+            }
+        }
+    }
+    f->fin_head = (f->fin_head + 1) % f->opts.max_finished;
+    f->n_fin--;
+}
+
+/* Appends (rid, ms) as the newest record; when the ring is full the oldest is dropped first.
+ * rid must not be recorded yet. */
+static int fin_add(kvr_fsm *f, const uint8_t *rid, uint64_t ms)
+{
+    int rc = fin_alloc(f);
+    if (rc)
+        return rc;
+    if (f->n_fin == f->opts.max_finished) {
+        fin_pop(f);
+        f->fin_evicted++;
+    }
+    uint32_t pos = (uint32_t)(((uint64_t)f->fin_head + f->n_fin) % f->opts.max_finished);
+    memcpy(f->fin[pos].rid, rid, KVR_REQUEST_ID_LEN);
+    f->fin[pos].ms = ms;
+    uint32_t i = (uint32_t)rid_hash(rid) & f->fin_mask;
+    while (f->fin_idx[i])
+        i = (i + 1) & f->fin_mask;
+    f->fin_idx[i] = pos + 1;
+    f->n_fin++;
+    return 0;
+}
+
+/* Advances the FSM clock to t (never backwards) and drops records older than the ttl. */
+static void clock_advance(kvr_fsm *f, uint64_t t)
+{
+    if (t > f->clock_ms)
+        f->clock_ms = t;
+    uint64_t ttl = f->opts.finished_ttl_ms;
+    while (f->n_fin && f->fin[f->fin_head].ms + ttl <= f->clock_ms)
+        fin_pop(f);
+}
+
+/* Records rid as finished now (if it is not already). */
+static void fin_record(kvr_fsm *f, const uint8_t *rid)
+{
+    if (!fin_has(f, rid))
+        (void)fin_add(f, rid, f->clock_ms); /* out of memory: the record is best effort */
 }
 
 /* --- bookings --- */
@@ -274,6 +404,13 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
     if (rc->n_candidates > KVR_FSM_MAX_CANDIDATES || (rc->n_candidates && !rc->candidates) ||
         rc->model.len > KVR_FSM_MODEL_MAX || rc->ns.len > KVR_FSM_NS_MAX) {
         res->outcome = KVR_OUT_INVALID;
+        return;
+    }
+    clock_advance(f, rc->now_ms);
+    if (fin_has(f, rc->request_id)) {
+        /* Late ROUTE of a finished request (retry, re-proposal, duplicate delivery, or a
+         * reconcile ROUTE overtaken by its FREE): book nothing. */
+        res->outcome = KVR_OUT_FINISHED;
         return;
     }
     booking *old = booking_find(f, rc->request_id);
@@ -465,6 +602,9 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res)
         return;
     }
     case KVR_CMD_FREE: {
+        /* Either way the request is recorded as finished, so a ROUTE for it applied later
+         * (including one that this FREE overtook) books nothing. */
+        fin_record(f, cmd->u.request_id);
         booking *b = booking_find(f, cmd->u.request_id);
         if (!b) {
             res->outcome = KVR_OUT_UNKNOWN;
@@ -495,12 +635,15 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res)
         return;
     }
     case KVR_CMD_FRONTEND_SEEN:
+        clock_advance(f, cmd->u.frontend.now_ms);
         apply_frontend_seen(f, cmd->u.frontend.frontend_id, cmd->u.frontend.now_ms, res);
         return;
     case KVR_CMD_FRONTEND_EXPIRE:
+        clock_advance(f, cmd->u.frontend.now_ms);
         apply_frontend_expire(f, cmd->u.frontend.frontend_id, res);
         return;
     case KVR_CMD_EXPIRE:
+        clock_advance(f, cmd->u.before_ms);
         res->freed = bookings_free_if(f, pred_older, cmd->u.before_ms);
         res->outcome = KVR_OUT_OK;
         return;
@@ -780,7 +923,8 @@ const char *kvr_cmd_type_name(kvr_cmd_type t)
 
 const char *kvr_outcome_name(kvr_outcome o)
 {
-    static const char *names[] = {"ok", "duplicate", "invalid", "full", "no_worker", "unknown"};
+    static const char *names[] = {"ok",        "duplicate", "invalid", "full",
+                                  "no_worker", "unknown",   "finished"};
     return (unsigned)o < sizeof names / sizeof *names ? names[o] : "?";
 }
 
@@ -832,12 +976,28 @@ uint64_t kvr_fsm_digest(const kvr_fsm *f)
         d += worker_digest(&f->workers[i]);
     for (uint32_t i = 0; i < f->n_leases; i++)
         d += XXH3_64bits_withSeed(&f->leases[i], sizeof f->leases[i], 3);
+    /* The finished record and the clock decide future outcomes: part of the state. */
+    for (uint32_t i = 0; i < f->n_fin; i++) {
+        const fin_rec *e = &f->fin[(uint32_t)(((uint64_t)f->fin_head + i) % f->opts.max_finished)];
+        uint8_t buf[KVR_REQUEST_ID_LEN + 8];
+        memcpy(buf, e->rid, KVR_REQUEST_ID_LEN);
+        memcpy(buf + KVR_REQUEST_ID_LEN, &e->ms, 8);
+        d += XXH3_64bits_withSeed(buf, sizeof buf, 4);
+    }
+    d += XXH3_64bits_withSeed(&f->clock_ms, sizeof f->clock_ms, 5);
     return XXH3_64bits(&d, sizeof d);
 }
 
 uint32_t kvr_fsm_booking_count(const kvr_fsm *f) { return f->n_bookings; }
 uint32_t kvr_fsm_worker_count(const kvr_fsm *f) { return f->n_workers; }
 uint32_t kvr_fsm_frontend_count(const kvr_fsm *f) { return f->n_leases; }
+uint32_t kvr_fsm_finished_count(const kvr_fsm *f) { return f->n_fin; }
+uint64_t kvr_fsm_finished_evicted(const kvr_fsm *f) { return f->fin_evicted; }
+uint64_t kvr_fsm_clock_ms(const kvr_fsm *f) { return f->clock_ms; }
+bool kvr_fsm_finished_has(const kvr_fsm *f, const uint8_t request_id[KVR_REQUEST_ID_LEN])
+{
+    return fin_has(f, request_id);
+}
 
 static void worker_view(const worker *w, kvr_fsm_worker_view *o)
 {
@@ -929,7 +1089,8 @@ int kvr_fsm_frontend_at(const kvr_fsm *f, uint32_t i, uint64_t *id, uint64_t *la
 /* Snapshot */
 
 #define SNAP_MAGIC "KVRS"
-#define SNAP_VERSION 1
+#define SNAP_VERSION 2 /* 2: + clock_ms and the finished record. 1 is still loaded. */
+#define SNAP_VERSION_MIN 1
 
 int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
 {
@@ -938,7 +1099,7 @@ int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
     CK(kvr_buf_append(out, SNAP_MAGIC, 4));
     uint8_t ver = SNAP_VERSION;
     CK(kvr_buf_append(out, &ver, 1));
-    CK(kvr_mp_write_array(out, 3));
+    CK(kvr_mp_write_array(out, 5));
     CK(kvr_mp_write_array(out, f->n_workers));
     for (uint32_t i = 0; i < f->n_workers; i++) {
         const worker *w = &f->workers[i];
@@ -972,6 +1133,14 @@ int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
         CK(kvr_mp_write_uint(out, f->leases[i].frontend_id));
         CK(kvr_mp_write_uint(out, f->leases[i].last_seen_ms));
     }
+    CK(kvr_mp_write_uint(out, f->clock_ms));
+    CK(kvr_mp_write_array(out, f->n_fin)); /* oldest first */
+    for (uint32_t i = 0; i < f->n_fin; i++) {
+        const fin_rec *e = &f->fin[(uint32_t)(((uint64_t)f->fin_head + i) % f->opts.max_finished)];
+        CK(kvr_mp_write_array(out, 2));
+        CK(kvr_mp_write_bin(out, e->rid, KVR_REQUEST_ID_LEN));
+        CK(kvr_mp_write_uint(out, e->ms));
+    }
     uint64_t sum = XXH3_64bits(out->base + start, out->len - start);
     uint8_t le[8];
     for (int i = 0; i < 8; i++)
@@ -1002,8 +1171,10 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     kvr_fsm *nf = NULL;
     if (len < 4 + 1 + 8 || memcmp(p, SNAP_MAGIC, 4) != 0)
         return kvr_err_set(err, KVR_ECORRUPT, "restoring fsm snapshot: bad magic or too short (%zu bytes)", len);
-    if (p[4] != SNAP_VERSION)
-        return kvr_err_set(err, KVR_EUNSUPPORTED, "restoring fsm snapshot: version %u, want %u", p[4], SNAP_VERSION);
+    if (p[4] < SNAP_VERSION_MIN || p[4] > SNAP_VERSION)
+        return kvr_err_set(err, KVR_EUNSUPPORTED, "restoring fsm snapshot: version %u, want %u..%u",
+                           p[4], SNAP_VERSION_MIN, SNAP_VERSION);
+    unsigned version = p[4];
     uint64_t want = 0;
     for (int i = 0; i < 8; i++)
         want |= (uint64_t)p[len - 8 + i] << (8 * i);
@@ -1017,7 +1188,7 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     kvr_mp_reader_init(&r, p + 5, len - 5 - 8);
     uint32_t n, m;
     CK(kvr_mp_read_array(&r, &n));
-    if (n < 3) {
+    if (n < (version >= 2 ? 5u : 3u)) {
         rc = KVR_EINVAL;
         goto fail;
     }
@@ -1124,6 +1295,39 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
             CK(kvr_mp_skip(&r));
         nf->n_leases = i + 1;
     }
+    if (version >= 2) {
+        /* Version 1 has neither: it loads with clock 0 and an empty record. */
+        CK(kvr_mp_read_uint(&r, &nf->clock_ms));
+        CK(kvr_mp_read_array(&r, &n));
+        if (n > KVR_FSM_MAX_FINISHED_LIMIT) {
+            rc = KVR_ELIMIT;
+            goto fail;
+        }
+        uint64_t prev = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            kvr_slice rid;
+            uint64_t ms;
+            CK(kvr_mp_read_array(&r, &m));
+            if (m < 2) {
+                rc = KVR_EINVAL;
+                goto fail;
+            }
+            CK(kvr_mp_read_bin(&r, &rid));
+            CK(kvr_mp_read_uint(&r, &ms));
+            for (uint32_t j = 2; j < m; j++)
+                CK(kvr_mp_skip(&r));
+            /* oldest first, never after the clock, each request once and not live */
+            const uint8_t *rb = (const uint8_t *)rid.base;
+            if (rid.len != KVR_REQUEST_ID_LEN || ms < prev || ms > nf->clock_ms ||
+                fin_has(nf, rb) || booking_find(nf, rb)) {
+                rc = KVR_EINVAL;
+                goto fail;
+            }
+            prev = ms;
+            /* More records than this FSM's bound: the oldest are dropped, as when applying. */
+            CK(fin_add(nf, rb, ms));
+        }
+    }
     /* Success: move nf's state into f. */
     fsm_clear(f);
     f->workers = nf->workers;
@@ -1135,9 +1339,18 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     f->leases = nf->leases;
     f->n_leases = nf->n_leases;
     f->cap_leases = nf->cap_leases;
+    f->fin = nf->fin;
+    f->fin_idx = nf->fin_idx;
+    f->fin_mask = nf->fin_mask;
+    f->fin_head = nf->fin_head;
+    f->n_fin = nf->n_fin;
+    f->fin_evicted = nf->fin_evicted;
+    f->clock_ms = nf->clock_ms;
     nf->workers = NULL;
     nf->slots = NULL;
     nf->leases = NULL;
+    nf->fin = NULL;
+    nf->fin_idx = NULL;
     kvr_fsm_free(nf);
     return 0;
 fail:

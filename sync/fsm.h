@@ -9,8 +9,28 @@
  * command changes nothing and says why in the result's outcome. It is deterministic (time comes
  * from the command, never the clock; the route choice is kvr_cost_choose over the registry in
  * ascending worker id order) and idempotent per request_id: re-applying a ROUTE whose booking is
- * still live returns that booking with outcome KVR_OUT_DUPLICATE and changes nothing, except
- * that a ROUTE with pin_worker set moves a live booking (and its load) to that worker.
+ * still live returns that booking with outcome KVR_OUT_DUPLICATE and changes nothing (but the
+ * clock, below), except that a ROUTE with pin_worker set moves a live booking (and its load) to
+ * that worker.
+ *
+ * Finished record (each request_id is booked at most once). Every FREE records its request_id
+ * as finished, whether it freed a live booking or found none (a FREE that overtook its ROUTE).
+ * A ROUTE for a recorded request_id books nothing and answers KVR_OUT_FINISHED: a late retry,
+ * a reconcile re-proposal or a duplicate delivery applied after the FREE can no longer leave a
+ * booking behind until EXPIRE. Only FREE records; bookings dropped by WORKER_DOWN,
+ * FRONTEND_EXPIRE or EXPIRE are not recorded. The FSM has its own clock, clock_ms: the largest
+ * time carried by any applied command (ROUTE now_ms, FRONTEND_SEEN/_EXPIRE now_ms, EXPIRE
+ * before_ms), so every replica has the same clock after the same commands; a record carries
+ * the clock at its FREE and is dropped once clock_ms >= its time + finished_ttl_ms (default
+ * 600 s, the default max request age). Bound: at most max_finished records (default 2^18,
+ * 24 bytes each in a FIFO ring plus a 4-byte index slot per 2^k >= 2 * max_finished: ~8 MiB at
+ * the default, allocated at the first FREE). Past the bound the oldest record is dropped early
+ * (kvr_fsm_finished_evicted counts these); a ROUTE for that request applied later books again,
+ * as without the record, and that booking lasts until EXPIRE. At 1,000 requests/s the default
+ * still remembers the last ~260 s, far beyond any retry window. A router whose clock runs far
+ * ahead can make records expire early on every replica (never differently on different ones).
+ * The record and clock_ms are in the snapshot (format version 2) and in the digest; all
+ * replicas must use the same max_finished and finished_ttl_ms (like max_bookings).
  *
  * Memory: a kvr_fsm owns all its state; kvr_fsm_free releases it. A kvr_cmd decoded from bytes
  * borrows strings from those bytes and its candidates from caller storage.
@@ -31,6 +51,9 @@
 #define KVR_FSM_MAX_WORKERS 4096
 #define KVR_FSM_MAX_FRONTENDS 4096
 #define KVR_FSM_DEFAULT_MAX_BOOKINGS (1u << 20)
+#define KVR_FSM_DEFAULT_MAX_FINISHED (1u << 18)
+#define KVR_FSM_MAX_FINISHED_LIMIT (1u << 24) /* larger max_finished values are clamped */
+#define KVR_FSM_DEFAULT_FINISHED_TTL_MS 600000u
 #define KVR_FSM_MODEL_MAX 127
 #define KVR_FSM_NS_MAX 63
 #define KVR_FSM_URL_MAX 255
@@ -110,7 +133,10 @@ typedef enum kvr_outcome {
     KVR_OUT_INVALID = 2,   /* malformed command or field out of bounds */
     KVR_OUT_FULL = 3,      /* booking/worker/frontend table at its bound */
     KVR_OUT_NO_WORKER = 4, /* ROUTE: no live worker for this model/namespace */
-    KVR_OUT_UNKNOWN = 5,   /* FREE/PREFILL_DONE/WORKER_DOWN/FRONTEND_EXPIRE of nothing known */
+    KVR_OUT_UNKNOWN = 5,   /* FREE/PREFILL_DONE/WORKER_DOWN/FRONTEND_EXPIRE of nothing known
+                              (a FREE still records the request as finished) */
+    KVR_OUT_FINISHED = 6,  /* ROUTE of a request already FREEd (in the finished record): nothing
+                              booked, worker_id 0. Name "finished". */
 } kvr_outcome;
 const char *kvr_outcome_name(kvr_outcome o);
 
@@ -128,6 +154,8 @@ typedef struct kvr_fsm_result {
 typedef struct kvr_fsm_options {
     uint32_t max_bookings;   /* 0 → KVR_FSM_DEFAULT_MAX_BOOKINGS */
     kvr_cost_params cost;    /* all zero → kvr_cost_params_default() (weight 1.0, temp 0) */
+    uint32_t max_finished;   /* finished record bound; 0 → KVR_FSM_DEFAULT_MAX_FINISHED */
+    uint32_t finished_ttl_ms; /* record lifetime in command time; 0 → 600000 */
 } kvr_fsm_options;
 
 typedef struct kvr_fsm kvr_fsm;
@@ -160,12 +188,20 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res);
 /* Decodes then applies; undecodable bytes give outcome KVR_OUT_INVALID. */
 void kvr_fsm_apply_bytes(kvr_fsm *f, const void *data, size_t len, kvr_fsm_result *res);
 
-/* Order-independent 64-bit digest of bookings + registry + leases: two replicas that applied
+/* Order-independent 64-bit digest of bookings + registry + leases + finished record + clock:
+ * two replicas that applied
  * the same commands have equal digests, whatever their memory layout. */
 uint64_t kvr_fsm_digest(const kvr_fsm *f);
 uint32_t kvr_fsm_booking_count(const kvr_fsm *f);
 uint32_t kvr_fsm_worker_count(const kvr_fsm *f);
 uint32_t kvr_fsm_frontend_count(const kvr_fsm *f);
+/* Finished record: entries held, whether request_id is recorded, records dropped early because
+ * the record was full (since this process created or restored the FSM; not replicated). */
+uint32_t kvr_fsm_finished_count(const kvr_fsm *f);
+bool kvr_fsm_finished_has(const kvr_fsm *f, const uint8_t request_id[KVR_REQUEST_ID_LEN]);
+uint64_t kvr_fsm_finished_evicted(const kvr_fsm *f);
+/* The FSM clock: the largest command time applied so far (ms). */
+uint64_t kvr_fsm_clock_ms(const kvr_fsm *f);
 /* Copies registry entry i (0 <= i < worker_count, ascending id). KVR_ENOTFOUND past the end. */
 int kvr_fsm_worker_at(const kvr_fsm *f, uint32_t i, kvr_fsm_worker_view *out);
 int kvr_fsm_worker_get(const kvr_fsm *f, uint64_t worker_id, kvr_fsm_worker_view *out);
@@ -178,8 +214,10 @@ int kvr_fsm_frontend_last_seen(const kvr_fsm *f, uint64_t frontend_id, uint64_t 
 /* Lease i (0 <= i < frontend_count). KVR_ENOTFOUND past the end. */
 int kvr_fsm_frontend_at(const kvr_fsm *f, uint32_t i, uint64_t *frontend_id, uint64_t *last_seen_ms);
 
-/* Snapshot: "KVRS" magic, format version, msgpack body, XXH3-64 checksum of all before it.
- * Appends to out. */
+/* Snapshot: "KVRS" magic, format version (2), msgpack body [workers, bookings, leases,
+ * clock_ms, finished [[request_id, ms]...] oldest first], XXH3-64 checksum of all before it.
+ * Version 1 (no clock, no record) still restores, with clock 0 and an empty record; other
+ * versions are refused with KVR_EUNSUPPORTED. Appends to out. */
 int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err);
 /* Replaces f's state with a snapshot's. On any error (bad magic/version/checksum/contents)
  * f is left unchanged and err says why. */
