@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define KN_SUBJECT_MAX 1024
 #define KN_REQ_BUCKETS 4096
@@ -95,6 +96,7 @@ struct kvr_nats_impl {
     uv_async_t async;
 
     _Atomic bool connected;
+    bool nc_closed; /* cnats delivered the closed callback (under mu) */
     bool closing;      /* loop thread */
     bool close_started;
     kvr_nats_close_cb close_cb;
@@ -314,6 +316,18 @@ static void on_reconnected(natsConnection *nc, void *closure)
     kvr_nats_impl *ki = closure;
     atomic_store(&ki->connected, true);
     push_state(ki, KVR_NATS_RECONNECTED);
+}
+
+/* cnats async-callback thread. cnats delivers a connection's callbacks in order on one thread
+ * and "closed" is the last: once it has run, no disconnected/reconnected callback can still
+ * be on its way to ki, so close may free it. */
+static void on_nats_closed(natsConnection *nc, void *closure)
+{
+    kvr_nats_impl *ki = closure;
+    pthread_mutex_lock(&ki->mu);
+    ki->nc_closed = true;
+    pthread_cond_broadcast(&ki->cv);
+    pthread_mutex_unlock(&ki->mu);
 }
 
 static void on_nats_error(natsConnection *nc, natsSubscription *sub, natsStatus err, void *closure)
@@ -1033,6 +1047,7 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
     CHK(natsOptions_SetSendAsap(no, !o->batch_publishes), "send asap");
     CHK(natsOptions_SetDisconnectedCB(no, on_disconnected, ki), "disconnected cb");
     CHK(natsOptions_SetReconnectedCB(no, on_reconnected, ki), "reconnected cb");
+    CHK(natsOptions_SetClosedCB(no, on_nats_closed, ki), "closed cb");
     CHK(natsOptions_SetErrorHandler(no, on_nats_error, ki), "error handler");
     CHK(natsOptions_SetRetryOnFailedConnect(no, true, on_connected, ki), "retry connect");
 #undef CHK
@@ -1219,8 +1234,23 @@ static void close_run(uv_work_t *req)
 {
     kvr_nats_impl *ki = req->data;
     kick_stop(ki);
-    if (ki->nc)
+    if (ki->nc) {
         natsConnection_Close(ki->nc);
+        /* Wait (bounded) for cnats' closed callback: its disconnected callback is delivered
+         * asynchronously and would otherwise touch ki after handle_closed freed it. */
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += 5;
+        pthread_mutex_lock(&ki->mu);
+        while (!ki->nc_closed) {
+            if (pthread_cond_timedwait(&ki->cv, &ki->mu, &until) != 0)
+                break;
+        }
+        bool closed = ki->nc_closed;
+        pthread_mutex_unlock(&ki->mu);
+        if (!closed)
+            KVR_LOG_WARN("nats: closed callback not delivered", "wait_s=%d", 5);
+    }
     for (kvr_nats_sub *s = ki->subs; s; s = s->next_all) {
         if (s->ns) {
             natsSubscription_Destroy(s->ns);
