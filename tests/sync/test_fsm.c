@@ -8,6 +8,7 @@
 #include <cmocka.h>
 
 #include "fsm.h"
+#include <xxhash.h>
 #include "sync_test_util.h"
 
 static char urls[64][64];
@@ -403,6 +404,362 @@ static void test_pinned_route_moves(void **state)
     kvr_fsm_free(f);
 }
 
+
+/* --- finished record --- */
+
+static uint64_t worker_active(const kvr_fsm *f, uint64_t id)
+{
+    kvr_fsm_worker_view v;
+    assert_int_equal(kvr_fsm_worker_get(f, id, &v), 0);
+    return v.active_blocks;
+}
+
+static uint64_t total_active(const kvr_fsm *f)
+{
+    uint64_t t = 0;
+    kvr_fsm_worker_view v;
+    for (uint32_t i = 0; kvr_fsm_worker_at(f, i, &v) == 0; i++)
+        t += v.active_blocks + v.active_prefill_blocks;
+    return t;
+}
+
+static void test_route_after_free(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_workers(f, 3);
+    kvr_fsm_result r;
+    kvr_cmd c = tu_route(11, 1, 1000, 8, NULL, 0);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    uint64_t w = r.worker_id;
+    kvr_cmd fr = tu_req(KVR_CMD_FREE, 11);
+    apply_enc(f, &fr, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_true(kvr_fsm_finished_has(f, c.u.route.request_id));
+    assert_int_equal(kvr_fsm_finished_count(f), 1);
+    uint64_t d = kvr_fsm_digest(f);
+    /* the follower's late retry (same bytes), and one with a later time and other candidates */
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_FINISHED);
+    assert_int_equal(r.worker_id, 0);
+    assert_string_equal(kvr_outcome_name(r.outcome), "finished");
+    assert_true(kvr_fsm_digest(f) == d); /* same time: nothing at all changed */
+    kvr_route_candidate cand[] = {{w, 8}};
+    kvr_cmd c2 = tu_route(11, 1, 2000, 8, cand, 1);
+    apply_enc(f, &c2, &r);
+    assert_int_equal(r.outcome, KVR_OUT_FINISHED);
+    /* a pinned re-proposal (reconcile) of the finished request books nothing either */
+    c2.u.route.pin_worker = w;
+    kvr_fsm_apply(f, &c2, &r);
+    assert_int_equal(r.outcome, KVR_OUT_FINISHED);
+    assert_int_equal(kvr_fsm_booking_count(f), 0);
+    assert_int_equal(worker_active(f, w), 0);
+    assert_int_equal(total_active(f), 0);
+    /* PREFILL_DONE and a second FREE of it: unknown, harmless, recorded once */
+    kvr_cmd pd = tu_req(KVR_CMD_PREFILL_DONE, 11);
+    apply_enc(f, &pd, &r);
+    assert_int_equal(r.outcome, KVR_OUT_UNKNOWN);
+    apply_enc(f, &fr, &r);
+    assert_int_equal(r.outcome, KVR_OUT_UNKNOWN);
+    assert_int_equal(kvr_fsm_finished_count(f), 1);
+    /* other requests still book */
+    kvr_cmd c3 = tu_route(12, 1, 2001, 8, NULL, 0);
+    apply_enc(f, &c3, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    kvr_fsm_free(f);
+}
+
+static void test_free_before_route(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_workers(f, 2);
+    kvr_fsm_result r;
+    /* the FREE overtook its ROUTE (reconcile order, or a frontend freeing after a timeout) */
+    kvr_cmd fr = tu_req(KVR_CMD_FREE, 21);
+    apply_enc(f, &fr, &r);
+    assert_int_equal(r.outcome, KVR_OUT_UNKNOWN);
+    assert_int_equal(r.freed, 0);
+    assert_int_equal(kvr_fsm_finished_count(f), 1);
+    kvr_cmd c = tu_route(21, 1, 500, 6, NULL, 0);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_FINISHED);
+    c.u.route.pin_worker = 2;
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_FINISHED);
+    assert_int_equal(kvr_fsm_booking_count(f), 0);
+    assert_int_equal(total_active(f), 0);
+    kvr_fsm_free(f);
+}
+
+static void test_duplicate_while_active(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_workers(f, 4);
+    kvr_fsm_result r1, r2;
+    kvr_cmd c = tu_route(31, 1, 100, 10, NULL, 0);
+    apply_enc(f, &c, &r1);
+    assert_int_equal(r1.outcome, KVR_OUT_OK);
+    for (int i = 0; i < 3; i++) {
+        kvr_cmd again = tu_route(31, 2, 100 + (uint64_t)i, 10, NULL, 0);
+        apply_enc(f, &again, &r2);
+        assert_int_equal(r2.outcome, KVR_OUT_DUPLICATE);
+        assert_int_equal(r2.worker_id, r1.worker_id);
+        assert_string_equal(r2.url, r1.url);
+    }
+    assert_int_equal(kvr_fsm_booking_count(f), 1);
+    assert_int_equal(worker_active(f, r1.worker_id), 10);
+    assert_int_equal(total_active(f), 10 + 10); /* blocks + prefill blocks (no overlap) */
+    assert_int_equal(kvr_fsm_finished_count(f), 0);
+    kvr_fsm_free(f);
+}
+
+static void test_record_pruned_by_command_time(void **state)
+{
+    (void)state;
+    kvr_fsm_options o = {.finished_ttl_ms = 1000};
+    kvr_fsm *f = kvr_fsm_new(&o);
+    add_workers(f, 2);
+    kvr_fsm_result r;
+    kvr_cmd c = tu_route(41, 1, 10000, 4, NULL, 0);
+    apply_enc(f, &c, &r);
+    kvr_cmd fr = tu_req(KVR_CMD_FREE, 41);
+    apply_enc(f, &fr, &r); /* recorded at clock 10000 */
+    kvr_cmd fr2 = tu_req(KVR_CMD_FREE, 42);
+    kvr_cmd seen = {.type = KVR_CMD_FRONTEND_SEEN};
+    seen.u.frontend.frontend_id = 1;
+    seen.u.frontend.now_ms = 10500;
+    apply_enc(f, &seen, &r);
+    apply_enc(f, &fr2, &r); /* recorded at clock 10500 */
+    assert_int_equal(kvr_fsm_clock_ms(f), 10500);
+    assert_int_equal(kvr_fsm_finished_count(f), 2);
+    /* a command carrying an older time does not move the clock back, nor prune */
+    kvr_cmd old = tu_route(43, 1, 9000, 4, NULL, 0);
+    apply_enc(f, &old, &r);
+    assert_int_equal(kvr_fsm_clock_ms(f), 10500);
+    assert_int_equal(kvr_fsm_finished_count(f), 2);
+    /* EXPIRE's before_ms is a command time too: 10999 keeps both */
+    kvr_cmd ex = {.type = KVR_CMD_EXPIRE, .u.before_ms = 10999};
+    apply_enc(f, &ex, &r);
+    assert_int_equal(kvr_fsm_finished_count(f), 2);
+    /* at 11000 the first record (10000 + 1000) is gone: the retry books again */
+    kvr_cmd late = tu_route(41, 1, 11000, 4, NULL, 0);
+    apply_enc(f, &late, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(kvr_fsm_finished_count(f), 1);
+    assert_true(kvr_fsm_finished_has(f, fr2.u.request_id));
+    kvr_cmd late2 = tu_route(42, 1, 11000, 4, NULL, 0);
+    apply_enc(f, &late2, &r);
+    assert_int_equal(r.outcome, KVR_OUT_FINISHED);
+    seen.u.frontend.now_ms = 11500;
+    apply_enc(f, &seen, &r);
+    assert_int_equal(kvr_fsm_finished_count(f), 0);
+    assert_int_equal(kvr_fsm_finished_evicted(f), 0);
+    kvr_fsm_free(f);
+}
+
+static void test_record_bound(void **state)
+{
+    (void)state;
+    kvr_fsm_options o = {.max_finished = 100};
+    kvr_fsm *f = kvr_fsm_new(&o);
+    add_workers(f, 2);
+    kvr_fsm_result r;
+    for (uint64_t i = 0; i < 250; i++) {
+        kvr_cmd c = tu_route(1000 + i, 1, 1 + i, 2, NULL, 0);
+        apply_enc(f, &c, &r);
+        assert_int_equal(r.outcome, KVR_OUT_OK);
+        kvr_cmd fr = tu_req(KVR_CMD_FREE, 1000 + i);
+        apply_enc(f, &fr, &r);
+        assert_int_equal(r.outcome, KVR_OUT_OK);
+        assert_true(kvr_fsm_finished_count(f) <= 100);
+    }
+    /* the newest 100 are remembered, the oldest 150 were dropped early (FIFO) */
+    assert_int_equal(kvr_fsm_finished_count(f), 100);
+    assert_int_equal(kvr_fsm_finished_evicted(f), 150);
+    for (uint64_t i = 0; i < 250; i++) {
+        kvr_cmd c = tu_route(1000 + i, 1, 1000, 2, NULL, 0);
+        assert_int_equal(kvr_fsm_finished_has(f, c.u.route.request_id), i >= 150);
+    }
+    /* past the bound a very late ROUTE books again (as without the record) */
+    kvr_cmd c = tu_route(1000, 1, 1000, 2, NULL, 0);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    kvr_cmd c2 = tu_route(1000 + 249, 1, 1000, 2, NULL, 0);
+    apply_enc(f, &c2, &r);
+    assert_int_equal(r.outcome, KVR_OUT_FINISHED);
+    /* the index survives heavy churn: every remembered id is found, no dropped one is */
+    for (uint64_t i = 0; i < 5000; i++) {
+        kvr_cmd fr = tu_req(KVR_CMD_FREE, 100000 + i);
+        apply_enc(f, &fr, &r);
+    }
+    assert_int_equal(kvr_fsm_finished_count(f), 100);
+    for (uint64_t i = 0; i < 5000; i++) {
+        kvr_cmd q = tu_req(KVR_CMD_FREE, 100000 + i);
+        assert_int_equal(kvr_fsm_finished_has(f, q.u.request_id), i >= 4900);
+    }
+    kvr_fsm_free(f);
+}
+
+static void test_snapshot_with_record(void **state)
+{
+    (void)state;
+    kvr_fsm_options o = {.max_finished = 64, .finished_ttl_ms = 5000};
+    kvr_fsm *f = kvr_fsm_new(&o);
+    add_workers(f, 3);
+    kvr_fsm_result r;
+    for (uint64_t i = 0; i < 100; i++) {
+        kvr_cmd c = tu_route(i, 1, 100 * i, 3, NULL, 0);
+        apply_enc(f, &c, &r);
+        if (i % 3) {
+            kvr_cmd fr = tu_req(KVR_CMD_FREE, i);
+            apply_enc(f, &fr, &r);
+        }
+    }
+    kvr_cmd fr = tu_req(KVR_CMD_FREE, 5000); /* an overtaking FREE */
+    apply_enc(f, &fr, &r);
+    assert_true(kvr_fsm_finished_count(f) > 0);
+    kvr_buf b;
+    kvr_buf_init(&b);
+    assert_int_equal(kvr_fsm_snapshot(f, &b, NULL), 0);
+    assert_int_equal((uint8_t)b.base[4], 2);
+    kvr_fsm *g = kvr_fsm_new(&o);
+    assert_int_equal(kvr_fsm_restore(g, b.base, b.len, NULL), 0);
+    assert_true(kvr_fsm_digest(g) == kvr_fsm_digest(f));
+    assert_int_equal(kvr_fsm_finished_count(g), kvr_fsm_finished_count(f));
+    assert_int_equal(kvr_fsm_clock_ms(g), kvr_fsm_clock_ms(f));
+    /* both go on identically: pruning and refusals after the restore match */
+    for (uint64_t i = 0; i < 100; i++) {
+        kvr_fsm_result rf, rg;
+        kvr_cmd c = tu_route(i, 1, 9900 + 10 * i, 3, NULL, 0);
+        apply_enc(f, &c, &rf);
+        apply_enc(g, &c, &rg);
+        assert_int_equal(rf.outcome, rg.outcome);
+        assert_int_equal(rf.worker_id, rg.worker_id);
+        assert_true(kvr_fsm_digest(g) == kvr_fsm_digest(f));
+    }
+    kvr_cmd c5000 = tu_route(5000, 1, 10000, 3, NULL, 0);
+    apply_enc(g, &c5000, &r);
+    assert_int_equal(r.outcome, KVR_OUT_FINISHED);
+    /* a digest differs when only the record differs */
+    kvr_fsm *h = kvr_fsm_clone(f);
+    assert_non_null(h);
+    assert_true(kvr_fsm_digest(h) == kvr_fsm_digest(f));
+    kvr_cmd extra = tu_req(KVR_CMD_FREE, 777777);
+    apply_enc(h, &extra, &r);
+    assert_true(kvr_fsm_digest(h) != kvr_fsm_digest(f));
+    kvr_fsm_free(h);
+    kvr_fsm_free(g);
+    kvr_buf_free(&b);
+    kvr_fsm_free(f);
+}
+
+/* Builds a version-1 snapshot body by hand (no clock, no record) with one booking. */
+static void test_snapshot_v1_loads(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_workers(f, 1);
+    kvr_fsm_result r;
+    kvr_cmd c = tu_route(61, 1, 1234, 5, NULL, 0);
+    apply_enc(f, &c, &r);
+    kvr_buf v2;
+    kvr_buf_init(&v2);
+    assert_int_equal(kvr_fsm_snapshot(f, &v2, NULL), 0);
+    /* v2 body = fixarray(5) ... clock uint ... fixarray(0); v1 = fixarray(3) without the tail */
+    assert_int_equal((uint8_t)v2.base[5], 0x95);
+    /* tail of an empty record: clock 1234 (0xcd 0x04 0xd2) then 0x90, then 8 checksum bytes */
+    size_t body_end = v2.len - 8;
+    assert_int_equal((uint8_t)v2.base[body_end - 1], 0x90);
+    assert_int_equal((uint8_t)v2.base[body_end - 4], 0xcd);
+    kvr_buf v1;
+    kvr_buf_init(&v1);
+    assert_int_equal(kvr_buf_append(&v1, v2.base, body_end - 4), 0);
+    v1.base[4] = 1;
+    v1.base[5] = (char)0x93;
+    uint64_t sum = XXH3_64bits(v1.base, v1.len);
+    uint8_t le[8];
+    for (int i = 0; i < 8; i++)
+        le[i] = (uint8_t)(sum >> (8 * i));
+    assert_int_equal(kvr_buf_append(&v1, le, 8), 0);
+    kvr_fsm *g = kvr_fsm_new(NULL);
+    kvr_err e;
+    assert_int_equal(kvr_fsm_restore(g, v1.base, v1.len, &e), 0);
+    assert_int_equal(kvr_fsm_booking_count(g), 1);
+    assert_int_equal(kvr_fsm_finished_count(g), 0);
+    assert_int_equal(kvr_fsm_clock_ms(g), 0);
+    assert_int_equal(worker_active(g, 1), 5);
+    /* a v1 body labelled 2 is refused (too few sections), and so is version 3 */
+    v1.base[4] = 2;
+    v1.len -= 8;
+    sum = XXH3_64bits(v1.base, v1.len);
+    for (int i = 0; i < 8; i++)
+        le[i] = (uint8_t)(sum >> (8 * i));
+    assert_int_equal(kvr_buf_append(&v1, le, 8), 0);
+    uint64_t dg = kvr_fsm_digest(g);
+    assert_true(kvr_fsm_restore(g, v1.base, v1.len, &e) < 0);
+    v2.base[4] = 3;
+    assert_int_equal(kvr_fsm_restore(g, v2.base, v2.len, &e), KVR_EUNSUPPORTED);
+    assert_true(kvr_fsm_digest(g) == dg);
+    kvr_buf_free(&v1);
+    kvr_buf_free(&v2);
+    kvr_fsm_free(g);
+    kvr_fsm_free(f);
+}
+
+/* Replicas that apply the same commands in the same order (each through its own path: direct,
+ * encoded, restored from a snapshot midway) agree on every outcome and digest, with late
+ * retries, overtaking FREEs and duplicates mixed in. */
+static void test_record_digest_across_replicas(void **state)
+{
+    (void)state;
+    kvr_fsm_options o = {.max_finished = 50, .finished_ttl_ms = 300};
+    kvr_fsm *a = kvr_fsm_new(&o), *b = kvr_fsm_new(&o), *c = kvr_fsm_new(&o);
+    add_workers(a, 4);
+    add_workers(b, 4);
+    add_workers(c, 4);
+    srand(7);
+    for (int i = 0; i < 3000; i++) {
+        if (i == 1500) {
+            kvr_fsm *n = kvr_fsm_clone(c);
+            assert_non_null(n);
+            kvr_fsm_free(c);
+            c = n;
+        }
+        uint64_t req = (uint64_t)(rand() % 120);
+        kvr_cmd cmd;
+        int k = rand() % 10;
+        if (k < 5)
+            cmd = tu_route(req, 1, (uint64_t)i, (uint32_t)(rand() % 9 + 1), NULL, 0);
+        else if (k < 9)
+            cmd = tu_req(KVR_CMD_FREE, req);
+        else
+            cmd = tu_req(KVR_CMD_PREFILL_DONE, req);
+        kvr_fsm_result ra, rb, rc;
+        kvr_fsm_apply(a, &cmd, &ra);
+        apply_enc(b, &cmd, &rb);
+        apply_enc(c, &cmd, &rc);
+        assert_int_equal(ra.outcome, rb.outcome);
+        assert_int_equal(ra.outcome, rc.outcome);
+        assert_int_equal(ra.worker_id, rc.worker_id);
+        /* invariant: a recorded request is never booked */
+        if (cmd.type == KVR_CMD_ROUTE && ra.outcome == KVR_OUT_FINISHED)
+            assert_int_equal(kvr_fsm_booking_get(a, cmd.u.route.request_id, &(kvr_fsm_booking_view){0}),
+                             KVR_ENOTFOUND);
+    }
+    assert_true(kvr_fsm_digest(a) == kvr_fsm_digest(b));
+    assert_true(kvr_fsm_digest(a) == kvr_fsm_digest(c));
+    uint64_t sum[32] = {0};
+    kvr_fsm_foreach_booking(a, check_load, sum);
+    for (uint64_t w = 1; w <= 4; w++)
+        assert_int_equal(worker_active(a, w), sum[w]);
+    kvr_fsm_free(a);
+    kvr_fsm_free(b);
+    kvr_fsm_free(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -414,6 +771,14 @@ int main(void)
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_snapshot_corrupt),
         cmocka_unit_test(test_pinned_route_moves),
+        cmocka_unit_test(test_route_after_free),
+        cmocka_unit_test(test_free_before_route),
+        cmocka_unit_test(test_duplicate_while_active),
+        cmocka_unit_test(test_record_pruned_by_command_time),
+        cmocka_unit_test(test_record_bound),
+        cmocka_unit_test(test_snapshot_with_record),
+        cmocka_unit_test(test_snapshot_v1_loads),
+        cmocka_unit_test(test_record_digest_across_replicas),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
