@@ -1492,8 +1492,12 @@ static int start_snapshot(kvr_routerd *rd, bool final)
         return 0; /* nothing consumed yet: keep whatever is on disk */
     uint64_t seq = kvr_index_stream_seq(rd->idx);
     uint64_t dg = kvr_index_digest(rd->idx);
-    if (seq == rd->snap_last_written_seq && dg == rd->snap_last_digest)
+    if (seq == rd->snap_last_written_seq && dg == rd->snap_last_digest) {
+        /* Nothing changed since the last snapshot: the file on disk already is the final one. */
+        if (final)
+            KVR_LOG_INFO("snapshot current", "stream_seq=%" PRIu64 " final=1", seq);
         return 0;
+    }
     snap_job *j = calloc(1, sizeof(*j));
     if (!j)
         return KVR_ENOMEM;
