@@ -1,9 +1,12 @@
-/* kvr-bench raft: route-and-reserve through an in-process 3-node kvr_sync group (one uv loop,
- * loopback TCP, real data dirs), requests spread over all three nodes with many in flight;
- * the same load applied to one local FSM; and a simulation of best-effort booking broadcast
- * (Dynamo's replicas) counting decisions made on stale load. */
+/* kvr-bench raft: dispatcher (--mode process|inprocess), and the in-process variant:
+ * route-and-reserve through an in-process 3-node kvr_sync group (one uv loop, loopback TCP,
+ * real data dirs), requests spread over all three nodes with many in flight; the same load
+ * applied to one local FSM; and a simulation of best-effort booking broadcast (Dynamo's
+ * replicas) counting decisions made on stale load. The default, --mode process, drives real
+ * kvr-routerd processes (raftbench_proc.c). */
 #define _GNU_SOURCE
 #include "kvr_bench.h"
+#include "raftbench.h"
 
 #include "fsm.h"
 #include "kvr_log.h"
@@ -350,13 +353,51 @@ static double best_effort_rate(uint64_t n, uint64_t seed, uint32_t n_workers, do
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: kvr-bench raft [--routers 3] [--requests N] [--inflight K] [--workers W]\n"
+            "usage: kvr-bench raft --mode inprocess [--routers 3] [--requests N] [--inflight K] [--workers W]\n"
             "                      [--bcast-delay-ms D] [--hold-ms H] [--rate R] [--snapshot-threshold N]\n"
             "                      [--json OUT]\n"
             "In-process: 3 kvr_sync nodes on one loop over loopback TCP (temp data dirs).\n");
 }
 
+double raftbench_best_effort_rate(uint64_t n, uint64_t seed, uint32_t n_workers, double rate_per_s,
+                                  double delay_ms, double hold_ms, uint64_t *stale_out)
+{
+    return best_effort_rate(n, seed, n_workers, rate_per_s, delay_ms, hold_ms, "m", "ns", stale_out);
+}
+
+static int raft_inprocess(int argc, char **argv);
+
 int kvr_bench_raft(int argc, char **argv)
+{
+    /* --mode process (default) | inprocess; removed from argv before the variant parses it */
+    const char *mode = "process";
+    char *args[256];
+    int n = 0;
+    if (argc > 250) {
+        fprintf(stderr, "kvr-bench raft: too many arguments\n");
+        return 2;
+    }
+    for (int i = 0; i < argc; i++) {
+        if (i > 0 && !strcmp(argv[i], "--mode")) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "kvr-bench raft: --mode wants process or inprocess\n");
+                return 2;
+            }
+            mode = argv[++i];
+            continue;
+        }
+        args[n++] = argv[i];
+    }
+    args[n] = NULL;
+    if (!strcmp(mode, "inprocess") || !strcmp(mode, "in-process"))
+        return raft_inprocess(n, args);
+    if (!strcmp(mode, "process"))
+        return raftbench_process(n, args);
+    fprintf(stderr, "kvr-bench raft: --mode wants process or inprocess, not '%s'\n", mode);
+    return 2;
+}
+
+static int raft_inprocess(int argc, char **argv)
 {
     bench b;
     memset(&b, 0, sizeof b);

@@ -1,0 +1,1052 @@
+/* kvr-bench raft --mode process: route-and-reserve through real kvr-routerd processes.
+ *
+ * Phase 1: `kvrctl up --routers N --workers M --frontends 0` (one Raft group, nats-server -js,
+ * M kvr-workers that only heartbeat), every router must know every worker; then K route
+ * requests in flight over NATS `kvr.route` (queue group: any router answers) for --duration
+ * seconds, each answered booking freed at once (`kvr.route.event` free). Client latency is
+ * request sent -> reply on our loop. Per-router spread and router-side latency come from each
+ * router's /metrics (deltas); at the end every router's raft.fsm_digest must agree.
+ * Phase 2: the same load against 1 router started with --no-raft-flags (local mode).
+ * Phase 3: the best-effort broadcast double-booking simulation (bench_raft.c), no processes.
+ * Every cluster is torn down with `kvrctl down` on every path, Ctrl-C included. */
+#define _GNU_SOURCE
+#pragma GCC diagnostic ignored "-Wformat-truncation" /* error texts are cut on purpose */
+#include "kvr_buf.h"
+#include "kvr_json.h"
+#include "kvr_log.h"
+#include "kvr_mp.h"
+#include "kvr_nats.h"
+#include "raftbench.h"
+#include "run_cluster.h"
+
+#include <errno.h>
+#include <ftw.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <uv.h>
+
+#define RB_MAX_ROUTERS 9
+#define RB_TEMPLATES 256
+#define RB_NBUCKETS 32
+
+static volatile sig_atomic_t rb_stop;
+static void rb_on_signal(int sig)
+{
+    (void)sig;
+    rb_stop = 1;
+}
+
+typedef struct rb_opts {
+    int routers, workers, inflight, duration_s, blocks, timeout_ms;
+    uint64_t max_requests; /* 0: only the duration limits */
+    const char *json, *dir, *router_args;
+    bool skip_local, keep;
+    double be_delay_ms, be_hold_ms, be_rate;
+} rb_opts;
+
+/* --- one router's /metrics, reduced --- */
+typedef struct rb_prom {
+    bool ok;
+    double raft, local;            /* kvr_routerd_route_decisions_total{mode} */
+    double errors;                 /* kvr_routerd_route_errors_total (all reasons) */
+    double lat_sum, lat_count;     /* kvr_routerd_route_latency_seconds_{sum,count} */
+    int nb;                        /* histogram buckets (cumulative, le bounds) */
+    double le[RB_NBUCKETS], cum[RB_NBUCKETS];
+} rb_prom;
+
+/* Value of the sample line that starts exactly with `key` followed by a space. */
+static bool prom_value(const char *text, size_t len, const char *key, double *out)
+{
+    size_t kl = strlen(key);
+    const char *p = text, *end = text + len;
+    while (p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        const char *le = nl ? nl : end;
+        if ((size_t)(le - p) > kl && !memcmp(p, key, kl) && p[kl] == ' ') {
+            *out = strtod(p + kl + 1, NULL);
+            return true;
+        }
+        p = le + 1;
+    }
+    return false;
+}
+
+static void prom_parse(const char *text, size_t len, rb_prom *m)
+{
+    memset(m, 0, sizeof *m);
+    m->ok = prom_value(text, len, "kvr_routerd_route_decisions_total{mode=\"raft\"}", &m->raft);
+    prom_value(text, len, "kvr_routerd_route_decisions_total{mode=\"local\"}", &m->local);
+    double v;
+    static const char *const reasons[] = {"backend", "no_worker", "bad_request"};
+    char key[128];
+    for (size_t i = 0; i < 3; i++) {
+        snprintf(key, sizeof key, "kvr_routerd_route_errors_total{reason=\"%s\"}", reasons[i]);
+        if (prom_value(text, len, key, &v))
+            m->errors += v;
+    }
+    prom_value(text, len, "kvr_routerd_route_latency_seconds_sum", &m->lat_sum);
+    prom_value(text, len, "kvr_routerd_route_latency_seconds_count", &m->lat_count);
+    static const char pfx[] = "kvr_routerd_route_latency_seconds_bucket{le=\"";
+    const char *p = text, *end = text + len;
+    while (p < end && m->nb < RB_NBUCKETS) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        const char *e = nl ? nl : end;
+        if ((size_t)(e - p) > sizeof pfx && !memcmp(p, pfx, sizeof pfx - 1)) {
+            char *q;
+            double le = strtod(p + sizeof pfx - 1, &q); /* "+Inf" parses as inf */
+            const char *sp = memchr(p, ' ', (size_t)(e - p));
+            if (sp) {
+                m->le[m->nb] = le;
+                m->cum[m->nb] = strtod(sp + 1, NULL);
+                m->nb++;
+            }
+        }
+        p = e + 1;
+    }
+}
+
+static int prom_scrape(const char *url, rb_prom *m)
+{
+    char u[256];
+    snprintf(u, sizeof u, "%s/metrics", url);
+    kvr_buf b;
+    kvr_buf_init(&b);
+    long st = 0;
+    int rc = run_http_get(u, 3000, &st, &b);
+    if (rc == 0 && st == 200)
+        prom_parse(b.base ? b.base : "", b.len, m);
+    else
+        memset(m, 0, sizeof *m);
+    kvr_buf_free(&b);
+    return m->ok ? 0 : -1;
+}
+
+/* Quantile q of the histogram delta (after - before, summed into acc), linear inside the
+ * bucket (Prometheus' histogram_quantile). Returns seconds, NAN when empty. */
+static double hist_quantile(const double *le, const double *cum, int nb, double q)
+{
+    if (nb == 0 || cum[nb - 1] <= 0)
+        return NAN;
+    double rank = q * cum[nb - 1];
+    for (int i = 0; i < nb; i++) {
+        if (cum[i] >= rank) {
+            if (isinf(le[i]))
+                return i > 0 ? le[i - 1] : NAN;
+            double lo = i > 0 ? le[i - 1] : 0, clo = i > 0 ? cum[i - 1] : 0;
+            double n = cum[i] - clo;
+            return n > 0 ? lo + (le[i] - lo) * (rank - clo) / n : le[i];
+        }
+    }
+    return le[nb - 1];
+}
+
+/* --- a router's /v1/state, reduced --- */
+typedef struct rb_state {
+    char role[16];
+    char fsm_digest[24];
+    uint64_t leader, bookings, applied;
+    int workers_up;
+} rb_state;
+
+static int state_get(const char *url, rb_state *s)
+{
+    memset(s, 0, sizeof *s);
+    char u[256];
+    snprintf(u, sizeof u, "%s/v1/state", url);
+    kvr_buf b;
+    kvr_buf_init(&b);
+    long st = 0;
+    int rc = -1;
+    cJSON *root = NULL;
+    kvr_err err = {0};
+    if (run_http_get(u, 3000, &st, &b) == 0 && st == 200 &&
+        kvr_json_parse((kvr_slice){b.base, b.len}, 0, 0, &root, &err) == 0) {
+        const cJSON *raft = NULL, *workers = NULL;
+        const char *str = NULL;
+        kvr_json_get_u64(root, "bookings", false, &s->bookings, &err);
+        if (kvr_json_get_object(root, "raft", true, &raft, &err) == 0) {
+            if (kvr_json_get_string(raft, "role", false, &str, &err) == 0)
+                snprintf(s->role, sizeof s->role, "%s", str);
+            if (kvr_json_get_string(raft, "fsm_digest", true, &str, &err) == 0) {
+                snprintf(s->fsm_digest, sizeof s->fsm_digest, "%s", str);
+                rc = 0;
+            }
+            kvr_json_get_u64(raft, "leader", false, &s->leader, &err);
+            kvr_json_get_u64(raft, "applied_index", false, &s->applied, &err);
+        }
+        if (kvr_json_get_array(root, "workers", false, &workers, &err) == 0) {
+            const cJSON *w;
+            cJSON_ArrayForEach(w, workers)
+            {
+                bool up = false;
+                if (kvr_json_get_bool(w, "up", false, &up, &err) == 0 && up)
+                    s->workers_up++;
+            }
+        }
+    }
+    if (root)
+        cJSON_Delete(root);
+    kvr_buf_free(&b);
+    return rc;
+}
+
+/* --- kvrctl (next to this binary) --- */
+static int run_kvrctl(char *const *args)
+{
+    char self[PATH_MAX], path[PATH_MAX + 16];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    self[n > 0 ? n : 0] = 0;
+    char *slash = strrchr(self, '/');
+    if (slash)
+        *slash = 0;
+    snprintf(path, sizeof path, "%s/kvrctl", self);
+    char *argv[RUN_MAX_ARGS + 2];
+    int k = 0;
+    argv[k++] = path;
+    for (int i = 0; args[i] && k < RUN_MAX_ARGS; i++)
+        argv[k++] = args[i];
+    argv[k] = NULL;
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        /* own process group: a terminal Ctrl-C reaches us, not a half-done `kvrctl up`; we
+         * tear down with `kvrctl down` afterwards. Its output goes to our stderr. */
+        setpgid(0, 0);
+        signal(SIGINT, SIG_DFL);
+        signal(SIGTERM, SIG_DFL);
+        dup2(2, 1);
+        execv(path, argv);
+        fprintf(stderr, "kvr-bench raft: exec %s: %s\n", path, strerror(errno));
+        _exit(127);
+    }
+    int st = 0;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+    }
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+/* --- the load: K route requests in flight over NATS --- */
+typedef struct rb_run {
+    /* config */
+    const rb_opts *o;
+    const char *nats_url, *model, *ns;
+    uint64_t tag;
+    /* loop */
+    uv_loop_t loop;
+    kvr_nats nats;
+    uv_timer_t stop_timer, poll_timer;
+    bool conn_up, nats_closed, stopping;
+    int inflight;
+    /* payloads */
+    kvr_buf tpl[RB_TEMPLATES];
+    size_t rid_off[RB_TEMPLATES];
+    uint64_t rng, next_id;
+    /* results */
+    uint64_t sent, ok, mode_raft, mode_local, mode_other, failed, timeouts, no_responders,
+        closed, frees, free_errors;
+    uint64_t by_router[RB_MAX_ROUTERS + 1], by_router_other;
+    char first_error[160];
+    int64_t *lat_us;
+    size_t n_lat, cap_lat;
+    int64_t t0_ns, t_end_ns;
+} rb_run;
+
+typedef struct rb_req {
+    rb_run *r;
+    int64_t t0_ns;
+    uint8_t rid[16];
+} rb_req;
+
+static uint64_t rb_rnd(uint64_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    return *s;
+}
+
+static void rb_send(rb_run *r);
+
+static void rb_on_reply(int status, const char *data, size_t len, void *cbdata)
+{
+    rb_req *q = cbdata;
+    rb_run *r = q->r;
+    int64_t now = kvr_mono_ns();
+    r->inflight--;
+    if (status == 0) {
+        kvr_mp_reader m;
+        kvr_mp_reader_init(&m, data, len);
+        uint32_t n = 0;
+        bool ok = false;
+        uint64_t router = 0;
+        kvr_slice mode = {0}, err = {0};
+        int rc = kvr_mp_read_map(&m, &n);
+        for (uint32_t i = 0; rc == 0 && i < n; i++) {
+            kvr_slice k;
+            if ((rc = kvr_mp_read_str(&m, &k)) != 0)
+                break;
+            if (kvr_slice_eq_cstr(k, "ok"))
+                rc = kvr_mp_read_bool(&m, &ok);
+            else if (kvr_slice_eq_cstr(k, "mode"))
+                rc = kvr_mp_read_str(&m, &mode);
+            else if (kvr_slice_eq_cstr(k, "router_id"))
+                rc = kvr_mp_read_uint(&m, &router);
+            else if (kvr_slice_eq_cstr(k, "error"))
+                rc = kvr_mp_read_str(&m, &err);
+            else
+                rc = kvr_mp_skip(&m);
+        }
+        if (rc == 0 && ok) {
+            r->ok++;
+            if (kvr_slice_eq_cstr(mode, "raft"))
+                r->mode_raft++;
+            else if (kvr_slice_eq_cstr(mode, "local"))
+                r->mode_local++;
+            else
+                r->mode_other++;
+            if (router >= 1 && router <= RB_MAX_ROUTERS)
+                r->by_router[router]++;
+            else
+                r->by_router_other++;
+            if (r->n_lat == r->cap_lat) {
+                size_t nc = r->cap_lat ? r->cap_lat * 2 : 65536;
+                int64_t *nl = realloc(r->lat_us, nc * sizeof *nl);
+                if (nl) {
+                    r->lat_us = nl;
+                    r->cap_lat = nc;
+                }
+            }
+            if (r->n_lat < r->cap_lat)
+                r->lat_us[r->n_lat++] = (now - q->t0_ns) / 1000;
+            /* the request is over at once: free its booking */
+            kvr_buf ev;
+            kvr_buf_init(&ev);
+            kvr_mp_write_map(&ev, 2);
+            kvr_mp_write_cstr(&ev, "request_id");
+            kvr_mp_write_bin(&ev, q->rid, 16);
+            kvr_mp_write_cstr(&ev, "event");
+            kvr_mp_write_cstr(&ev, "free");
+            if (kvr_nats_publish(&r->nats, "kvr.route.event", ev.base, ev.len) == 0)
+                r->frees++;
+            else
+                r->free_errors++;
+            kvr_buf_free(&ev);
+        } else {
+            r->failed++;
+            if (!r->first_error[0])
+                snprintf(r->first_error, sizeof r->first_error, "%.*s",
+                         rc == 0 ? (int)(err.len > 150 ? 150 : err.len) : 17,
+                         rc == 0 ? (err.base ? err.base : "") : "malformed reply");
+        }
+    } else if (status == KVR_ETIMEDOUT) {
+        r->timeouts++;
+    } else if (status == KVR_NATS_NO_RESPONDERS) {
+        r->no_responders++;
+    } else {
+        r->closed++;
+    }
+    free(q);
+    if (!r->stopping)
+        rb_send(r);
+}
+
+static void rb_send(rb_run *r)
+{
+    if (r->o->max_requests && r->sent >= r->o->max_requests) {
+        if (!r->stopping) {
+            r->stopping = true;
+            r->t_end_ns = kvr_mono_ns();
+        }
+        return;
+    }
+    rb_req *q = malloc(sizeof *q);
+    if (!q) {
+        r->failed++;
+        return;
+    }
+    q->r = r;
+    size_t k = (size_t)(rb_rnd(&r->rng) % RB_TEMPLATES);
+    uint64_t id = ++r->next_id;
+    memcpy(q->rid, &id, 8);
+    memcpy(q->rid + 8, &r->tag, 8);
+    memcpy(r->tpl[k].base + r->rid_off[k], q->rid, 16);
+    q->t0_ns = kvr_mono_ns();
+    int rc = kvr_nats_request(&r->nats, "kvr.route", r->tpl[k].base, r->tpl[k].len,
+                              (uint32_t)r->o->timeout_ms, rb_on_reply, q);
+    if (rc != 0) {
+        free(q);
+        r->failed++;
+        if (!r->first_error[0])
+            snprintf(r->first_error, sizeof r->first_error, "request not sent: %s", kvr_strerror(rc));
+        return;
+    }
+    r->sent++;
+    r->inflight++;
+}
+
+static void rb_on_stop(uv_timer_t *t)
+{
+    rb_run *r = t->data;
+    if (!r->stopping) {
+        r->stopping = true;
+        r->t_end_ns = kvr_mono_ns();
+    }
+}
+
+static void rb_on_poll(uv_timer_t *t)
+{
+    if (rb_stop)
+        rb_on_stop(t);
+}
+
+static void rb_on_state(kvr_nats *kn, kvr_nats_state st, void *data)
+{
+    rb_run *r = data;
+    if (st == KVR_NATS_CONNECTED || st == KVR_NATS_RECONNECTED)
+        r->conn_up = true;
+}
+
+static void rb_on_closed(kvr_nats *kn)
+{
+    rb_run *r = kn->data;
+    r->nats_closed = true;
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int64_t pct(const int64_t *v, size_t n, double p)
+{
+    if (n == 0)
+        return 0;
+    size_t i = (size_t)ceil(p * (double)n); /* nearest rank */
+    return v[i ? i - 1 : 0];
+}
+
+/* Builds the request templates: B random seq hashes each (no worker holds them: the index is
+ * empty, so every route books by load alone; the cost of matching is still paid). */
+static int rb_templates(rb_run *r)
+{
+    r->rng = 0x9E3779B97F4A7C15ull ^ r->tag;
+    for (size_t k = 0; k < RB_TEMPLATES; k++) {
+        kvr_buf *b = &r->tpl[k];
+        kvr_buf_init(b);
+        int rc = 0;
+        rc |= kvr_mp_write_map(b, 7);
+        rc |= kvr_mp_write_cstr(b, "request_id");
+        rc |= kvr_mp_write_bin(b, "0123456789abcdef", 16);
+        r->rid_off[k] = b->len - 16;
+        rc |= kvr_mp_write_cstr(b, "frontend_id");
+        rc |= kvr_mp_write_uint(b, 7);
+        rc |= kvr_mp_write_cstr(b, "model");
+        rc |= kvr_mp_write_cstr(b, r->model);
+        rc |= kvr_mp_write_cstr(b, "namespace");
+        rc |= kvr_mp_write_cstr(b, r->ns);
+        rc |= kvr_mp_write_cstr(b, "role");
+        rc |= kvr_mp_write_cstr(b, "both");
+        uint32_t blocks = 1 + (uint32_t)(rb_rnd(&r->rng) % (uint64_t)r->o->blocks);
+        rc |= kvr_mp_write_cstr(b, "tokens");
+        rc |= kvr_mp_write_uint(b, (uint64_t)blocks * 64);
+        rc |= kvr_mp_write_cstr(b, "seq_hashes");
+        rc |= kvr_mp_write_array(b, blocks);
+        for (uint32_t i = 0; i < blocks; i++)
+            rc |= kvr_mp_write_uint(b, rb_rnd(&r->rng));
+        if (rc != 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Runs the load; returns 0 when the loop ran (results in r), -1 when it could not start. */
+static int rb_load(rb_run *r)
+{
+    if (rb_templates(r) != 0) {
+        fprintf(stderr, "kvr-bench raft: out of memory building requests\n");
+        return -1;
+    }
+    if (uv_loop_init(&r->loop) != 0)
+        return -1;
+    kvr_err err = {0};
+    kvr_nats_opts no = {.url = r->nats_url, .name = "kvr-bench-raft", .on_state = rb_on_state,
+                        .state_data = r};
+    r->nats.data = r;
+    if (kvr_nats_init(&r->nats, &r->loop, &no, &err) != 0) {
+        fprintf(stderr, "kvr-bench raft: nats: %s\n", err.msg);
+        uv_loop_close(&r->loop);
+        return -1;
+    }
+    uv_timer_init(&r->loop, &r->stop_timer);
+    uv_timer_init(&r->loop, &r->poll_timer);
+    r->stop_timer.data = r->poll_timer.data = r;
+    uv_timer_start(&r->poll_timer, rb_on_poll, 50, 50);
+    int64_t deadline = kvr_mono_ms() + 10000;
+    while (!r->conn_up && !rb_stop && kvr_mono_ms() < deadline)
+        uv_run(&r->loop, UV_RUN_ONCE);
+    int rc = 0;
+    if (!r->conn_up) {
+        fprintf(stderr, "kvr-bench raft: could not connect to %s\n", r->nats_url);
+        rc = -1;
+    } else if (!rb_stop) {
+        uv_timer_start(&r->stop_timer, rb_on_stop, (uint64_t)r->o->duration_s * 1000, 0);
+        r->t0_ns = kvr_mono_ns();
+        for (int i = 0; i < r->o->inflight && !r->stopping; i++)
+            rb_send(r);
+        while (!r->stopping || r->inflight > 0)
+            uv_run(&r->loop, UV_RUN_ONCE);
+    }
+    if (!r->t_end_ns)
+        r->t_end_ns = kvr_mono_ns();
+    uv_timer_stop(&r->stop_timer);
+    uv_timer_stop(&r->poll_timer);
+    kvr_nats_close(&r->nats, rb_on_closed); /* flushes the last frees */
+    uv_close((uv_handle_t *)&r->stop_timer, NULL);
+    uv_close((uv_handle_t *)&r->poll_timer, NULL);
+    while (!r->nats_closed)
+        uv_run(&r->loop, UV_RUN_ONCE);
+    uv_run(&r->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&r->loop);
+    for (size_t k = 0; k < RB_TEMPLATES; k++)
+        kvr_buf_free(&r->tpl[k]);
+    return rc;
+}
+
+/* --- one phase: cluster up, load, metrics, digests, down --- */
+typedef struct rb_phase {
+    const char *name; /* "raft" | "local" */
+    bool ran;         /* the load ran */
+    char error[300];
+    int routers;
+    double secs, decisions_per_s;
+    uint64_t decisions; /* answers in the phase's own mode */
+    int64_t p50, p90, p99, max;
+    double mean_us;
+    double r_p50_us, r_p99_us, r_mean_us; /* router-side, all routers' histograms */
+    struct {
+        int id;
+        char role[16];
+        double raft, local, errors;
+        uint64_t client_answers;
+        double p50_us, p99_us, mean_us;
+    } per[RB_MAX_ROUTERS];
+    bool spread_ok, digests_equal, down_ok;
+    char digest[24];
+    uint64_t bookings_left;
+    rb_run run;
+} rb_phase;
+
+static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph, bool raft)
+{
+    char cdir[PATH_MAX + 32], rstr[16], wstr[16];
+    snprintf(cdir, sizeof cdir, "%s/%s", workdir, ph->name);
+    snprintf(rstr, sizeof rstr, "%d", ph->routers);
+    snprintf(wstr, sizeof wstr, "%d", o->workers);
+    char *up[RUN_MAX_ARGS + 1] = {"up", "--dir", cdir, "--routers", rstr, "--workers", wstr,
+                                  "--frontends", "0"};
+    int nup = 9;
+    if (o->router_args && *o->router_args) {
+        up[nup++] = "--router-args";
+        up[nup++] = (char *)o->router_args;
+    }
+    if (!raft)
+        up[nup++] = "--no-raft-flags";
+    up[nup] = NULL;
+    fprintf(stderr, "== %s: kvrctl up --routers %d --workers %d --frontends 0%s in %s\n", ph->name,
+            ph->routers, o->workers, raft ? "" : " --no-raft-flags", cdir);
+    int rc = 0;
+    run_cluster c;
+    run_cluster_init(&c, cdir);
+    bool loaded = false;
+    rb_prom before[RB_MAX_ROUTERS], after[RB_MAX_ROUTERS];
+    const char *rurl[RB_MAX_ROUTERS] = {0};
+    int nr = 0;
+    if (run_kvrctl(up) != 0) {
+        snprintf(ph->error, sizeof ph->error, "kvrctl up failed (logs in %s/logs)", cdir);
+        rc = -1;
+        goto down;
+    }
+    if (rb_stop) {
+        snprintf(ph->error, sizeof ph->error, "interrupted");
+        rc = -1;
+        goto down;
+    }
+    kvr_err err = {0};
+    if (run_cluster_load(&c, cdir, &err) != 0) {
+        snprintf(ph->error, sizeof ph->error, "%s", err.msg);
+        rc = -1;
+        goto down;
+    }
+    loaded = true;
+    run_proc *nats = run_cluster_find(&c, "nats", 0);
+    for (int i = 0; i < c.n && nr < RB_MAX_ROUTERS; i++)
+        if (!strcmp(c.procs[i].role, "router")) {
+            ph->per[nr].id = c.procs[i].id;
+            rurl[nr++] = c.procs[i].url;
+        }
+    if (!nats || nr != ph->routers) {
+        snprintf(ph->error, sizeof ph->error, "cluster.json lacks nats or routers (%d of %d)", nr,
+                 ph->routers);
+        rc = -1;
+        goto down;
+    }
+    /* every router knows every worker (kvrctl up waits for it too; checked, not assumed) */
+    for (int i = 0; i < nr; i++) {
+        rb_state s;
+        int64_t until = kvr_mono_ms() + 15000;
+        while (!rb_stop && (state_get(rurl[i], &s) != 0 || s.workers_up < o->workers) &&
+               kvr_mono_ms() < until)
+            usleep(100000);
+        if (s.workers_up < o->workers) {
+            snprintf(ph->error, sizeof ph->error, "router %d knows %d of %d workers", ph->per[i].id,
+                     s.workers_up, o->workers);
+            rc = -1;
+            goto down;
+        }
+    }
+    for (int i = 0; i < nr; i++)
+        if (prom_scrape(rurl[i], &before[i]) != 0) {
+            snprintf(ph->error, sizeof ph->error, "router %d: /metrics unreadable", ph->per[i].id);
+            rc = -1;
+            goto down;
+        }
+    rb_run *r = &ph->run;
+    r->o = o;
+    r->nats_url = nats->url;
+    r->model = c.model[0] ? c.model : "sim";
+    r->ns = c.ns[0] ? c.ns : "kvr";
+    r->tag = (uint64_t)getpid() << 8 | (raft ? 1 : 2);
+    fprintf(stderr, "== %s: %d in flight for %d s over NATS kvr.route\n", ph->name, o->inflight,
+            o->duration_s);
+    if (rb_load(r) != 0) {
+        snprintf(ph->error, sizeof ph->error, "load did not start");
+        rc = -1;
+        goto down;
+    }
+    ph->ran = true;
+    ph->secs = (double)(r->t_end_ns - r->t0_ns) / 1e9;
+    ph->decisions = raft ? r->mode_raft : r->mode_local;
+    ph->decisions_per_s = ph->secs > 0 ? (double)ph->decisions / ph->secs : 0;
+    qsort(r->lat_us, r->n_lat, sizeof *r->lat_us, cmp_i64);
+    ph->p50 = pct(r->lat_us, r->n_lat, 0.50);
+    ph->p90 = pct(r->lat_us, r->n_lat, 0.90);
+    ph->p99 = pct(r->lat_us, r->n_lat, 0.99);
+    ph->max = r->n_lat ? r->lat_us[r->n_lat - 1] : 0;
+    double sum = 0;
+    for (size_t i = 0; i < r->n_lat; i++)
+        sum += (double)r->lat_us[i];
+    ph->mean_us = r->n_lat ? sum / (double)r->n_lat : 0;
+
+    /* frees applied everywhere and replicas converged: the booking digests agree and no
+     * booking is left (every answered request was freed) */
+    int64_t until = kvr_mono_ms() + 15000;
+    for (;;) {
+        rb_state s0, s;
+        bool same = state_get(rurl[0], &s0) == 0, any_left = s0.bookings != 0;
+        for (int i = 1; same && i < nr; i++) {
+            same = state_get(rurl[i], &s) == 0 && !strcmp(s.fsm_digest, s0.fsm_digest);
+            any_left |= s.bookings != 0;
+        }
+        ph->digests_equal = same;
+        snprintf(ph->digest, sizeof ph->digest, "%s", s0.fsm_digest);
+        ph->bookings_left = s0.bookings;
+        if ((same && !any_left) || kvr_mono_ms() > until || rb_stop)
+            break;
+        usleep(200000);
+    }
+    /* per-router spread and router-side latency */
+    double le[RB_NBUCKETS] = {0}, cum[RB_NBUCKETS] = {0}, lsum = 0, lcnt = 0;
+    int nb = 0;
+    for (int i = 0; i < nr; i++) {
+        rb_state s;
+        if (state_get(rurl[i], &s) == 0)
+            snprintf(ph->per[i].role, sizeof ph->per[i].role, "%s", s.role);
+        if (prom_scrape(rurl[i], &after[i]) != 0) {
+            snprintf(ph->error, sizeof ph->error, "router %d: /metrics unreadable after the run",
+                     ph->per[i].id);
+            rc = -1;
+            continue;
+        }
+        ph->per[i].raft = after[i].raft - before[i].raft;
+        ph->per[i].local = after[i].local - before[i].local;
+        ph->per[i].errors = after[i].errors - before[i].errors;
+        int id = ph->per[i].id;
+        ph->per[i].client_answers = id >= 1 && id <= RB_MAX_ROUTERS ? r->by_router[id] : 0;
+        double dcnt = after[i].lat_count - before[i].lat_count;
+        ph->per[i].mean_us = dcnt > 0 ? (after[i].lat_sum - before[i].lat_sum) / dcnt * 1e6 : NAN;
+        lsum += after[i].lat_sum - before[i].lat_sum;
+        lcnt += dcnt;
+        double d[RB_NBUCKETS];
+        int m = after[i].nb == before[i].nb ? after[i].nb : 0;
+        for (int b = 0; b < m; b++) {
+            d[b] = after[i].cum[b] - before[i].cum[b];
+            if (nb == 0 || nb == m) {
+                le[b] = after[i].le[b];
+                cum[b] += d[b];
+            }
+        }
+        if (nb == 0)
+            nb = m;
+        ph->per[i].p50_us = hist_quantile(after[i].le, d, m, 0.50) * 1e6;
+        ph->per[i].p99_us = hist_quantile(after[i].le, d, m, 0.99) * 1e6;
+    }
+    ph->r_p50_us = hist_quantile(le, cum, nb, 0.50) * 1e6;
+    ph->r_p99_us = hist_quantile(le, cum, nb, 0.99) * 1e6;
+    ph->r_mean_us = lcnt > 0 ? lsum / lcnt * 1e6 : NAN;
+    /* spread: every router decided a fair share (at least a quarter of an even split) */
+    ph->spread_ok = true;
+    double total = 0;
+    for (int i = 0; i < nr; i++)
+        total += ph->per[i].raft + ph->per[i].local;
+    for (int i = 0; i < nr; i++)
+        if (ph->per[i].raft + ph->per[i].local < total / nr / 4 || total <= 0)
+            ph->spread_ok = false;
+down:;
+    char *down[] = {"down", "--dir", cdir, NULL};
+    struct stat sb;
+    if (loaded || stat(cdir, &sb) == 0) {
+        ph->down_ok = run_kvrctl(down) == 0;
+        if (!ph->down_ok) {
+            fprintf(stderr, "== %s: kvrctl down reported processes left running in %s\n", ph->name,
+                    cdir);
+            rc = -1;
+        }
+    } else {
+        ph->down_ok = true;
+    }
+    run_cluster_free(&c);
+    return rc;
+}
+
+static void json_num(FILE *f, double v)
+{
+    if (isnan(v) || isinf(v))
+        fputs("null", f);
+    else
+        fprintf(f, "%.1f", v);
+}
+
+static void json_str(FILE *f, const char *s)
+{
+    fputc('"', f);
+    for (; *s; s++)
+        if (*s == '"' || *s == '\\')
+            fprintf(f, "\\%c", *s);
+        else if ((unsigned char)*s >= 0x20)
+            fputc(*s, f);
+    fputc('"', f);
+}
+
+static void phase_json(FILE *f, const rb_phase *ph)
+{
+    const rb_run *r = &ph->run;
+    fprintf(f, "{\"routers\":%d,\"ran\":%s,\"duration_s\":%.3f,\"requests\":%" PRIu64
+               ",\"answered\":%" PRIu64 ",\"decisions\":%" PRIu64 ",\"decisions_per_s\":",
+            ph->routers, ph->ran ? "true" : "false", ph->secs, r->sent, r->ok, ph->decisions);
+    json_num(f, ph->decisions_per_s);
+    fprintf(f, ",\"answers_by_mode\":{\"raft\":%" PRIu64 ",\"local\":%" PRIu64 ",\"other\":%" PRIu64 "}"
+               ",\"failed\":%" PRIu64 ",\"timeouts\":%" PRIu64 ",\"no_responders\":%" PRIu64
+               ",\"closed\":%" PRIu64 ",\"frees_published\":%" PRIu64 ",\"free_errors\":%" PRIu64,
+            r->mode_raft, r->mode_local, r->mode_other, r->failed, r->timeouts, r->no_responders,
+            r->closed, r->frees, r->free_errors);
+    fprintf(f, ",\"latency_us\":{\"p50\":%" PRId64 ",\"p90\":%" PRId64 ",\"p99\":%" PRId64
+               ",\"max\":%" PRId64 ",\"mean\":",
+            ph->p50, ph->p90, ph->p99, ph->max);
+    json_num(f, ph->mean_us);
+    fputs("},\"router_latency_us\":{\"p50\":", f);
+    json_num(f, ph->r_p50_us);
+    fputs(",\"p99\":", f);
+    json_num(f, ph->r_p99_us);
+    fputs(",\"mean\":", f);
+    json_num(f, ph->r_mean_us);
+    fputs("},\"per_router\":[", f);
+    for (int i = 0; i < ph->routers; i++) {
+        fprintf(f, "%s{\"id\":%d,\"role\":", i ? "," : "", ph->per[i].id);
+        json_str(f, ph->per[i].role);
+        fprintf(f, ",\"decisions\":{\"raft\":%.0f,\"local\":%.0f},\"route_errors\":%.0f,"
+                   "\"client_answers\":%" PRIu64 ",\"router_latency_us\":{\"p50\":",
+                ph->per[i].raft, ph->per[i].local, ph->per[i].errors, ph->per[i].client_answers);
+        json_num(f, ph->per[i].p50_us);
+        fputs(",\"p99\":", f);
+        json_num(f, ph->per[i].p99_us);
+        fputs(",\"mean\":", f);
+        json_num(f, ph->per[i].mean_us);
+        fputs("}}", f);
+    }
+    fprintf(f, "],\"spread_ok\":%s,\"fsm_digest\":", ph->spread_ok ? "true" : "false");
+    json_str(f, ph->digest);
+    fprintf(f, ",\"digests_equal\":%s,\"bookings_left\":%" PRIu64 ",\"down_ok\":%s",
+            ph->digests_equal ? "true" : "false", ph->bookings_left, ph->down_ok ? "true" : "false");
+    if (ph->error[0] || ph->run.first_error[0]) {
+        fputs(",\"error\":", f);
+        json_str(f, ph->error[0] ? ph->error : ph->run.first_error);
+    }
+    fputc('}', f);
+}
+
+static void phase_print(const rb_phase *ph)
+{
+    const rb_run *r = &ph->run;
+    printf("%s: %d router(s)%s\n", ph->name, ph->routers,
+           ph->routers > 1 ? " in one Raft group" : ", local mode (--no-raft-flags)");
+    if (!ph->ran) {
+        printf("  not run: %s\n", ph->error);
+        return;
+    }
+    printf("  requests           %" PRIu64 " sent, %" PRIu64 " answered in %.2f s (%d in flight)\n",
+           r->sent, r->ok, ph->secs, r->o->inflight);
+    printf("  decisions_per_s    %.0f (mode %s only; answers by mode: raft %" PRIu64 ", local %" PRIu64
+           ", other %" PRIu64 ")\n",
+           ph->decisions_per_s, ph->name, r->mode_raft, r->mode_local, r->mode_other);
+    printf("  failed             %" PRIu64 " (timeouts %" PRIu64 ", no responders %" PRIu64
+           ", refused %" PRIu64 ")%s%s\n",
+           r->failed + r->timeouts + r->no_responders + r->closed, r->timeouts, r->no_responders,
+           r->failed, r->first_error[0] ? ": " : "", r->first_error);
+    printf("  client latency us  p50 %" PRId64 "  p90 %" PRId64 "  p99 %" PRId64 "  max %" PRId64
+           "  mean %.0f\n",
+           ph->p50, ph->p90, ph->p99, ph->max, ph->mean_us);
+    printf("  router latency us  p50 %.0f  p99 %.0f  mean %.0f (routers' histograms, bucket-interpolated)\n",
+           ph->r_p50_us, ph->r_p99_us, ph->r_mean_us);
+    for (int i = 0; i < ph->routers; i++)
+        printf("    router %d %-9s decisions raft %.0f local %.0f (client saw %" PRIu64
+               "), route errors %.0f, router latency us p50 %.0f p99 %.0f mean %.0f\n",
+               ph->per[i].id, ph->per[i].role, ph->per[i].raft, ph->per[i].local,
+               ph->per[i].client_answers, ph->per[i].errors, ph->per[i].p50_us, ph->per[i].p99_us,
+               ph->per[i].mean_us);
+    printf("  spread over routers %s, fsm_digest %s (%s), bookings left %" PRIu64 "\n",
+           ph->spread_ok ? "ok" : "UNEVEN", ph->digest, ph->digests_equal ? "equal on all" : "DIFFER",
+           ph->bookings_left);
+    if (ph->error[0])
+        printf("  error: %s\n", ph->error);
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kvr-bench raft [--mode process|inprocess] [--routers 3] [--workers 8]\n"
+            "                      [--inflight 64] [--duration 10] [--requests N] [--blocks 16]\n"
+            "                      [--timeout-ms 5000] [--router-args \"...\"] [--skip-local]\n"
+            "                      [--dir D] [--bcast-delay-ms 2] [--hold-ms 2000] [--rate 2000]\n"
+            "                      --json OUT\n"
+            "process (default): kvrctl starts nats-server, N kvr-routerd in one Raft group and M\n"
+            "kvr-workers (heartbeats only) in D/raft; K route requests stay in flight over NATS\n"
+            "kvr.route, each booking freed on answer; then the same load on 1 router in local mode\n"
+            "(D/local). --requests caps the requests sent (else --duration alone). --dir keeps the\n"
+            "clusters' logs (default: a temp dir, removed). best_effort_double_booking_rate is a\n"
+            "simulation (no processes). --mode inprocess: the older in-process 3-node variant\n"
+            "(kvr-bench raft --mode inprocess --help).\n");
+}
+
+static bool parse_int(const char *v, long lo, long hi, long *out)
+{
+    char *e;
+    errno = 0;
+    long x = strtol(v, &e, 10);
+    if (errno || e == v || *e || x < lo || x > hi)
+        return false;
+    *out = x;
+    return true;
+}
+
+static int rm_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb;
+    (void)flag;
+    (void)ftw;
+    return remove(p);
+}
+
+int raftbench_process(int argc, char **argv)
+{
+    rb_opts o = {.routers = 3, .workers = 8, .inflight = 64, .duration_s = 10, .blocks = 16,
+                 .timeout_ms = 5000, .be_delay_ms = RAFTBENCH_BE_DELAY_MS,
+                 .be_hold_ms = RAFTBENCH_BE_HOLD_MS, .be_rate = RAFTBENCH_BE_RATE};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        long x = 0;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            return 0;
+        }
+        if (!strcmp(a, "--skip-local")) {
+            o.skip_local = true;
+            continue;
+        }
+        if (!v) {
+            fprintf(stderr, "kvr-bench raft: unknown option or missing value: %s\n", a);
+            usage(stderr);
+            return 2;
+        }
+        bool ok = true;
+        if (!strcmp(a, "--routers"))
+            ok = parse_int(v, 1, RB_MAX_ROUTERS, &x), o.routers = (int)x;
+        else if (!strcmp(a, "--workers"))
+            ok = parse_int(v, 1, 256, &x), o.workers = (int)x;
+        else if (!strcmp(a, "--inflight"))
+            ok = parse_int(v, 1, 100000, &x), o.inflight = (int)x;
+        else if (!strcmp(a, "--duration"))
+            ok = parse_int(v, 1, 3600, &x), o.duration_s = (int)x;
+        else if (!strcmp(a, "--requests"))
+            ok = parse_int(v, 0, 1000000000L, &x), o.max_requests = (uint64_t)x;
+        else if (!strcmp(a, "--blocks"))
+            ok = parse_int(v, 1, 1024, &x), o.blocks = (int)x;
+        else if (!strcmp(a, "--timeout-ms"))
+            ok = parse_int(v, 10, 600000, &x), o.timeout_ms = (int)x;
+        else if (!strcmp(a, "--json"))
+            o.json = v;
+        else if (!strcmp(a, "--dir"))
+            o.dir = v;
+        else if (!strcmp(a, "--router-args"))
+            o.router_args = v;
+        else if (!strcmp(a, "--bcast-delay-ms"))
+            o.be_delay_ms = atof(v), ok = o.be_delay_ms >= 0 && o.be_delay_ms < 1e6;
+        else if (!strcmp(a, "--hold-ms"))
+            o.be_hold_ms = atof(v), ok = o.be_hold_ms >= 0 && o.be_hold_ms < 1e7;
+        else if (!strcmp(a, "--rate"))
+            o.be_rate = atof(v), ok = o.be_rate > 0 && o.be_rate < 1e8;
+        else {
+            fprintf(stderr, "kvr-bench raft: unknown option %s\n", a);
+            usage(stderr);
+            return 2;
+        }
+        if (!ok) {
+            fprintf(stderr, "kvr-bench raft: bad value for %s: '%s'\n", a, v);
+            return 2;
+        }
+        i++;
+    }
+    if (!o.json) {
+        fprintf(stderr, "kvr-bench raft: --json OUT is required\n");
+        usage(stderr);
+        return 2;
+    }
+    kvr_log_setup("bench", NULL, KVR_LOG_WARN);
+    char workdir[PATH_MAX];
+    if (o.dir) {
+        snprintf(workdir, sizeof workdir, "%s", o.dir);
+        if (mkdir(workdir, 0755) != 0 && errno != EEXIST) {
+            fprintf(stderr, "kvr-bench raft: mkdir %s: %s\n", workdir, strerror(errno));
+            return 1;
+        }
+    } else {
+        const char *tmp = getenv("TMPDIR");
+        snprintf(workdir, sizeof workdir, "%s/kvr-bench-raft.XXXXXX", tmp && *tmp ? tmp : "/tmp");
+        if (!mkdtemp(workdir)) {
+            fprintf(stderr, "kvr-bench raft: mkdtemp: %s\n", strerror(errno));
+            return 1;
+        }
+    }
+    struct sigaction sa = {0};
+    sa.sa_handler = rb_on_signal; /* no SA_RESTART: sleeps and waits wake up */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    run_http_global_init();
+
+    rb_phase *ph = calloc(2, sizeof *ph);
+    if (!ph)
+        return 1;
+    ph[0].name = "raft";
+    ph[0].routers = o.routers;
+    ph[1].name = "local";
+    ph[1].routers = 1;
+    int rc = 0;
+    if (rb_phase_run(&o, workdir, &ph[0], true) != 0)
+        rc = 1;
+    if (!o.skip_local && !rb_stop && rb_phase_run(&o, workdir, &ph[1], false) != 0)
+        rc = 1;
+    kvr_nats_global_shutdown(2000);
+
+    uint64_t stale = 0, sim_n = 200000;
+    double be = raftbench_best_effort_rate(sim_n, 42, (uint32_t)o.workers, o.be_rate, o.be_delay_ms,
+                                           o.be_hold_ms, &stale);
+    double ratio = ph[1].ran && ph[1].decisions_per_s > 0 ? ph[0].decisions_per_s / ph[1].decisions_per_s : NAN;
+
+    printf("kvr-bench raft: route-and-reserve through real kvr-routerd processes over NATS "
+           "(%d workers, %d in flight, %d s%s)\n",
+           o.workers, o.inflight, o.duration_s, o.max_requests ? ", capped by --requests" : "");
+    phase_print(&ph[0]);
+    if (!o.skip_local)
+        phase_print(&ph[1]);
+    if (!isnan(ratio))
+        printf("raft / local decisions per second: %.3f\n", ratio);
+    bool met = ph[0].ran && ph[0].decisions_per_s >= 10000 && ph[0].p99 <= 2000 && ph[0].spread_ok;
+    printf("target (>= 10000 decisions/s, p99 <= 2000 us, spread over all routers): %s\n",
+           met ? "met" : "MISSED");
+    printf("best_effort_double_booking_rate %.4f (SIMULATION, not measured on processes: %" PRIu64
+           " of %" PRIu64 " decisions on stale load; 3 routers, %.0f req/s, broadcast delay %.1f ms, "
+           "hold %.0f ms)\n",
+           be, stale, sim_n, o.be_rate, o.be_delay_ms, o.be_hold_ms);
+
+    FILE *f = fopen(o.json, "w");
+    if (!f) {
+        fprintf(stderr, "kvr-bench raft: writing %s: %s\n", o.json, strerror(errno));
+        rc = 1;
+    } else {
+        const rb_phase *p = &ph[0];
+        fprintf(f, "{\"mode\":\"process\",\"routers\":%d,\"workers\":%d,\"inflight\":%d,"
+                   "\"duration_s\":%d,\"decisions_per_s\":",
+                o.routers, o.workers, o.inflight, o.duration_s);
+        json_num(f, p->ran ? p->decisions_per_s : NAN);
+        fprintf(f, ",\"latency_us\":{\"p50\":%" PRId64 ",\"p99\":%" PRId64 "},", p->p50, p->p99);
+        fputs("\"local_decisions_per_s\":", f);
+        json_num(f, ph[1].ran ? ph[1].decisions_per_s : NAN);
+        fprintf(f, ",\"local_latency_us\":{\"p50\":%" PRId64 ",\"p99\":%" PRId64 "},", ph[1].p50, ph[1].p99);
+        fputs("\"raft_vs_local_ratio\":", f);
+        if (isnan(ratio))
+            fputs("null", f);
+        else
+            fprintf(f, "%.4f", ratio);
+        fprintf(f, ",\"fsm_digest\":");
+        json_str(f, p->digest);
+        fprintf(f, ",\"digests_equal\":%s,\"target\":{\"decisions_per_s\":10000,\"p99_us\":2000,\"met\":%s},",
+                p->digests_equal ? "true" : "false", met ? "true" : "false");
+        fprintf(f, "\"best_effort_double_booking_rate\":%.6f,\"best_effort\":{\"simulation\":true,"
+                   "\"routers\":3,\"requests\":%" PRIu64 ",\"stale\":%" PRIu64 ",\"rate_per_s\":%.1f,"
+                   "\"broadcast_delay_ms\":%.2f,\"hold_ms\":%.1f},",
+                be, sim_n, stale, o.be_rate, o.be_delay_ms, o.be_hold_ms);
+        fputs("\"raft\":", f);
+        phase_json(f, &ph[0]);
+        if (!o.skip_local) {
+            fputs(",\"local\":", f);
+            phase_json(f, &ph[1]);
+        }
+        fprintf(f, ",\"config\":{\"blocks_max\":%d,\"timeout_ms\":%d,\"max_requests\":%" PRIu64
+                   ",\"skip_local\":%s}",
+                o.blocks, o.timeout_ms, o.max_requests, o.skip_local ? "true" : "false");
+        if (rb_stop)
+            fputs(",\"interrupted\":true", f);
+        fputs("}\n", f);
+        fclose(f);
+    }
+    /* exit status: every phase that ran answered everything, agreed and was torn down */
+    for (int k = 0; k < (o.skip_local ? 1 : 2); k++) {
+        const rb_phase *p = &ph[k];
+        const rb_run *r = &p->run;
+        if (!p->ran || p->decisions == 0 || r->failed || r->timeouts || r->no_responders ||
+            r->closed || !p->digests_equal || !p->down_ok || p->error[0])
+            rc = 1;
+    }
+    if (rb_stop)
+        rc = 1;
+    for (int k = 0; k < 2; k++)
+        free(ph[k].run.lat_us);
+    free(ph);
+    if (!o.dir)
+        nftw(workdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);
+    return rc;
+}
