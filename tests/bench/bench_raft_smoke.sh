@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# bench_raft_smoke: `kvr-bench raft` (process mode) for ~3 s per phase with small numbers:
+# a 3-router Raft group and a 1-router local-mode cluster (both through kvrctl), then checks the
+# JSON: fields present, decisions > 0, nothing failed, every router decided, digests equal, no
+# booking left, and no process of either cluster left running. Bad command lines exit 2.
+source "$(dirname "$0")/../lib/testenv.sh"
+kvr_test_init bench_raft_smoke
+
+for b in kvr-bench kvrctl kvr-routerd kvr-worker; do
+    if [ ! -x "$KVR_BIN/$b" ]; then
+        echo "skipped: $KVR_BIN/$b not built"
+        exit 77
+    fi
+done
+command -v nats-server >/dev/null || { echo "skipped: no nats-server"; exit 77; }
+
+DIR="$KVR_TMP/bench"
+OUT="$KVR_TMP/raft.json"
+BENCH_PID=
+
+# On any exit: stop kvr-bench (it tears its clusters down itself), then make sure with kvrctl.
+rb_down() {
+    if [ -n "$BENCH_PID" ] && kill -0 "$BENCH_PID" 2>/dev/null; then
+        kill -TERM "$BENCH_PID" 2>/dev/null
+        local i
+        for ((i = 0; i < 150; i++)); do
+            kill -0 "$BENCH_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+    fi
+    local d
+    for d in "$DIR/raft" "$DIR/local"; do
+        [ -f "$d/cluster.json" ] && "$KVR_BIN/kvrctl" down --dir "$d" >/dev/null 2>&1
+    done
+    return 0
+}
+trap 'rc=$?; rb_down; (exit $rc); kvr_cleanup' EXIT
+
+# bad command lines: clear error, exit 2, nothing started
+for args in "--routers 0 --json $OUT" "--mode bogus --json $OUT" "--inflight x --json $OUT" "--duration 3"; do
+    # shellcheck disable=SC2086
+    "$KVR_BIN/kvr-bench" raft $args >"$KVR_TMP/bad.log" 2>&1
+    kvr_assert_eq "$?" 2 "exit status of kvr-bench raft $args"
+    grep -q "kvr-bench raft" "$KVR_TMP/bad.log" || kvr_fail "no error message for: $args"
+done
+
+kvr_log "kvr-bench raft: 3 routers + 1 local router, 3 s each"
+"$KVR_BIN/kvr-bench" raft --routers 3 --workers 3 --inflight 8 --duration 3 \
+    --dir "$DIR" --json "$OUT" >"$KVR_TMP/bench.out" 2>"$KVR_TMP/bench.err" &
+BENCH_PID=$!
+wait "$BENCH_PID"
+rc=$?
+BENCH_PID=
+cat "$KVR_TMP/bench.out"
+if [ "$rc" -ne 0 ]; then
+    tail -n 40 "$KVR_TMP/bench.err" >&2
+    kvr_fail "kvr-bench raft exited $rc"
+fi
+[ -s "$OUT" ] || kvr_fail "no JSON written"
+
+/usr/bin/python3 - "$OUT" <<'PY' || kvr_fail "JSON checks failed"
+import json, sys
+j = json.load(open(sys.argv[1]))
+def need(cond, what):
+    if not cond:
+        print("JSON check failed:", what, file=sys.stderr)
+        sys.exit(1)
+for k in ("decisions_per_s", "latency_us", "local_decisions_per_s",
+          "best_effort_double_booking_rate", "raft", "local", "fsm_digest", "digests_equal"):
+    need(k in j, "field %s present" % k)
+need(j["mode"] == "process", "mode process")
+need(j["routers"] == 3, "3 routers")
+need(isinstance(j["decisions_per_s"], (int, float)) and j["decisions_per_s"] > 0, "decisions_per_s > 0")
+need(isinstance(j["local_decisions_per_s"], (int, float)) and j["local_decisions_per_s"] > 0, "local_decisions_per_s > 0")
+need(j["latency_us"]["p50"] > 0 and j["latency_us"]["p99"] >= j["latency_us"]["p50"], "latency p50/p99")
+need(0 <= j["best_effort_double_booking_rate"] <= 1, "double booking rate in [0,1]")
+need(j["best_effort"]["simulation"] is True, "best effort marked as a simulation")
+need(j["digests_equal"] is True and len(j["fsm_digest"]) == 16, "raft digests equal")
+for name, n in (("raft", 3), ("local", 1)):
+    p = j[name]
+    need(p["ran"] is True, name + " ran")
+    need(p["decisions"] > 0, name + " decisions > 0")
+    for k in ("failed", "timeouts", "no_responders", "closed", "free_errors"):
+        need(p[k] == 0, "%s %s == 0 (got %s)" % (name, k, p[k]))
+    need(p["frees_published"] == p["answered"], name + " every answer freed")
+    need(p["bookings_left"] == 0, name + " no booking left")
+    need(p["digests_equal"] is True, name + " digests equal")
+    need(p["down_ok"] is True, name + " torn down")
+    need(len(p["per_router"]) == n, name + " per-router entries")
+    ids = sorted(r["id"] for r in p["per_router"])
+    need(ids == list(range(1, n + 1)), name + " router ids")
+    total = sum(r["decisions"]["raft"] + r["decisions"]["local"] for r in p["per_router"])
+    need(total == p["answered"], "%s: routers' metric deltas (%d) == answers (%d)" % (name, total, p["answered"]))
+    for r in p["per_router"]:
+        need(r["decisions"]["raft"] + r["decisions"]["local"] > 0, "%s: router %d decided" % (name, r["id"]))
+        need(r["client_answers"] == r["decisions"]["raft"] + r["decisions"]["local"],
+             "%s: router %d client count matches its metrics" % (name, r["id"]))
+need(j["raft"]["answers_by_mode"]["raft"] > 0, "raft answers in raft mode")
+need(j["local"]["answers_by_mode"]["raft"] == 0, "local cluster never answers raft")
+print("JSON ok: raft %.0f/s p99 %d us, local %.0f/s" % (j["decisions_per_s"], j["latency_us"]["p99"], j["local_decisions_per_s"]))
+PY
+
+# nothing of either cluster is left running
+for d in "$DIR/raft" "$DIR/local"; do
+    [ -f "$d/cluster.json" ] || kvr_fail "no $d/cluster.json"
+    for pid in $(/usr/bin/python3 -c 'import json,sys; print(" ".join(str(p["pid"]) for p in json.load(open(sys.argv[1]))["processes"]))' "$d/cluster.json"); do
+        if [ -e "/proc/$pid" ] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null; then
+            kvr_fail "process $pid of $d still running"
+        fi
+    done
+done
+kvr_pass
