@@ -28,8 +28,12 @@
  * becomes a FREE (its ROUTE may still commit from the node's own log); the other local
  * commands (FREE, PREFILL_DONE of Raft bookings, WORKER_*, FRONTEND_*, EXPIRE) are
  * re-proposed in order. All are idempotent, so a retried or repeated reconcile is harmless.
- * Then the local copy is dropped. Known gap: a FREE that reaches Raft before the pinned ROUTE
- * it frees leaves that booking until EXPIRE.
+ * Then the local copy is dropped. Ordering: a FREE that reaches Raft before the ROUTE it frees
+ * (the pinned reconcile ROUTE, or a ROUTE still in this node's log from before the quorum was
+ * lost) records the request as finished in the FSM, so that ROUTE answers KVR_OUT_FINISHED and
+ * books nothing: load accounting converges whatever order the commands commit in (within the
+ * FSM's finished-record bound, fsm.h). A local ROUTE answered "finished" by the local copy is
+ * re-proposed as a FREE (harmless).
  *
  * Signals: kvr_sync_init sets SIGPIPE to SIG_IGN if it is at its default (a peer closing a
  * socket must not kill the process).
