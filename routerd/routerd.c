@@ -742,10 +742,13 @@ static void on_route_done(kvr_routerd *rd, int status, const kvr_fsm_result *res
         errmsg = kvr_strerror(status);
         kvr_metric_add(rd->m_route_errors, 0, 1);
     } else if (res->outcome != KVR_OUT_OK && res->outcome != KVR_OUT_DUPLICATE) {
-        errmsg = res->outcome == KVR_OUT_NO_WORKER ? "no live worker for this model/namespace"
-                                                   : kvr_outcome_name(res->outcome);
+        errmsg = res->outcome == KVR_OUT_NO_WORKER  ? "no live worker for this model/namespace"
+                 : res->outcome == KVR_OUT_FINISHED ? "request already finished"
+                                                    : kvr_outcome_name(res->outcome);
         status = KVR_EAGAIN;
-        http_status = res->outcome == KVR_OUT_INVALID ? 400 : 503;
+        http_status = res->outcome == KVR_OUT_INVALID    ? 400
+                      : res->outcome == KVR_OUT_FINISHED ? 409
+                                                         : 503;
         kvr_metric_add(rd->m_route_errors, res->outcome == KVR_OUT_NO_WORKER ? 1 : 2, 1);
     } else {
         kvr_metric_add(rd->m_route_decisions, strcmp(mode, "raft") == 0 ? 0 : 1, 1);
