@@ -793,7 +793,7 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
     kvr_mp_reader r;
     kvr_mp_reader_init(&r, (const uint8_t *)data + 1, len - 1);
     uint32_t n;
-    uint64_t type;
+    uint64_t type = 0;
     CK(kvr_mp_read_array(&r, &n));
     if (n < 1) {
         rc = KVR_EINVAL;
