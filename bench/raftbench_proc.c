@@ -155,6 +155,7 @@ typedef struct rb_state {
     char fsm_digest[24];
     uint64_t leader, bookings, applied;
     int workers_up;
+    bool degraded;
 } rb_state;
 
 static int state_get(const char *url, rb_state *s)
@@ -181,6 +182,7 @@ static int state_get(const char *url, rb_state *s)
                 rc = 0;
             }
             kvr_json_get_u64(raft, "leader", false, &s->leader, &err);
+            kvr_json_get_bool(raft, "degraded", false, &s->degraded, &err);
             kvr_json_get_u64(raft, "applied_index", false, &s->applied, &err);
         }
         if (kvr_json_get_array(root, "workers", false, &workers, &err) == 0) {
@@ -617,6 +619,25 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph, boo
             goto down;
         }
     }
+    /* Raft: every router names the same leader and none answers locally (degraded) — kvrctl up
+     * returns once routers are /ready, which does not wait for an election */
+    if (raft) {
+        int64_t until = kvr_mono_ms() + 15000;
+        bool agreed = false;
+        while (!rb_stop && !agreed && kvr_mono_ms() < until) {
+            rb_state s0, s;
+            agreed = state_get(rurl[0], &s0) == 0 && s0.leader != 0 && !s0.degraded;
+            for (int i = 1; agreed && i < nr; i++)
+                agreed = state_get(rurl[i], &s) == 0 && s.leader == s0.leader && !s.degraded;
+            if (!agreed)
+                usleep(100000);
+        }
+        if (!agreed) {
+            snprintf(ph->error, sizeof ph->error, "routers did not agree on a Raft leader");
+            rc = -1;
+            goto down;
+        }
+    }
     for (int i = 0; i < nr; i++)
         if (prom_scrape(rurl[i], &before[i]) != 0) {
             snprintf(ph->error, sizeof ph->error, "router %d: /metrics unreadable", ph->per[i].id);
@@ -663,7 +684,7 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph, boo
         ph->digests_equal = same;
         snprintf(ph->digest, sizeof ph->digest, "%s", s0.fsm_digest);
         ph->bookings_left = s0.bookings;
-        if ((same && !any_left) || kvr_mono_ms() > until || rb_stop)
+        if ((same && !any_left) || kvr_mono_ms() > until)
             break;
         usleep(200000);
     }
@@ -969,6 +990,9 @@ int raftbench_process(int argc, char **argv)
         rc = 1;
     if (!o.skip_local && !rb_stop && rb_phase_run(&o, workdir, &ph[1], false) != 0)
         rc = 1;
+    for (int k = 0; k < 2; k++)
+        if (rb_stop && !ph[k].ran && !ph[k].error[0])
+            snprintf(ph[k].error, sizeof ph[k].error, "interrupted");
     kvr_nats_global_shutdown(2000);
 
     uint64_t stale = 0, sim_n = 200000;
