@@ -56,6 +56,7 @@ struct kvr_fsm {
     uint32_t *fin_idx;
     uint32_t fin_mask, fin_head, n_fin;
     uint64_t fin_evicted; /* records dropped before their time because the ring was full */
+    uint64_t fin_sum;     /* sum of fin_rec_hash over the records (their share of the digest) */
     uint64_t clock_ms;    /* max time carried by any applied command: the FSM's only clock */
 };
 
@@ -108,7 +109,7 @@ static void fsm_clear(kvr_fsm *f)
     f->fin_idx = NULL;
     f->n_workers = f->cap_workers = f->cap_slots = f->n_bookings = f->n_leases = f->cap_leases = 0;
     f->fin_mask = f->fin_head = f->n_fin = 0;
-    f->fin_evicted = f->clock_ms = 0;
+    f->fin_evicted = f->clock_ms = f->fin_sum = 0;
 }
 
 void kvr_fsm_free(kvr_fsm *f)
@@ -168,6 +169,14 @@ static int fin_alloc(kvr_fsm *f)
     return 0;
 }
 
+static uint64_t fin_rec_hash(const fin_rec *e)
+{
+    uint8_t buf[KVR_REQUEST_ID_LEN + 8];
+    memcpy(buf, e->rid, KVR_REQUEST_ID_LEN);
+    memcpy(buf + KVR_REQUEST_ID_LEN, &e->ms, 8);
+    return XXH3_64bits_withSeed(buf, sizeof buf, 4);
+}
+
 /* Index slot holding rid, or -1. */
 static long fin_slot(const kvr_fsm *f, const uint8_t *rid)
 {
@@ -205,6 +214,7 @@ static void fin_pop(kvr_fsm *f)
             }
         }
     }
+    f->fin_sum -= fin_rec_hash(&f->fin[f->fin_head]);
     f->fin_head = (f->fin_head + 1) % f->opts.max_finished;
     f->n_fin--;
 }
@@ -223,6 +233,7 @@ static int fin_add(kvr_fsm *f, const uint8_t *rid, uint64_t ms)
     uint32_t pos = (uint32_t)(((uint64_t)f->fin_head + f->n_fin) % f->opts.max_finished);
     memcpy(f->fin[pos].rid, rid, KVR_REQUEST_ID_LEN);
     f->fin[pos].ms = ms;
+    f->fin_sum += fin_rec_hash(&f->fin[pos]);
     uint32_t i = (uint32_t)rid_hash(rid) & f->fin_mask;
     while (f->fin_idx[i])
         i = (i + 1) & f->fin_mask;
@@ -977,13 +988,7 @@ uint64_t kvr_fsm_digest(const kvr_fsm *f)
     for (uint32_t i = 0; i < f->n_leases; i++)
         d += XXH3_64bits_withSeed(&f->leases[i], sizeof f->leases[i], 3);
     /* The finished record and the clock decide future outcomes: part of the state. */
-    for (uint32_t i = 0; i < f->n_fin; i++) {
-        const fin_rec *e = &f->fin[(uint32_t)(((uint64_t)f->fin_head + i) % f->opts.max_finished)];
-        uint8_t buf[KVR_REQUEST_ID_LEN + 8];
-        memcpy(buf, e->rid, KVR_REQUEST_ID_LEN);
-        memcpy(buf + KVR_REQUEST_ID_LEN, &e->ms, 8);
-        d += XXH3_64bits_withSeed(buf, sizeof buf, 4);
-    }
+    d += f->fin_sum; /* kept up to date by fin_add / fin_pop */
     d += XXH3_64bits_withSeed(&f->clock_ms, sizeof f->clock_ms, 5);
     return XXH3_64bits(&d, sizeof d);
 }
@@ -1345,6 +1350,7 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     f->fin_head = nf->fin_head;
     f->n_fin = nf->n_fin;
     f->fin_evicted = nf->fin_evicted;
+    f->fin_sum = nf->fin_sum;
     f->clock_ms = nf->clock_ms;
     nf->workers = NULL;
     nf->slots = NULL;
