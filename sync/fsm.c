@@ -248,7 +248,10 @@ static void clock_advance(kvr_fsm *f, uint64_t t)
     if (t > f->clock_ms)
         f->clock_ms = t;
     uint64_t ttl = f->opts.finished_ttl_ms;
-    while (f->n_fin && f->fin[f->fin_head].ms + ttl <= f->clock_ms)
+    if (f->clock_ms < ttl)
+        return;
+    uint64_t horizon = f->clock_ms - ttl; /* (no overflow, whatever times commands carry) */
+    while (f->n_fin && f->fin[f->fin_head].ms <= horizon)
         fin_pop(f);
 }
 

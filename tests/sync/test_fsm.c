@@ -557,6 +557,18 @@ static void test_record_pruned_by_command_time(void **state)
     apply_enc(f, &seen, &r);
     assert_int_equal(kvr_fsm_finished_count(f), 0);
     assert_int_equal(kvr_fsm_finished_evicted(f), 0);
+    /* a command time near the end of the range neither wraps nor empties the record */
+    kvr_cmd fr3 = tu_req(KVR_CMD_FREE, 44);
+    apply_enc(f, &fr3, &r);
+    seen.u.frontend.now_ms = UINT64_MAX - 10;
+    apply_enc(f, &seen, &r);
+    assert_int_equal(kvr_fsm_finished_count(f), 0); /* 11500 is long gone */
+    apply_enc(f, &fr3, &r);
+    apply_enc(f, &seen, &r);
+    assert_int_equal(kvr_fsm_finished_count(f), 1);
+    kvr_cmd late3 = tu_route(44, 1, 5, 4, NULL, 0);
+    apply_enc(f, &late3, &r);
+    assert_int_equal(r.outcome, KVR_OUT_FINISHED);
     kvr_fsm_free(f);
 }
 
