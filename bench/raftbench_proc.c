@@ -201,6 +201,43 @@ static int state_get(const char *url, rb_state *s)
     return rc;
 }
 
+/* CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat; -1 when gone.
+ * pid 0: this process. */
+static double proc_cpu_s(int pid)
+{
+    char path[64], buf[1024];
+    if (pid)
+        snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    else
+        snprintf(path, sizeof path, "/proc/self/stat");
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* comm may hold spaces */
+    if (!p)
+        return -1;
+    unsigned long long ut = 0, st = 0;
+    /* after ")": state(3) ... utime is field 14, stime 15 */
+    if (sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return -1;
+    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static double loadavg1(void)
+{
+    double l = -1;
+    FILE *f = fopen("/proc/loadavg", "r");
+    if (f) {
+        if (fscanf(f, "%lf", &l) != 1)
+            l = -1;
+        fclose(f);
+    }
+    return l;
+}
+
 /* --- kvrctl (next to this binary) --- */
 static int run_kvrctl(char *const *args)
 {
@@ -544,7 +581,10 @@ typedef struct rb_phase {
         double raft, local, errors;
         uint64_t client_answers;
         double p50_us, p99_us, mean_us;
+        double cpu_s; /* CPU seconds used during the load */
     } per[RB_MAX_ROUTERS];
+    double cpu_nats_s, cpu_workers_s, cpu_client_s, load_before, load_after;
+    uint64_t log_entries; /* Raft log entries applied during the load (router 1's applied_index) */
     bool spread_ok, digests_equal, down_ok;
     char digest[24];
     uint64_t bookings_left;
@@ -575,6 +615,7 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph, boo
     bool loaded = false;
     rb_prom before[RB_MAX_ROUTERS], after[RB_MAX_ROUTERS];
     const char *rurl[RB_MAX_ROUTERS] = {0};
+    int rpid[RB_MAX_ROUTERS] = {0};
     int nr = 0;
     if (run_kvrctl(up) != 0) {
         snprintf(ph->error, sizeof ph->error, "kvrctl up failed (logs in %s/logs)", cdir);
@@ -597,6 +638,7 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph, boo
     for (int i = 0; i < c.n && nr < RB_MAX_ROUTERS; i++)
         if (!strcmp(c.procs[i].role, "router")) {
             ph->per[nr].id = c.procs[i].id;
+            rpid[nr] = c.procs[i].pid;
             rurl[nr++] = c.procs[i].url;
         }
     if (!nats || nr != ph->routers) {
@@ -652,7 +694,28 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph, boo
     r->tag = (uint64_t)getpid() << 8 | (raft ? 1 : 2);
     fprintf(stderr, "== %s: %d in flight for %d s over NATS kvr.route\n", ph->name, o->inflight,
             o->duration_s);
-    if (rb_load(r) != 0) {
+    double cpu0[RB_MAX_ROUTERS], cpu_nats0 = proc_cpu_s(nats->pid), cpu_w0 = 0, cpu_c0 = proc_cpu_s(0);
+    for (int i = 0; i < nr; i++)
+        cpu0[i] = proc_cpu_s(rpid[i]);
+    for (int i = 0; i < c.n; i++)
+        if (!strcmp(c.procs[i].role, "worker"))
+            cpu_w0 += proc_cpu_s(c.procs[i].pid);
+    ph->load_before = loadavg1();
+    rb_state sa0, sa1;
+    bool have_applied = raft && state_get(rurl[0], &sa0) == 0;
+    int lrc = rb_load(r);
+    if (have_applied && state_get(rurl[0], &sa1) == 0 && sa1.applied >= sa0.applied)
+        ph->log_entries = sa1.applied - sa0.applied;
+    for (int i = 0; i < nr; i++)
+        ph->per[i].cpu_s = proc_cpu_s(rpid[i]) - cpu0[i];
+    ph->cpu_nats_s = proc_cpu_s(nats->pid) - cpu_nats0;
+    ph->cpu_client_s = proc_cpu_s(0) - cpu_c0;
+    for (int i = 0; i < c.n; i++)
+        if (!strcmp(c.procs[i].role, "worker"))
+            ph->cpu_workers_s += proc_cpu_s(c.procs[i].pid);
+    ph->cpu_workers_s -= cpu_w0;
+    ph->load_after = loadavg1();
+    if (lrc != 0) {
         snprintf(ph->error, sizeof ph->error, "load did not start");
         rc = -1;
         goto down;
@@ -805,9 +868,14 @@ static void phase_json(FILE *f, const rb_phase *ph)
         json_num(f, ph->per[i].p99_us);
         fputs(",\"mean\":", f);
         json_num(f, ph->per[i].mean_us);
-        fputs("}}", f);
+        fprintf(f, "},\"cpu_s\":%.2f}", ph->per[i].cpu_s);
     }
-    fprintf(f, "],\"spread_ok\":%s,\"fsm_digest\":", ph->spread_ok ? "true" : "false");
+    fprintf(f, "],\"cpu_s\":{\"nats\":%.2f,\"workers\":%.2f,\"client\":%.2f},"
+               "\"loadavg\":{\"before\":%.2f,\"after\":%.2f,\"cores\":%ld}",
+            ph->cpu_nats_s, ph->cpu_workers_s, ph->cpu_client_s, ph->load_before, ph->load_after,
+            sysconf(_SC_NPROCESSORS_ONLN));
+    fprintf(f, ",\"log_entries\":%" PRIu64 ",\"spread_ok\":%s,\"fsm_digest\":", ph->log_entries,
+            ph->spread_ok ? "true" : "false");
     json_str(f, ph->digest);
     fprintf(f, ",\"digests_equal\":%s,\"bookings_left\":%" PRIu64 ",\"down_ok\":%s",
             ph->digests_equal ? "true" : "false", ph->bookings_left, ph->down_ok ? "true" : "false");
@@ -843,10 +911,21 @@ static void phase_print(const rb_phase *ph)
            ph->r_p50_us, ph->r_p99_us, ph->r_mean_us);
     for (int i = 0; i < ph->routers; i++)
         printf("    router %d %-9s decisions raft %.0f local %.0f (client saw %" PRIu64
-               "), route errors %.0f, router latency us p50 %.0f p99 %.0f mean %.0f\n",
+               "), route errors %.0f, router latency us p50 %.0f p99 %.0f mean %.0f, cpu %.2f s\n",
                ph->per[i].id, ph->per[i].role, ph->per[i].raft, ph->per[i].local,
                ph->per[i].client_answers, ph->per[i].errors, ph->per[i].p50_us, ph->per[i].p99_us,
-               ph->per[i].mean_us);
+               ph->per[i].mean_us, ph->per[i].cpu_s);
+    double rcpu = 0;
+    for (int i = 0; i < ph->routers; i++)
+        rcpu += ph->per[i].cpu_s;
+    printf("  cpu during load    routers %.2f s, nats-server %.2f s, workers %.2f s, this client %.2f s "
+           "in %.2f s wall on %ld cores (load average %.1f -> %.1f)\n",
+           rcpu, ph->cpu_nats_s, ph->cpu_workers_s, ph->cpu_client_s, ph->secs,
+           sysconf(_SC_NPROCESSORS_ONLN), ph->load_before, ph->load_after);
+    if (ph->log_entries)
+        printf("  raft log entries   %" PRIu64 " during the load (%.1f commands per entry: route + free "
+               "per request)\n",
+               ph->log_entries, 2.0 * (double)r->ok / (double)ph->log_entries);
     printf("  spread over routers %s, fsm_digest %s (%s), bookings left %" PRIu64 "\n",
            ph->spread_ok ? "ok" : "UNEVEN", ph->digest, ph->digests_equal ? "equal on all" : "DIFFER",
            ph->bookings_left);
