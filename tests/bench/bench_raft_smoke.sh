@@ -28,9 +28,24 @@ rb_down() {
             sleep 0.1
         done
     fi
-    local d
+    local d pid
     for d in "$DIR/raft" "$DIR/local"; do
-        [ -f "$d/cluster.json" ] && "$KVR_BIN/kvrctl" down --dir "$d" >/dev/null 2>&1
+        [ -f "$d/cluster.json" ] || continue
+        "$KVR_BIN/kvrctl" down --dir "$d" >/dev/null 2>&1
+        # last resort (kvrctl down timed out): SIGKILL each recorded pid still ours (same start time)
+        for pid in $(/usr/bin/python3 - "$d/cluster.json" <<'PY' 2>/dev/null
+import json, sys
+for p in json.load(open(sys.argv[1]))["processes"]:
+    try:
+        st = open("/proc/%d/stat" % p["pid"]).read()
+    except OSError:
+        continue
+    if int(st[st.rindex(")") + 2:].split()[19]) == p.get("start_time"):
+        print(p["pid"])
+PY
+        ); do
+            kill -KILL "$pid" 2>/dev/null
+        done
     done
     return 0
 }
