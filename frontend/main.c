@@ -89,7 +89,7 @@ typedef struct fe_call {
     /* routing */
     int tries;
     bool route_pending;
-    bool booked; /* a router booked it: send events */
+    bool booked; /* a router booked it, or may have: send events */
     int64_t t_start_ns, t_route_ns, t_first_ns;
     /* upstream */
     kvr_curl_req *up;
@@ -501,6 +501,13 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
         return;
     }
     kvr_metric_observe(app.m_route_lat, 0, (double)(kvr_mono_ns() - c->t_route_ns) / 1e9);
+    if (status != 0 && status != KVR_NATS_NO_RESPONDERS) {
+        /* A try that timed out may still be applied later by a slow router (or be committed
+         * by Raft after its leader died): treat the request as possibly booked so that its
+         * events, "free" above all, are published. A FREE that arrives first is remembered by
+         * the routers' state machine, so the late ROUTE books nothing. */
+        c->booked = true;
+    }
     if (status != 0) {
         use_local_choice(c, status == KVR_ETIMEDOUT            ? FB_TIMEOUT
                             : status == KVR_NATS_NO_RESPONDERS ? FB_NO_RESPONDERS
@@ -510,6 +517,7 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
     fe_route_reply rep;
     kvr_err err = {0};
     if (fe_route_reply_decode(data, len, &rep, &err)) {
+        c->booked = true; /* a router answered something: it may have booked */
         KVR_LOG_WARN_RL(5, "bad route reply", "request=%s err=\"%s\"", c->rid_hex, err.msg);
         use_local_choice(c, FB_BAD_REPLY);
         return;

@@ -49,6 +49,7 @@ routed=$(( $(fmetric 'kvr_frontend_routed_total{mode="raft"}') + $(fmetric 'kvr_
 kvr_assert_eq "$routed" 3 "requests routed by a router"
 kvr_assert_eq "$(curl -s "$F/metrics" | awk '/^kvr_frontend_route_fallback_total/ {s+=$2} END {printf "%d", s}')" 0 "no fallback yet"
 zero_bookings() { [ "$(bookings 1)" = 0 ]; }
+zero_bookings_of() { [ "$(bookings "$1")" = 0 ]; }
 kvr_wait_for 10 zero_bookings || kvr_fail "bookings not freed after finished requests: $(bookings 1)"
 
 # 2. a disconnecting client frees its booking and cancels the worker's request
@@ -98,10 +99,14 @@ want=$(curl -s -d '{"model":"m1","prompt":"a stream that outlives its router","m
     "http://127.0.0.1:${WPORT[1]}/v1/completions" | jq -r '.choices[0].text')
 kvr_assert_eq "$got" "$want" "stream intact after its router died"
 
-# 4a. routers that stop answering (SIGSTOP): every try times out, then a local choice
+# 4a. a router that stops answering (SIGSTOP): every try times out, then a local choice.
+#     One router only, so that the late booking and the "free" meet the same (local-mode) state.
+last=""
 for i in 1 2 3; do
-    [ "$i" = "$rid" ] || kill -STOP -- "-$(kvr_pid "router$i")"
+    [ "$i" = "$rid" ] && continue
+    if [ -z "$last" ]; then last=$i; else kvr_kill9 "router$i"; fi
 done
+kill -STOP -- "-$(kvr_pid "router$last")"
 t0=$(date +%s%N)
 r=$(curl -s --max-time 10 -d '{"model":"m1","prompt":"routers asleep","max_tokens":3}' "$F/v1/completions")
 ms=$(( ($(date +%s%N) - t0) / 1000000 ))
@@ -109,6 +114,11 @@ kvr_assert_eq "$(echo "$r" | jq -r .usage.completion_tokens)" 3 "served with rou
 kvr_assert_eq "$(fmetric 'kvr_frontend_route_fallback_total{reason="timeout"}')" 1 "timeout fallback counted"
 [ "$ms" -ge 400 ] || kvr_fail "answered in $ms ms: 2 tries x 200 ms should have run first"
 kvr_log "routers stopped: fallback after $ms ms"
+# The router wakes up and applies the timed-out route request late: the frontend's "free"
+# (sent because a timed-out try may have booked) must leave it with no booking.
+kill -CONT -- "-$(kvr_pid "router$last")"
+sleep 1
+kvr_wait_for 10 zero_bookings_of "$last" || kvr_fail "a late booking of a timed-out route lingers: $(bookings "$last")"
 
 # 4b. all routers gone: still served, counted as fallback
 for i in 1 2 3; do kvr_kill9 "router$i"; done
