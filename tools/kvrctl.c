@@ -290,21 +290,32 @@ static int wait_ready(run_cluster *c, int from, int to, int timeout_s, kvr_err *
 /* Workers announce themselves by heartbeat (1 s): routers and frontends only route to a worker
  * they have heard. "Ready" for the cluster means every router and frontend knows all of them,
  * otherwise the first requests of a benchmark fail with "no worker". */
-static int wait_workers_known(run_cluster *c, int nworkers, int timeout_s, kvr_err *err)
+static int wait_workers_known(run_cluster *c, int nworkers, bool raft, int timeout_s, kvr_err *err)
 {
-    if (nworkers == 0)
-        return 0;
     long long deadline = mono_ms() + (long long)timeout_s * 1000;
     for (;;) {
         const run_proc *lagging = NULL;
+        const char *why = "workers";
         int seen = 0;
+        long long leader = 0;
         for (int i = 0; i < c->n && !lagging; i++) {
             run_proc *p = &c->procs[i];
             if (strcmp(p->role, "router") == 0) {
                 run_router_state st;
-                seen = run_router_get_state(p, 1000, &st, NULL) == 0 ? st.workers_up : 0;
+                bool ok = run_router_get_state(p, 1000, &st, NULL) == 0;
+                seen = ok ? st.workers_up : 0;
                 if (seen < nworkers)
                     lagging = p;
+                /* A router is /ready once caught up with the stream, which can be before the
+                 * first election: until every router names the same leader, route answers
+                 * would come back in degraded "local" mode. */
+                if (!lagging && raft) {
+                    if (!ok || st.leader == 0 || (leader != 0 && st.leader != leader)) {
+                        lagging = p;
+                        why = "raft leader";
+                    }
+                    leader = ok ? st.leader : 0;
+                }
             } else if (strcmp(p->role, "frontend") == 0) {
                 char url[256];
                 kvr_buf b;
@@ -323,9 +334,14 @@ static int wait_workers_known(run_cluster *c, int nworkers, int timeout_s, kvr_e
         }
         if (!lagging)
             return 0;
-        if (mono_ms() > deadline)
+        if (mono_ms() > deadline) {
+            if (strcmp(why, "raft leader") == 0)
+                return kvr_err_set(err, KVR_ETIMEDOUT,
+                                   "%s-%d (port %d) names no common raft leader after %d s",
+                                   lagging->role, lagging->id, lagging->port, timeout_s);
             return kvr_err_set(err, KVR_ETIMEDOUT, "%s-%d (port %d) knows %d of %d workers after %d s",
                                lagging->role, lagging->id, lagging->port, seen, nworkers, timeout_s);
+        }
         sleep_ms(100);
     }
 }
@@ -628,7 +644,7 @@ static int cmd_up(const char *dir, up_opts *o)
             goto fail;
     }
 
-    if ((rc = wait_workers_known(&c, o->workers, o->timeout_s, &err)) != 0)
+    if ((rc = wait_workers_known(&c, o->workers, o->raft_flags && o->routers > 1, o->timeout_s, &err)) != 0)
         goto fail;
 
     printf("cluster up in %s: %d router(s), %d worker(s), %d frontend(s)%s\n", abs_dir, o->routers,
