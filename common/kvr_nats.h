@@ -11,6 +11,14 @@
  * every JetStream management call, consumer creation) run off the loop thread
  * (uv_queue_work), never on it. (NOT the cnats libuv adapter: see NOTES-deps 2.3.)
  *
+ * Each kvr_nats opens two connections to the same server: the core one (subscriptions,
+ * publishes, requests; its messages come through cnats' one process-wide delivery thread,
+ * natsOptions_UseGlobalMessageDelivery, which halves thread wake-ups per request/reply) and a
+ * JetStream one (management calls and consumers, one delivery thread per consumer, so a
+ * consumer's backpressure never holds up core messages). State callbacks follow the core
+ * connection; a JetStream reconnect re-creates the consumers. Core backpressure of one kvr_nats
+ * also holds up the other kvr_nats instances of the same process (one shared thread).
+ *
  * Threads: every function here must be called on the loop thread, except where noted.
  * Memory: a kvr_nats is caller-allocated and must stay valid until the close callback has
  * run. Message memory handed to a callback is valid during that callback only. Strings in
