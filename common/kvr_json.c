@@ -220,14 +220,13 @@ static size_t utf8_len(const unsigned char *s, size_t n)
     return len;
 }
 
-int kvr_json_append_string(kvr_buf *out, const char *s, size_t len)
+int kvr_json_append_escaped(kvr_buf *out, const char *s, size_t len)
 {
     static const char hex[] = "0123456789abcdef";
-    /* Worst case 6 bytes per input byte, plus quotes. */
-    if (len > (SIZE_MAX - 2) / 6 || kvr_buf_reserve(out, len * 6 + 2) != 0)
+    /* Worst case 6 bytes per input byte. */
+    if (len > SIZE_MAX / 6 || kvr_buf_reserve(out, len * 6) != 0)
         return KVR_ENOMEM;
     char *o = out->base + out->len;
-    *o++ = '"';
     const unsigned char *p = (const unsigned char *)s;
     size_t i = 0;
     while (i < len) {
@@ -284,8 +283,17 @@ int kvr_json_append_string(kvr_buf *out, const char *s, size_t len)
         }
         i++;
     }
-    *o++ = '"';
     out->len = (size_t)(o - out->base);
+    return 0;
+}
+
+int kvr_json_append_string(kvr_buf *out, const char *s, size_t len)
+{
+    if (len > SIZE_MAX / 6 - 2 || kvr_buf_reserve(out, len * 6 + 2) != 0)
+        return KVR_ENOMEM;
+    out->base[out->len++] = '"';
+    kvr_json_append_escaped(out, s, len); /* cannot fail: room reserved above */
+    out->base[out->len++] = '"';
     return 0;
 }
 

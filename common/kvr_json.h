@@ -52,6 +52,8 @@ int kvr_json_int_exact(const cJSON *item, int64_t *out);
 /* Appends s as a quoted JSON string: escapes '"', '\\' and control bytes; invalid UTF-8 bytes
  * become U+FFFD so the output is always valid JSON. Returns 0 or KVR_ENOMEM. */
 int kvr_json_append_string(kvr_buf *out, const char *s, size_t len);
+/* The same escaping without the quotes (the inside of a JSON string). */
+int kvr_json_append_escaped(kvr_buf *out, const char *s, size_t len);
 
 /* Writer: commas and nesting handled; errors are sticky and reported by kvr_jw_finish.
  *   kvr_jw w; kvr_jw_init(&w, &buf);

@@ -1,5 +1,6 @@
 /* kvr_tok: built-in byte-level tokenizer and ChatML template. See kvr_tok.h. */
 #include "kvr_tok.h"
+#include "kvr_json.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -110,94 +111,7 @@ int kvr_tok_chatml(const kvr_chat_msg *msgs, size_t n, int add_generation_prompt
     return 0;
 }
 
-/* Length of the valid UTF-8 sequence at s (n bytes left), or 0 if invalid. */
-static size_t utf8_seq(const unsigned char *s, size_t n)
-{
-    unsigned c = s[0];
-    size_t len;
-    unsigned min;
-    if (c < 0x80)
-        return 1;
-    if (c >= 0xc2 && c <= 0xdf) {
-        len = 2;
-        min = 0x80;
-    } else if (c >= 0xe0 && c <= 0xef) {
-        len = 3;
-        min = 0x800;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        len = 4;
-        min = 0x10000;
-    } else {
-        return 0;
-    }
-    if (n < len)
-        return 0;
-    unsigned cp = c & (0xff >> (len + 1));
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-        return 0;
-    return len;
-}
-
 int kvr_tok_json_escape(kvr_buf *out, const char *s, size_t len)
 {
-    static const char hex[] = "0123456789abcdef";
-    const unsigned char *p = (const unsigned char *)s;
-    if (len > SIZE_MAX / 6 - out->len || kvr_buf_reserve(out, len + 16))
-        return KVR_ENOMEM;
-    size_t i = 0;
-    while (i < len) {
-        /* Copy a run of plain ASCII at once. */
-        size_t j = i;
-        while (j < len && p[j] >= 0x20 && p[j] < 0x80 && p[j] != '"' && p[j] != '\\')
-            j++;
-        if (j > i && kvr_buf_append(out, p + i, j - i))
-            return KVR_ENOMEM;
-        i = j;
-        if (i >= len)
-            break;
-        unsigned c = p[i];
-        char esc[8];
-        size_t el = 0;
-        if (c == '"' || c == '\\') {
-            esc[0] = '\\';
-            esc[1] = (char)c;
-            el = 2;
-            i++;
-        } else if (c < 0x20) {
-            esc[0] = '\\';
-            switch (c) {
-            case '\n': esc[1] = 'n'; el = 2; break;
-            case '\r': esc[1] = 'r'; el = 2; break;
-            case '\t': esc[1] = 't'; el = 2; break;
-            default:
-                esc[1] = 'u';
-                esc[2] = '0';
-                esc[3] = '0';
-                esc[4] = hex[c >> 4];
-                esc[5] = hex[c & 15];
-                el = 6;
-            }
-            i++;
-        } else {
-            size_t sl = utf8_seq(p + i, len - i);
-            if (sl == 0) {
-                memcpy(esc, "\xef\xbf\xbd", 3); /* U+FFFD */
-                el = 3;
-                i++;
-            } else {
-                if (kvr_buf_append(out, p + i, sl))
-                    return KVR_ENOMEM;
-                i += sl;
-                continue;
-            }
-        }
-        if (kvr_buf_append(out, esc, el))
-            return KVR_ENOMEM;
-    }
-    return 0;
+    return kvr_json_append_escaped(out, s, len);
 }
