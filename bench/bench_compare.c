@@ -46,39 +46,6 @@ static void cmp_usage(FILE *out)
             "Each mode runs on a fresh cluster (kvrctl up … ; replay ; kvrctl down).\n");
 }
 
-/* Runs kvrctl (next to this binary) with argv; returns its exit status. */
-static int run_kvrctl(char *const *args)
-{
-    char self[PATH_MAX], path[PATH_MAX + 16];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    self[n > 0 ? n : 0] = 0;
-    char *slash = strrchr(self, '/');
-    if (slash)
-        *slash = 0;
-    snprintf(path, sizeof path, "%s/kvrctl", self);
-    char *argv[RUN_MAX_ARGS + 2];
-    int k = 0;
-    argv[k++] = path;
-    for (int i = 0; args[i] && k < RUN_MAX_ARGS; i++)
-        argv[k++] = args[i];
-    argv[k] = NULL;
-    fflush(stdout);
-    fflush(stderr);
-    pid_t pid = fork();
-    if (pid < 0)
-        return -1;
-    if (pid == 0) {
-        /* kvrctl's output goes to our stderr so stdout stays the report. */
-        dup2(2, 1);
-        execv(path, argv);
-        fprintf(stderr, "kvr-bench compare: exec %s: %s\n", path, strerror(errno));
-        _exit(127);
-    }
-    int st = 0;
-    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
-    }
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-}
 
 static const char *proc_url(run_cluster *c, const char *role)
 {
@@ -217,7 +184,7 @@ int kvr_bench_compare(int argc, char **argv)
             up[nup++] = t;
         up[nup] = NULL;
         fprintf(stderr, "== %s: starting a fresh cluster in %s\n", all_modes[m], cdir);
-        if (run_kvrctl(up) != 0) {
+        if (run_kvrctl("kvr-bench compare", up, false) != 0) {
             snprintf(errors[m], sizeof errors[m], "kvrctl up failed (logs in %s/logs)", cdir);
             fprintf(stderr, "== %s: %s\n", all_modes[m], errors[m]);
             rc = 1;
@@ -260,7 +227,7 @@ int kvr_bench_compare(int argc, char **argv)
             }
         }
         char *down[] = {"down", "--dir", cdir, NULL};
-        if (run_kvrctl(down) != 0) {
+        if (run_kvrctl("kvr-bench compare", down, false) != 0) {
             fprintf(stderr, "== %s: kvrctl down reported processes left running in %s\n",
                     all_modes[m], cdir);
             rc = 1;

@@ -238,43 +238,6 @@ static double loadavg1(void)
     return l;
 }
 
-/* --- kvrctl (next to this binary) --- */
-static int run_kvrctl(char *const *args)
-{
-    char self[PATH_MAX], path[PATH_MAX + 16];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    self[n > 0 ? n : 0] = 0;
-    char *slash = strrchr(self, '/');
-    if (slash)
-        *slash = 0;
-    snprintf(path, sizeof path, "%s/kvrctl", self);
-    char *argv[RUN_MAX_ARGS + 2];
-    int k = 0;
-    argv[k++] = path;
-    for (int i = 0; args[i] && k < RUN_MAX_ARGS; i++)
-        argv[k++] = args[i];
-    argv[k] = NULL;
-    fflush(stdout);
-    fflush(stderr);
-    pid_t pid = fork();
-    if (pid < 0)
-        return -1;
-    if (pid == 0) {
-        /* own process group: a terminal Ctrl-C reaches us, not a half-done `kvrctl up`; we
-         * tear down with `kvrctl down` afterwards. Its output goes to our stderr. */
-        setpgid(0, 0);
-        signal(SIGINT, SIG_DFL);
-        signal(SIGTERM, SIG_DFL);
-        dup2(2, 1);
-        execv(path, argv);
-        fprintf(stderr, "kvr-bench raft: exec %s: %s\n", path, strerror(errno));
-        _exit(127);
-    }
-    int st = 0;
-    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
-    }
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-}
 
 /* --- the load: K route requests in flight over NATS --- */
 typedef struct rb_run {
@@ -617,7 +580,7 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph, boo
     const char *rurl[RB_MAX_ROUTERS] = {0};
     int rpid[RB_MAX_ROUTERS] = {0};
     int nr = 0;
-    if (run_kvrctl(up) != 0) {
+    if (run_kvrctl("kvr-bench raft", up, true) != 0) {
         snprintf(ph->error, sizeof ph->error, "kvrctl up failed (logs in %s/logs)", cdir);
         rc = -1;
         goto down;
@@ -802,7 +765,7 @@ down:;
     char *down[] = {"down", "--dir", cdir, NULL};
     struct stat sb;
     if (loaded || stat(cdir, &sb) == 0) {
-        ph->down_ok = run_kvrctl(down) == 0;
+        ph->down_ok = run_kvrctl("kvr-bench raft", down, true) == 0;
         if (!ph->down_ok) {
             fprintf(stderr, "== %s: kvrctl down reported processes left running in %s\n", ph->name,
                     cdir);

@@ -661,3 +661,40 @@ int run_prom_sum(const char *text, size_t len, const char *name, double *out)
     *out = sum;
     return 0;
 }
+
+int run_kvrctl(const char *who, char *const *args, bool own_pgroup)
+{
+    char self[PATH_MAX], path[PATH_MAX + 16];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    self[n > 0 ? n : 0] = 0;
+    char *slash = strrchr(self, '/');
+    if (slash)
+        *slash = 0;
+    snprintf(path, sizeof path, "%s/kvrctl", self);
+    char *argv[RUN_MAX_ARGS + 2];
+    int k = 0;
+    argv[k++] = path;
+    for (int i = 0; args[i] && k < RUN_MAX_ARGS; i++)
+        argv[k++] = args[i];
+    argv[k] = NULL;
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        if (own_pgroup) {
+            setpgid(0, 0);
+            signal(SIGINT, SIG_DFL);
+            signal(SIGTERM, SIG_DFL);
+        }
+        dup2(2, 1);
+        execv(path, argv);
+        fprintf(stderr, "%s: exec %s: %s\n", who, path, strerror(errno));
+        _exit(127);
+    }
+    int st = 0;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+    }
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}

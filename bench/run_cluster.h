@@ -107,4 +107,12 @@ void run_tail_file(const char *path, int lines, char *out, size_t cap);
  * and *out, or KVR_ENOTFOUND. */
 int run_prom_sum(const char *text, size_t len, const char *name, double *out);
 
+/* Runs the kvrctl binary that sits next to the running executable with args (NULL-terminated,
+ * at most RUN_MAX_ARGS) and waits for it; kvrctl's stdout goes to our stderr so that our
+ * stdout stays a report. With own_pgroup, kvrctl runs in its own process group with default
+ * signal handling, so a terminal Ctrl-C reaches only the caller, which then tears down with
+ * `kvrctl down` itself. `who` prefixes error messages. Returns kvrctl's exit status, 127 if it
+ * could not be executed, 128 if it did not exit normally, -1 if fork failed. */
+int run_kvrctl(const char *who, char *const *args, bool own_pgroup);
+
 #endif
