@@ -1,5 +1,6 @@
 /* fe_pool: live workers, pool selection, local choice, route API codec. See fe_pool.h. */
 #include "fe_pool.h"
+#include "kvr_heartbeat.h"
 
 #include "kvr_mp.h"
 #include "kvr_tok.h"
@@ -74,74 +75,42 @@ static int copy_str(kvr_slice s, char *dst, size_t cap)
     return 0;
 }
 
-static int read_u32(kvr_mp_reader *r, uint32_t *v)
+static int to_u32(uint64_t x, uint32_t *v)
 {
-    uint64_t x;
-    int rc = kvr_mp_read_uint(r, &x);
-    if (rc)
-        return rc;
     if (x > UINT32_MAX)
         return KVR_ELIMIT;
     *v = (uint32_t)x;
     return 0;
 }
 
+static int read_u32(kvr_mp_reader *r, uint32_t *v)
+{
+    uint64_t x;
+    int rc = kvr_mp_read_uint(r, &x);
+    return rc ? rc : to_u32(x, v);
+}
+
 int fe_pool_heartbeat(fe_pool *p, const void *data, size_t len, int64_t now_ms, kvr_err *err)
 {
-    kvr_mp_reader r;
-    kvr_mp_reader_init(&r, data, len);
-    uint32_t n;
-    int rc = kvr_mp_read_map(&r, &n);
+    kvr_heartbeat hb;
+    int rc = kvr_heartbeat_decode(data, len, &hb);
     if (rc)
         goto bad;
-    fe_worker w;
-    memset(&w, 0, sizeof w);
-    bool have_id = false, have_ns = false, have_url = false;
-    for (uint32_t i = 0; i < n; i++) {
-        kvr_slice k, s;
-        if ((rc = kvr_mp_read_str(&r, &k)))
-            goto bad;
-#define KEY(lit) kvr_slice_eq_cstr(k, lit)
-        if (KEY("id")) {
-            rc = kvr_mp_read_uint(&r, &w.id);
-            have_id = true;
-        } else if (KEY("namespace")) {
-            rc = kvr_mp_read_str(&r, &s);
-            rc = rc ? rc : copy_str(s, w.ns, sizeof w.ns);
-            have_ns = true;
-        } else if (KEY("model")) {
-            rc = kvr_mp_read_str(&r, &s);
-            rc = rc ? rc : copy_str(s, w.model, sizeof w.model);
-        } else if (KEY("url")) {
-            rc = kvr_mp_read_str(&r, &s);
-            rc = rc ? rc : copy_str(s, w.url, sizeof w.url);
-            have_url = true;
-        } else if (KEY("role")) {
-            rc = kvr_mp_read_str(&r, &s);
-            rc = rc ? rc : copy_str(s, w.role, sizeof w.role);
-        } else if (KEY("block_size")) {
-            rc = read_u32(&r, &w.block_size);
-        } else if (KEY("capacity_blocks")) {
-            rc = read_u32(&r, &w.capacity_blocks);
-        } else if (KEY("active")) {
-            rc = read_u32(&r, &w.active);
-        } else if (KEY("waiting")) {
-            rc = read_u32(&r, &w.waiting);
-        } else if (KEY("used_blocks")) {
-            rc = read_u32(&r, &w.used_blocks);
-        } else if (KEY("started_ms")) {
-            rc = kvr_mp_read_uint(&r, &w.started_ms);
-        } else {
-            rc = kvr_mp_skip(&r);
-        }
-#undef KEY
-        if (rc)
-            goto bad;
-    }
-    if (!have_id || !have_ns || !have_url) {
+    if ((hb.has & (KVR_HB_ID | KVR_HB_NAMESPACE | KVR_HB_URL)) !=
+        (KVR_HB_ID | KVR_HB_NAMESPACE | KVR_HB_URL)) {
         rc = KVR_EINVAL;
         goto bad;
     }
+    fe_worker w;
+    memset(&w, 0, sizeof w);
+    w.id = hb.id;
+    w.started_ms = hb.started_ms;
+    if ((rc = copy_str(hb.ns, w.ns, sizeof w.ns)) || (rc = copy_str(hb.model, w.model, sizeof w.model)) ||
+        (rc = copy_str(hb.url, w.url, sizeof w.url)) || (rc = copy_str(hb.role, w.role, sizeof w.role)) ||
+        (rc = to_u32(hb.block_size, &w.block_size)) ||
+        (rc = to_u32(hb.capacity_blocks, &w.capacity_blocks)) || (rc = to_u32(hb.active, &w.active)) ||
+        (rc = to_u32(hb.waiting, &w.waiting)) || (rc = to_u32(hb.used_blocks, &w.used_blocks)))
+        goto bad;
     if (!fe_pool_ns_match(p, w.ns, strlen(w.ns)))
         return 0;
     w.last_seen_ms = now_ms;

@@ -7,6 +7,7 @@
 #include "kvr_buf.h"
 #include "kvr_err.h"
 #include "kvr_hash.h"
+#include "kvr_heartbeat.h"
 #include "kvr_http.h"
 #include "kvr_json.h"
 #include "kvr_log.h"
@@ -274,50 +275,17 @@ static bool ns_ok(kvr_routerd *rd, kvr_slice ns)
 static void on_heartbeat(const kvr_nats_msg *m, void *data)
 {
     kvr_routerd *rd = data;
-    kvr_mp_reader r;
-    kvr_mp_reader_init(&r, m->data, m->len);
-    uint32_t n;
-    if (kvr_mp_read_map(&r, &n) != 0) {
-        KVR_LOG_WARN_RL(10, "malformed heartbeat", "subject=%s error=\"not a map\"", m->subject);
+    kvr_heartbeat hb;
+    int hrc = kvr_heartbeat_decode(m->data, m->len, &hb);
+    if (hrc != 0) {
+        KVR_LOG_WARN_RL(10, "malformed heartbeat", "subject=%s error=\"%s\"", m->subject,
+                        kvr_strerror(hrc));
         return;
     }
-    uint64_t id = 0, started = 0, bs = 0, cap = 0, active = 0, waiting = 0, used = 0;
-    kvr_slice ns = {0}, model = {0}, url = {0}, role = {0};
-    bool have_id = false, have_bs = false;
-    for (uint32_t i = 0; i < n; i++) {
-        kvr_slice k;
-        if (kvr_mp_read_str(&r, &k) != 0)
-            goto bad;
-        int rc = 0;
-        if (kvr_slice_eq_cstr(k, "id")) {
-            rc = kvr_mp_read_uint(&r, &id);
-            have_id = rc == 0;
-        } else if (kvr_slice_eq_cstr(k, "namespace"))
-            rc = kvr_mp_read_str(&r, &ns);
-        else if (kvr_slice_eq_cstr(k, "model"))
-            rc = kvr_mp_read_str(&r, &model);
-        else if (kvr_slice_eq_cstr(k, "url"))
-            rc = kvr_mp_read_str(&r, &url);
-        else if (kvr_slice_eq_cstr(k, "role"))
-            rc = kvr_mp_read_str(&r, &role);
-        else if (kvr_slice_eq_cstr(k, "block_size")) {
-            rc = kvr_mp_read_uint(&r, &bs);
-            have_bs = rc == 0;
-        } else if (kvr_slice_eq_cstr(k, "capacity_blocks"))
-            rc = kvr_mp_read_uint(&r, &cap);
-        else if (kvr_slice_eq_cstr(k, "active"))
-            rc = kvr_mp_read_uint(&r, &active);
-        else if (kvr_slice_eq_cstr(k, "waiting"))
-            rc = kvr_mp_read_uint(&r, &waiting);
-        else if (kvr_slice_eq_cstr(k, "used_blocks"))
-            rc = kvr_mp_read_uint(&r, &used);
-        else if (kvr_slice_eq_cstr(k, "started_ms"))
-            rc = kvr_mp_read_uint(&r, &started);
-        else
-            rc = kvr_mp_skip(&r);
-        if (rc != 0)
-            goto bad;
-    }
+    uint64_t id = hb.id, started = hb.started_ms, bs = hb.block_size, cap = hb.capacity_blocks;
+    uint64_t active = hb.active, waiting = hb.waiting, used = hb.used_blocks;
+    kvr_slice ns = hb.ns, model = hb.model, url = hb.url, role = hb.role;
+    bool have_id = hb.has & KVR_HB_ID, have_bs = hb.has & KVR_HB_BLOCK_SIZE;
     if (!have_id || id == 0 || !have_bs || ns.len > KVR_FSM_NS_MAX || model.len > KVR_FSM_MODEL_MAX ||
         url.len > KVR_FSM_URL_MAX)
         goto bad;

@@ -20,10 +20,10 @@
 #include "kv_event.h"
 #include "kvr_buf.h"
 #include "kvr_err.h"
+#include "kvr_heartbeat.h"
 #include "kvr_http.h"
 #include "kvr_log.h"
 #include "kvr_metrics.h"
-#include "kvr_mp.h"
 #include "kvr_nats.h"
 #include "kvr_tok.h"
 
@@ -407,20 +407,19 @@ static void send_heartbeat(worker *w)
     char mdc[32];
     snprintf(mdc, sizeof mdc, "%016" PRIx64,
              XXH3_64bits_withSeed(w->o.model, strlen(w->o.model), w->o.block_size));
-    int rc = 0;
-    rc |= kvr_mp_write_map(b, 12);
-    rc |= kvr_mp_write_cstr(b, "id") | kvr_mp_write_uint(b, w->o.id);
-    rc |= kvr_mp_write_cstr(b, "namespace") | kvr_mp_write_cstr(b, w->o.ns);
-    rc |= kvr_mp_write_cstr(b, "model") | kvr_mp_write_cstr(b, w->o.model);
-    rc |= kvr_mp_write_cstr(b, "role") | kvr_mp_write_cstr(b, w->o.role);
-    rc |= kvr_mp_write_cstr(b, "url") | kvr_mp_write_cstr(b, w->url);
-    rc |= kvr_mp_write_cstr(b, "block_size") | kvr_mp_write_uint(b, w->o.block_size);
-    rc |= kvr_mp_write_cstr(b, "capacity_blocks") | kvr_mp_write_uint(b, w->o.capacity_blocks);
-    rc |= kvr_mp_write_cstr(b, "active") | kvr_mp_write_uint(b, st.running);
-    rc |= kvr_mp_write_cstr(b, "waiting") | kvr_mp_write_uint(b, st.waiting);
-    rc |= kvr_mp_write_cstr(b, "used_blocks") | kvr_mp_write_uint(b, st.used_blocks);
-    rc |= kvr_mp_write_cstr(b, "mdc_sum") | kvr_mp_write_cstr(b, mdc);
-    rc |= kvr_mp_write_cstr(b, "started_ms") | kvr_mp_write_uint(b, (uint64_t)w->started_ms);
+    kvr_heartbeat hb = {.id = w->o.id,
+                        .ns = kvr_slice_of(w->o.ns),
+                        .model = kvr_slice_of(w->o.model),
+                        .role = kvr_slice_of(w->o.role),
+                        .url = kvr_slice_of(w->url),
+                        .mdc_sum = kvr_slice_of(mdc),
+                        .block_size = w->o.block_size,
+                        .capacity_blocks = w->o.capacity_blocks,
+                        .active = st.running,
+                        .waiting = st.waiting,
+                        .used_blocks = st.used_blocks,
+                        .started_ms = (uint64_t)w->started_ms};
+    int rc = kvr_heartbeat_encode(b, &hb);
     if (rc == 0 && kvr_nats_publish(&w->nats, w->subj_hb, b->base, b->len) == 0)
         kvr_metric_inc(w->m_hb);
 }
