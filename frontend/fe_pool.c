@@ -70,7 +70,8 @@ static int copy_str(kvr_slice s, char *dst, size_t cap)
 {
     if (s.len >= cap)
         return KVR_ELIMIT;
-    memcpy(dst, s.base, s.len);
+    if (s.len) /* an absent key is {NULL, 0}: memcpy from NULL is undefined even for 0 bytes */
+        memcpy(dst, s.base, s.len);
     dst[s.len] = '\0';
     return 0;
 }
