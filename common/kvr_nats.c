@@ -2,6 +2,7 @@
 #include "kvr_nats.h"
 
 #include "kvr_log.h"
+#include "kvr_nats_core.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -38,6 +39,7 @@ typedef struct qitem {
 struct kvr_nats_sub {
     kvr_nats_impl *ki;
     natsSubscription *ns;
+    uint64_t sid; /* on the native core connection (0: none) */
     kvr_nats_msg_cb cb;
     void *data;
     kvr_nats_consumer *consumer; /* set for one incarnation of a JetStream consumer */
@@ -77,7 +79,10 @@ typedef struct kn_req {
 struct kvr_nats_impl {
     kvr_nats *kn;
     uv_loop_t *loop;
-    natsConnection *nc;  /* core: subscriptions, publishes, requests (shared delivery thread) */
+    /* core traffic (subscriptions, publishes, requests): the loop-native client, or, with TLS,
+     * a cnats connection (shared delivery thread) */
+    kvr_nats_core *core;
+    natsConnection *nc;
     natsConnection *jnc; /* JetStream: management calls and consumers (own delivery threads) */
     jsCtx *js;           /* on jnc */
     kvr_nats_state_cb on_state;
@@ -376,6 +381,52 @@ static int64_t reconnect_delay(natsConnection *nc, int attempts, void *closure)
     return d + (rand() % (d / 4 + 1));
 }
 
+/* ---------- the core connection, either kind ---------- */
+
+static int pub(kvr_nats_impl *ki, const char *subject, const char *reply, const void *data,
+               size_t len)
+{
+    if (ki->core)
+        return kvr_nats_core_publish(ki->core, subject, reply, data, len);
+    natsStatus s = reply ? natsConnection_PublishRequest(ki->nc, subject, reply, data, (int)len)
+                         : natsConnection_Publish(ki->nc, subject, data, (int)len);
+    if (s != NATS_OK)
+        return status_to_kvr(s);
+    kick(ki);
+    return 0;
+}
+
+static void deliver_state(kvr_nats_impl *ki, kvr_nats_state state, bool js_conn);
+static void deliver_msg(kvr_nats_impl *ki, kvr_nats_sub *sub, const kvr_nats_msg *m,
+                        bool no_responders, uint64_t cseq);
+
+/* Native core connection callbacks: already on the loop thread, no queue. The slices point
+ * into the read buffer; subject and reply are copied to NUL-terminated strings (the API
+ * promises C strings), the payload is passed as it is. */
+static void core_on_msg(void *cb_data, void *sub_data, const kvr_nats_core_msg *cm)
+{
+    kvr_nats_impl *ki = cb_data;
+    char subject[KN_SUBJECT_MAX + 1], reply[KN_SUBJECT_MAX + 1];
+    if (cm->subject.len > KN_SUBJECT_MAX || cm->reply.len > KN_SUBJECT_MAX)
+        return;
+    memcpy(subject, cm->subject.base, cm->subject.len);
+    subject[cm->subject.len] = 0;
+    memcpy(reply, cm->reply.base, cm->reply.len);
+    reply[cm->reply.len] = 0;
+    kvr_nats_msg m = {subject, cm->reply.len ? reply : NULL, cm->data.base, cm->data.len, 0, 0};
+    deliver_msg(ki, sub_data, &m, cm->status == 503 && cm->data.len == 0, 0);
+}
+
+static void core_on_event(void *cb_data, kvr_nats_core_event ev)
+{
+    kvr_nats_impl *ki = cb_data;
+    kvr_nats_state st = ev == KVR_NATS_CORE_CONNECTED      ? KVR_NATS_CONNECTED
+                        : ev == KVR_NATS_CORE_RECONNECTED ? KVR_NATS_RECONNECTED
+                                                          : KVR_NATS_DISCONNECTED;
+    atomic_store(&ki->connected, st != KVR_NATS_DISCONNECTED);
+    deliver_state(ki, st, false);
+}
+
 /* ---------- requests ---------- */
 
 static kn_req **req_slot(kvr_nats_impl *ki, uint64_t id)
@@ -411,9 +462,10 @@ static void req_timeout(uv_timer_t *t)
     req_finish(t->data, KVR_ETIMEDOUT, NULL, 0);
 }
 
-static void inbox_msg(kvr_nats_impl *ki, qitem *it)
+static void inbox_msg(kvr_nats_impl *ki, const char *subject, bool no_responders,
+                      const char *data, size_t len)
 {
-    const char *dot = strrchr(it->subject, '.');
+    const char *dot = strrchr(subject, '.');
     if (!dot)
         return;
     char *end = NULL;
@@ -424,11 +476,10 @@ static void inbox_msg(kvr_nats_impl *ki, qitem *it)
     kn_req **pp = req_slot(ki, id);
     if (!*pp)
         return; /* late reply after a timeout */
-    if (it->no_responders)
+    if (no_responders)
         req_finish(*pp, KVR_NATS_NO_RESPONDERS, NULL, 0);
     else
-        req_finish(*pp, 0, it->buf + strlen(it->subject) + 1 + (it->reply ? strlen(it->reply) : 0) + 1,
-                   it->len);
+        req_finish(*pp, 0, data, len);
 }
 
 int kvr_nats_request(kvr_nats *kn, const char *subject, const void *data, size_t len,
@@ -448,12 +499,11 @@ int kvr_nats_request(kvr_nats *kn, const char *subject, const void *data, size_t
     r->cbdata = cbdata;
     char reply[sizeof(ki->inbox) + 24];
     snprintf(reply, sizeof(reply), "%s.%" PRIu64, ki->inbox, r->id);
-    natsStatus s = natsConnection_PublishRequest(ki->nc, subject, reply, data, (int)len);
-    if (s != NATS_OK) {
+    int rc = pub(ki, subject, reply, data, len);
+    if (rc != 0) {
         free(r);
-        return status_to_kvr(s);
+        return rc;
     }
-    kick(ki);
     uv_timer_init(ki->loop, &r->timer);
     r->timer.data = r;
     uv_timer_start(&r->timer, req_timeout, timeout_ms ? timeout_ms : 1, 0);
@@ -470,36 +520,36 @@ int kvr_nats_request(kvr_nats *kn, const char *subject, const void *data, size_t
 
 static void consumer_restart(kvr_nats_consumer *c, const char *why);
 
-static void deliver(kvr_nats_impl *ki, qitem *it)
+static void deliver_state(kvr_nats_impl *ki, kvr_nats_state state, bool js_conn)
 {
-    if (it->kind == QI_STATE) {
-        if (it->js_conn) {
-            if (it->state == KVR_NATS_RECONNECTED)
-                for (kvr_nats_consumer *c = ki->consumers; c; c = c->next)
-                    if (!c->stopped && c->active)
-                        consumer_restart(c, "reconnected");
-            return;
-        }
-        if (it->state == KVR_NATS_RECONNECTED)
-            ki->stats.reconnects++;
-        ki->core_up = it->state == KVR_NATS_CONNECTED || it->state == KVR_NATS_RECONNECTED;
-        if (ki->on_state && !ki->closing)
-            ki->on_state(ki->kn, it->state, ki->state_data);
-        if (ki->core_up)
+    if (js_conn) {
+        if (state == KVR_NATS_RECONNECTED)
             for (kvr_nats_consumer *c = ki->consumers; c; c = c->next)
-                if (c->restart_deferred)
+                if (!c->stopped && c->active)
                     consumer_restart(c, "reconnected");
         return;
     }
-    kvr_nats_sub *sub = it->sub;
+    if (state == KVR_NATS_RECONNECTED)
+        ki->stats.reconnects++;
+    ki->core_up = state == KVR_NATS_CONNECTED || state == KVR_NATS_RECONNECTED;
+    if (ki->on_state && !ki->closing)
+        ki->on_state(ki->kn, state, ki->state_data);
+    if (ki->core_up)
+        for (kvr_nats_consumer *c = ki->consumers; c; c = c->next)
+            if (c->restart_deferred)
+                consumer_restart(c, "reconnected");
+}
+
+/* One message for sub, from either connection kind. */
+static void deliver_msg(kvr_nats_impl *ki, kvr_nats_sub *sub, const kvr_nats_msg *m,
+                        bool no_responders, uint64_t cseq)
+{
     if (sub->dead || ki->closing)
         return;
     if (sub->is_inbox) {
-        inbox_msg(ki, it);
+        inbox_msg(ki, m->subject, no_responders, m->data, m->len);
         return;
     }
-    const char *data = it->buf + strlen(it->subject) + 1 + (it->reply ? strlen(it->reply) : 0) + 1;
-    kvr_nats_msg m = {it->subject, it->reply, data, it->len, it->seq, it->pending};
     if (sub->consumer) {
         kvr_nats_consumer *c = sub->consumer;
         if (c->stopped || c->current != sub || c->restart_deferred)
@@ -507,23 +557,34 @@ static void deliver(kvr_nats_impl *ki, qitem *it)
         /* a push consumer numbers its deliveries 1, 2, 3...: a jump means cnats dropped
          * messages (slow consumer) or the server lost some; start again after the last one
          * applied rather than apply past a hole */
-        if (it->cseq != c->last_cseq + 1) {
+        if (cseq != c->last_cseq + 1) {
             consumer_restart(c, "delivery gap");
             return;
         }
-        c->last_cseq = it->cseq;
-        if (it->seq <= c->last_seq)
+        c->last_cseq = cseq;
+        if (m->stream_seq <= c->last_seq)
             return;
-        c->last_seq = it->seq;
+        c->last_seq = m->stream_seq;
         c->stalled_ticks = 0;
         ki->stats.msgs_in++;
-        ki->stats.bytes_in += it->len;
-        c->cb(&m, c->data);
+        ki->stats.bytes_in += m->len;
+        c->cb(m, c->data);
         return;
     }
     ki->stats.msgs_in++;
-    ki->stats.bytes_in += it->len;
-    sub->cb(&m, sub->data);
+    ki->stats.bytes_in += m->len;
+    sub->cb(m, sub->data);
+}
+
+static void deliver(kvr_nats_impl *ki, qitem *it)
+{
+    if (it->kind == QI_STATE) {
+        deliver_state(ki, it->state, it->js_conn);
+        return;
+    }
+    const char *data = it->buf + strlen(it->subject) + 1 + (it->reply ? strlen(it->reply) : 0) + 1;
+    kvr_nats_msg m = {it->subject, it->reply, data, it->len, it->seq, it->pending};
+    deliver_msg(ki, it->sub, &m, it->no_responders, it->cseq);
 }
 
 /* Under ki->mu: detaches up to max items from the head of lane l. */
@@ -1113,13 +1174,36 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
     ki->handles_open++;
     kn->impl = ki;
 
-    s = natsConnection_Connect(&ki->nc, no);
-    if (s == NATS_OK) {
-        atomic_store(&ki->connected, true);
-        push_state(ki, KVR_NATS_CONNECTED, false);
-    } else if (s != NATS_NOT_YET_CONNECTED) {
-        rc = kvr_err_set(err, KVR_EIO, "nats: connecting to %s: %s", o->url, natsStatus_GetText(s));
-        goto fail_handles;
+    bool tls = o->tls || o->tls_ca_file || o->tls_cert_file || o->tls_key_file;
+    if (!tls && !o->threaded_core) {
+        kvr_nats_core_opts co = {
+            .urls = o->url,
+            .name = o->name,
+            .user = o->user,
+            .password = o->password,
+            .token = o->token,
+            .connect_timeout_ms = o->connect_timeout_ms,
+            .reconnect_wait_ms = (int)ki->reconnect_wait_ms,
+            .max_reconnect_wait_ms = (int)ki->max_reconnect_wait_ms,
+            .ping_interval_ms = o->ping_interval_ms,
+            .max_pings_out = 3,
+            .cb_data = ki,
+            .on_msg = core_on_msg,
+            .on_event = core_on_event,
+        };
+        rc = kvr_nats_core_init(&ki->core, loop, &co, err);
+        if (rc != 0)
+            goto fail_handles;
+        ki->handles_open++; /* until its close callback */
+    } else {
+        s = natsConnection_Connect(&ki->nc, no);
+        if (s == NATS_OK) {
+            atomic_store(&ki->connected, true);
+            push_state(ki, KVR_NATS_CONNECTED, false);
+        } else if (s != NATS_NOT_YET_CONNECTED) {
+            rc = kvr_err_set(err, KVR_EIO, "nats: connecting to %s: %s", o->url, natsStatus_GetText(s));
+            goto fail_handles;
+        }
     }
     /* The JetStream connection: the same options (cnats copied them for the core connection),
      * per-subscription delivery threads (a consumer's backpressure, a blocking enqueue, holds
@@ -1189,6 +1273,9 @@ fail_handles:
     /* the handles are closed by the caller's loop; simplest: mark and close synchronously */
     kick_stop(ki);
     kn->impl = NULL;
+    if (ki->core)
+        kvr_nats_core_close(ki->core, NULL, NULL);
+    ki->core = NULL;
     if (ki->js)
         jsCtx_Destroy(ki->js);
     ki->js = NULL;
@@ -1238,17 +1325,25 @@ int kvr_nats_subscribe(kvr_nats *kn, const char *subject, const char *queue_grou
     sub->cb = on_msg;
     sub->data = data;
     sub->is_inbox = inbox;
-    natsStatus s;
-    if (queue_group && *queue_group)
-        s = natsConnection_QueueSubscribe(&sub->ns, ki->nc, subject, queue_group, on_nats_msg, sub);
-    else
-        s = natsConnection_Subscribe(&sub->ns, ki->nc, subject, on_nats_msg, sub);
-    if (s != NATS_OK) {
-        free(sub);
-        return kvr_err_set(err, status_to_kvr(s), "subscribing to %s: %s", subject,
-                           natsStatus_GetText(s));
+    if (ki->core) {
+        int rc = kvr_nats_core_subscribe(ki->core, subject, queue_group, sub, &sub->sid);
+        if (rc != 0) {
+            free(sub);
+            return kvr_err_set(err, rc, "subscribing to %s: %s", subject, kvr_strerror(rc));
+        }
+    } else {
+        natsStatus s;
+        if (queue_group && *queue_group)
+            s = natsConnection_QueueSubscribe(&sub->ns, ki->nc, subject, queue_group, on_nats_msg, sub);
+        else
+            s = natsConnection_Subscribe(&sub->ns, ki->nc, subject, on_nats_msg, sub);
+        if (s != NATS_OK) {
+            free(sub);
+            return kvr_err_set(err, status_to_kvr(s), "subscribing to %s: %s", subject,
+                               natsStatus_GetText(s));
+        }
+        natsSubscription_SetPendingLimits(sub->ns, 1 << 20, 512 << 20);
     }
-    natsSubscription_SetPendingLimits(sub->ns, 1 << 20, 512 << 20);
     if (inbox)
         ki->inbox_sub = sub;
     sub->next_all = ki->subs;
@@ -1263,6 +1358,10 @@ int kvr_nats_unsubscribe(kvr_nats_sub *sub)
     if (!sub || sub->dead)
         return 0;
     sub->dead = true;
+    if (sub->sid && sub->ki->core) {
+        kvr_nats_core_unsubscribe(sub->ki->core, sub->sid);
+        sub->sid = 0;
+    }
     if (sub->ns) {
         natsSubscription_Unsubscribe(sub->ns); /* core subscription: a protocol write only */
         graveyard_add(sub->ki, sub->ns);
@@ -1278,10 +1377,9 @@ int kvr_nats_publish(kvr_nats *kn, const char *subject, const void *data, size_t
         return KVR_ECLOSED;
     if (!subject || !*subject || len > INT32_MAX)
         return KVR_EINVAL;
-    natsStatus s = natsConnection_Publish(ki->nc, subject, data, (int)len);
-    if (s != NATS_OK)
-        return status_to_kvr(s);
-    kick(ki);
+    int rc = pub(ki, subject, NULL, data, len);
+    if (rc != 0)
+        return rc;
     ki->stats.msgs_out++;
     ki->stats.bytes_out += len;
     return 0;
@@ -1355,9 +1453,8 @@ static void close_run(uv_work_t *req)
     nats_ReleaseThreadMemory();
 }
 
-static void handle_closed(uv_handle_t *h)
+static void release(kvr_nats_impl *ki)
 {
-    kvr_nats_impl *ki = h->data;
     if (--ki->handles_open > 0)
         return;
     kvr_nats *kn = ki->kn;
@@ -1396,6 +1493,18 @@ static void handle_closed(uv_handle_t *h)
     kn->impl = NULL;
     if (cb)
         cb(kn);
+}
+
+static void handle_closed(uv_handle_t *h)
+{
+    release(h->data);
+}
+
+static void core_closed(void *data)
+{
+    kvr_nats_impl *ki = data;
+    ki->core = NULL;
+    release(ki);
 }
 
 static void close_after(uv_work_t *req, int status)
@@ -1438,6 +1547,10 @@ int kvr_nats_close(kvr_nats *kn, kvr_nats_close_cb close_cb)
             graveyard_add(ki, c->current->ns);
             c->current->ns = NULL;
         }
+    }
+    if (ki->core) {
+        atomic_store(&ki->connected, false);
+        kvr_nats_core_close(ki->core, core_closed, ki); /* no core callback after this */
     }
     if (ki->on_state)
         ki->on_state(kn, KVR_NATS_CLOSED, ki->state_data);

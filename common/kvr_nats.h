@@ -96,6 +96,11 @@ typedef struct kvr_nats_opts {
      * flushes as soon as it can (it writes whatever accumulated while the previous flush was in
      * flight): far fewer writes under load, about one loopback round trip more latency. */
     bool batch_publishes;
+    /* The core connection (subscriptions, publishes, requests) normally uses kvroute's own
+     * loop-native client (kvr_nats_core.h): messages are delivered in the read callback and
+     * publishes of one loop turn leave in one write, so batch_publishes has no effect there.
+     * true: use cnats and its threads for it too, as TLS always does. */
+    bool threaded_core;
     kvr_nats_state_cb on_state; /* may be NULL; loop thread */
     void *state_data;
 } kvr_nats_opts;

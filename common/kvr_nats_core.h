@@ -1,0 +1,101 @@
+/* kvr_nats_core: the NATS client protocol for core messaging (CONNECT, PUB, SUB, UNSUB, MSG,
+ * HMSG, PING/PONG) on one libuv TCP connection, entirely on the loop thread.
+ *
+ * Why not cnats for this: in its threaded mode every inbound message crosses two threads
+ * (socket reader, then delivery thread) and a hand-over queue before it reaches the loop, and
+ * every publish is a write of its own. On 2 cores that hand-over dominated a route request's
+ * cost (measured in docs/ENGINEERING.md). Here a message is parsed and delivered in the read
+ * callback that received it, and everything published during one loop turn goes out in one
+ * write just before the loop sleeps (a uv_prepare handle, Redis' beforeSleep). TLS is not
+ * implemented: kvr_nats keeps cnats for TLS connections and for JetStream.
+ *
+ * Delivery is at most once, as in NATS core: frames handed to the kernel when the connection
+ * drops are lost; publishes made while disconnected are kept (up to pending_max bytes) and
+ * sent after the next handshake, behind CONNECT and the subscriptions.
+ *
+ * Connection: tries the URLs in turn, forever, with a doubling reconnect delay plus jitter;
+ * CONNECT + PING, and the handshake is done at the server's PONG. Subscriptions are replayed
+ * on every reconnect. Client PINGs every ping_interval_ms; max_pings_out unanswered means the
+ * connection is stale and it is dropped and re-established.
+ *
+ * Bounds: a control line (INFO included) over 256 KiB, or a message over the server's
+ * max_payload (plus 64 KiB of headers), is a protocol error: the connection is dropped and
+ * re-established. Subjects and queue groups are refused (KVR_EINVAL) when empty, over 1024
+ * bytes, or holding a space or control character (they would corrupt the protocol stream).
+ *
+ * Threads: every call and callback on the loop thread given to kvr_nats_core_init.
+ * Memory: the caller's strings and payloads are copied before a call returns; slices in a
+ * kvr_nats_core_msg are valid only during the callback. The kvr_nats_core is freed after its
+ * close callback has run. */
+#ifndef KVR_NATS_CORE_H
+#define KVR_NATS_CORE_H
+
+#include "kvr_buf.h"
+#include "kvr_err.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+typedef struct kvr_nats_core kvr_nats_core;
+
+typedef enum kvr_nats_core_event {
+    KVR_NATS_CORE_CONNECTED = 1,    /* first handshake done */
+    KVR_NATS_CORE_DISCONNECTED = 2, /* lost after a handshake; reconnecting */
+    KVR_NATS_CORE_RECONNECTED = 3,  /* handshake done again; subscriptions replayed */
+} kvr_nats_core_event;
+
+typedef struct kvr_nats_core_msg {
+    kvr_slice subject;
+    kvr_slice reply; /* len 0: none */
+    kvr_slice data;  /* payload without headers */
+    int status;      /* HMSG status line code (503: no responders), 0 for MSG */
+} kvr_nats_core_msg;
+
+typedef struct kvr_nats_core_opts {
+    const char *urls; /* "nats://[user:pass@|token@]host:port", comma-separated; required */
+    const char *name; /* connection name shown by the server; may be NULL */
+    const char *user, *password, *token; /* may be NULL; URL credentials take precedence */
+    int connect_timeout_ms;    /* 0 → 2000: TCP connect through PONG */
+    int reconnect_wait_ms;     /* 0 → 100 */
+    int max_reconnect_wait_ms; /* 0 → 2000 */
+    int ping_interval_ms;      /* 0 → 2000 */
+    int max_pings_out;         /* 0 → 3 */
+    size_t pending_max;        /* 0 → 8 MiB: bytes kept while disconnected */
+    size_t out_max;            /* 0 → 64 MiB: bytes queued while connected */
+    /* Callbacks, loop thread. on_msg: sub_data is what kvr_nats_core_subscribe was given.
+     * A callback may publish, subscribe, unsubscribe or close. */
+    void *cb_data;
+    void (*on_msg)(void *cb_data, void *sub_data, const kvr_nats_core_msg *m);
+    void (*on_event)(void *cb_data, kvr_nats_core_event ev);
+} kvr_nats_core_opts;
+
+/* Allocates and starts connecting (the first attempt begins on the next loop turn). Fails only
+ * on bad options (unparsable URL) or memory. */
+int kvr_nats_core_init(kvr_nats_core **out, uv_loop_t *loop, const kvr_nats_core_opts *o,
+                       kvr_err *err);
+
+/* queue may be NULL. *sid (may be NULL) receives the subscription id. */
+int kvr_nats_core_subscribe(kvr_nats_core *c, const char *subject, const char *queue,
+                            void *sub_data, uint64_t *sid);
+/* No message of sid reaches on_msg after this returns. Unknown sids are ignored. */
+int kvr_nats_core_unsubscribe(kvr_nats_core *c, uint64_t sid);
+
+/* Queues a PUB (reply may be NULL). KVR_EINVAL: bad subject/reply; KVR_ELIMIT: payload over
+ * the server's max_payload; KVR_EAGAIN: over pending_max (disconnected) or out_max;
+ * KVR_ECLOSED after close. */
+int kvr_nats_core_publish(kvr_nats_core *c, const char *subject, const char *reply,
+                          const void *data, size_t len);
+
+/* True between a handshake and the next disconnect. */
+bool kvr_nats_core_connected(const kvr_nats_core *c);
+
+/* Writes what is queued (best effort), closes every handle; close_cb(data) runs once all are
+ * closed, after which c is freed. No callback runs after this returns. */
+void kvr_nats_core_close(kvr_nats_core *c, void (*close_cb)(void *data), void *data);
+
+/* Subject/queue check used by publish and subscribe (exported for tests). */
+bool kvr_nats_core_valid_token(const char *s);
+
+#endif
