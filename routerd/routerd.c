@@ -1673,6 +1673,8 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
         so.data_dir = raft_dir;
         if (cfg->degraded_after_ms > 0)
             so.degraded_after_ms = (uint32_t)cfg->degraded_after_ms;
+        if (cfg->raft_max_inflight > 0)
+            so.max_inflight = (uint32_t)cfg->raft_max_inflight;
         if (cfg->election_timeout_ms > 0) {
             so.election_timeout_ms = (uint32_t)cfg->election_timeout_ms;
             if (so.heartbeat_timeout_ms * 5 > so.election_timeout_ms)

@@ -61,6 +61,7 @@ struct batch {
     kvr_sync *s;
     batch *next;
     uint64_t seq;
+    int64_t proposed_ms;
     uint32_t n, applied;
     pending **items;
 };
@@ -82,6 +83,7 @@ struct kvr_sync {
     uint32_t n_pending;
     pending **fwd_slots;
     batch *inflight, *inflight_tail;
+    uint32_t n_inflight;
     pending **queue; /* commands for the next batch */
     uint32_t n_queue, cap_queue;
     uv_timer_t tick;
@@ -118,6 +120,7 @@ void kvr_sync_options_default(kvr_sync_options *o)
     o->snapshot_threshold = 8192;
     o->snapshot_trailing = 2048;
     o->max_batch = 512;
+    o->max_inflight = 1;
     o->housekeeping_ms = 1000;
     o->lease_ttl_ms = 10000;
     o->max_request_age_ms = 600000;
@@ -435,6 +438,7 @@ static void batch_cb(kvr_consensus_req *req, int status)
         *pp = b->next;
         if (s->inflight_tail == b)
             s->inflight_tail = prev;
+        s->n_inflight--;
     }
     for (uint32_t i = 0; i < b->n; i++) {
         pending *p = b->items[i];
@@ -458,9 +462,22 @@ static void batch_cb(kvr_consensus_req *req, int status)
     batch_free(b);
 }
 
+/* Group commit: while max_inflight entries await their commit, new commands wait and go out
+ * together in the next entry. Every entry costs an AppendEntries message to each follower, an
+ * answer from each, and a disk write on every node, so under load this turns many small
+ * entries into a few large ones, while an idle leader still proposes at once. An entry that
+ * raft never answers (it should always, even on leadership loss) stops counting after a second
+ * so a lost callback cannot stall proposals for good. */
+static bool may_propose(kvr_sync *s)
+{
+    if (s->n_inflight < s->o.max_inflight)
+        return true;
+    return s->inflight && kvr_mono_ms() - s->inflight->proposed_ms > 1000;
+}
+
 static void flush_batches(kvr_sync *s)
 {
-    while (s->n_queue > 0) {
+    while (s->n_queue > 0 && may_propose(s)) {
         uint32_t n = s->n_queue < s->o.max_batch ? s->n_queue : s->o.max_batch;
         batch *b = calloc(1, sizeof *b);
         kvr_buf e;
@@ -469,6 +486,7 @@ static void flush_batches(kvr_sync *s)
             goto requeue;
         b->s = s;
         b->seq = ++s->next_seq;
+        b->proposed_ms = kvr_mono_ms();
         if (kvr_entry_begin(&e, s->o.id, s->nonce, b->seq) != 0)
             goto requeue;
         for (uint32_t i = 0; i < n; i++) {
@@ -493,6 +511,7 @@ static void flush_batches(kvr_sync *s)
             else
                 s->inflight = b;
             s->inflight_tail = b;
+            s->n_inflight++;
         }
         memmove(s->queue, s->queue + n, (s->n_queue - n) * sizeof *s->queue);
         s->n_queue -= n;
@@ -1093,6 +1112,7 @@ int kvr_sync_init(kvr_sync **out, uv_loop_t *loop, const kvr_sync_options *o, kv
     DEF(snapshot_threshold);
     DEF(snapshot_trailing);
     DEF(max_batch);
+    DEF(max_inflight);
     DEF(housekeeping_ms);
     DEF(lease_ttl_ms);
     DEF(max_request_age_ms);
@@ -1227,6 +1247,7 @@ static void cons_closed(void *data)
         }
         batch_free(b);
     }
+    s->n_inflight = 0;
     uv_close((uv_handle_t *)&s->tick, handle_closed);
     uv_close((uv_handle_t *)&s->check, handle_closed);
     uv_close((uv_handle_t *)&s->listener, handle_closed);

@@ -68,6 +68,9 @@ typedef struct kvr_sync_options {
                                       stalls appends for tens of ms in 0.15: keep them rare) */
     uint32_t snapshot_trailing;    /* entries kept after a snapshot; default 2048 */
     uint32_t max_batch;            /* commands per log entry; default 512 */
+    uint32_t max_inflight;         /* log entries proposed and not yet committed before new
+                                      commands wait for the next entry (group commit);
+                                      default 1 */
     /* Housekeeping, done by the leader only, through Raft, with wall-clock time in the commands:
      * every housekeeping_ms (default 1000) it proposes FRONTEND_EXPIRE for each frontend whose
      * lease is older than lease_ttl_ms (default 10000; frontends renew it with FRONTEND_SEEN),

@@ -341,6 +341,33 @@ static void test_cluster(void **state)
         assert_int_equal(wa[w].mode, KVR_SYNC_RAFT);
     }
 
+    /* group commit: commands that reach the leader while an entry awaits its commit wait and
+     * go out together in the next entry, instead of one entry (a disk write on every node) each */
+    {
+        enum { GC = 24 };
+        static answer ga[GC], gf[GC];
+        kvr_sync_metrics m0, m1;
+        kvr_sync_get_metrics(nodes[leader], &m0);
+        for (int i = 0; i < GC; i++) {
+            submit_route((int)leader, 900000 + (uint64_t)i, &ga[i]);
+            uv_run(&loop, UV_RUN_NOWAIT); /* one loop turn: proposes if nothing is in flight */
+        }
+        wait_all gw = {ga, GC};
+        assert_true(run_until(all_done, &gw, 10000));
+        kvr_sync_get_metrics(nodes[leader], &m1);
+        print_message("group commit: %d commands over %d loop turns in %llu entries\n", GC, GC,
+                      (unsigned long long)(m1.proposals - m0.proposals));
+        assert_true(m1.proposals - m0.proposals < GC / 2);
+        for (int i = 0; i < GC; i++) {
+            assert_int_equal(ga[i].status, 0);
+            kvr_cmd f = tu_req(KVR_CMD_FREE, 900000 + (uint64_t)i);
+            memset(&gf[i], 0, sizeof gf[i]);
+            assert_int_equal(kvr_sync_submit(nodes[leader], &f, on_answer, &gf[i]), 0);
+        }
+        wait_all gfw = {gf, GC};
+        assert_true(run_until(all_done, &gfw, 10000));
+    }
+
     /* burst from every node, fed over many loop turns (so it spans many log entries and
      * snapshots); the leader is closed half-way with commands in flight */
     static answer ra[3 * BURST];
