@@ -529,6 +529,14 @@ static int raft_inprocess(int argc, char **argv)
     run_until(&b, digests_equal, 5000);
     for (int i = 1; i <= NODES; i++)
         digest[i] = kvr_sync_digest(b.nodes[i]);
+    if (!(digest[1] == digest[2] && digest[2] == digest[3]))
+        for (int i = 1; i <= NODES; i++) {
+            kvr_sync_state st;
+            kvr_sync_get_state(b.nodes[i], &st);
+            fprintf(stderr, "node %d: %s commit %llu applied %llu bookings %u digest %016llx\n", i,
+                    st.role, (unsigned long long)st.commit_index, (unsigned long long)st.applied_index,
+                    st.bookings, (unsigned long long)st.digest);
+        }
     uint64_t proposals = 0, commands = 0;
     for (int i = 1; i <= NODES; i++)
         proposals += m[i].proposals;
