@@ -625,7 +625,7 @@ static int header_status(const char *h, size_t len)
     int v = 0, digits = 0;
     while (i < len && h[i] >= '0' && h[i] <= '9' && digits < 4)
         v = v * 10 + (h[i++] - '0'), digits++;
-    return digits == 3 ? v : 0;
+    return digits == 3 && v >= 100 ? v : 0;
 }
 
 /* Parses every complete operation in c->in. Returns false when the connection was dropped or
@@ -888,6 +888,22 @@ int kvr_nats_core_publish(kvr_nats_core *c, const char *subject, const char *rep
     if (c->out.len >= NC_FLUSH_AT)
         nc_flush(c);
     return 0;
+}
+
+int kvr_nats_core_feed(kvr_nats_core *c, const void *data, size_t len)
+{
+    if (c->closing)
+        return KVR_ECLOSED;
+    if (c->st < NC_INFO_WAIT) {
+        uv_timer_stop(&c->retry_timer);
+        uv_timer_stop(&c->hs_timer);
+        c->st = NC_INFO_WAIT;
+    }
+    if (kvr_buf_append(&c->in, data, len) != 0)
+        return KVR_ENOMEM;
+    if (parse(c))
+        return 0;
+    return c->closing ? KVR_ECLOSED : KVR_EINVAL;
 }
 
 bool kvr_nats_core_connected(const kvr_nats_core *c)

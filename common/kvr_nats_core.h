@@ -95,6 +95,12 @@ bool kvr_nats_core_connected(const kvr_nats_core *c);
  * closed, after which c is freed. No callback runs after this returns. */
 void kvr_nats_core_close(kvr_nats_core *c, void (*close_cb)(void *data), void *data);
 
+/* Test and fuzzing hook: parses bytes as if the server had sent them on an established TCP
+ * connection (none is needed; a pending connection attempt is cancelled). Returns 0, or
+ * KVR_EINVAL once the bytes broke the protocol (the connection would then be dropped and
+ * re-established), or KVR_ECLOSED when a callback closed c. */
+int kvr_nats_core_feed(kvr_nats_core *c, const void *data, size_t len);
+
 /* Subject/queue check used by publish and subscribe (exported for tests). */
 bool kvr_nats_core_valid_token(const char *s);
 

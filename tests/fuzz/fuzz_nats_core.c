@@ -1,0 +1,113 @@
+/* libFuzzer target for kvr_nats_core's protocol parser: arbitrary bytes as if a NATS server
+ * had sent them. The stream is parsed twice, once in one piece and once split into pieces
+ * whose size the first input byte chooses, because a socket may split it anywhere. Checks: no
+ * memory error or undefined behaviour; every delivery names a live subscription, carries a
+ * payload no larger than the bytes fed and a status of 0 or three digits; and both ways of
+ * feeding deliver exactly the same messages, in the same order, up to the first protocol
+ * error. Any violation aborts. */
+#include "kvr_log.h"
+#include "kvr_nats_core.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+#define CHECK(c)                                                                           \
+    do {                                                                                   \
+        if (!(c)) {                                                                        \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #c);          \
+            abort();                                                                       \
+        }                                                                                  \
+    } while (0)
+
+enum { NSUBS = 3 };
+
+typedef struct run {
+    int subs[NSUBS];
+    uint64_t hash;
+    uint64_t n;
+    size_t fed;
+    bool closed;
+} run;
+
+static uint64_t mix(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 0x100000001b3ull;
+    return h * 0x100000001b3ull;
+}
+
+static void on_msg(void *cb_data, void *sub_data, const kvr_nats_core_msg *m)
+{
+    run *r = cb_data;
+    int *sub = sub_data;
+    CHECK(sub >= r->subs && sub < r->subs + NSUBS);
+    CHECK(m->subject.len > 0 && m->subject.len <= r->fed);
+    CHECK(m->data.len <= r->fed && m->reply.len <= r->fed);
+    CHECK(m->status == 0 || (m->status >= 100 && m->status <= 999));
+    r->hash = mix(r->hash, m->subject.base, m->subject.len);
+    r->hash = mix(r->hash, m->reply.base, m->reply.len);
+    r->hash = mix(r->hash, m->data.base, m->data.len);
+    r->hash = mix(r->hash, &m->status, sizeof m->status);
+    int which = (int)(sub - r->subs);
+    r->hash = mix(r->hash, &which, sizeof which);
+    r->n++;
+}
+
+static void on_closed(void *data)
+{
+    ((run *)data)->closed = true;
+}
+
+/* Feeds data in pieces of `piece` bytes (0: one piece), stopping at the first error. */
+static void feed(run *r, const uint8_t *data, size_t size, size_t piece)
+{
+    uv_loop_t loop;
+    CHECK(uv_loop_init(&loop) == 0);
+    kvr_nats_core_opts o = {.urls = "nats://127.0.0.1:1", .cb_data = r, .on_msg = on_msg};
+    kvr_nats_core *c = NULL;
+    kvr_err err;
+    CHECK(kvr_nats_core_init(&c, &loop, &o, &err) == 0);
+    for (int i = 0; i < NSUBS; i++)
+        CHECK(kvr_nats_core_subscribe(c, i == 0 ? "a.>" : i == 1 ? "_INBOX.x.*" : "b", i == 1 ? NULL : "q",
+                                      &r->subs[i], NULL) == 0);
+    size_t off = 0;
+    while (off < size) {
+        size_t n = piece && size - off > piece ? piece : size - off;
+        r->fed += n;
+        int rc = kvr_nats_core_feed(c, data + off, n);
+        off += n;
+        if (rc != 0)
+            break;
+    }
+    /* a publish after whatever the input did must still be accepted or refused cleanly */
+    int prc = kvr_nats_core_publish(c, "a.b", "_INBOX.x.1", "x", 1);
+    CHECK(prc == 0 || prc == KVR_EAGAIN || prc == KVR_ELIMIT);
+    kvr_nats_core_close(c, on_closed, r);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(r->closed);
+    CHECK(uv_loop_close(&loop) == 0);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    static bool init;
+    if (!init) {
+        kvr_log_setup("fuzz", NULL, KVR_LOG_ERROR);
+        init = true;
+    }
+    if (size < 1)
+        return 0;
+    size_t piece = 1 + data[0] % 64;
+    data++, size--;
+    run whole = {0}, pieces = {0};
+    feed(&whole, data, size, 0);
+    feed(&pieces, data, size, piece);
+    CHECK(whole.n == pieces.n);
+    CHECK(whole.hash == pieces.hash);
+    return 0;
+}
