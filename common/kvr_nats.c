@@ -411,7 +411,8 @@ static void core_on_msg(void *cb_data, void *sub_data, const kvr_nats_core_msg *
         return;
     memcpy(subject, cm->subject.base, cm->subject.len);
     subject[cm->subject.len] = 0;
-    memcpy(reply, cm->reply.base, cm->reply.len);
+    if (cm->reply.len)
+        memcpy(reply, cm->reply.base, cm->reply.len);
     reply[cm->reply.len] = 0;
     kvr_nats_msg m = {subject, cm->reply.len ? reply : NULL, cm->data.base, cm->data.len, 0, 0};
     deliver_msg(ki, sub_data, &m, cm->status == 503 && cm->data.len == 0, 0);
