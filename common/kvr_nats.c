@@ -1414,25 +1414,26 @@ static void close_run(uv_work_t *req)
     kick_stop(ki);
     if (ki->jnc)
         natsConnection_Close(ki->jnc);
-    else
-        ki->jnc_closed = true;
-    if (ki->nc) {
+    if (ki->nc)
         natsConnection_Close(ki->nc);
-        /* Wait (bounded) for cnats' closed callback: its disconnected callback is delivered
-         * asynchronously and would otherwise touch ki after handle_closed freed it. */
-        struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_sec += 5;
-        pthread_mutex_lock(&ki->mu);
-        while (!ki->nc_closed || !ki->jnc_closed) {
-            if (pthread_cond_timedwait(&ki->cv, &ki->mu, &until) != 0)
-                break;
-        }
-        bool closed = ki->nc_closed && ki->jnc_closed;
-        pthread_mutex_unlock(&ki->mu);
-        if (!closed)
-            KVR_LOG_WARN("nats: closed callback not delivered", "wait_s=%d", 5);
+    pthread_mutex_lock(&ki->mu);
+    ki->jnc_closed |= ki->jnc == NULL;
+    ki->nc_closed |= ki->nc == NULL; /* the native core connection has no cnats callbacks */
+    pthread_mutex_unlock(&ki->mu);
+    /* Wait (bounded) for cnats' closed callbacks: its disconnected callbacks are delivered
+     * asynchronously and would otherwise touch ki after handle_closed freed it. */
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 5;
+    pthread_mutex_lock(&ki->mu);
+    while (!ki->nc_closed || !ki->jnc_closed) {
+        if (pthread_cond_timedwait(&ki->cv, &ki->mu, &until) != 0)
+            break;
     }
+    bool closed = ki->nc_closed && ki->jnc_closed;
+    pthread_mutex_unlock(&ki->mu);
+    if (!closed)
+        KVR_LOG_WARN("nats: closed callback not delivered", "wait_s=%d", 5);
     for (kvr_nats_sub *s = ki->subs; s; s = s->next_all) {
         if (s->ns) {
             natsSubscription_Destroy(s->ns);
