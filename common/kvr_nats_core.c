@@ -63,6 +63,7 @@ struct kvr_nats_core {
     uint64_t gen;           /* attempt number: stale lookups compare it */
     uv_timer_t retry_timer, ping_timer, hs_timer;
     uv_prepare_t flush_prep;
+    uv_check_t flush_check;
     int st;
     bool ever_up, closing;
     int attempts; /* failed attempts since the last handshake */
@@ -309,6 +310,13 @@ static void nc_flush(kvr_nats_core *c)
 static void on_prepare(uv_prepare_t *p)
 {
     nc_flush(p->data);
+}
+
+/* Also right after the I/O callbacks of a turn, before other modules' prepare work (kvr_sync
+ * proposes its next Raft entry there: a disk submission the answers should not wait for). */
+static void on_check(uv_check_t *h)
+{
+    nc_flush(h->data);
 }
 
 /* ---------- connection lifecycle ---------- */
@@ -785,10 +793,15 @@ int kvr_nats_core_init(kvr_nats_core **out, uv_loop_t *loop, const kvr_nats_core
     uv_timer_init(loop, &c->ping_timer);
     uv_timer_init(loop, &c->hs_timer);
     uv_prepare_init(loop, &c->flush_prep);
+    uv_check_init(loop, &c->flush_check);
     c->retry_timer.data = c->ping_timer.data = c->hs_timer.data = c->flush_prep.data = c;
-    c->handles_open = 4;
+    c->flush_check.data = c;
+    c->handles_open = 5;
     uv_prepare_start(&c->flush_prep, on_prepare);
-    uv_unref((uv_handle_t *)&c->flush_prep); /* it must not keep the loop alive on its own */
+    uv_check_start(&c->flush_check, on_check);
+    /* they must not keep the loop alive on their own */
+    uv_unref((uv_handle_t *)&c->flush_prep);
+    uv_unref((uv_handle_t *)&c->flush_check);
     uv_timer_start(&c->ping_timer, on_ping, (uint64_t)c->o.ping_interval_ms,
                    (uint64_t)c->o.ping_interval_ms);
     uv_timer_start(&c->retry_timer, on_retry, 0, 0);
@@ -933,4 +946,5 @@ void kvr_nats_core_close(kvr_nats_core *c, void (*close_cb)(void *data), void *d
     uv_close((uv_handle_t *)&c->ping_timer, handle_closed);
     uv_close((uv_handle_t *)&c->hs_timer, handle_closed);
     uv_close((uv_handle_t *)&c->flush_prep, handle_closed);
+    uv_close((uv_handle_t *)&c->flush_check, handle_closed);
 }

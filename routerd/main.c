@@ -58,7 +58,7 @@ int main(int argc, char **argv)
     const char *ns = "all", *log_level = "info", *raft_addr = "", *peers = "";
     const char *max_bytes_s = "1GiB";
     int64_t snap_ms = 10000, max_age_ms = 3600000, misses = 3, degraded_ms = 500;
-    int64_t election_ms = 500, raft_max_inflight = 0;
+    int64_t election_ms = 500, raft_max_inflight = 0, raft_snapshot_threshold = 0;
     int64_t frontend_timeout_ms = 10000, max_request_age_ms = 600000;
     bool join = false, nats_batch = false;
     kvr_flag flags[] = {
@@ -81,6 +81,7 @@ int main(int argc, char **argv)
         {"degraded-after", KVR_FLAG_DURATION, &degraded_ms, "answer locally after this long without quorum", false},
         {"nats-batch", KVR_FLAG_BOOL, &nats_batch, "batch NATS writes (fewer syscalls under load, ~1 RTT more latency)", false},
         {"raft-max-inflight", KVR_FLAG_INT, &raft_max_inflight, "Raft log entries awaiting commit before new commands wait for the next (group commit; 0: default 1)", false},
+        {"raft-snapshot-threshold", KVR_FLAG_INT, &raft_snapshot_threshold, "Raft log entries between snapshots (0: default 8192; a quarter of it is kept after each)", false},
         {"election-timeout", KVR_FLAG_DURATION, &election_ms, "Raft election timeout (a dead leader is replaced within ~1-2x this)", false},
     };
     size_t nf = sizeof(flags) / sizeof(flags[0]);
@@ -140,6 +141,7 @@ int main(int argc, char **argv)
         .degraded_after_ms = degraded_ms,
         .election_timeout_ms = election_ms,
         .raft_max_inflight = raft_max_inflight,
+        .raft_snapshot_threshold = raft_snapshot_threshold,
         .nats_batch = nats_batch,
     };
     uv_loop_t *loop = uv_default_loop();

@@ -1675,6 +1675,10 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
             so.degraded_after_ms = (uint32_t)cfg->degraded_after_ms;
         if (cfg->raft_max_inflight > 0)
             so.max_inflight = (uint32_t)cfg->raft_max_inflight;
+        if (cfg->raft_snapshot_threshold > 0) {
+            so.snapshot_threshold = (uint32_t)cfg->raft_snapshot_threshold;
+            so.snapshot_trailing = so.snapshot_threshold / 4 ? so.snapshot_threshold / 4 : 1;
+        }
         if (cfg->election_timeout_ms > 0) {
             so.election_timeout_ms = (uint32_t)cfg->election_timeout_ms;
             if (so.heartbeat_timeout_ms * 5 > so.election_timeout_ms)

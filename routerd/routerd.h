@@ -44,6 +44,7 @@ typedef struct kvr_routerd_config {
     int64_t degraded_after_ms;
     int64_t election_timeout_ms; /* 0: kvr_sync's default */
     int64_t raft_max_inflight;   /* 0: kvr_sync's default (entries awaiting commit) */
+    int64_t raft_snapshot_threshold; /* 0: kvr_sync's default; trailing is a quarter of it */
     bool nats_batch;             /* kvr_nats batch_publishes */
 } kvr_routerd_config;
 
