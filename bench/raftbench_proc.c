@@ -900,7 +900,7 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: kvr-bench raft [--mode process|inprocess] [--routers 3] [--workers 8]\n"
-            "                      [--inflight 64] [--duration 10] [--requests N] [--blocks 16]\n"
+            "                      [--inflight 12] [--duration 10] [--requests N] [--blocks 16]\n"
             "                      [--timeout-ms 5000] [--router-args \"...\"] [--skip-local]\n"
             "                      [--dir D] [--bcast-delay-ms 2] [--hold-ms 2000] [--rate 2000]\n"
             "                      --json OUT\n"
@@ -934,7 +934,7 @@ static int rm_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw
 
 int raftbench_process(int argc, char **argv)
 {
-    rb_opts o = {.routers = 3, .workers = 8, .inflight = 64, .duration_s = 10, .blocks = 16,
+    rb_opts o = {.routers = 3, .workers = 8, .inflight = 12, .duration_s = 10, .blocks = 16,
                  .timeout_ms = 5000, .be_delay_ms = RAFTBENCH_BE_DELAY_MS,
                  .be_hold_ms = RAFTBENCH_BE_HOLD_MS, .be_rate = RAFTBENCH_BE_RATE};
     for (int i = 1; i < argc; i++) {
