@@ -109,7 +109,9 @@ kvr_term() {
 
 # Start nats-server with JetStream on an OS-chosen client port; sets NATS_URL and NATS_DIR.
 # kvr_start_nats [NAME] (default "nats"); calling again with the same NAME restarts it on the
-# same port and store (for "NATS restarted under the router" tests).
+# same port and store (for "NATS restarted under the router" tests). KVR_NATS_EXTRA_CONF is
+# appended to its configuration (e.g. an authorization block); unset KVR_NATS_PORT first to
+# start a second server on another port.
 kvr_start_nats() {
     local name=${1:-nats}
     NATS_DIR="$KVR_TMP/$name"
@@ -125,6 +127,7 @@ jetstream {
   max_file_store: 2GB
 }
 max_payload: 8MB
+${KVR_NATS_EXTRA_CONF:-}
 CONF
     kvr_spawn "$name" nats-server -c "$NATS_DIR/nats.conf"
     NATS_URL="nats://127.0.0.1:$KVR_NATS_PORT"

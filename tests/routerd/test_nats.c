@@ -52,6 +52,11 @@ static void on_msg(const kvr_nats_msg *m, void *data)
 }
 
 /* ---- request/reply ---- */
+static void on_request_self(const kvr_nats_msg *m, void *data)
+{
+    kvr_nats_respond(&kn, m->reply, "ok", 2);
+}
+
 static void on_request(const kvr_nats_msg *m, void *data)
 {
     char buf[256];
@@ -129,8 +134,63 @@ static void on_state(kvr_nats *k, kvr_nats_state st, void *data)
         connected = true;
 }
 
+/* Authentication check: "connect" must reach a connected state and answer a request through
+ * itself; "noconnect" must not connect within 2 s (the server refuses the credentials).
+ * opt: "user=NAME:PASS", "token=T" (credentials as options, not in the URL) or "threaded". */
+static int auth_check(const char *url, bool want_connect, const char *opt)
+{
+    kvr_log_setup("test_nats_auth", NULL, KVR_LOG_WARN);
+    uv_loop_init(&loop);
+    loop_thread = pthread_self();
+    uv_timer_t tick;
+    uv_timer_init(&loop, &tick);
+    uv_timer_start(&tick, noop_timer, 10, 10);
+    char user[64] = "", *pass = NULL;
+    kvr_nats_opts o = {.url = url, .name = "test-nats-auth", .on_state = on_state};
+    if (opt && !strncmp(opt, "user=", 5)) {
+        snprintf(user, sizeof user, "%s", opt + 5);
+        pass = strchr(user, ':');
+        if (pass)
+            *pass++ = 0;
+        o.user = user;
+        o.password = pass;
+    } else if (opt && !strncmp(opt, "token=", 6)) {
+        o.token = opt + 6;
+    } else if (opt && !strcmp(opt, "threaded")) {
+        o.threaded_core = true;
+    }
+    kvr_err err = {0};
+    CHECK(kvr_nats_init(&kn, &loop, &o, &err) == 0, "%s", err.msg);
+    bool up = run_until(&connected, want_connect ? 5000 : 2000);
+    if (want_connect) {
+        CHECK(up, "not connected to %s", url);
+        CHECK(kvr_nats_subscribe(&kn, "t.auth", NULL, on_request_self, NULL, NULL, &err) == 0, "%s", err.msg);
+        req_result r = {0};
+        CHECK(kvr_nats_request(&kn, "t.auth", "x", 1, 3000, on_reply, &r) == 0, "request");
+        CHECK(run_until(&r.done, 4000) && r.status == 0, "request through an authenticated connection: %d", r.status);
+    } else {
+        CHECK(!up, "connected to %s with credentials the server refuses", url);
+    }
+    kvr_nats_close(&kn, on_closed);
+    int64_t end = kvr_mono_ms() + 10000;
+    while (!closed1 && kvr_mono_ms() < end)
+        uv_run(&loop, UV_RUN_ONCE);
+    CHECK(closed1, "close callback");
+    uv_close((uv_handle_t *)&tick, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    CHECK(uv_loop_close(&loop) == 0, "loop has open handles");
+    kvr_nats_global_shutdown(2000);
+    if (failures)
+        return 1;
+    fprintf(stderr, "test_nats auth (%s%s%s): passed\n", want_connect ? "connect" : "noconnect",
+            opt ? ", " : "", opt ? opt : "");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 2 && (!strcmp(argv[2], "connect") || !strcmp(argv[2], "noconnect")))
+        return auth_check(argv[1], !strcmp(argv[2], "connect"), argc > 3 ? argv[3] : NULL);
     if (argc < 2) {
         fprintf(stderr, "usage: test_nats NATS_URL [native|threaded|mixed]\n");
         return 2;
