@@ -57,10 +57,10 @@ struct kvr_nats_core {
     char *name, *user, *password, *token;
     nc_url *urls;
     int n_urls, next_url;
-    nc_sock *sock;          /* current attempt or connection; NULL when idle */
-    nc_resolve *resolve;    /* current name lookup, or NULL */
-    int resolves_pending;   /* lookups whose callback has not run (cancelled ones included) */
-    uint64_t gen;           /* attempt number: stale lookups compare it */
+    nc_sock *sock;        /* current attempt or connection; NULL when idle */
+    nc_resolve *resolve;  /* current name lookup, or NULL */
+    int resolves_pending; /* lookups whose callback has not run (cancelled ones included) */
+    uint64_t gen;         /* attempt number: stale lookups compare it */
     uv_timer_t retry_timer, ping_timer, hs_timer;
     uv_prepare_t flush_prep;
     uv_check_t flush_check;
@@ -112,8 +112,9 @@ static int parse_one_url(const char *s, size_t len, nc_url *u, kvr_err *err)
     if (len >= 7 && !strncmp(s, "nats://", 7))
         s += 7, len -= 7;
     else if (memchr(s, ':', len) && len >= 3 && memmem(s, len, "://", 3))
-        return kvr_err_set(err, KVR_EUNSUPPORTED, "nats url %.*s: only nats:// here (TLS goes through cnats)",
-                           (int)len, s);
+        return kvr_err_set(err, KVR_EUNSUPPORTED,
+                           "nats url %.*s: only nats:// here (TLS goes through cnats)", (int)len,
+                           s);
     const char *at = memchr(s, '@', len);
     if (at) {
         const char *colon = memchr(s, ':', (size_t)(at - s));
@@ -511,10 +512,11 @@ static int build_handshake(kvr_nats_core *c, const nc_url *u, kvr_buf *hs)
     const char *user = u->user ? u->user : c->user;
     const char *pass = u->user ? u->pass : c->password;
     const char *token = u->token ? u->token : (u->user ? NULL : c->token);
-    int rc = kvr_buf_append_cstr(hs, "CONNECT {\"verbose\":false,\"pedantic\":false,"
-                                     "\"tls_required\":false,\"lang\":\"C\",\"version\":\"kvroute\","
-                                     "\"protocol\":1,\"echo\":true,\"headers\":true,"
-                                     "\"no_responders\":true");
+    int rc =
+        kvr_buf_append_cstr(hs, "CONNECT {\"verbose\":false,\"pedantic\":false,"
+                                "\"tls_required\":false,\"lang\":\"C\",\"version\":\"kvroute\","
+                                "\"protocol\":1,\"echo\":true,\"headers\":true,"
+                                "\"no_responders\":true");
     struct {
         const char *key, *val;
     } f[] = {{"name", c->name}, {"user", user}, {"pass", pass}, {"auth_token", token}};
@@ -586,7 +588,8 @@ static int handle_info(kvr_nats_core *c, const char *json, size_t len)
             c->max_payload = (size_t)v;
     }
     if (memmem(json, len, "\"tls_required\":true", 19)) {
-        KVR_LOG_ERROR_RL(5, "nats server requires TLS: configure the TLS options", "urls=%d", c->n_urls);
+        KVR_LOG_ERROR_RL(5, "nats server requires TLS: configure the TLS options", "urls=%d",
+                         c->n_urls);
         return KVR_EUNSUPPORTED;
     }
     if (c->st != NC_INFO_WAIT)
@@ -701,8 +704,8 @@ static bool parse(kvr_nats_core *c)
         } else if (op_is(line, ll, "+OK")) {
             off += ll + 2;
         } else if (op_is(line, ll, "-ERR")) {
-            KVR_LOG_WARN_RL(5, "nats server error", "error=\"%.*s\"", (int)(ll - 4 > 200 ? 200 : ll - 4),
-                            line + 4);
+            KVR_LOG_WARN_RL(5, "nats server error", "error=\"%.*s\"",
+                            (int)(ll - 4 > 200 ? 200 : ll - 4), line + 4);
             off += ll + 2;
             /* the server closes the connection after a fatal error; a permissions error on
              * one subject is not fatal */
@@ -814,7 +817,8 @@ int kvr_nats_core_subscribe(kvr_nats_core *c, const char *subject, const char *q
 {
     if (c->closing)
         return KVR_ECLOSED;
-    if (!kvr_nats_core_valid_token(subject) || (queue && *queue && !kvr_nats_core_valid_token(queue)))
+    if (!kvr_nats_core_valid_token(subject) ||
+        (queue && *queue && !kvr_nats_core_valid_token(queue)))
         return KVR_EINVAL;
     nc_sub **ns = realloc(c->subs, (size_t)(c->n_subs + 1) * sizeof *ns);
     if (!ns)

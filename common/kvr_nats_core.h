@@ -57,13 +57,13 @@ typedef struct kvr_nats_core_opts {
     const char *urls; /* "nats://[user:pass@|token@]host:port", comma-separated; required */
     const char *name; /* connection name shown by the server; may be NULL */
     const char *user, *password, *token; /* may be NULL; URL credentials take precedence */
-    int connect_timeout_ms;    /* 0 → 2000: TCP connect through PONG */
-    int reconnect_wait_ms;     /* 0 → 100 */
-    int max_reconnect_wait_ms; /* 0 → 2000 */
-    int ping_interval_ms;      /* 0 → 2000 */
-    int max_pings_out;         /* 0 → 3 */
-    size_t pending_max;        /* 0 → 8 MiB: bytes kept while disconnected */
-    size_t out_max;            /* 0 → 64 MiB: bytes queued while connected */
+    int connect_timeout_ms;              /* 0 → 2000: TCP connect through PONG */
+    int reconnect_wait_ms;               /* 0 → 100 */
+    int max_reconnect_wait_ms;           /* 0 → 2000 */
+    int ping_interval_ms;                /* 0 → 2000 */
+    int max_pings_out;                   /* 0 → 3 */
+    size_t pending_max;                  /* 0 → 8 MiB: bytes kept while disconnected */
+    size_t out_max;                      /* 0 → 64 MiB: bytes queued while connected */
     /* Callbacks, loop thread. on_msg: sub_data is what kvr_nats_core_subscribe was given.
      * A callback may publish, subscribe, unsubscribe or close. */
     void *cb_data;

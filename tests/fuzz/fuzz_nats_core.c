@@ -15,12 +15,12 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define CHECK(c)                                                                           \
-    do {                                                                                   \
-        if (!(c)) {                                                                        \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #c);          \
-            abort();                                                                       \
-        }                                                                                  \
+#define CHECK(c)                                                                                   \
+    do {                                                                                           \
+        if (!(c)) {                                                                                \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #c);                  \
+            abort();                                                                               \
+        }                                                                                          \
     } while (0)
 
 enum { NSUBS = 3 };
@@ -73,8 +73,11 @@ static void feed(run *r, const uint8_t *data, size_t size, size_t piece)
     kvr_err err;
     CHECK(kvr_nats_core_init(&c, &loop, &o, &err) == 0);
     for (int i = 0; i < NSUBS; i++)
-        CHECK(kvr_nats_core_subscribe(c, i == 0 ? "a.>" : i == 1 ? "_INBOX.x.*" : "b", i == 1 ? NULL : "q",
-                                      &r->subs[i], NULL) == 0);
+        CHECK(kvr_nats_core_subscribe(c,
+                                      i == 0   ? "a.>"
+                                      : i == 1 ? "_INBOX.x.*"
+                                               : "b",
+                                      i == 1 ? NULL : "q", &r->subs[i], NULL) == 0);
     size_t off = 0;
     while (off < size) {
         size_t n = piece && size - off > piece ? piece : size - off;
