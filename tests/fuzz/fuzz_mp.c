@@ -5,6 +5,7 @@
  * the same. Any violation aborts. */
 #include "kvr_err.h"
 #include "kvr_mp.h"
+#include "fuzz_check.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -13,14 +14,6 @@
 #include <string.h>
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(c)                                                                           \
-    do {                                                                                   \
-        if (!(c)) {                                                                        \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #c);          \
-            abort();                                                                       \
-        }                                                                                  \
-    } while (0)
 
 static kvr_buf g_w; /* writer scratch, reused */
 

@@ -7,6 +7,7 @@
  * error. Any violation aborts. */
 #include "kvr_log.h"
 #include "kvr_nats_core.h"
+#include "fuzz_check.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -14,14 +15,6 @@
 #include <string.h>
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(c)                                                                                   \
-    do {                                                                                           \
-        if (!(c)) {                                                                                \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #c);                  \
-            abort();                                                                               \
-        }                                                                                          \
-    } while (0)
 
 enum { NSUBS = 3 };
 
