@@ -1,23 +1,22 @@
-/* kvr_nats: cnats (default threaded mode) bridged to one libuv loop.
+/* kvr_nats: NATS for one libuv loop. Core traffic and JetStream take different paths.
  *
- * cnats runs its own reader/delivery threads. Every inbound message is copied into a
- * mutex-protected queue and the loop is woken with one uv_async_t; every user callback in this
- * header runs on the loop thread that called kvr_nats_init (the "loop thread"). The queue has
- * two FIFO lanes: core subscriptions, request replies and state changes are served first;
- * JetStream consumer messages get at most ~2 ms of loop time per turn, so an event backlog never
- * delays a route request. Each lane is bounded: when the loop falls behind, the cnats delivery
- * thread blocks on a condition variable (backpressure) instead of dropping. Order is FIFO within
- * a subscription, not across the two lanes. Blocking cnats calls (connect, close,
- * every JetStream management call, consumer creation) run off the loop thread
- * (uv_queue_work), never on it. (NOT the cnats libuv adapter: see NOTES-deps 2.3.)
+ * Core (subscriptions, publishes, requests, the user's state callbacks): kvroute's own client
+ * for the NATS protocol (kvr_nats_core.h) on the loop thread. A message is delivered in the
+ * read callback that parsed it; what the loop publishes in one turn leaves in one write. With
+ * TLS (or threaded_core), cnats carries core traffic instead: its one process-wide delivery
+ * thread (natsOptions_UseGlobalMessageDelivery) copies every message into a mutex-protected
+ * queue and wakes the loop with one uv_async_t.
  *
- * Each kvr_nats opens two connections to the same server: the core one (subscriptions,
- * publishes, requests; its messages come through cnats' one process-wide delivery thread,
- * natsOptions_UseGlobalMessageDelivery, which halves thread wake-ups per request/reply) and a
- * JetStream one (management calls and consumers, one delivery thread per consumer, so a
- * consumer's backpressure never holds up core messages). State callbacks follow the core
- * connection; a JetStream reconnect re-creates the consumers. Core backpressure of one kvr_nats
- * also holds up the other kvr_nats instances of the same process (one shared thread).
+ * JetStream: a second connection, always cnats. Blocking cnats calls (connect, close, every
+ * JetStream management call, consumer creation) run off the loop thread (uv_queue_work), never
+ * on it. Consumer messages come through the same queue, one delivery thread per consumer (a
+ * consumer's backpressure holds up only its own thread). The queue has two FIFO lanes:
+ * cnats-core messages, replies and state changes are served first; JetStream consumer messages
+ * get at most ~2 ms of loop time per turn, so an event backlog never delays a route request.
+ * Each lane is bounded: when the loop falls behind, the cnats delivery thread blocks on a
+ * condition variable (backpressure) instead of dropping. Order is FIFO within a subscription,
+ * not across the lanes. (NOT the cnats libuv adapter: see NOTES-deps 2.3.) State callbacks
+ * follow the core connection; a JetStream reconnect re-creates the consumers.
  *
  * Threads: every function here must be called on the loop thread, except where noted.
  * Memory: a kvr_nats is caller-allocated and must stay valid until the close callback has
@@ -27,8 +26,9 @@
  * Connection: reconnects forever with backoff (reconnect_wait_ms doubling up to
  * max_reconnect_wait_ms, plus jitter); the first connect is retried forever too, so
  * kvr_nats_init succeeds even when the server is not up yet. Subscriptions survive
- * reconnects (cnats replays them). Publishes while disconnected go to cnats' reconnect buffer
- * (8 MiB); when it is full, publish returns KVR_EAGAIN. */
+ * reconnects (both clients replay them). Publishes while disconnected are kept (8 MiB); past
+ * that, publish returns KVR_EAGAIN. Core delivery is at most once, as NATS core is: what was
+ * in flight when a connection dropped is lost. */
 #ifndef KVR_NATS_H
 #define KVR_NATS_H
 
