@@ -7,7 +7,9 @@
  * request sent -> reply on our loop. Per-router spread and router-side latency come from each
  * router's /metrics (deltas); at the end every router's raft.fsm_digest must agree.
  * Phase 2: the same load against 1 router started with --no-raft-flags (local mode).
- * Phase 3: the best-effort broadcast double-booking simulation (bench_raft.c), no processes.
+ * Phase 3: N routers in best-effort mode (kvr-routerd --best-effort: local mode, bookings
+ * broadcast), the same load; the decisions made on stale load are counted from the replies
+ * (be_analyse). Also printed: the older model of it (bench_raft.c), no processes.
  * Every cluster is torn down with `kvrctl down` on every path, Ctrl-C included. */
 #define _GNU_SOURCE
 #pragma GCC diagnostic ignored "-Wformat-truncation" /* error texts are cut on purpose */
@@ -49,7 +51,7 @@ typedef struct rb_opts {
     int routers, workers, inflight, duration_s, blocks, timeout_ms;
     uint64_t max_requests; /* 0: only the duration limits */
     const char *json, *dir, *router_args;
-    bool skip_local, keep;
+    bool skip_local, skip_best_effort, keep;
     double be_delay_ms, be_hold_ms, be_rate;
 } rb_opts;
 
@@ -263,6 +265,15 @@ typedef struct rb_run {
     int64_t *lat_us;
     size_t n_lat, cap_lat;
     int64_t t0_ns, t_end_ns;
+    /* best-effort phase: every local-mode decision with the chosen worker's bookings as the
+     * deciding router saw them, its time, and when this client freed it */
+    bool record_be;
+    struct be_rec {
+        uint64_t worker;
+        int64_t decided_ns, free_ns;
+        uint32_t seen; /* bookings on the worker the router knew of, this one excluded */
+    } *be;
+    size_t n_be, cap_be;
 } rb_run;
 
 typedef struct rb_req {
@@ -292,7 +303,7 @@ static void rb_on_reply(int status, const char *data, size_t len, void *cbdata)
         kvr_mp_reader_init(&m, data, len);
         uint32_t n = 0;
         bool ok = false;
-        uint64_t router = 0;
+        uint64_t router = 0, worker = 0, wbookings = 0, decided = 0;
         kvr_slice mode = {0}, err = {0};
         int rc = kvr_mp_read_map(&m, &n);
         for (uint32_t i = 0; rc == 0 && i < n; i++) {
@@ -307,6 +318,12 @@ static void rb_on_reply(int status, const char *data, size_t len, void *cbdata)
                 rc = kvr_mp_read_uint(&m, &router);
             else if (kvr_slice_eq_cstr(k, "error"))
                 rc = kvr_mp_read_str(&m, &err);
+            else if (kvr_slice_eq_cstr(k, "worker_id"))
+                rc = kvr_mp_read_uint(&m, &worker);
+            else if (kvr_slice_eq_cstr(k, "worker_bookings"))
+                rc = kvr_mp_read_uint(&m, &wbookings);
+            else if (kvr_slice_eq_cstr(k, "decided_ns"))
+                rc = kvr_mp_read_uint(&m, &decided);
             else
                 rc = kvr_mp_skip(&m);
         }
@@ -332,6 +349,19 @@ static void rb_on_reply(int status, const char *data, size_t len, void *cbdata)
             }
             if (r->n_lat < r->cap_lat)
                 r->lat_us[r->n_lat++] = (now - q->t0_ns) / 1000;
+            if (r->record_be && decided && wbookings) {
+                if (r->n_be == r->cap_be) {
+                    size_t nc = r->cap_be ? r->cap_be * 2 : 65536;
+                    struct be_rec *nb = realloc(r->be, nc * sizeof *nb);
+                    if (nb) {
+                        r->be = nb;
+                        r->cap_be = nc;
+                    }
+                }
+                if (r->n_be < r->cap_be)
+                    r->be[r->n_be++] = (struct be_rec){worker, (int64_t)decided, now,
+                                                       (uint32_t)(wbookings - 1)};
+            }
             /* the request is over at once: free its booking */
             kvr_buf ev;
             kvr_buf_init(&ev);
@@ -551,11 +581,76 @@ typedef struct rb_phase {
     bool spread_ok, digests_equal, down_ok;
     char digest[24];
     uint64_t bookings_left;
+    bool raft, best_effort;         /* kind: Raft group, or local mode (+ booking broadcast) */
+    uint64_t be_decisions, be_stale; /* best-effort: decisions, and those made on stale load */
     rb_run run;
 } rb_phase;
 
-static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph, bool raft)
+/* Best-effort phase: a decision was made on stale load when the deciding router knew of fewer
+ * live bookings on the worker it chose than there were: another router had booked it and the
+ * broadcast had not arrived yet. Live = from a booking's decision to this client's free (all
+ * processes share the monotonic clock). A conservative count: a router that has not yet heard
+ * of a free counts that booking as live, which can mask a missing one. */
+static int cmp_be_worker(const void *a, const void *b)
 {
+    uint64_t x = ((const struct be_rec *)a)->worker, y = ((const struct be_rec *)b)->worker;
+    return x < y ? -1 : x > y;
+}
+
+/* Index of the first of v[0..n) (sorted) that is >= x (strict) or > x (!strict). */
+static size_t lower(const int64_t *v, size_t n, int64_t x, bool strict)
+{
+    size_t a = 0, b = n;
+    while (a < b) {
+        size_t mid = (a + b) / 2;
+        if (strict ? v[mid] < x : v[mid] <= x)
+            a = mid + 1;
+        else
+            b = mid;
+    }
+    return a;
+}
+
+static void be_analyse(rb_phase *ph)
+{
+    rb_run *r = &ph->run;
+    size_t n = r->n_be;
+    ph->be_decisions = n;
+    ph->be_stale = 0;
+    int64_t *st = n ? malloc(n * sizeof *st) : NULL, *en = n ? malloc(n * sizeof *en) : NULL;
+    if (!st || !en)
+        goto out;
+    qsort(r->be, n, sizeof *r->be, cmp_be_worker);
+    for (size_t lo = 0; lo < n;) {
+        size_t hi = lo;
+        while (hi < n && r->be[hi].worker == r->be[lo].worker)
+            hi++;
+        size_t m = hi - lo;
+        for (size_t k = 0; k < m; k++) {
+            st[k] = r->be[lo + k].decided_ns;
+            en[k] = r->be[lo + k].free_ns;
+        }
+        qsort(st, m, sizeof *st, cmp_i64);
+        qsort(en, m, sizeof *en, cmp_i64);
+        for (size_t k = 0; k < m; k++) {
+            const struct be_rec *e = &r->be[lo + k];
+            /* booked strictly before this decision, minus freed at or before it */
+            size_t started = lower(st, m, e->decided_ns, true);
+            size_t ended = lower(en, m, e->decided_ns, false);
+            uint64_t live = started > ended ? started - ended : 0;
+            if (e->seen < live)
+                ph->be_stale++;
+        }
+        lo = hi;
+    }
+out:
+    free(st);
+    free(en);
+}
+
+static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
+{
+    bool raft = ph->raft;
     char cdir[PATH_MAX + 32], rstr[16], wstr[16];
     snprintf(cdir, sizeof cdir, "%s/%s", workdir, ph->name);
     snprintf(rstr, sizeof rstr, "%d", ph->routers);
@@ -563,15 +658,19 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph, boo
     char *up[RUN_MAX_ARGS + 1] = {"up", "--dir", cdir, "--routers", rstr, "--workers", wstr,
                                   "--frontends", "0"};
     int nup = 9;
-    if (o->router_args && *o->router_args) {
+    char rargs[1024];
+    snprintf(rargs, sizeof rargs, "%s%s", o->router_args ? o->router_args : "",
+             ph->best_effort ? " --best-effort" : "");
+    if (rargs[0]) {
         up[nup++] = "--router-args";
-        up[nup++] = (char *)o->router_args;
+        up[nup++] = rargs;
     }
     if (!raft)
         up[nup++] = "--no-raft-flags";
     up[nup] = NULL;
-    fprintf(stderr, "== %s: kvrctl up --routers %d --workers %d --frontends 0%s in %s\n", ph->name,
-            ph->routers, o->workers, raft ? "" : " --no-raft-flags", cdir);
+    fprintf(stderr, "== %s: kvrctl up --routers %d --workers %d --frontends 0%s%s in %s\n", ph->name,
+            ph->routers, o->workers, raft ? "" : " --no-raft-flags",
+            ph->best_effort ? " --router-args --best-effort" : "", cdir);
     int rc = 0;
     run_cluster c;
     run_cluster_init(&c, cdir);
@@ -654,7 +753,8 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph, boo
     r->nats_url = nats->url;
     r->model = c.model[0] ? c.model : "sim";
     r->ns = c.ns[0] ? c.ns : "kvr";
-    r->tag = (uint64_t)getpid() << 8 | (raft ? 1 : 2);
+    r->tag = (uint64_t)getpid() << 8 | (raft ? 1 : ph->best_effort ? 3 : 2);
+    r->record_be = ph->best_effort;
     fprintf(stderr, "== %s: %d in flight for %d s over NATS kvr.route\n", ph->name, o->inflight,
             o->duration_s);
     double cpu0[RB_MAX_ROUTERS], cpu_nats0 = proc_cpu_s(nats->pid), cpu_w0 = 0, cpu_c0 = proc_cpu_s(0);
@@ -686,6 +786,8 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph, boo
     ph->ran = true;
     ph->secs = (double)(r->t_end_ns - r->t0_ns) / 1e9;
     ph->decisions = raft ? r->mode_raft : r->mode_local;
+    if (ph->best_effort)
+        be_analyse(ph);
     ph->decisions_per_s = ph->secs > 0 ? (double)ph->decisions / ph->secs : 0;
     qsort(r->lat_us, r->n_lat, sizeof *r->lat_us, cmp_i64);
     ph->p50 = pct(r->lat_us, r->n_lat, 0.50);
@@ -853,7 +955,9 @@ static void phase_print(const rb_phase *ph)
 {
     const rb_run *r = &ph->run;
     printf("%s: %d router(s)%s\n", ph->name, ph->routers,
-           ph->routers > 1 ? " in one Raft group" : ", local mode (--no-raft-flags)");
+           ph->raft          ? " in one Raft group"
+           : ph->best_effort ? ", best-effort: each books on its own state and broadcasts (--best-effort)"
+                             : ", local mode (--no-raft-flags)");
     if (!ph->ran) {
         printf("  not run: %s\n", ph->error);
         return;
@@ -892,6 +996,11 @@ static void phase_print(const rb_phase *ph)
     printf("  spread over routers %s, fsm_digest %s (%s), bookings left %" PRIu64 "\n",
            ph->spread_ok ? "ok" : "UNEVEN", ph->digest, ph->digests_equal ? "equal on all" : "DIFFER",
            ph->bookings_left);
+    if (ph->best_effort)
+        printf("  stale decisions    %" PRIu64 " of %" PRIu64 " (%.2f %%): the deciding router did not yet "
+               "know a live booking on the worker it chose (measured; a lower bound)\n",
+               ph->be_stale, ph->be_decisions,
+               ph->be_decisions ? 100.0 * (double)ph->be_stale / (double)ph->be_decisions : 0.0);
     if (ph->error[0])
         printf("  error: %s\n", ph->error);
 }
@@ -902,14 +1011,18 @@ static void usage(FILE *f)
             "usage: kvr-bench raft [--mode process|inprocess] [--routers 3] [--workers 8]\n"
             "                      [--inflight 12] [--duration 10] [--requests N] [--blocks 16]\n"
             "                      [--timeout-ms 5000] [--router-args \"...\"] [--skip-local]\n"
+            "                      [--skip-best-effort]\n"
             "                      [--dir D] [--bcast-delay-ms 2] [--hold-ms 2000] [--rate 2000]\n"
             "                      --json OUT\n"
             "process (default): kvrctl starts nats-server, N kvr-routerd in one Raft group and M\n"
             "kvr-workers (heartbeats only) in D/raft; K route requests stay in flight over NATS\n"
             "kvr.route, each booking freed on answer; then the same load on 1 router in local mode\n"
-            "(D/local). --requests caps the requests sent (else --duration alone). --dir keeps the\n"
-            "clusters' logs (default: a temp dir, removed). best_effort_double_booking_rate is a\n"
-            "simulation (no processes). --mode inprocess: the older in-process 3-node variant\n"
+            "(D/local); then N routers in best-effort mode (local mode, each broadcasting its\n"
+            "bookings; D/best_effort), measuring the decisions made on stale load\n"
+            "(best_effort_double_booking_rate). --requests caps the requests sent (else --duration\n"
+            "alone). --dir keeps the clusters' logs (default: a temp dir, removed).\n"
+            "best_effort_simulation_rate is a model (no processes). --mode inprocess: the older\n"
+            "in-process 3-node variant\n"
             "(kvr-bench raft --mode inprocess --help).\n");
 }
 
@@ -946,6 +1059,10 @@ int raftbench_process(int argc, char **argv)
         }
         if (!strcmp(a, "--skip-local")) {
             o.skip_local = true;
+            continue;
+        }
+        if (!strcmp(a, "--skip-best-effort")) {
+            o.skip_best_effort = true;
             continue;
         }
         if (!v) {
@@ -1020,19 +1137,25 @@ int raftbench_process(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     run_http_global_init();
 
-    rb_phase *ph = calloc(2, sizeof *ph);
+    rb_phase *ph = calloc(3, sizeof *ph);
     if (!ph)
         return 1;
     ph[0].name = "raft";
     ph[0].routers = o.routers;
+    ph[0].raft = true;
     ph[1].name = "local";
     ph[1].routers = 1;
+    ph[2].name = "best_effort";
+    ph[2].routers = o.routers;
+    ph[2].best_effort = true;
     int rc = 0;
-    if (rb_phase_run(&o, workdir, &ph[0], true) != 0)
+    if (rb_phase_run(&o, workdir, &ph[0]) != 0)
         rc = 1;
-    if (!o.skip_local && !rb_stop && rb_phase_run(&o, workdir, &ph[1], false) != 0)
+    if (!o.skip_local && !rb_stop && rb_phase_run(&o, workdir, &ph[1]) != 0)
         rc = 1;
-    for (int k = 0; k < 2; k++)
+    if (!o.skip_best_effort && !rb_stop && rb_phase_run(&o, workdir, &ph[2]) != 0)
+        rc = 1;
+    for (int k = 0; k < 3; k++)
         if (rb_stop && !ph[k].ran && !ph[k].error[0])
             snprintf(ph[k].error, sizeof ph[k].error, "interrupted");
     kvr_nats_global_shutdown(2000);
@@ -1048,12 +1171,22 @@ int raftbench_process(int argc, char **argv)
     phase_print(&ph[0]);
     if (!o.skip_local)
         phase_print(&ph[1]);
+    if (!o.skip_best_effort)
+        phase_print(&ph[2]);
     if (!isnan(ratio))
         printf("raft / local decisions per second: %.3f\n", ratio);
     bool met = ph[0].ran && ph[0].decisions_per_s >= 10000 && ph[0].p99 <= 2000 && ph[0].spread_ok;
     printf("target (>= 10000 decisions/s, p99 <= 2000 us, spread over all routers): %s\n",
            met ? "met" : "MISSED");
-    printf("best_effort_double_booking_rate %.4f (SIMULATION, not measured on processes: %" PRIu64
+    double be_measured = ph[2].ran && ph[2].be_decisions
+                             ? (double)ph[2].be_stale / (double)ph[2].be_decisions
+                             : NAN;
+    if (!isnan(be_measured))
+        printf("best_effort_double_booking_rate %.4f (measured on %d processes above: decisions made "
+               "without knowing a live booking on the chosen worker; Raft mode decides every booking "
+               "on one agreed state, so it has none)\n",
+               be_measured, ph[2].routers);
+    printf("best_effort_simulation_rate %.4f (model, no processes: %" PRIu64
            " of %" PRIu64 " decisions on stale load; 3 routers, %.0f req/s, broadcast delay %.1f ms, "
            "hold %.0f ms)\n",
            be, stale, sim_n, o.be_rate, o.be_delay_ms, o.be_hold_ms);
@@ -1081,7 +1214,14 @@ int raftbench_process(int argc, char **argv)
         json_str(f, p->digest);
         fprintf(f, ",\"digests_equal\":%s,\"target\":{\"decisions_per_s\":10000,\"p99_us\":2000,\"met\":%s},",
                 p->digests_equal ? "true" : "false", met ? "true" : "false");
-        fprintf(f, "\"best_effort_double_booking_rate\":%.6f,\"best_effort\":{\"simulation\":true,"
+        fputs("\"best_effort_double_booking_rate\":", f);
+        if (isnan(be_measured))
+            fputs("null", f);
+        else
+            fprintf(f, "%.6f", be_measured);
+        fprintf(f, ",\"best_effort_stale\":%" PRIu64 ",\"best_effort_decisions\":%" PRIu64 ",",
+                ph[2].be_stale, ph[2].be_decisions);
+        fprintf(f, "\"best_effort_simulation\":{\"rate\":%.6f,"
                    "\"routers\":3,\"requests\":%" PRIu64 ",\"stale\":%" PRIu64 ",\"rate_per_s\":%.1f,"
                    "\"broadcast_delay_ms\":%.2f,\"hold_ms\":%.1f},",
                 be, sim_n, stale, o.be_rate, o.be_delay_ms, o.be_hold_ms);
@@ -1090,6 +1230,10 @@ int raftbench_process(int argc, char **argv)
         if (!o.skip_local) {
             fputs(",\"local\":", f);
             phase_json(f, &ph[1]);
+        }
+        if (!o.skip_best_effort) {
+            fputs(",\"best_effort\":", f);
+            phase_json(f, &ph[2]);
         }
         fprintf(f, ",\"config\":{\"blocks_max\":%d,\"timeout_ms\":%d,\"max_requests\":%" PRIu64
                    ",\"skip_local\":%s}",
@@ -1100,17 +1244,22 @@ int raftbench_process(int argc, char **argv)
         fclose(f);
     }
     /* exit status: every phase that ran answered everything, agreed and was torn down */
-    for (int k = 0; k < (o.skip_local ? 1 : 2); k++) {
+    for (int k = 0; k < 3; k++) {
         const rb_phase *p = &ph[k];
         const rb_run *r = &p->run;
+        if ((k == 1 && o.skip_local) || (k == 2 && o.skip_best_effort))
+            continue;
+        /* best-effort replicas need not agree (that is the point), but must be torn down */
         if (!p->ran || p->decisions == 0 || r->failed || r->timeouts || r->no_responders ||
-            r->closed || !p->digests_equal || !p->down_ok || p->error[0])
+            r->closed || (!p->best_effort && !p->digests_equal) || !p->down_ok || p->error[0])
             rc = 1;
     }
     if (rb_stop)
         rc = 1;
-    for (int k = 0; k < 2; k++)
+    for (int k = 0; k < 3; k++) {
         free(ph[k].run.lat_us);
+        free(ph[k].run.be);
+    }
     free(ph);
     if (!o.dir)
         nftw(workdir, rm_cb, 16, FTW_DEPTH | FTW_PHYS);

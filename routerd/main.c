@@ -60,7 +60,7 @@ int main(int argc, char **argv)
     int64_t snap_ms = 10000, max_age_ms = 3600000, misses = 3, degraded_ms = 500;
     int64_t election_ms = 500, raft_max_inflight = 0, raft_snapshot_threshold = 0;
     int64_t frontend_timeout_ms = 10000, max_request_age_ms = 600000;
-    bool join = false, nats_batch = false;
+    bool join = false, nats_batch = false, best_effort = false;
     kvr_flag flags[] = {
         {"id", KVR_FLAG_U64, &id, "router id (>= 1; also the Raft id)", false},
         {"nats", KVR_FLAG_STRING, &nats, "NATS URL(s)", false},
@@ -80,6 +80,7 @@ int main(int argc, char **argv)
         {"join", KVR_FLAG_BOOL, &join, "start without bootstrapping (node added at run time)", false},
         {"degraded-after", KVR_FLAG_DURATION, &degraded_ms, "answer locally after this long without quorum", false},
         {"nats-batch", KVR_FLAG_BOOL, &nats_batch, "batch NATS writes (fewer syscalls under load, ~1 RTT more latency)", false},
+        {"best-effort", KVR_FLAG_BOOL, &best_effort, "without --peers: broadcast bookings to the other routers instead of agreeing on them (measurement baseline)", false},
         {"raft-max-inflight", KVR_FLAG_INT, &raft_max_inflight, "Raft log entries awaiting commit before new commands wait for the next (group commit; 0: default 1)", false},
         {"raft-snapshot-threshold", KVR_FLAG_INT, &raft_snapshot_threshold, "Raft log entries between snapshots (0: default 8192; a quarter of it is kept after each)", false},
         {"election-timeout", KVR_FLAG_DURATION, &election_ms, "Raft election timeout (a dead leader is replaced within ~1-2x this)", false},
@@ -113,6 +114,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvr-routerd: --id must be >= 1, --block-size in [1, 4096], --heartbeat-misses >= 1\n");
         return 2;
     }
+    if (best_effort && *peers) {
+        fprintf(stderr, "kvr-routerd: --best-effort is for routers without --peers\n");
+        return 2;
+    }
     if (*peers && !*raft_addr) {
         fprintf(stderr, "kvr-routerd: --peers needs --raft-addr\n");
         return 2;
@@ -143,6 +148,7 @@ int main(int argc, char **argv)
         .raft_max_inflight = raft_max_inflight,
         .raft_snapshot_threshold = raft_snapshot_threshold,
         .nats_batch = nats_batch,
+        .best_effort = best_effort,
     };
     uv_loop_t *loop = uv_default_loop();
     int rc = kvr_routerd_start(&g_rd, loop, &cfg);

@@ -197,6 +197,52 @@ static void on_sync_done(kvr_sync *s, int status, const kvr_fsm_result *res, kvr
 }
 #endif
 
+/* Best-effort mode: tells the other routers what this one just applied. A ROUTE goes out
+ * pinned to the worker chosen here, so every router books the same worker for it. Frame:
+ * msgpack [router_id, command bytes]. */
+static void broadcast(kvr_routerd *rd, const kvr_cmd *cmd, const kvr_fsm_result *res)
+{
+    kvr_cmd c = *cmd;
+    if (c.type == KVR_CMD_ROUTE) {
+        if (res->outcome != KVR_OUT_OK)
+            return;
+        c.u.route.pin_worker = res->worker_id;
+    } else if (c.type != KVR_CMD_FREE && c.type != KVR_CMD_PREFILL_DONE) {
+        return;
+    }
+    kvr_buf cb, b;
+    kvr_buf_init(&cb);
+    kvr_buf_init(&b);
+    if (kvr_cmd_encode(&c, &cb, NULL) == 0 && kvr_mp_write_array(&b, 2) == 0 &&
+        kvr_mp_write_uint(&b, rd->cfg.id) == 0 && kvr_mp_write_bin(&b, cb.base, cb.len) == 0)
+        kvr_nats_publish(&rd->nats, "kvr.route.bcast", b.base, b.len);
+    kvr_buf_free(&cb);
+    kvr_buf_free(&b);
+}
+
+/* Best-effort mode: another router's booking, prefill_done or free. */
+static void on_bcast(const kvr_nats_msg *m, void *data)
+{
+    kvr_routerd *rd = data;
+    kvr_mp_reader r;
+    kvr_mp_reader_init(&r, m->data, m->len);
+    uint32_t n;
+    uint64_t from;
+    kvr_slice bin;
+    kvr_cmd cmd;
+    kvr_route_candidate cand[KVR_FSM_MAX_CANDIDATES];
+    if (kvr_mp_read_array(&r, &n) != 0 || n != 2 || kvr_mp_read_uint(&r, &from) != 0 ||
+        kvr_mp_read_bin(&r, &bin) != 0 ||
+        kvr_cmd_decode(bin.base, bin.len, &cmd, cand, NULL) != 0) {
+        KVR_LOG_WARN_RL(5, "bad booking broadcast", "len=%zu", m->len);
+        return;
+    }
+    if (from == rd->cfg.id)
+        return;
+    kvr_fsm_result res;
+    kvr_fsm_apply(rd->fsm, &cmd, &res);
+}
+
 /* Submits cmd; cb (may be NULL) runs once, possibly before this returns (local mode). */
 static int rd_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data)
 {
@@ -216,6 +262,8 @@ static int rd_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *da
 #endif
     kvr_fsm_result res;
     kvr_fsm_apply(rd->fsm, cmd, &res);
+    if (rd->cfg.best_effort)
+        broadcast(rd, cmd, &res);
     if (cb)
         cb(rd, 0, &res, "local", data);
     return 0;
@@ -646,7 +694,18 @@ static void finish_route_nats(kvr_routerd *rd, route_ctx *c, int status, const k
     kvr_buf b;
     kvr_buf_init(&b);
     if (status == 0) {
-        kvr_mp_write_map(&b, 6);
+        /* local mode: what this router's state held for the chosen worker when it decided
+         * (bookings including this one), and when (monotonic ns), so a load test can tell
+         * decisions made on stale load */
+        kvr_fsm_worker_view wv;
+        bool local = strcmp(mode, "local") == 0 && kvr_fsm_worker_get(rd_fsm(rd), res->worker_id, &wv) == 0;
+        kvr_mp_write_map(&b, local ? 8 : 6);
+        if (local) {
+            kvr_mp_write_cstr(&b, "worker_bookings");
+            kvr_mp_write_uint(&b, wv.bookings);
+            kvr_mp_write_cstr(&b, "decided_ns");
+            kvr_mp_write_uint(&b, (uint64_t)kvr_mono_ns());
+        }
         kvr_mp_write_cstr(&b, "ok");
         kvr_mp_write_bool(&b, true);
         kvr_mp_write_cstr(&b, "worker_id");
@@ -1736,7 +1795,9 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
         snprintf(subj, sizeof(subj), "kvr.workers.>");
     if ((rc = kvr_nats_subscribe(&rd->nats, subj, NULL, on_heartbeat, rd, NULL, &err)) != 0 ||
         (rc = kvr_nats_subscribe(&rd->nats, "kvr.route.event", "kvr-routers", on_route_event, rd, NULL, &err)) != 0 ||
-        (rc = kvr_nats_subscribe(&rd->nats, "kvr.frontends.*", NULL, on_frontend, rd, NULL, &err)) != 0) {
+        (rc = kvr_nats_subscribe(&rd->nats, "kvr.frontends.*", NULL, on_frontend, rd, NULL, &err)) != 0 ||
+        (cfg->best_effort &&
+         (rc = kvr_nats_subscribe(&rd->nats, "kvr.route.bcast", NULL, on_bcast, rd, NULL, &err)) != 0)) {
         KVR_LOG_ERROR("nats subscribe", "error=\"%s\"", err.msg);
         goto fail;
     }

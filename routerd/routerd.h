@@ -46,6 +46,12 @@ typedef struct kvr_routerd_config {
     int64_t raft_max_inflight;   /* 0: kvr_sync's default (entries awaiting commit) */
     int64_t raft_snapshot_threshold; /* 0: kvr_sync's default; trailing is a quarter of it */
     bool nats_batch;             /* kvr_nats batch_publishes */
+    /* Best-effort booking (only without peers), the scheme kvroute's Raft mode replaces and
+     * kept to measure what it avoids: each router books on its own state machine and
+     * broadcasts every booking (pinned to the worker it chose), prefill_done and free on
+     * kvr.route.bcast; it applies the other routers' broadcasts to its own state as they
+     * arrive. Decisions made before a peer's booking arrives see stale load. */
+    bool best_effort;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;
