@@ -49,6 +49,7 @@ static void rb_on_signal(int sig)
 
 typedef struct rb_opts {
     int routers, workers, inflight, duration_s, blocks, timeout_ms;
+    int free_after_ms; /* 0: free each booking as soon as it is answered */
     uint64_t max_requests; /* 0: only the duration limits */
     const char *json, *dir, *router_args;
     bool skip_local, skip_best_effort, keep;
@@ -274,6 +275,14 @@ typedef struct rb_run {
         uint32_t seen; /* bookings on the worker the router knew of, this one excluded */
     } *be;
     size_t n_be, cap_be;
+    /* --free-after-ms: frees waiting for their time, oldest first (all wait equally long) */
+    uv_timer_t free_timer;
+    struct held_free {
+        uint8_t rid[16];
+        int64_t due_ns;
+        size_t be_idx; /* its record in be, or SIZE_MAX */
+    } *held;
+    size_t held_head, n_held, cap_held;
 } rb_run;
 
 typedef struct rb_req {
@@ -291,6 +300,67 @@ static uint64_t rb_rnd(uint64_t *s)
 }
 
 static void rb_send(rb_run *r);
+
+static void rb_free(rb_run *r, const uint8_t rid[16])
+{
+    kvr_buf ev;
+    kvr_buf_init(&ev);
+    kvr_mp_write_map(&ev, 2);
+    kvr_mp_write_cstr(&ev, "request_id");
+    kvr_mp_write_bin(&ev, rid, 16);
+    kvr_mp_write_cstr(&ev, "event");
+    kvr_mp_write_cstr(&ev, "free");
+    if (kvr_nats_publish(&r->nats, "kvr.route.event", ev.base, ev.len) == 0)
+        r->frees++;
+    else
+        r->free_errors++;
+    kvr_buf_free(&ev);
+}
+
+static void rb_hold_free(rb_run *r, const uint8_t rid[16], int64_t due_ns, size_t be_idx)
+{
+    if (r->held_head + r->n_held == r->cap_held) {
+        if (r->held_head > 0) { /* compact */
+            memmove(r->held, r->held + r->held_head, r->n_held * sizeof *r->held);
+            r->held_head = 0;
+        }
+        if (r->n_held == r->cap_held) {
+            size_t nc = r->cap_held ? r->cap_held * 2 : 65536;
+            struct held_free *nh = realloc(r->held, nc * sizeof *nh);
+            if (!nh) {
+                rb_free(r, rid); /* out of memory: free now rather than never */
+                return;
+            }
+            r->held = nh;
+            r->cap_held = nc;
+        }
+    }
+    struct held_free *h = &r->held[r->held_head + r->n_held++];
+    memcpy(h->rid, rid, 16);
+    h->due_ns = due_ns;
+    h->be_idx = be_idx;
+}
+
+/* Publishes the held frees that are due (all of them when all is set). */
+static void rb_release_frees(rb_run *r, bool all)
+{
+    int64_t now = kvr_mono_ns();
+    while (r->n_held > 0) {
+        struct held_free *h = &r->held[r->held_head];
+        if (!all && h->due_ns > now)
+            break;
+        rb_free(r, h->rid);
+        if (h->be_idx < r->n_be)
+            r->be[h->be_idx].free_ns = now;
+        r->held_head++;
+        r->n_held--;
+    }
+}
+
+static void rb_on_free_timer(uv_timer_t *t)
+{
+    rb_release_frees(t->data, false);
+}
 
 static void rb_on_reply(int status, const char *data, size_t len, void *cbdata)
 {
@@ -349,6 +419,7 @@ static void rb_on_reply(int status, const char *data, size_t len, void *cbdata)
             }
             if (r->n_lat < r->cap_lat)
                 r->lat_us[r->n_lat++] = (now - q->t0_ns) / 1000;
+            size_t be_idx = SIZE_MAX;
             if (r->record_be && decided && wbookings) {
                 if (r->n_be == r->cap_be) {
                     size_t nc = r->cap_be ? r->cap_be * 2 : 65536;
@@ -358,23 +429,17 @@ static void rb_on_reply(int status, const char *data, size_t len, void *cbdata)
                         r->cap_be = nc;
                     }
                 }
-                if (r->n_be < r->cap_be)
+                if (r->n_be < r->cap_be) {
+                    be_idx = r->n_be;
                     r->be[r->n_be++] = (struct be_rec){worker, (int64_t)decided, now,
                                                        (uint32_t)(wbookings - 1)};
+                }
             }
-            /* the request is over at once: free its booking */
-            kvr_buf ev;
-            kvr_buf_init(&ev);
-            kvr_mp_write_map(&ev, 2);
-            kvr_mp_write_cstr(&ev, "request_id");
-            kvr_mp_write_bin(&ev, q->rid, 16);
-            kvr_mp_write_cstr(&ev, "event");
-            kvr_mp_write_cstr(&ev, "free");
-            if (kvr_nats_publish(&r->nats, "kvr.route.event", ev.base, ev.len) == 0)
-                r->frees++;
+            /* the request is over: free its booking at once, or after --free-after-ms */
+            if (r->o->free_after_ms <= 0)
+                rb_free(r, q->rid);
             else
-                r->free_errors++;
-            kvr_buf_free(&ev);
+                rb_hold_free(r, q->rid, now + (int64_t)r->o->free_after_ms * 1000000, be_idx);
         } else {
             r->failed++;
             if (!r->first_error[0])
@@ -524,8 +589,11 @@ static int rb_load(rb_run *r)
     }
     uv_timer_init(&r->loop, &r->stop_timer);
     uv_timer_init(&r->loop, &r->poll_timer);
-    r->stop_timer.data = r->poll_timer.data = r;
+    uv_timer_init(&r->loop, &r->free_timer);
+    r->stop_timer.data = r->poll_timer.data = r->free_timer.data = r;
     uv_timer_start(&r->poll_timer, rb_on_poll, 50, 50);
+    if (r->o->free_after_ms > 0)
+        uv_timer_start(&r->free_timer, rb_on_free_timer, 1, 1);
     int64_t deadline = kvr_mono_ms() + 10000;
     while (!r->conn_up && !rb_stop && kvr_mono_ms() < deadline)
         uv_run(&r->loop, UV_RUN_ONCE);
@@ -545,9 +613,13 @@ static int rb_load(rb_run *r)
         r->t_end_ns = kvr_mono_ns();
     uv_timer_stop(&r->stop_timer);
     uv_timer_stop(&r->poll_timer);
+    uv_timer_stop(&r->free_timer);
+    if (r->conn_up)
+        rb_release_frees(r, true); /* the load is over: every booking still held goes now */
     kvr_nats_close(&r->nats, rb_on_closed); /* flushes the last frees */
     uv_close((uv_handle_t *)&r->stop_timer, NULL);
     uv_close((uv_handle_t *)&r->poll_timer, NULL);
+    uv_close((uv_handle_t *)&r->free_timer, NULL);
     while (!r->nats_closed)
         uv_run(&r->loop, UV_RUN_ONCE);
     uv_run(&r->loop, UV_RUN_DEFAULT);
@@ -1011,12 +1083,13 @@ static void usage(FILE *f)
             "usage: kvr-bench raft [--mode process|inprocess] [--routers 3] [--workers 8]\n"
             "                      [--inflight 12] [--duration 10] [--requests N] [--blocks 16]\n"
             "                      [--timeout-ms 5000] [--router-args \"...\"] [--skip-local]\n"
-            "                      [--skip-best-effort]\n"
+            "                      [--skip-best-effort] [--free-after-ms 0]\n"
             "                      [--dir D] [--bcast-delay-ms 2] [--hold-ms 2000] [--rate 2000]\n"
             "                      --json OUT\n"
             "process (default): kvrctl starts nats-server, N kvr-routerd in one Raft group and M\n"
             "kvr-workers (heartbeats only) in D/raft; K route requests stay in flight over NATS\n"
-            "kvr.route, each booking freed on answer; then the same load on 1 router in local mode\n"
+            "kvr.route, each booking freed on answer (or --free-after-ms later, so bookings pile\n"
+            "up as under long requests); then the same load on 1 router in local mode\n"
             "(D/local); then N routers in best-effort mode (local mode, each broadcasting its\n"
             "bookings; D/best_effort), measuring the decisions made on stale load\n"
             "(best_effort_double_booking_rate). --requests caps the requests sent (else --duration\n"
@@ -1083,6 +1156,8 @@ int raftbench_process(int argc, char **argv)
             ok = parse_int(v, 0, 1000000000L, &x), o.max_requests = (uint64_t)x;
         else if (!strcmp(a, "--blocks"))
             ok = parse_int(v, 1, 1024, &x), o.blocks = (int)x;
+        else if (!strcmp(a, "--free-after-ms"))
+            ok = parse_int(v, 0, 600000, &x), o.free_after_ms = (int)x;
         else if (!strcmp(a, "--timeout-ms"))
             ok = parse_int(v, 10, 600000, &x), o.timeout_ms = (int)x;
         else if (!strcmp(a, "--json"))
@@ -1166,8 +1241,9 @@ int raftbench_process(int argc, char **argv)
     double ratio = ph[1].ran && ph[1].decisions_per_s > 0 ? ph[0].decisions_per_s / ph[1].decisions_per_s : NAN;
 
     printf("kvr-bench raft: route-and-reserve through real kvr-routerd processes over NATS "
-           "(%d workers, %d in flight, %d s%s)\n",
-           o.workers, o.inflight, o.duration_s, o.max_requests ? ", capped by --requests" : "");
+           "(%d workers, %d in flight, %d s%s; bookings freed %s)\n",
+           o.workers, o.inflight, o.duration_s, o.max_requests ? ", capped by --requests" : "",
+           o.free_after_ms ? "--free-after-ms later" : "on answer");
     phase_print(&ph[0]);
     if (!o.skip_local)
         phase_print(&ph[1]);
@@ -1236,8 +1312,9 @@ int raftbench_process(int argc, char **argv)
             phase_json(f, &ph[2]);
         }
         fprintf(f, ",\"config\":{\"blocks_max\":%d,\"timeout_ms\":%d,\"max_requests\":%" PRIu64
-                   ",\"skip_local\":%s}",
-                o.blocks, o.timeout_ms, o.max_requests, o.skip_local ? "true" : "false");
+                   ",\"skip_local\":%s,\"free_after_ms\":%d}",
+                o.blocks, o.timeout_ms, o.max_requests, o.skip_local ? "true" : "false",
+                o.free_after_ms);
         if (rb_stop)
             fputs(",\"interrupted\":true", f);
         fputs("}\n", f);
@@ -1259,6 +1336,7 @@ int raftbench_process(int argc, char **argv)
     for (int k = 0; k < 3; k++) {
         free(ph[k].run.lat_us);
         free(ph[k].run.be);
+        free(ph[k].run.held);
     }
     free(ph);
     if (!o.dir)

@@ -53,7 +53,7 @@ PY
 trap 'rc=$?; rb_down; (exit $rc); kvr_cleanup' EXIT
 
 # bad command lines: clear error, exit 2, nothing started
-for args in "--routers 0 --json $OUT" "--mode bogus --json $OUT" "--inflight x --json $OUT" "--duration 3"; do
+for args in "--routers 0 --json $OUT" "--mode bogus --json $OUT" "--inflight x --json $OUT" "--free-after-ms -1 --json $OUT" "--duration 3"; do
     # shellcheck disable=SC2086
     "$KVR_BIN/kvr-bench" raft $args >"$KVR_TMP/bad.log" 2>&1
     kvr_assert_eq "$?" 2 "exit status of kvr-bench raft $args"
