@@ -247,25 +247,6 @@ static void rid_bytes(const char *rid, uint8_t out[16])
     memcpy(out, rid, n > 16 ? 16 : n);
 }
 
-/* free RID: the route event a frontend sends when a request is over (core NATS). */
-static int do_free(char **a, int n)
-{
-    if (n < 2)
-        return -1;
-    uint8_t rid[16];
-    rid_bytes(a[1], rid);
-    kvr_buf b;
-    kvr_buf_init(&b);
-    kvr_mp_write_map(&b, 2);
-    kvr_mp_write_cstr(&b, "request_id");
-    kvr_mp_write_bin(&b, rid, 16);
-    kvr_mp_write_cstr(&b, "event");
-    kvr_mp_write_cstr(&b, "free");
-    natsStatus s = natsConnection_Publish(nc, "kvr.route.event", b.base, (int)b.len);
-    kvr_buf_free(&b);
-    return s == NATS_OK ? 0 : -1;
-}
-
 static int do_route(char **a, int n)
 {
     if (n < 6)
@@ -464,8 +445,6 @@ int main(int argc, char **argv)
                        : -1;
         else if (!strcmp(a[0], "route"))
             r = do_route(a, n);
-        else if (!strcmp(a[0], "free"))
-            r = do_free(a, n);
         else if (!strcmp(a[0], "purge")) {
             jsErrCode jerr = 0;
             r = n >= 2 && js_PurgeStream(js, a[1], NULL, &jerr) == NATS_OK ? 0 : -1;

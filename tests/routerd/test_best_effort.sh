@@ -46,7 +46,7 @@ for i in 1 2 3; do
 done
 grep -q "bad booking broadcast" "$KVR_TMP"/r*.log || kvr_fail "no log line for the garbled broadcast"
 
-for ((k = 1; k <= N; k++)); do printf 'free be-%04d\n' "$k"; done |
+for ((k = 1; k <= N; k++)); do printf 'rev be-%04d free\n' "$k"; done |
     "$PUB" --nats "$NATS_URL" >/dev/null || kvr_fail "frees"
 for i in 1 2 3; do
     kvr_wait_for 10 bash -c "[ \"\$(curl -s http://127.0.0.1:${HP[$i]}/v1/state | jq .bookings)\" = 0 ]" ||
