@@ -5,8 +5,9 @@
  * (socket reader, then delivery thread) and a hand-over queue before it reaches the loop, and
  * every publish is a write of its own. On 2 cores that hand-over dominated a route request's
  * cost (measured in docs/ENGINEERING.md). Here a message is parsed and delivered in the read
- * callback that received it, and everything published during one loop turn goes out in one
- * write just before the loop sleeps (a uv_prepare handle, Redis' beforeSleep). TLS is not
+ * callback that received it, and what is published during a loop turn goes out in one write
+ * right after the turn's I/O callbacks (a uv_check handle) and again, for anything published
+ * later, just before the loop sleeps (a uv_prepare handle, Redis' beforeSleep). TLS is not
  * implemented: kvr_nats keeps cnats for TLS connections and for JetStream.
  *
  * Delivery is at most once, as in NATS core: frames handed to the kernel when the connection
