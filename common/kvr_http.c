@@ -21,6 +21,7 @@
 #define KVR_HTTP_MAX_HEADERS 100
 #define KVR_HTTP_MAX_EXTRA_HEADERS 8192
 #define KVR_HTTP_LINGER_MS 2000
+#define KVR_HTTP_MAX_UNSENT 64 /* responses queued to a client that does not read */
 
 enum { T_NONE, T_HEADER, T_BODY, T_IDLE, T_LINGER, T_WRITE };
 enum { RS_HANDLING = 0, RS_STREAMING = 1, RS_FINISHED = 2 };
@@ -40,6 +41,11 @@ struct kvr_http_conn {
     size_t head_bytes;
     size_t url_off, url_len;
     int hstate;
+    bool in_body;          /* head complete: header callbacks now carry trailer fields */
+    bool out_full;         /* unsent responses over the bound: not reading, not dispatching */
+    uint64_t req_start_ms; /* uv_now() at the first byte of the request being parsed */
+    kvr_http_conn *rnext, *rprev; /* srv->reading list (oldest first) while cur != NULL */
+    bool in_rlist;
     int err_status; /* status to answer a parse error with (0 → 400) */
     int timer_mode;
     int writes; /* outstanding uv_write requests */
@@ -97,16 +103,32 @@ const char *kvr_http_status_text(int status)
         return "Not Found";
     case 405:
         return "Method Not Allowed";
+    case 406:
+        return "Not Acceptable";
     case 408:
         return "Request Timeout";
     case 409:
         return "Conflict";
+    case 410:
+        return "Gone";
+    case 411:
+        return "Length Required";
+    case 412:
+        return "Precondition Failed";
     case 413:
         return "Payload Too Large";
+    case 414:
+        return "URI Too Long";
     case 415:
         return "Unsupported Media Type";
+    case 416:
+        return "Range Not Satisfiable";
+    case 417:
+        return "Expectation Failed";
     case 422:
         return "Unprocessable Entity";
+    case 426:
+        return "Upgrade Required";
     case 429:
         return "Too Many Requests";
     case 431:
@@ -123,6 +145,10 @@ const char *kvr_http_status_text(int status)
         return "Service Unavailable";
     case 504:
         return "Gateway Timeout";
+    case 505:
+        return "HTTP Version Not Supported";
+    case 507:
+        return "Insufficient Storage";
     default:
         return "Unknown";
     }
@@ -147,6 +173,58 @@ static void count_status(kvr_http_server *srv, int status)
 }
 
 static void timer_set(kvr_http_conn *c, int mode, uint64_t ms);
+
+/* Pipelining backpressure: a client that sends requests but does not read the answers must not
+ * make the server queue responses without bound. Over KVR_HTTP_MAX_UNSENT queued writes or
+ * stream_high_water queued bytes, the connection neither reads nor dispatches (out_full) until
+ * the queue falls to half the count and below stream_low_water. */
+static bool out_over(const kvr_http_conn *c)
+{
+    return c->writes >= KVR_HTTP_MAX_UNSENT ||
+           c->tcp.write_queue_size >= c->srv->cfg.stream_high_water;
+}
+
+static bool out_drained(const kvr_http_conn *c)
+{
+    return c->writes <= KVR_HTTP_MAX_UNSENT / 2 &&
+           c->tcp.write_queue_size < c->srv->cfg.stream_low_water;
+}
+
+/* The reading list: connections with a request begun and not complete, oldest first. It is
+ * what gets shed when too many connections are reading at once (slow bodies, slow heads). */
+static void rlist_add(kvr_http_conn *c)
+{
+    kvr_http_server *srv = c->srv;
+    if (c->in_rlist)
+        return;
+    c->in_rlist = true;
+    c->rnext = NULL;
+    c->rprev = srv->rtail_;
+    if (srv->rtail_)
+        srv->rtail_->rnext = c;
+    else
+        srv->rhead_ = c;
+    srv->rtail_ = c;
+    srv->nreading_++;
+}
+
+static void rlist_del(kvr_http_conn *c)
+{
+    kvr_http_server *srv = c->srv;
+    if (!c->in_rlist)
+        return;
+    c->in_rlist = false;
+    if (c->rprev)
+        c->rprev->rnext = c->rnext;
+    else
+        srv->rhead_ = c->rnext;
+    if (c->rnext)
+        c->rnext->rprev = c->rprev;
+    else
+        srv->rtail_ = c->rprev;
+    c->rnext = c->rprev = NULL;
+    srv->nreading_--;
+}
 
 /* ---------------------------------------------------------------- writing */
 
@@ -174,6 +252,14 @@ static void on_write(uv_write_t *w, int status)
         } else {
             timer_set(c, T_WRITE, c->srv->cfg.write_timeout_ms); /* progress: re-arm */
         }
+    }
+    if (c->out_full && out_drained(c)) {
+        /* The client reads again: serve the pipelined requests that waited. */
+        c->out_full = false;
+        timer_set(c, T_NONE, 0);
+        conn_process(c);
+        if (c->closing)
+            return;
     }
     if (c->writes == 0 && c->close_after && !c->shut && c->active == NULL)
         conn_start_close(c);
@@ -210,6 +296,7 @@ static int conn_write2(kvr_http_conn *c, const char *a, size_t alen, const char 
 /* Server-generated error response; the connection closes after it. */
 static void conn_error(kvr_http_conn *c, int status)
 {
+    rlist_del(c); /* no longer reading a request, never to be shed */
     if (c->closing || c->shut)
         return;
     /* The body is OpenAI-style error JSON: every kvroute HTTP API speaks it, and a client of
@@ -247,6 +334,22 @@ static void conn_error(kvr_http_conn *c, int status)
         conn_start_close(c);
 }
 
+/* Drops a connection that is still reading its request, to make room (see rlist). It gets a
+ * 408 and stops counting towards max_connections at once. */
+static void conn_shed(kvr_http_conn *c)
+{
+    kvr_http_server *srv = c->srv;
+    rlist_del(c);
+    srv->stats.shed++;
+    if (c->counted) {
+        c->counted = false;
+        srv->stats.connections_active--;
+    }
+    KVR_LOG_WARN_RL(10, "http shedding a slow request", "reading=%u max=%u", srv->nreading_,
+                    srv->cfg.max_reading_connections);
+    conn_error(c, 408);
+}
+
 /* ---------------------------------------------------------------- closing */
 
 static void on_handle_closed(uv_handle_t *h)
@@ -279,6 +382,7 @@ static void conn_gone(kvr_http_conn *c)
         return;
     c->closing = true;
     uv_timer_stop(&c->timer);
+    rlist_del(c);
     req_free(c->cur);
     c->cur = NULL;
     req_free(c->ready);
@@ -422,12 +526,29 @@ static int cb_message_begin(llhttp_t *p)
     }
     r->server = c->srv;
     c->cur = r;
+    kvr_http_server *srv = c->srv;
+    /* Too many connections reading a request at once (slow heads, trickled bodies): shed the
+     * one that has been at it longest. A short request is read within one loop turn, so it is
+     * never the oldest; a new client always gets a slot. A new connection was admitted (and
+     * listed) at accept. */
+    if (!c->in_rlist) {
+        while (srv->nreading_ >= srv->cfg.max_reading_connections && srv->rhead_ != NULL)
+            conn_shed(srv->rhead_);
+        rlist_add(c);
+        c->req_start_ms = uv_now(srv->loop);
+    }
     c->head_bytes = 0;
     c->url_off = c->url_len = 0;
     c->hstate = H_NONE;
-    /* Slow-loris bound: the whole head must arrive within header_timeout_ms. */
-    if (c->timer_mode != T_HEADER)
-        timer_set(c, T_HEADER, c->srv->cfg.header_timeout_ms);
+    c->in_body = false;
+    /* Slow-loris bound: the whole head must arrive within header_timeout_ms (and within the
+     * request deadline). */
+    if (c->timer_mode != T_HEADER) {
+        uint64_t ms = srv->cfg.header_timeout_ms;
+        if (ms > srv->cfg.request_timeout_ms)
+            ms = srv->cfg.request_timeout_ms;
+        timer_set(c, T_HEADER, ms);
+    }
     return 0;
 }
 
@@ -440,10 +561,26 @@ static int cb_url(llhttp_t *p, const char *at, size_t len)
     return head_append(c, at, len);
 }
 
+/* Trailer fields (after a chunked body) come through the header callbacks again. They are
+ * counted against max_header_bytes and dropped: appending them to head_ would realloc it under
+ * the path/query/header slices handed out at headers_complete (a use-after-free), and no route
+ * reads trailers. */
+static int trailer_bytes(kvr_http_conn *c, size_t len)
+{
+    c->head_bytes += len;
+    if (c->head_bytes > c->srv->cfg.max_header_bytes) {
+        c->err_status = 431;
+        return -1;
+    }
+    return 0;
+}
+
 static int cb_header_field(llhttp_t *p, const char *at, size_t len)
 {
     kvr_http_conn *c = P(p);
     kvr_http_req *r = c->cur;
+    if (c->in_body)
+        return trailer_bytes(c, len);
     if (c->hstate != H_FIELD) {
         if (r->nhdr_ >= KVR_HTTP_MAX_HEADERS) {
             c->err_status = 431;
@@ -469,6 +606,8 @@ static int cb_header_value(llhttp_t *p, const char *at, size_t len)
 {
     kvr_http_conn *c = P(p);
     kvr_http_req *r = c->cur;
+    if (c->in_body)
+        return trailer_bytes(c, len);
     if (r->nhdr_ == 0)
         return 0;
     uint32_t *h = r->hdr_offs_ + 4 * (r->nhdr_ - 1);
@@ -500,7 +639,9 @@ static int cb_headers_complete(llhttp_t *p)
         c->err_status = 501;
         return -1;
     }
-    /* Slices into head_ are fixed now: the head is complete and no longer grows. */
+    /* Slices into head_ are fixed now: the head is complete and no longer grows (trailers
+     * are not appended, see trailer_bytes()). */
+    c->in_body = true;
     const char *m = llhttp_method_name((llhttp_method_t)p->method);
     r->method = kvr_slice_of(m);
     r->is_head_ = p->method == HTTP_HEAD;
@@ -538,7 +679,26 @@ static int cb_headers_complete(llhttp_t *p)
             return -1;
         }
     }
-    timer_set(c, T_BODY, srv->cfg.header_timeout_ms);
+    /* The body must be complete by the request deadline, counted from the request's first
+     * byte. It is not re-armed by reads: a client trickling one byte at a time must not hold
+     * a connection (and its body buffer) for longer than a fast one. */
+    uint64_t elapsed = uv_now(srv->loop) - c->req_start_ms;
+    uint64_t left =
+        elapsed < srv->cfg.request_timeout_ms ? srv->cfg.request_timeout_ms - elapsed : 1;
+    timer_set(c, T_BODY, left);
+    return 0;
+}
+
+/* A chunk's size is known before its data: refuse a body that will cross max_body_bytes now,
+ * not after reading up to the limit. */
+static int cb_chunk_header(llhttp_t *p)
+{
+    kvr_http_conn *c = P(p);
+    kvr_http_req *r = c->cur;
+    if (p->content_length > c->srv->cfg.max_body_bytes - r->body_.len) {
+        c->err_status = 413;
+        return -1;
+    }
     return 0;
 }
 
@@ -562,6 +722,7 @@ static int cb_message_complete(llhttp_t *p)
     kvr_http_conn *c = P(p);
     kvr_http_req *r = c->cur;
     c->cur = NULL;
+    rlist_del(c);
     r->body = (kvr_slice){r->body_.base ? r->body_.base : "", r->body_.len};
     r->keep_alive = llhttp_should_keep_alive(p) != 0;
     c->ready = r;
@@ -577,6 +738,7 @@ static void settings_setup(void)
     g_settings.on_header_value = cb_header_value;
     g_settings.on_headers_complete = cb_headers_complete;
     g_settings.on_body = cb_body;
+    g_settings.on_chunk_header = cb_chunk_header;
     g_settings.on_message_complete = cb_message_complete;
 }
 
@@ -612,8 +774,14 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         conn_gone(c);
         return;
     }
-    if (c->timer_mode == T_BODY)
-        timer_set(c, T_BODY, c->srv->cfg.header_timeout_ms);
+    if (c->out_full) {
+        /* Bytes that were in flight when reading stopped: keep them for later. */
+        if (c->reading) {
+            uv_read_stop(s);
+            c->reading = false;
+        }
+        return;
+    }
     if (c->active != NULL || c->ready != NULL) {
         if (c->in.len - c->in_off >= KVR_HTTP_MAX_PIPELINED && c->reading) {
             uv_read_stop(s);
@@ -664,6 +832,17 @@ static void conn_process(kvr_http_conn *c)
         return;
     c->in_process = true;
     while (!c->closing && !c->close_after && c->active == NULL) {
+        if (out_over(c)) {
+            /* The client is not reading our answers: stop reading its requests until it
+             * does (on_write resumes), and give up if it makes no progress. */
+            c->out_full = true;
+            if (c->reading) {
+                uv_read_stop((uv_stream_t *)&c->tcp);
+                c->reading = false;
+            }
+            timer_set(c, T_WRITE, c->srv->cfg.write_timeout_ms);
+            break;
+        }
         if (c->ready != NULL) {
             dispatch(c);
             continue;
@@ -685,6 +864,7 @@ static void conn_process(kvr_http_conn *c)
                 KVR_LOG_DEBUG("http parse error", "err=%s reason=\"%s\"", llhttp_errno_name(e),
                               c->parser.reason ? c->parser.reason : "");
             c->srv->stats.parse_errors++;
+            rlist_del(c);
             req_free(c->cur);
             c->cur = NULL;
             conn_error(c, status);
@@ -692,7 +872,7 @@ static void conn_process(kvr_http_conn *c)
         }
     }
     c->in_process = false;
-    if (c->closing || c->shut)
+    if (c->closing || c->shut || c->out_full)
         return;
     if (c->active == NULL && c->ready == NULL) {
         if (c->close_after) {
@@ -708,6 +888,8 @@ static void conn_process(kvr_http_conn *c)
         conn_read_start(c);
         if (c->cur == NULL && c->timer_mode != T_IDLE)
             timer_set(c, T_IDLE, c->srv->cfg.idle_timeout_ms);
+        else if (c->cur != NULL && c->timer_mode == T_NONE)
+            timer_set(c, T_BODY, c->srv->cfg.header_timeout_ms); /* was paused by out_full */
     }
 }
 
@@ -744,6 +926,11 @@ static void on_connection(uv_stream_t *ls, int status)
     llhttp_init(&c->parser, HTTP_REQUEST, &g_settings);
     c->parser.data = c;
     srv->stats.connections_accepted++;
+    /* At the limit, a connection still reading its request after the others is worth less
+     * than a new client: shed the oldest reader to make room. Only when every connection is
+     * being served (or idle) is the new one refused. */
+    if (srv->stats.connections_active >= srv->cfg.max_connections && srv->rhead_ != NULL)
+        conn_shed(srv->rhead_);
     if (srv->stats.connections_active >= srv->cfg.max_connections) {
         srv->stats.connections_rejected++;
         KVR_LOG_WARN_RL(10, "http connection limit", "max=%u", srv->cfg.max_connections);
@@ -752,6 +939,12 @@ static void on_connection(uv_stream_t *ls, int status)
     }
     srv->stats.connections_active++;
     c->counted = true;
+    /* A new connection is reading its first request from now on (its deadline counts from
+     * here too): it takes a reading slot, shedding the oldest reader if none is free. */
+    while (srv->nreading_ >= srv->cfg.max_reading_connections && srv->rhead_ != NULL)
+        conn_shed(srv->rhead_);
+    rlist_add(c);
+    c->req_start_ms = uv_now(srv->loop);
     timer_set(c, T_HEADER, srv->cfg.header_timeout_ms);
     conn_read_start(c);
 }
@@ -778,6 +971,10 @@ int kvr_http_server_init(kvr_http_server *srv, uv_loop_t *loop, const kvr_http_c
         srv->cfg.idle_timeout_ms = 60000;
     if (!srv->cfg.max_connections)
         srv->cfg.max_connections = 10000;
+    if (!srv->cfg.request_timeout_ms)
+        srv->cfg.request_timeout_ms = 30000;
+    if (!srv->cfg.max_reading_connections)
+        srv->cfg.max_reading_connections = 1024;
     if (!srv->cfg.write_timeout_ms)
         srv->cfg.write_timeout_ms = 60000;
     if (!srv->cfg.stream_high_water)

@@ -25,13 +25,20 @@
  * which then only free it). A half-closed client (EOF after sending its request) counts as gone.
  *
  * One request at a time per connection: pipelined requests wait (buffered, bounded) until the
- * previous response is finished.
+ * previous response is finished. A client that pipelines without reading the answers is not
+ * read from (nor served) while more than 64 responses or stream_high_water bytes of them are
+ * unsent; reading resumes once they drain, and a client that reads nothing for
+ * write_timeout_ms is closed.
+ *
+ * Trailer fields of a chunked request are counted against max_header_bytes and dropped.
  *
  * Errors answered by the server itself, each followed by closing the connection: malformed
  * request → 400, header section over max_header_bytes (or > 100 headers) → 431, body over
- * max_body_bytes → 413 (as soon as Content-Length or the chunked total says so, without reading
- * the body), Upgrade/CONNECT/unknown Transfer-Encoding → 501, more than max_connections → 503,
- * headers not complete within header_timeout_ms → 408. `Expect: 100-continue` is honoured. */
+ * max_body_bytes → 413 (as soon as Content-Length or a chunk header says so, without reading
+ * the body), Upgrade/CONNECT/unknown Transfer-Encoding → 501, more than max_connections with
+ * none to shed → 503, headers not complete within header_timeout_ms or the body not within
+ * request_timeout_ms → 408, shed while reading a request → 408. `Expect: 100-continue` is
+ * honoured; any other expectation → 417. */
 #ifndef KVR_HTTP_H
 #define KVR_HTTP_H
 
@@ -52,13 +59,20 @@ typedef void (*kvr_http_req_cb)(kvr_http_req *req);
 typedef void (*kvr_http_server_close_cb)(kvr_http_server *srv);
 
 typedef struct kvr_http_config {
-    kvr_http_request_cb on_request; /* required */
-    size_t max_header_bytes;        /* request line + headers; 0 → 16 KiB */
-    size_t max_body_bytes;          /* 0 → 16 MiB */
-    uint64_t header_timeout_ms;     /* from the first byte of a request to its end of headers,
-                                       and max silence while a body is being read; 0 → 10 s */
-    uint64_t idle_timeout_ms;       /* keep-alive connection with no request; 0 → 60 s */
-    uint32_t max_connections;       /* 0 → 10000; over it: 503 + close */
+    kvr_http_request_cb on_request;   /* required */
+    size_t max_header_bytes;          /* request line + headers; 0 → 16 KiB */
+    size_t max_body_bytes;            /* 0 → 16 MiB */
+    uint64_t header_timeout_ms;       /* from the first byte of a request to its end of headers
+                                         (also on a new connection); 0 → 10 s */
+    uint64_t request_timeout_ms;      /* from the first byte of a request to the end of its body,
+                                         however the bytes trickle in (not re-armed by reads);
+                                         0 → 30 s */
+    uint32_t max_reading_connections; /* connections reading a request at once; a new request
+                                         over it sheds the one reading longest (408); 0 → 1024 */
+    uint64_t idle_timeout_ms;         /* keep-alive connection with no request; 0 → 60 s */
+    uint32_t max_connections;         /* 0 → 10000; over it the oldest connection still reading
+                                         a request is shed (408) to make room, else the new
+                                         one gets 503 + close */
     size_t stream_high_water;  /* pending bytes at which a producer should pause; 0 → 256 KiB */
     size_t stream_low_water;   /* on_drain fires when pending falls below this after it
                                   reached stream_high_water; 0 → 64 KiB */
@@ -76,6 +90,8 @@ typedef struct kvr_http_stats {
     uint64_t parse_errors;         /* 400/431/413/501 answered by the server */
     uint64_t timeouts;             /* header / body / idle / stalled-reader timeouts */
     uint64_t client_gone;          /* requests whose client went away before the end */
+    uint64_t shed;                 /* connections dropped (408) while reading a request, to make
+                                      room for others (max_reading_connections, max_connections) */
 } kvr_http_stats;
 
 struct kvr_http_server {
@@ -91,7 +107,9 @@ struct kvr_http_server {
     bool closing;
     bool listener_closed;
     kvr_http_server_close_cb close_cb;
-    char *readbuf_; /* one read buffer shared by all connections */
+    char *readbuf_;                 /* one read buffer shared by all connections */
+    kvr_http_conn *rhead_, *rtail_; /* connections reading a request, oldest first */
+    uint32_t nreading_;
 };
 
 struct kvr_http_req {
