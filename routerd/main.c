@@ -60,6 +60,7 @@ int main(int argc, char **argv)
     int64_t snap_ms = 10000, max_age_ms = 3600000, misses = 3, degraded_ms = 500;
     int64_t election_ms = 500, raft_max_inflight = 0, raft_snapshot_threshold = 0;
     int64_t frontend_timeout_ms = 10000, max_request_age_ms = 600000;
+    int64_t max_request_tokens = 131072;
     bool join = false, nats_batch = false, best_effort = false;
     kvr_flag flags[] = {
         {"id", KVR_FLAG_U64, &id, "router id (>= 1; also the Raft id)", false},
@@ -84,6 +85,7 @@ int main(int argc, char **argv)
         {"raft-max-inflight", KVR_FLAG_INT, &raft_max_inflight, "Raft log entries awaiting commit before new commands wait for the next (group commit; 0: default 1)", false},
         {"raft-snapshot-threshold", KVR_FLAG_INT, &raft_snapshot_threshold, "Raft log entries between snapshots (0: default 8192; a quarter of it is kept after each)", false},
         {"election-timeout", KVR_FLAG_DURATION, &election_ms, "Raft election timeout (a dead leader is replaced within ~1-2x this)", false},
+        {"max-request-tokens", KVR_FLAG_INT, &max_request_tokens, "token ids one route/match request may carry (sizes the HTTP body limit)", false},
     };
     size_t nf = sizeof(flags) / sizeof(flags[0]);
     kvr_err err = {0};
@@ -112,6 +114,10 @@ int main(int argc, char **argv)
     }
     if (id == 0 || id > UINT32_MAX || block_size == 0 || block_size > 4096 || misses < 1) {
         fprintf(stderr, "kvr-routerd: --id must be >= 1, --block-size in [1, 4096], --heartbeat-misses >= 1\n");
+        return 2;
+    }
+    if (max_request_tokens < 1 || max_request_tokens > 16777216) {
+        fprintf(stderr, "kvr-routerd: --max-request-tokens must be in [1, 16777216]\n");
         return 2;
     }
     if (best_effort && *peers) {
@@ -148,6 +154,7 @@ int main(int argc, char **argv)
         .raft_max_inflight = raft_max_inflight,
         .raft_snapshot_threshold = raft_snapshot_threshold,
         .nats_batch = nats_batch,
+        .max_request_tokens = max_request_tokens,
         .best_effort = best_effort,
     };
     uv_loop_t *loop = uv_default_loop();

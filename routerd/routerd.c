@@ -137,6 +137,8 @@ struct kvr_routerd {
     void *done_data;
     /* scratch */
     uint64_t *seq_scratch;
+    uint32_t *tok_scratch; /* max_tokens entries: token ids of one HTTP request */
+    size_t max_tokens;     /* --max-request-tokens, capped by what seq_scratch can hash */
     kvr_index_match matches[RD_MAX_MATCHES];
 };
 
@@ -800,7 +802,7 @@ static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
     for (size_t i = 0; i < nm && nc < KVR_FSM_MAX_CANDIDATES; i++)
         cand[nc++] = (kvr_route_candidate){rd->matches[i].worker_id, rd->matches[i].depth};
     uint32_t bs = rd->cfg.block_size;
-    uint32_t blocks = (q->tokens + bs - 1) / bs;
+    uint32_t blocks = (uint32_t)(((uint64_t)q->tokens + bs - 1) / bs); /* no wrap near 2^32 */
     if (blocks < q->n_seq)
         blocks = q->n_seq;
     if (blocks == 0)
@@ -915,7 +917,12 @@ static void on_route_nats(const kvr_nats_msg *m, void *data)
                 copy_slice(q.ns, sizeof(q.ns), s);
         } else if (kvr_slice_eq_cstr(k, "tokens")) {
             rc = kvr_mp_read_uint(&r, &u);
-            q.tokens = u > UINT32_MAX ? UINT32_MAX : (uint32_t)u;
+            /* Bounded like an HTTP token array (near 2^32 it overflowed the block count). */
+            if (rc == 0 && u > rd->max_tokens) {
+                why = "too many tokens";
+                goto bad;
+            }
+            q.tokens = (uint32_t)u;
         } else if (kvr_slice_eq_cstr(k, "seq_hashes")) {
             uint32_t nh;
             rc = kvr_mp_read_array(&r, &nh);
@@ -1016,68 +1023,25 @@ static void respond_error(kvr_http_req *req, int status, const char *msg)
 }
 
 /* Parses {"token_ids":[...], "model"?, "namespace"?} and computes the seq hashes into
- * rd->seq_scratch. */
+ * rd->seq_scratch. The body is scanned as a stream straight into rd->tok_scratch (no cJSON
+ * tree: a tree costs ~40 bytes per token and a loop stall per MB), and an array longer than
+ * max_request_tokens is refused as soon as it crosses the bound. */
 static int parse_tokens_body(kvr_routerd *rd, kvr_http_req *req, route_req *q, kvr_err *err)
 {
-    cJSON *root = NULL;
-    int rc = kvr_json_parse(req->body, 64u << 20, 16, &root, err);
+    kvr_json_tokreq tr = {.tokens = rd->tok_scratch, .max_tokens = rd->max_tokens};
+    int rc = kvr_json_scan_tokens(req->body, 16, &tr, err);
     if (rc != 0)
         return rc;
-    const cJSON *arr = NULL;
-    rc = kvr_json_get_array(root, "token_ids", true, &arr, err);
-    if (rc != 0)
-        goto out;
-    int n = cJSON_GetArraySize(arr);
-    if (n < 0 || (size_t)n > (size_t)RD_MAX_SEQ_HASHES * rd->cfg.block_size) {
-        rc = kvr_err_set(err, KVR_ELIMIT, "too many token_ids");
-        goto out;
-    }
-    uint32_t *toks = malloc(((size_t)n + 1) * sizeof(uint32_t));
-    if (!toks) {
-        rc = kvr_err_set(err, KVR_ENOMEM, "out of memory");
-        goto out;
-    }
-    int i = 0;
-    const cJSON *it;
-    cJSON_ArrayForEach(it, arr)
-    {
-        int64_t v;
-        if (kvr_json_int_exact(it, &v) != 0 || v < 0 || v > UINT32_MAX) {
-            free(toks);
-            rc = kvr_err_set(err, KVR_EINVAL, "token_ids[%d] must be an integer in [0, 2^32)", i);
-            goto out;
-        }
-        toks[i++] = (uint32_t)v;
-    }
-    q->n_seq = (uint32_t)kvr_hash_seq(toks, (size_t)n, rd->cfg.block_size, false, 0, rd->seq_scratch,
-                                      RD_MAX_SEQ_HASHES);
+    q->n_seq = (uint32_t)kvr_hash_seq(tr.tokens, tr.n_tokens, rd->cfg.block_size, false, 0,
+                                      rd->seq_scratch, RD_MAX_SEQ_HASHES);
     q->seq = rd->seq_scratch;
-    q->tokens = (uint32_t)n;
-    free(toks);
-    const char *s = NULL;
-    rc = kvr_json_get_string(root, "model", false, &s, err);
-    if (rc == 0) {
-        if (strlen(s) > KVR_FSM_MODEL_MAX) {
-            rc = kvr_err_set(err, KVR_EINVAL, "model too long");
-            goto out;
-        }
-        snprintf(q->model, sizeof(q->model), "%s", s);
-    } else if (rc != KVR_ENOTFOUND)
-        goto out;
-    s = NULL;
-    rc = kvr_json_get_string(root, "namespace", false, &s, err);
-    if (rc == 0) {
-        if (strlen(s) > KVR_FSM_NS_MAX) {
-            rc = kvr_err_set(err, KVR_EINVAL, "namespace too long");
-            goto out;
-        }
-        snprintf(q->ns, sizeof(q->ns), "%s", s);
-    } else if (rc != KVR_ENOTFOUND)
-        goto out;
-    rc = 0;
-out:
-    cJSON_Delete(root);
-    return rc;
+    q->tokens = (uint32_t)tr.n_tokens;
+    if (tr.model.base != NULL &&
+        (rc = kvr_json_decode_string(tr.model, q->model, sizeof(q->model), err)) != 0)
+        return rc == KVR_ELIMIT ? kvr_err_set(err, KVR_EINVAL, "model too long") : rc;
+    if (tr.ns.base != NULL && (rc = kvr_json_decode_string(tr.ns, q->ns, sizeof(q->ns), err)) != 0)
+        return rc == KVR_ELIMIT ? kvr_err_set(err, KVR_EINVAL, "namespace too long") : rc;
+    return 0;
 }
 
 static void http_match(kvr_routerd *rd, kvr_http_req *req)
@@ -1696,7 +1660,11 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
     if (rd->snap_dir)
         sprintf(rd->snap_dir, "%s/index", cfg->data_dir);
     rd->seq_scratch = malloc(RD_MAX_SEQ_HASHES * sizeof(uint64_t));
-    if (!rd->data_dir || !rd->snap_dir || !rd->seq_scratch) {
+    rd->max_tokens = cfg->max_request_tokens > 0 ? (size_t)cfg->max_request_tokens : 131072;
+    if (rd->max_tokens > (size_t)RD_MAX_SEQ_HASHES * cfg->block_size)
+        rd->max_tokens = (size_t)RD_MAX_SEQ_HASHES * cfg->block_size;
+    rd->tok_scratch = malloc(rd->max_tokens * sizeof(uint32_t));
+    if (!rd->data_dir || !rd->snap_dir || !rd->seq_scratch || !rd->tok_scratch) {
         rc = KVR_ENOMEM;
         goto fail;
     }
@@ -1765,7 +1733,11 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
         rc = KVR_ENOMEM;
         goto fail;
     }
-    kvr_http_config hc = {.on_request = on_http, .max_body_bytes = 64u << 20};
+    /* The biggest body a route needs: max_tokens ids of up to 10 digits, a separator and
+     * some whitespace each, plus the other members. A bigger one is refused (413) from its
+     * Content-Length or chunk headers, before it is read. */
+    kvr_http_config hc = {.on_request = on_http,
+                          .max_body_bytes = rd->max_tokens * 16 + (64u << 10)};
     rc = kvr_http_server_init(&rd->http, loop, &hc);
     if (rc != 0)
         goto fail;
@@ -1913,6 +1885,7 @@ void kvr_routerd_free(kvr_routerd *rd)
     kvr_fsm_free(rd->fsm);
     kvr_metrics_free(rd->metrics);
     free(rd->seq_scratch);
+    free(rd->tok_scratch);
     free(rd->data_dir);
     free(rd->snap_dir);
     free(rd);

@@ -52,6 +52,9 @@ typedef struct kvr_routerd_config {
      * kvr.route.bcast; it applies the other routers' broadcasts to its own state as they
      * arrive. Decisions made before a peer's booking arrives see stale load. */
     bool best_effort;
+    /* Token ids one route/match request may carry (HTTP token_ids, NATS "tokens"); also sizes
+     * the HTTP body limit. 0 → 131072; capped at 65536 blocks. */
+    int64_t max_request_tokens;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;
