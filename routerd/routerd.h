@@ -52,6 +52,9 @@ typedef struct kvr_routerd_config {
      * kvr.route.bcast; it applies the other routers' broadcasts to its own state as they
      * arrive. Decisions made before a peer's booking arrives see stale load. */
     bool best_effort;
+    /* Raft peers' shared secret (sync/peer_auth.h); NULL: no peer authentication, which
+     * main.c allows for a multi-router group only with --insecure-cluster. */
+    const char *cluster_secret_file;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;
