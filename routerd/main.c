@@ -61,7 +61,8 @@ int main(int argc, char **argv)
     int64_t election_ms = 500, raft_max_inflight = 0, raft_snapshot_threshold = 0;
     int64_t frontend_timeout_ms = 10000, max_request_age_ms = 600000;
     int64_t max_request_tokens = 131072;
-    bool join = false, nats_batch = false, best_effort = false;
+    bool join = false, nats_batch = false, best_effort = false, insecure_cluster = false;
+    const char *cluster_secret_file = "";
     kvr_flag flags[] = {
         {"id", KVR_FLAG_U64, &id, "router id (>= 1; also the Raft id)", false},
         {"nats", KVR_FLAG_STRING, &nats, "NATS URL(s)", false},
@@ -86,6 +87,8 @@ int main(int argc, char **argv)
         {"raft-snapshot-threshold", KVR_FLAG_INT, &raft_snapshot_threshold, "Raft log entries between snapshots (0: default 8192; a quarter of it is kept after each)", false},
         {"election-timeout", KVR_FLAG_DURATION, &election_ms, "Raft election timeout (a dead leader is replaced within ~1-2x this)", false},
         {"max-request-tokens", KVR_FLAG_INT, &max_request_tokens, "token ids one route/match request may carry (sizes the HTTP body limit)", false},
+        {"cluster-secret-file", KVR_FLAG_STRING, &cluster_secret_file, "shared secret (16-1024 bytes, mode 600) routers prove to each other on the Raft and forward ports", false},
+        {"insecure-cluster", KVR_FLAG_BOOL, &insecure_cluster, "allow a multi-router Raft group without --cluster-secret-file (anyone reaching the Raft/forward ports can change the state)", false},
     };
     size_t nf = sizeof(flags) / sizeof(flags[0]);
     kvr_err err = {0};
@@ -128,6 +131,13 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvr-routerd: --peers needs --raft-addr\n");
         return 2;
     }
+    /* One router alone (peers naming only itself) has no peer to trust; any more and the Raft
+     * and forward ports would accept commands from anyone who can reach them. */
+    if (*peers && !*cluster_secret_file && !insecure_cluster && strchr(peers, ',')) {
+        fprintf(stderr, "kvr-routerd: a Raft group of several routers needs --cluster-secret-file "
+                        "(or --insecure-cluster to run without peer authentication)\n");
+        return 2;
+    }
     static char idbuf[24];
     snprintf(idbuf, sizeof(idbuf), "%llu", (unsigned long long)id);
     kvr_log_setup("routerd", idbuf, lvl);
@@ -156,6 +166,7 @@ int main(int argc, char **argv)
         .nats_batch = nats_batch,
         .max_request_tokens = max_request_tokens,
         .best_effort = best_effort,
+        .cluster_secret_file = *cluster_secret_file ? cluster_secret_file : NULL,
     };
     uv_loop_t *loop = uv_default_loop();
     int rc = kvr_routerd_start(&g_rd, loop, &cfg);

@@ -1711,7 +1711,20 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
             if (so.heartbeat_timeout_ms * 5 > so.election_timeout_ms)
                 so.heartbeat_timeout_ms = so.election_timeout_ms / 5;
         }
+        kvr_auth_key key;
+        if (cfg->cluster_secret_file) {
+            rc = kvr_auth_key_load(&key, cfg->cluster_secret_file, &err);
+            if (rc != 0) {
+                KVR_LOG_ERROR("starting raft", "error=\"%s\"", err.msg);
+                goto fail;
+            }
+            so.auth_key = &key;
+        } else {
+            KVR_LOG_WARN("raft peers are not authenticated (--insecure-cluster or a single router)",
+                         "raft_addr=%s", cfg->raft_addr);
+        }
         rc = kvr_sync_init(&rd->sync, loop, &so, &err);
+        memset(&key, 0, sizeof key); /* kvr_sync keeps its own copy */
         if (rc == 0)
             rc = kvr_sync_start(rd->sync, &err);
         if (rc != 0) {

@@ -55,6 +55,9 @@ typedef struct kvr_routerd_config {
     /* Token ids one route/match request may carry (HTTP token_ids, NATS "tokens"); also sizes
      * the HTTP body limit. 0 → 131072; capped at 65536 blocks. */
     int64_t max_request_tokens;
+    /* Raft peers' shared secret (sync/peer_auth.h); NULL: no peer authentication, which
+     * main.c allows for a multi-router group only with --insecure-cluster. */
+    const char *cluster_secret_file;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;

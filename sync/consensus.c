@@ -1,5 +1,6 @@
 #include "consensus.h"
 
+#include "auth_transport.h"
 #include "kvr_log.h"
 
 #include <errno.h>
@@ -23,6 +24,7 @@ struct kvr_consensus {
     int n_peers;
     kvr_consensus_options opts;
     bool io_inited, transport_inited, raft_inited, started;
+    bool authenticated;    /* transport is auth_transport (a cluster secret), else raft_uv_tcp */
     uv_timer_t free_timer; /* waits for a snapshot before close; closed last, frees the struct */
     unsigned close_waits, close_phase;
     struct raft_transfer close_transfer;
@@ -194,6 +196,14 @@ static int mkdir_p(const char *path)
 
 /* --- lifecycle --- */
 
+static void transport_free(kvr_consensus *c)
+{
+    if (c->authenticated)
+        kvr_auth_transport_free(&c->transport);
+    else
+        raft_uv_tcp_close(&c->transport);
+}
+
 int kvr_consensus_init(kvr_consensus **out, uv_loop_t *loop, const kvr_consensus_options *o,
                        kvr_consensus_fsm *fsm, kvr_err *err)
 {
@@ -227,12 +237,21 @@ int kvr_consensus_init(kvr_consensus **out, uv_loop_t *loop, const kvr_consensus
         goto fail;
     }
     kvr_consensus_raft_fsm(&c->fsm, fsm);
-    if ((rc = raft_uv_tcp_init(&c->transport, loop)) != 0) {
+    if (o->auth_key && o->auth_key->len) {
+        /* peers prove the cluster secret before raft reads a byte (auth_transport.h) */
+        if ((rc = kvr_auth_transport_init(&c->transport, loop, o->auth_key)) != 0) {
+            rc = kvr_err_set(err, KVR_ENOMEM, "consensus: auth transport: %s", raft_strerror(rc));
+            goto fail;
+        }
+        c->authenticated = true;
+        c->transport_inited = true;
+    } else if ((rc = raft_uv_tcp_init(&c->transport, loop)) != 0) {
         rc = kvr_err_set(err, KVR_EIO, "consensus: raft_uv_tcp_init: %s", raft_strerror(rc));
         goto fail;
+    } else {
+        c->transport_inited = true;
     }
-    c->transport_inited = true;
-    if (c->transport.connect != nodelay_connect) {
+    if (!c->authenticated && c->transport.connect != nodelay_connect) {
         tcp_connect = c->transport.connect;
         tcp_listen = c->transport.listen;
         c->transport.connect = nodelay_connect;
@@ -269,7 +288,7 @@ fail:
     if (c->io_inited && !c->raft_inited)
         raft_uv_close(&c->io);
     if (c->transport_inited && !c->raft_inited)
-        raft_uv_tcp_close(&c->transport);
+        transport_free(c);
     free(c->data_dir);
     free(c);
     return rc;
@@ -466,7 +485,7 @@ static void raft_closed(struct raft *r)
     kvr_consensus *c = r->data;
     /* P9: the backends are closed from raft's close callback. */
     raft_uv_close(&c->io);
-    raft_uv_tcp_close(&c->transport);
+    transport_free(c);
     /* Free on a later callback so the backends' own handle closes run first. */
     uv_close((uv_handle_t *)&c->free_timer, free_timer_closed);
 }

@@ -16,6 +16,7 @@
 
 #include "kvr_buf.h"
 #include "kvr_err.h"
+#include "peer_auth.h"
 
 #include <raft.h>
 #include <stdbool.h>
@@ -57,6 +58,10 @@ typedef struct kvr_consensus_options {
     unsigned election_timeout_ms, heartbeat_timeout_ms;
     unsigned snapshot_threshold, snapshot_trailing;
     unsigned install_snapshot_timeout_ms; /* default 5000 (raft's own default is 30 s) */
+    /* Cluster secret (must outlive the node). Set: every Raft connection runs the peer_auth
+     * handshake first (auth_transport.h). NULL or empty: raft's own unauthenticated TCP
+     * transport (the caller decided that is acceptable, e.g. --insecure-cluster). */
+    const kvr_auth_key *auth_key;
 } kvr_consensus_options;
 
 int kvr_consensus_init(kvr_consensus **out, uv_loop_t *loop, const kvr_consensus_options *o,

@@ -46,6 +46,7 @@
 
 #include "fsm.h"
 #include "kvr_err.h"
+#include "peer_auth.h"
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -78,6 +79,10 @@ typedef struct kvr_sync_options {
      * housekeeping_ms to UINT32_MAX to disable. */
     uint32_t housekeeping_ms, lease_ttl_ms, max_request_age_ms;
     kvr_fsm_options fsm;
+    /* Cluster secret (copied at init). Set: peers authenticate on the Raft port and the
+     * forward port with the peer_auth handshake before any message or command is read
+     * (peer_auth.h). NULL or empty: no authentication (only with --insecure-cluster). */
+    const kvr_auth_key *auth_key;
 } kvr_sync_options;
 
 /* Defaults for every field; the caller sets id, raft_addr, peers, data_dir. */

@@ -13,6 +13,7 @@
 #pragma GCC diagnostic ignored "-Wformat-truncation"
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -20,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -532,6 +534,32 @@ static int cmd_up(const char *dir, up_opts *o)
         size_t l = strlen(peers);
         snprintf(peers + l, sizeof peers - l, "%s%d@127.0.0.1:%d", i ? "," : "", i + 1, router_raft[i]);
     }
+    /* Routers of one group prove a shared secret to each other (kvr-routerd refuses a group
+     * without one unless --insecure-cluster): generate one per cluster, unless the caller's
+     * router args bring their own choice. */
+    char secret_path[PATH_MAX] = "";
+    const char *ra = o->router_args ? o->router_args : "";
+    if (o->raft_flags && o->routers > 1 && !strstr(ra, "--cluster-secret-file") &&
+        !strstr(ra, "--insecure-cluster")) {
+        snprintf(secret_path, sizeof secret_path, "%s/cluster.secret", abs_dir);
+        unsigned char rnd[32];
+        char hex[65];
+        int sfd = -1;
+        if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd ||
+            (sfd = open(secret_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600)) < 0) {
+            rc = kvr_err_set(&err, KVR_EIO, "cluster secret %s: %s", secret_path, strerror(errno));
+            goto fail;
+        }
+        for (int k = 0; k < 32; k++)
+            snprintf(hex + 2 * k, 3, "%02x", rnd[k]);
+        hex[64] = '\n';
+        bool ok = write(sfd, hex, 65) == 65;
+        close(sfd);
+        if (!ok) {
+            rc = kvr_err_set(&err, KVR_EIO, "cluster secret %s: short write", secret_path);
+            goto fail;
+        }
+    }
     int stage = c.n;
     for (int i = 0; i < o->routers; i++) {
         run_proc *p = new_proc(&c, "router", i + 1, router_http[i], &err);
@@ -556,6 +584,10 @@ static int cmd_up(const char *dir, up_opts *o)
             argv[argc++] = raft;
             argv[argc++] = "--peers";
             argv[argc++] = peers;
+            if (secret_path[0]) {
+                argv[argc++] = "--cluster-secret-file";
+                argv[argc++] = secret_path;
+            }
         }
         if ((rc = add_extra(argv, &argc, extra, &err)) != 0 ||
             (rc = spawn_and_record(&c, p, argv, argc, &err)) != 0)

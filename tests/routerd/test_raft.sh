@@ -14,7 +14,8 @@ PEERS="1@$A1,2@$A2,3@$A3"
 declare -A HP RA
 HP[1]=$(kvr_free_port); HP[2]=$(kvr_free_port); HP[3]=$(kvr_free_port); HP[4]=$(kvr_free_port)
 RA[1]=$A1; RA[2]=$A2; RA[3]=$A3; RA[4]=$A4
-start() { rd_start "r$1" "$1" "${HP[$1]}" "$KVR_TMP/r$1" --raft-addr "${RA[$1]}" --peers "$PEERS" --snapshot-interval 2s; }
+(umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$KVR_TMP/secret")
+start() { rd_start "r$1" "$1" "${HP[$1]}" "$KVR_TMP/r$1" --raft-addr "${RA[$1]}" --peers "$PEERS" --snapshot-interval 2s --cluster-secret-file "$KVR_TMP/secret"; }
 rd_beat beat1 ns1 1
 rd_beat beat2 ns1 2
 rd_beat beat3 ns1 3
@@ -104,7 +105,7 @@ kvr_assert_eq "$(rd_q "${HP[1]}" .bookings)" $((N + 1)) "the local booking was r
 kvr_assert_eq "$(rd_q "${HP[1]}" .index.digest)" "$(rd_q "${HP[$S]}" .index.digest)" "index digests"
 
 # membership through the admin API: add router 4 (started with --join), promote, remove
-rd_start r4 4 "${HP[4]}" "$KVR_TMP/r4" --raft-addr "$A4" --peers "$PEERS" --join
+rd_start r4 4 "${HP[4]}" "$KVR_TMP/r4" --raft-addr "$A4" --peers "$PEERS" --join --cluster-secret-file "$KVR_TMP/secret"
 kvr_wait_http "http://127.0.0.1:${HP[4]}/ready" 30
 L=$(wait_leader 10 0 1 2 3) || kvr_fail "no leader before membership change"
 F=1; [ "$L" = 1 ] && F=2
