@@ -52,6 +52,12 @@ typedef struct kvr_routerd_config {
      * kvr.route.bcast; it applies the other routers' broadcasts to its own state as they
      * arrive. Decisions made before a peer's booking arrives see stale load. */
     bool best_effort;
+    /* Access (docs/SECURITY.md 4, 5). admin_token: the secret every POST and /admin request
+     * must present as "Authorization: Bearer <token>" (NULL: those endpoints answer 401);
+     * owned by the caller, alive until kvr_routerd_free. worker_cidrs: comma-separated
+     * CIDRs a heartbeat's url must be inside (NULL or "": "private", see kvr_access.h). */
+    const char *admin_token;
+    const char *worker_cidrs;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;
