@@ -1,6 +1,8 @@
 /* fe_core: OpenAI request parsing, error JSON and stream rewriting. See fe_core.h. */
 #include "fe_core.h"
 
+#include "kvr_access.h"
+
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdarg.h>
@@ -499,15 +501,6 @@ int fe_relay_error_event(kvr_buf *out, const char *message)
 
 bool fe_auth_ok(const char *key, const char *authz, size_t authz_len)
 {
-    static const char pfx[] = "Bearer ";
-    size_t kl = strlen(key);
-    /* Compare over the presented length; the key length itself is not secret-dependent. */
-    unsigned diff = (authz_len != kl + sizeof pfx - 1);
-    for (size_t i = 0; i < authz_len; i++) {
-        unsigned char want = i < sizeof pfx - 1 ? (unsigned char)pfx[i]
-                             : i - (sizeof pfx - 1) < kl ? (unsigned char)key[i - (sizeof pfx - 1)]
-                                                           : 0;
-        diff |= (unsigned char)authz[i] ^ want;
-    }
-    return diff == 0 && authz_len > 0;
+    /* The scheme is case-insensitive (RFC 7235 2.1): "bearer" and "BEARER" are valid. */
+    return kvr_bearer_ok(key, authz, authz_len);
 }

@@ -96,7 +96,8 @@ int fe_relay_final_json(const fe_relay *rl, kvr_buf *out);
 /* An SSE error event + [DONE] for a stream that broke after its first token. */
 int fe_relay_error_event(kvr_buf *out, const char *message);
 
-/* Constant-time comparison of a presented "Authorization" value with "Bearer <key>". */
+/* Constant-time comparison of a presented "Authorization" value with "Bearer <key>"; the
+ * scheme in any case (kvr_bearer_ok). */
 bool fe_auth_ok(const char *key, const char *authz, size_t authz_len);
 
 #endif

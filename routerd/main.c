@@ -1,4 +1,5 @@
 /* kvr-routerd: one router replica. See routerd.h and DESIGN sections 3-7. */
+#include "kvr_access.h"
 #include "kvr_err.h"
 #include "kvr_flags.h"
 #include "kvr_log.h"
@@ -57,6 +58,7 @@ int main(int argc, char **argv)
     const char *nats = "nats://127.0.0.1:4222", *http = "127.0.0.1:8100", *data_dir = NULL;
     const char *ns = "all", *log_level = "info", *raft_addr = "", *peers = "";
     const char *max_bytes_s = "1GiB";
+    const char *admin_token_file = NULL, *worker_cidr = "private";
     int64_t snap_ms = 10000, max_age_ms = 3600000, misses = 3, degraded_ms = 500;
     int64_t election_ms = 500, raft_max_inflight = 0, raft_snapshot_threshold = 0;
     int64_t frontend_timeout_ms = 10000, max_request_age_ms = 600000;
@@ -66,7 +68,10 @@ int main(int argc, char **argv)
     kvr_flag flags[] = {
         {"id", KVR_FLAG_U64, &id, "router id (>= 1; also the Raft id)", false},
         {"nats", KVR_FLAG_STRING, &nats, "NATS URL(s)", false},
-        {"http", KVR_FLAG_STRING, &http, "HTTP listen address host:port", false},
+        {"http", KVR_FLAG_STRING, &http, "HTTP listen address host:port (default loopback only)", false},
+        {"http-addr", KVR_FLAG_STRING, &http, "same as --http", false},
+        {"admin-token-file", KVR_FLAG_STRING, &admin_token_file, "file holding the Bearer token every HTTP POST and /admin request needs (none: they answer 401)", false},
+        {"worker-cidr", KVR_FLAG_STRING, &worker_cidr, "comma-separated CIDRs a worker's heartbeat url must be in; private = loopback + RFC 1918 + fc00::/7; any = no check", false},
         {"data-dir", KVR_FLAG_STRING, &data_dir, "data directory (snapshot, raft)", false},
         {"namespace", KVR_FLAG_STRING, &ns, "worker namespace to serve, or all", false},
         {"block-size", KVR_FLAG_U64, &block_size, "tokens per block", false},
@@ -138,6 +143,12 @@ int main(int argc, char **argv)
                         "(or --insecure-cluster to run without peer authentication)\n");
         return 2;
     }
+    char *admin_token = NULL;
+    if (admin_token_file && *admin_token_file &&
+        kvr_token_file_read(admin_token_file, &admin_token, &err) != 0) {
+        fprintf(stderr, "kvr-routerd: --admin-token-file: %s\n", err.msg);
+        return 2;
+    }
     static char idbuf[24];
     snprintf(idbuf, sizeof(idbuf), "%llu", (unsigned long long)id);
     kvr_log_setup("routerd", idbuf, lvl);
@@ -167,6 +178,8 @@ int main(int argc, char **argv)
         .max_request_tokens = max_request_tokens,
         .best_effort = best_effort,
         .cluster_secret_file = *cluster_secret_file ? cluster_secret_file : NULL,
+        .admin_token = admin_token,
+        .worker_cidrs = worker_cidr,
     };
     uv_loop_t *loop = uv_default_loop();
     int rc = kvr_routerd_start(&g_rd, loop, &cfg);
@@ -180,6 +193,7 @@ int main(int argc, char **argv)
     uv_signal_start(&g_sigint, on_signal, SIGINT);
     uv_run(loop, UV_RUN_DEFAULT);
     kvr_routerd_free(g_rd);
+    free(admin_token);
     uv_loop_close(loop);
     kvr_nats_global_shutdown(2000);
     KVR_LOG_INFO("exited", "id=%llu", (unsigned long long)id);

@@ -4,6 +4,7 @@
 #include "fsm.h"
 #include "index.h"
 #include "kv_event.h"
+#include "kvr_access.h"
 #include "kvr_buf.h"
 #include "kvr_err.h"
 #include "kvr_hash.h"
@@ -31,6 +32,7 @@
 #define RD_MAX_FRONTENDS 4096
 #define RD_MAX_SEQ_HASHES 65536
 #define RD_MAX_MATCHES 1024
+#define RD_TICK_MS 250
 
 enum {
     REJ_TRUNCATED = 0, /* kv_event reasons first, in kvr_kv_reject order - 1 */
@@ -140,6 +142,10 @@ struct kvr_routerd {
     uint32_t *tok_scratch; /* max_tokens entries: token ids of one HTTP request */
     size_t max_tokens;     /* --max-request-tokens, capped by what seq_scratch can hash */
     kvr_index_match matches[RD_MAX_MATCHES];
+    /* access and liveness (docs/SECURITY.md sections 4 and 5) */
+    kvr_cidr_list worker_cidrs;
+    int64_t last_tick_ms; /* monotonic time the tick last ran: a late tick is a loop stall */
+    kvr_metric *m_http_unauthorized, *m_hb_refused_url, *m_workers_evicted, *m_tick_stalls;
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -317,6 +323,38 @@ static void worker_down(kvr_routerd *rd, rd_worker *w, const char *why)
     update_index_gauges(rd);
 }
 
+/* Frees one slot of the full worker table for a new worker: the down (or refused) worker
+ * heard from longest ago, else the event-only (never announced) one seen longest ago. Live
+ * workers are never evicted: a flood of one-shot heartbeats fills the table only until those
+ * fakes miss their beats, and then a real worker takes one of their slots. */
+static int worker_evict_one(kvr_routerd *rd)
+{
+    int64_t best_age = -1;
+    uint32_t best = UINT32_MAX;
+    int64_t now = kvr_mono_ms();
+    for (int pass = 0; pass < 2 && best == UINT32_MAX; pass++) {
+        for (uint32_t i = 0; i < rd->n_workers; i++) {
+            rd_worker *w = &rd->workers[i];
+            bool cand = pass == 0 ? w->announced && (!w->up || w->refused) : !w->announced;
+            int64_t age = now - (pass == 0 ? w->last_seen_ms : w->first_event_ms);
+            if (cand && age > best_age) {
+                best_age = age;
+                best = i;
+            }
+        }
+    }
+    if (best == UINT32_MAX)
+        return KVR_ELIMIT;
+    rd_worker *w = &rd->workers[best];
+    KVR_LOG_INFO("worker table full: evicting a worker that is not live",
+                 "worker=%" PRIu64 " announced=%d unseen_ms=%" PRId64, w->id, w->announced,
+                 best_age);
+    kvr_index_remove_worker(rd->idx, w->id);
+    kvr_metric_inc(rd->m_workers_evicted);
+    rd->workers[best] = rd->workers[--rd->n_workers];
+    return 0;
+}
+
 static bool ns_ok(kvr_routerd *rd, kvr_slice ns)
 {
     return rd->ns_filter[0] == 0 || kvr_slice_eq_cstr(ns, rd->ns_filter);
@@ -341,11 +379,19 @@ static void on_heartbeat(const kvr_nats_msg *m, void *data)
         goto bad;
     if (!ns_ok(rd, ns))
         return;
+    if (!kvr_cidr_url_allowed(&rd->worker_cidrs, url.base, url.len)) {
+        /* defence in depth: a forged heartbeat must not point clients at any host it likes */
+        kvr_metric_inc(rd->m_hb_refused_url);
+        KVR_LOG_WARN_RL(10, "heartbeat refused: worker url outside --worker-cidr",
+                        "worker=%" PRIu64 " url=\"%.*s\"", id, (int)(url.len > 128 ? 128 : url.len),
+                        url.base);
+        return;
+    }
     rd_worker *w = worker_find(rd, id);
     bool is_new = false;
     if (!w) {
-        if (rd->n_workers >= RD_MAX_WORKERS) {
-            KVR_LOG_WARN_RL(10, "too many workers, heartbeat ignored", "worker=%" PRIu64, id);
+        if (rd->n_workers >= RD_MAX_WORKERS && worker_evict_one(rd) != 0) {
+            KVR_LOG_WARN_RL(10, "too many live workers, heartbeat ignored", "worker=%" PRIu64, id);
             return;
         }
         w = &rd->workers[rd->n_workers++];
@@ -1311,11 +1357,39 @@ static void http_admin(kvr_routerd *rd, kvr_http_req *req, const char *op)
 }
 #endif
 
+/* Everything but GET (and HEAD) of a read-only path, and all of /admin/, needs the admin
+ * token: POST /v1/route books workers, /admin/raft/add etc. change membership, and even /v1/match
+ * costs loop time. GET /health, /ready, /metrics and /v1/state stay open for probes and
+ * scrapers (they change nothing). Without --admin-token-file those endpoints are disabled. */
+static bool http_authorized(kvr_routerd *rd, kvr_http_req *req)
+{
+    bool read_only = (kvr_slice_eq_cstr(req->method, "GET") ||
+                      kvr_slice_eq_cstr(req->method, "HEAD")) &&
+                     !(req->path.len >= 7 && memcmp(req->path.base, "/admin/", 7) == 0);
+    if (read_only)
+        return true;
+    kvr_slice a = kvr_http_req_header(req, "Authorization");
+    if (rd->cfg.admin_token && a.base && kvr_bearer_ok(rd->cfg.admin_token, a.base, a.len))
+        return true;
+    kvr_metric_inc(rd->m_http_unauthorized);
+    KVR_LOG_WARN_RL(10, "http request refused: admin token missing or wrong",
+                    "method=%.*s path=\"%.*s\" configured=%d", (int)(req->method.len > 16 ? 16 : req->method.len),
+                    req->method.base, (int)(req->path.len > 64 ? 64 : req->path.len), req->path.base,
+                    rd->cfg.admin_token != NULL);
+    kvr_http_add_header(req, "WWW-Authenticate", "Bearer realm=\"kvr-routerd\"");
+    respond_error(req, 401,
+                  rd->cfg.admin_token ? "admin token required (Authorization: Bearer ...)"
+                                      : "admin endpoints disabled: start with --admin-token-file");
+    return false;
+}
+
 static void on_http(kvr_http_req *req)
 {
     kvr_routerd *rd = req->server->data;
     bool get = kvr_slice_eq_cstr(req->method, "GET");
     bool post = kvr_slice_eq_cstr(req->method, "POST");
+    if (!http_authorized(rd, req))
+        return;
     if (get && kvr_slice_eq_cstr(req->path, "/health")) {
         kvr_http_respond_cstr(req, 200, "text/plain", "ok\n");
     } else if (get && kvr_slice_eq_cstr(req->path, "/ready")) {
@@ -1352,12 +1426,35 @@ static void on_http(kvr_http_req *req)
 /* ------------------------------------------------------------------------------------------ */
 /* periodic: heartbeats, leases, expiry */
 
+/* A tick that comes much later than its 250 ms period means the loop did not run (a long
+ * callback, SIGSTOP, a paused VM): no heartbeat or lease beat could be read meanwhile. Judge
+ * liveness on the time the loop actually had by moving every deadline on by the stall. */
+static void tick_compensate_stall(kvr_routerd *rd, int64_t now)
+{
+    int64_t gap = rd->last_tick_ms ? now - rd->last_tick_ms : 0;
+    rd->last_tick_ms = now;
+    if (gap <= RD_TICK_MS * 4)
+        return;
+    int64_t stall = gap - RD_TICK_MS;
+    kvr_metric_inc(rd->m_tick_stalls);
+    KVR_LOG_WARN("loop stalled: extending worker and frontend deadlines by the stall",
+                 "stall_ms=%" PRId64, stall);
+    for (uint32_t i = 0; i < rd->n_workers; i++) {
+        rd->workers[i].last_seen_ms += stall;
+        if (rd->workers[i].first_event_ms)
+            rd->workers[i].first_event_ms += stall;
+    }
+    for (uint32_t i = 0; i < rd->n_frontends; i++)
+        rd->frontends[i].last_seen_ms += stall;
+}
+
 static void on_tick(uv_timer_t *t)
 {
     kvr_routerd *rd = t->data;
     int64_t now = kvr_mono_ms();
     int64_t limit = rd->cfg.heartbeat_misses * 1000;
     uint32_t up = 0;
+    tick_compensate_stall(rd, now);
     for (uint32_t i = 0; i < rd->n_workers;) {
         rd_worker *w = &rd->workers[i];
         if (!w->announced) {
@@ -1617,6 +1714,19 @@ static void register_metrics(kvr_routerd *rd)
     rd->m_unannounced_removed = kvr_metrics_counter(
         m, "kvr_routerd_unannounced_workers_removed_total",
         "Workers whose entries were removed because they never sent a heartbeat", NULL, NULL);
+    rd->m_http_unauthorized = kvr_metrics_counter(
+        m, "kvr_routerd_http_unauthorized_total",
+        "HTTP POST and /admin requests refused for a missing or wrong admin token", NULL, NULL);
+    rd->m_hb_refused_url = kvr_metrics_counter(
+        m, "kvr_routerd_heartbeats_refused_url_total",
+        "Heartbeats refused because the worker url is outside --worker-cidr", NULL, NULL);
+    rd->m_workers_evicted = kvr_metrics_counter(
+        m, "kvr_routerd_workers_evicted_total",
+        "Down or never-announced workers evicted from the full worker table", NULL, NULL);
+    rd->m_tick_stalls = kvr_metrics_counter(
+        m, "kvr_routerd_loop_stalls_total",
+        "Late ticks (loop stalls) whose duration was added to every liveness deadline", NULL,
+        NULL);
     kvr_metrics_add_http_server(m, "kvr_routerd_http", &rd->http);
 }
 
@@ -1651,6 +1761,14 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
     rd->loop = loop;
     rd->start_ms = kvr_mono_ms();
     rd->last_expire_ms = rd->start_ms;
+    kvr_err cerr = {0};
+    if (kvr_cidr_list_add_csv(&rd->worker_cidrs,
+                              cfg->worker_cidrs && *cfg->worker_cidrs ? cfg->worker_cidrs : "private",
+                              &cerr) != 0) {
+        KVR_LOG_ERROR("bad --worker-cidr", "error=\"%s\"", cerr.msg);
+        free(rd);
+        return KVR_EINVAL;
+    }
     if (cfg->ns && *cfg->ns && strcmp(cfg->ns, "all") != 0)
         snprintf(rd->ns_filter, sizeof(rd->ns_filter), "%s", cfg->ns);
     kvr_err err = {0};
@@ -1790,7 +1908,8 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
     rd->stream_retry.data = rd;
     uv_timer_init(loop, &rd->tick);
     rd->tick.data = rd;
-    uv_timer_start(&rd->tick, on_tick, 250, 250);
+    rd->last_tick_ms = kvr_mono_ms();
+    uv_timer_start(&rd->tick, on_tick, RD_TICK_MS, RD_TICK_MS);
     uv_timer_init(loop, &rd->snap_timer);
     rd->snap_timer.data = rd;
     if (cfg->snapshot_interval_ms > 0)

@@ -58,6 +58,12 @@ typedef struct kvr_routerd_config {
     /* Raft peers' shared secret (sync/peer_auth.h); NULL: no peer authentication, which
      * main.c allows for a multi-router group only with --insecure-cluster. */
     const char *cluster_secret_file;
+    /* Access (docs/SECURITY.md 4, 5). admin_token: the secret every POST and /admin request
+     * must present as "Authorization: Bearer <token>" (NULL: those endpoints answer 401);
+     * owned by the caller, alive until kvr_routerd_free. worker_cidrs: comma-separated
+     * CIDRs a heartbeat's url must be inside (NULL or "": "private", see kvr_access.h). */
+    const char *admin_token;
+    const char *worker_cidrs;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;

@@ -369,6 +369,33 @@ static int write_text(const char *path, const char *text, kvr_err *err)
     return 0;
 }
 
+/* D/admin-token: the routers' HTTP admin token (POST and /admin need it), kept when it
+ * exists so that a restarted cluster keeps its token; mode 0600, 32 random bytes in hex. */
+static int ensure_admin_token(const char *path, kvr_err *err)
+{
+    if (access(path, R_OK) == 0)
+        return 0;
+    unsigned char rnd[32];
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd >= 0 ? read(fd, rnd, sizeof rnd) : -1;
+    if (fd >= 0)
+        close(fd);
+    if (n != (ssize_t)sizeof rnd)
+        return kvr_err_set(err, KVR_EIO, "reading /dev/urandom: %s", strerror(errno));
+    char hex[2 * sizeof rnd + 2];
+    for (size_t i = 0; i < sizeof rnd; i++)
+        snprintf(hex + 2 * i, 3, "%02x", rnd[i]);
+    hex[2 * sizeof rnd] = '\n';
+    hex[2 * sizeof rnd + 1] = 0;
+    fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return kvr_err_set(err, KVR_EIO, "creating %s: %s", path, strerror(errno));
+    bool ok = write(fd, hex, strlen(hex)) == (ssize_t)strlen(hex);
+    if (close(fd) != 0 || !ok)
+        return kvr_err_set(err, KVR_EIO, "writing %s", path);
+    return 0;
+}
+
 static int mkdir_p(const char *path, kvr_err *err)
 {
     char tmp[PATH_MAX];
@@ -560,6 +587,10 @@ static int cmd_up(const char *dir, up_opts *o)
             goto fail;
         }
     }
+    char token_file[PATH_MAX + 16];
+    snprintf(token_file, sizeof token_file, "%s/admin-token", abs_dir);
+    if (o->routers > 0 && (rc = ensure_admin_token(token_file, &err)) != 0)
+        goto fail;
     int stage = c.n;
     for (int i = 0; i < o->routers; i++) {
         run_proc *p = new_proc(&c, "router", i + 1, router_http[i], &err);
@@ -577,8 +608,9 @@ static int cmd_up(const char *dir, up_opts *o)
         snprintf(raft, sizeof raft, "127.0.0.1:%d", router_raft[i]);
         snprintf(extra, sizeof extra, "%s", o->router_args ? o->router_args : "");
         char *argv[RUN_MAX_ARGS + 1] = {router_bin, "--id", id, "--nats", nats_url, "--http", http,
-                                        "--data-dir", p->data_dir};
-        int argc = 9;
+                                        "--data-dir", p->data_dir, "--admin-token-file",
+                                        token_file};
+        int argc = 11;
         if (o->raft_flags) {
             argv[argc++] = "--raft-addr";
             argv[argc++] = raft;

@@ -363,7 +363,15 @@ static void test_auth(void **state)
     assert_false(fe_auth_ok("s3cret", "Bearer s3cres", 13));
     assert_false(fe_auth_ok("s3cret", "Bearer s3cret2", 14));
     assert_false(fe_auth_ok("s3cret", "Bearer s3cre", 12));
-    assert_false(fe_auth_ok("s3cret", "bearer s3cret", 13));
+    /* the scheme is case-insensitive (RFC 7235 2.1); the credential is not */
+    assert_true(fe_auth_ok("s3cret", "bearer s3cret", 13));
+    assert_true(fe_auth_ok("s3cret", "BEARER s3cret", 13));
+    assert_true(fe_auth_ok("s3cret", "Bearer  s3cret", 14));
+    assert_false(fe_auth_ok("s3cret", "Bearer S3CRET", 13));
+    assert_false(fe_auth_ok("s3cret", "Bearers3cret", 12));
+    assert_false(fe_auth_ok("s3cret", "Basic s3cret", 12));
+    assert_false(fe_auth_ok("s3cret", "Bearer ", 7));
+    assert_false(fe_auth_ok("", "Bearer ", 7));
     assert_false(fe_auth_ok("s3cret", "", 0));
 }
 

@@ -1,12 +1,29 @@
 # rd_lib.sh: helpers for routerd integration tests (source after tests/lib/testenv.sh).
 PUB="$KVR_BIN/kvr-test-pub"
 
+# rd_token: path of the test's router admin token file (created on first use; every router
+# rd_start starts takes it, and RD_AUTH holds the matching curl header arguments).
+rd_token() {
+    if [ ! -s "$KVR_TMP/admin-token" ]; then
+        (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$KVR_TMP/admin-token")
+    fi
+    RD_AUTH=(-H "Authorization: Bearer $(cat "$KVR_TMP/admin-token")")
+    echo "$KVR_TMP/admin-token"
+}
+# rd_post PORT PATH [CURL ARGS...]: an authorized POST to a router (body from the args)
+rd_post() {
+    local port=$1 path=$2
+    shift 2
+    rd_token >/dev/null
+    curl -s --max-time 5 -X POST "${RD_AUTH[@]}" "$@" "http://127.0.0.1:$port$path"
+}
+
 # rd_start NAME ID PORT DATA_DIR [EXTRA ARGS...]: start kvr-routerd on 127.0.0.1:PORT.
 rd_start() {
     local name=$1 id=$2 port=$3 dir=$4
     shift 4
     kvr_spawn "$name" "$KVR_BIN/kvr-routerd" --id "$id" --nats "$NATS_URL" \
-        --http "127.0.0.1:$port" --data-dir "$dir" "$@"
+        --http "127.0.0.1:$port" --data-dir "$dir" --admin-token-file "$(rd_token)" "$@"
 }
 
 # rd_state PORT: GET /v1/state
@@ -15,7 +32,7 @@ rd_state() { curl -s --max-time 2 "http://127.0.0.1:$1/v1/state"; }
 rd_q() { rd_state "$1" | jq -r "$2"; }
 # rd_match PORT PREFIX NTOKENS: the overlaps object of /v1/match, compact, keys sorted
 rd_match() {
-    "$PUB" tokens "$2" "$3" | curl -s --max-time 2 -X POST --data @- "http://127.0.0.1:$1/v1/match" |
+    "$PUB" tokens "$2" "$3" | rd_post "$1" /v1/match --data @- |
         jq -cS .overlaps
 }
 # rd_pub SCRIPT...: publish script lines through JetStream; prints the last stream sequence

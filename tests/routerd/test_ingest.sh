@@ -84,7 +84,7 @@ route=$(printf 'route m1 ns1 7 320 req-0001\n' | "$PUB" --nats "$NATS_URL" | gre
 kvr_log "$route"
 case "$route" in "route ok=1 worker=2 overlap=3 mode=local router=1 "*) ;; *) kvr_fail "nats route: $route" ;; esac
 http=$("$PUB" tokens 7 320 | jq -c '. + {model:"m1",namespace:"ns1"}' |
-    curl -s -X POST --data @- "http://127.0.0.1:$P1/v1/route")
+    rd_post "$P1" /v1/route --data @-)
 # worker 2 now carries that booking (5 blocks, 2 to prefill): cost 1*(5-3+2)+5+2 = 11 against
 # 5+0+5 = 10 for the idle workers 1 and 3 (tie broken by a hash of the random request id), so
 # the load-aware cost sends the same prompt elsewhere
@@ -103,7 +103,7 @@ kvr_assert_eq "$(rd_q "$P1" .bookings)" 2 "booking of frontend 77"
 kvr_wait_for 10 bash -c "[ \"\$(curl -s http://127.0.0.1:$P1/v1/state | jq -r .bookings)\" = 1 ]" ||
     kvr_fail "silent frontend's bookings not freed"
 grep -q "frontend lease expired" "$KVR_TMP/r1.log" || kvr_fail "no lease expiry log"
-code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -d '{"token_ids":"x"}' "http://127.0.0.1:$P1/v1/match")
+code=$(rd_post "$P1" /v1/match -o /dev/null -w '%{http_code}' -d '{"token_ids":"x"}')
 kvr_assert_eq "$code" 400 "bad match body"
 kvr_assert "router alive at the end" kvr_alive r1
 kvr_pass

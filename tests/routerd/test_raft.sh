@@ -109,12 +109,12 @@ rd_start r4 4 "${HP[4]}" "$KVR_TMP/r4" --raft-addr "$A4" --peers "$PEERS" --join
 kvr_wait_http "http://127.0.0.1:${HP[4]}/ready" 30
 L=$(wait_leader 10 0 1 2 3) || kvr_fail "no leader before membership change"
 F=1; [ "$L" = 1 ] && F=2
-code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -d "{\"id\":4,\"raft_addr\":\"$A4\"}" "http://127.0.0.1:${HP[$F]}/admin/raft/add")
+code=$(rd_post "${HP[$F]}" /admin/raft/add -o /dev/null -w '%{http_code}' -d "{\"id\":4,\"raft_addr\":\"$A4\"}")
 kvr_assert_eq "$code" 409 "add on a follower is refused"
-kvr_assert_eq "$(curl -s -X POST -d "{\"id\":4,\"raft_addr\":\"$A4\"}" "http://127.0.0.1:${HP[$L]}/admin/raft/add" | jq -r .ok)" true "add node 4"
-kvr_assert_eq "$(curl -s -X POST -d '{"id":4}' "http://127.0.0.1:${HP[$L]}/admin/raft/promote" | jq -r .ok)" true "promote node 4"
+kvr_assert_eq "$(rd_post "${HP[$L]}" /admin/raft/add -d "{\"id\":4,\"raft_addr\":\"$A4\"}" | jq -r .ok)" true "add node 4"
+kvr_assert_eq "$(rd_post "${HP[$L]}" /admin/raft/promote -d '{"id":4}' | jq -r .ok)" true "promote node 4"
 kvr_wait_for 15 bash -c "[ \"\$(curl -s http://127.0.0.1:${HP[4]}/v1/state | jq -r .raft.fsm_digest)\" = \"$(rd_q "${HP[$L]}" .raft.fsm_digest)\" ]" ||
     kvr_fail "node 4 did not catch up"
 kvr_assert_eq "$(rd_q "${HP[4]}" .bookings)" $((N + 1)) "node 4 bookings"
-kvr_assert_eq "$(curl -s -X POST -d '{"id":4}' "http://127.0.0.1:${HP[$L]}/admin/raft/remove" | jq -r .ok)" true "remove node 4"
+kvr_assert_eq "$(rd_post "${HP[$L]}" /admin/raft/remove -d '{"id":4}' | jq -r .ok)" true "remove node 4"
 kvr_pass

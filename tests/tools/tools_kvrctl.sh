@@ -37,6 +37,13 @@ done < <(jq -r '.processes[] | "\(.role) \(.id) \(.pid)"' "$D/cluster.json")
 st=$("$KVRCTL" status --dir "$D" --json) || kvr_fail "status failed"
 kvr_assert_eq "$(echo "$st" | jq '[.processes[] | select(.alive and .ready)] | length')" "$total" "alive and ready in status"
 "$KVRCTL" status --dir "$D" >&2
+# The routers' admin token: generated in the cluster dir (0600); POSTs need it.
+if [ "$R" -gt 0 ]; then
+    kvr_assert_eq "$(stat -c %a "$D/admin-token")" 600 "admin-token mode"
+    ru=$(jq -r '.processes[] | select(.role == "router" and .id == 1) | .url' "$D/cluster.json")
+    kvr_assert_eq "$(curl -s -o /dev/null -w '%{http_code}' -X POST -d '{"token_ids":[1]}' "$ru/v1/match")" 401 "match without the token"
+    kvr_assert_eq "$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $(cat "$D/admin-token")" -d '{"token_ids":[1]}' "$ru/v1/match")" 200 "match with the cluster's token"
+fi
 
 # A second `up` into a running cluster's dir is refused and touches nothing.
 if "$KVRCTL" up --dir "$D" --routers 0 --workers 0 --frontends 0 >/dev/null 2>&1; then

@@ -13,8 +13,10 @@ while [ "$wport" = "$rport" ]; do wport=$(kvr_free_port); done
 R="http://127.0.0.1:$rport"
 W="http://127.0.0.1:$wport"
 mkdir -p "$KVR_TMP/r1"
+(umask 077 && echo "worker-router-test-token" >"$KVR_TMP/admin-token")
 kvr_spawn router "$KVR_BIN/kvr-routerd" --id 1 --nats "$NATS_URL" --http "127.0.0.1:$rport" \
-    --data-dir "$KVR_TMP/r1" --namespace rt --block-size 16 --log-level info
+    --data-dir "$KVR_TMP/r1" --namespace rt --block-size 16 --log-level info \
+    --admin-token-file "$KVR_TMP/admin-token"
 kvr_wait_http "$R/ready" 20
 kvr_spawn worker "$KVR_BIN/kvr-worker" --listen "127.0.0.1:$wport" --nats "$NATS_URL" --namespace rt \
     --model sim --id 9 --block-size 16 --capacity-blocks 40 --speedup 50 --event-buffer-max 1000
@@ -45,7 +47,8 @@ kvr_wait_for 20 same_digest || kvr_fail "router index != worker cache after traf
 [ "$(curl -s "$W/metrics" | awk '$1 == "kvr_worker_kv_blocks_removed_total" {print $2}')" -gt 0 ] || kvr_fail "no evictions"
 # a served prompt matches on the worker
 body=$(jq -cn '{token_ids: ([range(0;64) | . + 7000] + [range(0;20) | . + 92000])}')
-ov=$(curl -s "$R/v1/match" -d "$body" | jq -r '.overlaps["9"] // 0')
+ov=$(curl -s -H "Authorization: Bearer worker-router-test-token" "$R/v1/match" -d "$body" |
+    jq -r '.overlaps["9"] // 0')
 [ "$ov" -ge 4 ] || kvr_fail "router /v1/match overlap for the worker is $ov, want >= 4"
 
 # nats-server dies under both; the worker keeps serving; it comes back on the same port/store
