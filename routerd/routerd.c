@@ -597,6 +597,14 @@ static int rd_recreate_index(kvr_routerd *rd)
 
 static void start_stream(kvr_routerd *rd);
 
+/* The retry timer's callback gets the timer; its data is the router (defect 12: casting
+ * start_stream to a timer callback handed it the timer as the router, so a router started
+ * before NATS never set up its stream). */
+static void on_stream_retry(uv_timer_t *t)
+{
+    start_stream(t->data);
+}
+
 static void on_stream_ready(int status, const kvr_nats_stream_info *info, const char *errmsg,
                             void *data)
 {
@@ -606,7 +614,7 @@ static void on_stream_ready(int status, const kvr_nats_stream_info *info, const 
     if (status != 0) {
         KVR_LOG_WARN_RL(5, "ensuring stream failed, retrying", "stream=%s error=\"%s\"", RD_STREAM,
                         errmsg ? errmsg : kvr_strerror(status));
-        uv_timer_start(&rd->stream_retry, (uv_timer_cb)start_stream, 1000, 0);
+        uv_timer_start(&rd->stream_retry, on_stream_retry, 1000, 0);
         return;
     }
     rd->stream_first = info->first_seq;
@@ -641,7 +649,7 @@ static void on_stream_ready(int status, const kvr_nats_stream_info *info, const 
     if (rc != 0) {
         KVR_LOG_ERROR("creating consumer", "error=\"%s\"", err.msg);
         rd->stream_started = false;
-        uv_timer_start(&rd->stream_retry, (uv_timer_cb)start_stream, 1000, 0);
+        uv_timer_start(&rd->stream_retry, on_stream_retry, 1000, 0);
         return;
     }
     check_ready(rd);
@@ -656,7 +664,7 @@ static void start_stream(kvr_routerd *rd)
                               .max_age_ms = rd->cfg.stream_max_age_ms,
                               .max_bytes = rd->cfg.stream_max_bytes};
     if (kvr_nats_js_ensure_stream(&rd->nats, &sc, on_stream_ready, rd) != 0)
-        uv_timer_start(&rd->stream_retry, (uv_timer_cb)start_stream, 1000, 0);
+        uv_timer_start(&rd->stream_retry, on_stream_retry, 1000, 0);
 }
 
 static void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data)
