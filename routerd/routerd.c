@@ -674,6 +674,21 @@ static void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data)
     rd->nats_up = st == KVR_NATS_CONNECTED || st == KVR_NATS_RECONNECTED;
     if (st == KVR_NATS_RECONNECTED)
         kvr_metric_inc(rd->m_nats_reconnects);
+    if (rd->nats_up) {
+        /* no heartbeat or lease could reach us while NATS was down (on_tick judged no age
+         * then): everyone gets a full period from now to be heard again */
+        int64_t now = kvr_mono_ms();
+        for (uint32_t i = 0; i < rd->n_workers; i++) {
+            rd_worker *w = &rd->workers[i];
+            if (w->last_seen_ms < now)
+                w->last_seen_ms = now;
+            if (!w->announced && w->first_event_ms < now)
+                w->first_event_ms = now;
+        }
+        for (uint32_t i = 0; i < rd->n_frontends; i++)
+            if (rd->frontends[i].last_seen_ms < now)
+                rd->frontends[i].last_seen_ms = now;
+    }
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1419,7 +1434,8 @@ static void on_tick(uv_timer_t *t)
             i++;
             continue;
         }
-        if (w->up && now - w->last_seen_ms > limit)
+        /* with NATS down a missing heartbeat says nothing: keep the last known state */
+        if (w->up && rd->nats_up && now - w->last_seen_ms > limit)
             worker_down(rd, w, "missed_heartbeats");
         if (w->up) {
             up++;
@@ -1438,7 +1454,7 @@ static void on_tick(uv_timer_t *t)
     kvr_metric_set(rd->m_workers_up, 0, up);
     for (uint32_t i = 0; i < rd->n_frontends;) {
         rd_frontend *f = &rd->frontends[i];
-        if (now - f->last_seen_ms > rd->cfg.frontend_timeout_ms) {
+        if (rd->nats_up && now - f->last_seen_ms > rd->cfg.frontend_timeout_ms) {
             KVR_LOG_INFO("frontend lease expired: freeing its bookings", "frontend=%" PRIu64, f->id);
             kvr_cmd cmd = {.type = KVR_CMD_FRONTEND_EXPIRE};
             cmd.u.frontend.frontend_id = f->id;
