@@ -662,7 +662,8 @@ static void start_stream(kvr_routerd *rd)
     kvr_nats_stream_cfg sc = {.name = RD_STREAM,
                               .subjects = "kvr.kv.>",
                               .max_age_ms = rd->cfg.stream_max_age_ms,
-                              .max_bytes = rd->cfg.stream_max_bytes};
+                              .max_bytes = rd->cfg.stream_max_bytes,
+                              .replicas = (int)rd->cfg.stream_replicas};
     if (kvr_nats_js_ensure_stream(&rd->nats, &sc, on_stream_ready, rd) != 0)
         uv_timer_start(&rd->stream_retry, on_stream_retry, 1000, 0);
 }
