@@ -381,6 +381,31 @@ static int64_t reconnect_delay(natsConnection *nc, int attempts, void *closure)
     return d + (rand() % (d / 4 + 1));
 }
 
+/* cnats takes one URL per natsOptions_SetURL (a comma-separated list is read as one bad
+ * URL, and the connection then retries it forever): a cluster's URLs go in as a server list.
+ * Spaces around the commas are dropped. */
+static natsStatus set_servers(natsOptions *no, const char *urls)
+{
+    char *copy = strdup(urls);
+    const char *list[64];
+    int n = 0;
+    if (!copy)
+        return NATS_NO_MEMORY;
+    for (char *save = NULL, *t = strtok_r(copy, ",", &save); t && n < 64;
+         t = strtok_r(NULL, ",", &save)) {
+        while (*t == ' ')
+            t++;
+        size_t l = strlen(t);
+        while (l > 0 && t[l - 1] == ' ')
+            t[--l] = 0;
+        if (*t)
+            list[n++] = t;
+    }
+    natsStatus s = n > 0 ? natsOptions_SetServers(no, list, n) : NATS_INVALID_ARG;
+    free(copy);
+    return s;
+}
+
 /* ---------- the core connection, either kind ---------- */
 
 static int pub(kvr_nats_impl *ki, const char *subject, const char *reply, const void *data,
@@ -671,6 +696,7 @@ typedef struct js_work {
     char subjects[256];
     int64_t max_age_ms, max_bytes;
     bool memory;
+    int replicas;
     uint64_t start_seq;
     kvr_nats_sub *sub;            /* W_CREATE: incarnation */
     kvr_nats_consumer *consumer;  /* W_CREATE, W_CHECK */
@@ -734,6 +760,8 @@ static void work_run(uv_work_t *req)
         sc.MaxAge = w->max_age_ms * 1000000LL;
         if (w->max_bytes > 0)
             sc.MaxBytes = w->max_bytes;
+        if (w->replicas > 1)
+            sc.Replicas = w->replicas;
         jsStreamInfo *si = NULL;
         jsErrCode jerr = 0;
         natsStatus s = js_AddStream(&si, ki->js, &sc, NULL, &jerr);
@@ -853,6 +881,7 @@ static int stream_op(kvr_nats *kn, work_op op, const kvr_nats_stream_cfg *cfg, c
         w->max_age_ms = cfg->max_age_ms;
         w->max_bytes = cfg->max_bytes;
         w->memory = cfg->memory;
+        w->replicas = cfg->replicas;
     }
     w->cb = cb;
     w->data = data;
@@ -1120,7 +1149,11 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
             goto fail;                                                                             \
         }                                                                                          \
     } while (0)
-    CHK(natsOptions_SetURL(no, o->url), "url");
+    CHK(set_servers(no, o->url), "url");
+    /* the loop-native core client tries the URLs in the order given; cnats does the same, so
+     * a process's core and JetStream connections sit on the same server, and the operator
+     * spreads processes over a cluster by the order of their URLs */
+    CHK(natsOptions_SetNoRandomize(no, true), "no randomize");
     if (o->name)
         CHK(natsOptions_SetName(no, o->name), "name");
     if (o->user || o->password)

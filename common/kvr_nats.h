@@ -78,7 +78,10 @@ typedef void (*kvr_nats_reply_cb)(int status, const char *data, size_t len, void
 typedef void (*kvr_nats_close_cb)(kvr_nats *kn);
 
 typedef struct kvr_nats_opts {
-    const char *url;  /* "nats://127.0.0.1:4222"; comma-separated list allowed. Required. */
+    /* "nats://127.0.0.1:4222"; or a cluster's URLs, comma-separated. Required. Both
+     * connections try them in the order given (first connect and every reconnect), and cnats
+     * also learns the cluster's other servers from INFO. */
+    const char *url;
     const char *name; /* connection name shown by the server; may be NULL */
     const char *user, *password; /* may be NULL */
     const char *token;           /* may be NULL */
@@ -162,6 +165,7 @@ typedef struct kvr_nats_stream_cfg {
     int64_t max_age_ms;   /* 0: unlimited */
     int64_t max_bytes;    /* 0: unlimited */
     bool memory;          /* false: file storage */
+    int replicas;         /* 0 → 1; 3 on a JetStream cluster survives the loss of a node */
 } kvr_nats_stream_cfg;
 
 typedef struct kvr_nats_stream_info {

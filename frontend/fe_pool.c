@@ -134,6 +134,8 @@ bad:
 
 void fe_pool_expire(fe_pool *p, int64_t now_ms)
 {
+    if (p->blind)
+        return;
     size_t j = 0;
     for (size_t i = 0; i < p->n; i++)
         if (now_ms - p->w[i].last_seen_ms <= p->ttl_ms)
@@ -141,9 +143,24 @@ void fe_pool_expire(fe_pool *p, int64_t now_ms)
     p->n = j;
 }
 
+void fe_pool_set_blind(fe_pool *p, bool blind, int64_t now_ms)
+{
+    if (blind == p->blind)
+        return;
+    if (blind) {
+        fe_pool_expire(p, now_ms);
+    } else {
+        /* heartbeats could not arrive while we were blind: the TTL starts again now */
+        for (size_t i = 0; i < p->n; i++)
+            if (p->w[i].last_seen_ms < now_ms)
+                p->w[i].last_seen_ms = now_ms;
+    }
+    p->blind = blind;
+}
+
 static bool live(const fe_pool *p, const fe_worker *w, const char *model, int64_t now_ms)
 {
-    if (now_ms - w->last_seen_ms > p->ttl_ms)
+    if (!p->blind && now_ms - w->last_seen_ms > p->ttl_ms)
         return false;
     if (strcmp(w->role, "prefill") == 0)
         return false;

@@ -41,8 +41,11 @@ typedef struct fe_pool {
     bool prefix_mode;
     char ns[FE_NS_MAX];
     int64_t ttl_ms; /* a worker unseen for this long is down (default 3000) */
-    uint64_t rr;    /* round-robin counter */
-    uint64_t rng;   /* xorshift state */
+    /* NATS is down: no heartbeat can reach us, so a missing one says nothing about a worker.
+     * Workers keep their last known state and no age is judged (fe_pool_set_blind). */
+    bool blind;
+    uint64_t rr;       /* round-robin counter */
+    uint64_t rng;      /* xorshift state */
     uint64_t rejected; /* malformed heartbeats */
 } fe_pool;
 
@@ -55,8 +58,13 @@ bool fe_pool_ns_match(const fe_pool *p, const char *ns, size_t len);
 /* Applies one heartbeat (msgpack map, DESIGN 4) seen at monotonic time now_ms. Heartbeats
  * of other namespaces are ignored (return 0). Malformed → KVR_EINVAL/ETYPE/ETRUNC + err. */
 int fe_pool_heartbeat(fe_pool *p, const void *data, size_t len, int64_t now_ms, kvr_err *err);
-/* Drops workers unseen for ttl_ms. */
+/* Drops workers unseen for ttl_ms (nothing while blind). */
 void fe_pool_expire(fe_pool *p, int64_t now_ms);
+/* The NATS connection went down (blind = true) or came back (false) at now_ms. Going blind
+ * first drops the workers already past ttl_ms; coming back gives every remaining worker a
+ * full ttl_ms from now_ms to beat again (its own client may still be reconnecting) before
+ * it expires. */
+void fe_pool_set_blind(fe_pool *p, bool blind, int64_t now_ms);
 
 /* Live workers serving model (NULL: any). */
 size_t fe_pool_live(const fe_pool *p, const char *model, int64_t now_ms);

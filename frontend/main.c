@@ -725,6 +725,20 @@ static void on_heartbeat(const kvr_nats_msg *m, void *data)
         KVR_LOG_WARN_RL(10, "bad worker heartbeat", "subject=%s err=\"%s\"", m->subject, err.msg);
 }
 
+/* Loop thread. While NATS is down, heartbeats cannot arrive: workers keep their last known
+ * state (requests go to them by local choice) instead of expiring one TTL after the outage
+ * began; after the reconnect they get a full TTL to beat again. */
+static void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data)
+{
+    (void)kn;
+    (void)data;
+    KVR_LOG_INFO("nats", "state=%s workers=%zu", kvr_nats_state_name(st), app.pool.n);
+    if (st == KVR_NATS_DISCONNECTED)
+        fe_pool_set_blind(&app.pool, true, kvr_mono_ms());
+    else if (st == KVR_NATS_CONNECTED || st == KVR_NATS_RECONNECTED)
+        fe_pool_set_blind(&app.pool, false, kvr_mono_ms());
+}
+
 static void on_tick(uv_timer_t *t)
 {
     (void)t;
@@ -980,6 +994,7 @@ int main(int argc, char **argv)
             .url = nats_url, .name = "kvr-frontend", .user = nats_user,
             .password = nats_password, .token = nats_token, .tls = nats_tls,
             .tls_ca_file = nats_ca, .tls_cert_file = nats_cert, .tls_key_file = nats_key,
+            .on_state = on_nats_state,
         };
         if (kvr_nats_init(&app.nats, app.loop, &no, &err)) {
             fprintf(stderr, "kvr-frontend: nats: %s\n", err.msg);

@@ -60,6 +60,7 @@ int main(int argc, char **argv)
     const char *max_bytes_s = "1GiB";
     const char *admin_token_file = NULL, *worker_cidr = "private";
     int64_t snap_ms = 10000, max_age_ms = 3600000, misses = 3, degraded_ms = 500;
+    int64_t stream_replicas = 1;
     int64_t election_ms = 500, raft_max_inflight = 0, raft_snapshot_threshold = 0;
     int64_t frontend_timeout_ms = 10000, max_request_age_ms = 600000;
     int64_t max_request_tokens = 131072;
@@ -78,6 +79,7 @@ int main(int argc, char **argv)
         {"snapshot-interval", KVR_FLAG_DURATION, &snap_ms, "index snapshot interval (0: only on exit)", false},
         {"stream-max-age", KVR_FLAG_DURATION, &max_age_ms, "KVR_EVENTS max age when creating it", false},
         {"stream-max-bytes", KVR_FLAG_STRING, &max_bytes_s, "KVR_EVENTS max bytes when creating it (1GiB)", false},
+        {"stream-replicas", KVR_FLAG_INT, &stream_replicas, "KVR_EVENTS replicas when creating it (3 on a 3-node JetStream cluster)", false},
         {"heartbeat-misses", KVR_FLAG_INT, &misses, "missed 1 s heartbeats before a worker is down", false},
         {"frontend-timeout", KVR_FLAG_DURATION, &frontend_timeout_ms, "frontend lease timeout", false},
         {"max-request-age", KVR_FLAG_DURATION, &max_request_age_ms, "bookings older than this expire", false},
@@ -128,6 +130,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvr-routerd: --max-request-tokens must be in [1, 16777216]\n");
         return 2;
     }
+    if (stream_replicas < 1 || stream_replicas > 5) {
+        fprintf(stderr, "kvr-routerd: --stream-replicas must be in [1, 5] (JetStream's limit)\n");
+        return 2;
+    }
     if (best_effort && *peers) {
         fprintf(stderr, "kvr-routerd: --best-effort is for routers without --peers\n");
         return 2;
@@ -164,6 +170,7 @@ int main(int argc, char **argv)
         .snapshot_interval_ms = snap_ms,
         .stream_max_age_ms = max_age_ms,
         .stream_max_bytes = max_bytes,
+        .stream_replicas = stream_replicas,
         .heartbeat_misses = misses,
         .frontend_timeout_ms = frontend_timeout_ms,
         .max_request_age_ms = max_request_age_ms,

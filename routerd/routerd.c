@@ -645,6 +645,14 @@ static int rd_recreate_index(kvr_routerd *rd)
 
 static void start_stream(kvr_routerd *rd);
 
+/* The retry timer's callback gets the timer; its data is the router (defect 12: casting
+ * start_stream to a timer callback handed it the timer as the router, so a router started
+ * before NATS never set up its stream). */
+static void on_stream_retry(uv_timer_t *t)
+{
+    start_stream(t->data);
+}
+
 static void on_stream_ready(int status, const kvr_nats_stream_info *info, const char *errmsg,
                             void *data)
 {
@@ -654,7 +662,7 @@ static void on_stream_ready(int status, const kvr_nats_stream_info *info, const 
     if (status != 0) {
         KVR_LOG_WARN_RL(5, "ensuring stream failed, retrying", "stream=%s error=\"%s\"", RD_STREAM,
                         errmsg ? errmsg : kvr_strerror(status));
-        uv_timer_start(&rd->stream_retry, (uv_timer_cb)start_stream, 1000, 0);
+        uv_timer_start(&rd->stream_retry, on_stream_retry, 1000, 0);
         return;
     }
     rd->stream_first = info->first_seq;
@@ -689,7 +697,7 @@ static void on_stream_ready(int status, const kvr_nats_stream_info *info, const 
     if (rc != 0) {
         KVR_LOG_ERROR("creating consumer", "error=\"%s\"", err.msg);
         rd->stream_started = false;
-        uv_timer_start(&rd->stream_retry, (uv_timer_cb)start_stream, 1000, 0);
+        uv_timer_start(&rd->stream_retry, on_stream_retry, 1000, 0);
         return;
     }
     check_ready(rd);
@@ -702,9 +710,10 @@ static void start_stream(kvr_routerd *rd)
     kvr_nats_stream_cfg sc = {.name = RD_STREAM,
                               .subjects = "kvr.kv.>",
                               .max_age_ms = rd->cfg.stream_max_age_ms,
-                              .max_bytes = rd->cfg.stream_max_bytes};
+                              .max_bytes = rd->cfg.stream_max_bytes,
+                              .replicas = (int)rd->cfg.stream_replicas};
     if (kvr_nats_js_ensure_stream(&rd->nats, &sc, on_stream_ready, rd) != 0)
-        uv_timer_start(&rd->stream_retry, (uv_timer_cb)start_stream, 1000, 0);
+        uv_timer_start(&rd->stream_retry, on_stream_retry, 1000, 0);
 }
 
 static void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data)
@@ -714,6 +723,21 @@ static void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data)
     rd->nats_up = st == KVR_NATS_CONNECTED || st == KVR_NATS_RECONNECTED;
     if (st == KVR_NATS_RECONNECTED)
         kvr_metric_inc(rd->m_nats_reconnects);
+    if (rd->nats_up) {
+        /* no heartbeat or lease could reach us while NATS was down (on_tick judged no age
+         * then): everyone gets a full period from now to be heard again */
+        int64_t now = kvr_mono_ms();
+        for (uint32_t i = 0; i < rd->n_workers; i++) {
+            rd_worker *w = &rd->workers[i];
+            if (w->last_seen_ms < now)
+                w->last_seen_ms = now;
+            if (!w->announced && w->first_event_ms < now)
+                w->first_event_ms = now;
+        }
+        for (uint32_t i = 0; i < rd->n_frontends; i++)
+            if (rd->frontends[i].last_seen_ms < now)
+                rd->frontends[i].last_seen_ms = now;
+    }
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1472,7 +1496,8 @@ static void on_tick(uv_timer_t *t)
             i++;
             continue;
         }
-        if (w->up && now - w->last_seen_ms > limit)
+        /* with NATS down a missing heartbeat says nothing: keep the last known state */
+        if (w->up && rd->nats_up && now - w->last_seen_ms > limit)
             worker_down(rd, w, "missed_heartbeats");
         if (w->up) {
             up++;
@@ -1491,7 +1516,7 @@ static void on_tick(uv_timer_t *t)
     kvr_metric_set(rd->m_workers_up, 0, up);
     for (uint32_t i = 0; i < rd->n_frontends;) {
         rd_frontend *f = &rd->frontends[i];
-        if (now - f->last_seen_ms > rd->cfg.frontend_timeout_ms) {
+        if (rd->nats_up && now - f->last_seen_ms > rd->cfg.frontend_timeout_ms) {
             KVR_LOG_INFO("frontend lease expired: freeing its bookings", "frontend=%" PRIu64, f->id);
             kvr_cmd cmd = {.type = KVR_CMD_FRONTEND_EXPIRE};
             cmd.u.frontend.frontend_id = f->id;

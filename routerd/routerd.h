@@ -34,6 +34,7 @@ typedef struct kvr_routerd_config {
     int64_t snapshot_interval_ms;
     int64_t stream_max_age_ms;
     int64_t stream_max_bytes;
+    int64_t stream_replicas; /* KVR_EVENTS replicas when creating it (0: 1) */
     int64_t heartbeat_misses;
     int64_t frontend_timeout_ms;
     int64_t max_request_age_ms;

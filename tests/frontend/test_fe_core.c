@@ -404,6 +404,39 @@ static void heartbeat(kvr_buf *b, uint64_t id, const char *ns, const char *model
     kvr_mp_write_uint(b, 2);
 }
 
+/* Defect 8 (issue 18): while NATS is down, heartbeats cannot arrive; workers must not expire
+ * for missing them, and after the reconnect they get a full TTL to beat again. */
+static void test_pool_blind(void **state)
+{
+    (void)state;
+    fe_pool p;
+    assert_int_equal(fe_pool_init(&p, "ns", false, 7), 0);
+    kvr_buf b;
+    kvr_buf_init(&b);
+    heartbeat(&b, 1, "ns", "m", 0, 0);
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, 1000, NULL), 0);
+    heartbeat(&b, 2, "ns", "m", 0, 0);
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, 1000 - p.ttl_ms - 1, NULL), 0);
+    /* NATS goes down at 1500: worker 2 was already past its TTL and goes, worker 1 stays */
+    fe_pool_set_blind(&p, true, 1500);
+    assert_int_equal(p.n, 1);
+    int64_t t = 1500 + 10 * p.ttl_ms; /* a long outage */
+    fe_pool_expire(&p, t);
+    assert_int_equal(fe_pool_live(&p, "m", t), 1);
+    assert_non_null(fe_pool_choose(&p, FE_MODE_LEAST, "ns", "m", t, false, 0));
+    char ns[FE_NS_MAX];
+    assert_int_equal(fe_pool_pick_ns(&p, "m", t, ns), 0);
+    /* back at t: a full TTL from now, then gone if it never beats */
+    fe_pool_set_blind(&p, false, t);
+    fe_pool_expire(&p, t + p.ttl_ms);
+    assert_int_equal(fe_pool_live(&p, "m", t + p.ttl_ms), 1);
+    fe_pool_expire(&p, t + p.ttl_ms + 1);
+    assert_int_equal(fe_pool_live(&p, "m", t + p.ttl_ms + 1), 0);
+    assert_int_equal(p.n, 0);
+    kvr_buf_free(&b);
+    fe_pool_free(&p);
+}
+
 static void test_pool(void **state)
 {
     (void)state;
@@ -630,6 +663,7 @@ int main(void)
         cmocka_unit_test(test_relay_utf8_split),
         cmocka_unit_test(test_auth),
         cmocka_unit_test(test_pool),
+        cmocka_unit_test(test_pool_blind),
         cmocka_unit_test(test_route_codec),
         cmocka_unit_test(test_mutations),
     };

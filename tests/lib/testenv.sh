@@ -3,6 +3,7 @@
 #   source "$(dirname "$0")/../lib/testenv.sh"
 #   kvr_test_init my_test_name          # temp dir, EXIT trap that kills everything we started
 #   kvr_start_nats                      # nats-server -js on an OS-chosen port; sets NATS_URL
+#   kvr_start_nats_cluster 3            # or a 3-node JetStream cluster; sets NATS_URLS
 #   port=$(kvr_free_port)
 #   kvr_spawn worker1 "$KVR_BIN/kvr-worker" --listen 127.0.0.1:$port --nats "$NATS_URL" ...
 #   kvr_wait_http "http://127.0.0.1:$port/health" 10
@@ -139,6 +140,74 @@ CONF
         sleep 0.1
     done
     kvr_fail "nats-server did not listen on $KVR_NATS_PORT"
+}
+
+# kvr_start_nats_cluster [N] (default 3): N nats-servers with JetStream, clustered over
+# loopback routes (cluster "kvr", every port chosen free), named nats1..nN, each with its own
+# store and a monitoring port. Sets NATS_URLS (every client URL, comma-separated, for
+# --nats), NATS_NODE_URL[i] and NATS_NODE_MON[i] (i = 1..N). Returns once every node answers
+# /healthz, i.e. JetStream has a meta leader and every node is current.
+# kvr_restart_nats_node I restarts node I on the same ports and store.
+declare -A NATS_NODE_URL=() NATS_NODE_MON=() NATS_NODE_CPORT=() NATS_NODE_RPORT=()
+KVR_NATS_NODES=0
+kvr_start_nats_cluster() {
+    local n=${1:-3} i routes=""
+    KVR_NATS_NODES=$n
+    for ((i = 1; i <= n; i++)); do
+        local cp mp rp
+        cp=$(kvr_free_port)
+        mp=$(kvr_free_port)
+        rp=$(kvr_free_port)
+        NATS_NODE_CPORT[$i]=$cp
+        NATS_NODE_URL[$i]="nats://127.0.0.1:$cp"
+        NATS_NODE_MON[$i]=$mp
+        NATS_NODE_RPORT[$i]=$rp
+        routes+="${routes:+, }\"nats-route://127.0.0.1:$rp\""
+    done
+    NATS_URLS=""
+    for ((i = 1; i <= n; i++)); do
+        local dir="$KVR_TMP/nats$i"
+        mkdir -p "$dir/js"
+        cat >"$dir/nats.conf" <<CONF
+server_name: n$i
+listen: 127.0.0.1:${NATS_NODE_CPORT[$i]}
+http: 127.0.0.1:${NATS_NODE_MON[$i]}
+jetstream {
+  store_dir: "$dir/js"
+  max_memory_store: 256MB
+  max_file_store: 2GB
+}
+max_payload: 8MB
+cluster {
+  name: kvr
+  listen: 127.0.0.1:${NATS_NODE_RPORT[$i]}
+  routes: [ $routes ]
+}
+${KVR_NATS_EXTRA_CONF:-}
+CONF
+        NATS_URLS+="${NATS_URLS:+,}${NATS_NODE_URL[$i]}"
+    done
+    for ((i = 1; i <= n; i++)); do
+        kvr_spawn "nats$i" nats-server -c "$KVR_TMP/nats$i/nats.conf"
+    done
+    for ((i = 1; i <= n; i++)); do
+        kvr_wait_nats_node "$i" 30 || kvr_fail "nats node $i not healthy"
+    done
+}
+# kvr_wait_nats_node I [SECONDS]: until node I answers /healthz with 200 (JetStream current).
+kvr_wait_nats_node() {
+    local i=$1 t=${2:-30} k
+    for ((k = 0; k < t * 10; k++)); do
+        [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 \
+            "http://127.0.0.1:${NATS_NODE_MON[$i]}/healthz")" = 200 ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+kvr_restart_nats_node() {
+    kvr_spawn "nats$1" nats-server -c "$KVR_TMP/nats$1/nats.conf"
+    kvr_wait_nats_node "$1" 30 || kvr_fail "nats node $1 not healthy after restart"
 }
 
 # kvr_wait_http URL [SECONDS] [EXPECTED_STATUS]: poll until the URL answers the status (200).
