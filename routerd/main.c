@@ -3,6 +3,7 @@
 #include "kvr_flags.h"
 #include "kvr_log.h"
 #include "kvr_nats.h"
+#include "kvr_nats_flags.h"
 #include "routerd.h"
 
 #include <signal.h>
@@ -61,7 +62,9 @@ int main(int argc, char **argv)
     int64_t election_ms = 500, raft_max_inflight = 0, raft_snapshot_threshold = 0;
     int64_t frontend_timeout_ms = 10000, max_request_age_ms = 600000;
     bool join = false, nats_batch = false, best_effort = false;
+    kvr_nats_flags nats_sec = {0};
     kvr_flag flags[] = {
+        KVR_NATS_FLAG_ENTRIES(&nats_sec),
         {"id", KVR_FLAG_U64, &id, "router id (>= 1; also the Raft id)", false},
         {"nats", KVR_FLAG_STRING, &nats, "NATS URL(s)", false},
         {"http", KVR_FLAG_STRING, &http, "HTTP listen address host:port", false},
@@ -101,6 +104,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvr-routerd: bad --log-level %s\n", log_level);
         return 2;
     }
+    if (kvr_nats_flags_load(&nats_sec, &err) != 0) {
+        fprintf(stderr, "kvr-routerd: %s\n", err.msg);
+        return 2;
+    }
     int64_t max_bytes = 0;
     if (parse_size(max_bytes_s, &max_bytes) != 0) {
         fprintf(stderr, "kvr-routerd: bad --stream-max-bytes %s\n", max_bytes_s);
@@ -130,6 +137,7 @@ int main(int argc, char **argv)
     kvr_routerd_config cfg = {
         .id = (uint32_t)id,
         .nats_url = nats,
+        .nats_flags = &nats_sec,
         .http_addr = http,
         .data_dir = data_dir,
         .ns = ns,
@@ -164,6 +172,7 @@ int main(int argc, char **argv)
     kvr_routerd_free(g_rd);
     uv_loop_close(loop);
     kvr_nats_global_shutdown(2000);
+    kvr_nats_flags_free(&nats_sec);
     KVR_LOG_INFO("exited", "id=%llu", (unsigned long long)id);
     return 0;
 }
