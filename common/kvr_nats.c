@@ -3,6 +3,7 @@
 
 #include "kvr_log.h"
 #include "kvr_nats_core.h"
+#include "kvr_nkey.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -1131,6 +1132,7 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
     pthread_mutex_init(&ki->mu, NULL);
     pthread_cond_init(&ki->cv, NULL);
     int rc = 0;
+    char *seed = NULL, *jwt = NULL, nkey_pub[KVR_NKEY_PUB_LEN + 1];
     natsOptions *no = NULL;
     natsStatus s = natsOptions_Create(&no);
     if (s != NATS_OK) {
@@ -1160,6 +1162,36 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
         CHK(natsOptions_SetUserInfo(no, o->user, o->password), "user info");
     if (o->token)
         CHK(natsOptions_SetToken(no, o->token), "token");
+    if (o->nkey_seed_file && o->creds_file) {
+        rc = kvr_err_set(err, KVR_EINVAL, "nats: an NKEY seed file or a creds file, not both");
+        goto fail;
+    }
+    /* read once here (startup, off any loop's hot path): the native client signs nonces with
+     * the seed; cnats reads the files itself */
+    if (o->nkey_seed_file) {
+        rc = kvr_nkey_read_file(o->nkey_seed_file, &seed, err);
+        if (rc == 0)
+            rc = kvr_nkey_public(seed, nkey_pub, err);
+        if (rc != 0) {
+            kvr_err_wrap(err, rc, "nats nkey %s", o->nkey_seed_file);
+            goto fail;
+        }
+        CHK(natsOptions_SetNKeyFromSeed(no, nkey_pub, o->nkey_seed_file), "nkey");
+    }
+    if (o->creds_file) {
+        char *text = NULL;
+        rc = kvr_nkey_read_file(o->creds_file, &text, err);
+        if (rc == 0)
+            rc = kvr_nkey_parse_creds(text, &jwt, &seed, err);
+        if (rc == 0)
+            rc = kvr_nkey_public(seed, nkey_pub, err);
+        kvr_nkey_wipe(text);
+        if (rc != 0) {
+            kvr_err_wrap(err, rc, "nats creds %s", o->creds_file);
+            goto fail;
+        }
+        CHK(natsOptions_SetUserCredentialsFromFiles(no, o->creds_file, NULL), "creds");
+    }
     if (o->tls || o->tls_ca_file || o->tls_cert_file || o->tls_key_file) {
         CHK(natsOptions_SetSecure(no, true), "tls");
         if (o->tls_ca_file)
@@ -1208,14 +1240,19 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
     ki->handles_open++;
     kn->impl = ki;
 
-    bool tls = o->tls || o->tls_ca_file || o->tls_cert_file || o->tls_key_file;
-    if (!tls && !o->threaded_core) {
+    if (!o->threaded_core) {
         kvr_nats_core_opts co = {
             .urls = o->url,
             .name = o->name,
             .user = o->user,
             .password = o->password,
             .token = o->token,
+            .nkey_seed = seed,
+            .jwt = jwt,
+            .tls = o->tls,
+            .tls_ca_file = o->tls_ca_file,
+            .tls_cert_file = o->tls_cert_file,
+            .tls_key_file = o->tls_key_file,
             .connect_timeout_ms = o->connect_timeout_ms,
             .reconnect_wait_ms = (int)ki->reconnect_wait_ms,
             .max_reconnect_wait_ms = (int)ki->max_reconnect_wait_ms,
@@ -1235,7 +1272,9 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
             atomic_store(&ki->connected, true);
             push_state(ki, KVR_NATS_CONNECTED, false);
         } else if (s != NATS_NOT_YET_CONNECTED) {
-            rc = kvr_err_set(err, KVR_EIO, "nats: connecting to %s: %s", o->url, natsStatus_GetText(s));
+            char red[512];
+            rc = kvr_err_set(err, KVR_EIO, "nats: connecting to %s: %s",
+                             kvr_nats_redact_url(o->url, red, sizeof red), natsStatus_GetText(s));
             goto fail_handles;
         }
     }
@@ -1259,7 +1298,9 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
     }
     s = natsConnection_Connect(&ki->jnc, no);
     if (s != NATS_OK && s != NATS_NOT_YET_CONNECTED) {
-        rc = kvr_err_set(err, KVR_EIO, "nats: connecting to %s: %s", o->url, natsStatus_GetText(s));
+        char red[512];
+        rc = kvr_err_set(err, KVR_EIO, "nats: connecting to %s: %s",
+                         kvr_nats_redact_url(o->url, red, sizeof red), natsStatus_GetText(s));
         goto fail_handles;
     }
     natsOptions_Destroy(no);
@@ -1301,6 +1342,8 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
     if (rc != 0)
         goto fail_handles;
     uv_timer_start(&ki->watchdog, on_watchdog, KN_WATCHDOG_MS, KN_WATCHDOG_MS);
+    kvr_nkey_wipe(seed); /* the native client keeps its own copy */
+    free(jwt);
     return 0;
 
 fail_handles:
@@ -1328,8 +1371,12 @@ fail_handles:
     uv_close((uv_handle_t *)&ki->watchdog, NULL);
     ki->close_started = true;
     ki->closing = true;
+    kvr_nkey_wipe(seed);
+    free(jwt);
     return rc;
 fail:
+    kvr_nkey_wipe(seed);
+    free(jwt);
     if (no)
         natsOptions_Destroy(no);
     pthread_mutex_destroy(&ki->mu);
@@ -1596,4 +1643,45 @@ int kvr_nats_close(kvr_nats *kn, kvr_nats_close_cb close_cb)
 void kvr_nats_global_shutdown(int timeout_ms)
 {
     nats_CloseAndWait(timeout_ms > 0 ? timeout_ms : 2000);
+}
+
+/* ---------- redaction ---------- */
+
+const char *kvr_nats_redact_url(const char *urls, char *out, size_t cap)
+{
+    if (cap == 0)
+        return out;
+    size_t o = 0;
+    const char *p = urls ? urls : "";
+    /* per comma-separated URL: everything between "://" (or the start) and the last '@'
+     * before the next comma is a credential */
+    while (*p && o + 1 < cap) {
+        size_t len = strcspn(p, ",");
+        const char *at = NULL;
+        for (size_t i = 0; i < len; i++)
+            if (p[i] == '@')
+                at = p + i;
+        const char *sep = NULL;
+        for (size_t i = 0; i + 2 < len; i++)
+            if (p[i] == ':' && p[i + 1] == '/' && p[i + 2] == '/') {
+                sep = p + i + 3;
+                break;
+            }
+        const char *cred = sep && (!at || sep <= at) ? sep : p;
+        for (const char *q = p; q < p + len && o + 1 < cap;) {
+            if (at && q == cred) {
+                const char *mask = "***@";
+                for (size_t k = 0; mask[k] && o + 1 < cap; k++)
+                    out[o++] = mask[k];
+                q = at + 1;
+                continue;
+            }
+            out[o++] = *q++;
+        }
+        p += len;
+        if (*p == ',' && o + 1 < cap)
+            out[o++] = *p++;
+    }
+    out[o] = 0;
+    return out;
 }

@@ -1,9 +1,9 @@
 /* kvr_nats: NATS for one libuv loop. Core traffic and JetStream take different paths.
  *
  * Core (subscriptions, publishes, requests, the user's state callbacks): kvroute's own client
- * for the NATS protocol (kvr_nats_core.h) on the loop thread. A message is delivered in the
- * read callback that parsed it; what the loop publishes in one turn leaves in one write. With
- * TLS (or threaded_core), cnats carries core traffic instead: its one process-wide delivery
+ * for the NATS protocol (kvr_nats_core.h) on the loop thread, TLS included. A message is
+ * delivered in the read callback that parsed it; what the loop publishes in one turn leaves in
+ * one write. With threaded_core, cnats carries core traffic instead: its one process-wide delivery
  * thread (natsOptions_UseGlobalMessageDelivery) copies every message into a mutex-protected
  * queue and wakes the loop with one uv_async_t.
  *
@@ -85,7 +85,12 @@ typedef struct kvr_nats_opts {
     const char *name; /* connection name shown by the server; may be NULL */
     const char *user, *password; /* may be NULL */
     const char *token;           /* may be NULL */
-    /* TLS: any of these set (or tls=true) enables TLS; files are PEM, passed to cnats. */
+    /* NKEY: a file holding a user seed ("SU..."); creds: a .creds file (user JWT + seed, as
+     * nsc writes it). At most one of the two. Read by kvr_nats_init (blocking, at startup). */
+    const char *nkey_seed_file, *creds_file;
+    /* TLS: any of these set (or tls=true, or a tls:// URL) enables TLS on both connections;
+     * files are PEM. The server's certificate is verified against tls_ca_file (else the
+     * system store) and the URL's host name or IP; cert+key: mutual TLS. */
     bool tls;
     const char *tls_ca_file, *tls_cert_file, *tls_key_file;
     int connect_timeout_ms;    /* 0 → 2000 */
@@ -112,6 +117,10 @@ struct kvr_nats {
     void *data; /* user's */
     kvr_nats_impl *impl;
 };
+
+/* Copies urls into out with every credential (user:pass@, token@) replaced by "***@", for log
+ * lines and error messages. Truncated to cap; returns out. Any thread. */
+const char *kvr_nats_redact_url(const char *urls, char *out, size_t cap);
 
 /* Starts connecting (in the background) and returns at once. err explains a failure (bad
  * options, out of memory). */

@@ -4,8 +4,13 @@
 
 #include "kvr_json.h"
 #include "kvr_log.h"
+#include "kvr_nkey.h"
 
+#include <cjson/cJSON.h>
 #include <inttypes.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,11 +23,16 @@
 #define NC_DEFAULT_MAX_PAYLOAD (1024 * 1024)
 #define NC_FLUSH_AT (64 * 1024) /* write at once past this, not only before the loop sleeps */
 #define NC_READ_CHUNK (64 * 1024)
+#define NC_MAX_SERVERS 64 /* pool bound: INFO connect_urls cannot grow it further */
+#define NC_TLS_CHUNK (256 * 1024)
 
 typedef struct nc_url {
     char host[256];
     int port;
     char *user, *pass, *token;
+    bool tls;           /* tls:// */
+    char tls_name[256]; /* name or IP the server's certificate must carry */
+    bool discovered;    /* from INFO connect_urls */
 } nc_url;
 
 typedef struct nc_sub {
@@ -40,6 +50,12 @@ typedef struct nc_sock {
     kvr_buf wbuf; /* bytes handed to uv_write */
     bool writing;
     kvr_nats_core *c;
+    /* TLS (after INFO): ssl reads what on_read puts into rbio and writes records into wbio;
+     * tls_out holds records not yet handed to the socket, raw is the read buffer. */
+    SSL *ssl;
+    BIO *rbio, *wbio;
+    kvr_buf tls_out;
+    char *raw;
 } nc_sock;
 
 typedef struct nc_resolve {
@@ -49,14 +65,16 @@ typedef struct nc_resolve {
     uint64_t gen;
 } nc_resolve;
 
-enum { NC_IDLE, NC_RESOLVING, NC_TCP, NC_INFO_WAIT, NC_HANDSHAKE, NC_UP };
+enum { NC_IDLE, NC_RESOLVING, NC_TCP, NC_INFO_WAIT, NC_TLS, NC_HANDSHAKE, NC_UP };
 
 struct kvr_nats_core {
     uv_loop_t *loop;
     kvr_nats_core_opts o;
-    char *name, *user, *password, *token;
+    char *name, *user, *password, *token, *nkey_seed, *jwt;
+    char *nonce;      /* from the current attempt's INFO, signed in CONNECT */
+    SSL_CTX *ssl_ctx; /* NULL: TLS not configured */
     nc_url *urls;
-    int n_urls, next_url;
+    int n_urls, next_url, cur_url;
     nc_sock *sock;        /* current attempt or connection; NULL when idle */
     nc_resolve *resolve;  /* current name lookup, or NULL */
     int resolves_pending; /* lookups whose callback has not run (cancelled ones included) */
@@ -81,6 +99,8 @@ struct kvr_nats_core {
 static void nc_attempt(kvr_nats_core *c);
 static void nc_drop(kvr_nats_core *c, const char *why);
 static void nc_flush(kvr_nats_core *c);
+static int tls_encrypt(kvr_nats_core *c, nc_sock *s);
+static int send_handshake(kvr_nats_core *c);
 
 bool kvr_nats_core_valid_token(const char *s)
 {
@@ -109,12 +129,17 @@ static int parse_one_url(const char *s, size_t len, nc_url *u, kvr_err *err)
         s++, len--;
     while (len && (s[len - 1] == ' ' || s[len - 1] == '\t'))
         len--;
-    if (len >= 7 && !strncmp(s, "nats://", 7))
+    if (len >= 7 && !strncmp(s, "nats://", 7)) {
         s += 7, len -= 7;
-    else if (memchr(s, ':', len) && len >= 3 && memmem(s, len, "://", 3))
-        return kvr_err_set(err, KVR_EUNSUPPORTED,
-                           "nats url %.*s: only nats:// here (TLS goes through cnats)", (int)len,
-                           s);
+    } else if (len >= 6 && !strncmp(s, "tls://", 6)) {
+        s += 6, len -= 6;
+        u->tls = true;
+    } else if (memchr(s, ':', len) && len >= 3 && memmem(s, len, "://", 3)) {
+        /* no credentials in this message: the scheme is all that is shown */
+        const char *sep = memmem(s, len, "://", 3);
+        return kvr_err_set(err, KVR_EUNSUPPORTED, "nats url: scheme %.*s:// (nats:// or tls://)",
+                           (int)(sep - s), s);
+    }
     const char *at = memchr(s, '@', len);
     if (at) {
         const char *colon = memchr(s, ':', (size_t)(at - s));
@@ -147,6 +172,7 @@ static int parse_one_url(const char *s, size_t len, nc_url *u, kvr_err *err)
         return kvr_err_set(err, KVR_EINVAL, "nats url: bad host in %.*s", (int)len, s);
     memcpy(u->host, hs, (size_t)(he - hs));
     u->host[he - hs] = 0;
+    memcpy(u->tls_name, u->host, sizeof u->tls_name);
     u->port = 4222;
     if (port_at) {
         char pb[8];
@@ -168,8 +194,8 @@ static void free_urls(kvr_nats_core *c)
 {
     for (int i = 0; i < c->n_urls; i++) {
         free(c->urls[i].user);
-        free(c->urls[i].pass);
-        free(c->urls[i].token);
+        kvr_nkey_wipe(c->urls[i].pass);
+        kvr_nkey_wipe(c->urls[i].token);
     }
     free(c->urls);
     c->urls = NULL;
@@ -181,7 +207,9 @@ static int parse_urls(kvr_nats_core *c, const char *urls, kvr_err *err)
     int n = 1;
     for (const char *p = urls; *p; p++)
         n += *p == ',';
-    c->urls = calloc((size_t)n, sizeof *c->urls);
+    if (n > NC_MAX_SERVERS)
+        return kvr_err_set(err, KVR_ELIMIT, "nats: more than %d urls", NC_MAX_SERVERS);
+    c->urls = calloc(NC_MAX_SERVERS, sizeof *c->urls);
     if (!c->urls)
         return kvr_err_set(err, KVR_ENOMEM, "nats: out of memory");
     const char *p = urls;
@@ -215,6 +243,11 @@ static void free_core(kvr_nats_core *c)
     free(c->user);
     free(c->password);
     free(c->token);
+    kvr_nkey_wipe(c->nkey_seed);
+    free(c->jwt);
+    free(c->nonce);
+    if (c->ssl_ctx)
+        SSL_CTX_free(c->ssl_ctx);
     kvr_buf_free(&c->in);
     kvr_buf_free(&c->out);
     free(c);
@@ -243,6 +276,10 @@ static void sock_closed(uv_handle_t *h)
     nc_sock *s = h->data;
     kvr_nats_core *c = s->c;
     kvr_buf_free(&s->wbuf);
+    kvr_buf_free(&s->tls_out);
+    if (s->ssl)
+        SSL_free(s->ssl); /* and its BIOs */
+    free(s->raw);
     free(s);
     c->handles_open--;
     maybe_finish_close(c);
@@ -280,9 +317,21 @@ static void on_write(uv_write_t *w, int status)
 static void nc_flush(kvr_nats_core *c)
 {
     nc_sock *s = c->sock;
-    if (!s || s->writing || c->st < NC_HANDSHAKE || c->out.len == 0)
+    if (!s || s->writing)
         return;
-    uv_buf_t b = uv_buf_init(c->out.base, (unsigned)c->out.len);
+    kvr_buf *src = &c->out;
+    if (s->ssl) {
+        /* TLS: frames become records only when the socket can take them, so out stays the
+         * bounded queue; handshake records (before CONNECT) go out in any state */
+        if (tls_encrypt(c, s) != 0)
+            return;
+        src = &s->tls_out;
+    } else if (c->st < NC_HANDSHAKE) {
+        return;
+    }
+    if (src->len == 0)
+        return;
+    uv_buf_t b = uv_buf_init(src->base, (unsigned)src->len);
     int n = uv_try_write((uv_stream_t *)&s->tcp, &b, 1);
     if (n == UV_EAGAIN)
         n = 0;
@@ -290,13 +339,13 @@ static void nc_flush(kvr_nats_core *c)
         nc_drop(c, uv_strerror(n));
         return;
     }
-    kvr_buf_consume(&c->out, (size_t)n);
-    if (c->out.len == 0)
+    kvr_buf_consume(src, (size_t)n);
+    if (src->len == 0)
         return;
     kvr_buf t = s->wbuf;
-    s->wbuf = c->out;
-    c->out = t;
-    c->out.len = 0;
+    s->wbuf = *src;
+    *src = t;
+    src->len = 0;
     b = uv_buf_init(s->wbuf.base, (unsigned)s->wbuf.len);
     s->wreq.data = s;
     int rc = uv_write(&s->wreq, (uv_stream_t *)&s->tcp, &b, 1, on_write);
@@ -306,6 +355,117 @@ static void nc_flush(kvr_nats_core *c)
         return;
     }
     s->writing = true;
+}
+
+/* ---------- TLS ---------- */
+
+static const char *tls_error(nc_sock *s, char *buf, size_t cap)
+{
+    long vr = s->ssl ? SSL_get_verify_result(s->ssl) : X509_V_OK;
+    unsigned long e = ERR_get_error();
+    if (vr != X509_V_OK)
+        snprintf(buf, cap, "tls: certificate verify failed: %s", X509_verify_cert_error_string(vr));
+    else if (e)
+        snprintf(buf, cap, "tls: %s",
+                 ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "error");
+    else
+        snprintf(buf, cap, "tls: handshake failed");
+    ERR_clear_error();
+    return buf;
+}
+
+/* Encrypts what out holds (once the TLS handshake is done) and moves every pending record
+ * into tls_out. Returns 0, or -1 after dropping the connection. */
+static int tls_encrypt(kvr_nats_core *c, nc_sock *s)
+{
+    while (c->st >= NC_HANDSHAKE && c->out.len) {
+        size_t n = c->out.len < NC_TLS_CHUNK ? c->out.len : NC_TLS_CHUNK;
+        int w = SSL_write(s->ssl, c->out.base, (int)n);
+        if (w <= 0) {
+            int e = SSL_get_error(s->ssl, w);
+            if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+                break; /* a post-handshake message first; out is kept */
+            char eb[160];
+            nc_drop(c, tls_error(s, eb, sizeof eb));
+            return -1;
+        }
+        kvr_buf_consume(&c->out, (size_t)w);
+    }
+    size_t pend;
+    while ((pend = BIO_ctrl_pending(s->wbio)) > 0) {
+        if (kvr_buf_reserve(&s->tls_out, pend) != 0) {
+            nc_drop(c, "out of memory");
+            return -1;
+        }
+        int r = BIO_read(s->wbio, s->tls_out.base + s->tls_out.len, (int)pend);
+        if (r <= 0)
+            break;
+        s->tls_out.len += (size_t)r;
+    }
+    return 0;
+}
+
+/* After INFO: a TLS client session on memory BIOs, verifying the server's name or IP. */
+static int tls_start(kvr_nats_core *c, const nc_url *u)
+{
+    nc_sock *s = c->sock;
+    if (!s)
+        return KVR_EINVAL; /* kvr_nats_core_feed: no socket to secure */
+    s->raw = malloc(NC_READ_CHUNK);
+    s->ssl = SSL_new(c->ssl_ctx);
+    s->rbio = BIO_new(BIO_s_mem());
+    s->wbio = BIO_new(BIO_s_mem());
+    if (!s->raw || !s->ssl || !s->rbio || !s->wbio) {
+        BIO_free(s->rbio);
+        BIO_free(s->wbio);
+        s->rbio = s->wbio = NULL;
+        return KVR_ENOMEM;
+    }
+    BIO_set_mem_eof_return(s->rbio, -1);   /* empty means "want more", not end of stream */
+    SSL_set_bio(s->ssl, s->rbio, s->wbio); /* ssl owns them now */
+    SSL_set_connect_state(s->ssl);
+    X509_VERIFY_PARAM *vp = SSL_get0_param(s->ssl);
+    if (X509_VERIFY_PARAM_set1_ip_asc(vp, u->tls_name) != 1) {
+        if (SSL_set1_host(s->ssl, u->tls_name) != 1 ||
+            SSL_set_tlsext_host_name(s->ssl, u->tls_name) != 1)
+            return KVR_EINVAL;
+    }
+    c->st = NC_TLS;
+    int r = SSL_do_handshake(s->ssl);
+    if (r <= 0 && SSL_get_error(s->ssl, r) != SSL_ERROR_WANT_READ)
+        return KVR_EIO;
+    return 0;
+}
+
+static int tls_ctx_init(kvr_nats_core *c, const kvr_nats_core_opts *o, kvr_err *err)
+{
+    const char *what = "creating the context";
+    c->ssl_ctx = SSL_CTX_new(TLS_client_method());
+    if (!c->ssl_ctx)
+        goto fail;
+    SSL_CTX_set_min_proto_version(c->ssl_ctx, TLS1_2_VERSION);
+    SSL_CTX_set_verify(c->ssl_ctx, SSL_VERIFY_PEER, NULL);
+    what = o->tls_ca_file ? o->tls_ca_file : "the system CA store";
+    if (o->tls_ca_file ? SSL_CTX_load_verify_locations(c->ssl_ctx, o->tls_ca_file, NULL) != 1
+                       : SSL_CTX_set_default_verify_paths(c->ssl_ctx) != 1)
+        goto fail;
+    if (!o->tls_cert_file != !o->tls_key_file)
+        return kvr_err_set(err, KVR_EINVAL, "nats tls: client cert and key go together");
+    if (o->tls_cert_file) {
+        what = o->tls_cert_file;
+        if (SSL_CTX_use_certificate_chain_file(c->ssl_ctx, o->tls_cert_file) != 1)
+            goto fail;
+        what = o->tls_key_file;
+        if (SSL_CTX_use_PrivateKey_file(c->ssl_ctx, o->tls_key_file, SSL_FILETYPE_PEM) != 1 ||
+            SSL_CTX_check_private_key(c->ssl_ctx) != 1)
+            goto fail;
+    }
+    return 0;
+fail:;
+    unsigned long e = ERR_get_error();
+    ERR_clear_error();
+    return kvr_err_set(err, KVR_EINVAL, "nats tls: loading %s: %s", what,
+                       e && ERR_reason_error_string(e) ? ERR_reason_error_string(e) : "failed");
 }
 
 static void on_prepare(uv_prepare_t *p)
@@ -391,6 +551,11 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
     (void)hint;
     nc_sock *s = h->data;
     kvr_nats_core *c = s->c;
+    if (s->raw) { /* TLS: records, decrypted in on_read */
+        buf->base = s->raw;
+        buf->len = NC_READ_CHUNK;
+        return;
+    }
     if (kvr_buf_reserve(&c->in, NC_READ_CHUNK) != 0) {
         buf->base = NULL;
         buf->len = 0;
@@ -468,7 +633,8 @@ static void nc_attempt(kvr_nats_core *c)
 {
     if (c->closing || c->st != NC_IDLE)
         return;
-    const nc_url *u = &c->urls[c->next_url++ % c->n_urls];
+    c->cur_url = c->next_url++ % c->n_urls;
+    const nc_url *u = &c->urls[c->cur_url];
     c->gen++;
     uv_timer_start(&c->hs_timer, on_hs_timeout, (uint64_t)c->o.connect_timeout_ms, 0);
     struct sockaddr_in6 sa;
@@ -512,14 +678,30 @@ static int build_handshake(kvr_nats_core *c, const nc_url *u, kvr_buf *hs)
     const char *user = u->user ? u->user : c->user;
     const char *pass = u->user ? u->pass : c->password;
     const char *token = u->token ? u->token : (u->user ? NULL : c->token);
-    int rc =
-        kvr_buf_append_cstr(hs, "CONNECT {\"verbose\":false,\"pedantic\":false,"
-                                "\"tls_required\":false,\"lang\":\"C\",\"version\":\"kvroute\","
-                                "\"protocol\":1,\"echo\":true,\"headers\":true,"
-                                "\"no_responders\":true");
+    char pub[KVR_NKEY_PUB_LEN + 1] = "", sig[KVR_NKEY_SIG_LEN + 1] = "";
+    if (c->nkey_seed && c->nonce) {
+        kvr_err e = {0};
+        if (kvr_nkey_sign(c->nkey_seed, c->nonce, strlen(c->nonce), sig, &e) != 0 ||
+            (!c->jwt && kvr_nkey_public(c->nkey_seed, pub, &e) != 0)) {
+            KVR_LOG_ERROR_RL(5, "nats nkey", "error=\"%s\"", e.msg);
+            return KVR_EINVAL;
+        }
+    }
+    int rc = kvr_buf_appendf(hs,
+                             "CONNECT {\"verbose\":false,\"pedantic\":false,"
+                             "\"tls_required\":%s,\"lang\":\"C\",\"version\":\"kvroute\","
+                             "\"protocol\":1,\"echo\":true,\"headers\":true,"
+                             "\"no_responders\":true",
+                             c->sock && c->sock->ssl ? "true" : "false");
     struct {
         const char *key, *val;
-    } f[] = {{"name", c->name}, {"user", user}, {"pass", pass}, {"auth_token", token}};
+    } f[] = {{"name", c->name},
+             {"user", user},
+             {"pass", pass},
+             {"auth_token", token},
+             {"jwt", sig[0] ? c->jwt : NULL},
+             {"nkey", pub[0] ? pub : NULL},
+             {"sig", sig[0] ? sig : NULL}};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
         if (!f[i].val)
             continue;
@@ -532,7 +714,25 @@ static int build_handshake(kvr_nats_core *c, const nc_url *u, kvr_buf *hs)
         if (c->subs[i])
             rc |= append_sub(hs, c->subs[i]);
     rc |= kvr_buf_append(hs, c->out.base, c->out.len);
+    OPENSSL_cleanse(sig, sizeof sig);
     return rc ? KVR_ENOMEM : 0;
+}
+
+/* CONNECT goes out ahead of everything queued; the handshake ends at the server's PONG. */
+static int send_handshake(kvr_nats_core *c)
+{
+    kvr_buf hs;
+    kvr_buf_init(&hs);
+    int rc = build_handshake(c, &c->urls[c->cur_url], &hs);
+    if (rc != 0) {
+        kvr_buf_free(&hs);
+        return rc;
+    }
+    kvr_buf_free(&c->out);
+    c->out = hs;
+    c->st = NC_HANDSHAKE;
+    nc_flush(c);
+    return 0;
 }
 
 /* ---------- protocol: parsing ---------- */
@@ -578,34 +778,82 @@ static bool op_is(const char *line, size_t len, const char *op)
     return len == n || line[n] == ' ' || line[n] == '\t';
 }
 
-/* INFO: max_payload, and whether the server insists on TLS (which we cannot do). */
-static int handle_info(kvr_nats_core *c, const char *json, size_t len)
+/* A server of the cluster named in INFO connect_urls joins the pool, with the credentials and
+ * TLS name of the URL it was learned from (cnats does the same for implicit servers). */
+static void add_discovered(kvr_nats_core *c, const char *hostport)
 {
-    const char *k = memmem(json, len, "\"max_payload\":", 14);
-    if (k) {
-        uint64_t v = strtoull(k + 14, NULL, 10);
-        if (v > 0 && v < ((uint64_t)1 << 40))
-            c->max_payload = (size_t)v;
+    if (c->n_urls >= NC_MAX_SERVERS || strchr(hostport, '@') || strstr(hostport, "://"))
+        return;
+    nc_url d;
+    if (parse_one_url(hostport, strlen(hostport), &d, NULL) != 0)
+        return;
+    for (int i = 0; i < c->n_urls; i++)
+        if (c->urls[i].port == d.port && !strcmp(c->urls[i].host, d.host))
+            return;
+    const nc_url *from = &c->urls[c->cur_url];
+    d.user = from->user ? strdup(from->user) : NULL;
+    d.pass = from->pass ? strdup(from->pass) : NULL;
+    d.token = from->token ? strdup(from->token) : NULL;
+    if ((from->user && !d.user) || (from->pass && !d.pass) || (from->token && !d.token)) {
+        free(d.user);
+        kvr_nkey_wipe(d.pass);
+        kvr_nkey_wipe(d.token);
+        return;
     }
-    if (memmem(json, len, "\"tls_required\":true", 19)) {
-        KVR_LOG_ERROR_RL(5, "nats server requires TLS: configure the TLS options", "urls=%d",
-                         c->n_urls);
-        return KVR_EUNSUPPORTED;
+    d.tls = from->tls;
+    memcpy(d.tls_name, from->tls_name, sizeof d.tls_name);
+    d.discovered = true;
+    c->urls[c->n_urls++] = d;
+    KVR_LOG_INFO("nats server discovered", "server=%s:%d servers=%d", d.host, d.port, c->n_urls);
+}
+
+/* INFO: max_payload, the nonce to sign, the cluster's other servers, and TLS: it starts here
+ * when configured or when the server requires it. Returns NULL or why the connection must be
+ * dropped. */
+static const char *handle_info(kvr_nats_core *c, const char *json, size_t len)
+{
+    cJSON *j = cJSON_ParseWithLength(json, len);
+    if (!j)
+        return "malformed INFO";
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, "max_payload");
+    if (cJSON_IsNumber(v) && v->valuedouble > 0 && v->valuedouble < (double)((uint64_t)1 << 40))
+        c->max_payload = (size_t)v->valuedouble;
+    const cJSON *urls = cJSON_GetObjectItemCaseSensitive(j, "connect_urls");
+    const cJSON *it;
+    cJSON_ArrayForEach(it, urls)
+    {
+        if (cJSON_IsString(it))
+            add_discovered(c, it->valuestring);
     }
+    bool tls_req = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "tls_required"));
+    const cJSON *nonce = cJSON_GetObjectItemCaseSensitive(j, "nonce");
+    const char *why = NULL;
     if (c->st != NC_INFO_WAIT)
-        return 0; /* an update (cluster topology): nothing we use */
-    kvr_buf hs;
-    kvr_buf_init(&hs);
-    const nc_url *u = &c->urls[(c->next_url + c->n_urls - 1) % c->n_urls];
-    if (build_handshake(c, u, &hs) != 0) {
-        kvr_buf_free(&hs);
-        return KVR_ENOMEM;
+        goto out; /* an update (cluster topology) */
+    free(c->nonce);
+    c->nonce = cJSON_IsString(nonce) ? strdup(nonce->valuestring) : NULL;
+    if (c->nkey_seed && !c->nonce) {
+        why = "server sent no nonce for NKEY authentication";
+        goto out;
     }
-    kvr_buf_free(&c->out);
-    c->out = hs;
-    c->st = NC_HANDSHAKE;
-    nc_flush(c);
-    return 0;
+    const nc_url *u = &c->urls[c->cur_url];
+    if (tls_req || u->tls || c->ssl_ctx) {
+        if (!c->ssl_ctx) {
+            KVR_LOG_ERROR_RL(5, "nats server requires TLS: configure the TLS options",
+                             "server=%s:%d", u->host, u->port);
+            why = "server requires TLS";
+        } else if (tls_start(c, u) != 0) {
+            why = "tls: could not start the handshake";
+        } else {
+            nc_flush(c); /* ClientHello */
+        }
+        goto out;
+    }
+    if (send_handshake(c) != 0)
+        why = "could not build CONNECT";
+out:
+    cJSON_Delete(j);
+    return why;
 }
 
 static void handle_pong(kvr_nats_core *c)
@@ -618,9 +866,9 @@ static void handle_pong(kvr_nats_core *c)
     uv_timer_stop(&c->hs_timer);
     bool first = !c->ever_up;
     c->ever_up = true;
-    KVR_LOG_INFO(first ? "nats connected" : "nats reconnected", "server=%s:%d",
-                 c->urls[(c->next_url + c->n_urls - 1) % c->n_urls].host,
-                 c->urls[(c->next_url + c->n_urls - 1) % c->n_urls].port);
+    KVR_LOG_INFO(first ? "nats connected" : "nats reconnected", "server=%s:%d tls=%s",
+                 c->urls[c->cur_url].host, c->urls[c->cur_url].port,
+                 c->sock && c->sock->ssl ? "yes" : "no");
     if (c->o.on_event)
         c->o.on_event(c->o.cb_data, first ? KVR_NATS_CORE_CONNECTED : KVR_NATS_CORE_RECONNECTED);
 }
@@ -711,11 +959,9 @@ static bool parse(kvr_nats_core *c)
              * one subject is not fatal */
         } else if (op_is(line, ll, "INFO")) {
             off += ll + 2;
-            int rc = handle_info(c, line + 4, ll - 4);
-            if (rc != 0) {
-                why = rc == KVR_EUNSUPPORTED ? "server requires TLS" : "out of memory";
+            why = handle_info(c, line + 4, ll - 4);
+            if (why)
                 break;
-            }
         } else {
             why = "unknown protocol operation";
             break;
@@ -732,15 +978,64 @@ static bool parse(kvr_nats_core *c)
     return true;
 }
 
+/* Feeds n record bytes from s->raw to OpenSSL: finishes the handshake (then CONNECT), and
+ * appends what decrypts to c->in. Returns 0, or -1 after dropping the connection. */
+static int tls_read(kvr_nats_core *c, nc_sock *s, size_t n)
+{
+    char eb[160];
+    if (n && BIO_write(s->rbio, s->raw, (int)n) != (int)n) {
+        nc_drop(c, "out of memory");
+        return -1;
+    }
+    if (c->st == NC_TLS) {
+        int r = SSL_do_handshake(s->ssl);
+        if (r <= 0) {
+            if (SSL_get_error(s->ssl, r) != SSL_ERROR_WANT_READ) {
+                nc_drop(c, tls_error(s, eb, sizeof eb));
+                return -1;
+            }
+            nc_flush(c);
+            return c->sock == s ? 0 : -1;
+        }
+        if (send_handshake(c) != 0) {
+            nc_drop(c, "out of memory");
+            return -1;
+        }
+    }
+    for (;;) {
+        if (kvr_buf_reserve(&c->in, NC_READ_CHUNK) != 0) {
+            nc_drop(c, "out of memory");
+            return -1;
+        }
+        int r = SSL_read(s->ssl, c->in.base + c->in.len, (int)(c->in.cap - c->in.len));
+        if (r > 0) {
+            c->in.len += (size_t)r; /* at most one read's records more than before */
+            continue;
+        }
+        int e = SSL_get_error(s->ssl, r);
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+            break;
+        nc_drop(c, e == SSL_ERROR_ZERO_RETURN ? "closed by server" : tls_error(s, eb, sizeof eb));
+        return -1;
+    }
+    return 0;
+}
+
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 {
-    (void)buf;
     nc_sock *s = st->data;
     kvr_nats_core *c = s->c;
     if (s != c->sock || c->closing)
         return;
     if (nread < 0) {
         nc_drop(c, nread == UV_EOF ? "closed by server" : uv_strerror((int)nread));
+        return;
+    }
+    if (s->ssl && buf->base == s->raw) {
+        if (tls_read(c, s, (size_t)nread) != 0)
+            return;
+        if (parse(c))
+            nc_flush(c); /* TLS answers (tickets, key updates) and what parse queued */
         return;
     }
     c->in.len += (size_t)nread;
@@ -781,13 +1076,27 @@ int kvr_nats_core_init(kvr_nats_core **out, uv_loop_t *loop, const kvr_nats_core
     c->user = dup_or_null(o->user);
     c->password = dup_or_null(o->password);
     c->token = dup_or_null(o->token);
-    c->o.name = c->o.user = c->o.password = c->o.token = NULL;
+    c->nkey_seed = dup_or_null(o->nkey_seed);
+    c->jwt = dup_or_null(o->jwt);
+    c->o.name = c->o.user = c->o.password = c->o.token = c->o.nkey_seed = c->o.jwt = NULL;
+    c->o.tls_ca_file = c->o.tls_cert_file = c->o.tls_key_file = NULL;
     if ((o->name && !c->name) || (o->user && !c->user) || (o->password && !c->password) ||
-        (o->token && !c->token)) {
+        (o->token && !c->token) || (o->nkey_seed && !c->nkey_seed) || (o->jwt && !c->jwt)) {
         free_core(c);
         return kvr_err_set(err, KVR_ENOMEM, "nats: out of memory");
     }
     int rc = parse_urls(c, o->urls, err);
+    if (rc == 0 && c->jwt && !c->nkey_seed)
+        rc = kvr_err_set(err, KVR_EINVAL, "nats: a user JWT needs its NKEY seed (creds)");
+    if (rc == 0 && c->nkey_seed) {
+        char pub[KVR_NKEY_PUB_LEN + 1];
+        rc = kvr_nkey_public(c->nkey_seed, pub, err); /* a bad seed fails here, not per attempt */
+    }
+    bool tls = o->tls || o->tls_ca_file || o->tls_cert_file || o->tls_key_file;
+    for (int i = 0; i < c->n_urls; i++)
+        tls |= c->urls[i].tls;
+    if (rc == 0 && tls)
+        rc = tls_ctx_init(c, o, err);
     if (rc != 0) {
         free_core(c);
         return rc;

@@ -7,8 +7,18 @@
  * cost (measured in docs/ENGINEERING.md). Here a message is parsed and delivered in the read
  * callback that received it, and what is published during a loop turn goes out in one write
  * right after the turn's I/O callbacks (a uv_check handle) and again, for anything published
- * later, just before the loop sleeps (a uv_prepare handle, Redis' beforeSleep). TLS is not
- * implemented: kvr_nats keeps cnats for TLS connections and for JetStream.
+ * later, just before the loop sleeps (a uv_prepare handle, Redis' beforeSleep). kvr_nats keeps
+ * cnats for JetStream.
+ *
+ * Authentication: user/password or token (options or URL), NKEY (the seed signs the server's
+ * INFO nonce, kvr_nkey.h) or a user JWT with its seed (creds). TLS: OpenSSL on memory BIOs
+ * driven from the libuv read and write callbacks, started after the server's INFO as the NATS
+ * protocol does (never a blocking call on the loop); the server's certificate is verified
+ * against tls_ca_file (else the system store) and its host name or IP against the URL's.
+ *
+ * Cluster: the servers a server names in INFO connect_urls are added to the pool (up to 64
+ * servers); a lost connection retries the next server of the pool. A discovered server gets
+ * the credentials of the URL it was learned from, and for TLS that URL's host name.
  *
  * Delivery is at most once, as in NATS core: frames handed to the kernel when the connection
  * drops are lost; publishes made while disconnected are kept (up to pending_max bytes) and
@@ -55,16 +65,22 @@ typedef struct kvr_nats_core_msg {
 } kvr_nats_core_msg;
 
 typedef struct kvr_nats_core_opts {
-    const char *urls; /* "nats://[user:pass@|token@]host:port", comma-separated; required */
-    const char *name; /* connection name shown by the server; may be NULL */
+    /* "nats://[user:pass@|token@]host:port", comma-separated; required. tls:// turns TLS on. */
+    const char *urls;
+    const char *name;                    /* connection name shown by the server; may be NULL */
     const char *user, *password, *token; /* may be NULL; URL credentials take precedence */
-    int connect_timeout_ms;              /* 0 → 2000: TCP connect through PONG */
-    int reconnect_wait_ms;               /* 0 → 100 */
-    int max_reconnect_wait_ms;           /* 0 → 2000 */
-    int ping_interval_ms;                /* 0 → 2000 */
-    int max_pings_out;                   /* 0 → 3 */
-    size_t pending_max;                  /* 0 → 8 MiB: bytes kept while disconnected */
-    size_t out_max;                      /* 0 → 64 MiB: bytes queued while connected */
+    const char *nkey_seed; /* user NKEY seed "SU..." or NULL; with jwt: creds authentication */
+    const char *jwt;       /* user JWT or NULL (needs nkey_seed) */
+    /* TLS: on when tls or any file is set (or a tls:// URL). PEM files, read by init. */
+    bool tls;
+    const char *tls_ca_file, *tls_cert_file, *tls_key_file;
+    int connect_timeout_ms;    /* 0 → 2000: TCP connect through PONG */
+    int reconnect_wait_ms;     /* 0 → 100 */
+    int max_reconnect_wait_ms; /* 0 → 2000 */
+    int ping_interval_ms;      /* 0 → 2000 */
+    int max_pings_out;         /* 0 → 3 */
+    size_t pending_max;        /* 0 → 8 MiB: bytes kept while disconnected */
+    size_t out_max;            /* 0 → 64 MiB: bytes queued while connected */
     /* Callbacks, loop thread. on_msg: sub_data is what kvr_nats_core_subscribe was given.
      * A callback may publish, subscribe, unsubscribe or close. */
     void *cb_data;
@@ -73,7 +89,8 @@ typedef struct kvr_nats_core_opts {
 } kvr_nats_core_opts;
 
 /* Allocates and starts connecting (the first attempt begins on the next loop turn). Fails only
- * on bad options (unparsable URL) or memory. */
+ * on bad options (unparsable URL, bad seed, unreadable TLS files) or memory. Blocking: reads
+ * the TLS files; call at startup. */
 int kvr_nats_core_init(kvr_nats_core **out, uv_loop_t *loop, const kvr_nats_core_opts *o,
                        kvr_err *err);
 

@@ -17,6 +17,7 @@
 #include "kvr_metrics.h"
 #include "kvr_mp.h"
 #include "kvr_nats.h"
+#include "kvr_nats_flags.h"
 #include "kvr_sse.h"
 #include "kvr_tok.h"
 
@@ -873,12 +874,11 @@ int main(int argc, char **argv)
 {
     const char *listen = ":8000", *nats_url = NULL, *ns = NULL, *prefix = NULL,
                *mode = "kv", *api_key = getenv("KVR_API_KEY"), *max_body_s = "16MiB",
-               *log_level = "info", *nats_user = NULL, *nats_password = NULL,
-               *nats_token = NULL, *nats_ca = NULL, *nats_cert = NULL, *nats_key = NULL;
+               *log_level = "info";
+    kvr_nats_flags nats_sec = {0};
     uint64_t id = 1;
     int64_t block_size = 64, route_timeout = 200, route_tries = 3, max_conns = 10000,
             header_timeout = 10000, idle_timeout = 60000;
-    bool nats_tls = false;
     kvr_flag flags[] = {
         {"listen", KVR_FLAG_STRING, &listen, "HTTP listen address (host:port or :port)", 0},
         {"nats", KVR_FLAG_STRING, &nats_url, "NATS URL (required for kv mode and heartbeats)", 0},
@@ -895,13 +895,7 @@ int main(int argc, char **argv)
         {"header-timeout", KVR_FLAG_DURATION, &header_timeout, "request header timeout", 0},
         {"idle-timeout", KVR_FLAG_DURATION, &idle_timeout, "keep-alive idle timeout", 0},
         {"log-level", KVR_FLAG_STRING, &log_level, "debug|info|warn|error", 0},
-        {"nats-user", KVR_FLAG_STRING, &nats_user, "NATS user", 0},
-        {"nats-password", KVR_FLAG_STRING, &nats_password, "NATS password", 0},
-        {"nats-token", KVR_FLAG_STRING, &nats_token, "NATS token", 0},
-        {"nats-tls", KVR_FLAG_BOOL, &nats_tls, "use TLS to NATS", 0},
-        {"nats-ca", KVR_FLAG_STRING, &nats_ca, "NATS TLS CA file (PEM)", 0},
-        {"nats-cert", KVR_FLAG_STRING, &nats_cert, "NATS TLS client certificate (PEM)", 0},
-        {"nats-key", KVR_FLAG_STRING, &nats_key, "NATS TLS client key (PEM)", 0},
+        KVR_NATS_FLAG_ENTRIES(&nats_sec),
     };
     size_t nflags = sizeof flags / sizeof *flags;
     kvr_err err = {0};
@@ -953,6 +947,10 @@ int main(int argc, char **argv)
                         "--max-connections must be positive\n");
         return 2;
     }
+    if (kvr_nats_flags_load(&nats_sec, &err)) {
+        fprintf(stderr, "kvr-frontend: %s\n", err.msg);
+        return 2;
+    }
     int64_t max_body;
     if (parse_size(max_body_s, &max_body)) {
         fprintf(stderr, "kvr-frontend: --max-body %s: want a size like 16MiB\n", max_body_s);
@@ -990,12 +988,8 @@ int main(int argc, char **argv)
         return 1;
     }
     if (nats_url) {
-        kvr_nats_opts no = {
-            .url = nats_url, .name = "kvr-frontend", .user = nats_user,
-            .password = nats_password, .token = nats_token, .tls = nats_tls,
-            .tls_ca_file = nats_ca, .tls_cert_file = nats_cert, .tls_key_file = nats_key,
-            .on_state = on_nats_state,
-        };
+        kvr_nats_opts no = {.url = nats_url, .name = "kvr-frontend", .on_state = on_nats_state};
+        kvr_nats_flags_fill(&nats_sec, &no);
         if (kvr_nats_init(&app.nats, app.loop, &no, &err)) {
             fprintf(stderr, "kvr-frontend: nats: %s\n", err.msg);
             return 1;
@@ -1018,10 +1012,11 @@ int main(int argc, char **argv)
     uv_signal_init(app.loop, &app.sigterm);
     uv_signal_start(&app.sigint, on_signal, SIGINT);
     uv_signal_start(&app.sigterm, on_signal, SIGTERM);
+    char nats_red[512];
     KVR_LOG_INFO("listening", "addr=%s port=%d mode=%s namespace=%s%s nats=%s", listen,
                  kvr_http_server_port(&app.http), fe_mode_name(app.mode),
                  prefix ? prefix : ns ? ns : "default", prefix ? "-*" : "",
-                 nats_url ? nats_url : "none");
+                 nats_url ? kvr_nats_redact_url(nats_url, nats_red, sizeof nats_red) : "none");
     uv_run(app.loop, UV_RUN_DEFAULT);
     if (app.nats_on)
         kvr_nats_global_shutdown(2000);

@@ -4,6 +4,7 @@
 #include "kvr_flags.h"
 #include "kvr_log.h"
 #include "kvr_nats.h"
+#include "kvr_nats_flags.h"
 #include "routerd.h"
 
 #include <signal.h>
@@ -66,7 +67,9 @@ int main(int argc, char **argv)
     int64_t max_request_tokens = 131072;
     bool join = false, nats_batch = false, best_effort = false, insecure_cluster = false;
     const char *cluster_secret_file = "";
+    kvr_nats_flags nats_sec = {0};
     kvr_flag flags[] = {
+        KVR_NATS_FLAG_ENTRIES(&nats_sec),
         {"id", KVR_FLAG_U64, &id, "router id (>= 1; also the Raft id)", false},
         {"nats", KVR_FLAG_STRING, &nats, "NATS URL(s)", false},
         {"http", KVR_FLAG_STRING, &http, "HTTP listen address host:port (default loopback only)", false},
@@ -111,6 +114,10 @@ int main(int argc, char **argv)
     kvr_log_level lvl;
     if (kvr_log_parse_level(log_level, &lvl) != 0) {
         fprintf(stderr, "kvr-routerd: bad --log-level %s\n", log_level);
+        return 2;
+    }
+    if (kvr_nats_flags_load(&nats_sec, &err) != 0) {
+        fprintf(stderr, "kvr-routerd: %s\n", err.msg);
         return 2;
     }
     int64_t max_bytes = 0;
@@ -163,6 +170,7 @@ int main(int argc, char **argv)
     kvr_routerd_config cfg = {
         .id = (uint32_t)id,
         .nats_url = nats,
+        .nats_flags = &nats_sec,
         .http_addr = http,
         .data_dir = data_dir,
         .ns = ns,
@@ -203,6 +211,7 @@ int main(int argc, char **argv)
     free(admin_token);
     uv_loop_close(loop);
     kvr_nats_global_shutdown(2000);
+    kvr_nats_flags_free(&nats_sec);
     KVR_LOG_INFO("exited", "id=%llu", (unsigned long long)id);
     return 0;
 }

@@ -15,6 +15,7 @@
 #include "kvr_metrics.h"
 #include "kvr_mp.h"
 #include "kvr_nats.h"
+#include "kvr_nats_flags.h"
 #include "snapshot.h"
 #ifdef KVR_ROUTERD_HAVE_SYNC
 #include "sync.h"
@@ -1909,6 +1910,8 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
     snprintf(name, sizeof(name), "kvr-routerd-%u", cfg->id);
     kvr_nats_opts no = {.url = cfg->nats_url, .name = name, .on_state = on_nats_state,
                         .batch_publishes = cfg->nats_batch};
+    if (cfg->nats_flags)
+        kvr_nats_flags_fill(cfg->nats_flags, &no);
     rd->nats.data = rd;
     rc = kvr_nats_init(&rd->nats, loop, &no, &err);
     if (rc != 0) {
@@ -1941,9 +1944,10 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
         uv_timer_start(&rd->snap_timer, on_snap_timer, (uint64_t)cfg->snapshot_interval_ms,
                        (uint64_t)cfg->snapshot_interval_ms);
     start_stream(rd);
+    char nats_red[512];
     KVR_LOG_INFO("started", "id=%u http=%s port=%d nats=%s data_dir=%s namespace=%s block_size=%u",
-                 cfg->id, cfg->http_addr, kvr_http_server_port(&rd->http), cfg->nats_url,
-                 rd->data_dir, rd->ns_filter[0] ? rd->ns_filter : "all", cfg->block_size);
+                 cfg->id, cfg->http_addr, kvr_http_server_port(&rd->http),
+                 kvr_nats_redact_url(cfg->nats_url, nats_red, sizeof nats_red), rd->data_dir, rd->ns_filter[0] ? rd->ns_filter : "all", cfg->block_size);
     *out = rd;
     return 0;
 fail:

@@ -27,6 +27,7 @@
 typedef struct kvr_routerd_config {
     uint32_t id;
     const char *nats_url;
+    const struct kvr_nats_flags *nats_flags; /* NATS credentials and TLS (may be NULL) */
     const char *http_addr;
     const char *data_dir;
     const char *ns; /* NULL or "all": every namespace */

@@ -25,6 +25,7 @@
 #include "kvr_log.h"
 #include "kvr_metrics.h"
 #include "kvr_nats.h"
+#include "kvr_nats_flags.h"
 #include "kvr_tok.h"
 
 #include <cjson/cJSON.h>
@@ -49,6 +50,7 @@ typedef struct opts {
     uint64_t id, seed, event_buffer_max, resync_after_ms, announce_delay_ms, stream_interval;
     uint64_t block_size, capacity_blocks, max_num_seqs, max_batched_tokens, max_model_len;
     double speedup;
+    kvr_nats_flags nats_sec; /* --nats-user, --nats-creds, --nats-tls-ca, ... */
 } opts;
 
 /* A completion request received but not parsed yet: parsing (JSON, tokens, engine add) is
@@ -151,7 +153,9 @@ static void usage(FILE *f)
             "  [--max-batched-tokens 8192] [--max-model-len 131072] [--speedup 1.0]\n"
             "  [--role both|prefill|decode] [--event-format array|map] [--hash-format int|bytes]\n"
             "  [--seed S] [--log-level info] [--event-buffer-max 10000] [--resync-after-ms 2500]\n"
-            "  [--announce-delay-ms 1500] [--stream-interval 1] [--advertise-url URL]\n");
+            "  [--announce-delay-ms 1500] [--stream-interval 1] [--advertise-url URL]\n"
+            "  [--nats-user U --nats-password-file F | --nats-token-file F | --nats-nkey F |\n"
+            "   --nats-creds F] [--nats-tls-ca F [--nats-tls-cert F --nats-tls-key F]]\n");
 }
 
 static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
@@ -202,8 +206,14 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
         for (k = 0; k < sizeof fl / sizeof fl[0]; k++)
             if (strlen(fl[k].name) == nlen && !strncmp(fl[k].name, a, nlen))
                 break;
-        if (k == sizeof fl / sizeof fl[0])
-            return kvr_err_set(err, KVR_EINVAL, "unknown flag --%.*s", (int)nlen, a);
+        if (k == sizeof fl / sizeof fl[0]) {
+            if (!kvr_nats_flags_set(&o->nats_sec, a, nlen, NULL))
+                return kvr_err_set(err, KVR_EINVAL, "unknown flag --%.*s", (int)nlen, a);
+            if (!val && i + 1 >= argc)
+                return kvr_err_set(err, KVR_EINVAL, "flag --%.*s needs a value", (int)nlen, a);
+            kvr_nats_flags_set(&o->nats_sec, a, nlen, val ? val : argv[++i]);
+            continue;
+        }
         if (!val) {
             if (i + 1 >= argc)
                 return kvr_err_set(err, KVR_EINVAL, "flag --%s needs a value", fl[k].name);
@@ -242,7 +252,7 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
         return kvr_err_set(err, KVR_EINVAL, "--namespace must be 1..100 chars without . * > or spaces");
     if (strlen(o->model) > 100)
         return kvr_err_set(err, KVR_EINVAL, "--model is longer than 100 chars");
-    return 0;
+    return kvr_nats_flags_load(&o->nats_sec, err);
 }
 
 /* ------------------------------------------------------------------ NATS: events, heartbeat */
@@ -1306,6 +1316,7 @@ int main(int argc, char **argv)
 
     kvr_nats_opts no = {.url = w->o.nats, .name = "kvr-worker", .on_state = on_nats_state,
                         .state_data = w};
+    kvr_nats_flags_fill(&w->o.nats_sec, &no);
     if (kvr_nats_init(&w->nats, w->loop, &no, &err) != 0) {
         fprintf(stderr, "kvr-worker: nats: %s\n", err.msg);
         return 2;
@@ -1332,9 +1343,10 @@ int main(int argc, char **argv)
     w->sigint.data = w;
     uv_signal_start(&w->sigint, on_signal, SIGINT);
 
+    char nats_red[512];
     KVR_LOG_INFO("listening", "addr=%s url=%s nats=%s ns=%s model=%s block_size=%" PRIu64
                  " capacity_blocks=%" PRIu64 " speedup=%g started_ms=%" PRId64,
-                 w->o.listen, w->url, w->o.nats, w->o.ns, w->o.model, w->o.block_size,
+                 w->o.listen, w->url, kvr_nats_redact_url(w->o.nats, nats_red, sizeof nats_red), w->o.ns, w->o.model, w->o.block_size,
                  w->o.capacity_blocks, w->o.speedup, w->started_ms);
     uv_run(w->loop, UV_RUN_DEFAULT);
     kvr_nats_global_shutdown(2000);

@@ -136,8 +136,9 @@ static void on_state(kvr_nats *k, kvr_nats_state st, void *data)
 
 /* Authentication check: "connect" must reach a connected state and answer a request through
  * itself; "noconnect" must not connect within 2 s (the server refuses the credentials).
- * opt: "user=NAME:PASS", "token=T" (credentials as options, not in the URL) or "threaded". */
-static int auth_check(const char *url, bool want_connect, const char *opt)
+ * opts: "user=NAME:PASS", "token=T" (credentials as options, not in the URL), "nkey=FILE",
+ * "creds=FILE", "ca=FILE", "cert=FILE", "key=FILE" (TLS), "threaded" (cnats core). */
+static int auth_check(const char *url, bool want_connect, int nopt, char **opts)
 {
     kvr_log_setup("test_nats_auth", NULL, KVR_LOG_WARN);
     uv_loop_init(&loop);
@@ -147,20 +148,39 @@ static int auth_check(const char *url, bool want_connect, const char *opt)
     uv_timer_start(&tick, noop_timer, 10, 10);
     char user[64] = "", *pass = NULL;
     kvr_nats_opts o = {.url = url, .name = "test-nats-auth", .on_state = on_state};
-    if (opt && !strncmp(opt, "user=", 5)) {
-        snprintf(user, sizeof user, "%s", opt + 5);
-        pass = strchr(user, ':');
-        if (pass)
-            *pass++ = 0;
-        o.user = user;
-        o.password = pass;
-    } else if (opt && !strncmp(opt, "token=", 6)) {
-        o.token = opt + 6;
-    } else if (opt && !strcmp(opt, "threaded")) {
-        o.threaded_core = true;
+    for (int i = 0; i < nopt; i++) {
+        const char *a = opts[i];
+        if (!strncmp(a, "user=", 5)) {
+            snprintf(user, sizeof user, "%s", a + 5);
+            pass = strchr(user, ':');
+            if (pass)
+                *pass++ = 0;
+            o.user = user;
+            o.password = pass;
+        } else if (!strncmp(a, "token=", 6)) {
+            o.token = a + 6;
+        } else if (!strcmp(a, "threaded"))
+            o.threaded_core = true;
+        else if (!strncmp(a, "nkey=", 5))
+            o.nkey_seed_file = a + 5;
+        else if (!strncmp(a, "creds=", 6))
+            o.creds_file = a + 6;
+        else if (!strncmp(a, "ca=", 3))
+            o.tls_ca_file = a + 3;
+        else if (!strncmp(a, "cert=", 5))
+            o.tls_cert_file = a + 5;
+        else if (!strncmp(a, "key=", 4))
+            o.tls_key_file = a + 4;
     }
     kvr_err err = {0};
-    CHECK(kvr_nats_init(&kn, &loop, &o, &err) == 0, "%s", err.msg);
+    if (!want_connect && kvr_nats_init(&kn, &loop, &o, &err) != 0) {
+        /* cnats closes for good on an authentication error: refused is refused */
+        fprintf(stderr, "test_nats auth (noconnect): refused at init: %s\n", err.msg);
+        return 0;
+    }
+    CHECK(want_connect || kn.impl, "init");
+    if (want_connect)
+        CHECK(kvr_nats_init(&kn, &loop, &o, &err) == 0, "%s", err.msg);
     bool up = run_until(&connected, want_connect ? 5000 : 2000);
     if (want_connect) {
         CHECK(up, "not connected to %s", url);
@@ -183,14 +203,14 @@ static int auth_check(const char *url, bool want_connect, const char *opt)
     if (failures)
         return 1;
     fprintf(stderr, "test_nats auth (%s%s%s): passed\n", want_connect ? "connect" : "noconnect",
-            opt ? ", " : "", opt ? opt : "");
+            nopt ? ", " : "", nopt ? opts[nopt - 1] : "");
     return 0;
 }
 
 int main(int argc, char **argv)
 {
     if (argc > 2 && (!strcmp(argv[2], "connect") || !strcmp(argv[2], "noconnect")))
-        return auth_check(argv[1], !strcmp(argv[2], "connect"), argc > 3 ? argv[3] : NULL);
+        return auth_check(argv[1], !strcmp(argv[2], "connect"), argc - 3, argv + 3);
     if (argc < 2) {
         fprintf(stderr, "usage: test_nats NATS_URL [native|threaded|mixed]\n");
         return 2;
