@@ -254,3 +254,112 @@ kvr_pass() {
     echo "1 passed, 0 failed"
     exit 0
 }
+
+# ---- Network namespaces (chaos tests; needs root and iproute2) --------------------------------
+#   kvr_netns_init 10.201.0      # hub namespace with a bridge at 10.201.0.1/24; cleanup on exit
+#   kvr_netns_add r1 11          # namespace for role r1 at 10.201.0.11 on the hub's bridge
+#   kvr_netns_spawn router1 r1 "$KVR_BIN/kvr-routerd" ...   # kvr_spawn inside a namespace
+#   kvr_netns_exec hub curl ...  # run a command inside a namespace ("hub" is the hub)
+#   kvr_netns_cut r1 r2 / kvr_netns_heal r1 r2   # drop / restore traffic between two roles
+# Every link is created inside the test's own namespaces (the veth pair in the hub, its peer
+# moved straight into the role's namespace), so the root namespace's links, addresses and
+# routes are never touched. Names are kvrc-<pid>-<role>: parallel runs never collide, and
+# namespaces left by a run that was SIGKILLed (its pid gone) are removed by the next init.
+declare -A KVR_NS=() KVR_NS_IP=()
+KVR_NS_ROLES=()
+
+kvr_netns_name() { echo "kvrc-$$-$1"; }
+
+# Kills every process still inside our namespaces, deletes them, then runs the usual cleanup
+# with the test's exit status (kvr_cleanup reads it from $?).
+kvr_netns_cleanup() {
+    local rc=$? role ns pid
+    for role in "${KVR_NS_ROLES[@]}"; do
+        ns=${KVR_NS[$role]}
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
+    done
+    for role in "${KVR_NS_ROLES[@]}"; do
+        ns=${KVR_NS[$role]}
+        ip netns del "$ns" 2>/dev/null
+    done
+    (exit $rc)
+    kvr_cleanup
+}
+
+# Removes kvrc-<pid>-* namespaces whose test process no longer exists.
+kvr_netns_reap_stale() {
+    local ns pid
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}'); do
+        case "$ns" in kvrc-[0-9]*-*) ;; *) continue ;; esac
+        pid=${ns#kvrc-}
+        pid=${pid%%-*}
+        kill -0 "$pid" 2>/dev/null && continue
+        local p
+        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+        ip netns del "$ns" 2>/dev/null && kvr_log "removed stale namespace $ns"
+    done
+}
+
+# kvr_netns_init PREFIX: the hub namespace "hub" with bridge br0 at PREFIX.1/24. Exits 77
+# (skipped) when namespaces cannot be made here (not root, no iproute2).
+kvr_netns_init() {
+    KVR_NS_PREFIX=$1
+    if [ "$(id -u)" -ne 0 ] || ! command -v ip >/dev/null; then
+        echo "SKIP: network namespaces need root and iproute2"
+        exit 77
+    fi
+    kvr_netns_reap_stale
+    trap kvr_netns_cleanup EXIT
+    local ns
+    ns=$(kvr_netns_name hub)
+    KVR_NS[hub]=$ns
+    KVR_NS_IP[hub]=$KVR_NS_PREFIX.1
+    KVR_NS_ROLES+=(hub)
+    ip netns add "$ns" || kvr_fail "ip netns add $ns"
+    ip -n "$ns" link set lo up &&
+        ip -n "$ns" link add br0 type bridge &&
+        ip -n "$ns" addr add "$KVR_NS_PREFIX.1/24" dev br0 &&
+        ip -n "$ns" link set br0 up || kvr_fail "hub bridge in $ns"
+}
+
+# kvr_netns_add ROLE HOSTNUM: a namespace for ROLE at PREFIX.HOSTNUM, linked to the hub bridge
+# by a veth pair (hub side "v-ROLE", role side "eth0").
+kvr_netns_add() {
+    local role=$1 host=$2 ns hub=${KVR_NS[hub]}
+    ns=$(kvr_netns_name "$role")
+    KVR_NS[$role]=$ns
+    KVR_NS_IP[$role]=$KVR_NS_PREFIX.$host
+    KVR_NS_ROLES+=("$role")
+    ip netns add "$ns" || kvr_fail "ip netns add $ns"
+    ip -n "$ns" link set lo up &&
+        ip -n "$hub" link add "v-$role" type veth peer name eth0 netns "$ns" &&
+        ip -n "$hub" link set "v-$role" master br0 up &&
+        ip -n "$ns" addr add "$KVR_NS_PREFIX.$host/24" dev eth0 &&
+        ip -n "$ns" link set eth0 up || kvr_fail "veth for $role"
+}
+
+kvr_netns_exec() {
+    local ns=${KVR_NS[$1]}
+    shift
+    ip netns exec "$ns" "$@"
+}
+
+# kvr_netns_spawn NAME ROLE CMD ARGS...: kvr_spawn inside ROLE's namespace (ip netns exec
+# execs CMD, so the recorded pid is the process itself).
+kvr_netns_spawn() {
+    local name=$1 ns=${KVR_NS[$2]}
+    shift 2
+    kvr_spawn "$name" ip netns exec "$ns" "$@"
+}
+
+# kvr_netns_cut A B: silently drop every packet between roles A and B (a blackhole route for
+# the other's address in each namespace: timeouts, not resets, like a real partition).
+kvr_netns_cut() {
+    ip -n "${KVR_NS[$1]}" route add blackhole "${KVR_NS_IP[$2]}/32" &&
+        ip -n "${KVR_NS[$2]}" route add blackhole "${KVR_NS_IP[$1]}/32" || kvr_fail "cut $1 $2"
+}
+
+kvr_netns_heal() {
+    ip -n "${KVR_NS[$1]}" route del blackhole "${KVR_NS_IP[$2]}/32" &&
+        ip -n "${KVR_NS[$2]}" route del blackhole "${KVR_NS_IP[$1]}/32" || kvr_fail "heal $1 $2"
+}
