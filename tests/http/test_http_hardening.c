@@ -5,6 +5,7 @@
  * sends has its reason phrase. Run under ASan (build-asan) and valgrind as well. */
 #define _GNU_SOURCE
 #include "http_fixture.h"
+#include "kvr_metrics.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -319,6 +320,19 @@ static void test_slow_bodies_shed(void **state)
     assert_int_equal(fx->ints[0], 20);
     assert_true(fx->srv.stats.shed >= SLOW_N - 4);
     assert_int_equal(fx->srv.stats.connections_rejected, 0);
+    /* Operators see it. */
+    kvr_metrics *m = kvr_metrics_new();
+    assert_int_equal(kvr_metrics_add_http_server(m, "t", &fx->srv), 0);
+    kvr_buf out;
+    kvr_buf_init(&out);
+    assert_int_equal(kvr_metrics_render(m, &out), 0);
+    kvr_buf_append(&out, "", 1);
+    char want[64];
+    snprintf(want, sizeof want, "\nt_shed_connections_total %llu\n",
+             (unsigned long long)fx->srv.stats.shed);
+    assert_non_null(strstr(out.base, want));
+    kvr_buf_free(&out);
+    kvr_metrics_free(m);
     free(fx);
 }
 
