@@ -260,6 +260,8 @@ static void on_write(uv_write_t *w, int status)
         conn_process(c);
         if (c->closing)
             return;
+    } else if (c->out_full) {
+        timer_set(c, T_WRITE, c->srv->cfg.write_timeout_ms); /* progress: re-arm */
     }
     if (c->writes == 0 && c->close_after && !c->shut && c->active == NULL)
         conn_start_close(c);

@@ -7,9 +7,9 @@
  * Memory: the server struct is caller-allocated (libuv style) and must stay valid until the
  * close callback of kvr_http_server_close() has run. Connections and requests are allocated
  * by the server; every connection's memory is bounded by the config (header bytes, body bytes,
- * a bounded amount of pipelined input), except the bytes a handler queues with
- * kvr_http_stream_write(): a streaming producer must watch kvr_http_stream_pending_bytes()
- * and pause until on_drain (see below).
+ * a bounded amount of pipelined input and of unsent responses), except the bytes a handler
+ * queues with kvr_http_stream_write(): a streaming producer must watch
+ * kvr_http_stream_pending_bytes() and pause until on_drain (see below).
  *
  * Request lifetime: the server calls on_request(req) once the whole body has arrived. From then
  * on the handler owns the duty to FINISH the request exactly once (twice is a use-after-free),

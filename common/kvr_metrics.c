@@ -404,6 +404,7 @@ void kvr_metrics_respond(kvr_metrics *m, struct kvr_http_req *req)
 typedef struct http_export {
     struct kvr_http_server *srv;
     kvr_metric *conns, *accepted, *requests, *responses, *parse_errors, *timeouts, *rejected, *gone;
+    kvr_metric *shed;
 } http_export;
 
 static void http_collect(kvr_metrics *m, void *arg)
@@ -419,6 +420,7 @@ static void http_collect(kvr_metrics *m, void *arg)
     kvr_metric_counter_set(e->timeouts, 0, s->timeouts);
     kvr_metric_counter_set(e->rejected, 0, s->connections_rejected);
     kvr_metric_counter_set(e->gone, 0, s->client_gone);
+    kvr_metric_counter_set(e->shed, 0, s->shed);
 }
 
 /* The export struct lives as long as the registry: it is kept in a counter family's slot. */
@@ -454,6 +456,9 @@ int kvr_metrics_add_http_server(kvr_metrics *m, const char *prefix, struct kvr_h
         "Connections refused over the connection limit.", NULL, NULL);
     REG(gone, kvr_metrics_counter, "client_gone_total",
         "Requests whose client went away before the response ended.", NULL, NULL);
+    REG(shed, kvr_metrics_counter, "shed_connections_total",
+        "Connections dropped while still reading a request, to make room for new ones.", NULL,
+        NULL);
 #undef REG
     if (kvr_metrics_on_collect(m, http_collect, e) != 0)
         goto fail;

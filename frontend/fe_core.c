@@ -113,6 +113,28 @@ static int chat_content(const cJSON *c, kvr_buf *tmp, kvr_slice *out)
     return 0;
 }
 
+/* Upper bound on the number of values in a JSON text (separators outside strings), in one
+ * linear pass: stops counting past max. */
+static size_t json_values_bound(const char *s, size_t n, size_t max)
+{
+    size_t count = 1;
+    bool in_str = false;
+    for (size_t i = 0; i < n && count <= max; i++) {
+        char ch = s[i];
+        if (in_str) {
+            if (ch == '\\')
+                i++;
+            else if (ch == '"')
+                in_str = false;
+        } else if (ch == '"') {
+            in_str = true;
+        } else if (ch == ',' || ch == ':' || ch == '[' || ch == '{') {
+            count++;
+        }
+    }
+    return count;
+}
+
 int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_tokenizer *tok,
                      fe_req *r, fe_http_error *e)
 {
@@ -123,7 +145,13 @@ int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_token
     kvr_buf_init(&tmp);
     r->is_chat = is_chat;
     const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(body, len, &end, false);
+    cJSON *root = NULL;
+    /* A tree costs ~64 bytes a value: a body of millions of small values (a token array far
+     * over the bound) is refused before one is built. */
+    if (json_values_bound(body, len, FE_MAX_JSON_VALUES) > FE_MAX_JSON_VALUES)
+        BAD(NULL, "The request body has too many JSON values (max %u tokens).",
+            FE_MAX_PROMPT_TOKENS);
+    root = cJSON_ParseWithLengthOpts(body, len, &end, false);
     /* Only whitespace may follow the value. */
     while (root && end && end < body + len && (*end == ' ' || *end == '\n' || *end == '\r' ||
                                                 *end == '\t'))
@@ -190,8 +218,8 @@ int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_token
             p = p->child;
         if (cJSON_IsString(p)) {
             size_t pl = strlen(p->valuestring);
-            if (pl > FE_MAX_PROMPT_TOKENS)
-                BAD("prompt", "prompt too long");
+            if (pl > FE_MAX_PROMPT_BYTES)
+                BAD("prompt", "prompt too long (%zu bytes, max %u)", pl, FE_MAX_PROMPT_BYTES);
             if (kvr_tok_encode(tok, (kvr_slice){p->valuestring, pl}, &r->tokens, &kerr))
                 BAD("prompt", "tokenizing prompt: %s", kerr.msg);
         } else if (cJSON_IsArray(p)) {
@@ -253,13 +281,16 @@ int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_token
         }
         if (kvr_tok_chat(tok, NULL, 0, 1, &text, &kerr))
             BAD("messages", "chat template: %s", kerr.msg);
-        if (text.len > FE_MAX_PROMPT_TOKENS)
-            BAD("messages", "prompt too long");
+        if (text.len > FE_MAX_PROMPT_BYTES)
+            BAD("messages", "prompt too long (%zu bytes, max %u)", text.len, FE_MAX_PROMPT_BYTES);
         if (kvr_tok_encode(tok, (kvr_slice){text.base, text.len}, &r->tokens, &kerr))
             BAD("messages", "tokenizing: %s", kerr.msg);
     }
     if (r->tokens.len == 0)
         BAD("prompt", "the prompt has no tokens");
+    if (r->tokens.len / 4 > FE_MAX_PROMPT_TOKENS)
+        BAD(is_chat ? "messages" : "prompt", "prompt too long (%zu tokens, max %u)",
+            r->tokens.len / 4, FE_MAX_PROMPT_TOKENS);
 out:
     cJSON_Delete(root);
     kvr_buf_free(&text);

@@ -16,7 +16,13 @@
 #include <stdint.h>
 
 #define FE_MODEL_MAX 256
-#define FE_MAX_PROMPT_TOKENS (4u * 1024 * 1024)
+/* Bounded work per request (issue 18): a prompt of at most FE_MAX_PROMPT_TOKENS tokens (the
+ * routers' default --max-request-tokens: a longer one could not be routed), text of at most
+ * FE_MAX_PROMPT_BYTES checked before tokenizing, and at most FE_MAX_JSON_VALUES values in the
+ * body, counted before a cJSON tree (~64 bytes a value) is built. */
+#define FE_MAX_PROMPT_TOKENS (128u * 1024)
+#define FE_MAX_PROMPT_BYTES (16u * FE_MAX_PROMPT_TOKENS)
+#define FE_MAX_JSON_VALUES (FE_MAX_PROMPT_TOKENS + 65536u)
 #define FE_MAX_AGGREGATE_BYTES (64u * 1024 * 1024) /* non-streaming response text */
 
 typedef struct fe_req {

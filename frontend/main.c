@@ -873,7 +873,7 @@ static int register_metrics(void)
 int main(int argc, char **argv)
 {
     const char *listen = ":8000", *nats_url = NULL, *ns = NULL, *prefix = NULL,
-               *mode = "kv", *api_key = getenv("KVR_API_KEY"), *max_body_s = "16MiB",
+               *mode = "kv", *api_key = getenv("KVR_API_KEY"), *max_body_s = "4MiB",
                *log_level = "info";
     kvr_nats_flags nats_sec = {0};
     uint64_t id = 1;
@@ -890,7 +890,7 @@ int main(int argc, char **argv)
         {"block-size", KVR_FLAG_INT, &block_size, "tokens per KV block for seq hashes", 0},
         {"route-timeout", KVR_FLAG_DURATION, &route_timeout, "per-try kvr.route timeout", 0},
         {"route-tries", KVR_FLAG_INT, &route_tries, "kvr.route tries before local fallback", 0},
-        {"max-body", KVR_FLAG_STRING, &max_body_s, "request body limit (e.g. 16MiB)", 0},
+        {"max-body", KVR_FLAG_STRING, &max_body_s, "request body limit (default 4MiB; a 128Ki-token prompt needs well under 2MiB)", 0},
         {"max-connections", KVR_FLAG_INT, &max_conns, "client connection limit", 0},
         {"header-timeout", KVR_FLAG_DURATION, &header_timeout, "request header timeout", 0},
         {"idle-timeout", KVR_FLAG_DURATION, &idle_timeout, "keep-alive idle timeout", 0},

@@ -5,6 +5,7 @@
  * sends has its reason phrase. Run under ASan (build-asan) and valgrind as well. */
 #define _GNU_SOURCE
 #include "http_fixture.h"
+#include "kvr_metrics.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -236,6 +237,43 @@ static void test_pipeline_backpressure(void **state)
     free(fx);
 }
 
+static void c_pipeline_never_reads(fixture *fx)
+{
+    int fd = fx_connect(fx, 16 * 1024);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    const size_t rl = sizeof PIPE_REQ - 1;
+    size_t sent = 0;
+    /* Pipeline and never read: the server must give up on us after write_timeout_ms. */
+    for (int i = 0; i < 500; i++) {
+        while (sent < rl * PIPE_N) {
+            size_t off = sent % rl;
+            ssize_t w = send(fd, PIPE_REQ + off, rl - off, MSG_NOSIGNAL);
+            if (w <= 0)
+                break;
+            sent += (size_t)w;
+        }
+        if (__atomic_load_n(&fx->srv.stats.timeouts, __ATOMIC_RELAXED) > 0)
+            break;
+        fx_sleep_ms(20);
+    }
+    fx->ints[0] = (int)__atomic_load_n(&fx->srv.stats.timeouts, __ATOMIC_RELAXED);
+    close(fd);
+}
+
+static void test_pipeline_nonreader_closed(void **state)
+{
+    fixture *fx = calloc(1, sizeof *fx);
+    kvr_http_config cfg = base_cfg();
+    cfg.stream_high_water = 64 * 1024;
+    cfg.stream_low_water = 16 * 1024;
+    cfg.write_timeout_ms = 300;
+    assert_int_equal(fx_run(fx, &cfg, c_pipeline_never_reads), 0);
+    assert_int_equal(fx->ints[0], 1);
+    assert_true(fx->requests_seen < PIPE_N / 2);
+    assert_int_equal(fx->srv.stats.connections_active, 0);
+    free(fx);
+}
+
 /* ---------------------------------------------------------------- slow bodies (defect 7) */
 
 static void c_trickle_body(fixture *fx)
@@ -319,6 +357,19 @@ static void test_slow_bodies_shed(void **state)
     assert_int_equal(fx->ints[0], 20);
     assert_true(fx->srv.stats.shed >= SLOW_N - 4);
     assert_int_equal(fx->srv.stats.connections_rejected, 0);
+    /* Operators see it. */
+    kvr_metrics *m = kvr_metrics_new();
+    assert_int_equal(kvr_metrics_add_http_server(m, "t", &fx->srv), 0);
+    kvr_buf out;
+    kvr_buf_init(&out);
+    assert_int_equal(kvr_metrics_render(m, &out), 0);
+    kvr_buf_append(&out, "", 1);
+    char want[64];
+    snprintf(want, sizeof want, "\nt_shed_connections_total %llu\n",
+             (unsigned long long)fx->srv.stats.shed);
+    assert_non_null(strstr(out.base, want));
+    kvr_buf_free(&out);
+    kvr_metrics_free(m);
     free(fx);
 }
 
@@ -372,6 +423,7 @@ int main(void)
         cmocka_unit_test(test_trailers_keep_head),
         cmocka_unit_test(test_status_text),
         cmocka_unit_test(test_pipeline_backpressure),
+        cmocka_unit_test(test_pipeline_nonreader_closed),
         cmocka_unit_test(test_body_total_deadline),
         cmocka_unit_test(test_slow_bodies_shed),
         cmocka_unit_test(test_chunked_over_limit_early),

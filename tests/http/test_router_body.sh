@@ -4,6 +4,7 @@
 # it (413 before reading, by Content-Length or by chunk header), and a 16 MiB request costs the
 # router neither memory nor loop time (/health answers while it is sent; peak RSS stays small).
 source "$(dirname "$0")/../lib/testenv.sh"
+source "$(dirname "$0")/../routerd/rd_lib.sh"
 kvr_test_init http_router_body
 kvr_start_nats
 P=$(kvr_free_port)
@@ -51,4 +52,13 @@ python3 -c "import sys; sys.stdout.write('{\"token_ids\":[' + ','.join(['0']*400
 kvr_assert_eq "$(post --data-binary @"$KVR_TMP/many.json")" 400 "40000 tokens in 80 KB"
 kvr_assert_eq "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$P/health")" 200 "health"
 kvr_assert_eq "$(post --data-binary @"$KVR_TMP/ok.json")" 200 "still serving"
+
+# Defect 14: a NATS route request claiming ~2^32 tokens wrapped the block count; it is refused.
+rd_beat beat1 ns1 1
+kvr_wait_for 10 bash -c "[ \"\$(curl -s http://127.0.0.1:$P/v1/state | jq '.workers | length')\" -ge 1 ]" ||
+    kvr_fail "worker 1 not seen"
+route=$(printf 'route m1 ns1 7 320 rid-big 4294967295\n' | "$PUB" --nats "$NATS_URL" | grep '^route')
+case "$route" in "route ok=0 error=too many tokens"*) ;; *) kvr_fail "2^32-1 tokens: $route" ;; esac
+route=$(printf 'route m1 ns1 7 320 rid-ok\n' | "$PUB" --nats "$NATS_URL" | grep '^route')
+case "$route" in "route ok=1 worker=1 "*) ;; *) kvr_fail "normal route: $route" ;; esac
 kvr_pass

@@ -18,9 +18,10 @@
  *   raw SUBJECT HEX                     any payload (hex bytes; "-" for empty)
  *   beat NS W MODEL URL BS STARTED_MS   one heartbeat
  *   sleep MS
- *   route MODEL NS P NTOKENS RID        NATS request on kvr.route (seq hashes of prefix P's first
+ *   route MODEL NS P NTOKENS RID [TOKENS]
+ *                                       NATS request on kvr.route (seq hashes of prefix P's first
  *                                       NTOKENS tokens, block size 64, request id RID as 16
- *                                       bytes); prints "route ok=1 worker=W overlap=O mode=M
+ *                                       bytes; "tokens" field TOKENS if given); prints "route ok=1 worker=W overlap=O mode=M
  *                                       router=R" or "route ok=0 error=..."
  *   purge STREAM                        purges every message of a JetStream stream
  *   rev RID EVENT                       publishes {"request_id","event"} on kvr.route.event
@@ -277,7 +278,7 @@ static int do_route(char **a, int n)
     kvr_mp_write_cstr(&b, "role");
     kvr_mp_write_cstr(&b, "both");
     kvr_mp_write_cstr(&b, "tokens");
-    kvr_mp_write_uint(&b, nt);
+    kvr_mp_write_uint(&b, n > 6 ? strtoull(a[6], NULL, 10) : nt); /* a lie, if asked for */
     kvr_mp_write_cstr(&b, "seq_hashes");
     kvr_mp_write_array(&b, (uint32_t)ns);
     for (size_t i = 0; i < ns; i++)
