@@ -11,6 +11,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
 
 #define FWD_MAX_FRAME (64 * 1024)
 #define FWD_MAX_AUTHING 32 /* inbound forward-port handshakes at once; more are closed */
@@ -132,6 +137,7 @@ void kvr_sync_options_default(kvr_sync_options *o)
     o->housekeeping_ms = 1000;
     o->lease_ttl_ms = 10000;
     o->max_request_age_ms = 600000;
+    o->port_wait_ms = 10000;
     o->fsm.cost = kvr_cost_params_default();
 }
 
@@ -1215,6 +1221,7 @@ int kvr_sync_init(kvr_sync **out, uv_loop_t *loop, const kvr_sync_options *o, kv
     DEF(housekeeping_ms);
     DEF(lease_ttl_ms);
     DEF(max_request_age_ms);
+    DEF(port_wait_ms);
 #undef DEF
     if (s->o.max_batch > KVR_ENTRY_MAX_COMMANDS)
         s->o.max_batch = KVR_ENTRY_MAX_COMMANDS;
@@ -1274,12 +1281,68 @@ fail:
     return rc;
 }
 
+/* 0 once a socket can bind and listen on sa, else -errno. */
+static int port_probe(const struct sockaddr_in *sa)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int one = 1, rc = 0;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one); /* as libuv does */
+    if (bind(fd, (const struct sockaddr *)sa, sizeof *sa) != 0 || listen(fd, 1) != 0)
+        rc = -errno;
+    close(fd);
+    return rc;
+}
+
+/* A restarted router often finds its Raft or forward port still held for a moment (the old
+ * process is still exiting, or a forked child has not closed it yet): wait for both with
+ * backoff, up to PORT_WAIT_MS, instead of exiting. This runs once before the loop serves
+ * anything, so sleeping here blocks nobody. */
+static int wait_ports_free(kvr_sync *s, const struct sockaddr_in *fwd, kvr_err *err)
+{
+    struct sockaddr_in raft;
+    char host[64];
+    const char *colon = strrchr(s->raft_addr, ':');
+    if (!colon || (size_t)(colon - s->raft_addr) >= sizeof host)
+        return kvr_err_set(err, KVR_EINVAL, "sync: bad raft address \"%s\"", s->raft_addr);
+    memcpy(host, s->raft_addr, (size_t)(colon - s->raft_addr));
+    host[colon - s->raft_addr] = 0;
+    if (uv_ip4_addr(host, atoi(colon + 1), &raft) != 0)
+        return kvr_err_set(err, KVR_EINVAL, "sync: bad raft address \"%s\"", s->raft_addr);
+    int64_t deadline = kvr_mono_ms() + s->o.port_wait_ms;
+    unsigned delay_ms = 20;
+    for (int tries = 0;; tries++) {
+        const struct sockaddr_in *busy = NULL;
+        int rc = port_probe(&raft);
+        if (rc == 0 && (rc = port_probe(fwd)) != 0)
+            busy = fwd;
+        else if (rc != 0)
+            busy = &raft;
+        if (!busy)
+            return 0;
+        if (rc != -EADDRINUSE || kvr_mono_ms() + delay_ms > deadline)
+            return kvr_err_set(err, KVR_EIO, "sync: port %d: %s%s", ntohs(busy->sin_port),
+                               strerror(-rc),
+                               rc == -EADDRINUSE ? " (still busy after waiting)" : "");
+        if (tries == 0)
+            KVR_LOG_WARN("sync: port busy, waiting for it", "port=%d max_wait_ms=%u",
+                         ntohs(busy->sin_port), s->o.port_wait_ms);
+        struct timespec ts = {delay_ms / 1000, (long)(delay_ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+        delay_ms = delay_ms * 2 > 1000 ? 1000 : delay_ms * 2;
+    }
+}
+
 int kvr_sync_start(kvr_sync *s, kvr_err *err)
 {
     struct sockaddr_in sa;
     if (fwd_sockaddr(s->raft_addr, &sa) != 0)
         return kvr_err_set(err, KVR_EINVAL, "sync: bad raft address \"%s\"", s->raft_addr);
-    int rc = uv_tcp_bind(&s->listener, (const struct sockaddr *)&sa, 0);
+    int rc = wait_ports_free(s, &sa, err);
+    if (rc != 0)
+        return rc;
+    rc = uv_tcp_bind(&s->listener, (const struct sockaddr *)&sa, 0);
     if (rc == 0)
         rc = uv_listen((uv_stream_t *)&s->listener, 128, on_accept);
     if (rc != 0)

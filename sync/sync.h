@@ -83,6 +83,7 @@ typedef struct kvr_sync_options {
      * forward port with the peer_auth handshake before any message or command is read
      * (peer_auth.h). NULL or empty: no authentication (only with --insecure-cluster). */
     const kvr_auth_key *auth_key;
+    uint32_t port_wait_ms; /* how long start waits for a busy Raft/forward port; default 10000 */
 } kvr_sync_options;
 
 /* Defaults for every field; the caller sets id, raft_addr, peers, data_dir. */
