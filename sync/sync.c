@@ -4,6 +4,7 @@
 #include "entry.h"
 #include "kvr_log.h"
 #include "kvr_mp.h"
+#include "lease.h"
 #include "peer_auth.h"
 
 #include <signal.h>
@@ -108,6 +109,8 @@ struct kvr_sync {
     uint32_t last_leader;
     int64_t no_leader_since;
     int64_t last_housekeeping_ms;
+    kvr_lease_tracker leases; /* the leader's frontend-lease policy (lease.h) */
+    bool was_leader;
     bool degraded;
     kvr_fsm *local;
     local_rec *log;
@@ -1067,6 +1070,14 @@ static void submit_internal(kvr_sync *s, const kvr_cmd *cmd)
     kvr_buf_free(&b);
 }
 
+static int oldest_booking(const kvr_fsm_booking_view *b, void *data)
+{
+    uint64_t *oldest = data;
+    if (b->start_ms < *oldest)
+        *oldest = b->start_ms;
+    return 0;
+}
+
 /* Leader only: expire silent frontends' leases and over-age bookings (see sync.h). */
 static void housekeeping(kvr_sync *s, int64_t mono_now)
 {
@@ -1077,21 +1088,28 @@ static void housekeeping(kvr_sync *s, int64_t mono_now)
     if (kvr_consensus_get_role(s->cons) != KVR_ROLE_LEADER)
         return;
     uint64_t now = (uint64_t)kvr_now_ms();
-    uint32_t n = kvr_fsm_frontend_count(s->fsm);
+    /* Silence is measured on this leader's monotonic clock (lease.h): a wall-clock step on
+     * any router expires nothing early. now (wall) only labels the command. */
+    uint64_t ids[64];
+    uint32_t n = kvr_lease_due(&s->leases, s->fsm, mono_now, s->o.lease_ttl_ms, ids, 64);
     for (uint32_t i = 0; i < n; i++) {
-        uint64_t id, last;
-        if (kvr_fsm_frontend_at(s->fsm, i, &id, &last) == 0 && last + s->o.lease_ttl_ms < now) {
-            kvr_cmd c = {.type = KVR_CMD_FRONTEND_EXPIRE};
-            c.u.frontend.frontend_id = id;
-            c.u.frontend.now_ms = now;
-            submit_internal(s, &c);
-            KVR_LOG_INFO("sync frontend lease expired", "frontend=%llu silent_ms=%llu",
-                         (unsigned long long)id, (unsigned long long)(now - last));
-        }
-    }
-    if (now > s->o.max_request_age_ms) {
-        kvr_cmd c = {.type = KVR_CMD_EXPIRE, .u.before_ms = now - s->o.max_request_age_ms};
+        kvr_cmd c = {.type = KVR_CMD_FRONTEND_EXPIRE};
+        c.u.frontend.frontend_id = ids[i];
+        c.u.frontend.now_ms = now;
         submit_internal(s, &c);
+        KVR_LOG_INFO("sync frontend lease expired", "frontend=%llu ttl_ms=%u",
+                     (unsigned long long)ids[i], s->o.lease_ttl_ms);
+    }
+    /* EXPIRE only when this leader's replica (it has applied everything it committed) holds
+     * a booking it would free: an idle group commits nothing (defect 13: one log entry per
+     * second per router before). */
+    if (now > s->o.max_request_age_ms) {
+        uint64_t oldest = UINT64_MAX;
+        kvr_fsm_foreach_booking(s->fsm, oldest_booking, &oldest);
+        if (oldest < now - s->o.max_request_age_ms) {
+            kvr_cmd c = {.type = KVR_CMD_EXPIRE, .u.before_ms = now - s->o.max_request_age_ms};
+            submit_internal(s, &c);
+        }
     }
 }
 
@@ -1111,6 +1129,11 @@ static void on_tick(uv_timer_t *t)
         }
     }
     uint32_t leader = kvr_consensus_leader(s->cons, NULL);
+    bool is_leader = kvr_consensus_get_role(s->cons) == KVR_ROLE_LEADER;
+    if (is_leader != s->was_leader) {
+        s->was_leader = is_leader;
+        kvr_lease_set_leader(&s->leases, is_leader, now);
+    }
     if (leader != s->last_leader) {
         if (leader)
             s->m.elections++;
@@ -1360,6 +1383,23 @@ int kvr_sync_start(kvr_sync *s, kvr_err *err)
     KVR_LOG_INFO("sync started", "id=%u raft=%s forward_port=%d", s->o.id, s->raft_addr,
                  ntohs(sa.sin_port));
     return 0;
+}
+
+void kvr_sync_frontend_seen(kvr_sync *s, uint64_t frontend_id)
+{
+    if (s->closing || !s->started || frontend_id == 0)
+        return;
+    bool leader = kvr_consensus_get_role(s->cons) == KVR_ROLE_LEADER;
+    if (leader && !s->was_leader) { /* took office since the last tick */
+        s->was_leader = true;
+        kvr_lease_set_leader(&s->leases, true, kvr_mono_ms());
+    }
+    if (!kvr_lease_heard(&s->leases, s->fsm, frontend_id, kvr_mono_ms(), leader))
+        return;
+    kvr_cmd c = {.type = KVR_CMD_FRONTEND_SEEN};
+    c.u.frontend.frontend_id = frontend_id;
+    c.u.frontend.now_ms = (uint64_t)kvr_now_ms();
+    submit_internal(s, &c);
 }
 
 static int submit_bytes(kvr_sync *s, const char *cmd, size_t len, kvr_sync_cb cb, void *data)
