@@ -480,6 +480,14 @@ static void on_frontend(const kvr_nats_msg *m, void *data)
         f->id = id;
     }
     f->last_seen_ms = now;
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    if (rd->sync) {
+        /* Defect 13: not R routers x F beats per second through Raft; the leader alone
+         * proposes, and only when the replicated lease table lacks this frontend. */
+        kvr_sync_frontend_seen(rd->sync, id);
+        return;
+    }
+#endif
     kvr_cmd cmd = {.type = KVR_CMD_FRONTEND_SEEN};
     cmd.u.frontend.frontend_id = id;
     cmd.u.frontend.now_ms = (uint64_t)kvr_now_ms();
@@ -1515,7 +1523,13 @@ static void on_tick(uv_timer_t *t)
         i++;
     }
     kvr_metric_set(rd->m_workers_up, 0, up);
-    for (uint32_t i = 0; i < rd->n_frontends;) {
+    /* With Raft the leader's housekeeping owns lease and request expiry (sync.h): one owner
+     * of each policy instead of every router proposing the same expiries (defect 13). */
+    bool own_expiry = true;
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    own_expiry = rd->sync == NULL;
+#endif
+    for (uint32_t i = 0; own_expiry && i < rd->n_frontends;) {
         rd_frontend *f = &rd->frontends[i];
         if (rd->nats_up && now - f->last_seen_ms > rd->cfg.frontend_timeout_ms) {
             KVR_LOG_INFO("frontend lease expired: freeing its bookings", "frontend=%" PRIu64, f->id);
@@ -1528,7 +1542,7 @@ static void on_tick(uv_timer_t *t)
         }
         i++;
     }
-    if (now - rd->last_expire_ms > 10000) {
+    if (own_expiry && now - rd->last_expire_ms > 10000) {
         rd->last_expire_ms = now;
         int64_t wall = kvr_now_ms();
         if (wall > rd->cfg.max_request_age_ms) {
@@ -1855,6 +1869,16 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
             if (so.heartbeat_timeout_ms * 5 > so.election_timeout_ms)
                 so.heartbeat_timeout_ms = so.election_timeout_ms / 5;
         }
+        /* Defect 13: both policies reach the leader's housekeeping (sync.h), the only place
+         * that proposes lease and request expiry with Raft. */
+        if (cfg->frontend_timeout_ms > 0)
+            so.lease_ttl_ms = cfg->frontend_timeout_ms > UINT32_MAX - 1
+                                  ? UINT32_MAX - 1
+                                  : (uint32_t)cfg->frontend_timeout_ms;
+        if (cfg->max_request_age_ms > 0)
+            so.max_request_age_ms = cfg->max_request_age_ms > UINT32_MAX - 1
+                                        ? UINT32_MAX - 1
+                                        : (uint32_t)cfg->max_request_age_ms;
         kvr_auth_key key;
         if (cfg->cluster_secret_file) {
             rc = kvr_auth_key_load(&key, cfg->cluster_secret_file, &err);

@@ -4,6 +4,7 @@
 #include "entry.h"
 #include "kvr_log.h"
 #include "kvr_mp.h"
+#include "lease.h"
 #include "peer_auth.h"
 
 #include <signal.h>
@@ -11,6 +12,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
 
 #define FWD_MAX_FRAME (64 * 1024)
 #define FWD_MAX_AUTHING 32 /* inbound forward-port handshakes at once; more are closed */
@@ -103,6 +109,8 @@ struct kvr_sync {
     uint32_t last_leader;
     int64_t no_leader_since;
     int64_t last_housekeeping_ms;
+    kvr_lease_tracker leases; /* the leader's frontend-lease policy (lease.h) */
+    bool was_leader;
     bool degraded;
     kvr_fsm *local;
     local_rec *log;
@@ -132,6 +140,7 @@ void kvr_sync_options_default(kvr_sync_options *o)
     o->housekeeping_ms = 1000;
     o->lease_ttl_ms = 10000;
     o->max_request_age_ms = 600000;
+    o->port_wait_ms = 10000;
     o->fsm.cost = kvr_cost_params_default();
 }
 
@@ -1061,6 +1070,14 @@ static void submit_internal(kvr_sync *s, const kvr_cmd *cmd)
     kvr_buf_free(&b);
 }
 
+static int oldest_booking(const kvr_fsm_booking_view *b, void *data)
+{
+    uint64_t *oldest = data;
+    if (b->start_ms < *oldest)
+        *oldest = b->start_ms;
+    return 0;
+}
+
 /* Leader only: expire silent frontends' leases and over-age bookings (see sync.h). */
 static void housekeeping(kvr_sync *s, int64_t mono_now)
 {
@@ -1071,21 +1088,28 @@ static void housekeeping(kvr_sync *s, int64_t mono_now)
     if (kvr_consensus_get_role(s->cons) != KVR_ROLE_LEADER)
         return;
     uint64_t now = (uint64_t)kvr_now_ms();
-    uint32_t n = kvr_fsm_frontend_count(s->fsm);
+    /* Silence is measured on this leader's monotonic clock (lease.h): a wall-clock step on
+     * any router expires nothing early. now (wall) only labels the command. */
+    uint64_t ids[64];
+    uint32_t n = kvr_lease_due(&s->leases, s->fsm, mono_now, s->o.lease_ttl_ms, ids, 64);
     for (uint32_t i = 0; i < n; i++) {
-        uint64_t id, last;
-        if (kvr_fsm_frontend_at(s->fsm, i, &id, &last) == 0 && last + s->o.lease_ttl_ms < now) {
-            kvr_cmd c = {.type = KVR_CMD_FRONTEND_EXPIRE};
-            c.u.frontend.frontend_id = id;
-            c.u.frontend.now_ms = now;
-            submit_internal(s, &c);
-            KVR_LOG_INFO("sync frontend lease expired", "frontend=%llu silent_ms=%llu",
-                         (unsigned long long)id, (unsigned long long)(now - last));
-        }
-    }
-    if (now > s->o.max_request_age_ms) {
-        kvr_cmd c = {.type = KVR_CMD_EXPIRE, .u.before_ms = now - s->o.max_request_age_ms};
+        kvr_cmd c = {.type = KVR_CMD_FRONTEND_EXPIRE};
+        c.u.frontend.frontend_id = ids[i];
+        c.u.frontend.now_ms = now;
         submit_internal(s, &c);
+        KVR_LOG_INFO("sync frontend lease expired", "frontend=%llu ttl_ms=%u",
+                     (unsigned long long)ids[i], s->o.lease_ttl_ms);
+    }
+    /* EXPIRE only when this leader's replica (it has applied everything it committed) holds
+     * a booking it would free: an idle group commits nothing (defect 13: one log entry per
+     * second per router before). */
+    if (now > s->o.max_request_age_ms) {
+        uint64_t oldest = UINT64_MAX;
+        kvr_fsm_foreach_booking(s->fsm, oldest_booking, &oldest);
+        if (oldest < now - s->o.max_request_age_ms) {
+            kvr_cmd c = {.type = KVR_CMD_EXPIRE, .u.before_ms = now - s->o.max_request_age_ms};
+            submit_internal(s, &c);
+        }
     }
 }
 
@@ -1105,6 +1129,11 @@ static void on_tick(uv_timer_t *t)
         }
     }
     uint32_t leader = kvr_consensus_leader(s->cons, NULL);
+    bool is_leader = kvr_consensus_get_role(s->cons) == KVR_ROLE_LEADER;
+    if (is_leader != s->was_leader) {
+        s->was_leader = is_leader;
+        kvr_lease_set_leader(&s->leases, is_leader, now);
+    }
     if (leader != s->last_leader) {
         if (leader)
             s->m.elections++;
@@ -1215,6 +1244,7 @@ int kvr_sync_init(kvr_sync **out, uv_loop_t *loop, const kvr_sync_options *o, kv
     DEF(housekeeping_ms);
     DEF(lease_ttl_ms);
     DEF(max_request_age_ms);
+    DEF(port_wait_ms);
 #undef DEF
     if (s->o.max_batch > KVR_ENTRY_MAX_COMMANDS)
         s->o.max_batch = KVR_ENTRY_MAX_COMMANDS;
@@ -1274,12 +1304,68 @@ fail:
     return rc;
 }
 
+/* 0 once a socket can bind and listen on sa, else -errno. */
+static int port_probe(const struct sockaddr_in *sa)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int one = 1, rc = 0;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one); /* as libuv does */
+    if (bind(fd, (const struct sockaddr *)sa, sizeof *sa) != 0 || listen(fd, 1) != 0)
+        rc = -errno;
+    close(fd);
+    return rc;
+}
+
+/* A restarted router often finds its Raft or forward port still held for a moment (the old
+ * process is still exiting, or a forked child has not closed it yet): wait for both with
+ * backoff, up to PORT_WAIT_MS, instead of exiting. This runs once before the loop serves
+ * anything, so sleeping here blocks nobody. */
+static int wait_ports_free(kvr_sync *s, const struct sockaddr_in *fwd, kvr_err *err)
+{
+    struct sockaddr_in raft;
+    char host[64];
+    const char *colon = strrchr(s->raft_addr, ':');
+    if (!colon || (size_t)(colon - s->raft_addr) >= sizeof host)
+        return kvr_err_set(err, KVR_EINVAL, "sync: bad raft address \"%s\"", s->raft_addr);
+    memcpy(host, s->raft_addr, (size_t)(colon - s->raft_addr));
+    host[colon - s->raft_addr] = 0;
+    if (uv_ip4_addr(host, atoi(colon + 1), &raft) != 0)
+        return kvr_err_set(err, KVR_EINVAL, "sync: bad raft address \"%s\"", s->raft_addr);
+    int64_t deadline = kvr_mono_ms() + s->o.port_wait_ms;
+    unsigned delay_ms = 20;
+    for (int tries = 0;; tries++) {
+        const struct sockaddr_in *busy = NULL;
+        int rc = port_probe(&raft);
+        if (rc == 0 && (rc = port_probe(fwd)) != 0)
+            busy = fwd;
+        else if (rc != 0)
+            busy = &raft;
+        if (!busy)
+            return 0;
+        if (rc != -EADDRINUSE || kvr_mono_ms() + delay_ms > deadline)
+            return kvr_err_set(err, KVR_EIO, "sync: port %d: %s%s", ntohs(busy->sin_port),
+                               strerror(-rc),
+                               rc == -EADDRINUSE ? " (still busy after waiting)" : "");
+        if (tries == 0)
+            KVR_LOG_WARN("sync: port busy, waiting for it", "port=%d max_wait_ms=%u",
+                         ntohs(busy->sin_port), s->o.port_wait_ms);
+        struct timespec ts = {delay_ms / 1000, (long)(delay_ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+        delay_ms = delay_ms * 2 > 1000 ? 1000 : delay_ms * 2;
+    }
+}
+
 int kvr_sync_start(kvr_sync *s, kvr_err *err)
 {
     struct sockaddr_in sa;
     if (fwd_sockaddr(s->raft_addr, &sa) != 0)
         return kvr_err_set(err, KVR_EINVAL, "sync: bad raft address \"%s\"", s->raft_addr);
-    int rc = uv_tcp_bind(&s->listener, (const struct sockaddr *)&sa, 0);
+    int rc = wait_ports_free(s, &sa, err);
+    if (rc != 0)
+        return rc;
+    rc = uv_tcp_bind(&s->listener, (const struct sockaddr *)&sa, 0);
     if (rc == 0)
         rc = uv_listen((uv_stream_t *)&s->listener, 128, on_accept);
     if (rc != 0)
@@ -1297,6 +1383,23 @@ int kvr_sync_start(kvr_sync *s, kvr_err *err)
     KVR_LOG_INFO("sync started", "id=%u raft=%s forward_port=%d", s->o.id, s->raft_addr,
                  ntohs(sa.sin_port));
     return 0;
+}
+
+void kvr_sync_frontend_seen(kvr_sync *s, uint64_t frontend_id)
+{
+    if (s->closing || !s->started || frontend_id == 0)
+        return;
+    bool leader = kvr_consensus_get_role(s->cons) == KVR_ROLE_LEADER;
+    if (leader && !s->was_leader) { /* took office since the last tick */
+        s->was_leader = true;
+        kvr_lease_set_leader(&s->leases, true, kvr_mono_ms());
+    }
+    if (!kvr_lease_heard(&s->leases, s->fsm, frontend_id, kvr_mono_ms(), leader))
+        return;
+    kvr_cmd c = {.type = KVR_CMD_FRONTEND_SEEN};
+    c.u.frontend.frontend_id = frontend_id;
+    c.u.frontend.now_ms = (uint64_t)kvr_now_ms();
+    submit_internal(s, &c);
 }
 
 static int submit_bytes(kvr_sync *s, const char *cmd, size_t len, kvr_sync_cb cb, void *data)

@@ -72,10 +72,11 @@ typedef struct kvr_sync_options {
     uint32_t max_inflight;         /* log entries proposed and not yet committed before new
                                       commands wait for the next entry (group commit);
                                       default 1 */
-    /* Housekeeping, done by the leader only, through Raft, with wall-clock time in the commands:
-     * every housekeeping_ms (default 1000) it proposes FRONTEND_EXPIRE for each frontend whose
-     * lease is older than lease_ttl_ms (default 10000; frontends renew it with FRONTEND_SEEN),
-     * and EXPIRE{now - max_request_age_ms} (default 600000). 0 keeps the default; set
+    /* Housekeeping, done by the leader only, through Raft: every housekeeping_ms (default
+     * 1000) it proposes FRONTEND_EXPIRE for each frontend it has not heard from (through
+     * kvr_sync_frontend_seen) for lease_ttl_ms (default 10000) on its monotonic clock, counted
+     * from when it took office at the earliest (lease.h), and EXPIRE{wall now -
+     * max_request_age_ms} (default 600000). 0 keeps the default; set
      * housekeeping_ms to UINT32_MAX to disable. */
     uint32_t housekeeping_ms, lease_ttl_ms, max_request_age_ms;
     kvr_fsm_options fsm;
@@ -83,6 +84,7 @@ typedef struct kvr_sync_options {
      * forward port with the peer_auth handshake before any message or command is read
      * (peer_auth.h). NULL or empty: no authentication (only with --insecure-cluster). */
     const kvr_auth_key *auth_key;
+    uint32_t port_wait_ms; /* how long start waits for a busy Raft/forward port; default 10000 */
 } kvr_sync_options;
 
 /* Defaults for every field; the caller sets id, raft_addr, peers, data_dir. */
@@ -108,6 +110,11 @@ int kvr_sync_start(kvr_sync *s, kvr_err *err);
 
 int kvr_sync_route(kvr_sync *s, const kvr_route_cmd *cmd, kvr_sync_cb cb, void *data);
 int kvr_sync_submit(kvr_sync *s, const kvr_cmd *cmd, kvr_sync_cb cb, void *data);
+/* A frontend's lease beat (kvr.frontends.<id>), heard by this router. Every router calls it;
+ * only the leader proposes, FRONTEND_SEEN only when the replicated lease table lacks the
+ * frontend, and FRONTEND_EXPIRE once it has been silent for lease_ttl_ms on the leader's
+ * monotonic clock (lease.h). */
+void kvr_sync_frontend_seen(kvr_sync *s, uint64_t frontend_id);
 
 /* Stops accepting commands, answers every pending one with KVR_ECLOSED, closes Raft and all
  * handles; close_cb runs when everything is closed, after which s is freed. */

@@ -15,6 +15,7 @@
 #include "consensus.h"
 #include "entry.h"
 #include "fsm.h"
+#include "lease.h"
 #include "sync_test_util.h"
 
 #define MAXN 5
@@ -666,6 +667,112 @@ static void adversarial_run(unsigned seed)
     cluster_teardown(&c);
 }
 
+/* Defect 14: lease expiry decided on one clock. Simulated fixture time stands for each node's
+ * monotonic clock; wall[] are the routers' wall clocks, which label commands only. A 10 s
+ * wall-clock step on the leader used to expire every lease (the old rule compared the wall time
+ * written by FRONTEND_SEEN with the expiring router's wall clock: last + ttl < wall). With the
+ * leader measuring silence on its monotonic clock (lease.h) the step expires nothing; silence
+ * longer than the ttl still does; a new leader gives every lease one full ttl from taking office;
+ * and a beat for a lease already replicated proposes nothing (defect 13). */
+static void commit_on(cluster *c, unsigned l, const kvr_cmd *cmd)
+{
+    prop p;
+    assert_int_equal(propose(c, l, cmd, 1, &p), 0);
+    for (int k = 0; k < 20000 && !p.done; k++)
+        raft_fixture_step(&c->f);
+    assert_true(p.done);
+    assert_int_equal(p.status, 0);
+    raft_index idx = raft_last_applied(raft_fixture_get(&c->f, l));
+    for (int k = 0; k < 20000 && !all_applied(c, idx); k++)
+        raft_fixture_step(&c->f);
+    assert_true(all_applied(c, idx));
+}
+
+static void test_lease_clock_step(void **state)
+{
+    (void)state;
+    const uint32_t ttl = 10000;
+    const uint64_t fe = 77;
+    cluster c;
+    cluster_setup(&c, 3, 1000000);
+    assert_true(raft_fixture_step_until_has_leader(&c.f, 10000));
+    unsigned l = raft_fixture_leader_index(&c.f);
+    kvr_lease_tracker *t = calloc(1, sizeof *t);
+    assert_non_null(t);
+    uint64_t wall = 1700000000000ull;
+#define MONO() ((int64_t)raft_fixture_time(&c.f))
+    kvr_lease_set_leader(t, true, MONO());
+
+    /* first beat: the replicated table lacks the lease, the leader proposes FRONTEND_SEEN */
+    assert_true(kvr_lease_heard(t, c.nodes[l].fsm, fe, MONO(), true));
+    kvr_cmd seen = {.type = KVR_CMD_FRONTEND_SEEN};
+    seen.u.frontend.frontend_id = fe;
+    seen.u.frontend.now_ms = wall;
+    commit_on(&c, l, &seen);
+    for (unsigned i = 0; i < c.n; i++) {
+        uint64_t last;
+        assert_int_equal(kvr_fsm_frontend_last_seen(c.nodes[i].fsm, fe, &last), 0);
+    }
+    /* later beats change nothing in the table: nothing proposed (not R x F per second) */
+    raft_fixture_step_until_elapsed(&c.f, 1500);
+    assert_false(kvr_lease_heard(t, c.nodes[l].fsm, fe, MONO(), true));
+
+    /* the leader's wall clock steps 10 s forward */
+    uint64_t last;
+    assert_int_equal(kvr_fsm_frontend_last_seen(c.nodes[l].fsm, fe, &last), 0);
+    uint64_t stepped = wall + 1500 + 10001;
+    assert_true(last + ttl < stepped); /* the old rule would expire the lease right now */
+    uint64_t ids[8];
+    assert_int_equal(kvr_lease_due(t, c.nodes[l].fsm, MONO(), ttl, ids, 8), 0);
+
+    /* beats keep coming for 3 ttl: never due, whatever the wall clock says */
+    for (int k = 0; k < 30; k++) {
+        raft_fixture_step_until_elapsed(&c.f, 1000);
+        assert_false(kvr_lease_heard(t, c.nodes[l].fsm, fe, MONO(), true));
+        assert_int_equal(kvr_lease_due(t, c.nodes[l].fsm, MONO(), ttl, ids, 8), 0);
+    }
+    /* silence: due only once ttl has passed on the leader's monotonic clock */
+    raft_fixture_step_until_elapsed(&c.f, ttl - 500);
+    assert_int_equal(kvr_lease_due(t, c.nodes[l].fsm, MONO(), ttl, ids, 8), 0);
+    raft_fixture_step_until_elapsed(&c.f, 1000);
+    assert_int_equal(kvr_lease_due(t, c.nodes[l].fsm, MONO(), ttl, ids, 8), 1);
+    assert_int_equal(ids[0], fe);
+    /* proposed: not proposed again while it may be in flight */
+    assert_int_equal(kvr_lease_due(t, c.nodes[l].fsm, MONO(), ttl, ids, 8), 0);
+    kvr_cmd ex = {.type = KVR_CMD_FRONTEND_EXPIRE};
+    ex.u.frontend.frontend_id = fe;
+    ex.u.frontend.now_ms = stepped;
+    commit_on(&c, l, &ex);
+    uint64_t d0 = kvr_fsm_digest(c.nodes[0].fsm);
+    for (unsigned i = 0; i < c.n; i++) {
+        assert_int_equal(kvr_fsm_frontend_last_seen(c.nodes[i].fsm, fe, &last), KVR_ENOTFOUND);
+        assert_int_equal(kvr_fsm_digest(c.nodes[i].fsm), d0);
+    }
+
+    /* it beats again: back in the table; then leadership moves to a node that heard nothing */
+    raft_fixture_step_until_elapsed(&c.f, KVR_LEASE_REPROPOSE_MS + 1);
+    assert_true(kvr_lease_heard(t, c.nodes[l].fsm, fe, MONO(), true));
+    seen.u.frontend.now_ms = stepped + 2000;
+    commit_on(&c, l, &seen);
+    raft_fixture_depose(&c.f);
+    unsigned nl = (l + 1) % c.n;
+    raft_fixture_elect(&c.f, nl);
+    kvr_lease_tracker *t2 = calloc(1, sizeof *t2);
+    assert_non_null(t2);
+    int64_t office = MONO();
+    kvr_lease_set_leader(t2, true, office);
+    assert_int_equal(kvr_lease_due(t2, c.nodes[nl].fsm, office + ttl - 1, ttl, ids, 8), 0);
+    assert_int_equal(kvr_lease_due(t2, c.nodes[nl].fsm, office + ttl + 1, ttl, ids, 8), 1);
+    /* a follower's tracker proposes nothing */
+    kvr_lease_set_leader(t, false, MONO());
+    assert_false(kvr_lease_heard(t, c.nodes[l].fsm, 78, MONO(), false));
+    assert_int_equal(kvr_lease_due(t, c.nodes[l].fsm, MONO() + 10 * ttl, ttl, ids, 8), 0);
+#undef MONO
+    free(t);
+    free(t2);
+    cluster_teardown(&c);
+}
+
 static void test_adversarial_orders(void **state)
 {
     (void)state;
@@ -676,10 +783,9 @@ static void test_adversarial_orders(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_same_as_single),
-        cmocka_unit_test(test_chaos_3),
-        cmocka_unit_test(test_chaos_5),
-        cmocka_unit_test(test_adversarial_orders),
+        cmocka_unit_test(test_same_as_single),   cmocka_unit_test(test_chaos_3),
+        cmocka_unit_test(test_chaos_5),          cmocka_unit_test(test_adversarial_orders),
+        cmocka_unit_test(test_lease_clock_step),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
