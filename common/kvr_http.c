@@ -889,7 +889,22 @@ void kvr_http_server_close(kvr_http_server *srv, kvr_http_server_close_cb close_
         conn_gone(c);
         c = next;
     }
-    uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+    if (!uv_is_closing((uv_handle_t *)&srv->listener))
+        uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+}
+
+size_t kvr_http_server_writes_pending(const kvr_http_server *srv)
+{
+    size_t n = 0;
+    for (const kvr_http_conn *c = srv->conns; c != NULL; c = c->next)
+        n += c->closing ? 0 : (size_t)c->writes;
+    return n;
+}
+
+void kvr_http_server_stop_listening(kvr_http_server *srv)
+{
+    if (!uv_is_closing((uv_handle_t *)&srv->listener))
+        uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
 }
 
 /* ---------------------------------------------------------------- requests */

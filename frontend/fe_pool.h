@@ -8,6 +8,7 @@
 #ifndef FE_POOL_H
 #define FE_POOL_H
 
+#include "kvr_access.h"
 #include "kvr_buf.h"
 #include "kvr_err.h"
 
@@ -44,6 +45,10 @@ typedef struct fe_pool {
     uint64_t rr;    /* round-robin counter */
     uint64_t rng;   /* xorshift state */
     uint64_t rejected; /* malformed heartbeats */
+    /* Worker URL allow-list (not owned; NULL: every URL). A heartbeat whose url is outside
+     * is refused (KVR_EINVAL) and counted in refused_url. */
+    const kvr_cidr_list *allow;
+    uint64_t refused_url;
 } fe_pool;
 
 int fe_pool_init(fe_pool *p, const char *ns_or_prefix, bool prefix_mode, uint64_t seed);
@@ -55,8 +60,13 @@ bool fe_pool_ns_match(const fe_pool *p, const char *ns, size_t len);
 /* Applies one heartbeat (msgpack map, DESIGN 4) seen at monotonic time now_ms. Heartbeats
  * of other namespaces are ignored (return 0). Malformed → KVR_EINVAL/ETYPE/ETRUNC + err. */
 int fe_pool_heartbeat(fe_pool *p, const void *data, size_t len, int64_t now_ms, kvr_err *err);
-/* Drops workers unseen for ttl_ms. */
+/* Drops workers unseen for ttl_ms. A heartbeat of a new worker that finds the table full
+ * drops them first, so a flood of one-shot heartbeats blocks new workers only while the
+ * fakes are within their TTL. */
 void fe_pool_expire(fe_pool *p, int64_t now_ms);
+/* Moves every worker's last_seen on by delta_ms: the loop stalled that long and could not
+ * have read their heartbeats (liveness is judged on the time the loop had). */
+void fe_pool_shift(fe_pool *p, int64_t delta_ms);
 
 /* Live workers serving model (NULL: any). */
 size_t fe_pool_live(const fe_pool *p, const char *model, int64_t now_ms);
