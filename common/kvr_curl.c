@@ -368,6 +368,7 @@ static size_t cb_header(char *buf, size_t size, size_t nitems, void *ud)
 {
     kvr_curl_req *r = ud;
     size_t n = size * nitems;
+    r->last_rx_ms = mono_ms(); /* a header line is a sign of life too */
     if (r->cancelled)
         return 0;
     if (n >= 5 && memcmp(buf, "HTTP/", 5) == 0) {

@@ -149,10 +149,12 @@ void fe_pool_expire(fe_pool *p, int64_t now_ms)
     p->n = j;
 }
 
-void fe_pool_shift(fe_pool *p, int64_t delta_ms)
+void fe_pool_shift(fe_pool *p, int64_t delta_ms, int64_t now_ms)
 {
-    for (size_t i = 0; i < p->n; i++)
-        p->w[i].last_seen_ms += delta_ms;
+    for (size_t i = 0; i < p->n; i++) {
+        int64_t t = p->w[i].last_seen_ms + delta_ms;
+        p->w[i].last_seen_ms = t < now_ms ? t : now_ms;
+    }
 }
 
 static bool live(const fe_pool *p, const fe_worker *w, const char *model, int64_t now_ms)

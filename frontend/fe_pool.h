@@ -64,9 +64,9 @@ int fe_pool_heartbeat(fe_pool *p, const void *data, size_t len, int64_t now_ms, 
  * drops them first, so a flood of one-shot heartbeats blocks new workers only while the
  * fakes are within their TTL. */
 void fe_pool_expire(fe_pool *p, int64_t now_ms);
-/* Moves every worker's last_seen on by delta_ms: the loop stalled that long and could not
- * have read their heartbeats (liveness is judged on the time the loop had). */
-void fe_pool_shift(fe_pool *p, int64_t delta_ms);
+/* Moves every worker's last_seen on by delta_ms, never past now_ms: the loop stalled that
+ * long and could not have read their heartbeats (liveness is judged on the time it had). */
+void fe_pool_shift(fe_pool *p, int64_t delta_ms, int64_t now_ms);
 
 /* Live workers serving model (NULL: any). */
 size_t fe_pool_live(const fe_pool *p, const char *model, int64_t now_ms);

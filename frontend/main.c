@@ -614,6 +614,23 @@ static void send_route(fe_call *c)
 
 /* ---------- request handling ---------- */
 
+/* Called by the tick (1 s) and before every use of worker liveness. Two calls more than 2.5 s
+ * apart mean the loop did not run meanwhile (SIGSTOP, a long callback, a paused VM) and could
+ * read no heartbeat: liveness is judged on the time it had, so every deadline moves on by the
+ * stall (never past now). Checked on requests too, because after a stall the I/O that was
+ * waiting (a request among it) runs before the timers. */
+static void note_loop_time(int64_t now)
+{
+    int64_t gap = app.last_tick_ms ? now - app.last_tick_ms : 0;
+    app.last_tick_ms = now;
+    if (gap <= 2500)
+        return;
+    kvr_metric_inc(app.m_stalls);
+    KVR_LOG_WARN("loop stalled: extending worker deadlines by the stall", "stall_ms=%" PRId64,
+                 gap - 1000);
+    fe_pool_shift(&app.pool, gap - 1000, now);
+}
+
 static bool check_auth(kvr_http_req *req, int route)
 {
     if (!app.api_key || !app.api_key[0])
@@ -653,6 +670,7 @@ static void handle_generate(kvr_http_req *req, int route)
         return;
     }
     int64_t now = kvr_mono_ms();
+    note_loop_time(now);
     rc = fe_pool_pick_ns(&app.pool, c->r.model, now, c->ns);
     if (rc == KVR_ENOTFOUND) {
         fe_error_set(&e, 404, "invalid_request_error", "model", "model_not_found",
@@ -741,6 +759,7 @@ static void on_request(kvr_http_req *req)
             return;
         kvr_buf b;
         kvr_buf_init(&b);
+        note_loop_time(kvr_mono_ms());
         fe_pool_models_json(&app.pool, kvr_mono_ms(), &b);
         respond_json(req, route, 200, &b);
         kvr_buf_free(&b);
@@ -782,16 +801,7 @@ static void on_tick(uv_timer_t *t)
 {
     (void)t;
     int64_t now = kvr_mono_ms();
-    /* A tick much later than its 1 s period: the loop did not run (SIGSTOP, a long callback,
-     * a paused VM) and could read no heartbeat; judge liveness on the time it had. */
-    int64_t gap = app.last_tick_ms ? now - app.last_tick_ms : 0;
-    app.last_tick_ms = now;
-    if (gap > 2500) {
-        kvr_metric_inc(app.m_stalls);
-        KVR_LOG_WARN("loop stalled: extending worker deadlines by the stall", "stall_ms=%" PRId64,
-                     gap - 1000);
-        fe_pool_shift(&app.pool, gap - 1000);
-    }
+    note_loop_time(now);
     fe_pool_expire(&app.pool, now);
     if (app.nats_on && kvr_nats_connected(&app.nats)) {
         kvr_buf b;
@@ -813,6 +823,7 @@ static void collect(kvr_metrics *m, void *arg)
     (void)m;
     (void)arg;
     kvr_metric_set(app.m_active, 0, (double)app.active_streams);
+    note_loop_time(kvr_mono_ms());
     kvr_metric_set(app.m_workers, 0, (double)fe_pool_live(&app.pool, NULL, kvr_mono_ms()));
     kvr_metric_counter_set(app.m_hb_rejected, 0, app.pool.rejected);
     kvr_metric_counter_set(app.m_hb_refused_url, 0, app.pool.refused_url);

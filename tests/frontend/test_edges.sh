@@ -2,6 +2,7 @@
 # frontend_edges (issue 18, defects 9, 11, 14 and the worker allow-list): real nats-server,
 # kvr-routerd, kvr-worker and kvr-frontend processes.
 #  - "bearer" in any case is accepted; 502 messages name the worker id, never its URL;
+#  - a frontend stall (SIGSTOP longer than the TTL) expires no worker;
 #  - a heartbeat whose url is outside --worker-cidr is refused and counted;
 #  - a SIGSTOPped worker: before the first token the request is retried on another worker,
 #    after it the client gets an SSE error event and [DONE] and the router booking is freed;
@@ -65,6 +66,19 @@ r=$(curl -s "${AUTH[@]}" -d '{"model":"mx","prompt":"hi","max_tokens":2}' "http:
 echo "$r" | jq -e '.error.message | test("upstream worker 50")' >/dev/null || kvr_fail "502 message: $r"
 case "$r" in *127.0.0.1:1*|*/dead*) kvr_fail "502 leaks the worker URL: $r" ;; esac
 kvr_term dead
+
+# --- loop stall: the frontend and a worker's heartbeat source frozen 5 s (TTL 3 s); the
+#     frontend then runs alone for 1.5 s (a tick or more): the worker must still be live ---
+kvr_spawn fb "$PUB" --nats "$NATS_URL" beat-loop default 60 mstall "http://127.0.0.1:3/x" 64 1000 200
+listed() { curl -s "${AUTH[@]}" "http://127.0.0.1:$F2/v1/models" | jq -e '.data[] | select(.id=="mstall")' >/dev/null; }
+kvr_wait_for 5 listed || kvr_fail "mstall never listed"
+kill -STOP "$(kvr_pid f2)" "$(kvr_pid fb)"
+sleep 5
+kill -CONT "$(kvr_pid f2)"
+sleep 1.5
+listed || kvr_fail "a frontend stall expired a worker"
+kill -CONT "$(kvr_pid fb)"
+kvr_term fb
 
 body() { jq -cn --argjson n "$1" '{model:"m1",prompt:"The quick brown fox jumps",max_tokens:$n,stream:true}'; }
 # --- stall before the first token: retried on the other worker (round-robin sends one of two

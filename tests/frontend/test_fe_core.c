@@ -451,10 +451,13 @@ static void test_pool_edges(void **state)
     assert_int_equal(p.n, 1);
     assert_int_equal(fe_pool_live(&p, NULL, p.ttl_ms + 1), 1);
     /* a stall of 10 s: the worker's deadline moves on by it */
-    fe_pool_shift(&p, 10000);
+    fe_pool_shift(&p, 10000, p.ttl_ms + 10001);
     assert_int_equal(fe_pool_live(&p, NULL, p.ttl_ms + 10001), 1);
     fe_pool_expire(&p, p.ttl_ms + 10001);
     assert_int_equal(p.n, 1);
+    /* never past now: a worker beaten just now does not gain the stall on top */
+    fe_pool_shift(&p, 10000, p.ttl_ms + 10001);
+    assert_true(p.w[0].last_seen_ms <= p.ttl_ms + 10001);
     kvr_buf_free(&b);
     fe_pool_free(&p);
 }
