@@ -868,6 +868,8 @@ static void on_listener_closed(uv_handle_t *h)
 {
     kvr_http_server *srv = h->data;
     srv->listener_closed = true;
+    if (!srv->closing)
+        return; /* kvr_http_server_stop_listening: live connections still read into readbuf_ */
     free(srv->readbuf_);
     srv->readbuf_ = NULL;
     if (srv->conns == NULL && srv->close_cb != NULL) {
@@ -889,8 +891,19 @@ void kvr_http_server_close(kvr_http_server *srv, kvr_http_server_close_cb close_
         conn_gone(c);
         c = next;
     }
-    if (!uv_is_closing((uv_handle_t *)&srv->listener))
+    if (!uv_is_closing((uv_handle_t *)&srv->listener)) {
         uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+    } else if (srv->listener_closed) {
+        /* closed earlier by kvr_http_server_stop_listening; the connections have stopped
+         * reading (conn_gone) */
+        free(srv->readbuf_);
+        srv->readbuf_ = NULL;
+        if (srv->conns == NULL && srv->close_cb != NULL) {
+            kvr_http_server_close_cb cb = srv->close_cb;
+            srv->close_cb = NULL;
+            cb(srv);
+        }
+    }
 }
 
 size_t kvr_http_server_writes_pending(const kvr_http_server *srv)

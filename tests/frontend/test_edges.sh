@@ -122,7 +122,31 @@ kvr_wait_for 10 live2 $F1 2 || kvr_fail "worker $wid not live again"
 # --- SIGTERM drain: the listener closes, /ready would say 503, the stream finishes ---
 kvr_spawn s2 curl -s -N --max-time 60 "${AUTH[@]}" -d "$(body 60)" "http://127.0.0.1:$F1/v1/completions"
 kvr_wait_for 10 grep -q '"text"' "$KVR_TMP/s2.log" || kvr_fail "no first token (drain)"
-kill -TERM "$(kvr_pid f1)"
+# a keep-alive connection opened before the SIGTERM: its next request gets 503 (not a reset)
+ready_after_term=$(/usr/bin/python3 - "$F1" "$(kvr_pid f1)" <<'PY'
+import os, signal, socket, sys, time
+port, pid = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port), timeout=5)
+def ask():
+    s.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            return "closed"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    n = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(body) < n:
+        body += s.recv(4096)
+    return head.split(b" ")[1].decode()
+first = ask()
+os.kill(pid, signal.SIGTERM)
+time.sleep(0.5)
+print(first, ask())
+PY
+)
+kvr_assert_eq "$ready_after_term" "200 503" "/ready on a kept-alive connection before and after SIGTERM"
 kvr_wait_for 5 bash -c "! curl -s -o /dev/null --max-time 1 http://127.0.0.1:$F1/health" ||
     kvr_fail "listener still open while draining"
 kvr_wait_for 30 bash -c "! kill -0 $(kvr_pid f1) 2>/dev/null" || kvr_fail "f1 did not exit after its stream"
