@@ -29,6 +29,8 @@ struct kvr_curl_req {
     bool aborted;   /* a callback asked to abort */
     bool limit_hit;
     bool paused;
+    bool stalled;        /* no byte for stall_timeout_ms (see cb_progress) */
+    uint64_t last_rx_ms; /* monotonic: last response byte, or start, or while paused */
     char errbuf[CURL_ERROR_SIZE];
 };
 
@@ -263,6 +265,9 @@ static void finish(kvr_curl_req *r, CURLcode rc)
     } else if (r->limit_hit) {
         result = KVR_ELIMIT;
         msg = "response body over the limit";
+    } else if (r->stalled) {
+        result = KVR_ETIMEDOUT;
+        msg = "no data from the server within the stall timeout";
     } else if (r->aborted) {
         result = KVR_ECLOSED;
         msg = "aborted by callback";
@@ -295,10 +300,36 @@ static void check_done(kvr_curl *kc)
     }
 }
 
+static uint64_t mono_ms(void)
+{
+    return uv_hrtime() / 1000000u;
+}
+
+/* Stall detection: libcurl's own low-speed check averages over several seconds and counts
+ * the upload too, so a silent server is noticed late; this checks the time since the last
+ * response byte instead. Paused time (client backpressure) does not count. */
+static int cb_progress(void *ud, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+                       curl_off_t ulnow)
+{
+    (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+    kvr_curl_req *r = ud;
+    uint64_t now = mono_ms();
+    if (r->paused || r->cancelled) {
+        r->last_rx_ms = now;
+        return 0;
+    }
+    if (now - r->last_rx_ms >= (uint64_t)r->o.stall_timeout_ms) {
+        r->stalled = true;
+        return 1;
+    }
+    return 0;
+}
+
 static size_t cb_write(char *ptr, size_t size, size_t nmemb, void *ud)
 {
     kvr_curl_req *r = ud;
     size_t n = size * nmemb;
+    r->last_rx_ms = mono_ms();
     if (r->cancelled)
         return 0;
     if (r->o.on_data != NULL) {
@@ -337,6 +368,7 @@ static size_t cb_header(char *buf, size_t size, size_t nitems, void *ud)
 {
     kvr_curl_req *r = ud;
     size_t n = size * nitems;
+    r->last_rx_ms = mono_ms(); /* a header line is a sign of life too */
     if (r->cancelled)
         return 0;
     if (n >= 5 && memcmp(buf, "HTTP/", 5) == 0) {
@@ -484,6 +516,16 @@ int kvr_curl_start(kvr_curl *kc, const kvr_curl_opts *opts, kvr_curl_req **out, 
     curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
     if (opts->timeout_ms > 0)
         curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, opts->timeout_ms);
+    if (opts->stall_timeout_ms > 0) {
+        /* cb_progress does the check. The low-speed limit is a backstop, and it makes
+         * libcurl wake a silent transfer every second, so cb_progress runs even then. */
+        r->last_rx_ms = mono_ms();
+        curl_easy_setopt(e, CURLOPT_NOPROGRESS, 0L);
+        curl_easy_setopt(e, CURLOPT_XFERINFOFUNCTION, cb_progress);
+        curl_easy_setopt(e, CURLOPT_XFERINFODATA, r);
+        curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, 1L);
+        curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, (opts->stall_timeout_ms + 999) / 1000 + 30);
+    }
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
                      opts->connect_timeout_ms > 0 ? opts->connect_timeout_ms
                                                   : kc->connect_timeout_ms);

@@ -61,6 +61,8 @@ typedef struct kvr_curl_opts {
     const void *body;           /* copied; may be NULL */
     size_t body_len;
     long timeout_ms;         /* whole transfer; 0 → none */
+    long stall_timeout_ms;   /* no byte for this long (rounded up to whole seconds) →
+                                on_done(KVR_ETIMEDOUT); not counted while paused; 0 → none */
     long connect_timeout_ms; /* 0 → the kvr_curl default */
     void *data;              /* request's user data (kvr_curl_req_data) */
     /* Once, when the final (non-1xx) response headers are complete. Non-zero aborts. May be NULL.

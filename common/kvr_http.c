@@ -1067,6 +1067,8 @@ static void on_listener_closed(uv_handle_t *h)
 {
     kvr_http_server *srv = h->data;
     srv->listener_closed = true;
+    if (!srv->closing)
+        return; /* kvr_http_server_stop_listening: live connections still read into readbuf_ */
     free(srv->readbuf_);
     srv->readbuf_ = NULL;
     if (srv->conns == NULL && srv->close_cb != NULL) {
@@ -1088,7 +1090,33 @@ void kvr_http_server_close(kvr_http_server *srv, kvr_http_server_close_cb close_
         conn_gone(c);
         c = next;
     }
-    uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+    if (!uv_is_closing((uv_handle_t *)&srv->listener)) {
+        uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
+    } else if (srv->listener_closed) {
+        /* closed earlier by kvr_http_server_stop_listening; the connections have stopped
+         * reading (conn_gone) */
+        free(srv->readbuf_);
+        srv->readbuf_ = NULL;
+        if (srv->conns == NULL && srv->close_cb != NULL) {
+            kvr_http_server_close_cb cb = srv->close_cb;
+            srv->close_cb = NULL;
+            cb(srv);
+        }
+    }
+}
+
+size_t kvr_http_server_writes_pending(const kvr_http_server *srv)
+{
+    size_t n = 0;
+    for (const kvr_http_conn *c = srv->conns; c != NULL; c = c->next)
+        n += c->closing ? 0 : (size_t)c->writes;
+    return n;
+}
+
+void kvr_http_server_stop_listening(kvr_http_server *srv)
+{
+    if (!uv_is_closing((uv_handle_t *)&srv->listener))
+        uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
 }
 
 /* ---------------------------------------------------------------- requests */

@@ -155,6 +155,13 @@ int kvr_http_server_port(const kvr_http_server *srv);
  * Requests not yet finished by their handlers stay allocated until they are finished. */
 void kvr_http_server_close(kvr_http_server *srv, kvr_http_server_close_cb close_cb);
 
+/* Closes the listening socket only (graceful drain): no new connection is accepted, live
+ * connections and their requests go on. kvr_http_server_close() later finishes the rest. */
+void kvr_http_server_stop_listening(kvr_http_server *srv);
+/* Writes queued on live connections and not yet handed to the kernel: wait for 0 before
+ * kvr_http_server_close() so that the last bytes of finished responses are not dropped. */
+size_t kvr_http_server_writes_pending(const kvr_http_server *srv);
+
 /* Case-insensitive header lookup; the first occurrence, or {NULL,0} if absent. */
 kvr_slice kvr_http_req_header(const kvr_http_req *req, const char *name);
 /* Header count and access by index (names as received). */

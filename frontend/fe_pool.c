@@ -5,6 +5,7 @@
 #include "kvr_mp.h"
 #include "kvr_tok.h"
 
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -114,8 +115,15 @@ int fe_pool_heartbeat(fe_pool *p, const void *data, size_t len, int64_t now_ms, 
         goto bad;
     if (!fe_pool_ns_match(p, w.ns, strlen(w.ns)))
         return 0;
+    if (p->allow && !kvr_cidr_url_allowed(p->allow, hb.url.base, hb.url.len)) {
+        p->refused_url++;
+        return kvr_err_set(err, KVR_EINVAL,
+                           "worker %" PRIu64 " refused: url %s outside --worker-cidr", w.id, w.url);
+    }
     w.last_seen_ms = now_ms;
     fe_worker *e = fe_pool_find(p, w.ns, w.id);
+    if (!e && p->n >= FE_POOL_MAX_WORKERS)
+        fe_pool_expire(p, now_ms);
     if (!e) {
         if (p->n >= FE_POOL_MAX_WORKERS) {
             p->rejected++;
@@ -156,6 +164,14 @@ void fe_pool_set_blind(fe_pool *p, bool blind, int64_t now_ms)
                 p->w[i].last_seen_ms = now_ms;
     }
     p->blind = blind;
+}
+
+void fe_pool_shift(fe_pool *p, int64_t delta_ms, int64_t now_ms)
+{
+    for (size_t i = 0; i < p->n; i++) {
+        int64_t t = p->w[i].last_seen_ms + delta_ms;
+        p->w[i].last_seen_ms = t < now_ms ? t : now_ms;
+    }
 }
 
 static bool live(const fe_pool *p, const fe_worker *w, const char *model, int64_t now_ms)

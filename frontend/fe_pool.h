@@ -8,6 +8,7 @@
 #ifndef FE_POOL_H
 #define FE_POOL_H
 
+#include "kvr_access.h"
 #include "kvr_buf.h"
 #include "kvr_err.h"
 
@@ -47,6 +48,10 @@ typedef struct fe_pool {
     uint64_t rr;       /* round-robin counter */
     uint64_t rng;      /* xorshift state */
     uint64_t rejected; /* malformed heartbeats */
+    /* Worker URL allow-list (not owned; NULL: every URL). A heartbeat whose url is outside
+     * is refused (KVR_EINVAL) and counted in refused_url. */
+    const kvr_cidr_list *allow;
+    uint64_t refused_url;
 } fe_pool;
 
 int fe_pool_init(fe_pool *p, const char *ns_or_prefix, bool prefix_mode, uint64_t seed);
@@ -65,6 +70,12 @@ void fe_pool_expire(fe_pool *p, int64_t now_ms);
  * full ttl_ms from now_ms to beat again (its own client may still be reconnecting) before
  * it expires. */
 void fe_pool_set_blind(fe_pool *p, bool blind, int64_t now_ms);
+/* A heartbeat of a new worker that finds the table full
+ * drops them first, so a flood of one-shot heartbeats blocks new workers only while the
+ * fakes are within their TTL (fe_pool_expire above). */
+/* Moves every worker's last_seen on by delta_ms, never past now_ms: the loop stalled that
+ * long and could not have read their heartbeats (liveness is judged on the time it had). */
+void fe_pool_shift(fe_pool *p, int64_t delta_ms, int64_t now_ms);
 
 /* Live workers serving model (NULL: any). */
 size_t fe_pool_live(const fe_pool *p, const char *model, int64_t now_ms);

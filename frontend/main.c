@@ -9,6 +9,7 @@
 #include "fe_core.h"
 #include "fe_pool.h"
 
+#include "kvr_access.h"
 #include "kvr_curl.h"
 #include "kvr_flags.h"
 #include "kvr_hash.h"
@@ -72,12 +73,23 @@ typedef struct fe_app {
         *m_upstream_err, *m_fallback, *m_route_tries, *m_retries, *m_route_mode,
         *m_workers, *m_hb_rejected, *m_disconnects;
     uint64_t active_streams;
+    /* issue 18 edges: drain, stalls, admission (docs/SECURITY.md 5) */
+    struct fe_call *calls; /* every live call (doubly linked), ended at the drain deadline */
+    size_t n_calls;
+    bool draining, closed;
+    uv_timer_t drain_timer;
+    int64_t drain_timeout_ms;
+    int64_t upstream_stall_ms;
+    int64_t last_tick_ms;
+    kvr_cidr_list worker_cidrs;
+    kvr_metric *m_hb_refused_url, *m_stalls, *m_drain_cut;
 } fe_app;
 
 static fe_app app;
 
 typedef struct fe_call {
-    kvr_http_req *req; /* NULL once finished */
+    struct fe_call *prev, *next; /* app.calls */
+    kvr_http_req *req;           /* NULL once finished */
     fe_req r;
     fe_relay relay;
     kvr_sse sse;
@@ -108,6 +120,7 @@ typedef struct fe_call {
 
 static void start_upstream(fe_call *c);
 static void call_maybe_free(fe_call *c);
+static void shutdown_now(void);
 
 /* ---------- small helpers ---------- */
 
@@ -220,7 +233,16 @@ static void call_maybe_free(fe_call *c)
     kvr_sse_free(&c->sse);
     kvr_buf_free(&c->out);
     kvr_buf_free(&c->upbody);
+    if (c->prev)
+        c->prev->next = c->next;
+    else if (app.calls == c)
+        app.calls = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    app.n_calls--;
     free(c);
+    if (app.draining && app.n_calls == 0)
+        shutdown_now(); /* the last in-flight call of a drain is done */
 }
 
 /* ---------- client side ---------- */
@@ -383,13 +405,29 @@ static void on_up_done(kvr_curl_req *r, int result, long status, const char *err
         return;
     }
     /* Failure. */
-    char why[320];
+    /* why goes to the log (with the URL); the client only learns the worker id: internal
+     * addresses are not its business. */
+    char why[320], client_msg[320];
     if (c->up_err[0])
         snprintf(why, sizeof why, "%s", c->up_err);
     else if (result == 0)
         snprintf(why, sizeof why, "worker %s answered HTTP %ld", c->url, status);
+    else if (result == KVR_ETIMEDOUT)
+        snprintf(why, sizeof why, "worker %s sent nothing for %" PRId64 " ms", c->url,
+                 app.upstream_stall_ms);
     else
         snprintf(why, sizeof why, "worker %s: %s", c->url, errmsg ? errmsg : kvr_strerror(result));
+    if (c->up_err[0])
+        snprintf(client_msg, sizeof client_msg, "upstream worker %" PRIu64 " failed: %s",
+                 c->worker_id, c->up_err);
+    else if (result == 0)
+        snprintf(client_msg, sizeof client_msg, "upstream worker %" PRIu64 " failed (HTTP %ld)",
+                 c->worker_id, status);
+    else if (result == KVR_ETIMEDOUT)
+        snprintf(client_msg, sizeof client_msg, "upstream worker %" PRIu64 " failed: stalled",
+                 c->worker_id);
+    else
+        snprintf(client_msg, sizeof client_msg, "upstream worker %" PRIu64 " failed", c->worker_id);
     kvr_metric_add(app.m_upstream_err,
                    first ? UE_AFTER_FIRST : (result == 0 ? UE_STATUS : UE_CONNECT), 1);
     KVR_LOG_WARN_RL(2, "upstream failed", "request=%s worker=%" PRIu64 " first_token=%d err=\"%s\"",
@@ -422,7 +460,7 @@ static void on_up_done(kvr_curl_req *r, int result, long status, const char *err
             return;
         }
     }
-    finish_error(c, 502, "upstream_error", "worker_failed", why);
+    finish_error(c, 502, "upstream_error", "worker_failed", client_msg);
     call_maybe_free(c);
 }
 
@@ -444,6 +482,7 @@ static void start_upstream(fe_call *c)
         .body = c->upbody.base,
         .body_len = c->upbody.len,
         .connect_timeout_ms = 1000,
+        .stall_timeout_ms = app.upstream_stall_ms,
         .data = c,
         .on_headers = on_up_headers,
         .on_data = on_up_data,
@@ -454,8 +493,12 @@ static void start_upstream(fe_call *c)
     if (rc) {
         c->up = NULL;
         kvr_metric_add(app.m_upstream_err, UE_CONNECT, 1);
+        KVR_LOG_WARN_RL(2, "upstream not started", "request=%s worker=%" PRIu64 " err=\"%s\"",
+                        c->rid_hex, c->worker_id, err.msg);
         release_worker(c);
-        finish_error(c, 502, "upstream_error", "worker_failed", err.msg);
+        char msg[96];
+        snprintf(msg, sizeof msg, "upstream worker %" PRIu64 " failed", c->worker_id);
+        finish_error(c, 502, "upstream_error", "worker_failed", msg);
         call_maybe_free(c);
     }
 }
@@ -572,6 +615,23 @@ static void send_route(fe_call *c)
 
 /* ---------- request handling ---------- */
 
+/* Called by the tick (1 s) and before every use of worker liveness. Two calls more than 2.5 s
+ * apart mean the loop did not run meanwhile (SIGSTOP, a long callback, a paused VM) and could
+ * read no heartbeat: liveness is judged on the time it had, so every deadline moves on by the
+ * stall (never past now). Checked on requests too, because after a stall the I/O that was
+ * waiting (a request among it) runs before the timers. */
+static void note_loop_time(int64_t now)
+{
+    int64_t gap = app.last_tick_ms ? now - app.last_tick_ms : 0;
+    app.last_tick_ms = now;
+    if (gap <= 2500)
+        return;
+    kvr_metric_inc(app.m_stalls);
+    KVR_LOG_WARN("loop stalled: extending worker deadlines by the stall", "stall_ms=%" PRId64,
+                 gap - 1000);
+    fe_pool_shift(&app.pool, gap - 1000, now);
+}
+
 static bool check_auth(kvr_http_req *req, int route)
 {
     if (!app.api_key || !app.api_key[0])
@@ -591,6 +651,11 @@ static void handle_generate(kvr_http_req *req, int route)
         respond_simple_error(req, route, 500, "server_error", NULL, "out of memory");
         return;
     }
+    c->next = app.calls;
+    if (app.calls)
+        app.calls->prev = c;
+    app.calls = c;
+    app.n_calls++;
     c->route = route;
     c->t_start_ns = kvr_mono_ns();
     fe_req_init(&c->r);
@@ -606,6 +671,7 @@ static void handle_generate(kvr_http_req *req, int route)
         return;
     }
     int64_t now = kvr_mono_ms();
+    note_loop_time(now);
     rc = fe_pool_pick_ns(&app.pool, c->r.model, now, c->ns);
     if (rc == KVR_ENOTFOUND) {
         fe_error_set(&e, 404, "invalid_request_error", "model", "model_not_found",
@@ -664,7 +730,7 @@ static void on_request(kvr_http_req *req)
         route = R_CHAT;
     else if (kvr_slice_eq_cstr(p, "/v1/models"))
         route = R_MODELS;
-    else if (kvr_slice_eq_cstr(p, "/health"))
+    else if (kvr_slice_eq_cstr(p, "/health") || kvr_slice_eq_cstr(p, "/ready"))
         route = R_HEALTH;
     else if (kvr_slice_eq_cstr(p, "/metrics"))
         route = R_METRICS;
@@ -673,6 +739,11 @@ static void on_request(kvr_http_req *req)
     case R_HEALTH:
         if (!get)
             goto bad_method;
+        if (app.stopping && kvr_slice_eq_cstr(p, "/ready")) {
+            /* draining: a load balancer that still has a connection open learns we are going */
+            respond_simple_error(req, route, 503, "service_unavailable", NULL, "draining");
+            return;
+        }
         kvr_metric_add(app.m_responses, status_index(200), 1);
         kvr_http_respond_cstr(req, 200, "application/json", "{\"status\":\"ok\"}");
         return;
@@ -689,6 +760,7 @@ static void on_request(kvr_http_req *req)
             return;
         kvr_buf b;
         kvr_buf_init(&b);
+        note_loop_time(kvr_mono_ms());
         fe_pool_models_json(&app.pool, kvr_mono_ms(), &b);
         respond_json(req, route, 200, &b);
         kvr_buf_free(&b);
@@ -744,6 +816,7 @@ static void on_tick(uv_timer_t *t)
 {
     (void)t;
     int64_t now = kvr_mono_ms();
+    note_loop_time(now);
     fe_pool_expire(&app.pool, now);
     if (app.nats_on && kvr_nats_connected(&app.nats)) {
         kvr_buf b;
@@ -765,8 +838,10 @@ static void collect(kvr_metrics *m, void *arg)
     (void)m;
     (void)arg;
     kvr_metric_set(app.m_active, 0, (double)app.active_streams);
+    note_loop_time(kvr_mono_ms());
     kvr_metric_set(app.m_workers, 0, (double)fe_pool_live(&app.pool, NULL, kvr_mono_ms()));
     kvr_metric_counter_set(app.m_hb_rejected, 0, app.pool.rejected);
+    kvr_metric_counter_set(app.m_hb_refused_url, 0, app.pool.refused_url);
 }
 
 /* ---------- shutdown ---------- */
@@ -776,20 +851,95 @@ static void on_closed_handle(uv_handle_t *h)
     (void)h;
 }
 
-static void on_signal(uv_signal_t *s, int signum)
+/* Ends every call still in flight: its upstream is cancelled, its booking freed, and its
+ * client gets an error (an SSE error event and [DONE] when the stream had started). */
+static void end_all_calls(const char *why)
 {
-    (void)s;
-    if (app.stopping)
+    fe_call *c = app.calls;
+    while (c) {
+        fe_call *next = c->next;
+        if (c->req) {
+            kvr_metric_inc(app.m_drain_cut);
+            if (c->up) {
+                kvr_curl_cancel(c->up);
+                c->up = NULL;
+            }
+            release_worker(c);
+            finish_error(c, 503, "service_unavailable", "shutting_down", why);
+            call_maybe_free(c); /* unless a route reply is still due */
+        }
+        c = next;
+    }
+}
+
+/* The final close, once the last response bytes reached the kernel (or after 2 s): closing
+ * a connection drops what is still queued on it, the error event and [DONE] included. */
+static void on_flush_wait(uv_timer_t *t)
+{
+    int64_t waited = (int64_t)(uintptr_t)t->data;
+    if (kvr_http_server_writes_pending(&app.http) > 0 && waited < 2000) {
+        t->data = (void *)(uintptr_t)(waited + 10);
+        uv_timer_start(t, on_flush_wait, 10, 0);
         return;
-    app.stopping = true;
-    KVR_LOG_INFO("stopping", "signal=%d", signum);
-    uv_close((uv_handle_t *)&app.sigint, on_closed_handle);
-    uv_close((uv_handle_t *)&app.sigterm, on_closed_handle);
+    }
+    uv_close((uv_handle_t *)&app.drain_timer, on_closed_handle);
     uv_close((uv_handle_t *)&app.tick, on_closed_handle);
     kvr_http_server_close(&app.http, NULL);
     kvr_curl_close(&app.curl, NULL);
     if (app.nats_on)
         kvr_nats_close(&app.nats, NULL);
+}
+
+/* Closes everything; the loop then runs out of handles and main returns. */
+static void shutdown_now(void)
+{
+    if (app.closed)
+        return;
+    app.closed = true;
+    app.draining = false;
+    KVR_LOG_INFO("stopped", "calls_left=%zu", app.n_calls);
+    uv_close((uv_handle_t *)&app.sigint, on_closed_handle);
+    uv_close((uv_handle_t *)&app.sigterm, on_closed_handle);
+    uv_timer_stop(&app.drain_timer);
+    app.drain_timer.data = (void *)(uintptr_t)0;
+    uv_timer_start(&app.drain_timer, on_flush_wait, 0, 0);
+}
+
+static void on_drain_timeout(uv_timer_t *t)
+{
+    (void)t;
+    KVR_LOG_WARN("drain timeout: ending the streams still running", "calls=%zu", app.n_calls);
+    end_all_calls("the frontend is shutting down; retry the request");
+    shutdown_now();
+}
+
+/* First SIGTERM/SIGINT: drain. The listener closes (no new connection), /ready and new
+ * requests on open connections answer 503, and the calls in flight may finish for up to
+ * --drain-timeout; NATS, the lease beat and the upstream client keep running for them. Then
+ * the rest get an SSE error event and [DONE]. A second signal cuts at once (same ending). */
+static void on_signal(uv_signal_t *s, int signum)
+{
+    (void)s;
+    if (app.closed)
+        return;
+    if (app.stopping) {
+        KVR_LOG_WARN("second signal: ending every call now", "signal=%d calls=%zu", signum,
+                     app.n_calls);
+        end_all_calls("the frontend is shutting down; retry the request");
+        shutdown_now();
+        return;
+    }
+    app.stopping = true;
+    KVR_LOG_INFO("stopping: draining", "signal=%d calls=%zu drain_timeout_ms=%" PRId64, signum,
+                 app.n_calls, app.drain_timeout_ms);
+    kvr_http_server_stop_listening(&app.http);
+    if (app.n_calls == 0 || app.drain_timeout_ms <= 0) {
+        end_all_calls("the frontend is shutting down; retry the request");
+        shutdown_now();
+        return;
+    }
+    app.draining = true;
+    uv_timer_start(&app.drain_timer, on_drain_timeout, (uint64_t)app.drain_timeout_ms, 0);
 }
 
 /* ---------- main ---------- */
@@ -861,6 +1011,17 @@ static int register_metrics(void)
     app.m_disconnects = kvr_metrics_counter(m, "kvr_frontend_client_disconnects_total",
                                             "clients gone before the end of their request",
                                             NULL, NULL);
+    app.m_hb_refused_url =
+        kvr_metrics_counter(m, "kvr_frontend_heartbeats_refused_url_total",
+                            "heartbeats refused: worker url outside --worker-cidr", NULL, NULL);
+    app.m_stalls =
+        kvr_metrics_counter(m, "kvr_frontend_loop_stalls_total",
+                            "late ticks whose duration was added to worker deadlines", NULL, NULL);
+    app.m_drain_cut =
+        kvr_metrics_counter(m, "kvr_frontend_drain_cut_total",
+                            "calls ended by shutdown (drain timeout or second signal)", NULL, NULL);
+    if (!app.m_hb_refused_url || !app.m_stalls || !app.m_drain_cut)
+        return KVR_EINVAL;
     if (!app.m_requests || !app.m_responses || !app.m_ttft || !app.m_e2e || !app.m_route_lat ||
         !app.m_active || !app.m_upstream_err || !app.m_fallback || !app.m_route_tries ||
         !app.m_retries || !app.m_route_mode || !app.m_workers || !app.m_hb_rejected ||
@@ -879,6 +1040,8 @@ int main(int argc, char **argv)
     uint64_t id = 1;
     int64_t block_size = 64, route_timeout = 200, route_tries = 3, max_conns = 10000,
             header_timeout = 10000, idle_timeout = 60000;
+    int64_t upstream_stall = 10000, drain_timeout = 30000;
+    const char *worker_cidr = "private";
     kvr_flag flags[] = {
         {"listen", KVR_FLAG_STRING, &listen, "HTTP listen address (host:port or :port)", 0},
         {"nats", KVR_FLAG_STRING, &nats_url, "NATS URL (required for kv mode and heartbeats)", 0},
@@ -886,7 +1049,8 @@ int main(int argc, char **argv)
         {"namespace", KVR_FLAG_STRING, &ns, "worker namespace (default \"default\")", 0},
         {"namespace-prefix", KVR_FLAG_STRING, &prefix, "serve namespaces P and P-<suffix>", 0},
         {"router-mode", KVR_FLAG_STRING, &mode, "kv|round-robin|random|least-loaded", 0},
-        {"api-key", KVR_FLAG_STRING, &api_key, "Bearer key required from clients (env KVR_API_KEY)", 0},
+        {"api-key", KVR_FLAG_STRING, &api_key, "Bearer key required from clients (env KVR_API_KEY)",
+         0},
         {"block-size", KVR_FLAG_INT, &block_size, "tokens per KV block for seq hashes", 0},
         {"route-timeout", KVR_FLAG_DURATION, &route_timeout, "per-try kvr.route timeout", 0},
         {"route-tries", KVR_FLAG_INT, &route_tries, "kvr.route tries before local fallback", 0},
@@ -895,6 +1059,18 @@ int main(int argc, char **argv)
         {"header-timeout", KVR_FLAG_DURATION, &header_timeout, "request header timeout", 0},
         {"idle-timeout", KVR_FLAG_DURATION, &idle_timeout, "keep-alive idle timeout", 0},
         {"log-level", KVR_FLAG_STRING, &log_level, "debug|info|warn|error", 0},
+        {"upstream-stall-timeout", KVR_FLAG_DURATION, &upstream_stall,
+         "a worker that sends no byte for this long has failed (before the first token: retried "
+         "elsewhere; after: SSE error; 0: off)",
+         0},
+        {"drain-timeout", KVR_FLAG_DURATION, &drain_timeout,
+         "on SIGTERM, how long in-flight streams may finish (then they get an SSE error and "
+         "[DONE])",
+         0},
+        {"worker-cidr", KVR_FLAG_STRING, &worker_cidr,
+         "comma-separated CIDRs a worker's heartbeat url must be in; private = loopback + RFC 1918 "
+         "+ fc00::/7; any = no check",
+         0},
         KVR_NATS_FLAG_ENTRIES(&nats_sec),
     };
     size_t nflags = sizeof flags / sizeof *flags;
@@ -958,6 +1134,17 @@ int main(int argc, char **argv)
     }
     if (!nats_url && app.mode == FE_MODE_KV)
         KVR_LOG_WARN("no --nats", "msg2=\"kv mode without NATS: every request is a fallback\"");
+    if (upstream_stall < 0 || drain_timeout < 0) {
+        fprintf(stderr,
+                "kvr-frontend: --upstream-stall-timeout and --drain-timeout must be >= 0\n");
+        return 2;
+    }
+    app.upstream_stall_ms = upstream_stall;
+    app.drain_timeout_ms = drain_timeout;
+    if (kvr_cidr_list_add_csv(&app.worker_cidrs, worker_cidr, &err)) {
+        fprintf(stderr, "kvr-frontend: --worker-cidr: %s\n", err.msg);
+        return 2;
+    }
     app.block_size = (uint32_t)block_size;
     app.route_timeout_ms = route_timeout;
     app.route_tries = route_tries;
@@ -969,6 +1156,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvr-frontend: bad namespace\n");
         return 2;
     }
+    app.pool.allow = &app.worker_cidrs;
 
     app.metrics = kvr_metrics_new();
     kvr_http_config hc = {
@@ -1008,6 +1196,7 @@ int main(int argc, char **argv)
     }
     uv_timer_init(app.loop, &app.tick);
     uv_timer_start(&app.tick, on_tick, 0, 1000);
+    uv_timer_init(app.loop, &app.drain_timer);
     uv_signal_init(app.loop, &app.sigint);
     uv_signal_init(app.loop, &app.sigterm);
     uv_signal_start(&app.sigint, on_signal, SIGINT);

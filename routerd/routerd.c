@@ -1472,13 +1472,17 @@ static void tick_compensate_stall(kvr_routerd *rd, int64_t now)
     kvr_metric_inc(rd->m_tick_stalls);
     KVR_LOG_WARN("loop stalled: extending worker and frontend deadlines by the stall",
                  "stall_ms=%" PRId64, stall);
+    /* never past now: a beat read just before this tick does not gain the stall on top */
     for (uint32_t i = 0; i < rd->n_workers; i++) {
-        rd->workers[i].last_seen_ms += stall;
-        if (rd->workers[i].first_event_ms)
-            rd->workers[i].first_event_ms += stall;
+        rd_worker *w = &rd->workers[i];
+        w->last_seen_ms = w->last_seen_ms + stall < now ? w->last_seen_ms + stall : now;
+        if (w->first_event_ms)
+            w->first_event_ms = w->first_event_ms + stall < now ? w->first_event_ms + stall : now;
     }
-    for (uint32_t i = 0; i < rd->n_frontends; i++)
-        rd->frontends[i].last_seen_ms += stall;
+    for (uint32_t i = 0; i < rd->n_frontends; i++) {
+        rd_frontend *f = &rd->frontends[i];
+        f->last_seen_ms = f->last_seen_ms + stall < now ? f->last_seen_ms + stall : now;
+    }
 }
 
 static void on_tick(uv_timer_t *t)

@@ -433,6 +433,60 @@ static void test_pool_blind(void **state)
     fe_pool_expire(&p, t + p.ttl_ms + 1);
     assert_int_equal(fe_pool_live(&p, "m", t + p.ttl_ms + 1), 0);
     assert_int_equal(p.n, 0);
+static void heartbeat_url(kvr_buf *b, uint64_t id, const char *url)
+{
+    kvr_buf_reset(b);
+    kvr_mp_write_map(b, 4);
+    kvr_mp_write_cstr(b, "id");
+    kvr_mp_write_uint(b, id);
+    kvr_mp_write_cstr(b, "namespace");
+    kvr_mp_write_cstr(b, "default");
+    kvr_mp_write_cstr(b, "model");
+    kvr_mp_write_cstr(b, "m");
+    kvr_mp_write_cstr(b, "url");
+    kvr_mp_write_cstr(b, url);
+}
+
+/* Issue 18: the worker URL allow-list, a full table of expired one-shot workers, loop stalls. */
+static void test_pool_edges(void **state)
+{
+    (void)state;
+    fe_pool p;
+    assert_int_equal(fe_pool_init(&p, "default", false, 7), 0);
+    kvr_cidr_list allow = {0};
+    assert_int_equal(kvr_cidr_list_add_csv(&allow, "private", NULL), 0);
+    p.allow = &allow;
+    kvr_buf b;
+    kvr_buf_init(&b);
+    kvr_err err = {0};
+    heartbeat_url(&b, 1, "http://8.8.8.8:80");
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, 0, &err), KVR_EINVAL);
+    heartbeat_url(&b, 2, "http://attacker.example:80");
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, 0, &err), KVR_EINVAL);
+    assert_int_equal(p.refused_url, 2);
+    assert_int_equal(p.n, 0);
+    /* one-shot fakes fill the table at t=0; a real worker is refused while they are within
+     * their TTL, and takes a slot once they have expired even if no tick ran meanwhile */
+    char url[64];
+    for (uint64_t id = 100; id < 100 + FE_POOL_MAX_WORKERS; id++) {
+        snprintf(url, sizeof url, "http://10.0.%u.%u:80", (unsigned)(id >> 8) & 255,
+                 (unsigned)id & 255);
+        heartbeat_url(&b, id, url);
+        assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, 0, &err), 0);
+    }
+    heartbeat_url(&b, 9, "http://127.0.0.1:9009");
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, 1000, &err), KVR_ELIMIT);
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, p.ttl_ms + 1, &err), 0);
+    assert_int_equal(p.n, 1);
+    assert_int_equal(fe_pool_live(&p, NULL, p.ttl_ms + 1), 1);
+    /* a stall of 10 s: the worker's deadline moves on by it */
+    fe_pool_shift(&p, 10000, p.ttl_ms + 10001);
+    assert_int_equal(fe_pool_live(&p, NULL, p.ttl_ms + 10001), 1);
+    fe_pool_expire(&p, p.ttl_ms + 10001);
+    assert_int_equal(p.n, 1);
+    /* never past now: a worker beaten just now does not gain the stall on top */
+    fe_pool_shift(&p, 10000, p.ttl_ms + 10001);
+    assert_true(p.w[0].last_seen_ms <= p.ttl_ms + 10001);
     kvr_buf_free(&b);
     fe_pool_free(&p);
 }
@@ -664,6 +718,7 @@ int main(void)
         cmocka_unit_test(test_auth),
         cmocka_unit_test(test_pool),
         cmocka_unit_test(test_pool_blind),
+        cmocka_unit_test(test_pool_edges),
         cmocka_unit_test(test_route_codec),
         cmocka_unit_test(test_mutations),
     };
