@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""A raw NATS client (its own code, not kvroute's) for permission checks.
+
+  nats_pub_check.py HOST PORT SEED_FILE SUBJECT...
+
+Connects with the NKEY seed (signs the INFO nonce with python3-cryptography), publishes one
+message on each subject, then PING; prints "allowed SUBJECT" or "denied SUBJECT" per subject
+from whether the server answered -ERR 'Permissions Violation for Publish to ...' before PONG.
+Exit 3 when the connection itself is refused."""
+import base64, json, socket, sys
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+
+def crc16(data):
+    crc = 0
+    for b in data:
+        crc ^= b << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
+            crc &= 0xFFFF
+    return crc
+
+
+def main():
+    host, port, seed_file, subjects = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+    seed = open(seed_file).read().strip()
+    raw = base64.b32decode(seed + "=" * (-len(seed) % 8))
+    key = Ed25519PrivateKey.from_private_bytes(raw[2:34])
+    pub = bytes([20 << 3]) + key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    c = crc16(pub)
+    pub_s = base64.b32encode(pub + bytes([c & 0xFF, c >> 8])).decode().rstrip("=")
+    s = socket.create_connection((host, port), timeout=5)
+    f = s.makefile("rb")
+    info = json.loads(f.readline().decode()[5:])
+    sig = base64.urlsafe_b64encode(key.sign(info["nonce"].encode())).decode().rstrip("=")
+    connect = {"verbose": False, "pedantic": False, "nkey": pub_s, "sig": sig, "lang": "py",
+               "version": "test", "protocol": 1, "name": "perm-check"}
+    s.sendall(f"CONNECT {json.dumps(connect)}\r\nPING\r\n".encode())
+    line = f.readline().decode()
+    if not line.startswith("PONG"):
+        print("refused", line.strip())
+        sys.exit(3)
+    for subj in subjects:
+        s.sendall(f"PUB {subj} 5\r\nforge\r\nPING\r\n".encode())
+        denied = False
+        while True:
+            line = f.readline().decode()
+            if not line:
+                print("closed")
+                sys.exit(3)
+            if line.startswith("PONG"):
+                break
+            if "Permissions Violation" in line and subj in line:
+                denied = True
+        print(("denied " if denied else "allowed ") + subj)
+
+
+if __name__ == "__main__":
+    main()
