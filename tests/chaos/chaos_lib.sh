@@ -207,3 +207,32 @@ fe_metric() {
         awk -v k="$1" '$1 == k || index($1, k "{") == 1 {s += $2} END {printf "%d\n", s}'
 }
 fe_ok() { fe_metric 'kvr_frontend_responses_total{status="200"}'; }
+
+# chaos_check WHAT CMD...: a soft assertion: a failure is logged and remembered, and the case
+# goes on so that every figure and every other failed assertion is still reported;
+# chaos_done then fails the test naming them all.
+CHAOS_FAILS=()
+chaos_check() {
+    local what=$1
+    shift
+    if ! "$@"; then
+        CHAOS_FAILS+=("$what")
+        kvr_log "ASSERTION FAILED [$KVR_TEST_NAME]: $what"
+    fi
+}
+chaos_done() {
+    ((${#CHAOS_FAILS[@]} == 0)) || kvr_fail "${#CHAOS_FAILS[@]} assertion(s) failed: $(printf '%s; ' "${CHAOS_FAILS[@]}")"
+    kvr_pass
+}
+
+# chaos_wait SECONDS CMD...: like kvr_wait_for, but bounded by the wall clock (a check that
+# queries three routers can itself take seconds when one of them is stalled).
+chaos_wait() {
+    local end=$(($(now_ms) + $1 * 1000))
+    shift
+    while :; do
+        "$@" >/dev/null 2>&1 && return 0
+        [ "$(now_ms)" -ge "$end" ] && return 1
+        sleep 0.2
+    done
+}
