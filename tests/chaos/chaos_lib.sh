@@ -236,3 +236,12 @@ chaos_wait() {
         sleep 0.2
     done
 }
+
+# chaos_stream NAME BODY: one streamed request in the background (fe_client.py sse); its JSON
+# summary goes to $KVR_TMP/NAME.json and the time it ended (ms) to $KVR_TMP/NAME.end.
+chaos_stream() {
+    chaos_spawn "$1" bash -c "'$PY' '$HERE/../frontend/fe_client.py' sse '$F/v1/completions' '$2' \
+        >'$KVR_TMP/$1.json' 2>&1; date +%s%3N >'$KVR_TMP/$1.end'"
+}
+# w_metric I NAME: a worker's metric value
+w_metric() { cx curl -s --max-time 2 "${WURL[$1]}/metrics" | awk -v k="$2" '$1 == k {printf "%d\n", $2; exit}'; }
