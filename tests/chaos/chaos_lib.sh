@@ -157,7 +157,7 @@ chaos_table() {
     local i rs=("$@")
     [ ${#rs[@]} -eq 0 ] && rs=(1 2 3)
     for i in "${rs[@]}"; do
-        r_state "$i" | jq -r '"r\(.router_id) leader=\(.raft.leader) role=\(.raft.role) degraded=\(.raft.degraded) bookings=\(.bookings) fsm=\(.raft.fsm_digest) index=\(.index.digest) seq=\(.index.stream_seq)"' 2>/dev/null ||
+        r_state "$i" | jq -r '"r\(.router_id) leader=\(.raft.leader) role=\(.raft.role) term=\(.raft.term) commit=\(.raft.commit_index) applied=\(.raft.applied_index) degraded=\(.raft.degraded) bookings=\(.bookings) fsm=\(.raft.fsm_digest) index=\(.index.digest) seq=\(.index.stream_seq)"' 2>/dev/null ||
             echo "r$i unreachable"
     done
 }
