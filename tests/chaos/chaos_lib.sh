@@ -157,7 +157,7 @@ chaos_table() {
     local i rs=("$@")
     [ ${#rs[@]} -eq 0 ] && rs=(1 2 3)
     for i in "${rs[@]}"; do
-        r_state "$i" | jq -r '"r\(.router_id) leader=\(.raft.leader) role=\(.raft.role) degraded=\(.raft.degraded) bookings=\(.bookings) fsm=\(.raft.fsm_digest) index=\(.index.digest) seq=\(.index.stream_seq)"' 2>/dev/null ||
+        r_state "$i" | jq -r '"r\(.router_id) leader=\(.raft.leader) role=\(.raft.role) term=\(.raft.term) commit=\(.raft.commit_index) applied=\(.raft.applied_index) degraded=\(.raft.degraded) bookings=\(.bookings) fsm=\(.raft.fsm_digest) index=\(.index.digest) seq=\(.index.stream_seq)"' 2>/dev/null ||
             echo "r$i unreachable"
     done
 }
@@ -207,3 +207,41 @@ fe_metric() {
         awk -v k="$1" '$1 == k || index($1, k "{") == 1 {s += $2} END {printf "%d\n", s}'
 }
 fe_ok() { fe_metric 'kvr_frontend_responses_total{status="200"}'; }
+
+# chaos_check WHAT CMD...: a soft assertion: a failure is logged and remembered, and the case
+# goes on so that every figure and every other failed assertion is still reported;
+# chaos_done then fails the test naming them all.
+CHAOS_FAILS=()
+chaos_check() {
+    local what=$1
+    shift
+    if ! "$@"; then
+        CHAOS_FAILS+=("$what")
+        kvr_log "ASSERTION FAILED [$KVR_TEST_NAME]: $what"
+    fi
+}
+chaos_done() {
+    ((${#CHAOS_FAILS[@]} == 0)) || kvr_fail "${#CHAOS_FAILS[@]} assertion(s) failed: $(printf '%s; ' "${CHAOS_FAILS[@]}")"
+    kvr_pass
+}
+
+# chaos_wait SECONDS CMD...: like kvr_wait_for, but bounded by the wall clock (a check that
+# queries three routers can itself take seconds when one of them is stalled).
+chaos_wait() {
+    local end=$(($(now_ms) + $1 * 1000))
+    shift
+    while :; do
+        "$@" >/dev/null 2>&1 && return 0
+        [ "$(now_ms)" -ge "$end" ] && return 1
+        sleep 0.2
+    done
+}
+
+# chaos_stream NAME BODY: one streamed request in the background (fe_client.py sse); its JSON
+# summary goes to $KVR_TMP/NAME.json and the time it ended (ms) to $KVR_TMP/NAME.end.
+chaos_stream() {
+    chaos_spawn "$1" bash -c "'$PY' '$HERE/../frontend/fe_client.py' sse '$F/v1/completions' '$2' \
+        >'$KVR_TMP/$1.json' 2>&1; date +%s%3N >'$KVR_TMP/$1.end'"
+}
+# w_metric I NAME: a worker's metric value
+w_metric() { cx curl -s --max-time 2 "${WURL[$1]}/metrics" | awk -v k="$2" '$1 == k {printf "%d\n", $2; exit}'; }
