@@ -433,6 +433,10 @@ static void test_pool_blind(void **state)
     fe_pool_expire(&p, t + p.ttl_ms + 1);
     assert_int_equal(fe_pool_live(&p, "m", t + p.ttl_ms + 1), 0);
     assert_int_equal(p.n, 0);
+    kvr_buf_free(&b);
+    fe_pool_free(&p);
+}
+
 static void heartbeat_url(kvr_buf *b, uint64_t id, const char *url)
 {
     kvr_buf_reset(b);
