@@ -38,11 +38,11 @@ chaos_router_start() {
     if [ "$CHAOS_MODE" = netns ]; then
         kvr_netns_spawn "router$i" "r$i" ${RPREFIX[$i]:-} "$KVR_BIN/kvr-routerd" --id "$i" \
             --nats "$NATS_R" --http "${RHTTP[$i]}" --data-dir "${RDATA[$i]}" \
-            --raft-addr "${RADDR[$i]}" --peers "$PEERS" $CHAOS_ROUTER_ARGS
+            --raft-addr "${RADDR[$i]}" --peers "$PEERS" --cluster-secret-file "$(kvr_cluster_secret)" $CHAOS_ROUTER_ARGS
     else
         kvr_spawn "router$i" ${RPREFIX[$i]:-} "$KVR_BIN/kvr-routerd" --id "$i" \
             --nats "$NATS_URL" --http "${RHTTP[$i]}" --data-dir "${RDATA[$i]}" \
-            --raft-addr "${RADDR[$i]}" --peers "$PEERS" $CHAOS_ROUTER_ARGS
+            --raft-addr "${RADDR[$i]}" --peers "$PEERS" --cluster-secret-file "$(kvr_cluster_secret)" $CHAOS_ROUTER_ARGS
     fi
 }
 

@@ -23,7 +23,8 @@ declare -A RP RA=([1]=$A1 [2]=$A2 [3]=$A3)
 for r in 1 2 3; do
     RP[$r]=$(kvr_free_port)
     kvr_spawn "r$r" "$KVR_BIN/kvr-routerd" --id "$r" --nats "$NATS_URL" --http 127.0.0.1:${RP[$r]} \
-        --data-dir "$KVR_TMP/r$r" --raft-addr "${RA[$r]}" --peers "$PEERS"
+        --data-dir "$KVR_TMP/r$r" --raft-addr "${RA[$r]}" --peers "$PEERS" \
+        --cluster-secret-file "$(kvr_cluster_secret)"
 done
 for r in 1 2 3; do kvr_wait_http "http://127.0.0.1:${RP[$r]}/ready" 30; done
 FP=$(kvr_free_port)

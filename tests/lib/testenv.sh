@@ -211,6 +211,14 @@ kvr_restart_nats_node() {
 }
 
 # kvr_wait_http URL [SECONDS] [EXPECTED_STATUS]: poll until the URL answers the status (200).
+# kvr_cluster_secret: writes a fresh router peer secret (mode 600) to $KVR_TMP/cluster.secret
+# once and prints its path; every multi-router group needs one (docs/SECURITY.md 3).
+kvr_cluster_secret() {
+    local f="$KVR_TMP/cluster.secret"
+    [ -s "$f" ] || (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$f")
+    echo "$f"
+}
+
 kvr_wait_http() {
     local url=$1 t=${2:-10} want=${3:-200} i code
     for ((i = 0; i < t * 10; i++)); do
