@@ -68,14 +68,15 @@ case "$r" in *127.0.0.1:1*|*/dead*) kvr_fail "502 leaks the worker URL: $r" ;; e
 kvr_term dead
 
 # --- loop stall: the frontend and a worker's heartbeat source frozen 5 s (TTL 3 s); the
-#     frontend then runs alone for 1.5 s (a tick or more): the worker must still be live ---
+#     frontend then runs alone for 0.5 s: the worker must still be live (the loop had ~1.7 s
+#     of its 3 s TTL; /v1/models checks for a stall itself, whether or not a tick ran) ---
 kvr_spawn fb "$PUB" --nats "$NATS_URL" beat-loop default 60 mstall "http://127.0.0.1:3/x" 64 1000 200
 listed() { curl -s "${AUTH[@]}" "http://127.0.0.1:$F2/v1/models" | jq -e '.data[] | select(.id=="mstall")' >/dev/null; }
 kvr_wait_for 5 listed || kvr_fail "mstall never listed"
 kill -STOP "$(kvr_pid f2)" "$(kvr_pid fb)"
 sleep 5
 kill -CONT "$(kvr_pid f2)"
-sleep 1.5
+sleep 0.5
 listed || kvr_fail "a frontend stall expired a worker"
 kill -CONT "$(kvr_pid fb)"
 kvr_term fb
