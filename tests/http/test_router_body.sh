@@ -8,8 +8,9 @@ source "$(dirname "$0")/../routerd/rd_lib.sh"
 kvr_test_init http_router_body
 kvr_start_nats
 P=$(kvr_free_port)
+rd_token >/dev/null # POSTs need the admin token (RD_AUTH)
 kvr_spawn r1 "$KVR_BIN/kvr-routerd" --id 1 --nats "$NATS_URL" --http "127.0.0.1:$P" \
-    --data-dir "$KVR_TMP/r1" --max-request-tokens 1000
+    --data-dir "$KVR_TMP/r1" --max-request-tokens 1000 --admin-token-file "$(rd_token)"
 kvr_wait_http "http://127.0.0.1:$P/ready" 15
 URL="http://127.0.0.1:$P/v1/match"
 
@@ -17,7 +18,7 @@ toks() { # toks N [SEP]: {"token_ids":[0,1,...N-1]}
     python3 -c "import sys; n=int(sys.argv[1]); s=sys.argv[2]
 sys.stdout.write('{\"model\":\"m\\\\u00e9\",\"x\":{\"y\":[1,2.5e3,null,true,\"z\"]},\"token_ids\":[' + s.join(str(i) for i in range(n)) + ']}')" "$1" "${2:-,}"
 }
-post() { curl -s --max-time 20 -o "$KVR_TMP/out" -w '%{http_code}' -X POST "$@" "$URL"; }
+post() { curl -s --max-time 20 -o "$KVR_TMP/out" -w '%{http_code}' -X POST "${RD_AUTH[@]}" "$@" "$URL"; }
 
 toks 1000 >"$KVR_TMP/ok.json"
 kvr_assert_eq "$(post --data-binary @"$KVR_TMP/ok.json")" 200 "1000 tokens"
