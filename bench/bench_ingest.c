@@ -126,6 +126,12 @@ int benchrd_setup(benchrd_env *e, const char *argv0, const char *routerd, bool k
         return -1;
     fprintf(f, "listen: 127.0.0.1:%d\njetstream {\n  store_dir: \"%s\"\n  max_memory_store: 256MB\n"
                "  max_file_store: 8GB\n}\nmax_payload: 8MB\n", e->nats_port, js);
+    /* KVR_BENCH_NATS_TLS=DIR (server.crt, server.key, ca.crt for 127.0.0.1): nats-server
+     * TLS-only, router and client verify it with DIR/ca.crt (measuring TLS's cost) */
+    const char *tls = getenv("KVR_BENCH_NATS_TLS");
+    if (tls)
+        fprintf(f, "tls {\n  cert_file: \"%s/server.crt\"\n  key_file: \"%s/server.key\"\n}\n", tls,
+                tls);
     fclose(f);
     char log[PATH_MAX + 16];
     snprintf(log, sizeof(log), "%s/nats.log", e->dir);
@@ -149,10 +155,13 @@ int benchrd_start_router(benchrd_env *e, const char *snapshot_interval)
     snprintf(http, sizeof(http), "127.0.0.1:%d", e->http_port);
     snprintf(data, sizeof(data), "%s/r1", e->dir);
     snprintf(log, sizeof(log), "%s/router.log", e->dir);
+    char ca[PATH_MAX];
+    const char *tls = getenv("KVR_BENCH_NATS_TLS");
+    snprintf(ca, sizeof ca, "%s/ca.crt", tls ? tls : "");
     char *args[] = {e->routerd, "--id", "1", "--nats", e->nats_url, "--http", http,
                     "--data-dir", data, "--snapshot-interval", (char *)snapshot_interval,
                     "--stream-max-bytes", "8GiB", "--heartbeat-misses", "30",
-                    (char *)benchrd_router_extra, NULL};
+                    tls ? "--nats-tls-ca" : NULL, ca, (char *)benchrd_router_extra, NULL};
     e->router_pid = spawn(log, args);
     return wait_port(e->http_port, 10000);
 }
@@ -275,6 +284,22 @@ static uint64_t ext_hash(uint64_t w, uint64_t p, uint64_t b)
     return (w << 48) ^ (p << 16) ^ (b + 1);
 }
 
+/* cnats options for the bench's own helper connections (TLS with KVR_BENCH_NATS_TLS). */
+static natsOptions *bench_nats_options(benchrd_env *e)
+{
+    natsOptions *o = NULL;
+    natsOptions_Create(&o);
+    natsOptions_SetURL(o, e->nats_url);
+    const char *tls = getenv("KVR_BENCH_NATS_TLS");
+    if (tls) {
+        char ca[PATH_MAX];
+        snprintf(ca, sizeof ca, "%s/ca.crt", tls);
+        natsOptions_SetSecure(o, true);
+        natsOptions_LoadCATrustedCertificates(o, ca);
+    }
+    return o;
+}
+
 /* Publishes the layout's store events with JetStream async publish; returns the number of
  * blocks, sets *last_seq and *publish_s. */
 uint64_t benchrd_publish(benchrd_env *e, const benchrd_layout *L, uint64_t *last_seq,
@@ -282,9 +307,7 @@ uint64_t benchrd_publish(benchrd_env *e, const benchrd_layout *L, uint64_t *last
 {
     natsConnection *nc = NULL;
     jsCtx *js = NULL;
-    natsOptions *o = NULL;
-    natsOptions_Create(&o);
-    natsOptions_SetURL(o, e->nats_url);
+    natsOptions *o = bench_nats_options(e);
     if (natsConnection_Connect(&nc, o) != NATS_OK) {
         natsOptions_Destroy(o);
         fprintf(stderr, "kvr-bench: connect %s failed\n", e->nats_url);
@@ -402,10 +425,13 @@ static void *hb_main(void *arg)
 benchrd_hb *benchrd_hb_start(benchrd_env *e, uint32_t workers, uint32_t block_size)
 {
     benchrd_hb *h = calloc(1, sizeof(*h));
-    if (!h || natsConnection_ConnectTo(&h->nc, e->nats_url) != NATS_OK) {
+    natsOptions *o = h ? bench_nats_options(e) : NULL;
+    if (!h || natsConnection_Connect(&h->nc, o) != NATS_OK) {
+        natsOptions_Destroy(o);
         free(h);
         return NULL;
     }
+    natsOptions_Destroy(o);
     h->workers = workers;
     h->block_size = block_size;
     pthread_create(&h->th, NULL, hb_main, h);

@@ -398,7 +398,12 @@ int kvr_bench_route(int argc, char **argv)
     }
     uv_loop_init(&b->loop);
     kvr_err err = {0};
+    char tls_ca[PATH_MAX];
+    snprintf(tls_ca, sizeof tls_ca, "%s/ca.crt", getenv("KVR_BENCH_NATS_TLS") ? getenv("KVR_BENCH_NATS_TLS") : "");
     kvr_nats_opts no = {.url = e.nats_url, .name = "kvr-bench-route", .on_state = on_state,
+                        .tls_ca_file = getenv("KVR_BENCH_NATS_TLS") ? tls_ca : NULL,
+                        /* KVR_BENCH_THREADED=1: the client's core traffic through cnats */
+                        .threaded_core = getenv("KVR_BENCH_THREADED") != NULL,
                         .batch_publishes = batch};
     if (kvr_nats_init(&b->nats, &b->loop, &no, &err) != 0) {
         fprintf(stderr, "kvr-bench: %s\n", err.msg);

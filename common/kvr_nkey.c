@@ -232,3 +232,12 @@ void kvr_nkey_wipe(char *s)
     OPENSSL_cleanse(s, strlen(s));
     free(s);
 }
+
+/* Before main, so before libcurl or cnats initialise OpenSSL: no OpenSSL cleanup at exit.
+ * cnats' own exit handler frees OpenSSL's compression-method stack, and OpenSSL's would then
+ * free it again (a double free at exit seen with cnats TLS in a process that also uses
+ * libcurl, e.g. kvr-bench route with TLS). The OS reclaims everything at exit anyway. */
+__attribute__((constructor)) static void nkey_openssl_no_atexit(void)
+{
+    OPENSSL_init_crypto(OPENSSL_INIT_NO_ATEXIT, NULL);
+}

@@ -207,8 +207,53 @@ static int auth_check(const char *url, bool want_connect, int nopt, char **opts)
     return 0;
 }
 
+static bool reconnected;
+static void on_state_rc(kvr_nats *k, kvr_nats_state st, void *data)
+{
+    if (st == KVR_NATS_CONNECTED)
+        connected = true;
+    if (st == KVR_NATS_RECONNECTED)
+        reconnected = true;
+}
+
+/* "discover": given only server A's URL, connect, learn the cluster's other servers from INFO
+ * connect_urls (logged "nats server discovered"), and once the test kills A, reconnect to one
+ * of them and answer a request through it. */
+static int discover_check(const char *url)
+{
+    kvr_log_setup("test_nats_discover", NULL, KVR_LOG_INFO);
+    uv_loop_init(&loop);
+    loop_thread = pthread_self();
+    uv_timer_t tick;
+    uv_timer_init(&loop, &tick);
+    uv_timer_start(&tick, noop_timer, 10, 10);
+    kvr_nats_opts o = {.url = url, .name = "test-nats-discover", .on_state = on_state_rc};
+    kvr_err err = {0};
+    CHECK(kvr_nats_init(&kn, &loop, &o, &err) == 0, "%s", err.msg);
+    CHECK(run_until(&connected, 5000), "not connected to %s", url);
+    CHECK(run_until(&reconnected, 30000), "no reconnect to a discovered server");
+    CHECK(kvr_nats_subscribe(&kn, "t.disc", NULL, on_request_self, NULL, NULL, &err) == 0, "%s",
+          err.msg);
+    req_result r = {0};
+    CHECK(kvr_nats_request(&kn, "t.disc", "x", 1, 3000, on_reply, &r) == 0, "request");
+    CHECK(run_until(&r.done, 4000) && r.status == 0, "request after failover: %d", r.status);
+    kvr_nats_close(&kn, on_closed);
+    int64_t end = kvr_mono_ms() + 10000;
+    while (!closed1 && kvr_mono_ms() < end)
+        uv_run(&loop, UV_RUN_ONCE);
+    uv_close((uv_handle_t *)&tick, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    kvr_nats_global_shutdown(2000);
+    if (failures)
+        return 1;
+    fprintf(stderr, "test_nats discover: passed\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 2 && !strcmp(argv[2], "discover"))
+        return discover_check(argv[1]);
     if (argc > 2 && (!strcmp(argv[2], "connect") || !strcmp(argv[2], "noconnect")))
         return auth_check(argv[1], !strcmp(argv[2], "connect"), argc - 3, argv + 3);
     if (argc < 2) {
