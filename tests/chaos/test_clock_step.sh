@@ -14,7 +14,7 @@ FT_LIB=$(ls /usr/lib/*/faketime/libfaketimeMT.so.1 2>/dev/null | head -1)
 [ -n "$FT_LIB" ] || { echo "SKIP: libfaketime not installed"; exit 77; }
 STEP=${CHAOS_CLOCK_STEP:-+30s}
 NSTREAMS=3
-TOKENS=${CHAOS_STREAM_TOKENS:-6000}
+TOKENS=${CHAOS_STREAM_TOKENS:-12000} # ~30 s at --speedup 10: outlives the 15 s window with room
 for i in 1 2 3; do
     echo "+0" >"$KVR_TMP/clock$i"
     # the file is re-read at most once a second (FAKETIME_CACHE_DURATION)
