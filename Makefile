@@ -18,8 +18,10 @@ $(BUILD)/CMakeCache.txt:
 build: setup $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j$(JOBS)
 
+# Tests labelled `open` reproduce defects not fixed yet (tests/chaos/CMakeLists.txt): run them
+# with `cd build && ctest -L open`.
 test: build
-	cd $(BUILD) && ctest $(CTEST_FLAGS) -j$(JOBS)
+	cd $(BUILD) && ctest $(CTEST_FLAGS) -LE open -j$(JOBS)
 
 # The same suites under AddressSanitizer + UBSan.
 test-asan: setup
