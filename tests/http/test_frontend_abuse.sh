@@ -44,7 +44,11 @@ s.close()
 PY
 read -r nsent peak <"$KVR_TMP/pipe.out"
 kvr_log "pipelined ${nsent} GET /metrics unread: RSS ${rss0} kB -> peak ${peak} kB"
-[ $((peak - rss0)) -lt 16384 ] || kvr_fail "RSS grew from ${rss0} to ${peak} kB"
+# ASan's quarantine and shadow memory keep freed buffers resident: a looser bound there, still
+# far below the ~215 MB the unbounded queue grew by.
+bound=16384
+[ -n "${ASAN_OPTIONS:-}" ] && bound=65536
+[ $((peak - rss0)) -lt $bound ] || kvr_fail "RSS grew from ${rss0} to ${peak} kB (bound ${bound} kB)"
 kvr_assert_eq "$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$P/health")" 200 \
     "health after the pipeliner"
 
