@@ -128,10 +128,15 @@ echo "$m" | grep -q 'kvr_frontend_responses_total{status="401"} 2' || kvr_fail "
 echo "$m" | grep -q 'kvr_frontend_ttft_seconds_count' || kvr_fail "metrics: ttft"
 
 # a worker that dies after the first token: the stream ends with an error event, then [DONE]
+ttft_count() { curl -s "$F/metrics" | awk '/^kvr_frontend_ttft_seconds_count/ {print $2 + 0; exit}'; }
+ttft0=$(ttft_count)
 $CL sse "$F/v1/completions" '{"model":"m1","prompt":"die midway","max_tokens":100000,"stream":true}' \
     --key $KEY >"$KVR_TMP/mid.json" &
 bg=$!
-sleep 1
+# kill only once the first token has reached the client (a fixed sleep raced it under load,
+# and a worker that dies before the first token is retried elsewhere, not reported)
+first_token() { [ "$(ttft_count)" -gt "${ttft0:-0}" ]; }
+kvr_wait_for 20 first_token || kvr_fail "the stream never produced a first token"
 kvr_kill9 worker1
 wait $bg || kvr_fail "client failed: $(cat "$KVR_TMP/mid.json")"
 kvr_assert_eq "$(jq -r .status "$KVR_TMP/mid.json")" 200 "mid-stream failure: status"
