@@ -19,9 +19,11 @@ build: setup $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j$(JOBS)
 
 # Tests labelled `open` reproduce defects not fixed yet (tests/chaos/CMakeLists.txt): run them
-# with `cd build && ctest -L open`.
+# with `cd build && ctest -L open`. The chaos cases measure recovery times against limits, so
+# they run one at a time after the rest: beside another multi-process test on a 2-core machine
+# they measured the machine's load, not kvroute.
 test: build
-	cd $(BUILD) && ctest $(CTEST_FLAGS) -LE open -j$(JOBS)
+	cd $(BUILD) && ctest $(CTEST_FLAGS) -LE 'open|chaos' -j$(JOBS) && ctest $(CTEST_FLAGS) -L chaos -LE open -j1
 
 # The same suites under AddressSanitizer + UBSan.
 test-asan: setup

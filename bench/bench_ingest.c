@@ -146,9 +146,6 @@ int benchrd_setup(benchrd_env *e, const char *argv0, const char *routerd, bool k
     return 0;
 }
 
-/* extra router flag for kvr-bench route --batch */
-const char *benchrd_router_extra;
-
 int benchrd_start_router(benchrd_env *e, const char *snapshot_interval)
 {
     char http[64], data[PATH_MAX + 8], log[PATH_MAX + 16];
@@ -161,7 +158,7 @@ int benchrd_start_router(benchrd_env *e, const char *snapshot_interval)
     char *args[] = {e->routerd, "--id", "1", "--nats", e->nats_url, "--http", http,
                     "--data-dir", data, "--snapshot-interval", (char *)snapshot_interval,
                     "--stream-max-bytes", "8GiB", "--heartbeat-misses", "30",
-                    tls ? "--nats-tls-ca" : NULL, ca, (char *)benchrd_router_extra, NULL};
+                    tls ? "--nats-tls-ca" : NULL, ca, NULL};
     e->router_pid = spawn(log, args);
     return wait_port(e->http_port, 10000);
 }

@@ -21,6 +21,7 @@
 #include "kvr_log.h"
 #include "kvr_mp.h"
 #include "kvr_nats.h"
+#include "route_msg.h"
 
 #include <curl/curl.h>
 #include <dirent.h>
@@ -59,7 +60,6 @@ int benchrd_state(benchrd_env *e, uint64_t *stream_seq, uint64_t *entries, char 
 uint64_t benchrd_publish(benchrd_env *e, const benchrd_layout *L, uint64_t *last_seq,
                          double *publish_s, int64_t *t_first_ms);
 uint32_t benchrd_tok(uint64_t p, uint64_t k);
-extern const char *benchrd_router_extra;
 benchrd_hb *benchrd_hb_start(benchrd_env *e, uint32_t workers, uint32_t block_size);
 void benchrd_hb_stop(benchrd_hb *h);
 long benchrd_http_get(int port, const char *path, kvr_buf *body);
@@ -106,27 +106,10 @@ static void on_reply(int status, const char *data, size_t len, void *cbdata)
     b->inflight--;
     int64_t now = kvr_mono_ns();
     if (status == 0) {
-        kvr_mp_reader r;
-        kvr_mp_reader_init(&r, data, len);
-        uint32_t n = 0;
-        bool ok = false;
-        uint64_t overlap = 0;
-        kvr_slice mode = {0};
-        if (kvr_mp_read_map(&r, &n) == 0) {
-            for (uint32_t i = 0; i < n; i++) {
-                kvr_slice k;
-                if (kvr_mp_read_str(&r, &k) != 0)
-                    break;
-                if (kvr_slice_eq_cstr(k, "ok"))
-                    kvr_mp_read_bool(&r, &ok);
-                else if (kvr_slice_eq_cstr(k, "overlap_blocks"))
-                    kvr_mp_read_uint(&r, &overlap);
-                else if (kvr_slice_eq_cstr(k, "mode"))
-                    kvr_mp_read_str(&r, &mode);
-                else
-                    kvr_mp_skip(&r);
-            }
-        }
+        kvr_route_reply rep;
+        bool ok = kvr_route_reply_decode(data, len, &rep, NULL) == 0 && rep.ok;
+        uint64_t overlap = ok ? rep.overlap_blocks : 0;
+        kvr_slice mode = ok ? rep.mode : (kvr_slice){0};
         if (ok) {
             b->ok++;
             b->overlap_sum += overlap;
@@ -139,12 +122,10 @@ static void on_reply(int status, const char *data, size_t len, void *cbdata)
             /* free the booking */
             kvr_buf ev;
             kvr_buf_init(&ev);
-            kvr_mp_write_map(&ev, 2);
-            kvr_mp_write_cstr(&ev, "request_id");
-            kvr_mp_write_bin(&ev, q->rid, 16);
-            kvr_mp_write_cstr(&ev, "event");
-            kvr_mp_write_cstr(&ev, "free");
-            kvr_nats_publish(&b->nats, "kvr.route.event", ev.base, ev.len);
+            kvr_route_event fe = {.type = KVR_ROUTE_EVENT_FREE};
+            memcpy(fe.request_id, q->rid, sizeof fe.request_id);
+            if (kvr_route_event_encode(&ev, &fe) == 0)
+                kvr_nats_publish(&b->nats, "kvr.route.event", ev.base, ev.len);
             kvr_buf_free(&ev);
         } else {
             b->errors++;
@@ -270,8 +251,7 @@ static void usage(void)
 {
     printf("usage: kvr-bench route [--entries 1000000] [--workers 8] [--blocks 256] [--inflight 128]\n"
            "                       [--duration 10] [--snapshot-interval 0|1s|...] [--routerd PATH]\n"
-           "                       [--batch] [--pin] [--keep] [--json OUT]\n"
-           "  --batch: router and client batch their NATS writes (kvr_nats batch_publishes)\n"
+           "                       [--pin] [--keep] [--json OUT]\n"
            "  --pin: router on CPU 0, nats-server and this client on CPU 1 (needs 2 CPUs)\n"
            "  --snapshot-interval: the router's (0 = none during the run); snapshots only happen\n"
            "  when the index changed, so the bench re-publishes one event per interval to force them\n");
@@ -283,12 +263,10 @@ int kvr_bench_route(int argc, char **argv)
     uint32_t workers = 8, blocks = 256;
     int inflight = 128, duration = 10;
     const char *routerd = NULL, *json = NULL, *snap = "0";
-    bool keep = false, batch = false, pin = false;
+    bool keep = false, pin = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--batch"))
-            batch = true;
-        else if (!strcmp(a, "--pin"))
+        if (!strcmp(a, "--pin"))
             pin = true;
         else if (!strcmp(a, "--entries") && v)
             entries = strtoull(v, NULL, 10), i++;
@@ -330,7 +308,6 @@ int kvr_bench_route(int argc, char **argv)
         return 1;
     if (benchrd_setup(&e, argv[0], routerd, keep) != 0)
         goto out;
-    benchrd_router_extra = batch ? "--nats-batch" : NULL;
     if (benchrd_start_router(&e, snap) != 0 || benchrd_wait_ready(&e, 20000) < 0) {
         fprintf(stderr, "kvr-bench: router did not become ready\n");
         goto out;
@@ -363,24 +340,17 @@ int kvr_bench_route(int argc, char **argv)
         size_t ns = kvr_hash_seq(toks, (size_t)blocks * 64, 64, false, 0, seq, blocks);
         kvr_buf *pb = &b->payloads[k];
         kvr_buf_init(pb);
-        kvr_mp_write_map(pb, 7);
-        kvr_mp_write_cstr(pb, "request_id");
-        kvr_mp_write_bin(pb, "0123456789abcdef", 16);
-        b->rid_off[k] = pb->len - 16;
-        kvr_mp_write_cstr(pb, "frontend_id");
-        kvr_mp_write_uint(pb, 1);
-        kvr_mp_write_cstr(pb, "model");
-        kvr_mp_write_cstr(pb, "m");
-        kvr_mp_write_cstr(pb, "namespace");
-        kvr_mp_write_cstr(pb, "bench");
-        kvr_mp_write_cstr(pb, "role");
-        kvr_mp_write_cstr(pb, "both");
-        kvr_mp_write_cstr(pb, "tokens");
-        kvr_mp_write_uint(pb, (uint64_t)blocks * 64);
-        kvr_mp_write_cstr(pb, "seq_hashes");
-        kvr_mp_write_array(pb, (uint32_t)ns);
-        for (size_t i = 0; i < ns; i++)
-            kvr_mp_write_uint(pb, seq[i]);
+        kvr_route_req req = {.frontend_id = 1,
+                            .model = {"m", 1},
+                            .ns = {"bench", 5},
+                            .role = {"both", 4},
+                            .tokens = (uint32_t)blocks * 64,
+                            .seq_hashes = seq,
+                            .n_hashes = ns};
+        memcpy(req.request_id, "0123456789abcdef", 16);
+        if (kvr_route_req_encode(pb, &req) != 0)
+            goto out;
+        b->rid_off[k] = KVR_ROUTE_REQ_ID_OFFSET;
     }
     free(toks);
     free(seq);
@@ -401,10 +371,7 @@ int kvr_bench_route(int argc, char **argv)
     char tls_ca[PATH_MAX];
     snprintf(tls_ca, sizeof tls_ca, "%s/ca.crt", getenv("KVR_BENCH_NATS_TLS") ? getenv("KVR_BENCH_NATS_TLS") : "");
     kvr_nats_opts no = {.url = e.nats_url, .name = "kvr-bench-route", .on_state = on_state,
-                        .tls_ca_file = getenv("KVR_BENCH_NATS_TLS") ? tls_ca : NULL,
-                        /* KVR_BENCH_THREADED=1: the client's core traffic through cnats */
-                        .threaded_core = getenv("KVR_BENCH_THREADED") != NULL,
-                        .batch_publishes = batch};
+                        .tls_ca_file = getenv("KVR_BENCH_NATS_TLS") ? tls_ca : NULL};
     if (kvr_nats_init(&b->nats, &b->loop, &no, &err) != 0) {
         fprintf(stderr, "kvr-bench: %s\n", err.msg);
         goto out;
@@ -481,10 +448,10 @@ int kvr_bench_route(int argc, char **argv)
                     "\"blocks_per_request\":%u,\"workers\":%u,\"entries\":%" PRIu64 ","
                     "\"latency_us\":{\"p50\":%.1f,\"p90\":%.1f,\"p99\":%.1f,\"max\":%.1f},"
                     "\"avg_overlap_blocks\":%.2f,\"router_mean_latency_us\":%.1f,"
-                    "\"snapshot_interval\":\"%s\",\"snapshots\":%.0f,\"batch\":%s,\"pin\":%s}\n",
+                    "\"snapshot_interval\":\"%s\",\"snapshots\":%.0f,\"pin\":%s}\n",
                     rps, b->ok, b->errors, b->timeouts, secs, inflight, blocks, workers,
                     st_entries, p50, p90, p99, mx, avg_overlap, router_avg_us, snap, snaps,
-                    batch ? "true" : "false", pin ? "true" : "false");
+                    pin ? "true" : "false");
             fclose(f);
         }
     }

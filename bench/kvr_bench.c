@@ -18,6 +18,8 @@ static const struct {
     {"ingest", kvr_bench_ingest, "KV-event ingestion through JetStream into a router"},
     {"proxy", kvr_bench_proxy, "frontend proxy overhead vs direct vs HAProxy"},
     {"worker", kvr_bench_worker, "simulated worker: concurrent streams vs its clock"},
+    {"bridge", kvr_bench_bridge, "kvr-bridge: engine ZMQ events -> JetStream, blocks/s and latency"},
+    {"tokenize", kvr_bench_tokenize, "HF tokenizers + chat templates vs the Rust library"},
 };
 
 static void usage(FILE *out)

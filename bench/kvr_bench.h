@@ -11,5 +11,7 @@ int kvr_bench_route(int argc, char **argv) __attribute__((weak));
 int kvr_bench_ingest(int argc, char **argv) __attribute__((weak));
 int kvr_bench_proxy(int argc, char **argv) __attribute__((weak));
 int kvr_bench_worker(int argc, char **argv) __attribute__((weak));
+int kvr_bench_bridge(int argc, char **argv) __attribute__((weak));
+int kvr_bench_tokenize(int argc, char **argv) __attribute__((weak));
 
 #endif

@@ -9,16 +9,19 @@
  * Phase 2: the same load against 1 router started with --no-raft-flags (local mode).
  * Phase 3: N routers in best-effort mode (kvr-routerd --best-effort: local mode, bookings
  * broadcast), the same load; the decisions made on stale load are counted from the replies
- * (be_analyse). Also printed: the older model of it (bench_raft.c), no processes.
+ * (rb_be_analyse). Also printed: the older model of it (raftbench_sim.c), no processes.
  * Every cluster is torn down with `kvrctl down` on every path, Ctrl-C included. */
 #define _GNU_SOURCE
 #pragma GCC diagnostic ignored "-Wformat-truncation" /* error texts are cut on purpose */
+#include "raftbench_int.h"
+
 #include "kvr_buf.h"
 #include "kvr_json.h"
 #include "kvr_log.h"
 #include "kvr_mp.h"
 #include "kvr_nats.h"
 #include "raftbench.h"
+#include "route_msg.h"
 #include "run_cluster.h"
 
 #include <errno.h>
@@ -36,688 +39,11 @@
 #include <unistd.h>
 #include <uv.h>
 
-#define RB_MAX_ROUTERS 9
-#define RB_TEMPLATES 256
-#define RB_NBUCKETS 32
-
-static volatile sig_atomic_t rb_stop;
+volatile sig_atomic_t rb_stop;
 static void rb_on_signal(int sig)
 {
     (void)sig;
     rb_stop = 1;
-}
-
-typedef struct rb_opts {
-    int routers, workers, inflight, duration_s, blocks, timeout_ms;
-    int free_after_ms; /* 0: free each booking as soon as it is answered */
-    uint64_t max_requests; /* 0: only the duration limits */
-    const char *json, *dir, *router_args;
-    bool skip_local, skip_best_effort, keep;
-    double be_delay_ms, be_hold_ms, be_rate;
-} rb_opts;
-
-/* --- one router's /metrics, reduced --- */
-typedef struct rb_prom {
-    bool ok;
-    double raft, local;            /* kvr_routerd_route_decisions_total{mode} */
-    double errors;                 /* kvr_routerd_route_errors_total (all reasons) */
-    double lat_sum, lat_count;     /* kvr_routerd_route_latency_seconds_{sum,count} */
-    int nb;                        /* histogram buckets (cumulative, le bounds) */
-    double le[RB_NBUCKETS], cum[RB_NBUCKETS];
-} rb_prom;
-
-/* Value of the sample line that starts exactly with `key` followed by a space. */
-static bool prom_value(const char *text, size_t len, const char *key, double *out)
-{
-    size_t kl = strlen(key);
-    const char *p = text, *end = text + len;
-    while (p < end) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        const char *le = nl ? nl : end;
-        if ((size_t)(le - p) > kl && !memcmp(p, key, kl) && p[kl] == ' ') {
-            *out = strtod(p + kl + 1, NULL);
-            return true;
-        }
-        p = le + 1;
-    }
-    return false;
-}
-
-static void prom_parse(const char *text, size_t len, rb_prom *m)
-{
-    memset(m, 0, sizeof *m);
-    m->ok = prom_value(text, len, "kvr_routerd_route_decisions_total{mode=\"raft\"}", &m->raft);
-    prom_value(text, len, "kvr_routerd_route_decisions_total{mode=\"local\"}", &m->local);
-    double v;
-    static const char *const reasons[] = {"backend", "no_worker", "bad_request"};
-    char key[128];
-    for (size_t i = 0; i < 3; i++) {
-        snprintf(key, sizeof key, "kvr_routerd_route_errors_total{reason=\"%s\"}", reasons[i]);
-        if (prom_value(text, len, key, &v))
-            m->errors += v;
-    }
-    prom_value(text, len, "kvr_routerd_route_latency_seconds_sum", &m->lat_sum);
-    prom_value(text, len, "kvr_routerd_route_latency_seconds_count", &m->lat_count);
-    static const char pfx[] = "kvr_routerd_route_latency_seconds_bucket{le=\"";
-    const char *p = text, *end = text + len;
-    while (p < end && m->nb < RB_NBUCKETS) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        const char *e = nl ? nl : end;
-        if ((size_t)(e - p) > sizeof pfx && !memcmp(p, pfx, sizeof pfx - 1)) {
-            char *q;
-            double le = strtod(p + sizeof pfx - 1, &q); /* "+Inf" parses as inf */
-            const char *sp = memchr(p, ' ', (size_t)(e - p));
-            if (sp) {
-                m->le[m->nb] = le;
-                m->cum[m->nb] = strtod(sp + 1, NULL);
-                m->nb++;
-            }
-        }
-        p = e + 1;
-    }
-}
-
-static int prom_scrape(const char *url, rb_prom *m)
-{
-    char u[256];
-    snprintf(u, sizeof u, "%s/metrics", url);
-    kvr_buf b;
-    kvr_buf_init(&b);
-    long st = 0;
-    int rc = run_http_get(u, 3000, &st, &b);
-    if (rc == 0 && st == 200)
-        prom_parse(b.base ? b.base : "", b.len, m);
-    else
-        memset(m, 0, sizeof *m);
-    kvr_buf_free(&b);
-    return m->ok ? 0 : -1;
-}
-
-/* Quantile q of the histogram delta (after - before, summed into acc), linear inside the
- * bucket (Prometheus' histogram_quantile). Returns seconds, NAN when empty. */
-static double hist_quantile(const double *le, const double *cum, int nb, double q)
-{
-    if (nb == 0 || cum[nb - 1] <= 0)
-        return NAN;
-    double rank = q * cum[nb - 1];
-    for (int i = 0; i < nb; i++) {
-        if (cum[i] >= rank) {
-            if (isinf(le[i]))
-                return i > 0 ? le[i - 1] : NAN;
-            double lo = i > 0 ? le[i - 1] : 0, clo = i > 0 ? cum[i - 1] : 0;
-            double n = cum[i] - clo;
-            return n > 0 ? lo + (le[i] - lo) * (rank - clo) / n : le[i];
-        }
-    }
-    return le[nb - 1];
-}
-
-/* --- a router's /v1/state, reduced --- */
-typedef struct rb_state {
-    char role[16];
-    char fsm_digest[24];
-    uint64_t leader, bookings, applied;
-    int workers_up;
-    bool degraded;
-} rb_state;
-
-static int state_get(const char *url, rb_state *s)
-{
-    memset(s, 0, sizeof *s);
-    char u[256];
-    snprintf(u, sizeof u, "%s/v1/state", url);
-    kvr_buf b;
-    kvr_buf_init(&b);
-    long st = 0;
-    int rc = -1;
-    cJSON *root = NULL;
-    kvr_err err = {0};
-    if (run_http_get(u, 3000, &st, &b) == 0 && st == 200 &&
-        kvr_json_parse((kvr_slice){b.base, b.len}, 0, 0, &root, &err) == 0) {
-        const cJSON *raft = NULL, *workers = NULL;
-        const char *str = NULL;
-        kvr_json_get_u64(root, "bookings", false, &s->bookings, &err);
-        if (kvr_json_get_object(root, "raft", true, &raft, &err) == 0) {
-            if (kvr_json_get_string(raft, "role", false, &str, &err) == 0)
-                snprintf(s->role, sizeof s->role, "%s", str);
-            if (kvr_json_get_string(raft, "fsm_digest", true, &str, &err) == 0) {
-                snprintf(s->fsm_digest, sizeof s->fsm_digest, "%s", str);
-                rc = 0;
-            }
-            kvr_json_get_u64(raft, "leader", false, &s->leader, &err);
-            kvr_json_get_bool(raft, "degraded", false, &s->degraded, &err);
-            kvr_json_get_u64(raft, "applied_index", false, &s->applied, &err);
-        }
-        if (kvr_json_get_array(root, "workers", false, &workers, &err) == 0) {
-            const cJSON *w;
-            cJSON_ArrayForEach(w, workers)
-            {
-                bool up = false;
-                if (kvr_json_get_bool(w, "up", false, &up, &err) == 0 && up)
-                    s->workers_up++;
-            }
-        }
-    }
-    if (root)
-        cJSON_Delete(root);
-    kvr_buf_free(&b);
-    return rc;
-}
-
-/* CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat; -1 when gone.
- * pid 0: this process. */
-static double proc_cpu_s(int pid)
-{
-    char path[64], buf[1024];
-    if (pid)
-        snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    else
-        snprintf(path, sizeof path, "/proc/self/stat");
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return -1;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    char *p = strrchr(buf, ')'); /* comm may hold spaces */
-    if (!p)
-        return -1;
-    unsigned long long ut = 0, st = 0;
-    /* after ")": state(3) ... utime is field 14, stime 15 */
-    if (sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
-        return -1;
-    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
-}
-
-static double loadavg1(void)
-{
-    double l = -1;
-    FILE *f = fopen("/proc/loadavg", "r");
-    if (f) {
-        if (fscanf(f, "%lf", &l) != 1)
-            l = -1;
-        fclose(f);
-    }
-    return l;
-}
-
-
-/* --- the load: K route requests in flight over NATS --- */
-typedef struct rb_run {
-    /* config */
-    const rb_opts *o;
-    const char *nats_url, *model, *ns;
-    uint64_t tag;
-    /* loop */
-    uv_loop_t loop;
-    kvr_nats nats;
-    uv_timer_t stop_timer, poll_timer;
-    bool conn_up, nats_closed, stopping;
-    int inflight;
-    /* payloads */
-    kvr_buf tpl[RB_TEMPLATES];
-    size_t rid_off[RB_TEMPLATES];
-    uint64_t rng, next_id;
-    /* results */
-    uint64_t sent, ok, mode_raft, mode_local, mode_other, failed, timeouts, no_responders,
-        closed, frees, free_errors;
-    uint64_t by_router[RB_MAX_ROUTERS + 1], by_router_other;
-    char first_error[160];
-    int64_t *lat_us;
-    size_t n_lat, cap_lat;
-    int64_t t0_ns, t_end_ns;
-    /* best-effort phase: every local-mode decision with the chosen worker's bookings as the
-     * deciding router saw them, its time, and when this client freed it */
-    bool record_be;
-    struct be_rec {
-        uint64_t worker;
-        int64_t decided_ns, free_ns;
-        uint32_t seen; /* bookings on the worker the router knew of, this one excluded */
-    } *be;
-    size_t n_be, cap_be;
-    /* --free-after-ms: frees waiting for their time, oldest first (all wait equally long) */
-    uv_timer_t free_timer;
-    struct held_free {
-        uint8_t rid[16];
-        int64_t due_ns;
-        size_t be_idx; /* its record in be, or SIZE_MAX */
-    } *held;
-    size_t held_head, n_held, cap_held;
-} rb_run;
-
-typedef struct rb_req {
-    rb_run *r;
-    int64_t t0_ns;
-    uint8_t rid[16];
-} rb_req;
-
-static uint64_t rb_rnd(uint64_t *s)
-{
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    return *s;
-}
-
-static void rb_send(rb_run *r);
-
-static void rb_free(rb_run *r, const uint8_t rid[16])
-{
-    kvr_buf ev;
-    kvr_buf_init(&ev);
-    kvr_mp_write_map(&ev, 2);
-    kvr_mp_write_cstr(&ev, "request_id");
-    kvr_mp_write_bin(&ev, rid, 16);
-    kvr_mp_write_cstr(&ev, "event");
-    kvr_mp_write_cstr(&ev, "free");
-    if (kvr_nats_publish(&r->nats, "kvr.route.event", ev.base, ev.len) == 0)
-        r->frees++;
-    else
-        r->free_errors++;
-    kvr_buf_free(&ev);
-}
-
-static void rb_hold_free(rb_run *r, const uint8_t rid[16], int64_t due_ns, size_t be_idx)
-{
-    if (r->held_head + r->n_held == r->cap_held) {
-        if (r->held_head > 0) { /* compact */
-            memmove(r->held, r->held + r->held_head, r->n_held * sizeof *r->held);
-            r->held_head = 0;
-        }
-        if (r->n_held == r->cap_held) {
-            size_t nc = r->cap_held ? r->cap_held * 2 : 65536;
-            struct held_free *nh = realloc(r->held, nc * sizeof *nh);
-            if (!nh) {
-                rb_free(r, rid); /* out of memory: free now rather than never */
-                return;
-            }
-            r->held = nh;
-            r->cap_held = nc;
-        }
-    }
-    struct held_free *h = &r->held[r->held_head + r->n_held++];
-    memcpy(h->rid, rid, 16);
-    h->due_ns = due_ns;
-    h->be_idx = be_idx;
-}
-
-/* Publishes the held frees that are due (all of them when all is set). */
-static void rb_release_frees(rb_run *r, bool all)
-{
-    int64_t now = kvr_mono_ns();
-    while (r->n_held > 0) {
-        struct held_free *h = &r->held[r->held_head];
-        if (!all && h->due_ns > now)
-            break;
-        rb_free(r, h->rid);
-        if (h->be_idx < r->n_be)
-            r->be[h->be_idx].free_ns = now;
-        r->held_head++;
-        r->n_held--;
-    }
-}
-
-static void rb_on_free_timer(uv_timer_t *t)
-{
-    rb_release_frees(t->data, false);
-}
-
-static void rb_on_reply(int status, const char *data, size_t len, void *cbdata)
-{
-    rb_req *q = cbdata;
-    rb_run *r = q->r;
-    int64_t now = kvr_mono_ns();
-    r->inflight--;
-    if (status == 0) {
-        kvr_mp_reader m;
-        kvr_mp_reader_init(&m, data, len);
-        uint32_t n = 0;
-        bool ok = false;
-        uint64_t router = 0, worker = 0, wbookings = 0, decided = 0;
-        kvr_slice mode = {0}, err = {0};
-        int rc = kvr_mp_read_map(&m, &n);
-        for (uint32_t i = 0; rc == 0 && i < n; i++) {
-            kvr_slice k;
-            if ((rc = kvr_mp_read_str(&m, &k)) != 0)
-                break;
-            if (kvr_slice_eq_cstr(k, "ok"))
-                rc = kvr_mp_read_bool(&m, &ok);
-            else if (kvr_slice_eq_cstr(k, "mode"))
-                rc = kvr_mp_read_str(&m, &mode);
-            else if (kvr_slice_eq_cstr(k, "router_id"))
-                rc = kvr_mp_read_uint(&m, &router);
-            else if (kvr_slice_eq_cstr(k, "error"))
-                rc = kvr_mp_read_str(&m, &err);
-            else if (kvr_slice_eq_cstr(k, "worker_id"))
-                rc = kvr_mp_read_uint(&m, &worker);
-            else if (kvr_slice_eq_cstr(k, "worker_bookings"))
-                rc = kvr_mp_read_uint(&m, &wbookings);
-            else if (kvr_slice_eq_cstr(k, "decided_ns"))
-                rc = kvr_mp_read_uint(&m, &decided);
-            else
-                rc = kvr_mp_skip(&m);
-        }
-        if (rc == 0 && ok) {
-            r->ok++;
-            if (kvr_slice_eq_cstr(mode, "raft"))
-                r->mode_raft++;
-            else if (kvr_slice_eq_cstr(mode, "local"))
-                r->mode_local++;
-            else
-                r->mode_other++;
-            if (router >= 1 && router <= RB_MAX_ROUTERS)
-                r->by_router[router]++;
-            else
-                r->by_router_other++;
-            if (r->n_lat == r->cap_lat) {
-                size_t nc = r->cap_lat ? r->cap_lat * 2 : 65536;
-                int64_t *nl = realloc(r->lat_us, nc * sizeof *nl);
-                if (nl) {
-                    r->lat_us = nl;
-                    r->cap_lat = nc;
-                }
-            }
-            if (r->n_lat < r->cap_lat)
-                r->lat_us[r->n_lat++] = (now - q->t0_ns) / 1000;
-            size_t be_idx = SIZE_MAX;
-            if (r->record_be && decided && wbookings) {
-                if (r->n_be == r->cap_be) {
-                    size_t nc = r->cap_be ? r->cap_be * 2 : 65536;
-                    struct be_rec *nb = realloc(r->be, nc * sizeof *nb);
-                    if (nb) {
-                        r->be = nb;
-                        r->cap_be = nc;
-                    }
-                }
-                if (r->n_be < r->cap_be) {
-                    be_idx = r->n_be;
-                    r->be[r->n_be++] = (struct be_rec){worker, (int64_t)decided, now,
-                                                       (uint32_t)(wbookings - 1)};
-                }
-            }
-            /* the request is over: free its booking at once, or after --free-after-ms */
-            if (r->o->free_after_ms <= 0)
-                rb_free(r, q->rid);
-            else
-                rb_hold_free(r, q->rid, now + (int64_t)r->o->free_after_ms * 1000000, be_idx);
-        } else {
-            r->failed++;
-            if (!r->first_error[0])
-                snprintf(r->first_error, sizeof r->first_error, "%.*s",
-                         rc == 0 ? (int)(err.len > 150 ? 150 : err.len) : 17,
-                         rc == 0 ? (err.base ? err.base : "") : "malformed reply");
-        }
-    } else if (status == KVR_ETIMEDOUT) {
-        r->timeouts++;
-    } else if (status == KVR_NATS_NO_RESPONDERS) {
-        r->no_responders++;
-    } else {
-        r->closed++;
-    }
-    free(q);
-    if (!r->stopping)
-        rb_send(r);
-}
-
-static void rb_send(rb_run *r)
-{
-    if (r->o->max_requests && r->sent >= r->o->max_requests) {
-        if (!r->stopping) {
-            r->stopping = true;
-            r->t_end_ns = kvr_mono_ns();
-        }
-        return;
-    }
-    rb_req *q = malloc(sizeof *q);
-    if (!q) {
-        r->failed++;
-        return;
-    }
-    q->r = r;
-    size_t k = (size_t)(rb_rnd(&r->rng) % RB_TEMPLATES);
-    uint64_t id = ++r->next_id;
-    memcpy(q->rid, &id, 8);
-    memcpy(q->rid + 8, &r->tag, 8);
-    memcpy(r->tpl[k].base + r->rid_off[k], q->rid, 16);
-    q->t0_ns = kvr_mono_ns();
-    int rc = kvr_nats_request(&r->nats, "kvr.route", r->tpl[k].base, r->tpl[k].len,
-                              (uint32_t)r->o->timeout_ms, rb_on_reply, q);
-    if (rc != 0) {
-        free(q);
-        r->failed++;
-        if (!r->first_error[0])
-            snprintf(r->first_error, sizeof r->first_error, "request not sent: %s", kvr_strerror(rc));
-        return;
-    }
-    r->sent++;
-    r->inflight++;
-}
-
-static void rb_on_stop(uv_timer_t *t)
-{
-    rb_run *r = t->data;
-    if (!r->stopping) {
-        r->stopping = true;
-        r->t_end_ns = kvr_mono_ns();
-    }
-}
-
-static void rb_on_poll(uv_timer_t *t)
-{
-    if (rb_stop)
-        rb_on_stop(t);
-}
-
-static void rb_on_state(kvr_nats *kn, kvr_nats_state st, void *data)
-{
-    rb_run *r = data;
-    if (st == KVR_NATS_CONNECTED || st == KVR_NATS_RECONNECTED)
-        r->conn_up = true;
-}
-
-static void rb_on_closed(kvr_nats *kn)
-{
-    rb_run *r = kn->data;
-    r->nats_closed = true;
-}
-
-static int cmp_i64(const void *a, const void *b)
-{
-    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-static int64_t pct(const int64_t *v, size_t n, double p)
-{
-    if (n == 0)
-        return 0;
-    size_t i = (size_t)ceil(p * (double)n); /* nearest rank */
-    return v[i ? i - 1 : 0];
-}
-
-/* Builds the request templates: B random seq hashes each (no worker holds them: the index is
- * empty, so every route books by load alone; the cost of matching is still paid). */
-static int rb_templates(rb_run *r)
-{
-    r->rng = 0x9E3779B97F4A7C15ull ^ r->tag;
-    for (size_t k = 0; k < RB_TEMPLATES; k++) {
-        kvr_buf *b = &r->tpl[k];
-        kvr_buf_init(b);
-        int rc = 0;
-        rc |= kvr_mp_write_map(b, 7);
-        rc |= kvr_mp_write_cstr(b, "request_id");
-        rc |= kvr_mp_write_bin(b, "0123456789abcdef", 16);
-        r->rid_off[k] = b->len - 16;
-        rc |= kvr_mp_write_cstr(b, "frontend_id");
-        rc |= kvr_mp_write_uint(b, 7);
-        rc |= kvr_mp_write_cstr(b, "model");
-        rc |= kvr_mp_write_cstr(b, r->model);
-        rc |= kvr_mp_write_cstr(b, "namespace");
-        rc |= kvr_mp_write_cstr(b, r->ns);
-        rc |= kvr_mp_write_cstr(b, "role");
-        rc |= kvr_mp_write_cstr(b, "both");
-        uint32_t blocks = 1 + (uint32_t)(rb_rnd(&r->rng) % (uint64_t)r->o->blocks);
-        rc |= kvr_mp_write_cstr(b, "tokens");
-        rc |= kvr_mp_write_uint(b, (uint64_t)blocks * 64);
-        rc |= kvr_mp_write_cstr(b, "seq_hashes");
-        rc |= kvr_mp_write_array(b, blocks);
-        for (uint32_t i = 0; i < blocks; i++)
-            rc |= kvr_mp_write_uint(b, rb_rnd(&r->rng));
-        if (rc != 0)
-            return -1;
-    }
-    return 0;
-}
-
-/* Runs the load; returns 0 when the loop ran (results in r), -1 when it could not start. */
-static int rb_load(rb_run *r)
-{
-    if (rb_templates(r) != 0) {
-        fprintf(stderr, "kvr-bench raft: out of memory building requests\n");
-        return -1;
-    }
-    if (uv_loop_init(&r->loop) != 0)
-        return -1;
-    kvr_err err = {0};
-    kvr_nats_opts no = {.url = r->nats_url, .name = "kvr-bench-raft", .on_state = rb_on_state,
-                        .state_data = r};
-    r->nats.data = r;
-    if (kvr_nats_init(&r->nats, &r->loop, &no, &err) != 0) {
-        fprintf(stderr, "kvr-bench raft: nats: %s\n", err.msg);
-        uv_loop_close(&r->loop);
-        return -1;
-    }
-    uv_timer_init(&r->loop, &r->stop_timer);
-    uv_timer_init(&r->loop, &r->poll_timer);
-    uv_timer_init(&r->loop, &r->free_timer);
-    r->stop_timer.data = r->poll_timer.data = r->free_timer.data = r;
-    uv_timer_start(&r->poll_timer, rb_on_poll, 50, 50);
-    if (r->o->free_after_ms > 0)
-        uv_timer_start(&r->free_timer, rb_on_free_timer, 1, 1);
-    int64_t deadline = kvr_mono_ms() + 10000;
-    while (!r->conn_up && !rb_stop && kvr_mono_ms() < deadline)
-        uv_run(&r->loop, UV_RUN_ONCE);
-    int rc = 0;
-    if (!r->conn_up) {
-        fprintf(stderr, "kvr-bench raft: could not connect to %s\n", r->nats_url);
-        rc = -1;
-    } else if (!rb_stop) {
-        uv_timer_start(&r->stop_timer, rb_on_stop, (uint64_t)r->o->duration_s * 1000, 0);
-        r->t0_ns = kvr_mono_ns();
-        for (int i = 0; i < r->o->inflight && !r->stopping; i++)
-            rb_send(r);
-        while (!r->stopping || r->inflight > 0)
-            uv_run(&r->loop, UV_RUN_ONCE);
-    }
-    if (!r->t_end_ns)
-        r->t_end_ns = kvr_mono_ns();
-    uv_timer_stop(&r->stop_timer);
-    uv_timer_stop(&r->poll_timer);
-    uv_timer_stop(&r->free_timer);
-    if (r->conn_up)
-        rb_release_frees(r, true); /* the load is over: every booking still held goes now */
-    kvr_nats_close(&r->nats, rb_on_closed); /* flushes the last frees */
-    uv_close((uv_handle_t *)&r->stop_timer, NULL);
-    uv_close((uv_handle_t *)&r->poll_timer, NULL);
-    uv_close((uv_handle_t *)&r->free_timer, NULL);
-    while (!r->nats_closed)
-        uv_run(&r->loop, UV_RUN_ONCE);
-    uv_run(&r->loop, UV_RUN_DEFAULT);
-    uv_loop_close(&r->loop);
-    for (size_t k = 0; k < RB_TEMPLATES; k++)
-        kvr_buf_free(&r->tpl[k]);
-    return rc;
-}
-
-/* --- one phase: cluster up, load, metrics, digests, down --- */
-typedef struct rb_phase {
-    const char *name; /* "raft" | "local" */
-    bool ran;         /* the load ran */
-    char error[300];
-    int routers;
-    double secs, decisions_per_s;
-    uint64_t decisions; /* answers in the phase's own mode */
-    int64_t p50, p90, p99, max;
-    double mean_us;
-    double r_p50_us, r_p99_us, r_mean_us; /* router-side, all routers' histograms */
-    struct {
-        int id;
-        char role[16];
-        double raft, local, errors;
-        uint64_t client_answers;
-        double p50_us, p99_us, mean_us;
-        double cpu_s; /* CPU seconds used during the load */
-    } per[RB_MAX_ROUTERS];
-    double cpu_nats_s, cpu_workers_s, cpu_client_s, load_before, load_after;
-    uint64_t log_entries; /* Raft log entries applied during the load (router 1's applied_index) */
-    bool spread_ok, digests_equal, down_ok;
-    char digest[24];
-    uint64_t bookings_left;
-    bool raft, best_effort;         /* kind: Raft group, or local mode (+ booking broadcast) */
-    uint64_t be_decisions, be_stale; /* best-effort: decisions, and those made on stale load */
-    rb_run run;
-} rb_phase;
-
-/* Best-effort phase: a decision was made on stale load when the deciding router knew of fewer
- * live bookings on the worker it chose than there were: another router had booked it and the
- * broadcast had not arrived yet. Live = from a booking's decision to this client's free (all
- * processes share the monotonic clock). A conservative count: a router that has not yet heard
- * of a free counts that booking as live, which can mask a missing one. */
-static int cmp_be_worker(const void *a, const void *b)
-{
-    uint64_t x = ((const struct be_rec *)a)->worker, y = ((const struct be_rec *)b)->worker;
-    return x < y ? -1 : x > y;
-}
-
-/* Index of the first of v[0..n) (sorted) that is >= x (strict) or > x (!strict). */
-static size_t lower(const int64_t *v, size_t n, int64_t x, bool strict)
-{
-    size_t a = 0, b = n;
-    while (a < b) {
-        size_t mid = (a + b) / 2;
-        if (strict ? v[mid] < x : v[mid] <= x)
-            a = mid + 1;
-        else
-            b = mid;
-    }
-    return a;
-}
-
-static void be_analyse(rb_phase *ph)
-{
-    rb_run *r = &ph->run;
-    size_t n = r->n_be;
-    ph->be_decisions = n;
-    ph->be_stale = 0;
-    int64_t *st = n ? malloc(n * sizeof *st) : NULL, *en = n ? malloc(n * sizeof *en) : NULL;
-    if (!st || !en)
-        goto out;
-    qsort(r->be, n, sizeof *r->be, cmp_be_worker);
-    for (size_t lo = 0; lo < n;) {
-        size_t hi = lo;
-        while (hi < n && r->be[hi].worker == r->be[lo].worker)
-            hi++;
-        size_t m = hi - lo;
-        for (size_t k = 0; k < m; k++) {
-            st[k] = r->be[lo + k].decided_ns;
-            en[k] = r->be[lo + k].free_ns;
-        }
-        qsort(st, m, sizeof *st, cmp_i64);
-        qsort(en, m, sizeof *en, cmp_i64);
-        for (size_t k = 0; k < m; k++) {
-            const struct be_rec *e = &r->be[lo + k];
-            /* booked strictly before this decision, minus freed at or before it */
-            size_t started = lower(st, m, e->decided_ns, true);
-            size_t ended = lower(en, m, e->decided_ns, false);
-            uint64_t live = started > ended ? started - ended : 0;
-            if (e->seen < live)
-                ph->be_stale++;
-        }
-        lo = hi;
-    }
-out:
-    free(st);
-    free(en);
 }
 
 static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
@@ -785,7 +111,7 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
     for (int i = 0; i < nr; i++) {
         rb_state s;
         int64_t until = kvr_mono_ms() + 15000;
-        while (!rb_stop && (state_get(rurl[i], &s) != 0 || s.workers_up < o->workers) &&
+        while (!rb_stop && (rb_state_get(rurl[i], &s) != 0 || s.workers_up < o->workers) &&
                kvr_mono_ms() < until)
             usleep(100000);
         if (s.workers_up < o->workers) {
@@ -802,9 +128,9 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
         bool agreed = false;
         while (!rb_stop && !agreed && kvr_mono_ms() < until) {
             rb_state s0, s;
-            agreed = state_get(rurl[0], &s0) == 0 && s0.leader != 0 && !s0.degraded;
+            agreed = rb_state_get(rurl[0], &s0) == 0 && s0.leader != 0 && !s0.degraded;
             for (int i = 1; agreed && i < nr; i++)
-                agreed = state_get(rurl[i], &s) == 0 && s.leader == s0.leader && !s.degraded;
+                agreed = rb_state_get(rurl[i], &s) == 0 && s.leader == s0.leader && !s.degraded;
             if (!agreed)
                 usleep(100000);
         }
@@ -815,7 +141,7 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
         }
     }
     for (int i = 0; i < nr; i++)
-        if (prom_scrape(rurl[i], &before[i]) != 0) {
+        if (rb_prom_scrape(rurl[i], &before[i]) != 0) {
             snprintf(ph->error, sizeof ph->error, "router %d: /metrics unreadable", ph->per[i].id);
             rc = -1;
             goto down;
@@ -829,27 +155,27 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
     r->record_be = ph->best_effort;
     fprintf(stderr, "== %s: %d in flight for %d s over NATS kvr.route\n", ph->name, o->inflight,
             o->duration_s);
-    double cpu0[RB_MAX_ROUTERS], cpu_nats0 = proc_cpu_s(nats->pid), cpu_w0 = 0, cpu_c0 = proc_cpu_s(0);
+    double cpu0[RB_MAX_ROUTERS], cpu_nats0 = rb_proc_cpu_s(nats->pid), cpu_w0 = 0, cpu_c0 = rb_proc_cpu_s(0);
     for (int i = 0; i < nr; i++)
-        cpu0[i] = proc_cpu_s(rpid[i]);
+        cpu0[i] = rb_proc_cpu_s(rpid[i]);
     for (int i = 0; i < c.n; i++)
         if (!strcmp(c.procs[i].role, "worker"))
-            cpu_w0 += proc_cpu_s(c.procs[i].pid);
-    ph->load_before = loadavg1();
+            cpu_w0 += rb_proc_cpu_s(c.procs[i].pid);
+    ph->load_before = rb_loadavg1();
     rb_state sa0, sa1;
-    bool have_applied = raft && state_get(rurl[0], &sa0) == 0;
+    bool have_applied = raft && rb_state_get(rurl[0], &sa0) == 0;
     int lrc = rb_load(r);
-    if (have_applied && state_get(rurl[0], &sa1) == 0 && sa1.applied >= sa0.applied)
+    if (have_applied && rb_state_get(rurl[0], &sa1) == 0 && sa1.applied >= sa0.applied)
         ph->log_entries = sa1.applied - sa0.applied;
     for (int i = 0; i < nr; i++)
-        ph->per[i].cpu_s = proc_cpu_s(rpid[i]) - cpu0[i];
-    ph->cpu_nats_s = proc_cpu_s(nats->pid) - cpu_nats0;
-    ph->cpu_client_s = proc_cpu_s(0) - cpu_c0;
+        ph->per[i].cpu_s = rb_proc_cpu_s(rpid[i]) - cpu0[i];
+    ph->cpu_nats_s = rb_proc_cpu_s(nats->pid) - cpu_nats0;
+    ph->cpu_client_s = rb_proc_cpu_s(0) - cpu_c0;
     for (int i = 0; i < c.n; i++)
         if (!strcmp(c.procs[i].role, "worker"))
-            ph->cpu_workers_s += proc_cpu_s(c.procs[i].pid);
+            ph->cpu_workers_s += rb_proc_cpu_s(c.procs[i].pid);
     ph->cpu_workers_s -= cpu_w0;
-    ph->load_after = loadavg1();
+    ph->load_after = rb_loadavg1();
     if (lrc != 0) {
         snprintf(ph->error, sizeof ph->error, "load did not start");
         rc = -1;
@@ -859,12 +185,12 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
     ph->secs = (double)(r->t_end_ns - r->t0_ns) / 1e9;
     ph->decisions = raft ? r->mode_raft : r->mode_local;
     if (ph->best_effort)
-        be_analyse(ph);
+        rb_be_analyse(ph);
     ph->decisions_per_s = ph->secs > 0 ? (double)ph->decisions / ph->secs : 0;
-    qsort(r->lat_us, r->n_lat, sizeof *r->lat_us, cmp_i64);
-    ph->p50 = pct(r->lat_us, r->n_lat, 0.50);
-    ph->p90 = pct(r->lat_us, r->n_lat, 0.90);
-    ph->p99 = pct(r->lat_us, r->n_lat, 0.99);
+    qsort(r->lat_us, r->n_lat, sizeof *r->lat_us, rb_cmp_i64);
+    ph->p50 = rb_pct(r->lat_us, r->n_lat, 0.50);
+    ph->p90 = rb_pct(r->lat_us, r->n_lat, 0.90);
+    ph->p99 = rb_pct(r->lat_us, r->n_lat, 0.99);
     ph->max = r->n_lat ? r->lat_us[r->n_lat - 1] : 0;
     double sum = 0;
     for (size_t i = 0; i < r->n_lat; i++)
@@ -876,9 +202,9 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
     int64_t until = kvr_mono_ms() + 15000;
     for (;;) {
         rb_state s0, s;
-        bool same = state_get(rurl[0], &s0) == 0, any_left = s0.bookings != 0;
+        bool same = rb_state_get(rurl[0], &s0) == 0, any_left = s0.bookings != 0;
         for (int i = 1; same && i < nr; i++) {
-            same = state_get(rurl[i], &s) == 0 && !strcmp(s.fsm_digest, s0.fsm_digest);
+            same = rb_state_get(rurl[i], &s) == 0 && !strcmp(s.fsm_digest, s0.fsm_digest);
             any_left |= s.bookings != 0;
         }
         ph->digests_equal = same;
@@ -893,9 +219,9 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
     int nb = 0;
     for (int i = 0; i < nr; i++) {
         rb_state s;
-        if (state_get(rurl[i], &s) == 0)
+        if (rb_state_get(rurl[i], &s) == 0)
             snprintf(ph->per[i].role, sizeof ph->per[i].role, "%s", s.role);
-        if (prom_scrape(rurl[i], &after[i]) != 0) {
+        if (rb_prom_scrape(rurl[i], &after[i]) != 0) {
             snprintf(ph->error, sizeof ph->error, "router %d: /metrics unreadable after the run",
                      ph->per[i].id);
             rc = -1;
@@ -921,11 +247,11 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
         }
         if (nb == 0)
             nb = m;
-        ph->per[i].p50_us = hist_quantile(after[i].le, d, m, 0.50) * 1e6;
-        ph->per[i].p99_us = hist_quantile(after[i].le, d, m, 0.99) * 1e6;
+        ph->per[i].p50_us = rb_hist_quantile(after[i].le, d, m, 0.50) * 1e6;
+        ph->per[i].p99_us = rb_hist_quantile(after[i].le, d, m, 0.99) * 1e6;
     }
-    ph->r_p50_us = hist_quantile(le, cum, nb, 0.50) * 1e6;
-    ph->r_p99_us = hist_quantile(le, cum, nb, 0.99) * 1e6;
+    ph->r_p50_us = rb_hist_quantile(le, cum, nb, 0.50) * 1e6;
+    ph->r_p99_us = rb_hist_quantile(le, cum, nb, 0.99) * 1e6;
     ph->r_mean_us = lcnt > 0 ? lsum / lcnt * 1e6 : NAN;
     /* spread: every router decided a fair share (at least a quarter of an even split) */
     ph->spread_ok = true;
@@ -1070,7 +396,7 @@ static void phase_print(const rb_phase *ph)
            ph->bookings_left);
     if (ph->best_effort)
         printf("  stale decisions    %" PRIu64 " of %" PRIu64 " (%.2f %%): the deciding router did not yet "
-               "know a live booking on the worker it chose (measured; a lower bound)\n",
+               "know a live booking on the worker it chose (measured; a rb_lower bound)\n",
                ph->be_stale, ph->be_decisions,
                ph->be_decisions ? 100.0 * (double)ph->be_stale / (double)ph->be_decisions : 0.0);
     if (ph->error[0])

@@ -1,6 +1,6 @@
 #define _GNU_SOURCE
 #pragma GCC diagnostic ignored "-Wformat-truncation"
-#include "run_replay.h"
+#include "run_replay_int.h"
 
 #include <cjson/cJSON.h>
 #include <curl/curl.h>
@@ -21,9 +21,6 @@
 #include "run_cluster.h"
 #include "trace.h"
 
-#define MAX_INFLIGHT 4096
-#define MAX_PROMPT_TOKENS (1u << 20)
-#define SSE_LINE_MAX (1u << 20)
 
 void run_cfg_init(run_cfg *c)
 {
@@ -37,14 +34,14 @@ void run_cfg_init(run_cfg *c)
     c->progress = true;
 }
 
-static double now_s(void)
+double rr_now_s(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-static void sleep_s(double s)
+void rr_sleep_s(double s)
 {
     if (s <= 0)
         return;
@@ -53,14 +50,8 @@ static void sleep_s(double s)
     }
 }
 
-/* ---------- growable double arrays ---------- */
 
-typedef struct dvec {
-    double *v;
-    size_t n, cap;
-} dvec;
-
-static int dvec_push(dvec *d, double x)
+int dvec_push(dvec *d, double x)
 {
     if (d->n == d->cap) {
         size_t nc = d->cap ? d->cap * 2 : 1024;
@@ -80,7 +71,7 @@ static int cmp_double(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-static void dvec_sort(dvec *d)
+void dvec_sort(dvec *d)
 {
     if (d->n > 1) /* qsort's base must not be NULL, even for 0 elements */
         qsort(d->v, d->n, sizeof(double), cmp_double);
@@ -99,34 +90,6 @@ static double pct(const dvec *d, double p)
     return d->v[k - 1];
 }
 
-/* ---------- one streaming request ---------- */
-
-typedef struct req {
-    CURL *h;
-    size_t index; /* in the trace */
-    size_t sample;
-    kvr_buf body;
-    kvr_buf line;
-    double sent, first_tok, last_tok;
-    long tokens;
-    bool done, stream_error, line_overflow;
-    char err[160];
-    struct replay *rp;
-    struct curl_slist *hdrs;
-    struct req *prev, *next; /* the replay's in-flight list */
-} req;
-
-typedef struct replay {
-    const run_cfg *cfg;
-    CURLM *multi;
-    double t0;
-    dvec ttft, itl, e2e;
-    run_result *res;
-    size_t inflight;
-    req *live; /* in-flight requests */
-    /* failover window (seconds since t0), published by the failover thread */
-    _Atomic double kill_at, ready_at;
-} replay;
 
 /* One SSE line (without the newline). */
 static void sse_line(req *r, const char *s, size_t n)
@@ -175,7 +138,7 @@ static void sse_line(req *r, const char *s, size_t n)
     cJSON_Delete(j);
     if (ntok <= 0)
         return;
-    double t = now_s();
+    double t = rr_now_s();
     if (r->tokens == 0) {
         r->first_tok = t;
     } else {
@@ -277,11 +240,11 @@ static int start_request(replay *rp, const kvr_trace *tr, size_t index, uint32_t
     /* Do not let curl wait for "100 Continue" on large prompts. */
     r->hdrs = curl_slist_append(r->hdrs, "Expect:");
 
-    run_sample s = {.sent_s = now_s() - rp->t0, .ttft_ms = -1, .e2e_ms = -1, .fail_class = -1};
+    run_sample s = {.sent_s = rr_now_s() - rp->t0, .ttft_ms = -1, .e2e_ms = -1, .fail_class = -1};
     run_result *res = rp->res;
     r->sample = res->n_samples;
     res->samples[res->n_samples++] = s;
-    r->sent = now_s();
+    r->sent = rr_now_s();
     res->requests++;
     rp->inflight++;
     r->next = rp->live;
@@ -295,7 +258,7 @@ static int start_request(replay *rp, const kvr_trace *tr, size_t index, uint32_t
 static void finish_request(replay *rp, req *r, CURLcode cc)
 {
     run_result *res = rp->res;
-    double t = now_s();
+    double t = rr_now_s();
     long status = 0;
     curl_easy_getinfo(r->h, CURLINFO_RESPONSE_CODE, &status);
     int cls = -1;
@@ -382,128 +345,6 @@ static int scrape_workers(const char *dir, double *prompt, double *cached)
     return nw > 0 ? 0 : KVR_ENOTFOUND;
 }
 
-/* ---------- failover thread ---------- */
-
-typedef struct failover {
-    replay *rp;
-    pthread_t th;
-    atomic_bool stop;
-} failover;
-
-static bool wait_until(failover *f, double t_rel)
-{
-    while (!atomic_load(&f->stop)) {
-        double left = f->rp->t0 + t_rel - now_s();
-        if (left <= 0)
-            return true;
-        sleep_s(left > 0.05 ? 0.05 : left);
-    }
-    return false;
-}
-
-static void *failover_main(void *arg)
-{
-    failover *f = arg;
-    replay *rp = f->rp;
-    const run_cfg *cfg = rp->cfg;
-    run_result *res = rp->res;
-    kvr_err err = {0};
-    run_cluster c;
-    if (!wait_until(f, cfg->kill_at_s))
-        return NULL;
-    if (run_cluster_load(&c, cfg->cluster_dir, &err) != 0) {
-        snprintf(res->failover_error, sizeof res->failover_error, "%s", err.msg);
-        return NULL;
-    }
-    int idx = run_cluster_pick_router(&c, cfg->kill_role, &err);
-    if (idx < 0) {
-        snprintf(res->failover_error, sizeof res->failover_error, "choosing a router: %s", err.msg);
-        run_cluster_free(&c);
-        return NULL;
-    }
-    run_proc *p = &c.procs[idx];
-    res->killed_router = p->id;
-    snprintf(res->killed_role, sizeof res->killed_role, "%s", cfg->kill_role);
-    atomic_store(&rp->kill_at, now_s() - rp->t0);
-    res->killed_at_s = atomic_load(&rp->kill_at);
-    run_proc_signal(p, SIGKILL);
-    for (int i = 0; i < 100 && run_proc_alive(p); i++)
-        sleep_s(0.01);
-    fprintf(stderr, "\nfailover: SIGKILL router-%d (%s) at %.1f s\n", p->id, cfg->kill_role,
-            res->killed_at_s);
-    if (!wait_until(f, res->killed_at_s + cfg->restart_after_s)) {
-        run_cluster_free(&c);
-        return NULL;
-    }
-    double t_restart = now_s();
-    res->restarted_at_s = t_restart - rp->t0;
-    if (run_proc_spawn(p, &err) != 0 || run_cluster_save(&c, &err) != 0) {
-        snprintf(res->failover_error, sizeof res->failover_error, "restarting router-%d: %s", p->id,
-                 err.msg);
-        run_cluster_free(&c);
-        return NULL;
-    }
-    fprintf(stderr, "\nfailover: restarted router-%d (pid %d) at %.1f s\n", p->id, p->pid,
-            res->restarted_at_s);
-    while (!atomic_load(&f->stop) && now_s() - t_restart < 120) {
-        if (run_http_ok(p->url, "/ready", 500)) {
-            res->ready_after_restart_ms = (now_s() - t_restart) * 1000.0;
-            atomic_store(&rp->ready_at, now_s() - rp->t0);
-            fprintf(stderr, "\nfailover: router-%d ready %.0f ms after restart\n", p->id,
-                    res->ready_after_restart_ms);
-            break;
-        }
-        if (!run_proc_alive(p)) {
-            snprintf(res->failover_error, sizeof res->failover_error,
-                     "router-%d exited after restart (see %s)", p->id, p->log);
-            break;
-        }
-        sleep_s(0.02);
-    }
-    run_cluster_free(&c);
-    return NULL;
-}
-
-/* Polls every live router's index digest until all agree (bounded). */
-static bool digests_agree(const char *dir, double timeout_s, char *why, size_t whycap)
-{
-    double end = now_s() + timeout_s;
-    for (;;) {
-        run_cluster c;
-        bool equal = true;
-        int n = 0;
-        char first[32] = "";
-        why[0] = 0;
-        if (run_cluster_load(&c, dir, NULL) != 0) {
-            snprintf(why, whycap, "cannot read %s/cluster.json", dir);
-            return false;
-        }
-        for (int i = 0; i < c.n; i++) {
-            run_proc *p = &c.procs[i];
-            if (strcmp(p->role, "router") != 0)
-                continue;
-            run_router_state st;
-            if (!run_proc_alive(p) || run_router_get_state(p, 1000, &st, NULL) != 0 || !st.digest[0]) {
-                equal = false;
-                snprintf(why, whycap, "router-%d: no state", p->id);
-                continue;
-            }
-            if (n++ == 0)
-                snprintf(first, sizeof first, "%s", st.digest);
-            else if (strcmp(first, st.digest) != 0) {
-                equal = false;
-                snprintf(why, whycap, "router-%d digest %s != %s", p->id, st.digest, first);
-            }
-        }
-        run_cluster_free(&c);
-        if (equal && n > 0)
-            return true;
-        if (now_s() > end)
-            return false;
-        sleep_s(0.25);
-    }
-}
-
 /* ---------- the run ---------- */
 
 int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
@@ -566,11 +407,11 @@ int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
     double prompt0 = 0, cached0 = 0;
     bool have_metrics = cfg->cluster_dir && scrape_workers(cfg->cluster_dir, &prompt0, &cached0) == 0;
 
-    rp.t0 = now_s();
+    rp.t0 = rr_now_s();
     if (cfg->cluster_dir && cfg->kill_at_s >= 0) {
         res->failover = true;
         fo.rp = &rp;
-        if (pthread_create(&fo.th, NULL, failover_main, &fo) != 0) {
+        if (pthread_create(&fo.th, NULL, rr_failover_main, &fo) != 0) {
             rc = kvr_err_set(err, KVR_EIO, "starting the failover thread");
             goto out;
         }
@@ -580,7 +421,7 @@ int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
     double last_progress = 0, last_done = rp.t0;
     bool tty = isatty(2);
     while (next < n || rp.inflight > 0) {
-        double t = now_s() - rp.t0;
+        double t = rr_now_s() - rp.t0;
         if (cfg->stop && *cfg->stop) {
             rc = kvr_err_set(err, KVR_ECLOSED, "interrupted after %.1f s", t);
             goto out;
@@ -602,9 +443,9 @@ int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
             curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, (char **)&r);
             CURLcode cc = m->data.result;
             finish_request(&rp, r, cc);
-            last_done = now_s();
+            last_done = rr_now_s();
         }
-        t = now_s() - rp.t0;
+        t = rr_now_s() - rp.t0;
         if (cfg->progress && t - last_progress >= (tty ? 1.0 : 5.0)) {
             last_progress = t;
             fprintf(stderr, "%s%s%st=%5.1fs sent=%ld/%zu done=%ld failed=%ld in-flight=%zu   %s",
@@ -629,7 +470,7 @@ int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
         pthread_join(fo.th, NULL);
         fo_started = false;
         char why[160];
-        res->digests_equal = digests_agree(cfg->cluster_dir, 20, why, sizeof why);
+        res->digests_equal = rr_digests_agree(cfg->cluster_dir, 20, why, sizeof why);
         if (!res->digests_equal && !res->failover_error[0])
             snprintf(res->failover_error, sizeof res->failover_error, "digests differ: %s", why);
     }
@@ -685,185 +526,4 @@ void run_result_free(run_result *res)
     free(res->samples);
     res->samples = NULL;
     res->n_samples = 0;
-}
-
-/* ---------- output ---------- */
-
-static void jnum(FILE *out, double v)
-{
-    if (isnan(v) || isinf(v))
-        fputs("null", out);
-    else
-        fprintf(out, "%.3f", v);
-}
-
-void run_result_print(FILE *out, const char *title, const run_result *r)
-{
-    fprintf(out, "%s\n", title ? title : "kvr-bench run");
-    fprintf(out, "  requests %ld   completed %ld   failed %ld (connect %ld, http %ld, stream %ld, "
-                 "timeout %ld)\n",
-            r->requests, r->completed, r->failed, r->failures[RUN_FAIL_CONNECT],
-            r->failures[RUN_FAIL_HTTP], r->failures[RUN_FAIL_STREAM], r->failures[RUN_FAIL_TIMEOUT]);
-    if (r->first_error[0])
-        fprintf(out, "  first failure: %s\n", r->first_error);
-    fprintf(out, "  %-22s %10s %10s %10s\n", "", "p50", "p90", "p99");
-    fprintf(out, "  %-22s %10.1f %10.1f %10.1f\n", "TTFT ms", r->ttft_p50, r->ttft_p90, r->ttft_p99);
-    fprintf(out, "  %-22s %10.2f %10s %10.2f\n", "inter-token ms", r->itl_p50, "", r->itl_p99);
-    fprintf(out, "  %-22s %10.1f %10s %10.1f\n", "end-to-end ms", r->e2e_p50, "", r->e2e_p99);
-    fprintf(out, "  output tokens/s %.1f over %.1f s (%.0f tokens)\n", r->output_tokens_per_s,
-            r->duration_s, r->output_tokens);
-    if (r->have_hit_rate)
-        fprintf(out, "  prefix hit rate %.1f %% (cached %.0f / prompt %.0f tokens at the workers)\n",
-                r->prefix_hit_rate * 100, r->cached_delta, r->prompt_delta);
-    else
-        fprintf(out, "  prefix hit rate: n/a (no --cluster, or workers' /metrics unreadable)\n");
-    if (r->failover) {
-        fprintf(out, "  failover: killed router-%d (%s) at %.1f s, restarted at %.1f s, ready after %.0f ms, "
-                     "%ld failed during, digests %s\n",
-                r->killed_router, r->killed_role, r->killed_at_s, r->restarted_at_s, r->ready_after_restart_ms,
-                r->failed_during, r->digests_equal ? "equal" : "DIFFER");
-        if (r->failover_error[0])
-            fprintf(out, "  failover problem: %s\n", r->failover_error);
-    }
-}
-
-void run_result_json(FILE *out, const run_result *r, const run_cfg *cfg)
-{
-    fprintf(out, "{\"requests\":%ld,\"completed\":%ld,\"failed\":%ld,", r->requests, r->completed,
-            r->failed);
-    fprintf(out, "\"failures\":{\"connect\":%ld,\"http_status\":%ld,\"stream\":%ld,\"timeout\":%ld},",
-            r->failures[RUN_FAIL_CONNECT], r->failures[RUN_FAIL_HTTP], r->failures[RUN_FAIL_STREAM],
-            r->failures[RUN_FAIL_TIMEOUT]);
-    fputs("\"ttft_ms\":{\"p50\":", out);
-    jnum(out, r->ttft_p50);
-    fputs(",\"p90\":", out);
-    jnum(out, r->ttft_p90);
-    fputs(",\"p99\":", out);
-    jnum(out, r->ttft_p99);
-    fputs(",\"mean\":", out);
-    jnum(out, r->ttft_mean);
-    fputs("},\"itl_ms\":{\"p50\":", out);
-    jnum(out, r->itl_p50);
-    fputs(",\"p99\":", out);
-    jnum(out, r->itl_p99);
-    fputs("},\"e2e_ms\":{\"p50\":", out);
-    jnum(out, r->e2e_p50);
-    fputs(",\"p99\":", out);
-    jnum(out, r->e2e_p99);
-    fputs("},\"output_tokens_per_s\":", out);
-    jnum(out, r->output_tokens_per_s);
-    fputs(",\"output_tokens\":", out);
-    jnum(out, r->output_tokens);
-    fputs(",\"duration_s\":", out);
-    jnum(out, r->duration_s);
-    fputs(",\"prefix_hit_rate\":", out);
-    if (r->have_hit_rate)
-        fprintf(out, "%.6f", r->prefix_hit_rate);
-    else
-        fputs("null", out);
-    fputs(",\"worker_prompt_tokens\":", out);
-    jnum(out, r->have_hit_rate ? r->prompt_delta : NAN);
-    fputs(",\"worker_cached_tokens\":", out);
-    jnum(out, r->have_hit_rate ? r->cached_delta : NAN);
-    if (r->failover) {
-        fprintf(out, ",\"failover\":{\"killed_router\":%d,\"killed_role\":\"%s\",\"killed_at_s\":",
-                r->killed_router, r->killed_role);
-        jnum(out, r->killed_at_s);
-        fputs(",\"restarted_at_s\":", out);
-        jnum(out, r->restarted_at_s);
-        fputs(",\"ready_after_restart_ms\":", out);
-        jnum(out, r->ready_after_restart_ms >= 0 ? r->ready_after_restart_ms : NAN);
-        fprintf(out, ",\"failed_during\":%ld,\"digests_equal\":%s", r->failed_during,
-                r->digests_equal ? "true" : "false");
-        if (r->failover_error[0]) {
-            cJSON *js = cJSON_CreateString(r->failover_error);
-            char *e = js ? cJSON_PrintUnformatted(js) : NULL;
-            fprintf(out, ",\"error\":%s", e ? e : "null");
-            free(e);
-            cJSON_Delete(js);
-        }
-        fputs("}", out);
-    }
-    if (cfg) {
-        fprintf(out, ",\"config\":{\"speedup\":%g,\"duration_s\":%g,\"max_requests\":%ld,"
-                     "\"trace_block_size\":%u,\"max_output\":%ld,\"urls\":%d}",
-                cfg->speedup, cfg->duration_s, cfg->max_requests, cfg->trace_block_size,
-                cfg->max_output, cfg->n_urls);
-    }
-    fputs("}", out);
-}
-
-int run_result_plot(const run_result *r, const char *dir, kvr_err *err)
-{
-    char path[600];
-    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
-        return kvr_err_set(err, KVR_EIO, "mkdir %s: %s", dir, strerror(errno));
-    snprintf(path, sizeof path, "%s/ttft.dat", dir);
-    FILE *f = fopen(path, "w");
-    if (!f)
-        return kvr_err_set(err, KVR_EIO, "writing %s: %s", path, strerror(errno));
-    fprintf(f, "# sent_s ttft_ms ok(1)/failed(0)\n");
-    dvec ok = {0};
-    for (size_t i = 0; i < r->n_samples; i++) {
-        const run_sample *s = &r->samples[i];
-        if (s->fail_class < 0) {
-            fprintf(f, "%.3f %.3f 1\n", s->sent_s, s->ttft_ms);
-            dvec_push(&ok, s->ttft_ms);
-        } else {
-            fprintf(f, "%.3f %.3f 0\n", s->sent_s, s->e2e_ms);
-        }
-    }
-    fclose(f);
-    dvec_sort(&ok);
-    snprintf(path, sizeof path, "%s/ttft_cdf.dat", dir);
-    f = fopen(path, "w");
-    if (!f) {
-        free(ok.v);
-        return kvr_err_set(err, KVR_EIO, "writing %s: %s", path, strerror(errno));
-    }
-    fprintf(f, "# ttft_ms fraction\n");
-    for (size_t i = 0; i < ok.n; i++)
-        fprintf(f, "%.3f %.6f\n", ok.v[i], (double)(i + 1) / (double)ok.n);
-    fclose(f);
-    free(ok.v);
-    snprintf(path, sizeof path, "%s/plot.gp", dir);
-    f = fopen(path, "w");
-    if (!f)
-        return kvr_err_set(err, KVR_EIO, "writing %s: %s", path, strerror(errno));
-    fprintf(f, "set terminal pngcairo size 1000,500 noenhanced\n"
-               "set datafile commentschars '#'\n"
-               "set grid\n"
-               "set output 'ttft_over_time.png'\n"
-               "set title 'TTFT over time (%ld requests, %ld failed)'\n"
-               "set xlabel 'request sent at (s)'\nset ylabel 'TTFT (ms)'\n",
-            r->requests, r->failed);
-    if (r->failover) {
-        fprintf(f, "set arrow from %.3f, graph 0 to %.3f, graph 1 nohead lc rgb 'red' lw 2\n"
-                   "set label 'kill router-%d (%s)' at %.3f, graph 0.95 tc rgb 'red' offset 0.5,0\n",
-                r->killed_at_s, r->killed_at_s, r->killed_router, r->killed_role, r->killed_at_s);
-        if (r->restarted_at_s > 0)
-            fprintf(f, "set arrow from %.3f, graph 0 to %.3f, graph 1 nohead lc rgb 'dark-green' lw 2\n"
-                       "set label 'restart' at %.3f, graph 0.88 tc rgb 'dark-green' offset 0.5,0\n",
-                    r->restarted_at_s, r->restarted_at_s, r->restarted_at_s);
-        if (r->restarted_at_s > 0 && r->ready_after_restart_ms >= 0) {
-            double ready = r->restarted_at_s + r->ready_after_restart_ms / 1000.0;
-            fprintf(f, "set arrow from %.3f, graph 0 to %.3f, graph 1 nohead dt 2 lc rgb 'dark-green' lw 1\n"
-                       "set label 'ready (+%.0f ms)' at %.3f, graph 0.81 tc rgb 'dark-green' offset 0.5,0\n",
-                    ready, ready, r->ready_after_restart_ms, ready);
-        }
-    }
-    fprintf(f, "plot 'ttft.dat' using 1:($3==1?$2:1/0) with points pt 7 ps 0.5 lc rgb 'blue' title 'ok', \\\n"
-               "     'ttft.dat' using 1:($3==0?$2:1/0) with points pt 2 ps 1 lc rgb 'red' title 'failed (e2e)'\n"
-               "unset arrow\nunset label\n"
-               "set output 'ttft_cdf.png'\n"
-               "set title 'TTFT CDF'\nset xlabel 'TTFT (ms)'\nset ylabel 'fraction of requests'\n"
-               "set yrange [0:1]\nset logscale x\n"
-               "plot 'ttft_cdf.dat' using 1:2 with lines lw 2 lc rgb 'blue' title 'TTFT'\n");
-    fclose(f);
-    char cmd[800];
-    snprintf(cmd, sizeof cmd, "cd '%s' && gnuplot plot.gp 2>gnuplot.err", dir);
-    int st = system(cmd);
-    if (st != 0)
-        return kvr_err_set(err, KVR_EIO, "gnuplot failed (status %d); see %s/gnuplot.err", st, dir);
-    return 0;
 }

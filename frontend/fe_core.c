@@ -1,5 +1,7 @@
 /* fe_core: OpenAI request parsing, error JSON and stream rewriting. See fe_core.h. */
 #include "fe_core.h"
+#include "fe_chat.h"
+#include "kvr_hftok.h"
 
 #include "kvr_access.h"
 
@@ -15,11 +17,13 @@ void fe_req_init(fe_req *r)
     memset(r, 0, sizeof *r);
     r->max_tokens = -1;
     kvr_buf_init(&r->tokens);
+    kvr_buf_init(&r->remote_body);
 }
 
 void fe_req_free(fe_req *r)
 {
     kvr_buf_free(&r->tokens);
+    kvr_buf_free(&r->remote_body);
 }
 
 void fe_error_set(fe_http_error *e, int status, const char *type, const char *param,
@@ -135,6 +139,13 @@ static size_t json_values_bound(const char *s, size_t n, size_t max)
     return count;
 }
 
+static fe_tok_lookup_fn tok_lookup;
+
+void fe_set_tok_lookup(fe_tok_lookup_fn f)
+{
+    tok_lookup = f;
+}
+
 int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_tokenizer *tok,
                      fe_req *r, fe_http_error *e)
 {
@@ -175,6 +186,8 @@ int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_token
     if (strlen(model->valuestring) == 0 || strlen(model->valuestring) >= FE_MODEL_MAX)
         BAD("model", "'model' must be 1..%d bytes", FE_MODEL_MAX - 1);
     snprintf(r->model, sizeof r->model, "%s", model->valuestring);
+    if (tok_lookup)
+        tok = tok_lookup(r->model, tok);
 
     const cJSON *stream = cJSON_GetObjectItemCaseSensitive(root, "stream");
     if (stream && !cJSON_IsNull(stream)) {
@@ -220,7 +233,11 @@ int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_token
             size_t pl = strlen(p->valuestring);
             if (pl > FE_MAX_PROMPT_BYTES)
                 BAD("prompt", "prompt too long (%zu bytes, max %u)", pl, FE_MAX_PROMPT_BYTES);
-            if (kvr_tok_encode(tok, (kvr_slice){p->valuestring, pl}, &r->tokens, &kerr))
+            /* a completions prompt gets the model's special tokens (add_special_tokens=True,
+             * as vLLM does); the byte tokenizer has none */
+            const kvr_hftok *hf = kvr_tok_hf(tok);
+            if (hf ? kvr_hftok_encode(hf, (kvr_slice){p->valuestring, pl}, 1, &r->tokens, &kerr)
+                   : kvr_tok_encode(tok, (kvr_slice){p->valuestring, pl}, &r->tokens, &kerr))
                 BAD("prompt", "tokenizing prompt: %s", kerr.msg);
         } else if (cJSON_IsArray(p)) {
             int cnt = cJSON_GetArraySize(p);
@@ -246,6 +263,20 @@ int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_token
             BAD("prompt", "'prompt' must be a string or an array of token ids");
         }
     } else {
+        /* A model with a Hugging Face tokenizer renders its own chat template (fe_chat.h). */
+        int hrc = fe_chat_tokens(r->model, root, &r->tokens, e);
+        if (hrc < 0) {
+            rc = hrc;
+            goto out;
+        }
+        if (hrc == FE_CHAT_NEEDS_REMOTE) {
+            if (fe_chat_remote_body(root, &r->remote_body))
+                BAD(NULL, "out of memory");
+            r->remote_tok = true;
+            goto out;
+        }
+        if (hrc == FE_CHAT_DONE)
+            goto counted;
         const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
         if (!msgs)
             BAD("messages", "you must provide a messages parameter");
@@ -286,6 +317,7 @@ int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_token
         if (kvr_tok_encode(tok, (kvr_slice){text.base, text.len}, &r->tokens, &kerr))
             BAD("messages", "tokenizing: %s", kerr.msg);
     }
+counted:
     if (r->tokens.len == 0)
         BAD("prompt", "the prompt has no tokens");
     if (r->tokens.len / 4 > FE_MAX_PROMPT_TOKENS)

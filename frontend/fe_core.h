@@ -32,6 +32,10 @@ typedef struct fe_req {
     char model[FE_MODEL_MAX];
     int64_t max_tokens; /* -1: not given (the worker's default applies) */
     kvr_buf tokens;     /* uint32_t token ids */
+    /* chat for a model whose template was refused, with --tokenizer-fallback remote: tokens
+     * is empty and remote_body is the vLLM POST /tokenize body to send a worker (fe_chat.h) */
+    bool remote_tok;
+    kvr_buf remote_body;
 } fe_req;
 
 /* A parse/validation failure: HTTP status plus the OpenAI error fields. */
@@ -48,6 +52,10 @@ void fe_req_free(fe_req *r);
 
 /* Parses and validates a /v1/completions (is_chat false) or /v1/chat/completions body and
  * tokenizes it with tok. Returns 0, or KVR_EINVAL with *e filled (status 400). */
+/* Per-model tokenizer: when set (once, before the loop runs), fe_parse_request asks it for the
+ * tokenizer of the request's model; it returns dflt for a model it does not know. */
+typedef const kvr_tokenizer *(*fe_tok_lookup_fn)(const char *model, const kvr_tokenizer *dflt);
+void fe_set_tok_lookup(fe_tok_lookup_fn f);
 int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_tokenizer *tok,
                      fe_req *r, fe_http_error *e);
 

@@ -85,13 +85,6 @@ static int to_u32(uint64_t x, uint32_t *v)
     return 0;
 }
 
-static int read_u32(kvr_mp_reader *r, uint32_t *v)
-{
-    uint64_t x;
-    int rc = kvr_mp_read_uint(r, &x);
-    return rc ? rc : to_u32(x, v);
-}
-
 int fe_pool_heartbeat(fe_pool *p, const void *data, size_t len, int64_t now_ms, kvr_err *err)
 {
     kvr_heartbeat hb;
@@ -226,6 +219,17 @@ fe_worker *fe_pool_find_url(fe_pool *p, const char *url)
     return NULL;
 }
 
+bool fe_pool_worker_silent(fe_pool *p, uint64_t id, const char *url, int64_t now_ms,
+                           int64_t silent_ms)
+{
+    if (p->blind)
+        return false;
+    fe_worker *w = fe_pool_find(p, NULL, id);
+    if (!w || strcmp(w->url, url) != 0)
+        return true;
+    return now_ms - w->last_seen_ms >= silent_ms;
+}
+
 fe_worker *fe_pool_choose(fe_pool *p, fe_mode mode, const char *ns, const char *model,
                           int64_t now_ms, bool has_exclude, uint64_t exclude_id)
 {
@@ -300,80 +304,5 @@ int fe_pool_models_json(const fe_pool *p, int64_t now_ms, kvr_buf *out)
         first = false;
     }
     rc = rc ? rc : kvr_buf_append_cstr(out, "]}");
-    return rc;
-}
-
-int fe_route_req_encode(kvr_buf *out, const fe_route_req *r)
-{
-    int rc = kvr_mp_write_map(out, 6);
-    rc = rc ? rc : kvr_mp_write_cstr(out, "request_id");
-    rc = rc ? rc : kvr_mp_write_bin(out, r->request_id, 16);
-    rc = rc ? rc : kvr_mp_write_cstr(out, "frontend_id");
-    rc = rc ? rc : kvr_mp_write_uint(out, r->frontend_id);
-    rc = rc ? rc : kvr_mp_write_cstr(out, "model");
-    rc = rc ? rc : kvr_mp_write_cstr(out, r->model);
-    rc = rc ? rc : kvr_mp_write_cstr(out, "namespace");
-    rc = rc ? rc : kvr_mp_write_cstr(out, r->ns);
-    rc = rc ? rc : kvr_mp_write_cstr(out, "tokens");
-    rc = rc ? rc : kvr_mp_write_uint(out, r->tokens);
-    rc = rc ? rc : kvr_mp_write_cstr(out, "seq_hashes");
-    rc = rc ? rc : kvr_mp_write_array(out, (uint32_t)r->n_hashes);
-    for (size_t i = 0; i < r->n_hashes && !rc; i++)
-        rc = kvr_mp_write_uint(out, r->seq_hashes[i]);
-    return rc;
-}
-
-int fe_route_reply_decode(const void *data, size_t len, fe_route_reply *o, kvr_err *err)
-{
-    memset(o, 0, sizeof *o);
-    kvr_mp_reader r;
-    kvr_mp_reader_init(&r, data, len);
-    uint32_t n;
-    bool have_ok = false, have_worker = false;
-    int rc = kvr_mp_read_map(&r, &n);
-    for (uint32_t i = 0; i < n && !rc; i++) {
-        kvr_slice k, s;
-        if ((rc = kvr_mp_read_str(&r, &k)))
-            break;
-        if (kvr_slice_eq_cstr(k, "ok")) {
-            rc = kvr_mp_read_bool(&r, &o->ok);
-            have_ok = true;
-        } else if (kvr_slice_eq_cstr(k, "worker_id")) {
-            rc = kvr_mp_read_uint(&r, &o->worker_id);
-            have_worker = true;
-        } else if (kvr_slice_eq_cstr(k, "url")) {
-            rc = kvr_mp_read_str(&r, &s);
-            rc = rc ? rc : copy_str(s, o->url, sizeof o->url);
-        } else if (kvr_slice_eq_cstr(k, "overlap_blocks")) {
-            rc = read_u32(&r, &o->overlap_blocks);
-        } else if (kvr_slice_eq_cstr(k, "router_id")) {
-            rc = read_u32(&r, &o->router_id);
-        } else if (kvr_slice_eq_cstr(k, "mode")) {
-            rc = kvr_mp_read_str(&r, &s);
-            if (!rc)
-                snprintf(o->mode, sizeof o->mode, "%.*s", (int)(s.len < 15 ? s.len : 15), s.base);
-        } else if (kvr_slice_eq_cstr(k, "error")) {
-            rc = kvr_mp_read_str(&r, &s);
-            if (!rc)
-                snprintf(o->error, sizeof o->error, "%.*s", (int)(s.len < 255 ? s.len : 255),
-                         s.base);
-        } else {
-            rc = kvr_mp_skip(&r);
-        }
-    }
-    if (rc)
-        return kvr_err_set(err, rc, "malformed route reply: %s", kvr_strerror(rc));
-    if (!have_ok || (o->ok && (!have_worker || !o->url[0])))
-        return kvr_err_set(err, KVR_EINVAL, "route reply lacks ok/worker_id/url");
-    return 0;
-}
-
-int fe_route_event_encode(kvr_buf *out, const uint8_t request_id[16], const char *event)
-{
-    int rc = kvr_mp_write_map(out, 2);
-    rc = rc ? rc : kvr_mp_write_cstr(out, "request_id");
-    rc = rc ? rc : kvr_mp_write_bin(out, request_id, 16);
-    rc = rc ? rc : kvr_mp_write_cstr(out, "event");
-    rc = rc ? rc : kvr_mp_write_cstr(out, event);
     return rc;
 }

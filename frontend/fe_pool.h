@@ -1,7 +1,7 @@
 /* fe_pool: the frontend's view of live workers (from kvr.workers.> heartbeats), pool
  * (namespace) selection for rolling updates, local worker choice (round-robin, random,
- * least-loaded; also the fallback when no router answers), and the msgpack encoding of the
- * route API (DESIGN section 5).
+ * least-loaded; also the fallback when no router answers). The route API's codec is
+ * proto/route_msg.h.
  *
  * Loop thread only. The table owns its entries; pointers returned into it stay valid until
  * the next fe_pool_heartbeat or fe_pool_expire call. */
@@ -92,32 +92,16 @@ fe_worker *fe_pool_choose(fe_pool *p, fe_mode mode, const char *ns, const char *
                           int64_t now_ms, bool has_exclude, uint64_t exclude_id);
 fe_worker *fe_pool_find(fe_pool *p, const char *ns, uint64_t id);
 fe_worker *fe_pool_find_url(fe_pool *p, const char *url);
+/* True when worker id at url has not been heard from for silent_ms or more at now_ms: its
+ * heartbeat is older, or it is gone from the table (expired, or replaced by a worker at
+ * another url). False while blind: no heartbeat could have arrived. Used for upstream
+ * transfers paused by a slow client, where the absence of response bytes says nothing. A
+ * worker a request found unreachable (main.c sets its last_seen far back) counts as silent
+ * until its next heartbeat. */
+bool fe_pool_worker_silent(fe_pool *p, uint64_t id, const char *url, int64_t now_ms,
+                           int64_t silent_ms);
 
 /* Appends the distinct models of live workers as an OpenAI /v1/models body. */
 int fe_pool_models_json(const fe_pool *p, int64_t now_ms, kvr_buf *out);
-
-/* ---- route API (msgpack) ---- */
-typedef struct fe_route_req {
-    uint8_t request_id[16];
-    uint64_t frontend_id;
-    const char *model, *ns;
-    uint32_t tokens;
-    const uint64_t *seq_hashes;
-    size_t n_hashes;
-} fe_route_req;
-int fe_route_req_encode(kvr_buf *out, const fe_route_req *r);
-
-typedef struct fe_route_reply {
-    bool ok;
-    uint64_t worker_id;
-    char url[FE_URL_MAX];
-    uint32_t overlap_blocks, router_id;
-    char mode[16];
-    char error[256];
-} fe_route_reply;
-int fe_route_reply_decode(const void *data, size_t len, fe_route_reply *out, kvr_err *err);
-
-/* {"request_id":bin16,"event":"prefill_done"|"free"} */
-int fe_route_event_encode(kvr_buf *out, const uint8_t request_id[16], const char *event);
 
 #endif

@@ -20,24 +20,14 @@
 #define PREFETCH(p) __builtin_prefetch(p)
 #endif
 
-static inline uint64_t mix64(uint64_t x)
-{
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ULL;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebULL;
-    x ^= x >> 31;
-    return x;
-}
-
 static inline uint64_t worker_mix(uint64_t worker_id)
 {
-    return mix64(worker_id ^ 0x6b767220776f726bULL);
+    return kvr_mix64(worker_id ^ 0x6b767220776f726bULL);
 }
 
 uint64_t kvr_index_pair_mix(uint64_t worker_id, uint64_t seq_hash)
 {
-    return mix64(seq_hash ^ worker_mix(worker_id));
+    return kvr_mix64(seq_hash ^ worker_mix(worker_id));
 }
 
 /* Keys are hashed again before probing: seq hashes are already uniform, but external hashes
@@ -602,7 +592,7 @@ static int entry_add(content *c, worker *w, uint64_t seq)
     mask[s >> 6] |= bit;
     c->entries++;
     w->entries++;
-    c->digest += mix64(seq ^ w->idmix);
+    c->digest += kvr_mix64(seq ^ w->idmix);
     return 0;
 }
 
@@ -622,7 +612,7 @@ static void entry_del(content *c, worker *w, uint64_t seq)
     mask[s >> 6] &= ~bit;
     c->entries--;
     w->entries--;
-    c->digest -= mix64(seq ^ w->idmix);
+    c->digest -= kvr_mix64(seq ^ w->idmix);
     for (unsigned k = 0; k < c->blocks.stride - 1; k++)
         if (mask[k])
             return;
@@ -652,7 +642,7 @@ static void worker_clear(content *c, worker *w)
             continue; /* an alias already handled */
         mask[s >> 6] &= ~bit;
         c->entries--;
-        c->digest -= mix64(seq ^ w->idmix);
+        c->digest -= kvr_mix64(seq ^ w->idmix);
         bool empty = true;
         for (unsigned k = 0; k < c->blocks.stride - 1; k++)
             if (mask[k])

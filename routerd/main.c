@@ -30,42 +30,19 @@ static void on_signal(uv_signal_t *h, int signum)
     kvr_routerd_stop(g_rd, on_stopped, NULL);
 }
 
-static int parse_size(const char *s, int64_t *out)
-{
-    char *end = NULL;
-    double v = strtod(s, &end);
-    if (!end || end == s || v < 0)
-        return KVR_EINVAL;
-    double mul = 1;
-    if (!strcasecmp(end, "") || !strcasecmp(end, "b"))
-        mul = 1;
-    else if (!strcasecmp(end, "k") || !strcasecmp(end, "kb") || !strcasecmp(end, "kib"))
-        mul = 1024.0;
-    else if (!strcasecmp(end, "m") || !strcasecmp(end, "mb") || !strcasecmp(end, "mib"))
-        mul = 1024.0 * 1024;
-    else if (!strcasecmp(end, "g") || !strcasecmp(end, "gb") || !strcasecmp(end, "gib"))
-        mul = 1024.0 * 1024 * 1024;
-    else if (!strcasecmp(end, "t") || !strcasecmp(end, "tb") || !strcasecmp(end, "tib"))
-        mul = 1024.0 * 1024 * 1024 * 1024;
-    else
-        return KVR_EINVAL;
-    *out = (int64_t)(v * mul);
-    return 0;
-}
-
 int main(int argc, char **argv)
 {
     uint64_t id = 1, block_size = 64;
     const char *nats = "nats://127.0.0.1:4222", *http = "127.0.0.1:8100", *data_dir = NULL;
     const char *ns = "all", *log_level = "info", *raft_addr = "", *peers = "";
-    const char *max_bytes_s = "1GiB";
+    int64_t max_bytes = 1ll << 30;
     const char *admin_token_file = NULL, *worker_cidr = "private";
     int64_t snap_ms = 10000, max_age_ms = 3600000, misses = 3, degraded_ms = 500;
     int64_t stream_replicas = 1;
     int64_t election_ms = 500, raft_max_inflight = 0, raft_snapshot_threshold = 0;
     int64_t frontend_timeout_ms = 10000, max_request_age_ms = 600000;
     int64_t max_request_tokens = 131072;
-    bool join = false, nats_batch = false, best_effort = false, insecure_cluster = false;
+    bool join = false, best_effort = false, insecure_cluster = false;
     const char *cluster_secret_file = "";
     kvr_nats_flags nats_sec = {0};
     kvr_flag flags[] = {
@@ -81,7 +58,7 @@ int main(int argc, char **argv)
         {"block-size", KVR_FLAG_U64, &block_size, "tokens per block", false},
         {"snapshot-interval", KVR_FLAG_DURATION, &snap_ms, "index snapshot interval (0: only on exit)", false},
         {"stream-max-age", KVR_FLAG_DURATION, &max_age_ms, "KVR_EVENTS max age when creating it", false},
-        {"stream-max-bytes", KVR_FLAG_STRING, &max_bytes_s, "KVR_EVENTS max bytes when creating it (1GiB)", false},
+        {"stream-max-bytes", KVR_FLAG_SIZE, &max_bytes, "KVR_EVENTS max bytes when creating it (1GiB)", false},
         {"stream-replicas", KVR_FLAG_INT, &stream_replicas, "KVR_EVENTS replicas when creating it (3 on a 3-node JetStream cluster)", false},
         {"heartbeat-misses", KVR_FLAG_INT, &misses, "missed 1 s heartbeats before a worker is down", false},
         {"frontend-timeout", KVR_FLAG_DURATION, &frontend_timeout_ms, "frontend lease timeout", false},
@@ -91,7 +68,6 @@ int main(int argc, char **argv)
         {"peers", KVR_FLAG_STRING, &peers, "initial voters 1@h:p,2@h:p,... (empty: local mode)", false},
         {"join", KVR_FLAG_BOOL, &join, "start without bootstrapping (node added at run time)", false},
         {"degraded-after", KVR_FLAG_DURATION, &degraded_ms, "answer locally after this long without quorum", false},
-        {"nats-batch", KVR_FLAG_BOOL, &nats_batch, "batch NATS writes (fewer syscalls under load, ~1 RTT more latency)", false},
         {"best-effort", KVR_FLAG_BOOL, &best_effort, "without --peers: broadcast bookings to the other routers instead of agreeing on them (measurement baseline)", false},
         {"raft-max-inflight", KVR_FLAG_INT, &raft_max_inflight, "Raft log entries awaiting commit before new commands wait for the next (group commit; 0: default 1)", false},
         {"raft-snapshot-threshold", KVR_FLAG_INT, &raft_snapshot_threshold, "Raft log entries between snapshots (0: default 8192; a quarter of it is kept after each)", false},
@@ -118,11 +94,6 @@ int main(int argc, char **argv)
     }
     if (kvr_nats_flags_load(&nats_sec, &err) != 0) {
         fprintf(stderr, "kvr-routerd: %s\n", err.msg);
-        return 2;
-    }
-    int64_t max_bytes = 0;
-    if (parse_size(max_bytes_s, &max_bytes) != 0) {
-        fprintf(stderr, "kvr-routerd: bad --stream-max-bytes %s\n", max_bytes_s);
         return 2;
     }
     if (!data_dir || !*data_dir) {
@@ -189,7 +160,6 @@ int main(int argc, char **argv)
         .election_timeout_ms = election_ms,
         .raft_max_inflight = raft_max_inflight,
         .raft_snapshot_threshold = raft_snapshot_threshold,
-        .nats_batch = nats_batch,
         .max_request_tokens = max_request_tokens,
         .best_effort = best_effort,
         .cluster_secret_file = *cluster_secret_file ? cluster_secret_file : NULL,

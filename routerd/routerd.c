@@ -16,6 +16,8 @@
 #include "kvr_mp.h"
 #include "kvr_nats.h"
 #include "kvr_nats_flags.h"
+#include "liveness.h"
+#include "route_msg.h"
 #include "snapshot.h"
 #ifdef KVR_ROUTERD_HAVE_SYNC
 #include "sync.h"
@@ -80,6 +82,13 @@ typedef struct rd_frontend {
     int64_t last_seen_ms; /* monotonic */
 } rd_frontend;
 
+/* a route event in flight (route_event, on_event_done) */
+typedef struct ev_ctx {
+    uint8_t rid[KVR_REQUEST_ID_LEN];
+    int type;
+    bool relayed; /* already relayed, or heard on the plain subscription: never relayed */
+} ev_ctx;
+
 struct kvr_routerd {
     kvr_routerd_config cfg;
     uv_loop_t *loop;
@@ -115,6 +124,17 @@ struct kvr_routerd {
 #ifdef KVR_ROUTERD_HAVE_SYNC
     kvr_sync *sync;
 #endif
+    /* the routers' queue groups (kvr.route once ready, kvr.route.event), and while Raft is
+     * degraded the plain kvr.route.event subscription that replaces the latter
+     * (follow_quorum) */
+    kvr_nats_sub *sub_route, *sub_event, *sub_event_all;
+    bool groups_left;
+    /* kvr_mono_ms() when another router last said it is in the kvr.route queue group with a
+     * Raft leader (kvr.routers.quorum), 0: never */
+    int64_t peer_quorum_ms;
+    uint64_t groups_left_n; /* times it left them (GET /v1/state raft.queue_groups_left) */
+    ev_ctx *relay_q;        /* route events to relay once out of the queue groups (on_event_done) */
+    uint32_t n_relay, cap_relay;
     /* HTTP + metrics */
     kvr_http_server http;
     kvr_metrics *metrics;
@@ -147,6 +167,13 @@ struct kvr_routerd {
     kvr_cidr_list worker_cidrs;
     int64_t last_tick_ms; /* monotonic time the tick last ran: a late tick is a loop stall */
     kvr_metric *m_http_unauthorized, *m_hb_refused_url, *m_workers_evicted, *m_tick_stalls;
+    kvr_metric *m_bcast_rejected; /* best-effort mode: booking broadcasts refused */
+    /* worker liveness of the local/best-effort FSM (liveness.h; with Raft the sync module's
+     * leader owns it) and the orphan-entry sweep (entries of workers this router has no
+     * record of, e.g. loaded from the LMDB snapshot) */
+    kvr_live_tracker live;
+    int64_t last_orphan_sweep_ms;
+    kvr_index_worker_info *iw_scratch; /* RD_MAX_WORKERS entries */
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -243,12 +270,14 @@ static void on_bcast(const kvr_nats_msg *m, void *data)
     if (kvr_mp_read_array(&r, &n) != 0 || n != 2 || kvr_mp_read_uint(&r, &from) != 0 ||
         kvr_mp_read_bin(&r, &bin) != 0 ||
         kvr_cmd_decode(bin.base, bin.len, &cmd, cand, NULL) != 0) {
+        kvr_metric_inc(rd->m_bcast_rejected);
         KVR_LOG_WARN_RL(5, "bad booking broadcast", "len=%zu", m->len);
         return;
     }
     if (from == rd->cfg.id)
         return;
     kvr_fsm_result res;
+    kvr_fsm_set_local_now(rd->fsm, kvr_mono_ms());
     kvr_fsm_apply(rd->fsm, &cmd, &res);
 }
 
@@ -270,6 +299,7 @@ static int rd_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *da
     }
 #endif
     kvr_fsm_result res;
+    kvr_fsm_set_local_now(rd->fsm, kvr_mono_ms()); /* booking age on one clock (liveness.h) */
     kvr_fsm_apply(rd->fsm, cmd, &res);
     if (rd->cfg.best_effort)
         broadcast(rd, cmd, &res);
@@ -313,15 +343,63 @@ static void worker_submit_up(kvr_routerd *rd, rd_worker *w)
     rd_submit(rd, &cmd, log_cmd_failure, "worker_up");
 }
 
+/* Does this router own the worker-liveness policy of the state it books on? Without Raft it
+ * does (its own FSM); with Raft only the leader does (one owner: liveness.h), or a router
+ * without quorum for the local copy it answers from. */
+static bool owns_liveness(kvr_routerd *rd)
+{
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    if (rd->sync)
+        return kvr_sync_owns_liveness(rd->sync);
+#endif
+    (void)rd;
+    return true;
+}
+
+/* Marks w down here (its entries go, its events are ignored until it beats again) and, when
+ * this router owns the policy, proposes WORKER_DOWN. A Raft follower only follows the
+ * replicated registry (see on_tick). */
 static void worker_down(kvr_routerd *rd, rd_worker *w, const char *why)
 {
     w->up = false;
     kvr_index_remove_worker(rd->idx, w->id);
     KVR_LOG_WARN("worker down", "worker=%" PRIu64 " reason=%s", w->id, why);
-    kvr_cmd cmd = {.type = KVR_CMD_WORKER_DOWN};
-    cmd.u.worker_id = w->id;
-    rd_submit(rd, &cmd, log_cmd_failure, "worker_down");
+    if (owns_liveness(rd)) {
+        kvr_cmd cmd = {.type = KVR_CMD_WORKER_DOWN};
+        cmd.u.worker_id = w->id;
+        rd_submit(rd, &cmd, log_cmd_failure, "worker_down");
+    }
     update_index_gauges(rd);
+}
+
+/* A valid beat (liveness.h): the sync leader, or this router's own tracker, hears it. */
+static void worker_heard(kvr_routerd *rd, uint64_t id, bool valid)
+{
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    if (rd->sync) {
+        if (valid)
+            kvr_sync_worker_seen(rd->sync, id);
+        else
+            kvr_sync_worker_forget(rd->sync, id);
+        return;
+    }
+#endif
+    if (valid)
+        kvr_live_heard(&rd->live, id, kvr_mono_ms());
+    else
+        kvr_live_forget(&rd->live, id);
+}
+
+/* No beat could be heard until now (NATS down, loop stall). */
+static void liveness_hold(kvr_routerd *rd)
+{
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    if (rd->sync) {
+        kvr_sync_liveness_hold(rd->sync);
+        return;
+    }
+#endif
+    kvr_live_hold(&rd->live, kvr_mono_ms());
 }
 
 /* Frees one slot of the full worker table for a new worker: the down (or refused) worker
@@ -422,8 +500,10 @@ static void on_heartbeat(const kvr_nats_msg *m, void *data)
         w->refused = true;
         w->up = false;
         w->block_size = (uint32_t)bs;
+        worker_heard(rd, id, false);
         return;
     }
+    worker_heard(rd, id, true);
     bool restarted = !is_new && w->started_ms != 0 && started != w->started_ms;
     bool changed = is_new || !w->up || w->refused || restarted || w->capacity != cap ||
                    !kvr_slice_eq_cstr(ns, w->ns) || !kvr_slice_eq_cstr(model, w->model) ||
@@ -625,7 +705,8 @@ static void check_ready(kvr_routerd *rd)
     /* join the routers' queue group only now: until the index has caught up, route requests
      * go to routers that have (or time out, and the frontend falls back) */
     kvr_err err = {0};
-    if (kvr_nats_subscribe(&rd->nats, "kvr.route", "kvr-routers", on_route_nats, rd, NULL, &err) != 0)
+    if (!rd->groups_left && kvr_nats_subscribe(&rd->nats, "kvr.route", "kvr-routers", on_route_nats,
+                                               rd, &rd->sub_route, &err) != 0)
         KVR_LOG_ERROR("subscribing to kvr.route", "error=\"%s\"", err.msg);
     double secs = (double)(kvr_mono_ms() - rd->start_ms) / 1000.0;
     kvr_metric_set(rd->m_ready_s, 0, secs);
@@ -736,6 +817,7 @@ static void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data)
         /* no heartbeat or lease could reach us while NATS was down (on_tick judged no age
          * then): everyone gets a full period from now to be heard again */
         int64_t now = kvr_mono_ms();
+        liveness_hold(rd);
         for (uint32_t i = 0; i < rd->n_workers; i++) {
             rd_worker *w = &rd->workers[i];
             if (w->last_seen_ms < now)
@@ -774,38 +856,28 @@ static void finish_route_nats(kvr_routerd *rd, route_ctx *c, int status, const k
 {
     kvr_buf b;
     kvr_buf_init(&b);
+    kvr_route_reply rep = {.ok = status == 0};
     if (status == 0) {
         /* local mode: what this router's state held for the chosen worker when it decided
          * (bookings including this one), and when (monotonic ns), so a load test can tell
          * decisions made on stale load */
         kvr_fsm_worker_view wv;
-        bool local = strcmp(mode, "local") == 0 && kvr_fsm_worker_get(rd_fsm(rd), res->worker_id, &wv) == 0;
-        kvr_mp_write_map(&b, local ? 8 : 6);
-        if (local) {
-            kvr_mp_write_cstr(&b, "worker_bookings");
-            kvr_mp_write_uint(&b, wv.bookings);
-            kvr_mp_write_cstr(&b, "decided_ns");
-            kvr_mp_write_uint(&b, (uint64_t)kvr_mono_ns());
+        rep.has_view =
+            strcmp(mode, "local") == 0 && kvr_fsm_worker_get(rd_fsm(rd), res->worker_id, &wv) == 0;
+        if (rep.has_view) {
+            rep.worker_bookings = wv.bookings;
+            rep.decided_ns = (uint64_t)kvr_mono_ns();
         }
-        kvr_mp_write_cstr(&b, "ok");
-        kvr_mp_write_bool(&b, true);
-        kvr_mp_write_cstr(&b, "worker_id");
-        kvr_mp_write_uint(&b, res->worker_id);
-        kvr_mp_write_cstr(&b, "url");
-        kvr_mp_write_cstr(&b, res->url);
-        kvr_mp_write_cstr(&b, "overlap_blocks");
-        kvr_mp_write_uint(&b, res->overlap);
-        kvr_mp_write_cstr(&b, "router_id");
-        kvr_mp_write_uint(&b, rd->cfg.id);
-        kvr_mp_write_cstr(&b, "mode");
-        kvr_mp_write_cstr(&b, mode);
+        rep.worker_id = res->worker_id;
+        rep.url = (kvr_slice){res->url, strlen(res->url)};
+        rep.overlap_blocks = res->overlap;
+        rep.router_id = rd->cfg.id;
+        rep.mode = (kvr_slice){mode, strlen(mode)};
     } else {
-        kvr_mp_write_map(&b, 2);
-        kvr_mp_write_cstr(&b, "ok");
-        kvr_mp_write_bool(&b, false);
-        kvr_mp_write_cstr(&b, "error");
-        kvr_mp_write_cstr(&b, errmsg);
+        rep.error = (kvr_slice){errmsg, strlen(errmsg)};
     }
+    if (kvr_route_reply_encode(&b, &rep) != 0)
+        KVR_LOG_ERROR_RL(5, "route reply not encoded", "worker=%" PRIu64, rep.worker_id);
     if (b.len && !rd->stopping)
         kvr_nats_respond(&rd->nats, c->reply, b.base, b.len);
     kvr_buf_free(&b);
@@ -952,81 +1024,27 @@ static void on_route_nats(const kvr_nats_msg *m, void *data)
         return;
     }
     route_req q = {0};
-    q.seq = rd->seq_scratch;
-    const char *why = "malformed route request";
-    kvr_mp_reader r;
-    kvr_mp_reader_init(&r, m->data, m->len);
-    uint32_t n;
-    bool have_rid = false;
-    if (kvr_mp_read_map(&r, &n) != 0)
+    kvr_route_req wire;
+    kvr_route_req_limits lim = {.max_tokens = rd->max_tokens, .max_hashes = RD_MAX_SEQ_HASHES};
+    kvr_err err = {0};
+    const char *why = err.msg;
+    if (kvr_route_req_decode(m->data, m->len, &lim, rd->seq_scratch, &wire, &err) != 0)
         goto bad;
-    for (uint32_t i = 0; i < n; i++) {
-        kvr_slice k, s;
-        if (kvr_mp_read_str(&r, &k) != 0)
-            goto bad;
-        int rc = 0;
-        uint64_t u;
-        if (kvr_slice_eq_cstr(k, "request_id")) {
-            rc = kvr_mp_read_bytes(&r, &s);
-            if (rc == 0 && s.len != KVR_REQUEST_ID_LEN) {
-                why = "request_id must be 16 bytes";
-                goto bad;
-            }
-            if (rc == 0) {
-                memcpy(q.request_id, s.base, KVR_REQUEST_ID_LEN);
-                have_rid = true;
-            }
-        } else if (kvr_slice_eq_cstr(k, "frontend_id")) {
-            rc = kvr_mp_read_uint(&r, &q.frontend_id);
-        } else if (kvr_slice_eq_cstr(k, "model")) {
-            rc = kvr_mp_read_str(&r, &s);
-            if (rc == 0 && s.len > KVR_FSM_MODEL_MAX) {
-                why = "model too long";
-                goto bad;
-            }
-            if (rc == 0)
-                copy_slice(q.model, sizeof(q.model), s);
-        } else if (kvr_slice_eq_cstr(k, "namespace")) {
-            rc = kvr_mp_read_str(&r, &s);
-            if (rc == 0 && s.len > KVR_FSM_NS_MAX) {
-                why = "namespace too long";
-                goto bad;
-            }
-            if (rc == 0)
-                copy_slice(q.ns, sizeof(q.ns), s);
-        } else if (kvr_slice_eq_cstr(k, "tokens")) {
-            rc = kvr_mp_read_uint(&r, &u);
-            /* Bounded like an HTTP token array (near 2^32 it overflowed the block count). */
-            if (rc == 0 && u > rd->max_tokens) {
-                why = "too many tokens";
-                goto bad;
-            }
-            q.tokens = (uint32_t)u;
-        } else if (kvr_slice_eq_cstr(k, "seq_hashes")) {
-            uint32_t nh;
-            rc = kvr_mp_read_array(&r, &nh);
-            if (rc == 0 && nh > RD_MAX_SEQ_HASHES) {
-                why = "too many seq_hashes";
-                goto bad;
-            }
-            for (uint32_t j = 0; rc == 0 && j < nh; j++)
-                rc = kvr_mp_read_u64bits(&r, &rd->seq_scratch[j]);
-            if (rc == 0)
-                q.n_seq = nh;
-        } else {
-            rc = kvr_mp_skip(&r);
-        }
-        if (rc != 0)
-            goto bad;
-    }
-    if (!have_rid) {
-        why = "missing request_id";
+    if (wire.model.len > KVR_FSM_MODEL_MAX) {
+        why = "model too long";
         goto bad;
     }
-    if (!q.model[0]) {
-        why = "missing model";
+    if (wire.ns.len > KVR_FSM_NS_MAX) {
+        why = "namespace too long";
         goto bad;
     }
+    memcpy(q.request_id, wire.request_id, KVR_REQUEST_ID_LEN);
+    q.frontend_id = wire.frontend_id;
+    copy_slice(q.model, sizeof(q.model), wire.model);
+    copy_slice(q.ns, sizeof(q.ns), wire.ns);
+    q.tokens = wire.tokens;
+    q.seq = wire.seq_hashes;
+    q.n_seq = (uint32_t)wire.n_hashes;
     default_ns(rd, &q);
     do_route(rd, &q, c);
     return;
@@ -1038,45 +1056,120 @@ bad:
     free(c);
 }
 
+/* A route event this router took from the queue group but could not commit through Raft
+ * (answered from its local copy because it has no quorum, or timed out) is published once
+ * more, marked "relayed": a router of the majority commits it. Without this the FREEs taken
+ * in the second or so before a partitioned router notices it lost the quorum stayed out of
+ * the majority's state until the heal (28 bookings held with 3 requests in flight in
+ * chaos_follower_partition). The local copy keeps its own application too (reconciled later;
+ * FREE and PREFILL_DONE are idempotent). One answered locally while this router is still in
+ * the queue group waits (relay_q) until it leaves it, else the relay could come back to
+ * it; the wait is dropped when no other router with a quorum is heard or a leader is back
+ * (then the local copy's reconcile carries it). */
+#define RD_RELAY_Q_MAX 65536u
+
+static void relay_route_event(kvr_routerd *rd, const ev_ctx *e)
+{
+    kvr_buf b;
+    kvr_buf_init(&b);
+    const char *ev = e->type == KVR_CMD_FREE ? "free" : "prefill_done";
+    kvr_route_event re = {.type = e->type == KVR_CMD_FREE ? KVR_ROUTE_EVENT_FREE
+                                                          : KVR_ROUTE_EVENT_PREFILL_DONE,
+                          .relayed = true};
+    memcpy(re.request_id, e->rid, KVR_REQUEST_ID_LEN);
+    int rc = kvr_route_event_encode(&b, &re);
+    if (rc == 0 && kvr_nats_publish(&rd->nats, "kvr.route.event", b.base, b.len) == 0)
+        KVR_LOG_DEBUG("route event relayed", "event=%s", ev);
+    kvr_buf_free(&b);
+}
+
+/* A beacon older than this no longer proves that some router with a quorum answers
+ * kvr.route: a router that left the queue groups rejoins. 4 router ticks. */
+#define RD_PEER_QUORUM_TTL_MS 1000
+
+/* another router said within the TTL that it has a Raft leader and answers kvr.route */
+static bool peer_has_quorum(const kvr_routerd *rd, int64_t now)
+{
+    return rd->peer_quorum_ms > 0 && now - rd->peer_quorum_ms < RD_PEER_QUORUM_TTL_MS;
+}
+
+static void relay_later(kvr_routerd *rd, const ev_ctx *e)
+{
+    if (rd->n_relay == rd->cap_relay) {
+        uint32_t cap = rd->cap_relay ? rd->cap_relay * 2 : 64;
+        if (cap > RD_RELAY_Q_MAX || rd->n_relay >= RD_RELAY_Q_MAX) {
+            KVR_LOG_WARN_RL(5, "route event relay queue full: left to reconcile", "n=%u",
+                            rd->n_relay);
+            return;
+        }
+        ev_ctx *q = realloc(rd->relay_q, cap * sizeof *q);
+        if (!q)
+            return; /* the local copy's reconcile still carries it */
+        rd->relay_q = q;
+        rd->cap_relay = cap;
+    }
+    rd->relay_q[rd->n_relay++] = *e;
+}
+
+static void on_event_done(kvr_routerd *rd, int status, const kvr_fsm_result *res, const char *mode,
+                          void *data)
+{
+    ev_ctx *e = data;
+    bool local = status == 0 && mode && strcmp(mode, "local") == 0;
+    bool raft = false;
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    raft = rd->sync != NULL;
+#endif
+    if (raft && !e->relayed && local) {
+        if (rd->groups_left)
+            relay_route_event(rd, e);
+        else if (peer_has_quorum(rd, kvr_mono_ms()))
+            relay_later(rd, e);
+    } else if (raft && !e->relayed && status != 0) {
+        relay_route_event(rd, e);
+    } else if (status != 0) {
+        log_cmd_failure(rd, status, res, mode, e->type == KVR_CMD_FREE ? "free" : "prefill_done");
+    }
+    free(e);
+}
+
+static void route_event(kvr_routerd *rd, const kvr_nats_msg *m, bool no_relay)
+{
+    kvr_route_event ev;
+    kvr_err err = {0};
+    if (kvr_route_event_decode(m->data, m->len, &ev, &err) != 0) {
+        KVR_LOG_WARN_RL(5, "bad route event", "subject=%s error=\"%s\"", m->subject, err.msg);
+        return;
+    }
+    int type = ev.type == KVR_ROUTE_EVENT_FREE ? KVR_CMD_FREE : KVR_CMD_PREFILL_DONE;
+    kvr_cmd cmd = {.type = (kvr_cmd_type)type};
+    memcpy(cmd.u.request_id, ev.request_id, KVR_REQUEST_ID_LEN);
+    ev_ctx *e = malloc(sizeof *e);
+    if (!e) {
+        KVR_LOG_WARN_RL(5, "route event dropped: out of memory", "subject=%s", m->subject);
+        return;
+    }
+    memcpy(e->rid, ev.request_id, KVR_REQUEST_ID_LEN);
+    e->type = type;
+    e->relayed = ev.relayed || no_relay;
+    if (rd_submit(rd, &cmd, on_event_done, e) != 0)
+        free(e);
+}
+
+/* kvr.route.event through the routers' queue group */
 static void on_route_event(const kvr_nats_msg *m, void *data)
 {
-    kvr_routerd *rd = data;
-    kvr_mp_reader r;
-    kvr_mp_reader_init(&r, m->data, m->len);
-    uint32_t n;
-    uint8_t rid[KVR_REQUEST_ID_LEN] = {0};
-    bool have_rid = false;
-    int type = 0;
-    if (kvr_mp_read_map(&r, &n) != 0)
-        goto bad;
-    for (uint32_t i = 0; i < n; i++) {
-        kvr_slice k, s;
-        if (kvr_mp_read_str(&r, &k) != 0)
-            goto bad;
-        if (kvr_slice_eq_cstr(k, "request_id")) {
-            if (kvr_mp_read_bytes(&r, &s) != 0 || s.len != KVR_REQUEST_ID_LEN)
-                goto bad;
-            memcpy(rid, s.base, KVR_REQUEST_ID_LEN);
-            have_rid = true;
-        } else if (kvr_slice_eq_cstr(k, "event")) {
-            if (kvr_mp_read_str(&r, &s) != 0)
-                goto bad;
-            type = kvr_slice_eq_cstr(s, "prefill_done") ? KVR_CMD_PREFILL_DONE
-                   : kvr_slice_eq_cstr(s, "free")       ? KVR_CMD_FREE
-                                                        : 0;
-        } else if (kvr_mp_skip(&r) != 0) {
-            goto bad;
-        }
-    }
-    if (!have_rid || !type)
-        goto bad;
-    kvr_cmd cmd = {.type = (kvr_cmd_type)type};
-    memcpy(cmd.u.request_id, rid, KVR_REQUEST_ID_LEN);
-    rd_submit(rd, &cmd, log_cmd_failure, type == KVR_CMD_FREE ? "free" : "prefill_done");
-    return;
-bad:
-    KVR_LOG_WARN_RL(5, "bad route event", "subject=%s", m->subject);
+    route_event(data, m, false);
 }
+
+#ifdef KVR_ROUTERD_HAVE_SYNC
+/* kvr.route.event on the plain subscription held while degraded (follow_quorum): every
+ * router without quorum hears it, so none relays it. */
+static void on_route_event_all(const kvr_nats_msg *m, void *data)
+{
+    route_event(data, m, true);
+}
+#endif
 
 /* ------------------------------------------------------------------------------------------ */
 /* HTTP */
@@ -1224,6 +1317,12 @@ static void http_state(kvr_routerd *rd, kvr_http_req *req)
         kvr_jw_u64(&w, ss.applied_index);
         kvr_jw_key(&w, "degraded");
         kvr_jw_bool(&w, ss.degraded);
+        kvr_jw_key(&w, "quorum_lost");
+        kvr_jw_bool(&w, ss.quorum_lost);
+        kvr_jw_key(&w, "queue_groups_left");
+        kvr_jw_u64(&w, rd->groups_left_n);
+        kvr_jw_key(&w, "in_queue_groups");
+        kvr_jw_bool(&w, !rd->groups_left);
         kvr_jw_key(&w, "fsm_digest");
         char d[24];
         snprintf(d, sizeof(d), "%016" PRIx64, ss.digest);
@@ -1472,6 +1571,7 @@ static void tick_compensate_stall(kvr_routerd *rd, int64_t now)
     kvr_metric_inc(rd->m_tick_stalls);
     KVR_LOG_WARN("loop stalled: extending worker and frontend deadlines by the stall",
                  "stall_ms=%" PRId64, stall);
+    liveness_hold(rd);
     /* never past now: a beat read just before this tick does not gain the stall on top */
     for (uint32_t i = 0; i < rd->n_workers; i++) {
         rd_worker *w = &rd->workers[i];
@@ -1485,6 +1585,156 @@ static void tick_compensate_stall(kvr_routerd *rd, int64_t now)
     }
 }
 
+/* Without Raft: the rule the sync leader applies to the replicated registry (liveness.h),
+ * applied to this router's own FSM: a worker up there and not heard for --heartbeat-misses
+ * seconds since it was last heard or this router started goes down, also one this router has
+ * no record of. */
+static void liveness_local(kvr_routerd *rd, int64_t now)
+{
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    if (rd->sync)
+        return;
+#endif
+    if (!rd->live.office_ms)
+        kvr_live_set_leader(&rd->live, true, rd->start_ms ? rd->start_ms : now);
+    uint64_t ids[64];
+    uint32_t n = kvr_live_due(&rd->live, rd->fsm, now, rd->cfg.heartbeat_misses * 1000, ids, 64);
+    for (uint32_t i = 0; i < n; i++) {
+        rd_worker *w = worker_find(rd, ids[i]);
+        if (w && w->up) {
+            worker_down(rd, w, "missed_heartbeats");
+            continue;
+        }
+        KVR_LOG_WARN("worker down: not heard", "worker=%" PRIu64, ids[i]);
+        kvr_cmd cmd = {.type = KVR_CMD_WORKER_DOWN};
+        cmd.u.worker_id = ids[i];
+        rd_submit(rd, &cmd, log_cmd_failure, "worker_down");
+    }
+}
+
+/* Index entries of workers this router has no record of (loaded from the LMDB snapshot, for
+ * a worker that may never beat again) are tracked like events of a worker not announced yet:
+ * without a heartbeat within --heartbeat-misses seconds of ready they are removed (on_tick), so
+ * every replica drops the same entries. Once a second. */
+static void orphan_sweep(kvr_routerd *rd, int64_t now)
+{
+    if (now - rd->last_orphan_sweep_ms < 1000 || !rd->iw_scratch)
+        return;
+    rd->last_orphan_sweep_ms = now;
+    size_t n = kvr_index_workers(rd->idx, rd->iw_scratch, RD_MAX_WORKERS);
+    if (n > RD_MAX_WORKERS)
+        n = RD_MAX_WORKERS;
+    for (size_t i = 0; i < n && rd->n_workers < RD_MAX_WORKERS; i++) {
+        if (worker_find(rd, rd->iw_scratch[i].worker_id))
+            continue;
+        rd_worker *w = &rd->workers[rd->n_workers++];
+        memset(w, 0, sizeof(*w));
+        w->id = rd->iw_scratch[i].worker_id;
+        w->first_event_ms = now;
+    }
+}
+
+#ifdef KVR_ROUTERD_HAVE_SYNC
+/* kvr.routers.quorum: "<router id>" from a router that is in the kvr.route queue group and
+ * knows a Raft leader, sent every tick. */
+static void on_quorum_beacon(const kvr_nats_msg *m, void *data)
+{
+    kvr_routerd *rd = data;
+    char buf[16];
+    if (m->len == 0 || m->len >= sizeof buf)
+        return;
+    memcpy(buf, m->data, m->len);
+    buf[m->len] = '\0';
+    char *end;
+    unsigned long id = strtoul(buf, &end, 10);
+    if (*end != '\0' || id == 0 || id == rd->cfg.id)
+        return;
+    rd->peer_quorum_ms = kvr_mono_ms();
+}
+
+static void send_quorum_beacon(kvr_routerd *rd, const kvr_sync_state *ss)
+{
+    if (!rd->ready || rd->groups_left || !rd->sub_route || ss->leader_id == 0 || !rd->nats_up)
+        return;
+    char buf[16];
+    int n = snprintf(buf, sizeof buf, "%u", (unsigned)rd->cfg.id);
+    (void)kvr_nats_publish(&rd->nats, "kvr.routers.quorum", buf, (size_t)n);
+}
+
+/* A router that has LOST its Raft group's quorum (cut off from the majority, but maybe not
+ * from NATS) leaves the routers' queue groups, so route requests and route events go to
+ * routers that can commit them: before, a partitioned leader kept taking its share of them
+ * into its local copy, the majority held bookings whose FREE it never saw, and those FREEs
+ * reached it only at reconcile. It leaves only while both hold:
+ *  - kvr_sync says the quorum is lost: a leader was known since start and none has been for
+ *    more than 2x the election timeout (monotonic clock). Start-up and ordinary elections do
+ *    not count: leaving on plain "degraded" (500 ms without a leader) emptied the queue
+ *    group during elections and the frontends got "no responders".
+ *  - another router said, after this one lost its quorum and within the last
+ *    RD_PEER_QUORUM_TTL_MS, that it has a leader and is in the kvr.route queue group. So
+ *    the group never empties on its own account: when every router is without a quorum (all
+ *    partitioned from each other, the majority down) nobody hears such a beacon and all keep
+ *    answering in local mode.
+ * It rejoins as soon as either stops holding (a leader is known again, or the beacons stop).
+ * While out it still hears every route event (a plain subscription): they go into its local
+ * copy and are re-proposed when the quorum is back. */
+static void follow_quorum(kvr_routerd *rd)
+{
+    if (!rd->sync)
+        return;
+    kvr_sync_state ss;
+    kvr_sync_get_state(rd->sync, &ss);
+    int64_t now = kvr_mono_ms();
+    bool peer = peer_has_quorum(rd, now);
+    bool leave = ss.quorum_lost && peer && rd->peer_quorum_ms > ss.quorum_lost_since_ms;
+    send_quorum_beacon(rd, &ss);
+    if (rd->n_relay > 0 && (ss.leader_id != 0 || !peer))
+        rd->n_relay = 0; /* nobody to relay to, or a leader to reconcile with */
+    if (leave == rd->groups_left)
+        return;
+    kvr_err err = {0};
+    if (leave) {
+        if (kvr_nats_subscribe(&rd->nats, "kvr.route.event", NULL, on_route_event_all, rd,
+                               &rd->sub_event_all, &err) != 0) {
+            KVR_LOG_WARN_RL(5, "subscribing to kvr.route.event", "error=\"%s\"", err.msg);
+            return;
+        }
+        if (rd->sub_route)
+            kvr_nats_unsubscribe(rd->sub_route);
+        if (rd->sub_event)
+            kvr_nats_unsubscribe(rd->sub_event);
+        rd->sub_route = rd->sub_event = NULL;
+        rd->groups_left = true;
+        rd->groups_left_n++;
+        for (uint32_t i = 0; i < rd->n_relay; i++)
+            relay_route_event(rd, &rd->relay_q[i]);
+        if (rd->n_relay)
+            KVR_LOG_INFO("route events answered locally relayed", "n=%u", rd->n_relay);
+        rd->n_relay = 0;
+        KVR_LOG_WARN("quorum lost, another router has one: left the routers' queue groups",
+                     "ready=%d no_leader_ms=%lld", rd->ready,
+                     (long long)(now - ss.quorum_lost_since_ms));
+        return;
+    }
+    if (kvr_nats_subscribe(&rd->nats, "kvr.route.event", "kvr-routers", on_route_event, rd,
+                           &rd->sub_event, &err) != 0 ||
+        (rd->ready && kvr_nats_subscribe(&rd->nats, "kvr.route", "kvr-routers", on_route_nats, rd,
+                                         &rd->sub_route, &err) != 0)) {
+        KVR_LOG_WARN_RL(5, "rejoining the routers' queue groups", "error=\"%s\"", err.msg);
+        if (rd->sub_event)
+            kvr_nats_unsubscribe(rd->sub_event);
+        rd->sub_event = NULL;
+        return;
+    }
+    if (rd->sub_event_all)
+        kvr_nats_unsubscribe(rd->sub_event_all);
+    rd->sub_event_all = NULL;
+    rd->groups_left = false;
+    KVR_LOG_INFO("rejoined the routers' queue groups", "ready=%d leader=%u peer_with_quorum=%d",
+                 rd->ready, ss.leader_id, peer);
+}
+#endif
+
 static void on_tick(uv_timer_t *t)
 {
     kvr_routerd *rd = t->data;
@@ -1492,6 +1742,9 @@ static void on_tick(uv_timer_t *t)
     int64_t limit = rd->cfg.heartbeat_misses * 1000;
     uint32_t up = 0;
     tick_compensate_stall(rd, now);
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    follow_quorum(rd);
+#endif
     for (uint32_t i = 0; i < rd->n_workers;) {
         rd_worker *w = &rd->workers[i];
         if (!w->announced) {
@@ -1510,8 +1763,14 @@ static void on_tick(uv_timer_t *t)
             continue;
         }
         /* with NATS down a missing heartbeat says nothing: keep the last known state */
-        if (w->up && rd->nats_up && now - w->last_seen_ms > limit)
-            worker_down(rd, w, "missed_heartbeats");
+        if (w->up && rd->nats_up && now - w->last_seen_ms > limit) {
+            kvr_fsm_worker_view fv;
+            bool reg_up = kvr_fsm_worker_get(rd_fsm(rd), w->id, &fv) == 0 && fv.up;
+            /* With Raft the leader declares it down (liveness.h); here it goes down once the
+             * replicated registry says so, so every replica drops the same entries. */
+            if (owns_liveness(rd) || !reg_up)
+                worker_down(rd, w, reg_up ? "missed_heartbeats" : "down_in_registry");
+        }
         if (w->up) {
             up++;
             /* another replica may have declared it down (it lost the heartbeats, or a
@@ -1527,6 +1786,10 @@ static void on_tick(uv_timer_t *t)
         i++;
     }
     kvr_metric_set(rd->m_workers_up, 0, up);
+    if (!rd->nats_up)
+        liveness_hold(rd);
+    liveness_local(rd, now);
+    orphan_sweep(rd, now);
     /* With Raft the leader's housekeeping owns lease and request expiry (sync.h): one owner
      * of each policy instead of every router proposing the same expiries (defect 13). */
     bool own_expiry = true;
@@ -1548,10 +1811,15 @@ static void on_tick(uv_timer_t *t)
     }
     if (own_expiry && now - rd->last_expire_ms > 10000) {
         rd->last_expire_ms = now;
-        int64_t wall = kvr_now_ms();
-        if (wall > rd->cfg.max_request_age_ms) {
+        /* age on this router's monotonic clock, not a (broadcast) booking's wall stamp
+         * against our wall clock (liveness.h) */
+        uint64_t before;
+        uint32_t age = rd->cfg.max_request_age_ms > UINT32_MAX - 1
+                           ? UINT32_MAX - 1
+                           : (uint32_t)rd->cfg.max_request_age_ms;
+        if (kvr_live_expire_due(rd->fsm, now, rd->start_ms, age, &before)) {
             kvr_cmd cmd = {.type = KVR_CMD_EXPIRE};
-            cmd.u.before_ms = (uint64_t)(wall - rd->cfg.max_request_age_ms);
+            cmd.u.before_ms = before;
             rd_submit(rd, &cmd, NULL, NULL);
         }
     }
@@ -1771,6 +2039,9 @@ static void register_metrics(kvr_routerd *rd)
         m, "kvr_routerd_loop_stalls_total",
         "Late ticks (loop stalls) whose duration was added to every liveness deadline", NULL,
         NULL);
+    rd->m_bcast_rejected = kvr_metrics_counter(
+        m, "kvr_routerd_booking_broadcasts_rejected_total",
+        "Best-effort mode: booking broadcasts from other routers that did not decode", NULL, NULL);
     kvr_metrics_add_http_server(m, "kvr_routerd_http", &rd->http);
 }
 
@@ -1826,7 +2097,8 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
     if (rd->max_tokens > (size_t)RD_MAX_SEQ_HASHES * cfg->block_size)
         rd->max_tokens = (size_t)RD_MAX_SEQ_HASHES * cfg->block_size;
     rd->tok_scratch = malloc(rd->max_tokens * sizeof(uint32_t));
-    if (!rd->data_dir || !rd->snap_dir || !rd->seq_scratch || !rd->tok_scratch) {
+    rd->iw_scratch = malloc(RD_MAX_WORKERS * sizeof *rd->iw_scratch);
+    if (!rd->data_dir || !rd->snap_dir || !rd->seq_scratch || !rd->tok_scratch || !rd->iw_scratch) {
         rc = KVR_ENOMEM;
         goto fail;
     }
@@ -1883,6 +2155,8 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
             so.max_request_age_ms = cfg->max_request_age_ms > UINT32_MAX - 1
                                         ? UINT32_MAX - 1
                                         : (uint32_t)cfg->max_request_age_ms;
+        /* Worker liveness with Raft: the leader alone, same bound as without (liveness.h). */
+        so.worker_ttl_ms = cfg->heartbeat_misses > 0 ? (uint32_t)cfg->heartbeat_misses * 1000 : 3000;
         kvr_auth_key key;
         if (cfg->cluster_secret_file) {
             rc = kvr_auth_key_load(&key, cfg->cluster_secret_file, &err);
@@ -1936,8 +2210,7 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
 
     char name[64];
     snprintf(name, sizeof(name), "kvr-routerd-%u", cfg->id);
-    kvr_nats_opts no = {.url = cfg->nats_url, .name = name, .on_state = on_nats_state,
-                        .batch_publishes = cfg->nats_batch};
+    kvr_nats_opts no = {.url = cfg->nats_url, .name = name, .on_state = on_nats_state};
     if (cfg->nats_flags)
         kvr_nats_flags_fill(cfg->nats_flags, &no);
     rd->nats.data = rd;
@@ -1953,10 +2226,16 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
     else
         snprintf(subj, sizeof(subj), "kvr.workers.>");
     if ((rc = kvr_nats_subscribe(&rd->nats, subj, NULL, on_heartbeat, rd, NULL, &err)) != 0 ||
-        (rc = kvr_nats_subscribe(&rd->nats, "kvr.route.event", "kvr-routers", on_route_event, rd, NULL, &err)) != 0 ||
-        (rc = kvr_nats_subscribe(&rd->nats, "kvr.frontends.*", NULL, on_frontend, rd, NULL, &err)) != 0 ||
-        (cfg->best_effort &&
-         (rc = kvr_nats_subscribe(&rd->nats, "kvr.route.bcast", NULL, on_bcast, rd, NULL, &err)) != 0)) {
+        (rc = kvr_nats_subscribe(&rd->nats, "kvr.route.event", "kvr-routers", on_route_event, rd,
+                                 &rd->sub_event, &err)) != 0 ||
+        (rc = kvr_nats_subscribe(&rd->nats, "kvr.frontends.*", NULL, on_frontend, rd, NULL,
+                                 &err)) != 0 ||
+#ifdef KVR_ROUTERD_HAVE_SYNC
+        (rd->sync && (rc = kvr_nats_subscribe(&rd->nats, "kvr.routers.quorum", NULL,
+                                              on_quorum_beacon, rd, NULL, &err)) != 0) ||
+#endif
+        (cfg->best_effort && (rc = kvr_nats_subscribe(&rd->nats, "kvr.route.bcast", NULL, on_bcast,
+                                                      rd, NULL, &err)) != 0)) {
         KVR_LOG_ERROR("nats subscribe", "error=\"%s\"", err.msg);
         goto fail;
     }
@@ -2074,7 +2353,9 @@ void kvr_routerd_free(kvr_routerd *rd)
     kvr_fsm_free(rd->fsm);
     kvr_metrics_free(rd->metrics);
     free(rd->seq_scratch);
+    free(rd->iw_scratch);
     free(rd->tok_scratch);
+    free(rd->relay_q);
     free(rd->data_dir);
     free(rd->snap_dir);
     free(rd);

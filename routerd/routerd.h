@@ -1,8 +1,10 @@
 /* routerd: one router replica (DESIGN sections 3-7). Internal to kvr-routerd.
  *
  * Threads: ONE libuv loop thread owns everything in a kvr_routerd (index, registry, bookings,
- * metrics). cnats threads hand messages over through kvr_nats (common/kvr_nats.h); snapshot
- * writes run on the libuv threadpool on an exported image, never touching live state.
+ * metrics). Core NATS traffic (route requests, heartbeats, route events) is read and answered
+ * on that thread by kvr_nats' core client; KV events come from the JetStream consumer's cnats
+ * thread, handed over through kvr_nats' queue (net/kvr_nats.h); snapshot writes run on the
+ * libuv threadpool on an exported image, never touching live state.
  *
  * Ingestion policy (decided here, see DESIGN 3/4):
  *  - worker_id comes from the subject kvr.kv.<ns>.<worker_id>; a subject that does not parse
@@ -47,7 +49,6 @@ typedef struct kvr_routerd_config {
     int64_t election_timeout_ms; /* 0: kvr_sync's default */
     int64_t raft_max_inflight;   /* 0: kvr_sync's default (entries awaiting commit) */
     int64_t raft_snapshot_threshold; /* 0: kvr_sync's default; trailing is a quarter of it */
-    bool nats_batch;             /* kvr_nats batch_publishes */
     /* Best-effort booking (only without peers), the scheme kvroute's Raft mode replaces and
      * kept to measure what it avoids: each router books on its own state machine and
      * broadcasts every booking (pinned to the worker it chose), prefill_done and free on

@@ -2,9 +2,12 @@
 
 #include "kvr_log.h"
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 typedef struct at_conn at_conn;
 typedef struct at_impl at_impl;
@@ -17,6 +20,8 @@ struct at_conn {
     uv_connect_t connect;
     struct raft_uv_connect *req; /* outgoing only */
     bool outgoing, closing;
+    bool connecting;       /* outgoing, TCP connect not finished */
+    int64_t connect_dl_ms; /* while connecting: give up then (KVR_AUTH_CONNECT_MS) */
     int status; /* raft status for req->cb when the connection fails */
     at_conn *prev, *next;
 };
@@ -129,12 +134,36 @@ static void hs_done(kvr_auth_hs *hs, int status)
     }
 }
 
+/* Dead peers must be noticed in seconds, not minutes. Across a partition (packets dropped,
+ * not refused) a stream raft keeps writing to retransmits with exponential backoff, and a
+ * connect retries its SYN the same way: after a 60 s partition the next attempt could be 30 s
+ * away or more, and the healed follower waited that long for its leader (47 s measured).
+ * TCP_USER_TIMEOUT closes a stream whose data stays unacknowledged this long (raft then
+ * reconnects), and a connect gets the same time to finish before it is abandoned (raft
+ * retries it after its connect retry delay). */
+#define KVR_AUTH_USER_TIMEOUT_MS 3000
+#define KVR_AUTH_CONNECT_MS 2000
+
+static void set_user_timeout(uv_tcp_t *tcp)
+{
+    uv_os_fd_t fd;
+    unsigned int ms = KVR_AUTH_USER_TIMEOUT_MS;
+    if (uv_fileno((uv_handle_t *)tcp, &fd) == 0)
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof ms);
+}
+
 static void on_timer(uv_timer_t *timer)
 {
     at_impl *t = timer->data;
     int64_t now = kvr_mono_ms();
     for (at_conn *c = t->head.next, *nx; c != &t->head; c = nx) {
         nx = c->next;
+        if (!c->closing && c->connecting && now >= c->connect_dl_ms) {
+            t->st.connect_failed++;
+            KVR_LOG_DEBUG("raft peer connect timed out", "after_ms=%d", KVR_AUTH_CONNECT_MS);
+            conn_fail(c, RAFT_NOCONNECTION);
+            continue;
+        }
         if (!c->closing && kvr_auth_expired(&c->hs, now)) {
             if (c->outgoing)
                 t->st.connect_failed++;
@@ -215,6 +244,7 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     uv_tcp_nodelay(c->tcp, 1);
+    set_user_timeout(c->tcp);
     if (kvr_auth_start(&c->hs, (uv_stream_t *)c->tcp, t->key, true, KVR_AUTH_CTX_RAFT, 0, NULL,
                        hs_done) != 0)
         conn_fail(c, RAFT_NOCONNECTION);
@@ -223,6 +253,7 @@ static void on_connection(uv_stream_t *server, int status)
 static void on_connected(uv_connect_t *req, int status)
 {
     at_conn *c = req->data;
+    c->connecting = false;
     if (c->closing)
         return; /* the close callback reports it */
     if (status < 0) {
@@ -231,6 +262,7 @@ static void on_connected(uv_connect_t *req, int status)
         return;
     }
     uv_tcp_nodelay(c->tcp, 1);
+    set_user_timeout(c->tcp);
     if (kvr_auth_start(&c->hs, (uv_stream_t *)c->tcp, c->t->key, false, KVR_AUTH_CTX_RAFT, c->t->id,
                        c->t->address, hs_done) != 0) {
         c->t->st.connect_failed++;
@@ -293,6 +325,8 @@ static int at_connect(struct raft_uv_transport *transport, struct raft_uv_connec
     req->cb = cb;
     c->req = req;
     c->connect.data = c;
+    c->connecting = true;
+    c->connect_dl_ms = kvr_mono_ms() + KVR_AUTH_CONNECT_MS;
     if (uv_tcp_connect(&c->connect, c->tcp, (const struct sockaddr *)&sa, on_connected) != 0) {
         /* fail without calling req->cb: raft treats a non-zero return as "no callback" */
         list_del(c);
@@ -302,6 +336,7 @@ static int at_connect(struct raft_uv_transport *transport, struct raft_uv_connec
         uv_close((uv_handle_t *)c->tcp, conn_closed);
         return RAFT_NOCONNECTION;
     }
+    set_user_timeout(c->tcp);
     return 0;
 }
 

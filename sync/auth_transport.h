@@ -7,7 +7,7 @@
  * and address from the client's authenticated proof, so the id raft is told cannot be forged,
  * and an unauthenticated stream is closed before a byte of it is parsed as Raft. After the
  * handshake the stream carries raft's messages unchanged: nothing is added per message.
- * Both sides set TCP_NODELAY (0.15's own transport does not; see NOTES-raft-0.15.md item 2).
+ * Both sides set TCP_NODELAY (0.15's own transport does not; docs/DEPENDENCIES.md 1, "Met while building sync/" item 2).
  *
  * Bounds: at most KVR_AUTH_TRANSPORT_MAX_PENDING incoming handshakes at once (more are closed
  * at accept), each within KVR_AUTH_TIMEOUT_MS.

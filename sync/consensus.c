@@ -4,10 +4,13 @@
 #include "kvr_log.h"
 
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <raft/uv.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 
 struct kvr_consensus {
@@ -103,10 +106,23 @@ static int (*tcp_listen)(struct raft_uv_transport *, raft_uv_accept_cb);
 static raft_uv_connect_cb user_connect_cb;
 static raft_uv_accept_cb user_accept_cb;
 
+/* As on the authenticated transport (auth_transport.c): a stream whose data stays unacked
+ * for 3 s is closed so raft reconnects, instead of retransmitting with minutes of backoff
+ * across a partition and keeping a healed follower waiting. */
+static void set_user_timeout(uv_stream_t *stream)
+{
+    uv_os_fd_t fd;
+    unsigned int ms = 3000;
+    if (uv_fileno((uv_handle_t *)stream, &fd) == 0)
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof ms);
+}
+
 static void nodelay_connect_cb(struct raft_uv_connect *req, struct uv_stream_s *stream, int status)
 {
-    if (status == 0 && stream && stream->type == UV_TCP)
+    if (status == 0 && stream && stream->type == UV_TCP) {
         uv_tcp_nodelay((uv_tcp_t *)stream, 1);
+        set_user_timeout(stream);
+    }
     user_connect_cb(req, stream, status);
 }
 
@@ -120,8 +136,10 @@ static int nodelay_connect(struct raft_uv_transport *t, struct raft_uv_connect *
 static void nodelay_accept_cb(struct raft_uv_transport *t, raft_id id, const char *address,
                               struct uv_stream_s *stream)
 {
-    if (stream && stream->type == UV_TCP)
+    if (stream && stream->type == UV_TCP) {
         uv_tcp_nodelay((uv_tcp_t *)stream, 1);
+        set_user_timeout(stream);
+    }
     user_accept_cb(t, id, address, stream);
 }
 
@@ -405,6 +423,12 @@ int kvr_consensus_transfer_leadership(kvr_consensus *c, kvr_consensus_transfer *
 {
     int rv = raft_transfer(&c->raft, &req->raft, id, transfer_cb);
     return rv == 0 ? 0 : rv == RAFT_BADID || rv == RAFT_NOTFOUND ? KVR_ENOTFOUND : map_status(rv);
+}
+
+const char *kvr_consensus_errmsg(kvr_consensus *c)
+{
+    const char *m = raft_errmsg(&c->raft);
+    return m ? m : "";
 }
 
 kvr_consensus_role kvr_consensus_get_role(kvr_consensus *c)

@@ -2,7 +2,7 @@
  * cowsql/raft (same API lineage) touches this file pair only.
  *
  * One node: libuv TCP transport, a data dir, pre-vote on, explicit election/heartbeat timeouts,
- * snapshot threshold and trailing, fsm.version 1 (pitfalls P1-P13 in NOTES-deps section 1).
+ * snapshot threshold and trailing, fsm.version 1 (pitfalls P1-P13 in docs/DEPENDENCIES.md 1).
  * The state machine is given as three callbacks over byte buffers; apply is total.
  *
  * Threads: every call and callback on the loop thread given to kvr_consensus_init.
@@ -99,6 +99,9 @@ struct kvr_consensus_transfer {
     void *data;
 };
 int kvr_consensus_transfer_leadership(kvr_consensus *c, kvr_consensus_transfer *req, uint32_t id);
+/* raft's message for its last error (a failed disk write names the system error); owned by
+ * raft, valid until the next raft call. */
+const char *kvr_consensus_errmsg(kvr_consensus *c);
 
 typedef enum {
     KVR_ROLE_UNAVAILABLE = 0,

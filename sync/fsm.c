@@ -20,6 +20,7 @@ typedef struct worker {
     uint32_t block_size, capacity_blocks;
     uint64_t active_blocks, active_prefill_blocks;
     uint32_t bookings;
+    uint64_t down_seq; /* !up: value of kvr_fsm.down_counter when it went down (slot reuse) */
 } worker;
 
 typedef struct booking {
@@ -27,6 +28,7 @@ typedef struct booking {
     uint64_t worker_id, frontend_id, start_ms;
     uint32_t blocks, prefill_blocks, overlap;
     uint8_t used;
+    int64_t local_ms; /* NOT replicated: this node's kvr_fsm_set_local_now when it was booked */
 } booking;
 
 typedef struct lease {
@@ -58,6 +60,9 @@ struct kvr_fsm {
     uint64_t fin_evicted; /* records dropped before their time because the ring was full */
     uint64_t fin_sum;     /* sum of fin_rec_hash over the records (their share of the digest) */
     uint64_t clock_ms;    /* max time carried by any applied command: the FSM's only clock */
+    uint64_t down_counter; /* WORKER_DOWNs applied to an up worker: orders down workers for
+                              slot reuse, replicated (snapshot v3, digest) */
+    int64_t local_now;     /* NOT replicated (kvr_fsm_set_local_now): stamps new bookings */
 };
 
 static uint64_t rid_hash(const uint8_t *rid)
@@ -492,6 +497,7 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
     b.prefill_blocks = rc->request_blocks - ov;
     b.overlap = ov;
     b.used = 1;
+    b.local_ms = f->local_now;
     if (booking_insert(f, &b) != 0) {
         res->outcome = KVR_OUT_FULL; /* out of memory: refuse rather than crash */
         return;
@@ -501,6 +507,27 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
     w->bookings++;
     res->outcome = KVR_OUT_OK;
     fill_route_result(f, &b, res, cost);
+}
+
+/* Registry full: removes the down worker that went down first (smallest down_seq, then
+ * smallest id). Only replicated state decides, so every replica frees the same slot. A down
+ * worker holds no bookings (WORKER_DOWN freed them; a ROUTE never books a down worker). Returns
+ * false when every registered worker is up. */
+static bool worker_reuse_slot(kvr_fsm *f)
+{
+    long best = -1;
+    for (uint32_t i = 0; i < f->n_workers; i++) {
+        const worker *w = &f->workers[i];
+        if (!w->up && w->bookings == 0 &&
+            (best < 0 || w->down_seq < f->workers[best].down_seq))
+            best = i;
+    }
+    if (best < 0)
+        return false;
+    memmove(&f->workers[best], &f->workers[best + 1],
+            (f->n_workers - (uint32_t)best - 1) * sizeof *f->workers);
+    f->n_workers--;
+    return true;
 }
 
 static void apply_worker_up(kvr_fsm *f, const kvr_worker_info *wi, kvr_fsm_result *res)
@@ -516,8 +543,11 @@ static void apply_worker_up(kvr_fsm *f, const kvr_worker_info *wi, kvr_fsm_resul
         w = &f->workers[i];
     } else {
         if (f->n_workers >= KVR_FSM_MAX_WORKERS) {
-            res->outcome = KVR_OUT_FULL;
-            return;
+            if (!worker_reuse_slot(f)) {
+                res->outcome = KVR_OUT_FULL;
+                return;
+            }
+            i = worker_find(f, wi->id); /* the array shifted */
         }
         if (f->n_workers == f->cap_workers) {
             uint32_t nc = f->cap_workers ? f->cap_workers * 2 : 16;
@@ -543,6 +573,7 @@ static void apply_worker_up(kvr_fsm *f, const kvr_worker_info *wi, kvr_fsm_resul
     w->block_size = wi->block_size;
     w->capacity_blocks = wi->capacity_blocks;
     w->up = true;
+    w->down_seq = 0;
     res->outcome = KVR_OUT_OK;
     res->worker_id = w->id;
 }
@@ -640,6 +671,8 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res)
             res->outcome = KVR_OUT_UNKNOWN;
             return;
         }
+        if (w->up)
+            w->down_seq = ++f->down_counter;
         w->up = false;
         res->freed = bookings_free_if(f, pred_worker, w->id);
         w = worker_get(f, cmd->u.worker_id);
@@ -961,7 +994,7 @@ static uint64_t booking_digest(const booking *b)
 static uint64_t worker_digest(const worker *w)
 {
     struct {
-        uint64_t id, active, prefill;
+        uint64_t id, active, prefill, down_seq;
         uint32_t role, up, block_size, capacity;
         char ns[KVR_FSM_NS_MAX + 1], model[KVR_FSM_MODEL_MAX + 1], url[KVR_FSM_URL_MAX + 1];
     } k;
@@ -971,6 +1004,7 @@ static uint64_t worker_digest(const worker *w)
     k.prefill = w->active_prefill_blocks;
     k.role = w->role;
     k.up = w->up;
+    k.down_seq = w->down_seq;
     k.block_size = w->block_size;
     k.capacity = w->capacity_blocks;
     strcpy(k.ns, w->ns);
@@ -993,6 +1027,7 @@ uint64_t kvr_fsm_digest(const kvr_fsm *f)
     /* The finished record and the clock decide future outcomes: part of the state. */
     d += f->fin_sum; /* kept up to date by fin_add / fin_pop */
     d += XXH3_64bits_withSeed(&f->clock_ms, sizeof f->clock_ms, 5);
+    d += XXH3_64bits_withSeed(&f->down_counter, sizeof f->down_counter, 6);
     return XXH3_64bits(&d, sizeof d);
 }
 
@@ -1002,6 +1037,7 @@ uint32_t kvr_fsm_frontend_count(const kvr_fsm *f) { return f->n_leases; }
 uint32_t kvr_fsm_finished_count(const kvr_fsm *f) { return f->n_fin; }
 uint64_t kvr_fsm_finished_evicted(const kvr_fsm *f) { return f->fin_evicted; }
 uint64_t kvr_fsm_clock_ms(const kvr_fsm *f) { return f->clock_ms; }
+void kvr_fsm_set_local_now(kvr_fsm *f, int64_t now) { f->local_now = now; }
 bool kvr_fsm_finished_has(const kvr_fsm *f, const uint8_t request_id[KVR_REQUEST_ID_LEN])
 {
     return fin_has(f, request_id);
@@ -1049,6 +1085,7 @@ static void booking_view(const booking *b, kvr_fsm_booking_view *o)
     o->blocks = b->blocks;
     o->prefill_blocks = b->prefill_blocks;
     o->overlap = b->overlap;
+    o->local_ms = b->local_ms;
 }
 
 int kvr_fsm_booking_get(const kvr_fsm *f, const uint8_t rid[KVR_REQUEST_ID_LEN],
@@ -1097,7 +1134,9 @@ int kvr_fsm_frontend_at(const kvr_fsm *f, uint32_t i, uint64_t *id, uint64_t *la
 /* Snapshot */
 
 #define SNAP_MAGIC "KVRS"
-#define SNAP_VERSION 2 /* 2: + clock_ms and the finished record. 1 is still loaded. */
+/* 2: + clock_ms and the finished record. 3: + each worker's down_seq (9th field) and the
+ * down counter (6th element), which decide slot reuse. 1 and 2 are still loaded. */
+#define SNAP_VERSION 3
 #define SNAP_VERSION_MIN 1
 
 int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
@@ -1107,11 +1146,11 @@ int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
     CK(kvr_buf_append(out, SNAP_MAGIC, 4));
     uint8_t ver = SNAP_VERSION;
     CK(kvr_buf_append(out, &ver, 1));
-    CK(kvr_mp_write_array(out, 5));
+    CK(kvr_mp_write_array(out, 6));
     CK(kvr_mp_write_array(out, f->n_workers));
     for (uint32_t i = 0; i < f->n_workers; i++) {
         const worker *w = &f->workers[i];
-        CK(kvr_mp_write_array(out, 8));
+        CK(kvr_mp_write_array(out, 9));
         CK(kvr_mp_write_uint(out, w->id));
         CK(kvr_mp_write_cstr(out, w->ns));
         CK(kvr_mp_write_cstr(out, w->model));
@@ -1120,6 +1159,7 @@ int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
         CK(kvr_mp_write_bool(out, w->up));
         CK(kvr_mp_write_uint(out, w->block_size));
         CK(kvr_mp_write_uint(out, w->capacity_blocks));
+        CK(kvr_mp_write_uint(out, w->down_seq));
     }
     CK(kvr_mp_write_array(out, f->n_bookings));
     for (uint32_t i = 0; i < f->cap_slots; i++) {
@@ -1149,6 +1189,7 @@ int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
         CK(kvr_mp_write_bin(out, e->rid, KVR_REQUEST_ID_LEN));
         CK(kvr_mp_write_uint(out, e->ms));
     }
+    CK(kvr_mp_write_uint(out, f->down_counter));
     uint64_t sum = XXH3_64bits(out->base + start, out->len - start);
     uint8_t le[8];
     for (int i = 0; i < 8; i++)
@@ -1196,7 +1237,7 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     kvr_mp_reader_init(&r, p + 5, len - 5 - 8);
     uint32_t n, m;
     CK(kvr_mp_read_array(&r, &n));
-    if (n < (version >= 2 ? 5u : 3u)) {
+    if (n < (version >= 3 ? 6u : version >= 2 ? 5u : 3u)) {
         rc = KVR_EINVAL;
         goto fail;
     }
@@ -1234,7 +1275,14 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
             goto fail;
         }
         w->role = (uint8_t)role;
-        for (uint32_t j = 8; j < m; j++)
+        uint32_t j = 8;
+        if (version >= 3 && m > 8) {
+            CK(kvr_mp_read_uint(&r, &w->down_seq));
+            j = 9;
+        }
+        if (w->up)
+            w->down_seq = 0;
+        for (; j < m; j++)
             CK(kvr_mp_skip(&r));
         nf->n_workers = i + 1;
     }
@@ -1336,6 +1384,15 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
             CK(fin_add(nf, rb, ms));
         }
     }
+    if (version >= 3) {
+        CK(kvr_mp_read_uint(&r, &nf->down_counter));
+        for (uint32_t i = 0; i < nf->n_workers; i++)
+            if (nf->workers[i].down_seq > nf->down_counter) {
+                rc = KVR_EINVAL;
+                goto fail;
+            }
+    }
+    /* Older versions: every down worker has down_seq 0 (reuse goes by id among them). */
     /* Success: move nf's state into f. */
     fsm_clear(f);
     f->workers = nf->workers;
@@ -1355,6 +1412,7 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     f->fin_evicted = nf->fin_evicted;
     f->fin_sum = nf->fin_sum;
     f->clock_ms = nf->clock_ms;
+    f->down_counter = nf->down_counter;
     nf->workers = NULL;
     nf->slots = NULL;
     nf->leases = NULL;

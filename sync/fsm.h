@@ -32,6 +32,12 @@
  * The record and clock_ms are in the snapshot (format version 2) and in the digest; all
  * replicas must use the same max_finished and finished_ttl_ms (like max_bookings).
  *
+ * Registry slots (issue 18 defect 10): a WORKER_DOWN of an up worker stamps it with the next
+ * value of a replicated down counter. A WORKER_UP for a new id when the registry holds
+ * KVR_FSM_MAX_WORKERS removes the down worker with the smallest stamp (ties: smallest id) and
+ * takes its place; live workers are never removed (then KVR_OUT_FULL). Stamps and counter are
+ * in the snapshot (version 3) and the digest, so every replica frees the same slot.
+ *
  * Memory: a kvr_fsm owns all its state; kvr_fsm_free releases it. A kvr_cmd decoded from bytes
  * borrows strings from those bytes and its candidates from caller storage.
  * Threads: none of its own; one thread at a time (the loop thread that owns it). */
@@ -177,6 +183,8 @@ typedef struct kvr_fsm_booking_view {
     uint8_t request_id[KVR_REQUEST_ID_LEN];
     uint64_t worker_id, frontend_id, start_ms;
     uint32_t blocks, prefill_blocks, overlap;
+    int64_t local_ms; /* not replicated: kvr_fsm_set_local_now when this replica booked it (0:
+                         unknown, e.g. restored from a snapshot) */
 } kvr_fsm_booking_view;
 
 /* opts may be NULL. Returns NULL on allocation failure. */
@@ -202,6 +210,10 @@ bool kvr_fsm_finished_has(const kvr_fsm *f, const uint8_t request_id[KVR_REQUEST
 uint64_t kvr_fsm_finished_evicted(const kvr_fsm *f);
 /* The FSM clock: the largest command time applied so far (ms). */
 uint64_t kvr_fsm_clock_ms(const kvr_fsm *f);
+/* Local, NOT replicated annotation: bookings made from now on carry local time now (the
+ * caller's monotonic clock, ms) in kvr_fsm_booking_view.local_ms, so request age can be judged
+ * on one clock (liveness.h). Changes no replicated state, digest or snapshot. */
+void kvr_fsm_set_local_now(kvr_fsm *f, int64_t now);
 /* Copies registry entry i (0 <= i < worker_count, ascending id). KVR_ENOTFOUND past the end. */
 int kvr_fsm_worker_at(const kvr_fsm *f, uint32_t i, kvr_fsm_worker_view *out);
 int kvr_fsm_worker_get(const kvr_fsm *f, uint64_t worker_id, kvr_fsm_worker_view *out);
@@ -214,10 +226,13 @@ int kvr_fsm_frontend_last_seen(const kvr_fsm *f, uint64_t frontend_id, uint64_t 
 /* Lease i (0 <= i < frontend_count). KVR_ENOTFOUND past the end. */
 int kvr_fsm_frontend_at(const kvr_fsm *f, uint32_t i, uint64_t *frontend_id, uint64_t *last_seen_ms);
 
-/* Snapshot: "KVRS" magic, format version (2), msgpack body [workers, bookings, leases,
- * clock_ms, finished [[request_id, ms]...] oldest first], XXH3-64 checksum of all before it.
- * Version 1 (no clock, no record) still restores, with clock 0 and an empty record; other
- * versions are refused with KVR_EUNSUPPORTED. Appends to out. */
+/* Snapshot: "KVRS" magic, format version (3), msgpack body [workers, bookings, leases,
+ * clock_ms, finished [[request_id, ms]...] oldest first, down_counter], each worker
+ * [id, ns, model, url, role, up, block_size, capacity_blocks, down_seq], XXH3-64 checksum of
+ * all before it. Version 2 (no down_seq, no down_counter: every down worker restores with
+ * stamp 0) and version 1 (also no clock, no record: clock 0, empty record) still restore;
+ * other versions are refused with KVR_EUNSUPPORTED. Bookings' local_ms is not in it (restored
+ * as 0). Appends to out. */
 int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err);
 /* Replaces f's state with a snapshot's. On any error (bad magic/version/checksum/contents)
  * f is left unchanged and err says why. */

@@ -5,6 +5,7 @@
 #include "kvr_log.h"
 #include "kvr_mp.h"
 #include "lease.h"
+#include "liveness.h"
 #include "peer_auth.h"
 
 #include <signal.h>
@@ -41,6 +42,7 @@ struct pending {
     conn *from; /* forwarded to us by a follower: answer there */
     uint64_t from_rpc;
     bool internal; /* a reconcile re-proposal: nobody waits */
+    bool reconcile; /* re-proposes local-mode state: waits RECONCILE_WAIT_MS, not max_wait_ms */
     int state;
     int64_t start_ms, try_deadline_ms;
     int64_t fwd_start_us;
@@ -108,10 +110,15 @@ struct kvr_sync {
     conn *clients[KVR_CONSENSUS_MAX_PEERS + 1]; /* by slot, lookup by peer id */
     uint32_t last_leader;
     int64_t no_leader_since;
+    bool had_leader; /* a leader was known since start: only then can the quorum be "lost" */
     int64_t last_housekeeping_ms;
     kvr_lease_tracker leases; /* the leader's frontend-lease policy (lease.h) */
+    kvr_live_tracker live;    /* the leader's worker-liveness policy (liveness.h) */
     bool was_leader;
     bool degraded;
+    bool io_transfer; /* a leadership transfer after a failed log write is running */
+    kvr_consensus_transfer io_treq;
+    int64_t io_error_ms; /* last failed log write (mono), 0: none */
     kvr_fsm *local;
     local_rec *log;
     uint32_t n_log, cap_log;
@@ -122,6 +129,11 @@ struct kvr_sync {
 };
 
 static const uint32_t LOCAL_LOG_MAX = 200000;
+/* A reconcile command dropped after max_wait_ms (5 s) was a leaked booking or a lost FREE:
+ * right after a partition heals, forwarding connections to the leader are still being
+ * re-established (the old ones died silently) and the leader may change again, so these
+ * commands get a minute before they are given up. */
+static const int64_t RECONCILE_WAIT_MS = 60000;
 
 /* ---------------------------------------------------------------------------------------- */
 
@@ -383,6 +395,7 @@ static void reconcile(kvr_sync *s)
                 pending *p;
                 if (kvr_cmd_encode(&fr, &b, NULL) == 0 && (p = pending_new(s, b.base, b.len))) {
                     p->internal = true;
+                    p->reconcile = true;
                     plist_add(s, p);
                     dispatch(s, p);
                     s->m.reconciled++;
@@ -398,6 +411,7 @@ static void reconcile(kvr_sync *s)
             pending *p = pending_new(s, b.base, b.len);
             if (p) {
                 p->internal = true;
+                p->reconcile = true;
                 plist_add(s, p);
                 dispatch(s, p);
                 s->m.reconciled++;
@@ -408,6 +422,7 @@ static void reconcile(kvr_sync *s)
                 b.len = 0;
                 if (kvr_cmd_encode(&pd, &b, NULL) == 0 && (p = pending_new(s, b.base, b.len))) {
                     p->internal = true;
+                    p->reconcile = true;
                     plist_add(s, p);
                     dispatch(s, p);
                 }
@@ -416,6 +431,7 @@ static void reconcile(kvr_sync *s)
             pending *p = pending_new(s, log[i].cmd, log[i].len);
             if (p) {
                 p->internal = true;
+                p->reconcile = true;
                 plist_add(s, p);
                 dispatch(s, p);
                 s->m.reconciled++;
@@ -440,10 +456,45 @@ static void batch_free(batch *b)
     free(b);
 }
 
+static void io_transfer_done(kvr_consensus_transfer *req)
+{
+    kvr_sync *s = req->data;
+    s->io_transfer = false;
+    KVR_LOG_INFO("sync leadership transfer after a failed log write finished", "role=%s",
+                 kvr_consensus_get_role(s->cons) == KVR_ROLE_LEADER ? "leader" : "not-leader");
+}
+
+/* A leader whose own log write failed (a full or failing disk) must not go on leading: its
+ * followers may commit entries it could not store, and every command it proposes fails the
+ * same way. Leadership goes to the most up-to-date voter (raft_transfer with id 0); raft
+ * refuses new proposals while the transfer runs, so commands are forwarded to the new leader
+ * once it is known. Retried on each failure while this node still leads. */
+static void io_error_step_down(kvr_sync *s, int status)
+{
+    s->io_error_ms = kvr_mono_ms();
+    KVR_LOG_ERROR_RL(1, "sync raft log write failed", "status=%d raft=\"%s\" leader=%d", status,
+                     kvr_consensus_errmsg(s->cons),
+                     kvr_consensus_get_role(s->cons) == KVR_ROLE_LEADER);
+    if (s->io_transfer || s->closing || kvr_consensus_get_role(s->cons) != KVR_ROLE_LEADER)
+        return;
+    s->io_treq.data = s;
+    s->io_treq.cb = io_transfer_done;
+    int rc = kvr_consensus_transfer_leadership(s->cons, &s->io_treq, 0);
+    if (rc == 0) {
+        s->io_transfer = true;
+        KVR_LOG_WARN("sync stepping down: leadership transfer after a failed log write", "id=%u",
+                     s->o.id);
+    } else {
+        KVR_LOG_WARN_RL(1, "sync leadership transfer refused", "status=%d", rc);
+    }
+}
+
 static void batch_cb(kvr_consensus_req *req, int status)
 {
     batch *b = req->data;
     kvr_sync *s = b->s;
+    if (status == KVR_EIO || status == KVR_ENOMEM)
+        io_error_step_down(s, status);
     /* unlink */
     batch **pp = &s->inflight;
     batch *prev = NULL;
@@ -599,6 +650,7 @@ static void fsm_apply_cb(void *data, uint64_t index, const void *buf, size_t len
                 }
     }
     kvr_entry_header hdr;
+    kvr_fsm_set_local_now(s->fsm, kvr_mono_ms()); /* local booking age (liveness.h) */
     if (kvr_entry_apply(s->fsm, buf, len, &hdr, on_result, &ax) != 0)
         KVR_LOG_WARN_RL(5, "sync malformed log entry ignored", "len=%zu head=%02x%02x%02x%02x", len,
                         len > 0 ? ((const uint8_t *)buf)[0] : 0, len > 1 ? ((const uint8_t *)buf)[1] : 0,
@@ -1070,12 +1122,43 @@ static void submit_internal(kvr_sync *s, const kvr_cmd *cmd)
     kvr_buf_free(&b);
 }
 
-static int oldest_booking(const kvr_fsm_booking_view *b, void *data)
+/* Leader only: WORKER_DOWN for every worker up in the replicated registry that this leader
+ * has not heard for worker_ttl_ms (liveness.h): the one owner of worker liveness. */
+static void workers_liveness(kvr_sync *s, int64_t mono_now)
 {
-    uint64_t *oldest = data;
-    if (b->start_ms < *oldest)
-        *oldest = b->start_ms;
-    return 0;
+    if (s->o.worker_ttl_ms == 0)
+        return; /* off: this user reports no heartbeats */
+    uint64_t ids[64];
+    uint32_t n = kvr_live_due(&s->live, s->fsm, mono_now, s->o.worker_ttl_ms, ids, 64);
+    for (uint32_t i = 0; i < n; i++) {
+        kvr_cmd c = {.type = KVR_CMD_WORKER_DOWN, .u.worker_id = ids[i]};
+        submit_internal(s, &c);
+        KVR_LOG_WARN("sync worker down: not heard", "worker=%llu ttl_ms=%u",
+                     (unsigned long long)ids[i], s->o.worker_ttl_ms);
+    }
+}
+
+void kvr_sync_worker_seen(kvr_sync *s, uint64_t worker_id)
+{
+    if (!s->closing && worker_id)
+        kvr_live_heard(&s->live, worker_id, kvr_mono_ms());
+}
+
+void kvr_sync_worker_forget(kvr_sync *s, uint64_t worker_id)
+{
+    kvr_live_forget(&s->live, worker_id);
+}
+
+void kvr_sync_liveness_hold(kvr_sync *s)
+{
+    kvr_live_hold(&s->live, kvr_mono_ms());
+}
+
+bool kvr_sync_owns_liveness(kvr_sync *s)
+{
+    if (!s->started || s->closing)
+        return false;
+    return s->degraded || kvr_consensus_get_role(s->cons) == KVR_ROLE_LEADER;
 }
 
 /* Leader only: expire silent frontends' leases and over-age bookings (see sync.h). */
@@ -1100,16 +1183,16 @@ static void housekeeping(kvr_sync *s, int64_t mono_now)
         KVR_LOG_INFO("sync frontend lease expired", "frontend=%llu ttl_ms=%u",
                      (unsigned long long)ids[i], s->o.lease_ttl_ms);
     }
+    workers_liveness(s, mono_now);
     /* EXPIRE only when this leader's replica (it has applied everything it committed) holds
      * a booking it would free: an idle group commits nothing (defect 13: one log entry per
-     * second per router before). */
-    if (now > s->o.max_request_age_ms) {
-        uint64_t oldest = UINT64_MAX;
-        kvr_fsm_foreach_booking(s->fsm, oldest_booking, &oldest);
-        if (oldest < now - s->o.max_request_age_ms) {
-            kvr_cmd c = {.type = KVR_CMD_EXPIRE, .u.before_ms = now - s->o.max_request_age_ms};
-            submit_internal(s, &c);
-        }
+     * second per router before). Age is measured on this leader's monotonic clock, never by
+     * comparing a proposer's wall-clock stamp with this leader's wall clock (liveness.h). */
+    uint64_t before;
+    if (kvr_live_expire_due(s->fsm, mono_now, s->live.office_ms, s->o.max_request_age_ms,
+                            &before)) {
+        kvr_cmd c = {.type = KVR_CMD_EXPIRE, .u.before_ms = before};
+        submit_internal(s, &c);
     }
 }
 
@@ -1133,6 +1216,7 @@ static void on_tick(uv_timer_t *t)
     if (is_leader != s->was_leader) {
         s->was_leader = is_leader;
         kvr_lease_set_leader(&s->leases, is_leader, now);
+        kvr_live_set_leader(&s->live, is_leader, now);
     }
     if (leader != s->last_leader) {
         if (leader)
@@ -1151,6 +1235,7 @@ static void on_tick(uv_timer_t *t)
         }
     } else {
         s->no_leader_since = 0;
+        s->had_leader = true;
         if (s->degraded) {
             s->degraded = false;
             KVR_LOG_INFO("sync quorum back", "leader=%u", leader);
@@ -1174,14 +1259,24 @@ static void on_tick(uv_timer_t *t)
             pending_ready(s, p);
             continue;
         }
-        bool expired = now - p->start_ms >= (int64_t)s->o.max_wait_ms;
+        bool expired =
+            now - p->start_ms >= (p->reconcile ? RECONCILE_WAIT_MS : (int64_t)s->o.max_wait_ms);
         if (p->internal && expired) {
             p->status = KVR_ETIMEDOUT;
             pending_ready(s, p);
             continue;
         }
-        if (!p->internal && (s->degraded || expired)) {
+        /* Locally only without a quorum: a group that has a leader decides every command,
+         * and a command applied to this node's copy alone (then re-proposed) while the group
+         * commits others is how replicas drifted apart with a full disk. A late command is
+         * answered as timed out; its caller retries or falls back. */
+        if (!p->internal && s->degraded) {
             apply_local(s, p);
+            continue;
+        }
+        if (!p->internal && expired) {
+            p->status = KVR_ETIMEDOUT;
+            pending_ready(s, p);
             continue;
         }
         dispatch(s, p);
@@ -1244,6 +1339,7 @@ int kvr_sync_init(kvr_sync **out, uv_loop_t *loop, const kvr_sync_options *o, kv
     DEF(housekeeping_ms);
     DEF(lease_ttl_ms);
     DEF(max_request_age_ms);
+    DEF(worker_ttl_ms);
     DEF(port_wait_ms);
 #undef DEF
     if (s->o.max_batch > KVR_ENTRY_MAX_COMMANDS)
@@ -1393,6 +1489,7 @@ void kvr_sync_frontend_seen(kvr_sync *s, uint64_t frontend_id)
     if (leader && !s->was_leader) { /* took office since the last tick */
         s->was_leader = true;
         kvr_lease_set_leader(&s->leases, true, kvr_mono_ms());
+        kvr_live_set_leader(&s->live, true, kvr_mono_ms());
     }
     if (!kvr_lease_heard(&s->leases, s->fsm, frontend_id, kvr_mono_ms(), leader))
         return;
@@ -1531,6 +1628,18 @@ void kvr_sync_get_state(kvr_sync *s, kvr_sync_state *out)
     out->workers = kvr_fsm_worker_count(s->fsm);
     out->degraded = s->degraded;
     out->local_pending = s->n_log;
+    /* Lost, not "not found yet": a node that never knew a leader since it started (start-up,
+     * a group still forming) never counts as having lost it. 2x the election timeout covers a
+     * normal election (the followers notice after 1-2x, one round of votes follows); only a
+     * split vote or a real loss of the majority lasts longer. Read from the Raft library now,
+     * not from the last tick, so a leader found since then ends it at once. */
+    if (s->cons && s->had_leader && out->leader_id == 0 && s->no_leader_since > 0) {
+        int64_t since = s->no_leader_since + 2 * (int64_t)s->o.election_timeout_ms;
+        if (kvr_mono_ms() > since) {
+            out->quorum_lost = true;
+            out->quorum_lost_since_ms = since;
+        }
+    }
 }
 
 uint64_t kvr_sync_digest(kvr_sync *s)

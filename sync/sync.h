@@ -17,6 +17,16 @@
  * reply [2, rpc_id, status, outcome, type, worker_id, overlap, request_blocks, freed, url].
  * Frames over 64 KiB are refused and the connection closed.
  *
+ * A leader whose own log write fails (KVR_EIO from raft: a full or failing disk) logs raft's
+ * message and transfers leadership to the most up-to-date voter.
+ *
+ * Degraded vs lost: degraded (below) starts after degraded_after_ms without a leader, also
+ * during start-up and an ordinary election, and only decides how a waiting command is
+ * answered (locally). kvr_sync_state.quorum_lost is stricter: a leader was known since start
+ * and none for more than 2x election_timeout_ms; routerd uses it (with another router's word
+ * that it has a quorum) to leave the NATS queue groups, so a client never finds no router
+ * answering during an election (routerd/README.md says what clients see in each case).
+ *
  * Degraded mode: when no leader has been known for degraded_after_ms (no quorum reachable),
  * a command that is still unanswered is applied to a local copy of this replica's state
  * (cloned when degradation starts) and answered with mode KVR_SYNC_LOCAL. Every command
@@ -62,7 +72,9 @@ typedef struct kvr_sync_options {
     bool join;                     /* true: start without bootstrapping (a node added at run time) */
     uint32_t degraded_after_ms;    /* default 500 */
     uint32_t forward_timeout_ms;   /* per try; default 1000 */
-    uint32_t max_wait_ms;          /* total per command before it is answered locally; default 5000 */
+    uint32_t max_wait_ms;          /* total per command: then KVR_ETIMEDOUT (while a leader is
+                                    * known; without one it was answered locally); default 5000.
+                                    * Reconcile re-proposals wait 60 s. */
     uint32_t election_timeout_ms;  /* default 1000 */
     uint32_t heartbeat_timeout_ms; /* default 100 */
     uint32_t snapshot_threshold;   /* log entries between snapshots; default 8192 (each snapshot
@@ -79,6 +91,13 @@ typedef struct kvr_sync_options {
      * max_request_age_ms} (default 600000). 0 keeps the default; set
      * housekeeping_ms to UINT32_MAX to disable. */
     uint32_t housekeeping_ms, lease_ttl_ms, max_request_age_ms;
+    /* Worker liveness, leader only (liveness.h): WORKER_DOWN for a worker up in the
+     * replicated registry that the leader has not heard (kvr_sync_worker_seen) for
+     * worker_ttl_ms (0, the default: off, for users that report no heartbeats; kvr-routerd
+     * sets --heartbeat-misses seconds) on its monotonic clock, counted from its taking office at
+     * the earliest. Request age is measured the same way (max_request_age_ms from when the
+     * leader applied the booking or took office), never from wall-clock stamps. */
+    uint32_t worker_ttl_ms;
     kvr_fsm_options fsm;
     /* Cluster secret (copied at init). Set: peers authenticate on the Raft port and the
      * forward port with the peer_auth handshake before any message or command is read
@@ -115,6 +134,19 @@ int kvr_sync_submit(kvr_sync *s, const kvr_cmd *cmd, kvr_sync_cb cb, void *data)
  * frontend, and FRONTEND_EXPIRE once it has been silent for lease_ttl_ms on the leader's
  * monotonic clock (lease.h). */
 void kvr_sync_frontend_seen(kvr_sync *s, uint64_t frontend_id);
+/* A valid heartbeat of worker_id heard by this router. Every router calls it; only the leader
+ * acts on it (liveness.h): it proposes WORKER_DOWN for workers up in the registry and not heard
+ * for worker_ttl_ms. Followers never propose WORKER_DOWN for silence. */
+void kvr_sync_worker_seen(kvr_sync *s, uint64_t worker_id);
+/* The worker no longer counts as heard (refused: its beats are not valid any more). */
+void kvr_sync_worker_forget(kvr_sync *s, uint64_t worker_id);
+/* No heartbeat could be heard until now (this router's NATS connection is down, its loop
+ * stalled): silence until now says nothing; every worker gets a full worker_ttl_ms. */
+void kvr_sync_liveness_hold(kvr_sync *s);
+/* True while this node decides worker liveness: it is the Raft leader, or it is degraded
+ * (no quorum: it answers from its own copy, so its own WORKER_DOWN is applied there and
+ * re-proposed at reconcile like every local command). */
+bool kvr_sync_owns_liveness(kvr_sync *s);
 
 /* Stops accepting commands, answers every pending one with KVR_ECLOSED, closes Raft and all
  * handles; close_cb runs when everything is closed, after which s is freed. */
@@ -130,6 +162,11 @@ typedef struct kvr_sync_state {
     uint32_t bookings, workers;
     bool degraded;      /* answering locally now */
     uint32_t local_pending; /* commands applied locally and not yet reconciled */
+    /* This node knew a leader since it started and has known none for more than 2x the
+     * election timeout (monotonic clock): it lost the majority, it is not merely electing or
+     * starting. quorum_lost_since_ms: kvr_mono_ms() when that began (0 when not lost). */
+    bool quorum_lost;
+    int64_t quorum_lost_since_ms;
 } kvr_sync_state;
 void kvr_sync_get_state(kvr_sync *s, kvr_sync_state *out);
 uint64_t kvr_sync_digest(kvr_sync *s);

@@ -5,7 +5,7 @@
  *
  * Every process runs in its own session (setsid) with its log in D/logs/<role>-<id>.log, so it
  * outlives kvrctl; D/cluster.json records pid + start time + command line, which is how every
- * later command finds (and can re-run) it. Process and HTTP helpers live in bench/run_cluster.c
+ * later command finds (and can re-run) it. Process and HTTP helpers live in launcher/run_cluster.c
  * because `kvr-bench run` kills and restarts routers the same way. */
 #define _GNU_SOURCE
 /* Paths are bounded up front (cluster dir <= 300 bytes); snprintf truncation is the intended
@@ -54,6 +54,8 @@ static void usage(FILE *out)
             "  up --routers N --workers M --frontends K [--dir D] [--base-port P] [--speedup X]\n"
             "     [--namespace NS] [--model M] [--worker-args \"…\"] [--router-args \"…\"]\n"
             "     [--frontend-args \"…\"] [--haproxy] [--no-raft-flags] [--bin-dir DIR] [--timeout S]\n"
+            "     [--bridge]  (each worker as a vLLM stand-in: --kv-events zmq, and a kvr-bridge\n"
+            "                  beside it that forwards its events and heartbeats)\n"
             "  status [--dir D] [--json]\n"
             "  kill ROLE ID|leader|follower [--dir D]     (SIGKILL; prints the id it killed)\n"
             "  restart ROLE ID [--dir D] [--no-wait] [--timeout S]\n"
@@ -212,6 +214,7 @@ typedef struct up_opts {
     const char *ns, *model;
     const char *worker_args, *router_args, *frontend_args;
     bool haproxy, raft_flags;
+    bool bridge; /* workers publish KV events on ZMQ (vLLM's framing), a kvr-bridge beside each */
     int timeout_s;
 } up_opts;
 
@@ -447,7 +450,7 @@ static int cmd_up(const char *dir, up_opts *o)
     int rc = 0;
     char path[PATH_MAX], abs_dir[PATH_MAX];
     char nats_bin[PATH_MAX], router_bin[PATH_MAX], worker_bin[PATH_MAX], frontend_bin[PATH_MAX],
-        haproxy_bin[PATH_MAX];
+        haproxy_bin[PATH_MAX], bridge_bin[PATH_MAX];
 
     if ((rc = mkdir_p(dir, &err)) != 0)
         goto fail_early;
@@ -483,7 +486,9 @@ static int cmd_up(const char *dir, up_opts *o)
          (rc = find_binary("kvr-worker", true, worker_bin, sizeof worker_bin, &err)) != 0) ||
         (o->frontends > 0 &&
          (rc = find_binary("kvr-frontend", true, frontend_bin, sizeof frontend_bin, &err)) != 0) ||
-        (o->haproxy && (rc = find_binary("haproxy", false, haproxy_bin, sizeof haproxy_bin, &err)) != 0))
+        (o->haproxy && (rc = find_binary("haproxy", false, haproxy_bin, sizeof haproxy_bin, &err)) != 0) ||
+        (o->bridge && o->workers > 0 &&
+         (rc = find_binary("kvr-bridge", true, bridge_bin, sizeof bridge_bin, &err)) != 0))
         goto fail_early;
 
     if (!pa.base)
@@ -498,6 +503,7 @@ static int cmd_up(const char *dir, up_opts *o)
     /* Choose every port first (held bound so none repeats), then release them and start. */
     int nats_port = alloc_port(&pa, false, &err);
     int router_http[64], router_raft[64], worker_port[256], frontend_port[64], haproxy_port = 0;
+    int zmq_pub[256], zmq_replay[256]; /* --bridge: each worker's PUB and replay ROUTER ports */
     if (o->routers > 64 || o->workers > 256 || o->frontends > 64) {
         rc = kvr_err_set(&err, KVR_ELIMIT, "at most 64 routers, 256 workers, 64 frontends");
         goto fail;
@@ -514,7 +520,9 @@ static int cmd_up(const char *dir, up_opts *o)
         }
     }
     for (int i = 0; i < o->workers; i++)
-        if ((worker_port[i] = alloc_port(&pa, false, &err)) < 0) {
+        if ((worker_port[i] = alloc_port(&pa, false, &err)) < 0 ||
+            (o->bridge && ((zmq_pub[i] = alloc_port(&pa, false, &err)) < 0 ||
+                           (zmq_replay[i] = alloc_port(&pa, false, &err)) < 0))) {
             rc = KVR_EIO;
             goto fail;
         }
@@ -646,8 +654,42 @@ static int cmd_up(const char *dir, up_opts *o)
                                         "--namespace", (char *)o->ns, "--model", (char *)o->model,
                                         "--id", id, "--speedup", speed};
         int argc = 13;
+        char zpub[48], zrep[48];
+        if (o->bridge) { /* no NATS: the worker is an engine, its bridge speaks for it */
+            snprintf(zpub, sizeof zpub, "tcp://127.0.0.1:%d", zmq_pub[i]);
+            snprintf(zrep, sizeof zrep, "tcp://127.0.0.1:%d", zmq_replay[i]);
+            argv[3] = "--kv-events";
+            argv[4] = "zmq";
+            argv[argc++] = "--zmq-endpoint";
+            argv[argc++] = zpub;
+            argv[argc++] = "--zmq-replay-endpoint";
+            argv[argc++] = zrep;
+        }
         if ((rc = add_extra(argv, &argc, extra, &err)) != 0 ||
             (rc = spawn_and_record(&c, p, argv, argc, &err)) != 0)
+            goto fail;
+    }
+    if ((rc = wait_ready(&c, stage, c.n, o->timeout_s, &err)) != 0)
+        goto fail;
+
+    /* --bridge: a kvr-bridge per worker. Its "port" is its worker's: ready = the worker answers
+     * (the bridge has no HTTP side); the routers knowing the workers below proves the bridges. */
+    stage = c.n;
+    for (int i = 0; o->bridge && i < o->workers; i++) {
+        run_proc *p = new_proc(&c, "bridge", i + 1, worker_port[i], &err);
+        if (!p) {
+            rc = KVR_ENOMEM;
+            goto fail;
+        }
+        char id[16], engine[48], zpub[48], zrep[48];
+        snprintf(id, sizeof id, "%d", i + 1);
+        snprintf(engine, sizeof engine, "http://127.0.0.1:%d", worker_port[i]);
+        snprintf(zpub, sizeof zpub, "tcp://127.0.0.1:%d", zmq_pub[i]);
+        snprintf(zrep, sizeof zrep, "tcp://127.0.0.1:%d", zmq_replay[i]);
+        char *argv[RUN_MAX_ARGS + 1] = {bridge_bin, "--engine-url", engine, "--zmq", zpub,
+                                        "--replay", zrep, "--nats", nats_url, "--namespace",
+                                        (char *)o->ns, "--id", id, "--scrape-interval", "250ms"};
+        if ((rc = spawn_and_record(&c, p, argv, 15, &err)) != 0)
             goto fail;
     }
     if ((rc = wait_ready(&c, stage, c.n, o->timeout_s, &err)) != 0)
@@ -867,7 +909,7 @@ static int cmd_down(const char *dir, int timeout_s)
     if (load_or_die(&c, dir))
         return 1;
     /* Clients first, NATS last, so nothing logs a storm of reconnects. */
-    static const char *order[] = {"haproxy", "frontend", "worker", "router", "nats"};
+    static const char *order[] = {"haproxy", "frontend", "bridge", "worker", "router", "nats"};
     for (size_t r = 0; r < sizeof order / sizeof order[0]; r++)
         for (int i = 0; i < c.n; i++)
             if (strcmp(c.procs[i].role, order[r]) == 0 && run_proc_alive(&c.procs[i]))
@@ -982,6 +1024,8 @@ int main(int argc, char **argv)
             NEED_VALUE bin = v;
         } else if (strcmp(a, "--haproxy") == 0) {
             o.haproxy = true;
+        } else if (strcmp(a, "--bridge") == 0) {
+            o.bridge = true;
         } else if (strcmp(a, "--no-raft-flags") == 0) {
             o.raft_flags = false;
         } else if (strcmp(a, "--json") == 0) {

@@ -124,9 +124,21 @@ PY
 # nothing of any cluster is left running
 for d in "$DIR/raft" "$DIR/local" "$DIR/best_effort"; do
     [ -f "$d/cluster.json" ] || kvr_fail "no $d/cluster.json"
-    for pid in $(/usr/bin/python3 -c 'import json,sys; print(" ".join(str(p["pid"]) for p in json.load(open(sys.argv[1]))["processes"]))' "$d/cluster.json"); do
-        if [ -e "/proc/$pid" ] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null; then
-            kvr_fail "process $pid of $d still running"
+    for ps in $(/usr/bin/python3 -c 'import json,sys; print(" ".join("%d:%d" % (p["pid"], p["start_time"]) for p in json.load(open(sys.argv[1]))["processes"]))' "$d/cluster.json"); do
+        pid=${ps%%:*} start=${ps#*:}
+        # Ours only while its start time (field 22 of /proc/<pid>/stat) is the one the launcher
+        # recorded: on a busy CI machine near pid_max the number is soon reused (seen once,
+        # a short-lived stranger under pid 30952). A process the bench sent SIGTERM may need a
+        # moment to finish exiting on a loaded machine: wait up to 5 s, then it is a leak.
+        alive() {
+            local f
+            f=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+            set -- $f "$2"
+            [ "$1" != Z ] && [ "$1" != X ] && [ "${20}" = "${!#}" ]
+        }
+        for ((k = 0; k < 50; k++)); do alive "$pid" "$start" || break; sleep 0.1; done
+        if alive "$pid" "$start"; then
+            kvr_fail "process $pid of $d still running ($(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-120))"
         fi
     done
 done

@@ -17,9 +17,7 @@ CHAOS_MODE=lo
 
 chaos_need() {
     local b
-    for b in kvr-worker kvr-frontend kvr-routerd kvr-test-pub; do
-        [ -x "$KVR_BIN/$b" ] || { echo "SKIP: $b not built"; exit 77; }
-    done
+    kvr_need_bins kvr-worker kvr-frontend kvr-routerd kvr-test-pub
     [ -f "$KVR_TESTS_DIR/../sync/sync.c" ] || { echo "SKIP: no Raft sync module"; exit 77; }
 }
 

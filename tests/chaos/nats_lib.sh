@@ -1,7 +1,5 @@
 # nats_lib.sh: helpers for the NATS chaos cases (source after tests/lib/testenv.sh).
-for b in kvr-worker kvr-frontend kvr-routerd; do
-    [ -x "$KVR_BIN/$b" ] || { echo "SKIP: $b not built"; exit 77; }
-done
+kvr_need_bins kvr-worker kvr-frontend kvr-routerd
 
 # nc_state PORT: a router's /v1/state; nc_q PORT JQ: one field of it
 nc_state() { curl -s --max-time 2 "http://127.0.0.1:$1/v1/state"; }

@@ -38,7 +38,7 @@ t_fill=$(now_ms)
 fill() { in_ns "$L" bash -c "cat /dev/zero >>'${RDATA[$L]}/filler'" 2>/dev/null; }
 fill
 kvr_log "filled: $(in_ns "$L" df -h "${RDATA[$L]}" | tail -1)"
-err_logged() { tail -n +"$lines0" "$KVR_TMP/router$L.log" | grep -qiE 'no space|ENOSPC|disk full|space left'; }
+err_logged() { tail -n +"$lines0" "$KVR_TMP/router$L.log" | grep -qiE 'no space|not enough space|ENOSPC|disk full|space left'; }
 OTHERS=()
 for i in 1 2 3; do [ "$i" != "$L" ] && OTHERS+=("$i"); done
 t_err=
@@ -56,6 +56,8 @@ tail -n +"$lines0" "$KVR_TMP/router$L.log" | grep -E 'level=(error|warn)' | sort
 chaos_check "the full router r$L logs an error naming the lack of space" test -n "$t_err"
 chaos_check "the full router r$L is still running (no crash)" kvr_alive "router$L"
 chaos_check "the other routers have a leader while r$L's disk is full" test -n "$t_lead"
+# a leader that cannot write its log hands leadership to a router that can (sync.c)
+chaos_check "leadership moved off the full router r$L (leader r${NL:-none})" test "${NL:-$L}" != "$L"
 
 t_free=$(now_ms)
 in_ns "$L" rm -f "${RDATA[$L]}/filler" 2>/dev/null

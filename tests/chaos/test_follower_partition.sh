@@ -39,6 +39,11 @@ kvr_log "after $PART_S s: leader commit $ci0 -> $ci1, r$P is $behind entries beh
 [ "$(chaos_leader 5 0 "$L" "$O")" = "$L" ] || kvr_fail "the majority lost its leader: $(chaos_table)"
 [ "$behind" -gt 64 ] || kvr_fail "too little traffic to need a snapshot ($behind entries)"
 
+# the cut-off router lost the quorum it had while the majority kept one: it left the queue
+# groups (its decisions would not reach the majority); the majority never left them
+OUT_PART=$(r_q "$P" .raft.in_queue_groups)
+MAJ_LEFT=0
+for i in "$L" "$O"; do MAJ_LEFT=$((MAJ_LEFT + $(r_q "$i" .raft.queue_groups_left))); done
 t_heal=$(now_ms)
 kvr_netns_heal "r$P" "r$L"
 kvr_netns_heal "r$P" "r$O"
@@ -65,4 +70,9 @@ chaos_check "no failed client request ($(jq -c .errors <<<"$sum"))" test "$(jq -
 # leave those bookings on the majority (a leak for as long as the partition lasts).
 chaos_check "majority holds $MAJ_B bookings with 3 requests in flight (leak during the partition)" \
     test "$MAJ_B" -le 8
+chaos_check "partitioned r$P still in the queue groups during the partition" test "$OUT_PART" = false
+chaos_check "the majority left the queue groups $MAJ_LEFT time(s)" test "$MAJ_LEFT" = 0
+for i in 1 2 3; do
+    chaos_check "r$i back in the queue groups after healing" test "$(r_q "$i" .raft.in_queue_groups)" = true
+done
 chaos_done

@@ -41,6 +41,11 @@ MAJ_B=0
 for i in "${FOL[@]}"; do b=$(r_q "$i" .bookings); [ "${b:-0}" -gt "$MAJ_B" ] && MAJ_B=$b; done
 kvr_log "partition held $PART_S s; $(chaos_table | tr '\n' ';')"
 
+# the cut-off router lost the quorum it had while the majority kept one: it left the queue
+# groups (its decisions would not reach the majority); the majority never left them
+OUT_PART=$(r_q "$L" .raft.in_queue_groups)
+MAJ_LEFT=0
+for i in "${FOL[@]}"; do MAJ_LEFT=$((MAJ_LEFT + $(r_q "$i" .raft.queue_groups_left))); done
 t_heal=$(now_ms)
 for f in "${FOL[@]}"; do kvr_netns_heal "r$L" "r$f"; done
 RL=$(chaos_leader 20) || kvr_fail "old leader did not rejoin: $(chaos_table)"
@@ -63,4 +68,9 @@ chaos_check "no failed client request ($(jq -c .errors <<<"$sum"))" test "$(jq -
 # leave those bookings on the majority (a leak for as long as the partition lasts).
 chaos_check "majority holds $MAJ_B bookings with 4 requests in flight (leak during the partition)" \
     test "$MAJ_B" -le 10
+chaos_check "partitioned r$L still in the queue groups during the partition" test "$OUT_PART" = false
+chaos_check "the majority left the queue groups $MAJ_LEFT time(s)" test "$MAJ_LEFT" = 0
+for i in 1 2 3; do
+    chaos_check "r$i back in the queue groups after healing" test "$(r_q "$i" .raft.in_queue_groups)" = true
+done
 chaos_done

@@ -43,9 +43,10 @@ done
 replicas=$(curl -s "http://127.0.0.1:${NATS_NODE_MON[2]}/jsz?streams=true&config=true" |
     jq -r '.account_details[0].stream_detail[] | select(.name == "KVR_EVENTS") | .config.num_replicas')
 kvr_assert_eq "$replicas" 3 "KVR_EVENTS replicas"
-# NC_KILL_STREAM_LEADER=1: node 1 also leads the stream, so its loss forces a stream leader
-# election under load. Known to lose events today: workers publish them with core NATS (no
-# JetStream ack), and what arrives while the stream has no leader is dropped by the server.
+# NC_KILL_STREAM_LEADER=1 (ctest chaos_nats_stream_leader_kill): node 1 also leads the stream,
+# so its loss forces a stream leader election under load. Workers publish KV events as
+# JetStream publishes and send again what the stream did not acknowledge; with core publishes
+# (before), what arrived while the stream had no leader was dropped by the server.
 if [ "${NC_KILL_STREAM_LEADER:-0}" = 1 ]; then
     nc_move_stream_leader n1 "${NATS_NODE_MON[2]}" "${NATS_NODE_URL[2]}" ||
         kvr_fail "could not move the KVR_EVENTS leader to node 1"

@@ -115,7 +115,7 @@ static void test_block_size_zero_and_partial(void **state)
     assert_int_equal(kvr_hash_seq(t, 20, 0, false, 0, out, 4), 0);
     assert_int_equal(kvr_hash_seq(t, 15, 16, false, 0, out, 4), 0);
     assert_int_equal(kvr_hash_seq(t, 20, 16, false, 0, out, 4), 1);
-    /* "hello" from NOTES-deps 5.4 */
+    /* "hello": docs/DEPENDENCIES.md 3 */
     assert_true(kvr_hash_bytes("hello", 5) == 0x9555e8555c62dcfdull);
 }
 

@@ -6,9 +6,7 @@
 source "$(dirname "$0")/../lib/testenv.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
 kvr_test_init frontend_api
-for b in kvr-worker kvr-frontend; do
-    [ -x "$KVR_BIN/$b" ] || { echo "SKIP: $b not built"; exit 77; }
-done
+kvr_need_bins kvr-worker kvr-frontend
 PY=/usr/bin/python3
 CL="$PY $HERE/fe_client.py"
 KEY=sekret-key-1

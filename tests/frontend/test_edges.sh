@@ -10,9 +10,7 @@
 #    get an SSE error event and [DONE]; a second SIGTERM cuts at once, with the same ending.
 source "$(dirname "$0")/../lib/testenv.sh"
 kvr_test_init frontend_edges
-for b in kvr-worker kvr-frontend kvr-routerd kvr-test-pub; do
-    [ -x "$KVR_BIN/$b" ] || { echo "SKIP: $b not built"; exit 77; }
-done
+kvr_need_bins kvr-worker kvr-frontend kvr-routerd kvr-test-pub
 KEY=edge-key
 PUB="$KVR_BIN/kvr-test-pub"
 kvr_start_nats

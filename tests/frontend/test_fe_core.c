@@ -12,6 +12,7 @@
 
 #include "fe_core.h"
 #include "fe_pool.h"
+#include "route_msg.h"
 #include "kvr_mp.h"
 #include "kvr_tok.h"
 
@@ -578,66 +579,6 @@ static void test_pool(void **state)
     fe_pool_free(&p);
 }
 
-static void test_route_codec(void **state)
-{
-    (void)state;
-    uint64_t hs[3] = {1, UINT64_MAX, 77};
-    fe_route_req rq = {.frontend_id = 9, .model = "m", .ns = "ns", .tokens = 200,
-                       .seq_hashes = hs, .n_hashes = 3};
-    memset(rq.request_id, 0xab, 16);
-    kvr_buf b;
-    kvr_buf_init(&b);
-    assert_int_equal(fe_route_req_encode(&b, &rq), 0);
-    kvr_mp_reader r;
-    kvr_mp_reader_init(&r, b.base, b.len);
-    uint32_t n;
-    assert_int_equal(kvr_mp_read_map(&r, &n), 0);
-    assert_int_equal(n, 6);
-    kvr_slice k, v;
-    assert_int_equal(kvr_mp_read_str(&r, &k), 0);
-    assert_true(kvr_slice_eq_cstr(k, "request_id"));
-    assert_int_equal(kvr_mp_read_bin(&r, &v), 0);
-    assert_int_equal(v.len, 16);
-
-    kvr_buf_reset(&b);
-    kvr_mp_write_map(&b, 6);
-    kvr_mp_write_cstr(&b, "ok");
-    kvr_mp_write_bool(&b, true);
-    kvr_mp_write_cstr(&b, "worker_id");
-    kvr_mp_write_uint(&b, 3);
-    kvr_mp_write_cstr(&b, "url");
-    kvr_mp_write_cstr(&b, "http://127.0.0.1:9003");
-    kvr_mp_write_cstr(&b, "overlap_blocks");
-    kvr_mp_write_uint(&b, 2);
-    kvr_mp_write_cstr(&b, "router_id");
-    kvr_mp_write_uint(&b, 1);
-    kvr_mp_write_cstr(&b, "mode");
-    kvr_mp_write_cstr(&b, "raft");
-    fe_route_reply rep;
-    assert_int_equal(fe_route_reply_decode(b.base, b.len, &rep, NULL), 0);
-    assert_true(rep.ok);
-    assert_int_equal(rep.worker_id, 3);
-    assert_string_equal(rep.url, "http://127.0.0.1:9003");
-    assert_string_equal(rep.mode, "raft");
-    /* truncated */
-    kvr_err e = {0};
-    assert_true(fe_route_reply_decode(b.base, b.len - 3, &rep, &e) < 0);
-    kvr_buf_reset(&b);
-    kvr_mp_write_map(&b, 2);
-    kvr_mp_write_cstr(&b, "ok");
-    kvr_mp_write_bool(&b, false);
-    kvr_mp_write_cstr(&b, "error");
-    kvr_mp_write_cstr(&b, "no workers");
-    assert_int_equal(fe_route_reply_decode(b.base, b.len, &rep, NULL), 0);
-    assert_false(rep.ok);
-    assert_string_equal(rep.error, "no workers");
-    kvr_buf_reset(&b);
-    uint8_t id[16] = {1};
-    assert_int_equal(fe_route_event_encode(&b, id, "free"), 0);
-    assert_true(b.len > 20);
-    kvr_buf_free(&b);
-}
-
 /* Mutated inputs: every parser answers 0 or a clean error, never crashes (ASan/valgrind
  * runs of this test check memory too). */
 static void test_mutations(void **state)
@@ -696,8 +637,8 @@ static void test_mutations(void **state)
         if (it % 7 == 0)
             hn = (x >> 24) % hn;
         (void)fe_pool_heartbeat(&p, buf, hn, 0, &ke);
-        fe_route_reply rep;
-        (void)fe_route_reply_decode(buf, hn, &rep, &ke);
+        kvr_route_reply rep;
+        (void)kvr_route_reply_decode(buf, hn, &rep, &ke);
     }
     assert_true(p.n <= FE_POOL_MAX_WORKERS);
     fe_pool_free(&p);
@@ -723,7 +664,6 @@ int main(void)
         cmocka_unit_test(test_pool),
         cmocka_unit_test(test_pool_blind),
         cmocka_unit_test(test_pool_edges),
-        cmocka_unit_test(test_route_codec),
         cmocka_unit_test(test_mutations),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -5,9 +5,7 @@
 source "$(dirname "$0")/../lib/testenv.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
 kvr_test_init frontend_load
-for b in kvr-worker kvr-frontend; do
-    [ -x "$KVR_BIN/$b" ] || { echo "SKIP: $b not built"; exit 77; }
-done
+kvr_need_bins kvr-worker kvr-frontend
 N=${FE_LOAD_STREAMS:-1000}
 # Under AddressSanitizer RSS includes the quarantine of freed memory: memory bounds only
 # hold for normal builds.
@@ -78,5 +76,5 @@ kvr_log "frontend RSS $before KiB → peak $peak KiB: +$grow KiB, $per KiB per s
 [ "$ASAN" = 1 ] || [ "$grow" -lt $((N * 200)) ] || kvr_fail "RSS grew $grow KiB for $N streams"
 # and the server is fine afterwards
 r=$(curl -s -d '{"model":"m1","prompt":"after","max_tokens":3}' "$F/v1/completions")
-kvr_assert_eq "$(echo "$r" | jq -r .usage.completion_tokens)" 3 "request after the load"
+kvr_assert_eq "$(echo "$r" | jq -r .usage.completion_tokens)" 3 "request after the load (reply: ${r:0:300})"
 kvr_pass

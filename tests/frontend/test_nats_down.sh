@@ -6,9 +6,7 @@
 # the outage expires one TTL after the reconnect.
 source "$(dirname "$0")/../lib/testenv.sh"
 kvr_test_init frontend_nats_down
-for b in kvr-worker kvr-frontend kvr-routerd; do
-    [ -x "$KVR_BIN/$b" ] || { echo "SKIP: $b not built"; exit 77; }
-done
+kvr_need_bins kvr-worker kvr-frontend kvr-routerd
 kvr_start_nats
 declare -A WPORT
 for i in 1 2; do

@@ -5,9 +5,7 @@
 source "$(dirname "$0")/../lib/testenv.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
 kvr_test_init frontend_openai_node
-for b in kvr-worker kvr-frontend; do
-    [ -x "$KVR_BIN/$b" ] || { echo "SKIP: $b not built"; exit 77; }
-done
+kvr_need_bins kvr-worker kvr-frontend
 NODE_DIR=${FE_NODE_DIR:-$KVR_TMP/node}
 mkdir -p "$NODE_DIR"
 if [ ! -d "$NODE_DIR/node_modules/openai" ]; then

@@ -5,9 +5,7 @@
 # with no configuration change. Workers of namespace "Q" are never used.
 source "$(dirname "$0")/../lib/testenv.sh"
 kvr_test_init frontend_pools
-for b in kvr-worker kvr-frontend; do
-    [ -x "$KVR_BIN/$b" ] || { echo "SKIP: $b not built"; exit 77; }
-done
+kvr_need_bins kvr-worker kvr-frontend
 kvr_start_nats
 declare -A WPORT
 spawn_worker() { # id ns

@@ -9,9 +9,7 @@
 source "$(dirname "$0")/../lib/testenv.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
 kvr_test_init frontend_router_failover
-for b in kvr-worker kvr-frontend kvr-routerd; do
-    [ -x "$KVR_BIN/$b" ] || { echo "SKIP: $b not built"; exit 77; }
-done
+kvr_need_bins kvr-worker kvr-frontend kvr-routerd
 PY=/usr/bin/python3
 kvr_start_nats
 declare -A WPORT RPORT
@@ -33,7 +31,7 @@ kvr_spawn fe "$KVR_BIN/kvr-frontend" --listen 127.0.0.1:$fport --nats "$NATS_URL
 F=http://127.0.0.1:$fport
 kvr_wait_http "$F/health" 10
 kvr_wait_http "http://127.0.0.1:${RPORT[1]}/health" 15
-rworkers() { curl -s --max-time 2 "http://127.0.0.1:${RPORT[$1]}/v1/state" | jq -e '.workers|length==2' >/dev/null; }
+rworkers() { curl -s --max-time 2 "http://127.0.0.1:${RPORT[$1]}/v1/state" | jq -e '[.workers[] | select(.up)] | length == 2' >/dev/null; }
 kvr_wait_for 15 rworkers 1 || kvr_fail "router 1 never saw both workers"
 fworkers() { curl -s "$F/metrics" | awk '/^kvr_frontend_live_workers / {exit !($2==2)}'; }
 kvr_wait_for 10 fworkers || kvr_fail "frontend never saw both workers"
@@ -82,9 +80,11 @@ kvr_wait_http "http://127.0.0.1:${RPORT[3]}/health" 15
 kvr_wait_for 15 rworkers 2 || kvr_fail "router 2 never saw the workers"
 kvr_wait_for 15 rworkers 3 || kvr_fail "router 3 never saw the workers"
 body='{"model":"m1","prompt":"a stream that outlives its router","max_tokens":400,"stream":true}'
+routed0=$(grep -cE 'msg="?routed"? ' "$KVR_TMP/fe.log" || true)
 $PY "$HERE/fe_client.py" sse "$F/v1/completions" "$body" >"$KVR_TMP/live.json" 2>&1 &
 bg=$!
-sleep 0.5
+routed_more() { [ "$(grep -cE 'msg="?routed"? ' "$KVR_TMP/fe.log")" -gt "$routed0" ]; }
+kvr_wait_for 10 routed_more || kvr_fail "the stream was never routed"
 line=$(grep -E 'msg="?routed"? ' "$KVR_TMP/fe.log" | tail -1)
 rid=$(echo "$line" | sed -n 's/.*router=\([0-9]*\).*/\1/p')
 [ -n "$rid" ] || kvr_fail "no routed log line: $line"
@@ -116,8 +116,14 @@ kvr_assert_eq "$(fmetric 'kvr_frontend_route_fallback_total{reason="timeout"}')"
 kvr_log "routers stopped: fallback after $ms ms"
 # The router wakes up and applies the timed-out route request late: the frontend's "free"
 # (sent because a timed-out try may have booked) must leave it with no booking.
+# Wait until it has decided the late request (its decision counter moves), so that the zero
+# below is the free's doing, not a request still queued.
+decisions() { curl -s --max-time 2 "http://127.0.0.1:${RPORT[$1]}/metrics" |
+    awk '$1 ~ /^kvr_routerd_route_decisions_total/ {s+=$2} END {printf "%d\n", s}'; }
+d0=$(decisions "$last")
 kill -CONT -- "-$(kvr_pid "router$last")"
-sleep 1
+late_decided() { [ "$(decisions "$last")" -gt "$d0" ]; }
+kvr_wait_for 10 late_decided || kvr_fail "the woken router never decided the timed-out request"
 kvr_wait_for 10 zero_bookings_of "$last" || kvr_fail "a late booking of a timed-out route lingers: $(bookings "$last")"
 
 # 4b. all routers gone: still served, counted as fallback

@@ -1,7 +1,7 @@
 /* Writes seed inputs for fuzz_sync (mode byte + length-prefixed encoded commands, an entry, a
  * snapshot) into the directory given as argv[1]. Built and run by hand when the command format
- * changes:  cc -Icommon -Isync tests/fuzz/gen_sync_seeds.c build/sync/libkvr_sync.a
- *           build/common/libkvr_common.a -lxxhash -lm && ./a.out tests/fuzz/seeds/sync */
+ * changes:  cc -Ibase -Iproto -Isync tests/fuzz/gen_sync_seeds.c build/sync/libkvr_sync.a
+ *           build/base/libkvr_base.a build/proto/libkvr_proto.a -lxxhash -lm && ./a.out tests/fuzz/seeds/sync */
 #include "entry.h"
 #include "fsm.h"
 

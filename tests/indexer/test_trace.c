@@ -1,4 +1,4 @@
-/* Tests of the Mooncake trace reader and prompt generator (bench/trace.h). argv[1], when
+/* Tests of the Mooncake trace reader and prompt generator (launcher/trace.h). argv[1], when
  * given, is the repository's sample trace (data/mooncake_conversation_trace.jsonl.gz). */
 #define _DEFAULT_SOURCE
 #include <setjmp.h>

@@ -229,6 +229,15 @@ kvr_wait_http() {
     kvr_fail "timed out waiting for $url to answer $want (last: $code)"
 }
 
+# kvr_need_bins NAME...: skip the test (exit 77, ctest's SKIP_RETURN_CODE) unless every binary
+# is built in $KVR_BIN.
+kvr_need_bins() {
+    local b
+    for b in "$@"; do
+        [ -x "$KVR_BIN/$b" ] || { echo "SKIP: $b not built"; exit 77; }
+    done
+}
+
 # kvr_wait_for SECONDS CMD...: poll until CMD succeeds.
 kvr_wait_for() {
     local t=$1 i

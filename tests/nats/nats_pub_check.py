@@ -12,15 +12,7 @@ import base64, json, socket, sys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-
-def crc16(data):
-    crc = 0
-    for b in data:
-        crc ^= b << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
-            crc &= 0xFFFF
-    return crc
+from nkeys import encode  # same directory: the NKEY text encoding (base32 + CRC16) lives there
 
 
 def main():
@@ -29,8 +21,7 @@ def main():
     raw = base64.b32decode(seed + "=" * (-len(seed) % 8))
     key = Ed25519PrivateKey.from_private_bytes(raw[2:34])
     pub = bytes([20 << 3]) + key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    c = crc16(pub)
-    pub_s = base64.b32encode(pub + bytes([c & 0xFF, c >> 8])).decode().rstrip("=")
+    pub_s = encode(pub)
     s = socket.create_connection((host, port), timeout=5)
     f = s.makefile("rb")
     info = json.loads(f.readline().decode()[5:])

@@ -76,7 +76,9 @@ def main():
         write(f"{d}/op.jwt", jwt(oseed, opub, opub, "op", {"type": "operator", "version": 2}))
         unl = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
                "wildcards": True, "conn": -1, "leaf": -1}
-        ajwt = jwt(oseed, opub, apub, "acct", {"limits": unl, "type": "account", "version": 2})
+        # the users' account may use JetStream (a kvr_nats opens a JetStream connection too)
+        js = dict(unl, mem_storage=-1, disk_storage=-1, streams=-1, consumer=-1)
+        ajwt = jwt(oseed, opub, apub, "acct", {"limits": js, "type": "account", "version": 2})
         # JetStream in operator mode needs a system account
         _, _, spub = new_key("A")
         sjwt = jwt(oseed, opub, spub, "SYS", {"limits": unl, "type": "account", "version": 2})

@@ -31,6 +31,7 @@
 #include "kvr_buf.h"
 #include "kvr_hash.h"
 #include "kvr_mp.h"
+#include "route_msg.h"
 
 #include <inttypes.h>
 #include <nats/nats.h>
@@ -266,23 +267,21 @@ static int do_route(char **a, int n)
     rid_bytes(a[5], rid);
     kvr_buf b;
     kvr_buf_init(&b);
-    kvr_mp_write_map(&b, 7);
-    kvr_mp_write_cstr(&b, "request_id");
-    kvr_mp_write_bin(&b, rid, 16);
-    kvr_mp_write_cstr(&b, "frontend_id");
-    kvr_mp_write_uint(&b, 77);
-    kvr_mp_write_cstr(&b, "model");
-    kvr_mp_write_cstr(&b, a[1]);
-    kvr_mp_write_cstr(&b, "namespace");
-    kvr_mp_write_cstr(&b, a[2]);
-    kvr_mp_write_cstr(&b, "role");
-    kvr_mp_write_cstr(&b, "both");
-    kvr_mp_write_cstr(&b, "tokens");
-    kvr_mp_write_uint(&b, n > 6 ? strtoull(a[6], NULL, 10) : nt); /* a lie, if asked for */
-    kvr_mp_write_cstr(&b, "seq_hashes");
-    kvr_mp_write_array(&b, (uint32_t)ns);
-    for (size_t i = 0; i < ns; i++)
-        kvr_mp_write_uint(&b, seq[i]);
+    uint64_t claimed = n > 6 ? strtoull(a[6], NULL, 10) : nt; /* a lie, if asked for */
+    kvr_route_req rq = {.frontend_id = 77,
+                        .model = {a[1], strlen(a[1])},
+                        .ns = {a[2], strlen(a[2])},
+                        .role = {"both", 4},
+                        .tokens = claimed > UINT32_MAX ? UINT32_MAX : (uint32_t)claimed,
+                        .seq_hashes = seq,
+                        .n_hashes = ns};
+    memcpy(rq.request_id, rid, 16);
+    if (kvr_route_req_encode(&b, &rq) != 0) {
+        free(toks);
+        free(seq);
+        kvr_buf_free(&b);
+        return -1;
+    }
     free(toks);
     free(seq);
     /* like a frontend: retry the same request id (routers dedupe by it) on a timeout or no
@@ -302,32 +301,22 @@ static int do_route(char **a, int n)
         fflush(stdout);
         return 0;
     }
-    kvr_mp_reader r;
-    kvr_mp_reader_init(&r, natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply));
-    uint32_t nk = 0;
+    kvr_route_reply rep;
+    kvr_err derr = {0};
     bool ok = false;
     uint64_t worker = 0, overlap = 0, router = 0;
     kvr_slice mode = {"", 0}, err = {"", 0};
-    if (kvr_mp_read_map(&r, &nk) == 0) {
-        for (uint32_t i = 0; i < nk; i++) {
-            kvr_slice k;
-            if (kvr_mp_read_str(&r, &k) != 0)
-                break;
-            if (kvr_slice_eq_cstr(k, "ok"))
-                kvr_mp_read_bool(&r, &ok);
-            else if (kvr_slice_eq_cstr(k, "worker_id"))
-                kvr_mp_read_uint(&r, &worker);
-            else if (kvr_slice_eq_cstr(k, "overlap_blocks"))
-                kvr_mp_read_uint(&r, &overlap);
-            else if (kvr_slice_eq_cstr(k, "router_id"))
-                kvr_mp_read_uint(&r, &router);
-            else if (kvr_slice_eq_cstr(k, "mode"))
-                kvr_mp_read_str(&r, &mode);
-            else if (kvr_slice_eq_cstr(k, "error"))
-                kvr_mp_read_str(&r, &err);
-            else
-                kvr_mp_skip(&r);
-        }
+    if (kvr_route_reply_decode(natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply), &rep,
+                               &derr) != 0) {
+        err = (kvr_slice){derr.msg, strlen(derr.msg)};
+    } else {
+        ok = rep.ok;
+        worker = rep.worker_id;
+        overlap = rep.overlap_blocks;
+        router = rep.router_id;
+        mode = rep.mode;
+        if (rep.error.len)
+            err = rep.error;
     }
     if (ok)
         printf("route ok=1 worker=%" PRIu64 " overlap=%" PRIu64 " mode=%.*s router=%" PRIu64
@@ -348,11 +337,14 @@ static int do_rev(char **a, int n)
     rid_bytes(a[1], rid);
     kvr_buf b;
     kvr_buf_init(&b);
-    kvr_mp_write_map(&b, 2);
-    kvr_mp_write_cstr(&b, "request_id");
-    kvr_mp_write_bin(&b, rid, 16);
-    kvr_mp_write_cstr(&b, "event");
-    kvr_mp_write_cstr(&b, a[2]);
+    kvr_route_event ev = {.type = strcmp(a[2], "free") == 0           ? KVR_ROUTE_EVENT_FREE
+                                  : strcmp(a[2], "prefill_done") == 0 ? KVR_ROUTE_EVENT_PREFILL_DONE
+                                                                      : 0};
+    memcpy(ev.request_id, rid, 16);
+    if (kvr_route_event_encode(&b, &ev) != 0) {
+        kvr_buf_free(&b);
+        return -1;
+    }
     natsStatus s = natsConnection_Publish(nc, "kvr.route.event", b.base, (int)b.len);
     kvr_buf_free(&b);
     if (s == NATS_OK)

@@ -80,3 +80,26 @@ while len(out) < n and p < 32700:
 print(" ".join(out))
 PY
 }
+
+# rd_secret FILE: a fresh 32-byte hex secret (cluster secret), readable by us only.
+rd_secret() { (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$1"); }
+
+# rd_common_leader PORT...: waits up to 10 s until every router (HTTP ports) names the same
+# Raft leader and prints its id; prints nothing if they never agree.
+rd_common_leader() {
+    local k l p ok
+    for ((k = 0; k < 200; k++)); do
+        l=$(rd_q "$1" .raft.leader 2>/dev/null)
+        if [ -n "$l" ] && [ "$l" != 0 ] && [ "$l" != null ]; then
+            ok=1
+            for p in "${@:2}"; do [ "$(rd_q "$p" .raft.leader)" = "$l" ] || ok=0; done
+            [ $ok = 1 ] && { echo "$l"; return 0; }
+        fi
+        sleep 0.05
+    done
+}
+
+# rd_wait_workers_up PORT N SECONDS: the router on PORT lists N workers up.
+rd_wait_workers_up() {
+    kvr_wait_for "$3" bash -c "[ \"\$(curl -s http://127.0.0.1:$1/v1/state | jq '[.workers[] | select(.up)] | length')\" = $2 ]"
+}

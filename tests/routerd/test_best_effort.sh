@@ -39,7 +39,13 @@ done
 # a garbled broadcast: refused, counted in the log, nothing changes
 printf 'raw kvr.route.bcast 92cd0001c403ffffff\nraw kvr.route.bcast c1\n' | "$PUB" --nats "$NATS_URL" --core >/dev/null ||
     kvr_fail "publishing garbage"
-sleep 0.5
+# wait until every router has read both (its counter says so), then check nothing changed
+bcast_rejected() { curl -s "http://127.0.0.1:${HP[$1]}/metrics" |
+    awk '$1 == "kvr_routerd_booking_broadcasts_rejected_total" {print $2}'; }
+both_counted() { [ "$(bcast_rejected "$1")" = 2 ]; }
+for i in 1 2 3; do
+    kvr_wait_for 10 both_counted "$i" || kvr_fail "router $i counted $(bcast_rejected "$i") garbled broadcasts, want 2"
+done
 for i in 1 2 3; do
     kvr_assert_eq "$(rd_q "${HP[$i]}" .bookings)" "$N" "router $i bookings after a garbled broadcast"
     kvr_alive "r$i" || kvr_fail "router $i died on a garbled broadcast"

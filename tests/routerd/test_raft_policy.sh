@@ -19,7 +19,7 @@ PEERS="1@$A1,2@$A2,3@$A3"
 declare -A HP RA
 for i in 1 2 3; do HP[$i]=$(kvr_free_port); done
 RA[1]=$A1; RA[2]=$A2; RA[3]=$A3
-(umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$KVR_TMP/secret")
+rd_secret "$KVR_TMP/secret"
 AUTH_ARGS=${AUTH_ARGS---cluster-secret-file $KVR_TMP/secret} # "" to run against builds before peer auth
 for i in 1 2 3; do
     # shellcheck disable=SC2086
@@ -28,17 +28,9 @@ for i in 1 2 3; do
 done
 rd_beat beat1 ns1 1
 for i in 1 2 3; do kvr_wait_http "http://127.0.0.1:${HP[$i]}/ready" 20; done
-L=
-for ((k = 0; k < 200; k++)); do
-    L=$(rd_q "${HP[1]}" .raft.leader 2>/dev/null)
-    [ -n "$L" ] && [ "$L" != 0 ] && [ "$L" != null ] && [ "$(rd_q "${HP[2]}" .raft.leader)" = "$L" ] &&
-        [ "$(rd_q "${HP[3]}" .raft.leader)" = "$L" ] && break
-    L=
-    sleep 0.05
-done
+L=$(rd_common_leader "${HP[1]}" "${HP[2]}" "${HP[3]}")
 [ -n "$L" ] || kvr_fail "no common leader"
-kvr_wait_for 10 bash -c "[ \"\$(curl -s http://127.0.0.1:${HP[$L]}/v1/state | jq '[.workers[] | select(.up)] | length')\" = 1 ]" ||
-    kvr_fail "worker not up"
+rd_wait_workers_up "${HP[$L]}" 1 10 || kvr_fail "worker not up"
 
 # frontend 77 (the id kvr-test-pub's route requests carry) beats every 200 ms
 for ((k = 0; k < 600; k++)); do printf 'raw kvr.frontends.77 c0\nsleep 200\n'; done >"$KVR_TMP/beats.txt"

@@ -16,6 +16,7 @@
 #include "entry.h"
 #include "fsm.h"
 #include "lease.h"
+#include "liveness.h"
 #include "sync_test_util.h"
 
 #define MAXN 5
@@ -28,11 +29,15 @@ typedef struct node {
     uint64_t applied_entries;
 } node;
 
+static struct raft_fixture *g_fx; /* its simulated time stands for each node's monotonic clock */
+
 static void n_apply(void *data, uint64_t index, const void *buf, size_t len)
 {
     (void)index;
     node *n = data;
     kvr_entry_header h;
+    if (g_fx)
+        kvr_fsm_set_local_now(n->fsm, (int64_t)raft_fixture_time(g_fx));
     kvr_entry_apply(n->fsm, buf, len, &h, NULL, NULL);
     n->applied_entries++;
 }
@@ -58,6 +63,7 @@ static void cluster_setup(cluster *c, unsigned n, unsigned snapshot_threshold)
     memset(c, 0, sizeof *c); /* P11: raft_fixture_initialize leaves f->n uninitialised in 0.15 */
     c->n = n;
     assert_int_equal(raft_fixture_initialize(&c->f), 0);
+    g_fx = &c->f;
     for (unsigned i = 0; i < n; i++) {
         node *nd = &c->nodes[i];
         nd->fsm = kvr_fsm_new(NULL);
@@ -79,6 +85,7 @@ static void cluster_setup(cluster *c, unsigned n, unsigned snapshot_threshold)
 
 static void cluster_teardown(cluster *c)
 {
+    g_fx = NULL;
     raft_fixture_close(&c->f);
     for (unsigned i = 0; i < c->n; i++)
         kvr_fsm_free(c->nodes[i].fsm);
@@ -773,6 +780,168 @@ static void test_lease_clock_step(void **state)
     cluster_teardown(&c);
 }
 
+/* Defect 5: a worker that died while every router was down is declared down by the leader
+ * alone, on its monotonic clock. After a restart of all routers the replicated registry still
+ * has workers 1 and 2 up; only 1 beats. Within ttl of the new leader taking office nothing is
+ * due; then WORKER_DOWN(2) is due on the leader (once), never on a follower; committed, every
+ * replica has 2 down, routes only to 1, equal digests. */
+/* The leader's housekeeping loop: every 500 ms of fixture time, worker 1 beats (if beat1)
+ * and kvr_live_due runs; returns how many ids came due (the last in ids). */
+static uint32_t live_ticks(cluster *c, kvr_live_tracker *t, unsigned l, int ms, uint32_t ttl,
+                           int beat1, uint64_t *ids)
+{
+    uint32_t due = 0;
+    uint64_t got[8];
+    for (int64_t end = (int64_t)raft_fixture_time(&c->f) + ms; (int64_t)raft_fixture_time(&c->f) < end;) {
+        raft_fixture_step_until_elapsed(&c->f, 500);
+        int64_t now = (int64_t)raft_fixture_time(&c->f);
+        if (beat1)
+            kvr_live_heard(t, 1, now);
+        uint32_t n = kvr_live_due(t, c->nodes[l].fsm, now, ttl, got, 8);
+        if (n)
+            ids[0] = got[n - 1];
+        due += n;
+    }
+    return due;
+}
+
+static void test_worker_liveness_restart(void **state)
+{
+    (void)state;
+    const uint32_t ttl = 3000;
+    cluster c;
+    cluster_setup(&c, 3, 1000000);
+    assert_true(raft_fixture_step_until_has_leader(&c.f, 10000));
+    register_workers(&c, 2);
+#define MONO() ((int64_t)raft_fixture_time(&c.f))
+    /* every router restarts: fresh trackers, nobody heard anything yet */
+    raft_fixture_depose(&c.f);
+    unsigned l = (raft_fixture_leader_index(&c.f) + 1) % c.n;
+    raft_fixture_elect(&c.f, l);
+    l = raft_fixture_leader_index(&c.f);
+    unsigned fo = (l + 1) % c.n;
+    kvr_live_tracker *lt = calloc(1, sizeof *lt), *ft = calloc(1, sizeof *ft);
+    assert_non_null(lt);
+    assert_non_null(ft);
+    kvr_live_set_leader(lt, true, MONO());
+    kvr_live_set_leader(ft, false, MONO());
+    uint64_t ids[8];
+    int64_t office = MONO();
+    for (int k = 0; MONO() - office <= (int64_t)ttl - 500; k++) {
+        kvr_live_heard(lt, 1, MONO());
+        kvr_live_heard(ft, 1, MONO());
+        assert_int_equal(kvr_live_due(lt, c.nodes[l].fsm, MONO(), ttl, ids, 8), 0);
+        raft_fixture_step_until_elapsed(&c.f, 500);
+    }
+    raft_fixture_step_until_elapsed(&c.f, 1000);
+    kvr_live_heard(lt, 1, MONO());
+    kvr_live_heard(ft, 1, MONO());
+    assert_int_equal(kvr_live_due(lt, c.nodes[l].fsm, MONO(), ttl, ids, 8), 1);
+    assert_int_equal(ids[0], 2);
+    assert_int_equal(kvr_live_due(lt, c.nodes[l].fsm, MONO(), ttl, ids, 8), 0); /* in flight */
+    assert_int_equal(kvr_live_due(ft, c.nodes[fo].fsm, MONO() + 10 * ttl, ttl, ids, 8), 0);
+    kvr_cmd down = {.type = KVR_CMD_WORKER_DOWN, .u.worker_id = 2};
+    commit_on(&c, l, &down);
+    uint64_t d0 = kvr_fsm_digest(c.nodes[0].fsm);
+    for (unsigned i = 0; i < c.n; i++) {
+        kvr_fsm_worker_view v;
+        assert_int_equal(kvr_fsm_worker_get(c.nodes[i].fsm, 2, &v), 0);
+        assert_false(v.up);
+        assert_int_equal(kvr_fsm_worker_get(c.nodes[i].fsm, 1, &v), 0);
+        assert_true(v.up);
+        assert_true(kvr_fsm_digest(c.nodes[i].fsm) == d0);
+    }
+    /* down in the registry: not due again; routes go to worker 1 only, on every replica */
+    assert_int_equal(live_ticks(&c, lt, l, 2 * KVR_LIVE_REPROPOSE_MS, ttl, 1, ids), 0);
+    kvr_route_candidate cand[1] = {{2, 8}}; /* the dead worker even has the longest match */
+    for (uint64_t r = 0; r < 10; r++) {
+        kvr_cmd rt = tu_route(9000 + r, 1, 5000 + r, 8, cand, 1);
+        commit_on(&c, l, &rt);
+        for (unsigned i = 0; i < c.n; i++) {
+            kvr_fsm_booking_view b;
+            assert_int_equal(kvr_fsm_booking_get(c.nodes[i].fsm, rt.u.route.request_id, &b), 0);
+            assert_int_equal(b.worker_id, 1);
+        }
+    }
+    /* a hold (NATS down) gives every worker a full ttl from then: worker 1 falls silent */
+    assert_int_equal(live_ticks(&c, lt, l, 1000, ttl, 0, ids), 0);
+    kvr_live_hold(lt, MONO());
+    assert_int_equal(live_ticks(&c, lt, l, ttl - 500, ttl, 0, ids), 0);
+    assert_int_equal(live_ticks(&c, lt, l, 1000, ttl, 0, ids), 1);
+    assert_int_equal(ids[0], 1);
+    /* a loop stall longer than the ttl (no call for 5 s, no beat read): nothing due at the
+     * first call after it, worker 1 (beating again) is heard in time */
+    kvr_cmd up1 = tu_worker_up(1, "m", "ns", urls[1], sizeof urls[1]);
+    commit_on(&c, l, &up1);
+    assert_int_equal(live_ticks(&c, lt, l, 1000, ttl, 1, ids), 0);
+    raft_fixture_step_until_elapsed(&c.f, 5000);
+    assert_int_equal(kvr_live_due(lt, c.nodes[l].fsm, MONO(), ttl, ids, 8), 0);
+    assert_int_equal(live_ticks(&c, lt, l, 2 * ttl, ttl, 1, ids), 0);
+#undef MONO
+    free(lt);
+    free(ft);
+    cluster_teardown(&c);
+}
+
+/* Defect 14 (booking age): bookings are stamped start_ms with the proposing router's wall
+ * clock. The old rule, EXPIRE{leader wall now - max age}, freed every booking when the
+ * leader's wall clock stepped forward past the age, and at once any booking from a router
+ * whose clock runs behind. Age measured on the leader's monotonic clock from when it applied
+ * the booking (kvr_live_expire_due) frees nothing early for either, and frees an over-age
+ * booking without freeing a young one stamped earlier by a lagging clock. */
+static void test_booking_age_clock_step(void **state)
+{
+    (void)state;
+    const uint32_t age = 600000;
+    cluster c;
+    cluster_setup(&c, 3, 1000000);
+    assert_true(raft_fixture_step_until_has_leader(&c.f, 10000));
+    register_workers(&c, 2);
+    unsigned l = raft_fixture_leader_index(&c.f);
+#define MONO() ((int64_t)raft_fixture_time(&c.f))
+    int64_t office = MONO();
+    uint64_t wall = 1700000000000ull; /* router A's (and the leader's) wall clock at office */
+    kvr_cmd a1 = tu_route(1, 1, wall, 4, NULL, 0);
+    commit_on(&c, l, &a1);
+    /* 100 s later router B, whose wall clock is 20 min behind, books request 2 */
+    raft_fixture_step_until_elapsed(&c.f, 100000);
+    kvr_cmd b2 = tu_route(2, 1, wall + 100000 - 1200000, 4, NULL, 0);
+    commit_on(&c, l, &b2);
+    uint64_t before;
+    /* the leader's wall clock steps 11 min forward: the old rule frees both right now */
+    uint64_t leader_wall = wall + 100000 + 660000;
+    uint64_t old_before = leader_wall - age;
+    assert_true(a1.u.route.now_ms < old_before && b2.u.route.now_ms < old_before);
+    assert_false(kvr_live_expire_due(c.nodes[l].fsm, MONO(), office, age, &before));
+    /* 510 s on: request 1 is over age (610 s), request 2 (510 s) is not */
+    raft_fixture_step_until_elapsed(&c.f, 510000);
+    assert_false(kvr_live_expire_due(c.nodes[l].fsm, MONO(), office, age, &before));
+    /* a third booking from A, then 100 s more: 1 (710 s) over age, 2 (610 s) too, 3 young */
+    kvr_cmd a3 = tu_route(3, 1, wall + 610000, 4, NULL, 0);
+    commit_on(&c, l, &a3);
+    raft_fixture_step_until_elapsed(&c.f, 100000);
+    assert_true(kvr_live_expire_due(c.nodes[l].fsm, MONO(), office, age, &before));
+    kvr_cmd ex = {.type = KVR_CMD_EXPIRE, .u.before_ms = before};
+    commit_on(&c, l, &ex);
+    uint64_t d0 = kvr_fsm_digest(c.nodes[0].fsm);
+    for (unsigned i = 0; i < c.n; i++) {
+        kvr_fsm_booking_view b;
+        assert_int_equal(kvr_fsm_booking_get(c.nodes[i].fsm, a1.u.route.request_id, &b), KVR_ENOTFOUND);
+        assert_int_equal(kvr_fsm_booking_get(c.nodes[i].fsm, b2.u.route.request_id, &b), KVR_ENOTFOUND);
+        assert_int_equal(kvr_fsm_booking_get(c.nodes[i].fsm, a3.u.route.request_id, &b), 0);
+        assert_true(kvr_fsm_digest(c.nodes[i].fsm) == d0);
+    }
+    /* a new leader (its clock counts from taking office) does not expire request 3 early */
+    raft_fixture_depose(&c.f);
+    unsigned nl = (l + 1) % c.n;
+    raft_fixture_elect(&c.f, nl);
+    int64_t office2 = MONO();
+    assert_false(kvr_live_expire_due(c.nodes[nl].fsm, MONO() + 400000, office2, age, &before));
+    assert_true(kvr_live_expire_due(c.nodes[nl].fsm, MONO() + age + 1, office2, age, &before));
+#undef MONO
+    cluster_teardown(&c);
+}
+
 static void test_adversarial_orders(void **state)
 {
     (void)state;
@@ -785,7 +954,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_same_as_single),   cmocka_unit_test(test_chaos_3),
         cmocka_unit_test(test_chaos_5),          cmocka_unit_test(test_adversarial_orders),
-        cmocka_unit_test(test_lease_clock_step),
+        cmocka_unit_test(test_lease_clock_step), cmocka_unit_test(test_worker_liveness_restart),
+        cmocka_unit_test(test_booking_age_clock_step),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

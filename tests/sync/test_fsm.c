@@ -8,6 +8,7 @@
 #include <cmocka.h>
 
 #include "fsm.h"
+#include "kvr_mp.h"
 #include <xxhash.h>
 #include "sync_test_util.h"
 
@@ -636,7 +637,7 @@ static void test_snapshot_with_record(void **state)
     kvr_buf b;
     kvr_buf_init(&b);
     assert_int_equal(kvr_fsm_snapshot(f, &b, NULL), 0);
-    assert_int_equal((uint8_t)b.base[4], 2);
+    assert_int_equal((uint8_t)b.base[4], 3);
     kvr_fsm *g = kvr_fsm_new(&o);
     assert_int_equal(kvr_fsm_restore(g, b.base, b.len, NULL), 0);
     assert_true(kvr_fsm_digest(g) == kvr_fsm_digest(f));
@@ -680,15 +681,17 @@ static void test_snapshot_v1_loads(void **state)
     kvr_buf v2;
     kvr_buf_init(&v2);
     assert_int_equal(kvr_fsm_snapshot(f, &v2, NULL), 0);
-    /* v2 body = fixarray(5) ... clock uint ... fixarray(0); v1 = fixarray(3) without the tail */
-    assert_int_equal((uint8_t)v2.base[5], 0x95);
-    /* tail of an empty record: clock 1234 (0xcd 0x04 0xd2) then 0x90, then 8 checksum bytes */
+    /* v3 body = fixarray(6) ... clock uint, fixarray(0), down counter; v1 = fixarray(3)
+     * without the tail (its workers' 9th field, down_seq 0, is skipped as an unknown extra) */
+    assert_int_equal((uint8_t)v2.base[5], 0x96);
+    /* tail: clock 1234 (0xcd 0x04 0xd2), empty record 0x90, down counter 0, 8 checksum bytes */
     size_t body_end = v2.len - 8;
-    assert_int_equal((uint8_t)v2.base[body_end - 1], 0x90);
-    assert_int_equal((uint8_t)v2.base[body_end - 4], 0xcd);
+    assert_int_equal((uint8_t)v2.base[body_end - 1], 0x00);
+    assert_int_equal((uint8_t)v2.base[body_end - 2], 0x90);
+    assert_int_equal((uint8_t)v2.base[body_end - 5], 0xcd);
     kvr_buf v1;
     kvr_buf_init(&v1);
-    assert_int_equal(kvr_buf_append(&v1, v2.base, body_end - 4), 0);
+    assert_int_equal(kvr_buf_append(&v1, v2.base, body_end - 5), 0);
     v1.base[4] = 1;
     v1.base[5] = (char)0x93;
     uint64_t sum = XXH3_64bits(v1.base, v1.len);
@@ -703,7 +706,7 @@ static void test_snapshot_v1_loads(void **state)
     assert_int_equal(kvr_fsm_finished_count(g), 0);
     assert_int_equal(kvr_fsm_clock_ms(g), 0);
     assert_int_equal(worker_active(g, 1), 5);
-    /* a v1 body labelled 2 is refused (too few sections), and so is version 3 */
+    /* a v1 body labelled 2 is refused (too few sections), and so is version 4 */
     v1.base[4] = 2;
     v1.len -= 8;
     sum = XXH3_64bits(v1.base, v1.len);
@@ -712,7 +715,7 @@ static void test_snapshot_v1_loads(void **state)
     assert_int_equal(kvr_buf_append(&v1, le, 8), 0);
     uint64_t dg = kvr_fsm_digest(g);
     assert_true(kvr_fsm_restore(g, v1.base, v1.len, &e) < 0);
-    v2.base[4] = 3;
+    v2.base[4] = 4;
     assert_int_equal(kvr_fsm_restore(g, v2.base, v2.len, &e), KVR_EUNSUPPORTED);
     assert_true(kvr_fsm_digest(g) == dg);
     kvr_buf_free(&v1);
@@ -772,6 +775,164 @@ static void test_record_digest_across_replicas(void **state)
     kvr_fsm_free(c);
 }
 
+/* Defect 10 (FSM half): WORKER_DOWN'ed workers' registry slots are reused. 5,000 one-shot
+ * workers (up, then down) come and go, far more than KVR_FSM_MAX_WORKERS; a real new worker is
+ * still registered and routed to. Replicas that reach the same point through different paths
+ * (direct, encoded, restored from a snapshot midway) hold the same registry. */
+static void test_worker_slots_reused(void **state)
+{
+    (void)state;
+    kvr_fsm *a = kvr_fsm_new(NULL), *b = kvr_fsm_new(NULL);
+    char url[64];
+    for (uint64_t i = 0; i < 5000; i++) {
+        uint64_t id = 1000000 + i * 7919; /* not in id order of arrival */
+        kvr_cmd up = tu_worker_up(id, "m", "ns", url, sizeof url);
+        kvr_cmd down = {.type = KVR_CMD_WORKER_DOWN, .u.worker_id = id};
+        kvr_fsm_result ra, rb;
+        kvr_fsm_apply(a, &up, &ra);
+        apply_enc(b, &up, &rb);
+        assert_int_equal(ra.outcome, KVR_OUT_OK);
+        assert_int_equal(rb.outcome, KVR_OUT_OK);
+        kvr_fsm_apply(a, &down, &ra);
+        apply_enc(b, &down, &rb);
+        assert_int_equal(ra.outcome, KVR_OUT_OK);
+        if (i == 2500) {
+            kvr_fsm *n = kvr_fsm_clone(b);
+            assert_non_null(n);
+            kvr_fsm_free(b);
+            b = n;
+        }
+    }
+    assert_true(kvr_fsm_worker_count(a) <= KVR_FSM_MAX_WORKERS);
+    assert_true(kvr_fsm_digest(a) == kvr_fsm_digest(b));
+    /* the oldest down workers went first: the first one-shot worker is gone, the last kept */
+    kvr_fsm_worker_view v;
+    assert_int_equal(kvr_fsm_worker_get(a, 1000000, &v), KVR_ENOTFOUND);
+    assert_int_equal(kvr_fsm_worker_get(a, 1000000 + 4999ull * 7919, &v), 0);
+    assert_false(v.up);
+    /* a real worker arrives and is routed to */
+    kvr_cmd up = tu_worker_up(5, "m", "ns", url, sizeof url);
+    kvr_fsm_result r;
+    kvr_fsm_apply(a, &up, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    kvr_cmd rt = tu_route(1, 1, 10, 4, NULL, 0);
+    kvr_fsm_apply(a, &rt, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(r.worker_id, 5);
+    /* a full registry of live workers still refuses a new one (live workers are never evicted) */
+    kvr_fsm *c = kvr_fsm_new(NULL);
+    for (uint64_t i = 1; i <= KVR_FSM_MAX_WORKERS; i++) {
+        kvr_cmd u = tu_worker_up(i, "m", "ns", url, sizeof url);
+        kvr_fsm_apply(c, &u, &r);
+        assert_int_equal(r.outcome, KVR_OUT_OK);
+    }
+    up = tu_worker_up(KVR_FSM_MAX_WORKERS + 1, "m", "ns", url, sizeof url);
+    kvr_fsm_apply(c, &up, &r);
+    assert_int_equal(r.outcome, KVR_OUT_FULL);
+    kvr_fsm_free(a);
+    kvr_fsm_free(b);
+    kvr_fsm_free(c);
+}
+
+/* Writes a version-2 snapshot the way the previous code did (workers with 8 fields, 5
+ * sections, no down counter): n_workers workers 1..n, all down but worker 1, one booking. */
+static void write_v2(kvr_buf *out, uint32_t n_workers)
+{
+    kvr_buf_append(out, "KVRS", 4);
+    uint8_t ver = 2;
+    kvr_buf_append(out, &ver, 1);
+    kvr_mp_write_array(out, 5);
+    kvr_mp_write_array(out, n_workers);
+    for (uint32_t i = 1; i <= n_workers; i++) {
+        char url[64];
+        snprintf(url, sizeof url, "http://127.0.0.1:%u", 9000 + i);
+        kvr_mp_write_array(out, 8);
+        kvr_mp_write_uint(out, i);
+        kvr_mp_write_cstr(out, "ns");
+        kvr_mp_write_cstr(out, "m");
+        kvr_mp_write_cstr(out, url);
+        kvr_mp_write_uint(out, KVR_ROLE_BOTH);
+        kvr_mp_write_bool(out, i == 1);
+        kvr_mp_write_uint(out, 64);
+        kvr_mp_write_uint(out, 16384);
+    }
+    uint8_t rid[16];
+    tu_rid(rid, 42);
+    kvr_mp_write_array(out, 1);
+    kvr_mp_write_array(out, 7);
+    kvr_mp_write_bin(out, rid, 16);
+    kvr_mp_write_uint(out, 1);
+    kvr_mp_write_uint(out, 1);
+    kvr_mp_write_uint(out, 500);
+    kvr_mp_write_uint(out, 3);
+    kvr_mp_write_uint(out, 3);
+    kvr_mp_write_uint(out, 0);
+    kvr_mp_write_array(out, 0); /* leases */
+    kvr_mp_write_uint(out, 500); /* clock */
+    kvr_mp_write_array(out, 0); /* finished record */
+    uint64_t sum = XXH3_64bits(out->base, out->len);
+    uint8_t le[8];
+    for (int i = 0; i < 8; i++)
+        le[i] = (uint8_t)(sum >> (8 * i));
+    kvr_buf_append(out, le, 8);
+}
+
+/* The previous snapshot format (2) still loads; its down workers all count as gone down at
+ * the same time, so a full registry reuses the lowest id first, the same on every replica; a
+ * snapshot written after that (version 3) carries the order on. */
+static void test_snapshot_v2_loads(void **state)
+{
+    (void)state;
+    kvr_buf v2;
+    kvr_buf_init(&v2);
+    write_v2(&v2, KVR_FSM_MAX_WORKERS);
+    kvr_fsm *a = kvr_fsm_new(NULL), *b = kvr_fsm_new(NULL);
+    kvr_err e;
+    assert_int_equal(kvr_fsm_restore(a, v2.base, v2.len, &e), 0);
+    assert_int_equal(kvr_fsm_restore(b, v2.base, v2.len, &e), 0);
+    assert_int_equal(kvr_fsm_worker_count(a), KVR_FSM_MAX_WORKERS);
+    assert_int_equal(kvr_fsm_booking_count(a), 1);
+    assert_int_equal(worker_active(a, 1), 3);
+    assert_int_equal(kvr_fsm_clock_ms(a), 500);
+    char url[64];
+    kvr_fsm_result r;
+    /* b goes through a v3 snapshot between the two commands */
+    kvr_cmd down = {.type = KVR_CMD_WORKER_DOWN, .u.worker_id = 1};
+    kvr_fsm_apply(a, &down, &r);
+    apply_enc(b, &down, &r);
+    kvr_fsm *b2 = kvr_fsm_clone(b);
+    assert_non_null(b2);
+    kvr_fsm_free(b);
+    b = b2;
+    for (uint64_t id = 10001; id <= 10003; id++) {
+        kvr_cmd up = tu_worker_up(id, "m", "ns", url, sizeof url);
+        kvr_fsm_apply(a, &up, &r);
+        assert_int_equal(r.outcome, KVR_OUT_OK);
+        apply_enc(b, &up, &r);
+        assert_int_equal(r.outcome, KVR_OUT_OK);
+    }
+    kvr_fsm_worker_view v;
+    /* workers 2, 3, 4 (down in the v2 snapshot, lowest ids) made room; worker 1, which went
+     * down after the load, is younger in down order and stays */
+    for (uint64_t id = 2; id <= 4; id++)
+        assert_int_equal(kvr_fsm_worker_get(a, id, &v), KVR_ENOTFOUND);
+    assert_int_equal(kvr_fsm_worker_get(a, 1, &v), 0);
+    assert_int_equal(kvr_fsm_worker_get(a, 5, &v), 0);
+    assert_true(kvr_fsm_digest(a) == kvr_fsm_digest(b));
+    kvr_buf v3;
+    kvr_buf_init(&v3);
+    assert_int_equal(kvr_fsm_snapshot(a, &v3, NULL), 0);
+    assert_int_equal((uint8_t)v3.base[4], 3);
+    kvr_fsm *c = kvr_fsm_new(NULL);
+    assert_int_equal(kvr_fsm_restore(c, v3.base, v3.len, &e), 0);
+    assert_true(kvr_fsm_digest(c) == kvr_fsm_digest(a));
+    kvr_buf_free(&v2);
+    kvr_buf_free(&v3);
+    kvr_fsm_free(a);
+    kvr_fsm_free(b);
+    kvr_fsm_free(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -791,6 +952,8 @@ int main(void)
         cmocka_unit_test(test_snapshot_with_record),
         cmocka_unit_test(test_snapshot_v1_loads),
         cmocka_unit_test(test_record_digest_across_replicas),
+        cmocka_unit_test(test_worker_slots_reused),
+        cmocka_unit_test(test_snapshot_v2_loads),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -36,14 +36,18 @@ tools_skip() {
 }
 
 # A pid is running when /proc/<pid>/stat exists and it is not a zombie (PID 1 here may not
-# reap orphans, so a dead daemon can linger as a zombie).
+# reap orphans, so a dead daemon can linger as a zombie). Given as <pid>:<start_time> (what
+# cluster_pids prints), it must also still have the start time the launcher recorded (field 22
+# of /proc/<pid>/stat): on a busy machine a pid number is soon reused by a stranger.
 pid_running() {
-    local st
-    st=$(awk '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); print f[1] }' "/proc/$1/stat" 2>/dev/null) || return 1
-    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+    local pid=${1%%:*} want= f
+    [ "$pid" != "$1" ] && want=${1#*:}
+    f=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null) || return 1
+    set -- $f
+    [ -n "$1" ] && [ "$1" != Z ] && [ "$1" != X ] && { [ -z "$want" ] || [ "${20}" = "$want" ]; }
 }
 
-# All pids recorded in a cluster.json.
-cluster_pids() { jq -r '.processes[].pid' "$1/cluster.json"; }
+# All processes recorded in a cluster.json, as <pid>:<start_time> for pid_running.
+cluster_pids() { jq -r '.processes[] | "\(.pid):\(.start_time)"' "$1/cluster.json"; }
 cluster_url() { jq -r --arg r "$2" --argjson i "$3" '.processes[] | select(.role == $r and .id == $i) | .url' "$1/cluster.json"; }
 cluster_pid() { jq -r --arg r "$2" --argjson i "$3" '.processes[] | select(.role == $r and .id == $i) | .pid' "$1/cluster.json"; }

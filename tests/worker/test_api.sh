@@ -112,4 +112,25 @@ W="http://127.0.0.1:$port2"
 ev=$(stream /v1/completions "{\"prompt\":\"$prompt\",\"max_tokens\":12,\"stream\":true}") || exit 1
 kvr_assert_eq "$(jq -sc '[.[] | .choices[]?.token_ids[]]' <<<"$ev")" "$want" "stream-interval token_ids"
 kvr_assert_eq "$(jq -s '[.[] | .choices[0].token_ids | length] | .[:-1] | map(select(. < 5)) | length' <<<"$ev")" 0 "chunks of at least 5 tokens"
+
+# --- OpenAI content parts, as clients (and a frontend passing bodies through) send them: the
+# text parts count, an image part is skipped: the same prompt as the plain string, same output
+parts='{"model":"sim","messages":[{"role":"user","content":[{"type":"text","text":"Hello there, "},{"type":"image_url","image_url":{"url":"data:,"}},{"type":"text","text":"worker"}]}],"max_tokens":9}'
+out=$(post /v1/chat/completions "$parts")
+kvr_assert_eq "$(jq -c '[.usage.prompt_tokens, .choices[0].token_ids]' <<<"$out")" "[69,$want_chat]" "chat content parts"
+kvr_assert_eq "$(code /v1/chat/completions '{"messages":[{"role":"user","content":[{"type":"text"}]}]}')" 400 "text part without text"
+kvr_assert_eq "$(code /v1/chat/completions '{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null},{"role":"user","content":"y"}],"max_tokens":1}')" 200 "null content (an assistant turn)"
+
+# --- POST /tokenize as vLLM serves it (a frontend's remote tokenizer fallback): the same
+# tokens the completion paths use
+out=$(post /tokenize '{"model":"sim","prompt":"hi!","add_special_tokens":true}')
+kvr_assert_eq "$(jq -c '[.count, .tokens, .max_model_len]' <<<"$out")" "[3,[104,105,33],131072]" "tokenize prompt"
+out=$(post /tokenize '{"model":"sim","messages":[{"role":"user","content":"Hello there, worker"}],"add_generation_prompt":true}')
+kvr_assert_eq "$(jq -r .count <<<"$out")" 69 "tokenize chat = the chat completion's prompt tokens"
+kvr_assert_eq "$(jq -r '.tokens[:12] | implode' <<<"$out")" "<|im_start|>" "tokenize chat: ChatML"
+kvr_assert_eq "$(code /tokenize '{"prompt":[1,2]}')" 400 "tokenize: token ids are not a prompt"
+kvr_assert_eq "$(code /tokenize '{"prompt":"x","messages":[]}')" 400 "tokenize: prompt and messages"
+kvr_assert_eq "$(code /tokenize '{"prompt":"x","add_special_tokens":1}')" 400 "tokenize: bad bool"
+head -c 1100000 /dev/zero | tr '\0' a | jq -Rc '{prompt: .}' >"$KVR_TMP/big.json"
+kvr_assert_eq "$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$W/tokenize" --data-binary @"$KVR_TMP/big.json")" 413 "tokenize: body over 1 MiB"
 kvr_pass

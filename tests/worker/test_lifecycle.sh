@@ -31,19 +31,23 @@ kvr_wait_http "$W/health" 10
 hb2=$("$PROBE" heartbeat --nats "$NATS_URL" --subject kvr.workers.lc.5 | jq -r .started_ms)
 [ "$hb2" -gt "$hb1" ] || kvr_fail "started_ms did not change across a restart ($hb1 -> $hb2)"
 
-# --- SIGTERM drains: a 60-token stream (~1.5 s at speedup 1) started before the signal ends
-# normally with [DONE]; requests during the drain get 503; the process exits 0
-curl -s -N --max-time 30 "$W/v1/completions" -d '{"prompt":"drain me please","max_tokens":60,"stream":true}' >"$KVR_TMP/drain.txt" &
+# --- SIGTERM drains: a 200-token stream (~5 s at speedup 1) started before the signal ends
+# normally with [DONE]; requests during the drain get 503; the process exits 0. The stream is
+# long so the drain checks run while it lasts even on a loaded machine (with 60 tokens, 1.5 s,
+# a loaded run once found the worker already gone: health '000').
+curl -s -N --max-time 30 "$W/v1/completions" -d '{"prompt":"drain me please","max_tokens":200,"stream":true}' >"$KVR_TMP/drain.txt" &
 cpid=$!
-sleep 0.4
+streaming() { grep -q '^data: {' "$KVR_TMP/drain.txt"; }
+kvr_wait_for 10 streaming || kvr_fail "the stream to drain never started"
 kill -TERM "$(kvr_pid worker)"
-sleep 0.2
+draining() { [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$W/health")" = 503 ]; }
+kvr_wait_for 5 draining || kvr_fail "worker did not start draining on SIGTERM"
 kvr_assert_eq "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$W/v1/completions" -d '{"prompt":"late"}')" 503 "request during drain"
 kvr_assert_eq "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$W/health")" 503 "health during drain"
 wait $cpid
 tail -c 14 "$KVR_TMP/drain.txt" | cmp -s - <(printf 'data: [DONE]\n\n') || kvr_fail "drained stream did not end with [DONE]"
 n=$(sed -n 's/^data: //p' "$KVR_TMP/drain.txt" | grep -v '^\[DONE\]$' | jq -s '[.[] | .choices[0].token_ids[]] | length')
-kvr_assert_eq "$n" 60 "tokens of the drained stream"
+kvr_assert_eq "$n" 200 "tokens of the drained stream"
 pid=$(kvr_pid worker)
 for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$pid" 2>/dev/null && kvr_fail "worker still running 5 s after its drain"

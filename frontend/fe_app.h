@@ -1,0 +1,185 @@
+/* fe_app: the state kvr-frontend's loop thread owns (one process, one loop) and the calls
+ * between its parts: fe_call.c (a call's responses, its upstream transfer and relay), fe_route.c
+ * (kvr.route and the local choice), fe_handlers.c (the HTTP endpoints), fe_loop.c (loop time,
+ * heartbeats, lease, shutdown) and main.c (flags, metrics, start-up).
+ *
+ * Everything here is touched on the loop thread only. */
+#ifndef FE_APP_H
+#define FE_APP_H
+
+#include "fe_core.h"
+#include "fe_pool.h"
+
+#include "kvr_access.h"
+#include "kvr_curl.h"
+#include "kvr_http.h"
+#include "kvr_metrics.h"
+#include "kvr_nats.h"
+#include "kvr_sse.h"
+#include "kvr_tok.h"
+#include "route_msg.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+enum { R_COMPLETIONS, R_CHAT, R_MODELS, R_HEALTH, R_METRICS, R_OTHER, R_N };
+enum { FB_TIMEOUT, FB_NO_RESPONDERS, FB_ROUTER_ERROR, FB_DISCONNECTED, FB_BAD_REPLY };
+enum { UE_CONNECT, UE_STATUS, UE_AFTER_FIRST, UE_MALFORMED };
+/* metric label sets (main.c), NULL-terminated, indexed by the enums above */
+extern const char *route_labels[];
+extern const char *status_labels[];
+extern const char *fallback_labels[];
+extern const char *uerr_labels[];
+
+typedef struct fe_app {
+    uv_loop_t *loop;
+    kvr_http_server http;
+    kvr_curl curl;
+    kvr_nats nats;
+    bool nats_on;
+    kvr_metrics *metrics;
+    fe_pool pool;
+    const kvr_tokenizer *tok;
+    uv_timer_t tick;
+    uv_signal_t sigint, sigterm;
+    bool stopping;
+    /* config */
+    uint64_t frontend_id;
+    fe_mode mode;
+    const char *api_key;
+    uint32_t block_size;
+    int64_t route_timeout_ms;
+    int64_t route_tries;
+    uint64_t boot_ms;
+    uint64_t next_req;
+    char lease_subject[64];
+    /* metrics */
+    kvr_metric *m_requests, *m_responses, *m_ttft, *m_e2e, *m_route_lat, *m_active, *m_upstream_err,
+        *m_fallback, *m_route_tries, *m_retries, *m_route_mode, *m_workers, *m_hb_rejected,
+        *m_disconnects;
+    uint64_t active_streams;
+    /* FREE route events that may have reached no router (fe_call.c, fe_free_resend_*): core
+     * NATS keeps what is published while disconnected and sends it on reconnect, but if the
+     * frontend reconnects before the routers have resubscribed, the server drops it. */
+    struct fe_resend *resend;
+    uint32_t n_resend, cap_resend;
+    int64_t reconnect_ms; /* monotonic ms of the last (re)connect, 0 before any */
+    kvr_metric *m_free_resent;
+    /* issue 18 edges: drain, stalls, admission (docs/SECURITY.md 5) */
+    struct fe_call *calls; /* every live call (doubly linked), ended at the drain deadline */
+    size_t n_calls;
+    bool draining, closed;
+    uv_timer_t drain_timer;
+    int64_t drain_timeout_ms;
+    int64_t upstream_stall_ms;
+    /* stall compensation (note_loop_time), monotonic ms */
+    int64_t read_ms;         /* the loop could read up to here (accounted) */
+    int64_t lost_ms;         /* time it could not, not yet compensated */
+    int64_t poll_start_ms;   /* the last poll began */
+    int64_t poll_timeout_ms; /* with this timeout (-1: none) */
+    bool poll_pending;       /* that poll's return is not accounted yet */
+    uv_prepare_t prepare;
+    kvr_cidr_list worker_cidrs;
+    kvr_metric *m_hb_refused_url, *m_stalls, *m_drain_cut;
+    kvr_metric *m_remote_tok; /* {result}: ok, error */
+    bool forward_body;        /* --forward body (fe_forward.c) */
+} fe_app;
+
+extern fe_app app;
+
+typedef struct fe_call {
+    struct fe_call *prev, *next; /* app.calls */
+    kvr_http_req *req;           /* NULL once finished */
+    fe_req r;
+    fe_relay relay;
+    kvr_sse sse;
+    kvr_buf out;    /* scratch for SSE bytes to the client */
+    kvr_buf upbody; /* upstream request body */
+    uint8_t rid[16];
+    char rid_hex[33];
+    char ns[FE_NS_MAX];
+    int route; /* R_* */
+    /* routing */
+    int tries;
+    bool route_pending;
+    bool booked; /* a router booked it, or may have: send events */
+    int64_t t_start_ns, t_route_ns, t_first_ns;
+    /* upstream */
+    kvr_curl_req *up;
+    char url[FE_URL_MAX];
+    uint64_t worker_id;
+    bool have_worker;
+    int attempts;
+    long up_status;
+    bool got_done;
+    bool client_gone;
+    bool stream_started;
+    bool failed_after_first;
+    char up_err[256];
+    /* parse on the thread pool (big bodies): nothing answers req while it runs */
+    uv_work_t work;
+    bool parse_pending;
+    int parse_rc;
+    fe_http_error perr;
+    /* remote tokenize (--tokenizer-fallback remote): c->up is the worker's /tokenize */
+    void (*tok_next)(struct fe_call *c);
+    /* --forward body: the worker's Content-Type, relayed */
+    char up_ctype[128];
+    bool up_is_sse;
+    uint64_t tok_worker_id;
+} fe_call;
+
+/* fe_call.c */
+size_t status_index(int status);
+void respond_json(kvr_http_req *req, int route, int status, const kvr_buf *body);
+void respond_error(kvr_http_req *req, int route, const fe_http_error *e);
+void respond_simple_error(kvr_http_req *req, int route, int status, const char *type,
+                          const char *code, const char *msg);
+void worker_inflight(fe_call *c, int delta);
+void release_worker(fe_call *c);
+void finish_error(fe_call *c, int status, const char *type, const char *code, const char *msg);
+/* Frees c once nothing refers to it any more (client, route reply, upstream transfer). */
+void call_maybe_free(fe_call *c);
+/* Ends paused upstream transfers whose worker has been silent for the stall timeout (tick). */
+void cut_hung_paused(int64_t now);
+/* NATS state changes and the tick drive the FREE re-sends (loop thread). */
+void fe_free_resend_on_state(bool connected, int64_t now);
+void fe_free_resend_tick(int64_t now);
+void fe_free_resend_free(void);
+void on_client_close(kvr_http_req *req);
+void on_client_drain(kvr_http_req *req);
+/* kvr_sse callback: one upstream event relayed to the client */
+int on_sse_event(void *arg, kvr_slice event, kvr_slice data);
+void start_upstream(fe_call *c);
+
+/* fe_remote.c: asks a live worker of c->ns for the ids of c->r.remote_body (vLLM POST
+ * /tokenize), then calls next(c) with c->r.tokens filled; answers the client itself on failure. */
+void fe_remote_tokenize(fe_call *c, void (*next)(fe_call *c));
+
+/* fe_forward.c (--forward body): the worker's answer relayed byte for byte */
+int fe_forward_header(kvr_curl_req *r, kvr_slice name, kvr_slice value);
+int fe_forward_data(fe_call *c, const char *data, size_t len);
+void fe_forward_end(fe_call *c);
+/* The block size the pool's workers announce in their heartbeats (the first live one serving
+ * model in ns), or --block-size when none says. */
+uint32_t fe_pool_block_size(const char *ns, const char *model);
+
+/* fe_route.c */
+void use_local_choice(fe_call *c, int fb_reason);
+void send_route(fe_call *c);
+
+/* fe_handlers.c */
+void on_request(kvr_http_req *req);
+
+/* fe_loop.c */
+void note_loop_time(int64_t now);
+void on_prepare(uv_prepare_t *h);
+void on_heartbeat(const kvr_nats_msg *m, void *data);
+void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data);
+void on_tick(uv_timer_t *t);
+void collect(kvr_metrics *m, void *arg);
+void on_signal(uv_signal_t *s, int signum);
+void shutdown_now(void);
+
+#endif
