@@ -226,6 +226,37 @@ static void start_replay(rank *rk, uint64_t from)
     drain(rk, rk->dealer); /* ZMQ_FD is edge-triggered: a send can consume the edge */
 }
 
+static void hold_begin(bridge *br)
+{
+    if (br->hold)
+        return;
+    br->hold = true;
+    br->hold_until_ms = kvr_mono_ms() + 5000;
+    br->hold_start_s = br->sent_start_s;
+    for (int i = 0; i < br->n; i++)
+        js_outbox_pause(&br->ranks[i].ob);
+}
+
+/* The engine restarted and no live batch said so: its PUB drops what it sends before our SUB
+ * has reconnected, so a short burst after the restart can be all it published. Ask its
+ * replay buffer for everything from seq 0, behind an AllBlocksCleared for the old engine. */
+static void resync_from_zero(rank *rk)
+{
+    rk->restarts++;
+    if (rk->replaying) {
+        open_dealer(rk); /* the old request's answer must not be read as this one's */
+        rk->replaying = false;
+        uv_timer_stop(&rk->replay_timer);
+    }
+    pending_free(rk);
+    publish_clear(rk, "engine restarted (its start time changed)");
+    if (rk->dealer) {
+        start_replay(rk, 0);
+    } else {
+        rk->known = false; /* the next live batch starts the count */
+    }
+}
+
 static void on_live(rank *rk, uint64_t seq, const void *p, size_t len)
 {
     if (rk->replaying) {
@@ -262,14 +293,7 @@ static void on_live(rank *rk, uint64_t seq, const void *p, size_t len)
     if (seq < rk->next) {
         /* The live stream never repeats a seq: it went back, the engine restarted. */
         rk->restarts++;
-        bridge *br = rk->br;
-        if (!br->hold) {
-            br->hold = true;
-            br->hold_until_ms = kvr_mono_ms() + 5000;
-            br->hold_start_s = br->sent_start_s;
-            for (int i = 0; i < br->n; i++)
-                js_outbox_pause(&br->ranks[i].ob);
-        }
+        hold_begin(rk->br);
         publish_clear(rk, "engine restarted (seq went back)");
         rk->next = seq;
     }
@@ -505,11 +529,22 @@ static void scrape_done(bridge *br)
         for (int i = 0; i < br->n; i++)
             kvr_bridge_parse_metrics(br->metrics_body.base, br->metrics_body.len, i, (int)br->dp,
                                      &br->ranks[i].stats);
+        const kvr_bridge_scrape *s0 = &br->ranks[0].stats;
         if (!br->announced) {
             br->announced = true;
             send_heartbeats(br);
             uv_timer_start(&br->announce_timer, on_announce, (uint64_t)br->announce_ms, 0);
-        } else if (br->hold) {
+            return;
+        }
+        if (!br->hold && s0->has_start && br->sent_start_s != 0 &&
+            s0->start_s != br->sent_start_s) {
+            KVR_LOG_WARN("engine restarted: replaying it from seq 0",
+                         "old_start_s=%.3f start_s=%.3f", br->sent_start_s, s0->start_s);
+            hold_begin(br);
+            for (int i = 0; i < br->n; i++)
+                resync_from_zero(&br->ranks[i]);
+        }
+        if (br->hold) {
             const kvr_bridge_scrape *s = &br->ranks[0].stats;
             if (!s->has_start || s->start_s != br->hold_start_s ||
                 kvr_mono_ms() > br->hold_until_ms) {

@@ -220,10 +220,12 @@ kvr_cluster_secret() {
 }
 
 kvr_wait_http() {
-    local url=$1 t=${2:-10} want=${3:-200} i code
-    for ((i = 0; i < t * 10; i++)); do
+    local url=$1 t=${2:-10} want=${3:-200} code end
+    end=$((${EPOCHREALTIME/./} + t * 1000000))
+    while :; do
         code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" 2>/dev/null)
         [ "$code" = "$want" ] && return 0
+        ((${EPOCHREALTIME/./} < end)) || break
         sleep 0.1
     done
     kvr_fail "timed out waiting for $url to answer $want (last: $code)"
@@ -239,14 +241,17 @@ kvr_need_bins() {
 }
 
 # kvr_wait_for SECONDS CMD...: poll until CMD succeeds.
+# Bounded by the clock, not by a count of tries: a CMD that itself takes seconds (a curl to a
+# hung server) must not stretch the wait past SECONDS.
 kvr_wait_for() {
-    local t=$1 i
+    local t=$1 end
     shift
-    for ((i = 0; i < t * 10; i++)); do
+    end=$((${EPOCHREALTIME/./} + t * 1000000))
+    while :; do
         "$@" >/dev/null 2>&1 && return 0
+        ((${EPOCHREALTIME/./} < end)) || return 1
         sleep 0.1
     done
-    return 1
 }
 
 kvr_fail() {
