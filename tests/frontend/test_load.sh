@@ -36,8 +36,10 @@ cancelled() { [ "$(wmetric kvr_worker_requests_cancelled_total)" -gt "$c0" ]; }
 kvr_wait_for 10 cancelled || kvr_fail "worker request not cancelled after the client left"
 idle() { [ "$(curl -s "$W/metrics" | awk '$1=="kvr_worker_running_seqs" {printf "%d", $2}')" = 0 ]; }
 kvr_wait_for 10 idle || kvr_fail "worker still running the abandoned request"
-curl -s "$F/metrics" | grep -q '^kvr_frontend_client_disconnects_total [1-9]' ||
-    kvr_fail "disconnect not counted"
+# counted when the frontend finishes the request, which can be after the worker has seen
+# its upstream close: wait for it too
+disconnect_counted() { curl -s --max-time 2 "$F/metrics" | grep -q '^kvr_frontend_client_disconnects_total [1-9]'; }
+kvr_wait_for 5 disconnect_counted || kvr_fail "disconnect not counted"
 kvr_log "disconnect cancelled the worker request"
 
 # --- a client that stops reading: the upstream transfer is paused, memory stays bounded ---
