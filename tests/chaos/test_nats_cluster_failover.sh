@@ -67,6 +67,20 @@ kvr_wait_for 30 resumed || kvr_fail "r1 never applied an event after node 1 died
 t1=$(nc_now_ms)
 nc_load_wait
 nc_load_report || kvr_fail "client requests failed during the node loss"
+# Events the stream could not take while it elected a leader wait in the workers' outboxes and
+# are sent again (on a loaded machine the election took over 10 s once): the stream is whole
+# only when every worker's outbox is empty.
+drained() {
+    local i v
+    for i in 1 2; do
+        v=$(curl -s --max-time 2 "http://127.0.0.1:${WPORT[$i]}/metrics" |
+            awk '$1 == "kvr_worker_kv_event_batches_buffered" {printf "%d", $2}')
+        [ "$v" = 0 ] || return 1
+    done
+}
+t2=$(nc_now_ms)
+kvr_wait_for 90 drained || kvr_fail "the workers' KV events were never all acknowledged by the stream"
+kvr_log "workers' outboxes empty $(( $(nc_now_ms) - t2 )) ms after the load ended"
 # the load is over: both routers converge on the whole stream
 same() {
     local a b
