@@ -219,7 +219,11 @@ int tk_normalize(const kvr_hftok *t, const char *s, size_t n, kvr_buf *out, kvr_
         kvr_buf_reset(&nxt);
         switch (st->kind) {
         case TK_NFC:
-            if (cur.len) {
+            if (cur.len && !t->slow && tk_nfc_quick(cur.base, cur.len)) {
+                kvr_buf tmp = cur; /* unchanged: nxt becomes cur after the swap below */
+                cur = nxt;
+                nxt = tmp;
+            } else if (cur.len) {
                 utf8proc_uint8_t *dst = NULL;
                 utf8proc_ssize_t l =
                     utf8proc_map((const utf8proc_uint8_t *)cur.base, (utf8proc_ssize_t)cur.len,
@@ -376,6 +380,12 @@ static int split_added(const kvr_hftok *t, const tk_trie *trie, const char *s, s
     if (!v)
         return KVR_ENOMEM;
     for (size_t i = 0; i < n && trie->nodes;) {
+        if (!t->slow) { /* most bytes start no added token: skip them without the trie */
+            while (i < n && !trie->root[(unsigned char)s[i]])
+                i++;
+            if (i == n)
+                break;
+        }
         int32_t idx = -1;
         size_t l = tk_trie_longest(trie, s + i, n - i, &idx);
         if (!l) {

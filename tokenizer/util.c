@@ -228,6 +228,8 @@ int tk_trie_add(tk_trie *t, const char *s, size_t n, int32_t idx)
             t->count++;
             c = nn;
         }
+        if (i == 0)
+            t->root[(unsigned char)s[0]] = (uint32_t)c + 1;
         node = (uint32_t)c;
     }
     /* the same content twice: the later token wins, as in the library's map */
