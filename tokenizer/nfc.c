@@ -14,6 +14,7 @@
 #include "tk_internal.h"
 
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <utf8proc.h>
 
@@ -74,4 +75,60 @@ int tk_nfc_quick(const char *s, size_t n)
         i += l;
     }
     return 1;
+}
+
+static int marked(uint32_t cp)
+{
+    return cp >= NFC_CPS || (nfc_marked[cp / 64] >> (cp % 64) & 1);
+}
+
+/* NFC of one region with utf8proc, appended to out. */
+static int nfc_region(const char *s, size_t n, kvr_buf *out, kvr_err *err)
+{
+    utf8proc_uint8_t *dst = NULL;
+    utf8proc_ssize_t l = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &dst,
+                                      UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+    if (l < 0)
+        return kvr_err_set(err, KVR_EINVAL, "tokenizer: NFC: %s", utf8proc_errmsg(l));
+    int rc = kvr_buf_append(out, dst, (size_t)l);
+    free(dst);
+    return rc ? kvr_err_set(err, KVR_ENOMEM, "tokenizer: out of memory") : 0;
+}
+
+/* NFC is local: at the start of an unmarked character nothing before can compose with or
+ * reorder against anything after (its decomposition starts with a starter, which blocks, and
+ * that starter is no composition's second). So only each run of marked characters, with the
+ * unmarked character before it (the starter a mark may compose with), goes through utf8proc;
+ * the rest is copied. Text with a few combining marks no longer pays NFC over all of it. */
+int tk_nfc_fast(const char *s, size_t n, kvr_buf *out, kvr_err *err)
+{
+    pthread_once(&nfc_once, nfc_init);
+    const unsigned char *p = (const unsigned char *)s;
+    size_t copied = 0, last_ok = SIZE_MAX;
+    int rc;
+    for (size_t i = 0; i < n;) {
+        size_t l = 1;
+        uint32_t cp = p[i] < 0x80 ? p[i] : tk_utf8_decode(s + i, n - i, &l);
+        if (!marked(cp)) {
+            last_ok = i;
+            i += l;
+            continue;
+        }
+        size_t rs = last_ok != SIZE_MAX && last_ok >= copied ? last_ok : i, j = i + l;
+        while (j < n) {
+            size_t m = 1;
+            uint32_t c = p[j] < 0x80 ? p[j] : tk_utf8_decode(s + j, n - j, &m);
+            if (!marked(c))
+                break;
+            j += m;
+        }
+        if (kvr_buf_append(out, s + copied, rs - copied))
+            return kvr_err_set(err, KVR_ENOMEM, "tokenizer: out of memory");
+        if ((rc = nfc_region(s + rs, j - rs, out, err)) != 0)
+            return rc;
+        copied = i = j;
+    }
+    if (kvr_buf_append(out, s + copied, n - copied))
+        return kvr_err_set(err, KVR_ENOMEM, "tokenizer: out of memory");
+    return 0;
 }

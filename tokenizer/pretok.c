@@ -198,6 +198,34 @@ int tk_replace_all(const tk_pattern *pat, const char *s, size_t n, const char *r
     return rc;
 }
 
+/* Replace of a literal (Gemma's " " -> U+2581): the output is sized once and written
+ * directly, not grown match by match through a list of matches. Same result as replace_all. */
+static int replace_lit(const tk_step *st, const char *s, size_t n, kvr_buf *out, kvr_err *err)
+{
+    const char *lit = st->pat.lit;
+    size_t ll = st->pat.lit_len, rl = st->content_len;
+    size_t worst = rl > ll ? n / ll * rl + n % ll : n;
+    if (!n)
+        return 0;
+    if (kvr_buf_reserve(out, worst))
+        return kvr_err_set(err, KVR_ENOMEM, "tokenizer: out of memory");
+    char *d = out->base + out->len;
+    for (size_t i = 0; i < n;) {
+        const char *hit = ll == 1 ? memchr(s + i, lit[0], n - i) : memmem(s + i, n - i, lit, ll);
+        size_t a = hit ? (size_t)(hit - s) : n;
+        memcpy(d, s + i, a - i);
+        d += a - i;
+        if (!hit)
+            break;
+        if (rl)
+            memcpy(d, st->content, rl);
+        d += rl;
+        i = a + ll;
+    }
+    out->len = (size_t)(d - out->base);
+    return 0;
+}
+
 int tk_normalize(const kvr_hftok *t, const char *s, size_t n, kvr_buf *out, kvr_err *err)
 {
     kvr_buf cur, nxt;
@@ -219,11 +247,9 @@ int tk_normalize(const kvr_hftok *t, const char *s, size_t n, kvr_buf *out, kvr_
         kvr_buf_reset(&nxt);
         switch (st->kind) {
         case TK_NFC:
-            if (cur.len && !t->slow && tk_nfc_quick(cur.base, cur.len)) {
-                kvr_buf tmp = cur; /* unchanged: nxt becomes cur after the swap below */
-                cur = nxt;
-                nxt = tmp;
-            } else if (cur.len) {
+            if (cur.len && !t->slow)
+                rc = tk_nfc_fast(cur.base, cur.len, &nxt, err);
+            else if (cur.len) {
                 utf8proc_uint8_t *dst = NULL;
                 utf8proc_ssize_t l =
                     utf8proc_map((const utf8proc_uint8_t *)cur.base, (utf8proc_ssize_t)cur.len,
@@ -238,6 +264,10 @@ int tk_normalize(const kvr_hftok *t, const char *s, size_t n, kvr_buf *out, kvr_
             }
             break;
         case TK_REPLACE:
+            if (!t->slow && st->pat.lit && st->pat.lit_len) {
+                rc = replace_lit(st, cur.base, cur.len, &nxt, err);
+                break;
+            }
             rc = replace_all(&st->pat, cur.base, cur.len, st->content, st->content_len, &nxt, md,
                              err);
             break;

@@ -173,6 +173,9 @@ int tk_encode_text(const kvr_hftok *t, const char *s, size_t n, kvr_buf *ids, kv
 /* 1 if NFC leaves s[0..n) (valid UTF-8) unchanged for sure: no character in it can change
  * under NFC alone or combine with / reorder against a neighbour. 0 = run NFC. */
 int tk_nfc_quick(const char *s, size_t n);
+/* Appends NFC of s[0..n) (valid UTF-8) to out, running utf8proc only around the characters
+ * tk_nfc_quick would refuse. Same bytes as NFC over the whole text. */
+int tk_nfc_fast(const char *s, size_t n, kvr_buf *out, kvr_err *err);
 /* Builds t->bigram and t->single from the vocabulary (not byte-level models). */
 int tk_cuts_init(kvr_hftok *t);
 
