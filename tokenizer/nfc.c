@@ -107,8 +107,21 @@ int tk_nfc_fast(const char *s, size_t n, kvr_buf *out, kvr_err *err)
     size_t copied = 0, last_ok = SIZE_MAX;
     int rc;
     for (size_t i = 0; i < n;) {
+        if (p[i] < 0x80) { /* ASCII is never marked: skip it eight bytes at a time */
+            while (i + 8 <= n) {
+                uint64_t w;
+                memcpy(&w, s + i, 8);
+                if (w & 0x8080808080808080ull)
+                    break;
+                i += 8;
+            }
+            while (i < n && p[i] < 0x80)
+                i++;
+            last_ok = i - 1;
+            continue;
+        }
         size_t l = 1;
-        uint32_t cp = p[i] < 0x80 ? p[i] : tk_utf8_decode(s + i, n - i, &l);
+        uint32_t cp = tk_utf8_decode(s + i, n - i, &l);
         if (!marked(cp)) {
             last_ok = i;
             i += l;

@@ -4,6 +4,7 @@
 #define _GNU_SOURCE /* memmem */
 #include "tk_internal.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <utf8proc.h>
 
@@ -291,16 +292,62 @@ done:
     return rc;
 }
 
+/* Per-thread scratch for pretok_and_model: the span and match lists grew from nothing by
+ * doubling for every segment of every encode; kept per thread they are sized once. Freed at
+ * thread exit (pthread key); lists that grew past SCRATCH_KEEP entries are not kept. */
+typedef struct scratch {
+    spans a, b;
+    matches m;
+} scratch;
+#define SCRATCH_KEEP (1u << 16)
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static __thread scratch *tls_scratch;
+
+static void scratch_free(void *p)
+{
+    scratch *s = p;
+    free(s->a.v);
+    free(s->b.v);
+    free(s->m.v);
+    free(s);
+}
+
+static void scratch_key_init(void)
+{
+    pthread_key_create(&scratch_key, scratch_free);
+}
+
+static scratch *scratch_get(void)
+{
+    if (!tls_scratch) {
+        pthread_once(&scratch_once, scratch_key_init);
+        if (!(tls_scratch = calloc(1, sizeof(scratch))))
+            return NULL;
+        pthread_setspecific(scratch_key, tls_scratch);
+    }
+    return tls_scratch;
+}
+
 /* Pre-tokenizes arena[sp] (arena may grow: new text is appended to it) and runs BPE on each
  * resulting word. */
 static int pretok_and_model(const kvr_hftok *t, kvr_buf *arena, span whole, kvr_buf *ids,
                             pcre2_match_data *md, kvr_err *err)
 {
+    scratch *sc = t->slow ? NULL : scratch_get();
     spans a = {0}, b = {0};
     matches m = {0};
+    if (sc) {
+        a = sc->a, b = sc->b, m = sc->m;
+        a.n = b.n = m.n = 0;
+        sc->a = sc->b = (spans){0}; /* owned here until handed back below */
+        sc->m = (matches){0};
+    }
     int rc = spans_push(&a, whole.off, whole.len, whole.first) ? KVR_ENOMEM : 0;
-    if (rc)
-        return kvr_err_set(err, rc, "tokenizer: out of memory");
+    if (rc) {
+        rc = kvr_err_set(err, rc, "tokenizer: out of memory");
+        goto out;
+    }
     for (size_t i = 0; i < t->pre_n && !rc; i++) {
         const tk_step *st = &t->pre[i];
         b.n = 0;
@@ -362,6 +409,11 @@ static int pretok_and_model(const kvr_hftok *t, kvr_buf *arena, span whole, kvr_
     }
     for (size_t j = 0; j < a.n && !rc; j++)
         rc = tk_bpe_word(t, arena->base + a.v[j].off, a.v[j].len, ids, err);
+out:
+    if (sc && a.cap <= SCRATCH_KEEP && b.cap <= SCRATCH_KEEP && m.cap <= SCRATCH_KEEP) {
+        sc->a = a, sc->b = b, sc->m = m;
+        return rc;
+    }
     free(a.v);
     free(b.v);
     free(m.v);
