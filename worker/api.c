@@ -409,8 +409,8 @@ static void on_req_drain(kvr_http_req *req)
 
 /* --tokenizer: a chat through the model's own template, as vLLM renders it
  * (apply_chat_template with the request's tools, chat_template_kwargs, add_generation_prompt;
- * content parts reach the template as given), then encoded without adding special tokens: the
- * template wrote them. */
+ * content parts as vLLM's content format gives them: see kvr_chat_req.vllm_content), then
+ * encoded without adding special tokens: the template wrote them. */
 static int model_chat_tokens(const worker *w, const cJSON *root, kvr_buf *toks, kvr_err *err)
 {
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
@@ -431,7 +431,8 @@ static int model_chat_tokens(const worker *w, const cJSON *root, kvr_buf *toks, 
                        .tools = cJSON_IsArray(tools) ? tools : NULL,
                        .documents = cJSON_IsArray(docs) ? docs : NULL,
                        .kwargs = cJSON_IsObject(kw) ? kw : NULL,
-                       .add_generation_prompt = add_gen};
+                       .add_generation_prompt = add_gen,
+                       .vllm_content = true};
     kvr_buf text;
     kvr_buf_init(&text);
     rc = kvr_chat_render(w->tmpl, &cr, NULL, &text, err);
