@@ -204,8 +204,8 @@ static int cmp_d(const void *a, const void *b)
 typedef struct chat_res {
     size_t tokens, msgs, bytes;
     double p50_us, p99_us, max_us;
-    double render_p50_us;          /* the template alone */
-    double cpu_p50_us, cpu_p99_us; /* CPU time of the thread: what one core spends */
+    double render_p50_us;                  /* the template alone */
+    double cpu_p50_us, cpu_p99_us;         /* CPU time of the thread: what one core spends */
     double old_cpu_p50_us, old_cpu_p99_us; /* the same with the fast paths off (old code) */
 } chat_res;
 
@@ -231,8 +231,8 @@ static double pct(const double *v, int runs, double q)
 
 static int g_old = 1; /* --no-old: skip the fast-paths-off side (for profiling the new one) */
 
-static int bench_chat(const char *dir, kvr_hftok *t, const kvr_buf *text, size_t target,
-                      int runs, chat_res *r, kvr_err *err)
+static int bench_chat(const char *dir, kvr_hftok *t, const kvr_buf *text, size_t target, int runs,
+                      chat_res *r, kvr_err *err)
 {
     kvr_chat_tmpl *ct = NULL;
     cJSON *msgs = cJSON_CreateArray();

@@ -10,9 +10,9 @@
 
 struct kvr_chat_tmpl {
     kvr_tmpl *def;
-    kvr_tmpl *tool_use; /* NULL: none */
+    kvr_tmpl *tool_use;           /* NULL: none */
     bool def_openai, tool_openai; /* vLLM's content format of each: "openai" (true), "string" */
-    cJSON *tokens;      /* special tokens map: {"bos_token": ..., "eos_token": ...} */
+    cJSON *tokens;                /* special tokens map: {"bos_token": ..., "eos_token": ...} */
 };
 
 void kvr_chat_tmpl_free(kvr_chat_tmpl *ct)
@@ -37,9 +37,10 @@ static bool content_format_openai(const char *s)
     bool found = false;
     /* loops over messages or a variable set from it (loop_messages = messages[1:]): vLLM
      * follows such assignments; here a name ending in "messages" stands for them */
-    if (regcomp(&msg,
-                "for[[:space:]]+([A-Za-z_][A-Za-z0-9_]*)[[:space:]]+in[[:space:]]+[A-Za-z_]*messages",
-                REG_EXTENDED))
+    if (regcomp(
+            &msg,
+            "for[[:space:]]+([A-Za-z_][A-Za-z0-9_]*)[[:space:]]+in[[:space:]]+[A-Za-z_]*messages",
+            REG_EXTENDED))
         return false;
     for (const char *p = s; !found;) {
         regmatch_t m[2];
@@ -193,8 +194,8 @@ static int flatten_messages(const cJSON *msgs, cJSON **out, kvr_err *err)
 {
     const cJSON *m;
     bool any = false;
-    cJSON_ArrayForEach(m, msgs)
-    any |= cJSON_IsArray(cJSON_GetObjectItemCaseSensitive(m, "content"));
+    cJSON_ArrayForEach(m, msgs) any |=
+        cJSON_IsArray(cJSON_GetObjectItemCaseSensitive(m, "content"));
     if (!any)
         return 0;
     cJSON *copy = cJSON_Duplicate(msgs, true);

@@ -83,7 +83,7 @@ typedef struct tk_step {
 /* Added-token trie: edges in a hash map keyed by (node << 8 | byte). */
 typedef struct tk_trie {
     uint32_t root[256]; /* child of the root for a first byte, +1; 0 = no token starts so */
-    uint64_t *keys; /* key+1, 0 = empty */
+    uint64_t *keys;     /* key+1, 0 = empty */
     uint32_t *child;
     size_t mask, count;
     int32_t *term; /* per node: added-token index or -1 */
@@ -134,8 +134,8 @@ struct kvr_hftok {
      * vocabulary string holds x followed by y (then no merge can make a token across it) and
      * both are single-character tokens (no byte fallback or unk fusing across it). bigram is
      * a bit set over a hash of (x, y): a false positive only loses a cut. */
-    uint64_t *bigram;  /* TK_BIGRAM_BITS bits, NULL = never cut */
-    uint64_t *single;  /* bit per code point < TK_SINGLE_CPS: a token of that one character */
+    uint64_t *bigram; /* TK_BIGRAM_BITS bits, NULL = never cut */
+    uint64_t *single; /* bit per code point < TK_SINGLE_CPS: a token of that one character */
     char name[64];
 };
 

@@ -458,8 +458,8 @@ static int request_tokens(const worker *w, const cJSON *root, bool chat, kvr_buf
             bool add_special = true;
             int rc = kvr_json_get_bool(root, "add_special_tokens", false, &add_special, err);
             return rc && rc != KVR_ENOTFOUND ? rc
-                      : kvr_hftok_encode(w->hf, kvr_slice_of(p->valuestring), add_special, toks,
-                                         err);
+                                             : kvr_hftok_encode(w->hf, kvr_slice_of(p->valuestring),
+                                                                add_special, toks, err);
         }
     }
     if (chat) {

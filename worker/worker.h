@@ -135,7 +135,7 @@ struct wreq {
     kvr_buf toks; /* u32 tokens not yet written */
     size_t n_ready_toks;
     size_t n_written;
-    kvr_buf all; /* non-streaming: every token */
+    kvr_buf all;          /* non-streaming: every token */
     kvr_hftok_stream dec; /* --tokenizer: streamed text, never half a UTF-8 character */
     bool dec_on;
     char id[64];

@@ -62,10 +62,15 @@ static void test_nfc_every_code_point(void **state)
     kvr_buf_init(&a);
     kvr_buf_init(&b);
     kvr_buf_init(&s);
-    static const char *const pre[] = {"", "a", "e\xCC\x81", "\xEA\xB0\x80" /* 가 */,
-                                      "\xE1\x84\x80" /* L jamo */, "\xC3\xA9" /* é */};
-    static const char *const post[] = {"", "b", "\xCC\x81" /* U+0301 */, "\xCC\xA3" /* U+0323 */,
-                                       "\xE1\x85\xA1" /* V jamo */, "\xE1\x86\xA8" /* T jamo */};
+    static const char *const pre[] = {
+        "",        "a", "e\xCC\x81", "\xEA\xB0\x80" /* 가 */, "\xE1\x84\x80" /* L jamo */,
+        "\xC3\xA9" /* é */};
+    static const char *const post[] = {"",
+                                       "b",
+                                       "\xCC\x81" /* U+0301 */,
+                                       "\xCC\xA3" /* U+0323 */,
+                                       "\xE1\x85\xA1" /* V jamo */,
+                                       "\xE1\x86\xA8" /* T jamo */};
     for (uint32_t cp = 0; cp < TK_SINGLE_CPS; cp++) {
         if (cp >= 0xD800 && cp <= 0xDFFF)
             continue;
@@ -97,12 +102,31 @@ static void test_nfc_every_code_point(void **state)
 static void test_nfc_random_text(void **state)
 {
     (void)state;
-    static const char *const pool[] = {
-        "a",       "e",       " ",        "\n",       "\xCC\x81", "\xCC\xA3", "\xCC\x88",
-        "\xC3\xA9", "\xE2\x84\xAB", "\xE0\xBD\xB3", "\xCD\x84", "\xE1\x84\x80", "\xE1\x85\xA1",
-        "\xE1\x86\xA8", "\xEA\xB0\x80", "\xE8\xB7\xAF", "\xD0\x96", "\xF0\x9F\x98\x80",
-        "\xE0\xA4\x95", "\xE0\xA4\xBC", "\xE0\xAD\x87", "\xE0\xAC\xBE", "\xEF\xAC\xAC", "o",
-        "\xCC\x9B"};
+    static const char *const pool[] = {"a",
+                                       "e",
+                                       " ",
+                                       "\n",
+                                       "\xCC\x81",
+                                       "\xCC\xA3",
+                                       "\xCC\x88",
+                                       "\xC3\xA9",
+                                       "\xE2\x84\xAB",
+                                       "\xE0\xBD\xB3",
+                                       "\xCD\x84",
+                                       "\xE1\x84\x80",
+                                       "\xE1\x85\xA1",
+                                       "\xE1\x86\xA8",
+                                       "\xEA\xB0\x80",
+                                       "\xE8\xB7\xAF",
+                                       "\xD0\x96",
+                                       "\xF0\x9F\x98\x80",
+                                       "\xE0\xA4\x95",
+                                       "\xE0\xA4\xBC",
+                                       "\xE0\xAD\x87",
+                                       "\xE0\xAC\xBE",
+                                       "\xEF\xAC\xAC",
+                                       "o",
+                                       "\xCC\x9B"};
     const size_t np = sizeof pool / sizeof pool[0];
     kvr_buf a, b, s;
     kvr_buf_init(&a);
@@ -161,7 +185,8 @@ static void same_ids(kvr_hftok *t, const char *text, size_t n)
 
 static const char *const texts[] = {
     "Hello world! The quick brown fox jumps over the lazy dog.",
-    "Cafe\xCC\x81 cre\xCC\x80me bru\xCC\x82le\xCC\x81" "e \xE2\x84\xAB \xE1\x84\x80\xE1\x85\xA1 "
+    "Cafe\xCC\x81 cre\xCC\x80me bru\xCC\x82le\xCC\x81"
+    "e \xE2\x84\xAB \xE1\x84\x80\xE1\x85\xA1 "
     "\xE1\x84\x80\xE1\x85\xA1\xE1\x86\xA8 q\xCC\xA3\xCC\x87 \xE0\xBD\xB3", /* NFC changes it */
     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nok<|im_end|>",
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhey<|eot_id|>",
@@ -202,9 +227,8 @@ static void test_models_same_ids(void **state)
             kvr_buf_init(&ids);
             kvr_err err = {0};
             static const uint32_t want[] = {19969, 124137, 100};
-            assert_int_equal(kvr_hftok_encode(t, (kvr_slice){"\xEA\xB0\x80\xE1\x86\xA7", 6}, 0,
-                                              &ids, &err),
-                             0);
+            assert_int_equal(
+                kvr_hftok_encode(t, (kvr_slice){"\xEA\xB0\x80\xE1\x86\xA7", 6}, 0, &ids, &err), 0);
             assert_int_equal(ids.len, sizeof want);
             assert_memory_equal(ids.base, want, sizeof want);
             kvr_buf_free(&ids);
@@ -234,8 +258,8 @@ static void test_gemma_long_word_cut(void **state)
     assert_int_equal(tk_normalize(t, line.base, line.len, &word, &err), 0);
     assert_true(word.len > 16384);
     const char *extra[] = {"\xE2\x96\x81\xE2\x96\x81\xE2\x96\x81x",
-                           ">\xE2\x96\x81y\xE2\x96\x81\xE2\x96\x81>\xE2\x96\x81>>",
-                           "\xE2\x96\x81", "a\xE2\x96\x81", "\xE2\x96\x81\xE2\x96\x81"};
+                           ">\xE2\x96\x81y\xE2\x96\x81\xE2\x96\x81>\xE2\x96\x81>>", "\xE2\x96\x81",
+                           "a\xE2\x96\x81", "\xE2\x96\x81\xE2\x96\x81"};
     for (int k = -1; k < 5; k++) {
         const char *w = k < 0 ? word.base : extra[k];
         size_t n = k < 0 ? word.len : strlen(extra[k]);
