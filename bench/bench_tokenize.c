@@ -204,8 +204,9 @@ static int cmp_d(const void *a, const void *b)
 typedef struct chat_res {
     size_t tokens, msgs, bytes;
     double p50_us, p99_us, max_us;
-    double render_p50_us;          /* the template alone */
-    double cpu_p50_us, cpu_p99_us; /* CPU time of the thread: what one core spends */
+    double render_p50_us;                  /* the template alone */
+    double cpu_p50_us, cpu_p99_us;         /* CPU time of the thread: what one core spends */
+    double old_cpu_p50_us, old_cpu_p99_us; /* the same with the fast paths off (old code) */
 } chat_res;
 
 static int render_encode(const kvr_chat_tmpl *ct, const kvr_hftok *t, const cJSON *msgs,
@@ -222,8 +223,16 @@ static int render_encode(const kvr_chat_tmpl *ct, const kvr_hftok *t, const cJSO
 
 /* A conversation grown from the text's lines until it templates to >= target tokens, then
  * templated and tokenized `runs` times. */
-static int bench_chat(const char *dir, const kvr_hftok *t, const kvr_buf *text, size_t target,
-                      int runs, chat_res *r, kvr_err *err)
+static double pct(const double *v, int runs, double q)
+{
+    size_t i = (size_t)((double)runs * q);
+    return v[i < (size_t)runs ? i : (size_t)runs - 1];
+}
+
+static int g_old = 1; /* --no-old: skip the fast-paths-off side (for profiling the new one) */
+
+static int bench_chat(const char *dir, kvr_hftok *t, const kvr_buf *text, size_t target, int runs,
+                      chat_res *r, kvr_err *err)
 {
     kvr_chat_tmpl *ct = NULL;
     cJSON *msgs = cJSON_CreateArray();
@@ -266,26 +275,49 @@ static int bench_chat(const char *dir, const kvr_hftok *t, const kvr_buf *text, 
         free(c);
         cJSON_AddItemToArray(msgs, m);
     }
-    double *cl = calloc((size_t)runs, sizeof(double));
-    if (!cl) {
+    double *cl = calloc((size_t)runs, sizeof(double)), *ol = calloc((size_t)runs, sizeof(double));
+    if (!cl || !ol) {
+        free(cl);
+        free(ol);
         rc = kvr_err_set(err, KVR_ENOMEM, "out of memory");
         goto done;
     }
-    for (int i = 0; i < runs; i++) {
-        double t0 = now_s(), c0 = cpu_s();
-        if ((rc = render_encode(ct, t, msgs, &txt, &ids, err)) != 0) {
-            free(cl);
-            goto done;
-        }
+    kvr_buf old_ids;
+    kvr_buf_init(&old_ids);
+    /* old (fast paths off) and new interleaved run by run, so both see the same machine load;
+     * the ids must agree */
+    for (int i = 0; i < runs && !rc; i++) {
+        kvr_hftok_set_fast(t, 0);
+        double c0 = cpu_s();
+        rc = g_old ? render_encode(ct, t, msgs, &txt, &old_ids, err) : 0;
+        ol[i] = (cpu_s() - c0) * 1e6;
+        kvr_hftok_set_fast(t, 1);
+        if (rc)
+            break;
+        double t0 = now_s();
+        c0 = cpu_s();
+        if ((rc = render_encode(ct, t, msgs, &txt, &ids, err)) != 0)
+            break;
         lat[i] = (now_s() - t0) * 1e6;
         cl[i] = (cpu_s() - c0) * 1e6;
+        if (g_old && (old_ids.len != ids.len || memcmp(old_ids.base, ids.base, ids.len)))
+            rc = kvr_err_set(err, KVR_EINVAL, "fast and plain encodes give different ids");
+    }
+    kvr_buf_free(&old_ids);
+    if (rc) {
+        free(cl);
+        free(ol);
+        goto done;
     }
     qsort(lat, (size_t)runs, sizeof(double), cmp_d);
     qsort(cl, (size_t)runs, sizeof(double), cmp_d);
-    r->cpu_p50_us = cl[runs / 2];
-    r->cpu_p99_us = cl[(size_t)((double)runs * 0.99) < (size_t)runs ? (size_t)((double)runs * 0.99)
-                                                                    : (size_t)runs - 1];
+    qsort(ol, (size_t)runs, sizeof(double), cmp_d);
+    r->cpu_p50_us = pct(cl, runs, 0.5);
+    r->cpu_p99_us = pct(cl, runs, 0.99);
+    r->old_cpu_p50_us = pct(ol, runs, 0.5);
+    r->old_cpu_p99_us = pct(ol, runs, 0.99);
     free(cl);
+    free(ol);
     double *rl = calloc((size_t)runs, sizeof(double));
     if (!rl) {
         rc = kvr_err_set(err, KVR_ENOMEM, "out of memory");
@@ -335,7 +367,8 @@ static void usage(FILE *out)
             "  --chat-tokens N    prompt size for the chat timing (default 8000)\n"
             "  --runs N           chat timing runs (default 300)\n"
             "  --bench-js FILE    the Node side (default tests/tokenizer/bench.js of the source)\n"
-            "  --no-rust          ours only\n");
+            "  --no-rust          ours only\n"
+            "  --no-old           skip the old side (fast paths off: kvr_hftok_set_fast)\n");
 }
 
 int kvr_bench_tokenize(int argc, char **argv)
@@ -353,6 +386,9 @@ int kvr_bench_tokenize(int argc, char **argv)
             return 0;
         } else if (!strcmp(a, "--no-rust")) {
             rust = 0;
+            continue;
+        } else if (!strcmp(a, "--no-old")) {
+            g_old = 0;
             continue;
         }
         if (!v) {
@@ -421,7 +457,7 @@ int kvr_bench_tokenize(int argc, char **argv)
         }
         kvr_err err = {0};
         kvr_hftok *t = NULL;
-        enc_res ours = {0}, rs = {0};
+        enc_res ours = {0}, rs = {0}, old = {0};
         chat_res ch = {0};
         ours.rss_mib = load_rss_mib(dir);
         double t0 = now_s();
@@ -431,7 +467,10 @@ int kvr_bench_tokenize(int argc, char **argv)
             continue;
         }
         ours.load_s = now_s() - t0;
-        if (bench_ours(t, &text, secs, &ours, &err) ||
+        kvr_hftok_set_fast(t, 0);
+        int orc = g_old ? bench_ours(t, &text, secs, &old, &err) : 0;
+        kvr_hftok_set_fast(t, 1);
+        if (orc || bench_ours(t, &text, secs, &ours, &err) ||
             bench_chat(dir, t, &text, chat_tokens, runs, &ch, &err)) {
             fprintf(stderr, "kvr-bench tokenize: %s: %s\n", m, err.msg);
             kvr_hftok_free(t);
@@ -456,27 +495,33 @@ int kvr_bench_tokenize(int argc, char **argv)
                "\"chat_p99_us\":%.0f,\"chat_max_us\":%.0f,\"chat_render_p50_us\":%.0f,"
                "\"chat_runs\":%d,\"ours_MBps_cpu\":%.2f,\"ours_tokens_per_cpu_s\":%.0f,"
                "\"rust_MBps_cpu\":%.2f,\"rust_tokens_per_cpu_s\":%.0f,\"speedup_cpu\":%.2f,"
-               "\"chat_cpu_p50_us\":%.0f,\"chat_cpu_p99_us\":%.0f}\n",
+               "\"chat_cpu_p50_us\":%.0f,\"chat_cpu_p99_us\":%.0f,\"old_chat_cpu_p50_us\":%.0f,"
+               "\"old_chat_cpu_p99_us\":%.0f,\"old_MBps_cpu\":%.2f}\n",
                m, text.len, ours.tokens, ours.mbps, ours.tps, ours.rss_mib, ours.load_s, rs.mbps,
                rs.tps, rs.rss_mib, rs.load_s, rs.mbps > 0 ? ours.mbps / rs.mbps : 0, ch.tokens,
                ch.msgs, ch.p50_us, ch.p99_us, ch.max_us, ch.render_p50_us, runs, ours.mbps_cpu,
                ours.tps_cpu, rs.mbps_cpu, rs.tps_cpu,
-               rs.mbps_cpu > 0 ? ours.mbps_cpu / rs.mbps_cpu : 0, ch.cpu_p50_us, ch.cpu_p99_us);
+               rs.mbps_cpu > 0 ? ours.mbps_cpu / rs.mbps_cpu : 0, ch.cpu_p50_us, ch.cpu_p99_us,
+               ch.old_cpu_p50_us, ch.old_cpu_p99_us, old.mbps_cpu);
         fflush(stdout);
         if (nl < 64)
             snprintf(
                 line[nl++], sizeof line[0],
-                "%-10s %8.2f %8.2f %6.2fx %6.2fx %10.0f %10.0f %7zu %8.0f %8.0f %8.0f %8.1f %8.1f",
-                m, ours.mbps, rs.mbps, rs.mbps > 0 ? ours.mbps / rs.mbps : 0,
-                rs.mbps_cpu > 0 ? ours.mbps_cpu / rs.mbps_cpu : 0, ours.tps, rs.tps, ch.tokens,
-                ch.p50_us, ch.p99_us, ch.cpu_p50_us, ours.rss_mib, rs.rss_mib);
+                "%-10s %8.2f %8.2f %8.2f %8.2f %6.2fx %10.0f %10.0f %7zu %8.0f %8.0f %8.0f %8.0f "
+                "%8.1f %8.1f",
+                m, old.mbps_cpu, ours.mbps_cpu, rs.mbps_cpu, ours.mbps,
+                rs.mbps_cpu > 0 ? ours.mbps_cpu / rs.mbps_cpu : 0, ours.tps_cpu, rs.tps_cpu,
+                ch.tokens, ch.old_cpu_p50_us, ch.old_cpu_p99_us, ch.cpu_p50_us, ch.cpu_p99_us,
+                ours.rss_mib, rs.rss_mib);
     }
     unlink(file);
     kvr_buf_free(&text);
     if (nl) {
-        printf("\n%-10s %8s %8s %7s %7s %10s %10s %7s %8s %8s %8s %8s %8s\n", "model", "C MB/s",
-               "Rust MB/s", "ratio", "cpu rat", "C tok/s", "Rust tok/s", "chat tk", "p50 us",
-               "p99 us", "cpu p50", "C MiB", "Rust MiB");
+        /* MB/s and tokens/s per CPU second (wall MB/s: "C wall"); chat: CPU us per prompt,
+         * old = fast paths off (kvr_hftok_set_fast(t, 0)) in the same run */
+        printf("\n%-10s %8s %8s %8s %8s %7s %10s %10s %7s %8s %8s %8s %8s %8s %8s\n", "model",
+               "oldMB/s", "C MB/s", "RustMB/s", "C wall", "ratio", "C tok/s", "Rust tok/s",
+               "chat tk", "old p50", "old p99", "cpu p50", "cpu p99", "C MiB", "Rust MiB");
         for (int i = 0; i < nl; i++)
             printf("%s\n", line[i]);
     } else {

@@ -100,6 +100,9 @@ static int chat_content(const cJSON *c, kvr_buf *tmp, kvr_slice *out)
     }
     if (!cJSON_IsArray(c))
         return KVR_ETYPE;
+    /* vLLM, for a template that takes string content (ChatML's {{ message.content }}), joins
+     * the text parts with "\n" (chat_utils: text_prompt = "\n".join(texts)): the same prompt,
+     * so the same tokens and block hashes as the engine computes */
     size_t start = tmp->len;
     const cJSON *part;
     cJSON_ArrayForEach(part, c)
@@ -109,7 +112,8 @@ static int chat_content(const cJSON *c, kvr_buf *tmp, kvr_slice *out)
         if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") != 0 ||
             !cJSON_IsString(text))
             return KVR_ETYPE;
-        if (kvr_buf_append_cstr(tmp, text->valuestring))
+        if ((part != c->child && kvr_buf_append(tmp, "\n", 1)) ||
+            kvr_buf_append_cstr(tmp, text->valuestring))
             return KVR_ENOMEM;
     }
     /* tmp may move on later appends: callers render each message before the next. */

@@ -1,14 +1,18 @@
 /* Chat templates from tokenizer_config.json and the context apply_chat_template builds. */
 #include "kvr_tmpl.h"
 
+#include "kvr_buf.h"
+
+#include <regex.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 struct kvr_chat_tmpl {
     kvr_tmpl *def;
-    kvr_tmpl *tool_use; /* NULL: none */
-    cJSON *tokens;      /* special tokens map: {"bos_token": ..., "eos_token": ...} */
+    kvr_tmpl *tool_use;           /* NULL: none */
+    bool def_openai, tool_openai; /* vLLM's content format of each: "openai" (true), "string" */
+    cJSON *tokens;                /* special tokens map: {"bos_token": ..., "eos_token": ...} */
 };
 
 void kvr_chat_tmpl_free(kvr_chat_tmpl *ct)
@@ -19,6 +23,46 @@ void kvr_chat_tmpl_free(kvr_chat_tmpl *ct)
     kvr_tmpl_free(ct->tool_use);
     cJSON_Delete(ct->tokens);
     free(ct);
+}
+
+/* vLLM's _detect_content_format, on the source: "openai" when some loop iterates over a
+ * message's content ({% for c in message['content'] %} or message.content) where the message
+ * is the target of a loop over messages; else "string", and vLLM flattens list content to
+ * its text parts joined with "\n" before rendering. vLLM walks the Jinja AST; this matches
+ * the loops by their text, which covers the forms real templates use (Qwen3, Llama 3.x:
+ * string; Gemma 3: openai). */
+static bool content_format_openai(const char *s)
+{
+    regex_t msg, cont;
+    bool found = false;
+    /* loops over messages or a variable set from it (loop_messages = messages[1:]): vLLM
+     * follows such assignments; here a name ending in "messages" stands for them */
+    if (regcomp(
+            &msg,
+            "for[[:space:]]+([A-Za-z_][A-Za-z0-9_]*)[[:space:]]+in[[:space:]]+[A-Za-z_]*messages",
+            REG_EXTENDED))
+        return false;
+    for (const char *p = s; !found;) {
+        regmatch_t m[2];
+        if (regexec(&msg, p, 2, m, 0) != 0)
+            break;
+        char var[64], re[256];
+        int vl = (int)(m[1].rm_eo - m[1].rm_so);
+        if (vl < (int)sizeof var) {
+            snprintf(var, sizeof var, "%.*s", vl, p + m[1].rm_so);
+            snprintf(re, sizeof re,
+                     "for[[:space:]]+[A-Za-z_][A-Za-z0-9_]*[[:space:]]+in[[:space:]]+%s"
+                     "(\\.content|\\[[[:space:]]*['\"]content['\"][[:space:]]*\\])",
+                     var);
+            if (regcomp(&cont, re, REG_EXTENDED) == 0) {
+                found = regexec(&cont, s, 0, NULL, 0) == 0;
+                regfree(&cont);
+            }
+        }
+        p += m[0].rm_eo;
+    }
+    regfree(&msg);
+    return found;
 }
 
 static int compile_str(const char *s, kvr_tmpl **out, const char *name, kvr_err *err)
@@ -41,6 +85,7 @@ int kvr_chat_tmpl_from_config(const cJSON *cfg, kvr_chat_tmpl **out, kvr_err *er
     const cJSON *t = cJSON_GetObjectItemCaseSensitive(cfg, "chat_template");
     if (cJSON_IsString(t)) {
         rv = compile_str(t->valuestring, &ct->def, "default", err);
+        ct->def_openai = content_format_openai(t->valuestring);
     } else if (cJSON_IsArray(t)) {
         const cJSON *it;
         cJSON_ArrayForEach(it, t)
@@ -54,8 +99,11 @@ int kvr_chat_tmpl_from_config(const cJSON *cfg, kvr_chat_tmpl **out, kvr_err *er
             kvr_tmpl **slot = strcmp(nm->valuestring, "default") == 0    ? &ct->def
                               : strcmp(nm->valuestring, "tool_use") == 0 ? &ct->tool_use
                                                                          : NULL;
-            if (slot && *slot == NULL)
+            if (slot && *slot == NULL) {
                 rv = compile_str(tx->valuestring, slot, nm->valuestring, err);
+                *(slot == &ct->def ? &ct->def_openai : &ct->tool_openai) =
+                    content_format_openai(tx->valuestring);
+            }
             if (rv)
                 goto fail;
         }
@@ -134,6 +182,58 @@ int kvr_chat_tmpl_load_dir(const char *dir, kvr_chat_tmpl **out, kvr_err *err)
     return rv;
 }
 
+bool kvr_chat_tmpl_openai_content(const kvr_chat_tmpl *ct, bool tools)
+{
+    return (tools && ct->tool_use) ? ct->tool_openai : ct->def_openai;
+}
+
+/* A copy of messages whose list contents are their text parts joined with "\n" (vLLM's
+ * "string" content format; other parts are left out, as a text model does). *out stays NULL
+ * when no message has list content: nothing to copy. */
+static int flatten_messages(const cJSON *msgs, cJSON **out, kvr_err *err)
+{
+    const cJSON *m;
+    bool any = false;
+    cJSON_ArrayForEach(m, msgs) any |=
+        cJSON_IsArray(cJSON_GetObjectItemCaseSensitive(m, "content"));
+    if (!any)
+        return 0;
+    cJSON *copy = cJSON_Duplicate(msgs, true);
+    if (copy == NULL)
+        return kvr_err_set(err, KVR_ENOMEM, "out of memory");
+    cJSON *c;
+    cJSON_ArrayForEach(c, copy)
+    {
+        cJSON *content = cJSON_GetObjectItemCaseSensitive(c, "content");
+        if (!cJSON_IsArray(content))
+            continue;
+        kvr_buf b;
+        kvr_buf_init(&b);
+        int n = 0, rc = 0;
+        const cJSON *part;
+        cJSON_ArrayForEach(part, content)
+        {
+            const cJSON *ty = cJSON_GetObjectItemCaseSensitive(part, "type");
+            const cJSON *tx = cJSON_GetObjectItemCaseSensitive(part, "text");
+            if (!cJSON_IsString(ty) || strcmp(ty->valuestring, "text") != 0 || !cJSON_IsString(tx))
+                continue;
+            if ((n++ && kvr_buf_append(&b, "\n", 1)) || kvr_buf_append_cstr(&b, tx->valuestring))
+                rc = KVR_ENOMEM;
+        }
+        if (!rc && kvr_buf_append(&b, "", 1)) /* NUL-terminated for cJSON */
+            rc = KVR_ENOMEM;
+        cJSON *s = rc ? NULL : cJSON_CreateString(b.base);
+        kvr_buf_free(&b);
+        if (s == NULL || !cJSON_ReplaceItemInObjectCaseSensitive(c, "content", s)) {
+            cJSON_Delete(s);
+            cJSON_Delete(copy);
+            return kvr_err_set(err, KVR_ENOMEM, "out of memory");
+        }
+    }
+    *out = copy;
+    return 0;
+}
+
 int kvr_chat_render(const kvr_chat_tmpl *ct, const kvr_chat_req *req, const kvr_tmpl_limits *lim,
                     kvr_buf *out, kvr_err *err)
 {
@@ -142,6 +242,21 @@ int kvr_chat_render(const kvr_chat_tmpl *ct, const kvr_chat_req *req, const kvr_
         return kvr_err_set(err, KVR_ENOTFOUND, "no 'default' chat template");
     if (!cJSON_IsArray(req->messages))
         return kvr_err_set(err, KVR_EINVAL, "messages must be an array");
+    bool openai = t == ct->tool_use ? ct->tool_openai : ct->def_openai;
+    if (req->vllm_content && !openai) {
+        cJSON *flat = NULL;
+        int rc = flatten_messages(req->messages, &flat, err);
+        if (rc)
+            return rc;
+        if (flat) {
+            kvr_chat_req r2 = *req;
+            r2.messages = flat;
+            r2.vllm_content = false;
+            rc = kvr_chat_render(ct, &r2, lim, out, err);
+            cJSON_Delete(flat);
+            return rc;
+        }
+    }
     /* The context borrows the caller's trees: built of references, freed without them. */
     cJSON *ctx = cJSON_CreateObject();
     if (ctx == NULL)

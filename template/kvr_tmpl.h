@@ -66,7 +66,17 @@ typedef struct kvr_chat_req {
     const cJSON *documents; /* array or NULL */
     const cJSON *kwargs;    /* chat_template_kwargs object or NULL, merged last */
     bool add_generation_prompt;
+    /* Content as vLLM hands it to the template (its "auto" content format): for a template
+     * that never loops over a message's content ("string" format), list content becomes its
+     * text parts joined with "\n"; templates that loop over it get the list. false: as
+     * transformers' apply_chat_template passes it, always as given. The frontend and the worker
+     * set it: what the engine renders is what gets hashed. */
+    bool vllm_content;
 } kvr_chat_req;
+
+/* vLLM's content format of the template kvr_chat_render would pick (tools given or not):
+ * true "openai" (it loops over content), false "string". */
+bool kvr_chat_tmpl_openai_content(const kvr_chat_tmpl *ct, bool tools);
 
 /* Selects the template as transformers does ("tool_use" when tools are given and such a
  * template exists, else "default"), builds the context apply_chat_template passes and renders

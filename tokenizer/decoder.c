@@ -260,6 +260,11 @@ int64_t kvr_hftok_max_len(const kvr_hftok *t)
     return t->max_len;
 }
 
+void kvr_hftok_set_fast(kvr_hftok *t, int fast)
+{
+    t->slow = !fast;
+}
+
 void kvr_hftok_stream_init(kvr_hftok_stream *s, const kvr_hftok *t, int skip_special)
 {
     memset(s, 0, sizeof(*s));

@@ -44,6 +44,11 @@ int kvr_hftok_is_special(const kvr_hftok *t, uint32_t id);
 size_t kvr_hftok_vocab_size(const kvr_hftok *t);
 /* tokenizer_config.json's model_max_length when it is an exact integer, else -1. */
 int64_t kvr_hftok_max_len(const kvr_hftok *t);
+/* Fast paths (on by default): the NFC quick check, the added-token root table, the word cache
+ * and the cutting of long words at points no merge can cross. They never change the ids;
+ * turning them off (fast=0) runs the plain algorithm, for benchmarks (old vs new in one run)
+ * and tests that check the two agree. Call right after load, before other threads use t. */
+void kvr_hftok_set_fast(kvr_hftok *t, int fast);
 
 /* Streaming decode (the library's DecodeStream): feed one id at a time; text is appended to out
  * only when it ends on a whole UTF-8 character. One stream per generation, one thread. */

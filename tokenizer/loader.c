@@ -674,6 +674,10 @@ int kvr_hftok_load_json(const char *json, size_t len, kvr_hftok **out, kvr_err *
             }
             t->byte_level = 1;
         }
+    if (tk_cuts_init(t) != 0) {
+        rc = kvr_err_set(err, KVR_ENOMEM, "out of memory");
+        goto fail;
+    }
     /* template ids are not checked against the vocabulary: the library does not either */
     cJSON_Delete(root);
     *out = t;
@@ -694,6 +698,8 @@ void kvr_hftok_free(kvr_hftok *t)
     tk_pairmap_free(&t->merges);
     kvr_buf_free(&t->added_arena);
     free(t->added);
+    free(t->bigram);
+    free(t->single);
     tk_trie_free(&t->trie_raw);
     tk_trie_free(&t->trie_norm);
     free(t->added_by_id);

@@ -184,9 +184,9 @@ static int split_symbols(const kvr_hftok *t, const char *w, size_t n, word *wd)
  * table per thread (a kvr_hftok is shared by threads and immutable), keyed by the load's gen
  * so a freed tokenizer's entries never match another's; allocated on first use and freed at
  * thread exit. */
-#define WC_SLOTS 8192
-#define WC_MAX_BYTES 22
-#define WC_MAX_IDS 8
+#define WC_SLOTS 4096
+#define WC_MAX_BYTES 128 /* whole words of prose and code; pieces of cut long words */
+#define WC_MAX_IDS 32
 typedef struct wc_entry {
     uint64_t gen; /* 0 = empty */
     uint64_t hash;
@@ -204,6 +204,23 @@ static void wc_key_init(void)
     pthread_key_create(&wc_key, free);
 }
 
+/* Inline multiply-xor hash of a word: a library call to XXH3 per word showed in profiles.
+ * Collisions cost only a miss: entries compare the bytes. */
+static uint64_t wc_hash(const char *w, size_t n)
+{
+    uint64_t h = (uint64_t)n * 0x9E3779B97F4A7C15ull, x;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        memcpy(&x, w + i, 8);
+        h = (h ^ x) * 0xff51afd7ed558ccdull;
+        h ^= h >> 32;
+    }
+    x = 0;
+    memcpy(&x, w + i, n - i);
+    h = (h ^ x) * 0xc4ceb9fe1a85ec53ull;
+    return h ^ (h >> 29);
+}
+
 static wc_entry *wc_slot(const kvr_hftok *t, const char *w, size_t n, uint64_t *hash)
 {
     if (!wc_tab) {
@@ -212,15 +229,107 @@ static wc_entry *wc_slot(const kvr_hftok *t, const char *w, size_t n, uint64_t *
             return NULL; /* no cache: still exact, only slower */
         pthread_setspecific(wc_key, wc_tab);
     }
-    *hash = tk_hash(w, n) ^ t->gen * 0x9E3779B97F4A7C15ull;
+    *hash = wc_hash(w, n) ^ t->gen * 0x9E3779B97F4A7C15ull;
     return &wc_tab[*hash & (WC_SLOTS - 1)];
 }
 
 static int bpe_merge(const kvr_hftok *t, const char *w, size_t n, kvr_buf *out, kvr_err *err);
 
+static int cached_bpe(const kvr_hftok *t, const char *w, size_t n, kvr_buf *out, kvr_err *err);
+
+static uint64_t bigram_bit(uint32_t x, uint32_t y)
+{
+    uint64_t k = ((uint64_t)x << 21 | y) * 0x9E3779B97F4A7C15ull;
+    return (k >> 29) & (TK_BIGRAM_BITS - 1);
+}
+
+static int has_bit(const uint64_t *set, uint64_t b)
+{
+    return (int)(set[b / 64] >> (b % 64) & 1);
+}
+
+int tk_cuts_init(kvr_hftok *t)
+{
+    if (t->byte_level || t->ignore_merges)
+        return 0;
+    t->bigram = calloc(TK_BIGRAM_BITS / 64, sizeof(uint64_t));
+    t->single = calloc(TK_SINGLE_CPS / 64, sizeof(uint64_t));
+    if (!t->bigram || !t->single)
+        return KVR_ENOMEM;
+    if (tk_strmap_get(&t->vmap, &t->arena, t->vocab, "\xE2\x96\x81", 3) < 0) {
+        free(t->bigram); /* no U+2581 token: cut_word's candidates never occur */
+        free(t->single);
+        t->bigram = t->single = NULL;
+        return 0;
+    }
+    for (uint32_t id = 0; id < t->vocab_n; id++) {
+        const tk_str *v = &t->vocab[id];
+        if (!v->len)
+            continue;
+        const char *p = t->arena.base + v->off;
+        uint32_t prev = 0;
+        for (size_t i = 0; i < v->len;) {
+            size_t l;
+            uint32_t cp = tk_utf8_decode(p + i, v->len - i, &l);
+            if (i == 0 && l == v->len && cp < TK_SINGLE_CPS)
+                t->single[cp / 64] |= 1ull << (cp % 64);
+            if (i > 0) {
+                uint64_t b = bigram_bit(prev, cp);
+                t->bigram[b / 64] |= 1ull << (b % 64);
+            }
+            prev = cp;
+            i += l ? l : 1;
+        }
+    }
+    return 0;
+}
+
+/* BPE of a word cut at safe points (see tk_cuts_init): merges never cross a safe point, so
+ * each piece merges on its own exactly as inside the whole word, and the pieces are short
+ * enough for the word cache. Gemma 3's pre-tokenizer leaves whole lines as one word (its
+ * normalizer turns spaces into U+2581 before a split on spaces), where one heap over thousands
+ * of symbols was most of its time. Candidates are the places before a U+2581 (E2 96 81): they
+ * give word-sized pieces ("▁word"), and memchr finds them fast. */
+static int cut_word(const kvr_hftok *t, const char *w, size_t n, kvr_buf *out, kvr_err *err)
+{
+    size_t start = 0;
+    int rc;
+    for (size_t i = 1; i + 3 <= n;) {
+        const char *hit = memchr(w + i, 0xE2, n - i - 2);
+        if (!hit)
+            break;
+        i = (size_t)(hit - w);
+        if ((unsigned char)w[i + 1] != 0x96 || (unsigned char)w[i + 2] != 0x81) {
+            i++;
+            continue;
+        }
+        size_t p = i - 1, l; /* the character before */
+        while (p > start && ((unsigned char)w[p] & 0xC0) == 0x80)
+            p--;
+        uint32_t x = tk_utf8_decode(w + p, i - p, &l);
+        if (i > start && p + l == i && x < TK_SINGLE_CPS && has_bit(t->single, x) &&
+            !has_bit(t->bigram, bigram_bit(x, 0x2581))) {
+            if ((rc = cached_bpe(t, w + start, i - start, out, err)) != 0)
+                return rc;
+            start = i;
+        }
+        i += 3;
+    }
+    return cached_bpe(t, w + start, n - start, out, err);
+}
+
 int tk_bpe_word(const kvr_hftok *t, const char *w, size_t n, kvr_buf *out, kvr_err *err)
 {
-    if (n == 0 || n > WC_MAX_BYTES || t->ignore_merges)
+    if (!t->slow && t->bigram && n > 4)
+        return cut_word(t, w, n, out, err);
+    return cached_bpe(t, w, n, out, err);
+}
+
+static int cached_bpe(const kvr_hftok *t, const char *w, size_t n, kvr_buf *out, kvr_err *err)
+{
+    /* slow: the cache as it was before the fast paths (22 bytes, 8 ids), for old-vs-new */
+    size_t max_bytes = t->slow ? 22 : WC_MAX_BYTES, max_ids = t->slow ? 8 : WC_MAX_IDS;
+    if (n == 0 || n > max_bytes || (t->slow && t->ignore_merges))
         return bpe_merge(t, w, n, out, err);
     uint64_t hash;
     wc_entry *e = wc_slot(t, w, n, &hash);
@@ -231,7 +340,7 @@ int tk_bpe_word(const kvr_hftok *t, const char *w, size_t n, kvr_buf *out, kvr_e
     size_t before = out->len;
     int rc = bpe_merge(t, w, n, out, err);
     size_t nids = (out->len - before) / sizeof(uint32_t);
-    if (rc == 0 && e && nids <= WC_MAX_IDS) {
+    if (rc == 0 && e && nids <= max_ids) {
         e->gen = t->gen;
         e->hash = hash;
         e->len = (uint8_t)n;

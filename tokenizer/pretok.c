@@ -4,6 +4,7 @@
 #define _GNU_SOURCE /* memmem */
 #include "tk_internal.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <utf8proc.h>
 
@@ -198,6 +199,34 @@ int tk_replace_all(const tk_pattern *pat, const char *s, size_t n, const char *r
     return rc;
 }
 
+/* Replace of a literal (Gemma's " " -> U+2581): the output is sized once and written
+ * directly, not grown match by match through a list of matches. Same result as replace_all. */
+static int replace_lit(const tk_step *st, const char *s, size_t n, kvr_buf *out, kvr_err *err)
+{
+    const char *lit = st->pat.lit;
+    size_t ll = st->pat.lit_len, rl = st->content_len;
+    size_t worst = rl > ll ? n / ll * rl + n % ll : n;
+    if (!n)
+        return 0;
+    if (kvr_buf_reserve(out, worst))
+        return kvr_err_set(err, KVR_ENOMEM, "tokenizer: out of memory");
+    char *d = out->base + out->len;
+    for (size_t i = 0; i < n;) {
+        const char *hit = ll == 1 ? memchr(s + i, lit[0], n - i) : memmem(s + i, n - i, lit, ll);
+        size_t a = hit ? (size_t)(hit - s) : n;
+        memcpy(d, s + i, a - i);
+        d += a - i;
+        if (!hit)
+            break;
+        if (rl)
+            memcpy(d, st->content, rl);
+        d += rl;
+        i = a + ll;
+    }
+    out->len = (size_t)(d - out->base);
+    return 0;
+}
+
 int tk_normalize(const kvr_hftok *t, const char *s, size_t n, kvr_buf *out, kvr_err *err)
 {
     kvr_buf cur, nxt;
@@ -219,7 +248,9 @@ int tk_normalize(const kvr_hftok *t, const char *s, size_t n, kvr_buf *out, kvr_
         kvr_buf_reset(&nxt);
         switch (st->kind) {
         case TK_NFC:
-            if (cur.len) {
+            if (cur.len && !t->slow)
+                rc = tk_nfc_fast(cur.base, cur.len, &nxt, err);
+            else if (cur.len) {
                 utf8proc_uint8_t *dst = NULL;
                 utf8proc_ssize_t l =
                     utf8proc_map((const utf8proc_uint8_t *)cur.base, (utf8proc_ssize_t)cur.len,
@@ -234,6 +265,10 @@ int tk_normalize(const kvr_hftok *t, const char *s, size_t n, kvr_buf *out, kvr_
             }
             break;
         case TK_REPLACE:
+            if (!t->slow && st->pat.lit && st->pat.lit_len) {
+                rc = replace_lit(st, cur.base, cur.len, &nxt, err);
+                break;
+            }
             rc = replace_all(&st->pat, cur.base, cur.len, st->content, st->content_len, &nxt, md,
                              err);
             break;
@@ -257,16 +292,62 @@ done:
     return rc;
 }
 
+/* Per-thread scratch for pretok_and_model: the span and match lists grew from nothing by
+ * doubling for every segment of every encode; kept per thread they are sized once. Freed at
+ * thread exit (pthread key); lists that grew past SCRATCH_KEEP entries are not kept. */
+typedef struct scratch {
+    spans a, b;
+    matches m;
+} scratch;
+#define SCRATCH_KEEP (1u << 16)
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static __thread scratch *tls_scratch;
+
+static void scratch_free(void *p)
+{
+    scratch *s = p;
+    free(s->a.v);
+    free(s->b.v);
+    free(s->m.v);
+    free(s);
+}
+
+static void scratch_key_init(void)
+{
+    pthread_key_create(&scratch_key, scratch_free);
+}
+
+static scratch *scratch_get(void)
+{
+    if (!tls_scratch) {
+        pthread_once(&scratch_once, scratch_key_init);
+        if (!(tls_scratch = calloc(1, sizeof(scratch))))
+            return NULL;
+        pthread_setspecific(scratch_key, tls_scratch);
+    }
+    return tls_scratch;
+}
+
 /* Pre-tokenizes arena[sp] (arena may grow: new text is appended to it) and runs BPE on each
  * resulting word. */
 static int pretok_and_model(const kvr_hftok *t, kvr_buf *arena, span whole, kvr_buf *ids,
                             pcre2_match_data *md, kvr_err *err)
 {
+    scratch *sc = t->slow ? NULL : scratch_get();
     spans a = {0}, b = {0};
     matches m = {0};
+    if (sc) {
+        a = sc->a, b = sc->b, m = sc->m;
+        a.n = b.n = m.n = 0;
+        sc->a = sc->b = (spans){0}; /* owned here until handed back below */
+        sc->m = (matches){0};
+    }
     int rc = spans_push(&a, whole.off, whole.len, whole.first) ? KVR_ENOMEM : 0;
-    if (rc)
-        return kvr_err_set(err, rc, "tokenizer: out of memory");
+    if (rc) {
+        rc = kvr_err_set(err, rc, "tokenizer: out of memory");
+        goto out;
+    }
     for (size_t i = 0; i < t->pre_n && !rc; i++) {
         const tk_step *st = &t->pre[i];
         b.n = 0;
@@ -328,6 +409,11 @@ static int pretok_and_model(const kvr_hftok *t, kvr_buf *arena, span whole, kvr_
     }
     for (size_t j = 0; j < a.n && !rc; j++)
         rc = tk_bpe_word(t, arena->base + a.v[j].off, a.v[j].len, ids, err);
+out:
+    if (sc && a.cap <= SCRATCH_KEEP && b.cap <= SCRATCH_KEEP && m.cap <= SCRATCH_KEEP) {
+        sc->a = a, sc->b = b, sc->m = m;
+        return rc;
+    }
     free(a.v);
     free(b.v);
     free(m.v);
@@ -376,6 +462,12 @@ static int split_added(const kvr_hftok *t, const tk_trie *trie, const char *s, s
     if (!v)
         return KVR_ENOMEM;
     for (size_t i = 0; i < n && trie->nodes;) {
+        if (!t->slow) { /* most bytes start no added token: skip them without the trie */
+            while (i < n && !trie->root[(unsigned char)s[i]])
+                i++;
+            if (i == n)
+                break;
+        }
         int32_t idx = -1;
         size_t l = tk_trie_longest(trie, s + i, n - i, &idx);
         if (!l) {

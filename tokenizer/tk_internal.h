@@ -19,6 +19,8 @@
 #define TK_MAX_ADDED (1u << 20)
 #define TK_MAX_STEPS 64 /* normalizer / pre-tokenizer / decoder steps after flattening */
 #define TK_MAX_TEXT (64u << 20)
+#define TK_BIGRAM_BITS (1u << 24)
+#define TK_SINGLE_CPS 0x30000u
 
 typedef struct tk_str {
     uint32_t off, len; /* into an arena */
@@ -80,7 +82,8 @@ typedef struct tk_step {
 
 /* Added-token trie: edges in a hash map keyed by (node << 8 | byte). */
 typedef struct tk_trie {
-    uint64_t *keys; /* key+1, 0 = empty */
+    uint32_t root[256]; /* child of the root for a first byte, +1; 0 = no token starts so */
+    uint64_t *keys;     /* key+1, 0 = empty */
     uint32_t *child;
     size_t mask, count;
     int32_t *term; /* per node: added-token index or -1 */
@@ -125,6 +128,14 @@ struct kvr_hftok {
     size_t tpl_pre_n, tpl_post_n;
 
     int64_t max_len; /* tokenizer_config.json model_max_length, -1 unknown */
+    int slow;        /* kvr_hftok_set_fast(t, 0): no fast paths */
+
+    /* Long-word cuts (not byte-level): a cut between characters x and y is safe when no
+     * vocabulary string holds x followed by y (then no merge can make a token across it) and
+     * both are single-character tokens (no byte fallback or unk fusing across it). bigram is
+     * a bit set over a hash of (x, y): a false positive only loses a cut. */
+    uint64_t *bigram; /* TK_BIGRAM_BITS bits, NULL = never cut */
+    uint64_t *single; /* bit per code point < TK_SINGLE_CPS: a token of that one character */
     char name[64];
 };
 
@@ -158,6 +169,15 @@ int tk_normalize(const kvr_hftok *t, const char *s, size_t n, kvr_buf *out, kvr_
 int tk_replace_all(const tk_pattern *pat, const char *s, size_t n, const char *rep, size_t rep_len,
                    kvr_buf *out);
 int tk_encode_text(const kvr_hftok *t, const char *s, size_t n, kvr_buf *ids, kvr_err *err);
+
+/* 1 if NFC leaves s[0..n) (valid UTF-8) unchanged for sure: no character in it can change
+ * under NFC alone or combine with / reorder against a neighbour. 0 = run NFC. */
+int tk_nfc_quick(const char *s, size_t n);
+/* Appends NFC of s[0..n) (valid UTF-8) to out, running utf8proc only around the characters
+ * tk_nfc_quick would refuse. Same bytes as NFC over the whole text. */
+int tk_nfc_fast(const char *s, size_t n, kvr_buf *out, kvr_err *err);
+/* Builds t->bigram and t->single from the vocabulary (not byte-level models). */
+int tk_cuts_init(kvr_hftok *t);
 
 /* UTF-8 helpers */
 size_t tk_utf8_len(unsigned char lead); /* 1..4, 1 for invalid leads */

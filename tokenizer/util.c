@@ -228,6 +228,8 @@ int tk_trie_add(tk_trie *t, const char *s, size_t n, int32_t idx)
             t->count++;
             c = nn;
         }
+        if (i == 0)
+            t->root[(unsigned char)s[0]] = (uint32_t)c + 1;
         node = (uint32_t)c;
     }
     /* the same content twice: the later token wins, as in the library's map */
@@ -313,6 +315,16 @@ int tk_utf8_valid(const char *s, size_t n)
 {
     size_t i = 0;
     while (i < n) {
+        /* ASCII eight bytes at a time: every encode validates its whole text first */
+        while (i + 8 <= n) {
+            uint64_t w;
+            memcpy(&w, s + i, 8);
+            if (w & 0x8080808080808080ull)
+                break;
+            i += 8;
+        }
+        if (i >= n)
+            break;
         int l = utf8_seq((const unsigned char *)s + i, n - i);
         if (l < 0)
             return 0;

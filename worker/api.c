@@ -1,6 +1,7 @@
 /* worker/api.c: kvr-worker's OpenAI-compatible HTTP API and the loop that drives the engine's
  * simulated clock (see main.c's header for the clocks). Loop thread. */
 #include "worker.h"
+#include "kvr_json.h"
 
 int64_t wk_wall_ns(worker *w)
 {
@@ -9,7 +10,7 @@ int64_t wk_wall_ns(worker *w)
 
 /* ------------------------------------------------------------------ responses */
 
-static void append_text(kvr_buf *b, const uint32_t *t, size_t n)
+static void append_bytes(kvr_buf *b, const uint32_t *t, size_t n)
 {
     char tmp[256];
     size_t k = 0;
@@ -21,6 +22,32 @@ static void append_text(kvr_buf *b, const uint32_t *t, size_t n)
             k = 0;
         }
     }
+}
+
+/* The text of output tokens r has not written yet. Byte tokenizer: the bytes. --tokenizer:
+ * the model's decoding (special tokens skipped, as vLLM's skip_special_tokens default), a
+ * token at a time through a stream decoder so a chunk never ends inside a UTF-8 character.
+ * The engine's output ids are its own (bytes of words): with a model's vocabulary they are
+ * just ids, decoded as the model would. */
+static void append_text(kvr_buf *b, wreq *r, const uint32_t *t, size_t n)
+{
+    if (!r->w->hf) {
+        append_bytes(b, t, n);
+        return;
+    }
+    if (!r->dec_on) {
+        kvr_hftok_stream_init(&r->dec, r->w->hf, 1);
+        r->dec_on = true;
+    }
+    kvr_buf txt;
+    kvr_buf_init(&txt);
+    kvr_err err = {0};
+    for (size_t i = 0; i < n; i++)
+        if (kvr_hftok_stream_step(&r->dec, t[i], &txt, &err) != 0)
+            break; /* out of memory: the ids still go out in token_ids */
+    if (txt.len)
+        kvr_tok_json_escape(b, txt.base, txt.len);
+    kvr_buf_free(&txt);
 }
 
 /* "[1,2,3]" without printf: this runs for every token the worker streams */
@@ -76,6 +103,8 @@ void wk_wreq_free(wreq *r)
     w->live_reqs--;
     kvr_buf_free(&r->toks);
     kvr_buf_free(&r->all);
+    if (r->dec_on)
+        kvr_hftok_stream_free(&r->dec);
     free(r);
 }
 
@@ -131,11 +160,11 @@ static bool wreq_flush(wreq *r)
         kvr_buf_append_cstr(b, "\"choices\":[{\"index\":0,");
         if (r->chat) {
             kvr_buf_append_cstr(b, "\"message\":{\"role\":\"assistant\",\"content\":\"");
-            append_text(b, all, na);
+            append_text(b, r, all, na);
             kvr_buf_append_cstr(b, "\"},");
         } else {
             kvr_buf_append_cstr(b, "\"text\":\"");
-            append_text(b, all, na);
+            append_text(b, r, all, na);
             kvr_buf_append_cstr(b, "\",");
         }
         kvr_buf_append_cstr(b, "\"token_ids\":");
@@ -169,11 +198,11 @@ static bool wreq_flush(wreq *r)
                 r->role_sent = true;
             }
             kvr_buf_append_cstr(b, "\"content\":\"");
-            append_text(b, toks, n);
+            append_text(b, r, toks, n);
             kvr_buf_append_cstr(b, "\"},");
         } else {
             kvr_buf_append_cstr(b, "\"text\":\"");
-            append_text(b, toks, n);
+            append_text(b, r, toks, n);
             kvr_buf_append_cstr(b, "\",");
         }
         kvr_buf_append_cstr(b, "\"token_ids\":");
@@ -378,10 +407,61 @@ static void on_req_drain(kvr_http_req *req)
     kick_drive(r->w);
 }
 
-/* Tokens of the request body: "prompt" (string or token-id array) or chat "messages". */
-static int request_tokens(const cJSON *root, bool chat, kvr_buf *toks, kvr_err *err)
+/* --tokenizer: a chat through the model's own template, as vLLM renders it
+ * (apply_chat_template with the request's tools, chat_template_kwargs, add_generation_prompt;
+ * content parts as vLLM's content format gives them: see kvr_chat_req.vllm_content), then
+ * encoded without adding special tokens: the template wrote them. */
+static int model_chat_tokens(const worker *w, const cJSON *root, kvr_buf *toks, kvr_err *err)
 {
-    const kvr_tokenizer *tok = kvr_tok_byte();
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
+    if (!cJSON_IsArray(msgs))
+        return kvr_err_set(err, KVR_EINVAL, "'messages' must be an array");
+    int n = cJSON_GetArraySize(msgs);
+    if (n < 1 || n > KVR_TOK_MAX_MESSAGES)
+        return kvr_err_set(err, KVR_EINVAL, "'messages' must hold 1..%d messages",
+                           KVR_TOK_MAX_MESSAGES);
+    bool add_gen = true;
+    int rc = kvr_json_get_bool(root, "add_generation_prompt", false, &add_gen, err);
+    if (rc && rc != KVR_ENOTFOUND)
+        return rc;
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
+    const cJSON *kw = cJSON_GetObjectItemCaseSensitive(root, "chat_template_kwargs");
+    const cJSON *docs = cJSON_GetObjectItemCaseSensitive(root, "documents");
+    kvr_chat_req cr = {.messages = msgs,
+                       .tools = cJSON_IsArray(tools) ? tools : NULL,
+                       .documents = cJSON_IsArray(docs) ? docs : NULL,
+                       .kwargs = cJSON_IsObject(kw) ? kw : NULL,
+                       .add_generation_prompt = add_gen,
+                       .vllm_content = true};
+    kvr_buf text;
+    kvr_buf_init(&text);
+    rc = kvr_chat_render(w->tmpl, &cr, NULL, &text, err);
+    if (rc == 0)
+        rc = kvr_hftok_encode(w->hf, (kvr_slice){text.base ? text.base : "", text.len}, 0, toks,
+                              err);
+    kvr_buf_free(&text);
+    return rc;
+}
+
+/* Tokens of the request body: "prompt" (string or token-id array) or chat "messages". A
+ * string prompt gets the model's special tokens unless add_special_tokens is false (vLLM's
+ * default for completions and /tokenize); the byte tokenizer has none. */
+static int request_tokens(const worker *w, const cJSON *root, bool chat, kvr_buf *toks,
+                          kvr_err *err)
+{
+    const kvr_tokenizer *tok = w->tok_hf ? w->tok_hf : kvr_tok_byte();
+    if (chat && w->hf)
+        return model_chat_tokens(w, root, toks, err);
+    if (!chat && w->hf) {
+        const cJSON *p = cJSON_GetObjectItemCaseSensitive(root, "prompt");
+        if (cJSON_IsString(p)) {
+            bool add_special = true;
+            int rc = kvr_json_get_bool(root, "add_special_tokens", false, &add_special, err);
+            return rc && rc != KVR_ENOTFOUND ? rc
+                                             : kvr_hftok_encode(w->hf, kvr_slice_of(p->valuestring),
+                                                                add_special, toks, err);
+        }
+    }
     if (chat) {
         const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
         if (!cJSON_IsArray(msgs))
@@ -419,6 +499,7 @@ static int request_tokens(const cJSON *root, bool chat, kvr_buf *toks, kvr_err *
                 cm[i].content = kvr_slice_of(content->valuestring);
             } else {
                 off[i] = parts.len + 1; /* 0: no parts */
+                int ntext = 0;
                 const cJSON *part;
                 cJSON_ArrayForEach(part, content)
                 {
@@ -438,7 +519,9 @@ static int request_tokens(const cJSON *root, bool chat, kvr_buf *toks, kvr_err *
                                          "messages[%d].content: a text part needs 'text'", i);
                         break;
                     }
-                    if (kvr_buf_append_cstr(&parts, tx->valuestring) != 0)
+                    /* joined with "\n", as vLLM does for a template taking string content */
+                    if ((ntext++ > 0 && kvr_buf_append(&parts, "\n", 1) != 0) ||
+                        kvr_buf_append_cstr(&parts, tx->valuestring) != 0)
                         rc = kvr_err_set(err, KVR_ENOMEM, "messages");
                 }
                 cm[i].content.len = parts.len + 1 - off[i];
@@ -522,7 +605,7 @@ static void handle_completion(worker *w, kvr_http_req *req, bool chat)
         wk_respond_error(req, 400, "invalid_request_error", "'model' must be a string");
         goto bad;
     }
-    if (request_tokens(root, chat, &toks, &err) != 0) {
+    if (request_tokens(w, root, chat, &toks, &err) != 0) {
         wk_respond_error(req, err.code == KVR_ENOMEM ? 500 : 400, "invalid_request_error", "%s",
                          err.msg);
         goto bad;
@@ -697,7 +780,7 @@ static void handle_tokenize(worker *w, kvr_http_req *req)
                          "give either 'prompt' (a string) or 'messages'");
         goto done;
     }
-    if (request_tokens(root, msgs != NULL, &toks, &err) != 0) {
+    if (request_tokens(w, root, msgs != NULL, &toks, &err) != 0) {
         wk_respond_error(req, err.code == KVR_ENOMEM ? 500 : 400, "invalid_request_error", "%s",
                          err.msg);
         goto done;

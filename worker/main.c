@@ -87,6 +87,11 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
         {"stream-interval", KVR_FLAG_U64, &o->stream_interval, "tokens per SSE chunk at least",
          false},
         {"advertise-url", KVR_FLAG_STRING, &o->advertise, "URL in heartbeats", false},
+        {"tokenizer", KVR_FLAG_STRING, &o->tokenizer,
+         "Hugging Face model directory (tokenizer.json, tokenizer_config.json): prompts and "
+         "chats tokenized as the model does, output decoded to its text; byte (default): the "
+         "byte tokenizer and ChatML",
+         false},
         {"log-level", KVR_FLAG_STRING, &o->log_level, "debug|info|warn|error", false},
         KVR_NATS_FLAG_ENTRIES(&o->nats_sec),
     };
@@ -423,6 +428,18 @@ int main(int argc, char **argv)
     kvr_log_setup("worker", idbuf, lvl);
     signal(SIGPIPE, SIG_IGN);
 
+    if (w->o.tokenizer && strcmp(w->o.tokenizer, "byte") != 0) {
+        /* the model's chat template is needed too: a worker standing in for a model that
+         * tokenized chats as ChatML would send the router hashes no engine computes */
+        if ((rc = kvr_tok_open_dir(w->o.tokenizer, &w->tok_hf, &err)) != 0 ||
+            (rc = kvr_chat_tmpl_load_dir(w->o.tokenizer, &w->tmpl, &err)) != 0) {
+            fprintf(stderr, "kvr-worker: --tokenizer %s: %s\n", w->o.tokenizer, err.msg);
+            return 2;
+        }
+        w->hf = kvr_tok_hf(w->tok_hf);
+        KVR_LOG_INFO("tokenizer", "dir=%s vocab=%zu", w->o.tokenizer, kvr_hftok_vocab_size(w->hf));
+    }
+
     kvr_engine_config ec;
     kvr_engine_config_default(&ec);
     ec.block_size = (uint32_t)w->o.block_size;
@@ -537,6 +554,8 @@ int main(int argc, char **argv)
     free(w->future);
     kvr_buf_free(&w->scratch);
     kvr_engine_free(w->eng);
+    kvr_chat_tmpl_free(w->tmpl);
+    kvr_tok_destroy(w->tok_hf);
     uv_loop_close(w->loop);
     return 0;
 }

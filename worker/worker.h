@@ -17,6 +17,8 @@
 #include "kvr_metrics.h"
 #include "kvr_nats.h"
 #include "kvr_nats_flags.h"
+#include "kvr_hftok.h"
+#include "kvr_tmpl.h"
 #include "kvr_tok.h"
 
 #include <cjson/cJSON.h>
@@ -38,6 +40,7 @@
 typedef struct opts {
     const char *listen, *nats, *ns, *model, *role, *event_format, *hash_format, *log_level;
     const char *advertise;
+    const char *tokenizer; /* --tokenizer DIR: a Hugging Face model directory, or "byte" */
     const char *kv_events, *zmq_endpoint, *zmq_replay, *zmq_topic, *zmq_replay_layout;
     uint64_t zmq_buffer_steps;
     uint64_t id, seed, event_buffer_max, resync_after_ms, announce_delay_ms, stream_interval;
@@ -104,6 +107,11 @@ typedef struct worker {
     bool need_resync;
     int64_t disconnected_at; /* kvr_mono_ms of the last disconnect, 0 while connected */
     kvr_buf scratch;
+    /* --tokenizer DIR: prompts encoded and chats templated as the model does, output decoded
+     * with its vocabulary. NULL: the byte tokenizer and ChatML. Immutable after start. */
+    kvr_tokenizer *tok_hf;
+    const kvr_hftok *hf;
+    kvr_chat_tmpl *tmpl;
     /* clocks */
     int64_t lag_ns, lag_max_ns; /* at the start of the last step; the largest */
     int64_t lag_erased_ns;      /* lag forgiven by idle jumps, total */
@@ -127,7 +135,9 @@ struct wreq {
     kvr_buf toks; /* u32 tokens not yet written */
     size_t n_ready_toks;
     size_t n_written;
-    kvr_buf all; /* non-streaming: every token */
+    kvr_buf all;          /* non-streaming: every token */
+    kvr_hftok_stream dec; /* --tokenizer: streamed text, never half a UTF-8 character */
+    bool dec_on;
     char id[64];
     char model[128];
     int64_t created;

@@ -170,7 +170,8 @@ static void test_parse_chat(void **state)
                            "{\"type\":\"text\",\"text\":\"b\"}]}]}",
                            true, &r, &e),
                      0);
-    const char *want = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>user\nab<|im_end|>\n"
+    /* text parts joined with "\n", as vLLM does for string-content templates */
+    const char *want = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>user\na\nb<|im_end|>\n"
                        "<|im_start|>assistant\n";
     assert_int_equal(kvr_tok_count(&r.tokens), strlen(want));
     for (size_t i = 0; i < strlen(want); i++)

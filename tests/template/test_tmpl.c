@@ -11,6 +11,7 @@
 #include "kvr_tmpl.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static const struct {
@@ -111,12 +112,64 @@ static void test_render_errors_and_limits(void **state)
                         KVR_ELIMIT, "");
 }
 
+/* vLLM's content format: a template that loops over a message's content ("openai") gets the
+ * list; one that does not ("string") gets the text parts joined with "\n" when the request
+ * asks for vLLM's view (vllm_content), and the list as transformers passes it otherwise. */
+static void test_vllm_content_format(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *tmpl;
+        bool openai;
+        const char *want_vllm;
+    } T[] = {
+        {"{% for m in messages %}[{{ m.content }}]{% endfor %}", false, "[a\nb]"},
+        {"{% for message in messages %}{% for p in message['content'] %}<{{ p.text }}>"
+         "{% endfor %}{% endfor %}",
+         true, "<a><><b>"}, /* the list as given: the image part has no text */
+        {"{% set loop_messages = messages %}{% for message in loop_messages %}"
+         "{% for item in message.content %}<{{ item.text }}>{% endfor %}{% endfor %}",
+         true, "<a><><b>"}, /* the list as given: the image part has no text */
+    };
+    const char *msgs = "[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"},"
+                       "{\"type\":\"image_url\",\"image_url\":{}},"
+                       "{\"type\":\"text\",\"text\":\"b\"}]}]";
+    for (size_t i = 0; i < sizeof T / sizeof T[0]; i++) {
+        cJSON *cfg = cJSON_CreateObject();
+        cJSON_AddStringToObject(cfg, "chat_template", T[i].tmpl);
+        kvr_chat_tmpl *ct = NULL;
+        kvr_err err = {0};
+        assert_int_equal(kvr_chat_tmpl_from_config(cfg, &ct, &err), 0);
+        assert_int_equal(kvr_chat_tmpl_openai_content(ct, false), T[i].openai);
+        cJSON *m = cJSON_Parse(msgs);
+        kvr_buf out;
+        kvr_buf_init(&out);
+        kvr_chat_req req = {.messages = m, .vllm_content = true};
+        assert_int_equal(kvr_chat_render(ct, &req, NULL, &out, &err), 0);
+        assert_int_equal(out.len, strlen(T[i].want_vllm));
+        assert_memory_equal(out.base, T[i].want_vllm, out.len);
+        /* unchanged request: the caller's tree is not modified */
+        char *again = cJSON_PrintUnformatted(m);
+        cJSON *m0 = cJSON_Parse(msgs);
+        char *orig = cJSON_PrintUnformatted(m0);
+        assert_string_equal(again, orig);
+        free(again);
+        free(orig);
+        cJSON_Delete(m0);
+        kvr_buf_free(&out);
+        cJSON_Delete(m);
+        kvr_chat_tmpl_free(ct);
+        cJSON_Delete(cfg);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_constructs),
         cmocka_unit_test(test_refused_at_compile),
         cmocka_unit_test(test_render_errors_and_limits),
+        cmocka_unit_test(test_vllm_content_format),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -17,7 +17,9 @@ texts = [
     "العربية: مرحبا بالعالم", "עברית: שלום עולם", "Tiếng Việt có dấu: Xin chào thế giới",
     "ქართული ენა", "Հայերեն", "አማርኛ", "தமிழ் உரை", "বাংলা লেখা", "ᚠᚢᚦᚨᚱᚲ",
     "😀😃😄 emoji 👍🏽 family 👨‍👩‍👧‍👦 flags 🇩🇪🇯🇵 keycap 1️⃣", "🤖🧠💡🚀",
-    "e\u0301 vs é, A\u030a vs Å, \u1100\u1161\u11a8 hangul jamo", "Zalgo: Z\u0351\u0360a\u0352l\u0353g\u0354o",
+    "e\u0301 vs é, A\u030a vs Å, \u1100\u1161\u11a8 hangul jamo",
+    # U+11A7 after an LV syllable: utf8proc's NFC drops it, the library keeps it
+    "\uac00\u11a7 \uac00\u11a7\u1161 \uac00\u11a7\u0301 \u1100\u1161\u11a7", "Zalgo: Z\u0351\u0360a\u0352l\u0353g\u0354o",
     "ﬁ ligature, ＦＵＬＬＷＩＤＴＨ, ① circled, ² superscript, ½ fraction",
     "\u00a0nbsp\u00a0here\u2003em space\u3000ideographic space\u200bzero width",
     "line\r\nwindows\rmac\u2028sep\u2029para\u0085nel",

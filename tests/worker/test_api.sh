@@ -114,10 +114,14 @@ kvr_assert_eq "$(jq -sc '[.[] | .choices[]?.token_ids[]]' <<<"$ev")" "$want" "st
 kvr_assert_eq "$(jq -s '[.[] | .choices[0].token_ids | length] | .[:-1] | map(select(. < 5)) | length' <<<"$ev")" 0 "chunks of at least 5 tokens"
 
 # --- OpenAI content parts, as clients (and a frontend passing bodies through) send them: the
-# text parts count, an image part is skipped: the same prompt as the plain string, same output
+# text parts count, joined with "\n" as vLLM joins them for a string-content template; an
+# image part is skipped: the same prompt as the joined string, same output
 parts='{"model":"sim","messages":[{"role":"user","content":[{"type":"text","text":"Hello there, "},{"type":"image_url","image_url":{"url":"data:,"}},{"type":"text","text":"worker"}]}],"max_tokens":9}'
+joined='{"model":"sim","messages":[{"role":"user","content":"Hello there, \nworker"}],"max_tokens":9}'
 out=$(post /v1/chat/completions "$parts")
-kvr_assert_eq "$(jq -c '[.usage.prompt_tokens, .choices[0].token_ids]' <<<"$out")" "[69,$want_chat]" "chat content parts"
+out_joined=$(post /v1/chat/completions "$joined")
+kvr_assert_eq "$(jq -c '[.usage.prompt_tokens, .choices[0].token_ids]' <<<"$out")" "$(jq -c '[.usage.prompt_tokens, .choices[0].token_ids]' <<<"$out_joined")" "chat content parts"
+kvr_assert_eq "$(jq -c '.usage.prompt_tokens' <<<"$out")" 70 "chat content parts: joined with a newline"
 kvr_assert_eq "$(code /v1/chat/completions '{"messages":[{"role":"user","content":[{"type":"text"}]}]}')" 400 "text part without text"
 kvr_assert_eq "$(code /v1/chat/completions '{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null},{"role":"user","content":"y"}],"max_tokens":1}')" 200 "null content (an assistant turn)"
 
