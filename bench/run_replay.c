@@ -376,16 +376,8 @@ int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
     if ((rc = kvr_trace_load(cfg->trace_path, NULL, &tr, err)) != 0)
         return kvr_err_wrap(err, rc, "loading trace");
     /* The slice: requests whose scaled timestamp falls inside the duration. */
-    size_t n = 0;
+    size_t n = kvr_trace_slice(&tr, cfg->speedup, cfg->duration_s, cfg->max_requests);
     int64_t ts0 = tr.n ? tr.reqs[0].timestamp_ms : 0;
-    while (n < tr.n) {
-        double at = (double)(tr.reqs[n].timestamp_ms - ts0) / 1000.0 / cfg->speedup;
-        if (cfg->duration_s > 0 && at >= cfg->duration_s)
-            break;
-        if (cfg->max_requests > 0 && (long)n >= cfg->max_requests)
-            break;
-        n++;
-    }
     if (n == 0) {
         rc = kvr_err_set(err, KVR_EINVAL, "the trace slice is empty");
         goto out;
