@@ -178,7 +178,10 @@ int kvr_route_reply_encode(kvr_buf *out, const kvr_route_reply *r)
     }
     if (r->url.len == 0 || r->url.len > KVR_ROUTE_URL_MAX || r->mode.len > KVR_ROUTE_NAME_MAX)
         return KVR_EINVAL;
-    rc = kvr_mp_write_map(out, r->has_view ? 9 : 7);
+    /* best_overlap_blocks only when it says something: replies stay byte-identical for peers
+     * that predate it (decoders read its absence as overlap_blocks) */
+    bool best = r->best_overlap_blocks > r->overlap_blocks;
+    rc = kvr_mp_write_map(out, (r->has_view ? 8u : 6u) + best);
     if (r->has_view) {
         rc = rc ? rc : write_kv_uint(out, "worker_bookings", r->worker_bookings);
         rc = rc ? rc : write_kv_uint(out, "decided_ns", r->decided_ns);
@@ -188,7 +191,8 @@ int kvr_route_reply_encode(kvr_buf *out, const kvr_route_reply *r)
     rc = rc ? rc : write_kv_uint(out, "worker_id", r->worker_id);
     rc = rc ? rc : write_kv_str(out, "url", r->url);
     rc = rc ? rc : write_kv_uint(out, "overlap_blocks", r->overlap_blocks);
-    rc = rc ? rc : write_kv_uint(out, "best_overlap_blocks", r->best_overlap_blocks);
+    if (best)
+        rc = rc ? rc : write_kv_uint(out, "best_overlap_blocks", r->best_overlap_blocks);
     rc = rc ? rc : write_kv_uint(out, "router_id", r->router_id);
     return rc ? rc : write_kv_str(out, "mode", r->mode);
 }

@@ -3,7 +3,7 @@
  *   kvr.route        request  {"request_id":bin16, "frontend_id":u64, "model":str,
  *                              "namespace":str, "role":str?, "tokens":u32, "seq_hashes":[u64…]}
  *                    reply    {"ok":true, "worker_id":u64, "url":str, "overlap_blocks":u32,
- *                              "best_overlap_blocks":u32?, "router_id":u32, "mode":str,
+ *                              "best_overlap_blocks":u32? (only when above overlap_blocks), "router_id":u32, "mode":str,
  *                              "worker_bookings":u32?,
  *                              "decided_ns":u64?}  or  {"ok":false, "error":str}
  *   kvr.route.event  event    {"request_id":bin16, "event":"prefill_done"|"free",
