@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "ceiling.h"
 #include "kvr_bench.h"
 #include "run_cluster.h"
 #include "run_replay.h"
@@ -46,6 +47,37 @@ static void cmp_usage(FILE *out)
             "Each mode runs on a fresh cluster (kvrctl up … ; replay ; kvrctl down).\n");
 }
 
+
+/* The workers' pooled capacity and block size, read from their own /metrics while a cluster
+ * is up (so --worker-args are taken into account without parsing them). */
+static void scrape_capacity(run_cluster *c, uint64_t *capacity, uint32_t *block_size)
+{
+    kvr_buf b;
+    kvr_buf_init(&b);
+    uint64_t cap = 0;
+    uint32_t bs = 0;
+    for (int i = 0; i < c->n; i++) {
+        if (strcmp(c->procs[i].role, "worker") != 0)
+            continue;
+        char url[300];
+        snprintf(url, sizeof url, "%s/metrics", c->procs[i].url);
+        long st = 0;
+        double v = 0;
+        kvr_buf_reset(&b);
+        if (run_http_get(url, 3000, &st, &b) != 0 || st != 200 ||
+            run_prom_sum(b.base, b.len, "kvr_worker_kv_blocks_capacity", &v) != 0)
+            continue;
+        cap += (uint64_t)v;
+        const char *p = b.len ? memmem(b.base, b.len, "block_size=\"", 12) : NULL;
+        if (p)
+            bs = (uint32_t)strtoul(p + 12, NULL, 10);
+    }
+    kvr_buf_free(&b);
+    if (cap && bs) {
+        *capacity = cap;
+        *block_size = bs;
+    }
+}
 
 static const char *proc_url(run_cluster *c, const char *role)
 {
@@ -153,6 +185,8 @@ int kvr_bench_compare(int argc, char **argv)
     signal(SIGTERM, cmp_on_signal);
     run_http_global_init();
 
+    uint64_t pool_capacity = 0;
+    uint32_t pool_block_size = 0;
     run_result results[N_MODES];
     bool have[N_MODES] = {0};
     char errors[N_MODES][300];
@@ -196,6 +230,8 @@ int kvr_bench_compare(int argc, char **argv)
         char url_copy[128] = "";
         if (run_cluster_load(&c, cdir, &err) == 0) {
             url = proc_url(&c, m == 3 ? "haproxy" : "frontend");
+            if (!pool_capacity)
+                scrape_capacity(&c, &pool_capacity, &pool_block_size);
             if (url)
                 snprintf(url_copy, sizeof url_copy, "%s", url);
             run_cluster_free(&c);
@@ -266,6 +302,38 @@ int kvr_bench_compare(int argc, char **argv)
         printf("kv3 vs kv1: hit rate %.1f%%\n",
                100 * results[0].prefix_hit_rate / results[1].prefix_hit_rate);
 
+    /* The ceiling of this very configuration: same slice, same prompts, the workers' total
+     * capacity as one cache (launcher/ceiling.h), and an infinite cache. */
+    kvr_ceiling_result pooled = {0}, infinite = {0};
+    bool have_ceiling = false;
+    if (pool_capacity && pool_block_size) {
+        kvr_trace tr;
+        kvr_err cerr = {0};
+        if (kvr_trace_load(base.trace_path, NULL, &tr, &cerr) == 0) {
+            size_t n = kvr_trace_slice(&tr, base.speedup, base.duration_s, base.max_requests);
+            kvr_ceiling_cfg cc = {.block_size = pool_block_size,
+                                  .capacity_blocks = pool_capacity,
+                                  .trace_block_size = base.trace_block_size,
+                                  .max_input = base.max_input > 0 ? (size_t)base.max_input : 0};
+            have_ceiling = kvr_ceiling_run(&tr, n, &cc, &pooled, &cerr) == 0;
+            cc.capacity_blocks = 0;
+            have_ceiling = have_ceiling && kvr_ceiling_run(&tr, n, &cc, &infinite, &cerr) == 0;
+            kvr_trace_free(&tr);
+        }
+        if (!have_ceiling)
+            fprintf(stderr, "kvr-bench compare: ceiling: %s\n", cerr.msg);
+    }
+    if (have_ceiling) {
+        printf("ceiling: one pooled cache of %llu blocks of %u tokens %.1f%%, infinite cache "
+               "%.1f%%\n",
+               (unsigned long long)pool_capacity, pool_block_size, pooled.hit_rate * 100,
+               infinite.hit_rate * 100);
+        for (int m = 0; m < N_MODES; m++)
+            if (have[m] && results[m].have_hit_rate && pooled.hit_rate > 0)
+                printf("  %-12s %.1f%% of the pooled ceiling\n", all_modes[m],
+                       100 * results[m].prefix_hit_rate / pooled.hit_rate);
+    }
+
     FILE *f = fopen(json_out, "w");
     if (!f) {
         fprintf(stderr, "kvr-bench compare: writing %s: %s\n", json_out, strerror(errno));
@@ -284,6 +352,21 @@ int kvr_bench_compare(int argc, char **argv)
                    "\"trace_block_size\":%u,\"max_output\":%ld}",
                 workers, worker_speedup > 0 ? worker_speedup : base.speedup, base.speedup, base.duration_s, base.max_requests, base.trace_block_size,
                 base.max_output);
+        if (have_ceiling) {
+            fprintf(f, ",\"pooled_ceiling_hit_rate\":%.6f,\"infinite_hit_rate\":%.6f,"
+                       "\"pooled_capacity_blocks\":%llu,\"block_size\":%u,\"ceiling_share\":{",
+                    pooled.hit_rate, infinite.hit_rate, (unsigned long long)pool_capacity,
+                    pool_block_size);
+            first = true;
+            for (int m = 0; m < N_MODES; m++) {
+                if (!have[m] || !results[m].have_hit_rate || !(pooled.hit_rate > 0))
+                    continue;
+                fprintf(f, "%s\"%s\":%.6f", first ? "" : ",", all_modes[m],
+                        results[m].prefix_hit_rate / pooled.hit_rate);
+                first = false;
+            }
+            fputc('}', f);
+        }
         bool any_err = false;
         for (int m = 0; m < N_MODES; m++)
             any_err |= want[m] && !have[m];

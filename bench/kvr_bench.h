@@ -6,6 +6,7 @@
 int kvr_bench_indexer(int argc, char **argv) __attribute__((weak));
 int kvr_bench_run(int argc, char **argv) __attribute__((weak));
 int kvr_bench_compare(int argc, char **argv) __attribute__((weak));
+int kvr_bench_ceiling(int argc, char **argv) __attribute__((weak));
 int kvr_bench_raft(int argc, char **argv) __attribute__((weak));
 int kvr_bench_route(int argc, char **argv) __attribute__((weak));
 int kvr_bench_ingest(int argc, char **argv) __attribute__((weak));

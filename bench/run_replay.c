@@ -345,6 +345,44 @@ static int scrape_workers(const char *dir, double *prompt, double *cached)
     return nw > 0 ? 0 : KVR_ENOTFOUND;
 }
 
+/* The frontends' prefix-hit accounting (frontend/fe_hits.c), summed over the cluster. */
+enum { FH_PRED, FH_CACHED, FH_STALE, FH_OTHER, FH_N };
+static int scrape_frontends(const char *dir, double v[FH_N])
+{
+    static const char *names[FH_N] = {
+        "kvr_frontend_prefix_predicted_tokens_total", "kvr_frontend_prefix_cached_tokens_total",
+        "kvr_frontend_prefix_misses_total{kind=\"index_stale\"}",
+        "kvr_frontend_prefix_misses_total{kind=\"other_worker_had_more\"}"};
+    run_cluster c;
+    if (run_cluster_load(&c, dir, NULL) != 0)
+        return KVR_ENOTFOUND;
+    int nf = 0;
+    for (int k = 0; k < FH_N; k++)
+        v[k] = 0;
+    for (int i = 0; i < c.n; i++) {
+        run_proc *p = &c.procs[i];
+        if (strcmp(p->role, "frontend") != 0)
+            continue;
+        char url[256];
+        snprintf(url, sizeof url, "%s/metrics", p->url);
+        kvr_buf b;
+        kvr_buf_init(&b);
+        long st = 0;
+        double x[FH_N];
+        bool ok = run_http_get(url, 3000, &st, &b) == 0 && st == 200;
+        for (int k = 0; ok && k < FH_N; k++)
+            ok = run_prom_sum(b.base, b.len, names[k], &x[k]) == 0;
+        if (ok) {
+            for (int k = 0; k < FH_N; k++)
+                v[k] += x[k];
+            nf++;
+        }
+        kvr_buf_free(&b);
+    }
+    run_cluster_free(&c);
+    return nf > 0 ? 0 : KVR_ENOTFOUND;
+}
+
 /* ---------- the run ---------- */
 
 int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
@@ -376,16 +414,8 @@ int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
     if ((rc = kvr_trace_load(cfg->trace_path, NULL, &tr, err)) != 0)
         return kvr_err_wrap(err, rc, "loading trace");
     /* The slice: requests whose scaled timestamp falls inside the duration. */
-    size_t n = 0;
+    size_t n = kvr_trace_slice(&tr, cfg->speedup, cfg->duration_s, cfg->max_requests);
     int64_t ts0 = tr.n ? tr.reqs[0].timestamp_ms : 0;
-    while (n < tr.n) {
-        double at = (double)(tr.reqs[n].timestamp_ms - ts0) / 1000.0 / cfg->speedup;
-        if (cfg->duration_s > 0 && at >= cfg->duration_s)
-            break;
-        if (cfg->max_requests > 0 && (long)n >= cfg->max_requests)
-            break;
-        n++;
-    }
     if (n == 0) {
         rc = kvr_err_set(err, KVR_EINVAL, "the trace slice is empty");
         goto out;
@@ -406,6 +436,8 @@ int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
 
     double prompt0 = 0, cached0 = 0;
     bool have_metrics = cfg->cluster_dir && scrape_workers(cfg->cluster_dir, &prompt0, &cached0) == 0;
+    double fh0[FH_N];
+    bool have_fh = cfg->cluster_dir && scrape_frontends(cfg->cluster_dir, fh0) == 0;
 
     rp.t0 = rr_now_s();
     if (cfg->cluster_dir && cfg->kill_at_s >= 0) {
@@ -482,6 +514,14 @@ int run_replay(const run_cfg *cfg_in, run_result *res, kvr_err *err)
             res->cached_delta = c1 - cached0;
             res->prefix_hit_rate = res->prompt_delta > 0 ? res->cached_delta / res->prompt_delta : 0;
         }
+    }
+    double fh1[FH_N];
+    if (have_fh && scrape_frontends(cfg->cluster_dir, fh1) == 0) {
+        res->have_hit_reasons = true;
+        res->predicted_tokens = fh1[FH_PRED] - fh0[FH_PRED];
+        res->routed_cached_tokens = fh1[FH_CACHED] - fh0[FH_CACHED];
+        res->miss_index_stale = fh1[FH_STALE] - fh0[FH_STALE];
+        res->miss_other_worker = fh1[FH_OTHER] - fh0[FH_OTHER];
     }
     dvec_sort(&rp.ttft);
     dvec_sort(&rp.itl);

@@ -61,6 +61,11 @@ typedef struct run_result {
     double prompt_tokens_sent;
     bool have_hit_rate;
     double prefix_hit_rate, prompt_delta, cached_delta;
+    /* why hits were missed, from the frontends' /metrics (issue 14 item 5; deltas over the
+     * run): tokens the routers predicted cached, tokens the chosen workers had, and the
+     * requests whose index was stale or that went to a worker with less than the best overlap */
+    bool have_hit_reasons;
+    double predicted_tokens, routed_cached_tokens, miss_index_stale, miss_other_worker;
     char first_error[256];
     /* failover */
     bool failover;

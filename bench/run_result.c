@@ -55,6 +55,12 @@ void run_result_print(FILE *out, const char *title, const run_result *r)
                 r->prefix_hit_rate * 100, r->cached_delta, r->prompt_delta);
     else
         fprintf(out, "  prefix hit rate: n/a (no --cluster, or workers' /metrics unreadable)\n");
+    if (r->have_hit_reasons)
+        fprintf(out,
+                "  routed: predicted %.0f cached tokens, workers had %.0f; missed hits: index "
+                "stale %.0f, another worker had more %.0f\n",
+                r->predicted_tokens, r->routed_cached_tokens, r->miss_index_stale,
+                r->miss_other_worker);
     if (r->failover) {
         fprintf(out,
                 "  failover: killed router-%d (%s) at %.1f s, restarted at %.1f s, ready after "
@@ -106,6 +112,12 @@ void run_result_json(FILE *out, const run_result *r, const run_cfg *cfg)
     jnum(out, r->have_hit_rate ? r->prompt_delta : NAN);
     fputs(",\"worker_cached_tokens\":", out);
     jnum(out, r->have_hit_rate ? r->cached_delta : NAN);
+    if (r->have_hit_reasons)
+        fprintf(out,
+                ",\"hit_reasons\":{\"predicted_tokens\":%.0f,\"cached_tokens\":%.0f,"
+                "\"index_stale\":%.0f,\"other_worker_had_more\":%.0f}",
+                r->predicted_tokens, r->routed_cached_tokens, r->miss_index_stale,
+                r->miss_other_worker);
     if (r->failover) {
         fprintf(out, ",\"failover\":{\"killed_router\":%d,\"killed_role\":\"%s\",\"killed_at_s\":",
                 r->killed_router, r->killed_role);

@@ -66,6 +66,8 @@ typedef struct fe_app {
     uint32_t n_resend, cap_resend;
     int64_t reconnect_ms; /* monotonic ms of the last (re)connect, 0 before any */
     kvr_metric *m_free_resent;
+    /* issue 14: predicted vs actual prefix hits (fe_hits.c) */
+    kvr_metric *m_hit_predicted, *m_hit_cached, *m_hit_misses;
     /* issue 18 edges: drain, stalls, admission (docs/SECURITY.md 5) */
     struct fe_call *calls; /* every live call (doubly linked), ended at the drain deadline */
     size_t n_calls;
@@ -110,6 +112,10 @@ typedef struct fe_call {
     char url[FE_URL_MAX];
     uint64_t worker_id;
     bool have_worker;
+    /* what the router predicted (route reply), in tokens of the pool's block size; compared
+     * with the worker's cached_tokens when the call ends (fe_hits.c) */
+    bool have_prediction;
+    uint32_t predicted_tokens, best_predicted_tokens;
     int attempts;
     long up_status;
     bool got_done;
@@ -129,6 +135,11 @@ typedef struct fe_call {
     bool up_is_sse;
     uint64_t tok_worker_id;
 } fe_call;
+
+/* fe_hits.c: registers the metrics; fe_hits_record is called once per call whose worker
+ * reported its cached tokens. */
+int fe_hits_metrics(kvr_metrics *m);
+void fe_hits_record(fe_call *c);
 
 /* fe_call.c */
 size_t status_index(int status);

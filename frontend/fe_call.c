@@ -358,6 +358,7 @@ static void on_up_done(kvr_curl_req *r, int result, long status, const char *err
     }
     if (ok || (result == 0 && status == 200 && c->got_done && c->up_err[0] == '\0')) {
         int64_t now = kvr_mono_ns();
+        fe_hits_record(c);
         kvr_metric_observe(app.m_e2e, 0, (double)(now - c->t_start_ns) / 1e9);
         if (c->r.stream) {
             if (!c->stream_started) {

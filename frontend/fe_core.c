@@ -374,10 +374,13 @@ void fe_relay_free(fe_relay *rl)
 
 static int usage_json(kvr_buf *out, const fe_relay *rl)
 {
-    return kvr_buf_appendf(out,
-                           "{\"prompt_tokens\":%lld,\"completion_tokens\":%lld,\"total_tokens\":%lld}",
-                           (long long)rl->prompt_tokens, (long long)rl->completion_tokens,
-                           (long long)(rl->prompt_tokens + rl->completion_tokens));
+    int rc = kvr_buf_appendf(out, "{\"prompt_tokens\":%lld,\"completion_tokens\":%lld,\"total_tokens\":%lld",
+                             (long long)rl->prompt_tokens, (long long)rl->completion_tokens,
+                             (long long)(rl->prompt_tokens + rl->completion_tokens));
+    if (!rc && rl->have_cached)
+        rc = kvr_buf_appendf(out, ",\"prompt_tokens_details\":{\"cached_tokens\":%lld}",
+                             (long long)rl->cached_tokens);
+    return rc ? rc : kvr_buf_append(out, "}", 1);
 }
 
 /* Length of the tail of s[0..n) that is the start of a UTF-8 sequence still missing bytes. */
@@ -467,6 +470,13 @@ int fe_relay_event(fe_relay *rl, const char *data, size_t len, kvr_buf *out, kvr
             rl->have_usage = true;
             rl->prompt_tokens = (int64_t)pt->valuedouble;
             rl->completion_tokens = (int64_t)ct->valuedouble;
+        }
+        const cJSON *d = cJSON_GetObjectItemCaseSensitive(usage, "prompt_tokens_details");
+        const cJSON *cached = cJSON_IsObject(d) ? cJSON_GetObjectItemCaseSensitive(d, "cached_tokens")
+                                                : NULL;
+        if (cJSON_IsNumber(cached) && cached->valuedouble >= 0 && cached->valuedouble < 1e12) {
+            rl->have_cached = true;
+            rl->cached_tokens = (int64_t)cached->valuedouble;
         }
     }
     const cJSON *choices = cJSON_GetObjectItemCaseSensitive(root, "choices");

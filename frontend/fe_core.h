@@ -86,6 +86,8 @@ typedef struct fe_relay {
     char finish_reason[32];
     bool have_usage;
     int64_t prompt_tokens, completion_tokens;
+    bool have_cached; /* usage.prompt_tokens_details.cached_tokens (vLLM, kvr-worker) */
+    int64_t cached_tokens;
 } fe_relay;
 
 void fe_relay_init(fe_relay *rl, const fe_req *r, const char *id, int64_t created);

@@ -91,6 +91,10 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
     c->worker_id = rep.worker_id;
     c->have_worker = true;
     c->booked = true;
+    uint32_t pbs = fe_pool_block_size(c->ns, c->r.model);
+    c->have_prediction = pbs > 0;
+    c->predicted_tokens = rep.overlap_blocks * pbs;
+    c->best_predicted_tokens = rep.best_overlap_blocks * pbs;
     worker_inflight(c, +1);
     KVR_LOG_DEBUG("routed", "request=%s worker=%" PRIu64 " overlap=%u router=%u mode=%.*s",
                   c->rid_hex, rep.worker_id, rep.overlap_blocks, rep.router_id, (int)rep.mode.len,

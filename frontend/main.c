@@ -98,6 +98,8 @@ static int register_metrics(void)
         remote_labels);
     if (!app.m_hb_refused_url || !app.m_stalls || !app.m_drain_cut || !app.m_remote_tok)
         return KVR_EINVAL;
+    if (fe_hits_metrics(m) != 0)
+        return KVR_ENOMEM;
     if (!app.m_requests || !app.m_responses || !app.m_ttft || !app.m_e2e || !app.m_route_lat ||
         !app.m_active || !app.m_upstream_err || !app.m_fallback || !app.m_route_tries ||
         !app.m_retries || !app.m_route_mode || !app.m_workers || !app.m_hb_rejected ||

@@ -238,3 +238,20 @@ fail:
     kvr_trace_free(out);
     return rc;
 }
+
+size_t kvr_trace_slice(const kvr_trace *t, double speedup, double duration_s, long max_requests)
+{
+    size_t n = 0;
+    int64_t ts0 = t->n ? t->reqs[0].timestamp_ms : 0;
+    if (!(speedup > 0))
+        speedup = 1;
+    while (n < t->n) {
+        double at = (double)(t->reqs[n].timestamp_ms - ts0) / 1000.0 / speedup;
+        if (duration_s > 0 && at >= duration_s)
+            break;
+        if (max_requests > 0 && (long)n >= max_requests)
+            break;
+        n++;
+    }
+    return n;
+}

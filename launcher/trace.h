@@ -62,6 +62,10 @@ void kvr_trace_free(kvr_trace *t);
 int kvr_trace_parse_line(const char *line, size_t len, kvr_trace_req *req, uint64_t *ids,
                          uint32_t ids_cap, kvr_err *err);
 
+/* The replay's slice: how many leading requests have timestamp - first timestamp, divided by
+ * speedup, below duration_s (0 = no limit), and at most max_requests (0 = no limit). */
+size_t kvr_trace_slice(const kvr_trace *t, double speedup, double duration_s, long max_requests);
+
 /* Token k of the block with hash id h. */
 uint32_t kvr_trace_token(uint64_t hash_id, uint32_t k);
 

@@ -178,7 +178,10 @@ int kvr_route_reply_encode(kvr_buf *out, const kvr_route_reply *r)
     }
     if (r->url.len == 0 || r->url.len > KVR_ROUTE_URL_MAX || r->mode.len > KVR_ROUTE_NAME_MAX)
         return KVR_EINVAL;
-    rc = kvr_mp_write_map(out, r->has_view ? 8 : 6);
+    /* best_overlap_blocks only when it says something: replies stay byte-identical for peers
+     * that predate it (decoders read its absence as overlap_blocks) */
+    bool best = r->best_overlap_blocks > r->overlap_blocks;
+    rc = kvr_mp_write_map(out, (r->has_view ? 8u : 6u) + best);
     if (r->has_view) {
         rc = rc ? rc : write_kv_uint(out, "worker_bookings", r->worker_bookings);
         rc = rc ? rc : write_kv_uint(out, "decided_ns", r->decided_ns);
@@ -188,6 +191,8 @@ int kvr_route_reply_encode(kvr_buf *out, const kvr_route_reply *r)
     rc = rc ? rc : write_kv_uint(out, "worker_id", r->worker_id);
     rc = rc ? rc : write_kv_str(out, "url", r->url);
     rc = rc ? rc : write_kv_uint(out, "overlap_blocks", r->overlap_blocks);
+    if (best)
+        rc = rc ? rc : write_kv_uint(out, "best_overlap_blocks", r->best_overlap_blocks);
     rc = rc ? rc : write_kv_uint(out, "router_id", r->router_id);
     return rc ? rc : write_kv_str(out, "mode", r->mode);
 }
@@ -198,7 +203,8 @@ int kvr_route_reply_decode(const void *data, size_t len, kvr_route_reply *o, kvr
     kvr_mp_reader r;
     kvr_mp_reader_init(&r, data, len);
     uint32_t n = 0;
-    bool have_ok = false, have_worker = false, have_bookings = false, have_decided = false;
+    bool have_ok = false, have_worker = false, have_bookings = false, have_decided = false,
+         have_best = false;
     int rc = read_map_header(&r, &n, "route reply", err);
     for (uint32_t i = 0; i < n && !rc; i++) {
         kvr_slice k;
@@ -218,6 +224,9 @@ int kvr_route_reply_decode(const void *data, size_t len, kvr_route_reply *o, kvr
             rc = read_name(&r, &o->mode, KVR_ROUTE_NAME_MAX, "mode", err);
         } else if (kvr_slice_eq_cstr(k, "overlap_blocks")) {
             rc = read_u32(&r, &o->overlap_blocks, "overlap_blocks", err);
+        } else if (kvr_slice_eq_cstr(k, "best_overlap_blocks")) {
+            rc = read_u32(&r, &o->best_overlap_blocks, "best_overlap_blocks", err);
+            have_best = rc == 0;
         } else if (kvr_slice_eq_cstr(k, "router_id")) {
             rc = read_u32(&r, &o->router_id, "router_id", err);
         } else if (kvr_slice_eq_cstr(k, "worker_bookings")) {
@@ -242,6 +251,8 @@ int kvr_route_reply_decode(const void *data, size_t len, kvr_route_reply *o, kvr
     if (!have_ok || (o->ok && (!have_worker || !o->url.len)))
         return kvr_err_set(err, KVR_EINVAL, "route reply lacks ok/worker_id/url");
     o->has_view = have_bookings && have_decided;
+    if (!have_best || o->best_overlap_blocks < o->overlap_blocks)
+        o->best_overlap_blocks = o->overlap_blocks;
     return finish(&r, "route reply", err);
 }
 

@@ -3,7 +3,8 @@
  *   kvr.route        request  {"request_id":bin16, "frontend_id":u64, "model":str,
  *                              "namespace":str, "role":str?, "tokens":u32, "seq_hashes":[u64…]}
  *                    reply    {"ok":true, "worker_id":u64, "url":str, "overlap_blocks":u32,
- *                              "router_id":u32, "mode":str, "worker_bookings":u32?,
+ *                              "best_overlap_blocks":u32? (only when above overlap_blocks), "router_id":u32, "mode":str,
+ *                              "worker_bookings":u32?,
  *                              "decided_ns":u64?}  or  {"ok":false, "error":str}
  *   kvr.route.event  event    {"request_id":bin16, "event":"prefill_done"|"free",
  *                              "relayed":bool?}
@@ -64,6 +65,9 @@ typedef struct kvr_route_reply {
     uint64_t worker_id;
     kvr_slice url, mode;
     uint32_t overlap_blocks, router_id;
+    /* the largest overlap any candidate had in the router's index (>= overlap_blocks when the
+     * cost chose a less loaded worker); decoded as overlap_blocks when absent */
+    uint32_t best_overlap_blocks;
     bool has_view; /* local-mode extras below are present */
     uint32_t worker_bookings;
     uint64_t decided_ns;

@@ -849,6 +849,7 @@ typedef struct route_ctx {
     int64_t t0_ns;
     char *reply;         /* NATS reply subject (NATS route) */
     kvr_http_req *http;  /* HTTP route */
+    uint32_t best_overlap; /* the largest candidate overlap (route reply best_overlap_blocks) */
 } route_ctx;
 
 static void finish_route_nats(kvr_routerd *rd, route_ctx *c, int status, const kvr_fsm_result *res,
@@ -871,6 +872,7 @@ static void finish_route_nats(kvr_routerd *rd, route_ctx *c, int status, const k
         rep.worker_id = res->worker_id;
         rep.url = (kvr_slice){res->url, strlen(res->url)};
         rep.overlap_blocks = res->overlap;
+        rep.best_overlap_blocks = c->best_overlap > res->overlap ? c->best_overlap : res->overlap;
         rep.router_id = rd->cfg.id;
         rep.mode = (kvr_slice){mode, strlen(mode)};
     } else {
@@ -898,6 +900,8 @@ static void finish_route_http(kvr_routerd *rd, route_ctx *c, int status, const k
         kvr_jw_str(&w, res->url);
         kvr_jw_key(&w, "overlap_blocks");
         kvr_jw_u64(&w, res->overlap);
+        kvr_jw_key(&w, "best_overlap_blocks");
+        kvr_jw_u64(&w, c->best_overlap > res->overlap ? c->best_overlap : res->overlap);
         kvr_jw_key(&w, "router_id");
         kvr_jw_u64(&w, rd->cfg.id);
         kvr_jw_key(&w, "mode");
@@ -950,8 +954,14 @@ static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
         nm = RD_MAX_MATCHES;
     kvr_route_candidate cand[RD_MAX_MATCHES];
     uint32_t nc = 0;
-    for (size_t i = 0; i < nm && nc < KVR_FSM_MAX_CANDIDATES; i++)
+    for (size_t i = 0; i < nm && nc < KVR_FSM_MAX_CANDIDATES; i++) {
         cand[nc++] = (kvr_route_candidate){rd->matches[i].worker_id, rd->matches[i].depth};
+        const rd_worker *mw = rd->matches[i].depth > c->best_overlap
+                                  ? worker_find(rd, rd->matches[i].worker_id)
+                                  : NULL;
+        if (mw && mw->up && !mw->refused && strcmp(mw->model, q->model) == 0)
+            c->best_overlap = rd->matches[i].depth;
+    }
     uint32_t bs = rd->cfg.block_size;
     uint32_t blocks = (uint32_t)(((uint64_t)q->tokens + bs - 1) / bs); /* no wrap near 2^32 */
     if (blocks < q->n_seq)

@@ -24,6 +24,8 @@ CASES = {
     "reply_local_view": {"worker_bookings": 4, "decided_ns": 123456789012, "ok": True,
                          "worker_id": 2**64 - 1, "url": "http://10.0.0.7:8000",
                          "overlap_blocks": 0, "router_id": 3, "mode": "local"},
+    "reply_best": {"ok": True, "worker_id": 3, "url": "http://127.0.0.1:9003",
+                   "overlap_blocks": 2, "best_overlap_blocks": 7, "router_id": 1, "mode": "raft"},
     "reply_error": {"ok": False, "error": "no live worker for this model/namespace"},
     "event_free": {"request_id": RID, "event": "free"},
     "event_prefill_done": {"request_id": RID, "event": "prefill_done"},

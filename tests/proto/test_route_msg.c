@@ -256,6 +256,11 @@ static void test_reply_golden(void **state)
     kvr_buf_reset(&b);
     assert_int_equal(kvr_route_reply_encode(&b, &view), 0);
     assert_same_bytes(&b, "reply_local_view");
+    kvr_route_reply best = ok;
+    best.best_overlap_blocks = 7;
+    kvr_buf_reset(&b);
+    assert_int_equal(kvr_route_reply_encode(&b, &best), 0);
+    assert_same_bytes(&b, "reply_best");
     kvr_route_reply no = {.error = S("no live worker for this model/namespace")};
     kvr_buf_reset(&b);
     assert_int_equal(kvr_route_reply_encode(&b, &no), 0);
@@ -271,6 +276,14 @@ static void test_reply_golden(void **state)
     assert_slice(r.mode, "local");
     for (size_t cut = 0; cut < g.len; cut++)
         assert_true(kvr_route_reply_decode(g.base, cut, &r, NULL) < 0);
+    kvr_buf_free(&g);
+    golden("reply_ok", &g); /* no best_overlap_blocks: read as overlap_blocks */
+    assert_int_equal(kvr_route_reply_decode(g.base, g.len, &r, NULL), 0);
+    assert_true(r.overlap_blocks == 2 && r.best_overlap_blocks == 2);
+    kvr_buf_free(&g);
+    golden("reply_best", &g);
+    assert_int_equal(kvr_route_reply_decode(g.base, g.len, &r, NULL), 0);
+    assert_true(r.overlap_blocks == 2 && r.best_overlap_blocks == 7);
     kvr_buf_free(&g);
     golden("reply_error", &g);
     assert_int_equal(kvr_route_reply_decode(g.base, g.len, &r, NULL), 0);
