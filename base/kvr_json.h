@@ -56,7 +56,7 @@ int kvr_json_append_string(kvr_buf *out, const char *s, size_t len);
 int kvr_json_append_escaped(kvr_buf *out, const char *s, size_t len);
 
 /* Streaming scan of a token request body {"token_ids":[int,...], "model":"...",
- * "namespace":"...", ...} without building a tree: work and memory are linear in the body and
+ * "namespace":"...", "lora":"...", "mdc_sum":"...", ...} without building a tree: work and memory are linear in the body and
  * bounded by the caller's token array, so an oversized array costs no more than reading up to
  * the point where it crosses max_tokens. Other members are validated and skipped (nesting up
  * to max_depth, 0 → 16). Strict JSON: token ids are plain decimal integers in [0, 2^32) (no
@@ -71,6 +71,7 @@ typedef struct kvr_json_tokreq {
     size_t n_tokens; /* out */
     kvr_slice model; /* out: raw literal or {NULL,0} */
     kvr_slice ns;    /* out: raw literal or {NULL,0} */
+    kvr_slice lora, mdc_sum; /* out: "lora" and "mdc_sum", as model (router /v1/route) */
 } kvr_json_tokreq;
 int kvr_json_scan_tokens(kvr_slice body, int max_depth, kvr_json_tokreq *tr, kvr_err *err);
 

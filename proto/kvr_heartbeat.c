@@ -1,4 +1,5 @@
 #include "kvr_heartbeat.h"
+#include "kvr_err.h"
 #include "kvr_mp.h"
 
 #include <string.h>
