@@ -17,7 +17,7 @@
 #include "kvr_log.h"
 #include "kvr_nats.h"
 #include "kvr_nats_flags.h"
-#include "model_card.h"
+#include "kvr_model_card.h"
 #include "scrape.h"
 
 #include <inttypes.h>
@@ -94,7 +94,7 @@ struct bridge {
     bool metrics_ok, health_ok;
     int64_t last_ok_ms;
     int64_t started_ms;
-    char mdc_sum[32]; /* --model-dir: tokenizer + chat template checksum (model_card.h) */
+    char mdc_sum[32]; /* --model-dir: tokenizer + chat template checksum (kvr_model_card.h) */
     kvr_buf metrics_body;
     /* flags */
     const char *engine_url, *zmq_ep, *replay, *topic, *nats_url, *ns, *engine, *model_dir,

@@ -7,11 +7,11 @@
  *   position 7 (#30827, the change that made Dynamo drop whole batches), and tagged-map
  *   events with extra keys (#37482).
  * Every such batch must be accepted whole (forwarded byte for byte, nothing rewritten).
- * Also the model card checksum (bridge/model_card.h) against a one-shot reference. */
+ * Also the model card checksum (base/kvr_model_card.h) against a one-shot reference. */
 #include "frame.h"
 #include "kv_event.h"
 #include "kvr_mp.h"
-#include "model_card.h"
+#include "kvr_model_card.h"
 #include "zmq_pub.h"
 
 #include <stdio.h>
