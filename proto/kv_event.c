@@ -491,7 +491,15 @@ static int parse_event_array(dec *c, kvr_kv_event *ev, uint32_t nf)
             used = 6;
         }
         if (nf >= 8) { /* [.., lora_id, medium, lora_name, ..] */
-            if ((rv = skip_n(c, 1, "medium")) != 0 || (rv = read_lora_name(c, ev)) != 0)
+            if ((rv = skip_n(c, 1, "medium")) != 0)
+                return rv;
+            /* SGLang's array schema has its cache_salt map here, not vLLM's lora_name: that
+             * event names no adapter */
+            if (kvr_mp_peek(&c->r) == KVR_MP_MAP)
+                rv = skip_n(c, 1, "cache_salt");
+            else
+                rv = read_lora_name(c, ev);
+            if (rv != 0)
                 return rv;
             used = 8;
         }
