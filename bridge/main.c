@@ -626,6 +626,8 @@ static void send_heartbeats(bridge *br)
                              * blocks when started_ms changes, and a restarted bridge must not
                              * do that. 0 (unknown) never counts as a restart. */
                             .started_ms = s->has_start ? (uint64_t)(s->start_s * 1000.0) : 0};
+        for (uint32_t j = 0; j < s->n_loras; j++)
+            hb.loras[hb.n_loras++] = kvr_slice_of(s->loras[j]);
         kvr_buf_reset(b);
         if (kvr_heartbeat_encode(b, &hb) == 0)
             kvr_nats_publish(&br->nats, rk->subj_hb, b->base, b->len);

@@ -343,6 +343,17 @@ static void append_vllm_metrics(worker *w, kvr_buf *b)
         (double)w->started_ms / 1000.0, l, s.running, l, s.waiting, l, usage, l,
         (uint64_t)s.prompt_tokens_total, l, (uint64_t)s.cached_tokens_total, w->o.block_size,
         w->o.capacity_blocks);
+    if (w->o.n_loras == 0)
+        return;
+    /* vLLM lists the adapters of running and waiting requests; this stand-in lists every
+     * --lora as running (all are always loaded), under the start time as vLLM's value */
+    kvr_buf_appendf(b, "# HELP vllm:lora_requests_info Running stats on lora requests.\n"
+                       "# TYPE vllm:lora_requests_info gauge\n"
+                       "vllm:lora_requests_info{max_lora=\"%u\",running_lora_adapters=\"",
+                    w->o.n_loras);
+    for (uint32_t i = 0; i < w->o.n_loras; i++)
+        kvr_buf_appendf(b, "%s%s", i ? "," : "", w->o.loras[i]);
+    kvr_buf_appendf(b, "\",waiting_lora_adapters=\"\"} %.3f\n", (double)w->started_ms / 1000.0);
 }
 
 void wk_metrics_respond(worker *w, kvr_http_req *req)
