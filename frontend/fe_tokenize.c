@@ -5,6 +5,7 @@
 #include "fe_core.h"
 #include "kvr_hftok.h"
 #include "kvr_json.h"
+#include "kvr_model_card.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +16,7 @@
 static struct {
     char name[FE_MODEL_MAX];
     kvr_tokenizer *tok;
+    char mdc_sum[KVR_MODEL_CARD_SUM_LEN + 1];
 } toks[FE_MAX_TOKENIZERS];
 static size_t ntoks;
 
@@ -35,6 +37,12 @@ static int load_one(const char *spec, kvr_err *err)
     int rc = kvr_tok_open_dir(eq + 1, &toks[ntoks].tok, err);
     if (rc)
         return kvr_err_wrap(err, rc, "--tokenizer %s", spec);
+    /* the model card check: workers announcing another checksum get none of its requests.
+     * A directory the sum cannot read (no tokenizer.json: a tokenizer.model-only model)
+     * checks nothing. */
+    kvr_err merr = {0};
+    if (kvr_model_card_sum(eq + 1, toks[ntoks].mdc_sum, sizeof toks[ntoks].mdc_sum, &merr) != 0)
+        toks[ntoks].mdc_sum[0] = 0;
     /* A chat template the interpreter refuses is no start-up error: the model's prompts and
      * /tokenize still work, and its chat requests take the fallback (fe_chat_log_models says
      * so once the log is set up). */
@@ -72,6 +80,14 @@ int fe_tok_take_flags(int *argc, char **argv, kvr_err *err)
         argv[i] = NULL;
     *argc = w;
     return 0;
+}
+
+const char *fe_tok_mdc_sum(const char *model)
+{
+    for (size_t i = 0; i < ntoks; i++)
+        if (!strcmp(toks[i].name, model))
+            return toks[i].mdc_sum;
+    return "";
 }
 
 const kvr_tokenizer *fe_tok_for(const char *model, const kvr_tokenizer *dflt)

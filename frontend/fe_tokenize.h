@@ -18,6 +18,9 @@
 int fe_tok_take_flags(int *argc, char **argv, kvr_err *err);
 /* The tokenizer of model (fe_tok_lookup_fn); dflt when none was given for it. */
 const kvr_tokenizer *fe_tok_for(const char *model, const kvr_tokenizer *dflt);
+/* The model card checksum (kvr_model_card.h) of the directory loaded for model, "" when no
+ * --tokenizer names it or the sum could not be computed. */
+const char *fe_tok_mdc_sum(const char *model);
 /* Handles a /tokenize (detok false) or /detokenize body; fills out with the JSON answer (or a
  * vLLM-style error object) and returns the HTTP status. */
 int fe_tokenize_handle(const char *body, size_t len, bool detok, const kvr_tokenizer *dflt,
