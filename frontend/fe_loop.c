@@ -80,7 +80,7 @@ void on_heartbeat(const kvr_nats_msg *m, void *data)
      * prompts it tokenizes differently (no cache hits, or wrong output): it is never routed
      * to (fe_filter), and said once per worker and checksum. */
     kvr_heartbeat hb;
-    if (kvr_heartbeat_decode(m->data, m->len, &hb) != 0 || !hb.mdc_sum.len)
+    if (kvr_heartbeat_decode(m->data, m->len, &hb) != 0)
         return;
     char ns[FE_NS_MAX];
     if (hb.ns.len >= sizeof ns)
@@ -88,7 +88,12 @@ void on_heartbeat(const kvr_nats_msg *m, void *data)
     memcpy(ns, hb.ns.base, hb.ns.len);
     ns[hb.ns.len] = 0;
     fe_worker *w = fe_pool_find(&app.pool, ns, hb.id);
-    if (!w || w->mdc_logged)
+    if (!w)
+        return;
+    /* a request naming one of its adapters tokenizes as its base model does */
+    for (uint32_t i = 0; i < hb.n_loras; i++)
+        fe_tok_note_lora(hb.loras[i].base, hb.loras[i].len, w->model);
+    if (!hb.mdc_sum.len || w->mdc_logged)
         return;
     const char *mine = fe_tok_mdc_sum(w->model);
     if (!mine[0] || strcmp(mine, w->mdc_sum) == 0)
