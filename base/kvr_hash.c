@@ -54,8 +54,8 @@ uint64_t kvr_hash_chain(uint64_t parent_seq, uint64_t local)
 size_t kvr_hash_seq(const uint32_t *tokens, size_t n_tokens, uint32_t block_size, bool has_parent,
                     uint64_t parent_seq, uint64_t *out, size_t max_out)
 {
-    return kvr_hash_seq_seeded(tokens, n_tokens, block_size, has_parent, parent_seq,
-                               KVR_HASH_SEED, out, max_out);
+    return kvr_hash_seq_seeded(tokens, n_tokens, block_size, has_parent, parent_seq, KVR_HASH_SEED,
+                               out, max_out);
 }
 
 size_t kvr_hash_seq_seeded(const uint32_t *tokens, size_t n_tokens, uint32_t block_size,

@@ -82,9 +82,9 @@ typedef struct fe_app {
     uv_prepare_t prepare;
     kvr_cidr_list worker_cidrs;
     kvr_metric *m_hb_refused_url, *m_stalls, *m_drain_cut;
-    kvr_metric *m_remote_tok; /* {result}: ok, error */
+    kvr_metric *m_remote_tok;   /* {result}: ok, error */
     kvr_metric *m_mdc_mismatch; /* workers whose model card differs from our tokenizer's */
-    bool forward_body;        /* --forward body (fe_forward.c) */
+    bool forward_body;          /* --forward body (fe_forward.c) */
 } fe_app;
 
 extern fe_app app;
@@ -105,7 +105,7 @@ typedef struct fe_call {
     char pool_model[FE_MODEL_MAX];
     char lora[FE_MODEL_MAX];
     fe_filter filt; /* lora and the model card checksum of pool_model's tokenizer */
-    int route; /* R_* */
+    int route;      /* R_* */
     /* routing */
     int tries;
     bool route_pending;

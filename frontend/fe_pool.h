@@ -28,8 +28,8 @@ typedef struct fe_worker {
     char role[16];
     uint32_t block_size, capacity_blocks, active, waiting, used_blocks;
     uint64_t started_ms;
-    int64_t last_seen_ms; /* monotonic */
-    uint32_t inflight;    /* requests this frontend has sent it and not finished */
+    int64_t last_seen_ms;                 /* monotonic */
+    uint32_t inflight;                    /* requests this frontend has sent it and not finished */
     char mdc_sum[KVR_ROUTE_NAME_MAX + 1]; /* model card checksum; "" unknown */
     bool mdc_logged; /* its mismatch was logged and counted (fe_pool_mdc_mismatch) */
     /* LoRA adapters it serves (heartbeat "loras"): n_loras NUL-terminated names packed in

@@ -21,8 +21,8 @@ void use_local_choice(fe_call *c, int fb_reason)
         KVR_LOG_INFO("route fallback", "request=%s reason=%s", c->rid_hex,
                      fallback_labels[fb_reason]);
     }
-    fe_worker *w = fe_pool_choose_f(&app.pool, app.mode, c->ns, c->pool_model, kvr_mono_ms(),
-                                    false, 0, &c->filt);
+    fe_worker *w = fe_pool_choose_f(&app.pool, app.mode, c->ns, c->pool_model, kvr_mono_ms(), false,
+                                    0, &c->filt);
     if (!w) {
         finish_error(c, 503, "service_unavailable", "no_worker", "no live worker for this model");
         call_maybe_free(c);

@@ -113,8 +113,8 @@ int kvr_heartbeat_encode(kvr_buf *out, const kvr_heartbeat *hb)
         rc = rc ? rc : kvr_mp_write_cstr(out, "loras");
         rc = rc ? rc : kvr_mp_write_array(out, hb->n_loras);
         for (uint32_t i = 0; i < hb->n_loras && !rc; i++)
-            rc = kvr_mp_write_str(out, hb->loras[i].base ? hb->loras[i].base : "",
-                                  hb->loras[i].len);
+            rc =
+                kvr_mp_write_str(out, hb->loras[i].base ? hb->loras[i].base : "", hb->loras[i].len);
     }
     if (rc)
         out->len = start;

@@ -756,7 +756,8 @@ void wk_on_request(kvr_http_req *req)
         for (uint32_t i = 0; i < w->o.n_loras; i++) {
             kvr_buf_appendf(&body, ",{\"id\":\"");
             kvr_tok_json_escape(&body, w->o.loras[i], strlen(w->o.loras[i]));
-            kvr_buf_appendf(&body, "\",\"object\":\"model\",\"owned_by\":\"kvroute\",\"parent\":\"");
+            kvr_buf_appendf(&body,
+                            "\",\"object\":\"model\",\"owned_by\":\"kvroute\",\"parent\":\"");
             kvr_tok_json_escape(&body, w->o.model, strlen(w->o.model));
             kvr_buf_appendf(&body, "\",\"root\":\"");
             kvr_tok_json_escape(&body, w->o.loras[i], strlen(w->o.loras[i]));

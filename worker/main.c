@@ -347,9 +347,10 @@ static void append_vllm_metrics(worker *w, kvr_buf *b)
         return;
     /* vLLM lists the adapters of running and waiting requests; this stand-in lists every
      * --lora as running (all are always loaded), under the start time as vLLM's value */
-    kvr_buf_appendf(b, "# HELP vllm:lora_requests_info Running stats on lora requests.\n"
-                       "# TYPE vllm:lora_requests_info gauge\n"
-                       "vllm:lora_requests_info{max_lora=\"%u\",running_lora_adapters=\"",
+    kvr_buf_appendf(b,
+                    "# HELP vllm:lora_requests_info Running stats on lora requests.\n"
+                    "# TYPE vllm:lora_requests_info gauge\n"
+                    "vllm:lora_requests_info{max_lora=\"%u\",running_lora_adapters=\"",
                     w->o.n_loras);
     for (uint32_t i = 0; i < w->o.n_loras; i++)
         kvr_buf_appendf(b, "%s%s", i ? "," : "", w->o.loras[i]);

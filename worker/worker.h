@@ -47,7 +47,8 @@ typedef struct opts {
     /* --lora NAME (repeatable): adapters served; a request whose "model" is one runs under it */
     const char *loras[KVR_ENGINE_MAX_LORAS];
     uint32_t n_loras;
-    /* heartbeat "mdc_sum": --mdc-sum, or computed from --model-dir (kvr_model_card.h); "" unknown */
+    /* heartbeat "mdc_sum": --mdc-sum, or computed from --model-dir (kvr_model_card.h); "" unknown
+     */
     const char *mdc_sum_flag, *model_dir;
     char mdc_sum[64];
 } opts;

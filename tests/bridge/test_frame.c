@@ -190,8 +190,8 @@ static void metrics_loras(void **st)
     assert_int_equal(s.n_loras, 0);
     /* bounded: 70 names, one too long; at most KVR_HB_MAX_LORAS kept, the long one skipped */
     static char big[4000];
-    size_t n = (size_t)snprintf(big, sizeof big,
-                                "vllm:lora_requests_info{running_lora_adapters=\"");
+    size_t n =
+        (size_t)snprintf(big, sizeof big, "vllm:lora_requests_info{running_lora_adapters=\"");
     memset(big + n, 'x', KVR_LORA_NAME_MAX + 1);
     n += KVR_LORA_NAME_MAX + 1;
     for (int i = 0; i < 70; i++)
@@ -207,8 +207,8 @@ static void metrics_loras(void **st)
 
 int main(void)
 {
-    const struct CMUnitTest t[] = {cmocka_unit_test(seq_frames), cmocka_unit_test(salvage_array),
+    const struct CMUnitTest t[] = {cmocka_unit_test(seq_frames),  cmocka_unit_test(salvage_array),
                                    cmocka_unit_test(salvage_map), cmocka_unit_test(clear_batch),
-                                   cmocka_unit_test(metrics), cmocka_unit_test(metrics_loras)};
+                                   cmocka_unit_test(metrics),     cmocka_unit_test(metrics_loras)};
     return cmocka_run_group_tests(t, NULL, NULL);
 }

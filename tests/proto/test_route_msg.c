@@ -246,8 +246,12 @@ static void test_request_lora_mdc(void **state)
 {
     (void)state;
     uint64_t hs[2] = {11, 22};
-    kvr_route_req rq = {.frontend_id = 5, .model = S("m"), .ns = S("ns"), .tokens = 40,
-                        .seq_hashes = hs, .n_hashes = 2};
+    kvr_route_req rq = {.frontend_id = 5,
+                        .model = S("m"),
+                        .ns = S("ns"),
+                        .tokens = 40,
+                        .seq_hashes = hs,
+                        .n_hashes = 2};
     memcpy(rq.request_id, RID, 16);
     kvr_buf plain, b;
     kvr_buf_init(&plain);
@@ -406,7 +410,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_request_golden), cmocka_unit_test(test_request_decode),
         cmocka_unit_test(test_request_bounds), cmocka_unit_test(test_reply_golden),
-        cmocka_unit_test(test_event_golden), cmocka_unit_test(test_request_lora_mdc),
+        cmocka_unit_test(test_event_golden),   cmocka_unit_test(test_request_lora_mdc),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
