@@ -339,8 +339,8 @@ fe_worker *fe_pool_choose_f(fe_pool *p, fe_mode mode, const char *ns, const char
     /* under an adapter some live worker here lists, only the listing workers */
     bool need_lora = false;
     for (size_t i = 0; has_lora_f(f) && !need_lora && i < p->n; i++)
-        need_lora = live_f(p, &p->w[i], model, now_ms, f, true) &&
-                    (!ns || strcmp(p->w[i].ns, ns) == 0);
+        need_lora =
+            live_f(p, &p->w[i], model, now_ms, f, true) && (!ns || strcmp(p->w[i].ns, ns) == 0);
     for (int pass = 0; pass < 2 && nc == 0; pass++)
         for (size_t i = 0; i < p->n; i++) {
             fe_worker *w = &p->w[i];
@@ -437,8 +437,9 @@ int fe_pool_models_json(const fe_pool *p, int64_t now_ms, kvr_buf *out)
             rc = kvr_buf_append_cstr(out, first ? "{\"id\":\"" : ",{\"id\":\"");
             rc = rc ? rc : kvr_tok_json_escape(out, q, strlen(q));
             rc = rc ? rc
-                    : kvr_buf_appendf(out, "\",\"object\":\"model\",\"created\":%llu,"
-                                           "\"owned_by\":\"kvroute\",\"root\":\"",
+                    : kvr_buf_appendf(out,
+                                      "\",\"object\":\"model\",\"created\":%llu,"
+                                      "\"owned_by\":\"kvroute\",\"root\":\"",
                                       (unsigned long long)(w->started_ms / 1000));
             rc = rc ? rc : kvr_tok_json_escape(out, q, strlen(q));
             rc = rc ? rc : kvr_buf_append_cstr(out, "\",\"parent\":\"");

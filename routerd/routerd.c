@@ -530,8 +530,8 @@ static void on_heartbeat(const kvr_nats_msg *m, void *data)
     w->n_loras = hb.n_loras;
     for (uint32_t i = 0; i < hb.n_loras; i++)
         w->lora_seeds[i] = kvr_hash_lora_seed(hb.loras[i].base, hb.loras[i].len);
-    copy_slice(w->mdc_sum, sizeof(w->mdc_sum), hb.mdc_sum.len <= KVR_ROUTE_NAME_MAX ? hb.mdc_sum
-                                                                                   : (kvr_slice){0});
+    /* an over-long sum is kept cut: it still differs from every request's (never "unknown") */
+    copy_slice(w->mdc_sum, sizeof(w->mdc_sum), hb.mdc_sum);
     if (changed) {
         if (!w->up || is_new)
             KVR_LOG_INFO("worker up", "worker=%" PRIu64 " ns=%s model=%s url=%s", id, w->ns,
@@ -1029,8 +1029,8 @@ static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
          * FSM chooses among those only (its registry may know workers this router does not) */
         for (uint32_t i = 0; i < rd->n_workers && nc < KVR_FSM_MAX_CANDIDATES; i++) {
             const rd_worker *w = &rd->workers[i];
-            if (!worker_live(w) || strcmp(w->model, q->model) != 0 ||
-                strcmp(w->ns, q->ns) != 0 || !worker_allowed(&flt, q, w))
+            if (!worker_live(w) || strcmp(w->model, q->model) != 0 || strcmp(w->ns, q->ns) != 0 ||
+                !worker_allowed(&flt, q, w))
                 continue;
             cand[nc++] = (kvr_route_candidate){w->id, match_depth(rd->matches, nm, w->id)};
         }

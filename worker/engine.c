@@ -240,8 +240,7 @@ static void ev_stored(kvr_engine *e, uint32_t b)
      * same meaning, fewer events */
     ev_rec *r = e->n_evs > e->ev_cursor ? &e->evs[e->n_evs - 1] : NULL;
     bool chain = r && r->type == KVR_KV_STORED && r->n_h > 0 && k->has_parent &&
-                 r->lora == k->lora &&
-                 e->ev_hashes[r->h_off + r->n_h - 1] == k->parent_ext &&
+                 r->lora == k->lora && e->ev_hashes[r->h_off + r->n_h - 1] == k->parent_ext &&
                  r->n_t + B <= KVR_ENGINE_EVENT_MAX_TOKENS;
     if (!chain) {
         if (ev_new(e, KVR_KV_STORED, &r))
@@ -452,8 +451,7 @@ int kvr_engine_new(const kvr_engine_config *cfg, kvr_engine **out, kvr_err *err)
     for (uint32_t i = 0; i < cfg->n_loras; i++) {
         size_t len = cfg->loras[i] ? strlen(cfg->loras[i]) : 0;
         if (len == 0 || len > KVR_LORA_NAME_MAX)
-            return kvr_err_set(err, KVR_EINVAL, "LoRA name must be 1..%d bytes",
-                               KVR_LORA_NAME_MAX);
+            return kvr_err_set(err, KVR_EINVAL, "LoRA name must be 1..%d bytes", KVR_LORA_NAME_MAX);
     }
     kvr_engine *e = calloc(1, sizeof *e);
     if (!e)

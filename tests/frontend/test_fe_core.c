@@ -688,7 +688,8 @@ static void test_pool_lora_mdc(void **state)
     assert_null(fe_pool_lora_base(&p, "Z", 1000));
     fe_filter fa = {.lora = "A", .mdc_sum = "tok1:good"};
     for (int i = 0; i < 4; i++) /* A: only worker 1, however loaded */
-        assert_int_equal(fe_pool_choose_f(&p, FE_MODE_LEAST, "ns", "m", 1000, false, 0, &fa)->id, 1);
+        assert_int_equal(fe_pool_choose_f(&p, FE_MODE_LEAST, "ns", "m", 1000, false, 0, &fa)->id,
+                         1);
     fe_filter fz = {.lora = "Z", .mdc_sum = "tok1:good"}; /* nobody lists Z: any matching card */
     for (int i = 0; i < 8; i++) {
         fe_worker *w = fe_pool_choose_f(&p, FE_MODE_RANDOM, "ns", "m", 1000, false, 0, &fz);
