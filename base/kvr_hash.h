@@ -17,6 +17,13 @@
 /* Hash of one block of `block_size` tokens. */
 uint64_t kvr_hash_block(const uint32_t *tokens, uint32_t block_size);
 
+/* LoRA adapters' blocks are hashed apart, as Dynamo does: an adapter's local block hashes use
+ * the seed KVR_HASH_SEED + XXH3_64(name) (seed 0); the chain keeps KVR_HASH_SEED. The base
+ * model (len 0) has KVR_HASH_SEED. Names are at most KVR_LORA_NAME_MAX bytes on every wire. */
+#define KVR_LORA_NAME_MAX 128
+uint64_t kvr_hash_lora_seed(const char *name, size_t len);
+uint64_t kvr_hash_block_seeded(const uint32_t *tokens, uint32_t block_size, uint64_t seed);
+
 /* seq hash of a block whose parent's seq hash is parent_seq. */
 uint64_t kvr_hash_chain(uint64_t parent_seq, uint64_t local);
 
@@ -25,6 +32,10 @@ uint64_t kvr_hash_chain(uint64_t parent_seq, uint64_t local);
  * Returns the number written: min(n_tokens / block_size, max_out). block_size 0 → 0. */
 size_t kvr_hash_seq(const uint32_t *tokens, size_t n_tokens, uint32_t block_size, bool has_parent,
                     uint64_t parent_seq, uint64_t *out, size_t max_out);
+/* kvr_hash_seq with the local hashes under `seed` (kvr_hash_lora_seed). */
+size_t kvr_hash_seq_seeded(const uint32_t *tokens, size_t n_tokens, uint32_t block_size,
+                           bool has_parent, uint64_t parent_seq, uint64_t seed, uint64_t *out,
+                           size_t max_out);
 
 /* Reduces an opaque byte-string block hash (e.g. vLLM's sha256) to 64 bits: XXH3-64, seed 0. */
 uint64_t kvr_hash_bytes(const void *data, size_t len);

@@ -56,21 +56,22 @@ int kvr_json_append_string(kvr_buf *out, const char *s, size_t len);
 int kvr_json_append_escaped(kvr_buf *out, const char *s, size_t len);
 
 /* Streaming scan of a token request body {"token_ids":[int,...], "model":"...",
- * "namespace":"...", ...} without building a tree: work and memory are linear in the body and
- * bounded by the caller's token array, so an oversized array costs no more than reading up to
- * the point where it crosses max_tokens. Other members are validated and skipped (nesting up
- * to max_depth, 0 → 16). Strict JSON: token ids are plain decimal integers in [0, 2^32) (no
- * sign, fraction or exponent). model/namespace are returned as raw JSON string literals
- * (quotes included, pointing into body) for kvr_json_decode_string(); absent → {NULL,0}.
+ * "namespace":"...", "lora":"...", "mdc_sum":"...", ...} without building a tree: work and memory
+ * are linear in the body and bounded by the caller's token array, so an oversized array costs no
+ * more than reading up to the point where it crosses max_tokens. Other members are validated and
+ * skipped (nesting up to max_depth, 0 → 16). Strict JSON: token ids are plain decimal integers in
+ * [0, 2^32) (no sign, fraction or exponent). model/namespace are returned as raw JSON string
+ * literals (quotes included, pointing into body) for kvr_json_decode_string(); absent → {NULL,0}.
  * Returns 0; KVR_ELIMIT (more than max_tokens ids, too deep); KVR_EINVAL (invalid JSON,
  * token_ids missing or not an array of such integers, duplicate member, model/namespace not
  * a string), with the byte offset in the message. Any thread; no allocation. */
 typedef struct kvr_json_tokreq {
     uint32_t *tokens; /* caller's array of max_tokens entries */
     size_t max_tokens;
-    size_t n_tokens; /* out */
-    kvr_slice model; /* out: raw literal or {NULL,0} */
-    kvr_slice ns;    /* out: raw literal or {NULL,0} */
+    size_t n_tokens;         /* out */
+    kvr_slice model;         /* out: raw literal or {NULL,0} */
+    kvr_slice ns;            /* out: raw literal or {NULL,0} */
+    kvr_slice lora, mdc_sum; /* out: "lora" and "mdc_sum", as model (router /v1/route) */
 } kvr_json_tokreq;
 int kvr_json_scan_tokens(kvr_slice body, int max_depth, kvr_json_tokreq *tr, kvr_err *err);
 

@@ -233,7 +233,7 @@ int kvr_json_scan_tokens(kvr_slice body, int max_depth, kvr_json_tokreq *tr, kvr
 {
     jscan s = {body.base, body.base + body.len, body.base, max_depth > 0 ? max_depth : 16};
     tr->n_tokens = 0;
-    tr->model = tr->ns = (kvr_slice){NULL, 0};
+    tr->model = tr->ns = tr->lora = tr->mdc_sum = (kvr_slice){NULL, 0};
     bool have_tokens = false;
     if (body.base == NULL || body.len == 0)
         return kvr_err_set(err, KVR_EINVAL, "empty JSON body");
@@ -267,8 +267,12 @@ int kvr_json_scan_tokens(kvr_slice body, int max_depth, kvr_json_tokreq *tr, kvr
                 if ((rc = js_token_array(&s, tr, err)) != 0)
                     return rc;
                 have_tokens = true;
-            } else if (key_is(k, klen, "model") || key_is(k, klen, "namespace")) {
-                kvr_slice *dst = key_is(k, klen, "model") ? &tr->model : &tr->ns;
+            } else if (key_is(k, klen, "model") || key_is(k, klen, "namespace") ||
+                       key_is(k, klen, "lora") || key_is(k, klen, "mdc_sum")) {
+                kvr_slice *dst = key_is(k, klen, "model")       ? &tr->model
+                                 : key_is(k, klen, "namespace") ? &tr->ns
+                                 : key_is(k, klen, "lora")      ? &tr->lora
+                                                                : &tr->mdc_sum;
                 if (dst->base != NULL)
                     return js_fail(&s, err, "duplicate member");
                 const char *v = s.p;
@@ -277,8 +281,8 @@ int kvr_json_scan_tokens(kvr_slice body, int max_depth, kvr_json_tokreq *tr, kvr
                         return rc;
                 } else {
                     if (s.p >= s.end || *s.p != '"')
-                        return kvr_err_set(err, KVR_ETYPE, "field '%s' must be a string",
-                                           dst == &tr->model ? "model" : "namespace");
+                        return kvr_err_set(err, KVR_ETYPE, "field '%.*s' must be a string",
+                                           (int)(klen - 2), k + 1);
                     if ((rc = js_string(&s, err)) != 0)
                         return rc;
                     *dst = (kvr_slice){v, (size_t)(s.p - v)};

@@ -17,7 +17,7 @@
 #include "kvr_log.h"
 #include "kvr_nats.h"
 #include "kvr_nats_flags.h"
-#include "model_card.h"
+#include "kvr_model_card.h"
 #include "scrape.h"
 
 #include <inttypes.h>
@@ -94,7 +94,7 @@ struct bridge {
     bool metrics_ok, health_ok;
     int64_t last_ok_ms;
     int64_t started_ms;
-    char mdc_sum[32]; /* --model-dir: tokenizer + chat template checksum (model_card.h) */
+    char mdc_sum[32]; /* --model-dir: tokenizer + chat template checksum (kvr_model_card.h) */
     kvr_buf metrics_body;
     /* flags */
     const char *engine_url, *zmq_ep, *replay, *topic, *nats_url, *ns, *engine, *model_dir,
@@ -626,6 +626,8 @@ static void send_heartbeats(bridge *br)
                              * blocks when started_ms changes, and a restarted bridge must not
                              * do that. 0 (unknown) never counts as a restart. */
                             .started_ms = s->has_start ? (uint64_t)(s->start_s * 1000.0) : 0};
+        for (uint32_t j = 0; j < s->n_loras; j++)
+            hb.loras[hb.n_loras++] = kvr_slice_of(s->loras[j]);
         kvr_buf_reset(b);
         if (kvr_heartbeat_encode(b, &hb) == 0)
             kvr_nats_publish(&br->nats, rk->subj_hb, b->base, b->len);

@@ -26,12 +26,37 @@ static bool label(const char *lab, size_t n, const char *name, char *v, size_t c
     return false;
 }
 
+/* Adds the comma-separated names of list to out's adapters (deduplicated, bounded). */
+static void add_loras(kvr_bridge_scrape *out, const char *list)
+{
+    const char *p = list;
+    while (*p) {
+        size_t n = strcspn(p, ",");
+        const char *q = p;
+        size_t m = n;
+        while (m && *q == ' ')
+            q++, m--;
+        while (m && q[m - 1] == ' ')
+            m--;
+        bool dup = false;
+        for (uint32_t i = 0; i < out->n_loras && !dup; i++)
+            dup = strlen(out->loras[i]) == m && memcmp(out->loras[i], q, m) == 0;
+        if (m > 0 && m <= KVR_LORA_NAME_MAX && !dup && out->n_loras < KVR_HB_MAX_LORAS) {
+            memcpy(out->loras[out->n_loras], q, m);
+            out->loras[out->n_loras++][m] = 0;
+        }
+        p += n;
+        if (*p == ',')
+            p++;
+    }
+}
+
 void kvr_bridge_parse_metrics(const char *text, size_t len, int rank, int dp,
                               kvr_bridge_scrape *out)
 {
     memset(out, 0, sizeof *out);
     const char *p = text, *end = text + len;
-    char line[4096], v[256];
+    char line[4096], v[256], big[4096];
     while (p < end) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
         size_t n = nl ? (size_t)(nl - p) : (size_t)(end - p);
@@ -77,6 +102,16 @@ void kvr_bridge_parse_metrics(const char *text, size_t len, int rank, int dp,
                    !strcmp(name, "sglang:token_usage")) {
             out->usage = val;
             out->has_usage = true;
+        } else if (!strcmp(name, "vllm:lora_requests_info")) {
+            if (out->has_loras && val < out->lora_ts)
+                continue; /* an older label set prometheus_client still exposes */
+            out->has_loras = true;
+            out->lora_ts = val;
+            out->n_loras = 0;
+            if (label(lab, lab_len, "running_lora_adapters", big, sizeof big))
+                add_loras(out, big);
+            if (label(lab, lab_len, "waiting_lora_adapters", big, sizeof big))
+                add_loras(out, big);
         } else if (!strcmp(name, "process_start_time_seconds")) {
             out->start_s = val;
             out->has_start = val > 0;

@@ -10,9 +10,18 @@
  * process_start_time_seconds (prometheus_client's process collector, both engines) tells one
  * engine process from the next. Both name the model in the model_name label. vLLM labels each
  * data-parallel engine's series engine="<rank>"; with dp > 1 only the series of `rank` (or with no
- * engine label) count. Lines are bounded (4 KiB); longer ones are skipped. */
+ * engine label) count. Lines are bounded (4 KiB); longer ones are skipped.
+ *
+ * LoRA adapters (vLLM only): vllm:lora_requests_info{max_lora="4",
+ * running_lora_adapters="a,b",waiting_lora_adapters="c"} <time set>. prometheus_client keeps
+ * every label set ever set, so the series with the largest value (the latest time) is the
+ * current one; its running and waiting names (comma-separated, deduplicated; a name over
+ * KVR_LORA_NAME_MAX bytes is skipped; at most KVR_HB_MAX_LORAS) are the adapters the heartbeat
+ * lists. */
 #ifndef KVR_BRIDGE_SCRAPE_H
 #define KVR_BRIDGE_SCRAPE_H
+
+#include "kvr_heartbeat.h"
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -24,6 +33,10 @@ typedef struct kvr_bridge_scrape {
     double start_s; /* process_start_time_seconds: the engine process's life, for started_ms */
     uint64_t block_size, capacity;
     char model[256];
+    bool has_loras;
+    double lora_ts; /* value of the vllm:lora_requests_info series the names come from */
+    uint32_t n_loras;
+    char loras[KVR_HB_MAX_LORAS][KVR_LORA_NAME_MAX + 1];
 } kvr_bridge_scrape;
 
 void kvr_bridge_parse_metrics(const char *text, size_t len, int rank, int dp,

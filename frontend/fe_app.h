@@ -84,8 +84,9 @@ typedef struct fe_app {
     uv_prepare_t prepare;
     kvr_cidr_list worker_cidrs;
     kvr_metric *m_hb_refused_url, *m_stalls, *m_drain_cut;
-    kvr_metric *m_remote_tok; /* {result}: ok, error */
-    bool forward_body;        /* --forward body (fe_forward.c) */
+    kvr_metric *m_remote_tok;   /* {result}: ok, error */
+    kvr_metric *m_mdc_mismatch; /* workers whose model card differs from our tokenizer's */
+    bool forward_body;          /* --forward body (fe_forward.c) */
 } fe_app;
 
 extern fe_app app;
@@ -101,7 +102,12 @@ typedef struct fe_call {
     uint8_t rid[16];
     char rid_hex[33];
     char ns[FE_NS_MAX];
-    int route; /* R_* */
+    /* the model whose pool serves the call: r.model, or the base model of the LoRA adapter
+     * r.model names (then lora = r.model; the upstream body keeps the adapter's name) */
+    char pool_model[FE_MODEL_MAX];
+    char lora[FE_MODEL_MAX];
+    fe_filter filt; /* lora and the model card checksum of pool_model's tokenizer */
+    int route;      /* R_* */
     /* routing */
     int tries;
     bool route_pending;

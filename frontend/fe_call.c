@@ -438,10 +438,11 @@ static void on_up_done(kvr_curl_req *r, int result, long status, const char *err
     if (!first && c->attempts < 2 && !app.stopping) {
         /* Retry once on another worker, chosen locally (the booking was freed). */
         fe_mode m = app.mode == FE_MODE_KV ? FE_MODE_LEAST : app.mode;
-        fe_worker *w =
-            fe_pool_choose(&app.pool, m, c->ns, c->r.model, kvr_mono_ms(), true, failed_id);
+        fe_worker *w = fe_pool_choose_f(&app.pool, m, c->ns, c->pool_model, kvr_mono_ms(), true,
+                                        failed_id, &c->filt);
         if (!w || w->id == failed_id) /* the pool has no other worker: any served pool */
-            w = fe_pool_choose(&app.pool, m, NULL, c->r.model, kvr_mono_ms(), true, failed_id);
+            w = fe_pool_choose_f(&app.pool, m, NULL, c->pool_model, kvr_mono_ms(), true, failed_id,
+                                 &c->filt);
         if (w && w->id != failed_id) {
             kvr_metric_inc(app.m_retries);
             snprintf(c->url, sizeof c->url, "%s", w->url);

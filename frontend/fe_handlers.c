@@ -117,7 +117,19 @@ static void after_parse(fe_call *c)
     memset(&e, 0, sizeof e);
     int64_t now = kvr_mono_ms();
     note_loop_time(now);
-    int rc = fe_pool_pick_ns(&app.pool, c->r.model, now, c->ns);
+    /* A model some live worker lists as a LoRA adapter is served by its base model's pool,
+     * its blocks hashed under the adapter's seed (fe_route.c) */
+    const char *base = fe_pool_lora_base(&app.pool, c->r.model, now);
+    if (base && fe_pool_live(&app.pool, c->r.model, now) == 0) {
+        snprintf(c->pool_model, sizeof c->pool_model, "%s", base);
+        snprintf(c->lora, sizeof c->lora, "%s", c->r.model);
+    } else {
+        snprintf(c->pool_model, sizeof c->pool_model, "%s", c->r.model);
+        c->lora[0] = 0;
+    }
+    c->filt.lora = c->lora;
+    c->filt.mdc_sum = fe_tok_mdc_sum(c->pool_model);
+    int rc = fe_pool_pick_ns_f(&app.pool, c->pool_model, now, &c->filt, c->ns);
     if (rc == KVR_ENOTFOUND) {
         fe_error_set(&e, 404, "invalid_request_error", "model", "model_not_found",
                      "The model `%s` does not exist or has no live worker.", c->r.model);

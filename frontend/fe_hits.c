@@ -36,7 +36,7 @@ void fe_hits_record(fe_call *c)
     kvr_metric_add(app.m_hit_cached, 0, actual);
     /* a prompt's last block is never reused by an engine (one token must be computed), so a
      * prediction one block above the truth is not a stale index */
-    if (c->predicted_tokens > actual + fe_pool_block_size(c->ns, c->r.model))
+    if (c->predicted_tokens > actual + fe_pool_block_size(c->ns, c->pool_model))
         kvr_metric_add(app.m_hit_misses, MISS_STALE, 1);
     if (c->best_predicted_tokens > c->predicted_tokens)
         kvr_metric_add(app.m_hit_misses, MISS_OTHER, 1);

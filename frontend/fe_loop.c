@@ -2,7 +2,9 @@
  * and shutdown (drain, signals). */
 #include "fe_app.h"
 
+#include "fe_tokenize.h"
 #include "kvr_hash.h"
+#include "kvr_heartbeat.h"
 #include "kvr_log.h"
 #include "kvr_mp.h"
 
@@ -70,8 +72,38 @@ void on_heartbeat(const kvr_nats_msg *m, void *data)
 {
     (void)data;
     kvr_err err = {0};
-    if (fe_pool_heartbeat(&app.pool, m->data, m->len, kvr_mono_ms(), &err))
+    if (fe_pool_heartbeat(&app.pool, m->data, m->len, kvr_mono_ms(), &err)) {
         KVR_LOG_WARN_RL(10, "bad worker heartbeat", "subject=%s err=\"%s\"", m->subject, err.msg);
+        return;
+    }
+    /* A worker whose model card differs from the tokenizer we loaded for its model would get
+     * prompts it tokenizes differently (no cache hits, or wrong output): it is never routed
+     * to (fe_filter), and said once per worker and checksum. */
+    kvr_heartbeat hb;
+    if (kvr_heartbeat_decode(m->data, m->len, &hb) != 0)
+        return;
+    char ns[FE_NS_MAX];
+    if (hb.ns.len >= sizeof ns)
+        return;
+    memcpy(ns, hb.ns.base, hb.ns.len);
+    ns[hb.ns.len] = 0;
+    fe_worker *w = fe_pool_find(&app.pool, ns, hb.id);
+    if (!w)
+        return;
+    /* a request naming one of its adapters tokenizes as its base model does */
+    for (uint32_t i = 0; i < hb.n_loras; i++)
+        fe_tok_note_lora(hb.loras[i].base, hb.loras[i].len, w->model);
+    if (!hb.mdc_sum.len || w->mdc_logged)
+        return;
+    const char *mine = fe_tok_mdc_sum(w->model);
+    if (!mine[0] || strcmp(mine, w->mdc_sum) == 0)
+        return;
+    w->mdc_logged = true;
+    kvr_metric_inc(app.m_mdc_mismatch);
+    KVR_LOG_WARN("worker's model card differs from the tokenizer loaded for its model: no "
+                 "requests go to it",
+                 "worker=%" PRIu64 " namespace=%s model=%s url=%s worker_mdc_sum=%s mdc_sum=%s",
+                 w->id, w->ns, w->model, w->url, w->mdc_sum, mine);
 }
 
 /* Loop thread. While NATS is down, heartbeats cannot arrive: workers keep their last known

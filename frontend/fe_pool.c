@@ -44,6 +44,8 @@ int fe_pool_init(fe_pool *p, const char *ns_or_prefix, bool prefix_mode, uint64_
 
 void fe_pool_free(fe_pool *p)
 {
+    for (size_t i = 0; p->w && i < p->n; i++)
+        free(p->w[i].lora_names);
     free(p->w);
     p->w = NULL;
     p->n = 0;
@@ -108,6 +110,8 @@ int fe_pool_heartbeat(fe_pool *p, const void *data, size_t len, int64_t now_ms, 
         goto bad;
     if (!fe_pool_ns_match(p, w.ns, strlen(w.ns)))
         return 0;
+    if ((rc = copy_str(hb.mdc_sum, w.mdc_sum, sizeof w.mdc_sum)))
+        goto bad;
     if (p->allow && !kvr_cidr_url_allowed(p->allow, hb.url.base, hb.url.len)) {
         p->refused_url++;
         return kvr_err_set(err, KVR_EINVAL,
@@ -123,8 +127,37 @@ int fe_pool_heartbeat(fe_pool *p, const void *data, size_t len, int64_t now_ms, 
             return kvr_err_set(err, KVR_ELIMIT, "worker table full (%d)", FE_POOL_MAX_WORKERS);
         }
         e = &p->w[p->n++];
+        memset(e, 0, sizeof *e);
     } else {
         w.inflight = e->inflight;
+        w.mdc_logged = e->mdc_logged && strcmp(e->mdc_sum, w.mdc_sum) == 0;
+    }
+    /* the adapter list: packed names, reallocated only when it changed */
+    size_t need = 0;
+    for (uint32_t i = 0; i < hb.n_loras; i++)
+        need += hb.loras[i].len + 1;
+    bool same = e->n_loras == hb.n_loras;
+    const char *q = e->lora_names;
+    for (uint32_t i = 0; same && i < hb.n_loras; q += strlen(q) + 1, i++)
+        same = kvr_slice_eq_cstr(hb.loras[i], q);
+    if (same) {
+        w.lora_names = e->lora_names;
+        w.n_loras = e->n_loras;
+    } else {
+        char *names = need ? malloc(need) : NULL;
+        if (need && !names) {
+            rc = KVR_ENOMEM;
+            goto bad;
+        }
+        char *o = names;
+        for (uint32_t i = 0; i < hb.n_loras; i++) {
+            memcpy(o, hb.loras[i].base, hb.loras[i].len);
+            o[hb.loras[i].len] = 0;
+            o += hb.loras[i].len + 1;
+        }
+        free(e->lora_names);
+        w.lora_names = names;
+        w.n_loras = hb.n_loras;
     }
     *e = w;
     return 0;
@@ -138,9 +171,12 @@ void fe_pool_expire(fe_pool *p, int64_t now_ms)
     if (p->blind)
         return;
     size_t j = 0;
-    for (size_t i = 0; i < p->n; i++)
+    for (size_t i = 0; i < p->n; i++) {
         if (now_ms - p->w[i].last_seen_ms <= p->ttl_ms)
             p->w[j++] = p->w[i];
+        else
+            free(p->w[i].lora_names);
+    }
     p->n = j;
 }
 
@@ -182,6 +218,64 @@ size_t fe_pool_live(const fe_pool *p, const char *model, int64_t now_ms)
     for (size_t i = 0; i < p->n; i++)
         c += live(p, &p->w[i], model, now_ms);
     return c;
+}
+
+bool fe_worker_has_lora(const fe_worker *w, const char *name)
+{
+    const char *q = w->lora_names;
+    for (uint32_t i = 0; i < w->n_loras; q += strlen(q) + 1, i++)
+        if (strcmp(q, name) == 0)
+            return true;
+    return false;
+}
+
+const char *fe_pool_lora_base(const fe_pool *p, const char *name, int64_t now_ms)
+{
+    for (size_t i = 0; i < p->n; i++)
+        if (live(p, &p->w[i], NULL, now_ms) && fe_worker_has_lora(&p->w[i], name))
+            return p->w[i].model;
+    return NULL;
+}
+
+static bool mdc_ok(const fe_filter *f, const fe_worker *w)
+{
+    return !f || !f->mdc_sum || !f->mdc_sum[0] || !w->mdc_sum[0] ||
+           strcmp(f->mdc_sum, w->mdc_sum) == 0;
+}
+
+/* live + the filter; need_lora: the worker must list f->lora */
+static bool live_f(const fe_pool *p, const fe_worker *w, const char *model, int64_t now_ms,
+                   const fe_filter *f, bool need_lora)
+{
+    return live(p, w, model, now_ms) && mdc_ok(f, w) &&
+           (!need_lora || fe_worker_has_lora(w, f->lora));
+}
+
+static bool has_lora_f(const fe_filter *f)
+{
+    return f && f->lora && f->lora[0];
+}
+
+int fe_pool_pick_ns_f(fe_pool *p, const char *model, int64_t now_ms, const fe_filter *f,
+                      char ns_out[FE_NS_MAX])
+{
+    for (int need_lora = has_lora_f(f); need_lora >= 0; need_lora--) {
+        size_t total = 0;
+        for (size_t i = 0; i < p->n; i++)
+            total += live_f(p, &p->w[i], model, now_ms, f, need_lora);
+        if (total == 0)
+            continue;
+        size_t k = (size_t)(rnd(p) % total);
+        for (size_t i = 0; i < p->n; i++) {
+            if (!live_f(p, &p->w[i], model, now_ms, f, need_lora))
+                continue;
+            if (k-- == 0) {
+                memcpy(ns_out, p->w[i].ns, FE_NS_MAX);
+                return 0;
+            }
+        }
+    }
+    return fe_pool_live(p, NULL, now_ms) ? KVR_ENOTFOUND : KVR_EAGAIN;
 }
 
 int fe_pool_pick_ns(fe_pool *p, const char *model, int64_t now_ms, char ns_out[FE_NS_MAX])
@@ -233,12 +327,24 @@ bool fe_pool_worker_silent(fe_pool *p, uint64_t id, const char *url, int64_t now
 fe_worker *fe_pool_choose(fe_pool *p, fe_mode mode, const char *ns, const char *model,
                           int64_t now_ms, bool has_exclude, uint64_t exclude_id)
 {
+    return fe_pool_choose_f(p, mode, ns, model, now_ms, has_exclude, exclude_id, NULL);
+}
+
+fe_worker *fe_pool_choose_f(fe_pool *p, fe_mode mode, const char *ns, const char *model,
+                            int64_t now_ms, bool has_exclude, uint64_t exclude_id,
+                            const fe_filter *f)
+{
     fe_worker *cand[FE_POOL_MAX_WORKERS];
     size_t nc = 0;
+    /* under an adapter some live worker here lists, only the listing workers */
+    bool need_lora = false;
+    for (size_t i = 0; has_lora_f(f) && !need_lora && i < p->n; i++)
+        need_lora =
+            live_f(p, &p->w[i], model, now_ms, f, true) && (!ns || strcmp(p->w[i].ns, ns) == 0);
     for (int pass = 0; pass < 2 && nc == 0; pass++)
         for (size_t i = 0; i < p->n; i++) {
             fe_worker *w = &p->w[i];
-            if (!live(p, w, model, now_ms) || (ns && strcmp(w->ns, ns) != 0))
+            if (!live_f(p, w, model, now_ms, f, need_lora) || (ns && strcmp(w->ns, ns) != 0))
                 continue;
             if (pass == 0 && has_exclude && w->id == exclude_id)
                 continue;
@@ -302,6 +408,45 @@ int fe_pool_models_json(const fe_pool *p, int64_t now_ms, kvr_buf *out)
                 : kvr_buf_appendf(out, "\",\"object\":\"model\",\"created\":%llu,\"owned_by\":\"kvroute\"}",
                                   (unsigned long long)(w->started_ms / 1000));
         first = false;
+    }
+    /* adapters, once each (the first live worker listing one names its parent) */
+    for (size_t i = 0; i < p->n && !rc; i++) {
+        const fe_worker *w = &p->w[i];
+        if (!live(p, w, NULL, now_ms))
+            continue;
+        const char *q = w->lora_names;
+        for (uint32_t k = 0; k < w->n_loras && !rc; q += strlen(q) + 1, k++) {
+            bool dup = false;
+            for (size_t j = 0; j < p->n && !dup; j++) {
+                const fe_worker *x = &p->w[j];
+                if (!live(p, x, NULL, now_ms))
+                    continue;
+                if (j < i && fe_worker_has_lora(x, q))
+                    dup = true;
+                else if (strcmp(x->model, q) == 0)
+                    dup = true; /* a base model of that name is listed already */
+            }
+            if (dup)
+                continue;
+            bool seen = false; /* twice in one worker's list */
+            const char *r = w->lora_names;
+            for (uint32_t m = 0; m < k && !seen; r += strlen(r) + 1, m++)
+                seen = strcmp(r, q) == 0;
+            if (seen)
+                continue;
+            rc = kvr_buf_append_cstr(out, first ? "{\"id\":\"" : ",{\"id\":\"");
+            rc = rc ? rc : kvr_tok_json_escape(out, q, strlen(q));
+            rc = rc ? rc
+                    : kvr_buf_appendf(out,
+                                      "\",\"object\":\"model\",\"created\":%llu,"
+                                      "\"owned_by\":\"kvroute\",\"root\":\"",
+                                      (unsigned long long)(w->started_ms / 1000));
+            rc = rc ? rc : kvr_tok_json_escape(out, q, strlen(q));
+            rc = rc ? rc : kvr_buf_append_cstr(out, "\",\"parent\":\"");
+            rc = rc ? rc : kvr_tok_json_escape(out, w->model, strlen(w->model));
+            rc = rc ? rc : kvr_buf_append_cstr(out, "\"}");
+            first = false;
+        }
     }
     rc = rc ? rc : kvr_buf_append_cstr(out, "]}");
     return rc;

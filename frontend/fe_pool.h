@@ -11,6 +11,7 @@
 #include "kvr_access.h"
 #include "kvr_buf.h"
 #include "kvr_err.h"
+#include "route_msg.h"
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -27,9 +28,25 @@ typedef struct fe_worker {
     char role[16];
     uint32_t block_size, capacity_blocks, active, waiting, used_blocks;
     uint64_t started_ms;
-    int64_t last_seen_ms; /* monotonic */
-    uint32_t inflight;    /* requests this frontend has sent it and not finished */
+    int64_t last_seen_ms;                 /* monotonic */
+    uint32_t inflight;                    /* requests this frontend has sent it and not finished */
+    char mdc_sum[KVR_ROUTE_NAME_MAX + 1]; /* model card checksum; "" unknown */
+    bool mdc_logged; /* its mismatch was logged and counted (fe_pool_mdc_mismatch) */
+    /* LoRA adapters it serves (heartbeat "loras"): n_loras NUL-terminated names packed in
+     * lora_names (heap, owned by the table), NULL when none */
+    char *lora_names;
+    uint32_t n_loras;
 } fe_worker;
+
+/* A request's worker filter (issue 13, items 3 and 4). lora: the adapter the request runs
+ * under ("" none): when some live worker of the pool lists it, only those are chosen (when
+ * none does, any: engines load adapters on demand). mdc_sum: the model card checksum the
+ * frontend loaded for the model ("" none): a worker announcing another non-empty one is
+ * never chosen. */
+typedef struct fe_filter {
+    const char *lora;
+    const char *mdc_sum;
+} fe_filter;
 
 typedef enum { FE_MODE_KV = 0, FE_MODE_RR, FE_MODE_RANDOM, FE_MODE_LEAST } fe_mode;
 int fe_mode_parse(const char *s, fe_mode *out);
@@ -101,7 +118,21 @@ fe_worker *fe_pool_find_url(fe_pool *p, const char *url);
 bool fe_pool_worker_silent(fe_pool *p, uint64_t id, const char *url, int64_t now_ms,
                            int64_t silent_ms);
 
-/* Appends the distinct models of live workers as an OpenAI /v1/models body. */
+/* fe_pool_pick_ns / fe_pool_choose under filter f (NULL: none). pick_ns prefers the pools
+ * with workers listing f->lora; KVR_ENOTFOUND also when every live worker of the model has
+ * another model card. */
+int fe_pool_pick_ns_f(fe_pool *p, const char *model, int64_t now_ms, const fe_filter *f,
+                      char ns_out[FE_NS_MAX]);
+fe_worker *fe_pool_choose_f(fe_pool *p, fe_mode mode, const char *ns, const char *model,
+                            int64_t now_ms, bool has_exclude, uint64_t exclude_id,
+                            const fe_filter *f);
+/* The base model of adapter `name` as some live worker lists it, or NULL. */
+const char *fe_pool_lora_base(const fe_pool *p, const char *name, int64_t now_ms);
+/* Whether w lists adapter `name`. */
+bool fe_worker_has_lora(const fe_worker *w, const char *name);
+
+/* Appends the distinct models of live workers as an OpenAI /v1/models body; adapters are
+ * listed after their base models, vLLM style ("parent": the base model). */
 int fe_pool_models_json(const fe_pool *p, int64_t now_ms, kvr_buf *out);
 
 #endif

@@ -75,8 +75,8 @@ void fe_remote_tokenize(fe_call *c, void (*next)(fe_call *c))
 {
     static const char *const hdrs[] = {"Content-Type: application/json", NULL};
     c->tok_next = next;
-    fe_worker *w =
-        fe_pool_choose(&app.pool, FE_MODE_LEAST, c->ns, c->r.model, kvr_mono_ms(), false, 0);
+    fe_worker *w = fe_pool_choose_f(&app.pool, FE_MODE_LEAST, c->ns, c->pool_model, kvr_mono_ms(),
+                                    false, 0, &c->filt);
     if (!w) {
         remote_fail(c, 503, "no live worker to tokenize the chat");
         return;

@@ -21,7 +21,8 @@ void use_local_choice(fe_call *c, int fb_reason)
         KVR_LOG_INFO("route fallback", "request=%s reason=%s", c->rid_hex,
                      fallback_labels[fb_reason]);
     }
-    fe_worker *w = fe_pool_choose(&app.pool, app.mode, c->ns, c->r.model, kvr_mono_ms(), false, 0);
+    fe_worker *w = fe_pool_choose_f(&app.pool, app.mode, c->ns, c->pool_model, kvr_mono_ms(), false,
+                                    0, &c->filt);
     if (!w) {
         finish_error(c, 503, "service_unavailable", "no_worker", "no live worker for this model");
         call_maybe_free(c);
@@ -91,7 +92,7 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
     c->worker_id = rep.worker_id;
     c->have_worker = true;
     c->booked = true;
-    uint32_t pbs = fe_pool_block_size(c->ns, c->r.model);
+    uint32_t pbs = fe_pool_block_size(c->ns, c->pool_model);
     c->have_prediction = pbs > 0;
     c->predicted_tokens = rep.overlap_blocks * pbs;
     c->best_predicted_tokens = rep.best_overlap_blocks * pbs;
@@ -105,17 +106,22 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
 void send_route(fe_call *c)
 {
     size_t nt = kvr_tok_count(&c->r.tokens);
-    uint32_t bs = fe_pool_block_size(c->ns, c->r.model);
+    uint32_t bs = fe_pool_block_size(c->ns, c->pool_model);
     size_t nb = bs ? nt / bs : 0;
     uint64_t *hs = nb ? malloc(nb * sizeof *hs) : NULL;
     if (nb && !hs) {
         use_local_choice(c, FB_ROUTER_ERROR);
         return;
     }
+    /* under an adapter, its blocks are its own: hashed under its seed, as the worker's
+     * events are indexed (kvr_hash.h) */
     if (nb)
-        nb = kvr_hash_seq(kvr_tok_ids(&c->r.tokens), nt, bs, false, 0, hs, nb);
+        nb = kvr_hash_seq_seeded(kvr_tok_ids(&c->r.tokens), nt, bs, false, 0,
+                                 kvr_hash_lora_seed(c->lora, strlen(c->lora)), hs, nb);
     kvr_route_req rq = {.frontend_id = app.frontend_id,
-                        .model = {c->r.model, strlen(c->r.model)},
+                        .model = {c->pool_model, strlen(c->pool_model)},
+                        .lora = {c->lora, strlen(c->lora)},
+                        .mdc_sum = {c->filt.mdc_sum, strlen(c->filt.mdc_sum)},
                         .ns = {c->ns, strlen(c->ns)},
                         .tokens = (uint32_t)nt,
                         .seq_hashes = hs,

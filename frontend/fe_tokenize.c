@@ -5,8 +5,10 @@
 #include "fe_core.h"
 #include "kvr_hftok.h"
 #include "kvr_json.h"
+#include "kvr_model_card.h"
 
 #include <stdio.h>
+#include <uv.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -15,8 +17,54 @@
 static struct {
     char name[FE_MODEL_MAX];
     kvr_tokenizer *tok;
+    char mdc_sum[KVR_MODEL_CARD_SUM_LEN + 1];
 } toks[FE_MAX_TOKENIZERS];
 static size_t ntoks;
+
+/* LoRA adapters (heartbeat "loras") tokenize with their base model's tokenizer. Written on the
+ * loop thread, read by request parsing on the thread pool: under alias_mu. Bounded; an
+ * adapter is never forgotten (its base could only change by a redeploy, which re-notes it). */
+#define FE_MAX_ALIASES 1024
+static struct {
+    char name[FE_MODEL_MAX];
+    const kvr_tokenizer *tok;
+} aliases[FE_MAX_ALIASES];
+static size_t naliases;
+static uv_mutex_t alias_mu;
+static uv_once_t alias_once = UV_ONCE_INIT;
+
+static void alias_init(void)
+{
+    if (uv_mutex_init(&alias_mu) != 0)
+        abort();
+}
+
+void fe_tok_note_lora(const char *lora, size_t len, const char *base)
+{
+    const kvr_tokenizer *tok = NULL;
+    for (size_t i = 0; i < ntoks && !tok; i++)
+        if (!strcmp(toks[i].name, base))
+            tok = toks[i].tok;
+    if (!tok || len == 0 || len >= FE_MODEL_MAX)
+        return;
+    for (size_t i = 0; i < ntoks; i++)
+        if (strlen(toks[i].name) == len && !memcmp(toks[i].name, lora, len))
+            return; /* --tokenizer names it itself */
+    uv_once(&alias_once, alias_init);
+    uv_mutex_lock(&alias_mu);
+    size_t i = 0;
+    while (i < naliases && !(strlen(aliases[i].name) == len && !memcmp(aliases[i].name, lora, len)))
+        i++;
+    if (i < naliases || naliases < FE_MAX_ALIASES) {
+        if (i == naliases) {
+            memcpy(aliases[i].name, lora, len);
+            aliases[i].name[len] = 0;
+            naliases++;
+        }
+        aliases[i].tok = tok;
+    }
+    uv_mutex_unlock(&alias_mu);
+}
 
 static int load_one(const char *spec, kvr_err *err)
 {
@@ -35,6 +83,12 @@ static int load_one(const char *spec, kvr_err *err)
     int rc = kvr_tok_open_dir(eq + 1, &toks[ntoks].tok, err);
     if (rc)
         return kvr_err_wrap(err, rc, "--tokenizer %s", spec);
+    /* the model card check: workers announcing another checksum get none of its requests.
+     * A directory the sum cannot read (no tokenizer.json: a tokenizer.model-only model)
+     * checks nothing. */
+    kvr_err merr = {0};
+    if (kvr_model_card_sum(eq + 1, toks[ntoks].mdc_sum, sizeof toks[ntoks].mdc_sum, &merr) != 0)
+        toks[ntoks].mdc_sum[0] = 0;
     /* A chat template the interpreter refuses is no start-up error: the model's prompts and
      * /tokenize still work, and its chat requests take the fallback (fe_chat_log_models says
      * so once the log is set up). */
@@ -74,12 +128,31 @@ int fe_tok_take_flags(int *argc, char **argv, kvr_err *err)
     return 0;
 }
 
+const char *fe_tok_mdc_sum(const char *model)
+{
+    for (size_t i = 0; i < ntoks; i++)
+        if (!strcmp(toks[i].name, model))
+            return toks[i].mdc_sum;
+    return "";
+}
+
 const kvr_tokenizer *fe_tok_for(const char *model, const kvr_tokenizer *dflt)
 {
     for (size_t i = 0; i < ntoks; i++)
         if (!strcmp(toks[i].name, model))
             return toks[i].tok;
-    return dflt;
+    if (!ntoks)
+        return dflt;
+    const kvr_tokenizer *t = dflt;
+    uv_once(&alias_once, alias_init);
+    uv_mutex_lock(&alias_mu);
+    for (size_t i = 0; i < naliases; i++)
+        if (!strcmp(aliases[i].name, model)) {
+            t = aliases[i].tok;
+            break;
+        }
+    uv_mutex_unlock(&alias_mu);
+    return t;
 }
 
 static int error_json(kvr_buf *out, int status, const char *fmt, const char *a)

@@ -96,7 +96,13 @@ static int register_metrics(void)
         m, "kvr_frontend_remote_tokenize_total",
         "chat requests tokenized by a worker (--tokenizer-fallback remote), by result", "result",
         remote_labels);
-    if (!app.m_hb_refused_url || !app.m_stalls || !app.m_drain_cut || !app.m_remote_tok)
+    app.m_mdc_mismatch = kvr_metrics_counter(
+        m, "kvr_frontend_mdc_mismatch_workers_total",
+        "workers whose model card checksum differs from the tokenizer loaded for their model "
+        "(never routed to; each counted once)",
+        NULL, NULL);
+    if (!app.m_hb_refused_url || !app.m_stalls || !app.m_drain_cut || !app.m_remote_tok ||
+        !app.m_mdc_mismatch)
         return KVR_EINVAL;
     if (fe_hits_metrics(m) != 0)
         return KVR_ENOMEM;

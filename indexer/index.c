@@ -674,10 +674,13 @@ static int apply_stored(kvr_index *idx, worker *w, const kvr_kv_event *ev, kvr_e
         chained = true;
     }
     idx->st.stores++;
+    /* an adapter's blocks are its own: the same tokens under a LoRA hash apart */
+    uint64_t seed = kvr_hash_lora_seed(ev->lora_name.base, ev->lora_name.len);
     uint64_t seqs[HASH_CHUNK];
     for (uint32_t i = 0; i < ev->n_hashes; i += HASH_CHUNK) {
         uint32_t m = ev->n_hashes - i < HASH_CHUNK ? ev->n_hashes - i : HASH_CHUNK;
-        kvr_hash_seq(ev->tokens + (size_t)i * bs, (size_t)m * bs, bs, chained, prev, seqs, m);
+        kvr_hash_seq_seeded(ev->tokens + (size_t)i * bs, (size_t)m * bs, bs, chained, prev, seed,
+                            seqs, m);
         prev = seqs[m - 1];
         chained = true;
         /* The lookups below are independent cache misses: start them all at once. */

@@ -408,6 +408,24 @@ static int read_lora_id(dec *c, kvr_kv_event *ev)
     return 0;
 }
 
+static int read_lora_name(dec *c, kvr_kv_event *ev)
+{
+    if (kvr_mp_peek(&c->r) == KVR_MP_NIL) {
+        (void)kvr_mp_read_nil(&c->r);
+        ev->lora_name = (kvr_slice){0};
+        return 0;
+    }
+    kvr_slice s;
+    int rv = kvr_mp_read_str(&c->r, &s);
+    if (rv != 0)
+        return rv == KVR_ETYPE ? type_fail(c, "lora_name") : mp_fail(c, rv, "lora_name");
+    if (s.len > KVR_LORA_NAME_MAX)
+        return fail(c, KVR_KV_REJ_LIMIT, "lora_name: %zu bytes, limit %d", s.len,
+                    KVR_LORA_NAME_MAX);
+    ev->lora_name = s;
+    return 0;
+}
+
 /* Printable copy of an untrusted tag for messages. */
 static void quote(char *out, size_t cap, kvr_slice s)
 {
@@ -472,6 +490,19 @@ static int parse_event_array(dec *c, kvr_kv_event *ev, uint32_t nf)
                 return rv;
             used = 6;
         }
+        if (nf >= 8) { /* [.., lora_id, medium, lora_name, ..] */
+            if ((rv = skip_n(c, 1, "medium")) != 0)
+                return rv;
+            /* SGLang's array schema has its cache_salt map here, not vLLM's lora_name: that
+             * event names no adapter */
+            if (kvr_mp_peek(&c->r) == KVR_MP_MAP)
+                rv = skip_n(c, 1, "cache_salt");
+            else
+                rv = read_lora_name(c, ev);
+            if (rv != 0)
+                return rv;
+            used = 8;
+        }
         if ((rv = check_stored(c, ev)) != 0)
             return rv;
         break;
@@ -495,6 +526,7 @@ enum {
     K_TOKENS = 1 << 3,
     K_BSIZE = 1 << 4,
     K_LORA = 1 << 5,
+    K_LORA_NAME = 1 << 6,
 };
 
 /* Reads one map key. Returns 1 with *k set for a str key, 0 for a key of another type
@@ -535,7 +567,8 @@ static int parse_event_map(dec *c, kvr_kv_event *ev, uint32_t np)
                 unsigned bit;
             } keys[] = {{"type", K_TYPE},        {"block_hashes", K_HASHES},
                         {"parent_block_hash", K_PARENT}, {"token_ids", K_TOKENS},
-                        {"block_size", K_BSIZE}, {"lora_id", K_LORA}};
+                        {"block_size", K_BSIZE}, {"lora_id", K_LORA},
+                        {"lora_name", K_LORA_NAME}};
             for (size_t j = 0; j < sizeof keys / sizeof keys[0]; j++)
                 if (kvr_slice_eq_cstr(k, keys[j].name)) {
                     bit = keys[j].bit;
@@ -556,6 +589,7 @@ static int parse_event_map(dec *c, kvr_kv_event *ev, uint32_t np)
         case K_PARENT: rv = read_parent(c, ev); break;
         case K_TOKENS: rv = read_token_list(c, ev); break;
         case K_BSIZE: rv = read_block_size(c, ev); break;
+        case K_LORA_NAME: rv = read_lora_name(c, ev); break;
         default: rv = read_lora_id(c, ev); break;
         }
         if (rv != 0)
@@ -589,6 +623,7 @@ static int parse_event_map(dec *c, kvr_kv_event *ev, uint32_t np)
         ev->parent = 0;
         ev->has_lora_id = false;
         ev->lora_id = 0;
+        ev->lora_name = (kvr_slice){0};
     }
     if (ev->type == KVR_KV_CLEARED) {
         c->n_hashes -= ev->n_hashes;

@@ -11,8 +11,10 @@
  *   with "ts" and "events" required, "data_parallel_rank" optional (nil = absent), other keys
  *   skipped. ts is float32/float64 or any integer.
  * - event: array with the tag first (BlockStored needs >= 5 fields, lora_id is the optional
- *   6th; BlockRemoved >= 2), or map with "type" anywhere among its keys. In map form
- *   "parent_block_hash" and "lora_id" may be missing (= nil). Non-str map keys are skipped.
+ *   6th, medium the 7th (skipped), lora_name the 8th; BlockRemoved >= 2), or map with "type"
+ *   anywhere among its keys. In map form "parent_block_hash", "lora_id" and "lora_name" may
+ *   be missing (= nil). lora_name is a str of at most KVR_LORA_NAME_MAX bytes (kvr_hash.h);
+ *   a longer one rejects the event (LIMIT). Non-str map keys are skipped.
  *   A known key given twice is KVR_KV_REJ_INVALID.
  * - BlockStored: block_size in 1..max_block_size, token ids u32, and
  *   n_tokens == n_hashes * block_size, else rejected. Non-stored events report
@@ -26,7 +28,8 @@
  * left) (at byte 57)" or "batch: ts: wrong type (str) (at byte 1)".
  *
  * Ownership: a decoded batch borrows the decoder's scratch arrays; it is valid until the next
- * kvr_kv_decode() on the same decoder or kvr_kv_decoder_free(). A decoder is used by one
+ * kvr_kv_decode() on the same decoder or kvr_kv_decoder_free(). lora_name borrows the payload
+ * itself. A decoder is used by one
  * thread at a time. */
 #ifndef KV_EVENT_H
 #define KV_EVENT_H
@@ -55,6 +58,7 @@ typedef struct kvr_kv_event {
     uint32_t block_size;    /* STORED */
     bool has_lora_id;
     int64_t lora_id;
+    kvr_slice lora_name; /* STORED: the adapter's name; len 0 = the base model */
 } kvr_kv_event;
 
 typedef struct kvr_kv_batch {

@@ -80,11 +80,18 @@ static int enc_stored_fields(kvr_buf *b, const kvr_kv_event *ev, kvr_kv_format f
     if (map)
         TRY(kvr_mp_write_cstr(b, "block_size"));
     TRY(kvr_mp_write_uint(b, ev->block_size));
-    if (map && !ev->has_lora_id)
-        return 0; /* omit_defaults: lora_id None is left out of the map form */
-    if (map)
-        TRY(kvr_mp_write_cstr(b, "lora_id"));
-    return ev->has_lora_id ? kvr_mp_write_int(b, ev->lora_id) : kvr_mp_write_nil(b);
+    if (!map || ev->has_lora_id) { /* omit_defaults: lora_id None is left out of the map form */
+        if (map)
+            TRY(kvr_mp_write_cstr(b, "lora_id"));
+        TRY(ev->has_lora_id ? kvr_mp_write_int(b, ev->lora_id) : kvr_mp_write_nil(b));
+    }
+    if (!ev->lora_name.len)
+        return 0;
+    if (!map)
+        TRY(kvr_mp_write_nil(b)); /* medium */
+    else
+        TRY(kvr_mp_write_cstr(b, "lora_name"));
+    return kvr_mp_write_str(b, ev->lora_name.base, ev->lora_name.len);
 }
 
 static int enc_event(kvr_buf *b, const kvr_kv_event *ev, kvr_kv_format fmt, kvr_kv_hash_format hfmt)
@@ -96,7 +103,7 @@ static int enc_event(kvr_buf *b, const kvr_kv_event *ev, kvr_kv_format fmt, kvr_
     switch (ev->type) {
     case KVR_KV_STORED:
         tag = "BlockStored";
-        nf = map ? (ev->has_lora_id ? 6 : 5) : 6;
+        nf = map ? 5u + ev->has_lora_id + (ev->lora_name.len > 0) : ev->lora_name.len ? 8 : 6;
         break;
     case KVR_KV_REMOVED:
         tag = "BlockRemoved";

@@ -1,7 +1,28 @@
 #include "kvr_heartbeat.h"
+#include "kvr_err.h"
 #include "kvr_mp.h"
 
 #include <string.h>
+
+/* Bounded before use: the count against KVR_HB_MAX_LORAS, each name against KVR_LORA_NAME_MAX. */
+static int read_loras(kvr_mp_reader *r, kvr_heartbeat *hb)
+{
+    uint32_t n;
+    int rc = kvr_mp_read_array(r, &n);
+    if (rc)
+        return rc;
+    if (n > KVR_HB_MAX_LORAS)
+        return KVR_ELIMIT;
+    for (uint32_t i = 0; i < n; i++) {
+        if ((rc = kvr_mp_read_str(r, &hb->loras[i])) != 0)
+            return rc;
+        if (hb->loras[i].len > KVR_LORA_NAME_MAX)
+            return KVR_ELIMIT;
+    }
+    hb->n_loras = n;
+    hb->has |= KVR_HB_LORAS;
+    return 0;
+}
 
 int kvr_heartbeat_decode(const void *data, size_t len, kvr_heartbeat *hb)
 {
@@ -38,7 +59,9 @@ int kvr_heartbeat_decode(const void *data, size_t len, kvr_heartbeat *hb)
         size_t f = 0;
         while (f < sizeof fields / sizeof fields[0] && !kvr_slice_eq_cstr(k, fields[f].key))
             f++;
-        if (f == sizeof fields / sizeof fields[0]) {
+        if (kvr_slice_eq_cstr(k, "loras")) {
+            rc = read_loras(&r, hb);
+        } else if (f == sizeof fields / sizeof fields[0]) {
             rc = kvr_mp_skip(&r);
         } else {
             char *dst = (char *)hb + fields[f].off;
@@ -67,8 +90,13 @@ static int put_uint(kvr_buf *b, const char *key, uint64_t v)
 
 int kvr_heartbeat_encode(kvr_buf *out, const kvr_heartbeat *hb)
 {
+    if (hb->n_loras > KVR_HB_MAX_LORAS)
+        return KVR_EINVAL;
+    for (uint32_t i = 0; i < hb->n_loras; i++)
+        if (hb->loras[i].len > KVR_LORA_NAME_MAX)
+            return KVR_EINVAL;
     size_t start = out->len;
-    int rc = kvr_mp_write_map(out, 12);
+    int rc = kvr_mp_write_map(out, hb->n_loras ? 13 : 12);
     rc = rc ? rc : put_uint(out, "id", hb->id);
     rc = rc ? rc : put_str(out, "namespace", hb->ns);
     rc = rc ? rc : put_str(out, "model", hb->model);
@@ -81,6 +109,13 @@ int kvr_heartbeat_encode(kvr_buf *out, const kvr_heartbeat *hb)
     rc = rc ? rc : put_uint(out, "used_blocks", hb->used_blocks);
     rc = rc ? rc : put_str(out, "mdc_sum", hb->mdc_sum);
     rc = rc ? rc : put_uint(out, "started_ms", hb->started_ms);
+    if (hb->n_loras) {
+        rc = rc ? rc : kvr_mp_write_cstr(out, "loras");
+        rc = rc ? rc : kvr_mp_write_array(out, hb->n_loras);
+        for (uint32_t i = 0; i < hb->n_loras && !rc; i++)
+            rc =
+                kvr_mp_write_str(out, hb->loras[i].base ? hb->loras[i].base : "", hb->loras[i].len);
+    }
     if (rc)
         out->len = start;
     return rc;

@@ -9,6 +9,7 @@
 #define KVR_HEARTBEAT_H
 
 #include "kvr_buf.h"
+#include "kvr_hash.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -26,20 +27,29 @@ enum {
     KVR_HB_USED = 1 << 9,
     KVR_HB_MDC_SUM = 1 << 10,
     KVR_HB_STARTED = 1 << 11,
+    KVR_HB_LORAS = 1 << 12,
 };
+
+/* "loras": the LoRA adapters the worker serves (names of at most KVR_LORA_NAME_MAX bytes,
+ * base/kvr_hash.h), at most this many; a longer list or name fails the decode. */
+#define KVR_HB_MAX_LORAS 64
 
 typedef struct kvr_heartbeat {
     unsigned has; /* KVR_HB_* bits of the keys present */
     uint64_t id;
     kvr_slice ns, model, url, role, mdc_sum;
     uint64_t block_size, capacity_blocks, active, waiting, used_blocks, started_ms;
+    kvr_slice loras[KVR_HB_MAX_LORAS]; /* decode: borrow the input; encode: the caller's */
+    uint32_t n_loras;
 } kvr_heartbeat;
 
 /* Decodes one heartbeat. Returns 0, or KVR_ETYPE / KVR_ETRUNC / KVR_ELIMIT (from kvr_mp) when
  * the payload is not a map or a known key holds a value of the wrong type. */
 int kvr_heartbeat_decode(const void *data, size_t len, kvr_heartbeat *hb);
 
-/* Appends the heartbeat with every key (has is ignored). Returns 0 or KVR_ENOMEM. */
+/* Appends the heartbeat with every key (has is ignored; "loras" only when n_loras > 0, so a
+ * worker without adapters sends what older receivers know). KVR_EINVAL when n_loras or a
+ * name is over its bound. Returns 0 or KVR_ENOMEM. */
 int kvr_heartbeat_encode(kvr_buf *out, const kvr_heartbeat *hb);
 
 #endif

@@ -19,9 +19,10 @@ static int write_kv_uint(kvr_buf *out, const char *key, uint64_t v)
 int kvr_route_req_encode(kvr_buf *out, const kvr_route_req *r)
 {
     if (r->model.len > KVR_ROUTE_NAME_MAX || r->ns.len > KVR_ROUTE_NAME_MAX ||
-        r->role.len > KVR_ROUTE_NAME_MAX || r->n_hashes > UINT32_MAX)
+        r->role.len > KVR_ROUTE_NAME_MAX || r->lora.len > KVR_ROUTE_NAME_MAX ||
+        r->mdc_sum.len > KVR_ROUTE_NAME_MAX || r->n_hashes > UINT32_MAX)
         return KVR_EINVAL;
-    int rc = kvr_mp_write_map(out, r->role.len ? 7 : 6);
+    int rc = kvr_mp_write_map(out, 6u + !!r->role.len + !!r->lora.len + !!r->mdc_sum.len);
     rc = rc ? rc : kvr_mp_write_cstr(out, "request_id");
     rc = rc ? rc : kvr_mp_write_bin(out, r->request_id, KVR_ROUTE_ID_LEN);
     rc = rc ? rc : write_kv_uint(out, "frontend_id", r->frontend_id);
@@ -34,6 +35,11 @@ int kvr_route_req_encode(kvr_buf *out, const kvr_route_req *r)
     rc = rc ? rc : kvr_mp_write_array(out, (uint32_t)r->n_hashes);
     for (size_t i = 0; i < r->n_hashes && !rc; i++)
         rc = kvr_mp_write_uint(out, r->seq_hashes[i]);
+    /* after the hashes, so KVR_ROUTE_REQ_ID_OFFSET and older peers' view stay as they were */
+    if (r->lora.len)
+        rc = rc ? rc : write_kv_str(out, "lora", r->lora);
+    if (r->mdc_sum.len)
+        rc = rc ? rc : write_kv_str(out, "mdc_sum", r->mdc_sum);
     return rc;
 }
 
@@ -127,6 +133,10 @@ int kvr_route_req_decode(const void *data, size_t len, const kvr_route_req_limit
             rc = read_name(&r, &o->ns, KVR_ROUTE_NAME_MAX, "namespace", err);
         } else if (kvr_slice_eq_cstr(k, "role")) {
             rc = read_name(&r, &o->role, KVR_ROUTE_NAME_MAX, "role", err);
+        } else if (kvr_slice_eq_cstr(k, "lora")) {
+            rc = read_name(&r, &o->lora, KVR_ROUTE_NAME_MAX, "lora", err);
+        } else if (kvr_slice_eq_cstr(k, "mdc_sum")) {
+            rc = read_name(&r, &o->mdc_sum, KVR_ROUTE_NAME_MAX, "mdc_sum", err);
         } else if (kvr_slice_eq_cstr(k, "tokens")) {
             uint64_t u;
             if ((rc = kvr_mp_read_uint(&r, &u)))

@@ -1,7 +1,8 @@
 /* route_msg: the one codec of the route API on NATS (docs/DESIGN.md section 5).
  *
  *   kvr.route        request  {"request_id":bin16, "frontend_id":u64, "model":str,
- *                              "namespace":str, "role":str?, "tokens":u32, "seq_hashes":[u64…]}
+ *                              "namespace":str, "role":str?, "tokens":u32, "seq_hashes":[u64…],
+ *                              "lora":str?, "mdc_sum":str?}
  *                    reply    {"ok":true, "worker_id":u64, "url":str, "overlap_blocks":u32,
  *                              "best_overlap_blocks":u32? (only when above overlap_blocks), "router_id":u32, "mode":str,
  *                              "worker_bookings":u32?,
@@ -35,6 +36,11 @@ typedef struct kvr_route_req {
     uint8_t request_id[KVR_ROUTE_ID_LEN];
     uint64_t frontend_id;
     kvr_slice model, ns, role; /* role: empty when absent */
+    /* lora: the LoRA adapter the request runs under (seq_hashes are hashed under its seed);
+     * mdc_sum: the model card checksum the frontend loaded for the model (workers announcing
+     * another non-empty one are not candidates). Both empty when absent, encoded only when
+     * set; at most KVR_ROUTE_NAME_MAX bytes. */
+    kvr_slice lora, mdc_sum;
     uint32_t tokens;
     const uint64_t *seq_hashes; /* encode: the caller's; decode: the caller's hash_buf */
     size_t n_hashes;

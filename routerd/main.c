@@ -43,6 +43,7 @@ int main(int argc, char **argv)
     int64_t frontend_timeout_ms = 10000, max_request_age_ms = 600000;
     int64_t max_request_tokens = 131072;
     bool join = false, best_effort = false, insecure_cluster = false;
+    bool no_lora_filter = false, no_mdc_filter = false;
     const char *cluster_secret_file = "";
     kvr_nats_flags nats_sec = {0};
     kvr_flag flags[] = {
@@ -74,6 +75,8 @@ int main(int argc, char **argv)
         {"election-timeout", KVR_FLAG_DURATION, &election_ms, "Raft election timeout (a dead leader is replaced within ~1-2x this)", false},
         {"max-request-tokens", KVR_FLAG_INT, &max_request_tokens, "token ids one route/match request may carry (sizes the HTTP body limit)", false},
         {"cluster-secret-file", KVR_FLAG_STRING, &cluster_secret_file, "shared secret (16-1024 bytes, mode 600) routers prove to each other on the Raft and forward ports", false},
+        {"no-lora-filter", KVR_FLAG_BOOL, &no_lora_filter, "diagnostic: a request under a LoRA adapter may go to any worker of the model, not only those listing the adapter", false},
+        {"no-mdc-filter", KVR_FLAG_BOOL, &no_mdc_filter, "diagnostic: route to workers whose model card checksum differs from the request's", false},
         {"insecure-cluster", KVR_FLAG_BOOL, &insecure_cluster, "allow a multi-router Raft group without --cluster-secret-file (anyone reaching the Raft/forward ports can change the state)", false},
     };
     size_t nf = sizeof(flags) / sizeof(flags[0]);
@@ -165,6 +168,8 @@ int main(int argc, char **argv)
         .cluster_secret_file = *cluster_secret_file ? cluster_secret_file : NULL,
         .admin_token = admin_token,
         .worker_cidrs = worker_cidr,
+        .no_lora_filter = no_lora_filter,
+        .no_mdc_filter = no_mdc_filter,
     };
     uv_loop_t *loop = uv_default_loop();
     int rc = kvr_routerd_start(&g_rd, loop, &cfg);

@@ -75,6 +75,11 @@ typedef struct rd_worker {
     int64_t resync_ms;      /* last WORKER_UP re-submitted because the replicated state lacked it */
     int64_t first_event_ms; /* !announced: monotonic time of its first event */
     uint64_t events;        /* messages applied for it */
+    /* LoRA adapters it serves (heartbeat "loras"), kept as their hash seeds: a request under
+     * an adapter some live worker lists may go only to those workers */
+    uint64_t lora_seeds[KVR_HB_MAX_LORAS];
+    uint32_t n_loras;
+    char mdc_sum[KVR_ROUTE_NAME_MAX + 1]; /* model card checksum; "" unknown */
 } rd_worker;
 
 typedef struct rd_frontend {
@@ -521,6 +526,12 @@ static void on_heartbeat(const kvr_nats_msg *m, void *data)
     copy_slice(w->model, sizeof(w->model), model);
     copy_slice(w->url, sizeof(w->url), url);
     copy_slice(w->role, sizeof(w->role), role.len ? role : KVR_SLICE_LIT("both"));
+    /* lists and sums only filter candidates at route time: no WORKER_UP for their changes */
+    w->n_loras = hb.n_loras;
+    for (uint32_t i = 0; i < hb.n_loras; i++)
+        w->lora_seeds[i] = kvr_hash_lora_seed(hb.loras[i].base, hb.loras[i].len);
+    /* an over-long sum is kept cut: it still differs from every request's (never "unknown") */
+    copy_slice(w->mdc_sum, sizeof(w->mdc_sum), hb.mdc_sum);
     if (changed) {
         if (!w->up || is_new)
             KVR_LOG_INFO("worker up", "worker=%" PRIu64 " ns=%s model=%s url=%s", id, w->ns,
@@ -842,6 +853,8 @@ typedef struct route_req {
     uint32_t tokens;
     uint32_t n_seq;
     const uint64_t *seq;
+    char lora[KVR_ROUTE_NAME_MAX + 1];    /* "" base model */
+    char mdc_sum[KVR_ROUTE_NAME_MAX + 1]; /* "" no model-card check */
 } route_req;
 
 typedef struct route_ctx {
@@ -946,6 +959,65 @@ static void on_route_done(kvr_routerd *rd, int status, const kvr_fsm_result *res
     free(c);
 }
 
+static bool worker_live(const rd_worker *w)
+{
+    return w->announced && w->up && !w->refused;
+}
+
+static bool worker_has_lora(const rd_worker *w, uint64_t seed)
+{
+    for (uint32_t i = 0; i < w->n_loras; i++)
+        if (w->lora_seeds[i] == seed)
+            return true;
+    return false;
+}
+
+/* The candidates filter of a request (issue 13, items 3 and 4): a worker whose non-empty model
+ * card checksum differs from the request's never gets it (it tokenizes differently, so routing
+ * there would silently get no cache hits or wrong output); under a LoRA adapter that some live
+ * worker of the model lists, only the listing workers may serve it (when none lists it, any
+ * worker may: engines load adapters on demand). Returns whether the filter restricts the
+ * choice at all; *allowed(w) then says which. */
+typedef struct route_filter {
+    bool by_lora, by_mdc;
+    uint64_t seed;
+} route_filter;
+
+static bool worker_allowed(const route_filter *f, const route_req *q, const rd_worker *w)
+{
+    if (f->by_mdc && w->mdc_sum[0] && strcmp(w->mdc_sum, q->mdc_sum) != 0)
+        return false;
+    if (f->by_lora && !worker_has_lora(w, f->seed))
+        return false;
+    return true;
+}
+
+static bool route_filter_init(kvr_routerd *rd, const route_req *q, route_filter *f)
+{
+    *f = (route_filter){0};
+    if (q->lora[0])
+        f->seed = kvr_hash_lora_seed(q->lora, strlen(q->lora));
+    for (uint32_t i = 0; i < rd->n_workers; i++) {
+        const rd_worker *w = &rd->workers[i];
+        if (!worker_live(w) || strcmp(w->model, q->model) != 0 || strcmp(w->ns, q->ns) != 0)
+            continue;
+        if (!rd->cfg.no_lora_filter && q->lora[0] && worker_has_lora(w, f->seed))
+            f->by_lora = true;
+        if (!rd->cfg.no_mdc_filter && q->mdc_sum[0] && w->mdc_sum[0] &&
+            strcmp(w->mdc_sum, q->mdc_sum) != 0)
+            f->by_mdc = true;
+    }
+    return f->by_lora || f->by_mdc;
+}
+
+static uint32_t match_depth(const kvr_index_match *m, size_t nm, uint64_t id)
+{
+    for (size_t i = 0; i < nm; i++)
+        if (m[i].worker_id == id)
+            return m[i].depth;
+    return 0;
+}
+
 /* Matches + submits a ROUTE. Takes ownership of c. */
 static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
 {
@@ -954,13 +1026,29 @@ static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
         nm = RD_MAX_MATCHES;
     kvr_route_candidate cand[RD_MAX_MATCHES];
     uint32_t nc = 0;
-    for (size_t i = 0; i < nm && nc < KVR_FSM_MAX_CANDIDATES; i++) {
-        cand[nc++] = (kvr_route_candidate){rd->matches[i].worker_id, rd->matches[i].depth};
-        const rd_worker *mw = rd->matches[i].depth > c->best_overlap
-                                  ? worker_find(rd, rd->matches[i].worker_id)
-                                  : NULL;
-        if (mw && mw->up && !mw->refused && strcmp(mw->model, q->model) == 0)
-            c->best_overlap = rd->matches[i].depth;
+    route_filter flt;
+    bool only = route_filter_init(rd, q, &flt);
+    if (only) {
+        /* every allowed live worker of the model is a candidate, overlap 0 included, and the
+         * FSM chooses among those only (its registry may know workers this router does not) */
+        for (uint32_t i = 0; i < rd->n_workers && nc < KVR_FSM_MAX_CANDIDATES; i++) {
+            const rd_worker *w = &rd->workers[i];
+            if (!worker_live(w) || strcmp(w->model, q->model) != 0 || strcmp(w->ns, q->ns) != 0 ||
+                !worker_allowed(&flt, q, w))
+                continue;
+            cand[nc++] = (kvr_route_candidate){w->id, match_depth(rd->matches, nm, w->id)};
+        }
+    } else {
+        for (size_t i = 0; i < nm && nc < KVR_FSM_MAX_CANDIDATES; i++)
+            cand[nc++] = (kvr_route_candidate){rd->matches[i].worker_id, rd->matches[i].depth};
+    }
+    /* the best overlap a routable candidate had (route reply best_overlap_blocks) */
+    for (uint32_t i = 0; i < nc; i++) {
+        if (cand[i].overlap <= c->best_overlap)
+            continue;
+        const rd_worker *mw = worker_find(rd, cand[i].worker_id);
+        if (mw && worker_live(mw) && strcmp(mw->model, q->model) == 0)
+            c->best_overlap = cand[i].overlap;
     }
     uint32_t bs = rd->cfg.block_size;
     uint32_t blocks = (uint32_t)(((uint64_t)q->tokens + bs - 1) / bs); /* no wrap near 2^32 */
@@ -978,6 +1066,7 @@ static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
     r->ns = kvr_slice_of(q->ns);
     r->candidates = cand;
     r->n_candidates = nc;
+    r->only_candidates = only;
     int rc;
 #ifdef KVR_ROUTERD_HAVE_SYNC
     if (rd->sync) {
@@ -1052,6 +1141,8 @@ static void on_route_nats(const kvr_nats_msg *m, void *data)
     q.frontend_id = wire.frontend_id;
     copy_slice(q.model, sizeof(q.model), wire.model);
     copy_slice(q.ns, sizeof(q.ns), wire.ns);
+    copy_slice(q.lora, sizeof(q.lora), wire.lora);
+    copy_slice(q.mdc_sum, sizeof(q.mdc_sum), wire.mdc_sum);
     q.tokens = wire.tokens;
     q.seq = wire.seq_hashes;
     q.n_seq = (uint32_t)wire.n_hashes;
@@ -1214,8 +1305,16 @@ static int parse_tokens_body(kvr_routerd *rd, kvr_http_req *req, route_req *q, k
     int rc = kvr_json_scan_tokens(req->body, 16, &tr, err);
     if (rc != 0)
         return rc;
-    q->n_seq = (uint32_t)kvr_hash_seq(tr.tokens, tr.n_tokens, rd->cfg.block_size, false, 0,
-                                      rd->seq_scratch, RD_MAX_SEQ_HASHES);
+    if (tr.lora.base != NULL &&
+        (rc = kvr_json_decode_string(tr.lora, q->lora, sizeof(q->lora), err)) != 0)
+        return rc == KVR_ELIMIT ? kvr_err_set(err, KVR_EINVAL, "lora too long") : rc;
+    if (tr.mdc_sum.base != NULL &&
+        (rc = kvr_json_decode_string(tr.mdc_sum, q->mdc_sum, sizeof(q->mdc_sum), err)) != 0)
+        return rc == KVR_ELIMIT ? kvr_err_set(err, KVR_EINVAL, "mdc_sum too long") : rc;
+    /* an adapter's blocks are hashed under its seed, as the index stored them */
+    q->n_seq = (uint32_t)kvr_hash_seq_seeded(tr.tokens, tr.n_tokens, rd->cfg.block_size, false, 0,
+                                             kvr_hash_lora_seed(q->lora, strlen(q->lora)),
+                                             rd->seq_scratch, RD_MAX_SEQ_HASHES);
     q->seq = rd->seq_scratch;
     q->tokens = (uint32_t)tr.n_tokens;
     if (tr.model.base != NULL &&

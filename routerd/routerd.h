@@ -67,6 +67,10 @@ typedef struct kvr_routerd_config {
      * CIDRs a heartbeat's url must be inside (NULL or "": "private", see kvr_access.h). */
     const char *admin_token;
     const char *worker_cidrs;
+    /* Diagnostics (tests show the filters matter by turning them off): route a request under
+     * a LoRA adapter to any worker of the model even when some list the adapter; route to
+     * workers whose model card checksum differs from the request's. */
+    bool no_lora_filter, no_mdc_filter;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;

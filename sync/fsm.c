@@ -418,6 +418,19 @@ static uint32_t overlap_of(const kvr_route_candidate *c, uint32_t n, uint64_t id
     return lo < n && c[lo].worker_id == id ? c[lo].overlap : 0;
 }
 
+static bool cand_listed(const kvr_route_candidate *c, uint32_t n, uint64_t id)
+{
+    uint32_t lo = 0, hi = n;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (c[mid].worker_id < id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && c[lo].worker_id == id;
+}
+
 static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res)
 {
     if (rc->n_candidates > KVR_FSM_MAX_CANDIDATES || (rc->n_candidates && !rc->candidates) ||
@@ -472,6 +485,8 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
         if (w->role == KVR_ROLE_DECODE)
             continue; /* a decode-only worker cannot take a fresh prompt */
         if (rc->pin_worker && w->id != rc->pin_worker)
+            continue;
+        if (rc->only_candidates && !cand_listed(cand, nc, w->id))
             continue;
         f->scratch[n] = (kvr_cost_worker){w->id, overlap_of(cand, nc, w->id), w->active_blocks,
                                           w->active_prefill_blocks};
@@ -735,7 +750,7 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
             out->len = start;
             return kvr_err_set(err, KVR_EINVAL, "encoding ROUTE: field over its bound");
         }
-        CK(kvr_mp_write_array(out, 9));
+        CK(kvr_mp_write_array(out, r->only_candidates ? 10 : 9));
         CK(kvr_mp_write_uint(out, KVR_CMD_ROUTE));
         CK(kvr_mp_write_bin(out, r->request_id, KVR_REQUEST_ID_LEN));
         CK(kvr_mp_write_uint(out, r->frontend_id));
@@ -750,6 +765,8 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
             CK(kvr_mp_write_uint(out, r->candidates[i].worker_id));
             CK(kvr_mp_write_uint(out, r->candidates[i].overlap));
         }
+        if (r->only_candidates)
+            CK(kvr_mp_write_bool(out, true));
         break;
     }
     case KVR_CMD_PREFILL_DONE:
@@ -888,6 +905,10 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         rt->candidates = cand;
         rt->n_candidates = nc;
         n -= 9;
+        if (n > 0) { /* optional 10th field: only_candidates */
+            CK(kvr_mp_read_bool(&r, &rt->only_candidates));
+            n--;
+        }
         break;
     }
     case KVR_CMD_PREFILL_DONE:

@@ -100,6 +100,10 @@ typedef struct kvr_route_cmd {
                             reconciliation: the request is already being served there). */
     const kvr_route_candidate *candidates;
     uint32_t n_candidates; /* <= KVR_FSM_MAX_CANDIDATES */
+    /* Only the listed candidates may be chosen (their overlap may be 0): the router restricts
+     * a request to the workers that serve its LoRA adapter or whose model card matches.
+     * Encoded as ROUTE's optional 10th field, only when true, so older logs decode as false. */
+    bool only_candidates;
 } kvr_route_cmd;
 
 typedef struct kvr_worker_info {

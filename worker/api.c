@@ -640,8 +640,14 @@ static void handle_completion(worker *w, kvr_http_req *req, bool chat)
     kvr_buf_init(&r->toks);
     kvr_buf_init(&r->all);
     engine_idle_jump(w, wk_wall_ns(w));
-    if (kvr_engine_add(w->eng, kvr_tok_ids(&toks), (uint32_t)n, (uint32_t)max_tokens, r, &r->seq,
-                       &err) != 0) {
+    /* a request naming one of our --lora adapters runs under it (vLLM serves adapters as
+     * models of their own name); any other name is the base model, as before */
+    uint32_t lora = 0;
+    for (uint32_t i = 0; cJSON_IsString(model) && i < w->o.n_loras; i++)
+        if (strcmp(model->valuestring, w->o.loras[i]) == 0)
+            lora = i + 1;
+    if (kvr_engine_add_lora(w->eng, kvr_tok_ids(&toks), (uint32_t)n, (uint32_t)max_tokens, lora, r,
+                            &r->seq, &err) != 0) {
         wk_respond_error(req, err.code == KVR_ENOMEM ? 500 : 400, "invalid_request_error", "%s",
                          err.msg);
         wk_wreq_free(r);
@@ -824,12 +830,25 @@ void wk_on_request(kvr_http_req *req)
     else if (kvr_slice_eq_cstr(req->path, "/tokenize") && post)
         handle_tokenize(w, req);
     else if (kvr_slice_eq_cstr(req->path, "/v1/models") && get) {
-        char body[400];
-        snprintf(body, sizeof body,
-                 "{\"object\":\"list\",\"data\":[{\"id\":\"%s\",\"object\":\"model\",\"owned_by\":"
-                 "\"kvroute\"}]}",
-                 w->o.model);
-        kvr_http_respond_cstr(req, 200, "application/json", body);
+        /* adapters are listed as vLLM lists them: models whose "parent" is the base model */
+        kvr_buf body;
+        kvr_buf_init(&body);
+        kvr_buf_appendf(&body, "{\"object\":\"list\",\"data\":[{\"id\":\"");
+        kvr_tok_json_escape(&body, w->o.model, strlen(w->o.model));
+        kvr_buf_appendf(&body, "\",\"object\":\"model\",\"owned_by\":\"kvroute\"}");
+        for (uint32_t i = 0; i < w->o.n_loras; i++) {
+            kvr_buf_appendf(&body, ",{\"id\":\"");
+            kvr_tok_json_escape(&body, w->o.loras[i], strlen(w->o.loras[i]));
+            kvr_buf_appendf(&body,
+                            "\",\"object\":\"model\",\"owned_by\":\"kvroute\",\"parent\":\"");
+            kvr_tok_json_escape(&body, w->o.model, strlen(w->o.model));
+            kvr_buf_appendf(&body, "\",\"root\":\"");
+            kvr_tok_json_escape(&body, w->o.loras[i], strlen(w->o.loras[i]));
+            kvr_buf_appendf(&body, "\"}");
+        }
+        kvr_buf_appendf(&body, "]}");
+        kvr_http_respond(req, 200, "application/json", body.base, body.len);
+        kvr_buf_free(&body);
     } else if (kvr_slice_eq_cstr(req->path, "/v1/completions") ||
                kvr_slice_eq_cstr(req->path, "/v1/chat/completions"))
         wk_respond_error(req, 405, "invalid_request_error", "method not allowed");

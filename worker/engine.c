@@ -17,6 +17,7 @@ typedef struct blk {
     uint32_t pos; /* chain position (0 = root block) */
     uint32_t prev, next; /* LRU (hashed, ref 0) or free list (next only) */
     uint8_t hashed, has_parent, in_lru;
+    uint8_t lora; /* 0: base model, i: adapter cfg.loras[i-1] */
 } blk;
 
 enum { S_WAITING = 1, S_RUNNING = 2 };
@@ -38,6 +39,7 @@ struct kvr_engine_seq {
     struct kvr_engine_seq *prev, *next;
     uint32_t sched_tokens; /* this step */
     bool finished;
+    uint8_t lora; /* as blk.lora */
 };
 
 typedef struct seq_list {
@@ -50,6 +52,7 @@ typedef struct ev_rec {
     uint32_t h_off, n_h, t_off, n_t;
     uint64_t parent;
     bool has_parent;
+    uint8_t lora; /* STORED: as blk.lora */
 } ev_rec;
 
 struct kvr_engine {
@@ -80,6 +83,8 @@ struct kvr_engine {
     size_t cap_ev_view;
     uint8_t *hash_scratch;
     kvr_engine_stats st;
+    /* per adapter index (0: base): seq-hash seed (kvr_hash_lora_seed) and ext-hash seed */
+    uint64_t seq_seed[KVR_ENGINE_MAX_LORAS + 1], ext_seed[KVR_ENGINE_MAX_LORAS + 1];
 };
 
 void kvr_engine_config_default(kvr_engine_config *c)
@@ -91,6 +96,8 @@ void kvr_engine_config_default(kvr_engine_config *c)
     c->max_model_len = 131072;
     c->speedup = 1.0;
     c->seed = 0;
+    c->loras = NULL;
+    c->n_loras = 0;
 }
 
 static int grow(void **p, size_t *cap, size_t need, size_t elem)
@@ -233,13 +240,14 @@ static void ev_stored(kvr_engine *e, uint32_t b)
      * same meaning, fewer events */
     ev_rec *r = e->n_evs > e->ev_cursor ? &e->evs[e->n_evs - 1] : NULL;
     bool chain = r && r->type == KVR_KV_STORED && r->n_h > 0 && k->has_parent &&
-                 e->ev_hashes[r->h_off + r->n_h - 1] == k->parent_ext &&
+                 r->lora == k->lora && e->ev_hashes[r->h_off + r->n_h - 1] == k->parent_ext &&
                  r->n_t + B <= KVR_ENGINE_EVENT_MAX_TOKENS;
     if (!chain) {
         if (ev_new(e, KVR_KV_STORED, &r))
             return;
         r->has_parent = k->has_parent;
         r->parent = k->parent_ext;
+        r->lora = k->lora;
     }
     if (ev_push_hash(e, k->ext))
         return;
@@ -308,6 +316,8 @@ size_t kvr_engine_take_events(kvr_engine *e, uint32_t max_tokens, kvr_kv_batch *
             v->n_tokens = r->n_t;
             v->tokens = e->ev_tokens + r->t_off;
             v->block_size = e->cfg.block_size;
+            if (r->lora)
+                v->lora_name = kvr_slice_of(e->cfg.loras[r->lora - 1]);
         }
     }
     e->ev_cursor = last;
@@ -346,7 +356,9 @@ int kvr_engine_queue_resync(kvr_engine *e)
 
 /* ---------------------------------------------------------------- hashing */
 
-static uint64_t ext_hash(kvr_engine *e, bool has_parent, uint64_t parent, const uint32_t *toks)
+/* Under an adapter the ext hashes use their own seed: its blocks are never a base-model hit. */
+static uint64_t ext_hash(kvr_engine *e, uint8_t lora, bool has_parent, uint64_t parent,
+                         const uint32_t *toks)
 {
     uint32_t B = e->cfg.block_size;
     uint8_t *p = e->hash_scratch;
@@ -363,7 +375,7 @@ static uint64_t ext_hash(kvr_engine *e, bool has_parent, uint64_t parent, const 
         p[off++] = (uint8_t)(t >> 16);
         p[off++] = (uint8_t)(t >> 24);
     }
-    return XXH3_64bits_withSeed(p, off, KVR_ENGINE_EXT_SEED);
+    return XXH3_64bits_withSeed(p, off, e->ext_seed[lora]);
 }
 
 /* ---------------------------------------------------------------- output tokens */
@@ -434,10 +446,23 @@ int kvr_engine_new(const kvr_engine_config *cfg, kvr_engine **out, kvr_err *err)
         return kvr_err_set(err, KVR_EINVAL, "max-num-seqs, max-batched-tokens, max-model-len must be >= 1");
     if (!(cfg->speedup > 0) || cfg->speedup > 1e6)
         return kvr_err_set(err, KVR_EINVAL, "speedup %g not in (0, 1e6]", cfg->speedup);
+    if (cfg->n_loras > KVR_ENGINE_MAX_LORAS || (cfg->n_loras && !cfg->loras))
+        return kvr_err_set(err, KVR_EINVAL, "at most %u LoRA adapters", KVR_ENGINE_MAX_LORAS);
+    for (uint32_t i = 0; i < cfg->n_loras; i++) {
+        size_t len = cfg->loras[i] ? strlen(cfg->loras[i]) : 0;
+        if (len == 0 || len > KVR_LORA_NAME_MAX)
+            return kvr_err_set(err, KVR_EINVAL, "LoRA name must be 1..%d bytes", KVR_LORA_NAME_MAX);
+    }
     kvr_engine *e = calloc(1, sizeof *e);
     if (!e)
         return kvr_err_set(err, KVR_ENOMEM, "engine");
     e->cfg = *cfg;
+    e->seq_seed[0] = KVR_HASH_SEED;
+    e->ext_seed[0] = KVR_ENGINE_EXT_SEED;
+    for (uint32_t i = 0; i < cfg->n_loras; i++) {
+        e->seq_seed[i + 1] = kvr_hash_lora_seed(cfg->loras[i], strlen(cfg->loras[i]));
+        e->ext_seed[i + 1] = KVR_ENGINE_EXT_SEED + (e->seq_seed[i + 1] - KVR_HASH_SEED);
+    }
     uint32_t C = cfg->capacity_blocks;
     uint32_t tsize = 16;
     while (tsize < 2 * C)
@@ -561,7 +586,16 @@ static uint32_t blocks_for(const kvr_engine *e, uint64_t tokens)
 int kvr_engine_add(kvr_engine *e, const uint32_t *prompt, uint32_t n_prompt, uint32_t max_tokens,
                    void *data, kvr_engine_seq **out, kvr_err *err)
 {
+    return kvr_engine_add_lora(e, prompt, n_prompt, max_tokens, 0, data, out, err);
+}
+
+int kvr_engine_add_lora(kvr_engine *e, const uint32_t *prompt, uint32_t n_prompt,
+                        uint32_t max_tokens, uint32_t lora, void *data, kvr_engine_seq **out,
+                        kvr_err *err)
+{
     *out = NULL;
+    if (lora > e->cfg.n_loras)
+        return kvr_err_set(err, KVR_EINVAL, "unknown LoRA adapter %u", lora);
     if (n_prompt == 0)
         return kvr_err_set(err, KVR_EINVAL, "empty prompt");
     if (max_tokens == 0)
@@ -589,6 +623,7 @@ int kvr_engine_add(kvr_engine *e, const uint32_t *prompt, uint32_t n_prompt, uin
     s->n_tokens = s->n_prompt = n_prompt;
     s->max_tokens = max_tokens;
     s->data = data;
+    s->lora = (uint8_t)lora;
     s->rng = gen_seed(e->cfg.seed, prompt, n_prompt);
     s->state = S_WAITING;
     list_push_tail(&e->waiting, s);
@@ -689,7 +724,7 @@ static void take_prefix(kvr_engine *e, kvr_engine_seq *s)
     uint64_t parent = 0;
     uint32_t hits = 0;
     while (hits < max_hits) {
-        uint64_t h = ext_hash(e, has_parent, parent, s->tokens + (size_t)hits * B);
+        uint64_t h = ext_hash(e, s->lora, has_parent, parent, s->tokens + (size_t)hits * B);
         uint32_t b = table_find(e, h);
         if (b == NIL)
             break;
@@ -715,7 +750,7 @@ static void seal_full_blocks(kvr_engine *e, kvr_engine_seq *s)
         bool has_parent = i > 0;
         uint64_t parent = has_parent ? e->blks[s->blocks[i - 1]].ext : 0;
         uint64_t parent_seq = has_parent ? e->blks[s->blocks[i - 1]].seq : 0;
-        uint64_t h = ext_hash(e, has_parent, parent, toks);
+        uint64_t h = ext_hash(e, s->lora, has_parent, parent, toks);
         uint32_t dup = table_find(e, h);
         if (dup != NIL) {
             uint32_t mine = s->blocks[i];
@@ -731,11 +766,12 @@ static void seal_full_blocks(kvr_engine *e, kvr_engine_seq *s)
             blk *k = &e->blks[b];
             memcpy(e->blk_tokens + (size_t)b * B, toks, B * sizeof(uint32_t));
             k->ext = h;
-            uint64_t local = kvr_hash_block(toks, B);
+            uint64_t local = kvr_hash_block_seeded(toks, B, e->seq_seed[s->lora]);
             k->seq = has_parent ? kvr_hash_chain(parent_seq, local) : local;
             k->has_parent = has_parent;
             k->parent_ext = parent;
             k->pos = i;
+            k->lora = s->lora;
             k->hashed = 1;
             table_insert(e, b);
             e->n_hashed++;

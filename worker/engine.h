@@ -46,6 +46,7 @@
 /* A BlockStored event grows by chaining blocks up to this many tokens (then a new event
  * continues the chain), so one event stays well under NATS' default 1 MiB payload. */
 #define KVR_ENGINE_EVENT_MAX_TOKENS 16384u
+#define KVR_ENGINE_MAX_LORAS 16u
 
 typedef struct kvr_engine_config {
     uint32_t block_size;         /* tokens per block, 1..KVR_ENGINE_MAX_BLOCK_SIZE (64) */
@@ -55,6 +56,12 @@ typedef struct kvr_engine_config {
     uint32_t max_model_len;      /* prompt + max_tokens bound (131072) */
     double speedup;              /* step times are divided by this (1.0) */
     uint64_t seed;               /* output token generator seed */
+    /* LoRA adapters served (borrowed names, 1..KVR_LORA_NAME_MAX bytes, alive as long as the
+     * engine). A request under adapter i (kvr_engine_add_lora, 1-based) hashes its blocks
+     * apart: ext hashes under KVR_ENGINE_EXT_SEED + XXH3_64(name), seq hashes under
+     * kvr_hash_lora_seed(name); its BlockStored events carry lora_name. */
+    const char *const *loras;
+    uint32_t n_loras; /* <= KVR_ENGINE_MAX_LORAS */
 } kvr_engine_config;
 
 void kvr_engine_config_default(kvr_engine_config *c);
@@ -71,6 +78,11 @@ void kvr_engine_free(kvr_engine *e);
  * The handle stays valid until an output with finished=true for it, or kvr_engine_cancel(). */
 int kvr_engine_add(kvr_engine *e, const uint32_t *prompt, uint32_t n_prompt, uint32_t max_tokens,
                    void *data, kvr_engine_seq **out, kvr_err *err);
+
+/* kvr_engine_add under LoRA adapter `lora` (0: the base model, i: cfg.loras[i-1]). */
+int kvr_engine_add_lora(kvr_engine *e, const uint32_t *prompt, uint32_t n_prompt,
+                        uint32_t max_tokens, uint32_t lora, void *data, kvr_engine_seq **out,
+                        kvr_err *err);
 
 /* Drops a request at once (waiting or running) and releases its KV references. */
 void kvr_engine_cancel(kvr_engine *e, kvr_engine_seq *s);

@@ -290,21 +290,20 @@ static void send_heartbeat(worker *w)
     kvr_engine_get_stats(w->eng, &st);
     kvr_buf *b = &w->scratch;
     kvr_buf_reset(b);
-    char mdc[32];
-    snprintf(mdc, sizeof mdc, "%016" PRIx64,
-             XXH3_64bits_withSeed(w->o.model, strlen(w->o.model), w->o.block_size));
     kvr_heartbeat hb = {.id = w->o.id,
                         .ns = kvr_slice_of(w->o.ns),
                         .model = kvr_slice_of(w->o.model),
                         .role = kvr_slice_of(w->o.role),
                         .url = kvr_slice_of(w->url),
-                        .mdc_sum = kvr_slice_of(mdc),
+                        .mdc_sum = kvr_slice_of(w->o.mdc_sum),
                         .block_size = w->o.block_size,
                         .capacity_blocks = w->o.capacity_blocks,
                         .active = st.running,
                         .waiting = st.waiting,
                         .used_blocks = st.used_blocks,
                         .started_ms = (uint64_t)w->started_ms};
+    for (uint32_t i = 0; i < w->o.n_loras; i++)
+        hb.loras[hb.n_loras++] = kvr_slice_of(w->o.loras[i]);
     int rc = kvr_heartbeat_encode(b, &hb);
     if (rc == 0 && kvr_nats_publish(&w->nats, w->subj_hb, b->base, b->len) == 0)
         kvr_metric_inc(w->m_hb);

@@ -18,6 +18,7 @@
  * whose choices[0].text and token_ids hold all of them. */
 #include "worker.h"
 #include "kvr_flags.h"
+#include "kvr_model_card.h"
 
 worker W;
 
@@ -25,6 +26,40 @@ worker W;
 
 /* Parses argv into o (common/kvr_flags, like the other binaries). Returns 0, KVR_FLAGS_HELP
  * (usage printed) or KVR_EINVAL with err filled. */
+/* --lora NAME is repeatable, which kvr_flags is not: it is taken out of argv first (also
+ * --lora=NAME). Returns the new argc. */
+static int take_loras(opts *o, int argc, char **argv, kvr_err *err)
+{
+    int out = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *v = NULL;
+        if (strcmp(argv[i], "--lora") == 0 || strcmp(argv[i], "-lora") == 0) {
+            if (i + 1 >= argc)
+                return kvr_err_set(err, KVR_EINVAL, "--lora needs a name");
+            v = argv[++i];
+        } else if (strncmp(argv[i], "--lora=", 7) == 0) {
+            v = argv[i] + 7;
+        } else {
+            argv[out++] = argv[i];
+            continue;
+        }
+        if (o->n_loras >= KVR_ENGINE_MAX_LORAS)
+            return kvr_err_set(err, KVR_EINVAL, "at most %u --lora", KVR_ENGINE_MAX_LORAS);
+        size_t len = strlen(v);
+        if (len == 0 || len > KVR_LORA_NAME_MAX || strpbrk(v, "\"\\\t\r\n"))
+            return kvr_err_set(err, KVR_EINVAL,
+                               "--lora names are 1..%d bytes without quotes, backslashes or "
+                               "control characters",
+                               KVR_LORA_NAME_MAX);
+        for (uint32_t j = 0; j < o->n_loras; j++)
+            if (strcmp(o->loras[j], v) == 0)
+                return kvr_err_set(err, KVR_EINVAL, "--lora %s given twice", v);
+        o->loras[o->n_loras++] = v;
+    }
+    argv[out] = NULL;
+    return out;
+}
+
 static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
 {
     *o = (opts){.listen = "127.0.0.1:9001",
@@ -52,6 +87,8 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
                 .max_batched_tokens = 8192,
                 .max_model_len = 131072,
                 .speedup = 1.0};
+    if ((argc = take_loras(o, argc, argv, err)) < 0)
+        return argc;
     kvr_flag fl[] = {
         {"listen", KVR_FLAG_STRING, &o->listen, "HTTP address (HOST:PORT)", false},
         {"nats", KVR_FLAG_STRING, &o->nats, "NATS URL(s) (--kv-events nats)", false},
@@ -92,13 +129,25 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
          "chats tokenized as the model does, output decoded to its text; byte (default): the "
          "byte tokenizer and ChatML",
          false},
+        {"mdc-sum", KVR_FLAG_STRING, &o->mdc_sum_flag,
+         "model card checksum in heartbeats (default: from --model-dir, else from a --tokenizer "
+         "directory, else none)",
+         false},
+        {"model-dir", KVR_FLAG_STRING, &o->model_dir,
+         "directory of tokenizer.json (+ tokenizer_config.json, chat_template.jinja): the "
+         "heartbeat's mdc_sum is their checksum, as kvr-bridge --model-dir computes it",
+         false},
         {"log-level", KVR_FLAG_STRING, &o->log_level, "debug|info|warn|error", false},
         KVR_NATS_FLAG_ENTRIES(&o->nats_sec),
     };
     size_t nfl = sizeof fl / sizeof fl[0];
     int rv = kvr_flags_parse(fl, nfl, argc - 1, argv + 1, NULL, 0, NULL, err);
-    if (rv == KVR_FLAGS_HELP)
+    if (rv == KVR_FLAGS_HELP) {
         kvr_flags_usage(stdout, "kvr-worker", fl, nfl);
+        printf("  --lora NAME  a LoRA adapter served (repeatable, at most %u): requests whose "
+               "model is NAME run under it, their blocks hashed apart\n",
+               KVR_ENGINE_MAX_LORAS);
+    }
     if (rv != 0)
         return rv;
     if (strcmp(o->role, "both") && strcmp(o->role, "prefill") && strcmp(o->role, "decode"))
@@ -132,6 +181,21 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
                            "--namespace must be 1..100 chars without . * > or spaces");
     if (strlen(o->model) > 100)
         return kvr_err_set(err, KVR_EINVAL, "--model is longer than 100 chars");
+    for (uint32_t i = 0; i < o->n_loras; i++)
+        if (strcmp(o->loras[i], o->model) == 0)
+            return kvr_err_set(err, KVR_EINVAL, "--lora %s is the base model's name", o->model);
+    if (o->mdc_sum_flag) {
+        if (strlen(o->mdc_sum_flag) >= sizeof o->mdc_sum)
+            return kvr_err_set(err, KVR_EINVAL, "--mdc-sum is longer than %zu chars",
+                               sizeof o->mdc_sum - 1);
+        snprintf(o->mdc_sum, sizeof o->mdc_sum, "%s", o->mdc_sum_flag);
+    } else if (o->model_dir || (o->tokenizer && strcmp(o->tokenizer, "byte") != 0)) {
+        /* a worker that tokenizes with a model's files announces their checksum */
+        const char *dir = o->model_dir ? o->model_dir : o->tokenizer;
+        int rc = kvr_model_card_sum(dir, o->mdc_sum, sizeof o->mdc_sum, err);
+        if (rc)
+            return rc;
+    }
     return kvr_nats_flags_load(&o->nats_sec, err);
 }
 
@@ -288,6 +352,18 @@ static void append_vllm_metrics(worker *w, kvr_buf *b)
         (double)w->started_ms / 1000.0, l, s.running, l, s.waiting, l, usage, l,
         (uint64_t)s.prompt_tokens_total, l, (uint64_t)s.cached_tokens_total, w->o.block_size,
         w->o.capacity_blocks);
+    if (w->o.n_loras == 0)
+        return;
+    /* vLLM lists the adapters of running and waiting requests; this stand-in lists every
+     * --lora as running (all are always loaded), under the start time as vLLM's value */
+    kvr_buf_appendf(b,
+                    "# HELP vllm:lora_requests_info Running stats on lora requests.\n"
+                    "# TYPE vllm:lora_requests_info gauge\n"
+                    "vllm:lora_requests_info{max_lora=\"%u\",running_lora_adapters=\"",
+                    w->o.n_loras);
+    for (uint32_t i = 0; i < w->o.n_loras; i++)
+        kvr_buf_appendf(b, "%s%s", i ? "," : "", w->o.loras[i]);
+    kvr_buf_appendf(b, "\",waiting_lora_adapters=\"\"} %.3f\n", (double)w->started_ms / 1000.0);
 }
 
 void wk_metrics_respond(worker *w, kvr_http_req *req)
@@ -449,6 +525,8 @@ int main(int argc, char **argv)
     ec.max_model_len = (uint32_t)w->o.max_model_len;
     ec.speedup = w->o.speedup;
     ec.seed = w->o.seed;
+    ec.loras = w->o.loras;
+    ec.n_loras = w->o.n_loras;
     if ((rc = kvr_engine_new(&ec, &w->eng, &err)) != 0) {
         fprintf(stderr, "kvr-worker: engine: %s\n", err.msg);
         return 2;

@@ -47,6 +47,13 @@ typedef struct opts {
     uint64_t block_size, capacity_blocks, max_num_seqs, max_batched_tokens, max_model_len;
     double speedup;
     kvr_nats_flags nats_sec; /* --nats-user, --nats-creds, --nats-tls-ca, ... */
+    /* --lora NAME (repeatable): adapters served; a request whose "model" is one runs under it */
+    const char *loras[KVR_ENGINE_MAX_LORAS];
+    uint32_t n_loras;
+    /* heartbeat "mdc_sum": --mdc-sum, or computed from --model-dir (kvr_model_card.h); "" unknown
+     */
+    const char *mdc_sum_flag, *model_dir;
+    char mdc_sum[64];
 } opts;
 
 /* A completion request received but not parsed yet: parsing (JSON, tokens, engine add) is

@@ -89,7 +89,9 @@ static int put_stored_fields(kvr_buf *b, const kvr_kv_event *e, bool map, bool b
     rc |= kvr_mp_write_cstr(b, "GPU");
     if (map)
         rc |= kvr_mp_write_cstr(b, "lora_name");
-    rc |= kvr_mp_write_nil(b);
+    /* a --lora request's blocks name their adapter, as vLLM's do */
+    rc |= e->lora_name.len ? kvr_mp_write_str(b, e->lora_name.base, e->lora_name.len)
+                           : kvr_mp_write_nil(b);
     if (map) { /* newer builds set it (volcano-sh/kthena#1535's v0.26.0 capture) */
         rc |= kvr_mp_write_cstr(b, "kv_cache_spec_kind");
         rc |= kvr_mp_write_cstr(b, "full_attention");

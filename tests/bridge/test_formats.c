@@ -7,11 +7,11 @@
  *   position 7 (#30827, the change that made Dynamo drop whole batches), and tagged-map
  *   events with extra keys (#37482).
  * Every such batch must be accepted whole (forwarded byte for byte, nothing rewritten).
- * Also the model card checksum (bridge/model_card.h) against a one-shot reference. */
+ * Also the model card checksum (base/kvr_model_card.h) against a one-shot reference. */
 #include "frame.h"
 #include "kv_event.h"
 #include "kvr_mp.h"
-#include "model_card.h"
+#include "kvr_model_card.h"
 #include "zmq_pub.h"
 
 #include <stdio.h>
@@ -111,6 +111,21 @@ static void worker_encoding(void **st)
             }
             kvr_buf_free(&b);
         }
+    }
+    /* a block stored under a LoRA adapter names it (both forms), and decodes back */
+    ev[0].lora_name = kvr_slice_of("sql-lora");
+    for (int map = 0; map < 2; map++) {
+        kvr_buf b;
+        kvr_buf_init(&b);
+        assert_int_equal(wk_zmq_encode(&b, &batch, map, 0, 0), 0);
+        kvr_kv_decoder d;
+        kvr_kv_decoder_init(&d, NULL);
+        kvr_kv_batch got;
+        assert_int_equal(kvr_kv_decode(&d, b.base, b.len, &got, NULL, NULL), 0);
+        assert_true(kvr_slice_eq_cstr(got.events[0].lora_name, "sql-lora"));
+        assert_int_equal(got.events[1].lora_name.len, 0);
+        kvr_kv_decoder_free(&d);
+        kvr_buf_free(&b);
     }
 }
 

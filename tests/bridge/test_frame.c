@@ -6,6 +6,8 @@
 #include "kvr_mp.h"
 #include "scrape.h"
 
+#include <stdio.h>
+
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -155,10 +157,58 @@ static void metrics(void **st)
     assert_int_equal(s.capacity, 100);
 }
 
+/* vllm:lora_requests_info as vLLM's v1 loggers expose it: a gauge set to the current time
+ * under labels that change, every label set ever seen still exposed; the latest wins. */
+static void metrics_loras(void **st)
+{
+    (void)st;
+    const char *v =
+        "# HELP vllm:lora_requests_info Running stats on lora requests.\n"
+        "# TYPE vllm:lora_requests_info gauge\n"
+        "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"\","
+        "waiting_lora_adapters=\"\"} 1.7651e+09\n"
+        "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"sql-lora,chat-lora\","
+        "waiting_lora_adapters=\"sql-lora, tool-lora\"} 1.765100042e+09\n"
+        "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"old-lora\","
+        "waiting_lora_adapters=\"\"} 1.76510001e+09\n"
+        "vllm:num_requests_running{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B\"} 2\n";
+    kvr_bridge_scrape s;
+    kvr_bridge_parse_metrics(v, strlen(v), 0, 1, &s);
+    assert_true(s.has_loras);
+    assert_int_equal(s.n_loras, 3);
+    assert_string_equal(s.loras[0], "sql-lora");
+    assert_string_equal(s.loras[1], "chat-lora");
+    assert_string_equal(s.loras[2], "tool-lora");
+    assert_true(s.running == 2);
+    /* the latest series is the empty one: no adapters */
+    const char *e = "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"a\","
+                    "waiting_lora_adapters=\"\"} 100\n"
+                    "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"\","
+                    "waiting_lora_adapters=\"\"} 200\n";
+    kvr_bridge_parse_metrics(e, strlen(e), 0, 1, &s);
+    assert_true(s.has_loras);
+    assert_int_equal(s.n_loras, 0);
+    /* bounded: 70 names, one too long; at most KVR_HB_MAX_LORAS kept, the long one skipped */
+    static char big[4000];
+    size_t n =
+        (size_t)snprintf(big, sizeof big, "vllm:lora_requests_info{running_lora_adapters=\"");
+    memset(big + n, 'x', KVR_LORA_NAME_MAX + 1);
+    n += KVR_LORA_NAME_MAX + 1;
+    for (int i = 0; i < 70; i++)
+        n += (size_t)snprintf(big + n, sizeof big - n, ",l%d", i);
+    n += (size_t)snprintf(big + n, sizeof big - n, "\",waiting_lora_adapters=\"\"} 1\n");
+    kvr_bridge_parse_metrics(big, n, 0, 1, &s);
+    assert_int_equal(s.n_loras, KVR_HB_MAX_LORAS);
+    assert_string_equal(s.loras[0], "l0");
+    /* no such series: none, and not "has" */
+    kvr_bridge_parse_metrics("x 1\n", 4, 0, 1, &s);
+    assert_false(s.has_loras);
+}
+
 int main(void)
 {
-    const struct CMUnitTest t[] = {cmocka_unit_test(seq_frames), cmocka_unit_test(salvage_array),
+    const struct CMUnitTest t[] = {cmocka_unit_test(seq_frames),  cmocka_unit_test(salvage_array),
                                    cmocka_unit_test(salvage_map), cmocka_unit_test(clear_batch),
-                                   cmocka_unit_test(metrics)};
+                                   cmocka_unit_test(metrics),     cmocka_unit_test(metrics_loras)};
     return cmocka_run_group_tests(t, NULL, NULL);
 }

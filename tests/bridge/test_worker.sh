@@ -43,8 +43,10 @@ start_worker() { # id
     kvr_spawn "w$1" "$KVR_BIN/kvr-worker" --listen "127.0.0.1:${WP[$1]}" --kv-events zmq \
         --zmq-endpoint "tcp://127.0.0.1:${PUBP[$1]}" \
         --zmq-replay-endpoint "tcp://127.0.0.1:${REPP[$1]}" --model sim --id "$1" \
-        --block-size 16 --capacity-blocks 40 --speedup 50
+        --block-size 16 --capacity-blocks 40 --speedup 50 ${LORA[$1]:-}
 }
+declare -A LORA
+LORA[9]="--lora sql-lora --lora chat-lora" # listed in vllm:lora_requests_info, so in the heartbeat
 start_bridge() { # id
     kvr_spawn "b$1" "$KVR_BIN/kvr-bridge" --engine-url "http://127.0.0.1:${WP[$1]}" \
         --zmq "tcp://127.0.0.1:${PUBP[$1]}" --replay "tcp://127.0.0.1:${REPP[$1]}" \
@@ -55,6 +57,11 @@ for w in 9 10; do start_worker $w; done
 for w in 9 10; do kvr_wait_http "http://127.0.0.1:${WP[$w]}/health" 10; done
 for w in 9 10; do start_bridge $w; done
 for i in 1 2 3; do rd_wait_workers_up "${HP[$i]}" 2 20 || kvr_fail "router $i: workers not up"; done
+# LoRA adapters: the bridge's heartbeat lists what vllm:lora_requests_info names
+hb=$("$PROBE" heartbeat --nats "$NATS_URL" --subject kvr.workers.bw.9) || kvr_fail "no heartbeat of worker 9"
+jq -e '.loras == ["sql-lora","chat-lora"]' <<<"$hb" >/dev/null || kvr_fail "worker 9's heartbeat loras: $hb"
+hb=$("$PROBE" heartbeat --nats "$NATS_URL" --subject kvr.workers.bw.10) || kvr_fail "no heartbeat of worker 10"
+jq -e 'has("loras") | not' <<<"$hb" >/dev/null || kvr_fail "worker 10 lists adapters: $hb"
 
 W() { echo "http://127.0.0.1:${WP[$1]}"; }
 # prompts: a shared head per (worker, i % 3) and a tail per round, so blocks are reused and

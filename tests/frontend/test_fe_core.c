@@ -12,6 +12,8 @@
 
 #include "fe_core.h"
 #include "fe_pool.h"
+#include "kvr_heartbeat.h"
+#include "kvr_heartbeat.h"
 #include "route_msg.h"
 #include "kvr_mp.h"
 #include "kvr_tok.h"
@@ -647,6 +649,80 @@ static void test_mutations(void **state)
     kvr_buf_free(&hb);
 }
 
+/* A heartbeat from kvr_heartbeat_encode with adapters and a model card checksum. */
+static void hb_lora(kvr_buf *b, uint64_t id, const char *mdc, const char *const *loras, uint32_t n,
+                    uint32_t active)
+{
+    char url[64];
+    snprintf(url, sizeof url, "http://127.0.0.1:%u", (unsigned)(9000 + id));
+    kvr_heartbeat hb = {.id = id,
+                        .ns = kvr_slice_of("ns"),
+                        .model = kvr_slice_of("m"),
+                        .url = kvr_slice_of(url),
+                        .role = kvr_slice_of("both"),
+                        .mdc_sum = kvr_slice_of(mdc),
+                        .block_size = 16,
+                        .active = active};
+    for (uint32_t i = 0; i < n; i++)
+        hb.loras[hb.n_loras++] = kvr_slice_of(loras[i]);
+    kvr_buf_reset(b);
+    assert_int_equal(kvr_heartbeat_encode(b, &hb), 0);
+}
+
+/* Issue 13: adapters from heartbeats (kept, changed, freed), the LoRA and model-card filters
+ * of the local choice, /v1/models with adapters. */
+static void test_pool_lora_mdc(void **state)
+{
+    (void)state;
+    fe_pool p;
+    assert_int_equal(fe_pool_init(&p, "ns", false, 7), 0);
+    kvr_buf b;
+    kvr_buf_init(&b);
+    static const char *const a[] = {"A", "B"}, *const c[] = {"C"};
+    hb_lora(&b, 1, "tok1:good", a, 2, 9); /* busiest, lists A */
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, 1000, NULL), 0);
+    hb_lora(&b, 2, "", NULL, 0, 0); /* idle, no adapters, unknown card */
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, 1000, NULL), 0);
+    hb_lora(&b, 3, "tok1:bad", c, 1, 0); /* idle, another model card */
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, 1000, NULL), 0);
+    assert_string_equal(fe_pool_lora_base(&p, "A", 1000), "m");
+    assert_null(fe_pool_lora_base(&p, "Z", 1000));
+    fe_filter fa = {.lora = "A", .mdc_sum = "tok1:good"};
+    for (int i = 0; i < 4; i++) /* A: only worker 1, however loaded */
+        assert_int_equal(fe_pool_choose_f(&p, FE_MODE_LEAST, "ns", "m", 1000, false, 0, &fa)->id,
+                         1);
+    fe_filter fz = {.lora = "Z", .mdc_sum = "tok1:good"}; /* nobody lists Z: any matching card */
+    for (int i = 0; i < 8; i++) {
+        fe_worker *w = fe_pool_choose_f(&p, FE_MODE_RANDOM, "ns", "m", 1000, false, 0, &fz);
+        assert_true(w->id == 1 || w->id == 2);
+    }
+    fe_filter fc = {.lora = "C", .mdc_sum = "tok1:good"}; /* C only on a mismatched worker */
+    assert_int_equal(fe_pool_choose_f(&p, FE_MODE_LEAST, "ns", "m", 1000, false, 0, &fc)->id, 2);
+    assert_int_equal(fe_pool_choose(&p, FE_MODE_LEAST, "ns", "m", 1000, false, 0)->id, 2);
+    char ns[FE_NS_MAX];
+    assert_int_equal(fe_pool_pick_ns_f(&p, "m", 1000, &fa, ns), 0);
+    assert_string_equal(ns, "ns");
+    kvr_buf j;
+    kvr_buf_init(&j);
+    assert_int_equal(fe_pool_models_json(&p, 1000, &j), 0);
+    assert_non_null(strstr(j.base, "\"id\":\"A\""));
+    assert_non_null(strstr(j.base, "\"parent\":\"m\""));
+    assert_non_null(strstr(j.base, "\"id\":\"C\""));
+    kvr_buf_free(&j);
+    /* the list changes, then the worker expires: no leak (valgrind run), no stale adapter */
+    hb_lora(&b, 1, "tok1:good", c, 1, 9);
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, 1001, NULL), 0);
+    assert_false(fe_worker_has_lora(fe_pool_find(&p, "ns", 1), "A"));
+    assert_true(fe_worker_has_lora(fe_pool_find(&p, "ns", 1), "C"));
+    hb_lora(&b, 1, "tok1:good", c, 1, 9); /* same list: kept */
+    assert_int_equal(fe_pool_heartbeat(&p, b.base, b.len, 1002, NULL), 0);
+    fe_pool_expire(&p, 1001 + p.ttl_ms + 1);
+    assert_int_equal(p.n, 1);
+    assert_null(fe_pool_lora_base(&p, "A", 1002));
+    kvr_buf_free(&b);
+    fe_pool_free(&p);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -664,6 +740,7 @@ int main(void)
         cmocka_unit_test(test_auth),
         cmocka_unit_test(test_pool),
         cmocka_unit_test(test_pool_blind),
+        cmocka_unit_test(test_pool_lora_mdc),
         cmocka_unit_test(test_pool_edges),
         cmocka_unit_test(test_mutations),
     };

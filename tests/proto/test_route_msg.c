@@ -3,6 +3,7 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <cmocka.h>
 
@@ -135,8 +136,15 @@ static void req_with(kvr_buf *b, const char *key, int (*write)(kvr_buf *, const 
 {
     const char *keys[] = {"request_id", "frontend_id", "model",
                           "namespace",  "tokens",      "seq_hashes"};
+    bool extra = true; /* a key outside the 6 required ones is appended as a 7th */
+    for (size_t i = 0; i < 6; i++)
+        extra = extra && strcmp(keys[i], key) != 0;
     kvr_buf_reset(b);
-    kvr_mp_write_map(b, 6);
+    kvr_mp_write_map(b, extra ? 7 : 6);
+    if (extra) {
+        kvr_mp_write_cstr(b, key);
+        write(b, arg);
+    }
     for (size_t i = 0; i < 6; i++) {
         kvr_mp_write_cstr(b, keys[i]);
         if (strcmp(keys[i], key) == 0) {
@@ -229,6 +237,56 @@ static void test_request_bounds(void **state)
     /* the encoder refuses what the decoder would */
     kvr_route_req rq = {.model = {name, 199}};
     assert_int_equal(kvr_route_req_encode(&b, &rq), KVR_EINVAL);
+    kvr_buf_free(&b);
+}
+
+/* "lora" and "mdc_sum": optional, after the hashes (the id offset is unchanged), absent when
+ * empty (the old encoding), bounded, and other strings' types refused. */
+static void test_request_lora_mdc(void **state)
+{
+    (void)state;
+    uint64_t hs[2] = {11, 22};
+    kvr_route_req rq = {.frontend_id = 5,
+                        .model = S("m"),
+                        .ns = S("ns"),
+                        .tokens = 40,
+                        .seq_hashes = hs,
+                        .n_hashes = 2};
+    memcpy(rq.request_id, RID, 16);
+    kvr_buf plain, b;
+    kvr_buf_init(&plain);
+    kvr_buf_init(&b);
+    assert_int_equal(kvr_route_req_encode(&plain, &rq), 0);
+    rq.lora = S("sql-lora");
+    rq.mdc_sum = S("0123abcd");
+    assert_int_equal(kvr_route_req_encode(&b, &rq), 0);
+    assert_memory_equal(b.base + KVR_ROUTE_REQ_ID_OFFSET, RID, 16);
+    uint64_t hb[64];
+    kvr_route_req o;
+    kvr_err err = {0};
+    assert_int_equal(kvr_route_req_decode(b.base, b.len, &LIM, hb, &o, &err), 0);
+    assert_slice(o.lora, "sql-lora");
+    assert_slice(o.mdc_sum, "0123abcd");
+    assert_int_equal(o.n_hashes, 2);
+    assert_int_equal(kvr_route_req_decode(plain.base, plain.len, &LIM, hb, &o, &err), 0);
+    assert_int_equal(o.lora.len, 0);
+    assert_int_equal(o.mdc_sum.len, 0);
+    /* plain is a prefix of b except the map header: the new keys only extend the message */
+    assert_int_equal((uint8_t)b.base[0], (uint8_t)plain.base[0] + 2);
+    assert_memory_equal(b.base + 1, plain.base + 1, plain.len - 1);
+    char name[200];
+    memset(name, 'a', sizeof name - 1);
+    name[sizeof name - 1] = '\0';
+    req_with(&b, "lora", w_str, name);
+    expect_refused(&b, KVR_ELIMIT, "lora");
+    req_with(&b, "mdc_sum", w_str, name);
+    expect_refused(&b, KVR_ELIMIT, "mdc_sum");
+    req_with(&b, "lora", w_nil, NULL);
+    expect_refused(&b, KVR_ETYPE, "lora");
+    rq.lora = (kvr_slice){name, 199};
+    kvr_buf_reset(&b);
+    assert_int_equal(kvr_route_req_encode(&b, &rq), KVR_EINVAL);
+    kvr_buf_free(&plain);
     kvr_buf_free(&b);
 }
 
@@ -365,7 +423,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_request_golden), cmocka_unit_test(test_request_decode),
         cmocka_unit_test(test_request_bounds), cmocka_unit_test(test_reply_golden),
-        cmocka_unit_test(test_event_golden),
+        cmocka_unit_test(test_event_golden),   cmocka_unit_test(test_request_lora_mdc),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -933,6 +933,57 @@ static void test_snapshot_v2_loads(void **state)
     kvr_fsm_free(c);
 }
 
+/* only_candidates: the router restricts a request to the listed workers (those serving its
+ * LoRA adapter, or with a matching model card), overlap 0 included; the field survives the
+ * codec and an unset flag encodes as the old 9-field ROUTE. */
+static void test_only_candidates(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_workers(f, 4);
+    /* worker 2 is loaded, so a free choice would avoid it */
+    kvr_cmd load = tu_route(100, 1, 10, 50, NULL, 0);
+    load.u.route.pin_worker = 2;
+    kvr_fsm_result r;
+    apply_enc(f, &load, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(r.worker_id, 2);
+    kvr_route_candidate cand[] = {{2, 0}, {3, 0}};
+    for (int i = 0; i < 8; i++) {
+        kvr_cmd c = tu_route(200 + (uint64_t)i, 1, 11, 4, cand, 2);
+        c.u.route.only_candidates = true;
+        kvr_buf b;
+        kvr_buf_init(&b);
+        assert_int_equal(kvr_cmd_encode(&c, &b, NULL), 0);
+        kvr_cmd d;
+        kvr_route_candidate dc[KVR_FSM_MAX_CANDIDATES];
+        assert_int_equal(kvr_cmd_decode(b.base, b.len, &d, dc, NULL), 0);
+        assert_true(d.u.route.only_candidates);
+        kvr_fsm_apply_bytes(f, b.base, b.len, &r);
+        kvr_buf_free(&b);
+        assert_int_equal(r.outcome, KVR_OUT_OK);
+        assert_true(r.worker_id == 2 || r.worker_id == 3);
+    }
+    /* no listed worker is up (or of the model): no worker, rather than any other */
+    kvr_route_candidate none[] = {{9, 3}};
+    kvr_cmd c = tu_route(300, 1, 12, 4, none, 1);
+    c.u.route.only_candidates = true;
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_NO_WORKER);
+    /* unset: the 9-field encoding, decoded as false */
+    kvr_cmd u = tu_route(301, 1, 12, 4, none, 1);
+    kvr_buf b;
+    kvr_buf_init(&b);
+    assert_int_equal(kvr_cmd_encode(&u, &b, NULL), 0);
+    assert_int_equal((uint8_t)b.base[1], 0x99); /* version byte, then fixarray of 9 */
+    kvr_cmd d;
+    kvr_route_candidate dc[KVR_FSM_MAX_CANDIDATES];
+    assert_int_equal(kvr_cmd_decode(b.base, b.len, &d, dc, NULL), 0);
+    assert_false(d.u.route.only_candidates);
+    kvr_buf_free(&b);
+    kvr_fsm_free(f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -954,6 +1005,7 @@ int main(void)
         cmocka_unit_test(test_record_digest_across_replicas),
         cmocka_unit_test(test_worker_slots_reused),
         cmocka_unit_test(test_snapshot_v2_loads),
+        cmocka_unit_test(test_only_candidates),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

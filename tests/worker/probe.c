@@ -292,6 +292,16 @@ static void print_mp(kvr_mp_reader *r)
         }
         printf("}");
         break;
+    case KVR_MP_ARRAY:
+        kvr_mp_read_array(r, &n);
+        printf("[");
+        for (uint32_t i = 0; i < n; i++) {
+            if (i)
+                printf(",");
+            print_mp(r);
+        }
+        printf("]");
+        break;
     default:
         kvr_mp_skip(r);
         printf("null");

@@ -555,10 +555,96 @@ static void test_long_chain_events_are_bounded(void **st)
     kvr_engine_free(e);
 }
 
+/* LoRA: the same prompt under an adapter and under the base model shares no block (ext and
+ * seq hashes apart); the adapter's own repeat hits; its BlockStored events name it, and the
+ * seq hashes are kvroute's under the adapter's seed (what the router's index computes). */
+typedef struct lora_seen {
+    uint64_t seqs[64];
+    size_t n;
+} lora_seen;
+
+static void lora_block(void *arg, uint64_t ext, uint64_t seq, bool hp, uint64_t pe, uint32_t r)
+{
+    (void)ext, (void)hp, (void)pe, (void)r;
+    lora_seen *ls = arg;
+    if (ls->n < 64)
+        ls->seqs[ls->n++] = seq;
+}
+
+static void test_lora_blocks_apart(void **st)
+{
+    (void)st;
+    static const char *const names[] = {"sql-lora", "chat-lora"};
+    kvr_engine_config c;
+    kvr_engine_config_default(&c);
+    c.block_size = 4;
+    c.capacity_blocks = 64;
+    c.seed = 7;
+    c.loras = names;
+    c.n_loras = 2;
+    kvr_engine *e = NULL;
+    assert_int_equal(kvr_engine_new(&c, &e, NULL), 0);
+    uint32_t a[9];
+    fill(a, 9, 5);
+    /* base model first, then the same prompt under sql-lora: no hit */
+    assert_int_equal(run1(e, a, 9, 1, NULL), 0);
+    kvr_engine_seq *s;
+    assert_int_equal(kvr_engine_add_lora(e, a, 9, 1, 1, NULL, &s, NULL), 0);
+    uint32_t cached = UINT32_MAX;
+    bool saw_lora_event = false;
+    while (kvr_engine_has_work(e)) {
+        const kvr_engine_output *o;
+        size_t no;
+        kvr_engine_step_info info;
+        assert_int_equal(kvr_engine_step(e, &info, &o, &no), 0);
+        for (size_t i = 0; i < no; i++)
+            if (o[i].index == 0)
+                cached = o[i].cached_tokens;
+        kvr_kv_batch b;
+        while (kvr_engine_take_events(e, 1u << 20, &b) > 0)
+            for (uint32_t i = 0; i < b.n_events; i++)
+                if (b.events[i].type == KVR_KV_STORED && b.events[i].lora_name.len) {
+                    assert_true(kvr_slice_eq_cstr(b.events[i].lora_name, "sql-lora"));
+                    assert_false(b.events[i].has_parent); /* its own root */
+                    saw_lora_event = true;
+                }
+    }
+    assert_int_equal(cached, 0);
+    assert_true(saw_lora_event);
+    /* the adapter's repeat hits its own blocks (2 full blocks of the 8 reusable tokens) */
+    assert_int_equal(kvr_engine_add_lora(e, a, 9, 1, 1, NULL, &s, NULL), 0);
+    cached = UINT32_MAX;
+    while (kvr_engine_has_work(e)) {
+        const kvr_engine_output *o;
+        size_t no;
+        kvr_engine_step_info info;
+        assert_int_equal(kvr_engine_step(e, &info, &o, &no), 0);
+        for (size_t i = 0; i < no; i++)
+            if (o[i].index == 0)
+                cached = o[i].cached_tokens;
+    }
+    assert_int_equal(cached, 8);
+    /* the cache holds both families' seq hashes: base and the adapter's seeded ones */
+    uint64_t base[2], lora[2];
+    kvr_hash_seq(a, 8, 4, false, 0, base, 2);
+    kvr_hash_seq_seeded(a, 8, 4, false, 0, kvr_hash_lora_seed("sql-lora", 8), lora, 2);
+    assert_true(base[0] != lora[0] && base[1] != lora[1]);
+    lora_seen ls = {0};
+    kvr_engine_foreach_cached(e, lora_block, &ls);
+    for (int k = 0; k < 2; k++) {
+        assert_true(contains(ls.seqs, ls.n, base[k]));
+        assert_true(contains(ls.seqs, ls.n, lora[k]));
+    }
+    /* an unknown adapter index is refused */
+    assert_int_equal(kvr_engine_add_lora(e, a, 9, 1, 3, NULL, &s, NULL), KVR_EINVAL);
+    kvr_engine_free(e);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_prefix_reuse),
+        cmocka_unit_test(test_lora_blocks_apart),
         cmocka_unit_test(test_generated_blocks_are_cached),
         cmocka_unit_test(test_lru_eviction),
         cmocka_unit_test(test_step_timing),

@@ -20,13 +20,13 @@ p1=$(kvr_free_port)
 p2=$(kvr_free_port)
 while [ "$p2" = "$p1" ]; do p2=$(kvr_free_port); done
 start_worker w1 1 "$p1" --event-format array --hash-format int
-start_worker w2 2 "$p2" --event-format map --hash-format bytes
+start_worker w2 2 "$p2" --event-format map --hash-format bytes --mdc-sum tok1:00000000000000aa --lora A
 
 # heartbeat (DESIGN 4)
 hb=$("$PROBE" heartbeat --nats "$NATS_URL" --subject kvr.workers.ev.2) || kvr_fail "no heartbeat"
 kvr_assert_eq "$(jq -c '[.id,.namespace,.model,.role,.url,.block_size,.capacity_blocks,.active,.waiting,.used_blocks]' <<<"$hb")" \
     "[2,\"ev\",\"sim\",\"both\",\"http://127.0.0.1:$p2\",16,48,0,0,0]" "heartbeat fields"
-jq -e '.started_ms > 1700000000000 and (.mdc_sum | length) > 0' <<<"$hb" >/dev/null || kvr_fail "heartbeat started_ms/mdc_sum: $hb"
+jq -e '.started_ms > 1700000000000 and .mdc_sum == "tok1:00000000000000aa" and .loras == ["A"]' <<<"$hb" >/dev/null || kvr_fail "heartbeat started_ms/mdc_sum: $hb"
 
 # traffic: 4 prefix families x varied tails, 8 at a time, on both workers
 gen_prompt() { # family i -> token ids: 96 shared + 24..120 own

@@ -1,5 +1,5 @@
-/* bridge/model_card.c: the tokenizer + chat template checksum (see model_card.h). */
-#include "model_card.h"
+/* base/kvr_model_card.c: the tokenizer + chat template checksum (see kvr_model_card.h). */
+#include "kvr_model_card.h"
 
 #include <errno.h>
 #include <inttypes.h>

@@ -1,4 +1,4 @@
-/* bridge/model_card: the checksum of an engine's tokenizer and chat template that kvr-bridge
+/* kvr_model_card: the checksum of an engine's tokenizer and chat template that kvr-bridge
  * puts in the heartbeat's "mdc_sum" (DESIGN 4), so a frontend can refuse to route a model's
  * requests to a pool that tokenizes differently from the tokenizer it loaded (issue 13, 4).
  *
@@ -9,8 +9,8 @@
  *   bytes, or, when the file is absent, 8 bytes 0xFF.
  * Files are read byte for byte (no JSON normalisation): the same model revision gives the same
  * sum. tokenizer.json is required. Any thread; blocking file reads (call it at start-up). */
-#ifndef KVR_BRIDGE_MODEL_CARD_H
-#define KVR_BRIDGE_MODEL_CARD_H
+#ifndef KVR_MODEL_CARD_H
+#define KVR_MODEL_CARD_H
 
 #include "kvr_err.h"
 
