@@ -671,8 +671,10 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res)
             res->outcome = KVR_OUT_UNKNOWN;
             return;
         }
-        if (w->up)
+        if (w->up) {
             w->down_seq = ++f->down_counter;
+            res->down_seq = w->down_seq;
+        }
         w->up = false;
         res->freed = bookings_free_if(f, pred_worker, w->id);
         w = worker_get(f, cmd->u.worker_id);

@@ -154,6 +154,8 @@ typedef struct kvr_fsm_result {
     uint32_t request_blocks; /* ROUTE */
     double cost;             /* ROUTE: the booked worker's cost at decision time */
     uint32_t freed;          /* bookings freed (FREE, WORKER_DOWN, FRONTEND_EXPIRE, EXPIRE) */
+    uint64_t down_seq;       /* WORKER_DOWN that took an up worker down: its new down stamp
+                                (replicated, so the same on every replica); 0 otherwise */
     char url[KVR_FSM_URL_MAX + 1]; /* ROUTE: booked worker's url */
 } kvr_fsm_result;
 
