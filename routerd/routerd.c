@@ -409,14 +409,7 @@ static void queue_clear(kvr_routerd *rd, uint64_t worker_id, uint64_t down_seq)
     if (clear_find(rd, worker_id, down_seq))
         return;
     kvr_fsm_worker_view fv;
-    const kvr_fsm *f = NULL;
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    if (rd->sync)
-        f = kvr_sync_fsm(rd->sync);
-#endif
-    if (!f)
-        f = rd->fsm;
-    if (!f || kvr_fsm_worker_get(f, worker_id, &fv) != 0 || fv.ns[0] == '\0') {
+    if (kvr_fsm_worker_get(rd_fsm(rd), worker_id, &fv) != 0 || fv.ns[0] == '\0') {
         KVR_LOG_WARN("worker down: no namespace known, its clear is not published",
                      "worker=%" PRIu64 " down_seq=%" PRIu64, worker_id, down_seq);
         return;
@@ -487,6 +480,18 @@ static void publish_clears(kvr_routerd *rd, int64_t now)
         rd_clear *c = &rd->clears[i];
         if (c->inflight || now < c->next_ms || !rd->nats_up) {
             i++;
+            continue;
+        }
+        kvr_fsm_worker_view fv;
+        if (kvr_fsm_worker_get(rd_fsm(rd), c->worker_id, &fv) == 0 && fv.up) {
+            /* Up again in the registry: either this was an old WORKER_DOWN replayed from the
+             * Raft log when this node took office (its clear went out long ago, maybe outside
+             * the duplicate window: sending it again would wipe the worker's new entries), or
+             * the worker came back before its clear left (then its cache still holds what the
+             * index says). Either way there is nothing to clear now. */
+            KVR_LOG_INFO("worker up again: its clear is not published",
+                         "worker=%" PRIu64 " down_seq=%" PRIu64, c->worker_id, c->down_seq);
+            clear_drop(rd, c);
             continue;
         }
         if (now - c->first_ms > RD_CLEAR_GIVE_UP_MS) {
