@@ -420,12 +420,14 @@ static void queue_clear(kvr_routerd *rd, uint64_t worker_id, uint64_t down_seq)
         for (uint32_t i = 1; i < rd->n_clears; i++)
             if (rd->clears[i].first_ms < rd->clears[old].first_ms)
                 old = i;
-        KVR_LOG_WARN("too many unpublished clears: dropping the oldest",
-                     "worker=%" PRIu64 " down_seq=%" PRIu64, rd->clears[old].worker_id,
-                     rd->clears[old].down_seq);
-        if (rd->clears[old].inflight)
-            return; /* its ack still refers to it; drop this one instead */
-        clear_drop(rd, &rd->clears[old]);
+        rd_clear *o = &rd->clears[old];
+        bool keep = o->inflight; /* its ack still refers to it: drop the new one instead */
+        KVR_LOG_WARN("too many unpublished clears: dropping one", "worker=%" PRIu64
+                     " down_seq=%" PRIu64, keep ? worker_id : o->worker_id,
+                     keep ? down_seq : o->down_seq);
+        if (keep)
+            return;
+        clear_drop(rd, o);
     }
     rd_clear *c = &rd->clears[rd->n_clears++];
     memset(c, 0, sizeof *c);
