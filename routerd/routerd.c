@@ -684,9 +684,14 @@ static void on_heartbeat(const kvr_nats_msg *m, void *data)
                    !kvr_slice_eq_cstr(ns, w->ns) || !kvr_slice_eq_cstr(model, w->model) ||
                    !kvr_slice_eq_cstr(url, w->url) || !kvr_slice_eq_cstr(role, w->role);
     if (restarted) {
-        KVR_LOG_INFO("worker restarted: clearing its entries", "worker=%" PRIu64
-                     " old_started_ms=%" PRIu64 " started_ms=%" PRIu64, id, w->started_ms, started);
-        kvr_index_clear_worker(rd->idx, id);
+        /* Its entries are NOT cleared here: the new incarnation's own AllBlocksCleared in the
+         * stream does it (kvr-worker sends it first thing, kvr-bridge on an engine restart),
+         * at the same stream position on every router. Clearing on the heartbeat made the
+         * index depend on when this router heard it: a router that applied the new
+         * incarnation's first events before its heartbeat dropped them, one that replayed the
+         * stream later kept them (routerd_index_stream). */
+        KVR_LOG_INFO("worker restarted", "worker=%" PRIu64 " old_started_ms=%" PRIu64
+                     " started_ms=%" PRIu64, id, w->started_ms, started);
     }
     w->refused = false;
     w->started_ms = started;

@@ -76,12 +76,17 @@ seq=$(rd_pub "store ns1 4 array int 7 0 1")
 rd_wait_seq "$P1" "$seq"
 kvr_assert_eq "$(rd_match "$P1" 7 320)" '{"1":4,"2":3,"4":1}' "down worker's events indexed"
 
-# worker 1 restarts (new started_ms): its old entries are cleared
+# worker 1 restarts (new started_ms): its old entries are cleared by the new incarnation's
+# own AllBlocksCleared in the stream (kvr-worker sends it first thing), not by the heartbeat
+# (routerd_index_stream)
 kvr_kill9 beat1
 rd_beat beat1 ns1 1 64 2000
 kvr_wait_for 10 bash -c "[ \"\$(curl -s http://127.0.0.1:$P1/v1/state | jq -r '.workers[] | select(.id==1) | .started_ms')\" = 2000 ]" ||
     kvr_fail "worker 1 restart not seen"
-kvr_assert_eq "$(rd_match "$P1" 7 320)" '{"2":3,"4":1}' "restarted worker cleared"
+kvr_assert_eq "$(rd_match "$P1" 7 320)" '{"1":4,"2":3,"4":1}' "a heartbeat alone clears nothing"
+seq=$(rd_pub "clear ns1 1 array")
+rd_wait_seq "$P1" "$seq"
+kvr_assert_eq "$(rd_match "$P1" 7 320)" '{"2":3,"4":1}' "restarted worker cleared by its clear"
 
 # routing: NATS and HTTP, the worker with the longest prefix wins on an idle cluster
 route=$(printf 'route m1 ns1 7 320 req-0001\n' | "$PUB" --nats "$NATS_URL" | grep '^route')
