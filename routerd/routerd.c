@@ -298,9 +298,9 @@ static void on_bcast(const kvr_nats_msg *m, void *data)
     kvr_fsm_apply(rd->fsm, &cmd, &res);
 }
 
-/* Submits cmd; cb (may be NULL) runs once, possibly before this returns (local mode). */
 static void queue_clear(kvr_routerd *rd, uint64_t worker_id, uint64_t down_seq);
 
+/* Submits cmd; cb (may be NULL) runs once, possibly before this returns (local mode). */
 static int rd_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data)
 {
 #ifdef KVR_ROUTERD_HAVE_SYNC
