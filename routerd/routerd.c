@@ -191,6 +191,10 @@ struct kvr_routerd {
     rd_clear clears[RD_MAX_CLEARS];
     uint32_t n_clears;
     kvr_metric *m_clears_published;
+    /* clear_sweep: down workers with entries seen at the last sweep (stable ones get a clear) */
+    uint64_t sweep_ids[RD_MAX_CLEARS];
+    uint32_t n_sweep_ids;
+    int64_t last_clear_sweep_ms;
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -435,7 +439,7 @@ static void queue_clear(kvr_routerd *rd, uint64_t worker_id, uint64_t down_seq)
     c->down_seq = down_seq;
     snprintf(c->ns, sizeof c->ns, "%s", fv.ns);
     c->first_ms = c->next_ms = kvr_mono_ms();
-    KVR_LOG_INFO("worker down committed: publishing its AllBlocksCleared",
+    KVR_LOG_INFO("worker down committed: publishing its AllBlocksCleared (or again: it still has entries)",
                  "worker=%" PRIu64 " down_seq=%" PRIu64 " ns=%s", worker_id, down_seq, c->ns);
 }
 
@@ -460,9 +464,13 @@ static void on_clear_ack(int status, uint64_t seq, bool duplicate, void *cbdata)
     if (c) {
         c->inflight = false;
         if (status == 0) {
-            KVR_LOG_INFO("worker clear published", "worker=%" PRIu64 " down_seq=%" PRIu64
-                         " stream_seq=%" PRIu64 " duplicate=%d", a->worker_id, a->down_seq, seq,
-                         duplicate);
+            if (duplicate)
+                KVR_LOG_DEBUG("worker clear already in the stream", "worker=%" PRIu64
+                              " down_seq=%" PRIu64 " stream_seq=%" PRIu64, a->worker_id,
+                              a->down_seq, seq);
+            else
+                KVR_LOG_INFO("worker clear published", "worker=%" PRIu64 " down_seq=%" PRIu64
+                             " stream_seq=%" PRIu64, a->worker_id, a->down_seq, seq);
             kvr_metric_inc(rd->m_clears_published);
             clear_drop(rd, c);
         } else {
@@ -528,6 +536,58 @@ static void publish_clears(kvr_routerd *rd, int64_t now)
             c->inflight = true;
         }
         i++;
+    }
+}
+
+/* Is this router the one that commits WORKER_DOWN now (Raft leader, or no Raft)? */
+static bool commits_liveness(kvr_routerd *rd)
+{
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    if (rd->sync) {
+        kvr_sync_state ss;
+        kvr_sync_get_state(rd->sync, &ss);
+        return ss.leader_id == rd->cfg.id && !ss.degraded;
+    }
+#endif
+    (void)rd;
+    return true;
+}
+
+/* Every 5 s on the router that commits WORKER_DOWN: a worker down in the registry, not heard
+ * here, whose entries are still in the index at two sweeps in a row, gets its clear (again).
+ * That covers a leader that committed WORKER_DOWN and died (or lost office, or gave up)
+ * before its clear was in the stream: its successor sends it. The msg-id is the same
+ * (kvr-clear-<id>-<down_seq>), so a clear that did land within the duplicate window is not
+ * stored twice; entries a down worker published after its clear are cleared too. */
+static void clear_sweep(kvr_routerd *rd, int64_t now)
+{
+    if (now - rd->last_clear_sweep_ms < 5000 || !rd->iw_scratch)
+        return;
+    rd->last_clear_sweep_ms = now;
+    if (!rd->ready || !rd->nats_up || !commits_liveness(rd)) {
+        rd->n_sweep_ids = 0;
+        return;
+    }
+    uint64_t prev[RD_MAX_CLEARS];
+    uint32_t n_prev = rd->n_sweep_ids;
+    memcpy(prev, rd->sweep_ids, n_prev * sizeof prev[0]);
+    rd->n_sweep_ids = 0;
+    size_t n = kvr_index_workers(rd->idx, rd->iw_scratch, RD_MAX_WORKERS);
+    if (n > RD_MAX_WORKERS)
+        n = RD_MAX_WORKERS;
+    for (size_t i = 0; i < n && rd->n_sweep_ids < RD_MAX_CLEARS; i++) {
+        uint64_t id = rd->iw_scratch[i].worker_id;
+        kvr_fsm_worker_view fv;
+        rd_worker *w = worker_find(rd, id);
+        if (rd->iw_scratch[i].entries == 0 || (w && w->up) ||
+            kvr_fsm_worker_get(rd_fsm(rd), id, &fv) != 0 || fv.up || fv.down_seq == 0)
+            continue;
+        rd->sweep_ids[rd->n_sweep_ids++] = id;
+        for (uint32_t k = 0; k < n_prev; k++)
+            if (prev[k] == id) {
+                queue_clear(rd, id, fv.down_seq);
+                break;
+            }
     }
 }
 
@@ -1969,6 +2029,7 @@ static void on_tick(uv_timer_t *t)
         liveness_hold(rd);
     liveness_local(rd, now);
     orphan_sweep(rd, now);
+    clear_sweep(rd, now);
     publish_clears(rd, now);
     /* With Raft the leader's housekeeping owns lease and request expiry (sync.h): one owner
      * of each policy instead of every router proposing the same expiries (defect 13). */

@@ -1059,6 +1059,7 @@ static void worker_view(const worker *w, kvr_fsm_worker_view *o)
     o->active_blocks = w->active_blocks;
     o->active_prefill_blocks = w->active_prefill_blocks;
     o->bookings = w->bookings;
+    o->down_seq = w->down_seq;
 }
 
 int kvr_fsm_worker_at(const kvr_fsm *f, uint32_t i, kvr_fsm_worker_view *out)

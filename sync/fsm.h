@@ -179,6 +179,7 @@ typedef struct kvr_fsm_worker_view {
     bool up;
     uint64_t active_blocks, active_prefill_blocks;
     uint32_t bookings;
+    uint64_t down_seq; /* replicated stamp of its last up->down transition (0: never down) */
 } kvr_fsm_worker_view;
 
 typedef struct kvr_fsm_booking_view {
