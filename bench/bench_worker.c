@@ -4,8 +4,11 @@
  *   kvr-bench worker [--streams 2000] [--duration 20] [--speedup 100] [--prompt-tokens 512]
  *                    [--max-tokens 512] [--shared-prefix 256] [--max-num-seqs 256]
  *                    [--capacity-blocks 16384] [--stream-interval 1] [--url URL | --worker-bin PATH]
- *                    [--nats URL] [--no-pin] [--json OUT]
+ *                    [--nats URL] [--nats-user U --nats-password-file F | --nats-token-file F |
+ *                     --nats-nkey F | --nats-creds F] [--nats-tls-ca F ...] [--no-pin] [--json OUT]
  *
+ * The --nats-* flags (net/kvr_nats_flags.h, the same set as every binary) go to the worker it
+ * starts, for a --nats that wants credentials.
  * Unless --url is given, it starts nats-server (core, loopback) and kvr-worker itself, the
  * worker pinned to CPU 0 and this client to CPU 1 (when there are 2+ CPUs), and stops both at
  * the end. The client is a single-threaded epoll loop with raw non-blocking sockets: each of
@@ -19,6 +22,7 @@
  * [max/2, 3max/2) so streams do not run in lockstep. */
 #define _GNU_SOURCE
 #include "kvr_bench.h"
+#include "kvr_nats_flags.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -48,6 +52,7 @@ typedef struct bw_opts {
     int max_num_seqs, capacity_blocks, stream_interval;
     const char *url, *worker_bin, *nats, *json;
     bool pin;
+    kvr_nats_flags nf; /* --nats-*: forwarded to the worker started here */
 } bw_opts;
 
 enum { C_CONNECTING, C_HEAD, C_SIZE, C_DATA, C_DATA_CRLF, C_TRAILER };
@@ -460,7 +465,9 @@ static void usage(void)
             "usage: kvr-bench worker [--streams 2000] [--duration 20] [--speedup 100]\n"
             "  [--prompt-tokens 512] [--max-tokens 512] [--shared-prefix 256] [--max-num-seqs 256]\n"
             "  [--capacity-blocks 16384] [--stream-interval 1] [--url http://127.0.0.1:PORT | --worker-bin PATH]\n"
-            "  [--nats URL] [--no-pin] [--json OUT]\n");
+            "  [--nats URL] [--nats-user U --nats-password-file F | --nats-token-file F |\n"
+            "   --nats-nkey F | --nats-creds F] [--nats-tls-ca F [--nats-tls-cert F --nats-tls-key F]]\n"
+            "  [--no-pin] [--json OUT]\n");
 }
 
 int kvr_bench_worker(int argc, char **argv)
@@ -492,6 +499,8 @@ int kvr_bench_worker(int argc, char **argv)
         else if (!strcmp(a, "--worker-bin")) o.worker_bin = v;
         else if (!strcmp(a, "--nats")) o.nats = v;
         else if (!strcmp(a, "--json")) o.json = v;
+        else if (!strncmp(a, "--nats-", 7) && kvr_nats_flags_set(&o.nf, a + 2, strlen(a + 2), v) == 1)
+            continue;
         else {
             fprintf(stderr, "bench worker: unknown option %s\n", a);
             usage();
@@ -502,6 +511,17 @@ int kvr_bench_worker(int argc, char **argv)
         o.max_tokens < 1 || o.speedup <= 0) {
         fprintf(stderr, "bench worker: bad options\n");
         return 2;
+    }
+    {
+        /* checked here (files readable, one method) so a mistake is not a worker that never
+         * connects; the worker reads the files itself */
+        kvr_err nerr = {0};
+        int nrc = kvr_nats_flags_load(&o.nf, &nerr);
+        kvr_nats_flags_free(&o.nf);
+        if (nrc != 0) {
+            fprintf(stderr, "bench worker: %s\n", nerr.msg);
+            return 2;
+        }
     }
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
@@ -550,9 +570,13 @@ int kvr_bench_worker(int argc, char **argv)
         snprintf(seqs, sizeof seqs, "%d", o.max_num_seqs);
         snprintf(cap, sizeof cap, "%d", o.capacity_blocks);
         snprintf(log, sizeof log, "%s/worker.log", tmpdir);
-        char *wargv[] = {bin, "--listen", listen, "--nats", (char *)o.nats, "--namespace", "bench",
-                         "--model", "sim", "--id", "1", "--speedup", speed, "--max-num-seqs", seqs,
-                         "--capacity-blocks", cap, "--stream-interval", si, "--log-level", "warn", NULL};
+        char *wargv[21 + 2 * KVR_NATS_FLAGS_N + 1] = {
+            bin, "--listen", listen, "--nats", (char *)o.nats, "--namespace", "bench",
+            "--model", "sim", "--id", "1", "--speedup", speed, "--max-num-seqs", seqs,
+            "--capacity-blocks", cap, "--stream-interval", si, "--log-level", "warn"};
+        int wargc = 21;
+        (void)kvr_nats_flags_argv(&o.nf, wargv, &wargc, 21 + 2 * KVR_NATS_FLAGS_N);
+        wargv[wargc] = NULL;
         worker_pid = spawn(wargv, log);
         if (two_cpus) {
             pin_to(worker_pid, 0);

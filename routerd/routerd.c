@@ -36,6 +36,11 @@
 #define RD_MAX_SEQ_HASHES 65536
 #define RD_MAX_MATCHES 1024
 #define RD_TICK_MS 250
+/* AllBlocksCleared events this router (the leader) still has to get into the stream, and how
+ * long it keeps trying one: well inside JetStream's default 2-minute duplicate window, so a
+ * retry after a lost ack is dropped by its msg-id instead of landing twice. */
+#define RD_MAX_CLEARS 64
+#define RD_CLEAR_GIVE_UP_MS 60000
 
 enum {
     REJ_TRUNCATED = 0, /* kv_event reasons first, in kvr_kv_reject order - 1 */
@@ -81,6 +86,14 @@ typedef struct rd_worker {
     uint32_t n_loras;
     char mdc_sum[KVR_ROUTE_NAME_MAX + 1]; /* model card checksum; "" unknown */
 } rd_worker;
+
+/* One worker's AllBlocksCleared to publish (see on_worker_down_committed). */
+typedef struct rd_clear {
+    uint64_t worker_id, down_seq; /* down_seq: the FSM's replicated down stamp */
+    char ns[KVR_FSM_NS_MAX + 1];
+    int64_t first_ms, next_ms; /* monotonic: queued, next try */
+    bool inflight;
+} rd_clear;
 
 typedef struct rd_frontend {
     uint64_t id;
@@ -179,6 +192,14 @@ struct kvr_routerd {
     kvr_live_tracker live;
     int64_t last_orphan_sweep_ms;
     kvr_index_worker_info *iw_scratch; /* RD_MAX_WORKERS entries */
+    /* Clears to publish (publish_clears): WORKER_DOWNs this router committed as leader. */
+    rd_clear clears[RD_MAX_CLEARS];
+    uint32_t n_clears;
+    kvr_metric *m_clears_published;
+    /* clear_sweep: down workers with entries seen at the last sweep (stable ones get a clear) */
+    uint64_t sweep_ids[RD_MAX_CLEARS];
+    uint32_t n_sweep_ids;
+    int64_t last_clear_sweep_ms;
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -286,6 +307,8 @@ static void on_bcast(const kvr_nats_msg *m, void *data)
     kvr_fsm_apply(rd->fsm, &cmd, &res);
 }
 
+static void queue_clear(kvr_routerd *rd, uint64_t worker_id, uint64_t down_seq);
+
 /* Submits cmd; cb (may be NULL) runs once, possibly before this returns (local mode). */
 static int rd_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data)
 {
@@ -306,6 +329,9 @@ static int rd_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *da
     kvr_fsm_result res;
     kvr_fsm_set_local_now(rd->fsm, kvr_mono_ms()); /* booking age on one clock (liveness.h) */
     kvr_fsm_apply(rd->fsm, cmd, &res);
+    /* without Raft this router's FSM is the one that commits: it publishes the clear */
+    if (res.type == KVR_CMD_WORKER_DOWN && res.down_seq != 0)
+        queue_clear(rd, res.worker_id, res.down_seq);
     if (rd->cfg.best_effort)
         broadcast(rd, cmd, &res);
     if (cb)
@@ -361,13 +387,222 @@ static bool owns_liveness(kvr_routerd *rd)
     return true;
 }
 
-/* Marks w down here (its entries go, its events are ignored until it beats again) and, when
- * this router owns the policy, proposes WORKER_DOWN. A Raft follower only follows the
- * replicated registry (see on_tick). */
+/* ------------------------------------------------------------------------------------------ */
+/* The index is a function of the KV stream alone (issue 18, defect 5). Before, each router
+ * dropped a worker's entries when IT learned the worker was down, so a router replaying the
+ * stream after a restart (which never saw that moment, or saw it at another stream position)
+ * ended with another digest than the routers that applied it live. Now a down worker's
+ * events are still indexed (a down worker is never routed to: the registry says so), and its
+ * entries go only when a router applies the worker's AllBlocksCleared from the stream: the
+ * leader publishes it into the worker's own subject once WORKER_DOWN is committed, with
+ * JetStream msg-id kvr-clear-<id>-<down_seq>, so a retry or a second proposal of the same down
+ * transition stores it once. Every router, live or replaying, applies it at the same place. */
+
+static rd_clear *clear_find(kvr_routerd *rd, uint64_t worker_id, uint64_t down_seq)
+{
+    for (uint32_t i = 0; i < rd->n_clears; i++)
+        if (rd->clears[i].worker_id == worker_id && rd->clears[i].down_seq == down_seq)
+            return &rd->clears[i];
+    return NULL;
+}
+
+static void clear_drop(kvr_routerd *rd, rd_clear *c)
+{
+    *c = rd->clears[--rd->n_clears];
+}
+
+/* Runs on the loop thread: WORKER_DOWN of an up worker committed here (Raft leader, or the
+ * local FSM without Raft). The namespace is the registry's (the worker's own heartbeat). */
+static void queue_clear(kvr_routerd *rd, uint64_t worker_id, uint64_t down_seq)
+{
+    if (clear_find(rd, worker_id, down_seq))
+        return;
+    kvr_fsm_worker_view fv;
+    if (kvr_fsm_worker_get(rd_fsm(rd), worker_id, &fv) != 0 || fv.ns[0] == '\0') {
+        KVR_LOG_WARN("worker down: no namespace known, its clear is not published",
+                     "worker=%" PRIu64 " down_seq=%" PRIu64, worker_id, down_seq);
+        return;
+    }
+    if (rd->n_clears == RD_MAX_CLEARS) {
+        /* the oldest has been retried longest: it is the one least likely to land */
+        uint32_t old = 0;
+        for (uint32_t i = 1; i < rd->n_clears; i++)
+            if (rd->clears[i].first_ms < rd->clears[old].first_ms)
+                old = i;
+        rd_clear *o = &rd->clears[old];
+        bool keep = o->inflight; /* its ack still refers to it: drop the new one instead */
+        KVR_LOG_WARN("too many unpublished clears: dropping one", "worker=%" PRIu64
+                     " down_seq=%" PRIu64, keep ? worker_id : o->worker_id,
+                     keep ? down_seq : o->down_seq);
+        if (keep)
+            return;
+        clear_drop(rd, o);
+    }
+    rd_clear *c = &rd->clears[rd->n_clears++];
+    memset(c, 0, sizeof *c);
+    c->worker_id = worker_id;
+    c->down_seq = down_seq;
+    snprintf(c->ns, sizeof c->ns, "%s", fv.ns);
+    c->first_ms = c->next_ms = kvr_mono_ms();
+    KVR_LOG_INFO("worker down committed: publishing its AllBlocksCleared (or again: it still has entries)",
+                 "worker=%" PRIu64 " down_seq=%" PRIu64 " ns=%s", worker_id, down_seq, c->ns);
+}
+
+#ifdef KVR_ROUTERD_HAVE_SYNC
+/* kvr_sync_options.worker_down_cb: on the leader, in the apply of the committed entry. */
+static void on_worker_down_committed(void *data, uint64_t worker_id, uint64_t down_seq)
+{
+    queue_clear(data, worker_id, down_seq);
+}
+#endif
+
+typedef struct clear_ack {
+    kvr_routerd *rd;
+    uint64_t worker_id, down_seq;
+} clear_ack;
+
+static void on_clear_ack(int status, uint64_t seq, bool duplicate, void *cbdata)
+{
+    clear_ack *a = cbdata;
+    kvr_routerd *rd = a->rd;
+    rd_clear *c = clear_find(rd, a->worker_id, a->down_seq);
+    if (c) {
+        c->inflight = false;
+        if (status == 0) {
+            if (duplicate)
+                KVR_LOG_DEBUG("worker clear already in the stream", "worker=%" PRIu64
+                              " down_seq=%" PRIu64 " stream_seq=%" PRIu64, a->worker_id,
+                              a->down_seq, seq);
+            else
+                KVR_LOG_INFO("worker clear published", "worker=%" PRIu64 " down_seq=%" PRIu64
+                             " stream_seq=%" PRIu64, a->worker_id, a->down_seq, seq);
+            kvr_metric_inc(rd->m_clears_published);
+            clear_drop(rd, c);
+        } else {
+            KVR_LOG_WARN_RL(5, "publishing a worker clear failed, retrying",
+                            "worker=%" PRIu64 " down_seq=%" PRIu64 " error=\"%s\"", a->worker_id,
+                            a->down_seq, kvr_strerror(status));
+            c->next_ms = kvr_mono_ms() + 1000;
+        }
+    }
+    free(a);
+}
+
+/* From the tick: (re)sends every queued clear not in flight and due. */
+static void publish_clears(kvr_routerd *rd, int64_t now)
+{
+    for (uint32_t i = 0; i < rd->n_clears;) {
+        rd_clear *c = &rd->clears[i];
+        if (c->inflight || now < c->next_ms || !rd->nats_up) {
+            i++;
+            continue;
+        }
+        kvr_fsm_worker_view fv;
+        if (kvr_fsm_worker_get(rd_fsm(rd), c->worker_id, &fv) == 0 && fv.up) {
+            /* Up again in the registry: either this was an old WORKER_DOWN replayed from the
+             * Raft log when this node took office (its clear went out long ago, maybe outside
+             * the duplicate window: sending it again would wipe the worker's new entries), or
+             * the worker came back before its clear left (then its cache still holds what the
+             * index says). Either way there is nothing to clear now. */
+            KVR_LOG_INFO("worker up again: its clear is not published",
+                         "worker=%" PRIu64 " down_seq=%" PRIu64, c->worker_id, c->down_seq);
+            clear_drop(rd, c);
+            continue;
+        }
+        if (now - c->first_ms > RD_CLEAR_GIVE_UP_MS) {
+            KVR_LOG_ERROR("giving up publishing a worker clear: its entries stay until it is "
+                          "cleared again", "worker=%" PRIu64 " down_seq=%" PRIu64, c->worker_id,
+                          c->down_seq);
+            clear_drop(rd, c);
+            continue;
+        }
+        kvr_kv_event ev = {.type = KVR_KV_CLEARED};
+        kvr_kv_batch b = {.ts = (double)kvr_now_ms() / 1000.0, .n_events = 1, .events = &ev};
+        kvr_buf out;
+        kvr_buf_init(&out);
+        char subject[sizeof c->ns + 48], msg_id[64];
+        snprintf(subject, sizeof subject, "kvr.kv.%s.%" PRIu64, c->ns, c->worker_id);
+        snprintf(msg_id, sizeof msg_id, "kvr-clear-%" PRIu64 "-%" PRIu64, c->worker_id,
+                 c->down_seq);
+        clear_ack *a = malloc(sizeof *a);
+        int rc = a ? kvr_kv_encode(&out, &b, KVR_KV_FORMAT_ARRAY, KVR_KV_HASH_INT) : KVR_ENOMEM;
+        if (rc == 0) {
+            *a = (clear_ack){rd, c->worker_id, c->down_seq};
+            rc = kvr_nats_js_publish(&rd->nats, subject, msg_id, out.base, out.len, 2000,
+                                     on_clear_ack, a);
+        }
+        kvr_buf_free(&out);
+        if (rc != 0) {
+            free(a);
+            c->next_ms = now + 1000;
+            KVR_LOG_WARN_RL(5, "publishing a worker clear failed, retrying",
+                            "worker=%" PRIu64 " error=\"%s\"", c->worker_id, kvr_strerror(rc));
+        } else {
+            c->inflight = true;
+        }
+        i++;
+    }
+}
+
+/* Is this router the one that commits WORKER_DOWN now (Raft leader, or no Raft)? */
+static bool commits_liveness(kvr_routerd *rd)
+{
+#ifdef KVR_ROUTERD_HAVE_SYNC
+    if (rd->sync) {
+        kvr_sync_state ss;
+        kvr_sync_get_state(rd->sync, &ss);
+        return ss.leader_id == rd->cfg.id && !ss.degraded;
+    }
+#endif
+    (void)rd;
+    return true;
+}
+
+/* Every 5 s on the router that commits WORKER_DOWN: a worker down in the registry, not heard
+ * here, whose entries are still in the index at two sweeps in a row, gets its clear (again).
+ * That covers a leader that committed WORKER_DOWN and died (or lost office, or gave up)
+ * before its clear was in the stream: its successor sends it. The msg-id is the same
+ * (kvr-clear-<id>-<down_seq>), so a clear that did land within the duplicate window is not
+ * stored twice; entries a down worker published after its clear are cleared too. */
+static void clear_sweep(kvr_routerd *rd, int64_t now)
+{
+    if (now - rd->last_clear_sweep_ms < 5000 || !rd->iw_scratch)
+        return;
+    rd->last_clear_sweep_ms = now;
+    if (!rd->ready || !rd->nats_up || !commits_liveness(rd)) {
+        rd->n_sweep_ids = 0;
+        return;
+    }
+    uint64_t prev[RD_MAX_CLEARS];
+    uint32_t n_prev = rd->n_sweep_ids;
+    memcpy(prev, rd->sweep_ids, n_prev * sizeof prev[0]);
+    rd->n_sweep_ids = 0;
+    size_t n = kvr_index_workers(rd->idx, rd->iw_scratch, RD_MAX_WORKERS);
+    if (n > RD_MAX_WORKERS)
+        n = RD_MAX_WORKERS;
+    for (size_t i = 0; i < n && rd->n_sweep_ids < RD_MAX_CLEARS; i++) {
+        uint64_t id = rd->iw_scratch[i].worker_id;
+        kvr_fsm_worker_view fv;
+        rd_worker *w = worker_find(rd, id);
+        if (rd->iw_scratch[i].entries == 0 || (w && w->up) ||
+            kvr_fsm_worker_get(rd_fsm(rd), id, &fv) != 0 || fv.up || fv.down_seq == 0)
+            continue;
+        rd->sweep_ids[rd->n_sweep_ids++] = id;
+        for (uint32_t k = 0; k < n_prev; k++)
+            if (prev[k] == id) {
+                queue_clear(rd, id, fv.down_seq);
+                break;
+            }
+    }
+}
+
+/* Marks w down here (it is no longer routed to; its entries stay until the leader's
+ * AllBlocksCleared comes through the stream, see above) and, when this router owns the
+ * policy, proposes WORKER_DOWN. A Raft follower only follows the replicated registry (see
+ * on_tick). */
 static void worker_down(kvr_routerd *rd, rd_worker *w, const char *why)
 {
     w->up = false;
-    kvr_index_remove_worker(rd->idx, w->id);
     KVR_LOG_WARN("worker down", "worker=%" PRIu64 " reason=%s", w->id, why);
     if (owns_liveness(rd)) {
         kvr_cmd cmd = {.type = KVR_CMD_WORKER_DOWN};
@@ -514,9 +749,14 @@ static void on_heartbeat(const kvr_nats_msg *m, void *data)
                    !kvr_slice_eq_cstr(ns, w->ns) || !kvr_slice_eq_cstr(model, w->model) ||
                    !kvr_slice_eq_cstr(url, w->url) || !kvr_slice_eq_cstr(role, w->role);
     if (restarted) {
-        KVR_LOG_INFO("worker restarted: clearing its entries", "worker=%" PRIu64
-                     " old_started_ms=%" PRIu64 " started_ms=%" PRIu64, id, w->started_ms, started);
-        kvr_index_clear_worker(rd->idx, id);
+        /* Its entries are NOT cleared here: the new incarnation's own AllBlocksCleared in the
+         * stream does it (kvr-worker sends it first thing, kvr-bridge on an engine restart),
+         * at the same stream position on every router. Clearing on the heartbeat made the
+         * index depend on when this router heard it: a router that applied the new
+         * incarnation's first events before its heartbeat dropped them, one that replayed the
+         * stream later kept them (routerd_index_stream). */
+        KVR_LOG_INFO("worker restarted", "worker=%" PRIu64 " old_started_ms=%" PRIu64
+                     " started_ms=%" PRIu64, id, w->started_ms, started);
     }
     w->refused = false;
     w->started_ms = started;
@@ -638,10 +878,9 @@ static void on_kv_event(const kvr_nats_msg *m, void *data)
         reject(rd, REJ_REFUSED_WORKER, m->subject, m->stream_seq, "worker refused (block size)");
         goto done;
     }
-    if (w && w->announced && !w->up) {
-        reject(rd, REJ_WORKER_DOWN, m->subject, m->stream_seq, "worker is down");
-        goto done;
-    }
+    /* A down worker's events are applied like any other (it is not routed to while down):
+     * whether a router counts it down at this stream position depends on when it learned it,
+     * and the index must not (see queue_clear). REJ_WORKER_DOWN is no longer counted. */
     if (!w && rd->n_workers < RD_MAX_WORKERS) {
         /* not announced yet: apply (its heartbeat may come later), remember when we first
          * heard of it so that a worker that never beats is swept (see on_tick) */
@@ -1899,6 +2138,8 @@ static void on_tick(uv_timer_t *t)
         liveness_hold(rd);
     liveness_local(rd, now);
     orphan_sweep(rd, now);
+    clear_sweep(rd, now);
+    publish_clears(rd, now);
     /* With Raft the leader's housekeeping owns lease and request expiry (sync.h): one owner
      * of each policy instead of every router proposing the same expiries (defect 13). */
     bool own_expiry = true;
@@ -2089,6 +2330,10 @@ static void register_metrics(kvr_routerd *rd)
     rd->m_events_rejected = kvr_metrics_counter(m, "kvr_routerd_events_rejected_total",
                                                 "KV event payloads or events rejected, by reason",
                                                 "reason", rej_names);
+    rd->m_clears_published = kvr_metrics_counter(
+        m, "kvr_routerd_worker_clears_published_total",
+        "AllBlocksCleared events published for workers whose WORKER_DOWN this router committed",
+        NULL, NULL);
     rd->m_replayed = kvr_metrics_counter(m, "kvr_routerd_stream_messages_total",
                                          "Stream messages consumed since start", NULL, NULL);
     rd->m_stream_lag = kvr_metrics_gauge(m, "kvr_routerd_stream_lag_messages",
@@ -2266,6 +2511,8 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
                                         : (uint32_t)cfg->max_request_age_ms;
         /* Worker liveness with Raft: the leader alone, same bound as without (liveness.h). */
         so.worker_ttl_ms = cfg->heartbeat_misses > 0 ? (uint32_t)cfg->heartbeat_misses * 1000 : 3000;
+        so.worker_down_cb = on_worker_down_committed;
+        so.worker_down_data = rd;
         kvr_auth_key key;
         if (cfg->cluster_secret_file) {
             rc = kvr_auth_key_load(&key, cfg->cluster_secret_file, &err);

@@ -686,8 +686,10 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res)
             res->outcome = KVR_OUT_UNKNOWN;
             return;
         }
-        if (w->up)
+        if (w->up) {
             w->down_seq = ++f->down_counter;
+            res->down_seq = w->down_seq;
+        }
         w->up = false;
         res->freed = bookings_free_if(f, pred_worker, w->id);
         w = worker_get(f, cmd->u.worker_id);
@@ -1078,6 +1080,7 @@ static void worker_view(const worker *w, kvr_fsm_worker_view *o)
     o->active_blocks = w->active_blocks;
     o->active_prefill_blocks = w->active_prefill_blocks;
     o->bookings = w->bookings;
+    o->down_seq = w->down_seq;
 }
 
 int kvr_fsm_worker_at(const kvr_fsm *f, uint32_t i, kvr_fsm_worker_view *out)

@@ -158,6 +158,8 @@ typedef struct kvr_fsm_result {
     uint32_t request_blocks; /* ROUTE */
     double cost;             /* ROUTE: the booked worker's cost at decision time */
     uint32_t freed;          /* bookings freed (FREE, WORKER_DOWN, FRONTEND_EXPIRE, EXPIRE) */
+    uint64_t down_seq;       /* WORKER_DOWN that took an up worker down: its new down stamp
+                                (replicated, so the same on every replica); 0 otherwise */
     char url[KVR_FSM_URL_MAX + 1]; /* ROUTE: booked worker's url */
 } kvr_fsm_result;
 
@@ -181,6 +183,7 @@ typedef struct kvr_fsm_worker_view {
     bool up;
     uint64_t active_blocks, active_prefill_blocks;
     uint32_t bookings;
+    uint64_t down_seq; /* replicated stamp of its last up->down transition (0: never down) */
 } kvr_fsm_worker_view;
 
 typedef struct kvr_fsm_booking_view {

@@ -621,6 +621,11 @@ static void on_result(void *data, uint32_t i, const kvr_fsm_result *res)
 {
     apply_ctx *ax = data;
     ax->s->m.commands_applied++;
+    /* The index is a function of the KV stream (routerd): the leader puts a down worker's
+     * clear into that stream once the WORKER_DOWN is committed, never a router on its own. */
+    if (res->type == KVR_CMD_WORKER_DOWN && res->down_seq != 0 && ax->s->o.worker_down_cb &&
+        kvr_consensus_get_role(ax->s->cons) == KVR_ROLE_LEADER)
+        ax->s->o.worker_down_cb(ax->s->o.worker_down_data, res->worker_id, res->down_seq);
     if (ax->b && i < ax->b->n) {
         pending *p = ax->b->items[i];
         p->res = *res;

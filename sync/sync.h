@@ -104,6 +104,14 @@ typedef struct kvr_sync_options {
      * (peer_auth.h). NULL or empty: no authentication (only with --insecure-cluster). */
     const kvr_auth_key *auth_key;
     uint32_t port_wait_ms; /* how long start waits for a busy Raft/forward port; default 10000 */
+    /* Called on the loop thread, on the node that is the Raft leader when it applies a
+     * committed WORKER_DOWN that took an up worker down (not for one already down, not on
+     * followers, not for commands applied to a degraded node's local copy). down_seq is the
+     * worker's replicated down stamp (kvr_fsm_result.down_seq): the same on every replica, so
+     * a leader that publishes something for it can name it (kvr-routerd publishes the
+     * worker's AllBlocksCleared with a JetStream msg-id built from it). NULL: not called. */
+    void (*worker_down_cb)(void *data, uint64_t worker_id, uint64_t down_seq);
+    void *worker_down_data;
 } kvr_sync_options;
 
 /* Defaults for every field; the caller sets id, raft_addr, peers, data_dir. */

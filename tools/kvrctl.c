@@ -29,6 +29,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kvr_nats.h"
+#include "kvr_nats_flags.h"
 #include "run_cluster.h"
 
 #define DEFAULT_DIR "./cluster"
@@ -56,6 +58,11 @@ static void usage(FILE *out)
             "     [--frontend-args \"…\"] [--haproxy] [--no-raft-flags] [--bin-dir DIR] [--timeout S]\n"
             "     [--bridge]  (each worker as a vLLM stand-in: --kv-events zmq, and a kvr-bridge\n"
             "                  beside it that forwards its events and heartbeats)\n"
+            "     [--nats URL[,URL…]]  use this NATS (with JetStream) instead of starting one\n"
+            "     [--nats-user U --nats-password-file F | --nats-token-file F | --nats-nkey F |\n"
+            "      --nats-creds F] [--nats-tls-ca F [--nats-tls-cert F --nats-tls-key F]]\n"
+            "                  NATS credentials, given to every process that connects to NATS\n"
+            "                  (files only: secrets never go on a command line)\n"
             "  status [--dir D] [--json]\n"
             "  kill ROLE ID|leader|follower [--dir D]     (SIGKILL; prints the id it killed)\n"
             "  restart ROLE ID [--dir D] [--no-wait] [--timeout S]\n"
@@ -216,7 +223,17 @@ typedef struct up_opts {
     bool haproxy, raft_flags;
     bool bridge; /* workers publish KV events on ZMQ (vLLM's framing), a kvr-bridge beside each */
     int timeout_s;
+    const char *nats_url; /* --nats: an external NATS; NULL: start nats-server in D/nats */
+    kvr_nats_flags nf;    /* --nats-*: forwarded to every process that connects to NATS */
 } up_opts;
+
+/* Appends the --nats-* flags given to kvrctl (file paths, never secrets) to a child's argv. */
+static int add_nats_flags(const up_opts *o, char **argv, int *argc, kvr_err *err)
+{
+    if (kvr_nats_flags_argv(&o->nf, argv, argc, RUN_MAX_ARGS) != 0)
+        return kvr_err_set(err, KVR_ELIMIT, "too many arguments (at most %d)", RUN_MAX_ARGS);
+    return 0;
+}
 
 /* Splits extra "…" arguments on whitespace (no quoting) and appends them. */
 static int add_extra(char **argv, int *argc, char *extra, kvr_err *err)
@@ -479,7 +496,12 @@ static int cmd_up(const char *dir, up_opts *o)
             run_cluster_free(&old);
         }
     }
-    if ((rc = find_binary("nats-server", false, nats_bin, sizeof nats_bin, &err)) != 0 ||
+    /* Checks the credential flags now (files readable, one method): a mistake fails here,
+     * not as N processes that never connect. */
+    if ((rc = kvr_nats_flags_load(&o->nf, &err)) != 0)
+        goto fail_early;
+    if ((!o->nats_url &&
+         (rc = find_binary("nats-server", false, nats_bin, sizeof nats_bin, &err)) != 0) ||
         (o->routers > 0 &&
          (rc = find_binary("kvr-routerd", true, router_bin, sizeof router_bin, &err)) != 0) ||
         (o->workers > 0 &&
@@ -501,7 +523,7 @@ static int cmd_up(const char *dir, up_opts *o)
         goto fail;
 
     /* Choose every port first (held bound so none repeats), then release them and start. */
-    int nats_port = alloc_port(&pa, false, &err);
+    int nats_port = o->nats_url ? 0 : alloc_port(&pa, false, &err);
     int router_http[64], router_raft[64], worker_port[256], frontend_port[64], haproxy_port = 0;
     int zmq_pub[256], zmq_replay[256]; /* --bridge: each worker's PUB and replay ROUTER ports */
     if (o->routers > 64 || o->workers > 256 || o->frontends > 64) {
@@ -537,8 +559,16 @@ static int cmd_up(const char *dir, up_opts *o)
     }
     release_ports(&pa);
 
-    /* nats-server with JetStream, store in D/nats. */
-    char nats_dir[PATH_MAX + 16], conf[PATH_MAX + 32], conf_text[PATH_MAX * 2], nats_url[64];
+    /* nats-server with JetStream, store in D/nats; or the caller's (--nats). */
+    char nats_dir[PATH_MAX + 16], conf[PATH_MAX + 32], conf_text[PATH_MAX * 2], nats_url[2048];
+    if (o->nats_url) {
+        if (strlen(o->nats_url) >= sizeof nats_url) {
+            rc = kvr_err_set(&err, KVR_ELIMIT, "--nats is longer than %zu bytes", sizeof nats_url - 1);
+            goto fail;
+        }
+        snprintf(nats_url, sizeof nats_url, "%s", o->nats_url);
+        goto nats_ready;
+    }
     snprintf(nats_dir, sizeof nats_dir, "%s/nats", abs_dir);
     if ((rc = mkdir_p(nats_dir, &err)) != 0)
         goto fail;
@@ -562,6 +592,7 @@ static int cmd_up(const char *dir, up_opts *o)
         if ((rc = spawn_and_record(&c, p, argv, 3, &err)) != 0 || (rc = wait_ready(&c, 0, c.n, o->timeout_s, &err)) != 0)
             goto fail;
     }
+nats_ready:;
 
     /* Routers: one Raft group. */
     char peers[4096] = "";
@@ -629,7 +660,8 @@ static int cmd_up(const char *dir, up_opts *o)
                 argv[argc++] = secret_path;
             }
         }
-        if ((rc = add_extra(argv, &argc, extra, &err)) != 0 ||
+        if ((rc = add_nats_flags(o, argv, &argc, &err)) != 0 ||
+            (rc = add_extra(argv, &argc, extra, &err)) != 0 ||
             (rc = spawn_and_record(&c, p, argv, argc, &err)) != 0)
             goto fail;
     }
@@ -664,6 +696,8 @@ static int cmd_up(const char *dir, up_opts *o)
             argv[argc++] = zpub;
             argv[argc++] = "--zmq-replay-endpoint";
             argv[argc++] = zrep;
+        } else if ((rc = add_nats_flags(o, argv, &argc, &err)) != 0) {
+            goto fail;
         }
         if ((rc = add_extra(argv, &argc, extra, &err)) != 0 ||
             (rc = spawn_and_record(&c, p, argv, argc, &err)) != 0)
@@ -689,7 +723,9 @@ static int cmd_up(const char *dir, up_opts *o)
         char *argv[RUN_MAX_ARGS + 1] = {bridge_bin, "--engine-url", engine, "--zmq", zpub,
                                         "--replay", zrep, "--nats", nats_url, "--namespace",
                                         (char *)o->ns, "--id", id, "--scrape-interval", "250ms"};
-        if ((rc = spawn_and_record(&c, p, argv, 15, &err)) != 0)
+        int argc = 15;
+        if ((rc = add_nats_flags(o, argv, &argc, &err)) != 0 ||
+            (rc = spawn_and_record(&c, p, argv, argc, &err)) != 0)
             goto fail;
     }
     if ((rc = wait_ready(&c, stage, c.n, o->timeout_s, &err)) != 0)
@@ -710,7 +746,8 @@ static int cmd_up(const char *dir, up_opts *o)
         char *argv[RUN_MAX_ARGS + 1] = {frontend_bin, "--listen", listen, "--nats", nats_url,
                                         "--id", id, "--namespace", (char *)o->ns};
         int argc = 9;
-        if ((rc = add_extra(argv, &argc, extra, &err)) != 0 ||
+        if ((rc = add_nats_flags(o, argv, &argc, &err)) != 0 ||
+            (rc = add_extra(argv, &argc, extra, &err)) != 0 ||
             (rc = spawn_and_record(&c, p, argv, argc, &err)) != 0)
             goto fail;
     }
@@ -755,10 +792,15 @@ static int cmd_up(const char *dir, up_opts *o)
 
     printf("cluster up in %s: %d router(s), %d worker(s), %d frontend(s)%s\n", abs_dir, o->routers,
            o->workers, o->frontends, o->haproxy ? ", haproxy" : "");
+    if (o->nats_url) {
+        char red[2048];
+        printf("  nats     external %s\n", kvr_nats_redact_url(nats_url, red, sizeof red));
+    }
     for (int i = 0; i < c.n; i++)
         printf("  %-8s %-3d pid %-7d %s\n", c.procs[i].role, c.procs[i].id, c.procs[i].pid,
                c.procs[i].url);
     run_cluster_free(&c);
+    kvr_nats_flags_free(&o->nf);
     return 0;
 
 fail:
@@ -769,9 +811,11 @@ fail:
     teardown(&c);
     run_cluster_save(&c, NULL);
     run_cluster_free(&c);
+    kvr_nats_flags_free(&o->nf);
     return 1;
 fail_early:
     fprintf(stderr, "kvrctl up: %s\n", err.msg);
+    kvr_nats_flags_free(&o->nf);
     return 1;
 }
 
@@ -1020,6 +1064,11 @@ int main(int argc, char **argv)
             NEED_VALUE o.router_args = v;
         } else if (strcmp(a, "--frontend-args") == 0) {
             NEED_VALUE o.frontend_args = v;
+        } else if (strcmp(a, "--nats") == 0) {
+            NEED_VALUE o.nats_url = v;
+        } else if (strncmp(a, "--nats-", 7) == 0 && v &&
+                   kvr_nats_flags_set(&o.nf, a + 2, strlen(a + 2), v) == 1) {
+            i++;
         } else if (strcmp(a, "--bin-dir") == 0) {
             NEED_VALUE bin = v;
         } else if (strcmp(a, "--haproxy") == 0) {

@@ -2,8 +2,11 @@
 # deploy/nats per-role permissions on a real nats-server, NKEY users made here:
 #  1. a worker credential cannot publish another worker's KV events or heartbeats, a route
 #     event, a route request, a Raft broadcast or a JetStream API call; a frontend credential
-#     cannot publish KV events, heartbeats or another frontend's lease; an unlisted key cannot
-#     connect (checked with an independent raw client, nats_pub_check.py);
+#     cannot publish KV events, heartbeats or another frontend's lease; neither may publish on
+#     a router-only subject (the quorum beacon kvr.routers.quorum, the best-effort broadcast
+#     kvr.route.bcast, JetStream API and flow control, a KV event subject as the leader does
+#     for a down worker's AllBlocksCleared), which the router credential may; an unlisted key
+#     cannot connect (checked with an independent raw client, nats_pub_check.py);
 #  2. a cluster started with these credentials (kvr-routerd, two kvr-workers, kvr-frontend,
 #     all with --nats-nkey) routes requests end to end through the router, and none of them
 #     hit a permissions violation;
@@ -33,12 +36,18 @@ check() { # check SEED_NAME allowed|denied SUBJECT...
         grep -qx "$want $s" <<<"$out" || kvr_fail "$who: $s should be $want, got: $out"
     done
 }
+# what only routers publish (routerd/routerd.c: every kvr_nats_publish / js_publish there)
+ROUTER_ONLY=(kvr.routers.quorum kvr.route.bcast '$JS.API.STREAM.INFO.KVR_EVENTS'
+    '$JS.FC.KVR_EVENTS.x.y' kvr.kv.default.7)
 check w1 allowed kvr.kv.default.1 kvr.workers.default.1
 check w1 denied kvr.kv.default.2 kvr.workers.default.2 kvr.route.event kvr.route \
-    kvr.route.bcast kvr.frontends.5 '$JS.API.STREAM.DELETE.KVR_EVENTS' kvr.kv.other.1
+    kvr.route.bcast kvr.frontends.5 '$JS.API.STREAM.DELETE.KVR_EVENTS' kvr.kv.other.1 \
+    "${ROUTER_ONLY[@]}"
 check fe5 allowed kvr.route.event kvr.frontends.5
 check fe5 denied kvr.kv.default.1 kvr.workers.default.1 kvr.frontends.6 kvr.route.bcast \
-    '$JS.API.STREAM.PURGE.KVR_EVENTS'
+    '$JS.API.STREAM.PURGE.KVR_EVENTS' "${ROUTER_ONLY[@]}"
+check router allowed "${ROUTER_ONLY[@]}" kvr.kv.other.1 kvr.route.event
+check router denied kvr.workers.default.1 kvr.frontends.5 kvr.route
 python3 "$HERE/nats_pub_check.py" 127.0.0.1 "$port" "$K/stranger.seed" kvr.kv.default.1 &&
     kvr_fail "an unlisted NKEY connected"
 kvr_log "permissions: worker and frontend confined"
