@@ -2132,6 +2132,11 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
         char raft_dir[4096];
         snprintf(raft_dir, sizeof(raft_dir), "%s/raft", rd->data_dir);
         so.data_dir = raft_dir;
+        so.memory_log = cfg->raft_log_memory;
+        /* tests only: shorten memlog's post-catch-up hold */
+        const char *hold = getenv("KVR_TEST_MEMLOG_HOLD_MS");
+        if (hold && *hold)
+            so.memory_hold_ms = (uint32_t)strtoul(hold, NULL, 10);
         if (cfg->degraded_after_ms > 0)
             so.degraded_after_ms = (uint32_t)cfg->degraded_after_ms;
         if (cfg->raft_max_inflight > 0)

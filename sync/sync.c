@@ -1374,6 +1374,8 @@ int kvr_sync_init(kvr_sync **out, uv_loop_t *loop, const kvr_sync_options *o, kv
         .snapshot_threshold = s->o.snapshot_threshold,
         .snapshot_trailing = s->o.snapshot_trailing,
         .auth_key = s->key.len ? &s->key : NULL,
+        .memory_log = o->memory_log,
+        .memory_hold_ms = o->memory_hold_ms,
     };
     if ((rc = kvr_consensus_init(&s->cons, loop, &co, &s->cfsm, err)) != 0) {
         kvr_err_wrap(err, rc, "sync node %u", o->id);

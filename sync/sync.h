@@ -104,6 +104,11 @@ typedef struct kvr_sync_options {
      * (peer_auth.h). NULL or empty: no authentication (only with --insecure-cluster). */
     const kvr_auth_key *auth_key;
     uint32_t port_wait_ms; /* how long start waits for a busy Raft/forward port; default 10000 */
+    /* true: the Raft log and snapshots in memory, term and vote on disk (consensus.h,
+     * memlog.h; kvr-routerd's default, --raft-log memory); false (this struct's default): the
+     * log on disk with an fsync per entry batch. memory_hold_ms: see memlog.h (0: 4000). */
+    bool memory_log;
+    uint32_t memory_hold_ms;
 } kvr_sync_options;
 
 /* Defaults for every field; the caller sets id, raft_addr, peers, data_dir. */
