@@ -71,7 +71,10 @@ sleep 1
 start "$F"
 kvr_wait_http "http://127.0.0.1:${HP[$F]}/ready" 20
 sleep 2
+kvr_kill9 load # digests compare only between changes
 converge 20 "after the follower's restart"
+kvr_spawn load bash "$KVR_TMP/load.sh"
+sleep 2
 
 # 2. the leader dies and comes back empty
 kvr_log "SIGKILL leader r$L under load"
@@ -82,9 +85,9 @@ kvr_wait_http "http://127.0.0.1:${HP[$L]}/ready" 20
 L=$(rd_common_leader "${HP[1]}" "${HP[2]}" "${HP[3]}")
 [ -n "$L" ] || kvr_fail "no leader after the leader's restart"
 sleep 2
+kvr_kill9 load
 converge 20 "after the leader's restart"
 kvr_log "leader now r$L; routes answered so far: $(grep -c '^route ok=1' "$KVR_TMP/load.out")"
-kvr_kill9 load
 sleep 5 # past the restarted routers' hold (4 s): they vote again
 
 # 3. a follower is frozen with its log; the other two restart empty: no leader among them
