@@ -46,6 +46,9 @@ struct pending {
     int state;
     int64_t start_ms, try_deadline_ms;
     int64_t fwd_start_us;
+    /* hop stamps (kvr_mono_ns; 0: not reached): arrival on the leader, queued, proposed,
+     * committed */
+    int64_t t_in_ns, t_queued_ns, t_prop_ns, t_commit_ns;
     uint64_t rpc_id;
     conn *via;
     kvr_sync_mode mode;
@@ -253,6 +256,12 @@ static int send_reply(conn *c, uint64_t rpc, int status, const kvr_fsm_result *r
 /* ---------------------------------------------------------------------------------------- */
 /* Completion */
 
+static void hop(kvr_sync *s, int h, int64_t from_ns, int64_t now_ns)
+{
+    if (s->o.hop_cb && from_ns > 0 && now_ns >= from_ns)
+        s->o.hop_cb(s->o.hop_data, h, (double)(now_ns - from_ns) / 1e9);
+}
+
 static void pending_free(pending *p)
 {
     free(p->cmd);
@@ -265,6 +274,11 @@ static void pending_finish(kvr_sync *s, pending *p)
     if (p->prev)
         plist_del(s, p);
     fwd_slot_clear(s, p);
+    if (p->t_commit_ns && p->status == 0 && s->o.hop_cb) {
+        int64_t now = kvr_mono_ns();
+        hop(s, KVR_SYNC_HOP_REPLY, p->t_commit_ns, now);
+        hop(s, KVR_SYNC_HOP_LEADER, p->t_in_ns, now);
+    }
     if (p->from) {
         send_reply(p->from, p->from_rpc, p->status, p->have_res ? &p->res : NULL);
     } else if (p->cb) {
@@ -508,9 +522,14 @@ static void batch_cb(kvr_consensus_req *req, int status)
             s->inflight_tail = prev;
         s->n_inflight--;
     }
+    int64_t now_ns = s->o.hop_cb ? kvr_mono_ns() : 0;
     for (uint32_t i = 0; i < b->n; i++) {
         pending *p = b->items[i];
         if (status == 0 && p->have_res) {
+            if (now_ns) {
+                hop(s, KVR_SYNC_HOP_COMMIT, p->t_prop_ns, now_ns);
+                p->t_commit_ns = now_ns;
+            }
             p->status = 0;
             p->mode = KVR_SYNC_RAFT;
             pending_finish(s, p);
@@ -555,6 +574,7 @@ static void flush_batches(kvr_sync *s)
         b->s = s;
         b->seq = ++s->next_seq;
         b->proposed_ms = kvr_mono_ms();
+        int64_t now_ns = s->o.hop_cb ? kvr_mono_ns() : 0;
         if (kvr_entry_begin(&e, s->o.id, s->nonce, b->seq) != 0)
             goto requeue;
         for (uint32_t i = 0; i < n; i++) {
@@ -562,6 +582,10 @@ static void flush_batches(kvr_sync *s)
             if (kvr_entry_add(&e, 0, p->cmd, p->cmd_len) != 0)
                 goto requeue;
             b->items[i] = p;
+            if (now_ns) {
+                hop(s, KVR_SYNC_HOP_QUEUE, p->t_queued_ns, now_ns);
+                p->t_prop_ns = now_ns;
+            }
         }
         b->n = n;
         b->req.data = b;
@@ -609,6 +633,11 @@ static void enqueue_batch(kvr_sync *s, pending *p)
     }
     s->queue[s->n_queue++] = p;
     p->state = P_BATCH;
+    if (s->o.hop_cb) {
+        p->t_queued_ns = kvr_mono_ns();
+        if (!p->t_in_ns)
+            p->t_in_ns = p->t_queued_ns;
+    }
 }
 
 /* The FSM apply: every replica, every entry. */
@@ -789,7 +818,9 @@ static void handle_reply(conn *c, kvr_mp_reader *r, uint32_t n)
         s->m.forward_retries++;
         return;
     }
-    s->m.forward_latency_us_sum += (uint64_t)(kvr_mono_ns() / 1000 - p->fwd_start_us);
+    int64_t now_ns = kvr_mono_ns();
+    hop(s, KVR_SYNC_HOP_FORWARD, p->fwd_start_us * 1000, now_ns);
+    s->m.forward_latency_us_sum += (uint64_t)(now_ns / 1000 - p->fwd_start_us);
     s->m.forward_latency_count++;
     memset(&p->res, 0, sizeof p->res);
     p->res.outcome = (kvr_outcome)outcome;

@@ -109,7 +109,25 @@ typedef struct kvr_sync_options {
      * log on disk with an fsync per entry batch. memory_hold_ms: see memlog.h (0: 4000). */
     bool memory_log;
     uint32_t memory_hold_ms;
+    /* Per-hop latency of route-and-reserve commands (kvr-routerd exports them as
+     * kvr_routerd_raft_hop_seconds{hop}); NULL: not measured. Called on the loop thread. */
+    void (*hop_cb)(void *data, int hop, double seconds);
+    void *hop_data;
 } kvr_sync_options;
+
+/* The hops hop_cb reports. On the leader, per command: QUEUE from arrival (its own or
+ * forwarded by a follower) to its entry being proposed; COMMIT from proposal to committed and
+ * applied; REPLY from applied to its answer handed over (caller's callback, or the forward
+ * connection's buffer); LEADER the whole stay on the leader. On a follower: FORWARD from
+ * sending a command to the leader to its answer arriving (one try). */
+enum {
+    KVR_SYNC_HOP_QUEUE = 0,
+    KVR_SYNC_HOP_COMMIT = 1,
+    KVR_SYNC_HOP_REPLY = 2,
+    KVR_SYNC_HOP_LEADER = 3,
+    KVR_SYNC_HOP_FORWARD = 4,
+    KVR_SYNC_HOP_N = 5
+};
 
 /* Defaults for every field; the caller sets id, raft_addr, peers, data_dir. */
 void kvr_sync_options_default(kvr_sync_options *o);
