@@ -88,6 +88,21 @@ sleep 2
 kvr_kill9 load
 converge 20 "after the leader's restart"
 kvr_log "leader now r$L; routes answered so far: $(grep -c '^route ok=1' "$KVR_TMP/load.out")"
+# per-hop histograms: the leader measured queue/commit/reply/leader, the followers forward
+for h in queue commit reply leader; do
+    n=$(rd_metric "${HP[$L]}" "kvr_routerd_raft_hop_seconds_count{hop=\"$h\"}")
+    [ "${n:-0}" -gt 0 ] 2>/dev/null || kvr_fail "leader r$L: no $h hop observed ($n)"
+done
+fwd=0
+for i in $(others "$L"); do
+    n=$(rd_metric "${HP[$i]}" 'kvr_routerd_raft_hop_seconds_count{hop="forward"}')
+    fwd=$((fwd + ${n:-0}))
+done
+[ "$fwd" -gt 0 ] || kvr_fail "followers observed no forward hop"
+hops=$(curl -s "http://127.0.0.1:${HP[$L]}/metrics" "http://127.0.0.1:${HP[$(others "$L" | cut -d' ' -f1)]}/metrics" |
+    awk -F'[{}" ]+' '/^kvr_routerd_raft_hop_seconds_(sum|count)/ {split($1, a, "_"); v[$3 "_" a[length(a)]] += $4}
+        END {for (k in v) if (k ~ /_count$/) {h = substr(k, 1, length(k) - 6); if (v[k] > 0) printf "%s=%.0fus ", h, 1e6 * v[h "_sum"] / v[k]}}')
+kvr_log "mean per hop (leader r$L + one follower): $hops"
 sleep 5 # past the restarted routers' hold (4 s): they vote again
 
 # 3. a follower is frozen with its log; the other two restart empty: no leader among them
@@ -126,7 +141,7 @@ L=$(rd_common_leader "${HP[1]}" "${HP[2]}" "${HP[3]}")
 [ -n "$L" ] || kvr_fail "no common leader after the whole-group restart: $(digests)"
 converge 20 "after the whole-group restart"
 for i in 1 2 3; do
-    b=$(rd_q "${HP[$i]}" '[.workers[].active_blocks // 0] | add // 0')
+    b=$(rd_q "${HP[$i]}" .bookings)
     kvr_assert_eq "$b" 0 "r$i bookings after the whole-group restart"
 done
 
