@@ -43,6 +43,7 @@ struct pending {
     uint64_t from_rpc;
     bool internal; /* a reconcile re-proposal: nobody waits */
     bool reconcile; /* re-proposes local-mode state: waits RECONCILE_WAIT_MS, not max_wait_ms */
+    bool lazy;      /* FREE or PREFILL_DONE: may wait coalesce_us for company in an entry */
     int state;
     int64_t start_ms, try_deadline_ms;
     int64_t fwd_start_us;
@@ -104,6 +105,7 @@ struct kvr_sync {
     uv_timer_t tick;
     uv_check_t check;
     uv_prepare_t prep;
+    uv_timer_t coalesce; /* wakes flush_batches for a queue of lazy commands */
     uv_tcp_t listener;
     bool listening, started, closing;
     kvr_auth_key key;   /* len 0: forward port unauthenticated (--insecure-cluster) */
@@ -156,6 +158,7 @@ void kvr_sync_options_default(kvr_sync_options *o)
     o->lease_ttl_ms = 10000;
     o->max_request_age_ms = 600000;
     o->port_wait_ms = 10000;
+    o->coalesce_us = 1000;
     o->fsm.cost = kvr_cost_params_default();
 }
 
@@ -354,6 +357,9 @@ static pending *pending_new(kvr_sync *s, const char *cmd, size_t len)
     memcpy(p->cmd, cmd, len);
     p->cmd_len = len;
     p->s = s;
+    /* kvr_cmd_encode: version byte, fixarray, then the type as a positive fixint */
+    p->lazy = len >= 3 && ((uint8_t)cmd[1] & 0xf0) == 0x90 &&
+              ((uint8_t)cmd[2] == KVR_CMD_FREE || (uint8_t)cmd[2] == KVR_CMD_PREFILL_DONE);
     p->start_ms = kvr_mono_ms();
     return p;
 }
@@ -562,8 +568,31 @@ static bool may_propose(kvr_sync *s)
     return s->inflight && kvr_mono_ms() - s->inflight->proposed_ms > 1000;
 }
 
+static void coalesce_due(uv_timer_t *t);
+
+/* True while the queue holds only lazy commands younger than coalesce_us (then the timer is
+ * armed for the oldest one's deadline). */
+static bool coalescing(kvr_sync *s)
+{
+    int64_t oldest = INT64_MAX;
+    for (uint32_t i = 0; i < s->n_queue; i++) {
+        if (!s->queue[i]->lazy)
+            return false;
+        if (s->queue[i]->t_queued_ns < oldest)
+            oldest = s->queue[i]->t_queued_ns;
+    }
+    int64_t wait_ns = oldest + (int64_t)s->o.coalesce_us * 1000 - kvr_mono_ns();
+    if (wait_ns <= 0)
+        return false;
+    if (!uv_is_active((uv_handle_t *)&s->coalesce))
+        uv_timer_start(&s->coalesce, coalesce_due, (uint64_t)((wait_ns + 999999) / 1000000), 0);
+    return true;
+}
+
 static void flush_batches(kvr_sync *s)
 {
+    if (s->n_queue > 0 && may_propose(s) && coalescing(s))
+        return;
     while (s->n_queue > 0 && may_propose(s)) {
         uint32_t n = s->n_queue < s->o.max_batch ? s->n_queue : s->o.max_batch;
         batch *b = calloc(1, sizeof *b);
@@ -619,6 +648,13 @@ static void flush_batches(kvr_sync *s)
     }
 }
 
+static void coalesce_due(uv_timer_t *t)
+{
+    kvr_sync *s = t->data;
+    if (!s->closing)
+        flush_batches(s);
+}
+
 static void enqueue_batch(kvr_sync *s, pending *p)
 {
     if (s->n_queue == s->cap_queue) {
@@ -633,11 +669,9 @@ static void enqueue_batch(kvr_sync *s, pending *p)
     }
     s->queue[s->n_queue++] = p;
     p->state = P_BATCH;
-    if (s->o.hop_cb) {
-        p->t_queued_ns = kvr_mono_ns();
-        if (!p->t_in_ns)
-            p->t_in_ns = p->t_queued_ns;
-    }
+    p->t_queued_ns = kvr_mono_ns();
+    if (!p->t_in_ns)
+        p->t_in_ns = p->t_queued_ns;
 }
 
 /* The FSM apply: every replica, every entry. */
@@ -1359,6 +1393,7 @@ int kvr_sync_init(kvr_sync **out, uv_loop_t *loop, const kvr_sync_options *o, kv
     if (!s->o.f)                                                                                   \
     s->o.f = def.f
     DEF(degraded_after_ms);
+    DEF(coalesce_us);
     DEF(forward_timeout_ms);
     DEF(max_wait_ms);
     DEF(election_timeout_ms);
@@ -1418,9 +1453,11 @@ int kvr_sync_init(kvr_sync **out, uv_loop_t *loop, const kvr_sync_options *o, kv
     s->check.data = s;
     uv_prepare_init(loop, &s->prep);
     s->prep.data = s;
+    uv_timer_init(loop, &s->coalesce);
+    s->coalesce.data = s;
     uv_tcp_init(loop, &s->listener);
     s->listener.data = s;
-    s->handles_open = 4;
+    s->handles_open = 5;
     *out = s;
     return 0;
 fail:
@@ -1591,6 +1628,7 @@ static void cons_closed(void *data)
     uv_close((uv_handle_t *)&s->tick, handle_closed);
     uv_close((uv_handle_t *)&s->check, handle_closed);
     uv_close((uv_handle_t *)&s->prep, handle_closed);
+    uv_close((uv_handle_t *)&s->coalesce, handle_closed);
     uv_close((uv_handle_t *)&s->listener, handle_closed);
     while (s->conns)
         conn_close(s->conns);

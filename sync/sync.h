@@ -109,6 +109,10 @@ typedef struct kvr_sync_options {
      * log on disk with an fsync per entry batch. memory_hold_ms: see memlog.h (0: 4000). */
     bool memory_log;
     uint32_t memory_hold_ms;
+    /* Commands nobody waits for (FREE, PREFILL_DONE) do not open a log entry of their own: a
+     * queue holding only such commands is proposed once its oldest has waited coalesce_us
+     * (default 1000), or at once with the next command someone waits for. */
+    uint32_t coalesce_us;
     /* Per-hop latency of route-and-reserve commands (kvr-routerd exports them as
      * kvr_routerd_raft_hop_seconds{hop}); NULL: not measured. Called on the loop thread. */
     void (*hop_cb)(void *data, int hop, double seconds);
