@@ -36,7 +36,7 @@ typedef struct memlog {
     bool rule_off, restricted, may_vote;
     raft_term start_term;
     raft_index catchup_target; /* leader commit index seen first (0: none yet) */
-    raft_time caught_up_at;     /* 0: not yet */
+    raft_time caught_up_at;    /* 0: not yet */
     uint64_t withheld;
     struct {
         raft_id id;
@@ -46,7 +46,10 @@ typedef struct memlog {
     unsigned n_asked;
 } memlog;
 
-static memlog *ml_of(struct raft_io *io) { return io->impl; }
+static memlog *ml_of(struct raft_io *io)
+{
+    return io->impl;
+}
 
 /* --- deferred completions --- */
 
@@ -153,7 +156,10 @@ static int snap_copy(struct raft_snapshot *dst, const struct raft_snapshot *src)
 
 /* --- the vote rule --- */
 
-static struct raft *raft_of(memlog *m) { return m->outer->data; }
+static struct raft *raft_of(memlog *m)
+{
+    return m->outer->data;
+}
 
 static bool is_other_voter(memlog *m, raft_id id)
 {
@@ -459,8 +465,8 @@ static int ml_send(struct raft_io *io, struct raft_io_send *req, const struct ra
     return m->inner->send(m->inner, req, msg, cb);
 }
 
-static int ml_append(struct raft_io *io, struct raft_io_append *req, const struct raft_entry entries[],
-                     unsigned n, raft_io_append_cb cb)
+static int ml_append(struct raft_io *io, struct raft_io_append *req,
+                     const struct raft_entry entries[], unsigned n, raft_io_append_cb cb)
 {
     (void)entries;
     (void)n;
@@ -491,7 +497,8 @@ static int ml_snapshot_put(struct raft_io *io, unsigned trailing, struct raft_io
     return done_push(m, 1, req, (void *)cb, NULL);
 }
 
-static int ml_snapshot_get(struct raft_io *io, struct raft_io_snapshot_get *req, raft_io_snapshot_get_cb cb)
+static int ml_snapshot_get(struct raft_io *io, struct raft_io_snapshot_get *req,
+                           raft_io_snapshot_get_cb cb)
 {
     memlog *m = ml_of(io);
     if (!m->has_snap)

@@ -48,11 +48,11 @@ int kvr_memlog_init(struct raft_io *io, struct raft_io *inner, uv_loop_t *loop,
                     const kvr_memlog_options *o);
 
 typedef struct kvr_memlog_stats {
-    bool restricted;        /* started with a durable term > 1 (may have forgotten acks) */
-    bool may_vote;          /* the rule lets it grant votes now */
-    uint64_t withheld;      /* vote grants rewritten into refusals */
-    uint64_t start_term;    /* durable term when it started */
-    uint64_t caught_up_ms;  /* io->time when it caught up (0: not yet) */
+    bool restricted;       /* started with a durable term > 1 (may have forgotten acks) */
+    bool may_vote;         /* the rule lets it grant votes now */
+    uint64_t withheld;     /* vote grants rewritten into refusals */
+    uint64_t start_term;   /* durable term when it started */
+    uint64_t caught_up_ms; /* io->time when it caught up (0: not yet) */
 } kvr_memlog_stats;
 void kvr_memlog_get_stats(struct raft_io *io, kvr_memlog_stats *out);
 

@@ -24,8 +24,17 @@ typedef struct fake {
 
 static fake F;
 
-static int f_init(struct raft_io *io, raft_id id, const char *a) { (void)io; (void)id; (void)a; return 0; }
-static void f_close(struct raft_io *io, raft_io_close_cb cb) { cb(io); }
+static int f_init(struct raft_io *io, raft_id id, const char *a)
+{
+    (void)io;
+    (void)id;
+    (void)a;
+    return 0;
+}
+static void f_close(struct raft_io *io, raft_io_close_cb cb)
+{
+    cb(io);
+}
 static int f_load(struct raft_io *io, raft_term *t, raft_id *v, struct raft_snapshot **s,
                   raft_index *start, struct raft_entry *e[], size_t *n)
 {
@@ -40,13 +49,27 @@ static int f_load(struct raft_io *io, raft_term *t, raft_id *v, struct raft_snap
 }
 static int f_start(struct raft_io *io, unsigned ms, raft_io_tick_cb tick, raft_io_recv_cb recv)
 {
-    (void)io; (void)ms; (void)tick;
+    (void)io;
+    (void)ms;
+    (void)tick;
     F.recv = recv;
     return 0;
 }
-static int f_set_term(struct raft_io *io, raft_term t) { (void)io; F.term = t; F.vote = 0; return 0; }
-static int f_set_vote(struct raft_io *io, raft_id id) { (void)io; F.vote = id; return 0; }
-static int f_send(struct raft_io *io, struct raft_io_send *req, const struct raft_message *m, raft_io_send_cb cb)
+static int f_set_term(struct raft_io *io, raft_term t)
+{
+    (void)io;
+    F.term = t;
+    F.vote = 0;
+    return 0;
+}
+static int f_set_vote(struct raft_io *io, raft_id id)
+{
+    (void)io;
+    F.vote = id;
+    return 0;
+}
+static int f_send(struct raft_io *io, struct raft_io_send *req, const struct raft_message *m,
+                  raft_io_send_cb cb)
 {
     (void)io;
     assert_true(F.n_sent < 64);
@@ -56,8 +79,17 @@ static int f_send(struct raft_io *io, struct raft_io_send *req, const struct raf
     F.n_sent++;
     return 0;
 }
-static raft_time f_time(struct raft_io *io) { (void)io; return F.now; }
-static int f_random(struct raft_io *io, int min, int max) { (void)io; (void)max; return min; }
+static raft_time f_time(struct raft_io *io)
+{
+    (void)io;
+    return F.now;
+}
+static int f_random(struct raft_io *io, int min, int max)
+{
+    (void)io;
+    (void)max;
+    return min;
+}
 
 static void fake_io(struct raft_io *io)
 {
@@ -74,9 +106,26 @@ static void fake_io(struct raft_io *io)
     io->random = f_random;
 }
 
-static int fsm_apply(struct raft_fsm *f, const struct raft_buffer *b, void **r) { (void)f; (void)b; *r = NULL; return 0; }
-static int fsm_snapshot(struct raft_fsm *f, struct raft_buffer *b[], unsigned *n) { (void)f; (void)b; (void)n; return RAFT_NOMEM; }
-static int fsm_restore(struct raft_fsm *f, struct raft_buffer *b) { (void)f; (void)b; return RAFT_NOMEM; }
+static int fsm_apply(struct raft_fsm *f, const struct raft_buffer *b, void **r)
+{
+    (void)f;
+    (void)b;
+    *r = NULL;
+    return 0;
+}
+static int fsm_snapshot(struct raft_fsm *f, struct raft_buffer *b[], unsigned *n)
+{
+    (void)f;
+    (void)b;
+    (void)n;
+    return RAFT_NOMEM;
+}
+static int fsm_restore(struct raft_fsm *f, struct raft_buffer *b)
+{
+    (void)f;
+    (void)b;
+    return RAFT_NOMEM;
+}
 
 typedef struct node {
     uv_loop_t loop;
@@ -121,7 +170,10 @@ static void flush(node *n)
     uv_run(&n->loop, UV_RUN_NOWAIT);
 }
 
-static void closed(struct raft *r) { (void)r; }
+static void closed(struct raft *r)
+{
+    (void)r;
+}
 
 static void node_stop(node *n)
 {
