@@ -1327,6 +1327,12 @@ static void http_state(kvr_routerd *rd, kvr_http_req *req)
         char d[24];
         snprintf(d, sizeof(d), "%016" PRIx64, ss.digest);
         kvr_jw_str(&w, d);
+        kvr_jw_key(&w, "log");
+        kvr_jw_str(&w, ss.log_memory ? "memory" : "disk");
+        kvr_jw_key(&w, "vote_restricted");
+        kvr_jw_bool(&w, ss.vote_restricted);
+        kvr_jw_key(&w, "votes_withheld");
+        kvr_jw_u64(&w, ss.votes_withheld);
     } else
 #endif
     {

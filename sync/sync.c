@@ -1691,6 +1691,11 @@ void kvr_sync_get_state(kvr_sync *s, kvr_sync_state *out)
         out->term = kvr_consensus_term(s->cons);
         out->commit_index = kvr_consensus_commit_index(s->cons);
         out->applied_index = kvr_consensus_applied_index(s->cons);
+        kvr_consensus_memlog_stats ms;
+        kvr_consensus_memlog_stats_get(s->cons, &ms);
+        out->log_memory = ms.memory_log;
+        out->vote_restricted = ms.restricted && !ms.may_vote;
+        out->votes_withheld = ms.withheld;
     } else {
         out->role = "unavailable";
     }

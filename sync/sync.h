@@ -194,6 +194,10 @@ typedef struct kvr_sync_state {
      * starting. quorum_lost_since_ms: kvr_mono_ms() when that began (0 when not lost). */
     bool quorum_lost;
     int64_t quorum_lost_since_ms;
+    /* --raft-log memory (memlog.h): log_memory; vote_restricted: restarted with a durable
+     * term > 1 and not yet allowed to vote; votes_withheld: grants turned into refusals. */
+    bool log_memory, vote_restricted;
+    uint64_t votes_withheld;
 } kvr_sync_state;
 void kvr_sync_get_state(kvr_sync *s, kvr_sync_state *out);
 uint64_t kvr_sync_digest(kvr_sync *s);

@@ -103,7 +103,10 @@ hops=$(curl -s "http://127.0.0.1:${HP[$L]}/metrics" "http://127.0.0.1:${HP[$(oth
     awk -F'[{}" ]+' '/^kvr_routerd_raft_hop_seconds_(sum|count)/ {split($1, a, "_"); v[$3 "_" a[length(a)]] += $4}
         END {for (k in v) if (k ~ /_count$/) {h = substr(k, 1, length(k) - 6); if (v[k] > 0) printf "%s=%.0fus ", h, 1e6 * v[h "_sum"] / v[k]}}')
 kvr_log "mean per hop (leader r$L + one follower): $hops"
-sleep 5 # past the restarted routers' hold (4 s): they vote again
+# the restarted routers caught up from the leader: after the hold (4 s) they vote again
+unrestricted() { for i in 1 2 3; do [ "$(rd_q "${HP[$i]}" .raft.vote_restricted)" = false ] || return 1; done; }
+kvr_wait_for 15 unrestricted || kvr_fail "a restarted router never regained its vote: $(for i in 1 2 3; do rd_q "${HP[$i]}" .raft.vote_restricted; done | tr '\n' ' ')"
+for i in 1 2 3; do kvr_assert_eq "$(rd_q "${HP[$i]}" .raft.log)" memory "r$i raft.log"; done
 
 # 3. a follower is frozen with its log; the other two restart empty: no leader among them
 S=$(others "$L" | cut -d' ' -f1)
@@ -122,7 +125,11 @@ for ((k = 0; k < 60; k++)); do
     sleep 0.1
 done
 [ -z "$elected" ] || kvr_fail "$elected was elected by routers restarted empty while r$S (holding the log) was frozen"
-kvr_log "no leader among r$X and r$Y in 6 s (correct); resuming r$S"
+withheld=$(($(rd_q "${HP[$X]}" .raft.votes_withheld) + $(rd_q "${HP[$Y]}" .raft.votes_withheld)))
+kvr_log "no leader among r$X and r$Y in 6 s (correct; votes withheld: $withheld); resuming r$S"
+if [ "${KVR_TEST_NO_VOTE_RULE:-0}" != 1 ]; then
+    [ "$withheld" -gt 0 ] || kvr_fail "no vote was withheld (nobody asked?)"
+fi
 kill -CONT "$(kvr_pid "r$S")"
 L=$(rd_common_leader "${HP[1]}" "${HP[2]}" "${HP[3]}")
 [ -n "$L" ] || L=$(rd_common_leader "${HP[1]}" "${HP[2]}" "${HP[3]}")
