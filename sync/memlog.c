@@ -35,7 +35,7 @@ typedef struct memlog {
     /* vote rule */
     bool rule_off, restricted, may_vote;
     raft_term start_term;
-    raft_index catchup_target; /* leader commit index seen first (0: none yet) */
+    raft_index catchup_target; /* the first leader's last (or commit) index seen (0: none yet) */
     raft_time caught_up_at;    /* 0: not yet */
     uint64_t withheld;
     struct {
@@ -248,6 +248,12 @@ static void inner_recv(struct raft_io *inner, struct raft_message *msg)
     if (msg->type == RAFT_IO_APPEND_ENTRIES) {
         leader_term = msg->append_entries.term;
         leader_commit = msg->append_entries.leader_commit;
+        /* the leader sends everything from the follower's next index to its last index: the
+         * end of this message is the leader's last index when it sent it, a moment after we
+         * restarted. Holding up to there means holding every entry we acknowledged before. */
+        raft_index end = msg->append_entries.prev_log_index + msg->append_entries.n_entries;
+        if (end > leader_commit)
+            leader_commit = end;
     } else if (msg->type == RAFT_IO_INSTALL_SNAPSHOT) {
         leader_term = msg->install_snapshot.term;
         leader_commit = msg->install_snapshot.last_index;

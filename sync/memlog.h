@@ -17,8 +17,9 @@
  * must not hand a majority to a candidate that lacks them. Until it is "caught up" memlog
  * rewrites every vote it would grant (RequestVote and pre-vote results) into a refusal, except:
  *  - caught up: it accepted entries from a leader of a term >= its durable term at start until
- *    its last index reached that leader's commit index, and then hold_ms more passed (for acks
- *    it sent before dying that were still in flight); from then on it votes normally;
+ *    its last index reached the end of that leader's first message (its last index then) or
+ *    its commit index, whichever is larger, and then hold_ms more passed (a margin for acks it
+ *    sent before dying that were still in flight); from then on it votes normally;
  *  - whole-group restart: every other voter of the configuration has asked it for a vote
  *    since it started; then it grants a candidate whose last log (term, index) is at least as
  *    up to date as every log it saw in those requests (all empty after a whole-group restart:
