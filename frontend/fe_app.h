@@ -55,7 +55,7 @@ typedef struct fe_app {
     uint64_t next_req;
     char lease_subject[64];
     /* metrics */
-    kvr_metric *m_requests, *m_responses, *m_ttft, *m_e2e, *m_route_lat, *m_active, *m_upstream_err,
+    kvr_metric *m_requests, *m_responses, *m_ttft, *m_e2e, *m_route_lat, *m_route_rtt, *m_active, *m_upstream_err,
         *m_fallback, *m_route_tries, *m_retries, *m_route_mode, *m_workers, *m_hb_rejected,
         *m_disconnects;
     uint64_t active_streams;
@@ -113,6 +113,7 @@ typedef struct fe_call {
     bool route_pending;
     bool booked; /* a router booked it, or may have: send events */
     int64_t t_start_ns, t_route_ns, t_first_ns;
+    int64_t t_try_ns; /* the current kvr.route try was sent (kvr_frontend_route_rtt_seconds) */
     /* upstream */
     kvr_curl_req *up;
     char url[FE_URL_MAX];

@@ -39,6 +39,8 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
 {
     fe_call *c = cbdata;
     c->route_pending = false;
+    if (status == 0 && c->t_try_ns)
+        kvr_metric_observe(app.m_route_rtt, 0, (double)(kvr_mono_ns() - c->t_try_ns) / 1e9);
     if (!c->req || c->client_gone) {
         /* A router may have booked it: free it (routers ignore unknown ids). */
         if (status == 0) {
@@ -132,6 +134,7 @@ void send_route(fe_call *c)
     int rc = kvr_route_req_encode(&b, &rq);
     free(hs);
     c->tries++;
+    c->t_try_ns = kvr_mono_ns();
     kvr_metric_inc(app.m_route_tries);
     if (!rc)
         rc = kvr_nats_request(&app.nats, "kvr.route", b.base, b.len, (uint32_t)app.route_timeout_ms,

@@ -58,6 +58,10 @@ static int register_metrics(void)
     app.m_route_lat =
         kvr_metrics_histogram(m, "kvr_frontend_route_seconds", "route decision latency (all tries)",
                               route_b, sizeof route_b / sizeof *route_b, NULL, NULL);
+    app.m_route_rtt = kvr_metrics_histogram(
+        m, "kvr_frontend_route_rtt_seconds",
+        "kvr.route round trip of one answered try (request published to reply received)", route_b,
+        sizeof route_b / sizeof *route_b, NULL, NULL);
     app.m_active = kvr_metrics_gauge(m, "kvr_frontend_active_streams",
                                      "SSE streams open to clients", NULL, NULL);
     app.m_upstream_err = kvr_metrics_counter(m, "kvr_frontend_upstream_errors_total",
@@ -107,6 +111,7 @@ static int register_metrics(void)
     if (fe_hits_metrics(m) != 0)
         return KVR_ENOMEM;
     if (!app.m_requests || !app.m_responses || !app.m_ttft || !app.m_e2e || !app.m_route_lat ||
+        !app.m_route_rtt ||
         !app.m_active || !app.m_upstream_err || !app.m_fallback || !app.m_route_tries ||
         !app.m_retries || !app.m_route_mode || !app.m_workers || !app.m_hb_rejected ||
         !app.m_disconnects)

@@ -45,6 +45,7 @@ int main(int argc, char **argv)
     bool join = false, best_effort = false, insecure_cluster = false;
     bool no_lora_filter = false, no_mdc_filter = false;
     const char *cluster_secret_file = "";
+    const char *raft_log = "memory";
     kvr_nats_flags nats_sec = {0};
     kvr_flag flags[] = {
         KVR_NATS_FLAG_ENTRIES(&nats_sec),
@@ -72,6 +73,7 @@ int main(int argc, char **argv)
         {"best-effort", KVR_FLAG_BOOL, &best_effort, "without --peers: broadcast bookings to the other routers instead of agreeing on them (measurement baseline)", false},
         {"raft-max-inflight", KVR_FLAG_INT, &raft_max_inflight, "Raft log entries awaiting commit before new commands wait for the next (group commit; 0: default 1)", false},
         {"raft-snapshot-threshold", KVR_FLAG_INT, &raft_snapshot_threshold, "Raft log entries between snapshots (0: default 8192; a quarter of it is kept after each)", false},
+        {"raft-log", KVR_FLAG_STRING, &raft_log, "memory|disk: where the Raft log and snapshots live (memory: term and vote still on disk, see docs/DESIGN.md)", false},
         {"election-timeout", KVR_FLAG_DURATION, &election_ms, "Raft election timeout (a dead leader is replaced within ~1-2x this)", false},
         {"max-request-tokens", KVR_FLAG_INT, &max_request_tokens, "token ids one route/match request may carry (sizes the HTTP body limit)", false},
         {"cluster-secret-file", KVR_FLAG_STRING, &cluster_secret_file, "shared secret (16-1024 bytes, mode 600) routers prove to each other on the Raft and forward ports", false},
@@ -119,6 +121,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvr-routerd: --best-effort is for routers without --peers\n");
         return 2;
     }
+    if (strcmp(raft_log, "memory") != 0 && strcmp(raft_log, "disk") != 0) {
+        fprintf(stderr, "kvr-routerd: --raft-log must be memory or disk\n");
+        return 2;
+    }
     if (*peers && !*raft_addr) {
         fprintf(stderr, "kvr-routerd: --peers needs --raft-addr\n");
         return 2;
@@ -163,6 +169,7 @@ int main(int argc, char **argv)
         .election_timeout_ms = election_ms,
         .raft_max_inflight = raft_max_inflight,
         .raft_snapshot_threshold = raft_snapshot_threshold,
+        .raft_log_memory = strcmp(raft_log, "memory") == 0,
         .max_request_tokens = max_request_tokens,
         .best_effort = best_effort,
         .cluster_secret_file = *cluster_secret_file ? cluster_secret_file : NULL,

@@ -157,7 +157,7 @@ struct kvr_routerd {
     kvr_http_server http;
     kvr_metrics *metrics;
     kvr_metric *m_events_applied, *m_blocks_applied, *m_events_rejected, *m_stream_lag,
-        *m_stream_seq, *m_route_decisions, *m_route_errors, *m_route_latency, *m_index_entries,
+        *m_stream_seq, *m_route_decisions, *m_route_errors, *m_route_latency, *m_raft_hop, *m_index_entries,
         *m_index_blocks, *m_index_bytes, *m_snap_duration, *m_snap_bytes, *m_snaps,
         *m_snap_failures, *m_ready_s, *m_workers_up, *m_workers_refused, *m_replayed,
         *m_nats_reconnects, *m_consumer_restarts, *m_nats_backpressure, *m_unknown_worker,
@@ -1675,6 +1675,12 @@ static void http_state(kvr_routerd *rd, kvr_http_req *req)
         char d[24];
         snprintf(d, sizeof(d), "%016" PRIx64, ss.digest);
         kvr_jw_str(&w, d);
+        kvr_jw_key(&w, "log");
+        kvr_jw_str(&w, ss.log_memory ? "memory" : "disk");
+        kvr_jw_key(&w, "vote_restricted");
+        kvr_jw_bool(&w, ss.vote_restricted);
+        kvr_jw_key(&w, "votes_withheld");
+        kvr_jw_u64(&w, ss.votes_withheld);
     } else
 #endif
     {
@@ -2352,6 +2358,13 @@ static void register_metrics(kvr_routerd *rd)
         m, "kvr_routerd_route_latency_seconds",
         "Route request latency inside the router (request on the loop to reply sent)",
         route_buckets, sizeof(route_buckets) / sizeof(route_buckets[0]), NULL, NULL);
+    static const char *const hops[] = {"queue", "commit", "reply", "leader", "forward", NULL};
+    rd->m_raft_hop = kvr_metrics_histogram(
+        m, "kvr_routerd_raft_hop_seconds",
+        "Raft route-and-reserve per hop: queue (arrival on the leader to proposal), commit "
+        "(proposal to applied), reply (applied to answer handed over), leader (whole stay on the "
+        "leader), forward (follower: forward sent to answer received)",
+        route_buckets, sizeof(route_buckets) / sizeof(route_buckets[0]), "hop", hops);
     rd->m_index_entries = kvr_metrics_gauge(m, "kvr_routerd_index_entries", "Index entries (worker x block)", NULL, NULL);
     rd->m_index_blocks = kvr_metrics_gauge(m, "kvr_routerd_index_blocks", "Distinct blocks in the index", NULL, NULL);
     rd->m_index_bytes = kvr_metrics_gauge(m, "kvr_routerd_index_bytes", "Heap bytes of the index", NULL, NULL);
@@ -2421,6 +2434,16 @@ static int mkdir_p(const char *path)
     return 0;
 }
 
+#ifdef KVR_ROUTERD_HAVE_SYNC
+/* kvr_sync's per-hop latencies (sync.h KVR_SYNC_HOP_*: same order as the label values). */
+static void raft_hop_observe(void *data, int hop, double seconds)
+{
+    kvr_routerd *rd = data;
+    if (rd->m_raft_hop)
+        kvr_metric_observe(rd->m_raft_hop, (size_t)hop, seconds);
+}
+#endif
+
 int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_config *cfg)
 {
     kvr_routerd *rd = calloc(1, sizeof(*rd));
@@ -2486,6 +2509,13 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
         char raft_dir[4096];
         snprintf(raft_dir, sizeof(raft_dir), "%s/raft", rd->data_dir);
         so.data_dir = raft_dir;
+        so.memory_log = cfg->raft_log_memory;
+        so.hop_cb = raft_hop_observe;
+        so.hop_data = rd;
+        /* tests only: shorten memlog's post-catch-up hold */
+        const char *hold = getenv("KVR_TEST_MEMLOG_HOLD_MS");
+        if (hold && *hold)
+            so.memory_hold_ms = (uint32_t)strtoul(hold, NULL, 10);
         if (cfg->degraded_after_ms > 0)
             so.degraded_after_ms = (uint32_t)cfg->degraded_after_ms;
         if (cfg->raft_max_inflight > 0)

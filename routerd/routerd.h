@@ -49,6 +49,7 @@ typedef struct kvr_routerd_config {
     int64_t election_timeout_ms; /* 0: kvr_sync's default */
     int64_t raft_max_inflight;   /* 0: kvr_sync's default (entries awaiting commit) */
     int64_t raft_snapshot_threshold; /* 0: kvr_sync's default; trailing is a quarter of it */
+    bool raft_log_memory;            /* --raft-log memory (the default) vs disk */
     /* Best-effort booking (only without peers), the scheme kvroute's Raft mode replaces and
      * kept to measure what it avoids: each router books on its own state machine and
      * broadcasts every booking (pinned to the worker it chose), prefill_done and free on

@@ -2,6 +2,7 @@
 
 #include "auth_transport.h"
 #include "kvr_log.h"
+#include "memlog.h"
 
 #include <errno.h>
 #include <netinet/in.h>
@@ -16,7 +17,9 @@
 struct kvr_consensus {
     uv_loop_t *loop;
     struct raft_uv_transport transport;
-    struct raft_io io;
+    struct raft_io io;    /* what raft uses: uv_io itself, or memlog wrapping uv_io */
+    struct raft_io uv_io; /* raft_uv (network, timers, term and vote; the log in disk mode) */
+    bool memlog_inited;
     struct raft_fsm fsm;
     struct raft raft;
     kvr_consensus_fsm *cbs;
@@ -275,12 +278,26 @@ int kvr_consensus_init(kvr_consensus **out, uv_loop_t *loop, const kvr_consensus
         c->transport.connect = nodelay_connect;
         c->transport.listen = nodelay_listen;
     }
-    if ((rc = raft_uv_init(&c->io, loop, c->data_dir, &c->transport)) != 0) {
+    if ((rc = raft_uv_init(&c->uv_io, loop, c->data_dir, &c->transport)) != 0) {
         rc = kvr_err_set(err, KVR_EIO, "consensus: raft_uv_init %s: %s", c->data_dir, raft_strerror(rc));
         goto fail;
     }
     c->io_inited = true;
-    if ((rc = raft_init(&c->raft, &c->io, &c->fsm, c->id, c->addr)) != 0) {
+    struct raft_io *io = &c->uv_io;
+    if (o->memory_log) {
+        kvr_memlog_options mo = {.bootstrap = NULL, .hold_ms = o->memory_hold_ms};
+        if ((rc = kvr_memlog_init(&c->io, &c->uv_io, loop, &mo)) != 0) {
+            rc = kvr_err_set(err, KVR_ENOMEM, "consensus: memory log: %s", raft_strerror(rc));
+            goto fail;
+        }
+        c->memlog_inited = true;
+        io = &c->io;
+        /* tests only: show what the vote rule prevents (tests/routerd/test_raft_mem.sh) */
+        const char *off = getenv("KVR_TEST_NO_VOTE_RULE");
+        if (off && *off == '1')
+            kvr_memlog_disable_vote_rule(&c->io, true);
+    }
+    if ((rc = raft_init(&c->raft, io, &c->fsm, c->id, c->addr)) != 0) {
         rc = kvr_err_set(err, KVR_EIO, "consensus: raft_init: %s (%s)", raft_strerror(rc),
                          raft_errmsg(&c->raft));
         goto fail;
@@ -303,8 +320,10 @@ int kvr_consensus_init(kvr_consensus **out, uv_loop_t *loop, const kvr_consensus
 fail:
     /* Before raft_init succeeded nothing async is running: uv/tcp backends close synchronously
      * enough to free here only if raft_init never took them; close them through raft when it did. */
+    if (c->memlog_inited && !c->raft_inited)
+        kvr_memlog_discard(&c->io);
     if (c->io_inited && !c->raft_inited)
-        raft_uv_close(&c->io);
+        raft_uv_close(&c->uv_io);
     if (c->transport_inited && !c->raft_inited)
         transport_free(c);
     free(c->data_dir);
@@ -486,6 +505,25 @@ const char *kvr_consensus_peer_addr(kvr_consensus *c, uint32_t id)
     return NULL;
 }
 
+void kvr_consensus_memlog_stats_get(kvr_consensus *c, kvr_consensus_memlog_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!c->memlog_inited)
+        return;
+    kvr_memlog_stats st;
+    kvr_memlog_get_stats(&c->io, &st);
+    out->memory_log = true;
+    out->restricted = st.restricted;
+    out->may_vote = st.may_vote;
+    out->withheld = st.withheld;
+}
+
+void kvr_consensus_disable_vote_rule(kvr_consensus *c)
+{
+    if (c->memlog_inited)
+        kvr_memlog_disable_vote_rule(&c->io, true);
+}
+
 static bool snapshot_in_progress(kvr_consensus *c)
 {
     return c->raft.snapshot.pending.term != 0 || c->raft.snapshot.put.data != NULL;
@@ -508,7 +546,7 @@ static void raft_closed(struct raft *r)
 {
     kvr_consensus *c = r->data;
     /* P9: the backends are closed from raft's close callback. */
-    raft_uv_close(&c->io);
+    raft_uv_close(&c->uv_io); /* memlog (memory mode) freed itself in its close */
     transport_free(c);
     /* Free on a later callback so the backends' own handle closes run first. */
     uv_close((uv_handle_t *)&c->free_timer, free_timer_closed);

@@ -62,6 +62,10 @@ typedef struct kvr_consensus_options {
      * handshake first (auth_transport.h). NULL or empty: raft's own unauthenticated TCP
      * transport (the caller decided that is acceptable, e.g. --insecure-cluster). */
     const kvr_auth_key *auth_key;
+    /* true: entries and snapshots in memory, term and vote on disk, with memlog.h's vote rule
+     * (--raft-log memory); false: raft_uv's log on disk, an fsync per entry batch. */
+    bool memory_log;
+    unsigned memory_hold_ms; /* memlog's wait after catching up; 0: its default (4 s) */
 } kvr_consensus_options;
 
 int kvr_consensus_init(kvr_consensus **out, uv_loop_t *loop, const kvr_consensus_options *o,
@@ -119,6 +123,15 @@ uint64_t kvr_consensus_applied_index(kvr_consensus *c);
 uint32_t kvr_consensus_id(kvr_consensus *c);
 /* Address of peer id from the current configuration (NULL if unknown). */
 const char *kvr_consensus_peer_addr(kvr_consensus *c, uint32_t id);
+
+/* Memory log only (else zeros): see kvr_memlog_stats. */
+typedef struct kvr_consensus_memlog_stats {
+    bool memory_log, restricted, may_vote;
+    uint64_t withheld;
+} kvr_consensus_memlog_stats;
+void kvr_consensus_memlog_stats_get(kvr_consensus *c, kvr_consensus_memlog_stats *out);
+/* Tests only: switch memlog's vote rule off (KVR_TEST_NO_VOTE_RULE=1 in routerd). */
+void kvr_consensus_disable_vote_rule(kvr_consensus *c);
 
 /* raft_close, then raft_uv_close + raft_uv_tcp_close; close_cb after which c is freed.
  * Pending proposals fail with KVR_ECLOSED (or KVR_EAGAIN) before close_cb. */

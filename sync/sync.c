@@ -43,9 +43,13 @@ struct pending {
     uint64_t from_rpc;
     bool internal; /* a reconcile re-proposal: nobody waits */
     bool reconcile; /* re-proposes local-mode state: waits RECONCILE_WAIT_MS, not max_wait_ms */
+    bool lazy;      /* FREE or PREFILL_DONE: may wait coalesce_us for company in an entry */
     int state;
     int64_t start_ms, try_deadline_ms;
     int64_t fwd_start_us;
+    /* hop stamps (kvr_mono_ns; 0: not reached): arrival on the leader, queued, proposed,
+     * committed */
+    int64_t t_in_ns, t_queued_ns, t_prop_ns, t_commit_ns;
     uint64_t rpc_id;
     conn *via;
     kvr_sync_mode mode;
@@ -101,6 +105,7 @@ struct kvr_sync {
     uv_timer_t tick;
     uv_check_t check;
     uv_prepare_t prep;
+    uv_timer_t coalesce; /* wakes flush_batches for a queue of lazy commands */
     uv_tcp_t listener;
     bool listening, started, closing;
     kvr_auth_key key;   /* len 0: forward port unauthenticated (--insecure-cluster) */
@@ -153,6 +158,7 @@ void kvr_sync_options_default(kvr_sync_options *o)
     o->lease_ttl_ms = 10000;
     o->max_request_age_ms = 600000;
     o->port_wait_ms = 10000;
+    o->coalesce_us = 1000;
     o->fsm.cost = kvr_cost_params_default();
 }
 
@@ -253,6 +259,12 @@ static int send_reply(conn *c, uint64_t rpc, int status, const kvr_fsm_result *r
 /* ---------------------------------------------------------------------------------------- */
 /* Completion */
 
+static void hop(kvr_sync *s, int h, int64_t from_ns, int64_t now_ns)
+{
+    if (s->o.hop_cb && from_ns > 0 && now_ns >= from_ns)
+        s->o.hop_cb(s->o.hop_data, h, (double)(now_ns - from_ns) / 1e9);
+}
+
 static void pending_free(pending *p)
 {
     free(p->cmd);
@@ -265,6 +277,11 @@ static void pending_finish(kvr_sync *s, pending *p)
     if (p->prev)
         plist_del(s, p);
     fwd_slot_clear(s, p);
+    if (p->t_commit_ns && p->status == 0 && s->o.hop_cb) {
+        int64_t now = kvr_mono_ns();
+        hop(s, KVR_SYNC_HOP_REPLY, p->t_commit_ns, now);
+        hop(s, KVR_SYNC_HOP_LEADER, p->t_in_ns, now);
+    }
     if (p->from) {
         send_reply(p->from, p->from_rpc, p->status, p->have_res ? &p->res : NULL);
     } else if (p->cb) {
@@ -340,6 +357,9 @@ static pending *pending_new(kvr_sync *s, const char *cmd, size_t len)
     memcpy(p->cmd, cmd, len);
     p->cmd_len = len;
     p->s = s;
+    /* kvr_cmd_encode: version byte, fixarray, then the type as a positive fixint */
+    p->lazy = len >= 3 && ((uint8_t)cmd[1] & 0xf0) == 0x90 &&
+              ((uint8_t)cmd[2] == KVR_CMD_FREE || (uint8_t)cmd[2] == KVR_CMD_PREFILL_DONE);
     p->start_ms = kvr_mono_ms();
     return p;
 }
@@ -508,9 +528,14 @@ static void batch_cb(kvr_consensus_req *req, int status)
             s->inflight_tail = prev;
         s->n_inflight--;
     }
+    int64_t now_ns = s->o.hop_cb ? kvr_mono_ns() : 0;
     for (uint32_t i = 0; i < b->n; i++) {
         pending *p = b->items[i];
         if (status == 0 && p->have_res) {
+            if (now_ns) {
+                hop(s, KVR_SYNC_HOP_COMMIT, p->t_prop_ns, now_ns);
+                p->t_commit_ns = now_ns;
+            }
             p->status = 0;
             p->mode = KVR_SYNC_RAFT;
             pending_finish(s, p);
@@ -543,8 +568,31 @@ static bool may_propose(kvr_sync *s)
     return s->inflight && kvr_mono_ms() - s->inflight->proposed_ms > 1000;
 }
 
+static void coalesce_due(uv_timer_t *t);
+
+/* True while the queue holds only lazy commands younger than coalesce_us (then the timer is
+ * armed for the oldest one's deadline). */
+static bool coalescing(kvr_sync *s)
+{
+    int64_t oldest = INT64_MAX;
+    for (uint32_t i = 0; i < s->n_queue; i++) {
+        if (!s->queue[i]->lazy)
+            return false;
+        if (s->queue[i]->t_queued_ns < oldest)
+            oldest = s->queue[i]->t_queued_ns;
+    }
+    int64_t wait_ns = oldest + (int64_t)s->o.coalesce_us * 1000 - kvr_mono_ns();
+    if (wait_ns <= 0)
+        return false;
+    if (!uv_is_active((uv_handle_t *)&s->coalesce))
+        uv_timer_start(&s->coalesce, coalesce_due, (uint64_t)((wait_ns + 999999) / 1000000), 0);
+    return true;
+}
+
 static void flush_batches(kvr_sync *s)
 {
+    if (s->n_queue > 0 && may_propose(s) && coalescing(s))
+        return;
     while (s->n_queue > 0 && may_propose(s)) {
         uint32_t n = s->n_queue < s->o.max_batch ? s->n_queue : s->o.max_batch;
         batch *b = calloc(1, sizeof *b);
@@ -555,6 +603,7 @@ static void flush_batches(kvr_sync *s)
         b->s = s;
         b->seq = ++s->next_seq;
         b->proposed_ms = kvr_mono_ms();
+        int64_t now_ns = s->o.hop_cb ? kvr_mono_ns() : 0;
         if (kvr_entry_begin(&e, s->o.id, s->nonce, b->seq) != 0)
             goto requeue;
         for (uint32_t i = 0; i < n; i++) {
@@ -562,6 +611,10 @@ static void flush_batches(kvr_sync *s)
             if (kvr_entry_add(&e, 0, p->cmd, p->cmd_len) != 0)
                 goto requeue;
             b->items[i] = p;
+            if (now_ns) {
+                hop(s, KVR_SYNC_HOP_QUEUE, p->t_queued_ns, now_ns);
+                p->t_prop_ns = now_ns;
+            }
         }
         b->n = n;
         b->req.data = b;
@@ -595,6 +648,13 @@ static void flush_batches(kvr_sync *s)
     }
 }
 
+static void coalesce_due(uv_timer_t *t)
+{
+    kvr_sync *s = t->data;
+    if (!s->closing)
+        flush_batches(s);
+}
+
 static void enqueue_batch(kvr_sync *s, pending *p)
 {
     if (s->n_queue == s->cap_queue) {
@@ -609,6 +669,9 @@ static void enqueue_batch(kvr_sync *s, pending *p)
     }
     s->queue[s->n_queue++] = p;
     p->state = P_BATCH;
+    p->t_queued_ns = kvr_mono_ns();
+    if (!p->t_in_ns)
+        p->t_in_ns = p->t_queued_ns;
 }
 
 /* The FSM apply: every replica, every entry. */
@@ -794,7 +857,9 @@ static void handle_reply(conn *c, kvr_mp_reader *r, uint32_t n)
         s->m.forward_retries++;
         return;
     }
-    s->m.forward_latency_us_sum += (uint64_t)(kvr_mono_ns() / 1000 - p->fwd_start_us);
+    int64_t now_ns = kvr_mono_ns();
+    hop(s, KVR_SYNC_HOP_FORWARD, p->fwd_start_us * 1000, now_ns);
+    s->m.forward_latency_us_sum += (uint64_t)(now_ns / 1000 - p->fwd_start_us);
     s->m.forward_latency_count++;
     memset(&p->res, 0, sizeof p->res);
     p->res.outcome = (kvr_outcome)outcome;
@@ -1333,6 +1398,7 @@ int kvr_sync_init(kvr_sync **out, uv_loop_t *loop, const kvr_sync_options *o, kv
     if (!s->o.f)                                                                                   \
     s->o.f = def.f
     DEF(degraded_after_ms);
+    DEF(coalesce_us);
     DEF(forward_timeout_ms);
     DEF(max_wait_ms);
     DEF(election_timeout_ms);
@@ -1379,6 +1445,8 @@ int kvr_sync_init(kvr_sync **out, uv_loop_t *loop, const kvr_sync_options *o, kv
         .snapshot_threshold = s->o.snapshot_threshold,
         .snapshot_trailing = s->o.snapshot_trailing,
         .auth_key = s->key.len ? &s->key : NULL,
+        .memory_log = o->memory_log,
+        .memory_hold_ms = o->memory_hold_ms,
     };
     if ((rc = kvr_consensus_init(&s->cons, loop, &co, &s->cfsm, err)) != 0) {
         kvr_err_wrap(err, rc, "sync node %u", o->id);
@@ -1390,9 +1458,11 @@ int kvr_sync_init(kvr_sync **out, uv_loop_t *loop, const kvr_sync_options *o, kv
     s->check.data = s;
     uv_prepare_init(loop, &s->prep);
     s->prep.data = s;
+    uv_timer_init(loop, &s->coalesce);
+    s->coalesce.data = s;
     uv_tcp_init(loop, &s->listener);
     s->listener.data = s;
-    s->handles_open = 4;
+    s->handles_open = 5;
     *out = s;
     return 0;
 fail:
@@ -1563,6 +1633,7 @@ static void cons_closed(void *data)
     uv_close((uv_handle_t *)&s->tick, handle_closed);
     uv_close((uv_handle_t *)&s->check, handle_closed);
     uv_close((uv_handle_t *)&s->prep, handle_closed);
+    uv_close((uv_handle_t *)&s->coalesce, handle_closed);
     uv_close((uv_handle_t *)&s->listener, handle_closed);
     while (s->conns)
         conn_close(s->conns);
@@ -1625,6 +1696,11 @@ void kvr_sync_get_state(kvr_sync *s, kvr_sync_state *out)
         out->term = kvr_consensus_term(s->cons);
         out->commit_index = kvr_consensus_commit_index(s->cons);
         out->applied_index = kvr_consensus_applied_index(s->cons);
+        kvr_consensus_memlog_stats ms;
+        kvr_consensus_memlog_stats_get(s->cons, &ms);
+        out->log_memory = ms.memory_log;
+        out->vote_restricted = ms.restricted && !ms.may_vote;
+        out->votes_withheld = ms.withheld;
     } else {
         out->role = "unavailable";
     }

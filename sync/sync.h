@@ -112,7 +112,34 @@ typedef struct kvr_sync_options {
      * worker's AllBlocksCleared with a JetStream msg-id built from it). NULL: not called. */
     void (*worker_down_cb)(void *data, uint64_t worker_id, uint64_t down_seq);
     void *worker_down_data;
+    /* true: the Raft log and snapshots in memory, term and vote on disk (consensus.h,
+     * memlog.h; kvr-routerd's default, --raft-log memory); false (this struct's default): the
+     * log on disk with an fsync per entry batch. memory_hold_ms: see memlog.h (0: 4000). */
+    bool memory_log;
+    uint32_t memory_hold_ms;
+    /* Commands nobody waits for (FREE, PREFILL_DONE) do not open a log entry of their own: a
+     * queue holding only such commands is proposed once its oldest has waited coalesce_us
+     * (default 1000), or at once with the next command someone waits for. */
+    uint32_t coalesce_us;
+    /* Per-hop latency of route-and-reserve commands (kvr-routerd exports them as
+     * kvr_routerd_raft_hop_seconds{hop}); NULL: not measured. Called on the loop thread. */
+    void (*hop_cb)(void *data, int hop, double seconds);
+    void *hop_data;
 } kvr_sync_options;
+
+/* The hops hop_cb reports. On the leader, per command: QUEUE from arrival (its own or
+ * forwarded by a follower) to its entry being proposed; COMMIT from proposal to committed and
+ * applied; REPLY from applied to its answer handed over (caller's callback, or the forward
+ * connection's buffer); LEADER the whole stay on the leader. On a follower: FORWARD from
+ * sending a command to the leader to its answer arriving (one try). */
+enum {
+    KVR_SYNC_HOP_QUEUE = 0,
+    KVR_SYNC_HOP_COMMIT = 1,
+    KVR_SYNC_HOP_REPLY = 2,
+    KVR_SYNC_HOP_LEADER = 3,
+    KVR_SYNC_HOP_FORWARD = 4,
+    KVR_SYNC_HOP_N = 5
+};
 
 /* Defaults for every field; the caller sets id, raft_addr, peers, data_dir. */
 void kvr_sync_options_default(kvr_sync_options *o);
@@ -175,6 +202,10 @@ typedef struct kvr_sync_state {
      * starting. quorum_lost_since_ms: kvr_mono_ms() when that began (0 when not lost). */
     bool quorum_lost;
     int64_t quorum_lost_since_ms;
+    /* --raft-log memory (memlog.h): log_memory; vote_restricted: restarted with a durable
+     * term > 1 and not yet allowed to vote; votes_withheld: grants turned into refusals. */
+    bool log_memory, vote_restricted;
+    uint64_t votes_withheld;
 } kvr_sync_state;
 void kvr_sync_get_state(kvr_sync *s, kvr_sync_state *out);
 uint64_t kvr_sync_digest(kvr_sync *s);

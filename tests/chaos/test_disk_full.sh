@@ -20,7 +20,9 @@ for i in 1 2 3; do
     RDATA[$i]=$KVR_TMP/r$i
     RPREFIX[$i]="unshare -m --propagation private bash $HERE/tmpfs_exec.sh ${RDATA[$i]} $SIZE"
 done
-CHAOS_ROUTER_ARGS="--snapshot-interval 2s --election-timeout 500ms --raft-snapshot-threshold 256"
+# --raft-log disk: the case is a Raft log that cannot be written (with the memory log, the
+# default, only elections and the LMDB index snapshots write to the disk).
+CHAOS_ROUTER_ARGS="--raft-log disk --snapshot-interval 2s --election-timeout 500ms --raft-snapshot-threshold 256"
 chaos_cluster lo
 L=$(chaos_leader 15) || kvr_fail "no leader"
 in_ns() { nsenter -t "$(kvr_pid "router$1")" -m -- "${@:2}"; }

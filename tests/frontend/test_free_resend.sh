@@ -33,6 +33,9 @@ curl -s -N --max-time 60 "$F/v1/completions" \
 cpid=$!
 booked() { [ "$(bookings)" = 1 ]; }
 kvr_wait_for 10 booked || kvr_fail "the stream was not booked on the router ($(bookings))"
+# issue 19: the route round trip of the answered try is in the frontend's histogram
+curl -s "$F/metrics" | awk '$1 == "kvr_frontend_route_rtt_seconds_count" {f = ($2 > 0)} END {exit !f}' ||
+    kvr_fail "no kvr.route round trip observed: $(curl -s "$F/metrics" | grep route_rtt_seconds_count)"
 
 kvr_kill9 nats
 kill -STOP "$(kvr_pid r1)"

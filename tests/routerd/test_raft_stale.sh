@@ -18,7 +18,9 @@ declare -A HP RA
 HP[1]=$(kvr_free_port); HP[2]=$(kvr_free_port); HP[3]=$(kvr_free_port)
 RA[1]=$A1; RA[2]=$A2; RA[3]=$A3
 rd_secret "$KVR_TMP/secret"
-start() { rd_start "r$1" "$1" "${HP[$1]}" "$KVR_TMP/r$1" --raft-addr "${RA[$1]}" --peers "$PEERS" --snapshot-interval 1s --cluster-secret-file "$KVR_TMP/secret" --heartbeat-misses 3; }
+# --raft-log disk: the scenario needs the registry to survive the restart in the Raft log (with
+# the memory log, the default, a whole-group restart starts with an empty registry instead).
+start() { rd_start "r$1" "$1" "${HP[$1]}" "$KVR_TMP/r$1" --raft-log disk --raft-addr "${RA[$1]}" --peers "$PEERS" --snapshot-interval 1s --cluster-secret-file "$KVR_TMP/secret" --heartbeat-misses 3; }
 leader_of() { rd_q "${HP[$1]}" .raft.leader 2>/dev/null; }
 one_leader() { # prints the leader all three agree on
     local l

@@ -84,6 +84,10 @@ static void start_node(int id)
     o.join = id > N;
     o.housekeeping_ms = 100;
     o.lease_ttl_ms = 1500;
+    /* sync_cluster_mem: the same scenario on the in-memory log (memlog.h; restarts come back
+     * empty and catch up from the leader) */
+    o.memory_log = getenv("KVR_SYNC_MEMORY") && *getenv("KVR_SYNC_MEMORY") == '1';
+    o.coalesce_us = 30000; /* wide, so the coalescing check below is not a race */
     kvr_err e = {0};
     int rc = kvr_sync_init(&nodes[id], &loop, &o, &e);
     if (rc)
@@ -160,6 +164,7 @@ typedef struct answer {
     kvr_sync_mode mode;
     kvr_fsm_result res;
     int node;
+    int64_t done_ns;
 } answer;
 
 static void on_answer(kvr_sync *s, int status, const kvr_fsm_result *res, kvr_sync_mode mode, void *data)
@@ -167,6 +172,7 @@ static void on_answer(kvr_sync *s, int status, const kvr_fsm_result *res, kvr_sy
     (void)s;
     answer *a = data;
     a->done++;
+    a->done_ns = kvr_mono_ns();
     a->status = status;
     a->mode = mode;
     if (res)
@@ -357,7 +363,9 @@ static void test_cluster(void **state)
         kvr_sync_get_metrics(nodes[leader], &m1);
         print_message("group commit: %d commands over %d loop turns in %llu entries\n", GC, GC,
                       (unsigned long long)(m1.proposals - m0.proposals));
-        assert_true(m1.proposals - m0.proposals < GC / 2);
+        /* on the memory log an entry commits within a loop turn or two: fewer share one */
+        bool mem = getenv("KVR_SYNC_MEMORY") && *getenv("KVR_SYNC_MEMORY") == '1';
+        assert_true(m1.proposals - m0.proposals < (mem ? GC : GC / 2));
         for (int i = 0; i < GC; i++) {
             assert_int_equal(ga[i].status, 0);
             kvr_cmd f = tu_req(KVR_CMD_FREE, 900000 + (uint64_t)i);
@@ -592,6 +600,39 @@ static void test_cluster(void **state)
     assert_true(run_until(change_done, NULL, 10000));
     assert_int_equal(change_status, 0);
     print_message("node %d added, promoted, caught up, removed\n", N + 1);
+
+    /* Issue 19: FREEs nobody waits for share an entry. A FREE submitted 10 ms after another
+     * (well inside the 30 ms window) is committed in the same entry: both answered in the
+     * same batch callback. Without coalescing the first is proposed at once, alone. */
+    ldr = leader_of_all();
+    assert_true(ldr > 0);
+    answer cf[2];
+    memset(cf, 0, sizeof cf);
+    kvr_cmd f0 = tu_req(KVR_CMD_FREE, 4242001);
+    kvr_cmd f1 = tu_req(KVR_CMD_FREE, 4242002);
+    int64_t t0 = kvr_mono_ns();
+    assert_int_equal(kvr_sync_submit(nodes[ldr], &f0, on_answer, &cf[0]), 0);
+    wait_all w0 = {cf, 1};
+    run_until(all_done, &w0, 10);
+    assert_int_equal(cf[0].done, 0); /* still waiting for company */
+    assert_int_equal(kvr_sync_submit(nodes[ldr], &f1, on_answer, &cf[1]), 0);
+    wait_all w1 = {cf, 2};
+    assert_true(run_until(all_done, &w1, 10000));
+    assert_int_equal(cf[0].status, 0);
+    assert_int_equal(cf[1].status, 0);
+    assert_true(cf[0].done_ns - t0 >= 25 * 1000000LL);
+    assert_true(cf[1].done_ns - cf[0].done_ns < 1000000LL);
+    /* a command someone waits for takes the queued FREE along at once */
+    memset(cf, 0, sizeof cf);
+    kvr_cmd f2 = tu_req(KVR_CMD_FREE, 4242003);
+    t0 = kvr_mono_ns();
+    assert_int_equal(kvr_sync_submit(nodes[ldr], &f2, on_answer, &cf[0]), 0);
+    submit_route(ldr, 4242004, &cf[1]);
+    assert_true(run_until(all_done, &w1, 10000));
+    assert_int_equal(cf[1].status, 0);
+    assert_true(cf[1].done_ns - cf[0].done_ns < 1000000LL && cf[0].done_ns - cf[1].done_ns < 1000000LL);
+    print_message("FREEs coalesced; a FREE queued with a ROUTE answered after %.1f ms\n",
+                  (double)(cf[0].done_ns - t0) / 1e6);
 
     for (int i = 1; i <= N + 1; i++)
         if (nodes[i])
