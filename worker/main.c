@@ -189,12 +189,16 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
             return kvr_err_set(err, KVR_EINVAL, "--mdc-sum is longer than %zu chars",
                                sizeof o->mdc_sum - 1);
         snprintf(o->mdc_sum, sizeof o->mdc_sum, "%s", o->mdc_sum_flag);
-    } else if (o->model_dir || (o->tokenizer && strcmp(o->tokenizer, "byte") != 0)) {
-        /* a worker that tokenizes with a model's files announces their checksum */
-        const char *dir = o->model_dir ? o->model_dir : o->tokenizer;
-        int rc = kvr_model_card_sum(dir, o->mdc_sum, sizeof o->mdc_sum, err);
+    } else if (o->model_dir) {
+        int rc = kvr_model_card_sum(o->model_dir, o->mdc_sum, sizeof o->mdc_sum, err);
         if (rc)
             return rc;
+    } else if (o->tokenizer && strcmp(o->tokenizer, "byte") != 0) {
+        /* a worker that tokenizes with a model's files announces their checksum; a directory
+         * it cannot read is refused with the tokenizer loader's own message, later */
+        kvr_err ignored = {0};
+        if (kvr_model_card_sum(o->tokenizer, o->mdc_sum, sizeof o->mdc_sum, &ignored) != 0)
+            o->mdc_sum[0] = '\0';
     }
     return kvr_nats_flags_load(&o->nats_sec, err);
 }
