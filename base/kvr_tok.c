@@ -8,6 +8,8 @@
 static int byte_encode(const kvr_tokenizer *t, kvr_slice text, kvr_buf *out, kvr_err *err)
 {
     (void)t;
+    if (text.len == 0)
+        return 0; /* out->base may still be NULL: no pointer arithmetic on it */
     if (text.len > SIZE_MAX / sizeof(uint32_t) - out->len)
         return kvr_err_set(err, KVR_ELIMIT, "text of %zu bytes too large to tokenize", text.len);
     int rc = kvr_buf_reserve(out, text.len * sizeof(uint32_t));

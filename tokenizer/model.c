@@ -346,7 +346,8 @@ static int cached_bpe(const kvr_hftok *t, const char *w, size_t n, kvr_buf *out,
         e->len = (uint8_t)n;
         e->nids = (uint8_t)nids;
         memcpy(e->bytes, w, n);
-        memcpy(e->ids, out->base + before, nids * sizeof(uint32_t));
+        if (nids) /* a word can merge to nothing only in a broken vocabulary; out->base may be NULL */
+            memcpy(e->ids, out->base + before, nids * sizeof(uint32_t));
     }
     return rc;
 }
