@@ -71,7 +71,8 @@ static void relay(const char *p, size_t len, int which)
 {
     static const char *const reqs[4] = {
         "{\"model\":\"m\",\"prompt\":\"x\"}",
-        "{\"model\":\"m\",\"prompt\":\"x\",\"stream\":true,\"stream_options\":{\"include_usage\":true}}",
+        "{\"model\":\"m\",\"prompt\":\"x\",\"stream\":true,\"stream_options\":{\"include_usage\":"
+        "true}}",
         "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}",
         ("{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"stream\":true,"
          "\"stream_options\":{\"include_usage\":true}}"),
@@ -79,7 +80,8 @@ static void relay(const char *p, size_t len, int which)
     fe_req r;
     fe_http_error e;
     fe_req_init(&r);
-    CHECK(fe_parse_request(reqs[which], strlen(reqs[which]), which >= 2, kvr_tok_byte(), &r, &e) == 0);
+    CHECK(fe_parse_request(reqs[which], strlen(reqs[which]), which >= 2, kvr_tok_byte(), &r, &e) ==
+          0);
     fe_relay rl;
     fe_relay_init(&rl, &r, "cmpl-fuzz", 1);
     kvr_buf out;
