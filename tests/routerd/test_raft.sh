@@ -27,19 +27,22 @@ seq=$(rd_pub "store ns1 1 array int 7 0 4" "store ns1 2 map bytes 7 0 2" "store 
 for i in 1 2 3; do rd_wait_seq "${HP[$i]}" "$seq"; done
 
 leader_of() { rd_q "${HP[$1]}" .raft.leader 2>/dev/null; }
-wait_leader() { # wait_leader SECONDS NOT NODES...: until every listed node reports the same
-    local t=$1 not=$2 i k l first     # leader, other than NOT
-    shift 2
-    for ((k = 0; k < t * 20; k++)); do
-        first=$(leader_of "$1")
-        if [ -n "$first" ] && [ "$first" != 0 ] && [ "$first" != null ] && [ "$first" != "$not" ]; then
-            l=ok
-            for i in "$@"; do [ "$(leader_of "$i")" = "$first" ] || l=; done
-            [ -n "$l" ] && { echo "$first"; return 0; }
-        fi
-        sleep 0.05
-    done
-    return 1
+# same_leader NOT NODES...: every listed node reports the same leader, other than NOT (0: any);
+# sets AGREED to it.
+same_leader() {
+    local not=$1 i first
+    shift
+    first=$(leader_of "$1")
+    [ -n "$first" ] && [ "$first" != 0 ] && [ "$first" != null ] && [ "$first" != "$not" ] || return 1
+    for i in "$@"; do [ "$(leader_of "$i")" = "$first" ] || return 1; done
+    AGREED=$first
+}
+# wait_leader SECONDS NOT NODES...: prints the leader they agree on, within SECONDS of the clock
+wait_leader() {
+    local t=$1
+    shift
+    AGREED=
+    kvr_wait_for "$t" same_leader "$@" && echo "$AGREED"
 }
 L=$(wait_leader 10 0 1 2 3) || kvr_fail "no leader elected"
 kvr_log "leader is $L"

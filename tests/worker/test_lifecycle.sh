@@ -49,8 +49,8 @@ tail -c 14 "$KVR_TMP/drain.txt" | cmp -s - <(printf 'data: [DONE]\n\n') || kvr_f
 n=$(sed -n 's/^data: //p' "$KVR_TMP/drain.txt" | grep -v '^\[DONE\]$' | jq -s '[.[] | .choices[0].token_ids[]] | length')
 kvr_assert_eq "$n" 200 "tokens of the drained stream"
 pid=$(kvr_pid worker)
-for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-kill -0 "$pid" 2>/dev/null && kvr_fail "worker still running 5 s after its drain"
+exited() { ! kill -0 "$pid" 2>/dev/null; }
+kvr_wait_for 5 exited || kvr_fail "worker still running 5 s after its drain"
 wait "$pid"
 kvr_assert_eq "$?" 0 "exit status after drain"
 kvr_pass
