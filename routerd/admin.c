@@ -40,56 +40,7 @@ static void http_state(kvr_routerd *rd, kvr_http_req *req)
     kvr_jw_bool(&w, rd->ready);
     kvr_jw_key(&w, "raft");
     kvr_jw_obj(&w);
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    if (rd->sync) {
-        kvr_sync_state ss;
-        kvr_sync_get_state(rd->sync, &ss);
-        kvr_jw_key(&w, "role");
-        kvr_jw_str(&w, ss.role);
-        kvr_jw_key(&w, "leader");
-        kvr_jw_u64(&w, ss.leader_id);
-        kvr_jw_key(&w, "term");
-        kvr_jw_u64(&w, ss.term);
-        kvr_jw_key(&w, "commit_index");
-        kvr_jw_u64(&w, ss.commit_index);
-        kvr_jw_key(&w, "applied_index");
-        kvr_jw_u64(&w, ss.applied_index);
-        kvr_jw_key(&w, "degraded");
-        kvr_jw_bool(&w, ss.degraded);
-        kvr_jw_key(&w, "quorum_lost");
-        kvr_jw_bool(&w, ss.quorum_lost);
-        kvr_jw_key(&w, "queue_groups_left");
-        kvr_jw_u64(&w, rd->groups_left_n);
-        kvr_jw_key(&w, "in_queue_groups");
-        kvr_jw_bool(&w, !rd->groups_left);
-        kvr_jw_key(&w, "fsm_digest");
-        char d[24];
-        snprintf(d, sizeof(d), "%016" PRIx64, ss.digest);
-        kvr_jw_str(&w, d);
-        kvr_jw_key(&w, "log");
-        kvr_jw_str(&w, ss.log_memory ? "memory" : "disk");
-        kvr_jw_key(&w, "vote_restricted");
-        kvr_jw_bool(&w, ss.vote_restricted);
-        kvr_jw_key(&w, "votes_withheld");
-        kvr_jw_u64(&w, ss.votes_withheld);
-    } else
-#endif
-    {
-        kvr_jw_key(&w, "role");
-        kvr_jw_str(&w, "local");
-        kvr_jw_key(&w, "leader");
-        kvr_jw_u64(&w, 0);
-        kvr_jw_key(&w, "term");
-        kvr_jw_u64(&w, 0);
-        kvr_jw_key(&w, "commit_index");
-        kvr_jw_u64(&w, 0);
-        kvr_jw_key(&w, "applied_index");
-        kvr_jw_u64(&w, 0);
-        kvr_jw_key(&w, "fsm_digest");
-        char d[24];
-        snprintf(d, sizeof(d), "%016" PRIx64, kvr_fsm_digest(f));
-        kvr_jw_str(&w, d);
-    }
+    rd->bk->state_json(rd, &w);
     kvr_jw_end(&w);
     kvr_jw_key(&w, "index");
     kvr_jw_obj(&w);
@@ -179,8 +130,7 @@ static void http_state(kvr_routerd *rd, kvr_http_req *req)
     kvr_buf_free(&b);
 }
 
-#ifdef KVR_ROUTERD_HAVE_SYNC
-static void on_admin_done(kvr_sync *sy, int status, void *data)
+static void on_admin_done(int status, void *data)
 {
     kvr_http_req *req = data;
     if (status == 0) {
@@ -196,7 +146,7 @@ static void on_admin_done(kvr_sync *sy, int status, void *data)
  * Only the leader changes membership; elsewhere 409 with the leader id. */
 static void http_admin(kvr_routerd *rd, kvr_http_req *req, const char *op)
 {
-    if (!rd->sync) {
+    if (!rd->bk->membership) {
         rd_respond_error(req, 409, "not in raft mode (no --peers)");
         return;
     }
@@ -217,12 +167,10 @@ static void http_admin(kvr_routerd *rd, kvr_http_req *req, const char *op)
         return;
     }
     uint32_t leader = 0;
-    if (strcmp(op, "add") == 0)
-        rc = kvr_sync_add_node(rd->sync, (uint32_t)id, addr, on_admin_done, req, &leader);
-    else if (strcmp(op, "promote") == 0)
-        rc = kvr_sync_promote_node(rd->sync, (uint32_t)id, on_admin_done, req, &leader);
-    else
-        rc = kvr_sync_remove_node(rd->sync, (uint32_t)id, on_admin_done, req, &leader);
+    rd_member_op mop = strcmp(op, "add") == 0       ? RD_MEMBER_ADD
+                       : strcmp(op, "promote") == 0 ? RD_MEMBER_PROMOTE
+                                                    : RD_MEMBER_REMOVE;
+    rc = rd->bk->membership(rd, mop, (uint32_t)id, addr, on_admin_done, req, &leader);
     cJSON_Delete(root);
     if (rc == KVR_EAGAIN) {
         char msg[128];
@@ -232,7 +180,6 @@ static void http_admin(kvr_routerd *rd, kvr_http_req *req, const char *op)
         rd_respond_error(req, 400, kvr_strerror(rc));
     }
 }
-#endif
 
 /* Everything but GET (and HEAD) of a read-only path, and all of /admin/, needs the admin
  * token: POST /v1/route books workers, /admin/raft/add etc. change membership, and even /v1/match
@@ -283,14 +230,12 @@ void rd_on_http(kvr_http_req *req)
         rd_http_match(rd, req);
     } else if (post && kvr_slice_eq_cstr(req->path, "/v1/route")) {
         rd_http_route(rd, req);
-#ifdef KVR_ROUTERD_HAVE_SYNC
     } else if (post && kvr_slice_eq_cstr(req->path, "/admin/raft/add")) {
         http_admin(rd, req, "add");
     } else if (post && kvr_slice_eq_cstr(req->path, "/admin/raft/promote")) {
         http_admin(rd, req, "promote");
     } else if (post && kvr_slice_eq_cstr(req->path, "/admin/raft/remove")) {
         http_admin(rd, req, "remove");
-#endif
     } else if (kvr_slice_eq_cstr(req->path, "/health") || kvr_slice_eq_cstr(req->path, "/ready") ||
                kvr_slice_eq_cstr(req->path, "/metrics") || kvr_slice_eq_cstr(req->path, "/v1/state") ||
                kvr_slice_eq_cstr(req->path, "/v1/match") || kvr_slice_eq_cstr(req->path, "/v1/route")) {

@@ -62,14 +62,6 @@ void rd_queue_clear(kvr_routerd *rd, uint64_t worker_id, uint64_t down_seq)
                  "worker=%" PRIu64 " down_seq=%" PRIu64 " ns=%s", worker_id, down_seq, c->ns);
 }
 
-#ifdef KVR_ROUTERD_HAVE_SYNC
-/* kvr_sync_options.worker_down_cb: on the leader, in the apply of the committed entry. */
-void rd_on_worker_down_committed(void *data, uint64_t worker_id, uint64_t down_seq)
-{
-    rd_queue_clear(data, worker_id, down_seq);
-}
-#endif
-
 typedef struct clear_ack {
     kvr_routerd *rd;
     uint64_t worker_id, down_seq;
@@ -158,20 +150,6 @@ void rd_publish_clears(kvr_routerd *rd, int64_t now)
     }
 }
 
-/* Is this router the one that commits WORKER_DOWN now (Raft leader, or no Raft)? */
-bool rd_commits_liveness(kvr_routerd *rd)
-{
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    if (rd->sync) {
-        kvr_sync_state ss;
-        kvr_sync_get_state(rd->sync, &ss);
-        return ss.leader_id == rd->cfg.id && !ss.degraded;
-    }
-#endif
-    (void)rd;
-    return true;
-}
-
 /* Every 5 s on the router that commits WORKER_DOWN: a worker down in the registry, not heard
  * here, whose entries are still in the index at two sweeps in a row, gets its clear (again).
  * That covers a leader that committed WORKER_DOWN and died (or lost office, or gave up)
@@ -183,7 +161,7 @@ void rd_clear_sweep(kvr_routerd *rd, int64_t now)
     if (now - rd->last_clear_sweep_ms < 5000 || !rd->iw_scratch)
         return;
     rd->last_clear_sweep_ms = now;
-    if (!rd->ready || !rd->nats_up || !rd_commits_liveness(rd)) {
+    if (!rd->ready || !rd->nats_up || !rd->bk->commits_liveness(rd)) {
         rd->n_sweep_ids = 0;
         return;
     }

@@ -25,8 +25,9 @@ typedef struct route_ctx {
 } route_ctx;
 
 static void finish_route_nats(kvr_routerd *rd, route_ctx *c, int status, const kvr_fsm_result *res,
-                              const char *mode, const char *errmsg)
+                              rd_decided how, const char *errmsg)
 {
+    const char *mode = rd_decided_name(how);
     kvr_buf b;
     kvr_buf_init(&b);
     kvr_route_reply rep = {.ok = status == 0};
@@ -36,7 +37,7 @@ static void finish_route_nats(kvr_routerd *rd, route_ctx *c, int status, const k
          * decisions made on stale load */
         kvr_fsm_worker_view wv;
         rep.has_view =
-            strcmp(mode, "local") == 0 && kvr_fsm_worker_get(rd_fsm(rd), res->worker_id, &wv) == 0;
+            how == RD_DECIDED_LOCAL && kvr_fsm_worker_get(rd_fsm(rd), res->worker_id, &wv) == 0;
         if (rep.has_view) {
             rep.worker_bookings = wv.bookings;
             rep.decided_ns = (uint64_t)kvr_mono_ns();
@@ -58,8 +59,9 @@ static void finish_route_nats(kvr_routerd *rd, route_ctx *c, int status, const k
 }
 
 static void finish_route_http(kvr_routerd *rd, route_ctx *c, int status, const kvr_fsm_result *res,
-                              const char *mode, const char *errmsg, int http_status)
+                              rd_decided how, const char *errmsg, int http_status)
 {
+    const char *mode = rd_decided_name(how);
     kvr_buf b;
     kvr_buf_init(&b);
     kvr_jw w;
@@ -88,7 +90,7 @@ static void finish_route_http(kvr_routerd *rd, route_ctx *c, int status, const k
     kvr_buf_free(&b);
 }
 
-static void on_route_done(kvr_routerd *rd, int status, const kvr_fsm_result *res, const char *mode,
+static void on_route_done(kvr_routerd *rd, int status, const kvr_fsm_result *res, rd_decided how,
                           void *data)
 {
     route_ctx *c = data;
@@ -107,13 +109,13 @@ static void on_route_done(kvr_routerd *rd, int status, const kvr_fsm_result *res
                                                          : 503;
         kvr_metric_add(rd->m_route_errors, res->outcome == KVR_OUT_NO_WORKER ? 1 : 2, 1);
     } else {
-        kvr_metric_add(rd->m_route_decisions, strcmp(mode, "raft") == 0 ? 0 : 1, 1);
+        kvr_metric_add(rd->m_route_decisions, (size_t)how, 1);
     }
     kvr_metric_observe(rd->m_route_latency, 0, (double)(kvr_mono_ns() - c->t0_ns) / 1e9);
     if (c->http)
-        finish_route_http(rd, c, status, res, mode, errmsg, http_status);
+        finish_route_http(rd, c, status, res, how, errmsg, http_status);
     else
-        finish_route_nats(rd, c, status, res, mode, errmsg);
+        finish_route_nats(rd, c, status, res, how, errmsg);
     free(c->reply);
     free(c);
 }
@@ -226,9 +228,9 @@ static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
     r->candidates = cand;
     r->n_candidates = nc;
     r->only_candidates = only;
-    int rc = rd_submit_route(rd, &cmd, on_route_done, c);
+    int rc = rd->bk->route(rd, &cmd, on_route_done, c);
     if (rc != 0)
-        on_route_done(rd, rc, NULL, "local", c);
+        on_route_done(rd, rc, NULL, RD_DECIDED_LOCAL, c);
 }
 
 /* Picks a namespace when the request names none: the router's own filter, else the first
@@ -296,7 +298,7 @@ void rd_on_route_nats(const kvr_nats_msg *m, void *data)
 bad:
     KVR_LOG_WARN_RL(5, "bad route request", "error=\"%s\"", why);
     kvr_metric_add(rd->m_route_errors, 2, 1);
-    finish_route_nats(rd, c, KVR_EINVAL, NULL, "local", why);
+    finish_route_nats(rd, c, KVR_EINVAL, NULL, RD_DECIDED_LOCAL, why);
     free(c->reply);
     free(c);
 }
@@ -356,15 +358,13 @@ static void relay_later(kvr_routerd *rd, const ev_ctx *e)
     rd->relay_q[rd->n_relay++] = *e;
 }
 
-static void on_event_done(kvr_routerd *rd, int status, const kvr_fsm_result *res, const char *mode,
+static void on_event_done(kvr_routerd *rd, int status, const kvr_fsm_result *res, rd_decided how,
                           void *data)
 {
     ev_ctx *e = data;
-    bool local = status == 0 && mode && strcmp(mode, "local") == 0;
-    bool raft = false;
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    raft = rd->sync != NULL;
-#endif
+    bool local = status == 0 && how == RD_DECIDED_LOCAL;
+    /* only a Raft group has a majority to relay to */
+    bool raft = rd->bk->mode == RD_BOOKINGS_RAFT;
     if (raft && !e->relayed && local) {
         if (rd->groups_left)
             rd_relay_route_event(rd, e);
@@ -373,7 +373,7 @@ static void on_event_done(kvr_routerd *rd, int status, const kvr_fsm_result *res
     } else if (raft && !e->relayed && status != 0) {
         rd_relay_route_event(rd, e);
     } else if (status != 0) {
-        rd_log_cmd_failure(rd, status, res, mode, e->type == KVR_CMD_FREE ? "free" : "prefill_done");
+        rd_log_cmd_failure(rd, status, res, how, e->type == KVR_CMD_FREE ? "free" : "prefill_done");
     }
     free(e);
 }
@@ -407,14 +407,12 @@ void rd_on_route_event(const kvr_nats_msg *m, void *data)
     route_event(data, m, false);
 }
 
-#ifdef KVR_ROUTERD_HAVE_SYNC
-/* kvr.route.event on the plain subscription held while degraded (rd_follow_quorum): every
+/* kvr.route.event on the plain subscription held while degraded (follow_quorum, bookings_raft.c): every
  * router without quorum hears it, so none relays it. */
 void rd_on_route_event_all(const kvr_nats_msg *m, void *data)
 {
     route_event(data, m, true);
 }
-#endif
 
 /* Parses {"token_ids":[...], "model"?, "namespace"?} and computes the seq hashes into
  * rd->seq_scratch. The body is scanned as a stream straight into rd->tok_scratch (no cJSON

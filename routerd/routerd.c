@@ -12,7 +12,7 @@ static void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data)
         /* no heartbeat or lease could reach us while NATS was down (on_tick judged no age
          * then): everyone gets a full period from now to be heard again */
         int64_t now = kvr_mono_ms();
-        rd_liveness_hold(rd);
+        rd->bk->liveness_hold(rd);
         for (uint32_t i = 0; i < rd->n_workers; i++) {
             rd_worker *w = &rd->workers[i];
             if (w->last_seen_ms < now)
@@ -33,9 +33,8 @@ static void on_tick(uv_timer_t *t)
     int64_t limit = rd->cfg.heartbeat_misses * 1000;
     uint32_t up = 0;
     rd_tick_compensate_stall(rd, now);
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    rd_follow_quorum(rd);
-#endif
+    if (rd->bk->tick)
+        rd->bk->tick(rd, now);
     for (uint32_t i = 0; i < rd->n_workers;) {
         rd_worker *w = &rd->workers[i];
         if (!w->announced) {
@@ -59,7 +58,7 @@ static void on_tick(uv_timer_t *t)
             bool reg_up = kvr_fsm_worker_get(rd_fsm(rd), w->id, &fv) == 0 && fv.up;
             /* With Raft the leader declares it down (liveness.h); here it goes down once the
              * replicated registry says so, so every replica drops the same entries. */
-            if (rd_owns_liveness(rd) || !reg_up)
+            if (rd->bk->owns_liveness(rd) || !reg_up)
                 rd_worker_down(rd, w, reg_up ? "missed_heartbeats" : "down_in_registry");
         }
         if (w->up) {
@@ -78,17 +77,14 @@ static void on_tick(uv_timer_t *t)
     }
     kvr_metric_set(rd->m_workers_up, 0, up);
     if (!rd->nats_up)
-        rd_liveness_hold(rd);
+        rd->bk->liveness_hold(rd);
     rd_liveness_local(rd, now);
     rd_orphan_sweep(rd, now);
     rd_clear_sweep(rd, now);
     rd_publish_clears(rd, now);
     /* With Raft the leader's housekeeping owns lease and request expiry (sync.h): one owner
      * of each policy instead of every router proposing the same expiries (defect 13). */
-    bool own_expiry = true;
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    own_expiry = rd->sync == NULL;
-#endif
+    bool own_expiry = !rd->bk->leader_housekeeping;
     for (uint32_t i = 0; own_expiry && i < rd->n_frontends;) {
         rd_frontend *f = &rd->frontends[i];
         if (rd->nats_up && now - f->last_seen_ms > rd->cfg.frontend_timeout_ms) {
@@ -201,80 +197,9 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
         rc = KVR_ENOMEM;
         goto fail;
     }
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    if (cfg->peers && *cfg->peers) {
-        kvr_sync_options so;
-        kvr_sync_options_default(&so);
-        so.id = cfg->id;
-        so.raft_addr = cfg->raft_addr;
-        so.peers = cfg->peers;
-        so.join = cfg->join;
-        char raft_dir[4096];
-        snprintf(raft_dir, sizeof(raft_dir), "%s/raft", rd->data_dir);
-        so.data_dir = raft_dir;
-        so.memory_log = cfg->raft_log_memory;
-        so.hop_cb = rd_raft_hop_observe;
-        so.hop_data = rd;
-        /* tests only: shorten memlog's post-catch-up hold */
-        const char *hold = getenv("KVR_TEST_MEMLOG_HOLD_MS");
-        if (hold && *hold)
-            so.memory_hold_ms = (uint32_t)strtoul(hold, NULL, 10);
-        if (cfg->degraded_after_ms > 0)
-            so.degraded_after_ms = (uint32_t)cfg->degraded_after_ms;
-        if (cfg->raft_max_inflight > 0)
-            so.max_inflight = (uint32_t)cfg->raft_max_inflight;
-        if (cfg->raft_snapshot_threshold > 0) {
-            so.snapshot_threshold = (uint32_t)cfg->raft_snapshot_threshold;
-            so.snapshot_trailing = so.snapshot_threshold / 4 ? so.snapshot_threshold / 4 : 1;
-        }
-        if (cfg->election_timeout_ms > 0) {
-            so.election_timeout_ms = (uint32_t)cfg->election_timeout_ms;
-            if (so.heartbeat_timeout_ms * 5 > so.election_timeout_ms)
-                so.heartbeat_timeout_ms = so.election_timeout_ms / 5;
-        }
-        /* Defect 13: both policies reach the leader's housekeeping (sync.h), the only place
-         * that proposes lease and request expiry with Raft. */
-        if (cfg->frontend_timeout_ms > 0)
-            so.lease_ttl_ms = cfg->frontend_timeout_ms > UINT32_MAX - 1
-                                  ? UINT32_MAX - 1
-                                  : (uint32_t)cfg->frontend_timeout_ms;
-        if (cfg->max_request_age_ms > 0)
-            so.max_request_age_ms = cfg->max_request_age_ms > UINT32_MAX - 1
-                                        ? UINT32_MAX - 1
-                                        : (uint32_t)cfg->max_request_age_ms;
-        /* Worker liveness with Raft: the leader alone, same bound as without (liveness.h). */
-        so.worker_ttl_ms = cfg->heartbeat_misses > 0 ? (uint32_t)cfg->heartbeat_misses * 1000 : 3000;
-        so.worker_down_cb = rd_on_worker_down_committed;
-        so.worker_down_data = rd;
-        kvr_auth_key key;
-        if (cfg->cluster_secret_file) {
-            rc = kvr_auth_key_load(&key, cfg->cluster_secret_file, &err);
-            if (rc != 0) {
-                KVR_LOG_ERROR("starting raft", "error=\"%s\"", err.msg);
-                goto fail;
-            }
-            so.auth_key = &key;
-        } else {
-            KVR_LOG_WARN("raft peers are not authenticated (--insecure-cluster or a single router)",
-                         "raft_addr=%s", cfg->raft_addr);
-        }
-        rc = kvr_sync_init(&rd->sync, loop, &so, &err);
-        memset(&key, 0, sizeof key); /* kvr_sync keeps its own copy */
-        if (rc == 0)
-            rc = kvr_sync_start(rd->sync, &err);
-        if (rc != 0) {
-            KVR_LOG_ERROR("starting raft", "error=\"%s\"", err.msg);
-            goto fail;
-        }
-        KVR_LOG_INFO("raft started", "id=%u raft_addr=%s peers=%s", cfg->id, cfg->raft_addr, cfg->peers);
-    }
-#else
-    if (cfg->peers && *cfg->peers) {
-        KVR_LOG_ERROR("--peers given but this build has no sync module", "peers=%s", cfg->peers);
-        rc = KVR_EUNSUPPORTED;
+    rc = rd_bookings_open(rd);
+    if (rc != 0)
         goto fail;
-    }
-#endif
 
     rd->metrics = kvr_metrics_new();
     if (!rd->metrics) {
@@ -319,12 +244,7 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
                                  &rd->sub_event, &err)) != 0 ||
         (rc = kvr_nats_subscribe(&rd->nats, "kvr.frontends.*", NULL, rd_on_frontend, rd, NULL,
                                  &err)) != 0 ||
-#ifdef KVR_ROUTERD_HAVE_SYNC
-        (rd->sync && (rc = kvr_nats_subscribe(&rd->nats, "kvr.routers.quorum", NULL,
-                                              rd_on_quorum_beacon, rd, NULL, &err)) != 0) ||
-#endif
-        (cfg->best_effort && (rc = kvr_nats_subscribe(&rd->nats, "kvr.route.bcast", NULL, rd_on_bcast,
-                                                      rd, NULL, &err)) != 0)) {
+        (rd->bk->subscribe && (rc = rd->bk->subscribe(rd, &err)) != 0)) {
         KVR_LOG_ERROR("nats subscribe", "error=\"%s\"", err.msg);
         goto fail;
     }
@@ -372,15 +292,12 @@ static void http_closed(kvr_http_server *srv)
     rd_maybe_finish_stop(rd);
 }
 
-#ifdef KVR_ROUTERD_HAVE_SYNC
-static void sync_closed(void *data)
+/* A handle (or a module: the bookings' kvr_sync) that rd_maybe_finish_stop closed is closed. */
+void rd_closed_one(kvr_routerd *rd)
 {
-    kvr_routerd *rd = data;
-    rd->sync = NULL;
     rd->closing_handles--;
     rd_maybe_finish_stop(rd);
 }
-#endif
 
 static bool stop_phase2_started;
 
@@ -397,14 +314,8 @@ void rd_maybe_finish_stop(kvr_routerd *rd)
         kvr_http_server_close(&rd->http, http_closed);
         if (kvr_nats_close(&rd->nats, nats_closed) != 0)
             rd->closing_handles--;
-#ifdef KVR_ROUTERD_HAVE_SYNC
-        if (rd->sync)
-            kvr_sync_close(rd->sync, sync_closed, rd);
-        else
+        if (!rd->bk->close || !rd->bk->close(rd))
             rd->closing_handles--;
-#else
-        rd->closing_handles--;
-#endif
         return;
     }
     if (rd->closing_handles == 0 && rd->done_cb) {

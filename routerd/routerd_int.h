@@ -15,6 +15,7 @@
 #ifndef KVR_ROUTERD_INT_H
 #define KVR_ROUTERD_INT_H
 
+#include "bookings.h"
 #include "routerd.h"
 #include "fsm.h"
 #include "index.h"
@@ -34,9 +35,6 @@
 #include "liveness.h"
 #include "route_msg.h"
 #include "snapshot.h"
-#ifdef KVR_ROUTERD_HAVE_SYNC
-#include "sync.h"
-#endif
 
 #include <errno.h>
 #include <inttypes.h>
@@ -151,13 +149,12 @@ struct kvr_routerd {
     rd_frontend frontends[RD_MAX_FRONTENDS];
     uint32_t n_frontends;
     /* bookings */
-    kvr_fsm *fsm; /* local mode */
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    kvr_sync *sync;
-#endif
+    const rd_bookings_ops *bk; /* the mode, picked at start (bookings.h) */
+    kvr_fsm *fsm;              /* local and best-effort modes book here */
+    struct kvr_sync *sync;     /* Raft mode (bookings_raft.c); NULL once closed */
     /* the routers' queue groups (kvr.route once ready, kvr.route.event), and while Raft is
      * degraded the plain kvr.route.event subscription that replaces the latter
-     * (rd_follow_quorum) */
+     * (follow_quorum, bookings_raft.c) */
     kvr_nats_sub *sub_route, *sub_event, *sub_event_all;
     bool groups_left;
     /* kvr_mono_ms() when another router last said it is in the kvr.route queue group with a
@@ -215,9 +212,6 @@ struct kvr_routerd {
     int64_t last_clear_sweep_ms;
 };
 
-typedef void (*rd_cmd_cb)(kvr_routerd *rd, int status, const kvr_fsm_result *res,
-                          const char *mode, void *data);
-
 static inline void copy_slice(char *dst, size_t cap, kvr_slice s)
 {
     size_t n = s.len < cap - 1 ? s.len : cap - 1;
@@ -233,12 +227,8 @@ static inline bool ns_ok(kvr_routerd *rd, kvr_slice ns)
 
 rd_worker *rd_worker_find(kvr_routerd *rd, uint64_t id);
 void rd_update_index_gauges(kvr_routerd *rd);
-void rd_log_cmd_failure(kvr_routerd *rd, int status, const kvr_fsm_result *res,
-                            const char *mode, void *data);
-bool rd_owns_liveness(kvr_routerd *rd);
-bool rd_commits_liveness(kvr_routerd *rd);
-void rd_worker_heard(kvr_routerd *rd, uint64_t id, bool valid);
-void rd_liveness_hold(kvr_routerd *rd);
+void rd_log_cmd_failure(kvr_routerd *rd, int status, const kvr_fsm_result *res, rd_decided how,
+                        void *data);
 void rd_queue_clear(kvr_routerd *rd, uint64_t worker_id, uint64_t down_seq);
 void rd_publish_clears(kvr_routerd *rd, int64_t now);
 void rd_clear_sweep(kvr_routerd *rd, int64_t now);
@@ -260,23 +250,24 @@ void rd_respond_json(kvr_http_req *req, int status, kvr_buf *b);
 void rd_respond_error(kvr_http_req *req, int status, const char *msg);
 void rd_http_match(kvr_routerd *rd, kvr_http_req *req);
 void rd_http_route(kvr_routerd *rd, kvr_http_req *req);
-void rd_follow_quorum(kvr_routerd *rd);
-void rd_on_quorum_beacon(const kvr_nats_msg *m, void *data);
 int rd_start_snapshot(kvr_routerd *rd, bool final);
 void rd_on_snap_timer(uv_timer_t *t);
 void rd_load_snapshot(kvr_routerd *rd);
 void rd_maybe_finish_stop(kvr_routerd *rd);
 void rd_register_metrics(kvr_routerd *rd);
 void rd_on_http(kvr_http_req *req);
-void rd_on_bcast(const kvr_nats_msg *m, void *data);
-int rd_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data);
-const kvr_fsm *rd_fsm(kvr_routerd *rd);
-int rd_submit_route(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data);
 int rd_recreate_index(kvr_routerd *rd);
 
-#ifdef KVR_ROUTERD_HAVE_SYNC
-void rd_on_worker_down_committed(void *data, uint64_t worker_id, uint64_t down_seq);
-void rd_raft_hop_observe(void *data, int hop, double seconds);
-#endif
+void rd_closed_one(kvr_routerd *rd); /* routerd.c: one more handle closed while stopping */
+
+/* The bookings of this router's mode (bookings.h), by their old names. */
+static inline int rd_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data)
+{
+    return rd->bk->submit(rd, cmd, cb, data);
+}
+static inline const kvr_fsm *rd_fsm(kvr_routerd *rd)
+{
+    return rd->bk->state(rd);
+}
 
 #endif

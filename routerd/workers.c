@@ -27,19 +27,6 @@ void rd_worker_submit_up(kvr_routerd *rd, rd_worker *w)
     rd_submit(rd, &cmd, rd_log_cmd_failure, "worker_up");
 }
 
-/* Does this router own the worker-liveness policy of the state it books on? Without Raft it
- * does (its own FSM); with Raft only the leader does (one owner: liveness.h), or a router
- * without quorum for the local copy it answers from. */
-bool rd_owns_liveness(kvr_routerd *rd)
-{
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    if (rd->sync)
-        return kvr_sync_owns_liveness(rd->sync);
-#endif
-    (void)rd;
-    return true;
-}
-
 /* Marks w down here (it is no longer routed to; its entries stay until the leader's
  * AllBlocksCleared comes through the stream, see above) and, when this router owns the
  * policy, proposes WORKER_DOWN. A Raft follower only follows the replicated registry (see
@@ -48,42 +35,12 @@ void rd_worker_down(kvr_routerd *rd, rd_worker *w, const char *why)
 {
     w->up = false;
     KVR_LOG_WARN("worker down", "worker=%" PRIu64 " reason=%s", w->id, why);
-    if (rd_owns_liveness(rd)) {
+    if (rd->bk->owns_liveness(rd)) {
         kvr_cmd cmd = {.type = KVR_CMD_WORKER_DOWN};
         cmd.u.worker_id = w->id;
         rd_submit(rd, &cmd, rd_log_cmd_failure, "worker_down");
     }
     rd_update_index_gauges(rd);
-}
-
-/* A valid beat (liveness.h): the sync leader, or this router's own tracker, hears it. */
-void rd_worker_heard(kvr_routerd *rd, uint64_t id, bool valid)
-{
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    if (rd->sync) {
-        if (valid)
-            kvr_sync_worker_seen(rd->sync, id);
-        else
-            kvr_sync_worker_forget(rd->sync, id);
-        return;
-    }
-#endif
-    if (valid)
-        kvr_live_heard(&rd->live, id, kvr_mono_ms());
-    else
-        kvr_live_forget(&rd->live, id);
-}
-
-/* No beat could be heard until now (NATS down, loop stall). */
-void rd_liveness_hold(kvr_routerd *rd)
-{
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    if (rd->sync) {
-        kvr_sync_liveness_hold(rd->sync);
-        return;
-    }
-#endif
-    kvr_live_hold(&rd->live, kvr_mono_ms());
 }
 
 /* Frees one slot of the full worker table for a new worker: the down (or refused) worker
@@ -179,10 +136,10 @@ void rd_on_heartbeat(const kvr_nats_msg *m, void *data)
         w->refused = true;
         w->up = false;
         w->block_size = (uint32_t)bs;
-        rd_worker_heard(rd, id, false);
+        rd->bk->worker_heard(rd, id, false);
         return;
     }
-    rd_worker_heard(rd, id, true);
+    rd->bk->worker_heard(rd, id, true);
     bool restarted = !is_new && w->started_ms != 0 && started != w->started_ms;
     bool changed = is_new || !w->up || w->refused || restarted || w->capacity != cap ||
                    !kvr_slice_eq_cstr(ns, w->ns) || !kvr_slice_eq_cstr(model, w->model) ||
@@ -250,18 +207,7 @@ void rd_on_frontend(const kvr_nats_msg *m, void *data)
         f->id = id;
     }
     f->last_seen_ms = now;
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    if (rd->sync) {
-        /* Defect 13: not R routers x F beats per second through Raft; the leader alone
-         * proposes, and only when the replicated lease table lacks this frontend. */
-        kvr_sync_frontend_seen(rd->sync, id);
-        return;
-    }
-#endif
-    kvr_cmd cmd = {.type = KVR_CMD_FRONTEND_SEEN};
-    cmd.u.frontend.frontend_id = id;
-    cmd.u.frontend.now_ms = (uint64_t)kvr_now_ms();
-    rd_submit(rd, &cmd, NULL, NULL);
+    rd->bk->frontend_seen(rd, id);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -280,7 +226,7 @@ void rd_tick_compensate_stall(kvr_routerd *rd, int64_t now)
     kvr_metric_inc(rd->m_tick_stalls);
     KVR_LOG_WARN("loop stalled: extending worker and frontend deadlines by the stall",
                  "stall_ms=%" PRId64, stall);
-    rd_liveness_hold(rd);
+    rd->bk->liveness_hold(rd);
     /* never past now: a beat read just before this tick does not gain the stall on top */
     for (uint32_t i = 0; i < rd->n_workers; i++) {
         rd_worker *w = &rd->workers[i];
@@ -300,10 +246,8 @@ void rd_tick_compensate_stall(kvr_routerd *rd, int64_t now)
  * no record of. */
 void rd_liveness_local(kvr_routerd *rd, int64_t now)
 {
-#ifdef KVR_ROUTERD_HAVE_SYNC
-    if (rd->sync)
+    if (rd->bk->leader_housekeeping)
         return;
-#endif
     if (!rd->live.office_ms)
         kvr_live_set_leader(&rd->live, true, rd->start_ms ? rd->start_ms : now);
     uint64_t ids[64];
