@@ -1,6 +1,8 @@
 /* routerd metrics: registration and the index gauges (routerd_int.h). */
 #include "routerd_int.h"
 
+const char *const rd_route_err_names[] = {"backend", "no_worker", "bad_request", NULL};
+
 const char *const rd_rej_names[] = {"truncated",     "bad_type",       "limit",
                                      "unknown_event", "invalid",        "trailing",
                                      "bad_subject",   "other_namespace", "worker_down",
@@ -28,8 +30,6 @@ void rd_update_index_gauges(kvr_routerd *rd)
 void rd_register_metrics(kvr_routerd *rd)
 {
     kvr_metrics *m = rd->metrics;
-    static const char *const modes[] = {"raft", "local", NULL};
-    static const char *const route_err[] = {"backend", "no_worker", "bad_request", NULL};
     rd->m_events_applied = kvr_metrics_counter(m, "kvr_routerd_events_applied_total",
                                                "KV events applied to the index", NULL, NULL);
     rd->m_blocks_applied = kvr_metrics_counter(m, "kvr_routerd_blocks_applied_total",
@@ -48,10 +48,10 @@ void rd_register_metrics(kvr_routerd *rd)
     rd->m_stream_seq = kvr_metrics_gauge(m, "kvr_routerd_stream_seq",
                                          "Last applied stream sequence", NULL, NULL);
     rd->m_route_decisions = kvr_metrics_counter(m, "kvr_routerd_route_decisions_total",
-                                                "Route decisions by mode", "mode", modes);
+                                                "Route decisions by mode", "mode", rd_decided_names);
     rd->m_route_errors = kvr_metrics_counter(m, "kvr_routerd_route_errors_total",
                                              "Route requests not answered with a worker",
-                                             "reason", route_err);
+                                             "reason", rd_route_err_names);
     static const double route_buckets[] = {0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005,
                                            0.001,   0.0025,   0.005,   0.01,   0.025,   0.05,
                                            0.1,     0.25,     1.0};

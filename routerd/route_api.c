@@ -98,7 +98,7 @@ static void on_route_done(kvr_routerd *rd, int status, const kvr_fsm_result *res
     int http_status = 503;
     if (status != 0) {
         errmsg = kvr_strerror(status);
-        kvr_metric_add(rd->m_route_errors, 0, 1);
+        kvr_metric_add(rd->m_route_errors, RD_ROUTE_ERR_BACKEND, 1);
     } else if (res->outcome != KVR_OUT_OK && res->outcome != KVR_OUT_DUPLICATE) {
         errmsg = res->outcome == KVR_OUT_NO_WORKER  ? "no live worker for this model/namespace"
                  : res->outcome == KVR_OUT_FINISHED ? "request already finished"
@@ -107,7 +107,10 @@ static void on_route_done(kvr_routerd *rd, int status, const kvr_fsm_result *res
         http_status = res->outcome == KVR_OUT_INVALID    ? 400
                       : res->outcome == KVR_OUT_FINISHED ? 409
                                                          : 503;
-        kvr_metric_add(rd->m_route_errors, res->outcome == KVR_OUT_NO_WORKER ? 1 : 2, 1);
+        kvr_metric_add(rd->m_route_errors,
+                       res->outcome == KVR_OUT_NO_WORKER ? RD_ROUTE_ERR_NO_WORKER
+                                                         : RD_ROUTE_ERR_BAD_REQUEST,
+                       1);
     } else {
         kvr_metric_add(rd->m_route_decisions, (size_t)how, 1);
     }
@@ -297,7 +300,7 @@ void rd_on_route_nats(const kvr_nats_msg *m, void *data)
     return;
 bad:
     KVR_LOG_WARN_RL(5, "bad route request", "error=\"%s\"", why);
-    kvr_metric_add(rd->m_route_errors, 2, 1);
+    kvr_metric_add(rd->m_route_errors, RD_ROUTE_ERR_BAD_REQUEST, 1);
     finish_route_nats(rd, c, KVR_EINVAL, NULL, RD_DECIDED_LOCAL, why);
     free(c->reply);
     free(c);

@@ -73,7 +73,12 @@ enum {
     REJ_NO_SLOT,
     REJ__N
 };
-/* label values of kvr_routerd_events_rejected_total, indexed by REJ_* (metrics.c) */
+/* Label values of the labelled metrics (metrics.c), NULL-terminated and indexed by the enum
+ * beside them; route_decisions_total{mode} is indexed by rd_decided (bookings.h) and
+ * raft_hop_seconds{hop} by KVR_SYNC_HOP_* (sync.h). */
+enum { RD_ROUTE_ERR_BACKEND, RD_ROUTE_ERR_NO_WORKER, RD_ROUTE_ERR_BAD_REQUEST };
+extern const char *const rd_route_err_names[]; /* route_errors_total{reason} */
+/* events_rejected_total{reason}, indexed by REJ_* */
 extern const char *const rd_rej_names[];
 
 typedef struct rd_worker {
