@@ -36,7 +36,7 @@ check() { # check SEED_NAME allowed|denied SUBJECT...
         grep -qx "$want $s" <<<"$out" || kvr_fail "$who: $s should be $want, got: $out"
     done
 }
-# what only routers publish (routerd/routerd.c: every kvr_nats_publish / js_publish there)
+# what only routers publish (routerd/*.c: every kvr_nats_publish / js_publish there)
 ROUTER_ONLY=(kvr.routers.quorum kvr.route.bcast '$JS.API.STREAM.INFO.KVR_EVENTS'
     '$JS.FC.KVR_EVENTS.x.y' kvr.kv.default.7)
 check w1 allowed kvr.kv.default.1 kvr.workers.default.1

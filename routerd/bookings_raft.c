@@ -1,0 +1,403 @@
+/* bookings_raft.c: bookings on the replicated FSM through kvr_sync (--peers; bookings.h).
+ * Also what only a Raft group has: the quorum beacons and the queue groups a router without
+ * quorum leaves (follow_quorum), membership changes, the per-hop latencies. */
+#include "bookings.h"
+#include "routerd_int.h"
+#include "sync.h"
+
+typedef struct sync_ctx {
+    kvr_routerd *rd;
+    rd_cmd_cb cb;
+    void *data;
+} sync_ctx;
+
+static void on_sync_done(kvr_sync *s, int status, const kvr_fsm_result *res, kvr_sync_mode mode,
+                         void *data)
+{
+    (void)s;
+    sync_ctx *c = data;
+    if (c->cb)
+        c->cb(c->rd, status, res, mode == KVR_SYNC_RAFT ? RD_DECIDED_RAFT : RD_DECIDED_LOCAL,
+              c->data);
+    free(c);
+}
+
+/* After kvr_sync closed (rd->sync NULL, shutting down) every call falls back on the local FSM,
+ * as the router did before the modes had an interface. */
+static int raft_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data)
+{
+    if (!rd->sync)
+        return rd_bookings_local.submit(rd, cmd, cb, data);
+    sync_ctx *c = malloc(sizeof(*c));
+    if (!c)
+        return KVR_ENOMEM;
+    c->rd = rd;
+    c->cb = cb;
+    c->data = data;
+    int rc = kvr_sync_submit(rd->sync, cmd, on_sync_done, c);
+    if (rc != 0)
+        free(c);
+    return rc;
+}
+
+/* kvr_sync_route forwards a follower's ROUTE to the leader (sync.h). */
+static int raft_route(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data)
+{
+    if (!rd->sync)
+        return rd_bookings_local.route(rd, cmd, cb, data);
+    sync_ctx *sc = malloc(sizeof(*sc));
+    if (!sc)
+        return KVR_ENOMEM;
+    sc->rd = rd;
+    sc->cb = cb;
+    sc->data = data;
+    int rc = kvr_sync_route(rd->sync, &cmd->u.route, on_sync_done, sc);
+    if (rc != 0)
+        free(sc);
+    return rc;
+}
+
+static const kvr_fsm *raft_state(kvr_routerd *rd)
+{
+    return rd->sync ? kvr_sync_fsm(rd->sync) : rd->fsm;
+}
+
+static void raft_state_json(kvr_routerd *rd, kvr_jw *w)
+{
+    if (!rd->sync) {
+        rd_bookings_local.state_json(rd, w);
+        return;
+    }
+    kvr_sync_state ss;
+    kvr_sync_get_state(rd->sync, &ss);
+    kvr_jw_key(w, "role");
+    kvr_jw_str(w, ss.role);
+    kvr_jw_key(w, "leader");
+    kvr_jw_u64(w, ss.leader_id);
+    kvr_jw_key(w, "term");
+    kvr_jw_u64(w, ss.term);
+    kvr_jw_key(w, "commit_index");
+    kvr_jw_u64(w, ss.commit_index);
+    kvr_jw_key(w, "applied_index");
+    kvr_jw_u64(w, ss.applied_index);
+    kvr_jw_key(w, "degraded");
+    kvr_jw_bool(w, ss.degraded);
+    kvr_jw_key(w, "quorum_lost");
+    kvr_jw_bool(w, ss.quorum_lost);
+    kvr_jw_key(w, "queue_groups_left");
+    kvr_jw_u64(w, rd->groups_left_n);
+    kvr_jw_key(w, "in_queue_groups");
+    kvr_jw_bool(w, !rd->groups_left);
+    kvr_jw_key(w, "fsm_digest");
+    char d[24];
+    snprintf(d, sizeof(d), "%016" PRIx64, ss.digest);
+    kvr_jw_str(w, d);
+    kvr_jw_key(w, "log");
+    kvr_jw_str(w, ss.log_memory ? "memory" : "disk");
+    kvr_jw_key(w, "vote_restricted");
+    kvr_jw_bool(w, ss.vote_restricted);
+    kvr_jw_key(w, "votes_withheld");
+    kvr_jw_u64(w, ss.votes_withheld);
+}
+
+/* kvr_sync_options.worker_down_cb: on the leader, in the apply of the committed entry. */
+static void on_worker_down_committed(void *data, uint64_t worker_id, uint64_t down_seq)
+{
+    rd_queue_clear(data, worker_id, down_seq);
+}
+
+/* kvr_sync's per-hop latencies (sync.h KVR_SYNC_HOP_*: same order as the label values). */
+static void raft_hop_observe(void *data, int hop, double seconds)
+{
+    kvr_routerd *rd = data;
+    if (rd->m_raft_hop)
+        kvr_metric_observe(rd->m_raft_hop, (size_t)hop, seconds);
+}
+
+static int raft_open(kvr_routerd *rd)
+{
+    kvr_err err = {0};
+    int rc;
+    kvr_sync_options so;
+    kvr_sync_options_default(&so);
+    so.id = rd->cfg.id;
+    so.raft_addr = rd->cfg.raft_addr;
+    so.peers = rd->cfg.peers;
+    so.join = rd->cfg.join;
+    char raft_dir[4096];
+    snprintf(raft_dir, sizeof(raft_dir), "%s/raft", rd->data_dir);
+    so.data_dir = raft_dir;
+    so.memory_log = rd->cfg.raft_log_memory;
+    so.hop_cb = raft_hop_observe;
+    so.hop_data = rd;
+    /* tests only: shorten memlog's post-catch-up hold */
+    const char *hold = getenv("KVR_TEST_MEMLOG_HOLD_MS");
+    if (hold && *hold)
+        so.memory_hold_ms = (uint32_t)strtoul(hold, NULL, 10);
+    if (rd->cfg.degraded_after_ms > 0)
+        so.degraded_after_ms = (uint32_t)rd->cfg.degraded_after_ms;
+    if (rd->cfg.raft_max_inflight > 0)
+        so.max_inflight = (uint32_t)rd->cfg.raft_max_inflight;
+    if (rd->cfg.raft_snapshot_threshold > 0) {
+        so.snapshot_threshold = (uint32_t)rd->cfg.raft_snapshot_threshold;
+        so.snapshot_trailing = so.snapshot_threshold / 4 ? so.snapshot_threshold / 4 : 1;
+    }
+    if (rd->cfg.election_timeout_ms > 0) {
+        so.election_timeout_ms = (uint32_t)rd->cfg.election_timeout_ms;
+        if (so.heartbeat_timeout_ms * 5 > so.election_timeout_ms)
+            so.heartbeat_timeout_ms = so.election_timeout_ms / 5;
+    }
+    /* Defect 13: both policies reach the leader's housekeeping (sync.h), the only place
+     * that proposes lease and request expiry with Raft. */
+    if (rd->cfg.frontend_timeout_ms > 0)
+        so.lease_ttl_ms = rd->cfg.frontend_timeout_ms > UINT32_MAX - 1
+                              ? UINT32_MAX - 1
+                              : (uint32_t)rd->cfg.frontend_timeout_ms;
+    if (rd->cfg.max_request_age_ms > 0)
+        so.max_request_age_ms = rd->cfg.max_request_age_ms > UINT32_MAX - 1
+                                    ? UINT32_MAX - 1
+                                    : (uint32_t)rd->cfg.max_request_age_ms;
+    /* Worker liveness with Raft: the leader alone, same bound as without (liveness.h). */
+    so.worker_ttl_ms = rd->cfg.heartbeat_misses > 0 ? (uint32_t)rd->cfg.heartbeat_misses * 1000 : 3000;
+    so.worker_down_cb = on_worker_down_committed;
+    so.worker_down_data = rd;
+    kvr_auth_key key;
+    if (rd->cfg.cluster_secret_file) {
+        rc = kvr_auth_key_load(&key, rd->cfg.cluster_secret_file, &err);
+        if (rc != 0) {
+            KVR_LOG_ERROR("starting raft", "error=\"%s\"", err.msg);
+            return rc;
+        }
+        so.auth_key = &key;
+    } else {
+        KVR_LOG_WARN("raft peers are not authenticated (--insecure-cluster or a single router)",
+                     "raft_addr=%s", rd->cfg.raft_addr);
+    }
+    rc = kvr_sync_init(&rd->sync, rd->loop, &so, &err);
+    memset(&key, 0, sizeof key); /* kvr_sync keeps its own copy */
+    if (rc == 0)
+        rc = kvr_sync_start(rd->sync, &err);
+    if (rc != 0) {
+        KVR_LOG_ERROR("starting raft", "error=\"%s\"", err.msg);
+        return rc;
+    }
+    KVR_LOG_INFO("raft started", "id=%u raft_addr=%s peers=%s", rd->cfg.id, rd->cfg.raft_addr,
+                 rd->cfg.peers);
+    return 0;
+}
+
+/* kvr.routers.quorum: "<router id>" from a router that is in the kvr.route queue group and
+ * knows a Raft leader, sent every tick. */
+static void on_quorum_beacon(const kvr_nats_msg *m, void *data)
+{
+    kvr_routerd *rd = data;
+    char buf[16];
+    if (m->len == 0 || m->len >= sizeof buf)
+        return;
+    memcpy(buf, m->data, m->len);
+    buf[m->len] = '\0';
+    char *end;
+    unsigned long id = strtoul(buf, &end, 10);
+    if (*end != '\0' || id == 0 || id == rd->cfg.id)
+        return;
+    rd->peer_quorum_ms = kvr_mono_ms();
+}
+
+static void send_quorum_beacon(kvr_routerd *rd, const kvr_sync_state *ss)
+{
+    if (!rd->ready || rd->groups_left || !rd->sub_route || ss->leader_id == 0 || !rd->nats_up)
+        return;
+    char buf[16];
+    int n = snprintf(buf, sizeof buf, "%u", (unsigned)rd->cfg.id);
+    (void)kvr_nats_publish(&rd->nats, "kvr.routers.quorum", buf, (size_t)n);
+}
+
+/* A router that has LOST its Raft group's quorum (cut off from the majority, but maybe not
+ * from NATS) leaves the routers' queue groups, so route requests and route events go to
+ * routers that can commit them: before, a partitioned leader kept taking its share of them
+ * into its local copy, the majority held bookings whose FREE it never saw, and those FREEs
+ * reached it only at reconcile. It leaves only while both hold:
+ *  - kvr_sync says the quorum is lost: a leader was known since start and none has been for
+ *    more than 2x the election timeout (monotonic clock). Start-up and ordinary elections do
+ *    not count: leaving on plain "degraded" (500 ms without a leader) emptied the queue
+ *    group during elections and the frontends got "no responders".
+ *  - another router said, after this one lost its quorum and within the last
+ *    RD_PEER_QUORUM_TTL_MS, that it has a leader and is in the kvr.route queue group. So
+ *    the group never empties on its own account: when every router is without a quorum (all
+ *    partitioned from each other, the majority down) nobody hears such a beacon and all keep
+ *    answering in local mode.
+ * It rejoins as soon as either stops holding (a leader is known again, or the beacons stop).
+ * While out it still hears every route event (a plain subscription): they go into its local
+ * copy and are re-proposed when the quorum is back. */
+static void follow_quorum(kvr_routerd *rd, int64_t tick_now)
+{
+    (void)tick_now;
+    if (!rd->sync)
+        return;
+    kvr_sync_state ss;
+    kvr_sync_get_state(rd->sync, &ss);
+    int64_t now = kvr_mono_ms();
+    bool peer = rd_peer_has_quorum(rd, now);
+    bool leave = ss.quorum_lost && peer && rd->peer_quorum_ms > ss.quorum_lost_since_ms;
+    send_quorum_beacon(rd, &ss);
+    if (rd->n_relay > 0 && (ss.leader_id != 0 || !peer))
+        rd->n_relay = 0; /* nobody to relay to, or a leader to reconcile with */
+    if (leave == rd->groups_left)
+        return;
+    kvr_err err = {0};
+    if (leave) {
+        if (kvr_nats_subscribe(&rd->nats, "kvr.route.event", NULL, rd_on_route_event_all, rd,
+                               &rd->sub_event_all, &err) != 0) {
+            KVR_LOG_WARN_RL(5, "subscribing to kvr.route.event", "error=\"%s\"", err.msg);
+            return;
+        }
+        if (rd->sub_route)
+            kvr_nats_unsubscribe(rd->sub_route);
+        if (rd->sub_event)
+            kvr_nats_unsubscribe(rd->sub_event);
+        rd->sub_route = rd->sub_event = NULL;
+        rd->groups_left = true;
+        rd->groups_left_n++;
+        for (uint32_t i = 0; i < rd->n_relay; i++)
+            rd_relay_route_event(rd, &rd->relay_q[i]);
+        if (rd->n_relay)
+            KVR_LOG_INFO("route events answered locally relayed", "n=%u", rd->n_relay);
+        rd->n_relay = 0;
+        KVR_LOG_WARN("quorum lost, another router has one: left the routers' queue groups",
+                     "ready=%d no_leader_ms=%lld", rd->ready,
+                     (long long)(now - ss.quorum_lost_since_ms));
+        return;
+    }
+    if (kvr_nats_subscribe(&rd->nats, "kvr.route.event", "kvr-routers", rd_on_route_event, rd,
+                           &rd->sub_event, &err) != 0 ||
+        (rd->ready && kvr_nats_subscribe(&rd->nats, "kvr.route", "kvr-routers", rd_on_route_nats, rd,
+                                         &rd->sub_route, &err) != 0)) {
+        KVR_LOG_WARN_RL(5, "rejoining the routers' queue groups", "error=\"%s\"", err.msg);
+        if (rd->sub_event)
+            kvr_nats_unsubscribe(rd->sub_event);
+        rd->sub_event = NULL;
+        return;
+    }
+    if (rd->sub_event_all)
+        kvr_nats_unsubscribe(rd->sub_event_all);
+    rd->sub_event_all = NULL;
+    rd->groups_left = false;
+    KVR_LOG_INFO("rejoined the routers' queue groups", "ready=%d leader=%u peer_with_quorum=%d",
+                 rd->ready, ss.leader_id, peer);
+}
+
+static int raft_subscribe(kvr_routerd *rd, kvr_err *err)
+{
+    return kvr_nats_subscribe(&rd->nats, "kvr.routers.quorum", NULL, on_quorum_beacon, rd, NULL,
+                              err);
+}
+
+static void sync_closed(void *data)
+{
+    kvr_routerd *rd = data;
+    rd->sync = NULL;
+    rd_closed_one(rd);
+}
+
+static bool raft_close(kvr_routerd *rd)
+{
+    if (!rd->sync)
+        return false;
+    kvr_sync_close(rd->sync, sync_closed, rd);
+    return true;
+}
+
+/* Worker liveness with Raft (liveness.h): the leader alone proposes; every router tells its
+ * kvr_sync what it hears, and the one in office uses it. */
+static bool raft_owns_liveness(kvr_routerd *rd)
+{
+    return rd->sync ? kvr_sync_owns_liveness(rd->sync) : true;
+}
+
+static bool raft_commits_liveness(kvr_routerd *rd)
+{
+    if (!rd->sync)
+        return true;
+    kvr_sync_state ss;
+    kvr_sync_get_state(rd->sync, &ss);
+    return ss.leader_id == rd->cfg.id && !ss.degraded;
+}
+
+static void raft_worker_heard(kvr_routerd *rd, uint64_t id, bool valid)
+{
+    if (!rd->sync)
+        rd_bookings_local.worker_heard(rd, id, valid);
+    else if (valid)
+        kvr_sync_worker_seen(rd->sync, id);
+    else
+        kvr_sync_worker_forget(rd->sync, id);
+}
+
+static void raft_liveness_hold(kvr_routerd *rd)
+{
+    if (rd->sync)
+        kvr_sync_liveness_hold(rd->sync);
+    else
+        rd_bookings_local.liveness_hold(rd);
+}
+
+/* Defect 13: not R routers x F beats per second through Raft; the leader alone proposes, and
+ * only when the replicated lease table lacks this frontend. */
+static void raft_frontend_seen(kvr_routerd *rd, uint64_t frontend_id)
+{
+    if (rd->sync)
+        kvr_sync_frontend_seen(rd->sync, frontend_id);
+    else
+        rd_bookings_local.frontend_seen(rd, frontend_id);
+}
+
+typedef struct member_ctx {
+    rd_member_cb cb;
+    void *data;
+} member_ctx;
+
+static void on_member_done(kvr_sync *s, int status, void *data)
+{
+    (void)s;
+    member_ctx *c = data;
+    c->cb(status, c->data);
+    free(c);
+}
+
+static int raft_membership(kvr_routerd *rd, rd_member_op op, uint32_t id, const char *addr,
+                           rd_member_cb cb, void *data, uint32_t *leader)
+{
+    if (!rd->sync)
+        return KVR_ECLOSED;
+    member_ctx *c = malloc(sizeof *c);
+    if (!c)
+        return KVR_ENOMEM;
+    c->cb = cb;
+    c->data = data;
+    int rc = op == RD_MEMBER_ADD       ? kvr_sync_add_node(rd->sync, id, addr, on_member_done, c, leader)
+             : op == RD_MEMBER_PROMOTE ? kvr_sync_promote_node(rd->sync, id, on_member_done, c, leader)
+                                       : kvr_sync_remove_node(rd->sync, id, on_member_done, c, leader);
+    if (rc != 0)
+        free(c);
+    return rc;
+}
+
+const rd_bookings_ops rd_bookings_raft = {
+    .mode = RD_BOOKINGS_RAFT,
+    .name = "raft",
+    .leader_housekeeping = true,
+    .open = raft_open,
+    .subscribe = raft_subscribe,
+    .submit = raft_submit,
+    .route = raft_route,
+    .state = raft_state,
+    .state_json = raft_state_json,
+    .close = raft_close,
+    .owns_liveness = raft_owns_liveness,
+    .commits_liveness = raft_commits_liveness,
+    .worker_heard = raft_worker_heard,
+    .liveness_hold = raft_liveness_hold,
+    .frontend_seen = raft_frontend_seen,
+    .tick = follow_quorum,
+    .membership = raft_membership,
+};
