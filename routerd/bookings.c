@@ -1,5 +1,4 @@
-/* bookings.c: picks the bookings implementation (bookings.h); the one place that knows which
- * exist in this build. */
+/* bookings.c: picks the bookings implementation (bookings.h) from the flags. */
 #include "bookings.h"
 #include "routerd_int.h"
 
@@ -9,12 +8,7 @@ int rd_bookings_open(kvr_routerd *rd)
 {
     const kvr_routerd_config *cfg = &rd->cfg;
     if (cfg->peers && *cfg->peers) {
-#ifdef KVR_ROUTERD_HAVE_SYNC
         rd->bk = &rd_bookings_raft;
-#else
-        KVR_LOG_ERROR("--peers given but this build has no sync module", "peers=%s", cfg->peers);
-        return KVR_EUNSUPPORTED;
-#endif
     } else {
         rd->bk = cfg->best_effort ? &rd_bookings_best_effort : &rd_bookings_local;
     }

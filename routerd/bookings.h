@@ -87,8 +87,6 @@ typedef struct rd_bookings_ops {
                       rd_member_cb cb, void *data, uint32_t *leader);
 } rd_bookings_ops;
 
-/* bookings_raft.c is built only with the sync module (CMakeLists.txt); bookings.c alone refers
- * to rd_bookings_raft, under KVR_ROUTERD_HAVE_SYNC. */
 extern const rd_bookings_ops rd_bookings_local, rd_bookings_best_effort, rd_bookings_raft;
 
 /* Picks rd->bk from rd->cfg and opens it. Returns 0 or a KVR_E* code (logged). */
