@@ -6,9 +6,7 @@
 source "$(dirname "$0")/../lib/testenv.sh"
 source "$(dirname "$0")/../tools/lib.sh"
 tools_init bridge_kvrctl
-for b in kvr-routerd kvr-worker kvr-frontend kvr-bridge; do
-    [ -x "$KVR_BIN/$b" ] || { echo "$b not built: skipped"; kvr_pass; }
-done
+kvr_need_bins kvr-routerd kvr-worker kvr-frontend kvr-bridge
 D=$KVR_TMP/c
 out=$("$KVRCTL" up --dir "$D" --routers 3 --workers 2 --frontends 1 --bridge --speedup 20 2>&1) ||
     kvr_fail "kvrctl up --bridge failed: $out"

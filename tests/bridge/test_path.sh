@@ -7,9 +7,10 @@
 # answers nothing or never sends its end marker, and the engine's metrics going down (the worker expires).
 source "$(dirname "$0")/../lib/testenv.sh"
 kvr_test_init bridge_path
-[ -x "$KVR_BIN/kvr-routerd" ] && [ -x "$KVR_BIN/kvr-bridge" ] || { echo "not built: skipped"; kvr_pass; }
+kvr_need_bins kvr-routerd kvr-bridge
 PY=/usr/bin/python3
-$PY -c 'import zmq, msgpack' || { echo "python3-zmq/python3-msgpack missing: skipped"; kvr_pass; }
+# scripts/setup installs both: missing means a broken set-up, not a reason to pass
+$PY -c 'import zmq, msgpack' || kvr_fail "python3-zmq/python3-msgpack missing (scripts/setup)"
 ENGINE="$(dirname "$0")/engine.py"
 kvr_start_nats
 rport=$(kvr_free_port)

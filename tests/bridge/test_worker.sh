@@ -9,8 +9,7 @@
 source "$(dirname "$0")/../lib/testenv.sh"
 source "$(dirname "$0")/../routerd/rd_lib.sh"
 kvr_test_init bridge_worker
-[ -x "$KVR_BIN/kvr-routerd" ] && [ -x "$KVR_BIN/kvr-bridge" ] && [ -x "$KVR_BIN/kvr-worker-probe" ] ||
-    { echo "not built: skipped"; kvr_pass; }
+kvr_need_bins kvr-routerd kvr-bridge kvr-worker kvr-worker-probe
 PROBE="$KVR_BIN/kvr-worker-probe"
 kvr_start_nats
 read -r A1 A2 A3 <<<"$(rd_raft_ports 3)"

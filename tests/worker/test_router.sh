@@ -4,7 +4,7 @@
 # traffic with evictions and again after nats-server is SIGKILLed and restarted under both.
 source "$(dirname "$0")/../lib/testenv.sh"
 kvr_test_init worker_router
-[ -x "$KVR_BIN/kvr-routerd" ] || { echo "kvr-routerd not built: skipped"; kvr_pass; }
+kvr_need_bins kvr-routerd
 kvr_start_nats
 PROBE="$KVR_BIN/kvr-worker-probe"
 rport=$(kvr_free_port)
