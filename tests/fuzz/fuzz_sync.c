@@ -3,10 +3,12 @@
  *
  * The first byte picks what the rest is:
  *   0: an entry (sync/entry.h) applied to a small FSM;
- *   1: a sequence of commands, each [u8 len][len bytes], applied in order to one FSM, then
+ *   1: a sequence of commands (the Raft command codec, sync/cmd.h), each [u8 len][len bytes],
+ *      applied in order to one FSM, then
  *      the state is snapshotted, restored into a fresh FSM, and the digests must match;
  *   2: an FSM snapshot, restored into a fresh FSM (refused or accepted, never a crash), and if
  *      accepted it must snapshot again to a state with the same digest. */
+#include "cmd.h"
 #include "entry.h"
 #include "fsm.h"
 #include "kvr_buf.h"

@@ -2,6 +2,7 @@
  * snapshot) into the directory given as argv[1]. Built and run by hand when the command format
  * changes:  cc -Ibase -Iproto -Isync tests/fuzz/gen_sync_seeds.c build/sync/libkvr_sync.a
  *           build/base/libkvr_base.a build/proto/libkvr_proto.a -lxxhash -lm && ./a.out tests/fuzz/seeds/sync */
+#include "cmd.h"
 #include "entry.h"
 #include "fsm.h"
 

@@ -7,6 +7,7 @@
 
 #include <cmocka.h>
 
+#include "cmd.h"
 #include "fsm.h"
 #include "kvr_mp.h"
 #include <xxhash.h>

@@ -1,0 +1,103 @@
+/* cmd: the Raft command contract (DESIGN section 6), the one encoder/decoder pair of the bytes
+ * every replica appends to its log and applies (fsm.h). Producers (sync.c, degraded-mode
+ * reconcile, routerd, benches, tests) and consumers (kvr_fsm_apply_bytes, the fuzz target
+ * fuzz_sync, the golden vectors in tests/sync) all go through it.
+ *
+ * Wire: one version byte (KVR_CMD_VERSION), then a msgpack array whose first element is the
+ * kvr_cmd_type. A replica refuses other versions, so every replica of a group must run the
+ * same command version.
+ *
+ * Memory: kvr_cmd_encode appends to a caller's kvr_buf; a kvr_cmd decoded from bytes borrows
+ * its strings from those bytes and its ROUTE candidates from caller storage (never allocates).
+ * Threads: none; pure functions, callable from any thread. */
+#ifndef KVR_SYNC_CMD_H
+#define KVR_SYNC_CMD_H
+
+#include "cost.h"
+#include "kvr_buf.h"
+#include "kvr_err.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define KVR_CMD_VERSION 1
+#define KVR_FSM_MAX_CANDIDATES 1024
+#define KVR_FSM_MODEL_MAX 127
+#define KVR_FSM_NS_MAX 63
+#define KVR_FSM_URL_MAX 255
+/* Upper bound of one encoded command (ROUTE with KVR_FSM_MAX_CANDIDATES candidates). */
+#define KVR_CMD_MAX_BYTES (64 + KVR_FSM_MODEL_MAX + KVR_FSM_NS_MAX + 24 * KVR_FSM_MAX_CANDIDATES)
+
+typedef enum kvr_cmd_type {
+    KVR_CMD_NONE = 0,
+    KVR_CMD_ROUTE = 1,
+    KVR_CMD_PREFILL_DONE = 2,
+    KVR_CMD_FREE = 3,
+    KVR_CMD_WORKER_UP = 4,
+    KVR_CMD_WORKER_DOWN = 5,
+    KVR_CMD_FRONTEND_SEEN = 6,
+    KVR_CMD_FRONTEND_EXPIRE = 7,
+    KVR_CMD_EXPIRE = 8,
+} kvr_cmd_type;
+
+typedef enum kvr_worker_role {
+    KVR_ROLE_BOTH = 0,
+    KVR_ROLE_PREFILL = 1,
+    KVR_ROLE_DECODE = 2,
+} kvr_worker_role;
+
+typedef struct kvr_route_candidate {
+    uint64_t worker_id;
+    uint32_t overlap; /* blocks matched in the router's own index */
+} kvr_route_candidate;
+
+typedef struct kvr_route_cmd {
+    uint8_t request_id[KVR_REQUEST_ID_LEN];
+    uint64_t frontend_id;
+    uint64_t now_ms;
+    uint32_t request_blocks;
+    kvr_slice model;
+    kvr_slice ns;        /* namespace */
+    uint64_t pin_worker; /* 0: choose by cost. Else book this worker (used by degraded-mode
+                            reconciliation: the request is already being served there). */
+    const kvr_route_candidate *candidates;
+    uint32_t n_candidates; /* <= KVR_FSM_MAX_CANDIDATES */
+    /* Only the listed candidates may be chosen (their overlap may be 0): the router restricts
+     * a request to the workers that serve its LoRA adapter or whose model card matches.
+     * Encoded as ROUTE's optional 10th field, only when true, so older logs decode as false. */
+    bool only_candidates;
+} kvr_route_cmd;
+
+typedef struct kvr_worker_info {
+    uint64_t id; /* != 0 */
+    kvr_slice ns, model, url;
+    kvr_worker_role role;
+    uint32_t block_size;
+    uint32_t capacity_blocks;
+} kvr_worker_info;
+
+typedef struct kvr_cmd {
+    kvr_cmd_type type;
+    union {
+        kvr_route_cmd route;                                   /* ROUTE */
+        uint8_t request_id[KVR_REQUEST_ID_LEN];                /* PREFILL_DONE, FREE */
+        kvr_worker_info worker;                                /* WORKER_UP */
+        uint64_t worker_id;                                    /* WORKER_DOWN */
+        struct { uint64_t frontend_id, now_ms; } frontend;     /* FRONTEND_SEEN, _EXPIRE */
+        uint64_t before_ms;                                    /* EXPIRE */
+    } u;
+} kvr_cmd;
+
+/* Appends the encoding of cmd to out. KVR_EINVAL when a field is over its bound. */
+int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err);
+/* Decodes data[0..len) into cmd. Strings point into data; ROUTE candidates are stored in
+ * cand[0..KVR_FSM_MAX_CANDIDATES). KVR_EINVAL / KVR_ETRUNC / KVR_ELIMIT / KVR_EUNSUPPORTED
+ * (other version) with a message. Never allocates. */
+int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candidate *cand,
+                   kvr_err *err);
+/* Request id of a ROUTE/PREFILL_DONE/FREE command, else NULL. */
+const uint8_t *kvr_cmd_request_id(const kvr_cmd *cmd);
+const char *kvr_cmd_type_name(kvr_cmd_type t);
+
+#endif
