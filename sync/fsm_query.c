@@ -55,7 +55,7 @@ uint64_t kvr_fsm_digest(const kvr_fsm *f)
     for (uint32_t i = 0; i < f->n_leases; i++)
         d += XXH3_64bits_withSeed(&f->leases[i], sizeof f->leases[i], 3);
     /* The finished record and the clock decide future outcomes: part of the state. */
-    d += f->fin_sum; /* kept up to date by fin_add / fin_pop */
+    d += f->fin_sum; /* kept up to date by fsm_fin_add / fin_pop (fsm.c) */
     d += XXH3_64bits_withSeed(&f->clock_ms, sizeof f->clock_ms, 5);
     d += XXH3_64bits_withSeed(&f->down_counter, sizeof f->down_counter, 6);
     return XXH3_64bits(&d, sizeof d);

@@ -110,7 +110,7 @@ struct kvr_sync {
     uv_timer_t tick;
     uv_check_t check;
     uv_prepare_t prep;
-    uv_timer_t coalesce; /* wakes flush_batches for a queue of lazy commands */
+    uv_timer_t coalesce; /* wakes sync_flush_batches for a queue of lazy commands */
     uv_tcp_t listener;
     bool listening, started, closing;
     kvr_auth_key key;   /* len 0: forward port unauthenticated (--insecure-cluster) */
