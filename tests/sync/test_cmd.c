@@ -1,0 +1,230 @@
+/* Golden vectors of the Raft command codec (sync/cmd.h): the exact bytes every replica appends
+ * to its log. A replica decodes the entries other routers wrote (and its own, after a restart),
+ * so the encoding may change only with KVR_CMD_VERSION: these vectors pin it. They were
+ * produced by the codec as it was before it moved out of fsm.c (issue 11). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "cmd.h"
+
+/* The commands the vectors encode. */
+static const kvr_route_candidate GOLD_CAND[2] = {{7, 12}, {0x1122334455667788ull, 0}};
+
+static int gold_cmd(int i, kvr_cmd *c)
+{
+    memset(c, 0, sizeof *c);
+    switch (i) {
+    case 0: /* ROUTE, choose by cost */
+        c->type = KVR_CMD_ROUTE;
+        for (int k = 0; k < 16; k++)
+            c->u.route.request_id[k] = (uint8_t)(k + 1);
+        c->u.route.frontend_id = 42;
+        c->u.route.now_ms = 1765000000123ull;
+        c->u.route.request_blocks = 300;
+        c->u.route.model = kvr_slice_of("llama-3-8b");
+        c->u.route.ns = kvr_slice_of("prod");
+        c->u.route.candidates = GOLD_CAND;
+        c->u.route.n_candidates = 2;
+        return 0;
+    case 1: /* ROUTE pinned, only the listed candidates */
+        gold_cmd(0, c);
+        c->u.route.pin_worker = 7;
+        c->u.route.only_candidates = true;
+        c->u.route.n_candidates = 1;
+        return 0;
+    case 2:
+        c->type = KVR_CMD_PREFILL_DONE;
+        memset(c->u.request_id, 0xa5, 16);
+        return 0;
+    case 3:
+        c->type = KVR_CMD_FREE;
+        memset(c->u.request_id, 0x5a, 16);
+        return 0;
+    case 4:
+        c->type = KVR_CMD_WORKER_UP;
+        c->u.worker = (kvr_worker_info){.id = 9,
+                                        .ns = kvr_slice_of("prod"),
+                                        .model = kvr_slice_of("llama-3-8b"),
+                                        .url = kvr_slice_of("http://10.0.0.9:8000"),
+                                        .role = KVR_ROLE_DECODE,
+                                        .block_size = 64,
+                                        .capacity_blocks = 70000};
+        return 0;
+    case 5:
+        c->type = KVR_CMD_WORKER_DOWN;
+        c->u.worker_id = 9;
+        return 0;
+    case 6:
+        c->type = KVR_CMD_FRONTEND_SEEN;
+        c->u.frontend.frontend_id = 42;
+        c->u.frontend.now_ms = 1765000000456ull;
+        return 0;
+    case 7:
+        c->type = KVR_CMD_FRONTEND_EXPIRE;
+        c->u.frontend.frontend_id = 42;
+        c->u.frontend.now_ms = 1765000010456ull;
+        return 0;
+    case 8:
+        c->type = KVR_CMD_EXPIRE;
+        c->u.before_ms = 1764999400000ull;
+        return 0;
+    default:
+        return -1;
+    }
+}
+
+static const char *const GOLDEN[] = {
+    /* 0 ROUTE */ "019901c4100102030405060708090a0b0c0d0e0f102acf0000019af232b27bcd012caa6c6c616d612d332d3862a470726f64009292070c92cf112233445566778800",
+    /* 1 ROUTE */ "019a01c4100102030405060708090a0b0c0d0e0f102acf0000019af232b27bcd012caa6c6c616d612d332d3862a470726f64079192070cc3",
+    /* 2 PREFILL_DONE */ "019202c410a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5",
+    /* 3 FREE */ "019203c4105a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a",
+    /* 4 WORKER_UP */ "01980409a470726f64aa6c6c616d612d332d3862b4687474703a2f2f31302e302e302e393a383030300240ce00011170",
+    /* 5 WORKER_DOWN */ "01920509",
+    /* 6 FRONTEND_SEEN */ "0193062acf0000019af232b3c8",
+    /* 7 FRONTEND_EXPIRE */ "0193072acf0000019af232dad8",
+    /* 8 EXPIRE */ "019208cf0000019af2298a40",
+};
+#define N_GOLDEN (sizeof GOLDEN / sizeof *GOLDEN)
+
+static size_t unhex(const char *hex, uint8_t *out, size_t cap)
+{
+    size_t n = strlen(hex) / 2;
+    assert_true(n <= cap);
+    for (size_t i = 0; i < n; i++) {
+        unsigned v;
+        assert_int_equal(sscanf(hex + 2 * i, "%2x", &v), 1);
+        out[i] = (uint8_t)v;
+    }
+    return n;
+}
+
+static void tohex(const uint8_t *p, size_t n, char *out)
+{
+    for (size_t i = 0; i < n; i++)
+        sprintf(out + 2 * i, "%02x", (unsigned)p[i]);
+    out[2 * n] = 0;
+}
+
+static void test_encode_golden(void **state)
+{
+    (void)state;
+    kvr_cmd c;
+    size_t i = 0;
+    for (; gold_cmd((int)i, &c) == 0; i++) {
+        assert_true(i < N_GOLDEN);
+        kvr_buf b;
+        kvr_buf_init(&b);
+        assert_int_equal(kvr_cmd_encode(&c, &b, NULL), 0);
+        char hex[512];
+        assert_true(b.len * 2 < sizeof hex);
+        tohex((const uint8_t *)b.base, b.len, hex);
+        if (strcmp(hex, GOLDEN[i]) != 0)
+            fail_msg("command %zu (%s): encoded %s, golden %s", i, kvr_cmd_type_name(c.type), hex,
+                     GOLDEN[i]);
+        kvr_buf_free(&b);
+    }
+    assert_int_equal(i, N_GOLDEN);
+}
+
+/* Every vector decodes to the command it was made from, and encodes back to the same bytes. */
+static void test_decode_golden(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < N_GOLDEN; i++) {
+        uint8_t bytes[256];
+        size_t n = unhex(GOLDEN[i], bytes, sizeof bytes);
+        kvr_cmd want, got;
+        kvr_route_candidate cand[KVR_FSM_MAX_CANDIDATES];
+        assert_int_equal(gold_cmd((int)i, &want), 0);
+        kvr_err e = {0};
+        assert_int_equal(kvr_cmd_decode(bytes, n, &got, cand, &e), 0);
+        assert_int_equal(got.type, want.type);
+        switch (got.type) {
+        case KVR_CMD_ROUTE: {
+            const kvr_route_cmd *g = &got.u.route, *w = &want.u.route;
+            assert_memory_equal(g->request_id, w->request_id, KVR_REQUEST_ID_LEN);
+            assert_true(g->frontend_id == w->frontend_id && g->now_ms == w->now_ms);
+            assert_int_equal(g->request_blocks, w->request_blocks);
+            assert_true(kvr_slice_eq(g->model, w->model) && kvr_slice_eq(g->ns, w->ns));
+            assert_true(g->pin_worker == w->pin_worker);
+            assert_int_equal(g->only_candidates, w->only_candidates);
+            assert_int_equal(g->n_candidates, w->n_candidates);
+            for (uint32_t k = 0; k < g->n_candidates; k++) {
+                assert_true(g->candidates[k].worker_id == w->candidates[k].worker_id);
+                assert_int_equal(g->candidates[k].overlap, w->candidates[k].overlap);
+            }
+            break;
+        }
+        case KVR_CMD_PREFILL_DONE:
+        case KVR_CMD_FREE:
+            assert_memory_equal(got.u.request_id, want.u.request_id, KVR_REQUEST_ID_LEN);
+            assert_ptr_equal(kvr_cmd_request_id(&got), got.u.request_id);
+            break;
+        case KVR_CMD_WORKER_UP: {
+            const kvr_worker_info *g = &got.u.worker, *w = &want.u.worker;
+            assert_true(g->id == w->id && g->role == w->role);
+            assert_true(kvr_slice_eq(g->ns, w->ns) && kvr_slice_eq(g->model, w->model) &&
+                        kvr_slice_eq(g->url, w->url));
+            assert_int_equal(g->block_size, w->block_size);
+            assert_int_equal(g->capacity_blocks, w->capacity_blocks);
+            break;
+        }
+        case KVR_CMD_WORKER_DOWN:
+            assert_true(got.u.worker_id == want.u.worker_id);
+            break;
+        case KVR_CMD_FRONTEND_SEEN:
+        case KVR_CMD_FRONTEND_EXPIRE:
+            assert_true(got.u.frontend.frontend_id == want.u.frontend.frontend_id);
+            assert_true(got.u.frontend.now_ms == want.u.frontend.now_ms);
+            break;
+        case KVR_CMD_EXPIRE:
+            assert_true(got.u.before_ms == want.u.before_ms);
+            break;
+        default:
+            fail_msg("vector %zu: unexpected type %d", i, (int)got.type);
+        }
+        kvr_buf b;
+        kvr_buf_init(&b);
+        assert_int_equal(kvr_cmd_encode(&got, &b, NULL), 0);
+        assert_int_equal(b.len, n);
+        assert_memory_equal(b.base, bytes, n);
+        kvr_buf_free(&b);
+    }
+}
+
+/* Another version, nothing, and every strict prefix of a vector are refused (never applied as
+ * a shorter command). */
+static void test_decode_rejects(void **state)
+{
+    (void)state;
+    kvr_cmd got;
+    kvr_route_candidate cand[KVR_FSM_MAX_CANDIDATES];
+    kvr_err e = {0};
+    assert_int_equal(kvr_cmd_decode("", 0, &got, cand, &e), KVR_ETRUNC);
+    for (size_t i = 0; i < N_GOLDEN; i++) {
+        uint8_t bytes[256];
+        size_t n = unhex(GOLDEN[i], bytes, sizeof bytes);
+        for (size_t len = 1; len < n; len++)
+            if (kvr_cmd_decode(bytes, len, &got, cand, &e) == 0)
+                fail_msg("vector %zu: its %zu-byte prefix (of %zu) decoded", i, len, n);
+        bytes[0] = KVR_CMD_VERSION + 1;
+        assert_int_equal(kvr_cmd_decode(bytes, n, &got, cand, &e), KVR_EUNSUPPORTED);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_encode_golden),
+        cmocka_unit_test(test_decode_golden),
+        cmocka_unit_test(test_decode_rejects),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
