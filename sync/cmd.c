@@ -248,6 +248,14 @@ fail:
                        kvr_strerror(rc));
 }
 
+kvr_cmd_type kvr_cmd_peek_type(const void *data, size_t len)
+{
+    const uint8_t *p = data;
+    if (len < 3 || (p[1] & 0xf0) != 0x90 || p[2] > KVR_CMD_EXPIRE)
+        return KVR_CMD_NONE;
+    return (kvr_cmd_type)p[2];
+}
+
 const uint8_t *kvr_cmd_request_id(const kvr_cmd *cmd)
 {
     switch (cmd->type) {

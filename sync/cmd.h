@@ -96,6 +96,12 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err);
  * (other version) with a message. Never allocates. */
 int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candidate *cand,
                    kvr_err *err);
+/* The type of encoded command bytes read from their head alone, without decoding them (the
+ * rest may still be malformed): byte 1 a msgpack fixarray and byte 2 a known type as a positive
+ * fixint, as kvr_cmd_encode writes every command; else KVR_CMD_NONE. The version byte is not
+ * checked. For cheap scheduling decisions (sync coalesces FREE and PREFILL_DONE), never for
+ * applying. */
+kvr_cmd_type kvr_cmd_peek_type(const void *data, size_t len);
 /* Request id of a ROUTE/PREFILL_DONE/FREE command, else NULL. */
 const uint8_t *kvr_cmd_request_id(const kvr_cmd *cmd);
 const char *kvr_cmd_type_name(kvr_cmd_type t);

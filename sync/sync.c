@@ -120,9 +120,8 @@ pending *sync_pending_new(kvr_sync *s, const char *cmd, size_t len)
     memcpy(p->cmd, cmd, len);
     p->cmd_len = len;
     p->s = s;
-    /* kvr_cmd_encode: version byte, fixarray, then the type as a positive fixint */
-    p->lazy = len >= 3 && ((uint8_t)cmd[1] & 0xf0) == 0x90 &&
-              ((uint8_t)cmd[2] == KVR_CMD_FREE || (uint8_t)cmd[2] == KVR_CMD_PREFILL_DONE);
+    kvr_cmd_type type = kvr_cmd_peek_type(cmd, len);
+    p->lazy = type == KVR_CMD_FREE || type == KVR_CMD_PREFILL_DONE;
     p->start_ms = kvr_mono_ms();
     return p;
 }

@@ -219,12 +219,32 @@ static void test_decode_rejects(void **state)
     }
 }
 
+/* The head of every vector names its type; anything else is KVR_CMD_NONE. */
+static void test_peek_type(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < N_GOLDEN; i++) {
+        uint8_t bytes[256];
+        size_t n = unhex(GOLDEN[i], bytes, sizeof bytes);
+        kvr_cmd want;
+        assert_int_equal(gold_cmd((int)i, &want), 0);
+        assert_int_equal(kvr_cmd_peek_type(bytes, n), want.type);
+        assert_int_equal(kvr_cmd_peek_type(bytes, 2), KVR_CMD_NONE);
+    }
+    const uint8_t not_fixarray[] = {KVR_CMD_VERSION, 0xdc, KVR_CMD_FREE};
+    const uint8_t unknown_type[] = {KVR_CMD_VERSION, 0x92, KVR_CMD_EXPIRE + 1};
+    assert_int_equal(kvr_cmd_peek_type(not_fixarray, 3), KVR_CMD_NONE);
+    assert_int_equal(kvr_cmd_peek_type(unknown_type, 3), KVR_CMD_NONE);
+    assert_int_equal(kvr_cmd_peek_type("", 0), KVR_CMD_NONE);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_encode_golden),
         cmocka_unit_test(test_decode_golden),
         cmocka_unit_test(test_decode_rejects),
+        cmocka_unit_test(test_peek_type),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
