@@ -58,7 +58,7 @@ tail -n +"$lines0" "$KVR_TMP/router$L.log" | grep -E 'level=(error|warn)' | sort
 chaos_check "the full router r$L logs an error naming the lack of space" test -n "$t_err"
 chaos_check "the full router r$L is still running (no crash)" kvr_alive "router$L"
 chaos_check "the other routers have a leader while r$L's disk is full" test -n "$t_lead"
-# a leader that cannot write its log hands leadership to a router that can (sync.c)
+# a leader that cannot write its log hands leadership to a router that can (sync/sync_batch.c)
 chaos_check "leadership moved off the full router r$L (leader r${NL:-none})" test "${NL:-$L}" != "$L"
 
 t_free=$(now_ms)
