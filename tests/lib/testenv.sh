@@ -65,8 +65,42 @@ kvr_test_init() {
 }
 
 # A free TCP port on 127.0.0.1, chosen by the OS (bind to port 0, read it, close).
+# A port the OS calls free, and that no test on this machine was handed in the last 15 min:
+# tests running side by side (ctest -j) ask the OS at different times, and the OS hands out a
+# port again as soon as its first owner has closed its probe socket, so two tests could start
+# servers on one port seconds apart (seen in CI: a router's HTTP port taken by another test's).
+# The hand-outs are kept in a small file under a lock.
 kvr_free_port() {
-    /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+    /usr/bin/python3 - <<'PY'
+import fcntl, os, socket, time
+path = os.path.join(os.environ.get("TMPDIR") or "/tmp", "kvr-test-ports")
+now = time.time()
+with open(path, "a+") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    f.seek(0)
+    recent = {}
+    for line in f:
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            try:
+                t = float(parts[1])
+            except ValueError:
+                continue
+            if now - t < 900:
+                recent[int(parts[0])] = t
+    for _ in range(200):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        if port not in recent:
+            break
+    recent[port] = now
+    f.seek(0)
+    f.truncate()
+    f.writelines("%d %.0f\n" % (p, t) for p, t in recent.items())
+print(port)
+PY
 }
 
 # kvr_spawn NAME CMD ARGS... : start in its own process group; logs to $KVR_TMP/NAME.log.

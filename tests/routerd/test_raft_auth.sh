@@ -82,7 +82,9 @@ done
 rd_start r4 4 "${HP[4]}" "$KVR_TMP/r4" --raft-addr "${RA[4]}" --peers "$PEERS" --join \
     --cluster-secret-file "$KVR_TMP/wrong"
 kvr_wait_http "http://127.0.0.1:${HP[4]}/health" 20
-code=$(curl -s -o "$KVR_TMP/add.out" -w '%{http_code}' -X POST --max-time 10 \
+# with the admin token: the leader really tries to bring r4 in, and must refuse its handshake
+rd_token >/dev/null
+code=$(curl -s -o "$KVR_TMP/add.out" -w '%{http_code}' -X POST --max-time 10 "${RD_AUTH[@]}" \
     --data "{\"id\":4,\"raft_addr\":\"${RA[4]}\"}" "http://127.0.0.1:${HP[$L]}/admin/raft/add")
 kvr_log "add r4 (wrong secret): HTTP $code $(cat "$KVR_TMP/add.out")"
 sleep 3
