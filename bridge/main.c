@@ -56,6 +56,10 @@ typedef struct rank {
     void *sub, *dealer;
     struct zpoll *sub_zp, *dealer_zp;
     uv_timer_t replay_timer;
+    uv_timer_t probe_timer; /* follow-up replays from `next` after a resync (probe_tail) */
+    int probes_left;
+    bool have_live;     /* last_live is meaningful */
+    uint64_t last_live; /* seq of the last live batch (the live stream never goes back) */
     bool known;     /* next is meaningful */
     uint64_t next;  /* next expected seq */
     bool replaying; /* a replay request is out; live batches wait in pending */
@@ -199,7 +203,10 @@ static void on_replay_timeout(uv_timer_t *t)
     rank *rk = t->data;
     KVR_LOG_WARN("replay: no (complete) answer in time", "worker=%" PRIu64 " endpoint=%s", rk->wid,
                  rk->replay_ep);
-    /* A late answer must not be read as the answer to the next request: new socket. */
+    /* A late answer must not be read as the answer to the next request: new socket. A replay
+     * socket that does not answer is not probed again (each probe would hold live batches
+     * back for the whole timeout). */
+    rk->probes_left = 0;
     open_dealer(rk);
     replay_done(rk);
 }
@@ -226,6 +233,31 @@ static void start_replay(rank *rk, uint64_t from)
     drain(rk, rk->dealer); /* ZMQ_FD is edge-triggered: a send can consume the edge */
 }
 
+/* A replay from seq 0 (bridge start, engine restart) races the SUB's (re)connection: what the
+ * engine publishes after answering the replay and before the SUB is connected again is dropped
+ * by its PUB, and when nothing follows, no live seq ever shows the gap. So ask the replay
+ * socket again from `next`, 1, 2 and 3 s later: nothing missing costs an empty answer. */
+#define TAIL_PROBES 3
+
+static void on_probe(uv_timer_t *t)
+{
+    rank *rk = t->data;
+    if (rk->probes_left <= 0 || !rk->dealer) {
+        uv_timer_stop(t);
+        return;
+    }
+    if (rk->replaying || !rk->known)
+        return; /* the next tick asks */
+    rk->probes_left--;
+    start_replay(rk, rk->next);
+}
+
+static void probe_tail(rank *rk)
+{
+    rk->probes_left = TAIL_PROBES;
+    uv_timer_start(&rk->probe_timer, on_probe, 1000, 1000);
+}
+
 static void hold_begin(bridge *br)
 {
     if (br->hold)
@@ -249,9 +281,11 @@ static void resync_from_zero(rank *rk)
         uv_timer_stop(&rk->replay_timer);
     }
     pending_free(rk);
+    rk->have_live = false; /* the new engine numbers from 0 */
     publish_clear(rk, "engine restarted (its start time changed)");
     if (rk->dealer) {
         start_replay(rk, 0);
+        probe_tail(rk);
     } else {
         rk->known = false; /* the next live batch starts the count */
     }
@@ -259,6 +293,21 @@ static void resync_from_zero(rank *rk)
 
 static void on_live(rank *rk, uint64_t seq, const void *p, size_t len)
 {
+    /* strictly below: on_live queues a batch behind a replay by calling itself again */
+    bool went_back = rk->have_live && seq < rk->last_live;
+    rk->have_live = true;
+    rk->last_live = seq;
+    if (went_back && rk->replaying) {
+        /* The engine restarted while a replay was out: the answer, and the live batches
+         * queued behind it, are numbered like the old engine's; the restart branch below
+         * clears the worker and replays the new engine from 0. */
+        open_dealer(rk);
+        rk->replaying = false;
+        uv_timer_stop(&rk->replay_timer);
+        pending_free(rk);
+        rk->known = true;
+        rk->next = seq + 1;
+    }
     if (rk->replaying) {
         if (rk->pending_bytes + len > MAX_PENDING_BYTES) {
             KVR_LOG_WARN("replay too slow: live batches over the bound", "worker=%" PRIu64,
@@ -295,7 +344,7 @@ static void on_live(rank *rk, uint64_t seq, const void *p, size_t len)
         rk->restarts++;
         hold_begin(rk->br);
         publish_clear(rk, "engine restarted (seq went back)");
-        rk->next = seq;
+        rk->next = 0; /* what the new engine sent before this batch is asked for below */
     }
     if (seq > rk->next) {
         rk->gaps++;
@@ -695,6 +744,7 @@ static void on_signal(uv_signal_t *s, int signum)
         rk->sub_zp = rk->dealer_zp = NULL;
         rk->sub = rk->dealer = NULL;
         uv_timer_stop(&rk->replay_timer);
+        uv_timer_stop(&rk->probe_timer);
     }
     uv_idle_stop(&br->idle);
     uv_timer_stop(&br->hb_timer);
@@ -853,6 +903,8 @@ int main(int argc, char **argv)
         }
         uv_timer_init(br->loop, &rk->replay_timer);
         rk->replay_timer.data = rk;
+        uv_timer_init(br->loop, &rk->probe_timer);
+        rk->probe_timer.data = rk;
         if (js_outbox_init(&rk->ob, &br->nats, rk->subj_kv, (size_t)br->max_inflight,
                            (size_t)br->outbox_bytes, 5000, on_loss, rk) != 0 ||
             open_sub(rk, br->topic) != 0 || open_dealer(rk) != 0) {
@@ -864,10 +916,12 @@ int main(int argc, char **argv)
          * the engine's whole history again (stores and removals re-applied in order leave the
          * same set); if it starts later, or there is no replay socket, earlier batches are
          * gone and the worker is cleared first. */
-        if (rk->dealer)
+        if (rk->dealer) {
             start_replay(rk, 0);
-        else
+            probe_tail(rk);
+        } else {
             publish_clear(rk, "start without a replay socket");
+        }
     }
     uv_idle_init(br->loop, &br->idle);
     br->idle.data = br;
