@@ -114,7 +114,7 @@ struct kvr_nats_impl {
 
     kvr_nats_sub *subs; /* every sub ever made; freed at close */
     kvr_nats_consumer *consumers;
-    natsSubscription **graveyard; /* natsSubscriptions to destroy at close */
+    natsSubscription **graveyard; /* unsubscribed natsSubscriptions, destroyed at close or trimmed */
     size_t n_graveyard, cap_graveyard;
 
     /* requests */
@@ -143,6 +143,7 @@ natsStatus kn_set_servers(natsOptions *no, const char *urls);
 void kn_on_async(uv_async_t *a);
 void kn_queue_free(kvr_nats_impl *ki);
 int kn_graveyard_add(kvr_nats_impl *ki, natsSubscription *ns);
+void kn_graveyard_trim(kvr_nats_impl *ki);
 /* kvr_nats_js.c, loop thread */
 void kn_consumer_deliver(kvr_nats_impl *ki, kvr_nats_sub *sub, const kvr_nats_msg *m,
                          uint64_t cseq);

@@ -79,7 +79,7 @@ int kvr_nats_js_publish(kvr_nats *kn, const char *subject, const char *msg_id, c
 
 /* ---------- JetStream work items ---------- */
 
-typedef enum { W_ENSURE, W_INFO, W_CREATE, W_DESTROY, W_CHECK } work_op;
+typedef enum { W_ENSURE, W_INFO, W_CREATE, W_RETIRE, W_DESTROY, W_CHECK } work_op;
 
 typedef struct js_work {
     uv_work_t req;
@@ -94,7 +94,9 @@ typedef struct js_work {
     uint64_t start_seq;
     kvr_nats_sub *sub;           /* W_CREATE: incarnation */
     kvr_nats_consumer *consumer; /* W_CREATE, W_CHECK */
-    natsSubscription *ns;        /* W_DESTROY in; W_CREATE out */
+    natsSubscription *ns;        /* W_RETIRE, W_DESTROY in; W_CREATE out */
+    natsSubscription **old;      /* W_DESTROY: graveyard entries, owned by the work */
+    size_t n_old;
     kvr_nats_stream_cb cb;
     void *data;
     /* out */
@@ -203,13 +205,23 @@ static void work_run(uv_work_t *req)
         }
         break;
     }
+    case W_RETIRE:
+        /* Unsubscribe, not destroy: cnats 3.4.1's read loop can still be handing this
+         * subscription a message (after a reconnect the server's recovered consumer delivers
+         * at once), and a subscription freed under it crashes the read loop (nats.c #637,
+         * fixed in 3.5) or its async error handler (#659). Unsubscribed, it leaves the
+         * connection's table but stays allocated; it is destroyed later, from the graveyard,
+         * long after the read loop last saw it. Unsubscribe also deletes the ephemeral
+         * consumer (a blocking API request: fine on a pool thread). */
+        if (w->ns)
+            natsSubscription_Unsubscribe(w->ns);
+        break;
     case W_DESTROY:
-        /* Destroy only: it does not delete the ephemeral consumer (a blocking API request);
-         * the server drops it once it has no interest */
-        if (w->ns) {
-            natsSubscription_Destroy(w->ns);
-            w->ns = NULL;
-        }
+        for (size_t i = 0; i < w->n_old; i++)
+            natsSubscription_Destroy(w->old[i]);
+        free(w->old);
+        w->old = NULL;
+        w->n_old = 0;
         break;
     }
     /* cnats keeps an error stack per thread; libuv's pool threads never exit */
@@ -239,6 +251,13 @@ static void work_after(uv_work_t *req, int uvstatus)
         break;
     case W_CHECK:
         consumer_check_done(w);
+        break;
+    case W_RETIRE:
+        /* owned by the graveyard from now on (destroyed at close, or later in a batch) */
+        if (w->ns && kn_graveyard_add(ki, w->ns) != 0)
+            KVR_LOG_WARN("nats: retired subscription not kept (out of memory)", "stream=%s",
+                         w->name);
+        kn_graveyard_trim(ki);
         break;
     case W_DESTROY:
         break;
@@ -314,7 +333,7 @@ static void destroy_incarnation(kvr_nats_impl *ki, kvr_nats_sub *sub)
     if (sub->ns) {
         js_work *w = calloc(1, sizeof(*w));
         if (w) {
-            w->op = W_DESTROY;
+            w->op = W_RETIRE;
             w->ns = sub->ns;
             sub->ns = NULL;
             if (submit(ki, w) != 0) {
@@ -326,6 +345,39 @@ static void destroy_incarnation(kvr_nats_impl *ki, kvr_nats_sub *sub)
             sub->ns = NULL;
         }
     }
+}
+
+/* Past KN_GRAVEYARD_KEEP retired subscriptions, the oldest half is destroyed on a pool
+ * thread: they were unsubscribed many re-creations ago, so the read loop no longer knows them.
+ * Bounds the memory a router that reconnects for weeks keeps. */
+#ifndef KN_GRAVEYARD_KEEP
+#define KN_GRAVEYARD_KEEP 64
+#endif
+void kn_graveyard_trim(kvr_nats_impl *ki)
+{
+    if (ki->closing || ki->n_graveyard < KN_GRAVEYARD_KEEP)
+        return;
+    size_t n = ki->n_graveyard / 2;
+    js_work *w = calloc(1, sizeof(*w));
+    natsSubscription **old = malloc(n * sizeof(*old));
+    if (!w || !old) {
+        free(w);
+        free(old);
+        return;
+    }
+    memcpy(old, ki->graveyard, n * sizeof(*old));
+    w->op = W_DESTROY;
+    w->old = old;
+    w->n_old = n;
+    if (submit(ki, w) != 0) {
+        free(old);
+        free(w);
+        return;
+    }
+    memmove(ki->graveyard, ki->graveyard + n, (ki->n_graveyard - n) * sizeof(*old));
+    ki->n_graveyard -= n;
+    KVR_LOG_INFO("nats: destroying retired consumer subscriptions", "count=%zu kept=%zu", n,
+                 ki->n_graveyard);
 }
 
 static void consumer_create(kvr_nats_consumer *c)
