@@ -89,6 +89,21 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
         CK(kvr_mp_write_uint(out, KVR_CMD_EXPIRE));
         CK(kvr_mp_write_uint(out, cmd->u.before_ms));
         break;
+    case KVR_CMD_POOL_SET: {
+        const kvr_pool_cmd *p = &cmd->u.pool;
+        if (p->ns.len > KVR_FSM_NS_MAX || p->model.len == 0 || p->model.len > KVR_FSM_MODEL_MAX ||
+            (unsigned)p->state > KVR_POOL_STOPPING) {
+            out->len = start;
+            return kvr_err_set(err, KVR_EINVAL, "encoding POOL_SET: field over its bound");
+        }
+        CK(kvr_mp_write_array(out, 5));
+        CK(kvr_mp_write_uint(out, KVR_CMD_POOL_SET));
+        CK(kvr_mp_write_str(out, p->ns.base, p->ns.len));
+        CK(kvr_mp_write_str(out, p->model.base, p->model.len));
+        CK(kvr_mp_write_uint(out, (uint64_t)p->state));
+        CK(kvr_mp_write_uint(out, p->now_ms));
+        break;
+    }
     default:
         out->len = start;
         return kvr_err_set(err, KVR_EINVAL, "encoding command: unknown type %d", (int)cmd->type);
@@ -143,7 +158,7 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         goto fail;
     }
     CK(kvr_mp_read_uint(&r, &type));
-    cmd->type = (kvr_cmd_type)(type <= KVR_CMD_EXPIRE ? type : 0);
+    cmd->type = (kvr_cmd_type)(type <= KVR_CMD_TYPE_MAX ? type : 0);
 #define NEED(k)                                                                                    \
     do {                                                                                           \
         if (n < (k)) {                                                                             \
@@ -233,6 +248,23 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         CK(kvr_mp_read_uint(&r, &cmd->u.before_ms));
         n -= 2;
         break;
+    case KVR_CMD_POOL_SET: {
+        kvr_pool_cmd *p = &cmd->u.pool;
+        uint32_t st;
+        NEED(5);
+        CK(kvr_mp_read_str(&r, &p->ns));
+        CK(kvr_mp_read_str(&r, &p->model));
+        CK(rd_u32(&r, &st));
+        CK(kvr_mp_read_uint(&r, &p->now_ms));
+        if (st > KVR_POOL_STOPPING || p->ns.len > KVR_FSM_NS_MAX || p->model.len == 0 ||
+            p->model.len > KVR_FSM_MODEL_MAX) {
+            rc = KVR_EINVAL;
+            goto fail;
+        }
+        p->state = (kvr_pool_state)st;
+        n -= 5;
+        break;
+    }
     default:
         rc = KVR_EINVAL;
         goto fail;
@@ -251,7 +283,7 @@ fail:
 kvr_cmd_type kvr_cmd_peek_type(const void *data, size_t len)
 {
     const uint8_t *p = data;
-    if (len < 3 || (p[1] & 0xf0) != 0x90 || p[2] > KVR_CMD_EXPIRE)
+    if (len < 3 || (p[1] & 0xf0) != 0x90 || p[2] > KVR_CMD_TYPE_MAX)
         return KVR_CMD_NONE;
     return (kvr_cmd_type)p[2];
 }
@@ -272,6 +304,13 @@ const uint8_t *kvr_cmd_request_id(const kvr_cmd *cmd)
 const char *kvr_cmd_type_name(kvr_cmd_type t)
 {
     static const char *names[] = {"NONE", "ROUTE", "PREFILL_DONE", "FREE", "WORKER_UP",
-                                  "WORKER_DOWN", "FRONTEND_SEEN", "FRONTEND_EXPIRE", "EXPIRE"};
+                                  "WORKER_DOWN", "FRONTEND_SEEN", "FRONTEND_EXPIRE", "EXPIRE",
+                                  "POOL_SET"};
     return (unsigned)t < sizeof names / sizeof *names ? names[t] : "UNKNOWN";
+}
+
+const char *kvr_pool_state_name(kvr_pool_state s)
+{
+    static const char *names[] = {"removed", "awake", "waking", "sleeping", "stopping"};
+    return (unsigned)s < sizeof names / sizeof *names ? names[s] : "unknown";
 }

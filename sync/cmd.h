@@ -39,7 +39,19 @@ typedef enum kvr_cmd_type {
     KVR_CMD_FRONTEND_SEEN = 6,
     KVR_CMD_FRONTEND_EXPIRE = 7,
     KVR_CMD_EXPIRE = 8,
+    KVR_CMD_POOL_SET = 9, /* scale-to-zero: a pool's lifecycle state (fsm.h "Pools") */
 } kvr_cmd_type;
+#define KVR_CMD_TYPE_MAX KVR_CMD_POOL_SET
+
+/* A pool's lifecycle (DESIGN section 13). REMOVED in a POOL_SET deletes the pool. */
+typedef enum kvr_pool_state {
+    KVR_POOL_REMOVED = 0,
+    KVR_POOL_AWAKE = 1,
+    KVR_POOL_WAKING = 2,
+    KVR_POOL_SLEEPING = 3,
+    KVR_POOL_STOPPING = 4,
+} kvr_pool_state;
+const char *kvr_pool_state_name(kvr_pool_state s);
 
 typedef enum kvr_worker_role {
     KVR_ROLE_BOTH = 0,
@@ -77,6 +89,12 @@ typedef struct kvr_worker_info {
     uint32_t capacity_blocks;
 } kvr_worker_info;
 
+typedef struct kvr_pool_cmd {
+    kvr_slice ns, model;
+    kvr_pool_state state;
+    uint64_t now_ms;
+} kvr_pool_cmd;
+
 typedef struct kvr_cmd {
     kvr_cmd_type type;
     union {
@@ -86,6 +104,7 @@ typedef struct kvr_cmd {
         uint64_t worker_id;                                    /* WORKER_DOWN */
         struct { uint64_t frontend_id, now_ms; } frontend;     /* FRONTEND_SEEN, _EXPIRE */
         uint64_t before_ms;                                    /* EXPIRE */
+        kvr_pool_cmd pool;                                     /* POOL_SET */
     } u;
 } kvr_cmd;
 

@@ -51,6 +51,9 @@ void fsm_clear(kvr_fsm *f)
     free(f->leases);
     free(f->fin);
     free(f->fin_idx);
+    free(f->pools);
+    f->pools = NULL;
+    f->n_pools = f->cap_pools = 0;
     f->workers = NULL;
     f->slots = NULL;
     f->leases = NULL;
@@ -588,6 +591,11 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res)
     switch (cmd->type) {
     case KVR_CMD_ROUTE:
         apply_route(f, &cmd->u.route, res);
+        fsm_pool_after_route(f, &cmd->u.route, res);
+        return;
+    case KVR_CMD_POOL_SET:
+        clock_advance(f, cmd->u.pool.now_ms);
+        fsm_apply_pool_set(f, &cmd->u.pool, res);
         return;
     case KVR_CMD_PREFILL_DONE: {
         booking *b = fsm_booking_find(f, cmd->u.request_id);
