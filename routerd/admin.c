@@ -42,6 +42,7 @@ static void http_state(kvr_routerd *rd, kvr_http_req *req)
     kvr_jw_obj(&w);
     rd->bk->state_json(rd, &w);
     kvr_jw_end(&w);
+    rd_pools_state_json(rd, &w);
     kvr_jw_key(&w, "index");
     kvr_jw_obj(&w);
     kvr_jw_key(&w, "blocks");

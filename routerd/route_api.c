@@ -50,6 +50,10 @@ static void finish_route_nats(kvr_routerd *rd, route_ctx *c, int status, const k
         rep.mode = (kvr_slice){mode, strlen(mode)};
     } else {
         rep.error = (kvr_slice){errmsg, strlen(errmsg)};
+        if (res && res->pool_waking) {
+            rep.pool_waking = true;
+            rep.retry_after_ms = RD_POOL_RETRY_AFTER_MS;
+        }
     }
     if (kvr_route_reply_encode(&b, &rep) != 0)
         KVR_LOG_ERROR_RL(5, "route reply not encoded", "worker=%" PRIu64, rep.worker_id);
@@ -81,6 +85,12 @@ static void finish_route_http(kvr_routerd *rd, route_ctx *c, int status, const k
         kvr_jw_key(&w, "mode");
         kvr_jw_str(&w, mode);
     } else {
+        if (res && res->pool_waking) {
+            kvr_jw_key(&w, "pool_state");
+            kvr_jw_str(&w, "waking");
+            kvr_jw_key(&w, "retry_after_ms");
+            kvr_jw_u64(&w, RD_POOL_RETRY_AFTER_MS);
+        }
         kvr_jw_key(&w, "error");
         kvr_jw_str(&w, errmsg);
     }
@@ -100,7 +110,8 @@ static void on_route_done(kvr_routerd *rd, int status, const kvr_fsm_result *res
         errmsg = kvr_strerror(status);
         kvr_metric_add(rd->m_route_errors, RD_ROUTE_ERR_BACKEND, 1);
     } else if (res->outcome != KVR_OUT_OK && res->outcome != KVR_OUT_DUPLICATE) {
-        errmsg = res->outcome == KVR_OUT_NO_WORKER  ? "no live worker for this model/namespace"
+        errmsg = res->pool_waking                    ? "pool waking"
+                 : res->outcome == KVR_OUT_NO_WORKER ? "no live worker for this model/namespace"
                  : res->outcome == KVR_OUT_FINISHED ? "request already finished"
                                                     : kvr_outcome_name(res->outcome);
         status = KVR_EAGAIN;
@@ -253,6 +264,7 @@ static void default_ns(kvr_routerd *rd, route_req *q)
             return;
         }
     }
+    rd_pools_default_ns(rd, q->model, q->ns, sizeof q->ns);
 }
 
 void rd_on_route_nats(const kvr_nats_msg *m, void *data)

@@ -111,6 +111,8 @@ typedef struct rd_clear {
     bool inflight;
 } rd_clear;
 
+typedef struct rd_pools rd_pools; /* pools.c */
+
 typedef struct rd_frontend {
     uint64_t id;
     int64_t last_seen_ms; /* monotonic */
@@ -215,6 +217,7 @@ struct kvr_routerd {
     uint64_t sweep_ids[RD_MAX_CLEARS];
     uint32_t n_sweep_ids;
     int64_t last_clear_sweep_ms;
+    rd_pools *pools; /* scale-to-zero (pools.c); NULL without --pools-file */
 };
 
 static inline void copy_slice(char *dst, size_t cap, kvr_slice s)
@@ -264,6 +267,16 @@ void rd_on_http(kvr_http_req *req);
 int rd_recreate_index(kvr_routerd *rd);
 
 void rd_closed_one(kvr_routerd *rd); /* routerd.c: one more handle closed while stopping */
+
+/* pools.c: scale-to-zero. open: 0 without --pools-file; close: true when rd_closed_one will
+ * follow. */
+#define RD_POOL_RETRY_AFTER_MS 250 /* route reply "retry_after_ms" for a waking pool */
+int rd_pools_open(kvr_routerd *rd, kvr_err *err);
+void rd_pools_tick(kvr_routerd *rd);
+bool rd_pools_close(kvr_routerd *rd);
+void rd_pools_free(kvr_routerd *rd);
+bool rd_pools_default_ns(kvr_routerd *rd, const char *model, char *ns, size_t cap);
+void rd_pools_state_json(kvr_routerd *rd, kvr_jw *w);
 
 /* The bookings of this router's mode (bookings.h), by their old names. */
 static inline int rd_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data)

@@ -471,6 +471,24 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
     fill_route_result(f, &b, res, cost);
 }
 
+uint32_t fsm_worker_mark_down(kvr_fsm *f, uint64_t id, uint64_t *down_seq)
+{
+    worker *w = fsm_worker_get(f, id);
+    if (!w)
+        return 0;
+    if (w->up) {
+        w->down_seq = ++f->down_counter;
+        if (down_seq)
+            *down_seq = w->down_seq;
+    }
+    w->up = false;
+    uint32_t freed = bookings_free_if(f, pred_worker, id);
+    w = fsm_worker_get(f, id);
+    w->active_blocks = w->active_prefill_blocks = 0;
+    w->bookings = 0;
+    return freed;
+}
+
 /* Registry full: removes the down worker that went down first (smallest down_seq, then
  * smallest id). Only replicated state decides, so every replica frees the same slot. A down
  * worker holds no bookings (WORKER_DOWN freed them; a ROUTE never books a down worker). Returns
@@ -632,21 +650,12 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res)
         apply_worker_up(f, &cmd->u.worker, res);
         return;
     case KVR_CMD_WORKER_DOWN: {
-        worker *w = fsm_worker_get(f, cmd->u.worker_id);
         res->worker_id = cmd->u.worker_id;
-        if (!w) {
+        if (!fsm_worker_get(f, cmd->u.worker_id)) {
             res->outcome = KVR_OUT_UNKNOWN;
             return;
         }
-        if (w->up) {
-            w->down_seq = ++f->down_counter;
-            res->down_seq = w->down_seq;
-        }
-        w->up = false;
-        res->freed = bookings_free_if(f, pred_worker, w->id);
-        w = fsm_worker_get(f, cmd->u.worker_id);
-        w->active_blocks = w->active_prefill_blocks = 0;
-        w->bookings = 0;
+        res->freed = fsm_worker_mark_down(f, cmd->u.worker_id, &res->down_seq);
         res->outcome = KVR_OUT_OK;
         return;
     }

@@ -82,6 +82,9 @@ int fsm_booking_insert(kvr_fsm *f, const booking *b);
 /* Finished record ("Finished record" in fsm.h). */
 bool fsm_fin_has(const kvr_fsm *f, const uint8_t *rid);
 int fsm_fin_add(kvr_fsm *f, const uint8_t *rid, uint64_t ms);
+/* WORKER_DOWN of worker id (which exists): stamps an up worker's down order (*down_seq, may be
+ * NULL), frees its bookings (returned). */
+uint32_t fsm_worker_mark_down(kvr_fsm *f, uint64_t id, uint64_t *down_seq);
 /* Pools (fsm_pools.c): POOL_SET, and what a ROUTE's outcome does to its pool. */
 void fsm_apply_pool_set(kvr_fsm *f, const kvr_pool_cmd *pc, kvr_fsm_result *res);
 void fsm_pool_after_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res);

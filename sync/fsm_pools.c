@@ -86,6 +86,16 @@ void fsm_apply_pool_set(kvr_fsm *f, const kvr_pool_cmd *pc, kvr_fsm_result *res)
             p->wakes++;
         p->state = (uint8_t)pc->state;
         p->state_since_ms = pc->now_ms;
+        if (pc->state == KVR_POOL_SLEEPING) {
+            /* the scaler stopped the pool's workers: they are down now, on every replica at
+             * the same point, not when each router stops hearing them (a request in between
+             * would book a stopped worker and make the pool awake again) */
+            for (uint32_t k = 0; k < f->n_workers; k++) {
+                worker *w = &f->workers[k];
+                if (w->up && kvr_slice_eq_cstr(pc->ns, w->ns) && kvr_slice_eq_cstr(pc->model, w->model))
+                    res->freed += fsm_worker_mark_down(f, w->id, NULL);
+            }
+        }
     }
     res->outcome = KVR_OUT_OK;
 }
