@@ -46,6 +46,9 @@ int main(int argc, char **argv)
     bool no_lora_filter = false, no_mdc_filter = false;
     const char *cluster_secret_file = "";
     const char *raft_log = "memory";
+    const char *index_mode = "events";
+    int64_t approx_ttl_ms = 120000;
+    uint64_t approx_capacity = 16384;
     kvr_nats_flags nats_sec = {0};
     kvr_flag flags[] = {
         KVR_NATS_FLAG_ENTRIES(&nats_sec),
@@ -79,6 +82,9 @@ int main(int argc, char **argv)
         {"cluster-secret-file", KVR_FLAG_STRING, &cluster_secret_file, "shared secret (16-1024 bytes, mode 600) routers prove to each other on the Raft and forward ports", false},
         {"no-lora-filter", KVR_FLAG_BOOL, &no_lora_filter, "diagnostic: a request under a LoRA adapter may go to any worker of the model, not only those listing the adapter", false},
         {"no-mdc-filter", KVR_FLAG_BOOL, &no_mdc_filter, "diagnostic: route to workers whose model card checksum differs from the request's", false},
+        {"index", KVR_FLAG_STRING, &index_mode, "events|approx: index from the workers' KV events, or (approx, for engines without events) assume the worker a request was booked on holds its blocks; workers that publish events keep event entries", false},
+        {"approx-ttl", KVR_FLAG_DURATION, &approx_ttl_ms, "--index approx: an assumed block not assumed again for this long is dropped", false},
+        {"approx-capacity-blocks", KVR_FLAG_U64, &approx_capacity, "--index approx: blocks assumed per worker whose heartbeat gives no capacity (LRU beyond)", false},
         {"insecure-cluster", KVR_FLAG_BOOL, &insecure_cluster, "allow a multi-router Raft group without --cluster-secret-file (anyone reaching the Raft/forward ports can change the state)", false},
     };
     size_t nf = sizeof(flags) / sizeof(flags[0]);
@@ -123,6 +129,14 @@ int main(int argc, char **argv)
     }
     if (strcmp(raft_log, "memory") != 0 && strcmp(raft_log, "disk") != 0) {
         fprintf(stderr, "kvr-routerd: --raft-log must be memory or disk\n");
+        return 2;
+    }
+    if (strcmp(index_mode, "events") != 0 && strcmp(index_mode, "approx") != 0) {
+        fprintf(stderr, "kvr-routerd: --index must be events or approx\n");
+        return 2;
+    }
+    if (approx_ttl_ms < 1 || approx_capacity < 1 || approx_capacity > (1u << 22)) {
+        fprintf(stderr, "kvr-routerd: --approx-ttl must be > 0, --approx-capacity-blocks in [1, 4194304]\n");
         return 2;
     }
     if (*peers && !*raft_addr) {
@@ -177,6 +191,9 @@ int main(int argc, char **argv)
         .worker_cidrs = worker_cidr,
         .no_lora_filter = no_lora_filter,
         .no_mdc_filter = no_mdc_filter,
+        .index_approx = strcmp(index_mode, "approx") == 0,
+        .approx_ttl_ms = approx_ttl_ms,
+        .approx_capacity_blocks = approx_capacity,
     };
     uv_loop_t *loop = uv_default_loop();
     int rc = kvr_routerd_start(&g_rd, loop, &cfg);

@@ -72,6 +72,13 @@ typedef struct kvr_routerd_config {
      * a LoRA adapter to any worker of the model even when some list the adapter; route to
      * workers whose model card checksum differs from the request's. */
     bool no_lora_filter, no_mdc_filter;
+    /* --index approx (issue 14 item 4): for engines without KV events, the worker a ROUTE
+     * books is assumed to hold the request's blocks (indexer/approx.h), in the replicated
+     * apply. approx_ttl_ms: 0 -> 120 s; approx_capacity_blocks: a worker's bound when its
+     * heartbeat gives no capacity, 0 -> 16384. */
+    bool index_approx;
+    int64_t approx_ttl_ms;
+    uint64_t approx_capacity_blocks;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;
