@@ -72,6 +72,8 @@ int kvr_approx_create(kvr_approx **out, const kvr_approx_opts *opts)
         a->o.max_capacity_blocks = KVR_APPROX_DEFAULT_MAX_CAPACITY;
     if (!a->o.default_capacity_blocks)
         a->o.default_capacity_blocks = KVR_INDEX_DEFAULT_CAPACITY_BLOCKS;
+    if (!a->o.max_entries)
+        a->o.max_entries = KVR_APPROX_DEFAULT_MAX_ENTRIES;
     if (a->o.default_capacity_blocks > a->o.max_capacity_blocks)
         a->o.default_capacity_blocks = a->o.max_capacity_blocks;
     a->w = calloc(KVR_APPROX_MAX_WORKERS, sizeof *a->w);
@@ -360,6 +362,10 @@ int kvr_approx_assume(kvr_approx *a, uint64_t worker_id, uint64_t capacity_block
     wslot *w = &a->w[slot];
     while (w->count > cap) {
         ent_drop(a, w->head);
+        a->st.evicted++;
+    }
+    while (a->n > a->o.max_entries) { /* the oldest of any worker */
+        ent_drop(a, a->ghead);
         a->st.evicted++;
     }
     if (rc)

@@ -8,6 +8,9 @@
  *     worker's heartbeat, else opts.default_capacity_blocks; never above
  *     opts.max_capacity_blocks): past it the worker's least recently used blocks go first
  *     (counted in evicted);
+ *   - all workers together at most opts.max_entries (heartbeats announce capacities; this
+ *     bounds what many workers with huge announced capacities could hold): past it the
+ *     oldest entries of any worker go first (counted in evicted);
  *   - a TTL (opts.ttl_ms): a block not assumed again for ttl_ms of COMMAND time is dropped
  *     (counted in expired) by the next assume or kvr_approx_expire whose time is past it.
  * A request's blocks are touched from the last to the first, so its root is the most recently
@@ -40,6 +43,7 @@
 
 #define KVR_APPROX_DEFAULT_TTL_MS 120000u
 #define KVR_APPROX_DEFAULT_MAX_CAPACITY (1u << 22) /* 4 Mi blocks a worker at most */
+#define KVR_APPROX_DEFAULT_MAX_ENTRIES (1u << 23) /* ~400 MB at 48 bytes an entry */
 #define KVR_APPROX_MAX_WORKERS KVR_INDEX_MAX_WORKERS_LIMIT
 
 typedef struct kvr_approx kvr_approx;
@@ -48,6 +52,7 @@ typedef struct kvr_approx_opts {
     uint64_t ttl_ms;                  /* 0 -> KVR_APPROX_DEFAULT_TTL_MS */
     uint64_t default_capacity_blocks; /* worker capacity unknown; 0 -> 16384 */
     uint64_t max_capacity_blocks;     /* clamp of any capacity; 0 -> 4 Mi */
+    uint64_t max_entries;             /* all workers together; 0 -> 8 Mi (oldest first beyond) */
 } kvr_approx_opts;
 
 typedef struct kvr_approx_stats {
@@ -72,7 +77,8 @@ uint64_t kvr_approx_default_capacity(const kvr_approx *a);
 /* Worker worker_id is assumed to hold seq[0..n) from now_ms (command time). capacity_blocks:
  * its capacity (0: unknown, the default). First drops every entry expired at now_ms, then
  * touches the blocks from last to first (a request longer than the capacity records its first
- * capacity blocks only), then evicts the worker's LRU blocks beyond its capacity. Returns 0,
+ * capacity blocks only), then evicts the worker's LRU blocks beyond its capacity, then the
+ * oldest entries beyond max_entries. Returns 0,
  * KVR_ELIMIT (no worker slot) or KVR_ENOMEM; either way the structure stays consistent. */
 int kvr_approx_assume(kvr_approx *a, uint64_t worker_id, uint64_t capacity_blocks,
                       const uint64_t *seq, size_t n, uint64_t now_ms);

@@ -107,6 +107,16 @@ static void test_lru_capacity(void **state)
     assert_int_equal(kvr_approx_assume(a, 1, 0, big, 10, 40), 0);
     assert_int_equal(kvr_approx_worker_entries(a, 1), 2);
     kvr_approx_destroy(a);
+    /* the bound over all workers drops the oldest entries of any worker */
+    kvr_approx_opts g = {.max_entries = 5};
+    assert_int_equal(kvr_approx_create(&a, &g), 0);
+    assert_int_equal(kvr_approx_assume(a, 1, 0, s1, 4, 10), 0);
+    assert_int_equal(kvr_approx_assume(a, 2, 0, s2, 4, 20), 0);
+    assert_int_equal(kvr_approx_worker_entries(a, 1), 1); /* its root, touched last */
+    assert_int_equal(kvr_approx_worker_entries(a, 2), 4);
+    assert_int_equal(kvr_approx_find_matches(a, s1, 4, 0, m, 2), 1);
+    assert_int_equal(m[0].depth, 1);
+    kvr_approx_destroy(a);
 }
 
 static void test_ttl(void **state)
