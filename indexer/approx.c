@@ -10,8 +10,8 @@
 
 typedef struct ent {
     uint64_t seq;
-    uint64_t ts;   /* last assumed, command time (monotone, see approx.h) */
-    uint32_t slot; /* worker slot */
+    uint64_t ts;           /* last assumed, command time (monotone, see approx.h) */
+    uint32_t slot;         /* worker slot */
     uint32_t gprev, gnext; /* global recency: head oldest */
     uint32_t wprev, wnext; /* its worker's recency: head oldest */
 } ent;
@@ -27,11 +27,11 @@ struct kvr_approx {
     kvr_approx_opts o;
     ent *pool;
     uint32_t pool_cap, pool_used, free_head; /* free entries chained through gnext */
-    uint32_t *tab; /* entry index + 1, 0 empty */
+    uint32_t *tab;                           /* entry index + 1, 0 empty */
     uint32_t tab_mask;
     uint64_t n;
     uint32_t ghead, gtail;
-    wslot *w; /* KVR_APPROX_MAX_WORKERS */
+    wslot *w;         /* KVR_APPROX_MAX_WORKERS */
     uint32_t n_slots; /* slots ever used (high-water mark) */
     uint64_t last_ts;
     uint64_t digest;
@@ -394,8 +394,8 @@ uint64_t kvr_approx_worker_entries(const kvr_approx *a, uint64_t worker_id)
     return s < 0 ? 0 : a->w[s].count;
 }
 
-size_t kvr_approx_find_matches(const kvr_approx *a, const uint64_t *seq, size_t n,
-                               uint64_t now_ms, kvr_index_match *out, size_t cap)
+size_t kvr_approx_find_matches(const kvr_approx *a, const uint64_t *seq, size_t n, uint64_t now_ms,
+                               kvr_index_match *out, size_t cap)
 {
     if (n == 0 || a->n == 0)
         return 0;

@@ -43,7 +43,7 @@
 
 #define KVR_APPROX_DEFAULT_TTL_MS 120000u
 #define KVR_APPROX_DEFAULT_MAX_CAPACITY (1u << 22) /* 4 Mi blocks a worker at most */
-#define KVR_APPROX_DEFAULT_MAX_ENTRIES (1u << 23) /* ~400 MB at 48 bytes an entry */
+#define KVR_APPROX_DEFAULT_MAX_ENTRIES (1u << 23)  /* ~400 MB at 48 bytes an entry */
 #define KVR_APPROX_MAX_WORKERS KVR_INDEX_MAX_WORKERS_LIMIT
 
 typedef struct kvr_approx kvr_approx;
@@ -92,8 +92,8 @@ size_t kvr_approx_remove_worker(kvr_approx *a, uint64_t worker_id);
 /* For each worker, its contiguous matched depth from seq[0] (as kvr_index_find_matches).
  * Entries already past the TTL at now_ms are not matched (0: no filter); nothing changes.
  * Returns the number of matching workers (may exceed cap; only cap are written). */
-size_t kvr_approx_find_matches(const kvr_approx *a, const uint64_t *seq, size_t n,
-                               uint64_t now_ms, kvr_index_match *out, size_t cap);
+size_t kvr_approx_find_matches(const kvr_approx *a, const uint64_t *seq, size_t n, uint64_t now_ms,
+                               kvr_index_match *out, size_t cap);
 
 /* Entries held by one worker (0 when unknown). */
 uint64_t kvr_approx_worker_entries(const kvr_approx *a, uint64_t worker_id);

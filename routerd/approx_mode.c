@@ -103,8 +103,8 @@ size_t rd_find_matches(kvr_routerd *rd, const uint64_t *seq, size_t n)
         return nm;
     kvr_index_match am[RD_MAX_MATCHES];
     /* the local clock only filters what is read; the state changes in the apply alone */
-    size_t na = kvr_approx_find_matches(rd->approx, seq, n, (uint64_t)kvr_now_ms(), am,
-                                        RD_MAX_MATCHES);
+    size_t na =
+        kvr_approx_find_matches(rd->approx, seq, n, (uint64_t)kvr_now_ms(), am, RD_MAX_MATCHES);
     if (na > RD_MAX_MATCHES)
         na = RD_MAX_MATCHES;
     for (size_t i = 0; i < na && nm < RD_MAX_MATCHES; i++) {
