@@ -50,6 +50,9 @@ int main(int argc, char **argv)
     int64_t min_workers = 0, max_workers = 0;
     const char *cluster_secret_file = "";
     const char *raft_log = "memory";
+    const char *index_mode = "events";
+    int64_t approx_ttl_ms = 120000;
+    uint64_t approx_capacity = 16384;
     kvr_nats_flags nats_sec = {0};
     kvr_flag flags[] = {
         KVR_NATS_FLAG_ENTRIES(&nats_sec),
@@ -94,6 +97,9 @@ int main(int argc, char **argv)
         {"wake-timeout", KVR_FLAG_DURATION, &wake_timeout_ms, "a waking pool with no live worker after this long goes back to sleep", false},
         {"min-workers", KVR_FLAG_INT, &min_workers, "replicas a pool is never scaled below (> 0: it never sleeps)", false},
         {"max-workers", KVR_FLAG_INT, &max_workers, "replicas a wake never exceeds (0: no cap)", false},
+        {"index", KVR_FLAG_STRING, &index_mode, "events|approx: index from the workers' KV events, or (approx, for engines without events) assume the worker a request was booked on holds its blocks; workers that publish events keep event entries", false},
+        {"approx-ttl", KVR_FLAG_DURATION, &approx_ttl_ms, "--index approx: an assumed block not assumed again for this long is dropped", false},
+        {"approx-capacity-blocks", KVR_FLAG_U64, &approx_capacity, "--index approx: blocks assumed per worker whose heartbeat gives no capacity (LRU beyond)", false},
         {"insecure-cluster", KVR_FLAG_BOOL, &insecure_cluster, "allow a multi-router Raft group without --cluster-secret-file (anyone reaching the Raft/forward ports can change the state)", false},
     };
     size_t nf = sizeof(flags) / sizeof(flags[0]);
@@ -138,6 +144,14 @@ int main(int argc, char **argv)
     }
     if (strcmp(raft_log, "memory") != 0 && strcmp(raft_log, "disk") != 0) {
         fprintf(stderr, "kvr-routerd: --raft-log must be memory or disk\n");
+        return 2;
+    }
+    if (strcmp(index_mode, "events") != 0 && strcmp(index_mode, "approx") != 0) {
+        fprintf(stderr, "kvr-routerd: --index must be events or approx\n");
+        return 2;
+    }
+    if (approx_ttl_ms < 1 || approx_capacity < 1 || approx_capacity > (1u << 22)) {
+        fprintf(stderr, "kvr-routerd: --approx-ttl must be > 0, --approx-capacity-blocks in [1, 4194304]\n");
         return 2;
     }
     if (*peers && !*raft_addr) {
@@ -203,6 +217,9 @@ int main(int argc, char **argv)
         .wake_timeout_ms = wake_timeout_ms,
         .min_workers = min_workers,
         .max_workers = max_workers,
+        .index_approx = strcmp(index_mode, "approx") == 0,
+        .approx_ttl_ms = approx_ttl_ms,
+        .approx_capacity_blocks = approx_capacity,
     };
     uv_loop_t *loop = uv_default_loop();
     int rc = kvr_routerd_start(&g_rd, loop, &cfg);

@@ -196,9 +196,7 @@ static uint32_t match_depth(const kvr_index_match *m, size_t nm, uint64_t id)
 /* Matches + submits a ROUTE. Takes ownership of c. */
 static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
 {
-    size_t nm = kvr_index_find_matches(rd->idx, q->seq, q->n_seq, rd->matches, RD_MAX_MATCHES);
-    if (nm > RD_MAX_MATCHES)
-        nm = RD_MAX_MATCHES;
+    size_t nm = rd_find_matches(rd, q->seq, q->n_seq);
     kvr_route_candidate cand[RD_MAX_MATCHES];
     uint32_t nc = 0;
     route_filter flt;
@@ -242,6 +240,7 @@ static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
     r->candidates = cand;
     r->n_candidates = nc;
     r->only_candidates = only;
+    rd_approx_fill_cmd(rd, r, q->seq, q->n_seq);
     int rc = rd->bk->route(rd, &cmd, on_route_done, c);
     if (rc != 0)
         on_route_done(rd, rc, NULL, RD_DECIDED_LOCAL, c);
@@ -467,9 +466,7 @@ void rd_http_match(kvr_routerd *rd, kvr_http_req *req)
         rd_respond_error(req, 400, err.msg);
         return;
     }
-    size_t nm = kvr_index_find_matches(rd->idx, q.seq, q.n_seq, rd->matches, RD_MAX_MATCHES);
-    if (nm > RD_MAX_MATCHES)
-        nm = RD_MAX_MATCHES;
+    size_t nm = rd_find_matches(rd, q.seq, q.n_seq);
     kvr_buf b;
     kvr_buf_init(&b);
     kvr_jw w;

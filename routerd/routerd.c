@@ -204,7 +204,12 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
     kvr_kv_decoder_init(&rd->dec, NULL);
     rd_load_snapshot(rd);
 
-    rd->fsm = kvr_fsm_new(NULL);
+    rc = rd_approx_open(rd);
+    if (rc != 0)
+        goto fail;
+    kvr_fsm_options fo;
+    rd_fsm_options(rd, &fo);
+    rd->fsm = kvr_fsm_new(&fo);
     if (!rd->fsm) {
         rc = KVR_ENOMEM;
         goto fail;
@@ -369,6 +374,7 @@ void kvr_routerd_free(kvr_routerd *rd)
     kvr_index_destroy(rd->idx);
     kvr_kv_decoder_free(&rd->dec);
     kvr_fsm_free(rd->fsm);
+    rd_approx_close(rd);
     kvr_metrics_free(rd->metrics);
     rd_pools_free(rd);
     free(rd->seq_scratch);

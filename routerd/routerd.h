@@ -82,6 +82,13 @@ typedef struct kvr_routerd_config {
     const char *scaler_api_url, *scaler_token_file, *scaler_ca_file, *scaler_namespace;
     int64_t scaler_timeout_ms; /* 0: the scaler's default */
     int64_t idle_after_ms, wake_timeout_ms, min_workers, max_workers;
+    /* --index approx (issue 14 item 4): for engines without KV events, the worker a ROUTE
+     * books is assumed to hold the request's blocks (indexer/approx.h), in the replicated
+     * apply. approx_ttl_ms: 0 -> 120 s; approx_capacity_blocks: a worker's bound when its
+     * heartbeat gives no capacity, 0 -> 16384. */
+    bool index_approx;
+    int64_t approx_ttl_ms;
+    uint64_t approx_capacity_blocks;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;

@@ -18,6 +18,7 @@
 #include "bookings.h"
 #include "routerd.h"
 #include "fsm.h"
+#include "approx.h"
 #include "index.h"
 #include "kv_event.h"
 #include "kvr_access.h"
@@ -101,6 +102,7 @@ typedef struct rd_worker {
     uint64_t lora_seeds[KVR_HB_MAX_LORAS];
     uint32_t n_loras;
     char mdc_sum[KVR_ROUTE_NAME_MAX + 1]; /* model card checksum; "" unknown */
+    bool has_stored; /* stored blocks through KV events: its approx guesses are ignored */
 } rd_worker;
 
 /* One worker's AllBlocksCleared to publish (see on_worker_down_committed). */
@@ -218,6 +220,12 @@ struct kvr_routerd {
     uint32_t n_sweep_ids;
     int64_t last_clear_sweep_ms;
     rd_pools *pools; /* scale-to-zero (pools.c); NULL without --pools-file */
+    /* --index approx (approx_mode.c): guesses made in the ROUTE apply; NULL in events mode */
+    kvr_approx *approx;
+    uint64_t *approx_seq;  /* KVR_CMD_MAX_APPROX_HASHES: hashes decoded for an assume */
+    uint8_t *approx_wire;  /* 8 x KVR_CMD_MAX_APPROX_HASHES: hashes encoded into a ROUTE */
+    kvr_approx_stats approx_seen; /* counters already added to the metrics */
+    kvr_metric *m_approx_entries, *m_approx_inserted, *m_approx_evicted, *m_approx_expired;
 };
 
 static inline void copy_slice(char *dst, size_t cap, kvr_slice s)
@@ -265,6 +273,18 @@ void rd_maybe_finish_stop(kvr_routerd *rd);
 void rd_register_metrics(kvr_routerd *rd);
 void rd_on_http(kvr_http_req *req);
 int rd_recreate_index(kvr_routerd *rd);
+
+/* approx_mode.c (--index approx) */
+void rd_fsm_options(kvr_routerd *rd, kvr_fsm_options *o); /* the FSM hooks of the mode */
+int rd_approx_open(kvr_routerd *rd);
+void rd_approx_close(kvr_routerd *rd);
+bool rd_worker_has_events(kvr_routerd *rd, uint64_t worker_id);
+/* Event matches, plus the approximate matches of workers without events, into rd->matches. */
+size_t rd_find_matches(kvr_routerd *rd, const uint64_t *seq, size_t n);
+/* Puts the request's seq hashes into a ROUTE (borrowing rd->approx_wire) in approx mode. */
+void rd_approx_fill_cmd(kvr_routerd *rd, kvr_route_cmd *r, const uint64_t *seq, size_t n);
+void rd_approx_metrics(kvr_routerd *rd);
+void rd_approx_state_json(kvr_routerd *rd, kvr_jw *w);
 
 void rd_closed_one(kvr_routerd *rd); /* routerd.c: one more handle closed while stopping */
 

@@ -25,11 +25,12 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
     case KVR_CMD_ROUTE: {
         const kvr_route_cmd *r = &cmd->u.route;
         if (r->n_candidates > KVR_FSM_MAX_CANDIDATES || r->model.len > KVR_FSM_MODEL_MAX ||
-            r->ns.len > KVR_FSM_NS_MAX) {
+            r->ns.len > KVR_FSM_NS_MAX || r->n_approx_hashes > KVR_CMD_MAX_APPROX_HASHES ||
+            (r->n_approx_hashes && !r->approx_hashes)) {
             out->len = start;
             return kvr_err_set(err, KVR_EINVAL, "encoding ROUTE: field over its bound");
         }
-        CK(kvr_mp_write_array(out, r->only_candidates ? 10 : 9));
+        CK(kvr_mp_write_array(out, r->n_approx_hashes ? 11 : r->only_candidates ? 10 : 9));
         CK(kvr_mp_write_uint(out, KVR_CMD_ROUTE));
         CK(kvr_mp_write_bin(out, r->request_id, KVR_REQUEST_ID_LEN));
         CK(kvr_mp_write_uint(out, r->frontend_id));
@@ -44,8 +45,10 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
             CK(kvr_mp_write_uint(out, r->candidates[i].worker_id));
             CK(kvr_mp_write_uint(out, r->candidates[i].overlap));
         }
-        if (r->only_candidates)
-            CK(kvr_mp_write_bool(out, true));
+        if (r->only_candidates || r->n_approx_hashes)
+            CK(kvr_mp_write_bool(out, r->only_candidates));
+        if (r->n_approx_hashes)
+            CK(kvr_mp_write_bin(out, r->approx_hashes, 8 * (size_t)r->n_approx_hashes));
         break;
     }
     case KVR_CMD_PREFILL_DONE:
@@ -201,6 +204,17 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         n -= 9;
         if (n > 0) { /* optional 10th field: only_candidates */
             CK(kvr_mp_read_bool(&r, &rt->only_candidates));
+            n--;
+        }
+        if (n > 0) { /* optional 11th field: the approximate index's seq hashes */
+            kvr_slice h;
+            CK(kvr_mp_read_bytes(&r, &h));
+            if (h.len % 8 != 0 || h.len / 8 > KVR_CMD_MAX_APPROX_HASHES) {
+                rc = KVR_EINVAL;
+                goto fail;
+            }
+            rt->approx_hashes = h.len ? (const uint8_t *)h.base : NULL;
+            rt->n_approx_hashes = (uint32_t)(h.len / 8);
             n--;
         }
         break;

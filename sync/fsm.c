@@ -378,6 +378,13 @@ static bool cand_listed(const kvr_route_candidate *c, uint32_t n, uint64_t id)
     return lo < n && c[lo].worker_id == id;
 }
 
+/* The approximate index's hook (fsm.h): worker w now holds the request's blocks. */
+static void approx_hook(const kvr_fsm *f, const worker *w, const kvr_route_cmd *rc)
+{
+    if (f->opts.route_hook && rc->n_approx_hashes)
+        f->opts.route_hook(f->opts.hook_data, w->id, w->capacity_blocks, rc, f->clock_ms);
+}
+
 static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res)
 {
     if (rc->n_candidates > KVR_FSM_MAX_CANDIDATES || (rc->n_candidates && !rc->candidates) ||
@@ -407,6 +414,7 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
             pw->bookings++;
             res->outcome = KVR_OUT_OK;
             fill_route_result(f, old, res, 0);
+            approx_hook(f, pw, rc);
             return;
         }
         res->outcome = KVR_OUT_DUPLICATE;
@@ -469,6 +477,7 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
     w->bookings++;
     res->outcome = KVR_OUT_OK;
     fill_route_result(f, &b, res, cost);
+    approx_hook(f, w, rc);
 }
 
 uint32_t fsm_worker_mark_down(kvr_fsm *f, uint64_t id, uint64_t *down_seq)
@@ -486,6 +495,8 @@ uint32_t fsm_worker_mark_down(kvr_fsm *f, uint64_t id, uint64_t *down_seq)
     w = fsm_worker_get(f, id);
     w->active_blocks = w->active_prefill_blocks = 0;
     w->bookings = 0;
+    if (f->opts.worker_down_hook)
+        f->opts.worker_down_hook(f->opts.hook_data, id);
     return freed;
 }
 

@@ -90,11 +90,25 @@ typedef struct kvr_fsm_result {
     bool pool_waking;
 } kvr_fsm_result;
 
+/* Approximate index hooks (kvr-routerd --index approx, issue 14 item 4). Called inside
+ * kvr_fsm_apply, so on every replica at the same point of the log with the same arguments:
+ * route_hook after a ROUTE that carries approx hashes booked a worker (outcome OK, a pinned
+ * move included; not DUPLICATE), with the booked worker, its registry capacity (0 unknown)
+ * and the FSM clock after the command (its own time, never the wall clock); worker_down_hook
+ * after a WORKER_DOWN of a known worker. They must not call back into the FSM. They are NOT
+ * part of the FSM's state: digest and snapshot ignore what they do. */
+typedef void (*kvr_fsm_route_hook)(void *data, uint64_t worker_id, uint32_t capacity_blocks,
+                                   const kvr_route_cmd *rc, uint64_t clock_ms);
+typedef void (*kvr_fsm_worker_down_hook)(void *data, uint64_t worker_id);
+
 typedef struct kvr_fsm_options {
     uint32_t max_bookings;   /* 0 → KVR_FSM_DEFAULT_MAX_BOOKINGS */
     kvr_cost_params cost;    /* all zero → kvr_cost_params_default() (weight 1.0, temp 0) */
     uint32_t max_finished;   /* finished record bound; 0 → KVR_FSM_DEFAULT_MAX_FINISHED */
     uint32_t finished_ttl_ms; /* record lifetime in command time; 0 → 600000 */
+    kvr_fsm_route_hook route_hook;             /* NULL: none (see above) */
+    kvr_fsm_worker_down_hook worker_down_hook; /* NULL: none */
+    void *hook_data;
 } kvr_fsm_options;
 
 typedef struct kvr_fsm kvr_fsm;

@@ -1089,6 +1089,83 @@ static void test_pools(void **state)
     kvr_fsm_free(f);
 }
 
+/* --index approx hooks (fsm.h): a ROUTE carrying hashes calls route_hook with the booked
+ * worker, its capacity, the hashes (through the codec) and the FSM clock; a duplicate, a
+ * ROUTE without hashes and a refused one do not; WORKER_DOWN calls worker_down_hook. */
+typedef struct hook_rec {
+    int routes, downs;
+    uint64_t worker, clock, down;
+    uint32_t n, cap;
+    uint64_t h0, hlast;
+} hook_rec;
+static void rec_route(void *data, uint64_t worker_id, uint32_t cap, const kvr_route_cmd *rc,
+                      uint64_t clock_ms)
+{
+    hook_rec *h = data;
+    h->routes++;
+    h->worker = worker_id;
+    h->cap = cap;
+    h->clock = clock_ms;
+    h->n = rc->n_approx_hashes;
+    h->h0 = kvr_route_cmd_approx_hash(rc, 0);
+    h->hlast = kvr_route_cmd_approx_hash(rc, rc->n_approx_hashes - 1);
+}
+static void rec_down(void *data, uint64_t worker_id)
+{
+    hook_rec *h = data;
+    h->downs++;
+    h->down = worker_id;
+}
+
+static void test_approx_hooks(void **state)
+{
+    (void)state;
+    hook_rec h = {0};
+    kvr_fsm_options o = {.route_hook = rec_route, .worker_down_hook = rec_down, .hook_data = &h};
+    kvr_fsm *f = kvr_fsm_new(&o);
+    add_workers(f, 2);
+    uint8_t wire[8 * 3];
+    uint64_t hs[3] = {0x0102030405060708ull, 42, 0xfedcba9876543210ull};
+    for (int i = 0; i < 3; i++)
+        for (int k = 0; k < 8; k++)
+            wire[8 * i + k] = (uint8_t)(hs[i] >> (8 * k));
+    kvr_cmd c = tu_route(1, 1, 5000, 3, NULL, 0);
+    c.u.route.approx_hashes = wire;
+    c.u.route.n_approx_hashes = 3;
+    kvr_fsm_result r;
+    apply_enc(f, &c, &r); /* through kvr_cmd_encode / decode */
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(h.routes, 1);
+    assert_int_equal(h.worker, r.worker_id);
+    assert_int_equal(h.clock, 5000);
+    assert_int_equal(h.n, 3);
+    assert_true(h.h0 == hs[0] && h.hlast == hs[2]);
+    apply_enc(f, &c, &r); /* duplicate */
+    assert_int_equal(r.outcome, KVR_OUT_DUPLICATE);
+    assert_int_equal(h.routes, 1);
+    kvr_cmd plain = tu_route(2, 1, 5001, 3, NULL, 0);
+    apply_enc(f, &plain, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(h.routes, 1);
+    /* over the bound: refused by the encoder and the decoder */
+    kvr_cmd big = tu_route(3, 1, 5002, 3, NULL, 0);
+    static uint8_t bigwire[8 * (KVR_CMD_MAX_APPROX_HASHES + 1)];
+    big.u.route.approx_hashes = bigwire;
+    big.u.route.n_approx_hashes = KVR_CMD_MAX_APPROX_HASHES + 1;
+    kvr_buf b;
+    kvr_buf_init(&b);
+    assert_int_equal(kvr_cmd_encode(&big, &b, NULL), KVR_EINVAL);
+    big.u.route.n_approx_hashes = KVR_CMD_MAX_APPROX_HASHES;
+    assert_int_equal(kvr_cmd_encode(&big, &b, NULL), 0);
+    assert_true(b.len <= KVR_CMD_MAX_BYTES);
+    kvr_buf_free(&b);
+    kvr_cmd d = {.type = KVR_CMD_WORKER_DOWN, .u.worker_id = 2};
+    apply_enc(f, &d, &r);
+    assert_int_equal(h.downs, 1);
+    assert_int_equal(h.down, 2);
+    kvr_fsm_free(f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1112,6 +1189,7 @@ int main(void)
         cmocka_unit_test(test_snapshot_v2_loads),
         cmocka_unit_test(test_only_candidates),
         cmocka_unit_test(test_pools),
+        cmocka_unit_test(test_approx_hooks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
