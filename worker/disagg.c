@@ -956,8 +956,8 @@ static bool json_str(const cJSON *o, const char *k, char *out, size_t cap)
     return true;
 }
 
-/* Decode role: do_remote_prefill params -> a pull (0: started, or r added), else the reason
- * the request recomputes (PULL_*), with r not added yet. */
+/* Decode role: do_remote_prefill params -> 0: a pull started (it adds r when it ends); else
+ * r is not added yet and recomputes: a PULL_* reason to count, or -1 (already counted). */
 static int start_pull(wk_dg *d, wreq *r, const cJSON *kvp, const uint32_t *prompt, uint32_t n,
                       uint32_t max_tokens, uint32_t lora)
 {
@@ -1051,8 +1051,12 @@ static int start_pull(wk_dg *d, wreq *r, const cJSON *kvp, const uint32_t *promp
     if (rc != 0) {
         p->resolving = false;
         p->open--;
-        pull_fail(p, PULL_FAILED, uv_strerror(rc)); /* admits r (recompute) */
-        return 0;
+        /* detached first: the caller adds r (admitting it from here would free r under the
+         * caller if the add failed) */
+        p->r = NULL;
+        r->dg->pull = NULL;
+        pull_fail(p, PULL_FAILED, uv_strerror(rc));
+        return -1;
     }
     pull_tick(&p->timer);
     return 0;
@@ -1096,7 +1100,8 @@ int wk_dg_admit(worker *w, wreq *r, const cJSON *root, const uint32_t *prompt, u
         int res = start_pull(d, r, kvp, prompt, n_prompt, max_tokens, lora);
         if (res == 0)
             return 0;
-        kvr_metric_add(d->m_pulls, (size_t)res, 1);
+        if (res > 0)
+            kvr_metric_add(d->m_pulls, (size_t)res, 1);
         return engine_add(w, r, prompt, n_prompt, max_tokens, lora, err);
     }
     return engine_add(w, r, prompt, n_prompt, max_tokens, lora, err);

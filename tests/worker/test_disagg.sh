@@ -206,4 +206,12 @@ kvr_assert_eq "$(pulls failed)" $((failed0 + 1)) "the broken pull counted"
 
 for u in $D $X; do kvr_wait_for 20 idle "$u" || kvr_fail "$u not idle at the end"; done
 kvr_alive prefill && kvr_alive decode && kvr_alive decodex || kvr_fail "a worker died"
+# SIGTERM with a hold still in place: a clean exit (under ASan: no leak, exit 0)
+prefill_leg "$P" "$(mkprompt hotel)" >/dev/null
+kvr_assert_eq "$(m "$P" kvr_worker_kv_held_blocks)" 4 "a hold left for the shutdown"
+for w in prefill decode decodex; do
+    kvr_term $w 15
+    rc=$?
+    [ $rc = 0 ] || kvr_fail "$w exited $rc after SIGTERM"
+done
 kvr_pass
