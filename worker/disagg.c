@@ -8,18 +8,26 @@
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
 
-#define DG_MAX_CONNS 64       /* side channel connections at once; more are closed at accept */
-#define DG_MAX_HOLDS 65536    /* past it the oldest hold is dropped */
-#define DG_BUCKETS 4096       /* hold table: chained, keyed by XXH3 of the request id */
+#define DG_MAX_CONNS 64        /* side channel connections at once; more are closed at accept */
+#define DG_MAX_HOLDS 65536     /* past it the oldest hold is dropped */
+#define DG_BUCKETS 4096        /* hold table: chained, keyed by XXH3 of the request id */
 #define DG_REQ_TIMEOUT_MS 5000 /* accept to a whole REQ */
-#define DG_STALL_MS 10000     /* a transfer with no byte moving for this long is abandoned */
-#define DG_CHUNK_MAX 65536u   /* one write in flight per transfer, at most this many bytes */
+#define DG_STALL_MS 10000      /* a transfer with no byte moving for this long is abandoned */
+#define DG_CHUNK_MAX 65536u    /* one write in flight per transfer, at most this many bytes */
 #define DG_READ_BUF 65536u
 
 enum { SND_OK, SND_AUTH, SND_UNKNOWN, SND_BLOCKS, SND_BAD, SND_BUSY, SND_FAILED };
-static const char *const SND_LABELS[] = {"ok",      "bad_secret", "unknown", "blocks",
-                                         "malformed", "busy",     "failed",  NULL};
-enum { PULL_OK, PULL_EMPTY, PULL_INVALID, PULL_REFUSED, PULL_FAILED, PULL_MISMATCH, PULL_CANCELLED };
+static const char *const SND_LABELS[] = {"ok",        "bad_secret", "unknown", "blocks",
+                                         "malformed", "busy",       "failed",  NULL};
+enum {
+    PULL_OK,
+    PULL_EMPTY,
+    PULL_INVALID,
+    PULL_REFUSED,
+    PULL_FAILED,
+    PULL_MISMATCH,
+    PULL_CANCELLED
+};
 static const char *const PULL_LABELS[] = {"ok",     "empty",    "invalid",   "refused",
                                           "failed", "mismatch", "cancelled", NULL};
 enum { HOLD_READ, HOLD_EXPIRED, HOLD_ABORTED, HOLD_DROPPED };
@@ -81,8 +89,8 @@ typedef struct dg_pull {
     kvr_buf reqb;
     char host[256], port_s[8];
     char rid[KVX_MAX_ID + 1], eng[KVX_MAX_ID + 1];
-    uint32_t *ids;  /* asked, n_ask */
-    uint64_t *ext;  /* expected ext hash of each asked block */
+    uint32_t *ids; /* asked, n_ask */
+    uint64_t *ext; /* expected ext hash of each asked block */
     uint32_t n_ask, first, k;
     uint32_t bpb;
     uint64_t total, got;
@@ -667,8 +675,8 @@ static void pull_admit(dg_pull *p, int result)
     if (result == PULL_OK && p->k > 0) {
         g->imp = malloc(sizeof(uint32_t) * p->k);
         if (g->imp)
-            g->n_imp = kvr_engine_hold_prompt(w->eng, p->prompt, p->n_prompt, p->lora, p->k, true,
-                                              g->imp);
+            g->n_imp =
+                kvr_engine_hold_prompt(w->eng, p->prompt, p->n_prompt, p->lora, p->k, true, g->imp);
     }
     wk_engine_idle_jump(w);
     kvr_err err = {0};
@@ -817,7 +825,8 @@ static void pull_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (p->done)
         return;
     if (nread < 0) {
-        pull_fail(p, PULL_FAILED, nread == UV_EOF ? "prefill worker closed" : uv_strerror((int)nread));
+        pull_fail(p, PULL_FAILED,
+                  nread == UV_EOF ? "prefill worker closed" : uv_strerror((int)nread));
         return;
     }
     const uint8_t *in = p->rbuf;
@@ -1232,8 +1241,9 @@ int wk_dg_start(worker *w, kvr_err *err)
     uint8_t rnd[8];
     if (RAND_bytes(rnd, sizeof rnd) != 1)
         return kvr_err_set(err, KVR_EIO, "no random bytes");
-    snprintf(d->engine_id, sizeof d->engine_id, "kvr-worker-%" PRIu64 "-%02x%02x%02x%02x%02x%02x%02x%02x",
-             w->o.id, rnd[0], rnd[1], rnd[2], rnd[3], rnd[4], rnd[5], rnd[6], rnd[7]);
+    snprintf(d->engine_id, sizeof d->engine_id,
+             "kvr-worker-%" PRIu64 "-%02x%02x%02x%02x%02x%02x%02x%02x", w->o.id, rnd[0], rnd[1],
+             rnd[2], rnd[3], rnd[4], rnd[5], rnd[6], rnd[7]);
     if (!d->prefill)
         return 0;
     if (d->o->kv_host)
@@ -1262,8 +1272,9 @@ int wk_dg_start(worker *w, kvr_err *err)
         snprintf(d->adv, sizeof d->adv, "127.0.0.1");
     else
         snprintf(d->adv, sizeof d->adv, "%s", d->host);
-    KVR_LOG_INFO("kv side channel", "addr=%s port=%d remote_host=%s engine_id=%s bytes_per_block=%"
-                 PRIu64 " bandwidth=%g hold_timeout_s=%g",
+    KVR_LOG_INFO("kv side channel",
+                 "addr=%s port=%d remote_host=%s engine_id=%s bytes_per_block=%" PRIu64
+                 " bandwidth=%g hold_timeout_s=%g",
                  d->host, d->port, d->adv, d->engine_id, d->o->kv_bytes_per_block,
                  d->o->kv_bandwidth, d->o->kv_hold_timeout);
     return 0;
