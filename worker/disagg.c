@@ -1234,9 +1234,10 @@ int wk_dg_start(worker *w, kvr_err *err)
                                      "result", HOLD_LABELS);
     if (!d->prefill && !d->decode)
         return 0;
-    int rc = kvr_auth_key_load(&d->key, d->o->kv_secret_file, err);
+    kvr_err kerr = {0};
+    int rc = kvr_auth_key_load(&d->key, d->o->kv_secret_file, &kerr);
     if (rc)
-        return rc;
+        return kvr_err_set(err, rc, "--kv-secret-file: %s", kerr.msg);
     d->kk = (kvx_key){d->key.k, d->key.len};
     uint8_t rnd[8];
     if (RAND_bytes(rnd, sizeof rnd) != 1)

@@ -52,10 +52,12 @@ prefill_leg() { # URL PROMPT -> answer JSON
 }
 # the decode leg: the original body (streamed, with usage) plus the answer's kv_transfer_params
 decode_leg() { # URL PROMPT KVP N -> the SSE events' JSON, one per line
+    local f
+    f=$(mktemp "$KVR_TMP/sse.XXXXXX")
     curl -s --max-time 30 -H 'content-type: application/json' "$1/v1/completions" \
-        -d "{\"model\":\"sim\",\"prompt\":\"$2\",\"max_tokens\":$4,\"stream\":true,\"stream_options\":{\"include_usage\":true},\"kv_transfer_params\":$3}" >"$KVR_TMP/sse.txt"
-    tail -c 14 "$KVR_TMP/sse.txt" | cmp -s - <(printf 'data: [DONE]\n\n') || kvr_fail "decode stream did not complete: $(tail -c 300 "$KVR_TMP/sse.txt")"
-    grep -v '^$' "$KVR_TMP/sse.txt" | grep -v '^data: \[DONE\]$' | sed 's/^data: //'
+        -d "{\"model\":\"sim\",\"prompt\":\"$2\",\"max_tokens\":$4,\"stream\":true,\"stream_options\":{\"include_usage\":true},\"kv_transfer_params\":$3}" >"$f"
+    tail -c 14 "$f" | cmp -s - <(printf 'data: [DONE]\n\n') || kvr_fail "decode stream did not complete: $(tail -c 300 "$f")"
+    grep -v '^$' "$f" | grep -v '^data: \[DONE\]$' | sed 's/^data: //'
 }
 check_tokens() { # EVENTS PROMPT N WHAT
     local want
@@ -158,6 +160,29 @@ ev=$(decode_leg "$D" "$E" "$(jq -c .kv_transfer_params <<<"$ans")" 4) || exit 1 
 check_tokens "$ev" "$E" 4 "the right decoder after the refusals"
 kvr_assert_eq "$(pulls ok)" 3 "the right decoder reads the hold"
 kvr_assert_eq "$(m "$P" kvr_worker_kv_held_blocks)" 0 "nothing held"
+
+# --- 5b. a prompt under one block: empty remote_block_ids, nothing held
+short=$(prefill_leg "$P" "tiny")
+kvr_assert_eq "$(jq -c '.kv_transfer_params.remote_block_ids' <<<"$short")" "[]" "short prompt: no block ids"
+kvr_assert_eq "$(m "$P" kvr_worker_kv_held_blocks)" 0 "short prompt: nothing held"
+
+# --- 5c. 16 two-leg requests at once: every pull succeeds, nothing stays held
+ok0=$(pulls ok)
+pair() { # i
+    local pr kv ev
+    pr=$(mkprompt "burst$1")
+    kv=$(prefill_leg "$P" "$pr" | jq -c .kv_transfer_params)
+    ev=$(decode_leg "$D" "$pr" "$kv" 6) || exit 1
+    check_tokens "$ev" "$pr" 6 "burst $1"
+}
+bp=()
+for i in $(seq 1 16); do
+    pair "$i" &
+    bp+=($!)
+done
+for p in "${bp[@]}"; do wait "$p" || kvr_fail "a concurrent two-leg request failed"; done
+kvr_assert_eq "$(pulls ok)" $((ok0 + 16)) "16 concurrent pulls ok"
+kvr_assert_eq "$(m "$P" kvr_worker_kv_held_blocks)" 0 "nothing held after the burst"
 
 # --- 6. KV events: both workers' events rebuild their caches (the decoder's imports included)
 idle() { curl -s "$1/debug/cache" | jq -e '.busy == false and .used_blocks == 0' >/dev/null; }
