@@ -550,7 +550,12 @@ static void conn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (c->closing)
         return;
     if (nread < 0) {
-        conn_fail(c, c->sending ? SND_FAILED : SND_BAD, "decoder closed");
+        /* a decoder closes once it has every byte: if every byte is handed to the socket, that
+         * is the end of a read (the last write's callback may come after this EOF) */
+        if (c->sending && c->sent == c->total)
+            conn_done(c);
+        else
+            conn_fail(c, c->sending ? SND_FAILED : SND_BAD, "decoder closed");
         return;
     }
     if (nread == 0)
