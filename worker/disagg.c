@@ -139,6 +139,7 @@ struct wk_dg {
     dg_conn *conns;
     size_t n_conns;
     dg_pull *pulls;
+    uint32_t n_pulls; /* in flight: their requests wait, as vLLM's WAITING_FOR_REMOTE_KVS do */
     kvr_metric *m_sends, *m_pulls, *m_bytes, *m_secs, *m_held, *m_holds, *m_hold_n;
 };
 
@@ -726,6 +727,7 @@ static void pull_finish(dg_pull *p, int result)
     kvr_metric_add(d->m_pulls, (size_t)result, 1);
     if (result == PULL_OK)
         kvr_metric_observe(d->m_secs, 1, (double)(uv_hrtime() - p->t0_ns) / 1e9);
+    d->n_pulls--;
     if (p->prev)
         p->prev->next = p->next;
     else
@@ -1058,6 +1060,7 @@ static int start_pull(wk_dg *d, wreq *r, const cJSON *kvp, const uint32_t *promp
     if (d->pulls)
         d->pulls->prev = p;
     d->pulls = p;
+    d->n_pulls++;
     r->dg->pull = p;
     p->resolving = true;
     p->open++;
@@ -1311,4 +1314,9 @@ void wk_dg_close(worker *w)
     if (d->srv_on)
         uv_close((uv_handle_t *)&d->srv, noop_closed);
     OPENSSL_cleanse(&d->key, sizeof d->key);
+}
+
+uint32_t wk_dg_waiting(const worker *w)
+{
+    return w->dg ? w->dg->n_pulls : 0;
 }

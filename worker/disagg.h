@@ -87,6 +87,9 @@ struct kvr_engine_output;
 void wk_dg_on_output(struct worker *w, struct wreq *r, const struct kvr_engine_output *o);
 /* Appends ,"kv_transfer_params":{...} to a non-streamed answer (r->dg set). */
 void wk_dg_append_params(struct wreq *r, struct kvr_buf *b);
+/* Requests waiting for their KV pull (not in the engine yet): counted as waiting in the
+ * heartbeat and /metrics, as vLLM counts its WAITING_FOR_REMOTE_KVS requests. */
+uint32_t wk_dg_waiting(const struct worker *w);
 /* The request is being freed: its pull is abandoned, its import references dropped. */
 void wk_dg_req_free(struct wreq *r);
 

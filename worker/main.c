@@ -225,7 +225,7 @@ static void collect(kvr_metrics *m, void *arg)
     kvr_metric_counter_set(w->m_stored, 0, s.stored_blocks_total);
     kvr_metric_counter_set(w->m_removed, 0, s.removed_blocks_total);
     kvr_metric_set(w->m_running, 0, s.running);
-    kvr_metric_set(w->m_waiting, 0, s.waiting);
+    kvr_metric_set(w->m_waiting, 0, s.waiting + wk_dg_waiting(w));
     kvr_metric_set(w->m_used, 0, s.used_blocks);
     kvr_metric_set(w->m_cached_blocks, 0, s.cached_blocks);
     kvr_metric_set(w->m_capacity, 0, s.capacity_blocks);
@@ -357,7 +357,7 @@ static void append_vllm_metrics(worker *w, kvr_buf *b)
         "# TYPE vllm:cache_config_info gauge\n"
         "vllm:cache_config_info{block_size=\"%" PRIu64 "\",cache_dtype=\"auto\",engine=\"0\","
         "enable_prefix_caching=\"True\",num_gpu_blocks=\"%" PRIu64 "\"} 1.0\n",
-        (double)w->started_ms / 1000.0, l, s.running, l, s.waiting, l, usage, l,
+        (double)w->started_ms / 1000.0, l, s.running, l, s.waiting + wk_dg_waiting(w), l, usage, l,
         (uint64_t)s.prompt_tokens_total, l, (uint64_t)s.cached_tokens_total, w->o.block_size,
         w->o.capacity_blocks);
     if (w->o.n_loras == 0)

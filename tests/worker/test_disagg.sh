@@ -235,6 +235,8 @@ decode_leg "$D" "$G" "$kvpg" 8 >"$KVR_TMP/killed.txt" &
 leg=$!
 flowing() { (($(m "$D" 'kvr_worker_kv_transfer_bytes_total{dir="received"}') > recv0)); }
 kvr_wait_for 10 flowing || kvr_fail "no bytes flowed from the slow prefill worker"
+# a request waiting for its blocks is a waiting request, as vLLM counts WAITING_FOR_REMOTE_KVS
+kvr_assert_eq "$(m "$D" 'vllm:num_requests_waiting{model_name="sim",engine="0"}')" 1.0 "pulling request counted as waiting"
 kvr_kill9 prefill2
 wait $leg || kvr_fail "the decode leg did not complete after the prefill worker died"
 check_tokens "$(cat "$KVR_TMP/killed.txt")" "$G" 8 "prefill worker killed mid-transfer"
