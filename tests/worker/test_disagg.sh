@@ -225,6 +225,16 @@ ev=$(decode_leg "$D" "$F" "$kvpf" 4) || exit 1
 check_tokens "$ev" "$F" 4 "after the hold expired"
 kvr_assert_eq "$(pulls refused)" $((refused0 + 1)) "expired hold: unknown to the prefill worker"
 
+# a client that goes away during the pull: the pull is cancelled, the prefill worker's hold
+# aborted, nothing stays referenced
+H=$(for i in 1 2 3 4; do mkprompt "hotel$i"; done)
+kvph=$(prefill_leg "$P2" "$H" | jq -c .kv_transfer_params)
+curl -s --max-time 1 -o /dev/null "$D/v1/completions" -d "{\"prompt\":\"$H\",\"max_tokens\":4,\"stream\":true,\"kv_transfer_params\":$kvph}"
+meq "$D" 'kvr_worker_kv_pulls_total{result="cancelled"}' 1 "pull of a client gone: cancelled"
+meq "$P2" 'kvr_worker_kv_holds_total{result="aborted"}' 1 "prefill: the broken transfer's hold aborted"
+meq "$P2" kvr_worker_kv_held_blocks 0 "prefill: aborted hold freed"
+kvr_wait_for 10 idle "$D" || kvr_fail "decoder keeps blocks of a cancelled pull"
+
 # 288 tokens = 18 blocks = 1.1 MiB at 200 kB/s: about 6 s, killed once bytes flow
 G=$(for i in 1 2 3 4; do mkprompt "golf$i"; done)
 kvpg=$(prefill_leg "$P2" "$G" | jq -c .kv_transfer_params)
