@@ -678,6 +678,8 @@ static void pull_admit(dg_pull *p, int result)
     wk_dgreq *g = r->dg;
     g->pull = NULL;
     p->r = NULL;
+    if (r->gone) /* the client left; the next flush frees r (never hand the engine a gone r) */
+        return;
     if (result == PULL_OK && p->k > 0) {
         g->imp = malloc(sizeof(uint32_t) * p->k);
         if (g->imp)
@@ -689,10 +691,13 @@ static void pull_admit(dg_pull *p, int result)
     if (engine_add(w, r, p->prompt, p->n_prompt, p->max_tokens, p->lora, &err) != 0) {
         /* cannot happen (the same checks passed before the pull), but answer, never leak */
         if (r->http) {
-            wk_respond_error(r->http, err.code == KVR_ENOMEM ? 500 : 400, "invalid_request_error",
-                             "%s", err.msg);
-            r->http->data = NULL;
+            kvr_http_req *req = r->http;
+            req->data = NULL; /* r is freed below: its callbacks must not find it */
+            req->on_close = NULL;
+            req->on_drain = NULL;
             r->http = NULL;
+            wk_respond_error(req, err.code == KVR_ENOMEM ? 500 : 400, "invalid_request_error",
+                             "%s", err.msg);
         }
         wk_wreq_free(r);
         return;
