@@ -108,7 +108,7 @@ static int register_metrics(void)
     if (!app.m_hb_refused_url || !app.m_stalls || !app.m_drain_cut || !app.m_remote_tok ||
         !app.m_mdc_mismatch)
         return KVR_EINVAL;
-    if (fe_hits_metrics(m) != 0)
+    if (fe_hits_metrics(m) != 0 || fe_disagg_metrics(m) != 0)
         return KVR_ENOMEM;
     if (!app.m_requests || !app.m_responses || !app.m_ttft || !app.m_e2e || !app.m_route_lat ||
         !app.m_route_rtt ||
