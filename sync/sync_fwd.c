@@ -54,7 +54,7 @@ int sync_send_reply(conn *c, uint64_t rpc, int status, const kvr_fsm_result *r)
         memset(&zero, 0, sizeof zero);
         r = &zero;
     }
-    int rc = kvr_mp_write_array(&c->out, r->pool_waking ? 12 : 11);
+    int rc = kvr_mp_write_array(&c->out, r->path ? 15 : r->pool_waking ? 12 : 11);
     rc |= kvr_mp_write_uint(&c->out, RPC_REP);
     rc |= kvr_mp_write_uint(&c->out, rpc);
     rc |= kvr_mp_write_int(&c->out, status);
@@ -66,8 +66,13 @@ int sync_send_reply(conn *c, uint64_t rpc, int status, const kvr_fsm_result *r)
     rc |= kvr_mp_write_uint(&c->out, r->freed);
     rc |= kvr_mp_write_cstr(&c->out, r->url);
     rc |= kvr_mp_write_double(&c->out, r->cost);
-    if (r->pool_waking) /* 12th field, only when set: older frames stay byte-identical */
-        rc |= kvr_mp_write_bool(&c->out, true);
+    if (r->pool_waking || r->path) /* 12th field, only when needed: older frames stay byte-identical */
+        rc |= kvr_mp_write_bool(&c->out, r->pool_waking);
+    if (r->path) { /* 13th-15th: a disaggregated ROUTE's path and prefill worker (fsm.h) */
+        rc |= kvr_mp_write_uint(&c->out, r->path);
+        rc |= kvr_mp_write_uint(&c->out, r->prefill_worker_id);
+        rc |= kvr_mp_write_cstr(&c->out, r->prefill_url);
+    }
     if (rc) {
         c->out.len = at;
         return KVR_ENOMEM;
@@ -178,10 +183,19 @@ static void handle_reply(conn *c, kvr_mp_reader *r, uint32_t n)
         return;
     }
     bool waking = false;
+    uint64_t path = 0, pworker = 0;
+    kvr_slice purl = {0};
     if (n >= 11)
         kvr_mp_read_double(r, &cost);
     if (n >= 12)
         kvr_mp_read_bool(r, &waking);
+    if (n >= 15 && (kvr_mp_read_uint(r, &path) || kvr_mp_read_uint(r, &pworker) ||
+                    kvr_mp_read_str(r, &purl) || purl.len > KVR_FSM_URL_MAX ||
+                    path > KVR_DISAGG_FALLBACK)) {
+        KVR_LOG_WARN_RL(5, "sync malformed forward reply", "peer=%u", c->peer);
+        sync_conn_close(c);
+        return;
+    }
     pending *p = s->fwd_slots[rpc & (FWD_SLOTS - 1)];
     if (!p || p->rpc_id != rpc || p->state != P_FWD)
         return; /* late answer to a try we gave up on */
@@ -204,6 +218,11 @@ static void handle_reply(conn *c, kvr_mp_reader *r, uint32_t n)
     p->res.freed = (uint32_t)freed;
     p->res.cost = cost;
     p->res.pool_waking = waking;
+    p->res.path = (kvr_disagg_path)path;
+    p->res.prefill_worker_id = pworker;
+    if (purl.len)
+        memcpy(p->res.prefill_url, purl.base, purl.len);
+    p->res.prefill_url[purl.len] = 0;
     memcpy(p->res.url, url.base, url.len);
     p->res.url[url.len] = 0;
     p->have_res = true;
