@@ -143,6 +143,7 @@ typedef struct fe_call {
     uint64_t tok_worker_id;
     /* disaggregation (fe_disagg.c): the prefill leg's state and worker */
     uint8_t dg_state;
+    int64_t dg_t0_ns, dg_work_ns; /* prefill leg start; the frontend's own time on it */
     uint64_t prefill_worker_id;
     char prefill_url[FE_URL_MAX];
 } fe_call;

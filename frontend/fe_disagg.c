@@ -200,6 +200,7 @@ static void on_prefill_done(kvr_curl_req *r, int result, long status, const char
         call_maybe_free(c);
         return;
     }
+    int64_t t1 = kvr_mono_ns();
     char why[160];
     cJSON *root = NULL;
     char *params = NULL;
@@ -222,6 +223,12 @@ static void on_prefill_done(kvr_curl_req *r, int result, long status, const char
     else
         prefill_failed(c, params ? "out of memory" : why);
     free(params);
+    /* the leg's time at the prefill worker, and the frontend's own work for both legs (body
+     * building, answer parsing, params splicing): the two-leg overhead (bench_disagg.sh) */
+    c->dg_work_ns += kvr_mono_ns() - t1;
+    KVR_LOG_DEBUG("prefill leg done", "request=%s prefill_worker=%" PRIu64 " leg_us=%" PRId64
+                  " frontend_us=%" PRId64, c->rid_hex, c->prefill_worker_id,
+                  (t1 - c->dg_t0_ns) / 1000, c->dg_work_ns / 1000);
     start_upstream(c); /* the decode leg */
 }
 
@@ -230,6 +237,7 @@ bool fe_disagg_start(fe_call *c)
     if (c->dg_state != DG_DUE)
         return false;
     c->dg_state = DG_RUNNING;
+    int64_t t0 = kvr_mono_ns();
     kvr_buf pb;
     kvr_buf_init(&pb);
     if (prefill_body(c, &pb) != 0) {
@@ -262,6 +270,8 @@ bool fe_disagg_start(fe_call *c)
     kvr_err err = {0};
     int rc = kvr_curl_start(&app.curl, &o, &c->up, &err);
     kvr_buf_free(&pb);
+    c->dg_t0_ns = kvr_mono_ns();
+    c->dg_work_ns = c->dg_t0_ns - t0;
     if (rc) {
         c->up = NULL;
         c->dg_state = DG_DONE;
