@@ -40,14 +40,14 @@ static kvr_metric *m_disagg;
 #define PREFILL_ANSWER_MAX (1u << 20)
 
 #define PREFILL_PARAMS                                                                             \
-    "{\"do_remote_decode\":true,\"do_remote_prefill\":false,\"remote_engine_id\":null,"           \
+    "{\"do_remote_decode\":true,\"do_remote_prefill\":false,\"remote_engine_id\":null,"            \
     "\"remote_block_ids\":null,\"remote_host\":null,\"remote_port\":null}"
 
 int fe_disagg_metrics(kvr_metrics *m)
 {
     m_disagg = kvr_metrics_counter(m, "kvr_frontend_disagg_requests_total",
-                                   "disaggregated requests by the path their prefill took",
-                                   "path", path_labels);
+                                   "disaggregated requests by the path their prefill took", "path",
+                                   path_labels);
     return m_disagg ? 0 : KVR_ENOMEM;
 }
 
@@ -55,8 +55,8 @@ int fe_disagg_metrics(kvr_metrics *m)
  * \u escape (a key can be spelled with escapes; the worker's parser decodes them). */
 static bool may_have_params(const kvr_buf *b)
 {
-    return b->len && (memmem(b->base, b->len, "kv_transfer_params", 18) ||
-                      memmem(b->base, b->len, "\\u", 2));
+    return b->len &&
+           (memmem(b->base, b->len, "kv_transfer_params", 18) || memmem(b->base, b->len, "\\u", 2));
 }
 
 int fe_disagg_strip(fe_call *c)
@@ -121,8 +121,9 @@ static int prefill_body(const fe_call *c, kvr_buf *out)
             return KVR_EINVAL;
         int rc = kvr_buf_append(out, b, (size_t)(st - b));
         rc = rc ? rc
-                : kvr_buf_append_cstr(out, ",\"stream\":false,\"max_tokens\":1,"
-                                           "\"max_completion_tokens\":1,\"kv_transfer_params\":" PREFILL_PARAMS);
+                : kvr_buf_append_cstr(
+                      out, ",\"stream\":false,\"max_tokens\":1,"
+                           "\"max_completion_tokens\":1,\"kv_transfer_params\":" PREFILL_PARAMS);
         return rc ? rc : kvr_buf_append(out, pr, n - (size_t)(pr - b));
     }
     cJSON *root = cJSON_ParseWithLength(c->upbody.base, c->upbody.len);
@@ -130,8 +131,8 @@ static int prefill_body(const fe_call *c, kvr_buf *out)
         cJSON_Delete(root);
         return KVR_EINVAL;
     }
-    static const char *drop[] = {"stream", "stream_options", "min_tokens", "max_tokens",
-                                 "max_completion_tokens", "kv_transfer_params"};
+    static const char *drop[] = {"stream",     "stream_options",        "min_tokens",
+                                 "max_tokens", "max_completion_tokens", "kv_transfer_params"};
     for (size_t i = 0; i < sizeof drop / sizeof *drop; i++)
         while (cJSON_GetObjectItemCaseSensitive(root, drop[i]))
             cJSON_DeleteItemFromObjectCaseSensitive(root, drop[i]);
@@ -170,7 +171,9 @@ static int add_params(fe_call *c, const char *params)
     kvr_buf nb;
     kvr_buf_init(&nb);
     int rc = kvr_buf_append(&nb, b->base, p);
-    rc = rc ? rc : kvr_buf_append_cstr(&nb, empty ? "\"kv_transfer_params\":" : ",\"kv_transfer_params\":");
+    rc = rc ? rc
+            : kvr_buf_append_cstr(&nb,
+                                  empty ? "\"kv_transfer_params\":" : ",\"kv_transfer_params\":");
     rc = rc ? rc : kvr_buf_append_cstr(&nb, params);
     rc = rc ? rc : kvr_buf_append(&nb, b->base + p, b->len - p);
     if (rc) {
@@ -226,9 +229,10 @@ static void on_prefill_done(kvr_curl_req *r, int result, long status, const char
     /* the leg's time at the prefill worker, and the frontend's own work for both legs (body
      * building, answer parsing, params splicing): the two-leg overhead (bench_disagg.sh) */
     c->dg_work_ns += kvr_mono_ns() - t1;
-    KVR_LOG_DEBUG("prefill leg done", "request=%s prefill_worker=%" PRIu64 " leg_us=%" PRId64
-                  " frontend_us=%" PRId64, c->rid_hex, c->prefill_worker_id,
-                  (t1 - c->dg_t0_ns) / 1000, c->dg_work_ns / 1000);
+    KVR_LOG_DEBUG("prefill leg done",
+                  "request=%s prefill_worker=%" PRIu64 " leg_us=%" PRId64 " frontend_us=%" PRId64,
+                  c->rid_hex, c->prefill_worker_id, (t1 - c->dg_t0_ns) / 1000,
+                  c->dg_work_ns / 1000);
     start_upstream(c); /* the decode leg */
 }
 
@@ -253,8 +257,7 @@ bool fe_disagg_start(fe_call *c)
     snprintf(url, sizeof url, "%.*s%s", (int)ul, c->prefill_url,
              app.forward_body && c->route == R_CHAT ? "/v1/chat/completions" : "/v1/completions");
     snprintf(xrid, sizeof xrid, "X-Request-Id: %s", c->rid_hex);
-    const char *hdrs[] = {"Content-Type: application/json", "Accept: application/json", xrid,
-                          NULL};
+    const char *hdrs[] = {"Content-Type: application/json", "Accept: application/json", xrid, NULL};
     kvr_curl_opts o = {
         .url = url,
         .method = "POST",

@@ -66,7 +66,8 @@ int sync_send_reply(conn *c, uint64_t rpc, int status, const kvr_fsm_result *r)
     rc |= kvr_mp_write_uint(&c->out, r->freed);
     rc |= kvr_mp_write_cstr(&c->out, r->url);
     rc |= kvr_mp_write_double(&c->out, r->cost);
-    if (r->pool_waking || r->path) /* 12th field, only when needed: older frames stay byte-identical */
+    /* 12th field, only when needed: older frames stay byte-identical */
+    if (r->pool_waking || r->path)
         rc |= kvr_mp_write_bool(&c->out, r->pool_waking);
     if (r->path) { /* 13th-15th: a disaggregated ROUTE's path and prefill worker (fsm.h) */
         rc |= kvr_mp_write_uint(&c->out, r->path);
