@@ -55,9 +55,9 @@ typedef struct rank {
     int probes_left;
     bool have_live;     /* last_live is meaningful */
     uint64_t last_live; /* seq of the last live batch (the live stream never goes back) */
-    bool known;     /* next is meaningful */
-    uint64_t next;  /* next expected seq */
-    bool replaying; /* a replay request is out; live batches wait in pending */
+    bool known;         /* next is meaningful */
+    uint64_t next;      /* next expected seq */
+    bool replaying;     /* a replay request is out; live batches wait in pending */
     pending *ph, *pt;
     size_t pending_bytes;
     js_outbox ob;

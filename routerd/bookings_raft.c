@@ -187,8 +187,8 @@ static int raft_open(kvr_routerd *rd)
     return 0;
 }
 
-/* kvr.routers.quorum (proto/beat_msg.h): "<router id>" from a router that is in the kvr.route queue group and
- * knows a Raft leader, sent every tick. */
+/* kvr.routers.quorum (proto/beat_msg.h): "<router id>" from a router that is in the kvr.route
+ * queue group and knows a Raft leader, sent every tick. */
 static void on_quorum_beacon(const kvr_nats_msg *m, void *data)
 {
     kvr_routerd *rd = data;
@@ -284,8 +284,7 @@ static void follow_quorum(kvr_routerd *rd, int64_t tick_now)
 
 static int raft_subscribe(kvr_routerd *rd, kvr_err *err)
 {
-    return kvr_nats_subscribe(&rd->nats, KVR_QUORUM_SUBJECT, NULL, on_quorum_beacon, rd, NULL,
-                              err);
+    return kvr_nats_subscribe(&rd->nats, KVR_QUORUM_SUBJECT, NULL, on_quorum_beacon, rd, NULL, err);
 }
 
 static void sync_closed(void *data)

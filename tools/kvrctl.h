@@ -29,13 +29,13 @@ typedef struct up_opts {
     kvr_nats_flags nf;    /* --nats-*: forwarded to every process that connects to NATS */
 } up_opts;
 
-
 /* kvrctl_util.c */
 void sleep_ms(int ms);
 long long mono_ms(void);
 /* Where binaries come from: opt (--bin-dir), else $KVR_BIN, else kvrctl's own directory. */
 void init_bin_dir(const char *opt);
-/* Full path of one of our binaries (ours: in the binaries' directory), or of a system one on PATH. */
+/* Full path of one of our binaries (ours: in the binaries' directory), or of a system one on PATH.
+ */
 int find_binary(const char *name, bool ours, char *out, size_t cap, kvr_err *err);
 /* True when a NATS server greets a client on 127.0.0.1:port. */
 bool nats_answers(int port);

@@ -67,8 +67,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         CHECK(strlen(m.res.url) <= KVR_FSM_URL_MAX);
         if (m.kind == KVR_FWD_REQ)
             CHECK((const uint8_t *)m.cmd.base >= (const uint8_t *)body.base &&
-                  (const uint8_t *)m.cmd.base + m.cmd.len <=
-                      (const uint8_t *)body.base + body.len);
+                  (const uint8_t *)m.cmd.base + m.cmd.len <= (const uint8_t *)body.base + body.len);
         roundtrip(&m, &b);
     }
     kvr_buf_free(&b);

@@ -67,7 +67,7 @@ static void test_lease_golden(void **state)
     assert_int_equal(d.active, 3);
     for (size_t k = 0; k < n; k++)
         assert_int_not_equal(kvr_lease_decode(buf, k, &d), 0); /* every truncation */
-    buf[n] = 0xc0; /* trailing byte */
+    buf[n] = 0xc0;                                             /* trailing byte */
     assert_int_equal(kvr_lease_decode(buf, n + 1, &d), KVR_EINVAL);
     /* an unknown key is skipped; a known key of another type is refused */
     const uint8_t extra[] = {0x81, 0xa1, 'x', 0x92, 0x01, 0x02};
@@ -93,8 +93,10 @@ static void test_lease_subject(void **state)
     assert_int_equal(kvr_lease_subject_id("kvr.frontends.18446744073709551615", &id), 0);
     assert_true(id == UINT64_MAX);
     static const char *const bad[] = {
-        "kvr.frontends.0",  "kvr.frontends.",    "kvr.frontends.-1", "kvr.frontends.+1",
-        "kvr.frontends. 1", "kvr.frontends.1x",  "kvrfrontends",     "kvr.frontends.18446744073709551616",
+        "kvr.frontends.0",  "kvr.frontends.",
+        "kvr.frontends.-1", "kvr.frontends.+1",
+        "kvr.frontends. 1", "kvr.frontends.1x",
+        "kvrfrontends",     "kvr.frontends.18446744073709551616",
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
         assert_int_equal(kvr_lease_subject_id(bad[i], &id), KVR_EINVAL);

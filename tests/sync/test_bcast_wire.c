@@ -79,7 +79,8 @@ static void test_encode_golden(void **state)
     assert_hex(&b, GOLD_ROUTE);
     /* a command over its bounds is refused and nothing is appended */
     size_t before = b.len;
-    c.u.route.ns = kvr_slice_of("a-namespace-name-that-is-much-longer-than-the-sixty-three-bytes-allowed");
+    c.u.route.ns =
+        kvr_slice_of("a-namespace-name-that-is-much-longer-than-the-sixty-three-bytes-allowed");
     assert_int_not_equal(kvr_bcast_encode(&b, 1, &c), 0);
     assert_int_equal(b.len, before);
     kvr_buf_free(&b);

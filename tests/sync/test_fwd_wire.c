@@ -195,8 +195,19 @@ static void test_decode_malformed(void **state)
     memset(url, 'a', sizeof url - 1);
     url[sizeof url - 1] = 0;
     /* hand-built: [2, 1, 0, 0, 0, 0, 0, 0, 0, str(KVR_FSM_URL_MAX + 1)] */
-    uint8_t hdr[] = {0x9a, 0x02, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xda,
-                     (uint8_t)((KVR_FSM_URL_MAX + 1) >> 8), (uint8_t)(KVR_FSM_URL_MAX + 1)};
+    uint8_t hdr[] = {0x9a,
+                     0x02,
+                     0x01,
+                     0x00,
+                     0x00,
+                     0x00,
+                     0x00,
+                     0x00,
+                     0x00,
+                     0x00,
+                     0xda,
+                     (uint8_t)((KVR_FSM_URL_MAX + 1) >> 8),
+                     (uint8_t)(KVR_FSM_URL_MAX + 1)};
     assert_int_equal(kvr_buf_append(&b, hdr, sizeof hdr), 0);
     assert_int_equal(kvr_buf_append(&b, url, KVR_FSM_URL_MAX + 1), 0);
     assert_int_equal(kvr_fwd_decode(b.base, b.len, &m), KVR_EINVAL);
@@ -207,8 +218,8 @@ static void test_decode_malformed(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_encode_golden),  cmocka_unit_test(test_decode_golden),
-        cmocka_unit_test(test_framing),        cmocka_unit_test(test_encode_bounds),
+        cmocka_unit_test(test_encode_golden),    cmocka_unit_test(test_decode_golden),
+        cmocka_unit_test(test_framing),          cmocka_unit_test(test_encode_bounds),
         cmocka_unit_test(test_decode_malformed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
