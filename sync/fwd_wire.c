@@ -62,7 +62,7 @@ int kvr_fwd_encode_rep(kvr_buf *out, uint64_t rpc, int status, const kvr_fsm_res
     size_t at;
     if (frame_begin(out, &at) != 0)
         return KVR_ENOMEM;
-    int rc = kvr_mp_write_array(out, 11);
+    int rc = kvr_mp_write_array(out, r->pool_waking ? 12 : 11);
     rc |= kvr_mp_write_uint(out, KVR_FWD_REP);
     rc |= kvr_mp_write_uint(out, rpc);
     rc |= kvr_mp_write_int(out, status);
@@ -74,6 +74,8 @@ int kvr_fwd_encode_rep(kvr_buf *out, uint64_t rpc, int status, const kvr_fsm_res
     rc |= kvr_mp_write_uint(out, r->freed);
     rc |= kvr_mp_write_cstr(out, r->url);
     rc |= kvr_mp_write_double(out, r->cost);
+    if (r->pool_waking) /* 12th field, only when set: older frames stay byte-identical */
+        rc |= kvr_mp_write_bool(out, true);
     return frame_end(out, at, rc ? KVR_ENOMEM : 0);
 }
 
@@ -120,8 +122,11 @@ int kvr_fwd_decode(const void *body, size_t len, kvr_fwd_msg *m)
         kvr_mp_read_str(&r, &url) || url.len > KVR_FSM_URL_MAX)
         return KVR_EINVAL;
     double cost = 0;
+    bool waking = false;
     if (n >= 11 && kvr_mp_read_double(&r, &cost) != 0)
         return KVR_EINVAL; /* (sync_fwd.c read it as 0 before the codec moved here) */
+    if (n >= 12 && kvr_mp_read_bool(&r, &waking) != 0)
+        return KVR_EINVAL;
     m->res.outcome = (kvr_outcome)outcome;
     m->res.type = (kvr_cmd_type)type;
     m->res.worker_id = worker;
@@ -129,6 +134,7 @@ int kvr_fwd_decode(const void *body, size_t len, kvr_fwd_msg *m)
     m->res.request_blocks = (uint32_t)blocks;
     m->res.freed = (uint32_t)freed;
     m->res.cost = cost;
+    m->res.pool_waking = waking;
     memcpy(m->res.url, url.base, url.len);
     m->res.url[url.len] = 0;
     return 0;

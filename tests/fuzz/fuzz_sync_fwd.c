@@ -38,7 +38,7 @@ static void roundtrip(const kvr_fwd_msg *a, kvr_buf *b)
     CHECK(c.status == a->status && c.res.outcome == a->res.outcome && c.res.type == a->res.type &&
           c.res.worker_id == a->res.worker_id && c.res.overlap == a->res.overlap &&
           c.res.request_blocks == a->res.request_blocks && c.res.freed == a->res.freed &&
-          strcmp(c.res.url, a->res.url) == 0 &&
+          c.res.pool_waking == a->res.pool_waking && strcmp(c.res.url, a->res.url) == 0 &&
           memcmp(&c.res.cost, &a->res.cost, sizeof c.res.cost) == 0);
 }
 

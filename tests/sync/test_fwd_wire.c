@@ -23,6 +23,8 @@ static const char *GOLD_REP_OK =
     "0000002e9b0207000101cf11223344556677880ccd012c00b4687474703a2f2f31302e302e302e373a38303030"
     "ca3fc00000";
 static const char *GOLD_REP_ERR = "000000109b0208f7000000000000a0ca00000000"; /* EAGAIN, NULL */
+/* a reply that says the pool is waking (scale-to-zero): the 12th field, only when true */
+static const char *GOLD_REP_WAKING = "000000129c020a00010105030400a175ca3fc00000c3";
 /* a reply from a router before the cost field: 10 elements */
 static const char *GOLD_REP_OLD = "0000000c9a020900010105030400a175";
 
@@ -80,6 +82,18 @@ static void test_encode_golden(void **state)
     kvr_buf_reset(&b);
     assert_int_equal(kvr_fwd_encode_rep(&b, 8, KVR_EAGAIN, NULL), 0);
     assert_hex(&b, GOLD_REP_ERR);
+    kvr_buf_reset(&b);
+    memset(&r, 0, sizeof r);
+    r.outcome = (kvr_outcome)1;
+    r.type = (kvr_cmd_type)1;
+    r.worker_id = 5;
+    r.overlap = 3;
+    r.request_blocks = 4;
+    r.cost = 1.5;
+    r.pool_waking = true;
+    strcpy(r.url, "u");
+    assert_int_equal(kvr_fwd_encode_rep(&b, 10, 0, &r), 0);
+    assert_hex(&b, GOLD_REP_WAKING);
     kvr_buf_free(&b);
 }
 
@@ -125,6 +139,13 @@ static void test_decode_golden(void **state)
     assert_int_equal(decode_hex(GOLD_REP_ERR, &m), 0);
     assert_int_equal(m.rpc, 8);
     assert_int_equal(m.status, KVR_EAGAIN);
+
+    assert_int_equal(decode_hex(GOLD_REP_WAKING, &m), 0);
+    assert_int_equal(m.rpc, 10);
+    assert_true(m.res.pool_waking);
+    assert_true(m.res.cost == 1.5);
+    assert_int_equal(decode_hex(GOLD_REP_OK, &m), 0);
+    assert_false(m.res.pool_waking);
 
     assert_int_equal(decode_hex(GOLD_REP_OLD, &m), 0);
     assert_int_equal(m.rpc, 9);
