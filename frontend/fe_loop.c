@@ -3,10 +3,10 @@
 #include "fe_app.h"
 
 #include "fe_tokenize.h"
+#include "beat_msg.h"
 #include "kvr_hash.h"
 #include "kvr_heartbeat.h"
 #include "kvr_log.h"
-#include "kvr_mp.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -132,14 +132,11 @@ void on_tick(uv_timer_t *t)
     if (app.nats_on && kvr_nats_connected(&app.nats)) {
         kvr_buf b;
         kvr_buf_init(&b);
-        kvr_mp_write_map(&b, 3);
-        kvr_mp_write_cstr(&b, "frontend_id");
-        kvr_mp_write_uint(&b, app.frontend_id);
-        kvr_mp_write_cstr(&b, "ts_ms");
-        kvr_mp_write_uint(&b, (uint64_t)kvr_now_ms());
-        kvr_mp_write_cstr(&b, "active");
-        kvr_mp_write_uint(&b, app.active_streams);
-        kvr_nats_publish(&app.nats, app.lease_subject, b.base, b.len);
+        kvr_lease l = {.frontend_id = app.frontend_id,
+                       .ts_ms = (uint64_t)kvr_now_ms(),
+                       .active = app.active_streams};
+        if (kvr_lease_encode(&b, &l) == 0)
+            kvr_nats_publish(&app.nats, app.lease_subject, b.base, b.len);
         kvr_buf_free(&b);
     }
 }

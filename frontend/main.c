@@ -13,6 +13,7 @@
 #include "fe_chat.h"
 #include "fe_tokenize.h"
 
+#include "beat_msg.h"
 #include "kvr_flags.h"
 #include "kvr_log.h"
 #include "kvr_nats_flags.h"
@@ -265,7 +266,7 @@ int main(int argc, char **argv)
     app.route_tries = route_tries;
     app.boot_ms = (uint64_t)kvr_now_ms();
     app.tok = kvr_tok_byte();
-    snprintf(app.lease_subject, sizeof app.lease_subject, "kvr.frontends.%" PRIu64, id);
+    (void)kvr_lease_subject(app.lease_subject, sizeof app.lease_subject, id); /* 64 bytes fit */
     if (fe_pool_init(&app.pool,
                      prefix ? prefix
                      : ns   ? ns
