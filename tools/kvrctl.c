@@ -44,6 +44,9 @@ static void usage(FILE *out)
             "     [--frontend-args \"…\"] [--haproxy] [--no-raft-flags] [--bin-dir DIR] [--timeout S]\n"
             "     [--bridge]  (each worker as a vLLM stand-in: --kv-events zmq, and a kvr-bridge\n"
             "                  beside it that forwards its events and heartbeats)\n"
+            "     [--scale-to-zero [--idle-after D]]  the pool sleeps when idle and wakes on\n"
+            "                  demand: routers run kvr-local-scaler, which starts and stops\n"
+            "                  kvr-workers in D/scaler (use --workers 0 to start asleep)\n"
             "     [--nats URL[,URL…]]  use this NATS (with JetStream) instead of starting one\n"
             "     [--nats-user U --nats-password-file F | --nats-token-file F | --nats-nkey F |\n"
             "      --nats-creds F] [--nats-tls-ca F [--nats-tls-cert F --nats-tls-key F]]\n"
@@ -137,6 +140,10 @@ int main(int argc, char **argv)
             o.haproxy = true;
         } else if (strcmp(a, "--bridge") == 0) {
             o.bridge = true;
+        } else if (strcmp(a, "--scale-to-zero") == 0) {
+            o.scale_to_zero = true;
+        } else if (strcmp(a, "--idle-after") == 0) {
+            NEED_VALUE o.idle_after = v;
         } else if (strcmp(a, "--no-raft-flags") == 0) {
             o.raft_flags = false;
         } else if (strcmp(a, "--json") == 0) {

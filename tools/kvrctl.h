@@ -27,6 +27,10 @@ typedef struct up_opts {
     int timeout_s;
     const char *nats_url; /* --nats: an external NATS; NULL: start nats-server in D/nats */
     kvr_nats_flags nf;    /* --nats-*: forwarded to every process that connects to NATS */
+    /* --scale-to-zero: the routers get a pools file with (ns, model) and the local exec scaler
+     * (kvr-local-scaler, workers started and stopped in D/scaler); --idle-after D for them */
+    bool scale_to_zero;
+    const char *idle_after;
 } up_opts;
 
 /* kvrctl_util.c */

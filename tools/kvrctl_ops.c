@@ -7,6 +7,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <glob.h>
 #include <limits.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -156,6 +157,39 @@ int cmd_restart(const char *dir, const char *role, const char *which, bool wait,
     return 0;
 }
 
+/* --scale-to-zero: the workers the routers' scaler started (a pid file each under D/scaler, see
+ * scripts/kvr-local-scaler) are not in cluster.json: SIGTERM, then SIGKILL after 5 s. */
+static void stop_scaled_workers(const char *dir)
+{
+    char pattern[PATH_MAX + 32];
+    snprintf(pattern, sizeof pattern, "%s/scaler/pool-*/*.pid", dir);
+    glob_t g;
+    if (glob(pattern, 0, NULL, &g) != 0)
+        return;
+    pid_t pids[256];
+    size_t n = 0;
+    for (size_t i = 0; i < g.gl_pathc && n < 256; i++) {
+        FILE *f = fopen(g.gl_pathv[i], "r");
+        long pid = 0;
+        if (f && fscanf(f, "%ld", &pid) == 1 && pid > 1 && kill((pid_t)pid, SIGTERM) == 0)
+            pids[n++] = (pid_t)pid;
+        if (f)
+            fclose(f);
+        unlink(g.gl_pathv[i]);
+    }
+    globfree(&g);
+    for (int t = 0; t < 100; t++) {
+        size_t alive = 0;
+        for (size_t i = 0; i < n; i++)
+            alive += kill(pids[i], 0) == 0;
+        if (alive == 0)
+            return;
+        sleep_ms(50);
+    }
+    for (size_t i = 0; i < n; i++)
+        kill(pids[i], SIGKILL);
+}
+
 int cmd_down(const char *dir, int timeout_s)
 {
     run_cluster c;
@@ -163,6 +197,7 @@ int cmd_down(const char *dir, int timeout_s)
         return 1;
     /* Clients first, NATS last, so nothing logs a storm of reconnects. */
     static const char *order[] = {"haproxy", "frontend", "bridge", "worker", "router", "nats"};
+    stop_scaled_workers(dir);
     for (size_t r = 0; r < sizeof order / sizeof order[0]; r++)
         for (int i = 0; i < c.n; i++)
             if (strcmp(c.procs[i].role, order[r]) == 0 && run_proc_alive(&c.procs[i]))

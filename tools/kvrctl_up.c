@@ -283,6 +283,7 @@ int cmd_up(const char *dir, up_opts *o)
     port_alloc pa = {.base = o->base_port, .next = o->base_port};
     int rc = 0;
     char path[PATH_MAX], abs_dir[PATH_MAX];
+    char scaler_bin[PATH_MAX];
     char nats_bin[PATH_MAX], router_bin[PATH_MAX], worker_bin[PATH_MAX], frontend_bin[PATH_MAX],
         haproxy_bin[PATH_MAX], bridge_bin[PATH_MAX];
 
@@ -327,7 +328,10 @@ int cmd_up(const char *dir, up_opts *o)
          (rc = find_binary("kvr-frontend", true, frontend_bin, sizeof frontend_bin, &err)) != 0) ||
         (o->haproxy && (rc = find_binary("haproxy", false, haproxy_bin, sizeof haproxy_bin, &err)) != 0) ||
         (o->bridge && o->workers > 0 &&
-         (rc = find_binary("kvr-bridge", true, bridge_bin, sizeof bridge_bin, &err)) != 0))
+         (rc = find_binary("kvr-bridge", true, bridge_bin, sizeof bridge_bin, &err)) != 0) ||
+        (o->scale_to_zero &&
+         ((rc = find_binary("kvr-local-scaler", true, scaler_bin, sizeof scaler_bin, &err)) != 0 ||
+          (rc = find_binary("kvr-worker", true, worker_bin, sizeof worker_bin, &err)) != 0)))
         goto fail_early;
 
     if (!pa.base)
@@ -447,6 +451,38 @@ nats_ready:;
     snprintf(token_file, sizeof token_file, "%s/admin-token", abs_dir);
     if (o->routers > 0 && (rc = ensure_admin_token(token_file, &err)) != 0)
         goto fail;
+    /* Scale-to-zero: the routers' exec scaler inherits what it needs from their environment
+     * (scripts/kvr-local-scaler); the pool is this cluster's one (namespace, model). */
+    char pools_file[PATH_MAX + 16], scaler_flag[PATH_MAX + 8], scaler_dir[PATH_MAX + 16];
+    if (o->scale_to_zero) {
+        snprintf(pools_file, sizeof pools_file, "%s/pools.json", abs_dir);
+        snprintf(scaler_dir, sizeof scaler_dir, "%s/scaler", abs_dir);
+        snprintf(scaler_flag, sizeof scaler_flag, "exec:%s", scaler_bin);
+        if ((rc = mkdir_p(scaler_dir, &err)) != 0)
+            goto fail;
+        FILE *pf = fopen(pools_file, "w");
+        if (!pf) {
+            rc = kvr_err_set(&err, KVR_EIO, "%s: %s", pools_file, strerror(errno));
+            goto fail;
+        }
+        /* namespace and model are ours (flags), plain names: no JSON escaping needed beyond
+         * refusing quotes and backslashes */
+        if (strpbrk(o->ns, "\"\\") || strpbrk(o->model, "\"\\")) {
+            fclose(pf);
+            rc = kvr_err_set(&err, KVR_EINVAL, "--scale-to-zero: namespace/model with quotes");
+            goto fail;
+        }
+        fprintf(pf, "{\"pools\": [{\"namespace\": \"%s\", \"model\": \"%s\", \"target\": \"%s\"}]}\n",
+                o->ns, o->model, o->model);
+        fclose(pf);
+        char wargs[2400];
+        snprintf(wargs, sizeof wargs, "--speedup %g %s", o->speedup,
+                 o->worker_args ? o->worker_args : "");
+        setenv("KVR_SCALER_DIR", scaler_dir, 1);
+        setenv("KVR_SCALER_NATS", nats_url, 1);
+        setenv("KVR_WORKER_BIN", worker_bin, 1);
+        setenv("KVR_SCALER_ARGS", wargs, 1);
+    }
     int stage = c.n;
     for (int i = 0; i < o->routers; i++) {
         run_proc *p = new_proc(&c, "router", i + 1, router_http[i], &err);
@@ -475,6 +511,16 @@ nats_ready:;
             if (secret_path[0]) {
                 argv[argc++] = "--cluster-secret-file";
                 argv[argc++] = secret_path;
+            }
+        }
+        if (o->scale_to_zero) {
+            argv[argc++] = "--pools-file";
+            argv[argc++] = pools_file;
+            argv[argc++] = "--scaler";
+            argv[argc++] = scaler_flag;
+            if (o->idle_after) {
+                argv[argc++] = "--idle-after";
+                argv[argc++] = (char *)o->idle_after;
             }
         }
         if ((rc = add_nats_flags(o, argv, &argc, &err)) != 0 ||
