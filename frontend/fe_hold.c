@@ -63,10 +63,7 @@ static struct {
     int64_t wake_timeout_ms;
     int64_t keepalive_ms;
     kvr_metric *m_total, *m_seconds;
-} H = {.max_held = 1024,
-       .max_bytes = 64u << 20,
-       .wake_timeout_ms = 300000,
-       .keepalive_ms = 10000};
+} H = {.max_held = 1024, .max_bytes = 64u << 20, .wake_timeout_ms = 300000, .keepalive_ms = 10000};
 
 void fe_hold_configure(size_t max_held, size_t max_bytes, int64_t wake_timeout_ms,
                        int64_t keepalive_ms)
@@ -371,7 +368,8 @@ void fe_hold_served(fe_call *c, bool routed)
 bool fe_hold_no_worker(fe_call *c, int fb_reason)
 {
     if (c->hold && c->req && !c->client_gone &&
-        (fb_reason == FB_TIMEOUT || fb_reason == FB_NO_RESPONDERS || fb_reason == FB_DISCONNECTED)) {
+        (fb_reason == FB_TIMEOUT || fb_reason == FB_NO_RESPONDERS ||
+         fb_reason == FB_DISCONNECTED)) {
         /* the routers said the pool was waking and cannot be asked now: keep waiting (the
          * deadline still bounds it) */
         return hold(c, c->hold, c->hold->retry_ms, true);

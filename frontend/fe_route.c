@@ -16,6 +16,9 @@
 
 void use_local_choice(fe_call *c, int fb_reason)
 {
+    /* no live worker when it arrived, no router took it: the old 404/503, not a fallback */
+    if (c->cold_status && !c->hold && fe_hold_no_worker(c, fb_reason))
+        return;
     if (fb_reason >= 0) {
         kvr_metric_add(app.m_fallback, (size_t)fb_reason, 1);
         KVR_LOG_INFO("route fallback", "request=%s reason=%s", c->rid_hex,
@@ -85,8 +88,9 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
         return;
     }
     if (!rep.ok) {
-        KVR_LOG_WARN_RL(5, "router refused", "request=%s err=\"%.*s\"", c->rid_hex,
-                        (int)rep.error.len, rep.error.base);
+        if (!c->cold_status) /* a model no router knows is the client's mistake */
+            KVR_LOG_WARN_RL(5, "router refused", "request=%s err=\"%.*s\"", c->rid_hex,
+                            (int)rep.error.len, rep.error.base);
         use_local_choice(c, FB_ROUTER_ERROR);
         return;
     }

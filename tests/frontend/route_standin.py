@@ -6,9 +6,10 @@
 Speaks the NATS text protocol over a socket (python3 has no NATS library here), subscribes to
 kvr.route in queue group kvr-routers, as kvr-routerd does, and answers every route request
 from STATE_FILE, re-read at each request: a JSON object model -> {"state": "ok", "worker_id":
-N, "url": U} | {"state": "refuse"}; a model it does not name is waking:
+N, "url": U} | {"state": "refuse"} | {"state": "waking", "retry_after_ms": R}, with "log": true to print each
+request's arrival ("route MODEL UNIX_TIME"); a model it does not name is waking:
   {"ok": false, "pool_state": "waking", "retry_after_ms": R, "error": "pool waking"}
-(R from the state file's "retry_after_ms", default 200). The number of route requests per model
+(R from the model's or the state file's "retry_after_ms", default 200). The number of route requests per model
 is written to STATE_FILE.counts (JSON) every 0.3 s."""
 import json
 import os
@@ -90,14 +91,17 @@ def main():
             st = {}
         counts[model] = counts.get(model, 0) + 1
         m = st.get(model) or {}
+        if m.get("log"):
+            print("route %s %.3f" % (model, time.time()), flush=True)
         if m.get("state") == "ok":
             rep = {"ok": True, "worker_id": int(m["worker_id"]), "url": m["url"],
                    "overlap_blocks": 0, "router_id": 99, "mode": "raft"}
         elif m.get("state") == "refuse":
             rep = {"ok": False, "error": "no such pool"}
         else:
-            rep = {"ok": False, "pool_state": "waking",
-                   "retry_after_ms": int(st.get("retry_after_ms", 200)), "error": "pool waking"}
+            ra = m.get("retry_after_ms", st.get("retry_after_ms", 200))
+            rep = {"ok": False, "pool_state": "waking", "retry_after_ms": int(ra),
+                   "error": "pool waking"}
         b = msgpack.packb(rep, use_bin_type=True)
         s.sendall(b"PUB " + reply.encode() + b" " + str(len(b)).encode() + b"\r\n" + b + b"\r\n")
     dump()

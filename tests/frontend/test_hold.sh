@@ -11,6 +11,8 @@
 #      the 3 held ones get 503 + Retry-After "model m2 is starting; try again" at --wake-timeout,
 #      nothing stays held.
 #   3. A held stream whose client disconnects leaves the queue at once (client_gone counted).
+#   4. A worker's first heartbeat makes a held request ask a router at once (not at the next
+#      retry_after_ms).
 source "$(dirname "$0")/../lib/testenv.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
 kvr_test_init frontend_hold
@@ -133,6 +135,33 @@ kvr_wait_for 1 held_is "$FB" m2 0 || kvr_fail "disconnected client still held: $
 kvr_assert_eq "$(held_total "$FB" client_gone)" 1 "client_gone counted"
 kvr_assert_eq "$(held_total "$FB" timeout)" 3 "not counted as a timeout"
 kvr_log "3: a disconnected held client left the queue at once"
+
+# --- 4. a worker's heartbeat makes the held requests ask at once ---
+# m3's router asks for retries every 2 s (the frontend's upper bound) and already says ok: a
+# worker of m3 that starts right after a probe must have its request served long before the
+# next timed probe, because its first heartbeat makes the pool's probe ask now.
+w2port=$(kvr_free_port)
+printf '{"retry_after_ms":200,"m1":{"state":"ok","worker_id":1,"url":"http://127.0.0.1:%s"},"m3":{"state":"waking","retry_after_ms":2000,"log":true}}\n' \
+    "$wport" >"$STATE"
+$CL one "$FA/v1/completions" '{"model":"m3","prompt":"hb","max_tokens":4,"stream":true}' \
+    >"$KVR_TMP/hb.json" &
+hpid=$!
+kvr_wait_for 10 held_is "$FA" m3 1 || kvr_fail "m3 request not held"
+nprobes() { grep -c '^route m3 ' "$KVR_TMP/standin.log"; }
+n0=$(nprobes)
+next_probe() { [ "$(nprobes)" -gt "$n0" ]; }
+kvr_wait_for 5 next_probe || kvr_fail "no timed probe for m3"
+t_probe=${EPOCHREALTIME/./}
+printf '{"retry_after_ms":200,"m1":{"state":"ok","worker_id":1,"url":"http://127.0.0.1:%s"},"m3":{"state":"ok","worker_id":2,"url":"http://127.0.0.1:%s","log":true}}\n' \
+    "$wport" "$w2port" >"$STATE"
+kvr_spawn worker2 "$KVR_BIN/kvr-worker" --listen 127.0.0.1:$w2port --nats "$NATS_URL" \
+    --namespace default --model m3 --id 2 --speedup 50
+wait $hpid || kvr_fail "m3 client failed"
+served_ms=$(((${EPOCHREALTIME/./} - t_probe) / 1000))
+kvr_log "4: m3 served ${served_ms} ms after the last timed probe (timed probes every 2000 ms)"
+kvr_assert_eq "$(jq -r .done "$KVR_TMP/hb.json")" true "m3 stream completed"
+((served_ms < 1700)) || kvr_fail "m3 served ${served_ms} ms after the last timed probe: the heartbeat did not trigger one"
+kvr_assert_eq "$(held "$FA" m3)" 0 "m3 gauge back to 0"
 
 kvr_alive fea || kvr_fail "frontend A died"
 kvr_alive feb || kvr_fail "frontend B died"
