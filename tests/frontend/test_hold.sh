@@ -10,6 +10,7 @@
 #   2. --max-held 3 on a pool that never wakes: the 4th request gets 503 + Retry-After at once;
 #      the 3 held ones get 503 + Retry-After "model m2 is starting; try again" at --wake-timeout,
 #      nothing stays held.
+#   2b. --max-held-bytes: past it, 503 at once.
 #   3. A held stream whose client disconnects leaves the queue at once (client_gone counted).
 #   4. A worker's first heartbeat makes a held request ask a router at once (not at the next
 #      retry_after_ms).
@@ -127,6 +128,26 @@ done
 kvr_assert_eq "$(held "$FB" m2)" 0 "nothing held after the wake timeout"
 kvr_assert_eq "$(held_total "$FB" timeout)" 3 "held_total timeout"
 kvr_log "2: --max-held 503 at once; 3 held → 503 at the wake timeout, gauge 0"
+
+# --- 2b. --max-held-bytes: a frontend whose pools may hold 4 KiB of bodies ---
+fc=$(kvr_free_port)
+kvr_spawn fec "$KVR_BIN/kvr-frontend" --listen 127.0.0.1:$fc --nats "$NATS_URL" --id 9 \
+    --max-held-bytes 4KiB --wake-timeout 2s
+FC=http://127.0.0.1:$fc
+kvr_wait_http "$FC/health" 10
+big=$(jq -nc --arg p "$(printf 'x%.0s' $(seq 600))" '{model:"m2",prompt:$p,max_tokens:4}')
+$CL one "$FC/v1/completions" "$big" >"$KVR_TMP/big1.json" &
+bpid=$!
+kvr_wait_for 10 held_is "$FC" m2 1 || kvr_fail "first big request not held"
+r=$($CL one "$FC/v1/completions" "$big")
+kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "request past --max-held-bytes"
+echo "$r" | jq -e '.elapsed_ms < 1000 and (.headers["retry-after"] | tonumber >= 1)' >/dev/null ||
+    kvr_fail "past --max-held-bytes: not an immediate 503 with Retry-After: $r"
+kvr_assert_eq "$(held_total "$FC" rejected_full)" 1 "rejected_full (bytes)"
+wait $bpid
+kvr_assert_eq "$(jq -r .status "$KVR_TMP/big1.json")" 503 "the held big request at its wake timeout"
+kvr_assert_eq "$(held "$FC" m2)" 0 "nothing held on FC"
+kvr_log "2b: --max-held-bytes 503 at once"
 
 # --- 3. a held client that disconnects ---
 r=$($CL disconnect "$FB/v1/completions" '{"model":"m2","prompt":"bye","max_tokens":4,"stream":true}')
