@@ -173,6 +173,10 @@ void fe_hold_detach(fe_call *c); /* before c is freed */
 void fe_hold_worker_heard(const char *ns, const char *model);
 /* GET /metrics: the registry plus kvr_frontend_held_requests{namespace,model}. */
 void fe_hold_metrics_respond(kvr_http_req *req);
+/* Draining (first SIGTERM): the queued held calls get 503 at once, held ones asking a router
+ * get it when answered; they have no work to finish here and another frontend may serve
+ * them. */
+void fe_hold_drain(void);
 void fe_hold_close(void);
 
 /* fe_hits.c: registers the metrics; fe_hits_record is called once per call whose worker

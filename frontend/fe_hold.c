@@ -245,6 +245,13 @@ static void answer_503(fe_call *c, uint32_t retry_ms, const char *code, const ch
 static bool hold(fe_call *c, fe_hold_pool *p, uint32_t retry_ms, bool front)
 {
     int64_t now = kvr_mono_ms();
+    if (app.stopping) { /* draining: a held call has no work to finish here (fe_hold_drain) */
+        if (c->hold)
+            leave(c, HR_FAILED);
+        answer_503(c, retry_ms, "shutting_down",
+                   "the frontend is shutting down; retry the request");
+        return false;
+    }
     if (!c->hold) {
         size_t bytes = (c->req ? c->req->body.len : 0) + c->upbody.len;
         if (!p || p->n >= H.max_held || p->bytes + bytes > H.max_bytes) {
@@ -278,8 +285,14 @@ static bool hold(fe_call *c, fe_hold_pool *p, uint32_t retry_ms, bool front)
                 write_keepalive(c);
             }
             c->hold_keepalive_ms = now + H.keepalive_ms;
-            KVR_LOG_INFO("request held: pool waking", "request=%s namespace=%s model=%s held=%zu",
-                         c->rid_hex, c->ns, c->pool_model, p->n);
+            /* one line when a pool starts holding, not one per request (10,000 may wait) */
+            if (p->n == 1)
+                KVR_LOG_INFO("pool waking: holding its requests",
+                             "request=%s namespace=%s model=%s", c->rid_hex, c->ns, c->pool_model);
+            else
+                KVR_LOG_DEBUG("request held: pool waking",
+                              "request=%s namespace=%s model=%s held=%zu", c->rid_hex, c->ns,
+                              c->pool_model, p->n);
         }
     }
     enqueue(c->hold, c, front);
@@ -354,8 +367,12 @@ void fe_hold_served(fe_call *c, bool routed)
 {
     fe_hold_pool *p = c->hold;
     if (p) {
-        KVR_LOG_INFO("held request served", "request=%s namespace=%s model=%s held_ms=%" PRId64,
-                     c->rid_hex, c->ns, c->pool_model, (kvr_mono_ns() - c->t_hold_ns) / 1000000);
+        if (p->n == 1)
+            KVR_LOG_INFO("pool woke: its last held request goes to a worker",
+                         "request=%s namespace=%s model=%s held_ms=%" PRId64, c->rid_hex, c->ns,
+                         c->pool_model, (kvr_mono_ns() - c->t_hold_ns) / 1000000);
+        KVR_LOG_DEBUG("held request served", "request=%s namespace=%s model=%s held_ms=%" PRId64,
+                      c->rid_hex, c->ns, c->pool_model, (kvr_mono_ns() - c->t_hold_ns) / 1000000);
         leave(c, HR_SERVED);
     } else if (routed && H.n_held) {
         p = find_pool(c->ns, c->pool_model);
@@ -372,7 +389,9 @@ bool fe_hold_no_worker(fe_call *c, int fb_reason)
          fb_reason == FB_DISCONNECTED)) {
         /* the routers said the pool was waking and cannot be asked now: keep waiting (the
          * deadline still bounds it) */
-        return hold(c, c->hold, c->hold->retry_ms, true);
+        if (!hold(c, c->hold, c->hold->retry_ms, true))
+            call_maybe_free(c); /* answered: the frontend is draining */
+        return true;
     }
     if (c->hold) {
         /* a router refused the request after the pool was waking: the wake failed */
@@ -464,6 +483,19 @@ static void on_hold_tick(uv_timer_t *t)
             scan(p, now);
         if (p->head && !p->probe && now >= p->next_probe_ms)
             probe(p);
+    }
+}
+
+void fe_hold_drain(void)
+{
+    for (fe_hold_pool *p = H.pools; p; p = p->next) {
+        while (p->head) {
+            fe_call *c = p->head;
+            uint32_t r = p->retry_ms;
+            leave(c, HR_FAILED);
+            answer_503(c, r, "shutting_down", "the frontend is shutting down; retry the request");
+            call_maybe_free(c);
+        }
     }
 }
 

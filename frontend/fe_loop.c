@@ -244,6 +244,7 @@ void on_signal(uv_signal_t *s, int signum)
     KVR_LOG_INFO("stopping: draining", "signal=%d calls=%zu drain_timeout_ms=%" PRId64, signum,
                  app.n_calls, app.drain_timeout_ms);
     kvr_http_server_stop_listening(&app.http);
+    fe_hold_drain();
     if (app.n_calls == 0 || app.drain_timeout_ms <= 0) {
         end_all_calls("the frontend is shutting down; retry the request");
         shutdown_now();

@@ -14,6 +14,7 @@
 #   3. A held stream whose client disconnects leaves the queue at once (client_gone counted).
 #   4. A worker's first heartbeat makes a held request ask a router at once (not at the next
 #      retry_after_ms).
+#   5. SIGTERM: held requests get 503 (shutting_down) at once and the frontend exits.
 source "$(dirname "$0")/../lib/testenv.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
 kvr_test_init frontend_hold
@@ -183,7 +184,30 @@ kvr_log "4: m3 served ${served_ms} ms after the last timed probe (timed probes e
 kvr_assert_eq "$(jq -r .done "$KVR_TMP/hb.json")" true "m3 stream completed"
 ((served_ms < 1700)) || kvr_fail "m3 served ${served_ms} ms after the last timed probe: the heartbeat did not trigger one"
 kvr_assert_eq "$(held "$FA" m3)" 0 "m3 gauge back to 0"
+# worker ready (its "listening" line) → the held request sent to it (the frontend's line)
+ts_ms() { date -d "$(sed -n 's/^ts=\([^ ]*\) .*/\1/p' | head -1)" +%s%3N; }
+t_ready=$(grep 'msg="listening"' "$KVR_TMP/worker2.log" | ts_ms)
+t_sent=$(grep 'pool woke' "$KVR_TMP/fea.log" | grep 'model=m3' | ts_ms)
+kvr_log "4: worker ready → held request sent to it: $((t_sent - t_ready)) ms (load $(cut -d' ' -f1 /proc/loadavg))"
+
+# --- 5. SIGTERM: held requests get 503 at once (nothing to drain), the frontend exits ---
+$CL one "$FB/v1/completions" "$m2" >"$KVR_TMP/term1.json" &
+t1=$!
+$CL one "$FB/v1/completions" '{"model":"m2","prompt":"s","max_tokens":4,"stream":true}' >"$KVR_TMP/term2.json" &
+t2=$!
+kvr_wait_for 10 held_is "$FB" m2 2 || kvr_fail "2 requests not held on FB before SIGTERM"
+t_term=${EPOCHREALTIME/./}
+kvr_term feb 5 || kvr_fail "frontend B did not exit cleanly on SIGTERM with held requests"
+wait $t1 $t2
+kvr_log "5: SIGTERM with 2 held: exited after $(((${EPOCHREALTIME/./} - t_term) / 1000)) ms"
+kvr_assert_eq "$(jq -r .status "$KVR_TMP/term1.json")" 503 "held request at SIGTERM"
+kvr_assert_eq "$(jq -r .json.error.code "$KVR_TMP/term1.json")" shutting_down "its error code"
+kvr_assert_eq "$(jq -r .error.code "$KVR_TMP/term2.json")" shutting_down "held stream at SIGTERM: error event"
+kvr_assert_eq "$(jq -r .done "$KVR_TMP/term2.json")" true "held stream at SIGTERM: [DONE]"
 
 kvr_alive fea || kvr_fail "frontend A died"
-kvr_alive feb || kvr_fail "frontend B died"
+kvr_alive fec || kvr_fail "frontend C died"
+# clean exits (an ASan build reports leaks here)
+kvr_term fea 10 || kvr_fail "frontend A did not exit cleanly"
+kvr_term fec 10 || kvr_fail "frontend C did not exit cleanly"
 kvr_pass
