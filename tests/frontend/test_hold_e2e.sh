@@ -69,6 +69,11 @@ kvr_assert_eq "$(jq '[.[] | select((.comments|length) >= 2)] | length' "$S")" 20
 # the scaler's "model load" takes 2 s: every TTFT includes it
 kvr_assert_eq "$(jq '[.[] | select(.ttft_ms >= 2000)] | length' "$S")" 20 "TTFT includes the wake"
 kvr_log "TTFT ms: min $(jq '[.[].ttft_ms] | min | floor' "$S") max $(jq '[.[].ttft_ms] | max | floor' "$S")"
+# worker ready (its "listening" line) → the held requests sent to it (the frontend's line)
+ts_ms() { date -d "$(sed -n 's/^ts=\([^ ]*\) .*/\1/p' | head -1)" +%s%3N; }
+t_ready=$(cat "$KVR_SCALER_DIR"/pool-*/*.log | grep 'msg="listening"' | ts_ms)
+t_sent=$(grep 'pool woke' "$KVR_TMP/fe.log" | ts_ms)
+kvr_log "worker ready → held requests sent to it: $((t_sent - t_ready)) ms (load $(cut -d' ' -f1 /proc/loadavg))"
 kvr_assert_eq "$(workers_running)" 1 "workers after the wake"
 kvr_assert_eq "$(metric 'kvr_frontend_held_total{result="served"}')" 20 "held_total served"
 kvr_assert_eq "$(metric 'kvr_frontend_held_requests{namespace="default",model="m1"}')" 0 "held gauge"
