@@ -83,6 +83,25 @@ kvr_wait_for 30 pool_is sleeping || kvr_fail "idle pool did not sleep: $(rd_q "$
 kvr_wait_for 15 bash -c "[ \"\$(ls $KVR_SCALER_DIR/pool-*/*.pid 2>/dev/null | wc -l)\" = 0 ]" ||
     kvr_fail "worker not stopped: $(cat "$KVR_SCALER_DIR/calls.log")"
 kvr_log "idle: pool sleeping, no worker left"
+# the official OpenAI Node client (openai@4) through a cold start, when FE_NODE_DIR has it
+# (test_openai_node.sh installs it): 5 concurrent streams from a sleeping pool
+if [ -n "${FE_NODE_DIR:-}" ] && [ -d "$FE_NODE_DIR/node_modules/openai" ] && command -v node >/dev/null; then
+    pids=()
+    for i in 1 2 3 4 5; do
+        (cd "$HERE" && NODE_PATH="$FE_NODE_DIR/node_modules" BASE="$F/v1" KEY=none MODEL=m1 \
+            MAX_TOKENS=6 timeout 60 node "$HERE/openai_stream.js" >"$KVR_TMP/node$i.json") &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || kvr_fail "OpenAI node client failed through a cold start"; done
+    for i in 1 2 3 4 5; do
+        jq -e '.chunks > 0 and .usage.completion_tokens == 6' "$KVR_TMP/node$i.json" >/dev/null ||
+            kvr_fail "node client $i: $(cat "$KVR_TMP/node$i.json")"
+    done
+    kvr_log "5 OpenAI node clients served through a cold start"
+    kvr_wait_for 30 pool_is sleeping || kvr_fail "idle pool did not sleep again"
+else
+    kvr_log "FE_NODE_DIR without openai@4: the OpenAI node client step is skipped"
+fi
 r=$($CL one "$F/v1/completions" '{"model":"m1","prompt":"again","max_tokens":4}')
 kvr_assert_eq "$(echo "$r" | jq -r .status)" 200 "a request after the sleep"
 kvr_assert_eq "$(echo "$r" | jq -r '.headers["x-kvroute-cold-start"]')" 1 "it waited"
