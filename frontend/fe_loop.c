@@ -90,6 +90,7 @@ void on_heartbeat(const kvr_nats_msg *m, void *data)
     fe_worker *w = fe_pool_find(&app.pool, ns, hb.id);
     if (!w)
         return;
+    fe_hold_worker_heard(w->ns, w->model); /* a waking pool's readiness signal */
     /* a request naming one of its adapters tokenizes as its base model does */
     for (uint32_t i = 0; i < hb.n_loras; i++)
         fe_tok_note_lora(hb.loras[i].base, hb.loras[i].len, w->model);
@@ -193,6 +194,7 @@ static void on_flush_wait(uv_timer_t *t)
     uv_close((uv_handle_t *)&app.drain_timer, on_closed_handle);
     uv_close((uv_handle_t *)&app.tick, on_closed_handle);
     uv_close((uv_handle_t *)&app.prepare, on_closed_handle);
+    fe_hold_close();
     kvr_http_server_close(&app.http, NULL);
     kvr_curl_close(&app.curl, NULL);
     if (app.nats_on)
@@ -242,6 +244,7 @@ void on_signal(uv_signal_t *s, int signum)
     KVR_LOG_INFO("stopping: draining", "signal=%d calls=%zu drain_timeout_ms=%" PRId64, signum,
                  app.n_calls, app.drain_timeout_ms);
     kvr_http_server_stop_listening(&app.http);
+    fe_hold_drain();
     if (app.n_calls == 0 || app.drain_timeout_ms <= 0) {
         end_all_calls("the frontend is shutting down; retry the request");
         shutdown_now();
