@@ -148,7 +148,7 @@ static bool worker_ok(const fe_worker *w, const char *ns, const char *model, int
     return !model || strcmp(model, w->model) == 0;
 }
 
-/* The least-loaded live worker of (ns, model) in the subset, skipping the n_ex URLs in ex. */
+/* The least-loaded live worker of (ns, model) in the subset, skipping the n_ex ip:ports in ex. */
 static fe_worker *local_pick(const xs *x, const char *ns, const char *model, const char **ex,
                              size_t n_ex)
 {
@@ -164,7 +164,7 @@ static fe_worker *local_pick(const xs *x, const char *ns, const char *model, con
             continue;
         bool skip = false;
         for (size_t j = 0; j < n_ex; j++)
-            if (strcmp(ex[j], w->url) == 0)
+            if (strcmp(ex[j], hp) == 0)
                 skip = true;
         if (skip)
             continue;
@@ -397,10 +397,10 @@ static void send_destination(xs *x, const char *dest)
 static void build_dest(xs *x, const char *model, char *dest, size_t cap)
 {
     snprintf(dest, cap, "%s", x->pick);
+    char hps[EPP_MAX_FALLBACKS + 1][FE_URL_MAX];
     const char *ex[EPP_MAX_FALLBACKS + 1];
     size_t n_ex = 0;
-    fe_worker *first = fe_pool_find_url(&E.pool, x->url);
-    ex[n_ex++] = first ? first->url : x->url;
+    ex[n_ex++] = x->pick;
     for (int i = 0; i < EPP_MAX_FALLBACKS; i++) {
         fe_worker *w = local_pick(x, x->ns[0] ? x->ns : NULL, model, ex, n_ex);
         if (!w)
@@ -411,7 +411,9 @@ static void build_dest(xs *x, const char *model, char *dest, size_t cap)
         if (l + strlen(hp) + 2 > cap)
             break;
         snprintf(dest + l, cap - l, ",%s", hp);
-        ex[n_ex++] = w->url;
+        snprintf(hps[n_ex], sizeof hps[n_ex], "%s", hp);
+        ex[n_ex] = hps[n_ex];
+        n_ex++;
     }
 }
 

@@ -1,0 +1,130 @@
+#!/bin/bash
+# epp_flow: kvr-epp (h2c) driven by a Python stand-in for Envoy's ext_proc filter whose
+# messages come from Envoy's real protos, with real nats-server, kvr-routerd and two
+# kvr-worker processes: headers-only GET, body in one chunk and in many, a body over 62,000
+# bytes echoed unchanged, subset hints (list and string), garbage → 400, client cancel
+# mid-body, 100 concurrent streams, gRPC health, unknown method, no live worker → 503.
+source "$(dirname "$0")/../lib/testenv.sh"
+HERE=$(cd "$(dirname "$0")" && pwd)
+kvr_test_init epp_flow
+kvr_need_bins kvr-worker kvr-routerd kvr-epp
+PY=/usr/bin/python3
+command -v protoc >/dev/null && $PY -c 'import grpc, google.protobuf' 2>/dev/null ||
+    { echo "protoc / python3-grpcio missing: skipped"; exit 77; }
+kvr_start_nats
+declare -A WPORT
+for i in 1 2; do
+    WPORT[$i]=$(kvr_free_port)
+    kvr_spawn "worker$i" "$KVR_BIN/kvr-worker" --listen 127.0.0.1:${WPORT[$i]} --nats "$NATS_URL" \
+        --namespace default --model m1 --id "$i" --speedup 10
+done
+RPORT=$(kvr_free_port)
+mkdir -p "$KVR_TMP/r1"
+kvr_spawn router1 "$KVR_BIN/kvr-routerd" --id 1 --nats "$NATS_URL" --http 127.0.0.1:$RPORT \
+    --data-dir "$KVR_TMP/r1"
+GP=$(kvr_free_port)
+HP=$(kvr_free_port)
+MP=$(kvr_free_port)
+kvr_spawn epp "$KVR_BIN/kvr-epp" --secure-serving=false --grpc-port $GP --grpc-health-port $HP \
+    --metrics-port $MP --nats "$NATS_URL" --id 9 --bind 127.0.0.1 --log-level debug
+kvr_wait_http "http://127.0.0.1:$RPORT/health" 15
+rworkers() { curl -s --max-time 2 "http://127.0.0.1:$RPORT/v1/state" | jq -e '[.workers[] | select(.up)] | length == 2' >/dev/null; }
+kvr_wait_for 15 rworkers || kvr_fail "router never saw both workers"
+emetric() { curl -s "http://127.0.0.1:$MP/metrics" | awk -v k="$1" '$1==k {s+=$2} END {printf "%d\n", s}'; }
+eworkers() { [ "$(emetric inference_pool_ready_pods)" = 2 ]; }
+kvr_wait_for 10 eworkers || kvr_fail "kvr-epp never saw both workers"
+bookings() { curl -s --max-time 2 "http://127.0.0.1:$RPORT/v1/state" | jq -r .bookings; }
+CL() { $PY "$HERE/epp_client.py" "127.0.0.1:$GP" "$@"; }
+W1=127.0.0.1:${WPORT[1]}
+W2=127.0.0.1:${WPORT[2]}
+live() { [ "$1" = "$W1" ] || [ "$1" = "$W2" ]; }
+
+# --- health (both ports) and an unknown method ---
+for svc in liveness readiness inference-extension envoy.service.ext_proc.v3.ExternalProcessor; do
+    kvr_assert_eq "$($PY "$HERE/epp_client.py" 127.0.0.1:$HP health --service $svc | jq -r .status)" \
+        SERVING "health $svc"
+done
+kvr_assert_eq "$(CL health --service readiness | jq -r .status)" SERVING "health on the ext_proc port"
+kvr_assert_eq "$(CL health --service nope | jq -r .code)" StatusCode.NOT_FOUND "unknown health service"
+kvr_assert_eq "$(CL unknown-method | jq -r .code)" StatusCode.UNIMPLEMENTED "unknown method"
+
+# --- headers only (GET) ---
+r=$(CL get)
+kvr_log "get: $r"
+kvr_assert_eq "$(echo "$r" | jq -r .first)" request_headers "GET answered with headers"
+d=$(echo "$r" | jq -r .dest)
+live "${d%%,*}" || kvr_fail "GET destination $d is not a live worker"
+kvr_assert_eq "$(echo "$r" | jq -r .meta)" "$d" "GET metadata == header"
+
+# --- body in one chunk, completions; the whole response path ---
+r=$(CL post)
+kvr_log "post: $r"
+d=$(echo "$r" | jq -r .dest)
+live "${d%%,*}" || kvr_fail "destination $d is not a live worker"
+kvr_assert_eq "$(echo "$r" | jq -r .meta)" "$d" "metadata == header"
+kvr_assert_eq "$(echo "$r" | jq -r .clear_route_cache)" true "clear_route_cache"
+kvr_assert_eq "$(echo "$r" | jq -r .body_same)" true "body echoed"
+kvr_assert_eq "$(echo "$r" | jq -c .response_seq)" \
+    '["response_headers","response_body","response_body","response_trailers"]' "response path in order"
+kvr_assert_eq "$(echo "$r" | jq -r .response_body_same)" true "response body echoed"
+kvr_assert_eq "$(echo "$r" | jq -r .end)" ok "stream ends OK"
+case "$d" in *,*) ;; *) kvr_fail "no fallback endpoint in $d (two workers live)" ;; esac
+kvr_assert_eq "$(emetric kvr_epp_routed_total)" 1 "picked by the router"
+
+# --- chat, many chunks; a body over 62,000 bytes ---
+r=$(CL post --chat --chunks 7)
+kvr_assert_eq "$(echo "$r" | jq -r .body_same)" true "chat body in 7 chunks echoed"
+r=$(CL post --size 130000 --chunks 13)
+kvr_log "big: $(echo "$r" | jq -c '{dest,body_chunks,max_chunk,body_same}')"
+kvr_assert_eq "$(echo "$r" | jq -r .body_same)" true "130 kB body echoed unchanged"
+kvr_assert_eq "$(echo "$r" | jq -r .body_chunks)" 3 "130 kB body in 3 chunks"
+kvr_assert_eq "$(echo "$r" | jq -r .max_chunk)" 62000 "chunks of at most 62,000 bytes"
+
+# --- subset hints ---
+r=$(CL post --subset-list "$W2")
+kvr_assert_eq "$(echo "$r" | jq -r .dest)" "$W2" "subset list: only W2"
+r=$(CL post --subset-str "10.9.9.9:1, $W1")
+kvr_assert_eq "$(echo "$r" | jq -r .dest)" "$W1" "subset string: only W1"
+r=$(CL post --subset-str "10.9.9.9:1")
+kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "subset with no live worker: 503"
+r=$(CL post --subset-list "")
+kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "empty subset: 503"
+
+# --- garbage body, unknown model ---
+r=$(CL garbage)
+kvr_assert_eq "$(echo "$r" | jq -r .status)" 400 "garbage body: 400"
+r=$(CL post --model nope)
+kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "unknown model: 503"
+
+# every booking so far was freed
+zero() { [ "$(bookings)" = 0 ]; }
+kvr_wait_for 5 zero || kvr_fail "bookings left after complete streams: $(bookings)"
+
+# --- client cancel mid-body: nothing booked, nothing left ---
+c0=$(emetric kvr_epp_streams_cancelled_total)
+CL cancel >/dev/null
+sleep 0.5
+kvr_assert_eq "$(emetric kvr_epp_streams_cancelled_total)" $((c0 + 1)) "cancel seen"
+kvr_assert_eq "$(emetric kvr_epp_open_streams)" 0 "no stream left open"
+
+# --- 100 concurrent streams (half answer the whole response path, half end early) ---
+r=$(CL concurrent --n 100)
+kvr_log "concurrent: $r"
+kvr_assert_eq "$(echo "$r" | jq -r .ok)" 100 "100 concurrent streams"
+kvr_wait_for 5 zero || kvr_fail "bookings left after concurrent streams: $(bookings)"
+kvr_assert_eq "$(emetric kvr_epp_open_streams)" 0 "no stream left open"
+kvr_assert "requests counted" [ "$(emetric inference_objective_request_total)" -ge 100 ]
+
+# --- no live worker: 503 ---
+kvr_term worker1
+kvr_term worker2
+gone() { [ "$(emetric inference_pool_ready_pods)" = 0 ]; }
+kvr_wait_for 10 gone || kvr_fail "workers never expired"
+r=$(CL post)
+kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "no live worker: 503"
+r=$(CL get)
+kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "GET with no live worker: 503"
+n503=$(curl -s http://127.0.0.1:$MP/metrics | awk '/error_code="ServiceUnavailable"/ {print $2}')
+kvr_assert "503s counted ($n503)" [ "$n503" -ge 3 ]
+kvr_alive epp || kvr_fail "kvr-epp died"
+kvr_pass
