@@ -273,6 +273,8 @@ static void immediate(xs *x, int status, int err_li, const char *msg)
     send_resp(x, &r);
     kvr_buf_free(&b);
     x->state = XS_DONE;
+    if (x->call && x->call->half_closed_)
+        epp_grpc_finish(x->call, EPP_GRPC_OK, NULL);
     KVR_LOG_DEBUG("immediate response", "request=%s status=%d msg=\"%s\"", x->rid_hex, status,
                   msg);
 }
@@ -443,7 +445,10 @@ static void decided(xs *x)
         off += 4 + n;
     }
     kvr_buf_free(&d);
-    if (x->call)
+    /* the gateway ended its side while the pick was out: the call ends after the answers */
+    if (x->call && x->call->half_closed_)
+        epp_grpc_finish(x->call, EPP_GRPC_OK, NULL);
+    else if (x->call)
         epp_grpc_flush(x->call);
 }
 

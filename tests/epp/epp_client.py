@@ -4,7 +4,7 @@ kvr-epp over h2c. Its _pb2 modules are generated with protoc from Envoy's REAL p
 (tests/epp/protos), so kvr-epp's pruned proto is checked against the upstream wire format.
 
 usage: epp_client.py ADDR SCENARIO [options]   → one JSON line on stdout
-scenarios: get, post, garbage, cancel, concurrent, health, raw-compressed
+scenarios: get, post, post-close, garbage, cancel, concurrent, health, unknown-method
 """
 import argparse
 import json
@@ -216,6 +216,23 @@ def main():
         s.close()
     elif a.scenario == "post":
         res = post_flow(ch, payload, a.chunks, subset, path)
+    elif a.scenario == "post-close":
+        # the gateway half-closes right after the body, while the pick is still out: every
+        # answer must still come, then the call ends OK
+        s = Stream(ch)
+        s.send(hdrs([(":method", "POST"), (":path", path)]))
+        s.send(body(payload, True))
+        s.close()
+        kinds = []
+        try:
+            while True:
+                kinds.append(s.recv().WhichOneof("response"))
+            res["end"] = "?"
+        except StopIteration:
+            res["end"] = "ok"
+        except grpc.RpcError as e:
+            res["end"] = str(e.code())
+        res["kinds"] = kinds
     elif a.scenario == "garbage":
         res = post_flow(ch, b"{not json", 1, None, path)
     elif a.scenario == "cancel":

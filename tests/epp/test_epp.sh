@@ -55,6 +55,8 @@ kvr_assert_eq "$(echo "$r" | jq -r .first)" request_headers "GET answered with h
 d=$(echo "$r" | jq -r .dest)
 live "${d%%,*}" || kvr_fail "GET destination $d is not a live worker"
 kvr_assert_eq "$(echo "$r" | jq -r .meta)" "$d" "GET metadata == header"
+kvr_assert_eq "$(echo "$d" | tr , '\n' | sort -u | wc -l)/$(echo "$d" | tr , '\n' | wc -l)" 2/2 \
+    "GET: pick + one fallback, distinct: $d"
 
 # --- body in one chunk, completions; the whole response path ---
 r=$(CL post)
@@ -69,6 +71,8 @@ kvr_assert_eq "$(echo "$r" | jq -c .response_seq)" \
 kvr_assert_eq "$(echo "$r" | jq -r .response_body_same)" true "response body echoed"
 kvr_assert_eq "$(echo "$r" | jq -r .end)" ok "stream ends OK"
 case "$d" in *,*) ;; *) kvr_fail "no fallback endpoint in $d (two workers live)" ;; esac
+kvr_assert_eq "$(echo "$d" | tr , '\n' | sort -u | wc -l)/$(echo "$d" | tr , '\n' | wc -l)" 2/2 \
+    "pick + one fallback, distinct: $d"
 kvr_assert_eq "$(emetric kvr_epp_routed_total)" 1 "picked by the router"
 
 # --- chat, many chunks; a body over 62,000 bytes ---
@@ -89,6 +93,11 @@ r=$(CL post --subset-str "10.9.9.9:1")
 kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "subset with no live worker: 503"
 r=$(CL post --subset-list "")
 kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "empty subset: 503"
+
+# --- the gateway half-closes while the pick is out: answers still come, then OK ---
+r=$(CL post-close)
+kvr_assert_eq "$(echo "$r" | jq -c '{kinds: .kinds, end: .end}')" '{"kinds":["request_headers","request_body"],"end":"ok"}' \
+    "half-close during the pick"
 
 # --- garbage body, unknown model ---
 r=$(CL garbage)
