@@ -4,6 +4,10 @@
 #include "kvr_log.h"
 
 #include <nghttp2/nghttp2.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +21,9 @@ typedef struct conn {
     bool reading;
     bool in_recv; /* inside nghttp2_session_mem_recv: nghttp2 forbids sending from callbacks */
     bool closing;
+    SSL *ssl; /* TLS (limits.tls), on memory BIOs: rbio takes socket bytes, wbio gives them */
+    BIO *rbio, *wbio;
+    bool hs_done;
 } conn;
 
 typedef struct wreq {
@@ -412,6 +419,9 @@ static void conn_close(conn *c)
     /* every stream's on_stream_close runs in nghttp2_session_del */
     nghttp2_session_del(c->ng);
     c->ng = NULL;
+    if (c->ssl)
+        SSL_free(c->ssl); /* and its BIOs */
+    c->ssl = NULL;
     uv_close((uv_handle_t *)&c->tcp, on_closed);
 }
 
@@ -441,10 +451,48 @@ static void alloc_cb(uv_handle_t *h, size_t sz, uv_buf_t *b)
     b->len = sizeof rbuf;
 }
 
+/* Hands len bytes to uv_write (copied). 0 or -1 (the connection is closed). */
+static int write_raw(conn *c, const void *data, size_t len)
+{
+    if (!len)
+        return 0;
+    wreq *w = malloc(sizeof *w + len);
+    if (!w) {
+        conn_close(c);
+        return -1;
+    }
+    w->c = c;
+    w->len = len;
+    memcpy(w->data, data, len);
+    uv_buf_t b = uv_buf_init(w->data, (unsigned)len);
+    if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_written)) {
+        free(w);
+        conn_close(c);
+        return -1;
+    }
+    c->wpending += len;
+    return 0;
+}
+
+/* TLS: what OpenSSL produced (handshake records, encrypted data) goes to the socket. */
+static int drain_tls(conn *c)
+{
+    char buf[16384];
+    int n;
+    while ((n = BIO_read(c->wbio, buf, sizeof buf)) > 0)
+        if (write_raw(c, buf, (size_t)n))
+            return -1;
+    return 0;
+}
+
 static void conn_flush(conn *c)
 {
     if (c->closing || c->in_recv || !c->ng)
         return;
+    if (c->ssl && !c->hs_done) { /* nghttp2's output waits for the handshake */
+        drain_tls(c);
+        return;
+    }
     kvr_buf out;
     kvr_buf_init(&out);
     while (c->wpending + out.len < EPP_GRPC_WRITE_HIGH) {
@@ -463,26 +511,21 @@ static void conn_flush(conn *c)
             return;
         }
     }
-    if (out.len) {
-        wreq *w = malloc(sizeof *w + out.len);
-        if (!w) {
+    int rc = 0;
+    if (c->ssl && out.len) {
+        /* memory BIOs take everything: SSL_write completes or the session is broken */
+        if (SSL_write(c->ssl, out.base, (int)out.len) != (int)out.len) {
             kvr_buf_free(&out);
             conn_close(c);
             return;
         }
-        w->c = c;
-        w->len = out.len;
-        memcpy(w->data, out.base, out.len);
-        uv_buf_t b = uv_buf_init(w->data, (unsigned)out.len);
-        if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_written)) {
-            free(w);
-            kvr_buf_free(&out);
-            conn_close(c);
-            return;
-        }
-        c->wpending += out.len;
+        rc = drain_tls(c);
+    } else {
+        rc = write_raw(c, out.base, out.len);
     }
     kvr_buf_free(&out);
+    if (rc)
+        return;
     /* back-pressure: a peer that does not read its responses is not read either */
     if (c->wpending >= EPP_GRPC_WRITE_HIGH && c->reading) {
         uv_read_stop((uv_stream_t *)&c->tcp);
@@ -495,6 +538,20 @@ static void conn_flush(conn *c)
         conn_close(c);
 }
 
+/* Bytes in for nghttp2 (plaintext). 0 or -1 (closed). */
+static int feed(conn *c, const uint8_t *data, size_t len)
+{
+    c->in_recv = true;
+    ssize_t rv = nghttp2_session_mem_recv(c->ng, data, len);
+    c->in_recv = false;
+    if (rv < 0) {
+        KVR_LOG_DEBUG("h2 protocol error", "err=\"%s\"", nghttp2_strerror((int)rv));
+        conn_close(c);
+        return -1;
+    }
+    return c->closing ? -1 : 0;
+}
+
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 {
     conn *c = st->data;
@@ -504,11 +561,45 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     }
     if (nread == 0)
         return;
-    c->in_recv = true;
-    ssize_t rv = nghttp2_session_mem_recv(c->ng, (const uint8_t *)buf->base, (size_t)nread);
-    c->in_recv = false;
-    if (rv < 0) {
-        KVR_LOG_DEBUG("h2 protocol error", "err=\"%s\"", nghttp2_strerror((int)rv));
+    if (!c->ssl) {
+        if (feed(c, (const uint8_t *)buf->base, (size_t)nread) == 0)
+            conn_flush(c);
+        return;
+    }
+    if (BIO_write(c->rbio, buf->base, (int)nread) != (int)nread) {
+        conn_close(c);
+        return;
+    }
+    if (!c->hs_done) {
+        int r = SSL_do_handshake(c->ssl);
+        if (r != 1) {
+            int e = SSL_get_error(c->ssl, r);
+            if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
+                c->s->stats.tls_failures++;
+                KVR_LOG_DEBUG("tls handshake failed", "err=\"%s\"",
+                              ERR_reason_error_string(ERR_peek_last_error()));
+                ERR_clear_error();
+                drain_tls(c); /* the alert */
+                conn_close(c);
+                return;
+            }
+            drain_tls(c);
+            return;
+        }
+        c->hs_done = true;
+    }
+    uint8_t plain[16384];
+    for (;;) {
+        int r = SSL_read(c->ssl, plain, sizeof plain);
+        if (r > 0) {
+            if (feed(c, plain, (size_t)r))
+                return;
+            continue;
+        }
+        int e = SSL_get_error(c->ssl, r);
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+            break;
+        ERR_clear_error();
         conn_close(c);
         return;
     }
@@ -562,6 +653,21 @@ static void on_conn(uv_stream_t *ls, int status)
     };
     nghttp2_submit_settings(c->ng, NGHTTP2_FLAG_NONE, iv, sizeof iv / sizeof *iv);
     nghttp2_session_set_local_window_size(c->ng, NGHTTP2_FLAG_NONE, 0, 16 << 20);
+    if (s->lim.tls) {
+        c->ssl = SSL_new(s->lim.tls);
+        c->rbio = BIO_new(BIO_s_mem());
+        c->wbio = BIO_new(BIO_s_mem());
+        if (!c->ssl || !c->rbio || !c->wbio) {
+            BIO_free(c->rbio);
+            BIO_free(c->wbio);
+            c->rbio = c->wbio = NULL;
+            conn_close(c);
+            return;
+        }
+        BIO_set_mem_eof_return(c->rbio, -1); /* empty means "want more", not end of stream */
+        SSL_set_bio(c->ssl, c->rbio, c->wbio); /* ssl owns them now */
+        SSL_set_accept_state(c->ssl);
+    }
     if (uv_read_start((uv_stream_t *)&c->tcp, alloc_cb, on_read)) {
         conn_close(c);
         return;
@@ -633,4 +739,95 @@ void epp_grpc_close(epp_grpc_server *s)
     }
     while (s->conns_)
         conn_close(s->conns_);
+}
+
+/* ---------- TLS context ---------- */
+
+static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+                       const unsigned char *in, unsigned int inlen, void *arg)
+{
+    (void)ssl;
+    (void)arg;
+    static const unsigned char h2[] = {2, 'h', '2'};
+    unsigned char *o = NULL;
+    if (SSL_select_next_proto(&o, outlen, h2, sizeof h2, in, inlen) != OPENSSL_NPN_NEGOTIATED)
+        return SSL_TLSEXT_ERR_ALERT_FATAL; /* gRPC is HTTP/2 only */
+    *out = o;
+    return SSL_TLSEXT_ERR_OK;
+}
+
+static int self_signed(SSL_CTX *ctx, kvr_err *err)
+{
+    EVP_PKEY *k = EVP_EC_gen("P-256");
+    X509 *x = X509_new();
+    X509_EXTENSION *ext = NULL;
+    BIGNUM *bn = NULL;
+    int rc = KVR_EIO;
+    if (!k || !x)
+        goto out;
+    unsigned char serial[8];
+    uv_random(NULL, NULL, serial, sizeof serial, 0, NULL);
+    serial[0] &= 0x7f;
+    bn = BN_bin2bn(serial, sizeof serial, NULL);
+    if (!bn || !BN_to_ASN1_INTEGER(bn, X509_get_serialNumber(x)))
+        goto out;
+    X509_set_version(x, 2);
+    X509_gmtime_adj(X509_getm_notBefore(x), -3600);
+    X509_gmtime_adj(X509_getm_notAfter(x), 10L * 365 * 24 * 3600);
+    X509_NAME *nm = X509_get_subject_name(x);
+    X509_NAME_add_entry_by_txt(nm, "CN", MBSTRING_ASC, (const unsigned char *)"kvr-epp", -1, -1, 0);
+    X509_set_issuer_name(x, nm);
+    X509_set_pubkey(x, k);
+    X509V3_CTX v3;
+    X509V3_set_ctx_nodb(&v3);
+    X509V3_set_ctx(&v3, x, x, NULL, NULL, 0);
+    ext = X509V3_EXT_conf_nid(NULL, &v3, NID_subject_alt_name,
+                              "DNS:kvr-epp,DNS:localhost,IP:127.0.0.1");
+    if (!ext || !X509_add_ext(x, ext, -1))
+        goto out;
+    if (!X509_sign(x, k, EVP_sha256()) || SSL_CTX_use_certificate(ctx, x) != 1 ||
+        SSL_CTX_use_PrivateKey(ctx, k) != 1)
+        goto out;
+    rc = 0;
+out:
+    X509_EXTENSION_free(ext);
+    BN_free(bn);
+    X509_free(x);
+    EVP_PKEY_free(k);
+    if (rc)
+        kvr_err_set(err, rc, "self-signed certificate: %s",
+                    ERR_reason_error_string(ERR_get_error()));
+    return rc;
+}
+
+int epp_grpc_tls_ctx(const char *cert_dir, void **out, kvr_err *err)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    if (!ctx)
+        return kvr_err_set(err, KVR_ENOMEM, "SSL_CTX_new failed");
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_alpn_select_cb(ctx, alpn_select, NULL);
+    if (cert_dir && cert_dir[0]) {
+        char crt[1024], key[1024];
+        snprintf(crt, sizeof crt, "%s/tls.crt", cert_dir);
+        snprintf(key, sizeof key, "%s/tls.key", cert_dir);
+        if (SSL_CTX_use_certificate_chain_file(ctx, crt) != 1 ||
+            SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1 ||
+            SSL_CTX_check_private_key(ctx) != 1) {
+            kvr_err_set(err, KVR_EINVAL, "--cert-path %s: tls.crt / tls.key: %s", cert_dir,
+                        ERR_reason_error_string(ERR_get_error()));
+            SSL_CTX_free(ctx);
+            return KVR_EINVAL;
+        }
+    } else if (self_signed(ctx, err)) {
+        SSL_CTX_free(ctx);
+        return KVR_EIO;
+    }
+    *out = ctx;
+    return 0;
+}
+
+void epp_grpc_tls_free(void *ctx)
+{
+    SSL_CTX_free(ctx);
 }

@@ -56,10 +56,12 @@ typedef struct epp_grpc_limits {
     size_t max_message;    /* one message's length (default 4 MiB): larger → RESOURCE_EXHAUSTED */
     size_t max_buffered;   /* all calls' unread input + queued output (default 256 MiB) */
     uint32_t max_streams;  /* concurrent streams per connection (default 1024) */
+    void *tls;             /* an SSL_CTX * (epp_grpc_tls_ctx; not owned): TLS with ALPN h2;
+                              NULL: h2c with prior knowledge */
 } epp_grpc_limits;
 
 typedef struct epp_grpc_stats {
-    uint64_t connections, calls, refused, messages_in, messages_out, resets;
+    uint64_t connections, calls, refused, messages_in, messages_out, resets, tls_failures;
     size_t buffered; /* bytes now held (input being reassembled + output queued) */
     uint32_t open_calls;
 } epp_grpc_stats;
@@ -97,6 +99,14 @@ struct epp_grpc_server {
     bool listening;
     void *conns_; /* private list */
 };
+
+/* A TLS server context (SSL_CTX *) for epp_grpc_limits.tls: TLS 1.2+, ALPN "h2" only (a
+ * client offering ALPN without h2 is refused). cert_dir: a directory holding tls.crt (chain,
+ * PEM) and tls.key; NULL or "": a self-signed P-256 certificate made now (CN kvr-epp, SANs
+ * kvr-epp, localhost, 127.0.0.1; 10 years), as the reference EPP does by default. Free it with
+ * epp_grpc_tls_free after the servers using it are closed. */
+int epp_grpc_tls_ctx(const char *cert_dir, void **out, kvr_err *err);
+void epp_grpc_tls_free(void *ctx);
 
 /* Caller-allocated server. limits may be NULL (defaults). */
 int epp_grpc_init(epp_grpc_server *s, uv_loop_t *loop, const epp_grpc_handlers *h,

@@ -966,8 +966,10 @@ int main(int argc, char **argv)
         {"metrics-port", KVR_FLAG_INT, &metrics_port, "Prometheus /metrics port (-1: off)", 0},
         {"bind", KVR_FLAG_STRING, &bind_host, "listen host (default all)", 0},
         {"secure-serving", KVR_FLAG_BOOL, &secure,
-         "TLS on the ext_proc port (not built yet: must be false)", 0},
-        {"cert-path", KVR_FLAG_STRING, &cert_path, "TLS certificate directory (not built yet)", 0},
+         "TLS (ALPN h2) on the ext_proc port; false: plaintext h2c", 0},
+        {"cert-path", KVR_FLAG_STRING, &cert_path,
+         "directory with tls.crt and tls.key (default: a self-signed certificate made at start)",
+         0},
         {"pool-name", KVR_FLAG_STRING, &pool_name, "InferencePool name (logged)", 0},
         {"pool-namespace", KVR_FLAG_STRING, &pool_ns, "InferencePool namespace (logged)", 0},
         {"nats", KVR_FLAG_STRING, &nats_url, "NATS URL (routers and heartbeats)", 0},
@@ -1008,11 +1010,6 @@ int main(int argc, char **argv)
     static char idbuf[24];
     snprintf(idbuf, sizeof idbuf, "%" PRIu64, id);
     kvr_log_setup("epp", idbuf, lvl);
-    if (secure) {
-        fprintf(stderr, "kvr-epp: TLS serving is not built yet: run with --secure-serving=false "
-                        "(and keep the port on the pod network; docs/SECURITY.md)\n");
-        return 2;
-    }
     if (id == 0 || (ns && prefix) || block_size < 1 || route_tries < 1 || route_tries > 100 ||
         route_timeout < 1 || max_body < 1 || grpc_port < 0 || grpc_port > 65535 ||
         health_port > 65535 || metrics_port > 65535) {
@@ -1052,6 +1049,10 @@ int main(int argc, char **argv)
                            .on_half_close = on_half_close,
                            .on_close = on_close};
     epp_grpc_limits lim = {.max_message = E.max_body + 4096};
+    if (secure && epp_grpc_tls_ctx(cert_path, &lim.tls, &err)) {
+        fprintf(stderr, "kvr-epp: tls: %s\n", err.msg);
+        return 1;
+    }
     char addr[300];
     snprintf(addr, sizeof addr, "%s:%d", bind_host, (int)grpc_port);
     if (epp_grpc_init(&E.grpc, E.loop, &h, &lim) || epp_grpc_listen(&E.grpc, addr, &err)) {
@@ -1097,8 +1098,9 @@ int main(int argc, char **argv)
     uv_signal_init(E.loop, &E.sigterm);
     uv_signal_start(&E.sigint, on_signal, SIGINT);
     uv_signal_start(&E.sigterm, on_signal, SIGTERM);
-    KVR_LOG_INFO("listening", "grpc_port=%d health_port=%d metrics_port=%d pool=%s/%s",
-                 E.grpc.port, E.health_on ? E.health.port : -1,
+    KVR_LOG_INFO("listening", "grpc_port=%d tls=%s health_port=%d metrics_port=%d pool=%s/%s",
+                 E.grpc.port, !secure ? "off" : cert_path[0] ? cert_path : "self-signed",
+                 E.health_on ? E.health.port : -1,
                  metrics_port >= 0 ? kvr_http_server_port(&E.http) : -1, pool_ns, pool_name);
     uv_run(E.loop, UV_RUN_DEFAULT);
     /* stopped by a signal: process exit closes the sockets */

@@ -188,8 +188,15 @@ def main():
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--service", default="")
     ap.add_argument("--chat", action="store_true")
+    ap.add_argument("--tls-ca", default=None, help="TLS: trust this PEM certificate")
+    ap.add_argument("--tls-name", default=None, help="TLS: the name to verify")
     a = ap.parse_args()
-    ch = grpc.insecure_channel(a.addr)
+    if a.tls_ca:
+        creds = grpc.ssl_channel_credentials(root_certificates=open(a.tls_ca, "rb").read())
+        opts = [("grpc.ssl_target_name_override", a.tls_name)] if a.tls_name else []
+        ch = grpc.secure_channel(a.addr, creds, options=opts)
+    else:
+        ch = grpc.insecure_channel(a.addr)
     subset = a.subset_list.split(",") if a.subset_list is not None else a.subset_str
     if a.subset_list == "":
         subset = []

@@ -3,7 +3,8 @@
 # messages come from Envoy's real protos, with real nats-server, kvr-routerd and two
 # kvr-worker processes: headers-only GET, body in one chunk and in many, a body over 62,000
 # bytes echoed unchanged, subset hints (list and string), garbage → 400, client cancel
-# mid-body, 100 concurrent streams, gRPC health, unknown method, no live worker → 503.
+# mid-body, 100 concurrent streams, gRPC health, unknown method, TLS (self-signed default and
+# --cert-path, ALPN h2), no live worker → 503.
 source "$(dirname "$0")/../lib/testenv.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
 kvr_test_init epp_flow
@@ -123,6 +124,42 @@ kvr_assert_eq "$(echo "$r" | jq -r .ok)" 100 "100 concurrent streams"
 kvr_wait_for 5 zero || kvr_fail "bookings left after concurrent streams: $(bookings)"
 kvr_assert_eq "$(emetric kvr_epp_open_streams)" 0 "no stream left open"
 kvr_assert "requests counted" [ "$(emetric inference_objective_request_total)" -ge 100 ]
+
+# --- TLS with ALPN h2: the self-signed default, and --cert-path ---
+TP=$(kvr_free_port)
+kvr_spawn epp_tls "$KVR_BIN/kvr-epp" --grpc-port $TP --grpc-health-port -1 --metrics-port -1 \
+    --nats "$NATS_URL" --id 10 --bind 127.0.0.1
+alpn() {
+    local o
+    o=$(echo | timeout 5 openssl s_client -connect 127.0.0.1:$1 -alpn h2 2>/dev/null || true)
+    echo "$o" | grep -aq 'ALPN protocol: h2'
+}
+kvr_wait_for 10 alpn $TP || kvr_fail "no TLS with ALPN h2 on the default (secure) port"
+echo | timeout 5 openssl s_client -connect 127.0.0.1:$TP 2>/dev/null |
+    sed -n '/BEGIN CERT/,/END CERT/p' >"$KVR_TMP/self.pem"
+TCL() { $PY "$HERE/epp_client.py" "127.0.0.1:$TP" "$@" --tls-ca "$KVR_TMP/self.pem" --tls-name kvr-epp; }
+tls_ready() { TCL post | jq -e '.body_same == true and .end == "ok"' >/dev/null; }
+kvr_wait_for 10 tls_ready || kvr_fail "no full stream over TLS: $(TCL post)"
+r=$(TCL post --chunks 3)
+d=$(echo "$r" | jq -r .dest)
+live "${d%%,*}" || kvr_fail "TLS: destination $d is not a live worker"
+kvr_assert_eq "$(echo "$r" | jq -r .meta)" "$d" "TLS: metadata == header"
+kvr_assert_eq "$($PY "$HERE/epp_client.py" 127.0.0.1:$TP health | jq -r .code)" \
+    StatusCode.UNAVAILABLE "plaintext client on the TLS port"
+out=$(echo | timeout 5 openssl s_client -connect 127.0.0.1:$TP -alpn http/1.1 2>&1 || true)
+echo "$out" | grep -aq 'no application protocol' || kvr_fail "a client without h2 in ALPN was not refused"
+mkdir -p "$KVR_TMP/certs"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
+    -addext subjectAltName=DNS:localhost -keyout "$KVR_TMP/certs/tls.key" \
+    -out "$KVR_TMP/certs/tls.crt" 2>/dev/null || kvr_fail "openssl req"
+TP2=$(kvr_free_port)
+kvr_spawn epp_tls2 "$KVR_BIN/kvr-epp" --grpc-port $TP2 --grpc-health-port -1 --metrics-port -1 \
+    --cert-path "$KVR_TMP/certs" --id 11 --bind 127.0.0.1
+kvr_wait_for 10 alpn $TP2 || kvr_fail "no TLS on the --cert-path port"
+kvr_assert_eq "$($PY "$HERE/epp_client.py" localhost:$TP2 health --tls-ca "$KVR_TMP/certs/tls.crt" | jq -r .status)" \
+    SERVING "health over TLS with --cert-path, name verified"
+kvr_term epp_tls
+kvr_term epp_tls2
 
 # --- no live worker: 503 ---
 kvr_term worker1
