@@ -4,7 +4,7 @@ kvr-epp over h2c. Its _pb2 modules are generated with protoc from Envoy's REAL p
 (tests/epp/protos), so kvr-epp's pruned proto is checked against the upstream wire format.
 
 usage: epp_client.py ADDR SCENARIO [options]   → one JSON line on stdout
-scenarios: get, post, post-close, garbage, cancel, concurrent, health, unknown-method
+scenarios: get, post, post-close, garbage, cancel, concurrent, seq, health, unknown-method
 """
 import argparse
 import json
@@ -276,6 +276,13 @@ def main():
         bad = [r for ok, r in results if not ok]
         if bad:
             res["first_bad"] = bad[0]
+    elif a.scenario == "seq":
+        # n streams one after the other (figures: kvr-epp's kvr_epp_pick_seconds)
+        t0, ok = time.time(), 0
+        for i in range(a.n):
+            r = post_flow(ch, payload, 1, None, path, respond=True)
+            ok += bool(r.get("body_same")) and r.get("end") == "ok"
+        res = {"ok": ok, "n": a.n, "seconds": round(time.time() - t0, 3)}
     elif a.scenario == "health":
         m = ch.unary_unary("/grpc.health.v1.Health/Check",
                            request_serializer=hp.HealthCheckRequest.SerializeToString,
