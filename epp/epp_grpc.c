@@ -21,6 +21,9 @@ typedef struct conn {
     bool reading;
     bool in_recv; /* inside nghttp2_session_mem_recv: nghttp2 forbids sending from callbacks */
     bool closing;
+    /* every call not yet closed: nghttp2_session_del runs no stream-close callback, so a
+     * connection that drops closes its calls itself (conn_close) */
+    epp_grpc_call *calls;
     SSL *ssl; /* TLS (limits.tls), on memory BIOs: rbio takes socket bytes, wbio gives them */
     BIO *rbio, *wbio;
     bool hs_done;
@@ -237,6 +240,10 @@ static int on_begin_headers(nghttp2_session *ng, const nghttp2_frame *f, void *u
     kvr_buf_init(&call->in_);
     kvr_buf_init(&call->out_);
     nghttp2_session_set_stream_user_data(ng, f->hd.stream_id, call);
+    call->next_ = c->calls;
+    if (call->next_)
+        call->next_->prev_ = call;
+    c->calls = call;
     c->s->stats.calls++;
     c->s->stats.open_calls++;
     return 0;
@@ -375,24 +382,35 @@ static int on_frame_send(nghttp2_session *ng, const nghttp2_frame *f, void *ud)
     return 0;
 }
 
+/* The call is over: the handler hears it last, then it is freed. */
+static void call_closed(conn *c, epp_grpc_call *call)
+{
+    call->closed_ = true;
+    if (call->accepted_ && c->s->h.on_close)
+        c->s->h.on_close(call, call->finishing_);
+    if (call->prev_)
+        call->prev_->next_ = call->next_;
+    else
+        c->calls = call->next_;
+    if (call->next_)
+        call->next_->prev_ = call->prev_;
+    c->s->stats.buffered -= call->in_.len + (call->out_.len - call->out_off_);
+    c->s->stats.open_calls--;
+    kvr_buf_free(&call->in_);
+    kvr_buf_free(&call->out_);
+    free(call);
+}
+
 static int on_stream_close(nghttp2_session *ng, int32_t sid, uint32_t error_code, void *ud)
 {
-    (void)ng;
     conn *c = ud;
     epp_grpc_call *call = call_of(c, sid);
     if (!call)
         return 0;
     if (error_code != NGHTTP2_NO_ERROR)
         c->s->stats.resets++;
-    call->closed_ = true;
-    if (call->accepted_ && c->s->h.on_close)
-        c->s->h.on_close(call, call->finishing_);
-    nghttp2_session_set_stream_user_data(c->ng, sid, NULL);
-    c->s->stats.buffered -= call->in_.len + (call->out_.len - call->out_off_);
-    c->s->stats.open_calls--;
-    kvr_buf_free(&call->in_);
-    kvr_buf_free(&call->out_);
-    free(call);
+    nghttp2_session_set_stream_user_data(ng, sid, NULL);
+    call_closed(c, call);
     return 0;
 }
 
@@ -416,7 +434,13 @@ static void conn_close(conn *c)
         s->conns_ = c->next;
     if (c->next)
         c->next->prev = c->prev;
-    /* every stream's on_stream_close runs in nghttp2_session_del */
+    /* the calls still open end here (cancelled), before the session goes: a handler may
+     * still call epp_grpc_send / finish on them, which see c->closing and do nothing */
+    while (c->calls) {
+        c->calls->conn_ = NULL;
+        c->s->stats.resets++;
+        call_closed(c, c->calls);
+    }
     nghttp2_session_del(c->ng);
     c->ng = NULL;
     if (c->ssl)

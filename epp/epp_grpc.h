@@ -71,6 +71,7 @@ struct epp_grpc_call {
     epp_grpc_server *server;
     /* private */
     void *conn_;
+    epp_grpc_call *next_, *prev_; /* the connection's calls */
     int32_t sid_;
     kvr_buf in_;       /* bytes of a message not yet whole */
     kvr_buf out_;      /* framed messages not yet handed to nghttp2 */

@@ -4,7 +4,7 @@ kvr-epp over h2c. Its _pb2 modules are generated with protoc from Envoy's REAL p
 (tests/epp/protos), so kvr-epp's pruned proto is checked against the upstream wire format.
 
 usage: epp_client.py ADDR SCENARIO [options]   → one JSON line on stdout
-scenarios: get, post, post-close, garbage, cancel, concurrent, seq, health, unknown-method
+scenarios: get, post, post-close, garbage, cancel, hang, concurrent, seq, health, unknown-method
 """
 import argparse
 import json
@@ -253,6 +253,20 @@ def main():
         time.sleep(0.3)
         fut.cancel()
         res["cancelled"] = True
+    elif a.scenario == "hang":
+        # n streams with headers and half a body, then wait to be killed: the connection then
+        # drops with its streams open (no RST_STREAM, as when a gateway pod dies)
+        q = queue.Queue()
+        call = ch.stream_stream(PATH, request_serializer=ep.ProcessingRequest.SerializeToString,
+                                response_deserializer=ep.ProcessingResponse.FromString)
+        futs = []
+        for i in range(a.n):
+            qi = queue.Queue()
+            futs.append(call(iter(qi.get, None), timeout=600))
+            qi.put(hdrs([(":method", "POST"), (":path", path)]))
+            qi.put(body(payload[:len(payload) // 2], False))
+        print(json.dumps({"hanging": a.n}), flush=True)
+        time.sleep(600)
     elif a.scenario == "concurrent":
         results, lock = [], threading.Lock()
 

@@ -117,6 +117,16 @@ sleep 0.5
 kvr_assert_eq "$(emetric kvr_epp_streams_cancelled_total)" $((c0 + 1)) "cancel seen"
 kvr_assert_eq "$(emetric kvr_epp_open_streams)" 0 "no stream left open"
 
+# --- the gateway's connection drops with 5 streams open (no RST_STREAM): all closed ---
+$PY "$HERE/epp_client.py" "127.0.0.1:$GP" hang --n 5 >"$KVR_TMP/hang.out" &
+HANG=$!
+hanging() { [ "$(emetric kvr_epp_open_streams)" = 5 ]; }
+kvr_wait_for 10 hanging || kvr_fail "5 hanging streams never open: $(emetric kvr_epp_open_streams)"
+kill -9 $HANG
+wait $HANG 2>/dev/null
+closed() { [ "$(emetric kvr_epp_open_streams)" = 0 ]; }
+kvr_wait_for 5 closed || kvr_fail "streams of a dropped connection left open: $(emetric kvr_epp_open_streams)"
+
 # --- 100 concurrent streams (half answer the whole response path, half end early) ---
 r=$(CL concurrent --n 100)
 kvr_log "concurrent: $r"
