@@ -45,7 +45,7 @@
 #define EPP_SERVED_KEY "x-gateway-destination-endpoint-served"
 #define EPP_SUBSET_NS "envoy.lb.subset_hint"
 #define EPP_SUBSET_KEY "x-gateway-destination-endpoint-subset"
-#define EPP_MAX_FALLBACKS 2
+#define EPP_MAX_FALLBACKS 8 /* --max-fallbacks bound */
 #define EXT_PROC_PATH "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 #define HEALTH_PATH "/grpc.health.v1.Health/Check"
 
@@ -72,6 +72,7 @@ static struct {
     char lease_subject[64];
     int64_t route_timeout_ms, route_tries;
     uint32_t block_size;
+    int max_fallbacks;
     size_t max_body;
     uint32_t open_streams;
     kvr_metric *m_req, *m_err, *m_dur, *m_ready, *m_pick, *m_fallback, *m_mismatch, *m_streams,
@@ -403,7 +404,7 @@ static void build_dest(xs *x, const char *model, char *dest, size_t cap)
     const char *ex[EPP_MAX_FALLBACKS + 1];
     size_t n_ex = 0;
     ex[n_ex++] = x->pick;
-    for (int i = 0; i < EPP_MAX_FALLBACKS; i++) {
+    for (int i = 0; i < E.max_fallbacks; i++) {
         fe_worker *w = local_pick(x, x->ns[0] ? x->ns : NULL, model, ex, n_ex);
         if (!w)
             break;
@@ -957,7 +958,7 @@ int main(int argc, char **argv)
     const char *bind_host = "";
     kvr_nats_flags nats_sec = {0};
     int64_t grpc_port = 9002, health_port = 9003, metrics_port = 9090, block_size = 64,
-            route_timeout = 200, route_tries = 3, max_body = 4 << 20;
+            route_timeout = 200, route_tries = 3, max_body = 4 << 20, max_fallbacks = 2;
     uint64_t id = 1;
     bool secure = true;
     kvr_flag flags[] = {
@@ -980,6 +981,8 @@ int main(int argc, char **argv)
         {"route-timeout", KVR_FLAG_DURATION, &route_timeout, "per-try kvr.route timeout", 0},
         {"route-tries", KVR_FLAG_INT, &route_tries, "kvr.route tries before local fallback", 0},
         {"max-body", KVR_FLAG_SIZE, &max_body, "request body limit (default 4MiB)", 0},
+        {"max-fallbacks", KVR_FLAG_INT, &max_fallbacks,
+         "next least-loaded live workers listed after the pick (0-8)", 0},
         {"worker-cidr", KVR_FLAG_STRING, &worker_cidr,
          "CIDRs a worker's heartbeat url must be in (private, any, or a list)", 0},
         {"log-level", KVR_FLAG_STRING, &log_level, "debug|info|warn|error", 0},
@@ -1011,7 +1014,8 @@ int main(int argc, char **argv)
     snprintf(idbuf, sizeof idbuf, "%" PRIu64, id);
     kvr_log_setup("epp", idbuf, lvl);
     if (id == 0 || (ns && prefix) || block_size < 1 || route_tries < 1 || route_tries > 100 ||
-        route_timeout < 1 || max_body < 1 || grpc_port < 0 || grpc_port > 65535 ||
+        route_timeout < 1 || max_body < 1 || max_fallbacks < 0 ||
+        max_fallbacks > EPP_MAX_FALLBACKS || grpc_port < 0 || grpc_port > 65535 ||
         health_port > 65535 || metrics_port > 65535) {
         fprintf(stderr, "kvr-epp: bad flags (--id >= 1; --namespace and --namespace-prefix are "
                         "exclusive; sizes and ports in range)\n");
@@ -1027,6 +1031,7 @@ int main(int argc, char **argv)
     E.route_timeout_ms = route_timeout;
     E.route_tries = route_tries;
     E.max_body = (size_t)max_body;
+    E.max_fallbacks = (int)max_fallbacks;
     snprintf(E.lease_subject, sizeof E.lease_subject, "kvr.frontends.%" PRIu64, id);
     if (kvr_cidr_list_add_csv(&E.worker_cidrs, worker_cidr, &err)) {
         fprintf(stderr, "kvr-epp: --worker-cidr: %s\n", err.msg);

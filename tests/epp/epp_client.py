@@ -188,6 +188,7 @@ def main():
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--service", default="")
     ap.add_argument("--chat", action="store_true")
+    ap.add_argument("--no-model", action="store_true")
     ap.add_argument("--tls-ca", default=None, help="TLS: trust this PEM certificate")
     ap.add_argument("--tls-name", default=None, help="TLS: the name to verify")
     a = ap.parse_args()
@@ -210,6 +211,8 @@ def main():
     else:
         payload = json.dumps({"model": a.model, "prompt": prompt, "max_tokens": 4}).encode()
         path = "/v1/completions"
+    if a.no_model:
+        payload = json.dumps({"prompt": prompt}).encode()
     res = {}
     if a.scenario == "get":
         s = Stream(ch)

@@ -103,6 +103,8 @@ kvr_assert_eq "$(echo "$r" | jq -c '{kinds: .kinds, end: .end}')" '{"kinds":["re
 # --- garbage body, unknown model ---
 r=$(CL garbage)
 kvr_assert_eq "$(echo "$r" | jq -r .status)" 400 "garbage body: 400"
+r=$(CL post --no-model)
+kvr_assert_eq "$(echo "$r" | jq -r .status)" 400 "no model: 400"
 r=$(CL post --model nope)
 kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "unknown model: 503"
 
@@ -138,7 +140,7 @@ kvr_assert "requests counted" [ "$(emetric inference_objective_request_total)" -
 # --- TLS with ALPN h2: the self-signed default, and --cert-path ---
 TP=$(kvr_free_port)
 kvr_spawn epp_tls "$KVR_BIN/kvr-epp" --grpc-port $TP --grpc-health-port -1 --metrics-port -1 \
-    --nats "$NATS_URL" --id 10 --bind 127.0.0.1
+    --nats "$NATS_URL" --id 10 --bind 127.0.0.1 --max-fallbacks 0
 alpn() {
     local o
     o=$(echo | timeout 5 openssl s_client -connect 127.0.0.1:$1 -alpn h2 2>/dev/null || true)
@@ -152,7 +154,7 @@ tls_ready() { TCL post | jq -e '.body_same == true and .end == "ok"' >/dev/null;
 kvr_wait_for 10 tls_ready || kvr_fail "no full stream over TLS: $(TCL post)"
 r=$(TCL post --chunks 3)
 d=$(echo "$r" | jq -r .dest)
-live "${d%%,*}" || kvr_fail "TLS: destination $d is not a live worker"
+live "$d" || kvr_fail "TLS (--max-fallbacks 0): destination $d is not one live worker"
 kvr_assert_eq "$(echo "$r" | jq -r .meta)" "$d" "TLS: metadata == header"
 kvr_assert_eq "$($PY "$HERE/epp_client.py" 127.0.0.1:$TP health | jq -r .code)" \
     StatusCode.UNAVAILABLE "plaintext client on the TLS port"
@@ -168,6 +170,8 @@ kvr_spawn epp_tls2 "$KVR_BIN/kvr-epp" --grpc-port $TP2 --grpc-health-port -1 --m
 kvr_wait_for 10 alpn $TP2 || kvr_fail "no TLS on the --cert-path port"
 kvr_assert_eq "$($PY "$HERE/epp_client.py" localhost:$TP2 health --tls-ca "$KVR_TMP/certs/tls.crt" | jq -r .status)" \
     SERVING "health over TLS with --cert-path, name verified"
+r=$($PY "$HERE/epp_client.py" localhost:$TP2 post --tls-ca "$KVR_TMP/certs/tls.crt")
+kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "--cert-path instance without NATS: 503"
 kvr_term epp_tls
 kvr_term epp_tls2
 
