@@ -107,7 +107,9 @@ static void pct_encode(const char *in, char *out, size_t cap)
 }
 
 #define NV(n, v)                                                                                   \
-    {(uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, strlen(v), NGHTTP2_NV_FLAG_NONE}
+    {                                                                                              \
+        (uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, strlen(v), NGHTTP2_NV_FLAG_NONE             \
+    }
 
 static int submit_trailers(conn *c, epp_grpc_call *call, bool trailers_only)
 {
@@ -315,9 +317,9 @@ static int on_frame_recv(nghttp2_session *ng, const nghttp2_frame *f, void *ud)
         if (st) {
             c->s->stats.refused++;
             epp_grpc_finish(call, st,
-                            call->message_[0]                ? call->message_
+                            call->message_[0]              ? call->message_
                             : st == EPP_GRPC_UNIMPLEMENTED ? "unknown method"
-                                                             : "bad request headers");
+                                                           : "bad request headers");
         } else {
             call->accepted_ = true;
             if (!call->started_)
@@ -688,7 +690,7 @@ static void on_conn(uv_stream_t *ls, int status)
             conn_close(c);
             return;
         }
-        BIO_set_mem_eof_return(c->rbio, -1); /* empty means "want more", not end of stream */
+        BIO_set_mem_eof_return(c->rbio, -1);   /* empty means "want more", not end of stream */
         SSL_set_bio(c->ssl, c->rbio, c->wbio); /* ssl owns them now */
         SSL_set_accept_state(c->ssl);
     }

@@ -53,11 +53,11 @@ typedef struct epp_grpc_handlers {
 } epp_grpc_handlers;
 
 typedef struct epp_grpc_limits {
-    size_t max_message;    /* one message's length (default 4 MiB): larger → RESOURCE_EXHAUSTED */
-    size_t max_buffered;   /* all calls' unread input + queued output (default 256 MiB) */
-    uint32_t max_streams;  /* concurrent streams per connection (default 1024) */
-    void *tls;             /* an SSL_CTX * (epp_grpc_tls_ctx; not owned): TLS with ALPN h2;
-                              NULL: h2c with prior knowledge */
+    size_t max_message;   /* one message's length (default 4 MiB): larger → RESOURCE_EXHAUSTED */
+    size_t max_buffered;  /* all calls' unread input + queued output (default 256 MiB) */
+    uint32_t max_streams; /* concurrent streams per connection (default 1024) */
+    void *tls;            /* an SSL_CTX * (epp_grpc_tls_ctx; not owned): TLS with ALPN h2;
+                             NULL: h2c with prior knowledge */
 } epp_grpc_limits;
 
 typedef struct epp_grpc_stats {
@@ -73,17 +73,17 @@ struct epp_grpc_call {
     void *conn_;
     epp_grpc_call *next_, *prev_; /* the connection's calls */
     int32_t sid_;
-    kvr_buf in_;       /* bytes of a message not yet whole */
-    kvr_buf out_;      /* framed messages not yet handed to nghttp2 */
+    kvr_buf in_;  /* bytes of a message not yet whole */
+    kvr_buf out_; /* framed messages not yet handed to nghttp2 */
     size_t out_off_;
-    bool started_;     /* response HEADERS submitted */
-    bool deferred_;    /* the data source returned DEFERRED */
-    bool finishing_;   /* epp_grpc_finish called: trailers go after out_ */
+    bool started_;   /* response HEADERS submitted */
+    bool deferred_;  /* the data source returned DEFERRED */
+    bool finishing_; /* epp_grpc_finish called: trailers go after out_ */
     bool trailers_sent_;
     bool half_closed_;
     bool closed_;
-    bool accepted_;    /* on_call accepted it: on_close will be called */
-    bool refused_;     /* headers refused before on_call */
+    bool accepted_; /* on_call accepted it: on_close will be called */
+    bool refused_;  /* headers refused before on_call */
     int status_;
     char path_[128];
     char message_[256];

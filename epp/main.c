@@ -53,8 +53,8 @@ enum { ERR_400 = 0, ERR_413, ERR_503, ERR_500 };
 static const char *const err_labels[] = {"BadRequest", "PayloadTooLarge", "ServiceUnavailable",
                                          "Internal", NULL};
 enum { FB_TIMEOUT = 0, FB_NO_RESPONDERS, FB_ROUTER_ERROR, FB_NATS_DOWN, FB_BAD_REPLY, FB_SUBSET };
-static const char *const fb_labels[] = {"timeout",   "no_responders", "router_error",
-                                        "nats_down", "bad_reply",     "subset", NULL};
+static const char *const fb_labels[] = {
+    "timeout", "no_responders", "router_error", "nats_down", "bad_reply", "subset", NULL};
 
 static struct {
     uv_loop_t *loop;
@@ -81,13 +81,13 @@ static struct {
 
 /* One ext_proc stream. Lives until its call is closed and no route request is out. */
 typedef struct xs {
-    epp_grpc_call *call;      /* NULL once the call is gone */
-    int state;                /* XS_* */
-    char path[128];           /* the request's :path */
-    kvr_buf body;             /* request body so far */
-    kvr_buf deferred;         /* messages that arrived while the pick was out: [u32 len][bytes] */
+    epp_grpc_call *call; /* NULL once the call is gone */
+    int state;           /* XS_* */
+    char path[128];      /* the request's :path */
+    kvr_buf body;        /* request body so far */
+    kvr_buf deferred;    /* messages that arrived while the pick was out: [u32 len][bytes] */
     bool has_subset;
-    char subset[1024];        /* comma list of ip:port (has_subset) */
+    char subset[1024]; /* comma list of ip:port (has_subset) */
     uint8_t rid[KVR_ROUTE_ID_LEN];
     char rid_hex[2 * KVR_ROUTE_ID_LEN + 1];
     fe_req req;
@@ -169,7 +169,8 @@ static fe_worker *local_pick(const xs *x, const char *ns, const char *model, con
                 skip = true;
         if (skip)
             continue;
-        if (!best || w->inflight + w->active + w->waiting < best->inflight + best->active + best->waiting)
+        if (!best ||
+            w->inflight + w->active + w->waiting < best->inflight + best->active + best->waiting)
             best = w;
     }
     return best;
@@ -269,15 +270,15 @@ static void immediate(xs *x, int status, int err_li, const char *msg)
     ir.headers = &hm;
     Envoy__Service__ExtProc__V3__ProcessingResponse r =
         ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__INIT;
-    r.response_case = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_IMMEDIATE_RESPONSE;
+    r.response_case =
+        ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_IMMEDIATE_RESPONSE;
     r.immediate_response = &ir;
     send_resp(x, &r);
     kvr_buf_free(&b);
     x->state = XS_DONE;
     if (x->call && x->call->half_closed_)
         epp_grpc_finish(x->call, EPP_GRPC_OK, NULL);
-    KVR_LOG_DEBUG("immediate response", "request=%s status=%d msg=\"%s\"", x->rid_hex, status,
-                  msg);
+    KVR_LOG_DEBUG("immediate response", "request=%s status=%d msg=\"%s\"", x->rid_hex, status, msg);
 }
 
 /* An empty CommonResponse answer to a headers / body / trailers message. */
@@ -332,7 +333,8 @@ static void echo_body(xs *x, bool request, const uint8_t *data, size_t len, bool
         Envoy__Service__ExtProc__V3__ProcessingResponse r =
             ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__INIT;
         if (request) {
-            r.response_case = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_BODY;
+            r.response_case =
+                ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_BODY;
             r.request_body = &br;
         } else {
             r.response_case =
@@ -457,8 +459,8 @@ static void choose_local(xs *x, int fb)
 {
     if (fb >= 0)
         kvr_metric_add(E.m_fallback, (size_t)fb, 1);
-    fe_worker *w = local_pick(x, x->ns[0] ? x->ns : NULL, x->req.model[0] ? x->req.model : NULL,
-                              NULL, 0);
+    fe_worker *w =
+        local_pick(x, x->ns[0] ? x->ns : NULL, x->req.model[0] ? x->req.model : NULL, NULL, 0);
     if (!w) {
         immediate(x, 503, ERR_503,
                   x->has_subset ? "no live worker in the endpoint subset" : "no live worker");
@@ -629,8 +631,8 @@ static void read_metadata(xs *x, const Envoy__Config__Core__V3__Metadata *md)
                     for (size_t k = 0; k < lv->n_values; k++) {
                         if (lv->values[k]->kind_case != GOOGLE__PROTOBUF__VALUE__KIND_STRING_VALUE)
                             continue;
-                        int w = snprintf(x->subset + l, sizeof x->subset - l, "%s%s",
-                                         l ? "," : "", lv->values[k]->string_value);
+                        int w = snprintf(x->subset + l, sizeof x->subset - l, "%s%s", l ? "," : "",
+                                         lv->values[k]->string_value);
                         if (w < 0 || (size_t)w >= sizeof x->subset - l)
                             break;
                         l += (size_t)w;
@@ -640,8 +642,9 @@ static void read_metadata(xs *x, const Envoy__Config__Core__V3__Metadata *md)
                        f->value->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_STRING_VALUE &&
                        x->pick[0] && strcmp(f->value->string_value, x->pick) != 0) {
                 kvr_metric_inc(E.m_mismatch);
-                KVR_LOG_INFO("served endpoint differs from the pick", "request=%s pick=%s served=%s",
-                             x->rid_hex, x->pick, f->value->string_value);
+                KVR_LOG_INFO("served endpoint differs from the pick",
+                             "request=%s pick=%s served=%s", x->rid_hex, x->pick,
+                             f->value->string_value);
             }
         }
     }
@@ -682,7 +685,8 @@ static void handle_msg(xs *x, const uint8_t *msg, size_t len)
             for (size_t i = 0; i < h->headers->n_headers; i++) {
                 const Envoy__Config__Core__V3__HeaderValue *hv = h->headers->headers[i];
                 if (hv->key && strcmp(hv->key, ":path") == 0) {
-                    const char *v = hv->raw_value.len ? (const char *)hv->raw_value.data : hv->value;
+                    const char *v =
+                        hv->raw_value.len ? (const char *)hv->raw_value.data : hv->value;
                     size_t vl = hv->raw_value.len ? hv->raw_value.len : strlen(hv->value);
                     if (vl >= sizeof x->path)
                         vl = sizeof x->path - 1;
@@ -868,34 +872,32 @@ static void collect(kvr_metrics *m, void *arg)
 static int register_metrics(void)
 {
     kvr_metrics *m = E.metrics;
-    static const double pick_b[] = {0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.0025,
-                                    0.005,   0.01,   0.025,  0.05,   0.1,   0.25, 1};
+    static const double pick_b[] = {0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.0025, 0.005,
+                                    0.01,    0.025,  0.05,   0.1,    0.25,  1};
     E.m_req = kvr_metrics_counter(m, "inference_objective_request_total",
                                   "requests seen (request headers)", NULL, NULL);
     E.m_err = kvr_metrics_counter(m, "inference_objective_request_error_total",
                                   "requests answered with an error", "error_code", err_labels);
-    E.m_dur = kvr_metrics_histogram(m, "inference_objective_request_duration_seconds",
-                                    "request headers to end of response",
-                                    kvr_metrics_latency_buckets_s,
-                                    kvr_metrics_latency_buckets_s_n, NULL, NULL);
-    E.m_ready = kvr_metrics_gauge(m, "inference_pool_ready_pods", "live workers (heartbeats)",
-                                  NULL, NULL);
+    E.m_dur = kvr_metrics_histogram(
+        m, "inference_objective_request_duration_seconds", "request headers to end of response",
+        kvr_metrics_latency_buckets_s, kvr_metrics_latency_buckets_s_n, NULL, NULL);
+    E.m_ready =
+        kvr_metrics_gauge(m, "inference_pool_ready_pods", "live workers (heartbeats)", NULL, NULL);
     E.m_pick = kvr_metrics_histogram(m, "kvr_epp_pick_seconds",
                                      "last request body chunk in to destination out", pick_b,
                                      sizeof pick_b / sizeof *pick_b, NULL, NULL);
     E.m_fallback = kvr_metrics_counter(m, "kvr_epp_route_fallback_total",
                                        "local picks because no router answered (or subset)",
                                        "reason", fb_labels);
-    E.m_routed = kvr_metrics_counter(m, "kvr_epp_routed_total", "picks made by a router", NULL,
-                                     NULL);
-    E.m_mismatch = kvr_metrics_counter(m, "kvr_epp_served_mismatch_total",
-                                       "responses served by another endpoint than the pick", NULL,
-                                       NULL);
-    E.m_cancelled = kvr_metrics_counter(m, "kvr_epp_streams_cancelled_total",
-                                        "ext_proc streams that ended before their response", NULL,
-                                        NULL);
-    E.m_streams = kvr_metrics_gauge(m, "kvr_epp_open_streams", "ext_proc streams open", NULL,
-                                    NULL);
+    E.m_routed =
+        kvr_metrics_counter(m, "kvr_epp_routed_total", "picks made by a router", NULL, NULL);
+    E.m_mismatch =
+        kvr_metrics_counter(m, "kvr_epp_served_mismatch_total",
+                            "responses served by another endpoint than the pick", NULL, NULL);
+    E.m_cancelled =
+        kvr_metrics_counter(m, "kvr_epp_streams_cancelled_total",
+                            "ext_proc streams that ended before their response", NULL, NULL);
+    E.m_streams = kvr_metrics_gauge(m, "kvr_epp_open_streams", "ext_proc streams open", NULL, NULL);
     E.m_buffered = kvr_metrics_gauge(m, "kvr_epp_grpc_buffered_bytes",
                                      "bytes held by the gRPC layer", NULL, NULL);
     if (!E.m_req || !E.m_err || !E.m_dur || !E.m_ready || !E.m_pick || !E.m_fallback ||
@@ -998,7 +1000,8 @@ int main(int argc, char **argv)
     int rv = kvr_flags_parse(flags, nflags, argc - 1, argv + 1, NULL, 0, NULL, &err);
     if (rv == KVR_FLAGS_HELP) {
         kvr_flags_usage(stdout, "kvr-epp", flags, nflags);
-        printf("  --tokenizer NAME=DIR|byte  tokenizer for model NAME (repeatable; default byte)\n");
+        printf(
+            "  --tokenizer NAME=DIR|byte  tokenizer for model NAME (repeatable; default byte)\n");
         return 0;
     }
     if (rv < 0) {
@@ -1037,8 +1040,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvr-epp: --worker-cidr: %s\n", err.msg);
         return 2;
     }
-    if (fe_pool_init(&E.pool, prefix ? prefix : ns ? ns : "default", prefix != NULL,
-                     (uint64_t)kvr_now_ms() ^ (id * 0x9e3779b97f4a7c15ull))) {
+    if (fe_pool_init(&E.pool,
+                     prefix ? prefix
+                     : ns   ? ns
+                            : "default",
+                     prefix != NULL, (uint64_t)kvr_now_ms() ^ (id * 0x9e3779b97f4a7c15ull))) {
         fprintf(stderr, "kvr-epp: bad namespace\n");
         return 2;
     }
@@ -1073,8 +1079,10 @@ int main(int argc, char **argv)
         E.health_on = true;
     }
     if (metrics_port >= 0) {
-        kvr_http_config hc = {.on_request = on_http, .max_body_bytes = 4096,
-                              .header_timeout_ms = 10000, .idle_timeout_ms = 60000,
+        kvr_http_config hc = {.on_request = on_http,
+                              .max_body_bytes = 4096,
+                              .header_timeout_ms = 10000,
+                              .idle_timeout_ms = 60000,
                               .max_connections = 64};
         snprintf(addr, sizeof addr, "%s:%d", bind_host, (int)metrics_port);
         if (kvr_http_server_init(&E.http, E.loop, &hc) || kvr_http_listen(&E.http, addr, &err)) {
@@ -1104,7 +1112,10 @@ int main(int argc, char **argv)
     uv_signal_start(&E.sigint, on_signal, SIGINT);
     uv_signal_start(&E.sigterm, on_signal, SIGTERM);
     KVR_LOG_INFO("listening", "grpc_port=%d tls=%s health_port=%d metrics_port=%d pool=%s/%s",
-                 E.grpc.port, !secure ? "off" : cert_path[0] ? cert_path : "self-signed",
+                 E.grpc.port,
+                 !secure        ? "off"
+                 : cert_path[0] ? cert_path
+                                : "self-signed",
                  E.health_on ? E.health.port : -1,
                  metrics_port >= 0 ? kvr_http_server_port(&E.http) : -1, pool_ns, pool_name);
     uv_run(E.loop, UV_RUN_DEFAULT);
