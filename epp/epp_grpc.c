@@ -24,7 +24,8 @@ typedef struct conn {
     /* every call not yet closed: nghttp2_session_del runs no stream-close callback, so a
      * connection that drops closes its calls itself (conn_close) */
     epp_grpc_call *calls;
-    SSL *ssl; /* TLS (limits.tls), on memory BIOs: rbio takes socket bytes, wbio gives them */
+    bool fake; /* epp_grpc_feed: no socket, output discarded, freed by the feeder */
+    SSL *ssl;  /* TLS (limits.tls), on memory BIOs: rbio takes socket bytes, wbio gives them */
     BIO *rbio, *wbio;
     bool hs_done;
 } conn;
@@ -448,7 +449,8 @@ static void conn_close(conn *c)
     if (c->ssl)
         SSL_free(c->ssl); /* and its BIOs */
     c->ssl = NULL;
-    uv_close((uv_handle_t *)&c->tcp, on_closed);
+    if (!c->fake)
+        uv_close((uv_handle_t *)&c->tcp, on_closed);
 }
 
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
@@ -480,7 +482,7 @@ static void alloc_cb(uv_handle_t *h, size_t sz, uv_buf_t *b)
 /* Hands len bytes to uv_write (copied). 0 or -1 (the connection is closed). */
 static int write_raw(conn *c, const void *data, size_t len)
 {
-    if (!len)
+    if (!len || c->fake)
         return 0;
     wreq *w = malloc(sizeof *w + len);
     if (!w) {
@@ -553,7 +555,8 @@ static void conn_flush(conn *c)
     if (rc)
         return;
     /* back-pressure: a peer that does not read its responses is not read either */
-    if (c->wpending >= EPP_GRPC_WRITE_HIGH && c->reading) {
+    if (c->fake) {
+    } else if (c->wpending >= EPP_GRPC_WRITE_HIGH && c->reading) {
         uv_read_stop((uv_stream_t *)&c->tcp);
         c->reading = false;
     } else if (c->wpending < EPP_GRPC_WRITE_HIGH / 2 && !c->reading) {
@@ -632,23 +635,10 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     conn_flush(c);
 }
 
-static void on_conn(uv_stream_t *ls, int status)
+/* The nghttp2 server session of a new connection, linked into the server. 0, or -1 (closed). */
+static int conn_session(conn *c)
 {
-    epp_grpc_server *s = ls->data;
-    if (status < 0)
-        return;
-    conn *c = calloc(1, sizeof *c);
-    if (!c)
-        return;
-    c->s = s;
-    uv_tcp_init(s->loop, &c->tcp);
-    c->tcp.data = c;
-    if (uv_accept(ls, (uv_stream_t *)&c->tcp)) {
-        c->closing = true;
-        uv_close((uv_handle_t *)&c->tcp, on_closed);
-        return;
-    }
-    uv_tcp_nodelay(&c->tcp, 1);
+    epp_grpc_server *s = c->s;
     nghttp2_session_callbacks *cbs;
     nghttp2_session_callbacks_new(&cbs);
     nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
@@ -667,7 +657,7 @@ static void on_conn(uv_stream_t *ls, int status)
     if (rv) {
         c->ng = NULL;
         conn_close(c);
-        return;
+        return -1;
     }
     /* Windows of 1 MiB per stream and 16 MiB per connection: a body of several chunks need
      * not wait for a WINDOW_UPDATE round trip each 64 KiB. nghttp2 sends WINDOW_UPDATEs as
@@ -679,6 +669,28 @@ static void on_conn(uv_stream_t *ls, int status)
     };
     nghttp2_submit_settings(c->ng, NGHTTP2_FLAG_NONE, iv, sizeof iv / sizeof *iv);
     nghttp2_session_set_local_window_size(c->ng, NGHTTP2_FLAG_NONE, 0, 16 << 20);
+    return 0;
+}
+
+static void on_conn(uv_stream_t *ls, int status)
+{
+    epp_grpc_server *s = ls->data;
+    if (status < 0)
+        return;
+    conn *c = calloc(1, sizeof *c);
+    if (!c)
+        return;
+    c->s = s;
+    uv_tcp_init(s->loop, &c->tcp);
+    c->tcp.data = c;
+    if (uv_accept(ls, (uv_stream_t *)&c->tcp)) {
+        c->closing = true;
+        uv_close((uv_handle_t *)&c->tcp, on_closed);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    if (conn_session(c))
+        return;
     if (s->lim.tls) {
         c->ssl = SSL_new(s->lim.tls);
         c->rbio = BIO_new(BIO_s_mem());
@@ -700,6 +712,27 @@ static void on_conn(uv_stream_t *ls, int status)
     }
     c->reading = true;
     conn_flush(c);
+}
+
+int epp_grpc_feed(epp_grpc_server *s, const uint8_t *data, size_t len, size_t piece)
+{
+    conn *c = calloc(1, sizeof *c);
+    if (!c)
+        return KVR_ENOMEM;
+    c->s = s;
+    c->fake = true;
+    if (conn_session(c) == 0) {
+        conn_flush(c);
+        for (size_t off = 0; off < len && !c->closing;) {
+            size_t n = len - off < piece ? len - off : piece;
+            if (feed(c, data + off, n) == 0)
+                conn_flush(c);
+            off += n;
+        }
+    }
+    conn_close(c); /* the calls still open are closed as when a connection drops */
+    free(c);
+    return 0;
 }
 
 int epp_grpc_init(epp_grpc_server *s, uv_loop_t *loop, const epp_grpc_handlers *h,

@@ -126,6 +126,11 @@ void epp_grpc_finish(epp_grpc_call *call, int status, const char *message);
 /* The loop turn's output is written when the loop returns to poll; this flushes at once. */
 void epp_grpc_flush(epp_grpc_call *call);
 
+/* Fuzzing and tests: runs len bytes from a client (the HTTP/2 preface first) through a new
+ * connection of s that has no socket, piece bytes per read; its output is discarded, and it
+ * is closed at the end (open calls get on_close). Loop thread. Returns 0 or KVR_ENOMEM. */
+int epp_grpc_feed(epp_grpc_server *s, const uint8_t *data, size_t len, size_t piece);
+
 /* Parses the framing of a gRPC request body (for the fuzz target and tests): calls cb for
  * each whole message in data[0..len), keeps the tail in *rest (a partial message). Returns 0,
  * or a gRPC status (RESOURCE_EXHAUSTED for an oversized message, UNIMPLEMENTED for a
