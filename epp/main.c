@@ -24,6 +24,7 @@
 #include "fe_chat.h"
 #include "kvr_flags.h"
 #include "kvr_hash.h"
+#include "kvr_heartbeat.h"
 #include "kvr_http.h"
 #include "kvr_json.h"
 #include "kvr_log.h"
@@ -49,9 +50,9 @@
 #define EXT_PROC_PATH "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 #define HEALTH_PATH "/grpc.health.v1.Health/Check"
 
-enum { ERR_400 = 0, ERR_413, ERR_503, ERR_500 };
-static const char *const err_labels[] = {"BadRequest", "PayloadTooLarge", "ServiceUnavailable",
-                                         "Internal", NULL};
+enum { ERR_400 = 0, ERR_404, ERR_413, ERR_503, ERR_500 };
+static const char *const err_labels[] = {"BadRequest",         "NotFound", "PayloadTooLarge",
+                                         "ServiceUnavailable", "Internal", NULL};
 enum { FB_TIMEOUT = 0, FB_NO_RESPONDERS, FB_ROUTER_ERROR, FB_NATS_DOWN, FB_BAD_REPLY, FB_SUBSET };
 static const char *const fb_labels[] = {
     "timeout", "no_responders", "router_error", "nats_down", "bad_reply", "subset", NULL};
@@ -91,6 +92,11 @@ typedef struct xs {
     uint8_t rid[KVR_ROUTE_ID_LEN];
     char rid_hex[2 * KVR_ROUTE_ID_LEN + 1];
     fe_req req;
+    /* the pool's model: the request's, or the base model of the LoRA adapter it names (then
+     * lora is the adapter), as the frontend maps them (fe_handlers.c) */
+    char pool_model[FE_MODEL_MAX];
+    char lora[FE_MODEL_MAX];
+    fe_filter filt;
     char ns[FE_NS_MAX];
     int tries;
     bool route_pending, booked, prefill_sent, response_done;
@@ -158,6 +164,10 @@ static fe_worker *local_pick(const xs *x, const char *ns, const char *model, con
     for (size_t i = 0; i < E.pool.n; i++) {
         fe_worker *w = &E.pool.w[i];
         if (!worker_ok(w, ns, model, now))
+            continue;
+        /* a worker announcing another model card than the tokenizer loaded is never chosen */
+        if (x->filt.mdc_sum && x->filt.mdc_sum[0] && w->mdc_sum[0] &&
+            strcmp(x->filt.mdc_sum, w->mdc_sum) != 0)
             continue;
         char hp[FE_URL_MAX];
         url_hostport(w->url, hp, sizeof hp);
@@ -428,7 +438,7 @@ static void handle_msg(xs *x, const uint8_t *msg, size_t len);
 static void decided(xs *x)
 {
     char dest[3 * FE_URL_MAX];
-    build_dest(x, x->req.model[0] ? x->req.model : NULL, dest, sizeof dest);
+    build_dest(x, x->pool_model[0] ? x->pool_model : NULL, dest, sizeof dest);
     if (x->t_body_ns)
         kvr_metric_observe(E.m_pick, 0, (double)(kvr_mono_ns() - x->t_body_ns) / 1e9);
     send_destination(x, dest);
@@ -460,7 +470,7 @@ static void choose_local(xs *x, int fb)
     if (fb >= 0)
         kvr_metric_add(E.m_fallback, (size_t)fb, 1);
     fe_worker *w =
-        local_pick(x, x->ns[0] ? x->ns : NULL, x->req.model[0] ? x->req.model : NULL, NULL, 0);
+        local_pick(x, x->ns[0] ? x->ns : NULL, x->pool_model[0] ? x->pool_model : NULL, NULL, 0);
     if (!w) {
         immediate(x, 503, ERR_503,
                   x->has_subset ? "no live worker in the endpoint subset" : "no live worker");
@@ -541,7 +551,7 @@ static uint32_t block_size_of(const char *ns, const char *model)
 
 static void send_route(xs *x)
 {
-    const char *model = x->req.model;
+    const char *model = x->pool_model;
     size_t nt = kvr_tok_count(&x->req.tokens);
     uint32_t bs = block_size_of(x->ns, model);
     size_t nb = bs ? nt / bs : 0;
@@ -552,10 +562,11 @@ static void send_route(xs *x)
     }
     if (nb)
         nb = kvr_hash_seq_seeded(kvr_tok_ids(&x->req.tokens), nt, bs, false, 0,
-                                 kvr_hash_lora_seed("", 0), hs, nb);
+                                 kvr_hash_lora_seed(x->lora, strlen(x->lora)), hs, nb);
     kvr_route_req rq = {.frontend_id = E.id,
                         .model = {model, strlen(model)},
-                        .mdc_sum = {fe_tok_mdc_sum(model), strlen(fe_tok_mdc_sum(model))},
+                        .lora = {x->lora, strlen(x->lora)},
+                        .mdc_sum = {x->filt.mdc_sum, strlen(x->filt.mdc_sum)},
                         .ns = {x->ns, strlen(x->ns)},
                         .tokens = (uint32_t)nt,
                         .seq_hashes = hs,
@@ -591,8 +602,24 @@ static void start_pick(xs *x)
         immediate(x, 400, ERR_400, e.message[0] ? e.message : "bad request body");
         return;
     }
-    if (fe_pool_pick_ns_f(&E.pool, x->req.model, kvr_mono_ms(), NULL, x->ns)) {
-        immediate(x, 503, ERR_503, "no live worker for this model");
+    int64_t now = kvr_mono_ms();
+    const char *base = fe_pool_lora_base(&E.pool, x->req.model, now);
+    if (base && fe_pool_live(&E.pool, x->req.model, now) == 0) {
+        snprintf(x->pool_model, sizeof x->pool_model, "%s", base);
+        snprintf(x->lora, sizeof x->lora, "%s", x->req.model);
+    } else {
+        snprintf(x->pool_model, sizeof x->pool_model, "%s", x->req.model);
+        x->lora[0] = 0;
+    }
+    x->filt.lora = x->lora;
+    x->filt.mdc_sum = fe_tok_mdc_sum(x->pool_model);
+    int rc = fe_pool_pick_ns_f(&E.pool, x->pool_model, now, &x->filt, x->ns);
+    if (rc == KVR_ENOTFOUND) { /* workers are live, none of this model: the frontend's 404 */
+        immediate(x, 404, ERR_404, "model not served by any live worker");
+        return;
+    }
+    if (rc) {
+        immediate(x, 503, ERR_503, "no live worker");
         return;
     }
     if (!E.nats_on || !kvr_nats_connected(&E.nats)) {
@@ -911,8 +938,20 @@ static void on_heartbeat(const kvr_nats_msg *m, void *data)
 {
     (void)data;
     kvr_err err = {0};
-    if (fe_pool_heartbeat(&E.pool, m->data, m->len, kvr_mono_ms(), &err))
+    if (fe_pool_heartbeat(&E.pool, m->data, m->len, kvr_mono_ms(), &err)) {
         KVR_LOG_WARN_RL(10, "bad worker heartbeat", "subject=%s err=\"%s\"", m->subject, err.msg);
+        return;
+    }
+    /* a request naming one of its adapters tokenizes as its base model does (as the frontend) */
+    kvr_heartbeat hb;
+    char ns[FE_NS_MAX];
+    if (kvr_heartbeat_decode(m->data, m->len, &hb) != 0 || !hb.n_loras || hb.ns.len >= sizeof ns)
+        return;
+    memcpy(ns, hb.ns.base, hb.ns.len);
+    ns[hb.ns.len] = 0;
+    fe_worker *w = fe_pool_find(&E.pool, ns, hb.id);
+    for (uint32_t i = 0; w && i < hb.n_loras; i++)
+        fe_tok_note_lora(hb.loras[i].base, hb.loras[i].len, w->model);
 }
 
 static void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data)

@@ -2,7 +2,7 @@
 # epp_flow: kvr-epp (h2c) driven by a Python stand-in for Envoy's ext_proc filter whose
 # messages come from Envoy's real protos, with real nats-server, kvr-routerd and two
 # kvr-worker processes: headers-only GET, body in one chunk and in many, a body over 62,000
-# bytes echoed unchanged, subset hints (list and string), garbage → 400, client cancel
+# bytes echoed unchanged, a LoRA adapter, subset hints (list and string), garbage → 400, client cancel
 # mid-body, 100 concurrent streams, gRPC health, unknown method, TLS (self-signed default and
 # --cert-path, ALPN h2), no live worker → 503.
 source "$(dirname "$0")/../lib/testenv.sh"
@@ -16,8 +16,10 @@ kvr_start_nats
 declare -A WPORT
 for i in 1 2; do
     WPORT[$i]=$(kvr_free_port)
+    extra=()
+    [ $i = 2 ] && extra=(--lora A) # worker 2 serves adapter A of m1
     kvr_spawn "worker$i" "$KVR_BIN/kvr-worker" --listen 127.0.0.1:${WPORT[$i]} --nats "$NATS_URL" \
-        --namespace default --model m1 --id "$i" --speedup 10
+        --namespace default --model m1 --id "$i" --speedup 10 "${extra[@]}"
 done
 RPORT=$(kvr_free_port)
 mkdir -p "$KVR_TMP/r1"
@@ -76,6 +78,11 @@ kvr_assert_eq "$(echo "$d" | tr , '\n' | sort -u | wc -l)/$(echo "$d" | tr , '\n
     "pick + one fallback, distinct: $d"
 kvr_assert_eq "$(emetric kvr_epp_routed_total)" 1 "picked by the router"
 
+# --- a LoRA adapter: routed under its base model to the worker that lists it (as the frontend) ---
+r=$(CL post --model A)
+kvr_assert_eq "$(echo "$r" | jq -r '.dest | split(",")[0]')" "$W2" "adapter A picked on the worker listing it"
+kvr_assert_eq "$(echo "$r" | jq -r .body_same)" true "adapter request body echoed"
+
 # --- chat, many chunks; a body over 62,000 bytes ---
 r=$(CL post --chat --chunks 7)
 kvr_assert_eq "$(echo "$r" | jq -r .body_same)" true "chat body in 7 chunks echoed"
@@ -106,7 +113,7 @@ kvr_assert_eq "$(echo "$r" | jq -r .status)" 400 "garbage body: 400"
 r=$(CL post --no-model)
 kvr_assert_eq "$(echo "$r" | jq -r .status)" 400 "no model: 400"
 r=$(CL post --model nope)
-kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "unknown model: 503"
+kvr_assert_eq "$(echo "$r" | jq -r .status)" 404 "unknown model (workers of another live): 404"
 
 # every booking so far was freed
 zero() { [ "$(bookings)" = 0 ]; }
