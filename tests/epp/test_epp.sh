@@ -3,8 +3,8 @@
 # messages come from Envoy's real protos, with real nats-server, kvr-routerd and two
 # kvr-worker processes: headers-only GET, body in one chunk and in many, a body over 62,000
 # bytes echoed unchanged, a LoRA adapter, subset hints (list and string), garbage → 400, client cancel
-# mid-body, 100 concurrent streams, gRPC health, unknown method, TLS (self-signed default and
-# --cert-path, ALPN h2), no live worker → 503.
+# mid-body, a dropped connection, 100 concurrent streams, gRPC health, unknown method, TLS (self-signed default and
+# --cert-path, ALPN h2), no router (local fallback), no live worker → 503.
 source "$(dirname "$0")/../lib/testenv.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
 kvr_test_init epp_flow
@@ -181,6 +181,15 @@ r=$($PY "$HERE/epp_client.py" localhost:$TP2 post --tls-ca "$KVR_TMP/certs/tls.c
 kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "--cert-path instance without NATS: 503"
 kvr_term epp_tls
 kvr_term epp_tls2
+
+# --- no router answers: a local least-loaded pick, as the frontend's fallback ---
+kvr_term router1
+r=$(CL post)
+d=$(echo "$r" | jq -r .dest)
+live "${d%%,*}" || kvr_fail "routers down: destination $d is not a live worker"
+kvr_assert_eq "$(echo "$r" | jq -r .body_same)" true "routers down: body echoed"
+nfb=$(curl -s "http://127.0.0.1:$MP/metrics" | awk 'index($1, "kvr_epp_route_fallback_total{") == 1 {s+=$2} END {printf "%d\n", s}')
+kvr_assert "fallback counted ($nfb)" [ "$nfb" -ge 1 ]
 
 # --- no live worker: 503 ---
 kvr_term worker1
