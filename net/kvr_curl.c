@@ -529,6 +529,8 @@ int kvr_curl_start(kvr_curl *kc, const kvr_curl_opts *opts, kvr_curl_req **out, 
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS,
                      opts->connect_timeout_ms > 0 ? opts->connect_timeout_ms
                                                   : kc->connect_timeout_ms);
+    if (opts->ca_file && *opts->ca_file)
+        curl_easy_setopt(e, CURLOPT_CAINFO, opts->ca_file);
     r->next = kc->reqs;
     if (kc->reqs)
         kc->reqs->prev = r;

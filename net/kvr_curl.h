@@ -80,6 +80,9 @@ typedef struct kvr_curl_opts {
     void (*on_done)(kvr_curl_req *r, int result, long http_status, const char *errmsg,
                     kvr_slice body);
     size_t max_body; /* for collected bodies; 0 → 16 MiB */
+    /* https: the CA bundle (PEM file) to verify the server with instead of the system's; read
+     * at start (a rotated file is picked up by the next request). NULL → system CAs. */
+    const char *ca_file;
 } kvr_curl_opts;
 
 /* Returns 0 or KVR_EIO/KVR_ENOMEM with a message. cfg may be NULL. */

@@ -181,9 +181,13 @@ int kvr_route_reply_encode(kvr_buf *out, const kvr_route_reply *r)
         kvr_slice e = r->error;
         if (e.len > KVR_ROUTE_ERROR_MAX)
             e.len = KVR_ROUTE_ERROR_MAX;
-        rc = kvr_mp_write_map(out, 2);
+        rc = kvr_mp_write_map(out, r->pool_waking ? 4 : 2);
         rc = rc ? rc : kvr_mp_write_cstr(out, "ok");
         rc = rc ? rc : kvr_mp_write_bool(out, false);
+        if (r->pool_waking) {
+            rc = rc ? rc : write_kv_str(out, "pool_state", kvr_slice_of("waking"));
+            rc = rc ? rc : write_kv_uint(out, "retry_after_ms", r->retry_after_ms);
+        }
         return rc ? rc : write_kv_str(out, "error", e);
     }
     if (r->url.len == 0 || r->url.len > KVR_ROUTE_URL_MAX || r->mode.len > KVR_ROUTE_NAME_MAX)
@@ -246,6 +250,12 @@ int kvr_route_reply_decode(const void *data, size_t len, kvr_route_reply *o, kvr
             if ((rc = kvr_mp_read_uint(&r, &o->decided_ns)))
                 rc = kvr_err_set(err, rc, "decided_ns: %s", kvr_strerror(rc));
             have_decided = rc == 0;
+        } else if (kvr_slice_eq_cstr(k, "pool_state")) {
+            kvr_slice st;
+            rc = read_name(&r, &st, KVR_ROUTE_NAME_MAX, "pool_state", err);
+            o->pool_waking = rc == 0 && kvr_slice_eq_cstr(st, "waking");
+        } else if (kvr_slice_eq_cstr(k, "retry_after_ms")) {
+            rc = read_u32(&r, &o->retry_after_ms, "retry_after_ms", err);
         } else if (kvr_slice_eq_cstr(k, "error")) {
             /* A peer's error text is shown, not trusted: cut to the bound rather than refused. */
             if ((rc = kvr_mp_read_str(&r, &o->error)))

@@ -78,6 +78,11 @@ typedef struct kvr_route_reply {
     uint32_t worker_bookings;
     uint64_t decided_ns;
     kvr_slice error; /* when !ok */
+    /* !ok: the request's pool is scaled to zero and waking (DESIGN 5, scale-to-zero): the
+     * frontend holds the request and asks again, in retry_after_ms or when a worker of the
+     * model is heard. Encoded as "pool_state":"waking" and "retry_after_ms" only when set. */
+    bool pool_waking;
+    uint32_t retry_after_ms;
 } kvr_route_reply;
 
 int kvr_route_reply_encode(kvr_buf *out, const kvr_route_reply *r);

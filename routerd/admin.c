@@ -42,6 +42,7 @@ static void http_state(kvr_routerd *rd, kvr_http_req *req)
     kvr_jw_obj(&w);
     rd->bk->state_json(rd, &w);
     kvr_jw_end(&w);
+    rd_pools_state_json(rd, &w);
     kvr_jw_key(&w, "index");
     kvr_jw_obj(&w);
     kvr_jw_key(&w, "blocks");
@@ -56,6 +57,7 @@ static void http_state(kvr_routerd *rd, kvr_http_req *req)
     kvr_jw_str(&w, dg);
     kvr_jw_key(&w, "stream_seq");
     kvr_jw_u64(&w, kvr_index_stream_seq(rd->idx));
+    rd_approx_state_json(rd, &w); /* "mode", and "approx" in approx mode */
     kvr_jw_end(&w);
     kvr_jw_key(&w, "ingest");
     kvr_jw_obj(&w);
@@ -113,6 +115,12 @@ static void http_state(kvr_routerd *rd, kvr_http_req *req)
         kvr_jw_int(&w, now - wk->last_seen_ms);
         kvr_jw_key(&w, "entries");
         kvr_jw_u64(&w, wi.entries);
+        if (rd->approx) {
+            kvr_jw_key(&w, "approx_entries");
+            kvr_jw_u64(&w, kvr_approx_worker_entries(rd->approx, wk->id));
+            kvr_jw_key(&w, "has_events");
+            kvr_jw_bool(&w, rd_worker_has_events(rd, wk->id));
+        }
         kvr_jw_key(&w, "active_blocks");
         kvr_jw_u64(&w, have_fv ? fv.active_blocks : 0);
         kvr_jw_key(&w, "bookings");

@@ -128,6 +128,7 @@ static int raft_open(kvr_routerd *rd)
     snprintf(raft_dir, sizeof(raft_dir), "%s/raft", rd->data_dir);
     so.data_dir = raft_dir;
     so.memory_log = rd->cfg.raft_log_memory;
+    rd_fsm_options(rd, &so.fsm); /* --index approx: the ROUTE apply's hooks */
     so.hop_cb = raft_hop_observe;
     so.hop_data = rd;
     /* tests only: shorten memlog's post-catch-up hold */

@@ -272,6 +272,8 @@ static void on_kv_event(const kvr_nats_msg *m, void *data)
         if (rc == 0) {
             kvr_metric_inc(rd->m_events_applied);
             if (ev->type == KVR_KV_STORED) {
+                if (w)
+                    w->has_stored = true; /* approx mode: its events, not guesses, count */
                 kvr_metric_add(rd->m_blocks_applied, 0, ev->n_hashes);
                 rd->applied_blocks += ev->n_hashes;
             }

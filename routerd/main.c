@@ -44,8 +44,15 @@ int main(int argc, char **argv)
     int64_t max_request_tokens = 131072;
     bool join = false, best_effort = false, insecure_cluster = false;
     bool no_lora_filter = false, no_mdc_filter = false;
+    const char *pools_file = "", *scaler = "", *scaler_api_url = "", *scaler_token_file = "";
+    const char *scaler_ca_file = "", *scaler_namespace = "";
+    int64_t scaler_timeout_ms = 0, idle_after_ms = 300000, wake_timeout_ms = 300000;
+    int64_t min_workers = 0, max_workers = 0;
     const char *cluster_secret_file = "";
     const char *raft_log = "memory";
+    const char *index_mode = "events";
+    int64_t approx_ttl_ms = 120000;
+    uint64_t approx_capacity = 16384;
     kvr_nats_flags nats_sec = {0};
     kvr_flag flags[] = {
         KVR_NATS_FLAG_ENTRIES(&nats_sec),
@@ -79,6 +86,20 @@ int main(int argc, char **argv)
         {"cluster-secret-file", KVR_FLAG_STRING, &cluster_secret_file, "shared secret (16-1024 bytes, mode 600) routers prove to each other on the Raft and forward ports", false},
         {"no-lora-filter", KVR_FLAG_BOOL, &no_lora_filter, "diagnostic: a request under a LoRA adapter may go to any worker of the model, not only those listing the adapter", false},
         {"no-mdc-filter", KVR_FLAG_BOOL, &no_mdc_filter, "diagnostic: route to workers whose model card checksum differs from the request's", false},
+        {"pools-file", KVR_FLAG_STRING, &pools_file, "scale-to-zero: JSON {\"pools\":[{\"namespace\",\"model\",\"target\"}...]} (docs/DESIGN.md 13)", false},
+        {"scaler", KVR_FLAG_STRING, &scaler, "scale-to-zero: exec:PATH (run PATH NAMESPACE MODEL REPLICAS) or kubernetes (PATCH deployments/TARGET/scale)", false},
+        {"scaler-api-url", KVR_FLAG_STRING, &scaler_api_url, "kubernetes scaler: API server URL (default from KUBERNETES_SERVICE_HOST/PORT)", false},
+        {"scaler-token-file", KVR_FLAG_STRING, &scaler_token_file, "kubernetes scaler: bearer token file, re-read before every request (default: the service account's)", false},
+        {"scaler-ca-file", KVR_FLAG_STRING, &scaler_ca_file, "kubernetes scaler: CA bundle of the API server (default: the service account's)", false},
+        {"scaler-namespace", KVR_FLAG_STRING, &scaler_namespace, "kubernetes scaler: the Deployments' namespace (default: the pod's)", false},
+        {"scaler-timeout", KVR_FLAG_DURATION, &scaler_timeout_ms, "one scale attempt's timeout (0: 30s exec, 10s kubernetes)", false},
+        {"idle-after", KVR_FLAG_DURATION, &idle_after_ms, "a pool with no request and nothing in flight this long is stopped (with --min-workers 0)", false},
+        {"wake-timeout", KVR_FLAG_DURATION, &wake_timeout_ms, "a waking pool with no live worker after this long goes back to sleep", false},
+        {"min-workers", KVR_FLAG_INT, &min_workers, "replicas a pool is never scaled below (> 0: it never sleeps)", false},
+        {"max-workers", KVR_FLAG_INT, &max_workers, "replicas a wake never exceeds (0: no cap)", false},
+        {"index", KVR_FLAG_STRING, &index_mode, "events|approx: index from the workers' KV events, or (approx, for engines without events) assume the worker a request was booked on holds its blocks; workers that publish events keep event entries", false},
+        {"approx-ttl", KVR_FLAG_DURATION, &approx_ttl_ms, "--index approx: an assumed block not assumed again for this long is dropped", false},
+        {"approx-capacity-blocks", KVR_FLAG_U64, &approx_capacity, "--index approx: blocks assumed per worker whose heartbeat gives no capacity (LRU beyond)", false},
         {"insecure-cluster", KVR_FLAG_BOOL, &insecure_cluster, "allow a multi-router Raft group without --cluster-secret-file (anyone reaching the Raft/forward ports can change the state)", false},
     };
     size_t nf = sizeof(flags) / sizeof(flags[0]);
@@ -123,6 +144,14 @@ int main(int argc, char **argv)
     }
     if (strcmp(raft_log, "memory") != 0 && strcmp(raft_log, "disk") != 0) {
         fprintf(stderr, "kvr-routerd: --raft-log must be memory or disk\n");
+        return 2;
+    }
+    if (strcmp(index_mode, "events") != 0 && strcmp(index_mode, "approx") != 0) {
+        fprintf(stderr, "kvr-routerd: --index must be events or approx\n");
+        return 2;
+    }
+    if (approx_ttl_ms < 1 || approx_capacity < 1 || approx_capacity > (1u << 22)) {
+        fprintf(stderr, "kvr-routerd: --approx-ttl must be > 0, --approx-capacity-blocks in [1, 4194304]\n");
         return 2;
     }
     if (*peers && !*raft_addr) {
@@ -177,6 +206,20 @@ int main(int argc, char **argv)
         .worker_cidrs = worker_cidr,
         .no_lora_filter = no_lora_filter,
         .no_mdc_filter = no_mdc_filter,
+        .pools_file = *pools_file ? pools_file : NULL,
+        .scaler = scaler,
+        .scaler_api_url = *scaler_api_url ? scaler_api_url : NULL,
+        .scaler_token_file = *scaler_token_file ? scaler_token_file : NULL,
+        .scaler_ca_file = *scaler_ca_file ? scaler_ca_file : NULL,
+        .scaler_namespace = *scaler_namespace ? scaler_namespace : NULL,
+        .scaler_timeout_ms = scaler_timeout_ms,
+        .idle_after_ms = idle_after_ms,
+        .wake_timeout_ms = wake_timeout_ms,
+        .min_workers = min_workers,
+        .max_workers = max_workers,
+        .index_approx = strcmp(index_mode, "approx") == 0,
+        .approx_ttl_ms = approx_ttl_ms,
+        .approx_capacity_blocks = approx_capacity,
     };
     uv_loop_t *loop = uv_default_loop();
     int rc = kvr_routerd_start(&g_rd, loop, &cfg);

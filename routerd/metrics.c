@@ -22,6 +22,7 @@ void rd_update_index_gauges(kvr_routerd *rd)
     if (rd->target_seq > seq && rd->target_seq - seq > lag)
         lag = rd->target_seq - seq;
     kvr_metric_set(rd->m_stream_lag, 0, (double)lag);
+    rd_approx_metrics(rd);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -110,6 +111,20 @@ void rd_register_metrics(kvr_routerd *rd)
     rd->m_bcast_rejected = kvr_metrics_counter(
         m, "kvr_routerd_booking_broadcasts_rejected_total",
         "Best-effort mode: booking broadcasts from other routers that did not decode", NULL, NULL);
+    if (rd->approx) {
+        rd->m_approx_entries = kvr_metrics_gauge(
+            m, "kvr_routerd_approx_entries",
+            "--index approx: (worker, block) pairs assumed cached", NULL, NULL);
+        rd->m_approx_inserted = kvr_metrics_counter(
+            m, "kvr_routerd_approx_inserted_total",
+            "--index approx: pairs newly assumed by a ROUTE apply", NULL, NULL);
+        rd->m_approx_evicted = kvr_metrics_counter(
+            m, "kvr_routerd_approx_evicted_total",
+            "--index approx: pairs dropped by a worker's capacity (LRU)", NULL, NULL);
+        rd->m_approx_expired = kvr_metrics_counter(
+            m, "kvr_routerd_approx_expired_total",
+            "--index approx: pairs dropped by the TTL", NULL, NULL);
+    }
     kvr_metrics_add_http_server(m, "kvr_routerd_http", &rd->http);
 }
 

@@ -50,6 +50,10 @@ static void finish_route_nats(kvr_routerd *rd, route_ctx *c, int status, const k
         rep.mode = (kvr_slice){mode, strlen(mode)};
     } else {
         rep.error = (kvr_slice){errmsg, strlen(errmsg)};
+        if (res && res->pool_waking) {
+            rep.pool_waking = true;
+            rep.retry_after_ms = RD_POOL_RETRY_AFTER_MS;
+        }
     }
     if (kvr_route_reply_encode(&b, &rep) != 0)
         KVR_LOG_ERROR_RL(5, "route reply not encoded", "worker=%" PRIu64, rep.worker_id);
@@ -81,6 +85,12 @@ static void finish_route_http(kvr_routerd *rd, route_ctx *c, int status, const k
         kvr_jw_key(&w, "mode");
         kvr_jw_str(&w, mode);
     } else {
+        if (res && res->pool_waking) {
+            kvr_jw_key(&w, "pool_state");
+            kvr_jw_str(&w, "waking");
+            kvr_jw_key(&w, "retry_after_ms");
+            kvr_jw_u64(&w, RD_POOL_RETRY_AFTER_MS);
+        }
         kvr_jw_key(&w, "error");
         kvr_jw_str(&w, errmsg);
     }
@@ -100,7 +110,8 @@ static void on_route_done(kvr_routerd *rd, int status, const kvr_fsm_result *res
         errmsg = kvr_strerror(status);
         kvr_metric_add(rd->m_route_errors, RD_ROUTE_ERR_BACKEND, 1);
     } else if (res->outcome != KVR_OUT_OK && res->outcome != KVR_OUT_DUPLICATE) {
-        errmsg = res->outcome == KVR_OUT_NO_WORKER  ? "no live worker for this model/namespace"
+        errmsg = res->pool_waking                    ? "pool waking"
+                 : res->outcome == KVR_OUT_NO_WORKER ? "no live worker for this model/namespace"
                  : res->outcome == KVR_OUT_FINISHED ? "request already finished"
                                                     : kvr_outcome_name(res->outcome);
         status = KVR_EAGAIN;
@@ -185,9 +196,7 @@ static uint32_t match_depth(const kvr_index_match *m, size_t nm, uint64_t id)
 /* Matches + submits a ROUTE. Takes ownership of c. */
 static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
 {
-    size_t nm = kvr_index_find_matches(rd->idx, q->seq, q->n_seq, rd->matches, RD_MAX_MATCHES);
-    if (nm > RD_MAX_MATCHES)
-        nm = RD_MAX_MATCHES;
+    size_t nm = rd_find_matches(rd, q->seq, q->n_seq);
     kvr_route_candidate cand[RD_MAX_MATCHES];
     uint32_t nc = 0;
     route_filter flt;
@@ -231,6 +240,7 @@ static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
     r->candidates = cand;
     r->n_candidates = nc;
     r->only_candidates = only;
+    rd_approx_fill_cmd(rd, r, q->seq, q->n_seq);
     int rc = rd->bk->route(rd, &cmd, on_route_done, c);
     if (rc != 0)
         on_route_done(rd, rc, NULL, RD_DECIDED_LOCAL, c);
@@ -253,6 +263,7 @@ static void default_ns(kvr_routerd *rd, route_req *q)
             return;
         }
     }
+    rd_pools_default_ns(rd, q->model, q->ns, sizeof q->ns);
 }
 
 void rd_on_route_nats(const kvr_nats_msg *m, void *data)
@@ -455,9 +466,7 @@ void rd_http_match(kvr_routerd *rd, kvr_http_req *req)
         rd_respond_error(req, 400, err.msg);
         return;
     }
-    size_t nm = kvr_index_find_matches(rd->idx, q.seq, q.n_seq, rd->matches, RD_MAX_MATCHES);
-    if (nm > RD_MAX_MATCHES)
-        nm = RD_MAX_MATCHES;
+    size_t nm = rd_find_matches(rd, q.seq, q.n_seq);
     kvr_buf b;
     kvr_buf_init(&b);
     kvr_jw w;

@@ -67,7 +67,18 @@ static void on_tick(uv_timer_t *t)
              * reconcile replayed an old WORKER_DOWN): while we hear it, keep it up in the
              * replicated registry */
             kvr_fsm_worker_view fv;
-            if ((kvr_fsm_worker_get(rd_fsm(rd), w->id, &fv) != 0 || !fv.up) &&
+            kvr_fsm_pool_view pv;
+            /* ... except in a pool that sleeps or is stopping (the scaler stopped it there;
+             * its last beats are still in flight: a request wakes the pool first), or one that
+             * is waking and that we last heard before the wake began (a stopped worker whose
+             * beats have not lapsed yet is not the worker the wake brings) */
+            bool parked = false;
+            if (kvr_fsm_pool_get(rd_fsm(rd), w->ns, w->model, &pv) == 0) {
+                int64_t heard_wall = kvr_now_ms() - (now - w->last_seen_ms);
+                parked = pv.state == KVR_POOL_SLEEPING || pv.state == KVR_POOL_STOPPING ||
+                         (pv.state == KVR_POOL_WAKING && heard_wall <= (int64_t)pv.state_since_ms);
+            }
+            if (!parked && (kvr_fsm_worker_get(rd_fsm(rd), w->id, &fv) != 0 || !fv.up) &&
                 now - w->resync_ms > 2000) {
                 w->resync_ms = now;
                 rd_worker_submit_up(rd, w);
@@ -118,6 +129,7 @@ static void on_tick(uv_timer_t *t)
     kvr_metric_counter_set(rd->m_nats_backpressure, 0, ns.backpressure_waits);
     if (!rd->ready)
         rd_check_ready(rd);
+    rd_pools_tick(rd);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -192,7 +204,12 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
     kvr_kv_decoder_init(&rd->dec, NULL);
     rd_load_snapshot(rd);
 
-    rd->fsm = kvr_fsm_new(NULL);
+    rc = rd_approx_open(rd);
+    if (rc != 0)
+        goto fail;
+    kvr_fsm_options fo;
+    rd_fsm_options(rd, &fo);
+    rd->fsm = kvr_fsm_new(&fo);
     if (!rd->fsm) {
         rc = KVR_ENOMEM;
         goto fail;
@@ -216,6 +233,10 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
         goto fail;
     rd->http.data = rd;
     rd_register_metrics(rd);
+    if ((rc = rd_pools_open(rd, &err)) != 0) {
+        KVR_LOG_ERROR("scale-to-zero pools", "error=\"%s\"", err.msg);
+        goto fail;
+    }
     rc = kvr_http_listen(&rd->http, cfg->http_addr, &err);
     if (rc != 0) {
         KVR_LOG_ERROR("http listen", "addr=%s error=\"%s\"", cfg->http_addr, err.msg);
@@ -307,7 +328,7 @@ void rd_maybe_finish_stop(kvr_routerd *rd)
         return;
     if (!stop_phase2_started) {
         stop_phase2_started = true;
-        rd->closing_handles = 6;
+        rd->closing_handles = 7;
         uv_close((uv_handle_t *)&rd->tick, handle_closed);
         uv_close((uv_handle_t *)&rd->snap_timer, handle_closed);
         uv_close((uv_handle_t *)&rd->stream_retry, handle_closed);
@@ -315,6 +336,8 @@ void rd_maybe_finish_stop(kvr_routerd *rd)
         if (kvr_nats_close(&rd->nats, nats_closed) != 0)
             rd->closing_handles--;
         if (!rd->bk->close || !rd->bk->close(rd))
+            rd->closing_handles--;
+        if (!rd_pools_close(rd))
             rd->closing_handles--;
         return;
     }
@@ -351,7 +374,9 @@ void kvr_routerd_free(kvr_routerd *rd)
     kvr_index_destroy(rd->idx);
     kvr_kv_decoder_free(&rd->dec);
     kvr_fsm_free(rd->fsm);
+    rd_approx_close(rd);
     kvr_metrics_free(rd->metrics);
+    rd_pools_free(rd);
     free(rd->seq_scratch);
     free(rd->iw_scratch);
     free(rd->tok_scratch);

@@ -72,6 +72,23 @@ typedef struct kvr_routerd_config {
      * a LoRA adapter to any worker of the model even when some list the adapter; route to
      * workers whose model card checksum differs from the request's. */
     bool no_lora_filter, no_mdc_filter;
+    /* Scale-to-zero (DESIGN section 13, routerd/pools.c). pools_file: JSON
+     * {"pools": [{"namespace", "model", "target"}...]} (NULL: no pools); scaler: "exec:PATH" or
+     * "kubernetes" (with the scaler_* settings, scaler/scaler.h). A pool sleeps after
+     * idle_after_ms without requests (only with min_workers 0), wakes to max(1, min_workers)
+     * replicas (capped by max_workers when > 0), and a wake that has no live worker after
+     * wake_timeout_ms returns it to sleeping. */
+    const char *pools_file, *scaler;
+    const char *scaler_api_url, *scaler_token_file, *scaler_ca_file, *scaler_namespace;
+    int64_t scaler_timeout_ms; /* 0: the scaler's default */
+    int64_t idle_after_ms, wake_timeout_ms, min_workers, max_workers;
+    /* --index approx (issue 14 item 4): for engines without KV events, the worker a ROUTE
+     * books is assumed to hold the request's blocks (indexer/approx.h), in the replicated
+     * apply. approx_ttl_ms: 0 -> 120 s; approx_capacity_blocks: a worker's bound when its
+     * heartbeat gives no capacity, 0 -> 16384. */
+    bool index_approx;
+    int64_t approx_ttl_ms;
+    uint64_t approx_capacity_blocks;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;

@@ -18,6 +18,7 @@
 #include "bookings.h"
 #include "routerd.h"
 #include "fsm.h"
+#include "approx.h"
 #include "index.h"
 #include "kv_event.h"
 #include "kvr_access.h"
@@ -101,6 +102,7 @@ typedef struct rd_worker {
     uint64_t lora_seeds[KVR_HB_MAX_LORAS];
     uint32_t n_loras;
     char mdc_sum[KVR_ROUTE_NAME_MAX + 1]; /* model card checksum; "" unknown */
+    bool has_stored; /* stored blocks through KV events: its approx guesses are ignored */
 } rd_worker;
 
 /* One worker's AllBlocksCleared to publish (see on_worker_down_committed). */
@@ -110,6 +112,8 @@ typedef struct rd_clear {
     int64_t first_ms, next_ms; /* monotonic: queued, next try */
     bool inflight;
 } rd_clear;
+
+typedef struct rd_pools rd_pools; /* pools.c */
 
 typedef struct rd_frontend {
     uint64_t id;
@@ -215,6 +219,13 @@ struct kvr_routerd {
     uint64_t sweep_ids[RD_MAX_CLEARS];
     uint32_t n_sweep_ids;
     int64_t last_clear_sweep_ms;
+    rd_pools *pools; /* scale-to-zero (pools.c); NULL without --pools-file */
+    /* --index approx (approx_mode.c): guesses made in the ROUTE apply; NULL in events mode */
+    kvr_approx *approx;
+    uint64_t *approx_seq;  /* KVR_CMD_MAX_APPROX_HASHES: hashes decoded for an assume */
+    uint8_t *approx_wire;  /* 8 x KVR_CMD_MAX_APPROX_HASHES: hashes encoded into a ROUTE */
+    kvr_approx_stats approx_seen; /* counters already added to the metrics */
+    kvr_metric *m_approx_entries, *m_approx_inserted, *m_approx_evicted, *m_approx_expired;
 };
 
 static inline void copy_slice(char *dst, size_t cap, kvr_slice s)
@@ -263,7 +274,29 @@ void rd_register_metrics(kvr_routerd *rd);
 void rd_on_http(kvr_http_req *req);
 int rd_recreate_index(kvr_routerd *rd);
 
+/* approx_mode.c (--index approx) */
+void rd_fsm_options(kvr_routerd *rd, kvr_fsm_options *o); /* the FSM hooks of the mode */
+int rd_approx_open(kvr_routerd *rd);
+void rd_approx_close(kvr_routerd *rd);
+bool rd_worker_has_events(kvr_routerd *rd, uint64_t worker_id);
+/* Event matches, plus the approximate matches of workers without events, into rd->matches. */
+size_t rd_find_matches(kvr_routerd *rd, const uint64_t *seq, size_t n);
+/* Puts the request's seq hashes into a ROUTE (borrowing rd->approx_wire) in approx mode. */
+void rd_approx_fill_cmd(kvr_routerd *rd, kvr_route_cmd *r, const uint64_t *seq, size_t n);
+void rd_approx_metrics(kvr_routerd *rd);
+void rd_approx_state_json(kvr_routerd *rd, kvr_jw *w);
+
 void rd_closed_one(kvr_routerd *rd); /* routerd.c: one more handle closed while stopping */
+
+/* pools.c: scale-to-zero. open: 0 without --pools-file; close: true when rd_closed_one will
+ * follow. */
+#define RD_POOL_RETRY_AFTER_MS 250 /* route reply "retry_after_ms" for a waking pool */
+int rd_pools_open(kvr_routerd *rd, kvr_err *err);
+void rd_pools_tick(kvr_routerd *rd);
+bool rd_pools_close(kvr_routerd *rd);
+void rd_pools_free(kvr_routerd *rd);
+bool rd_pools_default_ns(kvr_routerd *rd, const char *model, char *ns, size_t cap);
+void rd_pools_state_json(kvr_routerd *rd, kvr_jw *w);
 
 /* The bookings of this router's mode (bookings.h), by their old names. */
 static inline int rd_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data)

@@ -25,11 +25,12 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
     case KVR_CMD_ROUTE: {
         const kvr_route_cmd *r = &cmd->u.route;
         if (r->n_candidates > KVR_FSM_MAX_CANDIDATES || r->model.len > KVR_FSM_MODEL_MAX ||
-            r->ns.len > KVR_FSM_NS_MAX) {
+            r->ns.len > KVR_FSM_NS_MAX || r->n_approx_hashes > KVR_CMD_MAX_APPROX_HASHES ||
+            (r->n_approx_hashes && !r->approx_hashes)) {
             out->len = start;
             return kvr_err_set(err, KVR_EINVAL, "encoding ROUTE: field over its bound");
         }
-        CK(kvr_mp_write_array(out, r->only_candidates ? 10 : 9));
+        CK(kvr_mp_write_array(out, r->n_approx_hashes ? 11 : r->only_candidates ? 10 : 9));
         CK(kvr_mp_write_uint(out, KVR_CMD_ROUTE));
         CK(kvr_mp_write_bin(out, r->request_id, KVR_REQUEST_ID_LEN));
         CK(kvr_mp_write_uint(out, r->frontend_id));
@@ -44,8 +45,10 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
             CK(kvr_mp_write_uint(out, r->candidates[i].worker_id));
             CK(kvr_mp_write_uint(out, r->candidates[i].overlap));
         }
-        if (r->only_candidates)
-            CK(kvr_mp_write_bool(out, true));
+        if (r->only_candidates || r->n_approx_hashes)
+            CK(kvr_mp_write_bool(out, r->only_candidates));
+        if (r->n_approx_hashes)
+            CK(kvr_mp_write_bin(out, r->approx_hashes, 8 * (size_t)r->n_approx_hashes));
         break;
     }
     case KVR_CMD_PREFILL_DONE:
@@ -89,6 +92,21 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
         CK(kvr_mp_write_uint(out, KVR_CMD_EXPIRE));
         CK(kvr_mp_write_uint(out, cmd->u.before_ms));
         break;
+    case KVR_CMD_POOL_SET: {
+        const kvr_pool_cmd *p = &cmd->u.pool;
+        if (p->ns.len > KVR_FSM_NS_MAX || p->model.len == 0 || p->model.len > KVR_FSM_MODEL_MAX ||
+            (unsigned)p->state > KVR_POOL_STOPPING) {
+            out->len = start;
+            return kvr_err_set(err, KVR_EINVAL, "encoding POOL_SET: field over its bound");
+        }
+        CK(kvr_mp_write_array(out, 5));
+        CK(kvr_mp_write_uint(out, KVR_CMD_POOL_SET));
+        CK(kvr_mp_write_str(out, p->ns.base, p->ns.len));
+        CK(kvr_mp_write_str(out, p->model.base, p->model.len));
+        CK(kvr_mp_write_uint(out, (uint64_t)p->state));
+        CK(kvr_mp_write_uint(out, p->now_ms));
+        break;
+    }
     default:
         out->len = start;
         return kvr_err_set(err, KVR_EINVAL, "encoding command: unknown type %d", (int)cmd->type);
@@ -143,7 +161,7 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         goto fail;
     }
     CK(kvr_mp_read_uint(&r, &type));
-    cmd->type = (kvr_cmd_type)(type <= KVR_CMD_EXPIRE ? type : 0);
+    cmd->type = (kvr_cmd_type)(type <= KVR_CMD_TYPE_MAX ? type : 0);
 #define NEED(k)                                                                                    \
     do {                                                                                           \
         if (n < (k)) {                                                                             \
@@ -186,6 +204,17 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         n -= 9;
         if (n > 0) { /* optional 10th field: only_candidates */
             CK(kvr_mp_read_bool(&r, &rt->only_candidates));
+            n--;
+        }
+        if (n > 0) { /* optional 11th field: the approximate index's seq hashes */
+            kvr_slice h;
+            CK(kvr_mp_read_bytes(&r, &h));
+            if (h.len % 8 != 0 || h.len / 8 > KVR_CMD_MAX_APPROX_HASHES) {
+                rc = KVR_EINVAL;
+                goto fail;
+            }
+            rt->approx_hashes = h.len ? (const uint8_t *)h.base : NULL;
+            rt->n_approx_hashes = (uint32_t)(h.len / 8);
             n--;
         }
         break;
@@ -233,6 +262,23 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         CK(kvr_mp_read_uint(&r, &cmd->u.before_ms));
         n -= 2;
         break;
+    case KVR_CMD_POOL_SET: {
+        kvr_pool_cmd *p = &cmd->u.pool;
+        uint32_t st;
+        NEED(5);
+        CK(kvr_mp_read_str(&r, &p->ns));
+        CK(kvr_mp_read_str(&r, &p->model));
+        CK(rd_u32(&r, &st));
+        CK(kvr_mp_read_uint(&r, &p->now_ms));
+        if (st > KVR_POOL_STOPPING || p->ns.len > KVR_FSM_NS_MAX || p->model.len == 0 ||
+            p->model.len > KVR_FSM_MODEL_MAX) {
+            rc = KVR_EINVAL;
+            goto fail;
+        }
+        p->state = (kvr_pool_state)st;
+        n -= 5;
+        break;
+    }
     default:
         rc = KVR_EINVAL;
         goto fail;
@@ -251,7 +297,7 @@ fail:
 kvr_cmd_type kvr_cmd_peek_type(const void *data, size_t len)
 {
     const uint8_t *p = data;
-    if (len < 3 || (p[1] & 0xf0) != 0x90 || p[2] > KVR_CMD_EXPIRE)
+    if (len < 3 || (p[1] & 0xf0) != 0x90 || p[2] > KVR_CMD_TYPE_MAX)
         return KVR_CMD_NONE;
     return (kvr_cmd_type)p[2];
 }
@@ -272,6 +318,13 @@ const uint8_t *kvr_cmd_request_id(const kvr_cmd *cmd)
 const char *kvr_cmd_type_name(kvr_cmd_type t)
 {
     static const char *names[] = {"NONE", "ROUTE", "PREFILL_DONE", "FREE", "WORKER_UP",
-                                  "WORKER_DOWN", "FRONTEND_SEEN", "FRONTEND_EXPIRE", "EXPIRE"};
+                                  "WORKER_DOWN", "FRONTEND_SEEN", "FRONTEND_EXPIRE", "EXPIRE",
+                                  "POOL_SET"};
     return (unsigned)t < sizeof names / sizeof *names ? names[t] : "UNKNOWN";
+}
+
+const char *kvr_pool_state_name(kvr_pool_state s)
+{
+    static const char *names[] = {"removed", "awake", "waking", "sleeping", "stopping"};
+    return (unsigned)s < sizeof names / sizeof *names ? names[s] : "unknown";
 }

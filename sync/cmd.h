@@ -26,8 +26,16 @@
 #define KVR_FSM_MODEL_MAX 127
 #define KVR_FSM_NS_MAX 63
 #define KVR_FSM_URL_MAX 255
-/* Upper bound of one encoded command (ROUTE with KVR_FSM_MAX_CANDIDATES candidates). */
-#define KVR_CMD_MAX_BYTES (64 + KVR_FSM_MODEL_MAX + KVR_FSM_NS_MAX + 24 * KVR_FSM_MAX_CANDIDATES)
+/* The most seq hashes a ROUTE carries for the approximate index (kvr-routerd --index approx):
+ * 2048 blocks = 131072 tokens at block size 64, the default --max-request-tokens; a longer
+ * request is assumed cached for its first 2048 blocks only. Keeps a forwarded ROUTE well
+ * inside the forward frame (64 KiB). */
+#define KVR_CMD_MAX_APPROX_HASHES 2048
+/* Upper bound of one encoded command (ROUTE with KVR_FSM_MAX_CANDIDATES candidates and
+ * KVR_CMD_MAX_APPROX_HASHES hashes). */
+#define KVR_CMD_MAX_BYTES                                                                          \
+    (64 + KVR_FSM_MODEL_MAX + KVR_FSM_NS_MAX + 24 * KVR_FSM_MAX_CANDIDATES +                      \
+     8 * KVR_CMD_MAX_APPROX_HASHES + 8)
 
 typedef enum kvr_cmd_type {
     KVR_CMD_NONE = 0,
@@ -39,7 +47,19 @@ typedef enum kvr_cmd_type {
     KVR_CMD_FRONTEND_SEEN = 6,
     KVR_CMD_FRONTEND_EXPIRE = 7,
     KVR_CMD_EXPIRE = 8,
+    KVR_CMD_POOL_SET = 9, /* scale-to-zero: a pool's lifecycle state (fsm.h "Pools") */
 } kvr_cmd_type;
+#define KVR_CMD_TYPE_MAX KVR_CMD_POOL_SET
+
+/* A pool's lifecycle (DESIGN section 13). REMOVED in a POOL_SET deletes the pool. */
+typedef enum kvr_pool_state {
+    KVR_POOL_REMOVED = 0,
+    KVR_POOL_AWAKE = 1,
+    KVR_POOL_WAKING = 2,
+    KVR_POOL_SLEEPING = 3,
+    KVR_POOL_STOPPING = 4,
+} kvr_pool_state;
+const char *kvr_pool_state_name(kvr_pool_state s);
 
 typedef enum kvr_worker_role {
     KVR_ROLE_BOTH = 0,
@@ -67,7 +87,25 @@ typedef struct kvr_route_cmd {
      * a request to the workers that serve its LoRA adapter or whose model card matches.
      * Encoded as ROUTE's optional 10th field, only when true, so older logs decode as false. */
     bool only_candidates;
+    /* Approximate index (issue 14 item 4): the request's seq hashes, n_approx_hashes x 8 bytes
+     * little-endian (kvr_route_cmd_approx_hash), at most KVR_CMD_MAX_APPROX_HASHES. The FSM
+     * hands them to its route hook with the booked worker (fsm.h). Encoded as ROUTE's optional
+     * 11th field (a bin; the 10th is then written even when false) only when n > 0, so a
+     * router in event mode writes the same bytes as before. Borrowed: from the producer's
+     * storage when encoding, from the decoded bytes when decoded. */
+    const uint8_t *approx_hashes;
+    uint32_t n_approx_hashes;
 } kvr_route_cmd;
+
+/* Hash i of a ROUTE's approx_hashes. */
+static inline uint64_t kvr_route_cmd_approx_hash(const kvr_route_cmd *r, uint32_t i)
+{
+    const uint8_t *p = r->approx_hashes + 8 * (size_t)i;
+    uint64_t v = 0;
+    for (int k = 0; k < 8; k++)
+        v |= (uint64_t)p[k] << (8 * k);
+    return v;
+}
 
 typedef struct kvr_worker_info {
     uint64_t id; /* != 0 */
@@ -76,6 +114,12 @@ typedef struct kvr_worker_info {
     uint32_t block_size;
     uint32_t capacity_blocks;
 } kvr_worker_info;
+
+typedef struct kvr_pool_cmd {
+    kvr_slice ns, model;
+    kvr_pool_state state;
+    uint64_t now_ms;
+} kvr_pool_cmd;
 
 typedef struct kvr_cmd {
     kvr_cmd_type type;
@@ -86,6 +130,7 @@ typedef struct kvr_cmd {
         uint64_t worker_id;                                    /* WORKER_DOWN */
         struct { uint64_t frontend_id, now_ms; } frontend;     /* FRONTEND_SEEN, _EXPIRE */
         uint64_t before_ms;                                    /* EXPIRE */
+        kvr_pool_cmd pool;                                     /* POOL_SET */
     } u;
 } kvr_cmd;
 

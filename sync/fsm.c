@@ -51,6 +51,9 @@ void fsm_clear(kvr_fsm *f)
     free(f->leases);
     free(f->fin);
     free(f->fin_idx);
+    free(f->pools);
+    f->pools = NULL;
+    f->n_pools = f->cap_pools = 0;
     f->workers = NULL;
     f->slots = NULL;
     f->leases = NULL;
@@ -375,6 +378,13 @@ static bool cand_listed(const kvr_route_candidate *c, uint32_t n, uint64_t id)
     return lo < n && c[lo].worker_id == id;
 }
 
+/* The approximate index's hook (fsm.h): worker w now holds the request's blocks. */
+static void approx_hook(const kvr_fsm *f, const worker *w, const kvr_route_cmd *rc)
+{
+    if (f->opts.route_hook && rc->n_approx_hashes)
+        f->opts.route_hook(f->opts.hook_data, w->id, w->capacity_blocks, rc, f->clock_ms);
+}
+
 static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res)
 {
     if (rc->n_candidates > KVR_FSM_MAX_CANDIDATES || (rc->n_candidates && !rc->candidates) ||
@@ -404,6 +414,7 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
             pw->bookings++;
             res->outcome = KVR_OUT_OK;
             fill_route_result(f, old, res, 0);
+            approx_hook(f, pw, rc);
             return;
         }
         res->outcome = KVR_OUT_DUPLICATE;
@@ -466,6 +477,27 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
     w->bookings++;
     res->outcome = KVR_OUT_OK;
     fill_route_result(f, &b, res, cost);
+    approx_hook(f, w, rc);
+}
+
+uint32_t fsm_worker_mark_down(kvr_fsm *f, uint64_t id, uint64_t *down_seq)
+{
+    worker *w = fsm_worker_get(f, id);
+    if (!w)
+        return 0;
+    if (w->up) {
+        w->down_seq = ++f->down_counter;
+        if (down_seq)
+            *down_seq = w->down_seq;
+    }
+    w->up = false;
+    uint32_t freed = bookings_free_if(f, pred_worker, id);
+    w = fsm_worker_get(f, id);
+    w->active_blocks = w->active_prefill_blocks = 0;
+    w->bookings = 0;
+    if (f->opts.worker_down_hook)
+        f->opts.worker_down_hook(f->opts.hook_data, id);
+    return freed;
 }
 
 /* Registry full: removes the down worker that went down first (smallest down_seq, then
@@ -588,6 +620,11 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res)
     switch (cmd->type) {
     case KVR_CMD_ROUTE:
         apply_route(f, &cmd->u.route, res);
+        fsm_pool_after_route(f, &cmd->u.route, res);
+        return;
+    case KVR_CMD_POOL_SET:
+        clock_advance(f, cmd->u.pool.now_ms);
+        fsm_apply_pool_set(f, &cmd->u.pool, res);
         return;
     case KVR_CMD_PREFILL_DONE: {
         booking *b = fsm_booking_find(f, cmd->u.request_id);
@@ -624,21 +661,12 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res)
         apply_worker_up(f, &cmd->u.worker, res);
         return;
     case KVR_CMD_WORKER_DOWN: {
-        worker *w = fsm_worker_get(f, cmd->u.worker_id);
         res->worker_id = cmd->u.worker_id;
-        if (!w) {
+        if (!fsm_worker_get(f, cmd->u.worker_id)) {
             res->outcome = KVR_OUT_UNKNOWN;
             return;
         }
-        if (w->up) {
-            w->down_seq = ++f->down_counter;
-            res->down_seq = w->down_seq;
-        }
-        w->up = false;
-        res->freed = bookings_free_if(f, pred_worker, w->id);
-        w = fsm_worker_get(f, cmd->u.worker_id);
-        w->active_blocks = w->active_prefill_blocks = 0;
-        w->bookings = 0;
+        res->freed = fsm_worker_mark_down(f, cmd->u.worker_id, &res->down_seq);
         res->outcome = KVR_OUT_OK;
         return;
     }

@@ -59,6 +59,7 @@
 #define KVR_FSM_DEFAULT_MAX_FINISHED (1u << 18)
 #define KVR_FSM_MAX_FINISHED_LIMIT (1u << 24) /* larger max_finished values are clamped */
 #define KVR_FSM_DEFAULT_FINISHED_TTL_MS 600000u
+#define KVR_FSM_MAX_POOLS 1024
 
 typedef enum kvr_outcome {
     KVR_OUT_OK = 0,
@@ -84,13 +85,30 @@ typedef struct kvr_fsm_result {
     uint64_t down_seq;       /* WORKER_DOWN that took an up worker down: its new down stamp
                                 (replicated, so the same on every replica); 0 otherwise */
     char url[KVR_FSM_URL_MAX + 1]; /* ROUTE: booked worker's url */
+    /* ROUTE with no live worker in a scale-to-zero pool: the pool is waking (this command may
+     * have started the wake). The router tells the frontend to hold the request. */
+    bool pool_waking;
 } kvr_fsm_result;
+
+/* Approximate index hooks (kvr-routerd --index approx, issue 14 item 4). Called inside
+ * kvr_fsm_apply, so on every replica at the same point of the log with the same arguments:
+ * route_hook after a ROUTE that carries approx hashes booked a worker (outcome OK, a pinned
+ * move included; not DUPLICATE), with the booked worker, its registry capacity (0 unknown)
+ * and the FSM clock after the command (its own time, never the wall clock); worker_down_hook
+ * after a WORKER_DOWN of a known worker. They must not call back into the FSM. They are NOT
+ * part of the FSM's state: digest and snapshot ignore what they do. */
+typedef void (*kvr_fsm_route_hook)(void *data, uint64_t worker_id, uint32_t capacity_blocks,
+                                   const kvr_route_cmd *rc, uint64_t clock_ms);
+typedef void (*kvr_fsm_worker_down_hook)(void *data, uint64_t worker_id);
 
 typedef struct kvr_fsm_options {
     uint32_t max_bookings;   /* 0 → KVR_FSM_DEFAULT_MAX_BOOKINGS */
     kvr_cost_params cost;    /* all zero → kvr_cost_params_default() (weight 1.0, temp 0) */
     uint32_t max_finished;   /* finished record bound; 0 → KVR_FSM_DEFAULT_MAX_FINISHED */
     uint32_t finished_ttl_ms; /* record lifetime in command time; 0 → 600000 */
+    kvr_fsm_route_hook route_hook;             /* NULL: none (see above) */
+    kvr_fsm_worker_down_hook worker_down_hook; /* NULL: none */
+    void *hook_data;
 } kvr_fsm_options;
 
 typedef struct kvr_fsm kvr_fsm;
@@ -155,6 +173,27 @@ void kvr_fsm_foreach_booking(const kvr_fsm *f, int (*fn)(const kvr_fsm_booking_v
 int kvr_fsm_frontend_last_seen(const kvr_fsm *f, uint64_t frontend_id, uint64_t *last_seen_ms);
 /* Lease i (0 <= i < frontend_count). KVR_ENOTFOUND past the end. */
 int kvr_fsm_frontend_at(const kvr_fsm *f, uint32_t i, uint64_t *frontend_id, uint64_t *last_seen_ms);
+
+/* Pools (scale-to-zero, DESIGN section 13): (namespace, model) → state (awake, waking,
+ * sleeping, stopping), last request time and since when in this state, all in command time.
+ * POOL_SET creates, changes or (state REMOVED) deletes a pool; at most KVR_FSM_MAX_POOLS
+ * (then KVR_OUT_FULL). A ROUTE of a pool's model and namespace sets its last request time;
+ * one that finds no live worker while the pool sleeps, is stopping, or is awake with no worker
+ * left moves it to waking (the wake is the route's own replicated consequence, so every
+ * replica agrees on it and a leader change loses nothing) and says pool_waking; one that books
+ * a worker while the pool is not awake makes it awake. The leader drives the rest
+ * (routerd/pools.c). Pools are in the snapshot (version 4) and the digest. */
+typedef struct kvr_fsm_pool_view {
+    char ns[KVR_FSM_NS_MAX + 1];
+    char model[KVR_FSM_MODEL_MAX + 1];
+    kvr_pool_state state;
+    uint64_t last_request_ms, state_since_ms;
+    uint32_t wakes;
+} kvr_fsm_pool_view;
+uint32_t kvr_fsm_pool_count(const kvr_fsm *f);
+/* Pool i (0 <= i < pool_count, sorted by namespace then model). KVR_ENOTFOUND past the end. */
+int kvr_fsm_pool_at(const kvr_fsm *f, uint32_t i, kvr_fsm_pool_view *out);
+int kvr_fsm_pool_get(const kvr_fsm *f, const char *ns, const char *model, kvr_fsm_pool_view *out);
 
 /* Snapshot: "KVRS" magic, format version (3), msgpack body [workers, bookings, leases,
  * clock_ms, finished [[request_id, ms]...] oldest first, down_counter], each worker

@@ -38,6 +38,15 @@ typedef struct fin_rec {
     uint64_t ms;
 } fin_rec;
 
+/* A scale-to-zero pool (fsm.h "Pools"). */
+typedef struct pool {
+    char ns[KVR_FSM_NS_MAX + 1];
+    char model[KVR_FSM_MODEL_MAX + 1];
+    uint8_t state; /* kvr_pool_state, never REMOVED */
+    uint64_t last_request_ms, state_since_ms;
+    uint32_t wakes; /* sleeping/stopping -> waking transitions */
+} pool;
+
 struct kvr_fsm {
     kvr_fsm_options opts;
     worker *workers; /* sorted by id */
@@ -60,6 +69,8 @@ struct kvr_fsm {
     uint64_t down_counter; /* WORKER_DOWNs applied to an up worker: orders down workers for
                               slot reuse, replicated (snapshot v3, digest) */
     int64_t local_now;     /* NOT replicated (kvr_fsm_set_local_now): stamps new bookings */
+    pool *pools;           /* sorted by (ns, model) */
+    uint32_t n_pools, cap_pools;
 };
 
 /* Registry: index of worker id, else -1 - insertion point; the worker or NULL. */
@@ -71,6 +82,13 @@ int fsm_booking_insert(kvr_fsm *f, const booking *b);
 /* Finished record ("Finished record" in fsm.h). */
 bool fsm_fin_has(const kvr_fsm *f, const uint8_t *rid);
 int fsm_fin_add(kvr_fsm *f, const uint8_t *rid, uint64_t ms);
+/* WORKER_DOWN of worker id (which exists): stamps an up worker's down order (*down_seq, may be
+ * NULL), frees its bookings (returned). */
+uint32_t fsm_worker_mark_down(kvr_fsm *f, uint64_t id, uint64_t *down_seq);
+/* Pools (fsm_pools.c): POOL_SET, and what a ROUTE's outcome does to its pool. */
+void fsm_apply_pool_set(kvr_fsm *f, const kvr_pool_cmd *pc, kvr_fsm_result *res);
+void fsm_pool_after_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res);
+uint64_t fsm_pools_digest(const kvr_fsm *f);
 /* Frees every table and zeroes the counters (the options and scratch stay). */
 void fsm_clear(kvr_fsm *f);
 /* Copies s into dst[cap] NUL-terminated, truncated to cap - 1. */

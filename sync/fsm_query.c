@@ -58,6 +58,7 @@ uint64_t kvr_fsm_digest(const kvr_fsm *f)
     d += f->fin_sum; /* kept up to date by fsm_fin_add / fin_pop (fsm.c) */
     d += XXH3_64bits_withSeed(&f->clock_ms, sizeof f->clock_ms, 5);
     d += XXH3_64bits_withSeed(&f->down_counter, sizeof f->down_counter, 6);
+    d += fsm_pools_digest(f);
     return XXH3_64bits(&d, sizeof d);
 }
 

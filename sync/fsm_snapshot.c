@@ -33,8 +33,10 @@ static int rd_u32(kvr_mp_reader *r, uint32_t *v)
 
 #define SNAP_MAGIC "KVRS"
 /* 2: + clock_ms and the finished record. 3: + each worker's down_seq (9th field) and the
- * down counter (6th element), which decide slot reuse. 1 and 2 are still loaded. */
-#define SNAP_VERSION 3
+ * down counter (6th element), which decide slot reuse. 4: + the scale-to-zero pools (7th
+ * element: [[ns, model, state, last_request_ms, state_since_ms, wakes]...] sorted). 1, 2 and 3
+ * are still loaded (no pools). */
+#define SNAP_VERSION 4
 #define SNAP_VERSION_MIN 1
 
 int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
@@ -44,7 +46,7 @@ int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
     CK(kvr_buf_append(out, SNAP_MAGIC, 4));
     uint8_t ver = SNAP_VERSION;
     CK(kvr_buf_append(out, &ver, 1));
-    CK(kvr_mp_write_array(out, 6));
+    CK(kvr_mp_write_array(out, 7));
     CK(kvr_mp_write_array(out, f->n_workers));
     for (uint32_t i = 0; i < f->n_workers; i++) {
         const worker *w = &f->workers[i];
@@ -88,6 +90,17 @@ int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
         CK(kvr_mp_write_uint(out, e->ms));
     }
     CK(kvr_mp_write_uint(out, f->down_counter));
+    CK(kvr_mp_write_array(out, f->n_pools));
+    for (uint32_t i = 0; i < f->n_pools; i++) {
+        const pool *p = &f->pools[i];
+        CK(kvr_mp_write_array(out, 6));
+        CK(kvr_mp_write_cstr(out, p->ns));
+        CK(kvr_mp_write_cstr(out, p->model));
+        CK(kvr_mp_write_uint(out, p->state));
+        CK(kvr_mp_write_uint(out, p->last_request_ms));
+        CK(kvr_mp_write_uint(out, p->state_since_ms));
+        CK(kvr_mp_write_uint(out, p->wakes));
+    }
     uint64_t sum = XXH3_64bits(out->base + start, out->len - start);
     uint8_t le[8];
     for (int i = 0; i < 8; i++)
@@ -135,7 +148,7 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     kvr_mp_reader_init(&r, p + 5, len - 5 - 8);
     uint32_t n, m;
     CK(kvr_mp_read_array(&r, &n));
-    if (n < (version >= 3 ? 6u : version >= 2 ? 5u : 3u)) {
+    if (n < (version >= 4 ? 7u : version >= 3 ? 6u : version >= 2 ? 5u : 3u)) {
         rc = KVR_EINVAL;
         goto fail;
     }
@@ -290,6 +303,49 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
                 goto fail;
             }
     }
+    if (version >= 4) {
+        CK(kvr_mp_read_array(&r, &n));
+        if (n > KVR_FSM_MAX_POOLS) {
+            rc = KVR_ELIMIT;
+            goto fail;
+        }
+        if (n) {
+            nf->pools = calloc(n, sizeof *nf->pools);
+            if (!nf->pools) {
+                rc = KVR_ENOMEM;
+                goto fail;
+            }
+            nf->cap_pools = n;
+        }
+        for (uint32_t i = 0; i < n; i++) {
+            pool *pl = &nf->pools[i];
+            uint32_t st;
+            CK(kvr_mp_read_array(&r, &m));
+            if (m < 6) {
+                rc = KVR_EINVAL;
+                goto fail;
+            }
+            CK(rd_str_into(&r, pl->ns, sizeof pl->ns));
+            CK(rd_str_into(&r, pl->model, sizeof pl->model));
+            CK(rd_u32(&r, &st));
+            CK(kvr_mp_read_uint(&r, &pl->last_request_ms));
+            CK(kvr_mp_read_uint(&r, &pl->state_since_ms));
+            CK(rd_u32(&r, &pl->wakes));
+            for (uint32_t j = 6; j < m; j++)
+                CK(kvr_mp_skip(&r));
+            /* sorted, each once, a real state, a model */
+            int order = i == 0 ? -1
+                               : (strcmp(nf->pools[i - 1].ns, pl->ns) != 0
+                                      ? strcmp(nf->pools[i - 1].ns, pl->ns)
+                                      : strcmp(nf->pools[i - 1].model, pl->model));
+            if (st < KVR_POOL_AWAKE || st > KVR_POOL_STOPPING || !pl->model[0] || order >= 0) {
+                rc = KVR_EINVAL;
+                goto fail;
+            }
+            pl->state = (uint8_t)st;
+            nf->n_pools = i + 1;
+        }
+    }
     /* Older versions: every down worker has down_seq 0 (reuse goes by id among them). */
     /* Success: move nf's state into f. */
     fsm_clear(f);
@@ -311,6 +367,10 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     f->fin_sum = nf->fin_sum;
     f->clock_ms = nf->clock_ms;
     f->down_counter = nf->down_counter;
+    f->pools = nf->pools;
+    f->n_pools = nf->n_pools;
+    f->cap_pools = nf->cap_pools;
+    nf->pools = NULL;
     nf->workers = NULL;
     nf->slots = NULL;
     nf->leases = NULL;

@@ -54,7 +54,7 @@ int sync_send_reply(conn *c, uint64_t rpc, int status, const kvr_fsm_result *r)
         memset(&zero, 0, sizeof zero);
         r = &zero;
     }
-    int rc = kvr_mp_write_array(&c->out, 11);
+    int rc = kvr_mp_write_array(&c->out, r->pool_waking ? 12 : 11);
     rc |= kvr_mp_write_uint(&c->out, RPC_REP);
     rc |= kvr_mp_write_uint(&c->out, rpc);
     rc |= kvr_mp_write_int(&c->out, status);
@@ -66,6 +66,8 @@ int sync_send_reply(conn *c, uint64_t rpc, int status, const kvr_fsm_result *r)
     rc |= kvr_mp_write_uint(&c->out, r->freed);
     rc |= kvr_mp_write_cstr(&c->out, r->url);
     rc |= kvr_mp_write_double(&c->out, r->cost);
+    if (r->pool_waking) /* 12th field, only when set: older frames stay byte-identical */
+        rc |= kvr_mp_write_bool(&c->out, true);
     if (rc) {
         c->out.len = at;
         return KVR_ENOMEM;
@@ -175,8 +177,11 @@ static void handle_reply(conn *c, kvr_mp_reader *r, uint32_t n)
         sync_conn_close(c);
         return;
     }
+    bool waking = false;
     if (n >= 11)
         kvr_mp_read_double(r, &cost);
+    if (n >= 12)
+        kvr_mp_read_bool(r, &waking);
     pending *p = s->fwd_slots[rpc & (FWD_SLOTS - 1)];
     if (!p || p->rpc_id != rpc || p->state != P_FWD)
         return; /* late answer to a try we gave up on */
@@ -198,6 +203,7 @@ static void handle_reply(conn *c, kvr_mp_reader *r, uint32_t n)
     p->res.request_blocks = (uint32_t)blocks;
     p->res.freed = (uint32_t)freed;
     p->res.cost = cost;
+    p->res.pool_waking = waking;
     memcpy(p->res.url, url.base, url.len);
     p->res.url[url.len] = 0;
     p->have_res = true;

@@ -101,6 +101,8 @@ void wk_wreq_free(wreq *r)
     if (r->lnext)
         r->lnext->lprev = r->lprev;
     w->live_reqs--;
+    if (r->dg)
+        wk_dg_req_free(r);
     kvr_buf_free(&r->toks);
     kvr_buf_free(&r->all);
     if (r->dec_on)
@@ -171,6 +173,8 @@ static bool wreq_flush(wreq *r)
         append_ids(b, all, na);
         kvr_buf_append_cstr(b, ",\"logprobs\":null,\"finish_reason\":\"length\"}],");
         append_usage(b, r);
+        if (r->dg)
+            wk_dg_append_params(r, b);
         kvr_buf_append_cstr(b, "}");
         kvr_http_respond(r->http, 200, "application/json", b->base, b->len);
         r->http = NULL;
@@ -308,6 +312,8 @@ static void on_outputs(worker *w, const kvr_engine_output *o, size_t n)
         r->prompt_tokens = o[i].prompt_tokens;
         r->cached_tokens = o[i].cached_tokens;
         kvr_buf_append(&r->toks, &o[i].token, sizeof(uint32_t));
+        if (r->dg)
+            wk_dg_on_output(w, r, &o[i]);
         if (o[i].finished) {
             r->done_future = true;
             r->seq = NULL;
@@ -646,8 +652,9 @@ static void handle_completion(worker *w, kvr_http_req *req, bool chat)
     for (uint32_t i = 0; cJSON_IsString(model) && i < w->o.n_loras; i++)
         if (strcmp(model->valuestring, w->o.loras[i]) == 0)
             lora = i + 1;
-    if (kvr_engine_add_lora(w->eng, kvr_tok_ids(&toks), (uint32_t)n, (uint32_t)max_tokens, lora, r,
-                            &r->seq, &err) != 0) {
+    /* disagg.c: added now, or after a KV pull (--role decode), or held when done (prefill) */
+    if (wk_dg_admit(w, r, root, kvr_tok_ids(&toks), (uint32_t)n, (uint32_t)max_tokens, lora,
+                    &err) != 0) {
         wk_respond_error(req, err.code == KVR_ENOMEM ? 500 : 400, "invalid_request_error", "%s",
                          err.msg);
         wk_wreq_free(r);
@@ -854,4 +861,14 @@ void wk_on_request(kvr_http_req *req)
         wk_respond_error(req, 405, "invalid_request_error", "method not allowed");
     else
         wk_respond_error(req, 404, "invalid_request_error", "no such path");
+}
+
+void wk_engine_idle_jump(worker *w)
+{
+    engine_idle_jump(w, wk_wall_ns(w));
+}
+
+void wk_kick_drive(worker *w)
+{
+    kick_drive(w);
 }

@@ -738,6 +738,28 @@ static void take_prefix(kvr_engine *e, kvr_engine_seq *s)
     s->n_computed = hits * B;
 }
 
+/* Block b (referenced, not hashed) becomes the cached block at chain position pos holding
+ * toks, ext hash h: its seq hash chained from parent_seq, indexed, announced (BlockStored). */
+static void seal_block(kvr_engine *e, uint32_t b, const uint32_t *toks, uint32_t pos, uint8_t lora,
+                       bool has_parent, uint64_t parent, uint64_t parent_seq, uint64_t h)
+{
+    uint32_t B = e->cfg.block_size;
+    blk *k = &e->blks[b];
+    memcpy(e->blk_tokens + (size_t)b * B, toks, B * sizeof(uint32_t));
+    k->ext = h;
+    uint64_t local = kvr_hash_block_seeded(toks, B, e->seq_seed[lora]);
+    k->seq = has_parent ? kvr_hash_chain(parent_seq, local) : local;
+    k->has_parent = has_parent;
+    k->parent_ext = parent;
+    k->pos = pos;
+    k->lora = lora;
+    k->hashed = 1;
+    table_insert(e, b);
+    e->n_hashed++;
+    e->st.stored_blocks_total++;
+    ev_stored(e, b);
+}
+
 /* Hashes the blocks that the computed tokens filled; a block equal to one already cached
  * (computed concurrently by another sequence) is dropped in favour of the cached one. */
 static void seal_full_blocks(kvr_engine *e, kvr_engine_seq *s)
@@ -762,21 +784,7 @@ static void seal_full_blocks(kvr_engine *e, kvr_engine_seq *s)
                 free_push(e, mine);
             }
         } else {
-            uint32_t b = s->blocks[i];
-            blk *k = &e->blks[b];
-            memcpy(e->blk_tokens + (size_t)b * B, toks, B * sizeof(uint32_t));
-            k->ext = h;
-            uint64_t local = kvr_hash_block_seeded(toks, B, e->seq_seed[s->lora]);
-            k->seq = has_parent ? kvr_hash_chain(parent_seq, local) : local;
-            k->has_parent = has_parent;
-            k->parent_ext = parent;
-            k->pos = i;
-            k->lora = s->lora;
-            k->hashed = 1;
-            table_insert(e, b);
-            e->n_hashed++;
-            e->st.stored_blocks_total++;
-            ev_stored(e, b);
+            seal_block(e, s->blocks[i], toks, i, s->lora, has_parent, parent, parent_seq, h);
         }
         s->n_hashed++;
     }
@@ -956,4 +964,84 @@ void kvr_engine_foreach_cached(const kvr_engine *e, kvr_engine_block_fn fn, void
         if (k->hashed)
             fn(arg, k->ext, k->seq, k->has_parent, k->parent_ext, k->ref);
     }
+}
+
+/* ---------------------------------------------------------------- disaggregation */
+
+void kvr_engine_prompt_ext(kvr_engine *e, const uint32_t *prompt, uint32_t n_prompt, uint32_t lora,
+                           uint32_t n_blocks, uint64_t *ext)
+{
+    uint32_t B = e->cfg.block_size;
+    if (lora > e->cfg.n_loras)
+        lora = 0;
+    if (n_blocks > n_prompt / B)
+        n_blocks = n_prompt / B;
+    for (uint32_t i = 0; i < n_blocks; i++)
+        ext[i] = ext_hash(e, (uint8_t)lora, i > 0, i > 0 ? ext[i - 1] : 0,
+                          prompt + (size_t)i * B);
+}
+
+uint32_t kvr_engine_cached_blocks(kvr_engine *e, const uint32_t *prompt, uint32_t n_prompt,
+                                  uint32_t lora)
+{
+    uint32_t B = e->cfg.block_size, n = 0;
+    if (lora > e->cfg.n_loras)
+        return 0;
+    uint64_t parent = 0;
+    for (; n < n_prompt / B; n++) {
+        uint64_t h = ext_hash(e, (uint8_t)lora, n > 0, parent, prompt + (size_t)n * B);
+        if (table_find(e, h) == NIL)
+            break;
+        parent = h;
+    }
+    return n;
+}
+
+uint32_t kvr_engine_hold_prompt(kvr_engine *e, const uint32_t *prompt, uint32_t n_prompt,
+                                uint32_t lora, uint32_t max_blocks, bool create, uint32_t *blocks)
+{
+    uint32_t B = e->cfg.block_size, n = 0;
+    if (lora > e->cfg.n_loras)
+        return 0;
+    uint64_t parent = 0, parent_seq = 0;
+    while (n < max_blocks && n < n_prompt / B) {
+        const uint32_t *toks = prompt + (size_t)n * B;
+        uint64_t h = ext_hash(e, (uint8_t)lora, n > 0, parent, toks);
+        uint32_t b = table_find(e, h);
+        if (b != NIL) {
+            ref_block(e, b);
+        } else {
+            /* the blocks held so far are referenced: an eviction here never takes one */
+            if (!create || e->n_free + e->n_lru == 0)
+                break;
+            b = take_block(e);
+            seal_block(e, b, toks, n, (uint8_t)lora, n > 0, parent, parent_seq, h);
+        }
+        blocks[n++] = b;
+        parent = h;
+        parent_seq = e->blks[b].seq;
+    }
+    return n;
+}
+
+void kvr_engine_unhold(kvr_engine *e, const uint32_t *blocks, uint32_t n)
+{
+    for (uint32_t i = n; i-- > 0;) {
+        uint32_t b = blocks[i];
+        blk *k = &e->blks[b];
+        if (k->ref == 0)
+            continue; /* not held: a caller bug, never a double free */
+        if (--k->ref == 0) {
+            e->n_used--;
+            if (k->hashed)
+                lru_push_tail(e, b);
+            else
+                free_push(e, b);
+        }
+    }
+}
+
+uint64_t kvr_engine_block_ext(const kvr_engine *e, uint32_t b)
+{
+    return b < e->cfg.capacity_blocks ? e->blks[b].ext : 0;
 }

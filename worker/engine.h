@@ -154,4 +154,26 @@ void kvr_engine_foreach_cached(const kvr_engine *e, kvr_engine_block_fn fn, void
 void kvr_engine_gen_tokens(uint64_t seed, const uint32_t *prompt, uint32_t n_prompt, uint32_t *out,
                            uint32_t n);
 
+/* ---- Disaggregated prefill/decode (worker/disagg.c, DESIGN 9). Full blocks only: a block is
+ * named by its ext hash, which a decoder computes from its own prompt. */
+
+/* The ext hashes of the first n_blocks full blocks of prompt under adapter lora, into ext[]
+ * (n_blocks is capped at n_prompt / block_size). */
+void kvr_engine_prompt_ext(kvr_engine *e, const uint32_t *prompt, uint32_t n_prompt, uint32_t lora,
+                           uint32_t n_blocks, uint64_t *ext);
+/* How many leading full blocks of prompt are cached now (no references taken). */
+uint32_t kvr_engine_cached_blocks(kvr_engine *e, const uint32_t *prompt, uint32_t n_prompt,
+                                  uint32_t lora);
+/* Takes a reference on each of the leading full blocks of prompt, at most max_blocks, and
+ * writes their block indices to blocks[] (caller-allocated, max_blocks entries); returns how
+ * many. A block not cached ends the run, unless create: then it is made cached as if computed
+ * (its BlockStored is queued) — a decoder importing transferred blocks; it stops early when no
+ * block is free. Held blocks count as used and are never evicted until kvr_engine_unhold(). */
+uint32_t kvr_engine_hold_prompt(kvr_engine *e, const uint32_t *prompt, uint32_t n_prompt,
+                                uint32_t lora, uint32_t max_blocks, bool create, uint32_t *blocks);
+/* Drops the references kvr_engine_hold_prompt took (the same blocks[], n). */
+void kvr_engine_unhold(kvr_engine *e, const uint32_t *blocks, uint32_t n);
+/* The ext hash of block index b (0 when out of range). */
+uint64_t kvr_engine_block_ext(const kvr_engine *e, uint32_t b);
+
 #endif

@@ -299,7 +299,7 @@ static void send_heartbeat(worker *w)
                         .block_size = w->o.block_size,
                         .capacity_blocks = w->o.capacity_blocks,
                         .active = st.running,
-                        .waiting = st.waiting,
+                        .waiting = st.waiting + wk_dg_waiting(w),
                         .used_blocks = st.used_blocks,
                         .started_ms = (uint64_t)w->started_ms};
     for (uint32_t i = 0; i < w->o.n_loras; i++)

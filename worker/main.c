@@ -87,6 +87,7 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
                 .max_batched_tokens = 8192,
                 .max_model_len = 131072,
                 .speedup = 1.0};
+    wk_dg_opts_default(&o->dg);
     if ((argc = take_loras(o, argc, argv, err)) < 0)
         return argc;
     kvr_flag fl[] = {
@@ -139,6 +140,7 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
          false},
         {"log-level", KVR_FLAG_STRING, &o->log_level, "debug|info|warn|error", false},
         KVR_NATS_FLAG_ENTRIES(&o->nats_sec),
+        WK_DG_FLAG_ENTRIES(&o->dg),
     };
     size_t nfl = sizeof fl / sizeof fl[0];
     int rv = kvr_flags_parse(fl, nfl, argc - 1, argv + 1, NULL, 0, NULL, err);
@@ -152,6 +154,8 @@ static int parse_flags(opts *o, int argc, char **argv, kvr_err *err)
         return rv;
     if (strcmp(o->role, "both") && strcmp(o->role, "prefill") && strcmp(o->role, "decode"))
         return kvr_err_set(err, KVR_EINVAL, "--role must be both, prefill or decode");
+    if ((rv = wk_dg_opts_check(&o->dg, o->role, err)) != 0)
+        return rv;
     if (strcmp(o->event_format, "array") && strcmp(o->event_format, "map"))
         return kvr_err_set(err, KVR_EINVAL, "--event-format must be array or map");
     if (strcmp(o->hash_format, "int") && strcmp(o->hash_format, "bytes"))
@@ -221,7 +225,7 @@ static void collect(kvr_metrics *m, void *arg)
     kvr_metric_counter_set(w->m_stored, 0, s.stored_blocks_total);
     kvr_metric_counter_set(w->m_removed, 0, s.removed_blocks_total);
     kvr_metric_set(w->m_running, 0, s.running);
-    kvr_metric_set(w->m_waiting, 0, s.waiting);
+    kvr_metric_set(w->m_waiting, 0, s.waiting + wk_dg_waiting(w));
     kvr_metric_set(w->m_used, 0, s.used_blocks);
     kvr_metric_set(w->m_cached_blocks, 0, s.cached_blocks);
     kvr_metric_set(w->m_capacity, 0, s.capacity_blocks);
@@ -353,7 +357,7 @@ static void append_vllm_metrics(worker *w, kvr_buf *b)
         "# TYPE vllm:cache_config_info gauge\n"
         "vllm:cache_config_info{block_size=\"%" PRIu64 "\",cache_dtype=\"auto\",engine=\"0\","
         "enable_prefix_caching=\"True\",num_gpu_blocks=\"%" PRIu64 "\"} 1.0\n",
-        (double)w->started_ms / 1000.0, l, s.running, l, s.waiting, l, usage, l,
+        (double)w->started_ms / 1000.0, l, s.running, l, s.waiting + wk_dg_waiting(w), l, usage, l,
         (uint64_t)s.prompt_tokens_total, l, (uint64_t)s.cached_tokens_total, w->o.block_size,
         w->o.capacity_blocks);
     if (w->o.n_loras == 0)
@@ -453,6 +457,7 @@ static void shutdown_all(worker *w)
     if (w->nats_ok)
         kvr_nats_close(&w->nats, on_nats_closed);
     wk_zmq_close(w->zmq);
+    wk_dg_close(w);
 }
 
 static uint64_t drain_started;
@@ -554,6 +559,10 @@ int main(int argc, char **argv)
     w->http.data = w;
     if (setup_metrics(w) != 0) {
         fprintf(stderr, "kvr-worker: out of memory\n");
+        return 2;
+    }
+    if (wk_dg_start(w, &err) != 0) {
+        fprintf(stderr, "kvr-worker: %s\n", err.msg);
         return 2;
     }
     if (kvr_http_listen(&w->http, w->o.listen, &err) != 0) {

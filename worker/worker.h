@@ -6,6 +6,7 @@
 #ifndef KVR_WORKER_H
 #define KVR_WORKER_H
 
+#include "disagg.h"
 #include "engine.h"
 #include "zmq_pub.h"
 #include "kv_event.h"
@@ -54,6 +55,7 @@ typedef struct opts {
      */
     const char *mdc_sum_flag, *model_dir;
     char mdc_sum[64];
+    wk_dg_opts dg; /* --kv-*: prefill/decode roles and the KV side channel (disagg.h) */
 } opts;
 
 /* A completion request received but not parsed yet: parsing (JSON, tokens, engine add) is
@@ -82,6 +84,7 @@ typedef struct worker {
     kvr_nats nats;
     bool nats_ok;
     wk_zmq *zmq; /* --kv-events zmq: events on ZMQ in vLLM's framing, no NATS at all */
+    struct wk_dg *dg; /* roles: holds, the KV side channel, pulls (disagg.c) */
     kvr_metrics *metrics;
     uv_timer_t drive_timer, hb_timer, drain_timer, flush_timer, retry_timer;
     bool flush_pending; /* connected, but events wait until the routers have seen a heartbeat */
@@ -148,6 +151,7 @@ struct wreq {
     char id[64];
     char model[128];
     int64_t created;
+    struct wk_dgreq *dg; /* prefill leg or pull state (disagg.c); NULL for most requests */
 };
 
 /* the one worker of this process (main.c) */
@@ -162,6 +166,10 @@ void wk_admit_pending(worker *w, size_t max);
 void wk_wreq_free(wreq *r);
 void wk_respond_error(kvr_http_req *req, int status, const char *type, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+/* for a request admitted later (disagg.c, after its KV pull): the idle clock jump and the
+ * drive timer kick handle_completion does */
+void wk_engine_idle_jump(worker *w);
+void wk_kick_drive(worker *w);
 
 /* main.c: GET /metrics (kvroute's own families, plus vLLM's names for kvr-bridge) */
 void wk_metrics_respond(worker *w, kvr_http_req *req);

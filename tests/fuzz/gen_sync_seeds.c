@@ -72,6 +72,9 @@ int main(int argc, char **argv)
     put(&b, &ex);
     kvr_cmd wd = {.type = KVR_CMD_WORKER_DOWN, .u.worker_id = 2};
     put(&b, &wd);
+    kvr_cmd ps = {.type = KVR_CMD_POOL_SET};
+    ps.u.pool = (kvr_pool_cmd){kvr_slice_of("ns"), kvr_slice_of("m"), KVR_POOL_SLEEPING, 1600};
+    put(&b, &ps);
     save(argv[1], "commands", &b);
 
     /* the same commands as one entry, and the resulting state as a snapshot */

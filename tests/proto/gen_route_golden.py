@@ -27,6 +27,8 @@ CASES = {
     "reply_best": {"ok": True, "worker_id": 3, "url": "http://127.0.0.1:9003",
                    "overlap_blocks": 2, "best_overlap_blocks": 7, "router_id": 1, "mode": "raft"},
     "reply_error": {"ok": False, "error": "no live worker for this model/namespace"},
+    "reply_waking": {"ok": False, "pool_state": "waking", "retry_after_ms": 250,
+                     "error": "pool waking"},
     "event_free": {"request_id": RID, "event": "free"},
     "event_prefill_done": {"request_id": RID, "event": "prefill_done"},
     "event_free_relayed": {"request_id": RID, "event": "free", "relayed": True},

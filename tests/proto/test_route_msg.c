@@ -323,6 +323,11 @@ static void test_reply_golden(void **state)
     kvr_buf_reset(&b);
     assert_int_equal(kvr_route_reply_encode(&b, &no), 0);
     assert_same_bytes(&b, "reply_error");
+    kvr_route_reply waking = {.error = S("pool waking"), .pool_waking = true,
+                              .retry_after_ms = 250};
+    kvr_buf_reset(&b);
+    assert_int_equal(kvr_route_reply_encode(&b, &waking), 0);
+    assert_same_bytes(&b, "reply_waking");
 
     kvr_route_reply r;
     kvr_buf g;
@@ -347,6 +352,12 @@ static void test_reply_golden(void **state)
     assert_int_equal(kvr_route_reply_decode(g.base, g.len, &r, NULL), 0);
     assert_false(r.ok);
     assert_slice(r.error, "no live worker for this model/namespace");
+    assert_false(r.pool_waking);
+    kvr_buf_free(&g);
+    golden("reply_waking", &g);
+    assert_int_equal(kvr_route_reply_decode(g.base, g.len, &r, NULL), 0);
+    assert_true(!r.ok && r.pool_waking && r.retry_after_ms == 250);
+    assert_slice(r.error, "pool waking");
     kvr_buf_free(&g);
 
     /* an ok reply without a url is refused; an empty url cannot be encoded */

@@ -3,6 +3,7 @@
  *   kvr-test-pub --nats URL [--core] < script      (one command per line, '#' comments)
  *   kvr-test-pub tokens P N                          prints {"token_ids":[...]} of prefix P
  *   kvr-test-pub --nats URL beat-loop NS W MODEL URL BS STARTED_MS [INTERVAL_MS]
+ * Heartbeats announce capacity_blocks $KVR_TEST_PUB_CAPACITY (default 16384).
  *
  * Prefix model: token k of prefix P is tok(P,k) = (P*1000003 + k) mod 2^31; block b of prefix
  * P (block size B) holds tokens [b*B, b*B+B) and has external hash ext(P,b) = P*100000 + b + 1.
@@ -222,7 +223,9 @@ static int beat(const char *ns, uint64_t w, const char *model, const char *url, 
     kvr_mp_write_cstr(&b, "block_size");
     kvr_mp_write_uint(&b, bs);
     kvr_mp_write_cstr(&b, "capacity_blocks");
-    kvr_mp_write_uint(&b, 16384);
+    /* KVR_TEST_PUB_CAPACITY: the capacity heartbeats announce (routerd_approx's LRU bound) */
+    const char *cap = getenv("KVR_TEST_PUB_CAPACITY");
+    kvr_mp_write_uint(&b, cap && *cap ? strtoull(cap, NULL, 10) : 16384);
     kvr_mp_write_cstr(&b, "active");
     kvr_mp_write_uint(&b, 0);
     kvr_mp_write_cstr(&b, "waiting");

@@ -75,6 +75,13 @@ static int gold_cmd(int i, kvr_cmd *c)
         c->type = KVR_CMD_EXPIRE;
         c->u.before_ms = 1764999400000ull;
         return 0;
+    case 9: /* added with scale-to-zero; its vector is python3-msgpack's encoding */
+        c->type = KVR_CMD_POOL_SET;
+        c->u.pool = (kvr_pool_cmd){.ns = kvr_slice_of("prod"),
+                                   .model = kvr_slice_of("llama-3-8b"),
+                                   .state = KVR_POOL_WAKING,
+                                   .now_ms = 1765000000789ull};
+        return 0;
     default:
         return -1;
     }
@@ -90,6 +97,7 @@ static const char *const GOLDEN[] = {
     /* 6 FRONTEND_SEEN */ "0193062acf0000019af232b3c8",
     /* 7 FRONTEND_EXPIRE */ "0193072acf0000019af232dad8",
     /* 8 EXPIRE */ "019208cf0000019af2298a40",
+    /* 9 POOL_SET */ "019509a470726f64aa6c6c616d612d332d386202cf0000019af232b515",
 };
 #define N_GOLDEN (sizeof GOLDEN / sizeof *GOLDEN)
 
@@ -187,6 +195,12 @@ static void test_decode_golden(void **state)
         case KVR_CMD_EXPIRE:
             assert_true(got.u.before_ms == want.u.before_ms);
             break;
+        case KVR_CMD_POOL_SET:
+            assert_true(kvr_slice_eq(got.u.pool.ns, want.u.pool.ns) &&
+                        kvr_slice_eq(got.u.pool.model, want.u.pool.model));
+            assert_true(got.u.pool.state == want.u.pool.state &&
+                        got.u.pool.now_ms == want.u.pool.now_ms);
+            break;
         default:
             fail_msg("vector %zu: unexpected type %d", i, (int)got.type);
         }
@@ -232,7 +246,7 @@ static void test_peek_type(void **state)
         assert_int_equal(kvr_cmd_peek_type(bytes, 2), KVR_CMD_NONE);
     }
     const uint8_t not_fixarray[] = {KVR_CMD_VERSION, 0xdc, KVR_CMD_FREE};
-    const uint8_t unknown_type[] = {KVR_CMD_VERSION, 0x92, KVR_CMD_EXPIRE + 1};
+    const uint8_t unknown_type[] = {KVR_CMD_VERSION, 0x92, KVR_CMD_TYPE_MAX + 1};
     assert_int_equal(kvr_cmd_peek_type(not_fixarray, 3), KVR_CMD_NONE);
     assert_int_equal(kvr_cmd_peek_type(unknown_type, 3), KVR_CMD_NONE);
     assert_int_equal(kvr_cmd_peek_type("", 0), KVR_CMD_NONE);

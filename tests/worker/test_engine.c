@@ -640,6 +640,63 @@ static void test_lora_blocks_apart(void **st)
     kvr_engine_free(e);
 }
 
+/* Disaggregation (issue 15): a prefill engine holds a finished prompt's full blocks against
+ * eviction; a decode engine imports the same prompt's blocks (BlockStored, the same ext hashes)
+ * and its request then hits them, computing only the tail. */
+static void test_hold_and_import(void **st)
+{
+    (void)st;
+    kvr_engine *p = mk(4, 8, 8, 64, 1.0), *d = mk(4, 64, 8, 64, 1.0);
+    uint32_t a[14], b[16], blocks[8];
+    fill(a, 14, 1);
+    fill(b, 16, 500);
+    evlog *lp = calloc(1, sizeof *lp), *ld = calloc(1, sizeof *ld);
+    assert_int_equal(run1(p, a, 14, 1, lp), 0);
+    uint64_t ext[3];
+    kvr_engine_prompt_ext(p, a, 14, 0, 3, ext);
+    assert_int_equal(kvr_engine_cached_blocks(p, a, 14, 0), 3);
+    /* hold: 3 full blocks referenced, out of the free and evictable pools until unhold */
+    assert_int_equal(kvr_engine_hold_prompt(p, a, 14, 0, 8, false, blocks), 3);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(kvr_engine_block_ext(p, blocks[i]), ext[i]);
+    kvr_engine_stats s;
+    kvr_engine_get_stats(p, &s);
+    assert_int_equal(s.used_blocks, 3);
+    assert_int_equal(s.free_blocks, 5); /* held: neither free nor evictable */
+    run1(p, b, 16, 1, lp);
+    assert_int_equal(kvr_engine_cached_blocks(p, a, 14, 0), 3);
+    for (size_t i = 0; i < lp->n_removed; i++)
+        assert_false(contains(ext, 3, lp->removed[i]));
+    kvr_engine_unhold(p, blocks, 3);
+    kvr_engine_get_stats(p, &s);
+    assert_int_equal(s.used_blocks, 0);
+    assert_int_equal(s.free_blocks, 8);
+    /* import on the decoder: the same ext hashes are announced, referenced until unhold */
+    uint32_t imp[8];
+    assert_int_equal(kvr_engine_hold_prompt(d, a, 14, 0, 3, false, imp), 0); /* not cached */
+    assert_int_equal(kvr_engine_hold_prompt(d, a, 14, 0, 3, true, imp), 3);
+    drain(d, ld);
+    assert_int_equal(ld->n_stored, 3);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(ld->stored[i], ext[i]);
+    /* the request computes only the tail: 12 of 14 tokens hit (at most n-1 = 13 -> 3 blocks) */
+    assert_int_equal(run1(d, a, 14, 2, ld), 12);
+    kvr_engine_unhold(d, imp, 3);
+    kvr_engine_get_stats(d, &s);
+    assert_int_equal(s.used_blocks + s.running + s.waiting, 0);
+    assert_int_equal(s.cached_blocks, 3); /* the imported ones (15 computed tokens: no 4th) */
+    /* a second import of a cached prefix takes references only: no new BlockStored */
+    size_t before = ld->n_stored;
+    assert_int_equal(kvr_engine_hold_prompt(d, a, 14, 0, 3, true, imp), 3);
+    drain(d, ld);
+    assert_int_equal(ld->n_stored, before);
+    kvr_engine_unhold(d, imp, 3);
+    free(lp);
+    free(ld);
+    kvr_engine_free(p);
+    kvr_engine_free(d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -650,6 +707,7 @@ int main(void)
         cmocka_unit_test(test_step_timing),
         cmocka_unit_test(test_batching_limits_and_preemption),
         cmocka_unit_test(test_cancel_frees),
+        cmocka_unit_test(test_hold_and_import),
         cmocka_unit_test(test_events_rebuild_cache),
         cmocka_unit_test(test_long_chain_events_are_bounded),
 #ifdef KVR_HAVE_INDEXER
