@@ -69,6 +69,8 @@ static struct {
     kvr_metrics *metrics;
     uv_timer_t tick;
     uv_signal_t sigint, sigterm;
+    uv_timer_t stop_timer;
+    bool stopping;
     uint64_t id;
     char lease_subject[64];
     int64_t route_timeout_ms, route_tries;
@@ -985,11 +987,29 @@ static void on_tick(uv_timer_t *t)
     }
 }
 
+static void on_stop_timer(uv_timer_t *t)
+{
+    (void)t;
+    uv_stop(E.loop);
+}
+
+/* First signal: every connection is closed, so every open stream ends as if cancelled and its
+ * booking's "free" is published (routers would otherwise hold it until the lease expires,
+ * 10 s); the loop runs 300 ms more for NATS to send them. A second signal stops at once. */
 static void on_signal(uv_signal_t *s, int sig)
 {
     (void)s;
-    KVR_LOG_INFO("signal: stopping", "signal=%d", sig);
-    uv_stop(E.loop);
+    if (E.stopping) {
+        uv_stop(E.loop);
+        return;
+    }
+    E.stopping = true;
+    KVR_LOG_INFO("signal: stopping", "signal=%d open_streams=%u", sig, E.open_streams);
+    epp_grpc_close(&E.grpc);
+    if (E.health_on)
+        epp_grpc_close(&E.health);
+    uv_timer_init(E.loop, &E.stop_timer);
+    uv_timer_start(&E.stop_timer, on_stop_timer, E.nats_on ? 300 : 0, 0);
 }
 
 int main(int argc, char **argv)

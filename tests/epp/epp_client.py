@@ -4,7 +4,7 @@ kvr-epp over h2c. Its _pb2 modules are generated with protoc from Envoy's REAL p
 (tests/epp/protos), so kvr-epp's pruned proto is checked against the upstream wire format.
 
 usage: epp_client.py ADDR SCENARIO [options]   → one JSON line on stdout
-scenarios: get, post, post-close, garbage, cancel, hang, concurrent, seq, health, unknown-method
+scenarios: get, post, post-close, garbage, cancel, hang, hold, concurrent, seq, health, unknown-method
 """
 import argparse
 import json
@@ -269,6 +269,14 @@ def main():
             qi.put(hdrs([(":method", "POST"), (":path", path)]))
             qi.put(body(payload[:len(payload) // 2], False))
         print(json.dumps({"hanging": a.n}), flush=True)
+        time.sleep(600)
+    elif a.scenario == "hold":
+        # a picked (booked) stream held open: the pick made, the response never comes
+        s = Stream(ch, timeout=600)
+        s.send(hdrs([(":method", "POST"), (":path", path)]))
+        s.send(body(payload, True))
+        r = s.recv()
+        print(json.dumps({"first": r.WhichOneof("response")}), flush=True)
         time.sleep(600)
     elif a.scenario == "concurrent":
         results, lock = [], threading.Lock()

@@ -127,12 +127,10 @@ kvr_assert_eq "$(emetric kvr_epp_streams_cancelled_total)" $((c0 + 1)) "cancel s
 kvr_assert_eq "$(emetric kvr_epp_open_streams)" 0 "no stream left open"
 
 # --- the gateway's connection drops with 5 streams open (no RST_STREAM): all closed ---
-$PY "$HERE/epp_client.py" "127.0.0.1:$GP" hang --n 5 >"$KVR_TMP/hang.out" &
-HANG=$!
+kvr_spawn hang $PY "$HERE/epp_client.py" "127.0.0.1:$GP" hang --n 5
 hanging() { [ "$(emetric kvr_epp_open_streams)" = 5 ]; }
 kvr_wait_for 10 hanging || kvr_fail "5 hanging streams never open: $(emetric kvr_epp_open_streams)"
-kill -9 $HANG
-wait $HANG 2>/dev/null
+kvr_kill9 hang
 closed() { [ "$(emetric kvr_epp_open_streams)" = 0 ]; }
 kvr_wait_for 5 closed || kvr_fail "streams of a dropped connection left open: $(emetric kvr_epp_open_streams)"
 
@@ -179,8 +177,17 @@ kvr_assert_eq "$($PY "$HERE/epp_client.py" localhost:$TP2 health --tls-ca "$KVR_
     SERVING "health over TLS with --cert-path, name verified"
 r=$($PY "$HERE/epp_client.py" localhost:$TP2 post --tls-ca "$KVR_TMP/certs/tls.crt")
 kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "--cert-path instance without NATS: 503"
-kvr_term epp_tls
 kvr_term epp_tls2
+
+# --- SIGTERM with a booked stream open: its booking is freed at once, not at lease expiry ---
+kvr_spawn hold $PY "$HERE/epp_client.py" "127.0.0.1:$TP" hold --tls-ca "$KVR_TMP/self.pem" \
+    --tls-name kvr-epp
+booked() { [ "$(bookings)" = 1 ]; }
+kvr_wait_for 10 booked || kvr_fail "the held stream was never booked: $(bookings)"
+kill -TERM "$(kvr_pid epp_tls)"
+kvr_wait_for 3 zero || kvr_fail "SIGTERM left the held stream's booking: $(bookings)"
+kvr_kill9 hold
+kvr_wait_for 5 bash -c "! kill -0 $(kvr_pid epp_tls) 2>/dev/null" || kvr_fail "kvr-epp did not exit on SIGTERM"
 
 # --- no router answers: a local least-loaded pick, as the frontend's fallback ---
 kvr_term router1
