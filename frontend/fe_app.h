@@ -141,12 +141,48 @@ typedef struct fe_call {
     char up_ctype[128];
     bool up_is_sse;
     uint64_t tok_worker_id;
+    /* held for a pool waking from zero (fe_hold.c) */
+    struct fe_hold_pool *hold; /* its pool while held (queued or asking again), else NULL */
+    struct fe_call *hold_prev, *hold_next;
+    bool hold_queued;
+    bool waited; /* it was held: x-kvroute-cold-start */
+    size_t hold_bytes;
+    int64_t t_hold_ns;
+    int64_t hold_deadline_ms, hold_keepalive_ms; /* monotonic */
+    /* no live worker of the model was known when it arrived (404 or 503): it was routed in
+     * case a router knows its pool as sleeping; answered so if no router takes it */
+    int cold_status;
     /* disaggregation (fe_disagg.c): the prefill leg's state and worker */
     uint8_t dg_state;
     int64_t dg_t0_ns, dg_work_ns; /* prefill leg start; the frontend's own time on it */
     uint64_t prefill_worker_id;
     char prefill_url[FE_URL_MAX];
 } fe_call;
+
+/* fe_hold.c: requests held for a pool waking from zero (loop thread). */
+void fe_hold_configure(size_t max_held, size_t max_bytes, int64_t wake_timeout_ms,
+                       int64_t keepalive_ms);
+int fe_hold_metrics(kvr_metrics *m);
+/* A router answered c "pool waking": c is held (or answered 503 when its pool is full). */
+void fe_hold_waking(fe_call *c, uint32_t retry_after_ms);
+/* Any kvr.route reply for c (before it is handled). */
+void fe_hold_reply_seen(fe_call *c);
+/* c goes to a worker: its hold ends; routed (a router chose it): the pool's other held calls
+ * ask again now. */
+void fe_hold_served(fe_call *c, bool routed);
+/* use_local_choice found no worker for c: true when fe_hold answered or held c. */
+bool fe_hold_no_worker(fe_call *c, int fb_reason);
+void fe_hold_client_gone(fe_call *c);
+void fe_hold_detach(fe_call *c); /* before c is freed */
+/* A heartbeat of a live worker of (ns, model) arrived: that pool's probe asks now. */
+void fe_hold_worker_heard(const char *ns, const char *model);
+/* GET /metrics: the registry plus kvr_frontend_held_requests{namespace,model}. */
+void fe_hold_metrics_respond(kvr_http_req *req);
+/* Draining (first SIGTERM): the queued held calls get 503 at once, held ones asking a router
+ * get it when answered; they have no work to finish here and another frontend may serve
+ * them. */
+void fe_hold_drain(void);
+void fe_hold_close(void);
 
 /* fe_hits.c: registers the metrics; fe_hits_record is called once per call whose worker
  * reported its cached tokens. */

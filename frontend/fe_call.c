@@ -211,6 +211,7 @@ void call_maybe_free(fe_call *c)
 {
     if (c->req || c->route_pending || c->up || c->parse_pending)
         return;
+    fe_hold_detach(c);
     release_worker(c);
     fe_req_free(&c->r);
     fe_relay_free(&c->relay);
@@ -236,6 +237,7 @@ void on_client_close(kvr_http_req *req)
     fe_call *c = req->data;
     c->client_gone = true;
     kvr_metric_inc(app.m_disconnects);
+    fe_hold_client_gone(c); /* a held call leaves its queue now */
     if (c->parse_pending)
         return; /* the parse still reads the body: after_parse finishes the request */
     if (c->up) {

@@ -130,6 +130,16 @@ static void after_parse(fe_call *c)
     c->filt.lora = c->lora;
     c->filt.mdc_sum = fe_tok_mdc_sum(c->pool_model);
     int rc = fe_pool_pick_ns_f(&app.pool, c->pool_model, now, &c->filt, c->ns);
+    if ((rc == KVR_ENOTFOUND || rc == KVR_EAGAIN) && app.mode == FE_MODE_KV && app.nats_on &&
+        kvr_nats_connected(&app.nats)) {
+        /* No live worker of the model: its pool may be scaled to zero, which only the routers
+         * know. They are asked (in the frontend's namespace, or its prefix's first one); one
+         * that answers "waking" has the request held (fe_hold.c), else it gets the answer it
+         * would have got before. */
+        c->cold_status = rc == KVR_ENOTFOUND ? 404 : 503;
+        snprintf(c->ns, sizeof c->ns, "%s", app.pool.ns);
+        rc = 0;
+    }
     if (rc == KVR_ENOTFOUND) {
         fe_error_set(&e, 404, "invalid_request_error", "model", "model_not_found",
                      "The model `%s` does not exist or has no live worker.", c->r.model);
@@ -280,7 +290,7 @@ void on_request(kvr_http_req *req)
         if (!get)
             goto bad_method;
         kvr_metric_add(app.m_responses, status_index(200), 1);
-        kvr_metrics_respond(app.metrics, req);
+        fe_hold_metrics_respond(req);
         return;
     case R_MODELS: {
         if (!get)

@@ -3,10 +3,10 @@
 #include "fe_app.h"
 
 #include "fe_tokenize.h"
+#include "beat_msg.h"
 #include "kvr_hash.h"
 #include "kvr_heartbeat.h"
 #include "kvr_log.h"
-#include "kvr_mp.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -90,6 +90,7 @@ void on_heartbeat(const kvr_nats_msg *m, void *data)
     fe_worker *w = fe_pool_find(&app.pool, ns, hb.id);
     if (!w)
         return;
+    fe_hold_worker_heard(w->ns, w->model); /* a waking pool's readiness signal */
     /* a request naming one of its adapters tokenizes as its base model does */
     for (uint32_t i = 0; i < hb.n_loras; i++)
         fe_tok_note_lora(hb.loras[i].base, hb.loras[i].len, w->model);
@@ -132,14 +133,11 @@ void on_tick(uv_timer_t *t)
     if (app.nats_on && kvr_nats_connected(&app.nats)) {
         kvr_buf b;
         kvr_buf_init(&b);
-        kvr_mp_write_map(&b, 3);
-        kvr_mp_write_cstr(&b, "frontend_id");
-        kvr_mp_write_uint(&b, app.frontend_id);
-        kvr_mp_write_cstr(&b, "ts_ms");
-        kvr_mp_write_uint(&b, (uint64_t)kvr_now_ms());
-        kvr_mp_write_cstr(&b, "active");
-        kvr_mp_write_uint(&b, app.active_streams);
-        kvr_nats_publish(&app.nats, app.lease_subject, b.base, b.len);
+        kvr_lease l = {.frontend_id = app.frontend_id,
+                       .ts_ms = (uint64_t)kvr_now_ms(),
+                       .active = app.active_streams};
+        if (kvr_lease_encode(&b, &l) == 0)
+            kvr_nats_publish(&app.nats, app.lease_subject, b.base, b.len);
         kvr_buf_free(&b);
     }
 }
@@ -196,6 +194,7 @@ static void on_flush_wait(uv_timer_t *t)
     uv_close((uv_handle_t *)&app.drain_timer, on_closed_handle);
     uv_close((uv_handle_t *)&app.tick, on_closed_handle);
     uv_close((uv_handle_t *)&app.prepare, on_closed_handle);
+    fe_hold_close();
     kvr_http_server_close(&app.http, NULL);
     kvr_curl_close(&app.curl, NULL);
     if (app.nats_on)
@@ -245,6 +244,7 @@ void on_signal(uv_signal_t *s, int signum)
     KVR_LOG_INFO("stopping: draining", "signal=%d calls=%zu drain_timeout_ms=%" PRId64, signum,
                  app.n_calls, app.drain_timeout_ms);
     kvr_http_server_stop_listening(&app.http);
+    fe_hold_drain();
     if (app.n_calls == 0 || app.drain_timeout_ms <= 0) {
         end_all_calls("the frontend is shutting down; retry the request");
         shutdown_now();

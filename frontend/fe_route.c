@@ -16,6 +16,9 @@
 
 void use_local_choice(fe_call *c, int fb_reason)
 {
+    /* no live worker when it arrived, no router took it: the old 404/503, not a fallback */
+    if (c->cold_status && !c->hold && fe_hold_no_worker(c, fb_reason))
+        return;
     if (fb_reason >= 0) {
         kvr_metric_add(app.m_fallback, (size_t)fb_reason, 1);
         KVR_LOG_INFO("route fallback", "request=%s reason=%s", c->rid_hex,
@@ -24,6 +27,8 @@ void use_local_choice(fe_call *c, int fb_reason)
     fe_worker *w = fe_pool_choose_f(&app.pool, app.mode, c->ns, c->pool_model, kvr_mono_ms(), false,
                                     0, &c->filt);
     if (!w) {
+        if (fe_hold_no_worker(c, fb_reason))
+            return;
         finish_error(c, 503, "service_unavailable", "no_worker", "no live worker for this model");
         call_maybe_free(c);
         return;
@@ -32,6 +37,7 @@ void use_local_choice(fe_call *c, int fb_reason)
     c->worker_id = w->id;
     c->have_worker = true;
     worker_inflight(c, +1);
+    fe_hold_served(c, false);
     start_upstream(c);
 }
 
@@ -39,6 +45,7 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
 {
     fe_call *c = cbdata;
     c->route_pending = false;
+    fe_hold_reply_seen(c);
     if (status == 0 && c->t_try_ns)
         kvr_metric_observe(app.m_route_rtt, 0, (double)(kvr_mono_ns() - c->t_try_ns) / 1e9);
     if (!c->req || c->client_gone) {
@@ -76,9 +83,14 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
         use_local_choice(c, FB_BAD_REPLY);
         return;
     }
+    if (!rep.ok && rep.pool_waking) { /* scaled to zero, waking: held (fe_hold.c) */
+        fe_hold_waking(c, rep.retry_after_ms);
+        return;
+    }
     if (!rep.ok) {
-        KVR_LOG_WARN_RL(5, "router refused", "request=%s err=\"%.*s\"", c->rid_hex,
-                        (int)rep.error.len, rep.error.base);
+        if (!c->cold_status) /* a model no router knows is the client's mistake */
+            KVR_LOG_WARN_RL(5, "router refused", "request=%s err=\"%.*s\"", c->rid_hex,
+                            (int)rep.error.len, rep.error.base);
         use_local_choice(c, FB_ROUTER_ERROR);
         return;
     }
@@ -100,6 +112,7 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
     c->predicted_tokens = rep.overlap_blocks * pbs;
     c->best_predicted_tokens = rep.best_overlap_blocks * pbs;
     worker_inflight(c, +1);
+    fe_hold_served(c, true);
     KVR_LOG_DEBUG("routed", "request=%s worker=%" PRIu64 " overlap=%u router=%u mode=%.*s",
                   c->rid_hex, rep.worker_id, rep.overlap_blocks, rep.router_id, (int)rep.mode.len,
                   rep.mode.base);

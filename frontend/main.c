@@ -13,6 +13,7 @@
 #include "fe_chat.h"
 #include "fe_tokenize.h"
 
+#include "beat_msg.h"
 #include "kvr_flags.h"
 #include "kvr_log.h"
 #include "kvr_nats_flags.h"
@@ -108,6 +109,8 @@ static int register_metrics(void)
     if (!app.m_hb_refused_url || !app.m_stalls || !app.m_drain_cut || !app.m_remote_tok ||
         !app.m_mdc_mismatch)
         return KVR_EINVAL;
+    if (fe_hold_metrics(m) != 0)
+        return KVR_EINVAL;
     if (fe_hits_metrics(m) != 0 || fe_disagg_metrics(m) != 0)
         return KVR_ENOMEM;
     if (!app.m_requests || !app.m_responses || !app.m_ttft || !app.m_e2e || !app.m_route_lat ||
@@ -131,6 +134,8 @@ int main(int argc, char **argv)
     int64_t upstream_stall = 10000, drain_timeout = 30000, max_body = 4 << 20;
     const char *worker_cidr = "private", *tok_fallback = "none", *forward = "tokens";
     bool trust_tmpl = false;
+    int64_t max_held = 1024, max_held_bytes = 64 << 20, wake_timeout = 300000,
+            hold_keepalive = 10000;
     kvr_flag flags[] = {
         {"listen", KVR_FLAG_STRING, &listen, "HTTP listen address (host:port or :port)", 0},
         {"nats", KVR_FLAG_STRING, &nats_url, "NATS URL (required for kv mode and heartbeats)", 0},
@@ -172,6 +177,14 @@ int main(int argc, char **argv)
          "stream; body sends the client's JSON unchanged to the worker's same endpoint and relays "
          "its answer unchanged (real engines)",
          0},
+        {"max-held", KVR_FLAG_INT, &max_held,
+         "requests held per pool while it wakes from zero; past it: 503 at once", 0},
+        {"max-held-bytes", KVR_FLAG_SIZE, &max_held_bytes,
+         "request bodies held per pool while it wakes (default 64MiB); past it: 503 at once", 0},
+        {"wake-timeout", KVR_FLAG_DURATION, &wake_timeout,
+         "how long one request may wait for its pool to wake (default 300s); then 503", 0},
+        {"hold-keepalive", KVR_FLAG_DURATION, &hold_keepalive,
+         "interval of the SSE comment lines a held stream gets (default 10s)", 0},
         KVR_NATS_FLAG_ENTRIES(&nats_sec),
     };
     size_t nflags = sizeof flags / sizeof *flags;
@@ -254,6 +267,12 @@ int main(int argc, char **argv)
                 "kvr-frontend: --upstream-stall-timeout and --drain-timeout must be >= 0\n");
         return 2;
     }
+    if (max_held < 0 || max_held_bytes < 0 || wake_timeout < 1 || hold_keepalive < 1) {
+        fprintf(stderr, "kvr-frontend: --max-held and --max-held-bytes must be >= 0, "
+                        "--wake-timeout and --hold-keepalive positive\n");
+        return 2;
+    }
+    fe_hold_configure((size_t)max_held, (size_t)max_held_bytes, wake_timeout, hold_keepalive);
     app.upstream_stall_ms = upstream_stall;
     app.drain_timeout_ms = drain_timeout;
     if (kvr_cidr_list_add_csv(&app.worker_cidrs, worker_cidr, &err)) {
@@ -265,7 +284,7 @@ int main(int argc, char **argv)
     app.route_tries = route_tries;
     app.boot_ms = (uint64_t)kvr_now_ms();
     app.tok = kvr_tok_byte();
-    snprintf(app.lease_subject, sizeof app.lease_subject, "kvr.frontends.%" PRIu64, id);
+    (void)kvr_lease_subject(app.lease_subject, sizeof app.lease_subject, id); /* 64 bytes fit */
     if (fe_pool_init(&app.pool,
                      prefix ? prefix
                      : ns   ? ns

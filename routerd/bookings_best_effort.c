@@ -3,12 +3,13 @@
  * mode and broadcasts every booking (pinned to the worker it chose), PREFILL_DONE and FREE on
  * kvr.route.bcast; it applies the other routers' broadcasts to its own FSM as they arrive.
  * Decisions made before a peer's booking arrives see stale load. */
+#include "bcast_wire.h"
 #include "bookings.h"
 #include "routerd_int.h"
 
 /* Best-effort mode: tells the other routers what this one just applied. A ROUTE goes out
- * pinned to the worker chosen here, so every router books the same worker for it. Frame:
- * msgpack [router_id, command bytes]. */
+ * pinned to the worker chosen here, so every router books the same worker for it. Payload:
+ * sync/bcast_wire.h. */
 static void broadcast(kvr_routerd *rd, const kvr_cmd *cmd, const kvr_fsm_result *res)
 {
     kvr_cmd c = *cmd;
@@ -19,13 +20,10 @@ static void broadcast(kvr_routerd *rd, const kvr_cmd *cmd, const kvr_fsm_result 
     } else if (c.type != KVR_CMD_FREE && c.type != KVR_CMD_PREFILL_DONE) {
         return;
     }
-    kvr_buf cb, b;
-    kvr_buf_init(&cb);
+    kvr_buf b;
     kvr_buf_init(&b);
-    if (kvr_cmd_encode(&c, &cb, NULL) == 0 && kvr_mp_write_array(&b, 2) == 0 &&
-        kvr_mp_write_uint(&b, rd->cfg.id) == 0 && kvr_mp_write_bin(&b, cb.base, cb.len) == 0)
+    if (kvr_bcast_encode(&b, rd->cfg.id, &c) == 0)
         kvr_nats_publish(&rd->nats, "kvr.route.bcast", b.base, b.len);
-    kvr_buf_free(&cb);
     kvr_buf_free(&b);
 }
 
@@ -33,16 +31,10 @@ static void broadcast(kvr_routerd *rd, const kvr_cmd *cmd, const kvr_fsm_result 
 static void on_bcast(const kvr_nats_msg *m, void *data)
 {
     kvr_routerd *rd = data;
-    kvr_mp_reader r;
-    kvr_mp_reader_init(&r, m->data, m->len);
-    uint32_t n;
     uint64_t from;
-    kvr_slice bin;
     kvr_cmd cmd;
     kvr_route_candidate cand[KVR_FSM_MAX_CANDIDATES];
-    if (kvr_mp_read_array(&r, &n) != 0 || n != 2 || kvr_mp_read_uint(&r, &from) != 0 ||
-        kvr_mp_read_bin(&r, &bin) != 0 ||
-        kvr_cmd_decode(bin.base, bin.len, &cmd, cand, NULL) != 0) {
+    if (kvr_bcast_decode(m->data, m->len, &from, &cmd, cand) != 0) {
         kvr_metric_inc(rd->m_bcast_rejected);
         KVR_LOG_WARN_RL(5, "bad booking broadcast", "len=%zu", m->len);
         return;

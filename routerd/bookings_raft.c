@@ -1,6 +1,7 @@
 /* bookings_raft.c: bookings on the replicated FSM through kvr_sync (--peers; bookings.h).
  * Also what only a Raft group has: the quorum beacons and the queue groups a router without
  * quorum leaves (follow_quorum), membership changes, the per-hop latencies. */
+#include "beat_msg.h"
 #include "bookings.h"
 #include "routerd_int.h"
 #include "sync.h"
@@ -187,19 +188,13 @@ static int raft_open(kvr_routerd *rd)
     return 0;
 }
 
-/* kvr.routers.quorum: "<router id>" from a router that is in the kvr.route queue group and
- * knows a Raft leader, sent every tick. */
+/* kvr.routers.quorum (proto/beat_msg.h): "<router id>" from a router that is in the kvr.route
+ * queue group and knows a Raft leader, sent every tick. */
 static void on_quorum_beacon(const kvr_nats_msg *m, void *data)
 {
     kvr_routerd *rd = data;
-    char buf[16];
-    if (m->len == 0 || m->len >= sizeof buf)
-        return;
-    memcpy(buf, m->data, m->len);
-    buf[m->len] = '\0';
-    char *end;
-    unsigned long id = strtoul(buf, &end, 10);
-    if (*end != '\0' || id == 0 || id == rd->cfg.id)
+    uint64_t id;
+    if (kvr_quorum_beacon_decode(m->data, m->len, &id) != 0 || id == rd->cfg.id)
         return;
     rd->peer_quorum_ms = kvr_mono_ms();
 }
@@ -208,9 +203,10 @@ static void send_quorum_beacon(kvr_routerd *rd, const kvr_sync_state *ss)
 {
     if (!rd->ready || rd->groups_left || !rd->sub_route || ss->leader_id == 0 || !rd->nats_up)
         return;
-    char buf[16];
-    int n = snprintf(buf, sizeof buf, "%u", (unsigned)rd->cfg.id);
-    (void)kvr_nats_publish(&rd->nats, "kvr.routers.quorum", buf, (size_t)n);
+    char buf[KVR_BEACON_MAX];
+    int n = kvr_quorum_beacon_encode(buf, sizeof buf, rd->cfg.id);
+    if (n > 0)
+        (void)kvr_nats_publish(&rd->nats, KVR_QUORUM_SUBJECT, buf, (size_t)n);
 }
 
 /* A router that has LOST its Raft group's quorum (cut off from the majority, but maybe not
@@ -289,8 +285,7 @@ static void follow_quorum(kvr_routerd *rd, int64_t tick_now)
 
 static int raft_subscribe(kvr_routerd *rd, kvr_err *err)
 {
-    return kvr_nats_subscribe(&rd->nats, "kvr.routers.quorum", NULL, on_quorum_beacon, rd, NULL,
-                              err);
+    return kvr_nats_subscribe(&rd->nats, KVR_QUORUM_SUBJECT, NULL, on_quorum_beacon, rd, NULL, err);
 }
 
 static void sync_closed(void *data)

@@ -1,5 +1,6 @@
 /* routerd workers: heartbeats, the worker table, worker and frontend liveness (routerd_int.h). */
 #include "routerd_int.h"
+#include "beat_msg.h"
 
 rd_worker *rd_worker_find(kvr_routerd *rd, uint64_t id)
 {
@@ -187,13 +188,8 @@ bad:
 void rd_on_frontend(const kvr_nats_msg *m, void *data)
 {
     kvr_routerd *rd = data;
-    const char *dot = strrchr(m->subject, '.');
-    char *end = NULL;
-    if (!dot)
-        return;
-    errno = 0;
-    uint64_t id = strtoull(dot + 1, &end, 10);
-    if (errno || !end || *end || id == 0)
+    uint64_t id;
+    if (kvr_lease_subject_id(m->subject, &id) != 0)
         return;
     int64_t now = kvr_mono_ms();
     rd_frontend *f = NULL;

@@ -1,9 +1,10 @@
 /* sync_fwd: forwarding a follower's commands to the leader over the forward port (the Raft
- * port + 1): length-prefixed msgpack frames (RPC_REQ requests, RPC_REP replies), the peer_auth
+ * port + 1): length-prefixed msgpack frames (fwd_wire.h: requests, replies), the peer_auth
  * handshake on every connection, the leader's side that turns a request into a pending
  * command, and the follower's side that matches replies by rpc id.
  * Loop thread only (sync_int.h). */
 #include "sync_int.h"
+#include "fwd_wire.h"
 
 #include "kvr_log.h"
 #include "kvr_mp.h"
@@ -11,75 +12,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---------------------------------------------------------------------------------------- */
-/* Wire helpers */
-
-static void put_be32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
-
-static uint32_t get_be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-/* Appends a frame: placeholder length, body written by the caller, then patched. */
-static size_t frame_begin(conn *c)
-{
-    size_t at = c->out.len;
-    uint8_t z[4] = {0};
-    if (kvr_buf_append(&c->out, z, 4) != 0)
-        return (size_t)-1;
-    return at;
-}
-
-static void frame_end(conn *c, size_t at)
-{
-    put_be32((uint8_t *)c->out.base + at, (uint32_t)(c->out.len - at - 4));
-}
-
 int sync_send_reply(conn *c, uint64_t rpc, int status, const kvr_fsm_result *r)
 {
     if (!c || c->closing)
         return KVR_ECLOSED;
-    size_t at = frame_begin(c);
-    if (at == (size_t)-1)
-        return KVR_ENOMEM;
-    kvr_fsm_result zero;
-    if (!r) {
-        memset(&zero, 0, sizeof zero);
-        r = &zero;
-    }
-    int rc = kvr_mp_write_array(&c->out, r->path ? 15 : r->pool_waking ? 12 : 11);
-    rc |= kvr_mp_write_uint(&c->out, RPC_REP);
-    rc |= kvr_mp_write_uint(&c->out, rpc);
-    rc |= kvr_mp_write_int(&c->out, status);
-    rc |= kvr_mp_write_uint(&c->out, r->outcome);
-    rc |= kvr_mp_write_uint(&c->out, r->type);
-    rc |= kvr_mp_write_uint(&c->out, r->worker_id);
-    rc |= kvr_mp_write_uint(&c->out, r->overlap);
-    rc |= kvr_mp_write_uint(&c->out, r->request_blocks);
-    rc |= kvr_mp_write_uint(&c->out, r->freed);
-    rc |= kvr_mp_write_cstr(&c->out, r->url);
-    rc |= kvr_mp_write_double(&c->out, r->cost);
-    /* 12th field, only when needed: older frames stay byte-identical */
-    if (r->pool_waking || r->path)
-        rc |= kvr_mp_write_bool(&c->out, r->pool_waking);
-    if (r->path) { /* 13th-15th: a disaggregated ROUTE's path and prefill worker (fsm.h) */
-        rc |= kvr_mp_write_uint(&c->out, r->path);
-        rc |= kvr_mp_write_uint(&c->out, r->prefill_worker_id);
-        rc |= kvr_mp_write_cstr(&c->out, r->prefill_url);
-    }
-    if (rc) {
-        c->out.len = at;
-        return KVR_ENOMEM;
-    }
-    frame_end(c, at);
-    return 0;
+    return kvr_fwd_encode_rep(&c->out, rpc, status, r);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -142,16 +79,11 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf)
     buf->len = c->in.cap - c->in.len;
 }
 
-static void handle_request(conn *c, kvr_mp_reader *r, uint32_t n)
+static void handle_request(conn *c, const kvr_fwd_msg *m)
 {
     kvr_sync *s = c->s;
-    uint64_t rpc;
-    kvr_slice cmd;
-    if (n < 3 || kvr_mp_read_uint(r, &rpc) || kvr_mp_read_bin(r, &cmd)) {
-        KVR_LOG_WARN_RL(5, "sync malformed forwarded request", "peer=inbound");
-        sync_conn_close(c);
-        return;
-    }
+    uint64_t rpc = m->rpc;
+    kvr_slice cmd = m->cmd;
     s->m.forwarded_in++;
     if (s->closing || kvr_consensus_get_role(s->cons) != KVR_ROLE_LEADER) {
         sync_send_reply(c, rpc, KVR_EAGAIN, NULL);
@@ -168,40 +100,15 @@ static void handle_request(conn *c, kvr_mp_reader *r, uint32_t n)
     sync_enqueue_batch(s, p);
 }
 
-static void handle_reply(conn *c, kvr_mp_reader *r, uint32_t n)
+static void handle_reply(conn *c, const kvr_fwd_msg *m)
 {
     kvr_sync *s = c->s;
-    uint64_t rpc, outcome, type, worker, overlap, blocks, freed;
-    int64_t status;
-    kvr_slice url;
-    double cost = 0;
-    if (n < 10 || kvr_mp_read_uint(r, &rpc) || kvr_mp_read_int(r, &status) ||
-        kvr_mp_read_uint(r, &outcome) || kvr_mp_read_uint(r, &type) || kvr_mp_read_uint(r, &worker) ||
-        kvr_mp_read_uint(r, &overlap) || kvr_mp_read_uint(r, &blocks) || kvr_mp_read_uint(r, &freed) ||
-        kvr_mp_read_str(r, &url) || url.len > KVR_FSM_URL_MAX) {
-        KVR_LOG_WARN_RL(5, "sync malformed forward reply", "peer=%u", c->peer);
-        sync_conn_close(c);
-        return;
-    }
-    bool waking = false;
-    uint64_t path = 0, pworker = 0;
-    kvr_slice purl = {0};
-    if (n >= 11)
-        kvr_mp_read_double(r, &cost);
-    if (n >= 12)
-        kvr_mp_read_bool(r, &waking);
-    if (n >= 15 && (kvr_mp_read_uint(r, &path) || kvr_mp_read_uint(r, &pworker) ||
-                    kvr_mp_read_str(r, &purl) || purl.len > KVR_FSM_URL_MAX ||
-                    path > KVR_DISAGG_FALLBACK)) {
-        KVR_LOG_WARN_RL(5, "sync malformed forward reply", "peer=%u", c->peer);
-        sync_conn_close(c);
-        return;
-    }
+    uint64_t rpc = m->rpc;
     pending *p = s->fwd_slots[rpc & (FWD_SLOTS - 1)];
     if (!p || p->rpc_id != rpc || p->state != P_FWD)
         return; /* late answer to a try we gave up on */
     sync_fwd_slot_clear(s, p);
-    if (status != 0) {
+    if (m->status != 0) {
         p->state = P_WAIT; /* not leader any more, or it lost the entry: retry */
         s->m.forward_retries++;
         return;
@@ -210,22 +117,7 @@ static void handle_reply(conn *c, kvr_mp_reader *r, uint32_t n)
     sync_hop(s, KVR_SYNC_HOP_FORWARD, p->fwd_start_us * 1000, now_ns);
     s->m.forward_latency_us_sum += (uint64_t)(now_ns / 1000 - p->fwd_start_us);
     s->m.forward_latency_count++;
-    memset(&p->res, 0, sizeof p->res);
-    p->res.outcome = (kvr_outcome)outcome;
-    p->res.type = (kvr_cmd_type)type;
-    p->res.worker_id = worker;
-    p->res.overlap = (uint32_t)overlap;
-    p->res.request_blocks = (uint32_t)blocks;
-    p->res.freed = (uint32_t)freed;
-    p->res.cost = cost;
-    p->res.pool_waking = waking;
-    p->res.path = (kvr_disagg_path)path;
-    p->res.prefill_worker_id = pworker;
-    if (purl.len)
-        memcpy(p->res.prefill_url, purl.base, purl.len);
-    p->res.prefill_url[purl.len] = 0;
-    memcpy(p->res.url, url.base, url.len);
-    p->res.url[url.len] = 0;
+    p->res = m->res;
     p->have_res = true;
     p->status = 0;
     p->mode = KVR_SYNC_RAFT;
@@ -242,32 +134,35 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
     }
     c->in.len += (size_t)nread;
     size_t off = 0;
-    while (!c->closing && c->in.len - off >= 4) {
-        uint32_t len = get_be32((const uint8_t *)c->in.base + off);
-        if (len > FWD_MAX_FRAME) {
-            KVR_LOG_WARN_RL(5, "sync forward frame too large", "len=%u", len);
-            sync_conn_close(c);
-            return;
-        }
-        if (c->in.len - off - 4 < len)
+    while (!c->closing) {
+        kvr_slice body;
+        size_t used;
+        int rc = kvr_fwd_frame_next(c->in.base + off, c->in.len - off, &body, &used);
+        if (rc == 0)
             break;
-        kvr_mp_reader r;
-        kvr_mp_reader_init(&r, c->in.base + off + 4, len);
-        off += 4 + len;
-        uint32_t n;
-        uint64_t kind;
-        if (kvr_mp_read_array(&r, &n) || n < 1 || kvr_mp_read_uint(&r, &kind)) {
+        if (rc < 0) {
+            KVR_LOG_WARN_RL(5, "sync forward frame too large", "len=%zu", used);
             sync_conn_close(c);
             return;
         }
-        if (kind == RPC_REQ && c->inbound)
-            handle_request(c, &r, n);
-        else if (kind == RPC_REP && !c->inbound)
-            handle_reply(c, &r, n);
-        else {
-            sync_conn_close(c);
-            return;
+        off += used;
+        kvr_fwd_msg m;
+        rc = kvr_fwd_decode(body.base, body.len, &m);
+        if (m.kind == KVR_FWD_REQ && c->inbound) {
+            if (rc == 0) {
+                handle_request(c, &m);
+                continue;
+            }
+            KVR_LOG_WARN_RL(5, "sync malformed forwarded request", "peer=inbound");
+        } else if (m.kind == KVR_FWD_REP && !c->inbound) {
+            if (rc == 0) {
+                handle_reply(c, &m);
+                continue;
+            }
+            KVR_LOG_WARN_RL(5, "sync malformed forward reply", "peer=%u", c->peer);
         }
+        sync_conn_close(c);
+        return;
     }
     if (!c->closing)
         kvr_buf_consume(&c->in, off);
@@ -487,21 +382,10 @@ void sync_forward(kvr_sync *s, pending *p, uint32_t leader, const char *leader_a
         p->state = P_WAIT;
         return;
     }
-    size_t at = frame_begin(c);
-    if (at == (size_t)-1) {
+    if (kvr_fwd_encode_req(&c->out, rpc, p->cmd, p->cmd_len) != 0) {
         p->state = P_WAIT;
         return;
     }
-    int rc = kvr_mp_write_array(&c->out, 3);
-    rc |= kvr_mp_write_uint(&c->out, RPC_REQ);
-    rc |= kvr_mp_write_uint(&c->out, rpc);
-    rc |= kvr_mp_write_bin(&c->out, p->cmd, p->cmd_len);
-    if (rc) {
-        c->out.len = at;
-        p->state = P_WAIT;
-        return;
-    }
-    frame_end(c, at);
     s->fwd_slots[slot] = p;
     p->rpc_id = rpc;
     p->via = c;

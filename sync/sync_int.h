@@ -24,12 +24,9 @@
 #include <netinet/in.h>
 #include <uv.h>
 
-#define FWD_MAX_FRAME (64 * 1024)
 #define FWD_MAX_AUTHING 32 /* inbound forward-port handshakes at once; more are closed */
 #define FWD_SLOTS (1u << 16)
 #define TICK_MS 10
-#define RPC_REQ 1
-#define RPC_REP 2
 
 typedef struct pending pending;
 typedef struct conn conn;

@@ -686,7 +686,7 @@ static void pull_admit(dg_pull *p, int result)
             g->n_imp =
                 kvr_engine_hold_prompt(w->eng, p->prompt, p->n_prompt, p->lora, p->k, true, g->imp);
     }
-    wk_engine_idle_jump(w);
+    wk_engine_idle_jump(w, wk_wall_ns(w));
     kvr_err err = {0};
     if (engine_add(w, r, p->prompt, p->n_prompt, p->max_tokens, p->lora, &err) != 0) {
         /* cannot happen (the same checks passed before the pull), but answer, never leak */

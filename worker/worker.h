@@ -1,8 +1,8 @@
 /* worker/worker.h: the state kvr-worker's files share (one process, one worker).
  *
  * Everything here is owned by the process's one libuv loop thread: main.c (flags, metrics,
- * shutdown), api.c (HTTP requests and the engine's clock), events.c (KV events and heartbeats
- * on NATS), zmq_pub.c (KV events on ZMQ in vLLM's framing, --kv-events zmq). */
+ * shutdown), api*.c (HTTP requests and the engine's clock; api_priv.h), events.c (KV events and
+ * heartbeats on NATS), zmq_pub.c (KV events on ZMQ in vLLM's framing, --kv-events zmq). */
 #ifndef KVR_WORKER_H
 #define KVR_WORKER_H
 
@@ -157,7 +157,7 @@ struct wreq {
 /* the one worker of this process (main.c) */
 extern worker W;
 
-/* api.c */
+/* api.c, api_writer.c, api_drive.c (api_priv.h says which is where) */
 int64_t wk_wall_ns(worker *w);
 void wk_on_request(kvr_http_req *req);
 void wk_mark_ready(worker *w, wreq *r);
@@ -168,7 +168,7 @@ void wk_respond_error(kvr_http_req *req, int status, const char *type, const cha
     __attribute__((format(printf, 4, 5)));
 /* for a request admitted later (disagg.c, after its KV pull): the idle clock jump and the
  * drive timer kick handle_completion does */
-void wk_engine_idle_jump(worker *w);
+void wk_engine_idle_jump(worker *w, int64_t now);
 void wk_kick_drive(worker *w);
 
 /* main.c: GET /metrics (kvroute's own families, plus vLLM's names for kvr-bridge) */

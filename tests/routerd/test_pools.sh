@@ -35,8 +35,15 @@ start() {
         --pools-file "$KVR_TMP/pools.json" --scaler "exec:$SRC/scripts/kvr-local-scaler" \
         --idle-after 4s --wake-timeout 6s --scaler-timeout 20s
 }
-# the workers the scaler started are ours to clean up too
+# the workers the scaler started are ours to clean up too: first the routers (no new scaler
+# call), then each pool's lock (a call still running, e.g. the killed leader's, finishes and
+# records its worker), then the workers
 stop_workers() {
+    local i pf lk
+    for i in 1 2 3; do kvr_kill9 "r$i" 2>/dev/null; done
+    for lk in "$KVR_SCALER_DIR"/pool-*/lock; do
+        [ -e "$lk" ] && flock -w 15 "$lk" true
+    done
     for pf in "$KVR_SCALER_DIR"/pool-*/*.pid; do
         [ -e "$pf" ] && kill -KILL "$(cat "$pf")" 2>/dev/null
     done
