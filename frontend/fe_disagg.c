@@ -51,17 +51,9 @@ int fe_disagg_metrics(kvr_metrics *m)
     return m_disagg ? 0 : KVR_ENOMEM;
 }
 
-/* Whether the body may hold a key that decodes to kv_transfer_params: the plain key, or any
- * \u escape (a key can be spelled with escapes; the worker's parser decodes them). */
-static bool may_have_params(const kvr_buf *b)
-{
-    return b->len &&
-           (memmem(b->base, b->len, "kv_transfer_params", 18) || memmem(b->base, b->len, "\\u", 2));
-}
-
 int fe_disagg_strip(fe_call *c)
 {
-    if (!may_have_params(&c->upbody))
+    if (!c->r.has_kv_params) /* the request parser saw the key, however spelled */
         return 0;
     cJSON *root = cJSON_ParseWithLength(c->upbody.base, c->upbody.len);
     if (!root)
