@@ -1275,6 +1275,14 @@ static void test_disagg_pair(void **state)
         assert_int_equal(v.active_blocks, 0);
         assert_int_equal(v.active_prefill_blocks, 0);
     }
+    /* a pair expires like any booking (both have the request's start time) */
+    c = disagg_route(5, 4096, NULL, 0);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.path, KVR_DISAGG_REMOTE);
+    kvr_cmd ex = {.type = KVR_CMD_EXPIRE, .u.before_ms = 1000 + 5 + 1};
+    apply_enc(f, &ex, &r);
+    assert_int_equal(r.freed, 2);
+    assert_int_equal(kvr_fsm_booking_count(f), 0);
     kvr_fsm_free(f);
 }
 
