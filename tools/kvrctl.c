@@ -44,6 +44,8 @@ static void usage(FILE *out)
             "     [--frontend-args \"…\"] [--haproxy] [--no-raft-flags] [--bin-dir DIR] [--timeout S]\n"
             "     [--bridge]  (each worker as a vLLM stand-in: --kv-events zmq, and a kvr-bridge\n"
             "                  beside it that forwards its events and heartbeats)\n"
+            "     [--prefill-workers N --decode-workers M]  disaggregated workers (--role prefill|\n"
+            "                  decode, a KV side channel secret in D/kv-secret) besides --workers\n"
             "     [--scale-to-zero [--idle-after D]]  the pool sleeps when idle and wakes on\n"
             "                  demand: routers run kvr-local-scaler, which starts and stops\n"
             "                  kvr-workers in D/scaler (use --workers 0 to start asleep)\n"
@@ -140,6 +142,10 @@ int main(int argc, char **argv)
             o.haproxy = true;
         } else if (strcmp(a, "--bridge") == 0) {
             o.bridge = true;
+        } else if (strcmp(a, "--prefill-workers") == 0) {
+            NEED_VALUE if (parse_int(a, v, 0, 128, &o.prefill_workers)) return 2;
+        } else if (strcmp(a, "--decode-workers") == 0) {
+            NEED_VALUE if (parse_int(a, v, 0, 128, &o.decode_workers)) return 2;
         } else if (strcmp(a, "--scale-to-zero") == 0) {
             o.scale_to_zero = true;
         } else if (strcmp(a, "--idle-after") == 0) {

@@ -31,6 +31,10 @@ typedef struct up_opts {
      * (kvr-local-scaler, workers started and stopped in D/scaler); --idle-after D for them */
     bool scale_to_zero;
     const char *idle_after;
+    /* --prefill-workers N --decode-workers M: disaggregated workers (kvr-worker --role
+     * prefill|decode with a shared KV side-channel secret D/kv-secret), after the --workers
+     * ones (role both) */
+    int prefill_workers, decode_workers;
 } up_opts;
 
 /* kvrctl_util.c */

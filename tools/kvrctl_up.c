@@ -129,7 +129,10 @@ static int add_extra(char **argv, int *argc, char *extra, kvr_err *err)
 /* Workers announce themselves by heartbeat (1 s): routers and frontends only route to a worker
  * they have heard. "Ready" for the cluster means every router and frontend knows all of them,
  * otherwise the first requests of a benchmark fail with "no worker". */
-static int wait_workers_known(run_cluster *c, int nworkers, bool raft, int timeout_s, kvr_err *err)
+/* fe_workers: how many of them a frontend counts live (it never routes to a prefill-only
+ * worker, so it does not count one). */
+static int wait_workers_known(run_cluster *c, int nworkers, int fe_workers, bool raft, int timeout_s,
+                              kvr_err *err)
 {
     long long deadline = mono_ms() + (long long)timeout_s * 1000;
     for (;;) {
@@ -164,10 +167,10 @@ static int wait_workers_known(run_cluster *c, int nworkers, bool raft, int timeo
                 snprintf(url, sizeof url, "%s/metrics", p->url);
                 if (run_http_get(url, 1000, &status, &b) == 0 && status == 200 &&
                     run_prom_sum(b.base, b.len, "kvr_frontend_live_workers", &live) != 0)
-                    live = nworkers; /* a frontend without the gauge: trust /health */
+                    live = fe_workers; /* a frontend without the gauge: trust /health */
                 kvr_buf_free(&b);
                 seen = (int)live;
-                if (seen < nworkers)
+                if (seen < fe_workers)
                     lagging = p;
             }
         }
@@ -284,6 +287,9 @@ int cmd_up(const char *dir, up_opts *o)
     int rc = 0;
     char path[PATH_MAX], abs_dir[PATH_MAX];
     char scaler_bin[PATH_MAX];
+    /* disaggregated workers come after the --workers ones; from here on o->workers counts all */
+    int n_both = o->workers;
+    o->workers += o->prefill_workers + o->decode_workers;
     char nats_bin[PATH_MAX], router_bin[PATH_MAX], worker_bin[PATH_MAX], frontend_bin[PATH_MAX],
         haproxy_bin[PATH_MAX], bridge_bin[PATH_MAX];
 
@@ -532,6 +538,10 @@ nats_ready:;
         goto fail;
 
     /* Workers. */
+    char kv_secret[PATH_MAX + 16];
+    snprintf(kv_secret, sizeof kv_secret, "%s/kv-secret", abs_dir);
+    if (o->workers > n_both && (rc = ensure_admin_token(kv_secret, &err)) != 0)
+        goto fail;
     stage = c.n;
     char speed[32];
     snprintf(speed, sizeof speed, "%g", o->speedup);
@@ -561,6 +571,12 @@ nats_ready:;
             argv[argc++] = zrep;
         } else if ((rc = add_nats_flags(o, argv, &argc, &err)) != 0) {
             goto fail;
+        }
+        if (i >= n_both) {
+            argv[argc++] = "--role";
+            argv[argc++] = i < n_both + o->prefill_workers ? "prefill" : "decode";
+            argv[argc++] = "--kv-secret-file";
+            argv[argc++] = kv_secret;
         }
         if ((rc = add_extra(argv, &argc, extra, &err)) != 0 ||
             (rc = spawn_and_record(&c, p, argv, argc, &err)) != 0)
@@ -650,7 +666,7 @@ nats_ready:;
             goto fail;
     }
 
-    if ((rc = wait_workers_known(&c, o->workers, o->raft_flags && o->routers > 1, o->timeout_s, &err)) != 0)
+    if ((rc = wait_workers_known(&c, o->workers, o->workers - o->prefill_workers, o->raft_flags && o->routers > 1, o->timeout_s, &err)) != 0)
         goto fail;
 
     printf("cluster up in %s: %d router(s), %d worker(s), %d frontend(s)%s\n", abs_dir, o->routers,
