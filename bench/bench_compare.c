@@ -28,8 +28,10 @@ static void cmp_on_signal(int sig)
     cmp_stop = 1;
 }
 
-static const char *all_modes[] = {"kv3", "kv1", "round_robin", "haproxy"};
-#define N_MODES 4
+/* agg and disagg (issue 15): one router, the same workers all role both, or half prefill and
+ * half decode (kvrctl --prefill-workers/--decode-workers): the disaggregation trade. */
+static const char *all_modes[] = {"kv3", "kv1", "round_robin", "haproxy", "agg", "disagg"};
+#define N_MODES 6
 
 static void cmp_usage(FILE *out)
 {
@@ -37,7 +39,7 @@ static void cmp_usage(FILE *out)
             "usage: kvr-bench compare --trace FILE --json OUT [options]\n"
             "  --workers N (default 8) --speedup X --duration S --max-requests N\n"
             "  --trace-block-size B --max-output N --max-input N --request-timeout S\n"
-            "  --modes kv3,kv1,round_robin,haproxy (default: all four)\n"
+            "  --modes kv3,kv1,round_robin,haproxy,agg,disagg (default: the first four)\n"
             "  --dir D          where the clusters live (default: a new temp dir)\n"
             "  --worker-args \"…\" --router-args \"…\" --frontend-args \"…\"  passed to kvrctl up\n"
             "  --plot-dir DIR   per-mode TTFT plots in DIR/<mode>/\n"
@@ -204,13 +206,24 @@ int kvr_bench_compare(int argc, char **argv)
         const char *routers = m == 0 ? "3" : "1";
         const char *frontends = m == 3 ? "0" : "1";
         snprintf(fa, sizeof fa, "%s%s", fargs, m == 2 ? " --router-mode round-robin" : "");
+        /* disagg: the same number of workers, half prefill (at least 1), the rest decode */
+        char wpre[16], wdec[16];
+        int npre = workers / 2 > 0 ? workers / 2 : 1;
+        snprintf(wpre, sizeof wpre, "%d", npre);
+        snprintf(wdec, sizeof wdec, "%d", workers - npre > 0 ? workers - npre : 1);
         char *up[RUN_MAX_ARGS + 1] = {"up", "--dir", cdir, "--routers", (char *)routers,
-                                      "--workers", wstr, "--frontends", (char *)frontends,
+                                      "--workers", m == 5 ? "0" : wstr, "--frontends", (char *)frontends,
                                       "--speedup", speed, "--worker-args", (char *)wargs,
                                       "--router-args", (char *)rargs, "--frontend-args", fa};
         int nup = 17;
         if (m == 3)
             up[nup++] = "--haproxy";
+        if (m == 5) {
+            up[nup++] = "--prefill-workers";
+            up[nup++] = wpre;
+            up[nup++] = "--decode-workers";
+            up[nup++] = wdec;
+        }
         char kbuf[1024];
         snprintf(kbuf, sizeof kbuf, "%s", kargs);
         char *ksave = NULL;
@@ -292,6 +305,11 @@ int kvr_bench_compare(int argc, char **argv)
         if (r->failed)
             rc = 1;
     }
+    if (have[4] && have[5])
+        printf("disagg vs agg: ITL p99 %.1f vs %.1f ms (%.2fx), TTFT p50 %.1f vs %.1f ms\n",
+               results[5].itl_p99, results[4].itl_p99,
+               results[4].itl_p99 > 0 ? results[5].itl_p99 / results[4].itl_p99 : 0,
+               results[5].ttft_p50, results[4].ttft_p50);
     if (have[0] && have[2] && results[0].have_hit_rate && results[2].have_hit_rate &&
         results[2].prefix_hit_rate > 0 && results[2].ttft_p50 > 0)
         printf("kv3 vs round_robin: hit rate %.2fx, TTFT p50 %.2fx\n",
