@@ -34,7 +34,8 @@ JSON
 (umask 077 && echo "proxy-secret-$$" >"$KVR_TMP/proxy.key")
 KEY="proxy-secret-$$"
 export KVR_SCALER_DIR="$KVR_TMP/scaler" KVR_SCALER_NATS="$NATS_URL" KVR_WORKER_BIN="$KVR_BIN/kvr-worker"
-export KVR_SCALER_ARGS="--speedup 50"
+# --speedup 5: a 800-token stream lasts ~3 s, long enough to be in flight across a switch
+export KVR_SCALER_ARGS="--speedup 5"
 mkdir -p "$KVR_SCALER_DIR"
 # the workers the scaler started are ours to clean up too: first the routers (no new scaler
 # call), then each pool's lock (a call still running finishes and records its worker), then
@@ -74,6 +75,28 @@ for i in 1 2 3; do kvr_wait_http "http://127.0.0.1:${HP[$i]}/ready" 20; done
 [ -n "$(rd_common_leader "${HP[1]}" "${HP[2]}" "${HP[3]}")" ] || kvr_fail "no leader"
 kvr_wait_for 10 all_pool m1 sleeping || kvr_fail "pool m1 not sleeping: $(rd_q "${HP[1]}" .pools)"
 kvr_wait_for 10 all_pool m2 sleeping || kvr_fail "pool m2 not sleeping: $(rd_q "${HP[1]}" .pools)"
+
+# --- the routers' side alone: kvr.pools.list, and kvr.pools.set's errors (nothing changes)
+NREQ="/usr/bin/python3 $HERE/nats_request.py $NATS_URL"
+out=$($NREQ kvr.pools.list '{}') || kvr_fail "kvr.pools.list: $out"
+kvr_assert_eq "$(jq -c '[.[] | [.namespace, .model, .target, .state, .live_workers]]' <<<"$out")" \
+    '[["default","m1","m1-workers","sleeping",0],["default","m2","m2-workers","sleeping",0]]' "kvr.pools.list"
+set_err() { # set_err PAYLOAD WANT_ERROR_SUBSTRING
+    local o
+    o=$($NREQ kvr.pools.set "$1") || kvr_fail "kvr.pools.set $1: $o"
+    [ "$(jq -r .ok <<<"$o")" = false ] && [[ "$(jq -r .error <<<"$o")" == *"$2"* ]] ||
+        kvr_fail "kvr.pools.set $1: want an error with '$2', got $o"
+}
+set_err 'not json' 'want {'
+set_err '{"namespace":"default","model":"m1","state":"awake"}' 'want sleeping or waking'
+set_err '{"namespace":"default","model":"m1","state":7}' 'want {'
+set_err '{"namespace":"default","model":"m9","state":"waking"}' 'no such pool'
+set_err '{"namespace":"other","model":"m1","state":"waking"}' 'no such pool'
+set_err "{\"namespace\":\"default\",\"model\":\"m1\",\"state\":\"waking\",\"pad\":\"$(head -c 1100 /dev/zero | tr '\0' x)\"}" \
+    'over 1024 bytes'
+sleep 0.5
+kvr_assert_eq "$(pool "${HP[2]}" m1 state)" sleeping "m1 after refused sets"
+[ ! -e "$KVR_SCALER_DIR/calls.log" ] || kvr_fail "a refused set ran the scaler: $(cat "$KVR_SCALER_DIR/calls.log")"
 
 fp=$(kvr_free_port)
 kvr_spawn fe "$KVR_BIN/kvr-frontend" --listen 127.0.0.1:$fp --nats "$NATS_URL" --id 7 \
@@ -136,12 +159,23 @@ r=$(px POST /proxy/operations/start '{"model_id":"model-a"}')
 expect 202 "$r"
 kvr_assert_eq "$(jq -r .pool.unchanged <<<"${r#* }")" true "second start unchanged"
 
-# --- switch to model-b: model-a sleeps (its worker stops); a request for m2 wakes it
+# --- switch to model-b with a model-a stream in flight: model-a sleeps (its worker stops
+# once the stream is done: kvr-worker drains on SIGTERM), a request for m2 wakes it
+/usr/bin/python3 "$HERE/hold_client.py" one "$F/v1/completions" \
+    '{"model":"m1","prompt":"in flight across a switch","max_tokens":800,"stream":true}' \
+    >"$KVR_TMP/inflight.json" &
+ipid=$!
+kvr_wait_for 5 bash -c "[ \"\$(curl -s 'http://127.0.0.1:${HP[1]}/v1/state' | jq '[.pools[] | select(.model == \"m1\")][0].bookings')\" = 1 ]" ||
+    kvr_fail "the m1 stream was not booked"
 r=$(px POST /proxy/models/switch '{"model_id":"model-b"}')
 expect 202 "$r"
 kvr_assert_eq "$(jq -c '[.stopped[] | [.model_id, .ok, .state]]' <<<"${r#* }")" \
     '[["model-a",true,"stopping"]]' "switch stopped model-a"
 kvr_assert_eq "$(jq -r .state <<<"${r#* }")" sleeping "switch: target state"
+wait $ipid || kvr_fail "in-flight stream client failed"
+jq -e '.status == 200 and .done and .error == null and .events > 10' "$KVR_TMP/inflight.json" >/dev/null ||
+    kvr_fail "the stream in flight across the switch did not complete: $(cat "$KVR_TMP/inflight.json")"
+kvr_log "stream in flight across the switch: $(jq '.events' "$KVR_TMP/inflight.json") events, $(jq '.elapsed_ms | floor' "$KVR_TMP/inflight.json") ms"
 kvr_wait_for 20 all_pool m1 sleeping || kvr_fail "switch: m1 did not sleep: $(rd_q "${HP[1]}" .pools)"
 kvr_wait_for 10 bash -c "[ \"\$(ls $(pdir m1)/*.pid 2>/dev/null | wc -l)\" = 0 ]" ||
     kvr_fail "switch: m1 worker not stopped: $(cat "$KVR_SCALER_DIR/calls.log")"
