@@ -139,8 +139,9 @@ static int load_catalogue(const char *path, kvr_err *err)
         if (args) {
             m->engine_args = cJSON_PrintUnformatted(args);
             if (!m->engine_args || strlen(m->engine_args) > PX_ENGINE_ARGS_MAX) {
-                rc = kvr_err_set(err, KVR_ELIMIT, "--model-catalogue: %s: engine_args over %d "
-                                 "bytes", m->id, PX_ENGINE_ARGS_MAX);
+                rc =
+                    kvr_err_set(err, KVR_ELIMIT, "--model-catalogue: %s: engine_args over %d bytes",
+                                m->id, PX_ENGINE_ARGS_MAX);
                 goto out;
             }
         }
@@ -168,8 +169,8 @@ int fe_proxy_configure(const char *catalogue, const char *key_file, kvr_metrics 
             return kvr_err_set(err, KVR_EINVAL, "--proxy-api-key-file %s is empty", key_file);
     }
     px.m_calls = kvr_metrics_counter(m, "kvr_frontend_proxy_requests_total",
-                                     "Calls of the /proxy/ model-switching API, by operation",
-                                     "op", op_labels);
+                                     "Calls of the /proxy/ model-switching API, by operation", "op",
+                                     op_labels);
     px.m_failed = kvr_metrics_counter(m, "kvr_frontend_proxy_failures_total",
                                       "/proxy/ calls answered with a status >= 400, by operation",
                                       "op", op_labels);
@@ -180,7 +181,9 @@ int fe_proxy_configure(const char *catalogue, const char *key_file, kvr_metrics 
         return kvr_err_set(err, KVR_ENOMEM, "proxy metrics");
     if (px.n)
         KVR_LOG_INFO("proxy API", "catalogue_models=%u key=%s", px.n,
-                     px.key ? "file" : app.api_key ? "api-key" : "none (API off)");
+                     px.key        ? "file"
+                     : app.api_key ? "api-key"
+                                   : "none (API off)");
     return 0;
 }
 
@@ -261,8 +264,8 @@ typedef struct px_job {
     kvr_http_req *req;
     int op;
     const px_model *target;
-    uint32_t pending;    /* kvr.pools.set requests not answered yet (switch) */
-    cJSON *stopped;      /* switch: what each kvr.pools.set did */
+    uint32_t pending; /* kvr.pools.set requests not answered yet (switch) */
+    cJSON *stopped;   /* switch: what each kvr.pools.set did */
     const char *target_state;
     char target_state_buf[16];
 } px_job;
@@ -576,13 +579,13 @@ bool fe_proxy_handle(kvr_http_req *req)
         return false;
     bool get = kvr_slice_eq_cstr(req->method, "GET") || kvr_slice_eq_cstr(req->method, "HEAD");
     bool post = kvr_slice_eq_cstr(req->method, "POST");
-    int op = kvr_slice_eq_cstr(p, "/proxy/version")             ? OP_VERSION
-             : kvr_slice_eq_cstr(p, "/proxy/models/available")  ? OP_AVAILABLE
-             : kvr_slice_eq_cstr(p, "/proxy/models/running")    ? OP_RUNNING
-             : kvr_slice_eq_cstr(p, "/proxy/models/switch")     ? OP_SWITCH
-             : kvr_slice_eq_cstr(p, "/proxy/operations/start")  ? OP_START
-             : kvr_slice_eq_cstr(p, "/proxy/operations/stop")   ? OP_STOP
-                                                                : OP_OTHER;
+    int op = kvr_slice_eq_cstr(p, "/proxy/version")            ? OP_VERSION
+             : kvr_slice_eq_cstr(p, "/proxy/models/available") ? OP_AVAILABLE
+             : kvr_slice_eq_cstr(p, "/proxy/models/running")   ? OP_RUNNING
+             : kvr_slice_eq_cstr(p, "/proxy/models/switch")    ? OP_SWITCH
+             : kvr_slice_eq_cstr(p, "/proxy/operations/start") ? OP_START
+             : kvr_slice_eq_cstr(p, "/proxy/operations/stop")  ? OP_STOP
+                                                               : OP_OTHER;
     kvr_metric_add(px.m_calls, (size_t)op, 1);
     if (!px_auth(req, op))
         return true;
@@ -620,8 +623,7 @@ bool fe_proxy_handle(kvr_http_req *req)
     j->target = m;
     int rc;
     if (op == OP_RUNNING || op == OP_SWITCH)
-        rc = kvr_nats_request(&app.nats, "kvr.pools.list", "{}", 2, PX_LIST_TIMEOUT_MS, on_list,
-                              j);
+        rc = kvr_nats_request(&app.nats, "kvr.pools.list", "{}", 2, PX_LIST_TIMEOUT_MS, on_list, j);
     else
         rc = send_set(j, m, op == OP_START ? "waking" : "sleeping", on_op_set);
     if (rc != 0) {

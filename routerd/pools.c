@@ -521,7 +521,7 @@ static void on_pools_set_done(kvr_routerd *rd, int status, const kvr_fsm_result 
     set_op *op = data;
     rd_pools *ps = rd->pools;
     const rd_pool *p = ps && op->idx < ps->n ? &ps->pools[op->idx] : NULL;
-    const char *err = status != 0 ? kvr_strerror(status)
+    const char *err = status != 0                         ? kvr_strerror(status)
                       : res && res->outcome != KVR_OUT_OK ? kvr_outcome_name(res->outcome)
                                                           : NULL;
     if (err)
@@ -572,10 +572,10 @@ static void on_pools_set(const kvr_nats_msg *m, void *data)
     bool known = kvr_fsm_pool_get(rd_fsm(rd), p->ns, p->model, &v) == 0;
     /* already there, or on its way: nothing to submit (a second stop must not restart a
      * scale-down, a second start must not reset the wake's deadline) */
-    if (known && ((want == KVR_POOL_STOPPING &&
-                   (v.state == KVR_POOL_SLEEPING || v.state == KVR_POOL_STOPPING)) ||
-                  (want == KVR_POOL_WAKING &&
-                   (v.state == KVR_POOL_AWAKE || v.state == KVR_POOL_WAKING)))) {
+    if (known &&
+        ((want == KVR_POOL_STOPPING &&
+          (v.state == KVR_POOL_SLEEPING || v.state == KVR_POOL_STOPPING)) ||
+         (want == KVR_POOL_WAKING && (v.state == KVR_POOL_AWAKE || v.state == KVR_POOL_WAKING)))) {
         pools_reply(rd, m->reply, true, NULL, p, kvr_pool_state_name(v.state),
                     kvr_pool_state_name(v.state), true, NULL);
         return;
@@ -589,8 +589,8 @@ static void on_pools_set(const kvr_nats_msg *m, void *data)
     *op = (set_op){rd, (uint32_t)(p - ps->pools), known ? v.state : KVR_POOL_REMOVED, want, known};
     memcpy(op->reply, m->reply, rl + 1);
     kvr_cmd cmd = {.type = KVR_CMD_POOL_SET};
-    cmd.u.pool = (kvr_pool_cmd){kvr_slice_of(p->ns), kvr_slice_of(p->model), want,
-                                (uint64_t)kvr_now_ms()};
+    cmd.u.pool =
+        (kvr_pool_cmd){kvr_slice_of(p->ns), kvr_slice_of(p->model), want, (uint64_t)kvr_now_ms()};
     int rc = rd_submit(rd, &cmd, on_pools_set_done, op);
     if (rc != 0) {
         pools_reply(rd, m->reply, false, kvr_strerror(rc), p, NULL, NULL, false, NULL);
@@ -602,8 +602,8 @@ int rd_pools_subscribe(kvr_routerd *rd, kvr_err *err)
 {
     if (!rd->pools)
         return 0;
-    int rc = kvr_nats_subscribe(&rd->nats, "kvr.pools.list", "kvr-pools", on_pools_list, rd,
-                                NULL, err);
+    int rc =
+        kvr_nats_subscribe(&rd->nats, "kvr.pools.list", "kvr-pools", on_pools_list, rd, NULL, err);
     if (rc == 0)
         rc = kvr_nats_subscribe(&rd->nats, "kvr.pools.set", "kvr-pools", on_pools_set, rd, NULL,
                                 err);
