@@ -152,6 +152,11 @@ typedef struct fe_call {
     /* no live worker of the model was known when it arrived (404 or 503): it was routed in
      * case a router knows its pool as sleeping; answered so if no router takes it */
     int cold_status;
+    /* disaggregation (fe_disagg.c): the prefill leg's state and worker */
+    uint8_t dg_state;
+    int64_t dg_t0_ns, dg_work_ns; /* prefill leg start; the frontend's own time on it */
+    uint64_t prefill_worker_id;
+    char prefill_url[FE_URL_MAX];
 } fe_call;
 
 /* fe_hold.c: requests held for a pool waking from zero (loop thread). */
@@ -218,6 +223,15 @@ void fe_forward_end(fe_call *c);
 /* The block size the pool's workers announce in their heartbeats (the first live one serving
  * model in ns), or --block-size when none says. */
 uint32_t fe_pool_block_size(const char *ns, const char *model);
+
+/* fe_disagg.c: the prefill leg of a disaggregated request. fe_disagg_strip drops client
+ * kv_transfer_params from a forwarded body (0 or KVR_ENOMEM); fe_disagg_on_route notes the
+ * route reply's path and prefill worker; fe_disagg_start, called by start_upstream, starts
+ * the prefill leg when one is due (true: it runs, and calls start_upstream again when done). */
+int fe_disagg_metrics(kvr_metrics *m);
+int fe_disagg_strip(fe_call *c);
+void fe_disagg_on_route(fe_call *c, const kvr_route_reply *rep);
+bool fe_disagg_start(fe_call *c);
 
 /* fe_route.c */
 void use_local_choice(fe_call *c, int fb_reason);

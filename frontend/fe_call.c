@@ -464,8 +464,13 @@ static void on_up_done(kvr_curl_req *r, int result, long status, const char *err
 
 void start_upstream(fe_call *c)
 {
-    static const char *const hdrs[] = {"Content-Type: application/json",
-                                       "Accept: text/event-stream", NULL};
+    if (fe_disagg_start(c))
+        return; /* the prefill leg first; it calls back here */
+    /* the request id, the same on both legs of a disaggregated request (vLLM's proxy) */
+    char xrid[64];
+    snprintf(xrid, sizeof xrid, "X-Request-Id: %s", c->rid_hex);
+    const char *hdrs[] = {"Content-Type: application/json", "Accept: text/event-stream", xrid,
+                          NULL};
     char url[FE_URL_MAX + 32];
     size_t ul = strlen(c->url);
     while (ul && c->url[ul - 1] == '/')

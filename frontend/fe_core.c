@@ -182,6 +182,7 @@ int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_token
     if (!cJSON_IsObject(root))
         BAD(NULL, "The request body must be a JSON object.");
 
+    r->has_kv_params = cJSON_GetObjectItemCaseSensitive(root, "kv_transfer_params") != NULL;
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(root, "model");
     if (!model)
         BAD("model", "you must provide a model parameter");

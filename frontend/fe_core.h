@@ -36,6 +36,9 @@ typedef struct fe_req {
      * is empty and remote_body is the vLLM POST /tokenize body to send a worker (fe_chat.h) */
     bool remote_tok;
     kvr_buf remote_body;
+    /* the body has a top-level "kv_transfer_params" (any spelling of the key: the parser
+     * decodes escapes), which --forward body must drop (fe_disagg.c, SECURITY 5d) */
+    bool has_kv_params;
 } fe_req;
 
 /* A parse/validation failure: HTTP status plus the OpenAI error fields. */

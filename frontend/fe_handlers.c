@@ -175,7 +175,8 @@ static void route_call(fe_call *c)
     snprintf(id, sizeof id, "%s-%s", c->route == R_CHAT ? "chatcmpl" : "cmpl", c->rid_hex);
     fe_relay_init(&c->relay, &c->r, id, (int64_t)time(NULL));
     /* --forward body: the client's JSON goes to the worker unchanged (ids only route) */
-    if (app.forward_body ? kvr_buf_append(&c->upbody, c->req->body.base, c->req->body.len)
+    if (app.forward_body ? kvr_buf_append(&c->upbody, c->req->body.base, c->req->body.len) ||
+                               fe_disagg_strip(c) /* SECURITY 5d */
                          : fe_upstream_body(&c->upbody, &c->r)) {
         fe_http_error e;
         fe_error_set(&e, 500, "server_error", NULL, NULL, "out of memory");

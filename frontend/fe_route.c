@@ -106,6 +106,7 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
     c->worker_id = rep.worker_id;
     c->have_worker = true;
     c->booked = true;
+    fe_disagg_on_route(c, &rep);
     uint32_t pbs = fe_pool_block_size(c->ns, c->pool_model);
     c->have_prediction = pbs > 0;
     c->predicted_tokens = rep.overlap_blocks * pbs;

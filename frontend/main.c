@@ -112,7 +112,7 @@ static int register_metrics(void)
         return KVR_EINVAL;
     if (fe_hold_metrics(m) != 0)
         return KVR_EINVAL;
-    if (fe_hits_metrics(m) != 0)
+    if (fe_hits_metrics(m) != 0 || fe_disagg_metrics(m) != 0)
         return KVR_ENOMEM;
     if (!app.m_requests || !app.m_responses || !app.m_ttft || !app.m_e2e || !app.m_route_lat ||
         !app.m_route_rtt ||

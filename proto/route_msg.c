@@ -190,12 +190,16 @@ int kvr_route_reply_encode(kvr_buf *out, const kvr_route_reply *r)
         }
         return rc ? rc : write_kv_str(out, "error", e);
     }
-    if (r->url.len == 0 || r->url.len > KVR_ROUTE_URL_MAX || r->mode.len > KVR_ROUTE_NAME_MAX)
+    if (r->url.len == 0 || r->url.len > KVR_ROUTE_URL_MAX || r->mode.len > KVR_ROUTE_NAME_MAX ||
+        r->disagg.len > KVR_ROUTE_NAME_MAX || r->prefill_url.len > KVR_ROUTE_URL_MAX)
+        return KVR_EINVAL;
+    bool remote = kvr_slice_eq_cstr(r->disagg, "remote");
+    if (remote && r->prefill_url.len == 0)
         return KVR_EINVAL;
     /* best_overlap_blocks only when it says something: replies stay byte-identical for peers
      * that predate it (decoders read its absence as overlap_blocks) */
     bool best = r->best_overlap_blocks > r->overlap_blocks;
-    rc = kvr_mp_write_map(out, (r->has_view ? 8u : 6u) + best);
+    rc = kvr_mp_write_map(out, (r->has_view ? 8u : 6u) + best + !!r->disagg.len + 2u * remote);
     if (r->has_view) {
         rc = rc ? rc : write_kv_uint(out, "worker_bookings", r->worker_bookings);
         rc = rc ? rc : write_kv_uint(out, "decided_ns", r->decided_ns);
@@ -208,7 +212,14 @@ int kvr_route_reply_encode(kvr_buf *out, const kvr_route_reply *r)
     if (best)
         rc = rc ? rc : write_kv_uint(out, "best_overlap_blocks", r->best_overlap_blocks);
     rc = rc ? rc : write_kv_uint(out, "router_id", r->router_id);
-    return rc ? rc : write_kv_str(out, "mode", r->mode);
+    rc = rc ? rc : write_kv_str(out, "mode", r->mode);
+    if (r->disagg.len)
+        rc = rc ? rc : write_kv_str(out, "disagg", r->disagg);
+    if (remote) {
+        rc = rc ? rc : write_kv_uint(out, "prefill_worker_id", r->prefill_worker_id);
+        rc = rc ? rc : write_kv_str(out, "prefill_url", r->prefill_url);
+    }
+    return rc;
 }
 
 int kvr_route_reply_decode(const void *data, size_t len, kvr_route_reply *o, kvr_err *err)
@@ -250,6 +261,13 @@ int kvr_route_reply_decode(const void *data, size_t len, kvr_route_reply *o, kvr
             if ((rc = kvr_mp_read_uint(&r, &o->decided_ns)))
                 rc = kvr_err_set(err, rc, "decided_ns: %s", kvr_strerror(rc));
             have_decided = rc == 0;
+        } else if (kvr_slice_eq_cstr(k, "disagg")) {
+            rc = read_name(&r, &o->disagg, KVR_ROUTE_NAME_MAX, "disagg", err);
+        } else if (kvr_slice_eq_cstr(k, "prefill_worker_id")) {
+            if ((rc = kvr_mp_read_uint(&r, &o->prefill_worker_id)))
+                rc = kvr_err_set(err, rc, "prefill_worker_id: %s", kvr_strerror(rc));
+        } else if (kvr_slice_eq_cstr(k, "prefill_url")) {
+            rc = read_name(&r, &o->prefill_url, KVR_ROUTE_URL_MAX, "prefill_url", err);
         } else if (kvr_slice_eq_cstr(k, "pool_state")) {
             kvr_slice st;
             rc = read_name(&r, &st, KVR_ROUTE_NAME_MAX, "pool_state", err);
@@ -270,6 +288,8 @@ int kvr_route_reply_decode(const void *data, size_t len, kvr_route_reply *o, kvr
         return rc;
     if (!have_ok || (o->ok && (!have_worker || !o->url.len)))
         return kvr_err_set(err, KVR_EINVAL, "route reply lacks ok/worker_id/url");
+    if (o->ok && kvr_slice_eq_cstr(o->disagg, "remote") && !o->prefill_url.len)
+        return kvr_err_set(err, KVR_EINVAL, "remote route reply lacks prefill_url");
     o->has_view = have_bookings && have_decided;
     if (!have_best || o->best_overlap_blocks < o->overlap_blocks)
         o->best_overlap_blocks = o->overlap_blocks;

@@ -6,7 +6,8 @@
  *                    reply    {"ok":true, "worker_id":u64, "url":str, "overlap_blocks":u32,
  *                              "best_overlap_blocks":u32? (only when above overlap_blocks), "router_id":u32, "mode":str,
  *                              "worker_bookings":u32?,
- *                              "decided_ns":u64?}  or  {"ok":false, "error":str}
+ *                              "decided_ns":u64?, "disagg":str?, "prefill_worker_id":u64?,
+ *                              "prefill_url":str?}  or  {"ok":false, "error":str}
  *   kvr.route.event  event    {"request_id":bin16, "event":"prefill_done"|"free",
  *                              "relayed":bool?}
  *
@@ -83,6 +84,14 @@ typedef struct kvr_route_reply {
      * model is heard. Encoded as "pool_state":"waking" and "retry_after_ms" only when set. */
     bool pool_waking;
     uint32_t retry_after_ms;
+    /* Disaggregation (issue 15): "disagg" is the path the route took, "remote", "local" or
+     * "fallback" (empty: not disaggregated; encoded only when set). When remote, the prefill
+     * worker the same decision booked: prefill_worker_id and prefill_url (required then, at
+     * most KVR_ROUTE_URL_MAX bytes); worker_id/url are the decode worker. Written after
+     * "mode", so replies without them keep their bytes. */
+    kvr_slice disagg;
+    uint64_t prefill_worker_id;
+    kvr_slice prefill_url;
 } kvr_route_reply;
 
 int kvr_route_reply_encode(kvr_buf *out, const kvr_route_reply *r);

@@ -53,6 +53,7 @@ int main(int argc, char **argv)
     const char *index_mode = "events";
     int64_t approx_ttl_ms = 120000;
     uint64_t approx_capacity = 16384;
+    int64_t max_local_prefill = 1000, max_prefill_queue = 2;
     kvr_nats_flags nats_sec = {0};
     kvr_flag flags[] = {
         KVR_NATS_FLAG_ENTRIES(&nats_sec),
@@ -100,6 +101,8 @@ int main(int argc, char **argv)
         {"index", KVR_FLAG_STRING, &index_mode, "events|approx: index from the workers' KV events, or (approx, for engines without events) assume the worker a request was booked on holds its blocks; workers that publish events keep event entries", false},
         {"approx-ttl", KVR_FLAG_DURATION, &approx_ttl_ms, "--index approx: an assumed block not assumed again for this long is dropped", false},
         {"approx-capacity-blocks", KVR_FLAG_U64, &approx_capacity, "--index approx: blocks assumed per worker whose heartbeat gives no capacity (LRU beyond)", false},
+        {"max-local-prefill", KVR_FLAG_INT, &max_local_prefill, "disaggregation: a prompt with at most this many uncached tokens (on the chosen decode worker) is prefilled there, not on a prefill worker", false},
+        {"max-prefill-queue", KVR_FLAG_INT, &max_prefill_queue, "disaggregation: a prefill worker with this many outstanding prefills is passed over (the decode worker prefills itself)", false},
         {"insecure-cluster", KVR_FLAG_BOOL, &insecure_cluster, "allow a multi-router Raft group without --cluster-secret-file (anyone reaching the Raft/forward ports can change the state)", false},
     };
     size_t nf = sizeof(flags) / sizeof(flags[0]);
@@ -144,6 +147,11 @@ int main(int argc, char **argv)
     }
     if (strcmp(raft_log, "memory") != 0 && strcmp(raft_log, "disk") != 0) {
         fprintf(stderr, "kvr-routerd: --raft-log must be memory or disk\n");
+        return 2;
+    }
+    if (max_local_prefill < 0 || max_local_prefill > UINT32_MAX || max_prefill_queue < 0 ||
+        max_prefill_queue > UINT32_MAX) {
+        fprintf(stderr, "kvr-routerd: --max-local-prefill and --max-prefill-queue must be in [0, 2^32)\n");
         return 2;
     }
     if (strcmp(index_mode, "events") != 0 && strcmp(index_mode, "approx") != 0) {
@@ -220,6 +228,8 @@ int main(int argc, char **argv)
         .index_approx = strcmp(index_mode, "approx") == 0,
         .approx_ttl_ms = approx_ttl_ms,
         .approx_capacity_blocks = approx_capacity,
+        .max_local_prefill = (uint32_t)max_local_prefill,
+        .max_prefill_queue = (uint32_t)max_prefill_queue,
     };
     uv_loop_t *loop = uv_default_loop();
     int rc = kvr_routerd_start(&g_rd, loop, &cfg);

@@ -14,6 +14,7 @@ typedef struct route_req {
     const uint64_t *seq;
     char lora[KVR_ROUTE_NAME_MAX + 1];    /* "" base model */
     char mdc_sum[KVR_ROUTE_NAME_MAX + 1]; /* "" no model-card check */
+    char role[16]; /* the request's "role": "" none; "both"/"aggregated" never disaggregate */
 } route_req;
 
 typedef struct route_ctx {
@@ -48,6 +49,11 @@ static void finish_route_nats(kvr_routerd *rd, route_ctx *c, int status, const k
         rep.best_overlap_blocks = c->best_overlap > res->overlap ? c->best_overlap : res->overlap;
         rep.router_id = rd->cfg.id;
         rep.mode = (kvr_slice){mode, strlen(mode)};
+        rep.disagg = kvr_slice_of(kvr_disagg_path_name(res->path));
+        if (res->path == KVR_DISAGG_REMOTE) {
+            rep.prefill_worker_id = res->prefill_worker_id;
+            rep.prefill_url = kvr_slice_of(res->prefill_url);
+        }
     } else {
         rep.error = (kvr_slice){errmsg, strlen(errmsg)};
         if (res && res->pool_waking) {
@@ -84,6 +90,16 @@ static void finish_route_http(kvr_routerd *rd, route_ctx *c, int status, const k
         kvr_jw_u64(&w, rd->cfg.id);
         kvr_jw_key(&w, "mode");
         kvr_jw_str(&w, mode);
+        if (res->path != KVR_DISAGG_NONE) {
+            kvr_jw_key(&w, "disagg");
+            kvr_jw_str(&w, kvr_disagg_path_name(res->path));
+        }
+        if (res->path == KVR_DISAGG_REMOTE) {
+            kvr_jw_key(&w, "prefill_worker_id");
+            kvr_jw_u64(&w, res->prefill_worker_id);
+            kvr_jw_key(&w, "prefill_url");
+            kvr_jw_str(&w, res->prefill_url);
+        }
     } else {
         if (res && res->pool_waking) {
             kvr_jw_key(&w, "pool_state");
@@ -193,6 +209,22 @@ static uint32_t match_depth(const kvr_index_match *m, size_t nm, uint64_t id)
     return 0;
 }
 
+/* Whether a request is routed as two legs (fsm.h "Disaggregation"): when some live worker
+ * of its model and namespace has the role prefill or decode, unless the request asks for
+ * role "both"/"aggregated". Without such workers a ROUTE keeps its former bytes. */
+static bool want_disagg(const kvr_routerd *rd, const route_req *q)
+{
+    if (strcmp(q->role, "both") == 0 || strcmp(q->role, "aggregated") == 0)
+        return false;
+    for (uint32_t i = 0; i < rd->n_workers; i++) {
+        const rd_worker *w = &rd->workers[i];
+        if (worker_live(w) && strcmp(w->model, q->model) == 0 && strcmp(w->ns, q->ns) == 0 &&
+            (strcmp(w->role, "prefill") == 0 || strcmp(w->role, "decode") == 0))
+            return true;
+    }
+    return false;
+}
+
 /* Matches + submits a ROUTE. Takes ownership of c. */
 static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
 {
@@ -241,6 +273,13 @@ static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
     r->n_candidates = nc;
     r->only_candidates = only;
     rd_approx_fill_cmd(rd, r, q->seq, q->n_seq);
+    if (want_disagg(rd, q)) {
+        r->disagg = true;
+        r->tokens = q->tokens;
+        r->block_size = bs;
+        r->max_local_prefill = rd->cfg.max_local_prefill;
+        r->max_prefill_queue = rd->cfg.max_prefill_queue;
+    }
     int rc = rd->bk->route(rd, &cmd, on_route_done, c);
     if (rc != 0)
         on_route_done(rd, rc, NULL, RD_DECIDED_LOCAL, c);
@@ -303,6 +342,7 @@ void rd_on_route_nats(const kvr_nats_msg *m, void *data)
     copy_slice(q.ns, sizeof(q.ns), wire.ns);
     copy_slice(q.lora, sizeof(q.lora), wire.lora);
     copy_slice(q.mdc_sum, sizeof(q.mdc_sum), wire.mdc_sum);
+    copy_slice(q.role, sizeof(q.role), wire.role);
     q.tokens = wire.tokens;
     q.seq = wire.seq_hashes;
     q.n_seq = (uint32_t)wire.n_hashes;

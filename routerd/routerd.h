@@ -89,6 +89,12 @@ typedef struct kvr_routerd_config {
     bool index_approx;
     int64_t approx_ttl_ms;
     uint64_t approx_capacity_blocks;
+    /* Conditional disaggregation (issue 15, fsm.h "Disaggregation"): a route for a model that
+     * has live prefill or decode workers asks the FSM to book both legs; the prefill stays on
+     * the decode worker when its uncached tokens are <= max_local_prefill (--max-local-prefill,
+     * 1000) or the prefill worker has max_prefill_queue (--max-prefill-queue, 2) outstanding
+     * prefills. Carried in each ROUTE command, so replicas never need equal flags. */
+    uint32_t max_local_prefill, max_prefill_queue;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;

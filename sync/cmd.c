@@ -30,7 +30,10 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
             out->len = start;
             return kvr_err_set(err, KVR_EINVAL, "encoding ROUTE: field over its bound");
         }
-        CK(kvr_mp_write_array(out, r->n_approx_hashes ? 11 : r->only_candidates ? 10 : 9));
+        CK(kvr_mp_write_array(out, r->disagg            ? 12
+                                   : r->n_approx_hashes ? 11
+                                   : r->only_candidates ? 10
+                                                        : 9));
         CK(kvr_mp_write_uint(out, KVR_CMD_ROUTE));
         CK(kvr_mp_write_bin(out, r->request_id, KVR_REQUEST_ID_LEN));
         CK(kvr_mp_write_uint(out, r->frontend_id));
@@ -45,10 +48,18 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
             CK(kvr_mp_write_uint(out, r->candidates[i].worker_id));
             CK(kvr_mp_write_uint(out, r->candidates[i].overlap));
         }
-        if (r->only_candidates || r->n_approx_hashes)
+        if (r->only_candidates || r->n_approx_hashes || r->disagg)
             CK(kvr_mp_write_bool(out, r->only_candidates));
-        if (r->n_approx_hashes)
-            CK(kvr_mp_write_bin(out, r->approx_hashes, 8 * (size_t)r->n_approx_hashes));
+        if (r->n_approx_hashes || r->disagg)
+            CK(kvr_mp_write_bin(out, r->n_approx_hashes ? r->approx_hashes : (const uint8_t *)"",
+                                8 * (size_t)r->n_approx_hashes));
+        if (r->disagg) {
+            CK(kvr_mp_write_array(out, 4));
+            CK(kvr_mp_write_uint(out, r->tokens));
+            CK(kvr_mp_write_uint(out, r->block_size));
+            CK(kvr_mp_write_uint(out, r->max_local_prefill));
+            CK(kvr_mp_write_uint(out, r->max_prefill_queue));
+        }
         break;
     }
     case KVR_CMD_PREFILL_DONE:
@@ -215,6 +226,22 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
             }
             rt->approx_hashes = h.len ? (const uint8_t *)h.base : NULL;
             rt->n_approx_hashes = (uint32_t)(h.len / 8);
+            n--;
+        }
+        if (n > 0) { /* optional 12th field: disaggregation parameters */
+            uint32_t m;
+            CK(kvr_mp_read_array(&r, &m));
+            if (m < 4) {
+                rc = KVR_EINVAL;
+                goto fail;
+            }
+            CK(rd_u32(&r, &rt->tokens));
+            CK(rd_u32(&r, &rt->block_size));
+            CK(rd_u32(&r, &rt->max_local_prefill));
+            CK(rd_u32(&r, &rt->max_prefill_queue));
+            for (uint32_t j = 4; j < m; j++)
+                CK(kvr_mp_skip(&r));
+            rt->disagg = true;
             n--;
         }
         break;

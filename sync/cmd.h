@@ -34,7 +34,7 @@
 /* Upper bound of one encoded command (ROUTE with KVR_FSM_MAX_CANDIDATES candidates and
  * KVR_CMD_MAX_APPROX_HASHES hashes). */
 #define KVR_CMD_MAX_BYTES                                                                          \
-    (64 + KVR_FSM_MODEL_MAX + KVR_FSM_NS_MAX + 24 * KVR_FSM_MAX_CANDIDATES +                      \
+    (96 + KVR_FSM_MODEL_MAX + KVR_FSM_NS_MAX + 24 * KVR_FSM_MAX_CANDIDATES +                      \
      8 * KVR_CMD_MAX_APPROX_HASHES + 8)
 
 typedef enum kvr_cmd_type {
@@ -95,6 +95,16 @@ typedef struct kvr_route_cmd {
      * storage when encoding, from the decoded bytes when decoded. */
     const uint8_t *approx_hashes;
     uint32_t n_approx_hashes;
+    /* Disaggregation (issue 15 item 2): when disagg is true the FSM books a decode worker and,
+     * when it decides on a remote prefill, a prefill worker too, in this one apply (fsm.h
+     * "Disaggregation"). tokens and block_size give the uncached prompt length; the two
+     * thresholds are the router's --max-local-prefill (tokens) and --max-prefill-queue,
+     * carried in the command so every replica decides alike. Encoded as ROUTE's optional 12th
+     * field, an array [tokens, block_size, max_local_prefill, max_prefill_queue], only when
+     * disagg is true (the 10th and 11th are then written, the 11th as an empty bin when there
+     * are no hashes), so every other ROUTE keeps its bytes. */
+    bool disagg;
+    uint32_t tokens, block_size, max_local_prefill, max_prefill_queue;
 } kvr_route_cmd;
 
 /* Hash i of a ROUTE's approx_hashes. */

@@ -385,6 +385,80 @@ static void approx_hook(const kvr_fsm *f, const worker *w, const kvr_route_cmd *
         f->opts.route_hook(f->opts.hook_data, w->id, w->capacity_blocks, rc, f->clock_ms);
 }
 
+void kvr_fsm_prefill_rid(const uint8_t *rid, uint8_t *out)
+{
+    /* a keyed 128-bit hash: a request id can neither equal nor be made to equal the prefill
+     * id of another request in practice */
+    XXH128_hash_t h = XXH3_128bits_withSeed(rid, KVR_REQUEST_ID_LEN, 0x70726566696c6cull);
+    for (int k = 0; k < 8; k++) {
+        out[k] = (uint8_t)(h.low64 >> (8 * k));
+        out[8 + k] = (uint8_t)(h.high64 >> (8 * k));
+    }
+}
+
+const char *kvr_disagg_path_name(kvr_disagg_path p)
+{
+    static const char *names[] = {"", "remote", "local", "fallback"};
+    return (unsigned)p < sizeof names / sizeof *names ? names[p] : "";
+}
+
+/* Removes the prefill booking of request rid, if any. */
+static void prefill_booking_free(kvr_fsm *f, const uint8_t *rid)
+{
+    uint8_t prid[KVR_REQUEST_ID_LEN];
+    kvr_fsm_prefill_rid(rid, prid);
+    booking *pb = fsm_booking_find(f, prid);
+    if (pb)
+        booking_remove_slot(f, (uint32_t)(pb - f->slots));
+}
+
+/* A DUPLICATE (or pinned move) of a disaggregated ROUTE: REMOTE while its prefill booking
+ * lives, else LOCAL. */
+static void fill_prefill_result(const kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res)
+{
+    if (!rc->disagg)
+        return;
+    uint8_t prid[KVR_REQUEST_ID_LEN];
+    kvr_fsm_prefill_rid(rc->request_id, prid);
+    const booking *pb = fsm_booking_find(f, prid);
+    res->path = pb ? KVR_DISAGG_REMOTE : KVR_DISAGG_LOCAL;
+    if (!pb)
+        return;
+    res->prefill_worker_id = pb->worker_id;
+    res->prefill_overlap = pb->overlap;
+    long wi = fsm_worker_find(f, pb->worker_id);
+    if (wi >= 0)
+        snprintf(res->prefill_url, sizeof res->prefill_url, "%s", f->workers[wi].url);
+}
+
+/* Fills f->scratch / f->scratch_w with the live workers of the request's model and namespace
+ * whose role is in role_mask (bit 1 << role) and that pass the request's pin and candidate
+ * filters, in ascending id order. Returns their count. */
+static size_t gather(kvr_fsm *f, const kvr_route_cmd *rc, const kvr_route_candidate *cand,
+                     uint32_t nc, unsigned role_mask)
+{
+    size_t n = 0;
+    for (uint32_t i = 0; i < f->n_workers; i++) {
+        worker *w = &f->workers[i];
+        if (!w->up || !slice_eq_str(rc->model, w->model) || !slice_eq_str(rc->ns, w->ns))
+            continue;
+        if (!(role_mask & (1u << w->role)))
+            continue;
+        if (rc->pin_worker && w->id != rc->pin_worker)
+            continue;
+        if (rc->only_candidates && !cand_listed(cand, nc, w->id))
+            continue;
+        f->scratch[n] = (kvr_cost_worker){w->id, overlap_of(cand, nc, w->id), w->active_blocks,
+                                          w->active_prefill_blocks};
+        f->scratch_w[n] = w;
+        n++;
+    }
+    return n;
+}
+
+#define ROLES_PREFILL_CAPABLE ((1u << KVR_ROLE_BOTH) | (1u << KVR_ROLE_PREFILL))
+#define ROLES_DECODE_CAPABLE ((1u << KVR_ROLE_BOTH) | (1u << KVR_ROLE_DECODE))
+
 static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res)
 {
     if (rc->n_candidates > KVR_FSM_MAX_CANDIDATES || (rc->n_candidates && !rc->candidates) ||
@@ -414,11 +488,13 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
             pw->bookings++;
             res->outcome = KVR_OUT_OK;
             fill_route_result(f, old, res, 0);
+            fill_prefill_result(f, rc, res);
             approx_hook(f, pw, rc);
             return;
         }
         res->outcome = KVR_OUT_DUPLICATE;
         fill_route_result(f, old, res, 0);
+        fill_prefill_result(f, rc, res);
         return;
     }
     if (f->n_bookings >= f->opts.max_bookings) {
@@ -432,52 +508,108 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
         memcpy(cand, rc->candidates, nc * sizeof *cand);
     qsort(cand, nc, sizeof *cand, cand_cmp);
 
+    /* A plain ROUTE goes to a worker that can take a fresh prompt (a decode-only worker
+     * cannot), unless pinned: a pin names where the request already runs. A disaggregated one
+     * goes to a decode-capable worker, or as a plain one when there is none. */
+    unsigned roles = rc->pin_worker ? ~0u : ROLES_PREFILL_CAPABLE;
     size_t n = 0;
-    for (uint32_t i = 0; i < f->n_workers; i++) {
-        worker *w = &f->workers[i];
-        if (!w->up || !slice_eq_str(rc->model, w->model) || !slice_eq_str(rc->ns, w->ns))
-            continue;
-        if (w->role == KVR_ROLE_DECODE)
-            continue; /* a decode-only worker cannot take a fresh prompt */
-        if (rc->pin_worker && w->id != rc->pin_worker)
-            continue;
-        if (rc->only_candidates && !cand_listed(cand, nc, w->id))
-            continue;
-        f->scratch[n] = (kvr_cost_worker){w->id, overlap_of(cand, nc, w->id), w->active_blocks,
-                                          w->active_prefill_blocks};
-        f->scratch_w[n] = w;
-        n++;
+    if (rc->disagg && !rc->pin_worker) {
+        n = gather(f, rc, cand, nc, ROLES_DECODE_CAPABLE);
+        res->path = KVR_DISAGG_LOCAL;
+    }
+    if (n == 0) {
+        n = gather(f, rc, cand, nc, roles);
+        if (rc->disagg)
+            res->path = KVR_DISAGG_FALLBACK;
     }
     double cost = 0;
     long k = kvr_cost_choose(rc->request_id, rc->request_blocks, f->scratch, n, &f->opts.cost, &cost);
     if (k < 0) {
         res->outcome = KVR_OUT_NO_WORKER;
+        res->path = KVR_DISAGG_NONE;
         return;
     }
     worker *w = f->scratch_w[k];
     uint32_t ov = f->scratch[k].overlap;
     if (ov > rc->request_blocks)
         ov = rc->request_blocks;
+
+    /* The prefill leg (fsm.h "Disaggregation"): everything below reads replicated state and
+     * the command only. */
+    booking pb = {0};
+    worker *pfw = NULL;
+    if (res->path == KVR_DISAGG_LOCAL) {
+        uint64_t cached = (uint64_t)ov * rc->block_size;
+        uint64_t uncached = rc->tokens > cached ? rc->tokens - cached : 0;
+        size_t np = gather(f, rc, cand, nc, 1u << KVR_ROLE_PREFILL);
+        uint8_t prid[KVR_REQUEST_ID_LEN];
+        kvr_fsm_prefill_rid(rc->request_id, prid);
+        double pcost = 0;
+        long pk = np ? kvr_cost_choose(prid, rc->request_blocks, f->scratch, np, &f->opts.cost,
+                                       &pcost)
+                     : -1;
+        if (pk < 0) {
+            res->path = KVR_DISAGG_FALLBACK;
+        } else if (uncached > rc->max_local_prefill &&
+                   f->scratch_w[pk]->bookings < rc->max_prefill_queue &&
+                   f->n_bookings + 2 <= f->opts.max_bookings) {
+            /* (a booking table one short of full keeps the prefill local, not refused) */
+            pfw = f->scratch_w[pk];
+            uint32_t pov = f->scratch[pk].overlap;
+            if (pov > rc->request_blocks)
+                pov = rc->request_blocks;
+            memcpy(pb.rid, prid, KVR_REQUEST_ID_LEN);
+            pb.worker_id = pfw->id;
+            pb.frontend_id = rc->frontend_id;
+            pb.start_ms = rc->now_ms;
+            pb.blocks = rc->request_blocks;
+            pb.prefill_blocks = rc->request_blocks - pov;
+            pb.overlap = pov;
+            pb.used = 1;
+            pb.local_ms = f->local_now;
+            res->path = KVR_DISAGG_REMOTE;
+        }
+    }
     booking b = {0};
     memcpy(b.rid, rc->request_id, KVR_REQUEST_ID_LEN);
     b.worker_id = w->id;
     b.frontend_id = rc->frontend_id;
     b.start_ms = rc->now_ms;
     b.blocks = rc->request_blocks;
-    b.prefill_blocks = rc->request_blocks - ov;
+    /* a remote prefill leaves the decode worker nothing to prefill */
+    b.prefill_blocks = pfw ? 0 : rc->request_blocks - ov;
     b.overlap = ov;
     b.used = 1;
     b.local_ms = f->local_now;
     if (fsm_booking_insert(f, &b) != 0) {
         res->outcome = KVR_OUT_FULL; /* out of memory: refuse rather than crash */
+        res->path = KVR_DISAGG_NONE;
         return;
     }
     w->active_blocks += b.blocks;
     w->active_prefill_blocks += b.prefill_blocks;
     w->bookings++;
+    if (pfw && fsm_booking_insert(f, &pb) != 0) {
+        /* out of memory for the second booking: the decode worker prefills itself */
+        booking *db = fsm_booking_find(f, rc->request_id);
+        db->prefill_blocks = rc->request_blocks - ov;
+        w->active_prefill_blocks += db->prefill_blocks;
+        pfw = NULL;
+        res->path = KVR_DISAGG_LOCAL;
+    }
+    if (pfw) {
+        pfw->active_blocks += pb.blocks;
+        pfw->active_prefill_blocks += pb.prefill_blocks;
+        pfw->bookings++;
+        res->prefill_worker_id = pfw->id;
+        res->prefill_overlap = pb.overlap;
+        snprintf(res->prefill_url, sizeof res->prefill_url, "%s", pfw->url);
+    }
     res->outcome = KVR_OUT_OK;
     fill_route_result(f, &b, res, cost);
     approx_hook(f, w, rc);
+    if (pfw)
+        approx_hook(f, pfw, rc);
 }
 
 uint32_t fsm_worker_mark_down(kvr_fsm *f, uint64_t id, uint64_t *down_seq)
@@ -627,6 +759,7 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res)
         fsm_apply_pool_set(f, &cmd->u.pool, res);
         return;
     case KVR_CMD_PREFILL_DONE: {
+        prefill_booking_free(f, cmd->u.request_id); /* the prefill worker's part is done */
         booking *b = fsm_booking_find(f, cmd->u.request_id);
         if (!b) {
             res->outcome = KVR_OUT_UNKNOWN;
@@ -648,11 +781,13 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res)
         fin_record(f, cmd->u.request_id);
         booking *b = fsm_booking_find(f, cmd->u.request_id);
         if (!b) {
+            prefill_booking_free(f, cmd->u.request_id);
             res->outcome = KVR_OUT_UNKNOWN;
             return;
         }
         res->worker_id = b->worker_id;
         booking_remove_slot(f, (uint32_t)(b - f->slots));
+        prefill_booking_free(f, cmd->u.request_id); /* after: the removal may move slots */
         res->outcome = KVR_OUT_OK;
         res->freed = 1;
         return;

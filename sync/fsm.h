@@ -74,6 +74,33 @@ typedef enum kvr_outcome {
 } kvr_outcome;
 const char *kvr_outcome_name(kvr_outcome o);
 
+/* Disaggregation (issue 15 item 2): what a ROUTE with disagg set decided (kvr_route_cmd).
+ * Decode candidates are the live workers of role decode or both, chosen by kvr_cost_choose
+ * (their overlap and load). Then, uncached = tokens - decode overlap x block_size:
+ *   FALLBACK  no live prefill worker (or no decode worker: then chosen as a plain ROUTE among
+ *             prefill/both workers): the booked worker does everything;
+ *   LOCAL     uncached <= max_local_prefill, or the prefill worker the cost picks among the
+ *             role-prefill workers (their overlap and prefill load) has max_prefill_queue or
+ *             more bookings (outstanding prefills: PREFILL_DONE frees them): the decode worker
+ *             prefills itself;
+ *   REMOTE    else: the decode worker is booked with no prefill blocks, and the prefill worker
+ *             gets a second booking under a request id derived from the request's
+ *             (kvr_fsm_prefill_rid) with the uncached blocks on it as prefill. That booking is a
+ *             booking like others (digest, snapshot, EXPIRE, WORKER_DOWN, FRONTEND_EXPIRE); the
+ *             request's PREFILL_DONE and FREE free it. No state beyond bookings is added.
+ * A DUPLICATE of a disaggregated ROUTE answers REMOTE with the prefill worker while its
+ * prefill booking lives, else LOCAL. */
+typedef enum kvr_disagg_path {
+    KVR_DISAGG_NONE = 0, /* not asked for */
+    KVR_DISAGG_REMOTE = 1,
+    KVR_DISAGG_LOCAL = 2,
+    KVR_DISAGG_FALLBACK = 3,
+} kvr_disagg_path;
+/* "remote" / "local" / "fallback"; "" for NONE. */
+const char *kvr_disagg_path_name(kvr_disagg_path p);
+/* The request id of the prefill booking of request rid (a keyed hash of it). */
+void kvr_fsm_prefill_rid(const uint8_t *rid, uint8_t *out);
+
 typedef struct kvr_fsm_result {
     kvr_outcome outcome;
     kvr_cmd_type type;
@@ -88,6 +115,11 @@ typedef struct kvr_fsm_result {
     /* ROUTE with no live worker in a scale-to-zero pool: the pool is waking (this command may
      * have started the wake). The router tells the frontend to hold the request. */
     bool pool_waking;
+    /* ROUTE with disagg: the path taken and, for REMOTE, the prefill worker booked. */
+    kvr_disagg_path path;
+    uint64_t prefill_worker_id;
+    uint32_t prefill_overlap;
+    char prefill_url[KVR_FSM_URL_MAX + 1];
 } kvr_fsm_result;
 
 /* Approximate index hooks (kvr-routerd --index approx, issue 14 item 4). Called inside

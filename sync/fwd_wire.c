@@ -62,7 +62,7 @@ int kvr_fwd_encode_rep(kvr_buf *out, uint64_t rpc, int status, const kvr_fsm_res
     size_t at;
     if (frame_begin(out, &at) != 0)
         return KVR_ENOMEM;
-    int rc = kvr_mp_write_array(out, r->pool_waking ? 12 : 11);
+    int rc = kvr_mp_write_array(out, r->path ? 15 : r->pool_waking ? 12 : 11);
     rc |= kvr_mp_write_uint(out, KVR_FWD_REP);
     rc |= kvr_mp_write_uint(out, rpc);
     rc |= kvr_mp_write_int(out, status);
@@ -74,8 +74,14 @@ int kvr_fwd_encode_rep(kvr_buf *out, uint64_t rpc, int status, const kvr_fsm_res
     rc |= kvr_mp_write_uint(out, r->freed);
     rc |= kvr_mp_write_cstr(out, r->url);
     rc |= kvr_mp_write_double(out, r->cost);
-    if (r->pool_waking) /* 12th field, only when set: older frames stay byte-identical */
-        rc |= kvr_mp_write_bool(out, true);
+    /* 12th field, only when needed: older frames stay byte-identical */
+    if (r->pool_waking || r->path)
+        rc |= kvr_mp_write_bool(out, r->pool_waking);
+    if (r->path) { /* 13th-15th: a disaggregated ROUTE's path and prefill worker (fsm.h) */
+        rc |= kvr_mp_write_uint(out, r->path);
+        rc |= kvr_mp_write_uint(out, r->prefill_worker_id);
+        rc |= kvr_mp_write_cstr(out, r->prefill_url);
+    }
     return frame_end(out, at, rc ? KVR_ENOMEM : 0);
 }
 
@@ -127,6 +133,12 @@ int kvr_fwd_decode(const void *body, size_t len, kvr_fwd_msg *m)
         return KVR_EINVAL; /* (sync_fwd.c read it as 0 before the codec moved here) */
     if (n >= 12 && kvr_mp_read_bool(&r, &waking) != 0)
         return KVR_EINVAL;
+    uint64_t path = 0, pworker = 0;
+    kvr_slice purl = {0};
+    if (n >= 15 && (kvr_mp_read_uint(&r, &path) || kvr_mp_read_uint(&r, &pworker) ||
+                    kvr_mp_read_str(&r, &purl) || purl.len > KVR_FSM_URL_MAX ||
+                    path > KVR_DISAGG_FALLBACK))
+        return KVR_EINVAL;
     m->res.outcome = (kvr_outcome)outcome;
     m->res.type = (kvr_cmd_type)type;
     m->res.worker_id = worker;
@@ -135,6 +147,11 @@ int kvr_fwd_decode(const void *body, size_t len, kvr_fwd_msg *m)
     m->res.freed = (uint32_t)freed;
     m->res.cost = cost;
     m->res.pool_waking = waking;
+    m->res.path = (kvr_disagg_path)path;
+    m->res.prefill_worker_id = pworker;
+    if (purl.len)
+        memcpy(m->res.prefill_url, purl.base, purl.len);
+    m->res.prefill_url[purl.len] = 0;
     memcpy(m->res.url, url.base, url.len);
     m->res.url[url.len] = 0;
     return 0;

@@ -6,7 +6,8 @@
  *   request  [1 (KVR_FWD_REQ), rpc id, bin command (sync/cmd.h)]
  *   reply    [2 (KVR_FWD_REP), rpc id, status (0 or a negative kvr_err code), outcome, type,
  *             worker_id, overlap, request_blocks, freed, str url (<= KVR_FSM_URL_MAX), cost,
- *             and only when true: bool pool_waking]
+ *             and only when true: bool pool_waking; for a disaggregated ROUTE (fsm.h) the 12th
+ *             always, then path (kvr_disagg_path), prefill_worker_id, str prefill_url]
  * Decoders take longer arrays (later fields are ignored) and a reply without its cost (10
  * elements: routers from before the cost field), so a field can be added without a flag day;
  * a field that is announced (array length) must be there and of its type.
@@ -35,7 +36,7 @@ typedef struct kvr_fwd_msg {
     /* reply */
     int64_t status;
     kvr_fsm_result res; /* outcome, type, worker_id, overlap, request_blocks, freed, url, cost,
-                           pool_waking */
+                           pool_waking, path, prefill_worker_id, prefill_url */
 } kvr_fwd_msg;
 
 /* Append one whole frame (length + body) to out. On error (KVR_ENOMEM; KVR_ELIMIT when the body

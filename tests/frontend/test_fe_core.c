@@ -96,6 +96,13 @@ static void test_parse_completion(void **state)
     assert_int_equal(r.max_tokens, 5);
     assert_int_equal(kvr_tok_count(&r.tokens), 3);
     assert_int_equal(kvr_tok_ids(&r.tokens)[2], 'c');
+    assert_false(r.has_kv_params);
+    fe_req_free(&r);
+    /* a client's kv_transfer_params, however its key is spelled (fe_disagg.c drops them) */
+    assert_int_equal(parse("{\"model\":\"m1\",\"prompt\":\"\\u00e9\",\"kv_transfer_param\\u0073\":{}}",
+                           false, &r, &e),
+                     0);
+    assert_true(r.has_kv_params);
     fe_req_free(&r);
 
     assert_int_equal(parse("{\"model\":\"m\",\"prompt\":[1,2,4294967295]}", false, &r, &e), 0);

@@ -57,6 +57,9 @@ static void reply(const uint8_t *data, size_t size, kvr_buf *b)
         CHECK(a.worker_id == c.worker_id && same(a.url, c.url) && same(a.mode, c.mode));
         CHECK(a.overlap_blocks == c.overlap_blocks && a.router_id == c.router_id);
         CHECK(a.has_view == c.has_view);
+        CHECK(same(a.disagg, c.disagg));
+        CHECK(!kvr_slice_eq_cstr(a.disagg, "remote") ||
+              (a.prefill_worker_id == c.prefill_worker_id && same(a.prefill_url, c.prefill_url)));
         CHECK(!a.has_view ||
               (a.worker_bookings == c.worker_bookings && a.decided_ns == c.decided_ns));
     } else {

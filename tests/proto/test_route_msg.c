@@ -319,6 +319,29 @@ static void test_reply_golden(void **state)
     kvr_buf_reset(&b);
     assert_int_equal(kvr_route_reply_encode(&b, &best), 0);
     assert_same_bytes(&b, "reply_best");
+    kvr_route_reply rem = {.ok = true,
+                           .worker_id = 4,
+                           .url = S("http://127.0.0.1:9004"),
+                           .router_id = 2,
+                           .mode = S("raft"),
+                           .disagg = S("remote"),
+                           .prefill_worker_id = (1ull << 40) + 1,
+                           .prefill_url = S("http://127.0.0.1:9001")};
+    kvr_buf_reset(&b);
+    assert_int_equal(kvr_route_reply_encode(&b, &rem), 0);
+    assert_same_bytes(&b, "reply_disagg_remote");
+    kvr_route_reply loc = rem;
+    loc.disagg = S("local");
+    loc.overlap_blocks = 3;
+    loc.prefill_worker_id = 0;
+    loc.prefill_url = (kvr_slice){0};
+    kvr_buf_reset(&b);
+    assert_int_equal(kvr_route_reply_encode(&b, &loc), 0);
+    assert_same_bytes(&b, "reply_disagg_local");
+    kvr_route_reply bad_rem = rem;
+    bad_rem.prefill_url = (kvr_slice){0};
+    kvr_buf_reset(&b);
+    assert_int_equal(kvr_route_reply_encode(&b, &bad_rem), KVR_EINVAL);
     kvr_route_reply no = {.error = S("no live worker for this model/namespace")};
     kvr_buf_reset(&b);
     assert_int_equal(kvr_route_reply_encode(&b, &no), 0);
@@ -347,6 +370,21 @@ static void test_reply_golden(void **state)
     golden("reply_best", &g);
     assert_int_equal(kvr_route_reply_decode(g.base, g.len, &r, NULL), 0);
     assert_true(r.overlap_blocks == 2 && r.best_overlap_blocks == 7);
+    kvr_buf_free(&g);
+    golden("reply_disagg_remote", &g);
+    assert_int_equal(kvr_route_reply_decode(g.base, g.len, &r, NULL), 0);
+    assert_slice(r.disagg, "remote");
+    assert_true(r.prefill_worker_id == (1ull << 40) + 1 && r.worker_id == 4);
+    assert_slice(r.prefill_url, "http://127.0.0.1:9001");
+    kvr_buf_free(&g);
+    golden("reply_disagg_local", &g);
+    assert_int_equal(kvr_route_reply_decode(g.base, g.len, &r, NULL), 0);
+    assert_slice(r.disagg, "local");
+    assert_true(r.prefill_worker_id == 0 && r.prefill_url.len == 0);
+    kvr_buf_free(&g);
+    golden("reply_ok", &g);
+    assert_int_equal(kvr_route_reply_decode(g.base, g.len, &r, NULL), 0);
+    assert_int_equal(r.disagg.len, 0);
     kvr_buf_free(&g);
     golden("reply_error", &g);
     assert_int_equal(kvr_route_reply_decode(g.base, g.len, &r, NULL), 0);

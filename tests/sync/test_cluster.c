@@ -350,6 +350,42 @@ static void test_cluster(void **state)
         assert_int_equal(wa[w].mode, KVR_SYNC_RAFT);
     }
 
+    /* a disaggregated ROUTE submitted on a follower: the pair the leader's apply booked comes
+     * back through the forward reply (path, prefill worker and its url); then the prefill
+     * worker goes down again, so the rest of the test routes among workers 1-4 as before */
+    {
+        answer da[4];
+        memset(da, 0, sizeof da);
+        kvr_cmd up = tu_worker_up(7, "m", "ns", urls[7], sizeof urls[7]);
+        up.u.worker.role = KVR_ROLE_PREFILL;
+        assert_int_equal(kvr_sync_submit(nodes[follower], &up, on_answer, &da[0]), 0);
+        wait_all w0 = {da, 1};
+        assert_true(run_until(all_done, &w0, 10000));
+        kvr_cmd r = tu_route(800000, 7, 1000, 40, NULL, 0);
+        r.u.route.disagg = true;
+        r.u.route.tokens = 40 * 64;
+        r.u.route.block_size = 64;
+        r.u.route.max_local_prefill = 1000;
+        r.u.route.max_prefill_queue = 2;
+        assert_int_equal(kvr_sync_submit(nodes[follower], &r, on_answer, &da[1]), 0);
+        wait_all w1 = {da + 1, 1};
+        assert_true(run_until(all_done, &w1, 10000));
+        assert_int_equal(da[1].status, 0);
+        assert_int_equal(da[1].mode, KVR_SYNC_RAFT);
+        assert_int_equal(da[1].res.outcome, KVR_OUT_OK);
+        assert_int_equal(da[1].res.path, KVR_DISAGG_REMOTE);
+        assert_true(da[1].res.prefill_worker_id == 7);
+        assert_string_equal(da[1].res.prefill_url, urls[7]);
+        assert_true(da[1].res.worker_id >= 1 && da[1].res.worker_id <= 4);
+        kvr_cmd fr = tu_req(KVR_CMD_FREE, 800000);
+        kvr_cmd down = {.type = KVR_CMD_WORKER_DOWN, .u.worker_id = 7};
+        assert_int_equal(kvr_sync_submit(nodes[follower], &fr, on_answer, &da[2]), 0);
+        assert_int_equal(kvr_sync_submit(nodes[follower], &down, on_answer, &da[3]), 0);
+        wait_all w2 = {da + 2, 2};
+        assert_true(run_until(all_done, &w2, 10000));
+        assert_int_equal(da[2].res.freed, 1);
+    }
+
     /* group commit: commands that reach the leader while an entry awaits its commit wait and
      * go out together in the next entry, instead of one entry (a disk write on every node) each */
     {

@@ -252,6 +252,55 @@ static void test_peek_type(void **state)
     assert_int_equal(kvr_cmd_peek_type("", 0), KVR_CMD_NONE);
 }
 
+/* ROUTE's optional 12th field (disaggregation, issue 15): written only when disagg is set,
+ * after the 10th and an empty 11th; read back as written; a short array is refused. */
+static void test_route_disagg_field(void **state)
+{
+    (void)state;
+    kvr_cmd c = {.type = KVR_CMD_ROUTE};
+    kvr_route_cmd *r = &c.u.route;
+    memset(r->request_id, 7, KVR_REQUEST_ID_LEN);
+    r->now_ms = 5;
+    r->request_blocks = 3;
+    r->model = kvr_slice_of("m");
+    r->ns = kvr_slice_of("ns");
+    kvr_buf plain, dg;
+    kvr_buf_init(&plain);
+    kvr_buf_init(&dg);
+    assert_int_equal(kvr_cmd_encode(&c, &plain, NULL), 0);
+    r->disagg = true;
+    r->tokens = 4000;
+    r->block_size = 64;
+    r->max_local_prefill = 1000;
+    r->max_prefill_queue = 2;
+    assert_int_equal(kvr_cmd_encode(&c, &dg, NULL), 0);
+    /* the plain encoding is a 9-element array; the disaggregated one adds false, an empty
+     * bin and [4000, 64, 1000, 2] */
+    assert_int_equal(((uint8_t *)plain.base)[1], 0x99);
+    assert_int_equal(((uint8_t *)dg.base)[1], 0x9c);
+    const uint8_t tail[] = {0xc2, 0xc4, 0x00, 0x94, 0xcd, 0x0f, 0xa0, 0x40, 0xcd, 0x03, 0xe8, 0x02};
+    assert_int_equal(dg.len, plain.len + sizeof tail);
+    assert_memory_equal(dg.base + 2, plain.base + 2, plain.len - 2);
+    assert_memory_equal(dg.base + plain.len, tail, sizeof tail);
+    kvr_cmd got;
+    kvr_route_candidate cand[KVR_FSM_MAX_CANDIDATES];
+    assert_int_equal(kvr_cmd_decode(dg.base, dg.len, &got, cand, NULL), 0);
+    assert_true(got.u.route.disagg && !got.u.route.only_candidates);
+    assert_int_equal(got.u.route.n_approx_hashes, 0);
+    assert_int_equal(got.u.route.tokens, 4000);
+    assert_int_equal(got.u.route.block_size, 64);
+    assert_int_equal(got.u.route.max_local_prefill, 1000);
+    assert_int_equal(got.u.route.max_prefill_queue, 2);
+    assert_int_equal(kvr_cmd_decode(plain.base, plain.len, &got, cand, NULL), 0);
+    assert_false(got.u.route.disagg);
+    /* [4000, 64, 1000] (3 elements) is refused */
+    dg.base[plain.len + 3] = 0x93;
+    dg.len--;
+    assert_int_not_equal(kvr_cmd_decode(dg.base, dg.len, &got, cand, NULL), 0);
+    kvr_buf_free(&plain);
+    kvr_buf_free(&dg);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -259,6 +308,7 @@ int main(void)
         cmocka_unit_test(test_decode_golden),
         cmocka_unit_test(test_decode_rejects),
         cmocka_unit_test(test_peek_type),
+        cmocka_unit_test(test_route_disagg_field),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

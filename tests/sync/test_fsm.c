@@ -1166,6 +1166,220 @@ static void test_approx_hooks(void **state)
     kvr_fsm_free(f);
 }
 
+/* Disaggregation (issue 15 item 2): workers 1, 2 prefill; 3, 4 decode. */
+static void add_role(kvr_fsm *f, uint64_t id, kvr_worker_role role)
+{
+    kvr_cmd c = tu_worker_up(id, "m", "ns", urls[id], sizeof urls[id]);
+    c.u.worker.role = role;
+    kvr_fsm_result r;
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+}
+
+static kvr_cmd disagg_route(uint64_t n, uint32_t tokens, const kvr_route_candidate *cand,
+                            uint32_t nc)
+{
+    kvr_cmd c = tu_route(n, 7, 1000 + n, (tokens + 63) / 64, cand, nc);
+    c.u.route.disagg = true;
+    c.u.route.tokens = tokens;
+    c.u.route.block_size = 64;
+    c.u.route.max_local_prefill = 1000;
+    c.u.route.max_prefill_queue = 2;
+    return c;
+}
+
+static void test_disagg_pair(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_role(f, 1, KVR_ROLE_PREFILL);
+    add_role(f, 2, KVR_ROLE_PREFILL);
+    add_role(f, 3, KVR_ROLE_DECODE);
+    add_role(f, 4, KVR_ROLE_DECODE);
+    kvr_fsm_result r;
+    kvr_fsm_worker_view v;
+
+    /* short prompt: local on a decode worker, nothing on a prefill worker */
+    kvr_cmd c = disagg_route(1, 640, NULL, 0);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(r.path, KVR_DISAGG_LOCAL);
+    assert_true(r.worker_id == 3 || r.worker_id == 4);
+    assert_int_equal(r.prefill_worker_id, 0);
+    assert_int_equal(kvr_fsm_booking_count(f), 1);
+    assert_int_equal(kvr_fsm_worker_get(f, r.worker_id, &v), 0);
+    assert_int_equal(v.active_prefill_blocks, 10);
+
+    /* long prompt, prefill worker 2 holds 20 of its 32 blocks: remote, prefill on 2 (overlap)
+     * and decode on the other decode worker (less loaded) */
+    uint64_t first_decode = r.worker_id;
+    kvr_route_candidate cand[] = {{2, 20}};
+    c = disagg_route(2, 2048, cand, 1);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(r.path, KVR_DISAGG_REMOTE);
+    assert_int_equal(r.prefill_worker_id, 2);
+    assert_int_equal(r.prefill_overlap, 20);
+    assert_string_equal(r.prefill_url, "http://127.0.0.1:9002");
+    assert_true(r.worker_id != first_decode && (r.worker_id == 3 || r.worker_id == 4));
+    uint64_t dec2 = r.worker_id;
+    assert_int_equal(kvr_fsm_booking_count(f), 3);
+    assert_int_equal(kvr_fsm_worker_get(f, 2, &v), 0);
+    assert_int_equal(v.bookings, 1);
+    assert_int_equal(v.active_blocks, 32);
+    assert_int_equal(v.active_prefill_blocks, 12);
+    assert_int_equal(kvr_fsm_worker_get(f, dec2, &v), 0);
+    assert_int_equal(v.active_prefill_blocks, 0); /* the decoder prefills nothing */
+    assert_int_equal(v.active_blocks, 32);
+
+    /* duplicate: the same pair */
+    kvr_fsm_result d;
+    apply_enc(f, &c, &d);
+    assert_int_equal(d.outcome, KVR_OUT_DUPLICATE);
+    assert_int_equal(d.path, KVR_DISAGG_REMOTE);
+    assert_int_equal(d.prefill_worker_id, 2);
+    assert_int_equal(d.worker_id, dec2);
+
+    /* a cached prompt is short enough to stay local: 2048 tokens, 16 blocks cached on 3 */
+    kvr_route_candidate cand3[] = {{3, 28}};
+    c = disagg_route(3, 2048, cand3, 1);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.path, KVR_DISAGG_LOCAL);
+    assert_int_equal(r.worker_id, 3);
+
+    /* PREFILL_DONE frees the prefill booking; FREE frees the rest */
+    kvr_cmd pd = tu_req(KVR_CMD_PREFILL_DONE, 2);
+    apply_enc(f, &pd, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(kvr_fsm_worker_get(f, 2, &v), 0);
+    assert_int_equal(v.bookings, 0);
+    assert_int_equal(v.active_blocks, 0);
+    for (uint64_t n = 1; n <= 3; n++) {
+        kvr_cmd fr = tu_req(KVR_CMD_FREE, n);
+        apply_enc(f, &fr, &r);
+        assert_int_equal(r.outcome, KVR_OUT_OK);
+    }
+    assert_int_equal(kvr_fsm_booking_count(f), 0);
+
+    /* FREE without PREFILL_DONE frees both bookings */
+    c = disagg_route(4, 4096, NULL, 0);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.path, KVR_DISAGG_REMOTE);
+    assert_int_equal(kvr_fsm_booking_count(f), 2);
+    kvr_cmd fr = tu_req(KVR_CMD_FREE, 4);
+    apply_enc(f, &fr, &r);
+    assert_int_equal(kvr_fsm_booking_count(f), 0);
+    for (uint64_t id = 1; id <= 4; id++) {
+        assert_int_equal(kvr_fsm_worker_get(f, id, &v), 0);
+        assert_int_equal(v.bookings, 0);
+        assert_int_equal(v.active_blocks, 0);
+        assert_int_equal(v.active_prefill_blocks, 0);
+    }
+    /* a pair expires like any booking (both have the request's start time) */
+    c = disagg_route(5, 4096, NULL, 0);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.path, KVR_DISAGG_REMOTE);
+    kvr_cmd ex = {.type = KVR_CMD_EXPIRE, .u.before_ms = 1000 + 5 + 1};
+    apply_enc(f, &ex, &r);
+    assert_int_equal(r.freed, 2);
+    assert_int_equal(kvr_fsm_booking_count(f), 0);
+    kvr_fsm_free(f);
+}
+
+static void test_disagg_conditions(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_role(f, 1, KVR_ROLE_PREFILL);
+    add_role(f, 3, KVR_ROLE_DECODE);
+    kvr_fsm_result r;
+    /* the prefill queue: 2 outstanding prefills on the only prefill worker → local */
+    for (uint64_t n = 1; n <= 2; n++) {
+        kvr_cmd c = disagg_route(n, 4096, NULL, 0);
+        apply_enc(f, &c, &r);
+        assert_int_equal(r.path, KVR_DISAGG_REMOTE);
+        assert_int_equal(r.prefill_worker_id, 1);
+    }
+    kvr_cmd c = disagg_route(3, 4096, NULL, 0);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(r.path, KVR_DISAGG_LOCAL);
+    assert_int_equal(r.worker_id, 3);
+    /* one prefill done: the queue has room again */
+    kvr_cmd pd = tu_req(KVR_CMD_PREFILL_DONE, 1);
+    apply_enc(f, &pd, &r);
+    c = disagg_route(4, 4096, NULL, 0);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.path, KVR_DISAGG_REMOTE);
+    /* the threshold is the command's: max_local_prefill 5000 keeps 4096 tokens local */
+    c = disagg_route(5, 4096, NULL, 0);
+    c.u.route.max_local_prefill = 5000;
+    c.u.route.max_prefill_queue = 100;
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.path, KVR_DISAGG_LOCAL);
+    /* the prefill worker goes down: its bookings go, the decode ones stay; no prefill worker
+     * left → fallback (aggregated on the decode worker) */
+    kvr_cmd down = {.type = KVR_CMD_WORKER_DOWN, .u.worker_id = 1};
+    apply_enc(f, &down, &r);
+    assert_int_equal(r.freed, 2);
+    c = disagg_route(6, 4096, NULL, 0);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(r.path, KVR_DISAGG_FALLBACK);
+    assert_int_equal(r.worker_id, 3);
+    assert_int_equal(r.prefill_worker_id, 0);
+    /* no decode worker: a disaggregated ROUTE falls back to a prefill-capable worker */
+    kvr_cmd down3 = {.type = KVR_CMD_WORKER_DOWN, .u.worker_id = 3};
+    apply_enc(f, &down3, &r);
+    add_role(f, 1, KVR_ROLE_PREFILL);
+    c = disagg_route(7, 4096, NULL, 0);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(r.path, KVR_DISAGG_FALLBACK);
+    assert_int_equal(r.worker_id, 1);
+    /* a plain ROUTE reports no path and still skips decode-only workers */
+    add_role(f, 3, KVR_ROLE_DECODE);
+    kvr_cmd p = tu_route(8, 7, 2000, 4, NULL, 0);
+    apply_enc(f, &p, &r);
+    assert_int_equal(r.path, KVR_DISAGG_NONE);
+    assert_int_equal(r.worker_id, 1);
+    kvr_fsm_free(f);
+}
+
+/* Two replicas applying the same disaggregated commands book the same pairs and end with the
+ * same digest; a snapshot restores the prefill bookings. */
+static void test_disagg_replicas(void **state)
+{
+    (void)state;
+    kvr_fsm *a = kvr_fsm_new(NULL), *b = kvr_fsm_new(NULL);
+    for (int k = 0; k < 2; k++) {
+        kvr_fsm *f = k ? b : a;
+        add_role(f, 1, KVR_ROLE_PREFILL);
+        add_role(f, 2, KVR_ROLE_PREFILL);
+        add_role(f, 3, KVR_ROLE_DECODE);
+        add_role(f, 4, KVR_ROLE_BOTH);
+    }
+    for (uint64_t n = 1; n <= 40; n++) {
+        kvr_route_candidate cand[] = {{n % 4 + 1, (uint32_t)(n % 9)}};
+        kvr_cmd c = disagg_route(n, (uint32_t)(n * 211 % 3000), cand, 1);
+        kvr_fsm_result ra, rb;
+        apply_enc(a, &c, &ra);
+        apply_enc(b, &c, &rb);
+        assert_int_equal(ra.outcome, rb.outcome);
+        assert_int_equal(ra.path, rb.path);
+        assert_int_equal(ra.worker_id, rb.worker_id);
+        assert_int_equal(ra.prefill_worker_id, rb.prefill_worker_id);
+        if (n % 3 == 0) {
+            kvr_cmd fr = tu_req(n % 2 ? KVR_CMD_FREE : KVR_CMD_PREFILL_DONE, n - 1);
+            apply_enc(a, &fr, &ra);
+            apply_enc(b, &fr, &rb);
+        }
+    }
+    assert_int_equal(kvr_fsm_digest(a), kvr_fsm_digest(b));
+    kvr_fsm_free(a);
+    kvr_fsm_free(b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1190,6 +1404,9 @@ int main(void)
         cmocka_unit_test(test_only_candidates),
         cmocka_unit_test(test_pools),
         cmocka_unit_test(test_approx_hooks),
+        cmocka_unit_test(test_disagg_pair),
+        cmocka_unit_test(test_disagg_conditions),
+        cmocka_unit_test(test_disagg_replicas),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

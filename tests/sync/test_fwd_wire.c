@@ -236,10 +236,45 @@ static void test_decode_malformed(void **state)
     kvr_buf_free(&b);
 }
 
+/* A disaggregated ROUTE's reply (fields 12-15): the 12th is written (false), then path, prefill
+ * worker and its url; they decode to themselves. Replies without a path keep their bytes
+ * (GOLD_REP_OK above). */
+static void test_rep_disagg(void **state)
+{
+    (void)state;
+    kvr_buf b;
+    kvr_buf_init(&b);
+    kvr_fsm_result r = gold_result();
+    r.path = KVR_DISAGG_REMOTE;
+    r.prefill_worker_id = 42;
+    strcpy(r.prefill_url, "http://10.0.0.9:8001");
+    assert_int_equal(kvr_fwd_encode_rep(&b, 11, 0, &r), 0);
+    assert_int_equal((uint8_t)b.base[4], 0x9f); /* a 15-element array */
+    kvr_slice body;
+    size_t used = 0;
+    assert_int_equal(kvr_fwd_frame_next(b.base, b.len, &body, &used), 1);
+    kvr_fwd_msg m;
+    assert_int_equal(kvr_fwd_decode(body.base, body.len, &m), 0);
+    assert_int_equal(m.res.path, KVR_DISAGG_REMOTE);
+    assert_true(m.res.prefill_worker_id == 42);
+    assert_string_equal(m.res.prefill_url, "http://10.0.0.9:8001");
+    assert_false(m.res.pool_waking);
+    assert_string_equal(m.res.url, r.url);
+    /* a path out of range is refused */
+    uint8_t *pp = memchr(body.base + 20, KVR_DISAGG_REMOTE, body.len - 20);
+    while (pp && !(pp[1] == 42)) /* the path byte is followed by the worker id 42 */
+        pp = memchr(pp + 1, KVR_DISAGG_REMOTE, (size_t)((const uint8_t *)body.base + body.len - pp - 1));
+    assert_non_null(pp);
+    *pp = 9;
+    assert_int_equal(kvr_fwd_decode(body.base, body.len, &m), KVR_EINVAL);
+    kvr_buf_free(&b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_encode_golden),    cmocka_unit_test(test_decode_golden),
+        cmocka_unit_test(test_rep_disagg),
         cmocka_unit_test(test_framing),          cmocka_unit_test(test_encode_bounds),
         cmocka_unit_test(test_decode_malformed),
     };

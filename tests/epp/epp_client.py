@@ -1,0 +1,330 @@
+#!/usr/bin/python3
+"""A stand-in for Envoy's ext_proc filter (FULL_DUPLEX_STREAMED bodies, trailers SEND) driving
+kvr-epp over h2c. Its _pb2 modules are generated with protoc from Envoy's REAL protos
+(tests/epp/protos), so kvr-epp's pruned proto is checked against the upstream wire format.
+
+usage: epp_client.py ADDR SCENARIO [options]   → one JSON line on stdout
+scenarios: get, post, post-close, garbage, cancel, hang, hold, concurrent, seq, health, unknown-method
+"""
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROTOS = os.path.join(HERE, "protos")
+
+
+def load_pb():
+    out = tempfile.mkdtemp(prefix="epp_pb_")
+    files = []
+    for root, _, names in os.walk(PROTOS):
+        for n in names:
+            if n.endswith(".proto"):
+                files.append(os.path.relpath(os.path.join(root, n), PROTOS))
+    subprocess.run(["protoc", "-I", PROTOS, "-I", "/usr/include", "--python_out=" + out] + files,
+                   check=True)
+    sys.path.insert(0, out)
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+    # the generated grpc/health/v1 package would be shadowed by grpcio's "grpc": load by path
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "health_pb2", os.path.join(out, "grpc", "health", "v1", "health_pb2.py"))
+    hp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hp)
+    return ep, hp
+
+
+# "grpc" the package must be imported before the generated grpc/health/v1 path shadows it
+import grpc  # noqa: E402
+
+ep, hp = load_pb()
+from google.protobuf import struct_pb2  # noqa: E402
+from envoy.config.core.v3 import base_pb2  # noqa: E402
+
+PATH = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+CHUNK = 62000
+
+
+def hdrs(pairs, eos=False, subset=None, served=None):
+    hm = base_pb2.HeaderMap()
+    for k, v in pairs:
+        hm.headers.add(key=k, raw_value=v.encode())
+    r = ep.ProcessingRequest()
+    if eos is None:
+        r.response_headers.headers.CopyFrom(hm)
+    else:
+        r.request_headers.headers.CopyFrom(hm)
+        r.request_headers.end_of_stream = eos
+    set_md(r, subset, served)
+    return r
+
+
+def set_md(r, subset=None, served=None):
+    if subset is not None:
+        s = struct_pb2.Struct()
+        if isinstance(subset, list):
+            s.fields["x-gateway-destination-endpoint-subset"].list_value.extend(subset)
+        else:
+            s.fields["x-gateway-destination-endpoint-subset"].string_value = subset
+        r.metadata_context.filter_metadata["envoy.lb.subset_hint"].CopyFrom(s)
+    if served is not None:
+        s = struct_pb2.Struct()
+        s.fields["x-gateway-destination-endpoint-served"].string_value = served
+        r.metadata_context.filter_metadata["envoy.lb"].CopyFrom(s)
+
+
+def body(data, eos, response=False):
+    r = ep.ProcessingRequest()
+    b = r.response_body if response else r.request_body
+    b.body = data
+    b.end_of_stream = eos
+    return r
+
+
+class Stream:
+    """One bidi Process call fed from a queue (Envoy sends as the HTTP stream progresses)."""
+
+    def __init__(self, channel, timeout=20):
+        self.q = queue.Queue()
+        call = channel.stream_stream(PATH, request_serializer=ep.ProcessingRequest.SerializeToString,
+                                     response_deserializer=ep.ProcessingResponse.FromString)
+        self.it = call(iter(self.q.get, None), timeout=timeout)
+
+    def send(self, m):
+        self.q.put(m)
+
+    def close(self):
+        self.q.put(None)
+
+    def recv(self):
+        return next(self.it)
+
+
+def dest_of(resp):
+    """(header value, metadata value, clear_route_cache) of a request HeadersResponse."""
+    cr = resp.request_headers.response
+    hv = [h.header for h in cr.header_mutation.set_headers
+          if h.header.key == "x-gateway-destination-endpoint"]
+    h = (hv[0].raw_value.decode() or hv[0].value) if hv else None
+    md = resp.dynamic_metadata.fields["envoy.lb"].struct_value.fields[
+        "x-gateway-destination-endpoint"].string_value if "envoy.lb" in resp.dynamic_metadata.fields else None
+    return h, md, cr.clear_route_cache
+
+
+def post_flow(ch, payload, chunks=1, subset=None, path="/v1/completions", respond=True):
+    s = Stream(ch)
+    out = {}
+    s.send(hdrs([(":method", "POST"), (":path", path), ("content-type", "application/json")],
+                subset=subset))
+    step = max(1, -(-len(payload) // chunks))
+    parts = [payload[i:i + step] for i in range(0, len(payload), step)] or [b""]
+    for i, p in enumerate(parts):
+        s.send(body(p, i == len(parts) - 1))
+    first = s.recv()
+    kind = first.WhichOneof("response")
+    out["first"] = kind
+    if kind == "immediate_response":
+        out["status"] = first.immediate_response.status.code
+        out["body"] = first.immediate_response.body.decode(errors="replace")
+        s.close()
+        return out
+    out["dest"], out["meta"], out["clear_route_cache"] = dest_of(first)
+    echoed, n, sizes, eos = b"", 0, [], False
+    while not eos:
+        r = s.recv()
+        assert r.WhichOneof("response") == "request_body", r
+        sb = r.request_body.response.body_mutation.streamed_response
+        echoed += sb.body
+        sizes.append(len(sb.body))
+        eos = sb.end_of_stream
+        n += 1
+    out["body_same"] = echoed == payload
+    out["body_chunks"] = n
+    out["max_chunk"] = max(sizes)
+    if respond:
+        pick = out["dest"].split(",")[0]
+        r = hdrs([(":status", "200"), ("content-type", "text/event-stream")], eos=None, served=pick)
+        s.send(r)
+        seq = [s.recv().WhichOneof("response")]
+        rb = [b"data: {\"x\":1}\n\n", b"data: [DONE]\n\n"]
+        got = b""
+        for i, c in enumerate(rb):
+            s.send(body(c, False, response=True))
+            r = s.recv()
+            seq.append(r.WhichOneof("response"))
+            got += r.response_body.response.body_mutation.streamed_response.body
+        tr = ep.ProcessingRequest()
+        tr.response_trailers.trailers.headers.add(key="grpc-status", raw_value=b"0")
+        s.send(tr)
+        seq.append(s.recv().WhichOneof("response"))
+        out["response_seq"] = seq
+        out["response_body_same"] = got == b"".join(rb)
+    s.close()
+    try:
+        s.recv()
+        out["end"] = "extra message"
+    except StopIteration:
+        out["end"] = "ok"
+    except grpc.RpcError as e:
+        out["end"] = str(e.code())
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("addr")
+    ap.add_argument("scenario")
+    ap.add_argument("--model", default="m1")
+    ap.add_argument("--chunks", type=int, default=1)
+    ap.add_argument("--size", type=int, default=0, help="pad the prompt to this many bytes")
+    ap.add_argument("--subset-list", default=None)
+    ap.add_argument("--subset-str", default=None)
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--service", default="")
+    ap.add_argument("--chat", action="store_true")
+    ap.add_argument("--no-model", action="store_true")
+    ap.add_argument("--tls-ca", default=None, help="TLS: trust this PEM certificate")
+    ap.add_argument("--tls-name", default=None, help="TLS: the name to verify")
+    a = ap.parse_args()
+    if a.tls_ca:
+        creds = grpc.ssl_channel_credentials(root_certificates=open(a.tls_ca, "rb").read())
+        opts = [("grpc.ssl_target_name_override", a.tls_name)] if a.tls_name else []
+        ch = grpc.secure_channel(a.addr, creds, options=opts)
+    else:
+        ch = grpc.insecure_channel(a.addr)
+    subset = a.subset_list.split(",") if a.subset_list is not None else a.subset_str
+    if a.subset_list == "":
+        subset = []
+    prompt = "The quick brown fox"
+    if a.size > len(prompt):
+        prompt += "x" * (a.size - len(prompt) - 60)
+    if a.chat:
+        payload = json.dumps({"model": a.model, "messages": [{"role": "user", "content": prompt}],
+                              "max_tokens": 4}).encode()
+        path = "/v1/chat/completions"
+    else:
+        payload = json.dumps({"model": a.model, "prompt": prompt, "max_tokens": 4}).encode()
+        path = "/v1/completions"
+    if a.no_model:
+        payload = json.dumps({"prompt": prompt}).encode()
+    res = {}
+    if a.scenario == "get":
+        s = Stream(ch)
+        s.send(hdrs([(":method", "GET"), (":path", "/v1/models")], eos=True, subset=subset))
+        r = s.recv()
+        res["first"] = r.WhichOneof("response")
+        if res["first"] == "request_headers":
+            res["dest"], res["meta"], res["clear_route_cache"] = dest_of(r)
+        else:
+            res["status"] = r.immediate_response.status.code
+        s.close()
+    elif a.scenario == "post":
+        res = post_flow(ch, payload, a.chunks, subset, path)
+    elif a.scenario == "post-close":
+        # the gateway half-closes right after the body, while the pick is still out: every
+        # answer must still come, then the call ends OK
+        s = Stream(ch)
+        s.send(hdrs([(":method", "POST"), (":path", path)]))
+        s.send(body(payload, True))
+        s.close()
+        kinds = []
+        try:
+            while True:
+                kinds.append(s.recv().WhichOneof("response"))
+            res["end"] = "?"
+        except StopIteration:
+            res["end"] = "ok"
+        except grpc.RpcError as e:
+            res["end"] = str(e.code())
+        res["kinds"] = kinds
+    elif a.scenario == "garbage":
+        res = post_flow(ch, b"{not json", 1, None, path)
+    elif a.scenario == "cancel":
+        # headers and half a body, then the client goes away (Envoy resets the stream)
+        q = queue.Queue()
+        call = ch.stream_stream(PATH, request_serializer=ep.ProcessingRequest.SerializeToString,
+                                response_deserializer=ep.ProcessingResponse.FromString)
+        fut = call(iter(q.get, None), timeout=20)
+        q.put(hdrs([(":method", "POST"), (":path", path)]))
+        q.put(body(payload[:len(payload) // 2], False))
+        time.sleep(0.3)
+        fut.cancel()
+        res["cancelled"] = True
+    elif a.scenario == "hang":
+        # n streams with headers and half a body, then wait to be killed: the connection then
+        # drops with its streams open (no RST_STREAM, as when a gateway pod dies)
+        q = queue.Queue()
+        call = ch.stream_stream(PATH, request_serializer=ep.ProcessingRequest.SerializeToString,
+                                response_deserializer=ep.ProcessingResponse.FromString)
+        futs = []
+        for i in range(a.n):
+            qi = queue.Queue()
+            futs.append(call(iter(qi.get, None), timeout=600))
+            qi.put(hdrs([(":method", "POST"), (":path", path)]))
+            qi.put(body(payload[:len(payload) // 2], False))
+        print(json.dumps({"hanging": a.n}), flush=True)
+        time.sleep(600)
+    elif a.scenario == "hold":
+        # a picked (booked) stream held open: the pick made, the response never comes
+        s = Stream(ch, timeout=600)
+        s.send(hdrs([(":method", "POST"), (":path", path)]))
+        s.send(body(payload, True))
+        r = s.recv()
+        print(json.dumps({"first": r.WhichOneof("response")}), flush=True)
+        time.sleep(600)
+    elif a.scenario == "concurrent":
+        results, lock = [], threading.Lock()
+
+        def one(i):
+            try:
+                r = post_flow(ch, payload, 1 + i % 3, None, path, respond=(i % 2 == 0))
+                ok = r.get("dest") and r["dest"] == r["meta"] and r["body_same"] and r["end"] == "ok"
+            except Exception as e:  # noqa: BLE001
+                ok, r = False, {"err": repr(e)}
+            with lock:
+                results.append((ok, r))
+        ts = [threading.Thread(target=one, args=(i,)) for i in range(a.n)]
+        t0 = time.time()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        res["ok"] = sum(1 for ok, _ in results if ok)
+        res["n"] = a.n
+        res["seconds"] = round(time.time() - t0, 3)
+        bad = [r for ok, r in results if not ok]
+        if bad:
+            res["first_bad"] = bad[0]
+    elif a.scenario == "seq":
+        # n streams one after the other (figures: kvr-epp's kvr_epp_pick_seconds)
+        t0, ok = time.time(), 0
+        for i in range(a.n):
+            r = post_flow(ch, payload, 1, None, path, respond=True)
+            ok += bool(r.get("body_same")) and r.get("end") == "ok"
+        res = {"ok": ok, "n": a.n, "seconds": round(time.time() - t0, 3)}
+    elif a.scenario == "health":
+        m = ch.unary_unary("/grpc.health.v1.Health/Check",
+                           request_serializer=hp.HealthCheckRequest.SerializeToString,
+                           response_deserializer=hp.HealthCheckResponse.FromString)
+        try:
+            r = m(hp.HealthCheckRequest(service=a.service), timeout=5)
+            res["status"] = hp.HealthCheckResponse.ServingStatus.Name(r.status)
+        except grpc.RpcError as e:
+            res["code"] = str(e.code())
+    elif a.scenario == "unknown-method":
+        m = ch.unary_unary("/no.Such/Method")
+        try:
+            m(b"", timeout=5)
+        except grpc.RpcError as e:
+            res["code"] = str(e.code())
+    print(json.dumps(res, default=str))
+
+
+if __name__ == "__main__":
+    main()
