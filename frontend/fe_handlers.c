@@ -1,5 +1,6 @@
 /* kvr-frontend: the HTTP endpoints (completions, chat, models, health, metrics, tokenize). */
 #include "fe_app.h"
+#include "fe_proxy.h"
 #include "fe_tokenize.h"
 
 #include "kvr_hash.h"
@@ -266,6 +267,8 @@ void on_request(kvr_http_req *req)
     else if (kvr_slice_eq_cstr(p, "/metrics"))
         route = R_METRICS;
     kvr_metric_add(app.m_requests, (size_t)route, 1);
+    if (route == R_OTHER && fe_proxy_handle(req))
+        return;
     if (kvr_slice_eq_cstr(p, "/tokenize") || kvr_slice_eq_cstr(p, "/detokenize")) {
         if (!post)
             goto bad_method;

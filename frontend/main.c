@@ -10,6 +10,7 @@
  *   the client's JSON to the endpoint it called) → relay SSE → prefill_done at first token,
  *   free at the end / on error / on client disconnect. */
 #include "fe_app.h"
+#include "fe_proxy.h"
 #include "fe_chat.h"
 #include "fe_tokenize.h"
 
@@ -134,6 +135,7 @@ int main(int argc, char **argv)
     int64_t upstream_stall = 10000, drain_timeout = 30000, max_body = 4 << 20;
     const char *worker_cidr = "private", *tok_fallback = "none", *forward = "tokens";
     bool trust_tmpl = false;
+    const char *catalogue = NULL, *proxy_key_file = NULL;
     int64_t max_held = 1024, max_held_bytes = 64 << 20, wake_timeout = 300000,
             hold_keepalive = 10000;
     kvr_flag flags[] = {
@@ -185,6 +187,14 @@ int main(int argc, char **argv)
          "how long one request may wait for its pool to wake (default 300s); then 503", 0},
         {"hold-keepalive", KVR_FLAG_DURATION, &hold_keepalive,
          "interval of the SSE comment lines a held stream gets (default 10s)", 0},
+        {"model-catalogue", KVR_FLAG_STRING, &catalogue,
+         "JSON {\"models\": [{\"id\", \"namespace\", \"model\", \"engine_args\"}]}: the "
+         "models the /proxy/ API can switch between",
+         0},
+        {"proxy-api-key-file", KVR_FLAG_STRING, &proxy_key_file,
+         "file holding the Bearer key of the /proxy/ API (default: --api-key; neither: the API "
+         "answers 403)",
+         0},
         KVR_NATS_FLAG_ENTRIES(&nats_sec),
     };
     size_t nflags = sizeof flags / sizeof *flags;
@@ -307,6 +317,10 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvr-frontend: init failed\n");
         return 1;
     }
+    if (fe_proxy_configure(catalogue, proxy_key_file, app.metrics, &err)) {
+        fprintf(stderr, "kvr-frontend: %s\n", err.msg);
+        return 2;
+    }
     kvr_curl_config cc = {.max_host_connections = 4096, .connect_timeout_ms = 1000};
     if (kvr_curl_init(&app.curl, app.loop, &cc, &err)) {
         fprintf(stderr, "kvr-frontend: http client: %s\n", err.msg);
@@ -354,6 +368,7 @@ int main(int argc, char **argv)
         kvr_nats_global_shutdown(2000);
     fe_pool_free(&app.pool);
     fe_free_resend_free();
+    fe_proxy_free();
     kvr_metrics_free(app.metrics);
     uv_loop_close(app.loop);
     return 0;

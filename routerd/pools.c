@@ -391,10 +391,9 @@ bool rd_pools_default_ns(kvr_routerd *rd, const char *model, char *ns, size_t ca
     return false;
 }
 
-void rd_pools_state_json(kvr_routerd *rd, kvr_jw *w)
+static void pools_array(kvr_routerd *rd, kvr_jw *w)
 {
     rd_pools *ps = rd->pools;
-    kvr_jw_key(w, "pools");
     kvr_jw_arr(w);
     if (ps) {
         const kvr_fsm *f = rd_fsm(rd);
@@ -432,6 +431,183 @@ void rd_pools_state_json(kvr_routerd *rd, kvr_jw *w)
         }
     }
     kvr_jw_end(w);
+}
+
+void rd_pools_state_json(kvr_routerd *rd, kvr_jw *w)
+{
+    kvr_jw_key(w, "pools");
+    pools_array(rd, w);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* kvr.pools.list and kvr.pools.set: the frontends' /proxy/ API (frontend/fe_proxy.c) reaches
+ * the pools through these, NATS being their only channel to the routers. Every router with
+ * --pools-file answers, in the queue group kvr-pools: list from its replicated state, set by
+ * submitting a POOL_SET through its bookings (Raft), so the leader's driver above does the
+ * rest (stopping → scale to --min-workers → sleeping; waking → scale up → awake). */
+
+#define RD_POOLS_SET_MAX 1024 /* bytes of a kvr.pools.set request */
+
+static void pools_reply(kvr_routerd *rd, const char *reply, bool ok, const char *error,
+                        const rd_pool *p, const char *from, const char *state, bool unchanged,
+                        const char *mode)
+{
+    kvr_buf b;
+    kvr_buf_init(&b);
+    kvr_jw w;
+    kvr_jw_init(&w, &b);
+    kvr_jw_obj(&w);
+    kvr_jw_key(&w, "ok");
+    kvr_jw_bool(&w, ok);
+    if (error) {
+        kvr_jw_key(&w, "error");
+        kvr_jw_str(&w, error);
+    }
+    if (p) {
+        kvr_jw_key(&w, "namespace");
+        kvr_jw_str(&w, p->ns);
+        kvr_jw_key(&w, "model");
+        kvr_jw_str(&w, p->model);
+    }
+    if (from) {
+        kvr_jw_key(&w, "from");
+        kvr_jw_str(&w, from);
+    }
+    if (state) {
+        kvr_jw_key(&w, "state");
+        kvr_jw_str(&w, state);
+        kvr_jw_key(&w, "unchanged");
+        kvr_jw_bool(&w, unchanged);
+    }
+    if (mode) { /* raft: agreed by the group; local: this router's own state only (no peers,
+                 * or degraded) */
+        kvr_jw_key(&w, "mode");
+        kvr_jw_str(&w, mode);
+    }
+    kvr_jw_key(&w, "router_id");
+    kvr_jw_u64(&w, rd->cfg.id);
+    kvr_jw_end(&w);
+    if (kvr_jw_finish(&w) == 0 && !rd->stopping)
+        kvr_nats_respond(&rd->nats, reply, b.base, b.len);
+    kvr_buf_free(&b);
+}
+
+static void on_pools_list(const kvr_nats_msg *m, void *data)
+{
+    kvr_routerd *rd = data;
+    if (!m->reply || !rd->pools)
+        return;
+    kvr_buf b;
+    kvr_buf_init(&b);
+    kvr_jw w;
+    kvr_jw_init(&w, &b);
+    pools_array(rd, &w);
+    if (kvr_jw_finish(&w) == 0 && !rd->stopping)
+        kvr_nats_respond(&rd->nats, m->reply, b.base, b.len);
+    kvr_buf_free(&b);
+}
+
+typedef struct set_op {
+    kvr_routerd *rd;
+    uint32_t idx;
+    kvr_pool_state from, to;
+    bool known;
+    char reply[]; /* the requester's reply subject */
+} set_op;
+
+static void on_pools_set_done(kvr_routerd *rd, int status, const kvr_fsm_result *res,
+                              rd_decided how, void *data)
+{
+    set_op *op = data;
+    rd_pools *ps = rd->pools;
+    const rd_pool *p = ps && op->idx < ps->n ? &ps->pools[op->idx] : NULL;
+    const char *err = status != 0                         ? kvr_strerror(status)
+                      : res && res->outcome != KVR_OUT_OK ? kvr_outcome_name(res->outcome)
+                                                          : NULL;
+    if (err)
+        KVR_LOG_WARN_RL(5, "pool set not applied", "pool=%s error=%s", p ? p->label : "-", err);
+    else if (p)
+        KVR_LOG_INFO("pool state", "pool=%s state=%s why=kvr.pools.set", p->label,
+                     kvr_pool_state_name(op->to));
+    pools_reply(rd, op->reply, err == NULL, err, p,
+                op->known ? kvr_pool_state_name(op->from) : "unregistered",
+                kvr_pool_state_name(op->to), false, err ? NULL : rd_decided_name(how));
+    free(op);
+}
+
+static void on_pools_set(const kvr_nats_msg *m, void *data)
+{
+    kvr_routerd *rd = data;
+    rd_pools *ps = rd->pools;
+    if (!m->reply || !ps)
+        return;
+    if (m->len > RD_POOLS_SET_MAX) {
+        pools_reply(rd, m->reply, false, "request over 1024 bytes", NULL, NULL, NULL, false, NULL);
+        return;
+    }
+    cJSON *j = cJSON_ParseWithLength(m->data, m->len);
+    const cJSON *ns = cJSON_GetObjectItemCaseSensitive(j, "namespace");
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(j, "model");
+    const cJSON *state = cJSON_GetObjectItemCaseSensitive(j, "state");
+    const char *why = NULL;
+    rd_pool *p = NULL;
+    kvr_pool_state want = KVR_POOL_REMOVED;
+    if (!cJSON_IsObject(j) || !cJSON_IsString(model) || !cJSON_IsString(state) ||
+        (ns && !cJSON_IsString(ns)))
+        why = "want {\"namespace\", \"model\", \"state\": \"sleeping\"|\"waking\"}";
+    else if (strcmp(state->valuestring, "sleeping") == 0)
+        want = KVR_POOL_STOPPING; /* the driver scales it down, then it sleeps */
+    else if (strcmp(state->valuestring, "waking") == 0)
+        want = KVR_POOL_WAKING;
+    else
+        why = "state: want sleeping or waking";
+    if (!why && !(p = by_name(ps, ns ? ns->valuestring : "", model->valuestring)))
+        why = "no such pool on this router (--pools-file)";
+    cJSON_Delete(j);
+    if (why) {
+        pools_reply(rd, m->reply, false, why, p, NULL, NULL, false, NULL);
+        return;
+    }
+    kvr_fsm_pool_view v;
+    bool known = kvr_fsm_pool_get(rd_fsm(rd), p->ns, p->model, &v) == 0;
+    /* already there, or on its way: nothing to submit (a second stop must not restart a
+     * scale-down, a second start must not reset the wake's deadline) */
+    if (known &&
+        ((want == KVR_POOL_STOPPING &&
+          (v.state == KVR_POOL_SLEEPING || v.state == KVR_POOL_STOPPING)) ||
+         (want == KVR_POOL_WAKING && (v.state == KVR_POOL_AWAKE || v.state == KVR_POOL_WAKING)))) {
+        pools_reply(rd, m->reply, true, NULL, p, kvr_pool_state_name(v.state),
+                    kvr_pool_state_name(v.state), true, NULL);
+        return;
+    }
+    size_t rl = strlen(m->reply);
+    set_op *op = malloc(sizeof *op + rl + 1);
+    if (!op) {
+        pools_reply(rd, m->reply, false, "out of memory", p, NULL, NULL, false, NULL);
+        return;
+    }
+    *op = (set_op){rd, (uint32_t)(p - ps->pools), known ? v.state : KVR_POOL_REMOVED, want, known};
+    memcpy(op->reply, m->reply, rl + 1);
+    kvr_cmd cmd = {.type = KVR_CMD_POOL_SET};
+    cmd.u.pool =
+        (kvr_pool_cmd){kvr_slice_of(p->ns), kvr_slice_of(p->model), want, (uint64_t)kvr_now_ms()};
+    int rc = rd_submit(rd, &cmd, on_pools_set_done, op);
+    if (rc != 0) {
+        pools_reply(rd, m->reply, false, kvr_strerror(rc), p, NULL, NULL, false, NULL);
+        free(op);
+    }
+}
+
+int rd_pools_subscribe(kvr_routerd *rd, kvr_err *err)
+{
+    if (!rd->pools)
+        return 0;
+    int rc =
+        kvr_nats_subscribe(&rd->nats, "kvr.pools.list", "kvr-pools", on_pools_list, rd, NULL, err);
+    if (rc == 0)
+        rc = kvr_nats_subscribe(&rd->nats, "kvr.pools.set", "kvr-pools", on_pools_set, rd, NULL,
+                                err);
+    return rc;
 }
 
 /* kept for tests and /admin: the pool a (ns, model) names, or NULL */

@@ -265,6 +265,7 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
                                  &rd->sub_event, &err)) != 0 ||
         (rc = kvr_nats_subscribe(&rd->nats, "kvr.frontends.*", NULL, rd_on_frontend, rd, NULL,
                                  &err)) != 0 ||
+        (rc = rd_pools_subscribe(rd, &err)) != 0 ||
         (rd->bk->subscribe && (rc = rd->bk->subscribe(rd, &err)) != 0)) {
         KVR_LOG_ERROR("nats subscribe", "error=\"%s\"", err.msg);
         goto fail;

@@ -297,6 +297,8 @@ bool rd_pools_close(kvr_routerd *rd);
 void rd_pools_free(kvr_routerd *rd);
 bool rd_pools_default_ns(kvr_routerd *rd, const char *model, char *ns, size_t cap);
 void rd_pools_state_json(kvr_routerd *rd, kvr_jw *w);
+/* kvr.pools.list / kvr.pools.set (queue group kvr-pools); 0 without --pools-file */
+int rd_pools_subscribe(kvr_routerd *rd, kvr_err *err);
 
 /* The bookings of this router's mode (bookings.h), by their old names. */
 static inline int rd_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data)

@@ -40,6 +40,9 @@ check() { # check SEED_NAME allowed|denied SUBJECT...
 ROUTER_ONLY=(kvr.routers.quorum kvr.route.bcast '$JS.API.STREAM.INFO.KVR_EVENTS'
     '$JS.FC.KVR_EVENTS.x.y' kvr.kv.default.7)
 check w1 allowed kvr.kv.default.1 kvr.workers.default.1
+# the pool commands (issue 16 item 4): only a frontend asks them, a worker cannot
+check w1 denied kvr.pools.set kvr.pools.list
+check fe5 allowed kvr.pools.set kvr.pools.list
 check w1 denied kvr.kv.default.2 kvr.workers.default.2 kvr.route.event kvr.route \
     kvr.route.bcast kvr.frontends.5 '$JS.API.STREAM.DELETE.KVR_EVENTS' kvr.kv.other.1 \
     "${ROUTER_ONLY[@]}"
@@ -47,7 +50,7 @@ check fe5 allowed kvr.route.event kvr.frontends.5
 check fe5 denied kvr.kv.default.1 kvr.workers.default.1 kvr.frontends.6 kvr.route.bcast \
     '$JS.API.STREAM.PURGE.KVR_EVENTS' "${ROUTER_ONLY[@]}"
 check router allowed "${ROUTER_ONLY[@]}" kvr.kv.other.1 kvr.route.event
-check router denied kvr.workers.default.1 kvr.frontends.5 kvr.route
+check router denied kvr.workers.default.1 kvr.frontends.5 kvr.route kvr.pools.set
 python3 "$HERE/nats_pub_check.py" 127.0.0.1 "$port" "$K/stranger.seed" kvr.kv.default.1 &&
     kvr_fail "an unlisted NKEY connected"
 kvr_log "permissions: worker and frontend confined"
@@ -61,11 +64,18 @@ for i in 1 2; do
 done
 rport=$(kvr_free_port)
 mkdir -p "$KVR_TMP/r1"
+# with a pool (it stays awake: its workers are live) so the router serves kvr.pools.* and the
+# frontend's /proxy/ API asks them, both under their roles' permissions
+echo '{"pools": [{"namespace": "default", "model": "m1", "target": "m1"}]}' >"$KVR_TMP/pools.json"
+echo '{"models": [{"id": "m1", "namespace": "default", "model": "m1"}]}' >"$KVR_TMP/catalogue.json"
+echo "proxy-key-$$" >"$KVR_TMP/proxy.key"
 kvr_spawn router1 "$KVR_BIN/kvr-routerd" --id 1 --nats "$NATS_URL" --http 127.0.0.1:$rport \
-    --data-dir "$KVR_TMP/r1" --nats-nkey "$K/router.seed"
+    --data-dir "$KVR_TMP/r1" --nats-nkey "$K/router.seed" \
+    --pools-file "$KVR_TMP/pools.json" --scaler exec:/bin/true
 fport=$(kvr_free_port)
 kvr_spawn fe "$KVR_BIN/kvr-frontend" --listen 127.0.0.1:$fport --nats "$NATS_URL" --id 5 \
-    --router-mode kv --route-timeout 500ms --route-tries 3 --nats-nkey "$K/fe5.seed"
+    --router-mode kv --route-timeout 500ms --route-tries 3 --nats-nkey "$K/fe5.seed" \
+    --model-catalogue "$KVR_TMP/catalogue.json" --proxy-api-key-file "$KVR_TMP/proxy.key"
 F=http://127.0.0.1:$fport
 kvr_wait_http "$F/health" 15
 kvr_wait_http "http://127.0.0.1:$rport/health" 15
@@ -83,6 +93,11 @@ kvr_assert_eq "$(fmetric kvr_frontend_route_fallback_total)" 0 "no local fallbac
 # KV events reached the router through JetStream under the worker's permissions
 kvevents() { curl -s --max-time 2 "http://127.0.0.1:$rport/metrics" | awk '/^kvr_router_kv_events_total|^kvr_routerd_events_applied_total/ {s+=$2} END {exit !(s>0)}'; }
 kvr_wait_for 10 kvevents || kvr_log "note: no KV-event counter found on the router metrics"
+pxa=(-s --max-time 10 -H "Authorization: Bearer proxy-key-$$")
+running() { curl "${pxa[@]}" "$F/proxy/models/running" | jq -e '[.models[].id] == ["m1"]' >/dev/null; }
+kvr_wait_for 10 running || kvr_fail "/proxy/models/running under credentials: $(curl "${pxa[@]}" "$F/proxy/models/running")"
+r=$(curl "${pxa[@]}" -d '{"model_id":"m1"}' "$F/proxy/operations/start")
+kvr_assert_eq "$(jq -r '.pool.ok' <<<"$r")" true "kvr.pools.set under credentials: $r"
 for p in worker1 worker2 router1 fe; do
     if grep -q "Permissions Violation" "$KVR_TMP/$p.log"; then
         grep "Permissions Violation" "$KVR_TMP/$p.log" | head -3 >&2
