@@ -39,6 +39,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #define BE_PATH "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -414,11 +415,32 @@ static int stream_start(bool hold)
     return 0;
 }
 
-/* One turn: wait up to timeout_ms for sockets, read, then let every session write. */
-static void pump(int timeout_ms)
+/* Hands every session's pending frames to its socket (streams just started go out now, not
+ * after the next wait). */
+static void flush_all(void)
+{
+    for (int i = 0; i < B.nconns; i++) {
+        be_conn *c = &B.conns[i];
+        if (c->dead)
+            continue;
+        if (nghttp2_session_send(c->s) != 0)
+            c->dead = true;
+        struct epoll_event ev = {.events = EPOLLIN | (nghttp2_session_want_write(c->s) ? EPOLLOUT : 0),
+                                 .data.ptr = c};
+        epoll_ctl(B.ep, EPOLL_CTL_MOD, c->fd, &ev);
+    }
+}
+
+/* One turn: write what is pending, wait up to timeout_us for sockets (epoll_pwait2: an open loop at 5,000/s needs
+ * waits under a millisecond without spinning a core), read, then let every session write. */
+static void pump_us(int64_t timeout_us)
 {
     struct epoll_event evs[BE_MAX_CONNS];
-    int n = epoll_wait(B.ep, evs, BE_MAX_CONNS, timeout_ms);
+    flush_all();
+    if (timeout_us < 0)
+        timeout_us = 0;
+    struct timespec ts = {.tv_sec = timeout_us / 1000000, .tv_nsec = timeout_us % 1000000 * 1000};
+    int n = epoll_pwait2(B.ep, evs, BE_MAX_CONNS, &ts, NULL);
     for (int i = 0; i < n; i++) {
         be_conn *c = evs[i].data.ptr;
         if (c->dead || !(evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
@@ -439,16 +461,12 @@ static void pump(int timeout_ms)
             break;
         }
     }
-    for (int i = 0; i < B.nconns; i++) {
-        be_conn *c = &B.conns[i];
-        if (c->dead)
-            continue;
-        if (nghttp2_session_send(c->s) != 0)
-            c->dead = true;
-        struct epoll_event ev = {.events = EPOLLIN | (nghttp2_session_want_write(c->s) ? EPOLLOUT : 0),
-                                 .data.ptr = c};
-        epoll_ctl(B.ep, EPOLL_CTL_MOD, c->fd, &ev);
-    }
+    flush_all();
+}
+
+static void pump(int timeout_ms)
+{
+    pump_us((int64_t)timeout_ms * 1000);
 }
 
 /* ---------- kvr-epp's side: metrics, /proc ---------- */
@@ -822,13 +840,12 @@ int kvr_bench_epp(int argc, char **argv)
                     if (stream_start(false) != 0)
                         skipped += phase; /* every connection full: the client is the limit */
             }
-            pump(concurrency ? 5 : 0);
-            if (!concurrency) {
-                /* sleep until the next send is due, or the sockets wake us */
+            if (concurrency) {
+                pump(5);
+            } else {
+                /* until the next send is due, or the sockets wake us */
                 double next = (double)(due0 + 1) / rate * 1e9 + (double)t0;
-                int64_t wait_us = (int64_t)((next - (double)kvr_mono_ns()) / 1e3);
-                if (wait_us > 1000)
-                    pump((int)(wait_us / 1000));
+                pump_us((int64_t)((next - (double)kvr_mono_ns()) / 1e3));
             }
         }
         int64_t drain_until = kvr_mono_ns() + 5000000000LL;
