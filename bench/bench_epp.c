@@ -56,12 +56,12 @@ typedef struct be_stream {
     be_conn *c;
     int32_t sid;
     int state;
-    kvr_buf out;      /* framed messages not yet handed to nghttp2 */
+    kvr_buf out; /* framed messages not yet handed to nghttp2 */
     size_t out_off;
-    size_t body_end;  /* offset in out just past the body message (0: sent) */
-    bool eof;         /* half-close once out is drained */
+    size_t body_end; /* offset in out just past the body message (0: sent) */
+    bool eof;        /* half-close once out is drained */
     bool deferred;
-    kvr_buf in;       /* response bytes not yet a whole gRPC message */
+    kvr_buf in; /* response bytes not yet a whole gRPC message */
     int64_t t_body_ns;
     int grpc_status;
     bool error_counted, imm;
@@ -111,12 +111,11 @@ static uint8_t *frame(const Envoy__Service__ExtProc__V3__ProcessingRequest *r, s
 static uint8_t *headers_msg(bool response, bool eos, size_t *len)
 {
     Envoy__Config__Core__V3__HeaderValue h[3], *hp[3];
-    const char *kv[2][3][2] = {{{":method", "POST"},
-                                {":path", "/v1/chat/completions"},
-                                {"content-type", "application/json"}},
-                               {{":status", "200"},
-                                {"content-type", "text/event-stream"},
-                                {"server", "kvr-worker"}}};
+    const char *kv[2][3][2] = {
+        {{":method", "POST"},
+         {":path", "/v1/chat/completions"},
+         {"content-type", "application/json"}},
+        {{":status", "200"}, {"content-type", "text/event-stream"}, {"server", "kvr-worker"}}};
     for (int i = 0; i < 3; i++) {
         envoy__config__core__v3__header_value__init(&h[i]);
         h[i].key = (char *)kv[response][i][0];
@@ -189,8 +188,8 @@ static void end_out(be_stream *st)
     }
 }
 
-static ssize_t data_read(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t len,
-                         uint32_t *flags, nghttp2_data_source *src, void *ud)
+static ssize_t data_read(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t len, uint32_t *flags,
+                         nghttp2_data_source *src, void *ud)
 {
     (void)s, (void)sid, (void)ud;
     be_stream *st = src->ptr;
@@ -396,9 +395,8 @@ static int stream_start(bool hold)
     }
     const nghttp2_nv nv[] = {
 #define NV(n, v) {(uint8_t *)n, (uint8_t *)v, sizeof n - 1, sizeof v - 1, NGHTTP2_NV_FLAG_NONE}
-        NV(":method", "POST"),   NV(":scheme", "http"),
-        NV(":path", BE_PATH),    NV(":authority", "kvr-epp"),
-        NV("te", "trailers"),    NV("content-type", "application/grpc"),
+        NV(":method", "POST"),       NV(":scheme", "http"), NV(":path", BE_PATH),
+        NV(":authority", "kvr-epp"), NV("te", "trailers"),  NV("content-type", "application/grpc"),
 #undef NV
     };
     nghttp2_data_provider dp = {.source.ptr = st, .read_callback = data_read};
@@ -425,14 +423,15 @@ static void flush_all(void)
             continue;
         if (nghttp2_session_send(c->s) != 0)
             c->dead = true;
-        struct epoll_event ev = {.events = EPOLLIN | (nghttp2_session_want_write(c->s) ? EPOLLOUT : 0),
-                                 .data.ptr = c};
+        struct epoll_event ev = {
+            .events = EPOLLIN | (nghttp2_session_want_write(c->s) ? EPOLLOUT : 0), .data.ptr = c};
         epoll_ctl(B.ep, EPOLL_CTL_MOD, c->fd, &ev);
     }
 }
 
-/* One turn: write what is pending, wait up to timeout_us for sockets (epoll_pwait2: an open loop at 5,000/s needs
- * waits under a millisecond without spinning a core), read, then let every session write. */
+/* One turn: write what is pending, wait up to timeout_us for sockets (epoll_pwait2: an open loop at
+ * 5,000/s needs waits under a millisecond without spinning a core), read, then let every session
+ * write. */
 static void pump_us(int64_t timeout_us)
 {
     struct epoll_event evs[BE_MAX_CONNS];
@@ -668,8 +667,9 @@ int kvr_bench_epp(int argc, char **argv)
     if (routers < 1 || workers < 1 || conns < 1 || conns > BE_MAX_CONNS || rate <= 0 ||
         duration <= 0 || hold < 0 || hold > conns * BE_STREAMS_PER_CONN || concurrency < 0 ||
         concurrency > (long)conns * BE_STREAMS_PER_CONN) {
-        fprintf(stderr, "kvr-bench epp: bad options (--conns 1-%d; --hold and --concurrency at "
-                        "most %d per connection)\n",
+        fprintf(stderr,
+                "kvr-bench epp: bad options (--conns 1-%d; --hold and --concurrency at "
+                "most %d per connection)\n",
                 BE_MAX_CONNS, BE_STREAMS_PER_CONN);
         return 2;
     }
@@ -691,8 +691,8 @@ int kvr_bench_epp(int argc, char **argv)
     char rstr[16], wstr[16];
     snprintf(rstr, sizeof rstr, "%d", routers);
     snprintf(wstr, sizeof wstr, "%d", workers);
-    char *up[] = {"up", "--dir", cdir, "--routers", rstr, "--workers", wstr, "--frontends", "0",
-                  NULL};
+    char *up[] = {"up",        "--dir", cdir,          "--routers", rstr,
+                  "--workers", wstr,    "--frontends", "0",         NULL};
     fprintf(stderr, "== kvrctl up --routers %d --workers %d --frontends 0 in %s\n", routers,
             workers, cdir);
     int rc = 1;
@@ -920,7 +920,7 @@ int kvr_bench_epp(int argc, char **argv)
                 t_run > 0 ? (double)reqs / t_run : 0, B.started, unfinished, skipped);
         for (int i = 0; i < E_N; i++)
             fprintf(f, "%s\"%s\":%" PRIu64, i ? "," : "", e_names[i], B.errors[i]);
-        /* NaN is not JSON: -1 for "not measured" */
+            /* NaN is not JSON: -1 for "not measured" */
 #define J(x) (isnan(x) ? -1.0 : (x))
         fprintf(f,
                 "},\"pick_client_ms\":{\"p50\":%.4f,\"p90\":%.4f,\"p99\":%.4f,\"max\":%.4f},"

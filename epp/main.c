@@ -53,9 +53,13 @@
 /* error_code labels: the reference EPP's errutil names (429 is its
  * InferencePoolResourceExhausted) */
 enum { ERR_400 = 0, ERR_404, ERR_413, ERR_503, ERR_500, ERR_429 };
-static const char *const err_labels[] = {
-    "BadRequest", "NotFound", "PayloadTooLarge", "ServiceUnavailable", "Internal",
-    "InferencePoolResourceExhausted", NULL};
+static const char *const err_labels[] = {"BadRequest",
+                                         "NotFound",
+                                         "PayloadTooLarge",
+                                         "ServiceUnavailable",
+                                         "Internal",
+                                         "InferencePoolResourceExhausted",
+                                         NULL};
 enum { FB_TIMEOUT = 0, FB_NO_RESPONDERS, FB_ROUTER_ERROR, FB_NATS_DOWN, FB_BAD_REPLY, FB_SUBSET };
 static const char *const fb_labels[] = {
     "timeout", "no_responders", "router_error", "nats_down", "bad_reply", "subset", NULL};
@@ -946,7 +950,8 @@ static int register_metrics(void)
     E.m_pending = kvr_metrics_gauge(m, "kvr_epp_pending_picks",
                                     "kvr.route requests out (picks in flight)", NULL, NULL);
     if (!E.m_req || !E.m_err || !E.m_dur || !E.m_ready || !E.m_pick || !E.m_fallback ||
-        !E.m_routed || !E.m_mismatch || !E.m_cancelled || !E.m_streams || !E.m_buffered || !E.m_pending)
+        !E.m_routed || !E.m_mismatch || !E.m_cancelled || !E.m_streams || !E.m_buffered ||
+        !E.m_pending)
         return KVR_EINVAL;
     kvr_metrics_on_collect(m, collect, NULL);
     return 0;
@@ -1096,8 +1101,8 @@ int main(int argc, char **argv)
     kvr_log_setup("epp", idbuf, lvl);
     if (id == 0 || (ns && prefix) || block_size < 1 || route_tries < 1 || route_tries > 100 ||
         route_timeout < 1 || max_body < 1 || max_fallbacks < 0 ||
-        max_fallbacks > EPP_MAX_FALLBACKS || max_pending < 1 || max_pending > 1000000 || grpc_port < 0 || grpc_port > 65535 ||
-        health_port > 65535 || metrics_port > 65535) {
+        max_fallbacks > EPP_MAX_FALLBACKS || max_pending < 1 || max_pending > 1000000 ||
+        grpc_port < 0 || grpc_port > 65535 || health_port > 65535 || metrics_port > 65535) {
         fprintf(stderr, "kvr-epp: bad flags (--id >= 1; --namespace and --namespace-prefix are "
                         "exclusive; sizes and ports in range)\n");
         return 2;
