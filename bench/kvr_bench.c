@@ -20,6 +20,7 @@ static const struct {
     {"worker", kvr_bench_worker, "simulated worker: concurrent streams vs its clock"},
     {"bridge", kvr_bench_bridge, "kvr-bridge: engine ZMQ events -> JetStream, blocks/s and latency"},
     {"tokenize", kvr_bench_tokenize, "HF tokenizers + chat templates vs the Rust library"},
+    {"epp", kvr_bench_epp, "kvr-epp driven as Envoy's ext_proc filter: pick latency, CPU, RSS"},
     {"ceiling", kvr_bench_ceiling, "pooled-cache and infinite-cache hit rates of a trace slice"},
 };
 

@@ -14,5 +14,6 @@ int kvr_bench_proxy(int argc, char **argv) __attribute__((weak));
 int kvr_bench_worker(int argc, char **argv) __attribute__((weak));
 int kvr_bench_bridge(int argc, char **argv) __attribute__((weak));
 int kvr_bench_tokenize(int argc, char **argv) __attribute__((weak));
+int kvr_bench_epp(int argc, char **argv) __attribute__((weak));
 
 #endif

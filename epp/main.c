@@ -50,9 +50,16 @@
 #define EXT_PROC_PATH "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 #define HEALTH_PATH "/grpc.health.v1.Health/Check"
 
-enum { ERR_400 = 0, ERR_404, ERR_413, ERR_503, ERR_500 };
-static const char *const err_labels[] = {"BadRequest",         "NotFound", "PayloadTooLarge",
-                                         "ServiceUnavailable", "Internal", NULL};
+/* error_code labels: the reference EPP's errutil names (429 is its
+ * InferencePoolResourceExhausted) */
+enum { ERR_400 = 0, ERR_404, ERR_413, ERR_503, ERR_500, ERR_429 };
+static const char *const err_labels[] = {"BadRequest",
+                                         "NotFound",
+                                         "PayloadTooLarge",
+                                         "ServiceUnavailable",
+                                         "Internal",
+                                         "InferencePoolResourceExhausted",
+                                         NULL};
 enum { FB_TIMEOUT = 0, FB_NO_RESPONDERS, FB_ROUTER_ERROR, FB_NATS_DOWN, FB_BAD_REPLY, FB_SUBSET };
 static const char *const fb_labels[] = {
     "timeout", "no_responders", "router_error", "nats_down", "bad_reply", "subset", NULL};
@@ -78,8 +85,11 @@ static struct {
     int max_fallbacks;
     size_t max_body;
     uint32_t open_streams;
+    /* picks in flight: kvr.route requests out (retries included). A pick that would pass
+     * max_pending_picks is shed with 429 instead of queueing behind slow routers. */
+    uint32_t pending_picks, max_pending_picks;
     kvr_metric *m_req, *m_err, *m_dur, *m_ready, *m_pick, *m_fallback, *m_mismatch, *m_streams,
-        *m_buffered, *m_routed, *m_cancelled;
+        *m_buffered, *m_routed, *m_cancelled, *m_pending;
 } E;
 
 /* One ext_proc stream. Lives until its call is closed and no route request is out. */
@@ -491,6 +501,7 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
 {
     xs *x = cbdata;
     x->route_pending = false;
+    E.pending_picks--;
     if (!x->call || x->state != XS_DECIDING) {
         if (status == 0)
             x->booked = true; /* a router may have booked it: free it */
@@ -588,6 +599,7 @@ static void send_route(xs *x)
         return;
     }
     x->route_pending = true;
+    E.pending_picks++;
 }
 
 /* The request body is complete: parse, tokenize, pick. */
@@ -626,6 +638,11 @@ static void start_pick(xs *x)
     }
     if (!E.nats_on || !kvr_nats_connected(&E.nats)) {
         choose_local(x, FB_NATS_DOWN);
+        return;
+    }
+    if (E.pending_picks >= E.max_pending_picks) {
+        /* shed now rather than queue: the gateway retries elsewhere or returns 429 at once */
+        immediate(x, 429, ERR_429, "too many picks in flight");
         return;
     }
     send_route(x);
@@ -896,6 +913,7 @@ static void collect(kvr_metrics *m, void *arg)
     kvr_metric_set(E.m_ready, 0, (double)fe_pool_live(&E.pool, NULL, kvr_mono_ms()));
     kvr_metric_set(E.m_streams, 0, (double)E.open_streams);
     kvr_metric_set(E.m_buffered, 0, (double)E.grpc.stats.buffered);
+    kvr_metric_set(E.m_pending, 0, (double)E.pending_picks);
 }
 
 static int register_metrics(void)
@@ -929,8 +947,11 @@ static int register_metrics(void)
     E.m_streams = kvr_metrics_gauge(m, "kvr_epp_open_streams", "ext_proc streams open", NULL, NULL);
     E.m_buffered = kvr_metrics_gauge(m, "kvr_epp_grpc_buffered_bytes",
                                      "bytes held by the gRPC layer", NULL, NULL);
+    E.m_pending = kvr_metrics_gauge(m, "kvr_epp_pending_picks",
+                                    "kvr.route requests out (picks in flight)", NULL, NULL);
     if (!E.m_req || !E.m_err || !E.m_dur || !E.m_ready || !E.m_pick || !E.m_fallback ||
-        !E.m_routed || !E.m_mismatch || !E.m_cancelled || !E.m_streams || !E.m_buffered)
+        !E.m_routed || !E.m_mismatch || !E.m_cancelled || !E.m_streams || !E.m_buffered ||
+        !E.m_pending)
         return KVR_EINVAL;
     kvr_metrics_on_collect(m, collect, NULL);
     return 0;
@@ -1019,7 +1040,8 @@ int main(int argc, char **argv)
     const char *bind_host = "";
     kvr_nats_flags nats_sec = {0};
     int64_t grpc_port = 9002, health_port = 9003, metrics_port = 9090, block_size = 64,
-            route_timeout = 200, route_tries = 3, max_body = 4 << 20, max_fallbacks = 2;
+            route_timeout = 200, route_tries = 3, max_body = 4 << 20, max_fallbacks = 2,
+            max_pending = 1024;
     uint64_t id = 1;
     bool secure = true;
     kvr_flag flags[] = {
@@ -1044,6 +1066,8 @@ int main(int argc, char **argv)
         {"max-body", KVR_FLAG_SIZE, &max_body, "request body limit (default 4MiB)", 0},
         {"max-fallbacks", KVR_FLAG_INT, &max_fallbacks,
          "next least-loaded live workers listed after the pick (0-8)", 0},
+        {"max-pending-picks", KVR_FLAG_INT, &max_pending,
+         "picks in flight (kvr.route out) before new ones get 429", 0},
         {"worker-cidr", KVR_FLAG_STRING, &worker_cidr,
          "CIDRs a worker's heartbeat url must be in (private, any, or a list)", 0},
         {"log-level", KVR_FLAG_STRING, &log_level, "debug|info|warn|error", 0},
@@ -1077,8 +1101,8 @@ int main(int argc, char **argv)
     kvr_log_setup("epp", idbuf, lvl);
     if (id == 0 || (ns && prefix) || block_size < 1 || route_tries < 1 || route_tries > 100 ||
         route_timeout < 1 || max_body < 1 || max_fallbacks < 0 ||
-        max_fallbacks > EPP_MAX_FALLBACKS || grpc_port < 0 || grpc_port > 65535 ||
-        health_port > 65535 || metrics_port > 65535) {
+        max_fallbacks > EPP_MAX_FALLBACKS || max_pending < 1 || max_pending > 1000000 ||
+        grpc_port < 0 || grpc_port > 65535 || health_port > 65535 || metrics_port > 65535) {
         fprintf(stderr, "kvr-epp: bad flags (--id >= 1; --namespace and --namespace-prefix are "
                         "exclusive; sizes and ports in range)\n");
         return 2;
@@ -1094,6 +1118,7 @@ int main(int argc, char **argv)
     E.route_tries = route_tries;
     E.max_body = (size_t)max_body;
     E.max_fallbacks = (int)max_fallbacks;
+    E.max_pending_picks = (uint32_t)max_pending;
     snprintf(E.lease_subject, sizeof E.lease_subject, "kvr.frontends.%" PRIu64, id);
     if (kvr_cidr_list_add_csv(&E.worker_cidrs, worker_cidr, &err)) {
         fprintf(stderr, "kvr-epp: --worker-cidr: %s\n", err.msg);

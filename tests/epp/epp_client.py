@@ -301,6 +301,29 @@ def main():
         bad = [r for ok, r in results if not ok]
         if bad:
             res["first_bad"] = bad[0]
+    elif a.scenario == "shed":
+        # n streams whose bodies all end at once (threads released together): with
+        # --max-pending-picks 1 and a router that never answers, one pick is out and the rest
+        # must be shed with 429 at once
+        results, lock, go = [], threading.Lock(), threading.Barrier(a.n)
+
+        def one_shed(i):
+            go.wait()
+            try:
+                r = post_flow(ch, payload, 1, None, path, respond=True)
+            except Exception as e:  # noqa: BLE001
+                r = {"err": repr(e)}
+            with lock:
+                results.append(r)
+        ts = [threading.Thread(target=one_shed, args=(i,)) for i in range(a.n)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        res["n429"] = sum(1 for r in results if r.get("status") == 429)
+        res["picked"] = sum(1 for r in results if r.get("dest") and r.get("end") == "ok")
+        res["other"] = [r for r in results if r.get("status") != 429 and not r.get("dest")][:2]
+        res["body429"] = next((r["body"] for r in results if r.get("status") == 429), None)
     elif a.scenario == "seq":
         # n streams one after the other (figures: kvr-epp's kvr_epp_pick_seconds)
         t0, ok = time.time(), 0
