@@ -98,6 +98,7 @@ struct bridge {
     /* flags */
     const char *engine_url, *zmq_ep, *replay, *topic, *nats_url, *ns, *engine, *model_dir,
         *log_level, *model;
+    const char *role; /* the engine's role in heartbeats: both|prefill|decode (disaggregation) */
     int64_t dp, scrape_ms, stats_ms, block_size, announce_ms, replay_timeout_ms, max_inflight,
         outbox_bytes;
     uint64_t id;

@@ -117,7 +117,7 @@ static void send_heartbeats(bridge *br)
         kvr_heartbeat hb = {.id = rk->wid,
                             .ns = kvr_slice_of(br->ns),
                             .model = kvr_slice_of(model),
-                            .role = kvr_slice_of("both"),
+                            .role = kvr_slice_of(br->role),
                             .url = kvr_slice_of(br->engine_url),
                             .mdc_sum = kvr_slice_of(br->mdc_sum),
                             .block_size = bs,

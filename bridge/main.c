@@ -84,6 +84,7 @@ int main(int argc, char **argv)
     br->topic = "";
     br->ns = "default";
     br->engine = "vllm";
+    br->role = "both";
     br->log_level = "info";
     br->dp = 1;
     br->scrape_ms = 250;
@@ -125,6 +126,10 @@ int main(int argc, char **argv)
         {"stats-interval", KVR_FLAG_DURATION, &br->stats_ms, "period of the counters' log line",
          false},
         {"log-level", KVR_FLAG_STRING, &br->log_level, "debug|info|warn|error", false},
+        {"role", KVR_FLAG_STRING, &br->role,
+         "the engine's role in its heartbeats: both, or prefill|decode for a vLLM instance run "
+         "with the NixlConnector as kv_producer / kv_consumer side of a disaggregated pool",
+         false},
         KVR_NATS_FLAG_ENTRIES(&br->nf),
     };
     size_t nflags = sizeof flags / sizeof flags[0];
@@ -149,10 +154,12 @@ int main(int argc, char **argv)
     }
     if (br->dp < 1 || br->dp > MAX_RANKS ||
         (strcmp(br->engine, "vllm") && strcmp(br->engine, "sglang")) || br->scrape_ms < 1 ||
+        (strcmp(br->role, "both") && strcmp(br->role, "prefill") && strcmp(br->role, "decode")) ||
         br->stats_ms < 1 || br->max_inflight < 1 || br->outbox_bytes < 4096 || br->block_size < 0 ||
         strlen(br->ns) > 64 || strlen(br->engine_url) > 900 || strlen(br->topic) > 255) {
         fprintf(stderr,
                 "kvr-bridge: bad flag value (--data-parallel-size 1..%d, --engine vllm|sglang, "
+                "--role both|prefill|decode, "
                 "--namespace up to 64 bytes, ...)\n",
                 MAX_RANKS);
         return 2;
