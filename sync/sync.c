@@ -332,19 +332,23 @@ static void on_check(uv_check_t *h)
         if (p->state == P_DONE)
             sync_pending_finish(s, p);
     }
-    for (conn *c = s->conns; c; c = c->next)
-        sync_conn_flush(c);
 }
 
-/* Proposals go out just before the loop sleeps, one phase after the answers: the check phase
- * has flushed the forwarded replies (on_check) and NATS replies (kvr_nats_core flushes there
- * too) before the next entry costs the leader a disk submission and two AppendEntries sends.
- * Nothing waits longer for it: the loop goes from here straight to polling. */
+/* Proposals go out just before the loop sleeps, one phase after the answers: NATS replies
+ * were flushed in the check phase (kvr_nats_core) before the next entry costs the leader two
+ * AppendEntries sends. The forward connections are written here, once per loop turn, after
+ * the proposal: a follower then finds the leader's answers and the AppendEntries that
+ * carries their commit in one wake-up more often, instead of waking for each (measured under
+ * kvr-bench raft: fewer context switches per decision on the followers, less CPU per
+ * decision on every router; the answers wait only for the proposal's two sends). Nothing
+ * waits longer: the loop goes from here straight to polling. */
 static void on_prepare(uv_prepare_t *h)
 {
     kvr_sync *s = h->data;
     if (!s->closing)
         sync_flush_batches(s);
+    for (conn *c = s->conns; c; c = c->next)
+        sync_conn_flush(c);
 }
 
 /* ---------------------------------------------------------------------------------------- */
