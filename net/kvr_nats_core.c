@@ -593,6 +593,20 @@ int kvr_nats_core_publish(kvr_nats_core *c, const char *subject, const char *rep
     return kvr_nats_core_hpublish(c, subject, reply, NULL, 0, data, len);
 }
 
+/* Writes v in decimal at p (at most 20 digits); returns the end. */
+static char *put_size(char *p, size_t v)
+{
+    char t[24];
+    int n = 0;
+    do {
+        t[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        *p++ = t[--n];
+    return p;
+}
+
 int kvr_nats_core_hpublish(kvr_nats_core *c, const char *subject, const char *reply,
                            const void *hdr, size_t hlen, const void *data, size_t len)
 {
@@ -627,11 +641,16 @@ int kvr_nats_core_hpublish(kvr_nats_core *c, const char *subject, const char *re
         p += rl;
         *p++ = ' ';
     }
-    char num[48];
-    int nl = hlen ? snprintf(num, sizeof num, "%zu %zu\r\n", hlen, hlen + len)
-                  : snprintf(num, sizeof num, "%zu\r\n", len);
-    memcpy(p, num, (size_t)nl);
-    p += nl;
+    /* the sizes by hand: snprintf was ~1% of a router's CPU under kvr-bench raft */
+    if (hlen) {
+        p = put_size(p, hlen);
+        *p++ = ' ';
+        p = put_size(p, hlen + len);
+    } else {
+        p = put_size(p, len);
+    }
+    *p++ = '\r';
+    *p++ = '\n';
     if (hlen)
         memcpy(p, hdr, hlen);
     p += hlen;

@@ -23,6 +23,7 @@ typedef struct route_ctx {
     char *reply;         /* NATS reply subject (NATS route) */
     kvr_http_req *http;  /* HTTP route */
     uint32_t best_overlap; /* the largest candidate overlap (route reply best_overlap_blocks) */
+    char reply_buf[];      /* NATS route: the reply subject, in the same allocation */
 } route_ctx;
 
 static void finish_route_nats(kvr_routerd *rd, route_ctx *c, int status, const kvr_fsm_result *res,
@@ -146,7 +147,6 @@ static void on_route_done(kvr_routerd *rd, int status, const kvr_fsm_result *res
         finish_route_http(rd, c, status, res, how, errmsg, http_status);
     else
         finish_route_nats(rd, c, status, res, how, errmsg);
-    free(c->reply);
     free(c);
 }
 
@@ -311,16 +311,16 @@ void rd_on_route_nats(const kvr_nats_msg *m, void *data)
     int64_t t0 = kvr_mono_ns();
     if (!m->reply)
         return;
-    route_ctx *c = calloc(1, sizeof(*c));
+    /* one allocation per request: the context and its reply subject */
+    size_t rl = strlen(m->reply);
+    route_ctx *c = malloc(sizeof(*c) + rl + 1);
     if (!c)
         return;
+    memset(c, 0, sizeof *c);
     c->rd = rd;
     c->t0_ns = t0;
-    c->reply = strdup(m->reply);
-    if (!c->reply) {
-        free(c);
-        return;
-    }
+    memcpy(c->reply_buf, m->reply, rl + 1);
+    c->reply = c->reply_buf;
     route_req q = {0};
     kvr_route_req wire;
     kvr_route_req_limits lim = {.max_tokens = rd->max_tokens, .max_hashes = RD_MAX_SEQ_HASHES};
@@ -353,7 +353,6 @@ bad:
     KVR_LOG_WARN_RL(5, "bad route request", "error=\"%s\"", why);
     kvr_metric_add(rd->m_route_errors, RD_ROUTE_ERR_BAD_REQUEST, 1);
     finish_route_nats(rd, c, KVR_EINVAL, NULL, RD_DECIDED_LOCAL, why);
-    free(c->reply);
     free(c);
 }
 

@@ -6,7 +6,9 @@
  * connects and hand the stream to raft; here the accepting side instead learns the peer's id
  * and address from the client's authenticated proof, so the id raft is told cannot be forged,
  * and an unauthenticated stream is closed before a byte of it is parsed as Raft. After the
- * handshake the stream carries raft's messages unchanged: nothing is added per message.
+ * handshake the stream carries raft's messages unchanged: nothing is added per message. An
+ * accepted stream is read through a 64 KiB buffer that hands raft's reader its messages in
+ * the pieces it asks for (raft 0.15 reads preamble, header and payload with a read() each).
  * Both sides set TCP_NODELAY (0.15's own transport does not; docs/DEPENDENCIES.md 1, "Met while building sync/" item 2).
  *
  * Bounds: at most KVR_AUTH_TRANSPORT_MAX_PENDING incoming handshakes at once (more are closed
@@ -14,7 +16,7 @@
  *
  * Threads: the loop thread given to kvr_auth_transport_init, like all of raft's uv backend.
  * Memory: the key must outlive the transport. Streams handed to raft are raft_malloc'ed (raft
- * frees them with raft_free). kvr_auth_transport_free releases the implementation after raft
+ * frees them with raft_free; an accepted one's read buffer is in the same allocation). kvr_auth_transport_free releases the implementation after raft
  * has closed the transport (raft_uv's close calls t->close). */
 #ifndef KVR_SYNC_AUTH_TRANSPORT_H
 #define KVR_SYNC_AUTH_TRANSPORT_H

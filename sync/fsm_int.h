@@ -58,10 +58,12 @@ struct kvr_fsm {
     kvr_cost_worker *scratch; /* KVR_FSM_MAX_WORKERS entries */
     worker **scratch_w;
     /* Finished record: FIFO ring of opts.max_finished entries (allocated on first use) and an
-     * open-addressing index over it (ring position + 1; 0 = empty; linear probing,
-     * backward-shift deletion), fin_mask + 1 >= 2 * max_finished slots. */
+     * open-addressing index over it (low 32 bits: ring position + 1, 0 = empty; high 32 bits:
+     * the low 32 bits of the record's rid_hash, so a probe compares them before it touches
+     * the ring, and deletion finds a record's home slot without hashing it again; linear
+     * probing, backward-shift deletion), fin_mask + 1 >= 2 * max_finished slots. */
     fin_rec *fin;
-    uint32_t *fin_idx;
+    uint64_t *fin_idx;
     uint32_t fin_mask, fin_head, n_fin;
     uint64_t fin_evicted; /* records dropped before their time because the ring was full */
     uint64_t fin_sum;     /* sum of fin_rec_hash over the records (their share of the digest) */

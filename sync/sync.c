@@ -73,10 +73,39 @@ void sync_hop(kvr_sync *s, int h, int64_t from_ns, int64_t now_ns)
         s->o.hop_cb(s->o.hop_data, h, (double)(now_ns - from_ns) / 1e9);
 }
 
-static void pending_free(pending *p)
+/* Finished pendings are kept for reuse: every decision makes two or three on each router
+ * (the ROUTE and the FREE, on the router that took them and again on the leader), and each
+ * was a calloc of ~450 bytes plus a malloc for its command bytes. Buffers of big commands
+ * are not kept. */
+#define PENDING_POOL_MAX 1024
+#define PENDING_POOL_CMD_MAX 4096
+
+static void pending_free(kvr_sync *s, pending *p)
 {
-    free(p->cmd);
-    free(p);
+    if (s->closing || s->n_pool >= PENDING_POOL_MAX) {
+        free(p->cmd);
+        free(p);
+        return;
+    }
+    if (p->cmd_cap > PENDING_POOL_CMD_MAX) {
+        free(p->cmd);
+        p->cmd = NULL;
+        p->cmd_cap = 0;
+    }
+    p->next = s->pool;
+    s->pool = p;
+    s->n_pool++;
+}
+
+static void pool_drain(kvr_sync *s)
+{
+    while (s->pool) {
+        pending *p = s->pool;
+        s->pool = p->next;
+        free(p->cmd);
+        free(p);
+    }
+    s->n_pool = 0;
 }
 
 /* Answers p now (from a callback context, never from inside a submit call). */
@@ -97,7 +126,7 @@ void sync_pending_finish(kvr_sync *s, pending *p)
     } else if (p->internal && p->status != 0) {
         KVR_LOG_WARN_RL(5, "sync reconcile command dropped", "status=%d", p->status);
     }
-    pending_free(p);
+    pending_free(s, p);
 }
 
 /* Marks p answered; the check handle delivers it at the end of this loop turn. */
@@ -109,14 +138,31 @@ void sync_pending_ready(kvr_sync *s, pending *p)
 
 pending *sync_pending_new(kvr_sync *s, const char *cmd, size_t len)
 {
-    pending *p = calloc(1, sizeof *p);
-    if (!p)
-        return NULL;
-    p->cmd = malloc(len ? len : 1);
-    if (!p->cmd) {
-        free(p);
+    pending *p = s->pool;
+    char *buf = NULL;
+    size_t cap = 0;
+    if (p) {
+        s->pool = p->next;
+        s->n_pool--;
+        buf = p->cmd;
+        cap = p->cmd_cap;
+    } else if (!(p = malloc(sizeof *p))) {
         return NULL;
     }
+    if (!buf || cap < len) {
+        size_t want = len < 256 ? 256 : len;
+        char *nb = realloc(buf, want);
+        if (!nb) {
+            free(buf);
+            free(p);
+            return NULL;
+        }
+        buf = nb;
+        cap = want;
+    }
+    memset(p, 0, sizeof *p);
+    p->cmd = buf;
+    p->cmd_cap = cap;
     memcpy(p->cmd, cmd, len);
     p->cmd_len = len;
     p->s = s;
@@ -332,19 +378,23 @@ static void on_check(uv_check_t *h)
         if (p->state == P_DONE)
             sync_pending_finish(s, p);
     }
-    for (conn *c = s->conns; c; c = c->next)
-        sync_conn_flush(c);
 }
 
-/* Proposals go out just before the loop sleeps, one phase after the answers: the check phase
- * has flushed the forwarded replies (on_check) and NATS replies (kvr_nats_core flushes there
- * too) before the next entry costs the leader a disk submission and two AppendEntries sends.
- * Nothing waits longer for it: the loop goes from here straight to polling. */
+/* Proposals go out just before the loop sleeps, one phase after the answers: NATS replies
+ * were flushed in the check phase (kvr_nats_core) before the next entry costs the leader two
+ * AppendEntries sends. The forward connections are written here, once per loop turn, after
+ * the proposal: a follower then finds the leader's answers and the AppendEntries that
+ * carries their commit in one wake-up more often, instead of waking for each (measured under
+ * kvr-bench raft: fewer context switches per decision on the followers, less CPU per
+ * decision on every router; the answers wait only for the proposal's two sends). Nothing
+ * waits longer: the loop goes from here straight to polling. */
 static void on_prepare(uv_prepare_t *h)
 {
     kvr_sync *s = h->data;
     if (!s->closing)
         sync_flush_batches(s);
+    for (conn *c = s->conns; c; c = c->next)
+        sync_conn_flush(c);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -560,12 +610,14 @@ static int submit_bytes(kvr_sync *s, const char *cmd, size_t len, kvr_sync_cb cb
 
 int kvr_sync_submit(kvr_sync *s, const kvr_cmd *cmd, kvr_sync_cb cb, void *data)
 {
-    kvr_buf b;
-    kvr_buf_init(&b);
-    int rc = kvr_cmd_encode(cmd, &b, NULL);
+    /* encoded into a scratch buffer kept across calls: submit_bytes copies it before it
+     * dispatches, and nothing it calls submits again */
+    kvr_buf_reset(&s->enc);
+    int rc = kvr_cmd_encode(cmd, &s->enc, NULL);
     if (rc == 0)
-        rc = submit_bytes(s, b.base, b.len, cb, data);
-    kvr_buf_free(&b);
+        rc = submit_bytes(s, s->enc.base, s->enc.len, cb, data);
+    if (s->enc.cap > 64 * 1024)
+        kvr_buf_free(&s->enc); /* a huge command's buffer is not kept */
     return rc;
 }
 
@@ -620,6 +672,8 @@ static void maybe_finish_close(kvr_sync *s)
     free(s->log);
     kvr_fsm_free(s->local);
     kvr_fsm_free(s->fsm);
+    pool_drain(s);
+    kvr_buf_free(&s->enc);
     free(s->queue);
     free(s->fwd_slots);
     free(s->raft_addr);

@@ -38,7 +38,7 @@ struct pending {
     kvr_sync *s;
     pending *prev, *next;
     char *cmd;
-    size_t cmd_len;
+    size_t cmd_len, cmd_cap;
     kvr_sync_cb cb;
     void *data;
     conn *from; /* forwarded to us by a follower: answer there */
@@ -130,6 +130,9 @@ struct kvr_sync {
     local_rec *log;
     uint32_t n_log, cap_log;
     kvr_sync_metrics m;
+    pending *pool;  /* finished pendings kept for reuse (sync_pending_new), linked by next */
+    uint32_t n_pool;
+    kvr_buf enc;    /* kvr_sync_submit's encoding scratch, reused */
     int handles_open;
     void (*close_cb)(void *);
     void *close_data;
