@@ -65,6 +65,8 @@ typedef struct be_stream {
     int64_t t_body_ns;
     int grpc_status;
     bool error_counted, imm;
+    struct be_stream *lprev, *lnext; /* every live stream (freed at exit: nghttp2_session_del
+                                        calls no close callback) */
 } be_stream;
 
 struct be_conn {
@@ -83,6 +85,7 @@ static struct {
     size_t nlat, cap_lat;
     uint64_t started, done_ok, errors[E_N], open_streams, held;
     bool measuring;
+    struct be_stream *live; /* list of live streams */
 } B;
 
 static volatile sig_atomic_t be_stop;
@@ -303,6 +306,27 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *
     return 0;
 }
 
+static void stream_link(be_stream *st)
+{
+    st->lnext = B.live;
+    if (B.live)
+        B.live->lprev = st;
+    B.live = st;
+}
+
+static void stream_free(be_stream *st)
+{
+    if (st->lprev)
+        st->lprev->lnext = st->lnext;
+    else if (B.live == st)
+        B.live = st->lnext;
+    if (st->lnext)
+        st->lnext->lprev = st->lprev;
+    kvr_buf_free(&st->out);
+    kvr_buf_free(&st->in);
+    free(st);
+}
+
 static int on_close(nghttp2_session *s, int32_t sid, uint32_t code, void *ud)
 {
     (void)ud;
@@ -321,9 +345,7 @@ static int on_close(nghttp2_session *s, int32_t sid, uint32_t code, void *ud)
         B.done_ok++;
     st->c->open--;
     B.open_streams--;
-    kvr_buf_free(&st->out);
-    kvr_buf_free(&st->in);
-    free(st);
+    stream_free(st);
     return 0;
 }
 
@@ -385,6 +407,7 @@ static int stream_start(bool hold)
     st->c = c;
     kvr_buf_init(&st->out);
     kvr_buf_init(&st->in);
+    stream_link(st);
     kvr_buf_append(&st->out, B.m_headers, B.l_headers);
     if (hold) {
         st->state = ST_HOLD;
@@ -402,9 +425,7 @@ static int stream_start(bool hold)
     nghttp2_data_provider dp = {.source.ptr = st, .read_callback = data_read};
     st->sid = nghttp2_submit_request(c->s, NULL, nv, sizeof nv / sizeof *nv, &dp, st);
     if (st->sid < 0) {
-        kvr_buf_free(&st->out);
-        kvr_buf_free(&st->in);
-        free(st);
+        stream_free(st);
         return -1;
     }
     c->open++;
@@ -940,6 +961,8 @@ down:
             nghttp2_session_del(B.conns[i].s);
             close(B.conns[i].fd);
         }
+    while (B.live) /* streams still open (held ones): no close callback came for them */
+        stream_free(B.live);
     if (epp_started && run_proc_stop(&epp, 2000) != 0) {
         fprintf(stderr, "kvr-bench epp: kvr-epp (pid %d) did not stop\n", epp.pid);
         rc = 1;
