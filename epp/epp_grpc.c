@@ -859,7 +859,7 @@ out:
     return rc;
 }
 
-int epp_grpc_tls_ctx(const char *cert_dir, void **out, kvr_err *err)
+int epp_grpc_tls_ctx(const char *cert_dir, const char *client_ca, void **out, kvr_err *err)
 {
     SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
     if (!ctx)
@@ -881,6 +881,15 @@ int epp_grpc_tls_ctx(const char *cert_dir, void **out, kvr_err *err)
     } else if (self_signed(ctx, err)) {
         SSL_CTX_free(ctx);
         return KVR_EIO;
+    }
+    if (client_ca && client_ca[0]) {
+        if (SSL_CTX_load_verify_locations(ctx, client_ca, NULL) != 1) {
+            kvr_err_set(err, KVR_EINVAL, "--client-ca-file %s: %s", client_ca,
+                        ERR_reason_error_string(ERR_get_error()));
+            SSL_CTX_free(ctx);
+            return KVR_EINVAL;
+        }
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
     }
     *out = ctx;
     return 0;

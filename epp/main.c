@@ -51,7 +51,8 @@ static void on_signal(uv_signal_t *s, int sig)
 int main(int argc, char **argv)
 {
     const char *nats_url = NULL, *ns = NULL, *prefix = NULL, *log_level = "info",
-               *worker_cidr = "private", *pool_name = "", *pool_ns = "", *cert_path = "";
+               *worker_cidr = "private", *pool_name = "", *pool_ns = "", *cert_path = "",
+               *client_ca = "";
     const char *bind_host = "";
     kvr_nats_flags nats_sec = {0};
     int64_t grpc_port = 9002, health_port = 9003, metrics_port = 9090, block_size = 64,
@@ -68,6 +69,10 @@ int main(int argc, char **argv)
          "TLS (ALPN h2) on the ext_proc port; false: plaintext h2c", 0},
         {"cert-path", KVR_FLAG_STRING, &cert_path,
          "directory with tls.crt and tls.key (default: a self-signed certificate made at start)",
+         0},
+        {"client-ca-file", KVR_FLAG_STRING, &client_ca,
+         "with TLS: only clients with a certificate this PEM CA signed (mutual TLS; none: any "
+         "caller that reaches the port)",
          0},
         {"pool-name", KVR_FLAG_STRING, &pool_name, "InferencePool name (logged)", 0},
         {"pool-namespace", KVR_FLAG_STRING, &pool_ns, "InferencePool namespace (logged)", 0},
@@ -159,7 +164,11 @@ int main(int argc, char **argv)
                            .on_half_close = epp_on_half_close,
                            .on_close = epp_on_close};
     epp_grpc_limits lim = {.max_message = E.max_body + 4096};
-    if (secure && epp_grpc_tls_ctx(cert_path, &lim.tls, &err)) {
+    if (!secure && client_ca[0]) {
+        fprintf(stderr, "kvr-epp: --client-ca-file needs TLS (--secure-serving)\n");
+        return 2;
+    }
+    if (secure && epp_grpc_tls_ctx(cert_path, client_ca, &lim.tls, &err)) {
         fprintf(stderr, "kvr-epp: tls: %s\n", err.msg);
         return 1;
     }

@@ -191,9 +191,13 @@ def main():
     ap.add_argument("--no-model", action="store_true")
     ap.add_argument("--tls-ca", default=None, help="TLS: trust this PEM certificate")
     ap.add_argument("--tls-name", default=None, help="TLS: the name to verify")
+    ap.add_argument("--tls-cert", default=None, help="TLS: our client certificate (PEM)")
+    ap.add_argument("--tls-key", default=None, help="TLS: its private key (PEM)")
     a = ap.parse_args()
     if a.tls_ca:
-        creds = grpc.ssl_channel_credentials(root_certificates=open(a.tls_ca, "rb").read())
+        cc = dict(certificate_chain=open(a.tls_cert, "rb").read(),
+                  private_key=open(a.tls_key, "rb").read()) if a.tls_cert else {}
+        creds = grpc.ssl_channel_credentials(root_certificates=open(a.tls_ca, "rb").read(), **cc)
         opts = [("grpc.ssl_target_name_override", a.tls_name)] if a.tls_name else []
         ch = grpc.secure_channel(a.addr, creds, options=opts)
     else:

@@ -179,6 +179,33 @@ r=$($PY "$HERE/epp_client.py" localhost:$TP2 post --tls-ca "$KVR_TMP/certs/tls.c
 kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "--cert-path instance without NATS: 503"
 kvr_term epp_tls2
 
+# --- mutual TLS (--client-ca-file): only a client whose certificate the CA signed is served ---
+C=$KVR_TMP/certs
+mkcert() { # NAME CA_NAME: a client key + certificate signed by CA_NAME
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$1" \
+        -keyout "$C/$1.key" -out "$C/$1.csr" 2>/dev/null &&
+        openssl x509 -req -in "$C/$1.csr" -CA "$C/$2.crt" -CAkey "$C/$2.key" -CAcreateserial \
+            -days 1 -out "$C/$1.crt" 2>/dev/null
+}
+for ca in gwca otherca; do
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj "/CN=$ca" \
+        -keyout "$C/$ca.key" -out "$C/$ca.crt" 2>/dev/null || kvr_fail "openssl CA $ca"
+done
+mkcert gateway gwca && mkcert intruder otherca || kvr_fail "client certificates"
+TP3=$(kvr_free_port)
+kvr_spawn epp_mtls "$KVR_BIN/kvr-epp" --grpc-port $TP3 --grpc-health-port -1 --metrics-port -1 \
+    --cert-path "$C" --client-ca-file "$C/gwca.crt" --id 12 --bind 127.0.0.1
+kvr_wait_for 10 alpn $TP3 || kvr_fail "no TLS on the mutual-TLS port"
+MT() { $PY "$HERE/epp_client.py" localhost:$TP3 health --tls-ca "$C/tls.crt" "$@"; }
+kvr_assert_eq "$(MT --tls-cert "$C/gateway.crt" --tls-key "$C/gateway.key" | jq -r .status)" \
+    SERVING "mutual TLS: the gateway's certificate is accepted"
+kvr_assert_eq "$(MT | jq -r .code)" StatusCode.UNAVAILABLE "mutual TLS: a client without a certificate"
+kvr_assert_eq "$(MT --tls-cert "$C/intruder.crt" --tls-key "$C/intruder.key" | jq -r .code)" \
+    StatusCode.UNAVAILABLE "mutual TLS: a certificate another CA signed"
+kvr_term epp_mtls
+"$KVR_BIN/kvr-epp" --secure-serving=false --client-ca-file "$C/gwca.crt" >/dev/null 2>&1 &&
+    kvr_fail "--client-ca-file without TLS was accepted"
+
 # --- SIGTERM with a booked stream open: its booking is freed at once, not at lease expiry ---
 kvr_spawn hold $PY "$HERE/epp_client.py" "127.0.0.1:$TP" hold --tls-ca "$KVR_TMP/self.pem" \
     --tls-name kvr-epp
