@@ -50,8 +50,10 @@ start_bridge() { # id
     kvr_spawn "b$1" "$KVR_BIN/kvr-bridge" --engine-url "http://127.0.0.1:${WP[$1]}" \
         --zmq "tcp://127.0.0.1:${PUBP[$1]}" --replay "tcp://127.0.0.1:${REPP[$1]}" \
         --nats "$NATS_URL" --namespace bw --id "$1" --scrape-interval 100ms \
-        --replay-timeout 2s --stats-interval 1s
+        --replay-timeout 2s --stats-interval 1s ${BROLE[$1]:-}
 }
+declare -A BROLE
+BROLE[10]="--role decode" # a vLLM decode instance: the role travels in its heartbeats
 for w in 9 10; do start_worker $w; done
 for w in 9 10; do kvr_wait_http "http://127.0.0.1:${WP[$w]}/health" 10; done
 for w in 9 10; do start_bridge $w; done
@@ -61,6 +63,12 @@ hb=$("$PROBE" heartbeat --nats "$NATS_URL" --subject kvr.workers.bw.9) || kvr_fa
 jq -e '.loras == ["sql-lora","chat-lora"]' <<<"$hb" >/dev/null || kvr_fail "worker 9's heartbeat loras: $hb"
 hb=$("$PROBE" heartbeat --nats "$NATS_URL" --subject kvr.workers.bw.10) || kvr_fail "no heartbeat of worker 10"
 jq -e 'has("loras") | not' <<<"$hb" >/dev/null || kvr_fail "worker 10 lists adapters: $hb"
+# --role: what the bridge's heartbeats say, and so what every router books it as
+jq -e '.role == "decode"' <<<"$hb" >/dev/null || kvr_fail "worker 10's heartbeat role: $hb"
+for i in 1 2 3; do
+    roles=$(rd_q "${HP[$i]}" '[.workers[] | select(.id == 9 or .id == 10) | "\(.id)=\(.role)"] | sort | join(",")')
+    [ "$roles" = "10=decode,9=both" ] || kvr_fail "router $i: worker roles $roles"
+done
 
 W() { echo "http://127.0.0.1:${WP[$1]}"; }
 # prompts: a shared head per (worker, i % 3) and a tail per round, so blocks are reused and
