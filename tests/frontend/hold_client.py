@@ -17,54 +17,11 @@ import asyncio
 import json
 import sys
 import time
-import urllib.parse
 import urllib.request
 
 
-def parse_url(url):
-    u = urllib.parse.urlsplit(url)
-    return u.hostname, u.port or 80, (u.path or "/")
-
-
-def request_bytes(host, port, path, body):
-    b = body.encode()
-    h = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json",
-         f"Content-Length: {len(b)}"]
-    return ("\r\n".join(h) + "\r\n\r\n").encode() + b
-
-
-async def read_head(r):
-    head = await r.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin1").split("\r\n")
-    status = int(lines[0].split()[1])
-    hdrs = {}
-    for l in lines[1:]:
-        if ":" in l:
-            k, v = l.split(":", 1)
-            hdrs[k.strip().lower()] = v.strip()
-    return status, hdrs
-
-
-async def body_chunks(r, hdrs):
-    if hdrs.get("transfer-encoding", "").lower() == "chunked":
-        while True:
-            line = await r.readuntil(b"\r\n")
-            n = int(line.split(b";")[0], 16)
-            if n == 0:
-                await r.readuntil(b"\r\n")
-                return
-            data = await r.readexactly(n + 2)
-            yield data[:-2]
-    elif "content-length" in hdrs:
-        n = int(hdrs["content-length"])
-        if n:
-            yield await r.readexactly(n)
-    else:
-        while True:
-            d = await r.read(65536)
-            if not d:
-                return
-            yield d
+# the HTTP/1.1 pieces are fe_client.py's (same folder: python puts it on sys.path)
+from fe_client import body_chunks, parse_url, read_head, request_bytes  # noqa: E402
 
 
 async def one(url, body, stop_at_comment=False):
