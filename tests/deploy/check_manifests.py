@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Offline check of Kubernetes manifests against the real schemas vendored in schemas/.
+
+  check_manifests.py FILE...            every document must be valid; exit 1 otherwise
+  check_manifests.py --refused FILE...  every file must be refused, with the message its
+                                        `# expect: TEXT` lines name (negative fixtures)
+
+What a document must pass (as `kubectl apply --validate=strict` against a cluster that has the
+Gateway API v1.5.1 and InferencePool v1.5.0 CRDs installed would check, see schemas/README.md):
+  - its apiVersion + kind has a schema: Kubernetes 1.35's OpenAPI definitions, or a CRD's
+    openAPIV3Schema; a kind without one is refused, never skipped;
+  - JSON-schema validation (type, required, enum, pattern, min/max, ...) with jsonschema's
+    Draft 4 validator, the dialect both OpenAPI v2 and CRD schemas are written in;
+  - strict fields: an object schema that lists properties refuses any other field (Kubernetes'
+    OpenAPI never says additionalProperties: false; the API server's strict field validation
+    refuses unknown fields all the same), unless it says x-kubernetes-preserve-unknown-fields;
+  - metadata is checked as ObjectMeta for every kind (CRDs only say "type: object"), and a
+    name is required;
+  - duplicate keys in a YAML mapping are refused (strict decoding does);
+  - x-kubernetes-list-type map/set: no two items with the same keys / no equal items;
+  - x-kubernetes-validations (CEL): the rules in CEL_RULES are evaluated by hand-written
+    equivalents; any other rule met on the way is listed as "not evaluated" (no CEL here).
+Kubernetes' own conversions are honoured: IntOrString takes an integer or a string, a
+Quantity a number or a quantity string.
+"""
+import argparse
+import copy
+import json
+import os
+import re
+import sys
+
+import jsonschema
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+K8S_PREFIX = "io.k8s."
+OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+# The suffix regex resource.Quantity accepts (apimachinery's quantity parser; the same one
+# CRDs carry for int-or-string quantities).
+QUANTITY_RE = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+
+# CEL rules of the vendored CRDs, evaluated by Python equivalents. The key is the rule text
+# exactly as the CRD has it; a rule not listed here is reported as not evaluated.
+CEL_RULES = {
+    # InferencePool v1 endpointPickerRef
+    "self.kind != 'Service' || has(self.port)":
+        lambda s: s.get("kind", "Service") != "Service" or "port" in s,
+    # InferencePool v1 targetPorts
+    "self.all(p1, self.exists_one(p2, p1.number==p2.number))":
+        lambda s: all(sum(1 for p2 in s if p2.get("number") == p1.get("number")) == 1 for p1 in s),
+}
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one
+    silently; the API server's strict decoding refuses it)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, "duplicate key %r" % (key,), key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def strict(s):
+    """Schema s with additionalProperties: false on every object schema that lists properties
+    and says nothing about other fields. Recurses through every subschema."""
+    if isinstance(s, list):
+        return [strict(x) for x in s]
+    if not isinstance(s, dict):
+        return s
+    out = {}
+    for k, v in s.items():
+        if k in ("properties", "definitions", "patternProperties") and isinstance(v, dict):
+            out[k] = {n: strict(sub) for n, sub in v.items()}
+        elif k in ("enum", "required", "default", "example", "x-kubernetes-validations",
+                   "x-kubernetes-list-map-keys", "x-kubernetes-group-version-kind"):
+            out[k] = v  # data, not subschemas
+        else:
+            out[k] = strict(v)
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+class Schemas:
+    """apiVersion + kind -> a schema in one root document, so $refs resolve across."""
+
+    def __init__(self, folder):
+        with open(os.path.join(folder, "kubernetes.json")) as f:
+            defs = json.load(f)["definitions"]
+        defs["io.k8s.apimachinery.pkg.util.intstr.IntOrString"] = {
+            "anyOf": [{"type": "integer"}, {"type": "string"}]}
+        defs["io.k8s.apimachinery.pkg.api.resource.Quantity"] = {
+            "anyOf": [{"type": "number"}, {"type": "string", "pattern": QUANTITY_RE}]}
+        self.kinds = {}  # (apiVersion, kind) -> definition name
+        for name, d in defs.items():
+            for gvk in d.get("x-kubernetes-group-version-kind", []):
+                av = gvk["version"] if not gvk["group"] else gvk["group"] + "/" + gvk["version"]
+                self.kinds[(av, gvk["kind"])] = name
+        for crdfile in ("gateway-api.json", "inferencepool.json"):
+            with open(os.path.join(folder, crdfile)) as f:
+                for kind, k in json.load(f)["kinds"].items():
+                    for version, schema in k["versions"].items():
+                        av = k["group"] + "/" + version
+                        name = "crd.%s.%s" % (av.replace("/", "."), kind)
+                        schema = copy.deepcopy(schema)
+                        # the API server validates a custom resource's metadata as ObjectMeta
+                        schema.setdefault("properties", {})["metadata"] = {
+                            "$ref": "#/definitions/" + OBJECT_META}
+                        defs[name] = schema
+                        self.kinds[(av, kind)] = name
+        self.root = {"definitions": strict(defs)}
+        self.not_evaluated = set()
+        outer = self
+
+        def cel(validator, rules, instance, schema):
+            for r in rules:
+                fn = CEL_RULES.get(r["rule"])
+                if fn is None:
+                    outer.not_evaluated.add(r["rule"])
+                elif not fn(instance):
+                    yield jsonschema.ValidationError(
+                        "CEL rule refused: %s (%s)" % (r.get("message", ""), r["rule"]))
+
+        def list_type(validator, lt, instance, schema):
+            if not validator.is_type(instance, "array"):
+                return
+            if lt == "set":
+                seen = []
+                for x in instance:
+                    if x in seen:
+                        yield jsonschema.ValidationError("duplicate item %r in a set list" % (x,))
+                    seen.append(x)
+            elif lt == "map":
+                keys = schema.get("x-kubernetes-list-map-keys", [])
+                seen = set()
+                for x in instance:
+                    if not isinstance(x, dict):
+                        continue
+                    k = tuple(json.dumps(x.get(n), sort_keys=True) for n in keys)
+                    if k in seen:
+                        yield jsonschema.ValidationError(
+                            "duplicate entry %s in a list keyed by %s"
+                            % (", ".join("%s=%s" % kv for kv in zip(keys, k)), keys))
+                    seen.add(k)
+
+        self.Validator = jsonschema.validators.extend(
+            jsonschema.Draft4Validator,
+            {"x-kubernetes-validations": cel, "x-kubernetes-list-type": list_type})
+        self.resolver = jsonschema.RefResolver.from_schema(self.root)
+
+    def errors(self, doc):
+        """Messages for one document, empty when it is valid."""
+        if not isinstance(doc, dict):
+            return ["a document must be a mapping, not %s" % type(doc).__name__]
+        av, kind = doc.get("apiVersion"), doc.get("kind")
+        if not isinstance(av, str) or not isinstance(kind, str):
+            return ["apiVersion and kind are required"]
+        name = self.kinds.get((av, kind))
+        if name is None:
+            return ["no schema for apiVersion %s kind %s (add it to schemas/refresh.py)"
+                    % (av, kind)]
+        out = []
+        md = doc.get("metadata")
+        if not isinstance(md, dict) or not (md.get("name") or md.get("generateName")):
+            out.append("metadata.name is required")
+        v = self.Validator({"$ref": "#/definitions/" + name}, resolver=self.resolver)
+        for e in sorted(v.iter_errors(doc), key=lambda e: list(e.absolute_path)):
+            where = ".".join(str(p) for p in e.absolute_path) or "(document)"
+            out.append("%s: %s" % (where, e.message))
+            for sub in e.context or []:  # anyOf/oneOf: say why each branch failed
+                out.append("  %s: %s" % (".".join(str(p) for p in sub.absolute_path), sub.message))
+        return out
+
+
+def load(path):
+    """(index, title, document) for every non-empty document of a YAML file."""
+    with open(path) as f:
+        text = f.read()
+    docs = list(yaml.load_all(text, Loader=UniqueKeyLoader))
+    return [(i, d) for i, d in enumerate(docs) if d is not None]
+
+
+def check_file(schemas, path):
+    """Error lines for a file (a YAML error is one of them)."""
+    try:
+        docs = load(path)
+    except yaml.YAMLError as e:
+        return ["%s: YAML: %s" % (path, e)]
+    if not docs:
+        return ["%s: no document" % path]
+    out = []
+    for i, d in docs:
+        label = "%s #%d %s/%s" % (path, i, d.get("kind", "?") if isinstance(d, dict) else "?",
+                                  (d.get("metadata") or {}).get("name", "?")
+                                  if isinstance(d, dict) else "?")
+        out += ["%s: %s" % (label, m) for m in schemas.errors(d)]
+    return out
+
+
+def expectations(path):
+    with open(path) as f:
+        return [line.split(":", 1)[1].strip() for line in f if line.startswith("# expect:")]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--schemas", default=os.path.join(HERE, "schemas"))
+    ap.add_argument("--refused", action="store_true",
+                    help="every file must be refused with its '# expect:' messages")
+    ap.add_argument("files", nargs="+")
+    a = ap.parse_args()
+    schemas = Schemas(a.schemas)
+    passed = failed = 0
+    for path in a.files:
+        errs = check_file(schemas, path)
+        if not a.refused:
+            ok = not errs
+            for e in errs:
+                print("REFUSED " + e)
+        else:
+            want = expectations(path)
+            missing = [w for w in want if not any(w in e for e in errs)]
+            ok = bool(errs) and bool(want) and not missing
+            for e in errs:
+                print("  (expected) " + e)
+            if not want:
+                print("%s: no '# expect:' line" % path)
+            for w in missing:
+                print("%s: not refused with %r" % (path, w))
+        print("%s %s" % ("ok  " if ok else "FAIL", path))
+        passed += ok
+        failed += not ok
+    for r in sorted(schemas.not_evaluated):
+        print("note: CEL rule not evaluated: %s" % r)
+    print("%d passed, %d failed" % (passed, failed))
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
