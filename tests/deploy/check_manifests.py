@@ -3,7 +3,8 @@
 
   check_manifests.py FILE...            every document must be valid; exit 1 otherwise
   check_manifests.py --refused FILE...  every file must be refused, with the message its
-                                        `# expect: TEXT` lines name (negative fixtures)
+                                        `# expect: TEXT` lines name (negative fixtures; a
+                                        schema-valid file has its references checked alone)
 
 What a document must pass (as `kubectl apply --validate=strict` against a cluster that has the
 Gateway API v1.5.1 and InferencePool v1.5.0 CRDs installed would check, see schemas/README.md):
@@ -22,16 +23,29 @@ Gateway API v1.5.1 and InferencePool v1.5.0 CRDs installed would check, see sche
     equivalents; any other rule met on the way is listed as "not evaluated" (no CEL here).
 Kubernetes' own conversions are honoured: IntOrString takes an integer or a string, a
 Quantity a number or a quantity string.
+
+Then, over all the files given together (one namespace), the references a schema cannot see
+and the API server accepts but that leave the deployment broken (references()): an HTTPRoute's
+parent Gateway and backend InferencePool/Service exist; an InferencePool's endpoint picker is a
+Service port and its selector/targetPorts match a workload's pods and container ports; a
+Service's or NetworkPolicy's selector matches pods that have its target ports; a binding's
+roleRef and ServiceAccount exist and some workload runs as that account; a pod's
+serviceAccountName exists. A GatewayClass is not looked for: the gateway implementation
+installs it.
 """
 import argparse
 import copy
+import glob
 import json
 import os
-import re
 import sys
 
-import jsonschema
-import yaml
+try:
+    import jsonschema
+    import yaml
+except ImportError as e:  # scripts/setup installs python3-jsonschema and python3-yaml
+    print("skipped: %s (Debian: python3-jsonschema python3-yaml)" % e)
+    sys.exit(77)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 K8S_PREFIX = "io.k8s."
@@ -184,6 +198,110 @@ class Schemas:
         return out
 
 
+WORKLOADS = {("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"), ("apps/v1", "DaemonSet"),
+             ("apps/v1", "ReplicaSet"), ("batch/v1", "Job")}
+
+
+def references(docs):
+    """Errors in the references between the documents of one namespace (what a schema cannot
+    see, and the API server accepts, but leaves the deployment broken): each (label, doc)."""
+    by = {}
+    for label, d in docs:
+        by.setdefault(d["kind"], {})[d["metadata"]["name"]] = (label, d)
+    pods = []  # (label, pod template labels, container ports, pod spec)
+    for label, d in docs:
+        if (d["apiVersion"], d["kind"]) in WORKLOADS:
+            t = d["spec"]["template"]
+            ports = [p for c in t["spec"].get("containers", []) for p in c.get("ports", [])]
+            pods.append((label, (t.get("metadata") or {}).get("labels") or {}, ports, t["spec"]))
+    out = []
+
+    def select(match):
+        return [p for p in pods if match and all(p[1].get(k) == v for k, v in match.items())]
+
+    def has_port(selected, port):
+        for _, _, ports, _ in selected:
+            for p in ports:
+                if port in (p.get("containerPort"), p.get("name")):
+                    return True
+        return False
+
+    def service_port(label, what, name, number):
+        svc = by.get("Service", {}).get(name)
+        if svc is None:
+            out.append("%s: %s names Service %s, which no manifest defines" % (label, what, name))
+        elif number not in [p.get("port") for p in svc[1]["spec"].get("ports", [])]:
+            out.append("%s: %s names port %s of Service %s, which has no such port"
+                       % (label, what, number, name))
+
+    for label, d in docs:
+        kind, spec = d["kind"], d.get("spec") or {}
+        if kind == "HTTPRoute":
+            for pr in spec.get("parentRefs", []):
+                if pr.get("kind", "Gateway") == "Gateway" and pr["name"] not in by.get("Gateway", {}):
+                    out.append("%s: parentRef Gateway %s is defined by no manifest" % (label, pr["name"]))
+            for rule in spec.get("rules", []):
+                for br in rule.get("backendRefs", []):
+                    k = br.get("kind", "Service")
+                    if k == "InferencePool":
+                        if br.get("group") != "inference.networking.k8s.io":
+                            out.append("%s: backendRef InferencePool %s needs group "
+                                       "inference.networking.k8s.io" % (label, br["name"]))
+                        if br["name"] not in by.get("InferencePool", {}):
+                            out.append("%s: backendRef InferencePool %s is defined by no "
+                                       "manifest" % (label, br["name"]))
+                    elif k == "Service" and not br.get("group"):
+                        service_port(label, "backendRef", br["name"], br.get("port"))
+        elif kind == "InferencePool":
+            epp = spec.get("endpointPickerRef", {})
+            if epp.get("kind", "Service") == "Service":
+                service_port(label, "endpointPickerRef", epp.get("name"),
+                             (epp.get("port") or {}).get("number"))
+            selected = select(spec.get("selector", {}).get("matchLabels"))
+            if not selected:
+                out.append("%s: selector matches no workload's pods" % label)
+            for tp in spec.get("targetPorts", []):
+                if selected and not has_port(selected, tp.get("number")):
+                    out.append("%s: targetPort %s is no container port of the selected pods"
+                               % (label, tp.get("number")))
+        elif kind == "Service" and spec.get("selector"):
+            selected = select(spec["selector"])
+            if not selected:
+                out.append("%s: selector matches no workload's pods" % label)
+            for p in spec.get("ports", []):
+                tp = p.get("targetPort", p.get("port"))
+                if selected and not has_port(selected, tp):
+                    out.append("%s: port %s: targetPort %s is no container port of the selected "
+                               "pods" % (label, p.get("name", p.get("port")), tp))
+        elif kind == "NetworkPolicy":
+            selected = select((spec.get("podSelector") or {}).get("matchLabels"))
+            if not selected:
+                out.append("%s: podSelector matches no workload's pods" % label)
+            for rule in spec.get("ingress", []):
+                for p in rule.get("ports", []):
+                    if selected and "port" in p and not has_port(selected, p["port"]):
+                        out.append("%s: ingress port %s is no container port of the selected "
+                                   "pods" % (label, p["port"]))
+        elif kind in ("RoleBinding", "ClusterRoleBinding"):
+            rr = d["roleRef"]
+            if rr["kind"] not in by or rr["name"] not in by[rr["kind"]]:
+                out.append("%s: roleRef %s %s is defined by no manifest" % (label, rr["kind"], rr["name"]))
+            for sub in d.get("subjects", []):
+                if sub["kind"] != "ServiceAccount":
+                    continue
+                if sub["name"] not in by.get("ServiceAccount", {}):
+                    out.append("%s: subject ServiceAccount %s is defined by no manifest"
+                               % (label, sub["name"]))
+                elif not any(p[3].get("serviceAccountName") == sub["name"] for p in pods):
+                    out.append("%s: subject ServiceAccount %s: no workload runs as it, so the "
+                               "binding grants nothing anyone uses" % (label, sub["name"]))
+    for label, _, _, ps in pods:
+        sa = ps.get("serviceAccountName")
+        if sa and sa not in by.get("ServiceAccount", {}):
+            out.append("%s: serviceAccountName %s is defined by no manifest" % (label, sa))
+    return out
+
+
 def load(path):
     """(index, title, document) for every non-empty document of a YAML file."""
     with open(path) as f:
@@ -192,12 +310,13 @@ def load(path):
     return [(i, d) for i, d in enumerate(docs) if d is not None]
 
 
-def check_file(schemas, path):
-    """Error lines for a file (a YAML error is one of them)."""
+def check_file(schemas, path, valid=None):
+    """Error lines for a file (a YAML error is one of them). Appends (label, document) of each
+    valid document to `valid`."""
     try:
         docs = load(path)
     except yaml.YAMLError as e:
-        return ["%s: YAML: %s" % (path, e)]
+        return ["%s: YAML: %s" % (path, " ".join(str(e).split()))]
     if not docs:
         return ["%s: no document" % path]
     out = []
@@ -205,7 +324,10 @@ def check_file(schemas, path):
         label = "%s #%d %s/%s" % (path, i, d.get("kind", "?") if isinstance(d, dict) else "?",
                                   (d.get("metadata") or {}).get("name", "?")
                                   if isinstance(d, dict) else "?")
-        out += ["%s: %s" % (label, m) for m in schemas.errors(d)]
+        errs = schemas.errors(d)
+        out += ["%s: %s" % (label, m) for m in errs]
+        if not errs and valid is not None:
+            valid.append((label, d))
     return out
 
 
@@ -219,12 +341,23 @@ def main():
     ap.add_argument("--schemas", default=os.path.join(HERE, "schemas"))
     ap.add_argument("--refused", action="store_true",
                     help="every file must be refused with its '# expect:' messages")
-    ap.add_argument("files", nargs="+")
+    ap.add_argument("--no-references", action="store_true",
+                    help="skip the checks between documents (serviceAccountName, selectors, "
+                    "ports, parentRefs, backendRefs, roleRef)")
+    ap.add_argument("files", nargs="+", help="YAML files, or folders: their *.yaml")
     a = ap.parse_args()
+    files = []
+    for f in a.files:
+        files += sorted(glob.glob(os.path.join(f, "*.yaml"))) if os.path.isdir(f) else [f]
     schemas = Schemas(a.schemas)
     passed = failed = 0
-    for path in a.files:
-        errs = check_file(schemas, path)
+    valid = []
+    for path in files:
+        mine = []
+        errs = check_file(schemas, path, mine)
+        valid += mine
+        if a.refused and not errs and not a.no_references:
+            errs = references(mine)  # a fixture stands alone: its references, within itself
         if not a.refused:
             ok = not errs
             for e in errs:
@@ -242,6 +375,16 @@ def main():
         print("%s %s" % ("ok  " if ok else "FAIL", path))
         passed += ok
         failed += not ok
+    if not a.refused and not a.no_references:
+        if failed:
+            print("references: not checked (documents above were refused)")
+        else:
+            errs = references(valid)
+            for e in errs:
+                print("REFUSED " + e)
+            print("%s references between the %d documents" % ("FAIL" if errs else "ok  ", len(valid)))
+            passed += not errs
+            failed += bool(errs)
     for r in sorted(schemas.not_evaluated):
         print("note: CEL rule not evaluated: %s" % r)
     print("%d passed, %d failed" % (passed, failed))
