@@ -19,8 +19,9 @@ Gateway API v1.5.1 and InferencePool v1.5.0 CRDs installed would check, see sche
     name is required;
   - duplicate keys in a YAML mapping are refused (strict decoding does);
   - x-kubernetes-list-type map/set: no two items with the same keys / no equal items;
-  - x-kubernetes-validations (CEL): the rules in CEL_RULES are evaluated by hand-written
-    equivalents; any other rule met on the way is listed as "not evaluated" (no CEL here).
+  - x-kubernetes-validations (CEL): evaluated by cel.py, a small evaluator of the CEL subset
+    CRD rules use, on the document with the CRD's defaults applied (as the API server does);
+    a rule outside that subset is listed as "not evaluated", never passed silently.
 Kubernetes' own conversions are honoured: IntOrString takes an integer or a string, a
 Quantity a number or a quantity string.
 
@@ -48,23 +49,13 @@ except ImportError as e:  # scripts/setup installs python3-jsonschema and python
     sys.exit(77)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import cel  # noqa: E402  (tests/deploy/cel.py)
 K8S_PREFIX = "io.k8s."
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 # The suffix regex resource.Quantity accepts (apimachinery's quantity parser; the same one
 # CRDs carry for int-or-string quantities).
 QUANTITY_RE = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-
-# CEL rules of the vendored CRDs, evaluated by Python equivalents. The key is the rule text
-# exactly as the CRD has it; a rule not listed here is reported as not evaluated.
-CEL_RULES = {
-    # InferencePool v1 endpointPickerRef
-    "self.kind != 'Service' || has(self.port)":
-        lambda s: s.get("kind", "Service") != "Service" or "port" in s,
-    # InferencePool v1 targetPorts
-    "self.all(p1, self.exists_one(p2, p1.number==p2.number))":
-        lambda s: all(sum(1 for p2 in s if p2.get("number") == p1.get("number")) == 1 for p1 in s),
-}
-
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one
@@ -107,6 +98,27 @@ def strict(s):
     return out
 
 
+def apply_defaults(schema, value):
+    """Fill in the `default` of every absent property of a structural (CRD) schema, in place,
+    as the API server does for custom resources."""
+    if not isinstance(schema, dict):
+        return
+    if isinstance(value, dict):
+        for n, sub in (schema.get("properties") or {}).items():
+            if n not in value and isinstance(sub, dict) and "default" in sub:
+                value[n] = copy.deepcopy(sub["default"])
+            if n in value:
+                apply_defaults(sub, value[n])
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for n, v in value.items():
+                if n not in (schema.get("properties") or {}):
+                    apply_defaults(extra, v)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for v in value:
+            apply_defaults(schema["items"], v)
+
+
 class Schemas:
     """apiVersion + kind -> a schema in one root document, so $refs resolve across."""
 
@@ -138,14 +150,20 @@ class Schemas:
         self.not_evaluated = set()
         outer = self
 
-        def cel(validator, rules, instance, schema):
+        def cel_rules(validator, rules, instance, schema):
             for r in rules:
-                fn = CEL_RULES.get(r["rule"])
-                if fn is None:
-                    outer.not_evaluated.add(r["rule"])
-                elif not fn(instance):
+                try:
+                    ok = cel.evaluate(r["rule"], instance)
+                except cel.Unsupported as e:
+                    outer.not_evaluated.add("%s (%s)" % (r["rule"], e))
+                    continue
+                except cel.EvalError as e:
                     yield jsonschema.ValidationError(
-                        "CEL rule refused: %s (%s)" % (r.get("message", ""), r["rule"]))
+                        "CEL rule failed to evaluate: %s (%s)" % (e, r["rule"]))
+                    continue
+                if not ok:
+                    yield jsonschema.ValidationError("CEL rule refused: %s (%s)" % (
+                        r.get("message") or r.get("messageExpression", ""), r["rule"]))
 
         def list_type(validator, lt, instance, schema):
             if not validator.is_type(instance, "array"):
@@ -171,7 +189,7 @@ class Schemas:
 
         self.Validator = jsonschema.validators.extend(
             jsonschema.Draft4Validator,
-            {"x-kubernetes-validations": cel, "x-kubernetes-list-type": list_type})
+            {"x-kubernetes-validations": cel_rules, "x-kubernetes-list-type": list_type})
         self.resolver = jsonschema.RefResolver.from_schema(self.root)
 
     def errors(self, doc):
@@ -189,6 +207,11 @@ class Schemas:
         md = doc.get("metadata")
         if not isinstance(md, dict) or not (md.get("name") or md.get("generateName")):
             out.append("metadata.name is required")
+        if name.startswith("crd."):
+            # the API server defaults a custom resource from its schema before it validates
+            # (CEL rules count on it: `self.kind == 'Service'` where kind defaults to Service)
+            doc = copy.deepcopy(doc)
+            apply_defaults(self.root["definitions"][name], doc)
         v = self.Validator({"$ref": "#/definitions/" + name}, resolver=self.resolver)
         for e in sorted(v.iter_errors(doc), key=lambda e: list(e.absolute_path)):
             where = ".".join(str(p) for p in e.absolute_path) or "(document)"
