@@ -76,11 +76,13 @@ def _construct_mapping(loader, node, deep=False):
 UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def strict(s):
+def strict(s, branch=False):
     """Schema s with additionalProperties: false on every object schema that lists properties
-    and says nothing about other fields. Recurses through every subschema."""
+    and says nothing about other fields. Recurses through every subschema, but adds nothing
+    inside allOf/anyOf/oneOf/not: a branch may list only some of the object's properties
+    (structural schemas allow that), and closing it would refuse the others."""
     if isinstance(s, list):
-        return [strict(x) for x in s]
+        return [strict(x, branch) for x in s]
     if not isinstance(s, dict):
         return s
     out = {}
@@ -90,9 +92,11 @@ def strict(s):
         elif k in ("enum", "required", "default", "example", "x-kubernetes-validations",
                    "x-kubernetes-list-map-keys", "x-kubernetes-group-version-kind"):
             out[k] = v  # data, not subschemas
+        elif k in ("allOf", "anyOf", "oneOf", "not"):
+            out[k] = strict(v, True)
         else:
             out[k] = strict(v)
-    if ("properties" in out and "additionalProperties" not in out
+    if ("properties" in out and "additionalProperties" not in out and not branch
             and not out.get("x-kubernetes-preserve-unknown-fields")):
         out["additionalProperties"] = False
     return out
