@@ -51,11 +51,12 @@ except ImportError as e:  # scripts/setup installs python3-jsonschema and python
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import cel  # noqa: E402  (tests/deploy/cel.py)
-K8S_PREFIX = "io.k8s."
+
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
-# The suffix regex resource.Quantity accepts (apimachinery's quantity parser; the same one
-# CRDs carry for int-or-string quantities).
+# The pattern controller-gen puts on CRD fields of type resource.Quantity (the grammar of
+# apimachinery's quantity parser); Kubernetes' OpenAPI only says "string".
 QUANTITY_RE = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one
@@ -234,7 +235,8 @@ def references(docs):
     see, and the API server accepts, but leaves the deployment broken): each (label, doc)."""
     by = {}
     for label, d in docs:
-        by.setdefault(d["kind"], {})[d["metadata"]["name"]] = (label, d)
+        md = d["metadata"]
+        by.setdefault(d["kind"], {})[md.get("name") or md.get("generateName")] = (label, d)
     pods = []  # (label, pod template labels, container ports, pod spec)
     for label, d in docs:
         if (d["apiVersion"], d["kind"]) in WORKLOADS:
@@ -301,7 +303,10 @@ def references(docs):
                     out.append("%s: port %s: targetPort %s is no container port of the selected "
                                "pods" % (label, p.get("name", p.get("port")), tp))
         elif kind == "NetworkPolicy":
-            selected = select((spec.get("podSelector") or {}).get("matchLabels"))
+            ps = spec.get("podSelector") or {}
+            if not ps.get("matchLabels"):
+                continue  # {} selects every pod; matchExpressions are not followed here
+            selected = select(ps["matchLabels"])
             if not selected:
                 out.append("%s: podSelector matches no workload's pods" % label)
             for rule in spec.get("ingress", []):
@@ -330,7 +335,7 @@ def references(docs):
 
 
 def load(path):
-    """(index, title, document) for every non-empty document of a YAML file."""
+    """(index, document) for every non-empty document of a YAML file."""
     with open(path) as f:
         text = f.read()
     docs = list(yaml.load_all(text, Loader=UniqueKeyLoader))
