@@ -88,7 +88,7 @@ int main(int argc, char **argv)
         {"no-lora-filter", KVR_FLAG_BOOL, &no_lora_filter, "diagnostic: a request under a LoRA adapter may go to any worker of the model, not only those listing the adapter", false},
         {"no-mdc-filter", KVR_FLAG_BOOL, &no_mdc_filter, "diagnostic: route to workers whose model card checksum differs from the request's", false},
         {"pools-file", KVR_FLAG_STRING, &pools_file, "scale-to-zero: JSON {\"pools\":[{\"namespace\",\"model\",\"target\"}...]} (docs/DESIGN.md 13)", false},
-        {"scaler", KVR_FLAG_STRING, &scaler, "scale-to-zero: exec:PATH (run PATH NAMESPACE MODEL REPLICAS) or kubernetes (PATCH deployments/TARGET/scale)", false},
+        {"scaler", KVR_FLAG_STRING, &scaler, "scale-to-zero: exec:PATH (run PATH NAMESPACE MODEL REPLICAS) or kubernetes (PATCH the scale of TARGET: NAME or deployment/NAME, statefulset/NAME)", false},
         {"scaler-api-url", KVR_FLAG_STRING, &scaler_api_url, "kubernetes scaler: API server URL (default from KUBERNETES_SERVICE_HOST/PORT)", false},
         {"scaler-token-file", KVR_FLAG_STRING, &scaler_token_file, "kubernetes scaler: bearer token file, re-read before every request (default: the service account's)", false},
         {"scaler-ca-file", KVR_FLAG_STRING, &scaler_ca_file, "kubernetes scaler: CA bundle of the API server (default: the service account's)", false},

@@ -236,8 +236,11 @@ int kvr_scaler_scale(kvr_scaler *s, const char *ns, const char *model, const cha
     if (!cb || !ns || !*ns || !model || !*model || !target || !*target || strlen(ns) > 253 ||
         strlen(model) > 512 || strlen(target) > 253)
         return KVR_EINVAL;
-    if (s->kind == KVR_SCALER_KUBERNETES && !scaler_kube_name_ok(target))
-        return KVR_EINVAL;
+    if (s->kind == KVR_SCALER_KUBERNETES) {
+        const char *name = NULL;
+        if (!scaler_kube_target(target, &name) || !scaler_kube_name_ok(name))
+            return KVR_EINVAL;
+    }
     kvr_scaler_op *op = calloc(1, sizeof(*op));
     if (!op)
         return KVR_ENOMEM;

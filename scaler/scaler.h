@@ -3,8 +3,9 @@
  * Two back ends, chosen per pool:
  * - exec: runs `COMMAND NAMESPACE MODEL REPLICAS` (kvrctl's `scale` sub-command is one: it starts
  *   and stops local kvr-workers); exit status 0 is success; killed past the timeout.
- * - kubernetes: PATCHes the Deployment's `scale` subresource through the API server
- *   (`/apis/apps/v1/namespaces/NS/deployments/NAME/scale`, merge-patch
+ * - kubernetes: PATCHes the `scale` subresource of the target through the API server
+ *   (target NAME or deployment/NAME: `/apis/apps/v1/namespaces/NS/deployments/NAME/scale`;
+ *   statefulset/NAME: `.../statefulsets/NAME/scale`), merge-patch
  *   `{"spec":{"replicas":N}}`) with the pod's service-account token, re-read from its file
  *   before every request (the kubelet rotates it), and the cluster CA file.
  * Failures are retried with exponential backoff up to `max_attempts`: exec's non-zero exit or

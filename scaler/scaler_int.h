@@ -40,5 +40,10 @@ int scaler_kube_attempt(kvr_scaler_op *op);
 /* A DNS-1123 subdomain: what a Deployment or namespace name may be (and all that goes into the
  * API path unescaped). */
 bool scaler_kube_name_ok(const char *name);
+/* A pool's target as kubectl names it: NAME (a Deployment), deployment/NAME or
+ * statefulset/NAME (plural forms too; vLLM pools are often StatefulSets). Returns the API
+ * resource ("deployments" or "statefulsets") and points *name into target; NULL for another
+ * kind. */
+const char *scaler_kube_target(const char *target, const char **name);
 
 #endif

@@ -1,5 +1,5 @@
-/* scaler_kube.c: the kubernetes back end (scaler.h): one PATCH of the Deployment's scale
- * subresource per attempt. The token is read from its file for every attempt (projected
+/* scaler_kube.c: the kubernetes back end (scaler.h): one PATCH of the Deployment's or
+ * StatefulSet's scale subresource per attempt. The token is read from its file for every attempt (projected
  * service-account tokens rotate; a cached one expires within the hour). */
 #include "scaler_int.h"
 
@@ -24,6 +24,30 @@ bool scaler_kube_name_ok(const char *name)
             return false;
     }
     return true;
+}
+
+const char *scaler_kube_target(const char *target, const char **name)
+{
+    static const struct {
+        const char *prefix;
+        const char *resource;
+    } kinds[] = {{"deployment/", "deployments"},
+                 {"deployments/", "deployments"},
+                 {"statefulset/", "statefulsets"},
+                 {"statefulsets/", "statefulsets"}};
+    const char *slash = strchr(target, '/');
+    if (!slash) {
+        *name = target;
+        return "deployments";
+    }
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        size_t n = strlen(kinds[i].prefix);
+        if (strncmp(target, kinds[i].prefix, n) == 0) {
+            *name = target + n;
+            return kinds[i].resource;
+        }
+    }
+    return NULL;
 }
 
 /* The API answers the Scale object: its spec.replicas must be what we asked for. */
@@ -96,8 +120,10 @@ int scaler_kube_attempt(kvr_scaler_op *op)
         return 0;
     }
     char url[1024];
-    snprintf(url, sizeof url, "%s/apis/apps/v1/namespaces/%s/deployments/%s/scale", s->api_url,
-             s->kube_namespace, op->target);
+    const char *name = NULL;
+    const char *resource = scaler_kube_target(op->target, &name);
+    snprintf(url, sizeof url, "%s/apis/apps/v1/namespaces/%s/%s/%s/scale", s->api_url,
+             s->kube_namespace, resource, name);
     char body[64];
     int blen = snprintf(body, sizeof body, "{\"spec\":{\"replicas\":%u}}", op->replicas);
     size_t alen = tlen + 32;

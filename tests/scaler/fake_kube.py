@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""A stand-in for the Kubernetes API server's Deployment scale subresource, over HTTPS with a
+"""A stand-in for the Kubernetes API server's Deployment and StatefulSet scale subresource, over HTTPS with a
 certificate from a CA the test made. It checks what a real API server checks for this call
 (bearer token, method, path, merge-patch content type, body shape) and records every request.
 
@@ -14,7 +14,7 @@ portfile, cert, key, token_file, log, plan = sys.argv[1:7]
 plan = plan.split(",")
 state = {"n": 0, "token": open(token_file).read().strip()}
 lock = threading.Lock()
-PATH = re.compile(r"^/apis/apps/v1/namespaces/([a-z0-9.-]+)/deployments/([a-z0-9.-]+)/scale$")
+PATH = re.compile(r"^/apis/apps/v1/namespaces/([a-z0-9.-]+)/(?:deployments|statefulsets)/([a-z0-9.-]+)/scale$")
 
 
 class H(http.server.BaseHTTPRequestHandler):

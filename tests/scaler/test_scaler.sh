@@ -95,6 +95,13 @@ kvr_assert_eq "$(jq -r .auth_ok <<<"$rec")" "true" "bearer token"
 kvr_assert_eq "$(jq -c '.body | fromjson' <<<"$rec")" '{"spec":{"replicas":4}}' "body"
 # to zero: the API omits spec.replicas 0 in its answer
 out=$(kube pool:m:vllm-llama:0) || kvr_fail "kube to zero: $out"
+# kubectl's kind/NAME: a StatefulSet pool (vllm-bridge.yaml's engines) and an explicit Deployment
+: >"$LOG"
+out=$(kube pool:m:statefulset/vllm-llama:2) || kvr_fail "kube statefulset: $out"
+out=$(kube pool:m:deployment/vllm-llama:1) || kvr_fail "kube deployment/: $out"
+kvr_assert_eq "$(jq -r .path "$LOG" | tr '\n' ' ')" \
+    "/apis/apps/v1/namespaces/kvr-system/statefulsets/vllm-llama/scale /apis/apps/v1/namespaces/kvr-system/deployments/vllm-llama/scale " \
+    "kind/NAME paths"
 
 kube_case retry 503,409,500,200
 out=$(kube --backoff-ms 20 pool:m:d1:2) || kvr_fail "kube retries: $out"
@@ -131,5 +138,7 @@ grep -q "status=-8" <<<"$out" || kvr_fail "kube hang status: $out"
 kube_case names 200
 out=$(kube pool:m:../../secrets:1) && kvr_fail "a path in the target was accepted"
 grep -q "refused at start" <<<"$out" || kvr_fail "bad name: $out"
+out=$(kube pool:m:daemonset/vllm:1) && kvr_fail "a DaemonSet target was accepted (no scale subresource)"
+out=$(kube pool:m:statefulset/../x:1) && kvr_fail "a path after the kind was accepted"
 [ ! -s "$LOG" ] || kvr_fail "a request was sent for a bad name"
 kvr_pass
