@@ -829,7 +829,9 @@ int kvr_bench_epp(int argc, char **argv)
     fprintf(stderr, "== kvr-epp pid %d, %d connections; %s %g for %g s (+%g s warm-up)\n", epp.pid,
             conns, concurrency ? "closed loop, concurrency" : "open loop, rate/s",
             concurrency ? (double)concurrency : rate, duration, warmup);
-    be_hist h0, h1;
+    be_hist h0, h1, r0, r1;
+    memset(&r0, 0, sizeof r0);
+    memset(&r1, 0, sizeof r1);
     double cpu0 = 0, cpu1 = 0, t_run = 0;
     uint64_t skipped = 0;
     for (int phase = 0; phase < 2 && !be_stop; phase++) {
@@ -839,7 +841,8 @@ int kvr_bench_epp(int argc, char **argv)
         if (phase) {
             while (B.open_streams && !be_stop) /* the warm-up's streams end first */
                 pump(10);
-            if (scrape(mport, "kvr_epp_pick_seconds", &h0, NULL)) {
+            if (scrape(mport, "kvr_epp_pick_seconds", &h0, NULL) ||
+                scrape(mport, "kvr_epp_route_seconds", &r0, NULL)) {
                 fprintf(stderr, "kvr-bench epp: /metrics scrape failed\n");
                 goto down;
             }
@@ -877,6 +880,7 @@ int kvr_bench_epp(int argc, char **argv)
             cpu1 = proc_cpu_s(epp.pid);
             B.measuring = false;
             scrape(mport, "kvr_epp_pick_seconds", &h1, NULL);
+            scrape(mport, "kvr_epp_route_seconds", &r1, NULL);
         }
     }
     uint64_t unfinished = B.open_streams;
@@ -902,6 +906,9 @@ int kvr_bench_epp(int argc, char **argv)
     qsort(B.lat, B.nlat, sizeof *B.lat, cmp_d);
     double sp50 = hist_q(&h0, &h1, 0.5), sp90 = hist_q(&h0, &h1, 0.9),
            sp99 = hist_q(&h0, &h1, 0.99);
+    double rp50 = hist_q(&r0, &r1, 0.5), rp99 = hist_q(&r0, &r1, 0.99);
+    double rmean = r1.count > r0.count ? (r1.sum - r0.sum) / (r1.count - r0.count) : NAN;
+    double pmean = h1.count > h0.count ? (h1.sum - h0.sum) / (h1.count - h0.count) : NAN;
     double cpu_per = reqs + nerr ? (cpu1 - cpu0) / (double)(reqs + nerr) : NAN;
     double rss_per = hold ? (rss1 - rss0) * 1024.0 / hold : NAN;
     double la[3] = {0};
@@ -921,6 +928,10 @@ int kvr_bench_epp(int argc, char **argv)
            "n=%.0f, mean %.3f ms)\n",
            sp50 * 1e3, sp90 * 1e3, sp99 * 1e3, h1.count - h0.count,
            h1.count > h0.count ? (h1.sum - h0.sum) / (h1.count - h0.count) * 1e3 : NAN);
+    /* what the pick spends waiting for the routers (NATS both ways + Raft), and the rest */
+    printf("  of which routers   p50 %.3f ms  p99 %.3f ms  mean %.3f ms  (kvr_epp_route_seconds, "
+           "n=%.0f); kvr-epp's own part mean %.3f ms\n",
+           rp50 * 1e3, rp99 * 1e3, rmean * 1e3, r1.count - r0.count, (pmean - rmean) * 1e3);
     printf("  kvr-epp CPU        %.1f us/request (%.2f s over the run)\n", cpu_per * 1e6,
            cpu1 - cpu0);
     printf("  kvr-epp RSS        %.0f kB idle, %.0f kB with %d streams held open: %.0f B/stream\n",
@@ -946,10 +957,12 @@ int kvr_bench_epp(int argc, char **argv)
         fprintf(f,
                 "},\"pick_client_ms\":{\"p50\":%.4f,\"p90\":%.4f,\"p99\":%.4f,\"max\":%.4f},"
                 "\"pick_server_ms\":{\"p50\":%.4f,\"p90\":%.4f,\"p99\":%.4f},"
+                "\"route_ms\":{\"p50\":%.4f,\"p99\":%.4f,\"mean\":%.4f},"
                 "\"cpu_us_per_request\":%.2f,\"rss_idle_kb\":%.0f,\"rss_held_kb\":%.0f,"
                 "\"held_streams\":%d,\"rss_bytes_per_stream\":%.0f,\"loadavg\":[%.2f,%.2f,%.2f]}\n",
                 J(pct(0.5) * 1e3), J(pct(0.9) * 1e3), J(pct(0.99) * 1e3), J(pct(1.0) * 1e3),
-                J(sp50 * 1e3), J(sp90 * 1e3), J(sp99 * 1e3), J(cpu_per * 1e6), J(rss0), J(rss1),
+                J(sp50 * 1e3), J(sp90 * 1e3), J(sp99 * 1e3), J(rp50 * 1e3), J(rp99 * 1e3),
+                J(rmean * 1e3), J(cpu_per * 1e6), J(rss0), J(rss1),
                 hold, J(rss_per), la[0], la[1], la[2]);
 #undef J
         fclose(f);

@@ -52,6 +52,10 @@ int epp_register_metrics(void)
     E.m_pick = kvr_metrics_histogram(m, "kvr_epp_pick_seconds",
                                      "last request body chunk in to destination out", pick_b,
                                      sizeof pick_b / sizeof *pick_b, NULL, NULL);
+    /* the part of a pick kvr-epp does not control: NATS both ways and the routers' Raft */
+    E.m_route = kvr_metrics_histogram(m, "kvr_epp_route_seconds",
+                                      "kvr.route request out to its answer in (answered ones)",
+                                      pick_b, sizeof pick_b / sizeof *pick_b, NULL, NULL);
     E.m_fallback = kvr_metrics_counter(m, "kvr_epp_route_fallback_total",
                                        "local picks because no router answered (or subset)",
                                        "reason", fb_labels);
@@ -68,7 +72,7 @@ int epp_register_metrics(void)
                                      "bytes held by the gRPC layer", NULL, NULL);
     E.m_pending = kvr_metrics_gauge(m, "kvr_epp_pending_picks",
                                     "kvr.route requests out (picks in flight)", NULL, NULL);
-    if (!E.m_req || !E.m_err || !E.m_dur || !E.m_ready || !E.m_pick || !E.m_fallback ||
+    if (!E.m_req || !E.m_err || !E.m_dur || !E.m_ready || !E.m_pick || !E.m_route || !E.m_fallback ||
         !E.m_routed || !E.m_mismatch || !E.m_cancelled || !E.m_streams || !E.m_buffered ||
         !E.m_pending)
         return KVR_EINVAL;

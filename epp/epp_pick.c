@@ -162,6 +162,8 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
     xs *x = cbdata;
     x->route_pending = false;
     E.pending_picks--;
+    if (status == 0 && x->t_route_ns)
+        kvr_metric_observe(E.m_route, 0, (double)(kvr_mono_ns() - x->t_route_ns) / 1e9);
     if (!x->call || x->state != XS_DECIDING) {
         if (status == 0)
             x->booked = true; /* a router may have booked it: free it */
@@ -250,6 +252,7 @@ static void send_route(xs *x)
     int rc = kvr_route_req_encode(&b, &rq);
     free(hs);
     x->tries++;
+    x->t_route_ns = kvr_mono_ns();
     if (!rc)
         rc = kvr_nats_request(&E.nats, "kvr.route", b.base, b.len, (uint32_t)E.route_timeout_ms,
                               on_route_reply, x);

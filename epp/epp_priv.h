@@ -76,7 +76,7 @@ struct epp_state {
     /* picks in flight: kvr.route requests out (retries included). A pick that would pass
      * max_pending_picks is shed with 429 instead of queueing behind slow routers. */
     uint32_t pending_picks, max_pending_picks;
-    kvr_metric *m_req, *m_err, *m_dur, *m_ready, *m_pick, *m_fallback, *m_mismatch, *m_streams,
+    kvr_metric *m_req, *m_err, *m_dur, *m_ready, *m_pick, *m_route, *m_fallback, *m_mismatch, *m_streams,
         *m_buffered, *m_routed, *m_cancelled, *m_pending;
 };
 extern struct epp_state E;
@@ -105,6 +105,7 @@ typedef struct xs {
     char url[FE_URL_MAX];
     char pick[FE_URL_MAX]; /* ip:port */
     int64_t t_start_ns, t_body_ns;
+    int64_t t_route_ns; /* the last kvr.route request went out */
 } xs;
 
 enum { XS_COLLECT = 0, XS_DECIDING, XS_PASS, XS_DONE };

@@ -68,6 +68,8 @@ need(j["unfinished"] == 0 and j["not_sent"] == 0, "nothing unfinished or unsent"
 c, s = j["pick_client_ms"], j["pick_server_ms"]
 need(0 < c["p50"] <= c["p99"] <= c["max"], "client pick quantiles")
 need(0 < s["p50"] <= s["p99"], "kvr-epp pick quantiles")
+r = j["route_ms"]  # the routers' part: answered kvr.route requests, inside the pick
+need(0 < r["p50"] <= r["p99"] and 0 < r["mean"], "route quantiles")
 need(j["cpu_us_per_request"] > 0, "CPU per request")
 need(j["held_streams"] == 50 and j["rss_held_kb"] > 0 and j["rss_idle_kb"] > 0, "RSS figures")
 print("JSON ok: %.0f/s, pick p50 %.3f ms (kvr-epp %.3f), %.0f us CPU/request" %
