@@ -8,6 +8,7 @@
 
 #include "kvr_buf.h"
 #include "kvr_nats.h"
+#include "route_msg.h"
 
 #include <signal.h>
 #include <stdbool.h>
@@ -27,6 +28,7 @@ typedef struct rb_opts {
     uint64_t max_requests; /* 0: only the duration limits */
     const char *json, *dir, *router_args;
     bool skip_local, skip_best_effort, keep;
+    bool any_router; /* --any-router: kvr.route only (followers forward), not the leader first */
     double be_delay_ms, be_hold_ms, be_rate;
 } rb_opts;
 
@@ -61,6 +63,8 @@ typedef struct rb_run {
     uv_timer_t stop_timer, poll_timer;
     bool conn_up, nats_closed, stopping;
     int inflight;
+    kvr_route_target target; /* as the frontends: kvr.route.leader first */
+    uint64_t leader_fallbacks; /* no responders on kvr.route.leader: asked kvr.route */
     /* payloads */
     kvr_buf tpl[RB_TEMPLATES];
     size_t rid_off[RB_TEMPLATES];
@@ -96,6 +100,8 @@ typedef struct rb_req {
     rb_run *r;
     int64_t t0_ns;
     uint8_t rid[16];
+    size_t tpl;          /* its request template */
+    const char *subject; /* where it went (route_msg.h kvr_route_target) */
 } rb_req;
 
 /* --- one phase: cluster up, load, metrics, digests, down --- */

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 static void rb_send(rb_run *r);
+static int rb_send_req(rb_run *r, rb_req *q);
 
 static uint64_t rb_rnd(uint64_t *s)
 {
@@ -156,6 +157,12 @@ static void rb_on_reply(int status, const char *data, size_t len, void *cbdata)
         }
     } else if (status == KVR_ETIMEDOUT) {
         r->timeouts++;
+    } else if (status == KVR_NATS_NO_RESPONDERS &&
+               kvr_route_target_no_responders(&r->target, q->subject, kvr_mono_ms())) {
+        r->leader_fallbacks++; /* as a frontend does: the same request to any router, at once */
+        if (rb_send_req(r, q) == 0)
+            return;
+        q = NULL;
     } else if (status == KVR_NATS_NO_RESPONDERS) {
         r->no_responders++;
     } else {
@@ -164,6 +171,26 @@ static void rb_on_reply(int status, const char *data, size_t len, void *cbdata)
     free(q);
     if (!r->stopping)
         rb_send(r);
+}
+
+/* Sends q (its id written into its template) to the subject the route target says; on failure
+ * counts it, frees q and returns non-zero. */
+static int rb_send_req(rb_run *r, rb_req *q)
+{
+    memcpy(r->tpl[q->tpl].base + r->rid_off[q->tpl], q->rid, 16);
+    q->subject = kvr_route_target_subject(&r->target, 1, kvr_mono_ms());
+    r->inflight++;
+    int rc = kvr_nats_request(&r->nats, q->subject, r->tpl[q->tpl].base, r->tpl[q->tpl].len,
+                              (uint32_t)r->o->timeout_ms, rb_on_reply, q);
+    if (rc != 0) {
+        r->inflight--;
+        free(q);
+        r->failed++;
+        if (!r->first_error[0])
+            snprintf(r->first_error, sizeof r->first_error, "request not sent: %s",
+                     kvr_strerror(rc));
+    }
+    return rc;
 }
 
 static void rb_send(rb_run *r)
@@ -181,24 +208,14 @@ static void rb_send(rb_run *r)
         return;
     }
     q->r = r;
-    size_t k = (size_t)(rb_rnd(&r->rng) % RB_TEMPLATES);
+    q->tpl = (size_t)(rb_rnd(&r->rng) % RB_TEMPLATES);
     uint64_t id = ++r->next_id;
     memcpy(q->rid, &id, 8);
     memcpy(q->rid + 8, &r->tag, 8);
-    memcpy(r->tpl[k].base + r->rid_off[k], q->rid, 16);
     q->t0_ns = kvr_mono_ns();
-    int rc = kvr_nats_request(&r->nats, "kvr.route", r->tpl[k].base, r->tpl[k].len,
-                              (uint32_t)r->o->timeout_ms, rb_on_reply, q);
-    if (rc != 0) {
-        free(q);
-        r->failed++;
-        if (!r->first_error[0])
-            snprintf(r->first_error, sizeof r->first_error, "request not sent: %s",
-                     kvr_strerror(rc));
+    if (rb_send_req(r, q) != 0)
         return;
-    }
     r->sent++;
-    r->inflight++;
 }
 
 static void rb_on_stop(uv_timer_t *t)

@@ -174,6 +174,12 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
         send_route(x);
         return;
     }
+    if (status == KVR_NATS_NO_RESPONDERS &&
+        kvr_route_target_no_responders(&E.route_target, x->route_subject, kvr_mono_ms())) {
+        x->tries--; /* no leader answers right now: any router, at once, as the same try */
+        send_route(x);
+        return;
+    }
     if (status != 0 && status != KVR_NATS_NO_RESPONDERS)
         x->booked = true; /* a slow router may still book it (fe_route.c says why) */
     if (status != 0) {
@@ -253,8 +259,9 @@ static void send_route(xs *x)
     free(hs);
     x->tries++;
     x->t_route_ns = kvr_mono_ns();
+    x->route_subject = kvr_route_target_subject(&E.route_target, x->tries, kvr_mono_ms());
     if (!rc)
-        rc = kvr_nats_request(&E.nats, "kvr.route", b.base, b.len, (uint32_t)E.route_timeout_ms,
+        rc = kvr_nats_request(&E.nats, x->route_subject, b.base, b.len, (uint32_t)E.route_timeout_ms,
                               on_route_reply, x);
     kvr_buf_free(&b);
     if (rc) {

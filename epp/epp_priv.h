@@ -69,6 +69,7 @@ struct epp_state {
     uint64_t id;
     char lease_subject[64];
     int64_t route_timeout_ms, route_tries;
+    kvr_route_target route_target; /* kvr.route.leader first (route_msg.h) */
     uint32_t block_size;
     int max_fallbacks;
     size_t max_body;
@@ -105,7 +106,8 @@ typedef struct xs {
     char url[FE_URL_MAX];
     char pick[FE_URL_MAX]; /* ip:port */
     int64_t t_start_ns, t_body_ns;
-    int64_t t_route_ns; /* the last kvr.route request went out */
+    int64_t t_route_ns;        /* the last kvr.route request went out */
+    const char *route_subject; /* of that request (a static string) */
 } xs;
 
 enum { XS_COLLECT = 0, XS_DECIDING, XS_PASS, XS_DONE };

@@ -59,7 +59,7 @@ int main(int argc, char **argv)
             route_timeout = 200, route_tries = 3, max_body = 4 << 20, max_fallbacks = 2,
             max_pending = 1024;
     uint64_t id = 1;
-    bool secure = true;
+    bool secure = true, route_leader_first = true;
     kvr_flag flags[] = {
         {"grpc-port", KVR_FLAG_INT, &grpc_port, "ext_proc gRPC port (0: any)", 0},
         {"grpc-health-port", KVR_FLAG_INT, &health_port, "gRPC health port (-1: off)", 0},
@@ -83,6 +83,10 @@ int main(int argc, char **argv)
         {"block-size", KVR_FLAG_INT, &block_size, "tokens per KV block (when no worker says)", 0},
         {"route-timeout", KVR_FLAG_DURATION, &route_timeout, "per-try kvr.route timeout", 0},
         {"route-tries", KVR_FLAG_INT, &route_tries, "kvr.route tries before local fallback", 0},
+        {"route-leader-first", KVR_FLAG_BOOL, &route_leader_first,
+         "ask the Raft leader (kvr.route.leader) on a pick's first try, any router after "
+         "(default true; --no-route-leader-first)",
+         0},
         {"max-body", KVR_FLAG_SIZE, &max_body, "request body limit (default 4MiB)", 0},
         {"max-fallbacks", KVR_FLAG_INT, &max_fallbacks,
          "next least-loaded live workers listed after the pick (0-8)", 0},
@@ -136,6 +140,7 @@ int main(int argc, char **argv)
     E.id = id;
     E.route_timeout_ms = route_timeout;
     E.route_tries = route_tries;
+    E.route_target.leader_first = route_leader_first;
     E.max_body = (size_t)max_body;
     E.max_fallbacks = (int)max_fallbacks;
     E.max_pending_picks = (uint32_t)max_pending;

@@ -51,6 +51,7 @@ typedef struct fe_app {
     uint32_t block_size;
     int64_t route_timeout_ms;
     int64_t route_tries;
+    kvr_route_target route_target; /* kvr.route.leader first (route_msg.h) */
     uint64_t boot_ms;
     uint64_t next_req;
     char lease_subject[64];
@@ -110,6 +111,7 @@ typedef struct fe_call {
     int route;      /* R_* */
     /* routing */
     int tries;
+    const char *route_subject; /* of the try in flight (a static string) */
     bool route_pending;
     bool booked; /* a router booked it, or may have: send events */
     int64_t t_start_ns, t_route_ns, t_first_ns;

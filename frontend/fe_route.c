@@ -61,6 +61,12 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
         send_route(c);
         return;
     }
+    if (status == KVR_NATS_NO_RESPONDERS &&
+        kvr_route_target_no_responders(&app.route_target, c->route_subject, kvr_mono_ms())) {
+        c->tries--; /* no leader answers right now: any router, at once, as the same try */
+        send_route(c);
+        return;
+    }
     kvr_metric_observe(app.m_route_lat, 0, (double)(kvr_mono_ns() - c->t_route_ns) / 1e9);
     if (status != 0 && status != KVR_NATS_NO_RESPONDERS) {
         /* A try that timed out may still be applied later by a slow router (or be committed
@@ -149,10 +155,11 @@ void send_route(fe_call *c)
     free(hs);
     c->tries++;
     c->t_try_ns = kvr_mono_ns();
+    c->route_subject = kvr_route_target_subject(&app.route_target, c->tries, kvr_mono_ms());
     kvr_metric_inc(app.m_route_tries);
     if (!rc)
-        rc = kvr_nats_request(&app.nats, "kvr.route", b.base, b.len, (uint32_t)app.route_timeout_ms,
-                              on_route_reply, c);
+        rc = kvr_nats_request(&app.nats, c->route_subject, b.base, b.len,
+                              (uint32_t)app.route_timeout_ms, on_route_reply, c);
     kvr_buf_free(&b);
     if (rc) {
         use_local_choice(c, FB_DISCONNECTED);

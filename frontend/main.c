@@ -135,6 +135,7 @@ int main(int argc, char **argv)
     int64_t upstream_stall = 10000, drain_timeout = 30000, max_body = 4 << 20;
     const char *worker_cidr = "private", *tok_fallback = "none", *forward = "tokens";
     bool trust_tmpl = false;
+    bool route_leader_first = true;
     const char *catalogue = NULL, *proxy_key_file = NULL;
     int64_t max_held = 1024, max_held_bytes = 64 << 20, wake_timeout = 300000,
             hold_keepalive = 10000;
@@ -150,6 +151,10 @@ int main(int argc, char **argv)
         {"block-size", KVR_FLAG_INT, &block_size, "tokens per KV block for seq hashes", 0},
         {"route-timeout", KVR_FLAG_DURATION, &route_timeout, "per-try kvr.route timeout", 0},
         {"route-tries", KVR_FLAG_INT, &route_tries, "kvr.route tries before local fallback", 0},
+        {"route-leader-first", KVR_FLAG_BOOL, &route_leader_first,
+         "ask the Raft leader (kvr.route.leader) on a call's first try, any router after "
+         "(default true; --no-route-leader-first)",
+         0},
         {"max-body", KVR_FLAG_SIZE, &max_body,
          "request body limit (default 4MiB; a 128Ki-token prompt needs well under 2MiB)", 0},
         {"max-connections", KVR_FLAG_INT, &max_conns, "client connection limit", 0},
@@ -292,6 +297,7 @@ int main(int argc, char **argv)
     app.block_size = (uint32_t)block_size;
     app.route_timeout_ms = route_timeout;
     app.route_tries = route_tries;
+    app.route_target.leader_first = route_leader_first;
     app.boot_ms = (uint64_t)kvr_now_ms();
     app.tok = kvr_tok_byte();
     (void)kvr_lease_subject(app.lease_subject, sizeof app.lease_subject, id); /* 64 bytes fit */

@@ -363,3 +363,18 @@ int kvr_route_event_decode(const void *data, size_t len, kvr_route_event *o, kvr
         return kvr_err_set(err, KVR_EINVAL, "route event lacks request_id or event");
     return finish(&r, "route event", err);
 }
+
+const char *kvr_route_target_subject(const kvr_route_target *t, int try_no, int64_t now_ms)
+{
+    if (t->leader_first && try_no <= 1 && now_ms >= t->skip_leader_until_ms)
+        return KVR_ROUTE_LEADER_SUBJECT;
+    return KVR_ROUTE_SUBJECT;
+}
+
+bool kvr_route_target_no_responders(kvr_route_target *t, const char *subject, int64_t now_ms)
+{
+    if (subject == NULL || strcmp(subject, KVR_ROUTE_LEADER_SUBJECT) != 0)
+        return false;
+    t->skip_leader_until_ms = now_ms + KVR_ROUTE_LEADER_SKIP_MS;
+    return true;
+}

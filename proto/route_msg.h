@@ -28,6 +28,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Route requests: any router answers KVR_ROUTE_SUBJECT (queue group); only the Raft leader
+ * answers KVR_ROUTE_LEADER_SUBJECT, where clients ask first (DESIGN.md 4). */
+#define KVR_ROUTE_SUBJECT "kvr.route"
+#define KVR_ROUTE_LEADER_SUBJECT "kvr.route.leader"
 #define KVR_ROUTE_ID_LEN 16
 #define KVR_ROUTE_NAME_MAX 128  /* model, namespace and role, in bytes */
 #define KVR_ROUTE_URL_MAX 256   /* a worker URL in a reply */
@@ -116,5 +120,24 @@ int kvr_route_event_decode(const void *data, size_t len, kvr_route_event *out, k
 
 /* "prefill_done" / "free"; NULL for anything else. */
 const char *kvr_route_event_name(kvr_route_event_type t);
+
+/* Where a client sends a route request (DESIGN.md 4): a call's first try to the Raft leader's
+ * subject, later tries (after a timeout) to any router. No responders on the leader subject
+ * (an election, a leader not ready yet, routers in local mode) sends that try to kvr.route at
+ * once and keeps the client off the leader subject for KVR_ROUTE_LEADER_SKIP_MS. One per
+ * client process; caller-owned; not thread-safe (one loop thread). */
+#define KVR_ROUTE_LEADER_SKIP_MS 500
+typedef struct kvr_route_target {
+    bool leader_first;            /* false: always kvr.route (the pre-leader-subject path) */
+    int64_t skip_leader_until_ms; /* monotonic */
+} kvr_route_target;
+
+/* The subject for try number try_no (1 = a call's first) at monotonic time now_ms. */
+const char *kvr_route_target_subject(const kvr_route_target *t, int try_no, int64_t now_ms);
+
+/* A try sent to subject got "no responders": true when subject was the leader's (then the
+ * caller asks again at once on kvr.route without counting a try), false when nobody answers
+ * kvr.route either. */
+bool kvr_route_target_no_responders(kvr_route_target *t, const char *subject, int64_t now_ms);
 
 #endif

@@ -321,6 +321,7 @@ void rd_check_ready(kvr_routerd *rd)
     if (!rd->groups_left && kvr_nats_subscribe(&rd->nats, "kvr.route", "kvr-routers", rd_on_route_nats,
                                                rd, &rd->sub_route, &err) != 0)
         KVR_LOG_ERROR("subscribing to kvr.route", "error=\"%s\"", err.msg);
+    rd_leader_route_update(rd);
     double secs = (double)(kvr_mono_ms() - rd->start_ms) / 1000.0;
     kvr_metric_set(rd->m_ready_s, 0, secs);
     kvr_index_stats st;

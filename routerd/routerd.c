@@ -354,6 +354,7 @@ void kvr_routerd_stop(kvr_routerd *rd, void (*done_cb)(void *), void *data)
     if (rd->stopping)
         return;
     rd->stopping = true;
+    rd_leader_route_update(rd); /* clients go to kvr.route (any router) from now on */
     rd->done_cb = done_cb;
     rd->done_data = data;
     KVR_LOG_INFO("stopping: final snapshot", "stream_seq=%" PRIu64, kvr_index_stream_seq(rd->idx));

@@ -165,6 +165,8 @@ struct kvr_routerd {
      * degraded the plain kvr.route.event subscription that replaces the latter
      * (follow_quorum, bookings_raft.c) */
     kvr_nats_sub *sub_route, *sub_event, *sub_event_all;
+    kvr_nats_sub *sub_route_leader; /* kvr.route.leader while this router is the Raft leader */
+    bool raft_leader;               /* kvr_sync's leader_cb: this router leads the group */
     bool groups_left;
     /* kvr_mono_ms() when another router last said it is in the kvr.route queue group with a
      * Raft leader (kvr.routers.quorum), 0: never */
@@ -261,6 +263,9 @@ void rd_on_route_nats(const kvr_nats_msg *m, void *data);
 void rd_on_route_event(const kvr_nats_msg *m, void *data);
 void rd_on_route_event_all(const kvr_nats_msg *m, void *data);
 void rd_relay_route_event(kvr_routerd *rd, const ev_ctx *e);
+/* Subscribes to or leaves kvr.route.leader (DESIGN.md 4) as this router's state asks: the
+ * Raft leader, ready, in the routers' queue groups. Idempotent; loop thread. */
+void rd_leader_route_update(kvr_routerd *rd);
 bool rd_peer_has_quorum(const kvr_routerd *rd, int64_t now);
 void rd_respond_json(kvr_http_req *req, int status, kvr_buf *b);
 void rd_respond_error(kvr_http_req *req, int status, const char *msg);

@@ -304,6 +304,13 @@ static void on_tick(uv_timer_t *t)
         kvr_lease_set_leader(&s->leases, is_leader, now);
         kvr_live_set_leader(&s->live, is_leader, now);
     }
+    /* its own flag: was_leader may also flip in kvr_sync_frontend_seen, a call into this
+     * module where calling back out would re-enter the caller */
+    if (is_leader != s->leader_told) {
+        s->leader_told = is_leader;
+        if (s->o.leader_cb)
+            s->o.leader_cb(s->o.leader_data, is_leader);
+    }
     if (leader != s->last_leader) {
         if (leader)
             s->m.elections++;

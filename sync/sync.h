@@ -125,6 +125,11 @@ typedef struct kvr_sync_options {
      * kvr_routerd_raft_hop_seconds{hop}); NULL: not measured. Called on the loop thread. */
     void (*hop_cb)(void *data, int hop, double seconds);
     void *hop_data;
+    /* Called on the loop thread when this node becomes the Raft leader (true) or stops being
+     * it (false), noticed within one sync tick (10 ms). kvr-routerd answers the leader's own
+     * route subject while true (DESIGN.md 4). NULL: not called. */
+    void (*leader_cb)(void *data, bool leader);
+    void *leader_data;
 } kvr_sync_options;
 
 /* The hops hop_cb reports. On the leader, per command: QUEUE from arrival (its own or

@@ -122,6 +122,7 @@ struct kvr_sync {
     kvr_lease_tracker leases; /* the leader's frontend-lease policy (lease.h) */
     kvr_live_tracker live;    /* the leader's worker-liveness policy (liveness.h) */
     bool was_leader;
+    bool leader_told; /* what leader_cb was last told */
     bool degraded;
     bool io_transfer; /* a leadership transfer after a failed log write is running */
     kvr_consensus_transfer io_treq;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench_raft_smoke: `kvr-bench raft` (process mode) for ~3 s per phase with small numbers:
 # a 3-router Raft group, a 1-router local-mode cluster and 3 best-effort routers (all through
-# kvrctl), then checks the JSON: fields present, decisions > 0, nothing failed, every router
+# kvrctl), then checks the JSON: fields present, decisions > 0, nothing failed, the Raft
+# leader alone decided (asked on kvr.route.leader) and every local / best-effort router
 # decided, digests equal (Raft, local), no booking left, stale decisions found and counted in
 # best-effort mode, and no process of any cluster left running. Bad command lines exit 2.
 source "$(dirname "$0")/../lib/testenv.sh"
@@ -111,7 +112,13 @@ for name, n in (("raft", 3), ("local", 1), ("best_effort", 3)):
     total = sum(r["decisions"]["raft"] + r["decisions"]["local"] for r in p["per_router"])
     need(total == p["answered"], "%s: routers' metric deltas (%d) == answers (%d)" % (name, total, p["answered"]))
     for r in p["per_router"]:
-        need(r["decisions"]["raft"] + r["decisions"]["local"] > 0, "%s: router %d decided" % (name, r["id"]))
+        d = r["decisions"]["raft"] + r["decisions"]["local"]
+        if name == "raft":  # asked on kvr.route.leader first, as frontends do: the leader decides
+            need(p["leader_first"] is True and p["leader_fallbacks"] == 0, "raft: leader first")
+            need((d > 0) == (r["role"] == "leader"),
+                 "raft: router %d (%s) decided %d: only the leader should" % (r["id"], r["role"], d))
+        else:
+            need(d > 0, "%s: router %d decided" % (name, r["id"]))
         need(r["client_answers"] == r["decisions"]["raft"] + r["decisions"]["local"],
              "%s: router %d client count matches its metrics" % (name, r["id"]))
 need(j["raft"]["answers_by_mode"]["raft"] > 0, "raft answers in raft mode")

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# routerd_leader_subject: kvr.route.leader (DESIGN.md 4). Three routers in Raft, two workers,
+# two frontends (one asking the leader first, the default; one with --no-route-leader-first).
+#  1. only the leader answers kvr.route.leader: the default frontend's requests are all
+#     decided by the router that leads (followers decide none), with no fallback;
+#  2. --no-route-leader-first spreads over the queue group kvr.route (followers decide some);
+#  3. the leader SIGKILLed: requests keep being answered by a router (no local fallback once a
+#     new leader is elected), and the new leader alone answers the leader subject;
+#  4. a follower never subscribes to kvr.route.leader (/v1/state raft.leader_subject).
+source "$(dirname "$0")/../lib/testenv.sh"
+source "$(dirname "$0")/rd_lib.sh"
+kvr_test_init routerd_leader_subject
+kvr_need_bins kvr-routerd kvr-worker kvr-frontend
+kvr_start_nats
+read -r A1 A2 A3 <<<"$(rd_raft_ports 3)"
+[ -n "$A3" ] || kvr_fail "no free raft ports"
+PEERS="1@$A1,2@$A2,3@$A3"
+declare -A HP RA
+RA[1]=$A1; RA[2]=$A2; RA[3]=$A3
+used=" ${A1##*:} $((${A1##*:} + 1)) ${A2##*:} $((${A2##*:} + 1)) ${A3##*:} $((${A3##*:} + 1)) "
+port() { # a free port not handed out yet (the raft ports' +1 is each router's forward port)
+    local p
+    while :; do
+        p=$(kvr_free_port)
+        case "$used" in *" $p "*) continue ;; esac
+        used="$used$p "
+        echo "$p"
+        return
+    done
+}
+rd_secret "$KVR_TMP/secret"
+for i in 1 2 3; do
+    HP[$i]=$(port)
+    rd_start "r$i" "$i" "${HP[$i]}" "$KVR_TMP/r$i" --raft-addr "${RA[$i]}" --peers "$PEERS" \
+        --cluster-secret-file "$KVR_TMP/secret" --namespace default
+done
+for w in 1 2; do
+    wp=$(port)
+    kvr_spawn "w$w" "$KVR_BIN/kvr-worker" --listen "127.0.0.1:$wp" --nats "$NATS_URL" \
+        --namespace default --model m1 --id "$w" --speedup 50
+done
+for i in 1 2 3; do kvr_wait_http "http://127.0.0.1:${HP[$i]}/ready" 30; done
+L=$(rd_common_leader "${HP[1]}" "${HP[2]}" "${HP[3]}")
+[ -n "$L" ] || kvr_fail "no Raft leader"
+for i in 1 2 3; do rd_wait_workers_up "${HP[$i]}" 2 20 || kvr_fail "router $i: workers not up"; done
+subj() { rd_q "${HP[$1]}" .raft.leader_subject; }
+leader_answers() { [ "$(subj "$1")" = true ]; }
+kvr_wait_for 5 leader_answers "$L" || kvr_fail "leader $L does not answer kvr.route.leader"
+
+F1P=$(port)
+F2P=$(port)
+kvr_spawn fe1 "$KVR_BIN/kvr-frontend" --listen "127.0.0.1:$F1P" --nats "$NATS_URL" --id 5 \
+    --router-mode kv --route-timeout 500ms --route-tries 3
+kvr_spawn fe2 "$KVR_BIN/kvr-frontend" --listen "127.0.0.1:$F2P" --nats "$NATS_URL" --id 6 \
+    --router-mode kv --route-timeout 500ms --route-tries 3 --no-route-leader-first
+for f in $F1P $F2P; do kvr_wait_http "http://127.0.0.1:$f/health" 10; done
+fworkers() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^kvr_frontend_live_workers / {exit !($2==2)}'; }
+for f in $F1P $F2P; do kvr_wait_for 10 fworkers "$f" || kvr_fail "frontend $f never saw both workers"; done
+decided() { # router: its route decisions (all modes)
+    curl -s --max-time 2 "http://127.0.0.1:${HP[$1]}/metrics" |
+        awk 'index($1, "kvr_routerd_route_decisions_total") == 1 {s += $2} END {printf "%d\n", s}'
+}
+fallbacks() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^kvr_frontend_route_fallback_total/ {s+=$2} END {printf "%d\n", s}'; }
+send() { # frontend-port n tag
+    local k r
+    for ((k = 0; k < $2; k++)); do
+        r=$(curl -s --max-time 10 -d "{\"model\":\"m1\",\"prompt\":\"$3 $k\",\"max_tokens\":2}" \
+            "http://127.0.0.1:$1/v1/completions")
+        [ "$(jq -r .usage.completion_tokens <<<"$r")" = 2 ] || kvr_fail "$3 request $k: $r"
+    done
+}
+
+# 1. the default frontend: every decision on the leader
+declare -A D0
+for i in 1 2 3; do D0[$i]=$(decided $i); done
+send "$F1P" 12 leader-first
+for i in 1 2 3; do
+    d=$(($(decided $i) - ${D0[$i]}))
+    if [ "$i" = "$L" ]; then
+        kvr_assert_eq "$d" 12 "decisions on the leader (router $i)"
+    else
+        kvr_assert_eq "$d" 0 "decisions on follower $i"
+        kvr_assert_eq "$(subj $i)" false "follower $i answers kvr.route.leader"
+    fi
+done
+kvr_assert_eq "$(fallbacks "$F1P")" 0 "local fallbacks (leader first)"
+kvr_log "ok: leader first: the leader (router $L) decided all 12"
+
+# 2. --no-route-leader-first: the queue group spreads them
+for i in 1 2 3; do D0[$i]=$(decided $i); done
+send "$F2P" 24 any-router
+fol=0
+for i in 1 2 3; do [ "$i" = "$L" ] || fol=$((fol + $(decided $i) - ${D0[$i]})); done
+((fol > 0)) || kvr_fail "no follower decided any of 24 requests sent to kvr.route"
+kvr_log "ok: any router: followers decided $fol of 24"
+
+# 3. the leader dies: a new one takes the leader subject; requests keep being routed
+kvr_kill9 "r$L"
+left=()
+for i in 1 2 3; do [ "$i" = "$L" ] || left+=("$i"); done
+new_leader() { # both survivors name the same leader, not the dead one
+    L2=$(rd_q "${HP[${left[0]}]}" .raft.leader)
+    [ -n "$L2" ] && [ "$L2" != 0 ] && [ "$L2" != null ] && [ "$L2" != "$L" ] &&
+        [ "$(rd_q "${HP[${left[1]}]}" .raft.leader)" = "$L2" ]
+}
+kvr_wait_for 15 new_leader || kvr_fail "no new leader after killing $L (got '$L2')"
+kvr_wait_for 5 leader_answers "$L2" || kvr_fail "new leader $L2 does not answer kvr.route.leader"
+fb0=$(fallbacks "$F1P")
+for i in "${left[@]}"; do D0[$i]=$(decided $i); done
+send "$F1P" 12 after-failover
+kvr_assert_eq "$(fallbacks "$F1P")" "$fb0" "local fallbacks after the new leader"
+for i in "${left[@]}"; do
+    d=$(($(decided $i) - ${D0[$i]}))
+    if [ "$i" = "$L2" ]; then kvr_assert_eq "$d" 12 "decisions on the new leader $i"
+    else kvr_assert_eq "$d" 0 "decisions on follower $i after failover"; fi
+done
+kvr_log "ok: leader $L killed, router $L2 leads and answers kvr.route.leader"
+kvr_pass
