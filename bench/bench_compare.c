@@ -30,17 +30,20 @@ static void cmp_on_signal(int sig)
 
 /* agg and disagg (issue 15): one router, the same workers all role both, or half prefill and
  * half decode (kvrctl --prefill-workers/--decode-workers): the disaggregation trade.
+ * disagg-len: the conditional rule on prompt length alone (no prefill queue limit, as llm-d's
+ * PrefixBasedPDDecider): under bursty arrivals the default queue limit (2) keeps most long
+ * prompts of a burst on the decode workers, which brings prefill interference back there.
  * disagg-always: the same disaggregated cluster with routers that never keep a prefill on the
  * decode worker (--max-local-prefill 0 and no prefill queue limit), as current Dynamo does:
  * the conditional rule's gain on short prompts. */
-static const char *all_modes[] = {"kv3", "kv1", "round_robin", "haproxy", "agg", "disagg",
-                                  "disagg-always"};
-#define N_MODES 7
-enum { M_KV3, M_KV1, M_RR, M_HAPROXY, M_AGG, M_DISAGG, M_ALWAYS };
+static const char *all_modes[] = {"kv3",    "kv1",        "round_robin",  "haproxy",
+                                  "agg",    "disagg",     "disagg-len",   "disagg-always"};
+#define N_MODES 8
+enum { M_KV3, M_KV1, M_RR, M_HAPROXY, M_AGG, M_DISAGG, M_LEN, M_ALWAYS };
 
 static bool is_disagg(int m)
 {
-    return m == M_DISAGG || m == M_ALWAYS;
+    return m == M_DISAGG || m == M_LEN || m == M_ALWAYS;
 }
 
 /* What the workers' steps held and where the prefills ran, scraped after a replay of the agg
@@ -170,9 +173,10 @@ static void cmp_usage(FILE *out)
             "usage: kvr-bench compare --trace FILE --json OUT [options]\n"
             "  --workers N (default 8) --speedup X --duration S --max-requests N\n"
             "  --trace-block-size B --max-output N --max-input N --request-timeout S\n"
-            "  --modes kv3,kv1,round_robin,haproxy,agg,disagg,disagg-always (default: the\n"
-            "                   first four); disagg-always: routers with --max-local-prefill 0\n"
-            "                   --max-prefill-queue 1000000 (never a local prefill)\n"
+            "  --modes kv3,kv1,round_robin,haproxy,agg,disagg,disagg-len,disagg-always\n"
+            "                   (default: the first four); disagg-len: routers with\n"
+            "                   --max-prefill-queue 1000000 (local by prompt length only);\n"
+            "                   disagg-always: also --max-local-prefill 0 (never local)\n"
             "  --short-prompt N  agg/disagg modes: TTFT of the prompts of at most N tokens\n"
             "                   apart (default 1000, the routers' --max-local-prefill)\n"
             "  --dir D          where the clusters live (default: a new temp dir)\n"
@@ -354,8 +358,9 @@ int kvr_bench_compare(int argc, char **argv)
         const char *frontends = m == M_HAPROXY ? "0" : "1";
         snprintf(fa, sizeof fa, "%s%s", fargs, m == M_RR ? " --router-mode round-robin" : "");
         /* later flags win: the user's --router-args cannot undo always-disaggregate */
-        snprintf(ra, sizeof ra, "%s%s", rargs,
-                 m == M_ALWAYS ? " --max-local-prefill 0 --max-prefill-queue 1000000" : "");
+        snprintf(ra, sizeof ra, "%s%s%s", rargs,
+                 m == M_LEN || m == M_ALWAYS ? " --max-prefill-queue 1000000" : "",
+                 m == M_ALWAYS ? " --max-local-prefill 0" : "");
         /* disagg: the same number of workers, half prefill (at least 1), the rest decode */
         char wpre[16], wdec[16];
         int npre = workers / 2 > 0 ? workers / 2 : 1;
@@ -487,10 +492,16 @@ int kvr_bench_compare(int argc, char **argv)
                results[M_DISAGG].itl_p99, results[M_AGG].itl_p99,
                results[M_AGG].itl_p99 > 0 ? results[M_DISAGG].itl_p99 / results[M_AGG].itl_p99 : 0,
                results[M_DISAGG].ttft_p50, results[M_AGG].ttft_p50);
-    if (have[M_DISAGG] && have[M_ALWAYS])
-        printf("conditional vs always-disaggregate, prompts <= %u tokens: TTFT p50 %.1f vs %.1f "
-               "ms\n",
-               short_tokens, dgs[M_DISAGG].short_ttft_p50, dgs[M_ALWAYS].short_ttft_p50);
+    if (have[M_AGG] && have[M_LEN])
+        printf("disagg-len vs agg: ITL p99 %.1f vs %.1f ms (%.2fx), TTFT p50 %.1f vs %.1f ms\n",
+               results[M_LEN].itl_p99, results[M_AGG].itl_p99,
+               results[M_AGG].itl_p99 > 0 ? results[M_LEN].itl_p99 / results[M_AGG].itl_p99 : 0,
+               results[M_LEN].ttft_p50, results[M_AGG].ttft_p50);
+    for (int m = M_DISAGG; m <= M_LEN; m++)
+        if (have[m] && have[M_ALWAYS])
+            printf("%s (conditional) vs always-disaggregate, prompts <= %u tokens: TTFT p50 %.1f "
+                   "vs %.1f ms\n",
+                   all_modes[m], short_tokens, dgs[m].short_ttft_p50, dgs[M_ALWAYS].short_ttft_p50);
     if (have[0] && have[2] && results[0].have_hit_rate && results[2].have_hit_rate &&
         results[2].prefix_hit_rate > 0 && results[2].ttft_p50 > 0)
         printf("kv3 vs round_robin: hit rate %.2fx, TTFT p50 %.2fx\n",
