@@ -16,6 +16,8 @@
 #    each prefill worker's kvr_worker_prompt_tokens_total must be P x its
 #    kvr_worker_requests_total (the killed one's read just before the kill; a short chat there
 #    would make the sum smaller).
+# Before that, one long completion checks that the prefill worker's booking ends with the
+# prefill leg (the frontend's PREFILL_DONE), while the decoder still pulls.
 # DISAGG_OPENAI_MAX_LOCAL (default 200) sets the routers' --max-local-prefill: with 0 every
 # chat is disaggregated and the short-stay check must fail (that is how the test was checked).
 source "$(dirname "$0")/../lib/testenv.sh"
@@ -77,6 +79,36 @@ scrape() { curl -s --max-time 2 "http://127.0.0.1:${WPORT[$1]}/metrics" >"$2"; }
 fm() { curl -s "$F/metrics" | awk -v k="$1" '$1==k {s+=$2} END {printf "%d\n", s}'; }
 paths() { echo "remote=$(fm 'kvr_frontend_disagg_requests_total{path="remote"}') local=$(fm 'kvr_frontend_disagg_requests_total{path="local"}') fallback=$(fm 'kvr_frontend_disagg_requests_total{path="fallback"}')"; }
 
+# The prefill worker's booking ends with its leg (kvr-frontend publishes PREFILL_DONE then),
+# not at the decode leg's first token: while a decoder still pulls a long prompt's blocks
+# (~1700 tokens: ~1.7 s at 4 MB/s), no prefill worker is booked any more.
+PROBE=""
+for k in $(seq 1 300); do PROBE+="probe$k "; done
+curl -s --max-time 30 -H 'Authorization: Bearer node-key' "$F/v1/completions" \
+    -d "{\"model\":\"m1\",\"prompt\":\"$PROBE\",\"max_tokens\":4,\"stream\":true}" >"$KVR_TMP/probe.out" &
+probe_pid=$!
+pulling() {
+    local d
+    for d in 3 4; do
+        scrape $d "$KVR_TMP/p$d.metrics" && (( $(mval "$KVR_TMP/p$d.metrics" kvr_worker_waiting_seqs) > 0 )) && return 0
+    done
+    return 1
+}
+prefill_booked() { rd_state "${RPORT[1]}" | jq '[.workers[] | select(.role == "prefill") | .bookings] | add'; }
+no_prefill_booking() { [ "$(prefill_booked)" = 0 ]; }
+kvr_wait_for 10 pulling || kvr_fail "the probe's blocks were never pulled: $(cat "$KVR_TMP/probe.out")"
+kvr_wait_for 1 no_prefill_booking || kvr_fail "a prefill worker is still booked during the pull: $(prefill_booked)"
+pulling || kvr_fail "probe: the pull ended before the check (too fast to tell)"
+wait "$probe_pid"
+grep -q "^data: \[DONE\]" "$KVR_TMP/probe.out" || kvr_fail "probe stream incomplete"
+# the prefill workers' counters from here on count the chats only
+declare -A REQ0 PROMPT0
+for w in 1 2; do
+    scrape $w "$KVR_TMP/b$w.metrics" || kvr_fail "prefill worker $w metrics"
+    REQ0[$w]=$(mval "$KVR_TMP/b$w.metrics" kvr_worker_requests_total)
+    PROMPT0[$w]=$(mval "$KVR_TMP/b$w.metrics" kvr_worker_prompt_tokens_total)
+done
+
 (cd "$HERE" && NODE_PATH="$NODE_DIR/node_modules" BASE="$F/v1" KEY=node-key MODEL=m1 \
     LONG_N=$LONG_N SHORT_N=$SHORT_N MAX_TOKENS=$MAX_TOKENS SPREAD_MS=5000 LONG_WORDS=160 \
     timeout 120 node "$HERE/openai_disagg.js" >"$KVR_TMP/node.out" 2>"$KVR_TMP/node.err") &
@@ -101,8 +133,8 @@ kvr_wait_for 30 busy ||
 K=$(cat "$KVR_TMP/victim")
 L=$((3 - K))
 kvr_kill9 "worker$K"
-k_req=$(mval "$KVR_TMP/w$K.metrics" kvr_worker_requests_total)
-k_prompt=$(mval "$KVR_TMP/w$K.metrics" kvr_worker_prompt_tokens_total)
+k_req=$(( $(mval "$KVR_TMP/w$K.metrics" kvr_worker_requests_total) - REQ0[$K] ))
+k_prompt=$(( $(mval "$KVR_TMP/w$K.metrics" kvr_worker_prompt_tokens_total) - PROMPT0[$K] ))
 kvr_log "prefill worker $K killed: requests=$k_req prompt_tokens=$k_prompt holds=$(mval "$KVR_TMP/w$K.metrics" kvr_worker_kv_holds) running=$(mval "$KVR_TMP/w$K.metrics" kvr_worker_running_seqs)"
 
 wait "$node_pid" || kvr_fail "node client failed: $(cat "$KVR_TMP/node.err" "$KVR_TMP/node.out")"
@@ -117,8 +149,8 @@ S=$(jq -r '.short_prompt_tokens[0]' <<<"$out")
 (( P > MAX_LOCAL && S < P )) || kvr_fail "prompt lengths: long $P short $S"
 
 scrape $L "$KVR_TMP/w$L.metrics" || kvr_fail "prefill worker $L gone"
-l_req=$(mval "$KVR_TMP/w$L.metrics" kvr_worker_requests_total)
-l_prompt=$(mval "$KVR_TMP/w$L.metrics" kvr_worker_prompt_tokens_total)
+l_req=$(( $(mval "$KVR_TMP/w$L.metrics" kvr_worker_requests_total) - REQ0[$L] ))
+l_prompt=$(( $(mval "$KVR_TMP/w$L.metrics" kvr_worker_prompt_tokens_total) - PROMPT0[$L] ))
 pulls=""
 for d in 3 4; do
     scrape $d "$KVR_TMP/w$d.metrics"
