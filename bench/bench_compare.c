@@ -177,6 +177,8 @@ static void cmp_usage(FILE *out)
             "                   (default: the first four); disagg-len: routers with\n"
             "                   --max-prefill-queue 1000000 (local by prompt length only);\n"
             "                   disagg-always: also --max-local-prefill 0 (never local)\n"
+            "  --prefill-workers N  disagg modes: N of the --workers are prefill workers, the\n"
+            "                   rest decode (default: half, at least 1)\n"
             "  --short-prompt N  agg/disagg modes: TTFT of the prompts of at most N tokens\n"
             "                   apart (default 1000, the routers' --max-local-prefill)\n"
             "  --dir D          where the clusters live (default: a new temp dir)\n"
@@ -238,6 +240,7 @@ int kvr_bench_compare(int argc, char **argv)
     char modes_buf[256] = "kv3,kv1,round_robin,haproxy";
     int workers = 8;
     unsigned short_tokens = 1000;
+    int prefill_workers = 0; /* 0: half */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -257,6 +260,15 @@ int kvr_bench_compare(int argc, char **argv)
                 return 2;
             }
             workers = (int)w;
+            i++;
+        } else if (strcmp(a, "--prefill-workers") == 0 && v) {
+            char *end;
+            long p = strtol(v, &end, 10);
+            if (*end || p < 1 || p > 255) {
+                fprintf(stderr, "kvr-bench compare: --prefill-workers wants 1..255\n");
+                return 2;
+            }
+            prefill_workers = (int)p;
             i++;
         } else if (strcmp(a, "--short-prompt") == 0 && v) {
             char *end;
@@ -298,6 +310,10 @@ int kvr_bench_compare(int argc, char **argv)
             cmp_usage(stderr);
             return 2;
         }
+    }
+    if (prefill_workers >= workers) {
+        fprintf(stderr, "kvr-bench compare: --prefill-workers must leave a decode worker\n");
+        return 2;
     }
     if (!base.trace_path || !json_out) {
         fprintf(stderr, "kvr-bench compare: --trace and --json are required\n");
@@ -363,7 +379,7 @@ int kvr_bench_compare(int argc, char **argv)
                  m == M_ALWAYS ? " --max-local-prefill 0" : "");
         /* disagg: the same number of workers, half prefill (at least 1), the rest decode */
         char wpre[16], wdec[16];
-        int npre = workers / 2 > 0 ? workers / 2 : 1;
+        int npre = prefill_workers ? prefill_workers : workers / 2 > 0 ? workers / 2 : 1;
         snprintf(wpre, sizeof wpre, "%d", npre);
         snprintf(wdec, sizeof wdec, "%d", workers - npre > 0 ? workers - npre : 1);
         char *up[RUN_MAX_ARGS + 1] = {"up", "--dir", cdir, "--routers", (char *)routers,
@@ -581,9 +597,10 @@ int kvr_bench_compare(int argc, char **argv)
             first = false;
         }
         fputc('}', f);
-        fprintf(f, ",\"config\":{\"workers\":%d,\"worker_speedup\":%g,\"speedup\":%g,\"duration_s\":%g,\"max_requests\":%ld,"
+        fprintf(f, ",\"config\":{\"prefill_workers\":%d,\"workers\":%d,\"worker_speedup\":%g,\"speedup\":%g,\"duration_s\":%g,\"max_requests\":%ld,"
                    "\"trace_block_size\":%u,\"max_output\":%ld}",
-                workers, worker_speedup > 0 ? worker_speedup : base.speedup, base.speedup, base.duration_s, base.max_requests, base.trace_block_size,
+                prefill_workers ? prefill_workers : workers / 2 > 0 ? workers / 2 : 1, workers,
+                worker_speedup > 0 ? worker_speedup : base.speedup, base.speedup, base.duration_s, base.max_requests, base.trace_block_size,
                 base.max_output);
         if (have_ceiling) {
             fprintf(f, ",\"pooled_ceiling_hit_rate\":%.6f,\"infinite_hit_rate\":%.6f,"
