@@ -36,8 +36,8 @@ static void cmp_on_signal(int sig)
  * disagg-always: the same disaggregated cluster with routers that never keep a prefill on the
  * decode worker (--max-local-prefill 0 and no prefill queue limit), as current Dynamo does:
  * the conditional rule's gain on short prompts. */
-static const char *all_modes[] = {"kv3",    "kv1",        "round_robin",  "haproxy",
-                                  "agg",    "disagg",     "disagg-len",   "disagg-always"};
+static const char *all_modes[] = {"kv3", "kv1",    "round_robin", "haproxy",
+                                  "agg", "disagg", "disagg-len",  "disagg-always"};
 #define N_MODES 8
 enum { M_KV3, M_KV1, M_RR, M_HAPROXY, M_AGG, M_DISAGG, M_LEN, M_ALWAYS };
 
@@ -50,12 +50,12 @@ static bool is_disagg(int m)
  * and disagg modes (deltas are not needed: every mode starts on fresh processes). */
 typedef struct dg_stats {
     bool have;
-    double remote, local, fallback;             /* frontend: the path each request took */
+    double remote, local, fallback; /* frontend: the path each request took */
     double dec_prefill_tok, dec_steps_decode, dec_steps_mixed; /* decode (or both) workers */
-    double pre_prefill_tok;                      /* prefill workers */
-    double pulls_ok, pulls_empty, pulls_other;   /* decode workers: all but ok/empty recompute */
-    double xfer_s, xfer_n;                       /* successful pulls: seconds, count */
-    double short_ttft_p50, short_ttft_p99;       /* requests of at most short_tokens */
+    double pre_prefill_tok;                                    /* prefill workers */
+    double pulls_ok, pulls_empty, pulls_other; /* decode workers: all but ok/empty recompute */
+    double xfer_s, xfer_n;                     /* successful pulls: seconds, count */
+    double short_ttft_p50, short_ttft_p99;     /* requests of at most short_tokens */
     long n_short;
 } dg_stats;
 
@@ -383,9 +383,9 @@ int kvr_bench_compare(int argc, char **argv)
         snprintf(wpre, sizeof wpre, "%d", npre);
         snprintf(wdec, sizeof wdec, "%d", workers - npre > 0 ? workers - npre : 1);
         char *up[RUN_MAX_ARGS + 1] = {"up", "--dir", cdir, "--routers", (char *)routers,
-                                      "--workers", is_disagg(m) ? "0" : wstr, "--frontends", (char *)frontends,
-                                      "--speedup", speed, "--worker-args", (char *)wargs,
-                                      "--router-args", ra, "--frontend-args", fa};
+                                      "--workers", is_disagg(m) ? "0" : wstr, "--frontends",
+                                      (char *)frontends, "--speedup", speed, "--worker-args",
+                                      (char *)wargs, "--router-args", ra, "--frontend-args", fa};
         int nup = 17;
         if (m == M_HAPROXY)
             up[nup++] = "--haproxy";
@@ -583,26 +583,31 @@ int kvr_bench_compare(int argc, char **argv)
             if (!have[m])
                 continue;
             const dg_stats *d = &dgs[m];
-            fprintf(f, "%s\"%s\":{\"short_prompt_tokens\":%u,\"short_requests\":%ld,"
-                           "\"short_ttft_ms\":{\"p50\":%.3f,\"p99\":%.3f},"
-                           "\"paths\":{\"remote\":%.0f,\"local\":%.0f,\"fallback\":%.0f},"
-                           "\"decode_prefill_tokens\":%.0f,\"decode_steps\":%.0f,"
-                           "\"mixed_steps\":%.0f,\"prefill_worker_tokens\":%.0f,"
-                           "\"pulls\":{\"ok\":%.0f,\"empty\":%.0f,\"recomputed\":%.0f},"
-                           "\"transfer_mean_ms\":%.3f}",
-                        first ? "" : ",", all_modes[m], short_tokens, d->n_short, d->short_ttft_p50,
-                        d->short_ttft_p99, d->remote, d->local, d->fallback, d->dec_prefill_tok,
-                        d->dec_steps_decode + d->dec_steps_mixed, d->dec_steps_mixed,
-                        d->pre_prefill_tok, d->pulls_ok, d->pulls_empty, d->pulls_other,
-                        d->xfer_n > 0 ? 1000 * d->xfer_s / d->xfer_n : 0);
+            fprintf(f,
+                    "%s\"%s\":{\"short_prompt_tokens\":%u,\"short_requests\":%ld,"
+                    "\"short_ttft_ms\":{\"p50\":%.3f,\"p99\":%.3f},"
+                    "\"paths\":{\"remote\":%.0f,\"local\":%.0f,\"fallback\":%.0f},"
+                    "\"decode_prefill_tokens\":%.0f,\"decode_steps\":%.0f,"
+                    "\"mixed_steps\":%.0f,\"prefill_worker_tokens\":%.0f,"
+                    "\"pulls\":{\"ok\":%.0f,\"empty\":%.0f,\"recomputed\":%.0f},"
+                    "\"transfer_mean_ms\":%.3f}",
+                    first ? "" : ",", all_modes[m], short_tokens, d->n_short, d->short_ttft_p50,
+                    d->short_ttft_p99, d->remote, d->local, d->fallback, d->dec_prefill_tok,
+                    d->dec_steps_decode + d->dec_steps_mixed, d->dec_steps_mixed,
+                    d->pre_prefill_tok, d->pulls_ok, d->pulls_empty, d->pulls_other,
+                    d->xfer_n > 0 ? 1000 * d->xfer_s / d->xfer_n : 0);
             first = false;
         }
         fputc('}', f);
-        fprintf(f, ",\"config\":{\"prefill_workers\":%d,\"workers\":%d,\"worker_speedup\":%g,\"speedup\":%g,\"duration_s\":%g,\"max_requests\":%ld,"
-                   "\"trace_block_size\":%u,\"max_output\":%ld}",
-                prefill_workers ? prefill_workers : workers / 2 > 0 ? workers / 2 : 1, workers,
-                worker_speedup > 0 ? worker_speedup : base.speedup, base.speedup, base.duration_s, base.max_requests, base.trace_block_size,
-                base.max_output);
+        fprintf(f,
+                ",\"config\":{\"prefill_workers\":%d,\"workers\":%d,\"worker_speedup\":%g,"
+                "\"speedup\":%g,\"duration_s\":%g,\"max_requests\":%ld,"
+                "\"trace_block_size\":%u,\"max_output\":%ld}",
+                prefill_workers   ? prefill_workers
+                : workers / 2 > 0 ? workers / 2
+                                  : 1,
+                workers, worker_speedup > 0 ? worker_speedup : base.speedup, base.speedup,
+                base.duration_s, base.max_requests, base.trace_block_size, base.max_output);
         if (have_ceiling) {
             fprintf(f, ",\"pooled_ceiling_hit_rate\":%.6f,\"infinite_hit_rate\":%.6f,"
                        "\"pooled_capacity_blocks\":%llu,\"block_size\":%u,\"ceiling_share\":{",

@@ -567,9 +567,9 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
         uint8_t prid[KVR_REQUEST_ID_LEN];
         kvr_fsm_prefill_rid(rc->request_id, prid);
         double pcost = 0;
-        long pk = nq ? kvr_cost_choose(prid, rc->request_blocks, f->scratch, nq, &f->opts.cost,
-                                       &pcost)
-                     : -1;
+        long pk =
+            nq ? kvr_cost_choose(prid, rc->request_blocks, f->scratch, nq, &f->opts.cost, &pcost)
+               : -1;
         if (np == 0) {
             res->path = KVR_DISAGG_FALLBACK;
         } else if (pk >= 0 && uncached > rc->max_local_prefill &&

@@ -268,9 +268,9 @@ static int setup_metrics(worker *w)
     w->m_capacity = kvr_metrics_gauge(m, "kvr_worker_kv_blocks_capacity",
                                       "KV cache capacity in blocks", NULL, NULL);
     w->m_steps = kvr_metrics_counter(m, "kvr_worker_steps_total", "Engine steps", NULL, NULL);
-    w->m_prefill_tok = kvr_metrics_counter(m, "kvr_worker_prefill_tokens_total",
-                                           "Prompt tokens computed (not cached, not pulled)",
-                                           NULL, NULL);
+    w->m_prefill_tok =
+        kvr_metrics_counter(m, "kvr_worker_prefill_tokens_total",
+                            "Prompt tokens computed (not cached, not pulled)", NULL, NULL);
     static const char *const kinds[] = {"decode", "mixed", "prefill", NULL};
     w->m_step_kind = kvr_metrics_counter(
         m, "kvr_worker_steps_by_kind_total",
