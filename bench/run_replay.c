@@ -240,7 +240,11 @@ static int start_request(replay *rp, const kvr_trace *tr, size_t index, uint32_t
     /* Do not let curl wait for "100 Continue" on large prompts. */
     r->hdrs = curl_slist_append(r->hdrs, "Expect:");
 
-    run_sample s = {.sent_s = rr_now_s() - rp->t0, .ttft_ms = -1, .e2e_ms = -1, .fail_class = -1};
+    run_sample s = {.sent_s = rr_now_s() - rp->t0,
+                    .ttft_ms = -1,
+                    .e2e_ms = -1,
+                    .fail_class = -1,
+                    .prompt_tokens = (unsigned)n};
     run_result *res = rp->res;
     r->sample = res->n_samples;
     res->samples[res->n_samples++] = s;

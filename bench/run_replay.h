@@ -49,6 +49,7 @@ typedef struct run_sample {
     double ttft_ms; /* < 0 when no token arrived */
     double e2e_ms;
     int fail_class; /* -1 ok */
+    unsigned prompt_tokens; /* as sent (after --max-input) */
 } run_sample;
 
 typedef struct run_result {

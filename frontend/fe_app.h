@@ -157,6 +157,7 @@ typedef struct fe_call {
     /* disaggregation (fe_disagg.c): the prefill leg's state and worker */
     uint8_t dg_state;
     int64_t dg_t0_ns, dg_work_ns; /* prefill leg start; the frontend's own time on it */
+    bool prefill_done_sent; /* PREFILL_DONE published (once: prefill leg end or first token) */
     uint64_t prefill_worker_id;
     char prefill_url[FE_URL_MAX];
 } fe_call;
@@ -199,6 +200,9 @@ void respond_simple_error(kvr_http_req *req, int route, int status, const char *
                           const char *code, const char *msg);
 void worker_inflight(fe_call *c, int delta);
 void release_worker(fe_call *c);
+/* Publishes the request's PREFILL_DONE, once: at the end of a disaggregated request's prefill
+ * leg (the prefill worker's booking then ends with its compute), else at the first token. */
+void fe_call_prefill_done(fe_call *c);
 void finish_error(fe_call *c, int status, const char *type, const char *code, const char *msg);
 /* Frees c once nothing refers to it any more (client, route reply, upstream transfer). */
 void call_maybe_free(fe_call *c);

@@ -155,6 +155,14 @@ static void publish_event(fe_call *c, kvr_route_event_type type)
     kvr_buf_free(&b);
 }
 
+void fe_call_prefill_done(fe_call *c)
+{
+    if (c->prefill_done_sent)
+        return;
+    c->prefill_done_sent = true;
+    publish_event(c, KVR_ROUTE_EVENT_PREFILL_DONE);
+}
+
 void worker_inflight(fe_call *c, int delta)
 {
     if (!c->have_worker)
@@ -292,7 +300,7 @@ int on_sse_event(void *arg, kvr_slice event, kvr_slice data)
     if (ev == FE_EV_CHUNK && c->t_first_ns == 0) {
         c->t_first_ns = kvr_mono_ns();
         kvr_metric_observe(app.m_ttft, 0, (double)(c->t_first_ns - c->t_start_ns) / 1e9);
-        publish_event(c, KVR_ROUTE_EVENT_PREFILL_DONE);
+        fe_call_prefill_done(c);
     }
     if (c->r.stream && c->out.len) {
         if (!c->stream_started) {

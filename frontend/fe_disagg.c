@@ -11,8 +11,9 @@
  * params), which streams to the client as any request does. Both legs carry the same
  * X-Request-Id. A prefill leg that fails in any way (connect, status, stall, no params)
  * leaves the decode leg without params: the decode worker computes the prefill itself and the
- * client sees no error. The prefill worker's booking is freed by the request's prefill_done
- * (first token of the decode leg) or free.
+ * client sees no error. The prefill worker's booking is freed by the request's prefill_done,
+ * published when the prefill leg ends (fe_call_prefill_done; the first token would not send it
+ * again), or free.
  *
  * kv_transfer_params from a client are never forwarded (docs/SECURITY.md 5d: they make a
  * decode worker connect anywhere): fe_disagg_strip drops them from every forwarded body.
@@ -196,6 +197,11 @@ static void on_prefill_done(kvr_curl_req *r, int result, long status, const char
         return;
     }
     int64_t t1 = kvr_mono_ns();
+    /* The prefill worker's part is over (computed, or failed): its booking ends now, not at
+     * the decode leg's first token — else the transfer and the decode worker's queue count
+     * as outstanding prefills against --max-prefill-queue, and under load the routers keep
+     * long prompts on the decode workers. */
+    fe_call_prefill_done(c);
     char why[160];
     cJSON *root = NULL;
     char *params = NULL;

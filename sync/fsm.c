@@ -552,16 +552,27 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
         uint64_t cached = (uint64_t)ov * rc->block_size;
         uint64_t uncached = rc->tokens > cached ? rc->tokens - cached : 0;
         size_t np = gather(f, rc, cand, nc, 1u << KVR_ROLE_PREFILL);
+        /* The prefill queue is the pool's (Dynamo's rule: one queue all prefill workers take
+         * from): only the workers under max_prefill_queue compete, and the prefill stays local
+         * when every one is at it — not when the cheapest one alone is, while another sits
+         * idle (that kept most long prompts on the decode workers under load). */
+        size_t nq = 0;
+        for (size_t i = 0; i < np; i++) {
+            if (f->scratch_w[i]->bookings >= rc->max_prefill_queue)
+                continue;
+            f->scratch[nq] = f->scratch[i];
+            f->scratch_w[nq] = f->scratch_w[i];
+            nq++;
+        }
         uint8_t prid[KVR_REQUEST_ID_LEN];
         kvr_fsm_prefill_rid(rc->request_id, prid);
         double pcost = 0;
-        long pk = np ? kvr_cost_choose(prid, rc->request_blocks, f->scratch, np, &f->opts.cost,
-                                       &pcost)
-                     : -1;
-        if (pk < 0) {
+        long pk =
+            nq ? kvr_cost_choose(prid, rc->request_blocks, f->scratch, nq, &f->opts.cost, &pcost)
+               : -1;
+        if (np == 0) {
             res->path = KVR_DISAGG_FALLBACK;
-        } else if (uncached > rc->max_local_prefill &&
-                   f->scratch_w[pk]->bookings < rc->max_prefill_queue &&
+        } else if (pk >= 0 && uncached > rc->max_local_prefill &&
                    f->n_bookings + 2 <= f->opts.max_bookings) {
             /* (a booking table one short of full keeps the prefill local, not refused) */
             pfw = f->scratch_w[pk];

@@ -79,10 +79,9 @@ const char *kvr_outcome_name(kvr_outcome o);
  * (their overlap and load). Then, uncached = tokens - decode overlap x block_size:
  *   FALLBACK  no live prefill worker (or no decode worker: then chosen as a plain ROUTE among
  *             prefill/both workers): the booked worker does everything;
- *   LOCAL     uncached <= max_local_prefill, or the prefill worker the cost picks among the
- *             role-prefill workers (their overlap and prefill load) has max_prefill_queue or
- *             more bookings (outstanding prefills: PREFILL_DONE frees them): the decode worker
- *             prefills itself;
+ *   LOCAL     uncached <= max_local_prefill, or every role-prefill worker has
+ *             max_prefill_queue or more bookings (outstanding prefills: PREFILL_DONE frees
+ *             them): the decode worker prefills itself;
  *   REMOTE    else: the decode worker is booked with no prefill blocks, and the prefill worker
  *             gets a second booking under a request id derived from the request's
  *             (kvr_fsm_prefill_rid) with the uncached blocks on it as prefill. That booking is a

@@ -936,6 +936,12 @@ int kvr_engine_step(kvr_engine *e, kvr_engine_step_info *info, const kvr_engine_
     inf.dur_ns = kvr_engine_step_time_ns(e, inf.prefill_tokens, inf.decode_seqs, inf.kv_util);
     e->now_ns += inf.dur_ns;
     e->st.steps++;
+    e->st.prefill_tokens_total += inf.prefill_tokens;
+    if (inf.decode_seqs > 0) {
+        e->st.decode_steps++;
+        if (inf.prefill_tokens > 0)
+            e->st.mixed_steps++;
+    }
 out:
     if (info)
         *info = inf;

@@ -140,6 +140,10 @@ typedef struct kvr_engine_stats {
     uint64_t prompt_tokens_total, cached_tokens_total, generated_tokens_total;
     uint64_t stored_blocks_total, removed_blocks_total;
     uint64_t requests_total, finished_total, cancelled_total;
+    /* what the steps held: prefill (non-decode) tokens computed, and steps that decoded with
+     * and without prefill tokens beside (a mixed step makes every decoder wait for the chunk:
+     * the prefill interference disaggregation removes from decode workers) */
+    uint64_t prefill_tokens_total, decode_steps, mixed_steps;
 } kvr_engine_stats;
 
 void kvr_engine_get_stats(const kvr_engine *e, kvr_engine_stats *st);

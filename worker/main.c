@@ -218,6 +218,10 @@ static void collect(kvr_metrics *m, void *arg)
     kvr_metric_counter_set(w->m_cached, 0, s.cached_tokens_total);
     kvr_metric_counter_set(w->m_gen, 0, s.generated_tokens_total);
     kvr_metric_counter_set(w->m_steps, 0, s.steps);
+    kvr_metric_counter_set(w->m_prefill_tok, 0, s.prefill_tokens_total);
+    kvr_metric_counter_set(w->m_step_kind, 0, s.decode_steps - s.mixed_steps);
+    kvr_metric_counter_set(w->m_step_kind, 1, s.mixed_steps);
+    kvr_metric_counter_set(w->m_step_kind, 2, s.steps - s.decode_steps);
     kvr_metric_counter_set(w->m_preempt, 0, s.preemptions);
     kvr_metric_counter_set(w->m_requests, 0, s.requests_total);
     kvr_metric_counter_set(w->m_finished, 0, s.finished_total);
@@ -264,6 +268,15 @@ static int setup_metrics(worker *w)
     w->m_capacity = kvr_metrics_gauge(m, "kvr_worker_kv_blocks_capacity",
                                       "KV cache capacity in blocks", NULL, NULL);
     w->m_steps = kvr_metrics_counter(m, "kvr_worker_steps_total", "Engine steps", NULL, NULL);
+    w->m_prefill_tok =
+        kvr_metrics_counter(m, "kvr_worker_prefill_tokens_total",
+                            "Prompt tokens computed (not cached, not pulled)", NULL, NULL);
+    static const char *const kinds[] = {"decode", "mixed", "prefill", NULL};
+    w->m_step_kind = kvr_metrics_counter(
+        m, "kvr_worker_steps_by_kind_total",
+        "Engine steps: decode only, mixed (decode beside a prefill chunk: every decoder waits "
+        "for the chunk), prefill only",
+        "kind", kinds);
     w->m_preempt = kvr_metrics_counter(m, "kvr_worker_preemptions_total",
                                        "Sequences preempted for lack of KV blocks", NULL, NULL);
     w->m_requests = kvr_metrics_counter(m, "kvr_worker_requests_total",

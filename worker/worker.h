@@ -129,9 +129,10 @@ typedef struct worker {
     bool draining, closing;
     /* metrics */
     kvr_metric *m_prompt, *m_cached, *m_gen, *m_running, *m_waiting, *m_used, *m_cached_blocks,
-        *m_capacity, *m_steps, *m_preempt, *m_requests, *m_finished, *m_cancelled, *m_lag,
-        *m_lag_max, *m_lag_erased, *m_busy, *m_ev_pub, *m_ev_batches, *m_ev_dropped, *m_resyncs,
-        *m_evbuf, *m_ev_retries, *m_ev_reorders, *m_bad_req, *m_stored, *m_removed, *m_hb;
+        *m_capacity, *m_steps, *m_prefill_tok, *m_step_kind, *m_preempt, *m_requests, *m_finished,
+        *m_cancelled, *m_lag, *m_lag_max, *m_lag_erased, *m_busy, *m_ev_pub, *m_ev_batches,
+        *m_ev_dropped, *m_resyncs, *m_evbuf, *m_ev_retries, *m_ev_reorders, *m_bad_req, *m_stored,
+        *m_removed, *m_hb;
 } worker;
 
 struct wreq {

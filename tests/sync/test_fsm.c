@@ -1346,6 +1346,43 @@ static void test_disagg_conditions(void **state)
     kvr_fsm_free(f);
 }
 
+/* The prefill queue is the pool's: the prefill worker the cost prefers (its overlap) being at
+ * max_prefill_queue sends the prefill to another prefill worker with room, not back to the
+ * decode worker; only when every prefill worker is at it does the prefill stay local. */
+static void test_disagg_queue_pool(void **state)
+{
+    (void)state;
+    kvr_fsm *f = kvr_fsm_new(NULL);
+    add_role(f, 1, KVR_ROLE_PREFILL);
+    add_role(f, 2, KVR_ROLE_PREFILL);
+    add_role(f, 3, KVR_ROLE_DECODE);
+    kvr_fsm_result r;
+    kvr_route_candidate on1[] = {{1, 60}};
+    for (uint64_t n = 1; n <= 2; n++) { /* worker 1 holds the prompt: both go there */
+        kvr_cmd c = disagg_route(n, 4096, on1, 1);
+        apply_enc(f, &c, &r);
+        assert_int_equal(r.path, KVR_DISAGG_REMOTE);
+        assert_int_equal(r.prefill_worker_id, 1);
+    }
+    /* worker 1 is at the queue limit, worker 2 is idle: remote on 2 */
+    kvr_cmd c = disagg_route(3, 4096, on1, 1);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.outcome, KVR_OUT_OK);
+    assert_int_equal(r.path, KVR_DISAGG_REMOTE);
+    assert_int_equal(r.prefill_worker_id, 2);
+    c = disagg_route(4, 4096, on1, 1);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.path, KVR_DISAGG_REMOTE);
+    assert_int_equal(r.prefill_worker_id, 2);
+    /* both at the limit: local on the decode worker */
+    c = disagg_route(5, 4096, on1, 1);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.path, KVR_DISAGG_LOCAL);
+    assert_int_equal(r.worker_id, 3);
+    assert_int_equal(r.prefill_worker_id, 0);
+    kvr_fsm_free(f);
+}
+
 /* Two replicas applying the same disaggregated commands book the same pairs and end with the
  * same digest; a snapshot restores the prefill bookings. */
 static void test_disagg_replicas(void **state)
@@ -1406,6 +1443,7 @@ int main(void)
         cmocka_unit_test(test_approx_hooks),
         cmocka_unit_test(test_disagg_pair),
         cmocka_unit_test(test_disagg_conditions),
+        cmocka_unit_test(test_disagg_queue_pool),
         cmocka_unit_test(test_disagg_replicas),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
