@@ -459,7 +459,8 @@ static size_t gather(kvr_fsm *f, const kvr_route_cmd *rc, const kvr_route_candid
         if (rc->only_candidates && !cand_listed(cand, nc, w->id))
             continue;
         f->scratch[n] = (kvr_cost_worker){w->id, overlap_of(cand, nc, w->id), w->active_blocks,
-                                          w->active_prefill_blocks};
+                                          w->active_prefill_blocks, w->bookings,
+                                          w->capacity_blocks};
         f->scratch_w[n] = w;
         n++;
     }

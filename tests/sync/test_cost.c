@@ -78,7 +78,8 @@ static void test_temperature(void **state)
         {.worker_id = 1, .overlap = 8}, {.worker_id = 2, .overlap = 4},
         {.worker_id = 3, .active_blocks = 8}, {.worker_id = 4, .overlap = 2},
     };
-    kvr_cost_params p = {1.0, 1.0};
+    kvr_cost_params p = kvr_cost_params_default();
+    p.temperature = 1.0;
     int counts[4] = {0};
     for (int i = 0; i < 400; i++) {
         uint8_t rid[16] = {0};
