@@ -131,6 +131,46 @@ static void test_route_queue_and_capacity_terms(void **state)
     kvr_fsm_free(plain);
 }
 
+
+/* A ROUTE carrying weights (cmd.h has_cost) is decided with them, not with the FSM's options:
+ * a replica started with other flags books the same worker. */
+static void test_route_command_weights(void **state)
+{
+    (void)state;
+    kvr_fsm_options o = {0};
+    o.cost = kvr_cost_params_default();
+    o.cost.load_weight = 100;
+    kvr_fsm *a = kvr_fsm_new(NULL), *b = kvr_fsm_new(&o);
+    add_workers(a, 2);
+    add_workers(b, 2);
+    kvr_fsm_result ra, rb;
+    /* worker 1 holds 8 active blocks (pinned), none left to prefill */
+    kvr_cmd p = tu_route(1, 7, 1000, 8, NULL, 0);
+    p.u.route.pin_worker = 1;
+    apply_enc(a, &p, &ra);
+    apply_enc(b, &p, &rb);
+    kvr_cmd pd = tu_req(KVR_CMD_PREFILL_DONE, 1); /* its prefill is done: decode load only */
+    apply_enc(a, &pd, &ra);
+    apply_enc(b, &pd, &rb);
+    /* worker 1 caches 6 of 8 blocks: weights (1, load 1) pick it (2+8+2 = 12 < 8+0+8 = 16);
+     * load weight 100 (b's options) would not */
+    kvr_route_candidate cand[] = {{1, 6}};
+    kvr_cmd c = tu_route(2, 7, 1001, 8, cand, 1);
+    c.u.route.has_cost = true;
+    c.u.route.cost = kvr_cost_params_default();
+    apply_enc(a, &c, &ra);
+    apply_enc(b, &c, &rb);
+    assert_int_equal(ra.worker_id, 1);
+    assert_int_equal(rb.worker_id, 1);
+    assert_true(kvr_fsm_digest(a) == kvr_fsm_digest(b));
+    /* without weights in the command b's options decide */
+    kvr_cmd d = tu_route(3, 7, 1002, 8, cand, 1);
+    apply_enc(b, &d, &rb);
+    assert_int_equal(rb.worker_id, 2);
+    kvr_fsm_free(a);
+    kvr_fsm_free(b);
+}
+
 static void test_idempotent(void **state)
 {
     (void)state;
@@ -1450,6 +1490,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_route_books_least_cost),
         cmocka_unit_test(test_route_queue_and_capacity_terms),
+        cmocka_unit_test(test_route_command_weights),
         cmocka_unit_test(test_idempotent),
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_expiry_and_leases),
