@@ -72,7 +72,6 @@ static void test_ties(void **state)
     assert_true(seen7 > 0 && seen9 > 0);
 }
 
-
 /* The load terms of issue 14: each one, set alone, changes a choice the defaults make (so
  * each test fails with its term removed from kvr_cost_eval). */
 static void test_load_weight(void **state)
