@@ -59,6 +59,25 @@ static void http_state(kvr_routerd *rd, kvr_http_req *req)
     kvr_jw_u64(&w, kvr_index_stream_seq(rd->idx));
     rd_approx_state_json(rd, &w); /* "mode", and "approx" in approx mode */
     kvr_jw_end(&w);
+    /* the route cost's weights (sync/cost.h): equal on every router of a group, or their
+     * decisions (and FSM digests) differ */
+    kvr_fsm_options fo;
+    rd_fsm_options(rd, &fo);
+    kvr_jw_key(&w, "cost");
+    kvr_jw_obj(&w);
+    kvr_jw_key(&w, "overlap_weight");
+    kvr_jw_double(&w, fo.cost.overlap_weight);
+    kvr_jw_key(&w, "load_weight");
+    kvr_jw_double(&w, fo.cost.load_weight);
+    kvr_jw_key(&w, "queue_weight");
+    kvr_jw_double(&w, fo.cost.queue_weight);
+    kvr_jw_key(&w, "overflow_weight");
+    kvr_jw_double(&w, fo.cost.overflow_weight);
+    kvr_jw_key(&w, "tie_band");
+    kvr_jw_double(&w, fo.cost.tie_band);
+    kvr_jw_key(&w, "temperature");
+    kvr_jw_double(&w, fo.cost.temperature);
+    kvr_jw_end(&w);
     kvr_jw_key(&w, "ingest");
     kvr_jw_obj(&w);
     kvr_jw_key(&w, "snapshot_loaded");

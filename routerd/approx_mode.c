@@ -51,6 +51,14 @@ void rd_fsm_options(kvr_routerd *rd, kvr_fsm_options *o)
 {
     memset(o, 0, sizeof *o);
     o->cost = kvr_cost_params_default();
+    if (rd->cfg.has_cost) {
+        o->cost.overlap_weight = rd->cfg.cost_overlap_weight;
+        o->cost.load_weight = rd->cfg.cost_load_weight;
+        o->cost.queue_weight = rd->cfg.cost_queue_weight;
+        o->cost.overflow_weight = rd->cfg.cost_overflow_weight;
+        o->cost.tie_band = rd->cfg.cost_tie_band;
+        o->cost.temperature = rd->cfg.cost_temperature;
+    }
     if (!rd->cfg.index_approx)
         return;
     o->route_hook = on_route_applied;

@@ -5,7 +5,9 @@
 #include "kvr_log.h"
 #include "kvr_nats.h"
 #include "kvr_nats_flags.h"
+#include "cost.h"
 #include "routerd.h"
+#include <math.h>
 
 #include <signal.h>
 #include <stdio.h>
@@ -54,6 +56,11 @@ int main(int argc, char **argv)
     int64_t approx_ttl_ms = 120000;
     uint64_t approx_capacity = 16384;
     int64_t max_local_prefill = 1000, max_prefill_queue = 2;
+    /* Dynamo's formula with the booked blocks weighted 0.25 instead of 1: measured on the
+     * shared trace at light and heavy load (docs/DESIGN.md 6), the best prefix-hit rate of
+     * the weights tried and no worse TTFT. */
+    kvr_cost_params cost = kvr_cost_params_default();
+    cost.load_weight = 0.25;
     kvr_nats_flags nats_sec = {0};
     kvr_flag flags[] = {
         KVR_NATS_FLAG_ENTRIES(&nats_sec),
@@ -103,6 +110,12 @@ int main(int argc, char **argv)
         {"approx-capacity-blocks", KVR_FLAG_U64, &approx_capacity, "--index approx: blocks assumed per worker whose heartbeat gives no capacity (LRU beyond)", false},
         {"max-local-prefill", KVR_FLAG_INT, &max_local_prefill, "disaggregation: a prompt with at most this many uncached tokens (on the chosen decode worker) is prefilled there, not on a prefill worker", false},
         {"max-prefill-queue", KVR_FLAG_INT, &max_prefill_queue, "disaggregation: a prefill worker with this many outstanding prefills is passed over (the decode worker prefills itself)", false},
+        {"overlap-weight", KVR_FLAG_DOUBLE, &cost.overlap_weight, "route cost: weight of the prefill blocks (the request's uncached ones plus those queued on the worker); > 0; the same on every router of a group", false},
+        {"load-weight", KVR_FLAG_DOUBLE, &cost.load_weight, "route cost: weight of the worker's active (booked) blocks", false},
+        {"queue-weight", KVR_FLAG_DOUBLE, &cost.queue_weight, "route cost: blocks added per request outstanding on the worker (queue depth)", false},
+        {"overflow-weight", KVR_FLAG_DOUBLE, &cost.overflow_weight, "route cost: weight of the blocks the request would need beyond the worker's KV capacity (its heartbeat's) once its booked blocks are counted", false},
+        {"tie-band", KVR_FLAG_DOUBLE, &cost.tie_band, "route cost: workers within this fraction of (best cost + request blocks) of the best count as tied; the request id's hash picks among them", false},
+        {"route-temperature", KVR_FLAG_DOUBLE, &cost.temperature, "route cost: > 0 samples a worker by softmax over normalised costs, seeded by the request id (0: argmin)", false},
         {"insecure-cluster", KVR_FLAG_BOOL, &insecure_cluster, "allow a multi-router Raft group without --cluster-secret-file (anyone reaching the Raft/forward ports can change the state)", false},
     };
     size_t nf = sizeof(flags) / sizeof(flags[0]);
@@ -152,6 +165,14 @@ int main(int argc, char **argv)
     if (max_local_prefill < 0 || max_local_prefill > UINT32_MAX || max_prefill_queue < 0 ||
         max_prefill_queue > UINT32_MAX) {
         fprintf(stderr, "kvr-routerd: --max-local-prefill and --max-prefill-queue must be in [0, 2^32)\n");
+        return 2;
+    }
+    if (!(cost.overlap_weight > 0) || !(cost.load_weight >= 0) || !(cost.queue_weight >= 0) ||
+        !(cost.overflow_weight >= 0) || !(cost.tie_band >= 0) || !(cost.temperature >= 0) ||
+        isinf(cost.overlap_weight) || isinf(cost.load_weight) || isinf(cost.queue_weight) ||
+        isinf(cost.overflow_weight) || isinf(cost.tie_band) || isinf(cost.temperature)) {
+        fprintf(stderr, "kvr-routerd: --overlap-weight must be > 0; --load-weight, --queue-weight, "
+                        "--overflow-weight, --tie-band and --route-temperature finite and >= 0\n");
         return 2;
     }
     if (strcmp(index_mode, "events") != 0 && strcmp(index_mode, "approx") != 0) {
@@ -230,6 +251,13 @@ int main(int argc, char **argv)
         .approx_capacity_blocks = approx_capacity,
         .max_local_prefill = (uint32_t)max_local_prefill,
         .max_prefill_queue = (uint32_t)max_prefill_queue,
+        .has_cost = true,
+        .cost_overlap_weight = cost.overlap_weight,
+        .cost_load_weight = cost.load_weight,
+        .cost_queue_weight = cost.queue_weight,
+        .cost_overflow_weight = cost.overflow_weight,
+        .cost_tie_band = cost.tie_band,
+        .cost_temperature = cost.temperature,
     };
     uv_loop_t *loop = uv_default_loop();
     int rc = kvr_routerd_start(&g_rd, loop, &cfg);

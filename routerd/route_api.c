@@ -273,6 +273,12 @@ static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
     r->n_candidates = nc;
     r->only_candidates = only;
     rd_approx_fill_cmd(rd, r, q->seq, q->n_seq);
+    if (rd->cfg.has_cost) { /* this router's weights travel with the command (sync/cmd.h) */
+        kvr_fsm_options fo;
+        rd_fsm_options(rd, &fo);
+        r->has_cost = true;
+        r->cost = fo.cost;
+    }
     if (want_disagg(rd, q)) {
         r->disagg = true;
         r->tokens = q->tokens;

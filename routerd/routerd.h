@@ -95,6 +95,13 @@ typedef struct kvr_routerd_config {
      * 1000) or the prefill worker has max_prefill_queue (--max-prefill-queue, 2) outstanding
      * prefills. Carried in each ROUTE command, so replicas never need equal flags. */
     uint32_t max_local_prefill, max_prefill_queue;
+    /* The route cost's weights (sync/cost.h; --overlap-weight, --load-weight, --queue-weight,
+     * --overflow-weight, --tie-band, --route-temperature). Unlike the two above they are NOT
+     * in the command: the replicated apply reads them, so every router of a Raft group must
+     * run the same ones (/v1/state "cost" shows them). has_cost false: the defaults. */
+    bool has_cost;
+    double cost_overlap_weight, cost_load_weight, cost_queue_weight, cost_overflow_weight,
+        cost_tie_band, cost_temperature;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;

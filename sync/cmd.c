@@ -30,7 +30,8 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
             out->len = start;
             return kvr_err_set(err, KVR_EINVAL, "encoding ROUTE: field over its bound");
         }
-        CK(kvr_mp_write_array(out, r->disagg            ? 12
+        CK(kvr_mp_write_array(out, r->has_cost          ? 13
+                                   : r->disagg          ? 12
                                    : r->n_approx_hashes ? 11
                                    : r->only_candidates ? 10
                                                         : 9));
@@ -48,9 +49,9 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
             CK(kvr_mp_write_uint(out, r->candidates[i].worker_id));
             CK(kvr_mp_write_uint(out, r->candidates[i].overlap));
         }
-        if (r->only_candidates || r->n_approx_hashes || r->disagg)
+        if (r->only_candidates || r->n_approx_hashes || r->disagg || r->has_cost)
             CK(kvr_mp_write_bool(out, r->only_candidates));
-        if (r->n_approx_hashes || r->disagg)
+        if (r->n_approx_hashes || r->disagg || r->has_cost)
             CK(kvr_mp_write_bin(out, r->n_approx_hashes ? r->approx_hashes : (const uint8_t *)"",
                                 8 * (size_t)r->n_approx_hashes));
         if (r->disagg) {
@@ -59,6 +60,17 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
             CK(kvr_mp_write_uint(out, r->block_size));
             CK(kvr_mp_write_uint(out, r->max_local_prefill));
             CK(kvr_mp_write_uint(out, r->max_prefill_queue));
+        } else if (r->has_cost) {
+            CK(kvr_mp_write_nil(out));
+        }
+        if (r->has_cost) {
+            CK(kvr_mp_write_array(out, 6));
+            CK(kvr_mp_write_double(out, r->cost.overlap_weight));
+            CK(kvr_mp_write_double(out, r->cost.load_weight));
+            CK(kvr_mp_write_double(out, r->cost.queue_weight));
+            CK(kvr_mp_write_double(out, r->cost.overflow_weight));
+            CK(kvr_mp_write_double(out, r->cost.tie_band));
+            CK(kvr_mp_write_double(out, r->cost.temperature));
         }
         break;
     }
@@ -228,7 +240,10 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
             rt->n_approx_hashes = (uint32_t)(h.len / 8);
             n--;
         }
-        if (n > 0) { /* optional 12th field: disaggregation parameters */
+        if (n > 0 && kvr_mp_peek(&r) == KVR_MP_NIL) { /* 12th field absent (13th follows) */
+            CK(kvr_mp_read_nil(&r));
+            n--;
+        } else if (n > 0) { /* optional 12th field: disaggregation parameters */
             uint32_t m;
             CK(kvr_mp_read_array(&r, &m));
             if (m < 4) {
@@ -242,6 +257,23 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
             for (uint32_t j = 4; j < m; j++)
                 CK(kvr_mp_skip(&r));
             rt->disagg = true;
+            n--;
+        }
+        if (n > 0) { /* optional 13th field: the cost's weights (sync/cost.h) */
+            uint32_t m;
+            CK(kvr_mp_read_array(&r, &m));
+            if (m < 6) {
+                rc = KVR_EINVAL;
+                goto fail;
+            }
+            double *w[6] = {&rt->cost.overlap_weight, &rt->cost.load_weight,
+                            &rt->cost.queue_weight,   &rt->cost.overflow_weight,
+                            &rt->cost.tie_band,       &rt->cost.temperature};
+            for (int j = 0; j < 6; j++)
+                CK(kvr_mp_read_double(&r, w[j]));
+            for (uint32_t j = 6; j < m; j++)
+                CK(kvr_mp_skip(&r));
+            rt->has_cost = true;
             n--;
         }
         break;

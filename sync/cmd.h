@@ -105,6 +105,15 @@ typedef struct kvr_route_cmd {
      * are no hashes), so every other ROUTE keeps its bytes. */
     bool disagg;
     uint32_t tokens, block_size, max_local_prefill, max_prefill_queue;
+    /* The route cost's weights (issue 14 item 2; sync/cost.h), the proposing router's
+     * --overlap-weight ... --route-temperature, carried in the command so every replica
+     * decides alike whatever its own flags. When has_cost is false the FSM uses its options'
+     * weights. Encoded as ROUTE's optional 13th field, an array [overlap_weight, load_weight,
+     * queue_weight, overflow_weight, tie_band, temperature] of numbers, only when has_cost
+     * (the 10th-12th are then written, the 12th as nil when disagg is false; a decoder from
+     * before this field refuses such a command, so upgrade every router of a group first). */
+    bool has_cost;
+    kvr_cost_params cost;
 } kvr_route_cmd;
 
 /* Hash i of a ROUTE's approx_hashes. */

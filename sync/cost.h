@@ -1,15 +1,26 @@
-/* cost: the pure route decision of DESIGN section 6 (Dynamo's cost function).
+/* cost: the pure route decision of DESIGN section 6 (Dynamo's cost function, plus the load
+ * terms of issue 14).
  *
  * For every live worker w of the requested model/namespace (overlap 0 when the router's
- * index had no match for it):
+ * index had no match for it), with new(w) = request_blocks - overlap(w):
  *
- *   cost(w) = overlap_weight * (request_blocks - overlap(w) + active_prefill_blocks(w))
- *           + active_blocks(w) + request_blocks - overlap(w)
+ *   cost(w) = overlap_weight * (new(w) + active_prefill_blocks(w))
+ *           + load_weight * active_blocks(w) + new(w)
+ *           + queue_weight * bookings(w)
+ *           + overflow_weight * max(0, active_blocks(w) + new(w) - capacity_blocks(w))
  *
+ * (the last term only when capacity_blocks(w) > 0: the blocks this request would push out
+ * of a worker whose KV cache its outstanding requests already fill, i.e. preemption or the
+ * eviction of the prefixes the next requests would have hit). With the defaults
+ * (load_weight 1, queue_weight 0, overflow_weight 0) it is Dynamo's formula.
  * overlap is clamped to request_blocks, so the subtraction never wraps. Lower cost wins; ties
  * go to fewer active blocks, then to the lower XXH3-64(request_id || LE64(worker_id)), then to
- * the lower worker_id. With temperature > 0 a worker is sampled with probability proportional
- * to exp(-normalised_cost / temperature), drawn from a PRNG seeded from request_id only.
+ * the lower worker_id. With tie_band > 0 every worker whose cost is within
+ * tie_band * (min cost + request_blocks) of the minimum counts as tied with the best one, and the
+ * lowest XXH3-64(request_id || LE64(worker_id)) among them wins: near-equal workers share the
+ * load by request id instead of the same one always winning. With temperature > 0 a worker
+ * is sampled with probability proportional to exp(-normalised_cost / temperature), drawn
+ * from a PRNG seeded from request_id only.
  *
  * Pure and deterministic: no clock, no global state, no allocation. Any thread. */
 #ifndef KVR_SYNC_COST_H
@@ -25,20 +36,33 @@ typedef struct kvr_cost_worker {
     uint32_t overlap;               /* blocks of the request this worker already caches */
     uint64_t active_blocks;         /* blocks booked on this worker (all outstanding requests) */
     uint64_t active_prefill_blocks; /* blocks still waiting for prefill on this worker */
+    uint32_t bookings;              /* outstanding requests booked on it (queue depth) */
+    uint64_t capacity_blocks;       /* its KV cache size in blocks (heartbeat); 0 unknown */
 } kvr_cost_worker;
 
+/* Every weight must be finite and >= 0: kvr_cost_choose replaces any other value by the
+ * field's default. They are part of the replicated decision: every router of a Raft group
+ * must run the same ones (/v1/state shows them). */
 typedef struct kvr_cost_params {
-    double overlap_weight; /* default 1.0 */
-    double temperature;    /* 0 = argmin (default) */
+    double overlap_weight;  /* default 1.0 */
+    double temperature;     /* 0 = argmin (default) */
+    double load_weight;     /* per active block; default 1.0 */
+    double queue_weight;    /* per outstanding booking, in blocks; default 0 */
+    double overflow_weight; /* per block beyond the worker's capacity; default 0 */
+    double tie_band;        /* near-equal band, a fraction (see above); default 0 */
 } kvr_cost_params;
 
 static inline kvr_cost_params kvr_cost_params_default(void)
 {
-    return (kvr_cost_params){1.0, 0.0};
+    return (kvr_cost_params){1.0, 0.0, 1.0, 0.0, 0.0, 0.0};
 }
 
-/* Cost of one worker (see above). */
+/* Cost of one worker with the default load terms and this overlap weight (see above). */
 double kvr_cost_of(const kvr_cost_worker *w, uint32_t request_blocks, double overlap_weight);
+
+/* Cost of one worker under params (NULL: defaults), weights taken as given (see above). */
+double kvr_cost_eval(const kvr_cost_worker *w, uint32_t request_blocks,
+                     const kvr_cost_params *params);
 
 /* XXH3-64 of request_id (16 bytes) || LE64(worker_id): the last-resort tie-breaker. */
 uint64_t kvr_cost_tiebreak(const uint8_t request_id[KVR_REQUEST_ID_LEN], uint64_t worker_id);

@@ -459,7 +459,8 @@ static size_t gather(kvr_fsm *f, const kvr_route_cmd *rc, const kvr_route_candid
         if (rc->only_candidates && !cand_listed(cand, nc, w->id))
             continue;
         f->scratch[n] = (kvr_cost_worker){w->id, overlap_of(cand, nc, w->id), w->active_blocks,
-                                          w->active_prefill_blocks};
+                                          w->active_prefill_blocks, w->bookings,
+                                          w->capacity_blocks};
         f->scratch_w[n] = w;
         n++;
     }
@@ -533,7 +534,10 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
             res->path = KVR_DISAGG_FALLBACK;
     }
     double cost = 0;
-    long k = kvr_cost_choose(rc->request_id, rc->request_blocks, f->scratch, n, &f->opts.cost, &cost);
+    /* the proposing router's weights when the command carries them (cmd.h), so replicas with
+     * other flags still decide alike */
+    const kvr_cost_params *cp = rc->has_cost ? &rc->cost : &f->opts.cost;
+    long k = kvr_cost_choose(rc->request_id, rc->request_blocks, f->scratch, n, cp, &cost);
     if (k < 0) {
         res->outcome = KVR_OUT_NO_WORKER;
         res->path = KVR_DISAGG_NONE;
@@ -567,9 +571,7 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
         uint8_t prid[KVR_REQUEST_ID_LEN];
         kvr_fsm_prefill_rid(rc->request_id, prid);
         double pcost = 0;
-        long pk =
-            nq ? kvr_cost_choose(prid, rc->request_blocks, f->scratch, nq, &f->opts.cost, &pcost)
-               : -1;
+        long pk = nq ? kvr_cost_choose(prid, rc->request_blocks, f->scratch, nq, cp, &pcost) : -1;
         if (np == 0) {
             res->path = KVR_DISAGG_FALLBACK;
         } else if (pk >= 0 && uncached > rc->max_local_prefill &&

@@ -301,6 +301,60 @@ static void test_route_disagg_field(void **state)
     kvr_buf_free(&dg);
 }
 
+
+/* ROUTE's optional 13th field (the cost's weights, issue 14): written only when has_cost is
+ * set, after false, an empty bin and nil (no disaggregation) or the 12th; read back exactly;
+ * a short array is refused. */
+static void test_route_cost_field(void **state)
+{
+    (void)state;
+    kvr_cmd c = {.type = KVR_CMD_ROUTE};
+    kvr_route_cmd *r = &c.u.route;
+    memset(r->request_id, 7, KVR_REQUEST_ID_LEN);
+    r->now_ms = 5;
+    r->request_blocks = 3;
+    r->model = kvr_slice_of("m");
+    r->ns = kvr_slice_of("ns");
+    kvr_buf plain, wc;
+    kvr_buf_init(&plain);
+    kvr_buf_init(&wc);
+    assert_int_equal(kvr_cmd_encode(&c, &plain, NULL), 0);
+    r->has_cost = true;
+    r->cost = (kvr_cost_params){.overlap_weight = 4, .temperature = 0, .load_weight = 0.5,
+                                .queue_weight = 16, .overflow_weight = 1.0 / 3, .tie_band = 0.01};
+    assert_int_equal(kvr_cmd_encode(&c, &wc, NULL), 0);
+    assert_int_equal(((uint8_t *)wc.base)[1], 0x9d);
+    /* false, empty bin, nil, then a 6-array */
+    const uint8_t head[] = {0xc2, 0xc4, 0x00, 0xc0, 0x96};
+    assert_memory_equal(wc.base + plain.len, head, sizeof head);
+    kvr_cmd got;
+    kvr_route_candidate cand[KVR_FSM_MAX_CANDIDATES];
+    assert_int_equal(kvr_cmd_decode(wc.base, wc.len, &got, cand, NULL), 0);
+    assert_true(got.u.route.has_cost && !got.u.route.disagg);
+    assert_memory_equal(&got.u.route.cost, &r->cost, sizeof r->cost);
+    /* with the 12th field too */
+    r->disagg = true;
+    r->tokens = 4000;
+    r->block_size = 64;
+    kvr_buf_reset(&wc);
+    assert_int_equal(kvr_cmd_encode(&c, &wc, NULL), 0);
+    assert_int_equal(kvr_cmd_decode(wc.base, wc.len, &got, cand, NULL), 0);
+    assert_true(got.u.route.has_cost && got.u.route.disagg);
+    assert_int_equal(got.u.route.tokens, 4000);
+    assert_memory_equal(&got.u.route.cost, &r->cost, sizeof r->cost);
+    /* the plain command has none */
+    assert_int_equal(kvr_cmd_decode(plain.base, plain.len, &got, cand, NULL), 0);
+    assert_false(got.u.route.has_cost);
+    /* a 5-element weight array is refused */
+    r->disagg = false;
+    kvr_buf_reset(&wc);
+    assert_int_equal(kvr_cmd_encode(&c, &wc, NULL), 0);
+    wc.base[plain.len + 4] = 0x95;
+    assert_int_not_equal(kvr_cmd_decode(wc.base, wc.len, &got, cand, NULL), 0);
+    kvr_buf_free(&plain);
+    kvr_buf_free(&wc);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -309,6 +363,7 @@ int main(void)
         cmocka_unit_test(test_decode_rejects),
         cmocka_unit_test(test_peek_type),
         cmocka_unit_test(test_route_disagg_field),
+        cmocka_unit_test(test_route_cost_field),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -66,6 +66,111 @@ static void test_route_books_least_cost(void **state)
     kvr_fsm_free(f);
 }
 
+
+/* The FSM hands each worker's booking count and registry capacity to the cost (issue 14's
+ * queue and overflow terms): with either weight the choice changes, on every replica alike. */
+static void test_route_queue_and_capacity_terms(void **state)
+{
+    (void)state;
+    kvr_fsm_options o = {0};
+    o.cost = kvr_cost_params_default();
+    o.cost.queue_weight = 100;
+    kvr_fsm *f = kvr_fsm_new(&o);
+    kvr_fsm *plain = kvr_fsm_new(NULL);
+    add_workers(f, 2);
+    add_workers(plain, 2);
+    kvr_fsm_result r;
+    /* worker 1: three 1-block requests; worker 2: one 3-block request (pinned) */
+    for (uint64_t i = 0; i < 4; i++) {
+        kvr_cmd c = tu_route(100 + i, 7, 1000, i < 3 ? 1 : 3, NULL, 0);
+        c.u.route.pin_worker = i < 3 ? 1 : 2;
+        apply_enc(f, &c, &r);
+        assert_int_equal(r.worker_id, c.u.route.pin_worker);
+        apply_enc(plain, &c, &r);
+    }
+    /* equal blocks: the plain cost lets the hash pick, the queue weight always worker 2 */
+    int plain_w1 = 0;
+    for (uint64_t i = 0; i < 40; i++) {
+        kvr_cmd c = tu_route(200 + i, 7, 1001, 4, NULL, 0);
+        apply_enc(plain, &c, &r);
+        plain_w1 += r.worker_id == 1;
+        kvr_cmd fr = tu_req(KVR_CMD_FREE, 200 + i);
+        apply_enc(plain, &fr, &r);
+        apply_enc(f, &c, &r);
+        assert_int_equal(r.worker_id, 2);
+        apply_enc(f, &fr, &r);
+    }
+    assert_true(plain_w1 > 0);
+    kvr_fsm_free(f);
+    kvr_fsm_free(plain);
+
+    /* capacity: worker 1 (10 blocks, 8 booked) is less loaded than worker 2 (1000 blocks,
+     * 9 booked), but a 6-block request would overflow it */
+    o.cost = kvr_cost_params_default();
+    o.cost.overflow_weight = 10;
+    f = kvr_fsm_new(&o);
+    plain = kvr_fsm_new(NULL);
+    for (uint64_t id = 1; id <= 2; id++) {
+        kvr_cmd c = tu_worker_up(id, "m", "ns", urls[id], sizeof urls[id]);
+        c.u.worker.capacity_blocks = id == 1 ? 10 : 1000;
+        apply_enc(f, &c, &r);
+        apply_enc(plain, &c, &r);
+    }
+    for (uint64_t id = 1; id <= 2; id++) {
+        kvr_cmd c = tu_route(300 + id, 7, 1000, id == 1 ? 8 : 9, NULL, 0);
+        c.u.route.pin_worker = id;
+        apply_enc(f, &c, &r);
+        apply_enc(plain, &c, &r);
+    }
+    kvr_cmd c = tu_route(400, 7, 1001, 6, NULL, 0);
+    apply_enc(plain, &c, &r);
+    assert_int_equal(r.worker_id, 1);
+    apply_enc(f, &c, &r);
+    assert_int_equal(r.worker_id, 2);
+    kvr_fsm_free(f);
+    kvr_fsm_free(plain);
+}
+
+
+/* A ROUTE carrying weights (cmd.h has_cost) is decided with them, not with the FSM's options:
+ * a replica started with other flags books the same worker. */
+static void test_route_command_weights(void **state)
+{
+    (void)state;
+    kvr_fsm_options o = {0};
+    o.cost = kvr_cost_params_default();
+    o.cost.load_weight = 100;
+    kvr_fsm *a = kvr_fsm_new(NULL), *b = kvr_fsm_new(&o);
+    add_workers(a, 2);
+    add_workers(b, 2);
+    kvr_fsm_result ra, rb;
+    /* worker 1 holds 8 active blocks (pinned), none left to prefill */
+    kvr_cmd p = tu_route(1, 7, 1000, 8, NULL, 0);
+    p.u.route.pin_worker = 1;
+    apply_enc(a, &p, &ra);
+    apply_enc(b, &p, &rb);
+    kvr_cmd pd = tu_req(KVR_CMD_PREFILL_DONE, 1); /* its prefill is done: decode load only */
+    apply_enc(a, &pd, &ra);
+    apply_enc(b, &pd, &rb);
+    /* worker 1 caches 6 of 8 blocks: weights (1, load 1) pick it (2+8+2 = 12 < 8+0+8 = 16);
+     * load weight 100 (b's options) would not */
+    kvr_route_candidate cand[] = {{1, 6}};
+    kvr_cmd c = tu_route(2, 7, 1001, 8, cand, 1);
+    c.u.route.has_cost = true;
+    c.u.route.cost = kvr_cost_params_default();
+    apply_enc(a, &c, &ra);
+    apply_enc(b, &c, &rb);
+    assert_int_equal(ra.worker_id, 1);
+    assert_int_equal(rb.worker_id, 1);
+    assert_true(kvr_fsm_digest(a) == kvr_fsm_digest(b));
+    /* without weights in the command b's options decide */
+    kvr_cmd d = tu_route(3, 7, 1002, 8, cand, 1);
+    apply_enc(b, &d, &rb);
+    assert_int_equal(rb.worker_id, 2);
+    kvr_fsm_free(a);
+    kvr_fsm_free(b);
+}
+
 static void test_idempotent(void **state)
 {
     (void)state;
@@ -1421,6 +1526,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_route_books_least_cost),
+        cmocka_unit_test(test_route_queue_and_capacity_terms),
+        cmocka_unit_test(test_route_command_weights),
         cmocka_unit_test(test_idempotent),
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_expiry_and_leases),
