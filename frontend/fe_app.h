@@ -13,6 +13,7 @@
 #include "kvr_access.h"
 #include "kvr_curl.h"
 #include "kvr_http.h"
+#include "kvr_loop_stat.h"
 #include "kvr_metrics.h"
 #include "kvr_nats.h"
 #include "kvr_sse.h"
@@ -52,6 +53,7 @@ typedef struct fe_app {
     int64_t route_timeout_ms;
     int64_t route_tries;
     kvr_route_target route_target; /* kvr.route.leader first (route_msg.h) */
+    kvr_loop_stat loop_stat;       /* kvr_frontend_loop_busy_seconds */
     uint64_t boot_ms;
     uint64_t next_req;
     char lease_subject[64];

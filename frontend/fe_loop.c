@@ -194,6 +194,7 @@ static void on_flush_wait(uv_timer_t *t)
     uv_close((uv_handle_t *)&app.drain_timer, on_closed_handle);
     uv_close((uv_handle_t *)&app.tick, on_closed_handle);
     uv_close((uv_handle_t *)&app.prepare, on_closed_handle);
+    kvr_loop_stat_close(&app.loop_stat, on_closed_handle);
     fe_hold_close();
     kvr_http_server_close(&app.http, NULL);
     kvr_curl_close(&app.curl, NULL);

@@ -319,7 +319,8 @@ int main(int argc, char **argv)
         .idle_timeout_ms = (uint64_t)idle_timeout,
         .max_connections = (uint32_t)max_conns,
     };
-    if (!app.metrics || kvr_http_server_init(&app.http, app.loop, &hc) || register_metrics()) {
+    if (!app.metrics || kvr_http_server_init(&app.http, app.loop, &hc) || register_metrics() ||
+        kvr_loop_stat_start(&app.loop_stat, app.loop, app.metrics, "kvr_frontend")) {
         fprintf(stderr, "kvr-frontend: init failed\n");
         return 1;
     }

@@ -233,6 +233,10 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
         goto fail;
     rd->http.data = rd;
     rd_register_metrics(rd);
+    rc = kvr_loop_stat_start(&rd->loop_stat, loop, rd->metrics, "kvr_routerd");
+    if (rc != 0)
+        goto fail;
+    rd->loop_stat.prep.data = rd;
     if ((rc = rd_pools_open(rd, &err)) != 0) {
         KVR_LOG_ERROR("scale-to-zero pools", "error=\"%s\"", err.msg);
         goto fail;
@@ -329,7 +333,8 @@ void rd_maybe_finish_stop(kvr_routerd *rd)
         return;
     if (!stop_phase2_started) {
         stop_phase2_started = true;
-        rd->closing_handles = 7;
+        rd->closing_handles = 8;
+        kvr_loop_stat_close(&rd->loop_stat, handle_closed);
         uv_close((uv_handle_t *)&rd->tick, handle_closed);
         uv_close((uv_handle_t *)&rd->snap_timer, handle_closed);
         uv_close((uv_handle_t *)&rd->stream_retry, handle_closed);

@@ -29,6 +29,7 @@
 #include "kvr_http.h"
 #include "kvr_json.h"
 #include "kvr_log.h"
+#include "kvr_loop_stat.h"
 #include "kvr_metrics.h"
 #include "kvr_mp.h"
 #include "kvr_nats.h"
@@ -166,6 +167,7 @@ struct kvr_routerd {
      * (follow_quorum, bookings_raft.c) */
     kvr_nats_sub *sub_route, *sub_event, *sub_event_all;
     kvr_nats_sub *sub_route_leader; /* kvr.route.leader while this router is the Raft leader */
+    kvr_loop_stat loop_stat;        /* kvr_routerd_loop_busy_seconds */
     bool raft_leader;               /* kvr_sync's leader_cb: this router leads the group */
     bool groups_left;
     /* kvr_mono_ms() when another router last said it is in the kvr.route queue group with a

@@ -115,4 +115,12 @@ for i in "${left[@]}"; do
     else kvr_assert_eq "$d" 0 "decisions on follower $i after failover"; fi
 done
 kvr_log "ok: leader $L killed, router $L2 leads and answers kvr.route.leader"
+# the loops' turn times are measured (kvr_loop_stat): what a message waits before it is read
+turns() { curl -s --max-time 2 "$1/metrics" | awk -v k="$2" '$1 == k {print int($2); exit}'; }
+for i in "${left[@]}"; do
+    n=$(turns "http://127.0.0.1:${HP[$i]}" kvr_routerd_loop_busy_seconds_count)
+    ((${n:-0} > 0)) || kvr_fail "router $i: no loop turns measured (${n:-none})"
+done
+n=$(turns "http://127.0.0.1:$F1P" kvr_frontend_loop_busy_seconds_count)
+((${n:-0} > 0)) || kvr_fail "frontend: no loop turns measured (${n:-none})"
 kvr_pass
