@@ -12,7 +12,9 @@ rd_beat beat1 ns1 1
 rd_beat beat2 ns1 2
 rd_beat beat3 ns1 3
 rd_beat beat4 ns1 4
-rd_start r1 1 "$P1" "$KVR_TMP/r1" --heartbeat-misses 2 --frontend-timeout 2s
+# --load-weight 1 (Dynamo's; the default is 0.25): the load-aware check below counts on the
+# load term weighing a booked block as much as a block to prefill
+rd_start r1 1 "$P1" "$KVR_TMP/r1" --heartbeat-misses 2 --frontend-timeout 2s --load-weight 1
 kvr_wait_http "http://127.0.0.1:$P1/ready" 15
 
 # four workers, four encodings, prefix 7
