@@ -105,7 +105,17 @@ chaos_check "the $((NALL - NV)) streams on worker $H complete (complete: $oks)" 
 direct=$(cx curl -s --max-time 10 -d '{"model":"m1","prompt":"awake?","max_tokens":3}' "${WURL[$V]}/v1/completions" | jq -r .usage.completion_tokens)
 chaos_check "worker $V answers after SIGCONT" test "$direct" = 3
 r0=$(w_metric "$V" kvr_worker_requests_total)
-more() { [ "$(w_metric "$V" kvr_worker_requests_total)" -gt "$r0" ]; }
+# The load's prompts are cached on worker $H, and the routers' cost (--load-weight 0.25) rightly
+# keeps them there while $H has room, so "serves again" is asked with prompts nobody holds: the
+# idle worker $V is then the cheaper one as long as it is live again in the routers.
+k=0
+more() {
+    k=$((k + 1))
+    cx curl -s --max-time 10 -o /dev/null \
+        -d "{\"model\":\"m1\",\"prompt\":\"fresh $k $RANDOM after the SIGCONT\",\"max_tokens\":2}" \
+        "$F/v1/completions"
+    [ "$(w_metric "$V" kvr_worker_requests_total)" -gt "$r0" ]
+}
 chaos_wait 20 more
 chaos_check "the frontend sends requests to worker $V again" more
 sum=$(chaos_load_stop load 90)
