@@ -1,6 +1,7 @@
 /* fe_core: OpenAI request parsing, error JSON and stream rewriting. See fe_core.h. */
 #include "fe_core.h"
 #include "fe_chat.h"
+#include "kvr_json.h"
 #include "kvr_hftok.h"
 
 #include "kvr_access.h"
@@ -467,10 +468,14 @@ int fe_relay_event(fe_relay *rl, const char *data, size_t len, kvr_buf *out, kvr
     if (cJSON_IsObject(usage)) {
         const cJSON *pt = cJSON_GetObjectItemCaseSensitive(usage, "prompt_tokens");
         const cJSON *ct = cJSON_GetObjectItemCaseSensitive(usage, "completion_tokens");
-        if (cJSON_IsNumber(pt) && cJSON_IsNumber(ct)) {
+        /* A worker is a peer, not a trusted party: a count outside int64 (or NaN) would be
+         * undefined behaviour to convert, so usage that is not a plausible count is ignored. */
+        int64_t ptn, ctn;
+        if (kvr_json_int_exact(pt, &ptn) == 0 && kvr_json_int_exact(ct, &ctn) == 0 && ptn >= 0 &&
+            ctn >= 0) {
             rl->have_usage = true;
-            rl->prompt_tokens = (int64_t)pt->valuedouble;
-            rl->completion_tokens = (int64_t)ct->valuedouble;
+            rl->prompt_tokens = ptn;
+            rl->completion_tokens = ctn;
         }
         const cJSON *d = cJSON_GetObjectItemCaseSensitive(usage, "prompt_tokens_details");
         const cJSON *cached = cJSON_IsObject(d) ? cJSON_GetObjectItemCaseSensitive(d, "cached_tokens")

@@ -3,6 +3,7 @@
  * behaviour for anything else. */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
 #include "run_cluster.h"
+#include "kvr_json.h"
 
 #include <cjson/cJSON.h>
 #include <curl/curl.h>
@@ -130,10 +131,15 @@ static const char *jstr(const cJSON *o, const char *key)
     return cJSON_IsString(v) ? v->valuestring : NULL;
 }
 
+static long long jnum_item(const cJSON *v, long long dflt)
+{
+    int64_t n;
+    return kvr_json_int_exact(v, &n) == 0 ? (long long)n : dflt;
+}
+
 static long long jnum(const cJSON *o, const char *key, long long dflt)
 {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    return cJSON_IsNumber(v) ? (long long)v->valuedouble : dflt;
+    return jnum_item(cJSON_GetObjectItemCaseSensitive(o, key), dflt);
 }
 
 int run_cluster_load(run_cluster *c, const char *dir, kvr_err *err)
@@ -184,7 +190,7 @@ int run_cluster_load(run_cluster *c, const char *dir, kvr_err *err)
         const cJSON *ports = cJSON_GetObjectItemCaseSensitive(it, "ports");
         if (cJSON_IsObject(ports)) {
             const cJSON *first = ports->child;
-            p->port = (int)jnum(ports, "http", first && cJSON_IsNumber(first) ? (long long)first->valuedouble : 0);
+            p->port = (int)jnum(ports, "http", jnum_item(first, 0));
             if (strcmp(p->role, "nats") == 0)
                 p->port = (int)jnum(ports, "client", p->port);
             p->raft_port = (int)jnum(ports, "raft", 0);

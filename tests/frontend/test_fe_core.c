@@ -303,6 +303,20 @@ static void test_relay_usage_hidden_and_aggregate(void **state)
     kvr_buf_reset(&out);
     assert_int_equal(fe_relay_event(&rl, EVU, strlen(EVU), &out, NULL), FE_EV_USAGE);
     assert_int_equal(out.len, 0);
+    assert_true(rl.have_usage);
+    /* Counts a lying worker sends that no int64 holds (found by fuzz_frontend under UBSan) or
+     * that are negative or fractional are ignored, not converted; the stream goes on. */
+    static const char *const bad_usage[] = {
+        "{\"usage\":{\"prompt_tokens\":2.8e49,\"completion_tokens\":1}}",
+        "{\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":-1e300}}",
+        "{\"usage\":{\"prompt_tokens\":-3,\"completion_tokens\":1}}",
+        "{\"usage\":{\"prompt_tokens\":1.5,\"completion_tokens\":1}}",
+    };
+    for (size_t i = 0; i < sizeof bad_usage / sizeof bad_usage[0]; i++) {
+        rl.have_usage = false;
+        assert_true(fe_relay_event(&rl, bad_usage[i], strlen(bad_usage[i]), &out, NULL) >= 0);
+        assert_false(rl.have_usage);
+    }
     fe_relay_free(&rl);
     fe_req_free(&r);
 
