@@ -58,6 +58,10 @@ typedef struct rank {
     bool known;         /* next is meaningful */
     uint64_t next;      /* next expected seq */
     bool replaying;     /* a replay request is out; live batches wait in pending */
+    /* next at the last re-asked gap among batches queued behind a replay: one re-ask per gap,
+     * so a batch the engine no longer has clears the worker instead of looping */
+    bool reasked;
+    uint64_t reasked_at;
     pending *ph, *pt;
     size_t pending_bytes;
     js_outbox ob;

@@ -80,14 +80,35 @@ static void accept_final(rank *rk, uint64_t seq, const void *p, size_t len)
     forward(rk, p, len);
 }
 
-static void replay_done(rank *rk)
+/* Ends a replay and forwards the live batches queued behind it. A replay answer is the
+ * engine's buffer when it read the request: a batch dropped after that (a tail probe or an
+ * earlier gap's request was out when it was published) is neither in the answer nor in the
+ * queue, yet still in the engine's buffer. So a gap among the queued batches is asked for
+ * once more (`may_reask`: the socket answered) before it is counted lost and clears the worker. */
+static void replay_done(rank *rk, bool may_reask)
 {
     rk->replaying = false;
     uv_timer_stop(&rk->replay_timer);
-    pending *p = rk->ph;
+    pending *p = rk->ph, *tail = rk->pt;
     rk->ph = rk->pt = NULL;
     rk->pending_bytes = 0;
     while (p) {
+        if (may_reask && rk->dealer && rk->known && p->seq > rk->next &&
+            !(rk->reasked && rk->reasked_at == rk->next)) {
+            rk->reasked = true;
+            rk->reasked_at = rk->next;
+            KVR_LOG_INFO("gap behind a replay: asking again",
+                         "worker=%" PRIu64 " from=%" PRIu64 " to=%" PRIu64, rk->wid, rk->next,
+                         p->seq);
+            br_start_replay(rk, rk->next);
+            if (rk->replaying) {
+                rk->ph = p; /* still queued, in order, behind the new request */
+                rk->pt = tail;
+                for (pending *q = p; q; q = q->next)
+                    rk->pending_bytes += q->len;
+                return;
+            }
+        }
         pending *nx = p->next;
         accept_final(rk, p->seq, p->data, p->len);
         free(p);
@@ -105,7 +126,7 @@ static void on_replay_timeout(uv_timer_t *t)
      * back for the whole timeout). */
     rk->probes_left = 0;
     br_open_dealer(rk);
-    replay_done(rk);
+    replay_done(rk, false);
 }
 
 void br_start_replay(rank *rk, uint64_t from)
@@ -269,7 +290,7 @@ void br_on_replayed(rank *rk, uint64_t seq, const void *p, size_t len)
     /* silence, not total time, ends a replay (uv_timer_again would stop a one-shot timer) */
     uv_timer_start(&rk->replay_timer, on_replay_timeout, (uint64_t)rk->br->replay_timeout_ms, 0);
     if (seq == KVR_BRIDGE_SEQ_END) {
-        replay_done(rk);
+        replay_done(rk, true);
         return;
     }
     accept_final(rk, seq, p, len);

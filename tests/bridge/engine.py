@@ -82,6 +82,8 @@ class Rank:
             start = int.from_bytes(start, "big")
             with self.lock:
                 items = [(s, p) for s, p in self.buffer if s >= start]
+            if self.a.replay_delay_ms:  # answer as of the request, sent late
+                time.sleep(self.a.replay_delay_ms / 1000)
             topic = self.a.topic.encode()
             for s, p in items:
                 if self.a.replay_mode == "new":
@@ -147,6 +149,8 @@ class Engine:
         (the next n batches are buffered for replay but not published);
         {"op":"restart"} (seq back to 0, nothing held, replay buffer empty);
         {"op":"format","value":"array|map"}; {"op":"replay_mode","value":"old|new|partial|silent"};
+        {"op":"replay_delay","value":ms} (a replay answer is the buffer when the request came,
+        sent ms later);
         {"op":"up","value":true|false} (/metrics and /health answer 503 when false);
         {"op":"garbage","rank":0} (malformed frames and a garbage payload, with seqs)."""
         for c in cmds:
@@ -168,6 +172,8 @@ class Engine:
                 self.fmt = c["value"]
             elif op == "replay_mode":
                 self.a.replay_mode = c["value"]
+            elif op == "replay_delay":
+                self.a.replay_delay_ms = int(c["value"])
             elif op == "up":
                 self.up = bool(c["value"])
             elif op == "garbage":
@@ -208,6 +214,7 @@ def main():
     p.add_argument("--topic", default="")
     p.add_argument("--format", default="array")
     p.add_argument("--replay-mode", default="new")
+    p.add_argument("--replay-delay-ms", type=int, default=0)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--blocks", type=int, default=1000)
     p.add_argument("--buffer-steps", type=int, default=10000)

@@ -2,7 +2,7 @@
 # bridge_path: engine stand-in (vLLM framing, 2 DP ranks) -> kvr-bridge -> real nats-server -js
 # -> a real kvr-routerd. After each step the router's /v1/match must show exactly the blocks the
 # engine holds, per rank/worker: array and map events, a dropped batch recovered by replay in
-# both reply layouts, a bad event inside a good batch, malformed frames and a garbage payload,
+# both reply layouts and while another replay is out, a bad event inside a good batch, malformed frames and a garbage payload,
 # the bridge SIGKILLed and restarted, an engine restart (seq back to 0), a replay socket that
 # answers nothing or never sends its end marker, and the engine's metrics going down (the worker expires).
 source "$(dirname "$0")/../lib/testenv.sh"
@@ -93,6 +93,18 @@ ctl '[{"op":"replay_mode","value":"old"},{"op":"format","value":"array"},{"op":"
 store 1 6
 store 1 7
 check "dropped batch recovered by replay (old layout)"
+
+# A batch dropped while a replay request is out is in neither its answer (the engine's buffer
+# when it read the request) nor the live stream: the bridge asks again instead of clearing
+# (seen in CI when a tail probe was out; made certain here by answering late).
+ctl '[{"op":"replay_delay","value":800},{"op":"drop","rank":1,"n":1}]'
+store 1 20         # dropped
+store 1 21         # live: gap, replay asked; its answer holds 20 and 21, sent 0.8 s later
+ctl '[{"op":"drop","rank":1,"n":1}]'
+store 1 22         # dropped while that replay is out
+store 1 23         # live, queued behind the replay
+check "batch dropped while a replay was out: asked again, nothing cleared"
+ctl '[{"op":"replay_delay","value":0}]'
 
 store 0 8 ',"bad":true'
 ctl '[{"op":"garbage","rank":0}]'
