@@ -169,8 +169,8 @@ int fe_parse_request(const char *body, size_t len, bool is_chat, const kvr_token
             FE_MAX_PROMPT_TOKENS);
     root = cJSON_ParseWithLengthOpts(body, len, &end, false);
     /* Only whitespace may follow the value. */
-    while (root && end && end < body + len && (*end == ' ' || *end == '\n' || *end == '\r' ||
-                                                *end == '\t'))
+    while (root && end && end < body + len &&
+           (*end == ' ' || *end == '\n' || *end == '\r' || *end == '\t'))
         end++;
     if (root && end != body + len) {
         cJSON_Delete(root);
@@ -340,7 +340,9 @@ int fe_upstream_body(kvr_buf *out, const fe_req *r)
 {
     int rc = kvr_buf_append_cstr(out, "{\"model\":");
     rc = rc ? rc : json_str(out, r->model);
-    rc = rc ? rc : kvr_buf_append_cstr(out, ",\"stream\":true,\"stream_options\":{\"include_usage\":true}");
+    rc = rc ? rc
+            : kvr_buf_append_cstr(out,
+                                  ",\"stream\":true,\"stream_options\":{\"include_usage\":true}");
     if (!rc && r->max_tokens > 0)
         rc = kvr_buf_appendf(out, ",\"max_tokens\":%lld", (long long)r->max_tokens);
     rc = rc ? rc : kvr_buf_append_cstr(out, ",\"prompt\":[");
@@ -376,9 +378,10 @@ void fe_relay_free(fe_relay *rl)
 
 static int usage_json(kvr_buf *out, const fe_relay *rl)
 {
-    int rc = kvr_buf_appendf(out, "{\"prompt_tokens\":%lld,\"completion_tokens\":%lld,\"total_tokens\":%lld",
-                             (long long)rl->prompt_tokens, (long long)rl->completion_tokens,
-                             (long long)(rl->prompt_tokens + rl->completion_tokens));
+    int rc = kvr_buf_appendf(
+        out, "{\"prompt_tokens\":%lld,\"completion_tokens\":%lld,\"total_tokens\":%lld",
+        (long long)rl->prompt_tokens, (long long)rl->completion_tokens,
+        (long long)(rl->prompt_tokens + rl->completion_tokens));
     if (!rc && rl->have_cached)
         rc = kvr_buf_appendf(out, ",\"prompt_tokens_details\":{\"cached_tokens\":%lld}",
                              (long long)rl->cached_tokens);
@@ -457,8 +460,8 @@ int fe_relay_event(fe_relay *rl, const char *data, size_t len, kvr_buf *out, kvr
     int ret = FE_EV_NONE, rc = 0;
     const cJSON *error = cJSON_GetObjectItemCaseSensitive(root, "error");
     if (error) {
-        const cJSON *msg = cJSON_IsObject(error) ? cJSON_GetObjectItemCaseSensitive(error, "message")
-                                                 : error;
+        const cJSON *msg =
+            cJSON_IsObject(error) ? cJSON_GetObjectItemCaseSensitive(error, "message") : error;
         kvr_err_set(err, KVR_EIO, "worker error: %.400s",
                     cJSON_IsString(msg) ? msg->valuestring : "unknown");
         cJSON_Delete(root);
@@ -478,8 +481,8 @@ int fe_relay_event(fe_relay *rl, const char *data, size_t len, kvr_buf *out, kvr
             rl->completion_tokens = ctn;
         }
         const cJSON *d = cJSON_GetObjectItemCaseSensitive(usage, "prompt_tokens_details");
-        const cJSON *cached = cJSON_IsObject(d) ? cJSON_GetObjectItemCaseSensitive(d, "cached_tokens")
-                                                : NULL;
+        const cJSON *cached =
+            cJSON_IsObject(d) ? cJSON_GetObjectItemCaseSensitive(d, "cached_tokens") : NULL;
         if (cJSON_IsNumber(cached) && cached->valuedouble >= 0 && cached->valuedouble < 1e12) {
             rl->have_cached = true;
             rl->cached_tokens = (int64_t)cached->valuedouble;

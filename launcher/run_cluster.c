@@ -199,7 +199,8 @@ int run_cluster_load(run_cluster *c, const char *dir, kvr_err *err)
         if (cJSON_IsArray(argv)) {
             int n = cJSON_GetArraySize(argv);
             if (n < 1 || n > RUN_MAX_ARGS) {
-                rc = kvr_err_set(err, KVR_ELIMIT, "%s: %s-%d has %d arguments", path, p->role, p->id, n);
+                rc = kvr_err_set(err, KVR_ELIMIT, "%s: %s-%d has %d arguments", path, p->role,
+                                 p->id, n);
                 goto out;
             }
             char *args[RUN_MAX_ARGS + 1];
@@ -250,7 +251,8 @@ int run_cluster_save(const run_cluster *c, kvr_err *err)
         cJSON_AddStringToObject(o, "url", p->url);
         cJSON *ports = cJSON_AddObjectToObject(o, "ports");
         if (ports) {
-            cJSON_AddNumberToObject(ports, strcmp(p->role, "nats") == 0 ? "client" : "http", p->port);
+            cJSON_AddNumberToObject(ports, strcmp(p->role, "nats") == 0 ? "client" : "http",
+                                    p->port);
             if (p->raft_port) {
                 cJSON_AddNumberToObject(ports, "raft", p->raft_port);
                 cJSON_AddNumberToObject(ports, "raft_forward", p->raft_port + 1);
@@ -562,7 +564,8 @@ int run_cluster_pick_router(run_cluster *c, const char *which, kvr_err *err)
         char *end;
         long id = strtol(which, &end, 10);
         if (*which == 0 || *end != 0 || id < 0)
-            return kvr_err_set(err, KVR_EINVAL, "router '%s': want an id, leader or follower", which);
+            return kvr_err_set(err, KVR_EINVAL, "router '%s': want an id, leader or follower",
+                               which);
         for (int i = 0; i < c->n; i++)
             if (strcmp(c->procs[i].role, "router") == 0 && c->procs[i].id == id)
                 return i;

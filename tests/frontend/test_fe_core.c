@@ -99,9 +99,10 @@ static void test_parse_completion(void **state)
     assert_false(r.has_kv_params);
     fe_req_free(&r);
     /* a client's kv_transfer_params, however its key is spelled (fe_disagg.c drops them) */
-    assert_int_equal(parse("{\"model\":\"m1\",\"prompt\":\"\\u00e9\",\"kv_transfer_param\\u0073\":{}}",
-                           false, &r, &e),
-                     0);
+    assert_int_equal(
+        parse("{\"model\":\"m1\",\"prompt\":\"\\u00e9\",\"kv_transfer_param\\u0073\":{}}", false,
+              &r, &e),
+        0);
     assert_true(r.has_kv_params);
     fe_req_free(&r);
 
@@ -226,19 +227,27 @@ static cJSON *sse_json(const kvr_buf *out)
     return j;
 }
 
-#define EV1 "{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[{\"index\":0,\"text\":\"He\",\"finish_reason\":null}]}"
-#define EV2 "{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[{\"index\":0,\"text\":\"y\\n\",\"finish_reason\":\"length\"}]}"
-#define EVU "{\"id\":\"cmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}"
+#define EV1                                                                                        \
+    "{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[{\"index\":0,\"text\":\"He\"," \
+    "\"finish_reason\":null}]}"
+#define EV2                                                                                        \
+    "{\"id\":\"cmpl-1\",\"object\":\"text_completion\",\"choices\":[{\"index\":0,\"text\":"        \
+    "\"y\\n\",\"finish_reason\":\"length\"}]}"
+#define EVU                                                                                        \
+    "{\"id\":\"cmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,"    \
+    "\"total_tokens\":5}}"
 
 static void test_relay_chat_stream(void **state)
 {
     (void)state;
     fe_req r;
     fe_http_error e;
-    assert_int_equal(parse("{\"model\":\"m\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
-                           "\"stream_options\":{\"include_usage\":true}}",
-                           true, &r, &e),
-                     0);
+    assert_int_equal(
+        parse(
+            "{\"model\":\"m\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+            "\"stream_options\":{\"include_usage\":true}}",
+            true, &r, &e),
+        0);
     fe_relay rl;
     fe_relay_init(&rl, &r, "chatcmpl-abc", 1700000000);
     kvr_buf out;
@@ -266,7 +275,8 @@ static void test_relay_chat_stream(void **state)
     assert_int_equal(fe_relay_event(&rl, EVU, strlen(EVU), &out, NULL), FE_EV_USAGE);
     j = sse_json(&out);
     assert_int_equal(cJSON_GetArraySize(cJSON_GetObjectItem(j, "choices")), 0);
-    assert_int_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "usage"), "total_tokens")->valueint, 5);
+    assert_int_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "usage"), "total_tokens")->valueint,
+                     5);
     cJSON_Delete(j);
     kvr_buf_reset(&out);
     assert_int_equal(fe_relay_event(&rl, "[DONE]", 6, &out, NULL), FE_EV_DONE);
@@ -274,8 +284,7 @@ static void test_relay_chat_stream(void **state)
     kvr_err ke = {0};
     assert_int_equal(fe_relay_event(&rl, "{nope", 5, &out, &ke), KVR_EINVAL);
     const char *errev = "{\"error\":{\"message\":\"boom\"}}";
-    assert_int_equal(fe_relay_event(&rl, errev, strlen(errev), &out, &ke),
-                     FE_EV_ERROR);
+    assert_int_equal(fe_relay_event(&rl, errev, strlen(errev), &out, &ke), FE_EV_ERROR);
     assert_non_null(strstr(ke.msg, "boom"));
     fe_relay_free(&rl);
     kvr_buf_free(&out);
@@ -297,7 +306,8 @@ static void test_relay_usage_hidden_and_aggregate(void **state)
     cJSON *j = sse_json(&out);
     assert_string_equal(cJSON_GetObjectItem(j, "object")->valuestring, "text_completion");
     assert_string_equal(
-        cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(j, "choices"), 0), "text")->valuestring,
+        cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(j, "choices"), 0), "text")
+            ->valuestring,
         "He");
     cJSON_Delete(j);
     kvr_buf_reset(&out);
@@ -334,10 +344,11 @@ static void test_relay_usage_hidden_and_aggregate(void **state)
     assert_non_null(j);
     assert_string_equal(cJSON_GetObjectItem(j, "object")->valuestring, "chat.completion");
     cJSON *c0 = cJSON_GetArrayItem(cJSON_GetObjectItem(j, "choices"), 0);
-    assert_string_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(c0, "message"), "content")->valuestring,
-                        "Hey\n");
+    assert_string_equal(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(c0, "message"), "content")->valuestring, "Hey\n");
     assert_string_equal(cJSON_GetObjectItem(c0, "finish_reason")->valuestring, "length");
-    assert_int_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "usage"), "completion_tokens")->valueint, 2);
+    assert_int_equal(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(j, "usage"), "completion_tokens")->valueint, 2);
     cJSON_Delete(j);
     kvr_buf_reset(&out);
     assert_int_equal(fe_relay_error_event(&out, "worker died"), 0);
@@ -371,7 +382,8 @@ static void test_relay_utf8_split(void **state)
         assert_int_equal(fe_relay_event(&rl, ev[i], strlen(ev[i]), &out, NULL), FE_EV_CHUNK);
         cJSON *j = sse_json(&out);
         const char *t =
-            cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(j, "choices"), 0), "text")->valuestring;
+            cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(j, "choices"), 0), "text")
+                ->valuestring;
         assert_string_equal(t, want[i]);
         cJSON_Delete(j);
     }
@@ -614,7 +626,8 @@ static void test_mutations(void **state)
         "{\"model\":\"m\",\"prompt\":[1,2,3,70000]}",
         "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\","
         "\"text\":\"a\"}]}]}",
-        EV1, EVU,
+        EV1,
+        EVU,
     };
     uint64_t x = 88172645463325252ull;
     char buf[512];
@@ -635,9 +648,14 @@ static void test_mutations(void **state)
             x ^= x << 17;
             size_t pos = (size_t)(x % n);
             switch ((x >> 32) % 3) {
-            case 0: buf[pos] = (char)(x >> 40); break;     /* flip a byte */
-            case 1: n = pos + 1; break;                     /* truncate */
-            default: buf[pos] = "{}[]\",:0-e\\"[(x >> 40) % 12]; /* structural byte */
+            case 0:
+                buf[pos] = (char)(x >> 40);
+                break; /* flip a byte */
+            case 1:
+                n = pos + 1;
+                break; /* truncate */
+            default:
+                buf[pos] = "{}[]\",:0-e\\"[(x >> 40) % 12]; /* structural byte */
             }
         }
         fe_req r;
