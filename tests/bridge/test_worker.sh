@@ -17,17 +17,7 @@ read -r A1 A2 A3 <<<"$(rd_raft_ports 3)"
 PEERS="1@$A1,2@$A2,3@$A3"
 declare -A HP RA WP PUBP REPP
 RA[1]=$A1; RA[2]=$A2; RA[3]=$A3
-used=" ${A1##*:} $((${A1##*:} + 1)) ${A2##*:} $((${A2##*:} + 1)) ${A3##*:} $((${A3##*:} + 1)) "
-port() { # a free port not handed out yet
-    local p
-    while :; do
-        p=$(kvr_free_port)
-        case "$used" in *" $p "*) continue ;; esac
-        used="$used$p "
-        echo "$p"
-        return
-    done
-}
+port() { rd_port_avoiding "$A1" "$A2" "$A3"; }
 for i in 1 2 3; do HP[$i]=$(port); done
 for w in 9 10; do WP[$w]=$(port); PUBP[$w]=$(port); REPP[$w]=$(port); done
 rd_secret "$KVR_TMP/secret"

@@ -81,6 +81,19 @@ print(" ".join(out))
 PY
 }
 
+# rd_port_avoiding ADDR...: a free port from the OS that is none of the given raft addresses
+# ports nor the port after each (the router's forward port), which the routers bind only later
+rd_port_avoiding() {
+    local p a ok
+    while :; do
+        p=$(kvr_free_port)
+        ok=1
+        for a in "$@"; do
+            [ "$p" = "${a##*:}" ] || [ "$p" = "$((${a##*:} + 1))" ] && ok=0
+        done
+        [ $ok = 1 ] && { echo "$p"; return; }
+    done
+}
 # rd_secret FILE: a fresh 32-byte hex secret (cluster secret), readable by us only.
 rd_secret() { (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$1"); }
 
