@@ -7,7 +7,8 @@
                                         schema-valid file has its references checked alone)
 
 What a document must pass (as `kubectl apply --validate=strict` against a cluster that has the
-Gateway API v1.5.1 and InferencePool v1.5.0 CRDs installed would check, see schemas/README.md):
+Gateway API v1.5.1, InferencePool v1.5.0 and Istio 1.30 DestinationRule CRDs installed would
+check, see schemas/README.md):
   - its apiVersion + kind has a schema: Kubernetes 1.35's OpenAPI definitions, or a CRD's
     openAPIV3Schema; a kind without one is refused, never skipped;
   - JSON-schema validation (type, required, enum, pattern, min/max, ...) with jsonschema's
@@ -31,7 +32,7 @@ parent Gateway and backend InferencePool/Service exist; an InferencePool's endpo
 Service port and its selector/targetPorts match a workload's pods and container ports; a
 Service's or NetworkPolicy's selector matches pods that have its target ports; a binding's
 roleRef and ServiceAccount exist and some workload runs as that account; a pod's
-serviceAccountName exists. A GatewayClass is not looked for: the gateway implementation
+serviceAccountName exists; an Istio DestinationRule's host is a Service. A GatewayClass is not looked for: the gateway implementation
 installs it.
 """
 import argparse
@@ -124,6 +125,10 @@ def apply_defaults(schema, value):
             apply_defaults(schema["items"], v)
 
 
+# the vendored CRD schemas (schemas/README.md)
+CRD_FILES = ("gateway-api.json", "inferencepool.json", "istio.json")
+
+
 class Schemas:
     """apiVersion + kind -> a schema in one root document, so $refs resolve across."""
 
@@ -139,16 +144,20 @@ class Schemas:
             for gvk in d.get("x-kubernetes-group-version-kind", []):
                 av = gvk["version"] if not gvk["group"] else gvk["group"] + "/" + gvk["version"]
                 self.kinds[(av, gvk["kind"])] = name
-        for crdfile in ("gateway-api.json", "inferencepool.json"):
+        for crdfile in CRD_FILES:
             with open(os.path.join(folder, crdfile)) as f:
                 for kind, k in json.load(f)["kinds"].items():
                     for version, schema in k["versions"].items():
                         av = k["group"] + "/" + version
                         name = "crd.%s.%s" % (av.replace("/", "."), kind)
                         schema = copy.deepcopy(schema)
-                        # the API server validates a custom resource's metadata as ObjectMeta
-                        schema.setdefault("properties", {})["metadata"] = {
-                            "$ref": "#/definitions/" + OBJECT_META}
+                        # the API server validates a custom resource's metadata as ObjectMeta,
+                        # and always takes apiVersion and kind, listed by the CRD or not
+                        # (Gateway API's list them, Istio's do not)
+                        props = schema.setdefault("properties", {})
+                        props["metadata"] = {"$ref": "#/definitions/" + OBJECT_META}
+                        props.setdefault("apiVersion", {"type": "string"})
+                        props.setdefault("kind", {"type": "string"})
                         defs[name] = schema
                         self.kinds[(av, kind)] = name
         self.root = {"definitions": strict(defs)}
@@ -314,6 +323,18 @@ def references(docs):
                     if selected and "port" in p and not has_port(selected, p["port"]):
                         out.append("%s: ingress port %s is no container port of the selected "
                                    "pods" % (label, p["port"]))
+        elif kind == "DestinationRule":
+            # Istio reads a short host relative to the rule's namespace, and a FQDN as
+            # NAME.NAMESPACE.svc.cluster.local; either way NAME must be a Service here.
+            host = spec.get("host", "")
+            name = host.split(".")[0]
+            if host.count(".") not in (0, 4) or (host.count(".") == 4 and
+                                                   not host.endswith(".svc.cluster.local")):
+                out.append("%s: host %s is neither a short Service name nor "
+                           "NAME.NAMESPACE.svc.cluster.local" % (label, host))
+            elif name not in by.get("Service", {}):
+                out.append("%s: host %s names Service %s, which no manifest defines"
+                           % (label, host, name))
         elif kind in ("RoleBinding", "ClusterRoleBinding"):
             rr = d["roleRef"]
             if rr["kind"] not in by or rr["name"] not in by[rr["kind"]]:

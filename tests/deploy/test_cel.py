@@ -44,7 +44,7 @@ def walk(s):
             walk(v)
 
 
-for f in ("gateway-api.json", "inferencepool.json"):
+for f in ("gateway-api.json", "inferencepool.json", "istio.json"):
     with open(os.path.join(HERE, "schemas", f)) as fh:
         walk(json.load(fh))
 for r in sorted(rules):

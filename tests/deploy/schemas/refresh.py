@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Rebuild the vendored, pruned schemas in this folder from upstream files.
 
-Usage: refresh.py UPSTREAM_DIR
+Usage: refresh.py UPSTREAM_DIR [OUTPUT...]
 UPSTREAM_DIR holds the unmodified upstream files named in README.md (swagger.json and the CRD
 YAMLs). The output is deterministic (sorted keys, fixed indentation), so running this on the
 files of the same tags reproduces the committed JSON byte for byte; that is how a reader checks
-that nothing was edited by hand.
+that nothing was edited by hand. Given OUTPUT names (kubernetes.json, istio.json, ...), only
+those are rebuilt, and only their upstream files are needed.
 
 Pruning keeps what validation needs and drops what it does not:
   - Kubernetes: only the definitions reachable through $ref from the kinds in K8S_KINDS.
@@ -49,6 +50,8 @@ GW = {"repo": "kubernetes-sigs/gateway-api", "tag": "v1.5.1",
       "commit": "e7677b70ae75d14a4448fba94870e7deea6cf0ad"}
 GIE = {"repo": "kubernetes-sigs/gateway-api-inference-extension", "tag": "v1.5.0",
        "commit": "df9f8909fe06fe2dfd4a6fc0bd0c01a0acabf849"}
+ISTIO = {"repo": "istio/api", "tag": "v1.30.3",
+         "commit": "2e43f07b30b6744bc8252fce39fb58b03f85ff8b"}
 # output name -> (upstream source, CRD file, versions kept)
 CRD_VERSIONS = {
     "gateway-api.json": [
@@ -58,6 +61,11 @@ CRD_VERSIONS = {
     ],
     "inferencepool.json": [
         (GIE, "config/crd/bases/inference.networking.k8s.io_inferencepools.yaml", ["v1"]),
+    ],
+    # Istio ships all its CRDs in one multi-document file: the fourth item names the one kept.
+    "istio.json": [
+        (ISTIO, "kubernetes/customresourcedefinitions.gen.yaml", ["v1"],
+         "destinationrules.networking.istio.io"),
     ],
 }
 
@@ -136,13 +144,25 @@ def kubernetes(up, here):
          {"source": source, "definitions": {n: strip(defs[n]) for n in sorted(keep)}})
 
 
-def crds(up, here):
+def load_crd(local, name):
+    with open(local) as f:
+        if name is None:
+            return yaml.safe_load(f)
+        for d in yaml.safe_load_all(f):
+            if d and d.get("metadata", {}).get("name") == name:
+                return d
+    sys.exit("refresh: %s holds no CRD %s" % (local, name))
+
+
+def crds(up, here, only=None):
     for out, entries in CRD_VERSIONS.items():
+        if only and out not in only:
+            continue
         kinds = {}
-        for src, path, versions in entries:
+        for entry in entries:
+            src, path, versions = entry[:3]
             local = os.path.join(up, os.path.basename(path))
-            with open(local) as f:
-                crd = yaml.safe_load(f)
+            crd = load_crd(local, entry[3] if len(entry) > 3 else None)
             spec = crd["spec"]
             kept = {}
             for v in spec["versions"]:
@@ -160,11 +180,13 @@ def crds(up, here):
 
 
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         sys.exit(__doc__)
     here = os.path.dirname(os.path.abspath(__file__))
-    kubernetes(sys.argv[1], here)
-    crds(sys.argv[1], here)
+    only = sys.argv[2:]  # output names (e.g. istio.json): rebuild just those
+    if not only or "kubernetes.json" in only:
+        kubernetes(sys.argv[1], here)
+    crds(sys.argv[1], here, only)
 
 
 if __name__ == "__main__":
