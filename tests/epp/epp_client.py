@@ -7,9 +7,11 @@ usage: epp_client.py ADDR SCENARIO [options]   → one JSON line on stdout
 scenarios: get, post, post-close, garbage, cancel, hang, hold, concurrent, seq, health, unknown-method
 """
 import argparse
+import atexit
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,8 @@ PROTOS = os.path.join(HERE, "protos")
 
 def load_pb():
     out = tempfile.mkdtemp(prefix="epp_pb_")
+    # the modules are imported once, below: the generated files are not needed after exit
+    atexit.register(shutil.rmtree, out, True)
     files = []
     for root, _, names in os.walk(PROTOS):
         for n in names:
