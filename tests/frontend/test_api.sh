@@ -120,10 +120,11 @@ kvr_assert_eq "$(echo "$r" | jq -r '.choices[0].text')" "$text_ns" "after the er
 kvr_assert_eq "$(curl -s -o /dev/null -w '%{http_code}' "$F/health")" 200 "health"
 
 # metrics: requests by route and status
-m=$(curl -s "$F/metrics")
-echo "$m" | grep -q 'kvr_frontend_requests_total{route="completions"}' || kvr_fail "metrics: requests"
-echo "$m" | grep -q 'kvr_frontend_responses_total{status="401"} 2' || kvr_fail "metrics: 401 count"
-echo "$m" | grep -q 'kvr_frontend_ttft_seconds_count' || kvr_fail "metrics: ttft"
+m=$(curl -sS --max-time 10 "$F/metrics" 2>&1) || kvr_fail "metrics: curl: $m"
+grep -q 'kvr_frontend_requests_total{route="completions"}' <<<"$m" ||
+    kvr_fail "metrics: requests (${#m} bytes: ${m:0:300})"
+grep -q 'kvr_frontend_responses_total{status="401"} 2' <<<"$m" || kvr_fail "metrics: 401 count"
+grep -q 'kvr_frontend_ttft_seconds_count' <<<"$m" || kvr_fail "metrics: ttft"
 
 # a worker that dies after the first token: the stream ends with an error event, then [DONE]
 ttft_count() { curl -s "$F/metrics" | awk '/^kvr_frontend_ttft_seconds_count/ {print $2 + 0; exit}'; }
@@ -149,6 +150,6 @@ gone() { curl -s "${AUTH[@]}" "$F/v1/models" | jq -e '.data|length==0' >/dev/nul
 kvr_wait_for 10 gone || kvr_fail "worker never expired"
 hdr=$(curl -s -D - -o "$KVR_TMP/503.json" "${AUTH[@]}" -d "$body" "$F/v1/completions")
 echo "$hdr" | head -1 | grep -q 503 || kvr_fail "no worker: $hdr"
-echo "$hdr" | grep -qi '^Retry-After:' || kvr_fail "no Retry-After"
+grep -qi '^Retry-After:' <<<"$hdr" || kvr_fail "no Retry-After"
 jq -e '.error.message' "$KVR_TMP/503.json" >/dev/null || kvr_fail "503 body"
 kvr_pass

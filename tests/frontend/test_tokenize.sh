@@ -62,5 +62,5 @@ sys.exit(1 if bad else 0)
 PY
 # a directory that is not a model is refused at start-up, naming it
 out=$("$KVR_BIN/kvr-frontend" --listen 127.0.0.1:0 --tokenizer "m=$KVR_TMP/nope" 2>&1) && kvr_fail "started with a bad --tokenizer"
-echo "$out" | grep -q "nope/tokenizer.json" || kvr_fail "bad --tokenizer error does not name the file: $out"
+grep -q "nope/tokenizer.json" <<<"$out" || kvr_fail "bad --tokenizer error does not name the file: $out"
 kvr_pass

@@ -14,11 +14,11 @@ TRACE=$KVR_SRC/data/mooncake_conversation_trace.jsonl.gz
 # Bad input first (needs no cluster).
 out=$("$BENCH" run --trace "$KVR_TMP/none.jsonl" --url http://127.0.0.1:1 --json "$KVR_TMP/x.json" 2>&1) &&
     kvr_fail "run with a missing trace succeeded"
-echo "$out" | grep -q "none.jsonl" || kvr_fail "missing-trace error does not name the file: $out"
+grep -q "none.jsonl" <<<"$out" || kvr_fail "missing-trace error does not name the file: $out"
 printf '{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [0]}\n{"timestamp": "x"}\n' >"$KVR_TMP/bad.jsonl"
 out=$("$BENCH" run --trace "$KVR_TMP/bad.jsonl" --url http://127.0.0.1:1 --json "$KVR_TMP/x.json" 2>&1) &&
     kvr_fail "run with a malformed trace succeeded"
-echo "$out" | grep -q "bad.jsonl" || kvr_fail "malformed-trace error does not name the file: $out"
+grep -q "bad.jsonl" <<<"$out" || kvr_fail "malformed-trace error does not name the file: $out"
 "$BENCH" run --trace "$TRACE" --json "$KVR_TMP/x.json" >/dev/null 2>&1; kvr_assert_eq $? 2 "missing --url exit status"
 
 # Connection failures are counted as such, not hidden.

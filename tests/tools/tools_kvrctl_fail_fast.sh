@@ -16,9 +16,9 @@ if out=$("$KVRCTL" up --dir "$D" --routers 0 --workers 0 --frontends 0 --base-po
 fi
 kvr_log "up said: $out"
 [ $(($(date +%s) - start)) -lt 15 ] || kvr_fail "up did not fail fast"
-echo "$out" | grep -q "nats-0" || kvr_fail "error does not name nats-0"
-echo "$out" | grep -q "port $port" || kvr_fail "error does not name port $port"
-echo "$out" | grep -q "last lines" || kvr_fail "error does not show the log"
+grep -q "nats-0" <<<"$out" || kvr_fail "error does not name nats-0"
+grep -q "port $port" <<<"$out" || kvr_fail "error does not name port $port"
+grep -q "last lines" <<<"$out" || kvr_fail "error does not show the log"
 for pid in $(cluster_pids "$D"); do ! pid_running "$pid" || kvr_fail "pid $pid left running"; done
 
 # 2. A worker that refuses its arguments: named, and nats torn down.
@@ -27,7 +27,7 @@ if [ -x "$KVR_BIN/kvr-worker" ]; then
     if out=$("$KVRCTL" up --dir "$D" --routers 0 --workers 1 --frontends 0 --worker-args "--no-such-flag" --timeout 20 2>&1); then
         kvr_fail "up succeeded with a bad worker flag"
     fi
-    echo "$out" | grep -q "worker-1" || kvr_fail "error does not name worker-1: $out"
+    grep -q "worker-1" <<<"$out" || kvr_fail "error does not name worker-1: $out"
     for pid in $(cluster_pids "$D"); do ! pid_running "$pid" || kvr_fail "pid $pid left running"; done
 else
     kvr_log "SKIP part: kvr-worker not built yet (bad-worker-flag case)"
@@ -39,5 +39,5 @@ fi
 if "$KVRCTL" status --dir "$KVR_TMP/nope" >/dev/null 2>&1; then kvr_fail "status of a missing dir succeeded"; fi
 echo '{"processes": 5}' >"$KVR_TMP/bad.json" && mkdir -p "$KVR_TMP/c3" && mv "$KVR_TMP/bad.json" "$KVR_TMP/c3/cluster.json"
 out=$("$KVRCTL" down --dir "$KVR_TMP/c3" 2>&1) && kvr_fail "down accepted a malformed cluster.json"
-echo "$out" | grep -q "processes" || kvr_fail "malformed cluster.json error is unclear: $out"
+grep -q "processes" <<<"$out" || kvr_fail "malformed cluster.json error is unclear: $out"
 kvr_pass
