@@ -2,6 +2,7 @@
 #include "epp_client.h"
 
 #include "epp/proto/ext_proc_min.pb-c.h"
+#include "epp_grpc_frame.h"
 #include "kvr_buf.h"
 #include "kvr_err.h"
 #include "kvr_log.h"
@@ -47,14 +48,12 @@ struct epp_client_stream {
 static uint8_t *frame(const Envoy__Service__ExtProc__V3__ProcessingRequest *r, size_t *len)
 {
     size_t n = envoy__service__ext_proc__v3__processing_request__get_packed_size(r);
-    uint8_t *b = malloc(n + 5);
+    uint8_t *b = malloc(n + EPP_GRPC_PREFIX);
     if (!b)
         return NULL;
-    b[0] = 0;
-    b[1] = (uint8_t)(n >> 24), b[2] = (uint8_t)(n >> 16), b[3] = (uint8_t)(n >> 8),
-    b[4] = (uint8_t)n;
-    envoy__service__ext_proc__v3__processing_request__pack(r, b + 5);
-    *len = n + 5;
+    epp_grpc_frame_prefix(b, n);
+    envoy__service__ext_proc__v3__processing_request__pack(r, b + EPP_GRPC_PREFIX);
+    *len = n + EPP_GRPC_PREFIX;
     return b;
 }
 
@@ -254,7 +253,12 @@ static ssize_t data_read(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t l
     return (ssize_t)n;
 }
 
-/* DATA: reassembles the 5-byte-prefixed gRPC messages. */
+static void on_msg_cb(const uint8_t *m, size_t n, void *arg)
+{
+    on_msg(arg, m, n);
+}
+
+/* DATA: the gRPC messages, reassembled across frames by kvr-epp's own deframer. */
 static int on_data(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t *data, size_t len,
                    void *ud)
 {
@@ -262,19 +266,10 @@ static int on_data(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t
     epp_client_stream *st = nghttp2_session_get_stream_user_data(s, sid);
     if (!st)
         return 0;
-    kvr_buf_append(&st->in, data, len);
-    size_t off = 0;
-    while (st->in.len - off >= 5) {
-        const uint8_t *p = (const uint8_t *)st->in.base + off;
-        size_t n = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4];
-        if (st->in.len - off < 5 + n)
-            break;
-        on_msg(st, p + 5, n);
-        off += 5 + n;
-    }
-    if (off) {
-        memmove(st->in.base, st->in.base + off, st->in.len - off);
-        st->in.len -= off;
+    if (epp_grpc_deframe(&st->in, data, len, UINT32_MAX, on_msg_cb, st)) {
+        /* a compressed or flagged message: kvr-epp sends neither */
+        count_error(st, EPP_CLIENT_E_PROTO);
+        nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, sid, NGHTTP2_CANCEL);
     }
     return 0;
 }

@@ -31,7 +31,7 @@ enum {
     EPP_CLIENT_E_IMM_OTHER,   /* another ImmediateResponse status */
     EPP_CLIENT_E_GRPC,        /* ended with a non-zero grpc-status */
     EPP_CLIENT_E_RESET,       /* reset (RST_STREAM with an error code) */
-    EPP_CLIENT_E_PROTO,       /* unparsable message, or ended before the exchange was done */
+    EPP_CLIENT_E_PROTO,       /* bad or compressed message, or ended before the exchange was done */
     EPP_CLIENT_E_N
 };
 /* "immediate_429", …, "protocol": the names of the report and its JSON. */
