@@ -1,13 +1,10 @@
 /* kvr-bench epp: kvr-epp driven as Envoy's ext_proc filter drives it, from C.
  *
  * `kvrctl up --routers R --workers W --frontends 0` (nats-server -js, R kvr-routerd in one Raft
- * group, W kvr-workers), then kvr-epp (--secure-serving=false) on that NATS. The client is an
- * nghttp2 client session per connection on non-blocking sockets under one epoll loop (this
- * thread): K connections, many concurrent streams each. One stream = one request as Envoy's
- * FULL_DUPLEX_STREAMED filter sends it: RequestHeaders, RequestBody (one chunk, end_of_stream,
- * an OpenAI chat body); wait for the deferred HeadersResponse and the body echo; then
- * ResponseHeaders and a ResponseBody with end_of_stream (so the booking is freed), half-close,
- * and wait for grpc-status. Open loop at --rate R/s, or closed loop with --concurrency C.
+ * group, W kvr-workers), then kvr-epp (--secure-serving=false) on that NATS, driven by
+ * epp_client (epp_client.h: K h2c connections, many concurrent streams each, one request per
+ * stream as Envoy's FULL_DUPLEX_STREAMED filter sends it). Open loop at --rate R/s, or closed
+ * loop with --concurrency C.
  *
  * Measures: requests/s, errors by kind (ImmediateResponse status, grpc-status, reset), the
  * client's pick latency (last byte of the body message handed to the socket → HeadersResponse
@@ -17,76 +14,25 @@
  *
  * Every cluster is torn down with `kvrctl down`, and kvr-epp stopped, on every path. */
 #include "kvr_bench.h"
-#include "epp/proto/ext_proc_min.pb-c.h"
+#include "epp_client.h"
 #include "kvr_buf.h"
 #include "kvr_log.h"
+#include "raftbench_int.h" /* rb_proc_cpu_s, rb_hist_quantile */
 #include "run_cluster.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <nghttp2/nghttp2.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/epoll.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
-#define BE_PATH "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
-#define BE_MAX_CONNS 64
-#define BE_STREAMS_PER_CONN 1000 /* kvr-epp allows 1,024 */
-
-enum { ST_PICKING = 0, ST_ECHO, ST_RESPONSE, ST_HOLD };
-enum { E_IMM_429 = 0, E_IMM_503, E_IMM_OTHER, E_GRPC, E_RESET, E_PROTO, E_N };
-static const char *const e_names[E_N] = {"immediate_429", "immediate_503", "immediate_other",
-                                         "grpc_status",   "reset",         "protocol"};
-
-typedef struct be_conn be_conn;
-typedef struct be_stream {
-    be_conn *c;
-    int32_t sid;
-    int state;
-    kvr_buf out; /* framed messages not yet handed to nghttp2 */
-    size_t out_off;
-    size_t body_end; /* offset in out just past the body message (0: sent) */
-    bool eof;        /* half-close once out is drained */
-    bool deferred;
-    kvr_buf in; /* response bytes not yet a whole gRPC message */
-    int64_t t_body_ns;
-    int grpc_status;
-    bool error_counted, imm;
-    struct be_stream *lprev, *lnext; /* every live stream (freed at exit: nghttp2_session_del
-                                        calls no close callback) */
-} be_stream;
-
-struct be_conn {
-    int fd;
-    nghttp2_session *s;
-    int open;
-    bool dead;
-};
-
-static struct {
-    be_conn conns[BE_MAX_CONNS];
-    int nconns, ep;
-    uint8_t *m_headers, *m_body, *m_rheaders, *m_rbody; /* framed messages */
-    size_t l_headers, l_body, l_rheaders, l_rbody;
-    double *lat;
-    size_t nlat, cap_lat;
-    uint64_t started, done_ok, errors[E_N], open_streams, held;
-    bool measuring;
-    struct be_stream *live; /* list of live streams */
-} B;
+int benchrd_free_port(void); /* bench_ingest.c */
 
 static volatile sig_atomic_t be_stop;
 static void be_on_signal(int sig)
@@ -95,420 +41,13 @@ static void be_on_signal(int sig)
     be_stop = 1;
 }
 
-/* ---------- gRPC messages ---------- */
-
-static uint8_t *frame(const Envoy__Service__ExtProc__V3__ProcessingRequest *r, size_t *len)
-{
-    size_t n = envoy__service__ext_proc__v3__processing_request__get_packed_size(r);
-    uint8_t *b = malloc(n + 5);
-    if (!b)
-        return NULL;
-    b[0] = 0;
-    b[1] = (uint8_t)(n >> 24), b[2] = (uint8_t)(n >> 16), b[3] = (uint8_t)(n >> 8),
-    b[4] = (uint8_t)n;
-    envoy__service__ext_proc__v3__processing_request__pack(r, b + 5);
-    *len = n + 5;
-    return b;
-}
-
-static uint8_t *headers_msg(bool response, bool eos, size_t *len)
-{
-    Envoy__Config__Core__V3__HeaderValue h[3], *hp[3];
-    const char *kv[2][3][2] = {
-        {{":method", "POST"},
-         {":path", "/v1/chat/completions"},
-         {"content-type", "application/json"}},
-        {{":status", "200"}, {"content-type", "text/event-stream"}, {"server", "kvr-worker"}}};
-    for (int i = 0; i < 3; i++) {
-        envoy__config__core__v3__header_value__init(&h[i]);
-        h[i].key = (char *)kv[response][i][0];
-        h[i].raw_value.data = (uint8_t *)kv[response][i][1];
-        h[i].raw_value.len = strlen(kv[response][i][1]);
-        hp[i] = &h[i];
-    }
-    Envoy__Config__Core__V3__HeaderMap hm = ENVOY__CONFIG__CORE__V3__HEADER_MAP__INIT;
-    hm.n_headers = 3;
-    hm.headers = hp;
-    Envoy__Service__ExtProc__V3__HttpHeaders hh = ENVOY__SERVICE__EXT_PROC__V3__HTTP_HEADERS__INIT;
-    hh.headers = &hm;
-    hh.end_of_stream = eos;
-    Envoy__Service__ExtProc__V3__ProcessingRequest r =
-        ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__INIT;
-    if (response) {
-        r.request_case = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_RESPONSE_HEADERS;
-        r.response_headers = &hh;
-    } else {
-        r.request_case = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_REQUEST_HEADERS;
-        r.request_headers = &hh;
-    }
-    return frame(&r, len);
-}
-
-static uint8_t *body_msg(bool response, const char *body, size_t *len)
-{
-    Envoy__Service__ExtProc__V3__HttpBody hb = ENVOY__SERVICE__EXT_PROC__V3__HTTP_BODY__INIT;
-    hb.body.data = (uint8_t *)body;
-    hb.body.len = strlen(body);
-    hb.end_of_stream = true;
-    Envoy__Service__ExtProc__V3__ProcessingRequest r =
-        ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__INIT;
-    if (response) {
-        r.request_case = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_RESPONSE_BODY;
-        r.response_body = &hb;
-    } else {
-        r.request_case = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_REQUEST_BODY;
-        r.request_body = &hb;
-    }
-    return frame(&r, len);
-}
-
-/* ---------- nghttp2 client ---------- */
-
-static void count_error(be_stream *st, int e)
-{
-    if (st->error_counted)
-        return;
-    st->error_counted = true;
-    if (B.measuring)
-        B.errors[e]++;
-}
-
-static void queue_out(be_stream *st, const uint8_t *m, size_t n)
-{
-    kvr_buf_append(&st->out, m, n);
-    if (st->deferred && st->sid > 0) {
-        st->deferred = false;
-        nghttp2_session_resume_data(st->c->s, st->sid);
-    }
-}
-
-static void end_out(be_stream *st)
-{
-    st->eof = true;
-    if (st->deferred && st->sid > 0) {
-        st->deferred = false;
-        nghttp2_session_resume_data(st->c->s, st->sid);
-    }
-}
-
-static ssize_t data_read(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t len, uint32_t *flags,
-                         nghttp2_data_source *src, void *ud)
-{
-    (void)s, (void)sid, (void)ud;
-    be_stream *st = src->ptr;
-    size_t avail = st->out.len - st->out_off;
-    if (!avail) {
-        if (st->eof) {
-            *flags |= NGHTTP2_DATA_FLAG_EOF;
-            return 0;
-        }
-        st->deferred = true;
-        return NGHTTP2_ERR_DEFERRED;
-    }
-    size_t n = avail < len ? avail : len;
-    memcpy(buf, st->out.base + st->out_off, n);
-    st->out_off += n;
-    if (st->body_end && st->out_off >= st->body_end) {
-        st->body_end = 0;
-        st->t_body_ns = kvr_mono_ns(); /* the body's last byte goes out now */
-    }
-    if (st->out_off == st->out.len) {
-        st->out.len = 0;
-        st->out_off = 0;
-        if (st->eof)
-            *flags |= NGHTTP2_DATA_FLAG_EOF;
-    }
-    return (ssize_t)n;
-}
-
-static void on_msg(be_stream *st, const uint8_t *m, size_t n)
-{
-    Envoy__Service__ExtProc__V3__ProcessingResponse *r =
-        envoy__service__ext_proc__v3__processing_response__unpack(NULL, n, m);
-    if (!r) {
-        count_error(st, E_PROTO);
-        nghttp2_submit_rst_stream(st->c->s, NGHTTP2_FLAG_NONE, st->sid, NGHTTP2_CANCEL);
-        return;
-    }
-    switch (r->response_case) {
-    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_HEADERS:
-        if (st->state == ST_PICKING) {
-            if (B.measuring && st->t_body_ns) {
-                if (B.nlat == B.cap_lat) {
-                    size_t nc = B.cap_lat ? 2 * B.cap_lat : 65536;
-                    double *nl = realloc(B.lat, nc * sizeof *nl);
-                    if (nl)
-                        B.lat = nl, B.cap_lat = nc;
-                }
-                if (B.nlat < B.cap_lat)
-                    B.lat[B.nlat++] = (double)(kvr_mono_ns() - st->t_body_ns) / 1e9;
-            }
-            st->state = ST_ECHO;
-        }
-        break;
-    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_BODY: {
-        const Envoy__Service__ExtProc__V3__BodyResponse *br = r->request_body;
-        if (st->state == ST_ECHO && br->response && br->response->body_mutation &&
-            br->response->body_mutation->streamed_response &&
-            br->response->body_mutation->streamed_response->end_of_stream) {
-            /* the model server answers: response headers, its body (end), then half-close */
-            st->state = ST_RESPONSE;
-            queue_out(st, B.m_rheaders, B.l_rheaders);
-            queue_out(st, B.m_rbody, B.l_rbody);
-            end_out(st);
-        }
-        break;
-    }
-    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_IMMEDIATE_RESPONSE: {
-        int code = r->immediate_response->status ? r->immediate_response->status->code : 0;
-        count_error(st, code == 429 ? E_IMM_429 : code == 503 ? E_IMM_503 : E_IMM_OTHER);
-        st->imm = true;
-        end_out(st);
-        break;
-    }
-    default:
-        break;
-    }
-    envoy__service__ext_proc__v3__processing_response__free_unpacked(r, NULL);
-}
-
-static int on_data(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t *data, size_t len,
-                   void *ud)
-{
-    (void)flags, (void)ud;
-    be_stream *st = nghttp2_session_get_stream_user_data(s, sid);
-    if (!st)
-        return 0;
-    kvr_buf_append(&st->in, data, len);
-    size_t off = 0;
-    while (st->in.len - off >= 5) {
-        const uint8_t *p = (const uint8_t *)st->in.base + off;
-        size_t n = (size_t)p[1] << 24 | (size_t)p[2] << 16 | (size_t)p[3] << 8 | p[4];
-        if (st->in.len - off < 5 + n)
-            break;
-        on_msg(st, p + 5, n);
-        off += 5 + n;
-    }
-    if (off) {
-        memmove(st->in.base, st->in.base + off, st->in.len - off);
-        st->in.len -= off;
-    }
-    return 0;
-}
-
-static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *name, size_t nl,
-                     const uint8_t *value, size_t vl, uint8_t flags, void *ud)
-{
-    (void)flags, (void)ud, (void)vl;
-    be_stream *st = nghttp2_session_get_stream_user_data(s, f->hd.stream_id);
-    if (st && nl == 11 && memcmp(name, "grpc-status", 11) == 0)
-        st->grpc_status = atoi((const char *)value);
-    return 0;
-}
-
-static void stream_link(be_stream *st)
-{
-    st->lnext = B.live;
-    if (B.live)
-        B.live->lprev = st;
-    B.live = st;
-}
-
-static void stream_free(be_stream *st)
-{
-    if (st->lprev)
-        st->lprev->lnext = st->lnext;
-    else if (B.live == st)
-        B.live = st->lnext;
-    if (st->lnext)
-        st->lnext->lprev = st->lprev;
-    kvr_buf_free(&st->out);
-    kvr_buf_free(&st->in);
-    free(st);
-}
-
-static int on_close(nghttp2_session *s, int32_t sid, uint32_t code, void *ud)
-{
-    (void)ud;
-    be_stream *st = nghttp2_session_get_stream_user_data(s, sid);
-    if (!st)
-        return 0;
-    if (st->state == ST_HOLD)
-        B.held--;
-    else if (code != NGHTTP2_NO_ERROR)
-        count_error(st, E_RESET);
-    else if (st->grpc_status != 0)
-        count_error(st, E_GRPC);
-    else if (!st->imm && st->state != ST_RESPONSE)
-        count_error(st, E_PROTO);
-    else if (!st->imm && B.measuring)
-        B.done_ok++;
-    st->c->open--;
-    B.open_streams--;
-    stream_free(st);
-    return 0;
-}
-
-static ssize_t on_send(nghttp2_session *s, const uint8_t *data, size_t len, int flags, void *ud)
-{
-    (void)s, (void)flags;
-    be_conn *c = ud;
-    ssize_t n = send(c->fd, data, len, MSG_NOSIGNAL);
-    if (n < 0)
-        return errno == EAGAIN || errno == EWOULDBLOCK ? NGHTTP2_ERR_WOULDBLOCK
-                                                       : NGHTTP2_ERR_CALLBACK_FAILURE;
-    return n;
-}
-
-static int conn_open(be_conn *c, int port)
-{
-    c->fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (c->fd < 0)
-        return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    int one = 1;
-    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (connect(c->fd, (struct sockaddr *)&a, sizeof a) != 0)
-        return -1;
-    fcntl(c->fd, F_SETFL, fcntl(c->fd, F_GETFL) | O_NONBLOCK);
-    nghttp2_session_callbacks *cb;
-    nghttp2_session_callbacks_new(&cb);
-    nghttp2_session_callbacks_set_send_callback(cb, on_send);
-    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data);
-    nghttp2_session_callbacks_set_on_header_callback(cb, on_header);
-    nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_close);
-    int rc = nghttp2_session_client_new(&c->s, cb, c);
-    nghttp2_session_callbacks_del(cb);
-    if (rc)
-        return -1;
-    nghttp2_settings_entry iv[] = {{NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 100},
-                                   {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20}};
-    nghttp2_submit_settings(c->s, NGHTTP2_FLAG_NONE, iv, 2);
-    nghttp2_session_set_local_window_size(c->s, NGHTTP2_FLAG_NONE, 0, 16 << 20);
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.ptr = c};
-    epoll_ctl(B.ep, EPOLL_CTL_ADD, c->fd, &ev);
-    return 0;
-}
-
-/* A new stream on the least busy live connection: headers + body, or (hold) headers only. */
-static int stream_start(bool hold)
-{
-    be_conn *c = NULL;
-    for (int i = 0; i < B.nconns; i++)
-        if (!B.conns[i].dead && B.conns[i].open < BE_STREAMS_PER_CONN &&
-            (!c || B.conns[i].open < c->open))
-            c = &B.conns[i];
-    if (!c)
-        return -1;
-    be_stream *st = calloc(1, sizeof *st);
-    if (!st)
-        return -1;
-    st->c = c;
-    kvr_buf_init(&st->out);
-    kvr_buf_init(&st->in);
-    stream_link(st);
-    kvr_buf_append(&st->out, B.m_headers, B.l_headers);
-    if (hold) {
-        st->state = ST_HOLD;
-        B.held++;
-    } else {
-        kvr_buf_append(&st->out, B.m_body, B.l_body);
-        st->body_end = st->out.len;
-    }
-    const nghttp2_nv nv[] = {
-#define NV(n, v) {(uint8_t *)n, (uint8_t *)v, sizeof n - 1, sizeof v - 1, NGHTTP2_NV_FLAG_NONE}
-        NV(":method", "POST"),       NV(":scheme", "http"), NV(":path", BE_PATH),
-        NV(":authority", "kvr-epp"), NV("te", "trailers"),  NV("content-type", "application/grpc"),
-#undef NV
-    };
-    nghttp2_data_provider dp = {.source.ptr = st, .read_callback = data_read};
-    st->sid = nghttp2_submit_request(c->s, NULL, nv, sizeof nv / sizeof *nv, &dp, st);
-    if (st->sid < 0) {
-        stream_free(st);
-        return -1;
-    }
-    c->open++;
-    B.open_streams++;
-    B.started++;
-    return 0;
-}
-
-/* Hands every session's pending frames to its socket (streams just started go out now, not
- * after the next wait). */
-static void flush_all(void)
-{
-    for (int i = 0; i < B.nconns; i++) {
-        be_conn *c = &B.conns[i];
-        if (c->dead)
-            continue;
-        if (nghttp2_session_send(c->s) != 0)
-            c->dead = true;
-        struct epoll_event ev = {
-            .events = EPOLLIN | (nghttp2_session_want_write(c->s) ? EPOLLOUT : 0), .data.ptr = c};
-        epoll_ctl(B.ep, EPOLL_CTL_MOD, c->fd, &ev);
-    }
-}
-
-/* One turn: write what is pending, wait up to timeout_us for sockets (epoll_pwait2: an open loop at
- * 5,000/s needs waits under a millisecond without spinning a core), read, then let every session
- * write. */
-static void pump_us(int64_t timeout_us)
-{
-    struct epoll_event evs[BE_MAX_CONNS];
-    flush_all();
-    if (timeout_us < 0)
-        timeout_us = 0;
-    struct timespec ts = {.tv_sec = timeout_us / 1000000, .tv_nsec = timeout_us % 1000000 * 1000};
-    int n = epoll_pwait2(B.ep, evs, BE_MAX_CONNS, &ts, NULL);
-    for (int i = 0; i < n; i++) {
-        be_conn *c = evs[i].data.ptr;
-        if (c->dead || !(evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
-            continue;
-        uint8_t buf[65536];
-        for (;;) {
-            ssize_t r = recv(c->fd, buf, sizeof buf, 0);
-            if (r > 0) {
-                if (nghttp2_session_mem_recv(c->s, buf, (size_t)r) < 0) {
-                    c->dead = true;
-                    break;
-                }
-                continue;
-            }
-            if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-                break;
-            c->dead = true; /* EOF or error */
-            break;
-        }
-    }
-    flush_all();
-}
-
-static void pump(int timeout_ms)
-{
-    pump_us((int64_t)timeout_ms * 1000);
-}
-
 /* ---------- kvr-epp's side: metrics, /proc ---------- */
 
+/* CPU seconds kvr-epp has used; NAN when it is gone (the report then says so). */
 static double proc_cpu_s(int pid)
 {
-    char p[64], buf[2048];
-    snprintf(p, sizeof p, "/proc/%d/stat", pid);
-    FILE *f = fopen(p, "r");
-    if (!f)
-        return NAN;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    char *q = strrchr(buf, ')');
-    if (!q)
-        return NAN;
-    unsigned long ut = 0, stt = 0;
-    /* after ")": state(3) … utime(14) stime(15) */
-    if (sscanf(q + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &stt) != 2)
-        return NAN;
-    return (double)(ut + stt) / (double)sysconf(_SC_CLK_TCK);
+    double s = rb_proc_cpu_s(pid);
+    return s < 0 ? NAN : s;
 }
 
 static double proc_rss_kb(int pid)
@@ -525,12 +64,13 @@ static double proc_rss_kb(int pid)
     return kb;
 }
 
-#define BE_NB 20
+#define BEPP_CLIENT_E_NB 20
 typedef struct {
-    double le[BE_NB], cum[BE_NB], count, sum;
+    double le[BEPP_CLIENT_E_NB], cum[BEPP_CLIENT_E_NB], count, sum;
     int n;
 } be_hist;
 
+/* A histogram of kvr-epp's /metrics, and (gauge not NULL) kvr_epp_open_streams. */
 static int scrape(int mport, const char *metric, be_hist *h, double *gauge)
 {
     char url[128];
@@ -545,27 +85,26 @@ static int scrape(int mport, const char *metric, be_hist *h, double *gauge)
     }
     kvr_buf_append(&b, "", 1);
     memset(h, 0, sizeof *h);
+    char name[128];
+    snprintf(name, sizeof name, "%s_count", metric);
+    run_prom_sum(b.base, b.len, name, &h->count);
+    snprintf(name, sizeof name, "%s_sum", metric);
+    run_prom_sum(b.base, b.len, name, &h->sum);
+    if (gauge)
+        run_prom_sum(b.base, b.len, "kvr_epp_open_streams", gauge);
+    /* the buckets, in order (run_prom_sum would add them up) */
     char pre[128];
     snprintf(pre, sizeof pre, "%s_bucket{le=\"", metric);
     size_t pl = strlen(pre);
-    for (char *line = b.base; line && *line;) {
+    for (char *line = b.base; line && *line && h->n < BEPP_CLIENT_E_NB;) {
         char *nl = strchr(line, '\n');
         if (nl)
             *nl = 0;
-        if (!strncmp(line, pre, pl) && h->n < BE_NB) {
+        if (!strncmp(line, pre, pl)) {
             char *q = line + pl;
             h->le[h->n] = strncmp(q, "+Inf", 4) == 0 ? INFINITY : strtod(q, NULL);
             char *sp = strrchr(line, ' ');
             h->cum[h->n++] = sp ? strtod(sp + 1, NULL) : 0;
-        } else if (!strncmp(line, metric, strlen(metric))) {
-            const char *rest = line + strlen(metric);
-            char *sp = strrchr(line, ' ');
-            if (sp && !strncmp(rest, "_count ", 7))
-                h->count = strtod(sp + 1, NULL);
-            else if (sp && !strncmp(rest, "_sum ", 5))
-                h->sum = strtod(sp + 1, NULL);
-        } else if (gauge && !strncmp(line, "kvr_epp_open_streams ", 21)) {
-            *gauge = strtod(line + 21, NULL);
         }
         line = nl ? nl + 1 : NULL;
     }
@@ -576,21 +115,12 @@ static int scrape(int mport, const char *metric, be_hist *h, double *gauge)
 /* Quantile q of the bucket deltas (after - before), linear inside a bucket. */
 static double hist_q(const be_hist *a, const be_hist *b, double q)
 {
-    double total = b->count - a->count;
-    if (total <= 0 || b->n != a->n)
+    if (b->count - a->count <= 0 || b->n != a->n)
         return NAN;
-    double want = q * total, prev_le = 0, prev_c = 0;
-    for (int i = 0; i < b->n; i++) {
-        double c = b->cum[i] - a->cum[i];
-        if (c >= want) {
-            if (isinf(b->le[i]))
-                return prev_le;
-            double f = c > prev_c ? (want - prev_c) / (c - prev_c) : 1;
-            return prev_le + f * (b->le[i] - prev_le);
-        }
-        prev_le = b->le[i], prev_c = c;
-    }
-    return NAN;
+    double d[BEPP_CLIENT_E_NB];
+    for (int i = 0; i < b->n; i++)
+        d[i] = b->cum[i] - a->cum[i];
+    return rb_hist_quantile(b->le, d, b->n, q);
 }
 
 static int cmp_d(const void *a, const void *b)
@@ -599,27 +129,13 @@ static int cmp_d(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-static double pct(double p)
+/* Percentile p of the sorted client latencies (NAN: none). */
+static double pct(const epp_client *cl, double p)
 {
-    if (!B.nlat)
+    if (!cl->nlat)
         return NAN;
-    size_t i = (size_t)(p * (double)(B.nlat - 1) + 0.5);
-    return B.lat[i];
-}
-
-static int free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET};
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t l = sizeof a;
-    int port = -1;
-    if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
-        getsockname(fd, (struct sockaddr *)&a, &l) == 0)
-        port = ntohs(a.sin_port);
-    if (fd >= 0)
-        close(fd);
-    return port;
+    size_t i = (size_t)(p * (double)(cl->nlat - 1) + 0.5);
+    return cl->lat[i];
 }
 
 static void usage(FILE *f)
@@ -685,13 +201,13 @@ int kvr_bench_epp(int argc, char **argv)
             return 2;
         }
     }
-    if (routers < 1 || workers < 1 || conns < 1 || conns > BE_MAX_CONNS || rate <= 0 ||
-        duration <= 0 || hold < 0 || hold > conns * BE_STREAMS_PER_CONN || concurrency < 0 ||
-        concurrency > (long)conns * BE_STREAMS_PER_CONN) {
+    if (routers < 1 || workers < 1 || conns < 1 || conns > EPP_CLIENT_MAX_CONNS || rate <= 0 ||
+        duration <= 0 || hold < 0 || hold > conns * EPP_CLIENT_STREAMS_PER_CONN ||
+        concurrency < 0 || concurrency > (long)conns * EPP_CLIENT_STREAMS_PER_CONN) {
         fprintf(stderr,
                 "kvr-bench epp: bad options (--conns 1-%d; --hold and --concurrency at "
                 "most %d per connection)\n",
-                BE_MAX_CONNS, BE_STREAMS_PER_CONN);
+                EPP_CLIENT_MAX_CONNS, EPP_CLIENT_STREAMS_PER_CONN);
         return 2;
     }
     run_http_global_init();
@@ -717,6 +233,8 @@ int kvr_bench_epp(int argc, char **argv)
     fprintf(stderr, "== kvrctl up --routers %d --workers %d --frontends 0 in %s\n", routers,
             workers, cdir);
     int rc = 1;
+    epp_client cl;
+    bool cl_inited = false;
     run_cluster c;
     run_cluster_init(&c, cdir);
     run_proc epp;
@@ -748,7 +266,7 @@ int kvr_bench_epp(int argc, char **argv)
     if (slash)
         *slash = 0;
     snprintf(eppbin, sizeof eppbin, "%s/kvr-epp", self);
-    int gport = free_port(), mport = free_port();
+    int gport = benchrd_free_port(), mport = benchrd_free_port();
     char gp[16], mp[16];
     snprintf(gp, sizeof gp, "%d", gport);
     snprintf(mp, sizeof mp, "%d", mport);
@@ -814,17 +332,15 @@ int kvr_bench_epp(int argc, char **argv)
              "helpful assistant.\"},{\"role\":\"user\",\"content\":\"Summarise the plot of "
              "Hamlet in three sentences.\"}],\"max_tokens\":16,\"stream\":true}",
              c.model[0] ? c.model : "m1");
-    B.m_headers = headers_msg(false, false, &B.l_headers);
-    B.m_body = body_msg(false, body, &B.l_body);
-    B.m_rheaders = headers_msg(true, false, &B.l_rheaders);
-    B.m_rbody = body_msg(true, "data: {\"choices\":[]}\n\ndata: [DONE]\n\n", &B.l_rbody);
-    B.ep = epoll_create1(0);
-    B.nconns = conns;
-    for (int i = 0; i < conns; i++)
-        if (conn_open(&B.conns[i], gport)) {
-            fprintf(stderr, "kvr-bench epp: connecting to kvr-epp: %s\n", strerror(errno));
-            goto down;
-        }
+    cl_inited = true;
+    if (epp_client_init(&cl, body, "data: {\"choices\":[]}\n\ndata: [DONE]\n\n")) {
+        fprintf(stderr, "kvr-bench epp: client set-up: %s\n", strerror(errno));
+        goto down;
+    }
+    if (epp_client_connect(&cl, gport, conns)) {
+        fprintf(stderr, "kvr-bench epp: connecting to kvr-epp: %s\n", strerror(errno));
+        goto down;
+    }
     /* warm-up (not measured), then the measured run */
     fprintf(stderr, "== kvr-epp pid %d, %d connections; %s %g for %g s (+%g s warm-up)\n", epp.pid,
             conns, concurrency ? "closed loop, concurrency" : "open loop, rate/s",
@@ -839,15 +355,15 @@ int kvr_bench_epp(int argc, char **argv)
         if (len <= 0)
             continue;
         if (phase) {
-            while (B.open_streams && !be_stop) /* the warm-up's streams end first */
-                pump(10);
+            while (cl.open_streams && !be_stop) /* the warm-up's streams end first */
+                epp_client_pump(&cl, 10);
             if (scrape(mport, "kvr_epp_pick_seconds", &h0, NULL) ||
                 scrape(mport, "kvr_epp_route_seconds", &r0, NULL)) {
                 fprintf(stderr, "kvr-bench epp: /metrics scrape failed\n");
                 goto down;
             }
             cpu0 = proc_cpu_s(epp.pid);
-            B.measuring = true;
+            cl.measuring = true;
         }
         int64_t t0 = kvr_mono_ns(), tend = t0 + (int64_t)(len * 1e9);
         uint64_t due0 = 0;
@@ -856,54 +372,54 @@ int kvr_bench_epp(int argc, char **argv)
             if (now >= tend || be_stop)
                 break;
             if (concurrency) {
-                while (B.open_streams < (uint64_t)concurrency && stream_start(false) == 0)
+                while (cl.open_streams < (uint64_t)concurrency && epp_client_start(&cl, false) == 0)
                     ;
             } else {
                 uint64_t due = (uint64_t)((double)(now - t0) / 1e9 * rate);
                 for (; due0 < due; due0++)
-                    if (stream_start(false) != 0)
+                    if (epp_client_start(&cl, false) != 0)
                         skipped += phase; /* every connection full: the client is the limit */
             }
             if (concurrency) {
-                pump(5);
+                epp_client_pump(&cl, 5);
             } else {
                 /* until the next send is due, or the sockets wake us */
                 double next = (double)(due0 + 1) / rate * 1e9 + (double)t0;
-                pump_us((int64_t)((next - (double)kvr_mono_ns()) / 1e3));
+                epp_client_pump_us(&cl, (int64_t)((next - (double)kvr_mono_ns()) / 1e3));
             }
         }
         int64_t drain_until = kvr_mono_ns() + 5000000000LL;
-        while (B.open_streams && kvr_mono_ns() < drain_until && !be_stop)
-            pump(10);
+        while (cl.open_streams && kvr_mono_ns() < drain_until && !be_stop)
+            epp_client_pump(&cl, 10);
         if (phase) {
             t_run = (double)(kvr_mono_ns() - t0) / 1e9;
             cpu1 = proc_cpu_s(epp.pid);
-            B.measuring = false;
+            cl.measuring = false;
             scrape(mport, "kvr_epp_pick_seconds", &h1, NULL);
             scrape(mport, "kvr_epp_route_seconds", &r1, NULL);
         }
     }
-    uint64_t unfinished = B.open_streams;
+    uint64_t unfinished = cl.open_streams;
     /* RSS per open stream: --hold streams with their request headers sent, held open */
     double rss0 = proc_rss_kb(epp.pid), rss1 = rss0, open_seen = 0;
     if (hold && !be_stop) {
         for (int i = 0; i < hold; i++)
-            stream_start(true);
+            epp_client_start(&cl, true);
         int64_t until = kvr_mono_ms() + 10000;
         be_hist hx;
         while (!be_stop && kvr_mono_ms() < until) {
-            pump(50);
+            epp_client_pump(&cl, 50);
             if (scrape(mport, "kvr_epp_pick_seconds", &hx, &open_seen) == 0 &&
                 open_seen >= hold + (double)unfinished)
                 break;
         }
         rss1 = proc_rss_kb(epp.pid);
     }
-    uint64_t reqs = B.done_ok;
+    uint64_t reqs = cl.done_ok;
     uint64_t nerr = 0;
-    for (int i = 0; i < E_N; i++)
-        nerr += B.errors[i];
-    qsort(B.lat, B.nlat, sizeof *B.lat, cmp_d);
+    for (int i = 0; i < EPP_CLIENT_E_N; i++)
+        nerr += cl.errors[i];
+    qsort(cl.lat, cl.nlat, sizeof *cl.lat, cmp_d);
     double sp50 = hist_q(&h0, &h1, 0.5), sp90 = hist_q(&h0, &h1, 0.9),
            sp99 = hist_q(&h0, &h1, 0.99);
     double rp50 = hist_q(&r0, &r1, 0.5), rp99 = hist_q(&r0, &r1, 0.99);
@@ -918,12 +434,13 @@ int kvr_bench_epp(int argc, char **argv)
            concurrency ? (double)concurrency : rate, t_run);
     printf("  requests ok        %" PRIu64 " (%.0f/s), started %" PRIu64 ", errors %" PRIu64
            ", unfinished %" PRIu64 ", not sent (connections full) %" PRIu64 "\n",
-           reqs, t_run > 0 ? (double)reqs / t_run : 0, B.started, nerr, unfinished, skipped);
-    for (int i = 0; i < E_N; i++)
-        if (B.errors[i])
-            printf("    %-18s %" PRIu64 "\n", e_names[i], B.errors[i]);
+           reqs, t_run > 0 ? (double)reqs / t_run : 0, cl.started, nerr, unfinished, skipped);
+    for (int i = 0; i < EPP_CLIENT_E_N; i++)
+        if (cl.errors[i])
+            printf("    %-18s %" PRIu64 "\n", epp_client_error_names[i], cl.errors[i]);
     printf("  pick, client       p50 %.3f ms  p90 %.3f ms  p99 %.3f ms  max %.3f ms  (n=%zu)\n",
-           pct(0.5) * 1e3, pct(0.9) * 1e3, pct(0.99) * 1e3, pct(1.0) * 1e3, B.nlat);
+           pct(&cl, 0.5) * 1e3, pct(&cl, 0.9) * 1e3, pct(&cl, 0.99) * 1e3, pct(&cl, 1.0) * 1e3,
+           cl.nlat);
     printf("  pick, kvr-epp      p50 %.3f ms  p90 %.3f ms  p99 %.3f ms  (kvr_epp_pick_seconds, "
            "n=%.0f, mean %.3f ms)\n",
            sp50 * 1e3, sp90 * 1e3, sp99 * 1e3, h1.count - h0.count,
@@ -949,9 +466,9 @@ int kvr_bench_epp(int argc, char **argv)
                 ",\"rps\":%.1f,\"started\":%" PRIu64 ",\"unfinished\":%" PRIu64
                 ",\"not_sent\":%" PRIu64 ",\"errors\":{",
                 routers, workers, conns, concurrency ? 0 : rate, concurrency, t_run, reqs,
-                t_run > 0 ? (double)reqs / t_run : 0, B.started, unfinished, skipped);
-        for (int i = 0; i < E_N; i++)
-            fprintf(f, "%s\"%s\":%" PRIu64, i ? "," : "", e_names[i], B.errors[i]);
+                t_run > 0 ? (double)reqs / t_run : 0, cl.started, unfinished, skipped);
+        for (int i = 0; i < EPP_CLIENT_E_N; i++)
+            fprintf(f, "%s\"%s\":%" PRIu64, i ? "," : "", epp_client_error_names[i], cl.errors[i]);
             /* NaN is not JSON: -1 for "not measured" */
 #define J(x) (isnan(x) ? -1.0 : (x))
         fprintf(f,
@@ -960,22 +477,17 @@ int kvr_bench_epp(int argc, char **argv)
                 "\"route_ms\":{\"p50\":%.4f,\"p99\":%.4f,\"mean\":%.4f},"
                 "\"cpu_us_per_request\":%.2f,\"rss_idle_kb\":%.0f,\"rss_held_kb\":%.0f,"
                 "\"held_streams\":%d,\"rss_bytes_per_stream\":%.0f,\"loadavg\":[%.2f,%.2f,%.2f]}\n",
-                J(pct(0.5) * 1e3), J(pct(0.9) * 1e3), J(pct(0.99) * 1e3), J(pct(1.0) * 1e3),
-                J(sp50 * 1e3), J(sp90 * 1e3), J(sp99 * 1e3), J(rp50 * 1e3), J(rp99 * 1e3),
-                J(rmean * 1e3), J(cpu_per * 1e6), J(rss0), J(rss1),
-                hold, J(rss_per), la[0], la[1], la[2]);
+                J(pct(&cl, 0.5) * 1e3), J(pct(&cl, 0.9) * 1e3), J(pct(&cl, 0.99) * 1e3),
+                J(pct(&cl, 1.0) * 1e3), J(sp50 * 1e3), J(sp90 * 1e3), J(sp99 * 1e3), J(rp50 * 1e3),
+                J(rp99 * 1e3), J(rmean * 1e3), J(cpu_per * 1e6), J(rss0), J(rss1), hold, J(rss_per),
+                la[0], la[1], la[2]);
 #undef J
         fclose(f);
     }
     rc = 0;
 down:
-    for (int i = 0; i < B.nconns; i++)
-        if (B.conns[i].s) {
-            nghttp2_session_del(B.conns[i].s);
-            close(B.conns[i].fd);
-        }
-    while (B.live) /* streams still open (held ones): no close callback came for them */
-        stream_free(B.live);
+    if (cl_inited) /* held streams and any still open go with it */
+        epp_client_free(&cl);
     if (epp_started && run_proc_stop(&epp, 2000) != 0) {
         fprintf(stderr, "kvr-bench epp: kvr-epp (pid %d) did not stop\n", epp.pid);
         rc = 1;
@@ -994,6 +506,5 @@ down:
     for (int i = 0; i < epp.argc; i++)
         free(epp.argv[i]);
     run_cluster_free(&c);
-    free(B.lat);
     return rc;
 }

@@ -10,10 +10,17 @@
  *
  * Ownership: the server owns its connections and calls; an epp_grpc_call pointer is valid from
  * on_call until on_close returns. Message bytes handed to on_message are valid during the
- * callback only. */
+ * callback only.
+ *
+ * Files: epp_grpc.c (HTTP/2 streams as calls: the nghttp2 session callbacks and the call API),
+ * epp_grpc_conn.c (connections: socket, TLS records, write queue, back-pressure; the listener),
+ * epp_grpc_frame.c/.h (gRPC's message framing and status codes), epp_grpc_tls.c/.h (the TLS
+ * server context); epp_grpc_int.h is what the first two share. */
 #ifndef EPP_GRPC_H
 #define EPP_GRPC_H
 
+#include "epp_grpc_frame.h" /* status codes, epp_grpc_deframe */
+#include "epp_grpc_tls.h"   /* epp_grpc_tls_ctx */
 #include "kvr_buf.h"
 #include "kvr_err.h"
 
@@ -23,18 +30,6 @@
 #include <uv.h>
 
 #define EPP_GRPC_WRITE_HIGH (1u << 20) /* unsent bytes per connection before reading stops */
-
-/* gRPC status codes used here */
-enum {
-    EPP_GRPC_OK = 0,
-    EPP_GRPC_CANCELLED = 1,
-    EPP_GRPC_INVALID_ARGUMENT = 3,
-    EPP_GRPC_NOT_FOUND = 5,
-    EPP_GRPC_RESOURCE_EXHAUSTED = 8,
-    EPP_GRPC_UNIMPLEMENTED = 12,
-    EPP_GRPC_INTERNAL = 13,
-    EPP_GRPC_UNAVAILABLE = 14,
-};
 
 typedef struct epp_grpc_server epp_grpc_server;
 typedef struct epp_grpc_call epp_grpc_call;
@@ -101,16 +96,6 @@ struct epp_grpc_server {
     void *conns_; /* private list */
 };
 
-/* A TLS server context (SSL_CTX *) for epp_grpc_limits.tls: TLS 1.2+, ALPN "h2" only (a
- * client offering ALPN without h2 is refused). cert_dir: a directory holding tls.crt (chain,
- * PEM) and tls.key; NULL or "": a self-signed P-256 certificate made now (CN kvr-epp, SANs
- * kvr-epp, localhost, 127.0.0.1; 10 years), as the reference EPP does by default. Free it with
- * epp_grpc_tls_free after the servers using it are closed. client_ca (NULL or "": none): a PEM
- * bundle; with it every client must present a certificate it signed (mutual TLS: the gateway
- * proves who it is), and a handshake without one, or with another's, fails. */
-int epp_grpc_tls_ctx(const char *cert_dir, const char *client_ca, void **out, kvr_err *err);
-void epp_grpc_tls_free(void *ctx);
-
 /* Caller-allocated server. limits may be NULL (defaults). */
 int epp_grpc_init(epp_grpc_server *s, uv_loop_t *loop, const epp_grpc_handlers *h,
                   const epp_grpc_limits *limits);
@@ -132,12 +117,5 @@ void epp_grpc_flush(epp_grpc_call *call);
  * connection of s that has no socket, piece bytes per read; its output is discarded, and it
  * is closed at the end (open calls get on_close). Loop thread. Returns 0 or KVR_ENOMEM. */
 int epp_grpc_feed(epp_grpc_server *s, const uint8_t *data, size_t len, size_t piece);
-
-/* Parses the framing of a gRPC request body (for the fuzz target and tests): calls cb for
- * each whole message in data[0..len), keeps the tail in *rest (a partial message). Returns 0,
- * or a gRPC status (RESOURCE_EXHAUSTED for an oversized message, UNIMPLEMENTED for a
- * compressed one). */
-int epp_grpc_deframe(kvr_buf *rest, const uint8_t *data, size_t len, size_t max_message,
-                     void (*cb)(const uint8_t *msg, size_t n, void *arg), void *arg);
 
 #endif
