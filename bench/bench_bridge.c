@@ -14,6 +14,7 @@
  *    wait is the stream's), p50/p99/max;
  * and the bridge's CPU (utime+stime from /proc over each phase) and peak RSS (VmHWM).
  * Batches are identified by their first block hash (batch index + 1). */
+#include "bench_util.h"
 #include "kv_event.h"
 #include "kvr_buf.h"
 #include "kvr_mp.h"
@@ -45,7 +46,6 @@ typedef struct benchrd_env {
     char nats_url[64];
     bool keep;
 } benchrd_env;
-int benchrd_free_port(void);
 int benchrd_setup(benchrd_env *e, const char *argv0, const char *routerd, bool keep);
 int benchrd_start_router(benchrd_env *e, const char *snapshot_interval);
 int64_t benchrd_wait_ready(benchrd_env *e, int timeout_ms);
@@ -297,7 +297,7 @@ int kvr_bench_bridge(int argc, char **argv)
     int hwm = 0, zero = 0;
     zmq_setsockopt(pub, ZMQ_SNDHWM, &hwm, sizeof hwm);
     zmq_setsockopt(pub, ZMQ_LINGER, &zero, sizeof zero);
-    int zport = benchrd_free_port();
+    int zport = bench_free_port();
     char zep[64], eng[64], log[PATH_MAX + 16];
     snprintf(zep, sizeof zep, "tcp://127.0.0.1:%d", zport);
     snprintf(eng, sizeof eng, "http://127.0.0.1:%d", ntohs(sa.sin_port));

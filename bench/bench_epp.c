@@ -14,10 +14,10 @@
  *
  * Every cluster is torn down with `kvrctl down`, and kvr-epp stopped, on every path. */
 #include "kvr_bench.h"
+#include "bench_util.h"
 #include "epp_client.h"
 #include "kvr_buf.h"
 #include "kvr_log.h"
-#include "raftbench_int.h" /* rb_proc_cpu_s, rb_hist_quantile */
 #include "run_cluster.h"
 
 #include <errno.h>
@@ -32,7 +32,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-int benchrd_free_port(void); /* bench_ingest.c */
 
 static volatile sig_atomic_t be_stop;
 static void be_on_signal(int sig)
@@ -46,7 +45,7 @@ static void be_on_signal(int sig)
 /* CPU seconds kvr-epp has used; NAN when it is gone (the report then says so). */
 static double proc_cpu_s(int pid)
 {
-    double s = rb_proc_cpu_s(pid);
+    double s = bench_proc_cpu_s(pid);
     return s < 0 ? NAN : s;
 }
 
@@ -120,7 +119,7 @@ static double hist_q(const be_hist *a, const be_hist *b, double q)
     double d[BEPP_CLIENT_E_NB];
     for (int i = 0; i < b->n; i++)
         d[i] = b->cum[i] - a->cum[i];
-    return rb_hist_quantile(b->le, d, b->n, q);
+    return bench_hist_quantile(b->le, d, b->n, q);
 }
 
 static int cmp_d(const void *a, const void *b)
@@ -266,7 +265,7 @@ int kvr_bench_epp(int argc, char **argv)
     if (slash)
         *slash = 0;
     snprintf(eppbin, sizeof eppbin, "%s/kvr-epp", self);
-    int gport = benchrd_free_port(), mport = benchrd_free_port();
+    int gport = bench_free_port(), mport = bench_free_port();
     char gp[16], mp[16];
     snprintf(gp, sizeof gp, "%d", gport);
     snprintf(mp, sizeof mp, "%d", mport);

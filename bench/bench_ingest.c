@@ -10,6 +10,7 @@
  * the router's applied stream sequence (GET /v1/state) reaches the last acked sequence.
  *
  * Also holds the helpers bench_route.c uses (benchrd_*): process spawn, HTTP state, preload. */
+#include "bench_util.h"
 #include "kv_event.h"
 #include "kvr_buf.h"
 #include "kvr_log.h"
@@ -44,20 +45,6 @@ typedef struct benchrd_env {
     bool keep;
 } benchrd_env;
 
-int benchrd_free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t l = sizeof(a);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &l) != 0) {
-        if (fd >= 0)
-            close(fd);
-        return -1;
-    }
-    close(fd);
-    return ntohs(a.sin_port);
-}
 
 static pid_t spawn(const char *log, char *const argv[])
 {
@@ -117,7 +104,7 @@ int benchrd_setup(benchrd_env *e, const char *argv0, const char *routerd, bool k
         fprintf(stderr, "kvr-bench: %s is not executable (use --routerd)\n", e->routerd);
         return -1;
     }
-    e->nats_port = benchrd_free_port();
+    e->nats_port = bench_free_port();
     char conf[PATH_MAX + 64], js[PATH_MAX + 8];
     snprintf(conf, sizeof(conf), "%s/nats.conf", e->dir);
     snprintf(js, sizeof(js), "%s/js", e->dir);
@@ -142,7 +129,7 @@ int benchrd_setup(benchrd_env *e, const char *argv0, const char *routerd, bool k
         fprintf(stderr, "kvr-bench: nats-server did not start (see %s)\n", log);
         return -1;
     }
-    e->http_port = benchrd_free_port();
+    e->http_port = bench_free_port();
     return 0;
 }
 

@@ -6,6 +6,7 @@
 #ifndef RAFTBENCH_INT_H
 #define RAFTBENCH_INT_H
 
+#include "bench_util.h"
 #include "kvr_buf.h"
 #include "kvr_nats.h"
 #include "route_msg.h"
@@ -134,9 +135,7 @@ typedef struct rb_phase {
 } rb_phase;
 
 int rb_prom_scrape(const char *url, rb_prom *m);
-double rb_hist_quantile(const double *le, const double *cum, int nb, double q);
 int rb_state_get(const char *url, rb_state *s);
-double rb_proc_cpu_s(int pid);
 double rb_loadavg1(void);
 int rb_cmp_i64(const void *a, const void *b);
 int64_t rb_pct(const int64_t *v, size_t n, double p);

@@ -157,12 +157,12 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
     r->target.leader_first = raft && !o->any_router;
     fprintf(stderr, "== %s: %d in flight for %d s over NATS %s\n", ph->name, o->inflight,
             o->duration_s, r->target.leader_first ? "kvr.route.leader (then kvr.route)" : "kvr.route");
-    double cpu0[RB_MAX_ROUTERS], cpu_nats0 = rb_proc_cpu_s(nats->pid), cpu_w0 = 0, cpu_c0 = rb_proc_cpu_s(0);
+    double cpu0[RB_MAX_ROUTERS], cpu_nats0 = bench_proc_cpu_s(nats->pid), cpu_w0 = 0, cpu_c0 = bench_proc_cpu_s(0);
     for (int i = 0; i < nr; i++)
-        cpu0[i] = rb_proc_cpu_s(rpid[i]);
+        cpu0[i] = bench_proc_cpu_s(rpid[i]);
     for (int i = 0; i < c.n; i++)
         if (!strcmp(c.procs[i].role, "worker"))
-            cpu_w0 += rb_proc_cpu_s(c.procs[i].pid);
+            cpu_w0 += bench_proc_cpu_s(c.procs[i].pid);
     ph->load_before = rb_loadavg1();
     rb_state sa0, sa1;
     bool have_applied = raft && rb_state_get(rurl[0], &sa0) == 0;
@@ -170,12 +170,12 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
     if (have_applied && rb_state_get(rurl[0], &sa1) == 0 && sa1.applied >= sa0.applied)
         ph->log_entries = sa1.applied - sa0.applied;
     for (int i = 0; i < nr; i++)
-        ph->per[i].cpu_s = rb_proc_cpu_s(rpid[i]) - cpu0[i];
-    ph->cpu_nats_s = rb_proc_cpu_s(nats->pid) - cpu_nats0;
-    ph->cpu_client_s = rb_proc_cpu_s(0) - cpu_c0;
+        ph->per[i].cpu_s = bench_proc_cpu_s(rpid[i]) - cpu0[i];
+    ph->cpu_nats_s = bench_proc_cpu_s(nats->pid) - cpu_nats0;
+    ph->cpu_client_s = bench_proc_cpu_s(0) - cpu_c0;
     for (int i = 0; i < c.n; i++)
         if (!strcmp(c.procs[i].role, "worker"))
-            ph->cpu_workers_s += rb_proc_cpu_s(c.procs[i].pid);
+            ph->cpu_workers_s += bench_proc_cpu_s(c.procs[i].pid);
     ph->cpu_workers_s -= cpu_w0;
     ph->load_after = rb_loadavg1();
     if (lrc != 0) {
@@ -249,11 +249,11 @@ static int rb_phase_run(const rb_opts *o, const char *workdir, rb_phase *ph)
         }
         if (nb == 0)
             nb = m;
-        ph->per[i].p50_us = rb_hist_quantile(after[i].le, d, m, 0.50) * 1e6;
-        ph->per[i].p99_us = rb_hist_quantile(after[i].le, d, m, 0.99) * 1e6;
+        ph->per[i].p50_us = bench_hist_quantile(after[i].le, d, m, 0.50) * 1e6;
+        ph->per[i].p99_us = bench_hist_quantile(after[i].le, d, m, 0.99) * 1e6;
     }
-    ph->r_p50_us = rb_hist_quantile(le, cum, nb, 0.50) * 1e6;
-    ph->r_p99_us = rb_hist_quantile(le, cum, nb, 0.99) * 1e6;
+    ph->r_p50_us = bench_hist_quantile(le, cum, nb, 0.50) * 1e6;
+    ph->r_p99_us = bench_hist_quantile(le, cum, nb, 0.99) * 1e6;
     ph->r_mean_us = lcnt > 0 ? lsum / lcnt * 1e6 : NAN;
     /* spread: every router decided a fair share (at least a quarter of an even split) */
     ph->spread_ok = true;
