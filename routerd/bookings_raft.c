@@ -63,8 +63,8 @@ static bool route_policy_covers(kvr_routerd *rd)
     return kvr_cost_params_equal(&pol, &fo.cost);
 }
 
-static void on_policy_done(kvr_routerd *rd, int status, const kvr_fsm_result *res,
-                           rd_decided how, void *data)
+static void on_policy_done(kvr_routerd *rd, int status, const kvr_fsm_result *res, rd_decided how,
+                           void *data)
 {
     (void)data;
     rd->policy_inflight = false;

@@ -359,9 +359,8 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         kvr_policy_cmd *pc = &cmd->u.policy;
         NEED(8);
         CK(kvr_mp_read_uint(&r, &pc->set_by));
-        double *w[6] = {&pc->cost.overlap_weight,  &pc->cost.load_weight,
-                        &pc->cost.queue_weight,    &pc->cost.overflow_weight,
-                        &pc->cost.tie_band,        &pc->cost.temperature};
+        double *w[6] = {&pc->cost.overlap_weight,  &pc->cost.load_weight, &pc->cost.queue_weight,
+                        &pc->cost.overflow_weight, &pc->cost.tie_band,    &pc->cost.temperature};
         for (int j = 0; j < 6; j++)
             CK(kvr_mp_read_double(&r, w[j]));
         if (!kvr_cost_params_valid(&pc->cost)) {
@@ -409,9 +408,9 @@ const uint8_t *kvr_cmd_request_id(const kvr_cmd *cmd)
 
 const char *kvr_cmd_type_name(kvr_cmd_type t)
 {
-    static const char *names[] = {"NONE", "ROUTE", "PREFILL_DONE", "FREE", "WORKER_UP",
-                                  "WORKER_DOWN", "FRONTEND_SEEN", "FRONTEND_EXPIRE", "EXPIRE",
-                                  "POOL_SET", "ROUTE_POLICY"};
+    static const char *names[] = {"NONE",      "ROUTE",       "PREFILL_DONE",  "FREE",
+                                  "WORKER_UP", "WORKER_DOWN", "FRONTEND_SEEN", "FRONTEND_EXPIRE",
+                                  "EXPIRE",    "POOL_SET",    "ROUTE_POLICY"};
     return (unsigned)t < sizeof names / sizeof *names ? names[t] : "UNKNOWN";
 }
 

@@ -47,7 +47,7 @@ typedef enum kvr_cmd_type {
     KVR_CMD_FRONTEND_SEEN = 6,
     KVR_CMD_FRONTEND_EXPIRE = 7,
     KVR_CMD_EXPIRE = 8,
-    KVR_CMD_POOL_SET = 9, /* scale-to-zero: a pool's lifecycle state (fsm.h "Pools") */
+    KVR_CMD_POOL_SET = 9,      /* scale-to-zero: a pool's lifecycle state (fsm.h "Pools") */
     KVR_CMD_ROUTE_POLICY = 10, /* the route cost's weights, replicated (fsm.h "Route policy") */
 } kvr_cmd_type;
 #define KVR_CMD_TYPE_MAX KVR_CMD_ROUTE_POLICY
@@ -111,10 +111,11 @@ typedef struct kvr_route_cmd {
      * decides alike whatever its own flags. When has_cost is false the FSM uses the replicated
      * route policy (ROUTE_POLICY, fsm.h) once one was applied, else its options' weights, so a
      * router leaves them out only once it has seen a policy applied (routerd/bookings_raft.c):
-     * the ROUTE is then after that policy in the log on every replica. Encoded as ROUTE's optional 13th field, an array [overlap_weight, load_weight,
-     * queue_weight, overflow_weight, tie_band, temperature] of numbers, only when has_cost
-     * (the 10th-12th are then written, the 12th as nil when disagg is false; a decoder from
-     * before this field refuses such a command, so upgrade every router of a group first). */
+     * the ROUTE is then after that policy in the log on every replica. Encoded as ROUTE's optional
+     * 13th field, an array [overlap_weight, load_weight, queue_weight, overflow_weight, tie_band,
+     * temperature] of numbers, only when has_cost (the 10th-12th are then written, the 12th as nil
+     * when disagg is false; a decoder from before this field refuses such a command, so upgrade
+     * every router of a group first). */
     bool has_cost;
     kvr_cost_params cost;
 } kvr_route_cmd;

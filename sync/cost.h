@@ -66,9 +66,8 @@ static inline bool kvr_cost_params_valid(const kvr_cost_params *p)
 {
     return p->overlap_weight > 0 && p->load_weight >= 0 && p->queue_weight >= 0 &&
            p->overflow_weight >= 0 && p->tie_band >= 0 && p->temperature >= 0 &&
-           isfinite(p->overlap_weight) && isfinite(p->load_weight) &&
-           isfinite(p->queue_weight) && isfinite(p->overflow_weight) && isfinite(p->tie_band) &&
-           isfinite(p->temperature);
+           isfinite(p->overlap_weight) && isfinite(p->load_weight) && isfinite(p->queue_weight) &&
+           isfinite(p->overflow_weight) && isfinite(p->tie_band) && isfinite(p->temperature);
 }
 
 /* Whether two sets of weights are the same (field by field; valid ones hold no NaN). */

@@ -539,7 +539,7 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
     double cost = 0;
     /* the proposing router's weights when the command carries them (cmd.h), so replicas with
      * other flags still decide alike; else the replicated policy ("Route policy", fsm.h) */
-    const kvr_cost_params *cp = rc->has_cost     ? &rc->cost
+    const kvr_cost_params *cp = rc->has_cost    ? &rc->cost
                                 : f->has_policy ? &f->policy
                                                 : &f->opts.cost;
     long k = kvr_cost_choose(rc->request_id, rc->request_blocks, f->scratch, n, cp, &cost);

@@ -241,10 +241,10 @@ bool kvr_fsm_policy(const kvr_fsm *f, kvr_cost_params *cost, uint64_t *set_by);
  * clock_ms, finished [[request_id, ms]...] oldest first, down_counter, pools, policy (nil or
  * [set_by, overlap_weight, load_weight, queue_weight, overflow_weight, tie_band, temperature])],
  * each worker [id, ns, model, url, role, up, block_size, capacity_blocks, down_seq], XXH3-64
- * checksum of all before it. Versions 3 and 4 (no pools, no policy) restore too. Version 2 (no down_seq, no down_counter: every down worker restores with
- * stamp 0) and version 1 (also no clock, no record: clock 0, empty record) still restore;
- * other versions are refused with KVR_EUNSUPPORTED. Bookings' local_ms is not in it (restored
- * as 0). Appends to out. */
+ * checksum of all before it. Versions 3 and 4 (no pools, no policy) restore too. Version 2 (no
+ * down_seq, no down_counter: every down worker restores with stamp 0) and version 1 (also no clock,
+ * no record: clock 0, empty record) still restore; other versions are refused with
+ * KVR_EUNSUPPORTED. Bookings' local_ms is not in it (restored as 0). Appends to out. */
 int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err);
 /* Replaces f's state with a snapshot's. On any error (bad magic/version/checksum/contents)
  * f is left unchanged and err says why. */

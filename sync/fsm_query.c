@@ -60,9 +60,9 @@ uint64_t kvr_fsm_digest(const kvr_fsm *f)
     d += XXH3_64bits_withSeed(&f->down_counter, sizeof f->down_counter, 6);
     d += fsm_pools_digest(f);
     if (f->has_policy) { /* it decides future ROUTEs: part of the state */
-        const double w[6] = {f->policy.overlap_weight,  f->policy.load_weight,
-                             f->policy.queue_weight,    f->policy.overflow_weight,
-                             f->policy.tie_band,        f->policy.temperature};
+        const double w[6] = {f->policy.overlap_weight, f->policy.load_weight,
+                             f->policy.queue_weight,   f->policy.overflow_weight,
+                             f->policy.tie_band,       f->policy.temperature};
         uint8_t buf[8 + sizeof w];
         memcpy(buf, &f->policy_set_by, 8);
         memcpy(buf + 8, w, sizeof w);

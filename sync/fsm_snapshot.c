@@ -362,9 +362,9 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     if (version >= 5 && kvr_mp_peek(&r) == KVR_MP_NIL) {
         CK(kvr_mp_read_nil(&r));
     } else if (version >= 5) {
-        double *w[6] = {&nf->policy.overlap_weight,  &nf->policy.load_weight,
-                        &nf->policy.queue_weight,    &nf->policy.overflow_weight,
-                        &nf->policy.tie_band,        &nf->policy.temperature};
+        double *w[6] = {&nf->policy.overlap_weight, &nf->policy.load_weight,
+                        &nf->policy.queue_weight,   &nf->policy.overflow_weight,
+                        &nf->policy.tie_band,       &nf->policy.temperature};
         CK(kvr_mp_read_array(&r, &m));
         if (m < 7) {
             rc = KVR_EINVAL;
