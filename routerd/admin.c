@@ -24,6 +24,24 @@ void rd_respond_error(kvr_http_req *req, int status, const char *msg)
     kvr_buf_free(&b);
 }
 
+/* Opens an object with the six weights (the caller adds members and closes it). */
+static void cost_json(kvr_jw *w, const kvr_cost_params *c)
+{
+    kvr_jw_obj(w);
+    kvr_jw_key(w, "overlap_weight");
+    kvr_jw_double(w, c->overlap_weight);
+    kvr_jw_key(w, "load_weight");
+    kvr_jw_double(w, c->load_weight);
+    kvr_jw_key(w, "queue_weight");
+    kvr_jw_double(w, c->queue_weight);
+    kvr_jw_key(w, "overflow_weight");
+    kvr_jw_double(w, c->overflow_weight);
+    kvr_jw_key(w, "tie_band");
+    kvr_jw_double(w, c->tie_band);
+    kvr_jw_key(w, "temperature");
+    kvr_jw_double(w, c->temperature);
+}
+
 static void http_state(kvr_routerd *rd, kvr_http_req *req)
 {
     kvr_buf b;
@@ -59,25 +77,27 @@ static void http_state(kvr_routerd *rd, kvr_http_req *req)
     kvr_jw_u64(&w, kvr_index_stream_seq(rd->idx));
     rd_approx_state_json(rd, &w); /* "mode", and "approx" in approx mode */
     kvr_jw_end(&w);
-    /* the route cost's weights (sync/cost.h): equal on every router of a group, or their
-     * decisions (and FSM digests) differ */
+    /* the route cost's weights (sync/cost.h): "cost" this router's flags, "cost_policy" the
+     * replicated policy the group's ROUTEs without weights use (null: none applied yet; with
+     * Raft the leader's flags, DESIGN section 6) */
     kvr_fsm_options fo;
     rd_fsm_options(rd, &fo);
     kvr_jw_key(&w, "cost");
-    kvr_jw_obj(&w);
-    kvr_jw_key(&w, "overlap_weight");
-    kvr_jw_double(&w, fo.cost.overlap_weight);
-    kvr_jw_key(&w, "load_weight");
-    kvr_jw_double(&w, fo.cost.load_weight);
-    kvr_jw_key(&w, "queue_weight");
-    kvr_jw_double(&w, fo.cost.queue_weight);
-    kvr_jw_key(&w, "overflow_weight");
-    kvr_jw_double(&w, fo.cost.overflow_weight);
-    kvr_jw_key(&w, "tie_band");
-    kvr_jw_double(&w, fo.cost.tie_band);
-    kvr_jw_key(&w, "temperature");
-    kvr_jw_double(&w, fo.cost.temperature);
+    cost_json(&w, &fo.cost);
     kvr_jw_end(&w);
+    kvr_cost_params pol;
+    uint64_t pol_by = 0;
+    kvr_jw_key(&w, "cost_policy");
+    if (kvr_fsm_policy(rd_fsm(rd), &pol, &pol_by)) {
+        cost_json(&w, &pol);
+        kvr_jw_key(&w, "set_by");
+        kvr_jw_u64(&w, pol_by);
+        kvr_jw_key(&w, "matches_flags");
+        kvr_jw_bool(&w, kvr_cost_params_equal(&pol, &fo.cost));
+        kvr_jw_end(&w);
+    } else {
+        kvr_jw_null(&w);
+    }
     kvr_jw_key(&w, "ingest");
     kvr_jw_obj(&w);
     kvr_jw_key(&w, "snapshot_loaded");

@@ -41,6 +41,77 @@ static int raft_submit(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *
     return rc;
 }
 
+/* The route policy (DESIGN section 6 "Route policy", fsm.h): the cost's weights are
+ * replicated configuration. The leader proposes its own flags as a ROUTE_POLICY whenever the
+ * applied policy differs from them (none yet, another leader's, or a stale one committed
+ * late), so after an election the new leader's flags rule. A ROUTE leaves its weights out
+ * (cmd.h has_cost) once the policy it would be decided by is applied on this router: the
+ * ROUTE is then after that policy in the log, so every replica decides it with the same
+ * weights, whatever their flags. On the leader that is its own policy (until then its ROUTEs
+ * carry its flags, which the policy will say anyway); on a follower it is whatever policy
+ * was applied (the group's, not this router's flags). With no policy applied every ROUTE
+ * carries its router's weights, as before this command existed. */
+static bool route_policy_covers(kvr_routerd *rd)
+{
+    kvr_cost_params pol;
+    if (!kvr_fsm_policy(kvr_sync_fsm(rd->sync), &pol, NULL))
+        return false;
+    if (!rd->raft_leader)
+        return true;
+    kvr_fsm_options fo;
+    rd_fsm_options(rd, &fo);
+    return kvr_cost_params_equal(&pol, &fo.cost);
+}
+
+static void on_policy_done(kvr_routerd *rd, int status, const kvr_fsm_result *res, rd_decided how,
+                           void *data)
+{
+    (void)data;
+    rd->policy_inflight = false;
+    if (status != 0 || !res || res->outcome != KVR_OUT_OK)
+        KVR_LOG_WARN_RL(5, "route policy not applied", "status=%d outcome=%s how=%s", status,
+                        res ? kvr_outcome_name(res->outcome) : "-", rd_decided_name(how));
+}
+
+/* On the leader in office (not degraded): proposes this router's weights when the applied
+ * policy differs. One proposal at a time; the tick retries. */
+static void route_policy_follow(kvr_routerd *rd)
+{
+    if (!rd->sync || rd->stopping || rd->policy_inflight || !rd->raft_leader)
+        return;
+    kvr_sync_state ss;
+    kvr_sync_get_state(rd->sync, &ss);
+    if (ss.leader_id != rd->cfg.id || ss.degraded)
+        return;
+    kvr_fsm_options fo;
+    rd_fsm_options(rd, &fo);
+    kvr_cost_params pol;
+    bool has = kvr_fsm_policy(kvr_sync_fsm(rd->sync), &pol, NULL);
+    if (has && kvr_cost_params_equal(&pol, &fo.cost))
+        return;
+    kvr_cmd cmd = {.type = KVR_CMD_ROUTE_POLICY};
+    cmd.u.policy.set_by = rd->cfg.id;
+    cmd.u.policy.cost = fo.cost;
+    sync_ctx *c = malloc(sizeof(*c));
+    if (!c)
+        return;
+    c->rd = rd;
+    c->cb = on_policy_done;
+    c->data = NULL;
+    rd->policy_inflight = true;
+    if (kvr_sync_submit(rd->sync, &cmd, on_sync_done, c) != 0) {
+        rd->policy_inflight = false;
+        free(c);
+        return;
+    }
+    KVR_LOG_INFO("proposing route policy",
+                 "replacing=%s overlap_weight=%g load_weight=%g queue_weight=%g "
+                 "overflow_weight=%g tie_band=%g temperature=%g",
+                 has ? "another" : "none", fo.cost.overlap_weight, fo.cost.load_weight,
+                 fo.cost.queue_weight, fo.cost.overflow_weight, fo.cost.tie_band,
+                 fo.cost.temperature);
+}
+
 /* kvr_sync_route forwards a follower's ROUTE to the leader (sync.h). */
 static int raft_route(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *data)
 {
@@ -52,7 +123,10 @@ static int raft_route(kvr_routerd *rd, const kvr_cmd *cmd, rd_cmd_cb cb, void *d
     sc->rd = rd;
     sc->cb = cb;
     sc->data = data;
-    int rc = kvr_sync_route(rd->sync, &cmd->u.route, on_sync_done, sc);
+    kvr_route_cmd r = cmd->u.route; /* encoded at submission: a copy may drop the weights */
+    if (r.has_cost && route_policy_covers(rd))
+        r.has_cost = false;
+    int rc = kvr_sync_route(rd->sync, &r, on_sync_done, sc);
     if (rc != 0)
         free(sc);
     return rc;
@@ -151,6 +225,7 @@ static void on_leader_change(void *data, bool leader)
     kvr_routerd *rd = data;
     rd->raft_leader = leader;
     rd_leader_route_update(rd);
+    route_policy_follow(rd);
 }
 
 static int raft_open(kvr_routerd *rd)
@@ -325,6 +400,12 @@ static void follow_quorum(kvr_routerd *rd, int64_t tick_now)
                  rd->ready, ss.leader_id, peer);
 }
 
+static void raft_tick(kvr_routerd *rd, int64_t now)
+{
+    route_policy_follow(rd); /* a refused or lost proposal is retried here */
+    follow_quorum(rd, now);
+}
+
 static int raft_subscribe(kvr_routerd *rd, kvr_err *err)
 {
     return kvr_nats_subscribe(&rd->nats, KVR_QUORUM_SUBJECT, NULL, on_quorum_beacon, rd, NULL, err);
@@ -436,6 +517,6 @@ const rd_bookings_ops rd_bookings_raft = {
     .worker_heard = raft_worker_heard,
     .liveness_hold = raft_liveness_hold,
     .frontend_seen = raft_frontend_seen,
-    .tick = follow_quorum,
+    .tick = raft_tick,
     .membership = raft_membership,
 };

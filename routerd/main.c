@@ -7,7 +7,6 @@
 #include "kvr_nats_flags.h"
 #include "cost.h"
 #include "routerd.h"
-#include <math.h>
 
 #include <signal.h>
 #include <stdio.h>
@@ -167,10 +166,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvr-routerd: --max-local-prefill and --max-prefill-queue must be in [0, 2^32)\n");
         return 2;
     }
-    if (!(cost.overlap_weight > 0) || !(cost.load_weight >= 0) || !(cost.queue_weight >= 0) ||
-        !(cost.overflow_weight >= 0) || !(cost.tie_band >= 0) || !(cost.temperature >= 0) ||
-        isinf(cost.overlap_weight) || isinf(cost.load_weight) || isinf(cost.queue_weight) ||
-        isinf(cost.overflow_weight) || isinf(cost.tie_band) || isinf(cost.temperature)) {
+    /* the same check as the replicated ROUTE_POLICY's (sync/cost.h), so the leader's flags
+     * can always be proposed */
+    if (!kvr_cost_params_valid(&cost)) {
         fprintf(stderr, "kvr-routerd: --overlap-weight must be > 0; --load-weight, --queue-weight, "
                         "--overflow-weight, --tie-band and --route-temperature finite and >= 0\n");
         return 2;

@@ -273,7 +273,9 @@ static void do_route(kvr_routerd *rd, const route_req *q, route_ctx *c)
     r->n_candidates = nc;
     r->only_candidates = only;
     rd_approx_fill_cmd(rd, r, q->seq, q->n_seq);
-    if (rd->cfg.has_cost) { /* this router's weights travel with the command (sync/cmd.h) */
+    /* this router's weights travel with the command (sync/cmd.h); with Raft, raft_route
+     * drops them once the replicated route policy covers this router (bookings_raft.c) */
+    if (rd->cfg.has_cost) {
         kvr_fsm_options fo;
         rd_fsm_options(rd, &fo);
         r->has_cost = true;

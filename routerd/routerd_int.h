@@ -169,6 +169,7 @@ struct kvr_routerd {
     kvr_nats_sub *sub_route_leader; /* kvr.route.leader while this router is the Raft leader */
     kvr_loop_stat loop_stat;        /* kvr_routerd_loop_busy_seconds */
     bool raft_leader;               /* kvr_sync's leader_cb: this router leads the group */
+    bool policy_inflight;           /* a ROUTE_POLICY of this router's weights is proposed */
     bool groups_left;
     /* kvr_mono_ms() when another router last said it is in the kvr.route queue group with a
      * Raft leader (kvr.routers.quorum), 0: never */

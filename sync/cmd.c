@@ -130,6 +130,23 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
         CK(kvr_mp_write_uint(out, p->now_ms));
         break;
     }
+    case KVR_CMD_ROUTE_POLICY: {
+        const kvr_policy_cmd *pc = &cmd->u.policy;
+        if (!kvr_cost_params_valid(&pc->cost)) {
+            out->len = start;
+            return kvr_err_set(err, KVR_EINVAL, "encoding ROUTE_POLICY: weight out of range");
+        }
+        CK(kvr_mp_write_array(out, 8));
+        CK(kvr_mp_write_uint(out, KVR_CMD_ROUTE_POLICY));
+        CK(kvr_mp_write_uint(out, pc->set_by));
+        CK(kvr_mp_write_double(out, pc->cost.overlap_weight));
+        CK(kvr_mp_write_double(out, pc->cost.load_weight));
+        CK(kvr_mp_write_double(out, pc->cost.queue_weight));
+        CK(kvr_mp_write_double(out, pc->cost.overflow_weight));
+        CK(kvr_mp_write_double(out, pc->cost.tie_band));
+        CK(kvr_mp_write_double(out, pc->cost.temperature));
+        break;
+    }
     default:
         out->len = start;
         return kvr_err_set(err, KVR_EINVAL, "encoding command: unknown type %d", (int)cmd->type);
@@ -338,6 +355,21 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         n -= 5;
         break;
     }
+    case KVR_CMD_ROUTE_POLICY: {
+        kvr_policy_cmd *pc = &cmd->u.policy;
+        NEED(8);
+        CK(kvr_mp_read_uint(&r, &pc->set_by));
+        double *w[6] = {&pc->cost.overlap_weight,  &pc->cost.load_weight, &pc->cost.queue_weight,
+                        &pc->cost.overflow_weight, &pc->cost.tie_band,    &pc->cost.temperature};
+        for (int j = 0; j < 6; j++)
+            CK(kvr_mp_read_double(&r, w[j]));
+        if (!kvr_cost_params_valid(&pc->cost)) {
+            rc = KVR_EINVAL;
+            goto fail;
+        }
+        n -= 8;
+        break;
+    }
     default:
         rc = KVR_EINVAL;
         goto fail;
@@ -376,9 +408,9 @@ const uint8_t *kvr_cmd_request_id(const kvr_cmd *cmd)
 
 const char *kvr_cmd_type_name(kvr_cmd_type t)
 {
-    static const char *names[] = {"NONE", "ROUTE", "PREFILL_DONE", "FREE", "WORKER_UP",
-                                  "WORKER_DOWN", "FRONTEND_SEEN", "FRONTEND_EXPIRE", "EXPIRE",
-                                  "POOL_SET"};
+    static const char *names[] = {"NONE",      "ROUTE",       "PREFILL_DONE",  "FREE",
+                                  "WORKER_UP", "WORKER_DOWN", "FRONTEND_SEEN", "FRONTEND_EXPIRE",
+                                  "EXPIRE",    "POOL_SET",    "ROUTE_POLICY"};
     return (unsigned)t < sizeof names / sizeof *names ? names[t] : "UNKNOWN";
 }
 

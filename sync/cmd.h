@@ -47,9 +47,10 @@ typedef enum kvr_cmd_type {
     KVR_CMD_FRONTEND_SEEN = 6,
     KVR_CMD_FRONTEND_EXPIRE = 7,
     KVR_CMD_EXPIRE = 8,
-    KVR_CMD_POOL_SET = 9, /* scale-to-zero: a pool's lifecycle state (fsm.h "Pools") */
+    KVR_CMD_POOL_SET = 9,      /* scale-to-zero: a pool's lifecycle state (fsm.h "Pools") */
+    KVR_CMD_ROUTE_POLICY = 10, /* the route cost's weights, replicated (fsm.h "Route policy") */
 } kvr_cmd_type;
-#define KVR_CMD_TYPE_MAX KVR_CMD_POOL_SET
+#define KVR_CMD_TYPE_MAX KVR_CMD_ROUTE_POLICY
 
 /* A pool's lifecycle (DESIGN section 13). REMOVED in a POOL_SET deletes the pool. */
 typedef enum kvr_pool_state {
@@ -107,11 +108,14 @@ typedef struct kvr_route_cmd {
     uint32_t tokens, block_size, max_local_prefill, max_prefill_queue;
     /* The route cost's weights (issue 14 item 2; sync/cost.h), the proposing router's
      * --overlap-weight ... --route-temperature, carried in the command so every replica
-     * decides alike whatever its own flags. When has_cost is false the FSM uses its options'
-     * weights. Encoded as ROUTE's optional 13th field, an array [overlap_weight, load_weight,
-     * queue_weight, overflow_weight, tie_band, temperature] of numbers, only when has_cost
-     * (the 10th-12th are then written, the 12th as nil when disagg is false; a decoder from
-     * before this field refuses such a command, so upgrade every router of a group first). */
+     * decides alike whatever its own flags. When has_cost is false the FSM uses the replicated
+     * route policy (ROUTE_POLICY, fsm.h) once one was applied, else its options' weights, so a
+     * router leaves them out only once it has seen a policy applied (routerd/bookings_raft.c):
+     * the ROUTE is then after that policy in the log on every replica. Encoded as ROUTE's optional
+     * 13th field, an array [overlap_weight, load_weight, queue_weight, overflow_weight, tie_band,
+     * temperature] of numbers, only when has_cost (the 10th-12th are then written, the 12th as nil
+     * when disagg is false; a decoder from before this field refuses such a command, so upgrade
+     * every router of a group first). */
     bool has_cost;
     kvr_cost_params cost;
 } kvr_route_cmd;
@@ -140,6 +144,16 @@ typedef struct kvr_pool_cmd {
     uint64_t now_ms;
 } kvr_pool_cmd;
 
+/* ROUTE_POLICY (fsm.h "Route policy"): the weights ROUTEs without their own use from this
+ * command's place in the log on. Wire: [10, set_by, overlap_weight, load_weight,
+ * queue_weight, overflow_weight, tie_band, temperature], the weights as msgpack numbers,
+ * valid by kvr_cost_params_valid (else refused by encoder, decoder and apply alike); later
+ * fields are skipped (room for, e.g., the disaggregation thresholds). */
+typedef struct kvr_policy_cmd {
+    uint64_t set_by; /* the proposing router's id (shown in /v1/state; any value is valid) */
+    kvr_cost_params cost;
+} kvr_policy_cmd;
+
 typedef struct kvr_cmd {
     kvr_cmd_type type;
     union {
@@ -150,6 +164,7 @@ typedef struct kvr_cmd {
         struct { uint64_t frontend_id, now_ms; } frontend;     /* FRONTEND_SEEN, _EXPIRE */
         uint64_t before_ms;                                    /* EXPIRE */
         kvr_pool_cmd pool;                                     /* POOL_SET */
+        kvr_policy_cmd policy;                                 /* ROUTE_POLICY */
     } u;
 } kvr_cmd;
 

@@ -26,6 +26,8 @@
 #ifndef KVR_SYNC_COST_H
 #define KVR_SYNC_COST_H
 
+#include <math.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -55,6 +57,25 @@ typedef struct kvr_cost_params {
 static inline kvr_cost_params kvr_cost_params_default(void)
 {
     return (kvr_cost_params){1.0, 0.0, 1.0, 0.0, 0.0, 0.0};
+}
+
+/* The one range check of a set of weights, shared by kvr-routerd's flags, the ROUTE_POLICY
+ * command (cmd.h) and the FSM snapshot: every weight finite, overlap_weight > 0, the others
+ * >= 0. */
+static inline bool kvr_cost_params_valid(const kvr_cost_params *p)
+{
+    return p->overlap_weight > 0 && p->load_weight >= 0 && p->queue_weight >= 0 &&
+           p->overflow_weight >= 0 && p->tie_band >= 0 && p->temperature >= 0 &&
+           isfinite(p->overlap_weight) && isfinite(p->load_weight) && isfinite(p->queue_weight) &&
+           isfinite(p->overflow_weight) && isfinite(p->tie_band) && isfinite(p->temperature);
+}
+
+/* Whether two sets of weights are the same (field by field; valid ones hold no NaN). */
+static inline bool kvr_cost_params_equal(const kvr_cost_params *a, const kvr_cost_params *b)
+{
+    return a->overlap_weight == b->overlap_weight && a->load_weight == b->load_weight &&
+           a->queue_weight == b->queue_weight && a->overflow_weight == b->overflow_weight &&
+           a->tie_band == b->tie_band && a->temperature == b->temperature;
 }
 
 /* Cost of one worker with the default load terms and this overlap weight (see above). */

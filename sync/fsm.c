@@ -62,6 +62,9 @@ void fsm_clear(kvr_fsm *f)
     f->n_workers = f->cap_workers = f->cap_slots = f->n_bookings = f->n_leases = f->cap_leases = 0;
     f->fin_mask = f->fin_head = f->n_fin = 0;
     f->fin_evicted = f->clock_ms = f->fin_sum = 0;
+    f->has_policy = false;
+    memset(&f->policy, 0, sizeof f->policy);
+    f->policy_set_by = 0;
 }
 
 void kvr_fsm_free(kvr_fsm *f)
@@ -535,8 +538,10 @@ static void apply_route(kvr_fsm *f, const kvr_route_cmd *rc, kvr_fsm_result *res
     }
     double cost = 0;
     /* the proposing router's weights when the command carries them (cmd.h), so replicas with
-     * other flags still decide alike */
-    const kvr_cost_params *cp = rc->has_cost ? &rc->cost : &f->opts.cost;
+     * other flags still decide alike; else the replicated policy ("Route policy", fsm.h) */
+    const kvr_cost_params *cp = rc->has_cost    ? &rc->cost
+                                : f->has_policy ? &f->policy
+                                                : &f->opts.cost;
     long k = kvr_cost_choose(rc->request_id, rc->request_blocks, f->scratch, n, cp, &cost);
     if (k < 0) {
         res->outcome = KVR_OUT_NO_WORKER;
@@ -780,6 +785,17 @@ void kvr_fsm_apply(kvr_fsm *f, const kvr_cmd *cmd, kvr_fsm_result *res)
     case KVR_CMD_POOL_SET:
         clock_advance(f, cmd->u.pool.now_ms);
         fsm_apply_pool_set(f, &cmd->u.pool, res);
+        return;
+    case KVR_CMD_ROUTE_POLICY:
+        /* total like every apply: weights the decoder would refuse change nothing */
+        if (!kvr_cost_params_valid(&cmd->u.policy.cost)) {
+            res->outcome = KVR_OUT_INVALID;
+            return;
+        }
+        f->has_policy = true;
+        f->policy = cmd->u.policy.cost;
+        f->policy_set_by = cmd->u.policy.set_by;
+        res->outcome = KVR_OUT_OK;
         return;
     case KVR_CMD_PREFILL_DONE: {
         prefill_booking_free(f, cmd->u.request_id); /* the prefill worker's part is done */

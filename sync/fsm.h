@@ -226,13 +226,25 @@ uint32_t kvr_fsm_pool_count(const kvr_fsm *f);
 int kvr_fsm_pool_at(const kvr_fsm *f, uint32_t i, kvr_fsm_pool_view *out);
 int kvr_fsm_pool_get(const kvr_fsm *f, const char *ns, const char *model, kvr_fsm_pool_view *out);
 
-/* Snapshot: "KVRS" magic, format version (3), msgpack body [workers, bookings, leases,
- * clock_ms, finished [[request_id, ms]...] oldest first, down_counter], each worker
- * [id, ns, model, url, role, up, block_size, capacity_blocks, down_seq], XXH3-64 checksum of
- * all before it. Version 2 (no down_seq, no down_counter: every down worker restores with
- * stamp 0) and version 1 (also no clock, no record: clock 0, empty record) still restore;
- * other versions are refused with KVR_EUNSUPPORTED. Bookings' local_ms is not in it (restored
- * as 0). Appends to out. */
+/* Route policy: the route cost's weights as replicated configuration (DESIGN section 6). A
+ * ROUTE_POLICY command (cmd.h) replaces them, in log order; a ROUTE decides with its own
+ * weights when it carries them (has_cost: every ROUTE of a log written before this command
+ * existed keeps deciding as it did), else with the policy once one was applied, else with
+ * the options' weights (kvr_fsm_options.cost: then replicas with different options would
+ * decide differently, which is why a router carries its weights until it has seen a policy
+ * applied). Policy and proposer are in the digest and the snapshot (version 5; older ones load
+ * with none). Returns whether a policy was applied; *cost and *set_by (either may be NULL)
+ * get it. */
+bool kvr_fsm_policy(const kvr_fsm *f, kvr_cost_params *cost, uint64_t *set_by);
+
+/* Snapshot: "KVRS" magic, format version (5), msgpack body [workers, bookings, leases,
+ * clock_ms, finished [[request_id, ms]...] oldest first, down_counter, pools, policy (nil or
+ * [set_by, overlap_weight, load_weight, queue_weight, overflow_weight, tie_band, temperature])],
+ * each worker [id, ns, model, url, role, up, block_size, capacity_blocks, down_seq], XXH3-64
+ * checksum of all before it. Versions 3 and 4 (no pools, no policy) restore too. Version 2 (no
+ * down_seq, no down_counter: every down worker restores with stamp 0) and version 1 (also no clock,
+ * no record: clock 0, empty record) still restore; other versions are refused with
+ * KVR_EUNSUPPORTED. Bookings' local_ms is not in it (restored as 0). Appends to out. */
 int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err);
 /* Replaces f's state with a snapshot's. On any error (bad magic/version/checksum/contents)
  * f is left unchanged and err says why. */

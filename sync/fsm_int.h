@@ -73,6 +73,10 @@ struct kvr_fsm {
     int64_t local_now;     /* NOT replicated (kvr_fsm_set_local_now): stamps new bookings */
     pool *pools;           /* sorted by (ns, model) */
     uint32_t n_pools, cap_pools;
+    /* The replicated route policy (fsm.h "Route policy"): valid weights when has_policy. */
+    bool has_policy;
+    kvr_cost_params policy;
+    uint64_t policy_set_by;
 };
 
 /* Registry: index of worker id, else -1 - insertion point; the worker or NULL. */

@@ -59,6 +59,15 @@ uint64_t kvr_fsm_digest(const kvr_fsm *f)
     d += XXH3_64bits_withSeed(&f->clock_ms, sizeof f->clock_ms, 5);
     d += XXH3_64bits_withSeed(&f->down_counter, sizeof f->down_counter, 6);
     d += fsm_pools_digest(f);
+    if (f->has_policy) { /* it decides future ROUTEs: part of the state */
+        const double w[6] = {f->policy.overlap_weight, f->policy.load_weight,
+                             f->policy.queue_weight,   f->policy.overflow_weight,
+                             f->policy.tie_band,       f->policy.temperature};
+        uint8_t buf[8 + sizeof w];
+        memcpy(buf, &f->policy_set_by, 8);
+        memcpy(buf + 8, w, sizeof w);
+        d += XXH3_64bits_withSeed(buf, sizeof buf, 8);
+    }
     return XXH3_64bits(&d, sizeof d);
 }
 
@@ -68,6 +77,14 @@ uint32_t kvr_fsm_frontend_count(const kvr_fsm *f) { return f->n_leases; }
 uint32_t kvr_fsm_finished_count(const kvr_fsm *f) { return f->n_fin; }
 uint64_t kvr_fsm_finished_evicted(const kvr_fsm *f) { return f->fin_evicted; }
 uint64_t kvr_fsm_clock_ms(const kvr_fsm *f) { return f->clock_ms; }
+bool kvr_fsm_policy(const kvr_fsm *f, kvr_cost_params *cost, uint64_t *set_by)
+{
+    if (f->has_policy && cost)
+        *cost = f->policy;
+    if (f->has_policy && set_by)
+        *set_by = f->policy_set_by;
+    return f->has_policy;
+}
 void kvr_fsm_set_local_now(kvr_fsm *f, int64_t now) { f->local_now = now; }
 bool kvr_fsm_finished_has(const kvr_fsm *f, const uint8_t request_id[KVR_REQUEST_ID_LEN])
 {

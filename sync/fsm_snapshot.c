@@ -34,9 +34,10 @@ static int rd_u32(kvr_mp_reader *r, uint32_t *v)
 #define SNAP_MAGIC "KVRS"
 /* 2: + clock_ms and the finished record. 3: + each worker's down_seq (9th field) and the
  * down counter (6th element), which decide slot reuse. 4: + the scale-to-zero pools (7th
- * element: [[ns, model, state, last_request_ms, state_since_ms, wakes]...] sorted). 1, 2 and 3
- * are still loaded (no pools). */
-#define SNAP_VERSION 4
+ * element: [[ns, model, state, last_request_ms, state_since_ms, wakes]...] sorted). 5: + the
+ * route policy (8th element: nil, or [set_by, six weights] as in ROUTE_POLICY). 1 to 4 are
+ * still loaded (no pools before 4, no policy before 5: the FSM options' weights decide). */
+#define SNAP_VERSION 5
 #define SNAP_VERSION_MIN 1
 
 int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
@@ -46,7 +47,7 @@ int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
     CK(kvr_buf_append(out, SNAP_MAGIC, 4));
     uint8_t ver = SNAP_VERSION;
     CK(kvr_buf_append(out, &ver, 1));
-    CK(kvr_mp_write_array(out, 7));
+    CK(kvr_mp_write_array(out, 8));
     CK(kvr_mp_write_array(out, f->n_workers));
     for (uint32_t i = 0; i < f->n_workers; i++) {
         const worker *w = &f->workers[i];
@@ -101,6 +102,18 @@ int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
         CK(kvr_mp_write_uint(out, p->state_since_ms));
         CK(kvr_mp_write_uint(out, p->wakes));
     }
+    if (f->has_policy) {
+        CK(kvr_mp_write_array(out, 7));
+        CK(kvr_mp_write_uint(out, f->policy_set_by));
+        CK(kvr_mp_write_double(out, f->policy.overlap_weight));
+        CK(kvr_mp_write_double(out, f->policy.load_weight));
+        CK(kvr_mp_write_double(out, f->policy.queue_weight));
+        CK(kvr_mp_write_double(out, f->policy.overflow_weight));
+        CK(kvr_mp_write_double(out, f->policy.tie_band));
+        CK(kvr_mp_write_double(out, f->policy.temperature));
+    } else {
+        CK(kvr_mp_write_nil(out));
+    }
     uint64_t sum = XXH3_64bits(out->base + start, out->len - start);
     uint8_t le[8];
     for (int i = 0; i < 8; i++)
@@ -148,7 +161,7 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     kvr_mp_reader_init(&r, p + 5, len - 5 - 8);
     uint32_t n, m;
     CK(kvr_mp_read_array(&r, &n));
-    if (n < (version >= 4 ? 7u : version >= 3 ? 6u : version >= 2 ? 5u : 3u)) {
+    if (n < (version >= 5 ? 8u : version >= 4 ? 7u : version >= 3 ? 6u : version >= 2 ? 5u : 3u)) {
         rc = KVR_EINVAL;
         goto fail;
     }
@@ -346,6 +359,28 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
             nf->n_pools = i + 1;
         }
     }
+    if (version >= 5 && kvr_mp_peek(&r) == KVR_MP_NIL) {
+        CK(kvr_mp_read_nil(&r));
+    } else if (version >= 5) {
+        double *w[6] = {&nf->policy.overlap_weight, &nf->policy.load_weight,
+                        &nf->policy.queue_weight,   &nf->policy.overflow_weight,
+                        &nf->policy.tie_band,       &nf->policy.temperature};
+        CK(kvr_mp_read_array(&r, &m));
+        if (m < 7) {
+            rc = KVR_EINVAL;
+            goto fail;
+        }
+        CK(kvr_mp_read_uint(&r, &nf->policy_set_by));
+        for (int j = 0; j < 6; j++)
+            CK(kvr_mp_read_double(&r, w[j]));
+        for (uint32_t j = 7; j < m; j++)
+            CK(kvr_mp_skip(&r));
+        if (!kvr_cost_params_valid(&nf->policy)) {
+            rc = KVR_EINVAL;
+            goto fail;
+        }
+        nf->has_policy = true;
+    }
     /* Older versions: every down worker has down_seq 0 (reuse goes by id among them). */
     /* Success: move nf's state into f. */
     fsm_clear(f);
@@ -370,6 +405,9 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     f->pools = nf->pools;
     f->n_pools = nf->n_pools;
     f->cap_pools = nf->cap_pools;
+    f->has_policy = nf->has_policy;
+    f->policy = nf->policy;
+    f->policy_set_by = nf->policy_set_by;
     nf->pools = NULL;
     nf->workers = NULL;
     nf->slots = NULL;

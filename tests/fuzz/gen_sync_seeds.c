@@ -75,6 +75,23 @@ int main(int argc, char **argv)
     kvr_cmd ps = {.type = KVR_CMD_POOL_SET};
     ps.u.pool = (kvr_pool_cmd){kvr_slice_of("ns"), kvr_slice_of("m"), KVR_POOL_SLEEPING, 1600};
     put(&b, &ps);
+    /* the replicated route policy, then a ROUTE it decides (no weights of its own) */
+    kvr_cmd pol = {.type = KVR_CMD_ROUTE_POLICY};
+    pol.u.policy.set_by = 2;
+    pol.u.policy.cost = kvr_cost_params_default();
+    pol.u.policy.cost.load_weight = 0.25;
+    pol.u.policy.cost.tie_band = 0.01;
+    put(&b, &pol);
+    kvr_cmd rp = {.type = KVR_CMD_ROUTE};
+    memset(rp.u.route.request_id, 'd', KVR_REQUEST_ID_LEN);
+    rp.u.route.frontend_id = 7;
+    rp.u.route.now_ms = 1700;
+    rp.u.route.request_blocks = 8;
+    rp.u.route.model = KVR_SLICE_LIT("m");
+    rp.u.route.ns = KVR_SLICE_LIT("ns");
+    rp.u.route.candidates = cand;
+    rp.u.route.n_candidates = 2;
+    put(&b, &rp);
     save(argv[1], "commands", &b);
 
     /* the same commands as one entry, and the resulting state as a snapshot */

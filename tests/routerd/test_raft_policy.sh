@@ -8,6 +8,12 @@
 #  2. --max-request-age takes effect: bookings of a live frontend go after ~8 s, not 600 s;
 #  3. --frontend-timeout takes effect: when the frontend stops beating its bookings go within
 #     ~2 s + a housekeeping period, well before their age would free them.
+# And the route policy (DESIGN section 6): the routers run different --load-weight (0, 50, 20);
+#  4. a follower whose weight differs from the leader's routes by the leader's: six requests
+#     whose 8 blocks worker 1 caches go all to worker 1 under load weight 0 and alternate
+#     1 2 1 2 1 2 under 50 or 20 (before: a ROUTE carried the answering router's own weights);
+#     every router shows its own flags ("cost") and the leader's as the policy ("cost_policy");
+#  5. after the leader is killed the new leader's flags become the policy on both survivors.
 source "$(dirname "$0")/../lib/testenv.sh"
 source "$(dirname "$0")/rd_lib.sh"
 kvr_test_init routerd_raft_policy
@@ -21,10 +27,11 @@ for i in 1 2 3; do HP[$i]=$(kvr_free_port); done
 RA[1]=$A1; RA[2]=$A2; RA[3]=$A3
 rd_secret "$KVR_TMP/secret"
 AUTH_ARGS=${AUTH_ARGS---cluster-secret-file $KVR_TMP/secret} # "" to run against builds before peer auth
+LW=(x 0 50 20) # each router's --load-weight (index = router id)
 for i in 1 2 3; do
     # shellcheck disable=SC2086
     rd_start "r$i" "$i" "${HP[$i]}" "$KVR_TMP/r$i" --raft-addr "${RA[$i]}" --peers "$PEERS" \
-        $AUTH_ARGS --frontend-timeout 2s --max-request-age 8s
+        $AUTH_ARGS --frontend-timeout 2s --max-request-age 8s --load-weight "${LW[$i]}"
 done
 rd_beat beat1 ns1 1
 for i in 1 2 3; do kvr_wait_http "http://127.0.0.1:${HP[$i]}/ready" 20; done
@@ -77,4 +84,47 @@ kvr_log "silent frontend's bookings freed after $((t1 - t0)) ms"
 [ $((t1 - t0)) -le 6000 ] || kvr_fail "lease expiry took $((t1 - t0)) ms with --frontend-timeout 2s"
 D=$(rd_q "${HP[$L]}" .raft.fsm_digest)
 for i in 1 2 3; do kvr_assert_eq "$(rd_q "${HP[$i]}" .raft.fsm_digest)" "$D" "r$i digest"; done
+
+# 4. the leader's weights route a follower's requests
+if [ "$L" = 1 ]; then F=2; else F=1; fi # load weight 0 on one side, > 0 on the other
+rd_beat beat2 ns1 2
+for i in 1 2 3; do rd_wait_workers_up "${HP[$i]}" 2 10 || kvr_fail "r$i: worker 2 not up"; done
+seq=$(rd_pub "store ns1 1 array int 31 0 8") # worker 1 caches blocks 0-7 of prefix 31
+rd_wait_seq "${HP[$F]}" "$seq"
+body=$("$PUB" tokens 31 512 | jq -c '. + {model:"m1",namespace:"ns1"}')
+got=""
+for ((k = 1; k <= 6; k++)); do
+    got="$got $(rd_post "${HP[$F]}" /v1/route --data "$body" | jq -r .worker_id)"
+done
+got=${got# }
+if [ "${LW[$L]}" = 0 ]; then want="1 1 1 1 1 1"; else want="1 2 1 2 1 2"; fi
+kvr_log "leader r$L (load weight ${LW[$L]}), follower r$F (${LW[$F]}): workers $got"
+kvr_assert_eq "$got" "$want" "workers booked for follower r$F's requests (leader's load weight ${LW[$L]})"
+wait_policy() { # wait_policy ROUTER LEADER: ROUTER shows LEADER's flags as the policy
+    kvr_wait_for 10 bash -c "[ \"\$(curl -s http://127.0.0.1:${HP[$1]}/v1/state | jq -r .cost_policy.set_by)\" = $2 ]" ||
+        kvr_fail "r$1: policy not set by r$2: $(rd_q "${HP[$1]}" .cost_policy)"
+    kvr_assert_eq "$(rd_q "${HP[$1]}" .cost_policy.load_weight)" "${LW[$2]}" "r$1 policy load weight"
+    kvr_assert_eq "$(rd_q "${HP[$1]}" .cost.load_weight)" "${LW[$1]}" "r$1 own --load-weight"
+    kvr_assert_eq "$(rd_q "${HP[$1]}" .cost_policy.matches_flags)" "$([ "$1" = "$2" ] && echo true || echo false)" \
+        "r$1 policy matches its flags"
+}
+for i in 1 2 3; do wait_policy "$i" "$L"; done
+wait_bookings 6 5 || kvr_fail "routes not replicated"
+D=$(rd_q "${HP[$L]}" .raft.fsm_digest)
+for i in 1 2 3; do kvr_assert_eq "$(rd_q "${HP[$i]}" .raft.fsm_digest)" "$D" "r$i digest after routing"; done
+
+# 5. leader change: the new leader's flags become the policy
+kvr_kill9 "r$L"
+S=()
+for i in 1 2 3; do [ "$i" = "$L" ] || S+=("$i"); done
+L2=""
+for ((k = 0; k < 30 && (${#L2} == 0 || L2 == L); k++)); do # the survivors name r$L for a while
+    L2=$(rd_common_leader "${HP[${S[0]}]}" "${HP[${S[1]}]}")
+    [ "$L2" = "$L" ] && sleep 0.5
+done
+[ -n "$L2" ] && [ "$L2" != "$L" ] || kvr_fail "no new leader after killing r$L (got '$L2')"
+for i in "${S[@]}"; do wait_policy "$i" "$L2"; done
+kvr_log "after r$L was killed: leader r$L2, policy load weight $(rd_q "${HP[$L2]}" .cost_policy.load_weight)"
+D=$(rd_q "${HP[$L2]}" .raft.fsm_digest)
+for i in "${S[@]}"; do kvr_assert_eq "$(rd_q "${HP[$i]}" .raft.fsm_digest)" "$D" "r$i digest after the leader change"; done
 kvr_pass

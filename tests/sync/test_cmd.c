@@ -2,6 +2,7 @@
  * to its log. A replica decodes the entries other routers wrote (and its own, after a restart),
  * so the encoding may change only with KVR_CMD_VERSION: these vectors pin it. They were
  * produced by the codec as it was before it moved out of fsm.c (issue 11). */
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -82,6 +83,13 @@ static int gold_cmd(int i, kvr_cmd *c)
                                    .state = KVR_POOL_WAKING,
                                    .now_ms = 1765000000789ull};
         return 0;
+    case 10: /* ROUTE_POLICY; its vector is hand-built with python3 (float32 when exact, as
+                kvr_mp_write_double writes) and checked with python3-msgpack */
+        c->type = KVR_CMD_ROUTE_POLICY;
+        c->u.policy.set_by = 3;
+        c->u.policy.cost = (kvr_cost_params){.overlap_weight = 1.0, .load_weight = 0.25,
+                                             .tie_band = 0.01};
+        return 0;
     default:
         return -1;
     }
@@ -98,6 +106,7 @@ static const char *const GOLDEN[] = {
     /* 7 FRONTEND_EXPIRE */ "0193072acf0000019af232dad8",
     /* 8 EXPIRE */ "019208cf0000019af2298a40",
     /* 9 POOL_SET */ "019509a470726f64aa6c6c616d612d332d386202cf0000019af232b515",
+    /* 10 ROUTE_POLICY */ "01980a03ca3f800000ca3e800000ca00000000ca00000000cb3f847ae147ae147bca00000000",
 };
 #define N_GOLDEN (sizeof GOLDEN / sizeof *GOLDEN)
 
@@ -200,6 +209,10 @@ static void test_decode_golden(void **state)
                         kvr_slice_eq(got.u.pool.model, want.u.pool.model));
             assert_true(got.u.pool.state == want.u.pool.state &&
                         got.u.pool.now_ms == want.u.pool.now_ms);
+            break;
+        case KVR_CMD_ROUTE_POLICY:
+            assert_true(got.u.policy.set_by == want.u.policy.set_by);
+            assert_memory_equal(&got.u.policy.cost, &want.u.policy.cost, sizeof want.u.policy.cost);
             break;
         default:
             fail_msg("vector %zu: unexpected type %d", i, (int)got.type);
@@ -355,6 +368,106 @@ static void test_route_cost_field(void **state)
     kvr_buf_free(&wc);
 }
 
+/* ROUTE_POLICY: every weight out of the flags' range is refused by the encoder and the
+ * decoder alike (NaN, infinities, negatives, overlap_weight 0), as is a short array or a
+ * weight that is no number; integers are numbers too, and later fields are skipped. */
+static void test_policy_refusals(void **state)
+{
+    (void)state;
+    kvr_cmd c = {.type = KVR_CMD_ROUTE_POLICY}, got;
+    kvr_route_candidate cand[KVR_FSM_MAX_CANDIDATES];
+    kvr_buf b;
+    kvr_buf_init(&b);
+    c.u.policy.set_by = 2;
+    c.u.policy.cost = (kvr_cost_params){.overlap_weight = 2, .load_weight = 0.5};
+    assert_int_equal(kvr_cmd_encode(&c, &b, NULL), 0);
+    assert_int_equal(kvr_cmd_decode(b.base, b.len, &got, cand, NULL), 0);
+    assert_int_equal(got.type, KVR_CMD_ROUTE_POLICY);
+    assert_memory_equal(&got.u.policy.cost, &c.u.policy.cost, sizeof c.u.policy.cost);
+    assert_null(kvr_cmd_request_id(&got));
+    assert_string_equal(kvr_cmd_type_name(KVR_CMD_ROUTE_POLICY), "ROUTE_POLICY");
+
+    /* each weight in turn set to each bad value: refused by the encoder (nothing appended) */
+    const double bad[] = {NAN, INFINITY, -INFINITY, -1, -1e-300};
+    for (int f = 0; f < 6; f++) {
+        for (size_t k = 0; k < sizeof bad / sizeof *bad; k++) {
+            kvr_cmd x = c;
+            double *w[6] = {&x.u.policy.cost.overlap_weight, &x.u.policy.cost.load_weight,
+                            &x.u.policy.cost.queue_weight,   &x.u.policy.cost.overflow_weight,
+                            &x.u.policy.cost.tie_band,       &x.u.policy.cost.temperature};
+            *w[f] = bad[k];
+            kvr_buf_reset(&b);
+            kvr_err e = {0};
+            assert_int_equal(kvr_cmd_encode(&x, &b, &e), KVR_EINVAL);
+            assert_int_equal(b.len, 0);
+        }
+    }
+    kvr_cmd z = c;
+    z.u.policy.cost.overlap_weight = 0; /* > 0, like --overlap-weight */
+    assert_int_equal(kvr_cmd_encode(&z, &b, NULL), KVR_EINVAL);
+
+    /* and by the decoder, from bytes another encoder could write: [10, 1, w...] */
+    static const char *const bad_hex[] = {
+        "01980a01cb7ff8000000000000ca3f80000000000000", /* overlap NaN (float64) */
+        "01980a01ca7f800000ca3f80000000000000",         /* overlap +inf (float32) */
+        "01980a0100ca3f80000000000000",                 /* overlap 0 (int) */
+        "01980a0101ff00000000",                         /* load -1 (int) */
+        "01980a01ca3f80000000000000cbfff0000000000000", /* temperature -inf */
+        "01970a010100000000",                           /* 7 elements: one weight short */
+        "01980a0101a17800000000",                       /* load is a string */
+        "01980a0101c000000000",                         /* load is nil */
+        "01980aff010000000000",                         /* set_by negative */
+    };
+    for (size_t i = 0; i < sizeof bad_hex / sizeof *bad_hex; i++) {
+        uint8_t bytes[64];
+        size_t n = unhex(bad_hex[i], bytes, sizeof bytes);
+        kvr_err e = {0};
+        if (kvr_cmd_decode(bytes, n, &got, cand, &e) == 0)
+            fail_msg("malformed ROUTE_POLICY %zu (%s) decoded", i, bad_hex[i]);
+        assert_int_equal(got.type, KVR_CMD_NONE);
+    }
+    /* integers are weights; a 9th field (a later revision's) is skipped */
+    uint8_t ok[32];
+    size_t n = unhex("01990a0702030000000005", ok, sizeof ok);
+    assert_int_equal(kvr_cmd_decode(ok, n, &got, cand, NULL), 0);
+    assert_true(got.u.policy.set_by == 7);
+    assert_true(got.u.policy.cost.overlap_weight == 2 && got.u.policy.cost.load_weight == 3);
+    assert_true(got.u.policy.cost.temperature == 0);
+    kvr_buf_free(&b);
+}
+
+/* What the replicated policy saves: one ROUTE as kvr-routerd writes it (two candidates, no
+ * approximate hashes, no disaggregation) with its router's weights and without. The sizes are
+ * printed for the record (docs/DESIGN.md section 6). */
+static void test_route_size_with_policy(void **state)
+{
+    (void)state;
+    kvr_cmd c;
+    assert_int_equal(gold_cmd(0, &c), 0);
+    kvr_buf with, without;
+    kvr_buf_init(&with);
+    kvr_buf_init(&without);
+    assert_int_equal(kvr_cmd_encode(&c, &without, NULL), 0);
+    /* kvr-routerd's defaults (load_weight 0.25): every weight exact in float32 */
+    c.u.route.has_cost = true;
+    c.u.route.cost = (kvr_cost_params){.overlap_weight = 1, .load_weight = 0.25};
+    assert_int_equal(kvr_cmd_encode(&c, &with, NULL), 0);
+    size_t dflt = with.len;
+    /* weights that need float64 (a tie band of 0.01, a load weight of 0.1) */
+    c.u.route.cost.tie_band = 0.01;
+    c.u.route.cost.load_weight = 0.1;
+    kvr_buf_reset(&with);
+    assert_int_equal(kvr_cmd_encode(&c, &with, NULL), 0);
+    print_message("ROUTE bytes: %zu without weights, %zu with the default weights (+%zu), %zu "
+                  "with two float64 weights (+%zu)\n",
+                  without.len, dflt, dflt - without.len, with.len, with.len - without.len);
+    /* false, empty bin, nil, 6-array header, 6 x float32 */
+    assert_int_equal(dflt - without.len, 5 + 6 * 5);
+    assert_int_equal(with.len - without.len, 5 + 4 * 5 + 2 * 9);
+    kvr_buf_free(&with);
+    kvr_buf_free(&without);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -364,6 +477,8 @@ int main(void)
         cmocka_unit_test(test_peek_type),
         cmocka_unit_test(test_route_disagg_field),
         cmocka_unit_test(test_route_cost_field),
+        cmocka_unit_test(test_policy_refusals),
+        cmocka_unit_test(test_route_size_with_policy),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -743,7 +743,7 @@ static void test_snapshot_with_record(void **state)
     kvr_buf b;
     kvr_buf_init(&b);
     assert_int_equal(kvr_fsm_snapshot(f, &b, NULL), 0);
-    assert_int_equal((uint8_t)b.base[4], 4);
+    assert_int_equal((uint8_t)b.base[4], 5);
     kvr_fsm *g = kvr_fsm_new(&o);
     assert_int_equal(kvr_fsm_restore(g, b.base, b.len, NULL), 0);
     assert_true(kvr_fsm_digest(g) == kvr_fsm_digest(f));
@@ -787,20 +787,21 @@ static void test_snapshot_v1_loads(void **state)
     kvr_buf v2;
     kvr_buf_init(&v2);
     assert_int_equal(kvr_fsm_snapshot(f, &v2, NULL), 0);
-    /* v4 body = fixarray(7) ... clock uint, fixarray(0), down counter, pools fixarray(0);
-     * v1 = fixarray(3) without the tail (its workers' 9th field, down_seq 0, is skipped as an
-     * unknown extra) */
-    assert_int_equal((uint8_t)v2.base[5], 0x97);
-    /* tail: clock 1234 (0xcd 0x04 0xd2), empty record 0x90, down counter 0, no pools 0x90,
-     * 8 checksum bytes */
+    /* v5 body = fixarray(8) ... clock uint, fixarray(0), down counter, pools fixarray(0),
+     * policy nil; v1 = fixarray(3) without the tail (its workers' 9th field, down_seq 0, is
+     * skipped as an unknown extra) */
+    assert_int_equal((uint8_t)v2.base[5], 0x98);
+    /* tail: clock 1234 (0xcd 0x04 0xd2), empty record 0x90, down counter 0, no pools 0x90, no
+     * policy 0xc0, 8 checksum bytes */
     size_t body_end = v2.len - 8;
-    assert_int_equal((uint8_t)v2.base[body_end - 1], 0x90);
-    assert_int_equal((uint8_t)v2.base[body_end - 2], 0x00);
-    assert_int_equal((uint8_t)v2.base[body_end - 3], 0x90);
-    assert_int_equal((uint8_t)v2.base[body_end - 6], 0xcd);
+    assert_int_equal((uint8_t)v2.base[body_end - 1], 0xc0);
+    assert_int_equal((uint8_t)v2.base[body_end - 2], 0x90);
+    assert_int_equal((uint8_t)v2.base[body_end - 3], 0x00);
+    assert_int_equal((uint8_t)v2.base[body_end - 4], 0x90);
+    assert_int_equal((uint8_t)v2.base[body_end - 7], 0xcd);
     kvr_buf v1;
     kvr_buf_init(&v1);
-    assert_int_equal(kvr_buf_append(&v1, v2.base, body_end - 6), 0);
+    assert_int_equal(kvr_buf_append(&v1, v2.base, body_end - 7), 0);
     v1.base[4] = 1;
     v1.base[5] = (char)0x93;
     uint64_t sum = XXH3_64bits(v1.base, v1.len);
@@ -815,7 +816,7 @@ static void test_snapshot_v1_loads(void **state)
     assert_int_equal(kvr_fsm_finished_count(g), 0);
     assert_int_equal(kvr_fsm_clock_ms(g), 0);
     assert_int_equal(worker_active(g, 1), 5);
-    /* a v1 body labelled 2 is refused (too few sections), and so is version 5 */
+    /* a v1 body labelled 2 is refused (too few sections), and so is version 6 */
     v1.base[4] = 2;
     v1.len -= 8;
     sum = XXH3_64bits(v1.base, v1.len);
@@ -824,7 +825,7 @@ static void test_snapshot_v1_loads(void **state)
     assert_int_equal(kvr_buf_append(&v1, le, 8), 0);
     uint64_t dg = kvr_fsm_digest(g);
     assert_true(kvr_fsm_restore(g, v1.base, v1.len, &e) < 0);
-    v2.base[4] = 5;
+    v2.base[4] = 6;
     assert_int_equal(kvr_fsm_restore(g, v2.base, v2.len, &e), KVR_EUNSUPPORTED);
     assert_true(kvr_fsm_digest(g) == dg);
     kvr_buf_free(&v1);
@@ -1031,7 +1032,7 @@ static void test_snapshot_v2_loads(void **state)
     kvr_buf v3;
     kvr_buf_init(&v3);
     assert_int_equal(kvr_fsm_snapshot(a, &v3, NULL), 0);
-    assert_int_equal((uint8_t)v3.base[4], 4);
+    assert_int_equal((uint8_t)v3.base[4], 5);
     kvr_fsm *c = kvr_fsm_new(NULL);
     assert_int_equal(kvr_fsm_restore(c, v3.base, v3.len, &e), 0);
     assert_true(kvr_fsm_digest(c) == kvr_fsm_digest(a));
@@ -1522,6 +1523,214 @@ static void test_disagg_replicas(void **state)
     kvr_fsm_free(b);
 }
 
+static kvr_cmd policy_cmd(uint64_t set_by, double load_weight)
+{
+    kvr_cmd c = {.type = KVR_CMD_ROUTE_POLICY};
+    c.u.policy.set_by = set_by;
+    c.u.policy.cost = kvr_cost_params_default();
+    c.u.policy.cost.load_weight = load_weight;
+    return c;
+}
+
+/* Rewrites a snapshot's trailing checksum after the test edited its body. */
+static void snap_resum(kvr_buf *s)
+{
+    uint64_t sum = XXH3_64bits(s->base, s->len - 8);
+    for (int i = 0; i < 8; i++)
+        s->base[s->len - 8 + i] = (char)(uint8_t)(sum >> (8 * i));
+}
+
+/* Two replicas whose options differ (load weight 1 and 100) and the setup of
+ * test_route_command_weights: worker 1 holds 8 decode blocks; a request that worker 1 caches 6
+ * of 8 blocks of goes to worker 1 with load weight 1 and to worker 2 with load weight 100. */
+static void policy_pair(kvr_fsm **a, kvr_fsm **b)
+{
+    kvr_fsm_options o = {0};
+    o.cost = kvr_cost_params_default();
+    o.cost.load_weight = 100;
+    *a = kvr_fsm_new(NULL);
+    *b = kvr_fsm_new(&o);
+    add_workers(*a, 2);
+    add_workers(*b, 2);
+    kvr_fsm_result r;
+    kvr_cmd p = tu_route(1, 7, 1000, 8, NULL, 0);
+    p.u.route.pin_worker = 1;
+    kvr_cmd pd = tu_req(KVR_CMD_PREFILL_DONE, 1);
+    apply_enc(*a, &p, &r);
+    apply_enc(*a, &pd, &r);
+    apply_enc(*b, &p, &r);
+    apply_enc(*b, &pd, &r);
+}
+
+/* ROUTE_POLICY (fsm.h "Route policy"): applied in log order, it decides the ROUTEs that carry
+ * no weights on every replica whatever its options; a ROUTE's own weights still win (old
+ * log entries decide as they did); it is in the digest and survives a snapshot; weights out
+ * of range change nothing. */
+static void test_route_policy(void **state)
+{
+    (void)state;
+    kvr_fsm *a, *b;
+    policy_pair(&a, &b);
+    kvr_fsm_result ra, rb;
+    kvr_route_candidate cand[] = {{1, 6}};
+    assert_false(kvr_fsm_policy(a, NULL, NULL));
+    uint64_t d0 = kvr_fsm_digest(a);
+    assert_true(d0 == kvr_fsm_digest(b));
+
+    /* the policy (load weight 1, set by router 3) */
+    kvr_cmd pol = policy_cmd(3, 1);
+    apply_enc(a, &pol, &ra);
+    apply_enc(b, &pol, &rb);
+    assert_int_equal(ra.outcome, KVR_OUT_OK);
+    assert_int_equal(rb.type, KVR_CMD_ROUTE_POLICY);
+    kvr_cost_params got;
+    uint64_t by = 0;
+    assert_true(kvr_fsm_policy(b, &got, &by));
+    assert_true(by == 3);
+    assert_memory_equal(&got, &pol.u.policy.cost, sizeof got);
+    assert_true(kvr_fsm_digest(a) != d0);
+    assert_true(kvr_fsm_digest(a) == kvr_fsm_digest(b));
+
+    /* a ROUTE without weights: the policy decides on both (b's options would send it to 2) */
+    kvr_cmd c = tu_route(2, 7, 1001, 8, cand, 1);
+    apply_enc(a, &c, &ra);
+    apply_enc(b, &c, &rb);
+    assert_int_equal(ra.worker_id, 1);
+    assert_int_equal(rb.worker_id, 1);
+    /* a ROUTE with its own weights (load 100): those decide, on both */
+    kvr_cmd w = tu_route(3, 7, 1002, 8, cand, 1);
+    w.u.route.has_cost = true;
+    w.u.route.cost = kvr_cost_params_default();
+    w.u.route.cost.load_weight = 100;
+    apply_enc(a, &w, &ra);
+    apply_enc(b, &w, &rb);
+    assert_int_equal(ra.worker_id, 2);
+    assert_int_equal(rb.worker_id, 2);
+    assert_true(kvr_fsm_digest(a) == kvr_fsm_digest(b));
+
+    /* out of range (not through the codec, which refuses it): INVALID, nothing changes */
+    uint64_t d1 = kvr_fsm_digest(a);
+    kvr_cmd badp = policy_cmd(9, -1);
+    kvr_fsm_apply(a, &badp, &ra);
+    assert_int_equal(ra.outcome, KVR_OUT_INVALID);
+    badp.u.policy.cost.load_weight = 1;
+    badp.u.policy.cost.overlap_weight = 0;
+    kvr_fsm_apply(a, &badp, &ra);
+    assert_int_equal(ra.outcome, KVR_OUT_INVALID);
+    assert_true(kvr_fsm_digest(a) == d1);
+    assert_true(kvr_fsm_policy(a, NULL, &by) && by == 3);
+
+    /* the same weights set by another router is another state */
+    kvr_fsm *a2 = kvr_fsm_clone(a);
+    assert_non_null(a2);
+    kvr_cmd pol4 = policy_cmd(4, 1);
+    kvr_fsm_apply(a2, &pol4, &ra);
+    assert_true(kvr_fsm_digest(a2) != kvr_fsm_digest(a));
+    kvr_fsm_free(a2);
+
+    /* snapshot (version 5) into a replica with the load-100 options: policy, digest and the
+     * next decision carry over */
+    kvr_buf s;
+    kvr_buf_init(&s);
+    assert_int_equal(kvr_fsm_snapshot(a, &s, NULL), 0);
+    assert_int_equal((uint8_t)s.base[4], 5);
+    kvr_fsm_options o = {0};
+    o.cost = kvr_cost_params_default();
+    o.cost.load_weight = 100;
+    kvr_fsm *c2 = kvr_fsm_new(&o);
+    kvr_err e = {0};
+    assert_int_equal(kvr_fsm_restore(c2, s.base, s.len, &e), 0);
+    assert_true(kvr_fsm_policy(c2, &got, &by) && by == 3);
+    assert_true(got.load_weight == 1);
+    assert_true(kvr_fsm_digest(c2) == kvr_fsm_digest(a));
+    kvr_cmd n = tu_route(4, 7, 1003, 8, cand, 1);
+    apply_enc(a, &n, &ra);
+    apply_enc(c2, &n, &rb);
+    assert_true(ra.worker_id == rb.worker_id);
+    assert_true(kvr_fsm_digest(c2) == kvr_fsm_digest(a));
+
+    /* a later policy replaces it, in order: the same request goes to worker 1 under load
+     * weight 0 (W1 2+4+0+2 = 8 < W2 8+8+0+8 = 24) and to worker 2 under load weight 100 */
+    kvr_cmd pol0 = policy_cmd(1, 0), pol100 = policy_cmd(1, 100);
+    kvr_cmd c5 = tu_route(5, 7, 1004, 8, cand, 1);
+    kvr_fsm *a3 = kvr_fsm_clone(a);
+    assert_non_null(a3);
+    apply_enc(a3, &pol0, &ra);
+    apply_enc(a3, &c5, &ra);
+    assert_int_equal(ra.worker_id, 1);
+    kvr_fsm_free(a3);
+    apply_enc(a, &pol100, &ra);
+    apply_enc(a, &c5, &ra);
+    assert_int_equal(ra.worker_id, 2);
+    assert_true(kvr_fsm_policy(a, &got, &by) && by == 1 && got.load_weight == 100);
+
+    /* a snapshot whose policy holds a weight out of range is refused, f unchanged */
+    size_t at = s.len - 8 - (1 + 1 + 6 * 5); /* [7-array, set_by 3, 6 x float32] before the sum */
+    assert_int_equal((uint8_t)s.base[at], 0x97);
+    assert_int_equal((uint8_t)s.base[at + 2], 0xca); /* overlap_weight 1.0 as float32 */
+    memset(s.base + at + 3, 0, 4);                   /* -> 0.0 */
+    snap_resum(&s);
+    uint64_t dc = kvr_fsm_digest(c2);
+    assert_int_not_equal(kvr_fsm_restore(c2, s.base, s.len, &e), 0);
+    assert_true(kvr_fsm_digest(c2) == dc);
+    kvr_buf_free(&s);
+    kvr_fsm_free(a);
+    kvr_fsm_free(b);
+    kvr_fsm_free(c2);
+}
+
+/* A version-4 snapshot (written before ROUTE_POLICY: 7 sections) still loads, with no policy:
+ * ROUTEs without weights go by the options again, and restoring it drops a policy the FSM
+ * had. Built from a version-5 snapshot of a state without policy: the same bytes but the
+ * version, the section count and the trailing nil. */
+static void test_snapshot_v4_loads(void **state)
+{
+    (void)state;
+    kvr_fsm *a, *b;
+    policy_pair(&a, &b);
+    kvr_buf s;
+    kvr_buf_init(&s);
+    assert_int_equal(kvr_fsm_snapshot(a, &s, NULL), 0);
+    assert_int_equal((uint8_t)s.base[4], 5);
+    assert_int_equal((uint8_t)s.base[5], 0x98);
+    assert_int_equal((uint8_t)s.base[s.len - 9], 0xc0); /* no policy: nil */
+    s.base[4] = 4;
+    s.base[5] = (char)0x97;
+    memmove(s.base + s.len - 9, s.base + s.len - 8, 8);
+    s.len--;
+    snap_resum(&s);
+    /* b has a policy; the v4 snapshot replaces its whole state, policy included */
+    kvr_cmd pol = policy_cmd(2, 1);
+    kvr_fsm_result r;
+    apply_enc(b, &pol, &r);
+    assert_true(kvr_fsm_policy(b, NULL, NULL));
+    kvr_err e = {0};
+    assert_int_equal(kvr_fsm_restore(b, s.base, s.len, &e), 0);
+    assert_false(kvr_fsm_policy(b, NULL, NULL));
+    assert_int_equal(kvr_fsm_booking_count(b), 1);
+    /* b's options (load 100) decide again: worker 2, where a (load 1) picks worker 1 */
+    kvr_route_candidate cand[] = {{1, 6}};
+    kvr_cmd c = tu_route(2, 7, 1001, 8, cand, 1);
+    kvr_fsm_result ra;
+    apply_enc(a, &c, &ra);
+    apply_enc(b, &c, &r);
+    assert_int_equal(ra.worker_id, 1);
+    assert_int_equal(r.worker_id, 2);
+    /* and a v5 snapshot with no policy round-trips to the same digest */
+    kvr_buf s5;
+    kvr_buf_init(&s5);
+    assert_int_equal(kvr_fsm_snapshot(b, &s5, NULL), 0);
+    kvr_fsm *c2 = kvr_fsm_new(NULL);
+    assert_int_equal(kvr_fsm_restore(c2, s5.base, s5.len, &e), 0);
+    assert_true(kvr_fsm_digest(c2) == kvr_fsm_digest(b));
+    assert_false(kvr_fsm_policy(c2, NULL, NULL));
+    kvr_buf_free(&s);
+    kvr_buf_free(&s5);
+    kvr_fsm_free(a);
+    kvr_fsm_free(b);
+    kvr_fsm_free(c2);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1552,6 +1761,8 @@ int main(void)
         cmocka_unit_test(test_disagg_conditions),
         cmocka_unit_test(test_disagg_queue_pool),
         cmocka_unit_test(test_disagg_replicas),
+        cmocka_unit_test(test_route_policy),
+        cmocka_unit_test(test_snapshot_v4_loads),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
