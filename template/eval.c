@@ -307,7 +307,12 @@ int tm_to_list(tm_ev *e, const tm_node *n, jv v, jlist **out)
         return 0;
     }
     if (v.t == JV_STR) {
-        jlist *l = jl_new(&e->a, tm_u8len(v.s.p, v.s.n));
+        /* one item per code point as the loop below splits: a string that starts with a
+         * continuation byte (not UTF-8) gives it an item of its own, which tm_u8len does not
+         * count (the list was one item short: found by fuzz_template) */
+        size_t items =
+            v.s.n ? tm_u8len(v.s.p, v.s.n) + (((unsigned char)v.s.p[0] & 0xC0) == 0x80) : 0;
+        jlist *l = jl_new(&e->a, items);
         if (l == NULL)
             return OOM(n);
         for (size_t i = 0; i < v.s.n;) {

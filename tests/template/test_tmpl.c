@@ -115,6 +115,35 @@ static void test_render_errors_and_limits(void **state)
 /* vLLM's content format: a template that loops over a message's content ("openai") gets the
  * list; one that does not ("string") gets the text parts joined with "\n" when the request
  * asks for vLLM's view (vllm_content), and the list as transformers passes it otherwise. */
+/* Strings that are not UTF-8 (a prompt may hold anything) are split into one item per lead
+ * byte, a stray continuation byte at the start being an item of its own, as the filters that
+ * iterate a string expect; the list was sized one item short (fuzz_template, UBSan). */
+static void test_string_not_utf8(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *src, *want;
+    } cases[] = {
+        {"{{ '\x97"
+         "bc' | reverse }}",
+         "cb\x97"},
+        {"{{ '\x97"
+         "bc' | list | length }}",
+         "3"},
+        {"{{ '\x97\x97' | list | length }}", "1"},
+        {"{{ ('\x97' ~ 'h\xc3\xa9') | reverse }}", "\xc3\xa9h\x97"},
+        {"{% for c in '\x80z' %}[{{ c }}]{% endfor %}", "[\x80][z]"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        kvr_buf out;
+        kvr_buf_init(&out);
+        kvr_err err = {0};
+        assert_int_equal(render(cases[i].src, "{}", NULL, &out, &err), 0);
+        assert_string_equal(out.base, cases[i].want);
+        kvr_buf_free(&out);
+    }
+}
+
 static void test_vllm_content_format(void **state)
 {
     (void)state;
@@ -170,6 +199,7 @@ int main(void)
         cmocka_unit_test(test_refused_at_compile),
         cmocka_unit_test(test_render_errors_and_limits),
         cmocka_unit_test(test_vllm_content_format),
+        cmocka_unit_test(test_string_not_utf8),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
