@@ -169,6 +169,17 @@ static int rd_u32(kvr_mp_reader *r, uint32_t *v)
     return 0;
 }
 
+/* A name (namespace, model, url): the FSM keeps names as C strings, so a NUL inside one would
+ * be stored cut short and compare unlike the bytes that were replicated (a POOL_SET with model
+ * "\0" was applied but its snapshot refused: fuzz_sync). */
+static int rd_name(kvr_mp_reader *r, kvr_slice *s)
+{
+    int rc = kvr_mp_read_str(r, s);
+    if (rc)
+        return rc;
+    return s->len && memchr(s->base, 0, s->len) ? KVR_EINVAL : 0;
+}
+
 static int rd_rid(kvr_mp_reader *r, uint8_t *rid)
 {
     kvr_slice s;
@@ -217,8 +228,8 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         CK(kvr_mp_read_uint(&r, &rt->frontend_id));
         CK(kvr_mp_read_uint(&r, &rt->now_ms));
         CK(rd_u32(&r, &rt->request_blocks));
-        CK(kvr_mp_read_str(&r, &rt->model));
-        CK(kvr_mp_read_str(&r, &rt->ns));
+        CK(rd_name(&r, &rt->model));
+        CK(rd_name(&r, &rt->ns));
         CK(kvr_mp_read_uint(&r, &rt->pin_worker));
         uint32_t nc;
         CK(kvr_mp_read_array(&r, &nc));
@@ -306,9 +317,9 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         uint32_t role;
         NEED(8);
         CK(kvr_mp_read_uint(&r, &w->id));
-        CK(kvr_mp_read_str(&r, &w->ns));
-        CK(kvr_mp_read_str(&r, &w->model));
-        CK(kvr_mp_read_str(&r, &w->url));
+        CK(rd_name(&r, &w->ns));
+        CK(rd_name(&r, &w->model));
+        CK(rd_name(&r, &w->url));
         CK(rd_u32(&r, &role));
         CK(rd_u32(&r, &w->block_size));
         CK(rd_u32(&r, &w->capacity_blocks));
@@ -342,8 +353,8 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         kvr_pool_cmd *p = &cmd->u.pool;
         uint32_t st;
         NEED(5);
-        CK(kvr_mp_read_str(&r, &p->ns));
-        CK(kvr_mp_read_str(&r, &p->model));
+        CK(rd_name(&r, &p->ns));
+        CK(rd_name(&r, &p->model));
         CK(rd_u32(&r, &st));
         CK(kvr_mp_read_uint(&r, &p->now_ms));
         if (st > KVR_POOL_STOPPING || p->ns.len > KVR_FSM_NS_MAX || p->model.len == 0 ||

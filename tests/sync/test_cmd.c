@@ -87,8 +87,8 @@ static int gold_cmd(int i, kvr_cmd *c)
                 kvr_mp_write_double writes) and checked with python3-msgpack */
         c->type = KVR_CMD_ROUTE_POLICY;
         c->u.policy.set_by = 3;
-        c->u.policy.cost = (kvr_cost_params){.overlap_weight = 1.0, .load_weight = 0.25,
-                                             .tie_band = 0.01};
+        c->u.policy.cost =
+            (kvr_cost_params){.overlap_weight = 1.0, .load_weight = 0.25, .tie_band = 0.01};
         return 0;
     default:
         return -1;
@@ -96,17 +96,23 @@ static int gold_cmd(int i, kvr_cmd *c)
 }
 
 static const char *const GOLDEN[] = {
-    /* 0 ROUTE */ "019901c4100102030405060708090a0b0c0d0e0f102acf0000019af232b27bcd012caa6c6c616d612d332d3862a470726f64009292070c92cf112233445566778800",
-    /* 1 ROUTE */ "019a01c4100102030405060708090a0b0c0d0e0f102acf0000019af232b27bcd012caa6c6c616d612d332d3862a470726f64079192070cc3",
+    /* 0 ROUTE */ "019901c4100102030405060708090a0b0c0d0e0f102acf0000019af232b27bcd012caa6c6c616d61"
+                  "2d332d3862a470726f64009292070c92cf112233445566778800",
+    /* 1 ROUTE */
+    "019a01c4100102030405060708090a0b0c0d0e0f102acf0000019af232b27bcd012caa6c6c616d612d332d3862a470"
+    "726f64079192070cc3",
     /* 2 PREFILL_DONE */ "019202c410a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5",
     /* 3 FREE */ "019203c4105a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a",
-    /* 4 WORKER_UP */ "01980409a470726f64aa6c6c616d612d332d3862b4687474703a2f2f31302e302e302e393a383030300240ce00011170",
+    /* 4 WORKER_UP */
+    "01980409a470726f64aa6c6c616d612d332d3862b4687474703a2f2f31302e302e302e393a383030300240ce000111"
+    "70",
     /* 5 WORKER_DOWN */ "01920509",
     /* 6 FRONTEND_SEEN */ "0193062acf0000019af232b3c8",
     /* 7 FRONTEND_EXPIRE */ "0193072acf0000019af232dad8",
     /* 8 EXPIRE */ "019208cf0000019af2298a40",
     /* 9 POOL_SET */ "019509a470726f64aa6c6c616d612d332d386202cf0000019af232b515",
-    /* 10 ROUTE_POLICY */ "01980a03ca3f800000ca3e800000ca00000000ca00000000cb3f847ae147ae147bca00000000",
+    /* 10 ROUTE_POLICY */
+    "01980a03ca3f800000ca3e800000ca00000000ca00000000cb3f847ae147ae147bca00000000",
 };
 #define N_GOLDEN (sizeof GOLDEN / sizeof *GOLDEN)
 
@@ -246,6 +252,44 @@ static void test_decode_rejects(void **state)
     }
 }
 
+/* A name with a NUL inside (namespace, model, url) is refused: the FSM keeps names as C
+ * strings (a POOL_SET with model "\0" was applied, then its snapshot refused: fuzz_sync). */
+static void test_decode_rejects_nul_in_names(void **state)
+{
+    (void)state;
+    static const int vectors[] = {0, 4, 9}; /* ROUTE, WORKER_UP, POOL_SET */
+    kvr_route_candidate cand[KVR_FSM_MAX_CANDIDATES];
+    for (size_t v = 0; v < sizeof vectors / sizeof vectors[0]; v++) {
+        for (int field = 0; field < 3; field++) {
+            kvr_cmd c, got;
+            assert_int_equal(gold_cmd(vectors[v], &c), 0);
+            kvr_slice *name = NULL;
+            if (c.type == KVR_CMD_ROUTE)
+                name = field == 0 ? &c.u.route.model : field == 1 ? &c.u.route.ns : NULL;
+            else if (c.type == KVR_CMD_WORKER_UP)
+                name = field == 0   ? &c.u.worker.model
+                       : field == 1 ? &c.u.worker.ns
+                                    : &c.u.worker.url;
+            else
+                name = field == 0 ? &c.u.pool.model : field == 1 ? &c.u.pool.ns : NULL;
+            if (!name)
+                continue;
+            *name = (kvr_slice){"ab\0cd", 5};
+            kvr_buf b;
+            kvr_buf_init(&b);
+            assert_int_equal(kvr_cmd_encode(&c, &b, NULL), 0);
+            kvr_err e = {0};
+            if (kvr_cmd_decode(b.base, b.len, &got, cand, &e) != KVR_EINVAL)
+                fail_msg("vector %d field %d: a name with a NUL decoded", vectors[v], field);
+            *name = (kvr_slice){"\0", 1};
+            kvr_buf_reset(&b);
+            assert_int_equal(kvr_cmd_encode(&c, &b, NULL), 0);
+            assert_int_equal(kvr_cmd_decode(b.base, b.len, &got, cand, &e), KVR_EINVAL);
+            kvr_buf_free(&b);
+        }
+    }
+}
+
 /* The head of every vector names its type; anything else is KVR_CMD_NONE. */
 static void test_peek_type(void **state)
 {
@@ -314,7 +358,6 @@ static void test_route_disagg_field(void **state)
     kvr_buf_free(&dg);
 }
 
-
 /* ROUTE's optional 13th field (the cost's weights, issue 14): written only when has_cost is
  * set, after false, an empty bin and nil (no disaggregation) or the 12th; read back exactly;
  * a short array is refused. */
@@ -333,8 +376,12 @@ static void test_route_cost_field(void **state)
     kvr_buf_init(&wc);
     assert_int_equal(kvr_cmd_encode(&c, &plain, NULL), 0);
     r->has_cost = true;
-    r->cost = (kvr_cost_params){.overlap_weight = 4, .temperature = 0, .load_weight = 0.5,
-                                .queue_weight = 16, .overflow_weight = 1.0 / 3, .tie_band = 0.01};
+    r->cost = (kvr_cost_params){.overlap_weight = 4,
+                                .temperature = 0,
+                                .load_weight = 0.5,
+                                .queue_weight = 16,
+                                .overflow_weight = 1.0 / 3,
+                                .tie_band = 0.01};
     assert_int_equal(kvr_cmd_encode(&c, &wc, NULL), 0);
     assert_int_equal(((uint8_t *)wc.base)[1], 0x9d);
     /* false, empty bin, nil, then a 6-array */
@@ -474,6 +521,7 @@ int main(void)
         cmocka_unit_test(test_encode_golden),
         cmocka_unit_test(test_decode_golden),
         cmocka_unit_test(test_decode_rejects),
+        cmocka_unit_test(test_decode_rejects_nul_in_names),
         cmocka_unit_test(test_peek_type),
         cmocka_unit_test(test_route_disagg_field),
         cmocka_unit_test(test_route_cost_field),
