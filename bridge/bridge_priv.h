@@ -58,6 +58,7 @@ typedef struct rank {
     bool known;         /* next is meaningful */
     uint64_t next;      /* next expected seq */
     bool replaying;     /* a replay request is out; live batches wait in pending */
+    uint64_t replay_from, replay_got; /* the request out: its start seq, batches answered so far */
     /* next at the last re-asked gap among batches queued behind a replay: one re-ask per gap,
      * so a batch the engine no longer has clears the worker instead of looping */
     bool reasked;
@@ -128,8 +129,9 @@ void br_on_live(rank *rk, uint64_t seq, const void *p, size_t len);
 void br_on_replayed(rank *rk, uint64_t seq, const void *p, size_t len);
 
 /* intake.c */
-/* Reads sock until it has no message or the budget is spent (then goes on from an idle). */
-void br_drain(rank *rk, void *sock);
+/* Reads every rank's sockets from the loop's next idle pass, never from inside the caller
+ * (after a send on the dealer: the send can consume ZMQ_FD's edge). */
+void br_drain_soon(bridge *br);
 /* (Re)opens the replay DEALER (a no-op without --replay); the old one is closed. */
 int br_open_dealer(rank *rk);
 int br_open_sub(rank *rk, const char *topic);

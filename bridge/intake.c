@@ -95,17 +95,22 @@ static void on_idle(uv_idle_t *h)
         uv_idle_stop(h);
 }
 
-void br_drain(rank *rk, void *sock)
+static void drain_now(rank *rk, void *sock)
 {
     int budget = DRAIN_BUDGET;
     if (drain_sock(rk, sock, &budget))
         uv_idle_start(&rk->br->idle, on_idle);
 }
 
+void br_drain_soon(bridge *br)
+{
+    uv_idle_start(&br->idle, on_idle);
+}
+
 static void on_zpoll(uv_poll_t *p, int status, int events)
 {
     zpoll *z = (zpoll *)p;
-    br_drain(z->rk, z->sock);
+    drain_now(z->rk, z->sock);
 }
 
 static void on_zpoll_closed(uv_handle_t *h)

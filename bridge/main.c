@@ -199,6 +199,8 @@ int main(int argc, char **argv)
         return 1;
     }
     br->n = (int)br->dp;
+    uv_idle_init(br->loop, &br->idle); /* before the first replay request drains from it */
+    br->idle.data = br;
     for (int i = 0; i < br->n; i++) {
         rank *rk = &br->ranks[i];
         rk->br = br;
@@ -234,8 +236,6 @@ int main(int argc, char **argv)
             br_publish_clear(rk, "start without a replay socket");
         }
     }
-    uv_idle_init(br->loop, &br->idle);
-    br->idle.data = br;
     uv_timer_init(br->loop, &br->hb_timer);
     uv_timer_init(br->loop, &br->scrape_timer);
     uv_timer_init(br->loop, &br->stats_timer);

@@ -87,6 +87,12 @@ static void accept_final(rank *rk, uint64_t seq, const void *p, size_t len)
  * once more (`may_reask`: the socket answered) before it is counted lost and clears the worker. */
 static void replay_done(rank *rk, bool may_reask)
 {
+    /* one line per replay (rare): a cleared worker's log then tells what each answer held */
+    KVR_LOG_INFO("replay done",
+                 "worker=%" PRIu64 " from=%" PRIu64 " batches=%" PRIu64 " next=%" PRIu64
+                 " answered=%d queued=%s",
+                 rk->wid, rk->replay_from, rk->replay_got, rk->next, may_reask,
+                 rk->ph ? "yes" : "no");
     rk->replaying = false;
     uv_timer_stop(&rk->replay_timer);
     pending *p = rk->ph, *tail = rk->pt;
@@ -145,10 +151,16 @@ void br_start_replay(rank *rk, uint64_t from)
     }
     rk->replays++;
     rk->replaying = true;
+    rk->replay_from = from;
+    rk->replay_got = 0;
     rk->known = true;
     rk->next = from;
     uv_timer_start(&rk->replay_timer, on_replay_timeout, (uint64_t)rk->br->replay_timeout_ms, 0);
-    br_drain(rk, rk->dealer); /* ZMQ_FD is edge-triggered: a send can consume the edge */
+    /* ZMQ_FD is edge-triggered and a send can consume the edge, so the dealer must be read
+     * again without a wake-up, but not here: the answer can already be in, and reading it now
+     * would end this replay inside the caller, before the caller queued the live batch that
+     * asked for it (which then cleared the worker as unrecoverable; bridge_path under ASan). */
+    br_drain_soon(rk->br);
 }
 
 /* A replay from seq 0 (bridge start, engine restart) races the SUB's (re)connection: what the
@@ -219,6 +231,9 @@ void br_on_live(rank *rk, uint64_t seq, const void *p, size_t len)
         /* The engine restarted while a replay was out: the answer, and the live batches
          * queued behind it, are numbered like the old engine's; the restart branch below
          * clears the worker and replays the new engine from 0. */
+        KVR_LOG_WARN("live seq went back during a replay",
+                     "worker=%" PRIu64 " seq=%" PRIu64 " last=%" PRIu64, rk->wid, seq,
+                     rk->last_live);
         br_open_dealer(rk);
         rk->replaying = false;
         uv_timer_stop(&rk->replay_timer);
@@ -293,5 +308,6 @@ void br_on_replayed(rank *rk, uint64_t seq, const void *p, size_t len)
         replay_done(rk, true);
         return;
     }
+    rk->replay_got++;
     accept_final(rk, seq, p, len);
 }

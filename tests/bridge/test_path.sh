@@ -2,7 +2,8 @@
 # bridge_path: engine stand-in (vLLM framing, 2 DP ranks) -> kvr-bridge -> real nats-server -js
 # -> a real kvr-routerd. After each step the router's /v1/match must show exactly the blocks the
 # engine holds, per rank/worker: array and map events, a dropped batch recovered by replay in
-# both reply layouts and while another replay is out, a bad event inside a good batch, malformed frames and a garbage payload,
+# both reply layouts, while another replay is out and when its answer is in before the bridge
+# reads on, a bad event inside a good batch, malformed frames and a garbage payload,
 # the bridge SIGKILLed and restarted, an engine restart (seq back to 0), a replay socket that
 # answers nothing or never sends its end marker, and the engine's metrics going down (the worker expires).
 source "$(dirname "$0")/../lib/testenv.sh"
@@ -36,8 +37,14 @@ kvr_spawn router "$KVR_BIN/kvr-routerd" --id 1 --nats "$NATS_URL" --http "127.0.
 kvr_wait_http "$R/ready" 20
 kvr_spawn engine $PY "$ENGINE" --pub "$pub" --replay "$rep" --http "$hport" --dp 2 --replay-mode new
 kvr_wait_http "$E/health" 30
+# the slow-send shim (slow_send.c): stalls the bridge after a replay request while the file
+# $KVR_TMP/slow-send exists; an ASan binary accepts a preload ahead of its runtime only when told
+cc -shared -fPIC -O2 -o "$KVR_TMP/slow_send.so" "$(dirname "$0")/slow_send.c" -ldl ||
+    kvr_fail "cannot build the slow-send shim (cc)"
 start_bridge() {
-    kvr_spawn bridge "$KVR_BIN/kvr-bridge" --engine-url "$E" --zmq "tcp://127.0.0.1:$pub" \
+    kvr_spawn bridge env LD_PRELOAD="$KVR_TMP/slow_send.so" KVR_TEST_SLOW_SEND="$KVR_TMP/slow-send" \
+        ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}verify_asan_link_order=0" \
+        "$KVR_BIN/kvr-bridge" --engine-url "$E" --zmq "tcp://127.0.0.1:$pub" \
         --replay "tcp://127.0.0.1:$rep" --data-parallel-size 2 --nats "$NATS_URL" --namespace br \
         --id 10 --scrape-interval 100ms --replay-timeout 2s --stats-interval 1s
 }
@@ -105,6 +112,16 @@ store 1 22         # dropped while that replay is out
 store 1 23         # live, queued behind the replay
 check "batch dropped while a replay was out: asked again, nothing cleared"
 ctl '[{"op":"replay_delay","value":0}]'
+
+# The whole answer is in before the bridge reads its replay socket again (a bridge preempted
+# right after sending the request): the replay must still end behind the live batch that asked
+# for it (reading on at once ended it first, and the bridge cleared the worker as unrecoverable).
+touch "$KVR_TMP/slow-send"
+ctl '[{"op":"drop","rank":0,"n":1}]'
+store 0 30         # dropped
+store 0 31         # live: gap, replay asked; the bridge stalls 0.3 s after asking
+check "replay answered before the bridge read on: nothing cleared"
+rm -f "$KVR_TMP/slow-send"
 
 store 0 8 ',"bad":true'
 ctl '[{"op":"garbage","rank":0}]'
