@@ -44,6 +44,10 @@ kvr_cleanup() {
     if [ $rc -ne 0 ] || [ $KVR_FAILED -ne 0 ]; then
         for name in "${KVR_NAMES[@]}"; do
             if [ -f "$KVR_TMP/$name.log" ]; then
+                # warnings first: a chatty log's tail (stats lines) can hide why it failed
+                echo "----- warnings and errors in $name.log (last 25) -----" >&2
+                grep -E 'level=(warn|error)|ERROR|AddressSanitizer|runtime error' \
+                    "$KVR_TMP/$name.log" | tail -n 25 | cut -c1-400 >&2
                 echo "----- last lines of $name.log -----" >&2
                 tail -n 25 "$KVR_TMP/$name.log" >&2
             fi
