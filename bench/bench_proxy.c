@@ -16,6 +16,7 @@
  * With --router-mode kv one kvr-routerd (local mode) is started too and every frontend request
  * asks it over NATS (kvr.route), so the figures include the route round trip. */
 #define _GNU_SOURCE /* memmem */
+#include "bench_util.h"
 #include "kvr_bench.h"
 #include "kvr_buf.h"
 #include "kvr_flags.h"
@@ -66,35 +67,6 @@ static double pct(double *v, size_t n, double p)
     qsort(v, n, sizeof *v, cmp_d);
     size_t i = (size_t)(p * (double)(n - 1) + 0.5);
     return v[i < n ? i : n - 1];
-}
-
-/* utime+stime of pid in seconds. */
-static double proc_cpu_s(int pid)
-{
-    char path[64], buf[1024];
-    snprintf(path, sizeof path, "/proc/%d/stat", pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return -1;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
-    char *p = strrchr(buf, ')');
-    if (!p)
-        return -1;
-    unsigned long long ut = 0, st = 0;
-    /* after ")": state(3) ppid … utime is field 14, stime 15 */
-    int field = 2;
-    for (char *t = strtok(p + 1, " "); t; t = strtok(NULL, " ")) {
-        field++;
-        if (field == 14)
-            ut = strtoull(t, NULL, 10);
-        else if (field == 15) {
-            st = strtoull(t, NULL, 10);
-            break;
-        }
-    }
-    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
 static long rss_kb(int pid)
@@ -243,14 +215,17 @@ int kvr_bench_proxy(int argc, char **argv)
     bool keep = false;
     const char *router_mode = "round-robin";
     kvr_flag flags[] = {
-        {"router-mode", KVR_FLAG_STRING, &router_mode, "frontend --router-mode (kv starts a kvr-routerd)", 0},
-        {"bin", KVR_FLAG_STRING, &bin, "directory of kvr-worker/kvr-frontend (default: next to kvr-bench)", 0},
+        {"router-mode", KVR_FLAG_STRING, &router_mode,
+         "frontend --router-mode (kv starts a kvr-routerd)", 0},
+        {"bin", KVR_FLAG_STRING, &bin,
+         "directory of kvr-worker/kvr-frontend (default: next to kvr-bench)", 0},
         {"requests", KVR_FLAG_INT, &requests, "TTFT samples per target", 0},
         {"prompt-len", KVR_FLAG_INT, &prompt_len, "prompt tokens", 0},
         {"max-tokens", KVR_FLAG_INT, &max_tokens, "output tokens per request", 0},
         {"cpu-requests", KVR_FLAG_INT, &cpu_requests, "requests for the CPU-per-request figure", 0},
         {"load-seconds", KVR_FLAG_INT, &load_seconds, "duration of the throughput phase", 0},
-        {"load-concurrency", KVR_FLAG_INT, &load_conc, "streams in flight in the throughput phase", 0},
+        {"load-concurrency", KVR_FLAG_INT, &load_conc, "streams in flight in the throughput phase",
+         0},
         {"speedup", KVR_FLAG_DOUBLE, &speedup, "worker clock speedup", 0},
         {"json", KVR_FLAG_STRING, &json_out, "write results as JSON here", 0},
         {"keep", KVR_FLAG_BOOL, &keep, "keep the temp dir (logs)", 0},
@@ -305,8 +280,10 @@ int kvr_bench_proxy(int argc, char **argv)
     FILE *f = fopen(natsconf, "w");
     if (!f)
         return 1;
-    fprintf(f, "listen: 127.0.0.1:%d\njetstream {\n  store_dir: \"%s/js\"\n  max_memory_store: 256MB\n"
-               "  max_file_store: 2GB\n}\n", nport, dir);
+    fprintf(f,
+            "listen: 127.0.0.1:%d\njetstream {\n  store_dir: \"%s/js\"\n  max_memory_store: 256MB\n"
+            "  max_file_store: 2GB\n}\n",
+            nport, dir);
     fclose(f);
     snprintf(hcfg, sizeof hcfg, "%s/haproxy.cfg", dir);
     f = fopen(hcfg, "w");
@@ -323,8 +300,8 @@ int kvr_bench_proxy(int argc, char **argv)
     snprintf(wlisten, sizeof wlisten, "127.0.0.1:%d", wport);
     snprintf(flisten, sizeof flisten, "127.0.0.1:%d", fport);
     snprintf(sbuf, sizeof sbuf, "%g", speedup);
-    char wbin[PATH_MAX + 16], fbin[PATH_MAX + 16], rbin[PATH_MAX + 16], rhttp[64],
-        rdir[600], rbase[64];
+    char wbin[PATH_MAX + 16], fbin[PATH_MAX + 16], rbin[PATH_MAX + 16], rhttp[64], rdir[600],
+        rbase[64];
     snprintf(rbin, sizeof rbin, "%s/kvr-routerd", bindir);
     snprintf(rhttp, sizeof rhttp, "127.0.0.1:%d", rport);
     snprintf(rbase, sizeof rbase, "http://127.0.0.1:%d", rport);
@@ -336,12 +313,15 @@ int kvr_bench_proxy(int argc, char **argv)
     memset(procs, 0, sizeof procs);
     int np = 0, rc = 1;
     char *nargv[] = {"/usr/sbin/nats-server", "-c", natsconf};
-    char *wargv[] = {wbin, "--listen", wlisten, "--nats", natsurl, "--namespace", "default",
-                     "--model", "bench", "--id", "1", "--speedup", sbuf};
-    char *fargv[] = {fbin, "--listen", flisten, "--nats", natsurl, "--id", "1",
-                     "--router-mode", (char *)router_mode, "--log-level", "warn"};
-    char *rargv[] = {rbin, "--id", "1", "--nats", natsurl, "--http", rhttp, "--data-dir", rdir,
+    char *wargv[] = {wbin,          "--listen",  wlisten,   "--nats", natsurl,
+                     "--namespace", "default",   "--model", "bench",  "--id",
+                     "1",           "--speedup", sbuf};
+    char *fargv[] = {fbin,          "--listen",      flisten,
+                     "--nats",      natsurl,         "--id",
+                     "1",           "--router-mode", (char *)router_mode,
                      "--log-level", "warn"};
+    char *rargv[] = {rbin,  "--id",       "1",  "--nats",      natsurl, "--http",
+                     rhttp, "--data-dir", rdir, "--log-level", "warn"};
     char *hargv[] = {"/usr/sbin/haproxy", "-db", "-f", hcfg};
     if (spawn(&procs[np++], "nats", dir, nargv, 3) ||
         spawn(&procs[np++], "worker", dir, wargv, (int)(sizeof wargv / sizeof *wargv)) ||
@@ -404,7 +384,7 @@ int kvr_bench_proxy(int argc, char **argv)
     double ov_fe = med[T_FRONTEND] - med[T_DIRECT], ov_ha = med[T_HAPROXY] - med[T_DIRECT];
 
     /* 2. CPU per proxied streaming request (sequential, so nothing else runs in the frontend) */
-    double cpu0 = proc_cpu_s(fe_pid);
+    double cpu0 = bench_proc_cpu_s(fe_pid);
     int cpu_ok = 0;
     for (int64_t i = 0; i < cpu_requests; i++) {
         make_body(&body, 5000000u + (unsigned)i, (int)prompt_len, (int)max_tokens);
@@ -412,7 +392,7 @@ int kvr_bench_proxy(int argc, char **argv)
         if (curl_easy_perform(xs[T_FRONTEND].h) == CURLE_OK && xs[T_FRONTEND].done_seen)
             cpu_ok++;
     }
-    double cpu_per_req_us = cpu_ok ? (proc_cpu_s(fe_pid) - cpu0) * 1e6 / cpu_ok : 0;
+    double cpu_per_req_us = cpu_ok ? (bench_proc_cpu_s(fe_pid) - cpu0) * 1e6 / cpu_ok : 0;
 
     /* 3. Throughput, closed loop */
     CURLM *m = curl_multi_init();
@@ -429,7 +409,7 @@ int kvr_bench_proxy(int argc, char **argv)
     }
     long rss0 = rss_kb(fe_pid);
     long rss_peak = rss0;
-    double lcpu0 = proc_cpu_s(fe_pid);
+    double lcpu0 = bench_proc_cpu_s(fe_pid);
     int64_t lt0 = kvr_mono_ns(), lend = lt0 + load_seconds * 1000000000LL;
     uint64_t done_ok = 0, done_bad = 0;
     int running = 1;
@@ -462,7 +442,7 @@ int kvr_bench_proxy(int argc, char **argv)
             rss_peak = r;
     }
     double lsecs = (double)(kvr_mono_ns() - lt0) / 1e9;
-    double lcpu = proc_cpu_s(fe_pid) - lcpu0;
+    double lcpu = bench_proc_cpu_s(fe_pid) - lcpu0;
     double rps = (double)done_ok / lsecs, util = lcpu / lsecs;
     for (int64_t i = 0; i < load_conc; i++) {
         curl_easy_cleanup(lx[i].h);
@@ -490,19 +470,21 @@ int kvr_bench_proxy(int argc, char **argv)
     if (json_out) {
         FILE *jf = fopen(json_out, "w");
         if (jf) {
-            fprintf(jf,
-                    "{\"router_mode\":\"%s\",\"prompt_len\":%lld,\"max_tokens\":%lld,\"speedup\":%g,"
-                    "\"ttft_ms\":{\"direct\":{\"p50\":%.4f,\"p90\":%.4f,\"n\":%zu},"
-                    "\"frontend\":{\"p50\":%.4f,\"p90\":%.4f,\"n\":%zu},"
-                    "\"haproxy\":{\"p50\":%.4f,\"p90\":%.4f,\"n\":%zu}},"
-                    "\"overhead_ms\":{\"frontend\":%.4f,\"haproxy\":%.4f,\"ratio\":%.3f},"
-                    "\"cpu_us_per_request\":%.2f,"
-                    "\"throughput\":{\"rps\":%.1f,\"concurrency\":%lld,\"cpu_util\":%.3f,"
-                    "\"rps_per_core\":%.1f,\"failed\":%llu,\"rss_kb_before\":%ld,\"rss_kb_peak\":%ld}}\n",
-                    router_mode, (long long)prompt_len, (long long)max_tokens, speedup, med[0], p90[0], nt[0],
-                    med[1], p90[1], nt[1], med[2], p90[2], nt[2], ov_fe, ov_ha,
-                    ov_ha != 0 ? ov_fe / ov_ha : 0, cpu_per_req_us, rps, (long long)load_conc,
-                    util, util > 0 ? rps / util : 0, (unsigned long long)done_bad, rss0, rss_peak);
+            fprintf(
+                jf,
+                "{\"router_mode\":\"%s\",\"prompt_len\":%lld,\"max_tokens\":%lld,\"speedup\":%g,"
+                "\"ttft_ms\":{\"direct\":{\"p50\":%.4f,\"p90\":%.4f,\"n\":%zu},"
+                "\"frontend\":{\"p50\":%.4f,\"p90\":%.4f,\"n\":%zu},"
+                "\"haproxy\":{\"p50\":%.4f,\"p90\":%.4f,\"n\":%zu}},"
+                "\"overhead_ms\":{\"frontend\":%.4f,\"haproxy\":%.4f,\"ratio\":%.3f},"
+                "\"cpu_us_per_request\":%.2f,"
+                "\"throughput\":{\"rps\":%.1f,\"concurrency\":%lld,\"cpu_util\":%.3f,"
+                "\"rps_per_core\":%.1f,\"failed\":%llu,\"rss_kb_before\":%ld,\"rss_kb_peak\":%ld}}"
+                "\n",
+                router_mode, (long long)prompt_len, (long long)max_tokens, speedup, med[0], p90[0],
+                nt[0], med[1], p90[1], nt[1], med[2], p90[2], nt[2], ov_fe, ov_ha,
+                ov_ha != 0 ? ov_fe / ov_ha : 0, cpu_per_req_us, rps, (long long)load_conc, util,
+                util > 0 ? rps / util : 0, (unsigned long long)done_bad, rss0, rss_peak);
             fclose(jf);
         }
     }

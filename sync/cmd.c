@@ -15,6 +15,30 @@
             goto fail;                                                                             \
     } while (0)
 
+int kvr_cmd_write_weights(kvr_buf *out, const kvr_cost_params *p)
+{
+    const double w[6] = {p->overlap_weight,  p->load_weight, p->queue_weight,
+                         p->overflow_weight, p->tie_band,    p->temperature};
+    for (int j = 0; j < 6; j++) {
+        int rc = kvr_mp_write_double(out, w[j]);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int kvr_cmd_read_weights(kvr_mp_reader *r, kvr_cost_params *p)
+{
+    double *w[6] = {&p->overlap_weight,  &p->load_weight, &p->queue_weight,
+                    &p->overflow_weight, &p->tie_band,    &p->temperature};
+    for (int j = 0; j < 6; j++) {
+        int rc = kvr_mp_read_double(r, w[j]);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
 int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
 {
     int rc = 0;
@@ -65,12 +89,7 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
         }
         if (r->has_cost) {
             CK(kvr_mp_write_array(out, 6));
-            CK(kvr_mp_write_double(out, r->cost.overlap_weight));
-            CK(kvr_mp_write_double(out, r->cost.load_weight));
-            CK(kvr_mp_write_double(out, r->cost.queue_weight));
-            CK(kvr_mp_write_double(out, r->cost.overflow_weight));
-            CK(kvr_mp_write_double(out, r->cost.tie_band));
-            CK(kvr_mp_write_double(out, r->cost.temperature));
+            CK(kvr_cmd_write_weights(out, &r->cost));
         }
         break;
     }
@@ -139,12 +158,7 @@ int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err)
         CK(kvr_mp_write_array(out, 8));
         CK(kvr_mp_write_uint(out, KVR_CMD_ROUTE_POLICY));
         CK(kvr_mp_write_uint(out, pc->set_by));
-        CK(kvr_mp_write_double(out, pc->cost.overlap_weight));
-        CK(kvr_mp_write_double(out, pc->cost.load_weight));
-        CK(kvr_mp_write_double(out, pc->cost.queue_weight));
-        CK(kvr_mp_write_double(out, pc->cost.overflow_weight));
-        CK(kvr_mp_write_double(out, pc->cost.tie_band));
-        CK(kvr_mp_write_double(out, pc->cost.temperature));
+        CK(kvr_cmd_write_weights(out, &pc->cost));
         break;
     }
     default:
@@ -294,11 +308,7 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
                 rc = KVR_EINVAL;
                 goto fail;
             }
-            double *w[6] = {&rt->cost.overlap_weight, &rt->cost.load_weight,
-                            &rt->cost.queue_weight,   &rt->cost.overflow_weight,
-                            &rt->cost.tie_band,       &rt->cost.temperature};
-            for (int j = 0; j < 6; j++)
-                CK(kvr_mp_read_double(&r, w[j]));
+            CK(kvr_cmd_read_weights(&r, &rt->cost));
             for (uint32_t j = 6; j < m; j++)
                 CK(kvr_mp_skip(&r));
             rt->has_cost = true;
@@ -370,10 +380,7 @@ int kvr_cmd_decode(const void *data, size_t len, kvr_cmd *cmd, kvr_route_candida
         kvr_policy_cmd *pc = &cmd->u.policy;
         NEED(8);
         CK(kvr_mp_read_uint(&r, &pc->set_by));
-        double *w[6] = {&pc->cost.overlap_weight,  &pc->cost.load_weight, &pc->cost.queue_weight,
-                        &pc->cost.overflow_weight, &pc->cost.tie_band,    &pc->cost.temperature};
-        for (int j = 0; j < 6; j++)
-            CK(kvr_mp_read_double(&r, w[j]));
+        CK(kvr_cmd_read_weights(&r, &pc->cost));
         if (!kvr_cost_params_valid(&pc->cost)) {
             rc = KVR_EINVAL;
             goto fail;

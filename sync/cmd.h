@@ -34,7 +34,7 @@
 /* Upper bound of one encoded command (ROUTE with KVR_FSM_MAX_CANDIDATES candidates and
  * KVR_CMD_MAX_APPROX_HASHES hashes). */
 #define KVR_CMD_MAX_BYTES                                                                          \
-    (96 + KVR_FSM_MODEL_MAX + KVR_FSM_NS_MAX + 24 * KVR_FSM_MAX_CANDIDATES +                      \
+    (96 + KVR_FSM_MODEL_MAX + KVR_FSM_NS_MAX + 24 * KVR_FSM_MAX_CANDIDATES +                       \
      8 * KVR_CMD_MAX_APPROX_HASHES + 8)
 
 typedef enum kvr_cmd_type {
@@ -157,16 +157,25 @@ typedef struct kvr_policy_cmd {
 typedef struct kvr_cmd {
     kvr_cmd_type type;
     union {
-        kvr_route_cmd route;                                   /* ROUTE */
-        uint8_t request_id[KVR_REQUEST_ID_LEN];                /* PREFILL_DONE, FREE */
-        kvr_worker_info worker;                                /* WORKER_UP */
-        uint64_t worker_id;                                    /* WORKER_DOWN */
-        struct { uint64_t frontend_id, now_ms; } frontend;     /* FRONTEND_SEEN, _EXPIRE */
-        uint64_t before_ms;                                    /* EXPIRE */
-        kvr_pool_cmd pool;                                     /* POOL_SET */
-        kvr_policy_cmd policy;                                 /* ROUTE_POLICY */
+        kvr_route_cmd route;                    /* ROUTE */
+        uint8_t request_id[KVR_REQUEST_ID_LEN]; /* PREFILL_DONE, FREE */
+        kvr_worker_info worker;                 /* WORKER_UP */
+        uint64_t worker_id;                     /* WORKER_DOWN */
+        struct {
+            uint64_t frontend_id, now_ms;
+        } frontend;            /* FRONTEND_SEEN, _EXPIRE */
+        uint64_t before_ms;    /* EXPIRE */
+        kvr_pool_cmd pool;     /* POOL_SET */
+        kvr_policy_cmd policy; /* ROUTE_POLICY */
     } u;
 } kvr_cmd;
+
+/* The cost's six weights as six msgpack numbers in one fixed order (overlap, load, queue,
+ * overflow, tie band, temperature): how ROUTE's 13th field, ROUTE_POLICY and the FSM
+ * snapshot's policy write them. Neither checks the values (kvr_cost_params_valid does). */
+struct kvr_mp_reader;
+int kvr_cmd_write_weights(kvr_buf *out, const kvr_cost_params *p);
+int kvr_cmd_read_weights(struct kvr_mp_reader *r, kvr_cost_params *p);
 
 /* Appends the encoding of cmd to out. KVR_EINVAL when a field is over its bound. */
 int kvr_cmd_encode(const kvr_cmd *cmd, kvr_buf *out, kvr_err *err);

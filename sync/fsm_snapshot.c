@@ -105,12 +105,7 @@ int kvr_fsm_snapshot(const kvr_fsm *f, kvr_buf *out, kvr_err *err)
     if (f->has_policy) {
         CK(kvr_mp_write_array(out, 7));
         CK(kvr_mp_write_uint(out, f->policy_set_by));
-        CK(kvr_mp_write_double(out, f->policy.overlap_weight));
-        CK(kvr_mp_write_double(out, f->policy.load_weight));
-        CK(kvr_mp_write_double(out, f->policy.queue_weight));
-        CK(kvr_mp_write_double(out, f->policy.overflow_weight));
-        CK(kvr_mp_write_double(out, f->policy.tie_band));
-        CK(kvr_mp_write_double(out, f->policy.temperature));
+        CK(kvr_cmd_write_weights(out, &f->policy));
     } else {
         CK(kvr_mp_write_nil(out));
     }
@@ -143,7 +138,8 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     const uint8_t *p = data;
     kvr_fsm *nf = NULL;
     if (len < 4 + 1 + 8 || memcmp(p, SNAP_MAGIC, 4) != 0)
-        return kvr_err_set(err, KVR_ECORRUPT, "restoring fsm snapshot: bad magic or too short (%zu bytes)", len);
+        return kvr_err_set(err, KVR_ECORRUPT,
+                           "restoring fsm snapshot: bad magic or too short (%zu bytes)", len);
     if (p[4] < SNAP_VERSION_MIN || p[4] > SNAP_VERSION)
         return kvr_err_set(err, KVR_EUNSUPPORTED, "restoring fsm snapshot: version %u, want %u..%u",
                            p[4], SNAP_VERSION_MIN, SNAP_VERSION);
@@ -362,17 +358,13 @@ int kvr_fsm_restore(kvr_fsm *f, const void *data, size_t len, kvr_err *err)
     if (version >= 5 && kvr_mp_peek(&r) == KVR_MP_NIL) {
         CK(kvr_mp_read_nil(&r));
     } else if (version >= 5) {
-        double *w[6] = {&nf->policy.overlap_weight, &nf->policy.load_weight,
-                        &nf->policy.queue_weight,   &nf->policy.overflow_weight,
-                        &nf->policy.tie_band,       &nf->policy.temperature};
         CK(kvr_mp_read_array(&r, &m));
         if (m < 7) {
             rc = KVR_EINVAL;
             goto fail;
         }
         CK(kvr_mp_read_uint(&r, &nf->policy_set_by));
-        for (int j = 0; j < 6; j++)
-            CK(kvr_mp_read_double(&r, w[j]));
+        CK(kvr_cmd_read_weights(&r, &nf->policy));
         for (uint32_t j = 7; j < m; j++)
             CK(kvr_mp_skip(&r));
         if (!kvr_cost_params_valid(&nf->policy)) {
