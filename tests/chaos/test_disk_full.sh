@@ -40,7 +40,7 @@ t_fill=$(now_ms)
 fill() { in_ns "$L" bash -c "cat /dev/zero >>'${RDATA[$L]}/filler'" 2>/dev/null; }
 fill
 kvr_log "filled: $(in_ns "$L" df -h "${RDATA[$L]}" | tail -1)"
-err_logged() { tail -n +"$lines0" "$KVR_TMP/router$L.log" | grep -qiE 'no space|not enough space|ENOSPC|disk full|space left'; }
+err_logged() { tail -n +"$lines0" "$KVR_TMP/router$L.log" | grep -iE 'no space|not enough space|ENOSPC|disk full|space left' >/dev/null; }
 OTHERS=()
 for i in 1 2 3; do [ "$i" != "$L" ] && OTHERS+=("$i"); done
 t_err=
