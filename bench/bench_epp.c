@@ -142,7 +142,8 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: kvr-bench epp [--routers 3] [--workers 8] [--rate 5000 | --concurrency C]\n"
             "                     [--duration 10] [--conns 4] [--hold 1000] [--warmup 1]\n"
-            "                     [--epp-args \"…\"] [--dir D] [--keep] [--json OUT]\n\n"
+            "                     [--epp-args \"…\"] [--router-args \"…\"] [--dir D] [--keep]\n"
+            "                     [--json OUT]\n\n"
             "kvrctl starts nats-server, R kvr-routerd in one Raft group and W kvr-workers; then\n"
             "kvr-epp --secure-serving=false, driven over K h2c connections as Envoy's ext_proc\n"
             "filter does (headers, body end_of_stream, wait for the pick and the echo, response\n"
@@ -157,7 +158,7 @@ int kvr_bench_epp(int argc, char **argv)
     int routers = 3, workers = 8, conns = 4, hold = 1000;
     double rate = 5000, duration = 10, warmup = 1;
     long concurrency = 0;
-    const char *json = NULL, *dir = NULL, *epp_args = "";
+    const char *json = NULL, *dir = NULL, *epp_args = "", *router_args = NULL;
     bool keep = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -191,6 +192,8 @@ int kvr_bench_epp(int argc, char **argv)
             hold = atoi(v);
         else if (!strcmp(a, "--epp-args"))
             epp_args = v;
+        else if (!strcmp(a, "--router-args")) /* kvrctl up --router-args: e.g. Raft knobs */
+            router_args = v;
         else if (!strcmp(a, "--dir"))
             dir = v;
         else if (!strcmp(a, "--json"))
@@ -228,7 +231,11 @@ int kvr_bench_epp(int argc, char **argv)
     snprintf(rstr, sizeof rstr, "%d", routers);
     snprintf(wstr, sizeof wstr, "%d", workers);
     char *up[] = {"up",        "--dir", cdir,          "--routers", rstr,
-                  "--workers", wstr,    "--frontends", "0",         NULL};
+                  "--workers", wstr,    "--frontends", "0",         NULL, NULL, NULL};
+    if (router_args && router_args[0]) {
+        up[9] = "--router-args";
+        up[10] = (char *)router_args;
+    }
     fprintf(stderr, "== kvrctl up --routers %d --workers %d --frontends 0 in %s\n", routers,
             workers, cdir);
     int rc = 1;
