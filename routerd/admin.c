@@ -254,6 +254,30 @@ static bool http_authorized(kvr_routerd *rd, kvr_http_req *req)
     return false;
 }
 
+static void restart_due(uv_timer_t *t)
+{
+    kvr_routerd *rd = t->data;
+    rd_restart_in_place(rd, "POST /admin/restart");
+    uv_close((uv_handle_t *)t, (uv_close_cb)free); /* only reached when exec failed */
+}
+
+/* POST /admin/restart: the same restart in place as after an unusable Raft log (the warm
+ * restart path: index snapshot, JetStream replay, Raft from its files), answered first and
+ * done 100 ms later so the answer leaves. */
+static void http_restart(kvr_routerd *rd, kvr_http_req *req)
+{
+    uv_timer_t *t = malloc(sizeof *t);
+    if (!rd->cfg.argv || !t) {
+        free(t);
+        rd_respond_error(req, 503, "restart in place unavailable");
+        return;
+    }
+    uv_timer_init(rd->loop, t);
+    t->data = rd;
+    uv_timer_start(t, restart_due, 100, 0);
+    kvr_http_respond_cstr(req, 202, "application/json", "{\"ok\":true,\"restarting\":true}\n");
+}
+
 void rd_on_http(kvr_http_req *req)
 {
     kvr_routerd *rd = req->server->data;
@@ -283,6 +307,8 @@ void rd_on_http(kvr_http_req *req)
         http_admin(rd, req, "promote");
     } else if (post && kvr_slice_eq_cstr(req->path, "/admin/raft/remove")) {
         http_admin(rd, req, "remove");
+    } else if (post && kvr_slice_eq_cstr(req->path, "/admin/restart")) {
+        http_restart(rd, req);
     } else if (kvr_slice_eq_cstr(req->path, "/health") || kvr_slice_eq_cstr(req->path, "/ready") ||
                kvr_slice_eq_cstr(req->path, "/metrics") || kvr_slice_eq_cstr(req->path, "/v1/state") ||
                kvr_slice_eq_cstr(req->path, "/v1/match") || kvr_slice_eq_cstr(req->path, "/v1/route")) {

@@ -1,6 +1,13 @@
 /* routerd: see routerd.h; the files and what they share: routerd_int.h. */
 #include "routerd_int.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
 static void on_nats_state(kvr_nats *kn, kvr_nats_state st, void *data)
 {
     kvr_routerd *rd = kn->data;
@@ -393,3 +400,27 @@ void kvr_routerd_free(kvr_routerd *rd)
     free(rd);
 }
 
+void rd_restart_in_place(kvr_routerd *rd, const char *why)
+{
+    if (!rd->cfg.argv || !rd->cfg.argv[0]) {
+        KVR_LOG_ERROR("cannot restart in place: no command line", "why=\"%s\"", why);
+        return;
+    }
+    KVR_LOG_WARN("restarting in place", "why=\"%s\"", why);
+    /* The new image opens its own LMDB environment, sockets and files: nothing of this one
+     * may stay open across exec (libuv's sockets are close-on-exec already, others need not
+     * be). */
+    DIR *d = opendir("/proc/self/fd");
+    if (d) {
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL) {
+            int fd = atoi(e->d_name);
+            if (fd > 2 && fd != dirfd(d))
+                fcntl(fd, F_SETFD, FD_CLOEXEC);
+        }
+        closedir(d);
+    }
+    fflush(NULL);
+    execv("/proc/self/exe", rd->cfg.argv);
+    KVR_LOG_ERROR("restart in place failed", "err=\"%s\"", strerror(errno));
+}

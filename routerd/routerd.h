@@ -102,6 +102,10 @@ typedef struct kvr_routerd_config {
     bool has_cost;
     double cost_overlap_weight, cost_load_weight, cost_queue_weight, cost_overflow_weight,
         cost_tie_band, cost_temperature;
+    /* The process's command line, NULL-terminated (not owned; must outlive the router): with
+     * it the router restarts itself in place when its Raft log is unusable for good (sync.h
+     * log_stuck_cb). NULL: it only logs that. */
+    char *const *argv;
 } kvr_routerd_config;
 
 typedef struct kvr_routerd kvr_routerd;

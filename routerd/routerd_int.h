@@ -248,6 +248,9 @@ static inline bool ns_ok(kvr_routerd *rd, kvr_slice ns)
 
 rd_worker *rd_worker_find(kvr_routerd *rd, uint64_t id);
 void rd_update_index_gauges(kvr_routerd *rd);
+/* Replaces this process's image with a fresh start of the same command line (same pid, same
+ * log): every state is rebuilt by the warm-restart path. Returns only if that failed. */
+void rd_restart_in_place(kvr_routerd *rd, const char *why);
 void rd_log_cmd_failure(kvr_routerd *rd, int status, const kvr_fsm_result *res, rd_decided how,
                         void *data);
 void rd_queue_clear(kvr_routerd *rd, uint64_t worker_id, uint64_t down_seq);

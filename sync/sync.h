@@ -130,6 +130,14 @@ typedef struct kvr_sync_options {
      * route subject while true (DESIGN.md 4). NULL: not called. */
     void (*leader_cb)(void *data, bool leader);
     void *leader_data;
+    /* Called once, on the loop thread, when this node's Raft log looks unusable for good: a
+     * log write failed (a full disk), and since then the node has applied nothing for 5 s
+     * although it knows of committed entries, while its data dir has room again. canonical/raft
+     * 0.15 keeps a failed segment creation as a permanent error of its disk I/O, so such a node
+     * would never store an entry again; reloading Raft from its files is the way back
+     * (kvr-routerd restarts itself in place). NULL: only logged. */
+    void (*log_stuck_cb)(void *data);
+    void *log_stuck_data;
 } kvr_sync_options;
 
 /* The hops hop_cb reports. On the leader, per command: QUEUE from arrival (its own or

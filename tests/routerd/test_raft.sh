@@ -4,7 +4,8 @@
 # leader quickly; the killed router restarts and converges (same booking and index digests);
 # with 2 of 3 down the survivor answers in mode "local" (it stays in the NATS queue groups: no
 # other router has a quorum); back together they converge again. No router leaves the queue
-# groups during the elections.
+# groups during the elections. A follower restarted in place (POST /admin/restart) keeps its pid,
+# comes back and converges.
 source "$(dirname "$0")/../lib/testenv.sh"
 source "$(dirname "$0")/rd_lib.sh"
 kvr_test_init routerd_raft
@@ -122,6 +123,30 @@ kvr_wait_for 20 converged || kvr_fail "replicas did not converge"
 kvr_assert_eq "$(rd_q "${HP[1]}" .bookings)" $((N + 1)) "the local booking was reconciled into Raft"
 kvr_assert_eq "$(rd_q "${HP[1]}" .index.digest)" "$(rd_q "${HP[$S]}" .index.digest)" "index digests"
 
+# restart in place (POST /admin/restart; also what a router does when its Raft log became
+# unusable after a failed write, sync.h log_stuck_cb): admin token required; the process execs
+# itself (same pid), comes back through the warm-restart path, answers and converges
+L=$(wait_leader 10 0 1 2 3) || kvr_fail "no leader before the restart in place"
+F=1; [ "$L" = 1 ] && F=2
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "http://127.0.0.1:${HP[$F]}/admin/restart")
+kvr_assert_eq "$code" 401 "restart in place without the admin token"
+pid=$(kvr_pid "r$F")
+n0=$(grep -c 'msg="started"' "$KVR_TMP/r$F.log")
+kvr_assert_eq "$(rd_post "${HP[$F]}" /admin/restart | jq -r .restarting)" true "restart in place accepted"
+restarted() { [ "$(grep -c 'msg="started"' "$KVR_TMP/r$F.log")" -gt "$n0" ]; }
+kvr_wait_for 10 restarted || kvr_fail "r$F did not start again"
+kvr_assert_eq "$(kvr_pid "r$F")" "$pid" "same process"
+kill -0 "$pid" || kvr_fail "r$F's process is gone"
+kvr_wait_http "http://127.0.0.1:${HP[$F]}/ready" 30
+for k in 1 2 3 4; do
+    out=$(printf 'route m1 ns1 7 256 after-restart-%d\n' "$k" | "$PUB" --nats "$NATS_URL" | grep '^route')
+    case "$out" in "route ok=1 "*) ;; *) kvr_fail "route after the restart in place: $out" ;; esac
+done
+kvr_wait_for 20 converged || kvr_fail "replicas did not converge after r$F restarted in place"
+kvr_assert_eq "$(rd_q "${HP[$F]}" .bookings)" $((N + 5)) "bookings after the restart in place"
+kvr_assert_eq "$(rd_q "${HP[$F]}" .index.digest)" "$(rd_q "${HP[$L]}" .index.digest)" "index digest after the restart in place"
+kvr_log "r$F restarted in place (pid $pid) and converged"
+
 # membership through the admin API: add router 4 (started with --join), promote, remove
 rd_start r4 4 "${HP[4]}" "$KVR_TMP/r4" --raft-addr "$A4" --peers "$PEERS" --join --cluster-secret-file "$KVR_TMP/secret"
 kvr_wait_http "http://127.0.0.1:${HP[4]}/ready" 30
@@ -133,6 +158,6 @@ kvr_assert_eq "$(rd_post "${HP[$L]}" /admin/raft/add -d "{\"id\":4,\"raft_addr\"
 kvr_assert_eq "$(rd_post "${HP[$L]}" /admin/raft/promote -d '{"id":4}' | jq -r .ok)" true "promote node 4"
 kvr_wait_for 15 bash -c "[ \"\$(curl -s http://127.0.0.1:${HP[4]}/v1/state | jq -r .raft.fsm_digest)\" = \"$(rd_q "${HP[$L]}" .raft.fsm_digest)\" ]" ||
     kvr_fail "node 4 did not catch up"
-kvr_assert_eq "$(rd_q "${HP[4]}" .bookings)" $((N + 1)) "node 4 bookings"
+kvr_assert_eq "$(rd_q "${HP[4]}" .bookings)" $((N + 5)) "node 4 bookings"
 kvr_assert_eq "$(rd_post "${HP[$L]}" /admin/raft/remove -d '{"id":4}' | jq -r .ok)" true "remove node 4"
 kvr_pass
