@@ -33,15 +33,6 @@ static void on_signal(uv_signal_t *h, int signum)
 
 int main(int argc, char **argv)
 {
-    /* the command line as given, before flag parsing: kept for a restart in place */
-    char **argv0 = calloc((size_t)argc + 1, sizeof *argv0);
-    for (int i = 0; argv0 && i < argc; i++)
-        if (!(argv0[i] = strdup(argv[i]))) {
-            while (i-- > 0)
-                free(argv0[i]);
-            free(argv0);
-            argv0 = NULL; /* no restart in place, nothing else changes */
-        }
     uint64_t id = 1, block_size = 64;
     const char *nats = "nats://127.0.0.1:4222", *http = "127.0.0.1:8100", *data_dir = NULL;
     const char *ns = "all", *log_level = "info", *raft_addr = "", *peers = "";
@@ -265,7 +256,7 @@ int main(int argc, char **argv)
         .cost_overflow_weight = cost.overflow_weight,
         .cost_tie_band = cost.tie_band,
         .cost_temperature = cost.temperature,
-        .argv = argv0,
+        .argv = argv, /* the parser only reads it; argv[argc] is NULL (C11 5.1.2.2.1) */
     };
     uv_loop_t *loop = uv_default_loop();
     int rc = kvr_routerd_start(&g_rd, loop, &cfg);
@@ -283,9 +274,6 @@ int main(int argc, char **argv)
     uv_loop_close(loop);
     kvr_nats_global_shutdown(2000);
     kvr_nats_flags_free(&nats_sec);
-    for (int i = 0; argv0 && i < argc; i++)
-        free(argv0[i]);
-    free(argv0);
     KVR_LOG_INFO("exited", "id=%llu", (unsigned long long)id);
     return 0;
 }
