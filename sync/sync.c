@@ -283,10 +283,13 @@ static void housekeeping(kvr_sync *s, int64_t mono_now)
     }
 }
 
-/* sync.h log_stuck_cb. After a failed log write, a node that stays behind a commit index it
- * knows of, applying nothing for LOG_STUCK_MS, has a Raft I/O that will not write again;
- * with less than LOG_STUCK_MIN_FREE free in its data dir a reload would fail the same way,
- * so the owner is told only once there is room (a few 8 MiB segments). */
+/* sync.h log_stuck_cb. After a failed log write, a node that applies nothing for
+ * LOG_STUCK_MS while a leader is known is taken as one whose Raft I/O will not write again.
+ * Its own commit index says nothing reliable then (seen both above and below the applied
+ * index of a stuck node), and an idle group applies nothing either: at worst that costs one
+ * needless reload per failed write (the new image starts with no error). With less than
+ * LOG_STUCK_MIN_FREE free in its data dir a reload would fail the same way, so the owner is
+ * told only once there is room (a few 8 MiB segments). */
 #define LOG_STUCK_MS 5000
 #define LOG_STUCK_MIN_FREE ((uint64_t)32 << 20)
 
@@ -296,7 +299,7 @@ static void check_log_stuck(kvr_sync *s, int64_t now)
         return;
     uint64_t applied = kvr_consensus_applied_index(s->cons);
     uint64_t commit = kvr_consensus_commit_index(s->cons);
-    if (applied != s->stuck_applied || commit <= applied || !s->stuck_since_ms) {
+    if (applied != s->stuck_applied || !s->stuck_since_ms) {
         s->stuck_applied = applied;
         s->stuck_since_ms = now;
         return;

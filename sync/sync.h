@@ -132,7 +132,7 @@ typedef struct kvr_sync_options {
     void *leader_data;
     /* Called once, on the loop thread, when this node's Raft log looks unusable for good: a
      * log write failed (a full disk), and since then the node has applied nothing for 5 s
-     * although it knows of committed entries, while its data dir has room again. canonical/raft
+     * while a leader is known, and its data dir has room again. canonical/raft
      * 0.15 keeps a failed segment creation as a permanent error of its disk I/O, so such a node
      * would never store an entry again; reloading Raft from its files is the way back
      * (kvr-routerd restarts itself in place). NULL: only logged. */
