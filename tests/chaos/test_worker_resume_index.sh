@@ -32,8 +32,10 @@ send() {
 entries() { r_q "$1" .index.entries; }
 
 bad=$(send first 16)
+# the workers' KV events reach the routers through JetStream after the replies: wait for them
+has_entries() { [ "$(entries 1)" -gt 0 ]; }
+chaos_wait 10 has_entries || kvr_fail "no index entries 10 s after the first requests"
 kvr_log "first batch: $bad failed; entries $(entries 1)/$(entries 2)/$(entries 3)"
-[ "$(entries 1)" -gt 0 ] || kvr_fail "no index entries after the first requests"
 chaos_wait 20 chaos_converged || { chaos_table >&2; kvr_fail "not converged before the fault"; }
 
 L=$(chaos_leader 10) || kvr_fail "no leader"
