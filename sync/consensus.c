@@ -1,6 +1,7 @@
 #include "consensus.h"
 
 #include "auth_transport.h"
+#include "disklog.h"
 #include "kvr_log.h"
 #include "memlog.h"
 
@@ -17,9 +18,9 @@
 struct kvr_consensus {
     uv_loop_t *loop;
     struct raft_uv_transport transport;
-    struct raft_io io;    /* what raft uses: uv_io itself, or memlog wrapping uv_io */
+    struct raft_io io;    /* what raft uses: memlog or disklog wrapping uv_io */
     struct raft_io uv_io; /* raft_uv (network, timers, term and vote; the log in disk mode) */
-    bool memlog_inited;
+    bool memlog_inited, disklog_inited;
     struct raft_fsm fsm;
     struct raft raft;
     kvr_consensus_fsm *cbs;
@@ -296,6 +297,13 @@ int kvr_consensus_init(kvr_consensus **out, uv_loop_t *loop, const kvr_consensus
         const char *off = getenv("KVR_TEST_NO_VOTE_RULE");
         if (off && *off == '1')
             kvr_memlog_disable_vote_rule(&c->io, true);
+    } else {
+        if ((rc = kvr_disklog_init(&c->io, &c->uv_io, loop)) != 0) {
+            rc = kvr_err_set(err, KVR_ENOMEM, "consensus: disk log: %s", raft_strerror(rc));
+            goto fail;
+        }
+        c->disklog_inited = true;
+        io = &c->io;
     }
     if ((rc = raft_init(&c->raft, io, &c->fsm, c->id, c->addr)) != 0) {
         rc = kvr_err_set(err, KVR_EIO, "consensus: raft_init: %s (%s)", raft_strerror(rc),
@@ -322,6 +330,8 @@ fail:
      * enough to free here only if raft_init never took them; close them through raft when it did. */
     if (c->memlog_inited && !c->raft_inited)
         kvr_memlog_discard(&c->io);
+    if (c->disklog_inited && !c->raft_inited)
+        kvr_disklog_discard(&c->io);
     if (c->io_inited && !c->raft_inited)
         raft_uv_close(&c->uv_io);
     if (c->transport_inited && !c->raft_inited)
@@ -516,6 +526,15 @@ void kvr_consensus_memlog_stats_get(kvr_consensus *c, kvr_consensus_memlog_stats
     out->restricted = st.restricted;
     out->may_vote = st.may_vote;
     out->withheld = st.withheld;
+}
+
+bool kvr_consensus_log_fenced(kvr_consensus *c)
+{
+    if (!c->disklog_inited)
+        return false;
+    kvr_disklog_stats st;
+    kvr_disklog_get_stats(&c->io, &st);
+    return st.fenced;
 }
 
 void kvr_consensus_disable_vote_rule(kvr_consensus *c)

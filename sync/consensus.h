@@ -130,6 +130,9 @@ typedef struct kvr_consensus_memlog_stats {
     uint64_t withheld;
 } kvr_consensus_memlog_stats;
 void kvr_consensus_memlog_stats_get(kvr_consensus *c, kvr_consensus_memlog_stats *out);
+/* Disk log only (else false): an append failed and the log is fenced (disklog.h): raft
+ * writes nothing more until a restart or a leader's snapshot. */
+bool kvr_consensus_log_fenced(kvr_consensus *c);
 /* Tests only: switch memlog's vote rule off (KVR_TEST_NO_VOTE_RULE=1 in routerd). */
 void kvr_consensus_disable_vote_rule(kvr_consensus *c);
 

@@ -240,6 +240,11 @@ void kvr_sync_liveness_hold(kvr_sync *s)
     kvr_live_hold(&s->live, kvr_mono_ms());
 }
 
+uint32_t kvr_sync_pending(kvr_sync *s)
+{
+    return s->n_pending;
+}
+
 bool kvr_sync_owns_liveness(kvr_sync *s)
 {
     if (!s->started || s->closing)
@@ -336,8 +341,8 @@ static void on_tick(uv_timer_t *t)
         if (s->local)
             sync_reconcile(s);
         housekeeping(s, now);
-        sync_check_log_stuck(s, now);
     }
+    sync_check_log_stuck(s, now);
     /* Retry, time out, or answer locally. Newly reconciled commands sit at the list's tail. */
     for (pending *p = s->head.next, *nx; p != &s->head; p = nx) {
         nx = p->next;
@@ -733,6 +738,7 @@ void kvr_sync_get_state(kvr_sync *s, kvr_sync_state *out)
         out->log_memory = ms.memory_log;
         out->vote_restricted = ms.restricted && !ms.may_vote;
         out->votes_withheld = ms.withheld;
+        out->log_fenced = kvr_consensus_log_fenced(s->cons);
     } else {
         out->role = "unavailable";
     }

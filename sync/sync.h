@@ -130,12 +130,11 @@ typedef struct kvr_sync_options {
      * route subject while true (DESIGN.md 4). NULL: not called. */
     void (*leader_cb)(void *data, bool leader);
     void *leader_data;
-    /* Called once, on the loop thread, when this node's Raft log looks unusable for good: a
-     * log write failed (a full disk), and since then the node has applied nothing for 5 s
-     * while a leader is known, and its data dir has room again. canonical/raft
-     * 0.15 keeps a failed segment creation as a permanent error of its disk I/O, so such a node
-     * would never store an entry again; reloading Raft from its files is the way back
-     * (kvr-routerd restarts itself in place). NULL: only logged. */
+    /* Called once, on the loop thread, when this node's Raft log needs a reload: an append
+     * failed (a full disk), the disk log has been fenced since (disklog.h: raft writes nothing
+     * more, a leader's snapshot not having lifted it) for 1 s, and the data dir has room again.
+     * Reloading Raft from its files (contiguous up to the last good write) is the way back
+     * (kvr-routerd restarts itself in place). Disk log only. NULL: only logged. */
     void (*log_stuck_cb)(void *data);
     void *log_stuck_data;
 } kvr_sync_options;
@@ -195,6 +194,9 @@ void kvr_sync_liveness_hold(kvr_sync *s);
  * (no quorum: it answers from its own copy, so its own WORKER_DOWN is applied there and
  * re-proposed at reconcile like every local command). */
 bool kvr_sync_owns_liveness(kvr_sync *s);
+/* Commands submitted here whose callback has not run yet (its own and, on the leader, those
+ * forwarded by followers). */
+uint32_t kvr_sync_pending(kvr_sync *s);
 
 /* Stops accepting commands, answers every pending one with KVR_ECLOSED, closes Raft and all
  * handles; close_cb runs when everything is closed, after which s is freed. */
@@ -219,6 +221,8 @@ typedef struct kvr_sync_state {
      * term > 1 and not yet allowed to vote; votes_withheld: grants turned into refusals. */
     bool log_memory, vote_restricted;
     uint64_t votes_withheld;
+    /* --raft-log disk (disklog.h): an append failed and the log is fenced until a reload */
+    bool log_fenced;
 } kvr_sync_state;
 void kvr_sync_get_state(kvr_sync *s, kvr_sync_state *out);
 uint64_t kvr_sync_digest(kvr_sync *s);

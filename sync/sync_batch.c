@@ -53,37 +53,35 @@ static void io_error_step_down(kvr_sync *s, int status)
     }
 }
 
-/* sync.h log_stuck_cb. After a failed log write, a node that applies nothing for
- * LOG_STUCK_MS while a leader is known is taken as one whose Raft I/O will not write again.
- * Its own commit index says nothing reliable then (seen both above and below the applied
- * index of a stuck node), and an idle group applies nothing either: at worst that costs one
- * needless reload per failed write (the new image starts with no error). With less than
- * LOG_STUCK_MIN_FREE free in its data dir a reload would fail the same way, so the owner is
- * told only once there is room (a few 8 MiB segments). */
-#define LOG_STUCK_MS 5000
+/* sync.h log_stuck_cb. A failed append fences the disk log (disklog.h): raft writes nothing
+ * more, so the node applies nothing more, until a leader's snapshot lifts the fence or the
+ * process restarts and raft reloads its files (contiguous up to the last good write). The owner
+ * is told once the fence has stood LOG_FENCED_MS (a snapshot already on its way may lift it)
+ * and the data dir has LOG_STUCK_MIN_FREE free: with less, a reload would fail the same way. */
+#define LOG_FENCED_MS 1000
 #define LOG_STUCK_MIN_FREE ((uint64_t)32 << 20)
 
 void sync_check_log_stuck(kvr_sync *s, int64_t now)
 {
-    if (!s->io_error_ms || s->stuck_told || !s->cons)
+    if (s->stuck_told || !s->cons)
         return;
-    uint64_t applied = kvr_consensus_applied_index(s->cons);
-    uint64_t commit = kvr_consensus_commit_index(s->cons);
-    if (applied != s->stuck_applied || !s->stuck_since_ms) {
-        s->stuck_applied = applied;
-        s->stuck_since_ms = now;
+    if (!kvr_consensus_log_fenced(s->cons)) {
+        s->stuck_since_ms = 0;
         return;
     }
-    if (now - s->stuck_since_ms < LOG_STUCK_MS)
+    if (!s->stuck_since_ms)
+        s->stuck_since_ms = now;
+    if (now - s->stuck_since_ms < LOG_FENCED_MS)
         return;
     struct statvfs sv;
     if (statvfs(s->data_dir, &sv) != 0 || (uint64_t)sv.f_bavail * sv.f_frsize < LOG_STUCK_MIN_FREE)
         return;
     s->stuck_told = true;
-    KVR_LOG_ERROR("sync raft log unusable since a failed write: nothing applied",
+    KVR_LOG_ERROR("sync raft log fenced since a failed write: it needs a reload",
                   "seconds=%lld applied=%llu commit=%llu",
-                  (long long)(now - s->stuck_since_ms) / 1000, (unsigned long long)applied,
-                  (unsigned long long)commit);
+                  (long long)(now - s->stuck_since_ms) / 1000,
+                  (unsigned long long)kvr_consensus_applied_index(s->cons),
+                  (unsigned long long)kvr_consensus_commit_index(s->cons));
     if (s->o.log_stuck_cb)
         s->o.log_stuck_cb(s->o.log_stuck_data);
 }

@@ -127,8 +127,7 @@ struct kvr_sync {
     bool io_transfer; /* a leadership transfer after a failed log write is running */
     kvr_consensus_transfer io_treq;
     int64_t io_error_ms; /* last failed log write (mono), 0: none */
-    /* log_stuck_cb's watch (sync_batch.c sync_check_log_stuck): the applied index and since when */
-    uint64_t stuck_applied;
+    /* log_stuck_cb's watch (sync_batch.c sync_check_log_stuck): since when the log is fenced */
     int64_t stuck_since_ms;
     bool stuck_told;
     kvr_fsm *local;

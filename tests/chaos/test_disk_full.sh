@@ -4,7 +4,7 @@
 # the leader's tmpfs is filled to the last byte. Asserts: the full router logs a clear error
 # naming the lack of space, does not crash (it keeps serving or steps down), no client request
 # fails, the other two keep a leader; when the space is freed it rejoins (restarting itself in
-# place if its Raft log stayed unusable: sync.h log_stuck_cb), bookings return to 0 and all
+# place while its Raft log is fenced after the failed write: sync/disklog.h, sync.h log_stuck_cb), bookings return to 0 and all
 # digests converge.
 # Figures: time to the error line and to a leader on the others, time to recover, requests.
 source "$(dirname "$0")/../lib/testenv.sh"
@@ -80,7 +80,7 @@ chaos_check "bookings 0 and digests equal after the load" chaos_converged
 chaos_table >&2
 chaos_figure "error_logged_ms=${t_err:+$((t_err - t_fill))} others_leader=${NL:-none}" \
     "recover_after_free_ms=$((t_rec - t_free)) full_router_alive=$(kvr_alive "router$L" && echo yes || echo no)" \
-    "restarts_in_place=$(grep -c 'msg="restarting in place"' "$KVR_TMP/router$L.log")" \
+    "log_fenced=$(grep -c 'msg="raft log fenced: an append failed' "$KVR_TMP/router$L.log") restarts_in_place=$(grep -c 'msg="restarting in place"' "$KVR_TMP/router$L.log")" \
     "requests_ok=$(jq -r .ok <<<"$sum") requests_failed=$(jq -r .failed <<<"$sum") max_gap_s=$(jq -r .max_gap_s <<<"$sum")" \
     "bookings=$(r_q 1 .bookings),$(r_q 2 .bookings),$(r_q 3 .bookings) fsm_digest=$(r_q 1 .raft.fsm_digest) index_digest=$(r_q 1 .index.digest)"
 chaos_check "no failed client request ($(jq -c .errors <<<"$sum"))" test "$(jq -r .failed <<<"$sum")" = 0

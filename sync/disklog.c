@@ -1,0 +1,373 @@
+#include "disklog.h"
+
+#include "kvr_log.h"
+
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* One append in flight through the inner io: raft's request and callback, and the request the
+ * inner io sees (its callback finds this struct again). */
+typedef struct dl_append {
+    struct raft_io_append inner_req;
+    struct raft_io_append *req;
+    raft_io_append_cb cb;
+    struct disklog *d;
+    struct dl_append *next;
+} dl_append;
+
+typedef struct dl_put {
+    struct raft_io_snapshot_put inner_req;
+    struct raft_io_snapshot_put *req;
+    raft_io_snapshot_put_cb cb;
+    struct disklog *d;
+    bool install;
+} dl_put;
+
+typedef struct disklog {
+    struct raft_io *outer, *inner;
+    uv_loop_t *loop;
+    uv_timer_t refuse_timer; /* completes refused appends on a later loop turn */
+    dl_append *head, **tail;
+    raft_io_close_cb close_cb;
+    raft_io_tick_cb tick_cb;
+    raft_io_recv_cb recv_cb;
+    bool fenced;
+    uint64_t failed, refused, fenced_ms;
+} disklog;
+
+static disklog *dl_of(struct raft_io *io)
+{
+    return io->impl;
+}
+
+static void copy_errmsg(disklog *d)
+{
+    memcpy(d->outer->errmsg, d->inner->errmsg, sizeof d->outer->errmsg);
+}
+
+/* --- appends --- */
+
+static void refuse_run(uv_timer_t *t)
+{
+    disklog *d = t->data;
+    dl_append *a = d->head;
+    d->head = NULL;
+    d->tail = &d->head;
+    while (a) {
+        dl_append *next = a->next;
+        raft_io_append_cb cb = a->cb;
+        struct raft_io_append *req = a->req;
+        free(a);
+        cb(req, RAFT_IOERR);
+        a = next;
+    }
+}
+
+static void fence(disklog *d, int status)
+{
+    d->failed++;
+    if (d->fenced)
+        return;
+    d->fenced = true;
+    d->fenced_ms = d->inner->time(d->inner);
+    KVR_LOG_ERROR("raft log fenced: an append failed, no later entry is written until a "
+                  "restart or a leader's snapshot",
+                  "status=%d raft=\"%s\"", status, d->inner->errmsg);
+}
+
+static void inner_append_cb(struct raft_io_append *inner_req, int status)
+{
+    dl_append *a = (dl_append *)((char *)inner_req - offsetof(dl_append, inner_req));
+    disklog *d = a->d;
+    if (status != 0 && status != RAFT_CANCELED)
+        fence(d, status);
+    else if (status == 0 && d->fenced)
+        /* written after a failed batch (it was queued behind it): raft must not count it, or
+         * its stored count runs past the hole */
+        status = RAFT_IOERR;
+    raft_io_append_cb cb = a->cb;
+    struct raft_io_append *req = a->req;
+    free(a);
+    cb(req, status);
+}
+
+static int dl_append_fn(struct raft_io *io, struct raft_io_append *req,
+                        const struct raft_entry entries[], unsigned n, raft_io_append_cb cb)
+{
+    disklog *d = dl_of(io);
+    dl_append *a = calloc(1, sizeof *a);
+    if (!a)
+        return RAFT_NOMEM;
+    a->req = req;
+    a->cb = cb;
+    a->d = d;
+    if (d->fenced) {
+        d->refused++;
+        *d->tail = a;
+        d->tail = &a->next;
+        if (!uv_is_active((uv_handle_t *)&d->refuse_timer))
+            uv_timer_start(&d->refuse_timer, refuse_run, 0, 0);
+        return 0;
+    }
+    int rv = d->inner->append(d->inner, &a->inner_req, entries, n, inner_append_cb);
+    if (rv) {
+        copy_errmsg(d);
+        free(a);
+    }
+    return rv;
+}
+
+/* --- snapshots --- */
+
+static void inner_put_cb(struct raft_io_snapshot_put *inner_req, int status)
+{
+    dl_put *p = (dl_put *)((char *)inner_req - offsetof(dl_put, inner_req));
+    disklog *d = p->d;
+    if (status == 0 && p->install && d->fenced) {
+        /* the leader's snapshot replaced the log on disk and raft's count restarts from it */
+        d->fenced = false;
+        d->fenced_ms = 0;
+        KVR_LOG_INFO("raft log fence lifted: a leader's snapshot replaced the log", "failed=%llu",
+                     (unsigned long long)d->failed);
+    }
+    raft_io_snapshot_put_cb cb = p->cb;
+    struct raft_io_snapshot_put *req = p->req;
+    free(p);
+    cb(req, status);
+}
+
+static int dl_snapshot_put(struct raft_io *io, unsigned trailing, struct raft_io_snapshot_put *req,
+                           const struct raft_snapshot *snapshot, raft_io_snapshot_put_cb cb)
+{
+    disklog *d = dl_of(io);
+    dl_put *p = calloc(1, sizeof *p);
+    if (!p)
+        return RAFT_NOMEM;
+    p->req = req;
+    p->cb = cb;
+    p->d = d;
+    p->install = trailing == 0;
+    int rv = d->inner->snapshot_put(d->inner, trailing, &p->inner_req, snapshot, inner_put_cb);
+    if (rv) {
+        copy_errmsg(d);
+        free(p);
+    }
+    return rv;
+}
+
+/* --- the rest is the inner io's --- */
+
+static void inner_tick(struct raft_io *inner)
+{
+    disklog *d = inner->data;
+    d->tick_cb(d->outer);
+}
+
+static void inner_recv(struct raft_io *inner, struct raft_message *msg)
+{
+    disklog *d = inner->data;
+    d->recv_cb(d->outer, msg);
+}
+
+static int dl_init(struct raft_io *io, raft_id id, const char *address)
+{
+    disklog *d = dl_of(io);
+    int rv = d->inner->init(d->inner, id, address);
+    if (rv)
+        copy_errmsg(d);
+    return rv;
+}
+
+static int dl_load(struct raft_io *io, raft_term *term, raft_id *vote,
+                   struct raft_snapshot **snapshot, raft_index *start_index,
+                   struct raft_entry *entries[], size_t *n_entries)
+{
+    disklog *d = dl_of(io);
+    int rv = d->inner->load(d->inner, term, vote, snapshot, start_index, entries, n_entries);
+    if (rv)
+        copy_errmsg(d);
+    return rv;
+}
+
+static int dl_start(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick, raft_io_recv_cb recv)
+{
+    disklog *d = dl_of(io);
+    d->tick_cb = tick;
+    d->recv_cb = recv;
+    int rv = d->inner->start(d->inner, msecs, inner_tick, inner_recv);
+    if (rv)
+        copy_errmsg(d);
+    return rv;
+}
+
+static int dl_bootstrap(struct raft_io *io, const struct raft_configuration *conf)
+{
+    disklog *d = dl_of(io);
+    int rv = d->inner->bootstrap(d->inner, conf);
+    if (rv)
+        copy_errmsg(d);
+    return rv;
+}
+
+static int dl_recover(struct raft_io *io, const struct raft_configuration *conf)
+{
+    disklog *d = dl_of(io);
+    int rv = d->inner->recover(d->inner, conf);
+    if (rv)
+        copy_errmsg(d);
+    return rv;
+}
+
+static int dl_set_term(struct raft_io *io, raft_term term)
+{
+    disklog *d = dl_of(io);
+    int rv = d->inner->set_term(d->inner, term);
+    if (rv)
+        copy_errmsg(d);
+    return rv;
+}
+
+static int dl_set_vote(struct raft_io *io, raft_id id)
+{
+    disklog *d = dl_of(io);
+    int rv = d->inner->set_vote(d->inner, id);
+    if (rv)
+        copy_errmsg(d);
+    return rv;
+}
+
+static int dl_send(struct raft_io *io, struct raft_io_send *req, const struct raft_message *msg,
+                   raft_io_send_cb cb)
+{
+    disklog *d = dl_of(io);
+    return d->inner->send(d->inner, req, msg, cb);
+}
+
+/* A truncation removes a suffix: it cannot open a hole, and it keeps raft's count and the
+ * disk in step, so it goes through even while fenced. */
+static int dl_truncate(struct raft_io *io, raft_index index)
+{
+    disklog *d = dl_of(io);
+    int rv = d->inner->truncate(d->inner, index);
+    if (rv)
+        copy_errmsg(d);
+    return rv;
+}
+
+static int dl_snapshot_get(struct raft_io *io, struct raft_io_snapshot_get *req,
+                           raft_io_snapshot_get_cb cb)
+{
+    disklog *d = dl_of(io);
+    return d->inner->snapshot_get(d->inner, req, cb);
+}
+
+static raft_time dl_time(struct raft_io *io)
+{
+    disklog *d = dl_of(io);
+    return d->inner->time(d->inner);
+}
+
+static int dl_random(struct raft_io *io, int min, int max)
+{
+    disklog *d = dl_of(io);
+    return d->inner->random(d->inner, min, max);
+}
+
+/* --- close --- */
+
+static void timer_closed(uv_handle_t *h)
+{
+    disklog *d = h->data;
+    struct raft_io *outer = d->outer;
+    raft_io_close_cb cb = d->close_cb;
+    free(d);
+    outer->impl = NULL;
+    if (cb)
+        cb(outer);
+}
+
+static void inner_closed(struct raft_io *inner)
+{
+    disklog *d = inner->data;
+    uv_close((uv_handle_t *)&d->refuse_timer, timer_closed);
+}
+
+static void dl_close(struct raft_io *io, raft_io_close_cb cb)
+{
+    disklog *d = dl_of(io);
+    d->close_cb = cb;
+    uv_timer_stop(&d->refuse_timer);
+    /* raft waits for every request it made: the refused ones are cancelled here */
+    dl_append *a = d->head;
+    d->head = NULL;
+    d->tail = &d->head;
+    while (a) {
+        dl_append *next = a->next;
+        raft_io_append_cb acb = a->cb;
+        struct raft_io_append *req = a->req;
+        free(a);
+        acb(req, RAFT_CANCELED);
+        a = next;
+    }
+    d->inner->close(d->inner, inner_closed);
+}
+
+int kvr_disklog_init(struct raft_io *io, struct raft_io *inner, uv_loop_t *loop)
+{
+    disklog *d = calloc(1, sizeof *d);
+    if (!d)
+        return RAFT_NOMEM;
+    d->outer = io;
+    d->inner = inner;
+    d->loop = loop;
+    d->tail = &d->head;
+    uv_timer_init(loop, &d->refuse_timer);
+    d->refuse_timer.data = d;
+    memset(io, 0, sizeof *io);
+    inner->data = d;
+    io->version = 1;
+    io->impl = d;
+    io->init = dl_init;
+    io->close = dl_close;
+    io->load = dl_load;
+    io->start = dl_start;
+    io->bootstrap = dl_bootstrap;
+    io->recover = dl_recover;
+    io->set_term = dl_set_term;
+    io->set_vote = dl_set_vote;
+    io->send = dl_send;
+    io->append = dl_append_fn;
+    io->truncate = dl_truncate;
+    io->snapshot_put = dl_snapshot_put;
+    io->snapshot_get = dl_snapshot_get;
+    io->time = dl_time;
+    io->random = dl_random;
+    return 0;
+}
+
+void kvr_disklog_get_stats(struct raft_io *io, kvr_disklog_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    disklog *d = dl_of(io);
+    if (!d)
+        return;
+    out->fenced = d->fenced;
+    out->failed_appends = d->failed;
+    out->refused = d->refused;
+    out->fenced_ms = d->fenced_ms;
+}
+
+static void discard_closed(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+void kvr_disklog_discard(struct raft_io *io)
+{
+    disklog *d = dl_of(io);
+    if (!d)
+        return;
+    io->impl = NULL;
+    uv_close((uv_handle_t *)&d->refuse_timer, discard_closed);
+}
