@@ -60,6 +60,16 @@ static void core_on_msg(void *cb_data, void *sub_data, const kvr_nats_core_msg *
     sub->cb(&m, sub->data);
 }
 
+static void core_on_drained(void *cb_data, void *sub_data)
+{
+    (void)cb_data;
+    kvr_nats_sub *sub = sub_data;
+    sub->dead = true;
+    sub->sid = 0;
+    if (sub->drained_cb)
+        sub->drained_cb(sub->drained_data);
+}
+
 static void core_on_event(void *cb_data, kvr_nats_core_event ev)
 {
     kvr_nats_impl *ki = cb_data;
@@ -321,6 +331,7 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
             .cb_data = ki,
             .on_msg = core_on_msg,
             .on_event = core_on_event,
+            .on_drained = core_on_drained,
         };
         rc = kvr_nats_core_init(&ki->core, loop, &co, err);
         if (rc != 0)
@@ -446,6 +457,24 @@ int kvr_nats_unsubscribe(kvr_nats_sub *sub)
         sub->sid = 0;
     }
     return 0;
+}
+
+int kvr_nats_drain(kvr_nats_sub *sub, void (*drained_cb)(void *data), void *data)
+{
+    if (!sub || sub->dead)
+        return 1;
+    if (!sub->sid || !sub->ki->core || sub->ki->closing) {
+        kvr_nats_unsubscribe(sub);
+        return 1;
+    }
+    sub->drained_cb = drained_cb;
+    sub->drained_data = data;
+    int rc = kvr_nats_core_drain(sub->ki->core, sub->sid);
+    if (rc == 0)
+        return 0;
+    sub->drained_cb = NULL;
+    kvr_nats_unsubscribe(sub);
+    return rc == KVR_ENOMEM ? KVR_ENOMEM : 1;
 }
 
 int kvr_nats_publish(kvr_nats *kn, const char *subject, const void *data, size_t len)

@@ -130,6 +130,12 @@ int kvr_nats_subscribe(kvr_nats *kn, const char *subject, const char *queue_grou
                        kvr_nats_msg_cb on_msg, void *data, kvr_nats_sub **out, kvr_err *err);
 /* No callback runs for this subscription after this returns (queued messages are dropped). */
 int kvr_nats_unsubscribe(kvr_nats_sub *sub);
+/* Unsubscribes without losing a message the server already routed here (a queue group's
+ * share, say): callbacks go on until the server has answered a PING sent after the UNSUB,
+ * then drained_cb(data) runs on the loop thread, and no callback after it. Returns 0 (drain
+ * under way), 1 when nothing was left to wait for (unsubscribed at once; drained_cb does not
+ * run), KVR_ENOMEM (unsubscribed at once). Not for JetStream subscriptions. */
+int kvr_nats_drain(kvr_nats_sub *sub, void (*drained_cb)(void *data), void *data);
 
 /* Non-blocking publish (buffered by the core client, kvr_nats_core.h).
  * KVR_EINVAL for a bad subject, KVR_EAGAIN when the buffer is full while disconnected,

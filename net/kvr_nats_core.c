@@ -316,7 +316,8 @@ void nc_drop(kvr_nats_core *c, const char *why)
         KVR_LOG_WARN("nats connect failed", "reason=\"%s\" attempts=%d retry_ms=%" PRId64, why,
                      c->attempts, d);
     uv_timer_start(&c->retry_timer, on_retry, (uint64_t)d, 0);
-    if (was_up && c->o.on_event)
+    nc_end_drains(c, true); /* the server forgets the connection's subscriptions */
+    if (was_up && c->o.on_event && !c->closing)
         c->o.on_event(c->o.cb_data, KVR_NATS_CORE_DISCONNECTED);
 }
 
@@ -335,6 +336,7 @@ static void on_ping(uv_timer_t *t)
         return;
     }
     c->pings_out++;
+    c->ping_seq++;
     kvr_buf_append(&c->out, "PING\r\n", 6);
 }
 
@@ -579,12 +581,47 @@ int kvr_nats_core_unsubscribe(kvr_nats_core *c, uint64_t sid)
         return 0;
     nc_sub *s = c->subs[sid - 1];
     c->subs[sid - 1] = NULL;
-    if (!c->closing && c->st >= NC_HANDSHAKE)
+    if (s->drain_at)
+        c->n_draining--; /* its UNSUB is out already */
+    else if (!c->closing && c->st >= NC_HANDSHAKE)
         kvr_buf_appendf(&c->out, "UNSUB %" PRIu64 "\r\n", sid);
     free(s->subject);
     free(s->queue);
     free(s);
     return 0;
+}
+
+int kvr_nats_core_drain(kvr_nats_core *c, uint64_t sid)
+{
+    if (sid < 1 || sid > c->n_subs || !c->subs[sid - 1] || c->subs[sid - 1]->drain_at)
+        return KVR_ENOTFOUND;
+    if (c->closing || c->st != NC_UP) {
+        kvr_nats_core_unsubscribe(c, sid);
+        return 1;
+    }
+    nc_sub *s = c->subs[sid - 1];
+    if (kvr_buf_appendf(&c->out, "UNSUB %" PRIu64 "\r\nPING\r\n", sid) != 0)
+        return KVR_ENOMEM;
+    s->drain_at = ++c->ping_seq;
+    c->n_draining++;
+    return 0;
+}
+
+void nc_end_drains(kvr_nats_core *c, bool all)
+{
+    for (uint64_t i = 0; i < c->n_subs && c->n_draining; i++) {
+        nc_sub *s = c->subs[i];
+        if (!s || !s->drain_at || (!all && s->drain_at > c->pong_seq))
+            continue;
+        c->subs[i] = NULL;
+        c->n_draining--;
+        void *data = s->data;
+        free(s->subject);
+        free(s->queue);
+        free(s);
+        if (c->o.on_drained)
+            c->o.on_drained(c->o.cb_data, data);
+    }
 }
 
 int kvr_nats_core_publish(kvr_nats_core *c, const char *subject, const char *reply,

@@ -86,6 +86,8 @@ typedef struct kvr_nats_core_opts {
     void *cb_data;
     void (*on_msg)(void *cb_data, void *sub_data, const kvr_nats_core_msg *m);
     void (*on_event)(void *cb_data, kvr_nats_core_event ev);
+    /* A kvr_nats_core_drain has ended: no message of that subscription comes after this. */
+    void (*on_drained)(void *cb_data, void *sub_data);
 } kvr_nats_core_opts;
 
 /* Allocates and starts connecting (the first attempt begins on the next loop turn). Fails only
@@ -99,6 +101,12 @@ int kvr_nats_core_subscribe(kvr_nats_core *c, const char *subject, const char *q
                             void *sub_data, uint64_t *sid);
 /* No message of sid reaches on_msg after this returns. Unknown sids are ignored. */
 int kvr_nats_core_unsubscribe(kvr_nats_core *c, uint64_t sid);
+/* Unsubscribes without losing what the server already sent: UNSUB then PING; messages of sid
+ * still reach on_msg until the PONG, then on_drained runs (also when the connection drops
+ * first: the server forgot the subscription with it). Returns 0 (on_drained will run), 1 when
+ * not connected (unsubscribed at once, no on_drained), KVR_ENOTFOUND for an unknown or
+ * draining sid, KVR_ENOMEM. */
+int kvr_nats_core_drain(kvr_nats_core *c, uint64_t sid);
 
 /* Queues a PUB (reply may be NULL). KVR_EINVAL: bad subject/reply; KVR_ELIMIT: payload over
  * the server's max_payload; KVR_EAGAIN: over pending_max (disconnected) or out_max;

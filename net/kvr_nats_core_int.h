@@ -33,6 +33,9 @@ typedef struct nc_sub {
     uint64_t sid;
     char *subject, *queue;
     void *data;
+    /* kvr_nats_core_drain: 0 while live; else the PONG (counted on this connection) that
+     * answers the PING sent after its UNSUB: every message for it precedes that PONG */
+    uint64_t drain_at;
 } nc_sub;
 
 /* One TCP connection attempt. Freed in its close callback, which libuv runs after the
@@ -80,6 +83,8 @@ struct kvr_nats_core {
     bool ever_up, closing;
     int attempts; /* failed attempts since the last handshake */
     int pings_out;
+    uint64_t ping_seq, pong_seq; /* PINGs sent and PONGs read on this connection */
+    uint32_t n_draining;
     size_t max_payload;
     kvr_buf in, out;
     nc_sub **subs; /* by sid - 1; NULL once unsubscribed */
@@ -101,6 +106,8 @@ void nc_on_check(uv_check_t *h);
 int nc_tls_read(kvr_nats_core *c, nc_sock *s, size_t n);
 int nc_append_sub(kvr_buf *b, const nc_sub *s);
 int nc_send_handshake(kvr_nats_core *c);
+/* Ends the drains of subscriptions whose last message has come (all of them: everything). */
+void nc_end_drains(kvr_nats_core *c, bool all);
 bool nc_parse(kvr_nats_core *c);
 void nc_on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
 

@@ -61,7 +61,7 @@ static int build_handshake(kvr_nats_core *c, const nc_url *u, kvr_buf *hs)
     }
     rc |= kvr_buf_append_cstr(hs, "}\r\nPING\r\n");
     for (uint64_t i = 0; i < c->n_subs; i++)
-        if (c->subs[i])
+        if (c->subs[i] && !c->subs[i]->drain_at)
             rc |= nc_append_sub(hs, c->subs[i]);
     rc |= kvr_buf_append(hs, c->out.base, c->out.len);
     OPENSSL_cleanse(sig, sizeof sig);
@@ -71,6 +71,10 @@ static int build_handshake(kvr_nats_core *c, const nc_url *u, kvr_buf *hs)
 /* CONNECT goes out ahead of everything queued; the handshake ends at the server's PONG. */
 int nc_send_handshake(kvr_nats_core *c)
 {
+    /* the server forgot the old connection's subscriptions: a drain in progress is over */
+    nc_end_drains(c, true);
+    c->ping_seq = 1; /* the handshake's own PING */
+    c->pong_seq = 0;
     kvr_buf hs;
     kvr_buf_init(&hs);
     int rc = build_handshake(c, &c->urls[c->cur_url], &hs);
@@ -209,6 +213,9 @@ out:
 static void handle_pong(kvr_nats_core *c)
 {
     c->pings_out = 0;
+    c->pong_seq++;
+    if (c->n_draining)
+        nc_end_drains(c, false);
     if (c->st != NC_HANDSHAKE)
         return;
     c->st = NC_UP;

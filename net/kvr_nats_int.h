@@ -46,6 +46,8 @@ struct kvr_nats_sub {
     kvr_nats_consumer *consumer; /* set for one incarnation of a JetStream consumer */
     bool dead;                   /* loop thread: no more callbacks */
     bool is_inbox;
+    void (*drained_cb)(void *data); /* kvr_nats_drain */
+    void *drained_data;
     struct kvr_nats_sub *next_all;
 };
 

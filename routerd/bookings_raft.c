@@ -175,6 +175,8 @@ static void raft_state_json(kvr_routerd *rd, kvr_jw *w)
     kvr_jw_bool(w, ss.vote_restricted);
     kvr_jw_key(w, "votes_withheld");
     kvr_jw_u64(w, ss.votes_withheld);
+    kvr_jw_key(w, "log_fenced");
+    kvr_jw_bool(w, ss.log_fenced);
 }
 
 /* kvr_sync_options.worker_down_cb: on the leader, in the apply of the committed entry. */
@@ -352,7 +354,7 @@ static void send_quorum_beacon(kvr_routerd *rd, const kvr_sync_state *ss)
 static void follow_quorum(kvr_routerd *rd, int64_t tick_now)
 {
     (void)tick_now;
-    if (!rd->sync)
+    if (!rd->sync || rd->restarting)
         return;
     kvr_sync_state ss;
     kvr_sync_get_state(rd->sync, &ss);

@@ -1,5 +1,6 @@
 /* routerd: see routerd.h; the files and what they share: routerd_int.h. */
 #include "routerd_int.h"
+#include "sync.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -400,13 +401,8 @@ void kvr_routerd_free(kvr_routerd *rd)
     free(rd);
 }
 
-void rd_restart_in_place(kvr_routerd *rd, const char *why)
+static void restart_exec(kvr_routerd *rd)
 {
-    if (!rd->cfg.argv || !rd->cfg.argv[0]) {
-        KVR_LOG_ERROR("cannot restart in place: no command line", "why=\"%s\"", why);
-        return;
-    }
-    KVR_LOG_WARN("restarting in place", "why=\"%s\"", why);
     /* The new image opens its own LMDB environment, sockets and files: nothing of this one
      * may stay open across exec (libuv's sockets are close-on-exec already, others need not
      * be). */
@@ -423,4 +419,64 @@ void rd_restart_in_place(kvr_routerd *rd, const char *why)
     fflush(NULL);
     execv("/proc/self/exe", rd->cfg.argv);
     KVR_LOG_ERROR("restart in place failed", "err=\"%s\"", strerror(errno));
+}
+
+/* Bound on the hand-over: a router that cannot finish its commands (no leader reachable)
+ * restarts anyway; the frontends re-send what times out. */
+#define RESTART_HANDOVER_MS 2000
+
+static void restart_drained(void *data)
+{
+    kvr_routerd *rd = data;
+    rd->restart_drains--;
+}
+
+static void restart_poll(uv_timer_t *t)
+{
+    kvr_routerd *rd = t->data;
+    uint32_t pending = rd->sync ? kvr_sync_pending(rd->sync) : 0;
+    int64_t ms = kvr_mono_ms() - rd->restart_since_ms;
+    if ((rd->restart_drains > 0 || pending > 0) && ms < RESTART_HANDOVER_MS)
+        return;
+    uv_timer_stop(t);
+    if (rd->restart_drains > 0 || pending > 0)
+        KVR_LOG_WARN("restart in place: hand-over not finished, restarting anyway",
+                     "draining=%d pending=%u ms=%lld", rd->restart_drains, pending, (long long)ms);
+    else
+        KVR_LOG_INFO("restart in place: handed over", "ms=%lld", (long long)ms);
+    restart_exec(rd);
+}
+
+/* Whatever this router took from the routers' queue groups and has not finished (a FREE
+ * forwarded to the leader, say) would be lost with the exec, and a lost FREE holds its
+ * booking until --max-request-age. So it first leaves the queue groups without dropping what
+ * the server already routed here (kvr_nats_drain), lets every command it holds finish, and
+ * only then execs (at most RESTART_HANDOVER_MS later). */
+void rd_restart_in_place(kvr_routerd *rd, const char *why)
+{
+    if (rd->restarting)
+        return;
+    if (!rd->cfg.argv || !rd->cfg.argv[0]) {
+        KVR_LOG_ERROR("cannot restart in place: no command line", "why=\"%s\"", why);
+        return;
+    }
+    KVR_LOG_WARN("restarting in place", "why=\"%s\"", why);
+    uv_timer_t *t = malloc(sizeof *t); /* the exec frees it */
+    if (!t) {
+        restart_exec(rd);
+        return;
+    }
+    rd->restarting = true;
+    rd->restart_since_ms = kvr_mono_ms();
+    kvr_nats_sub **subs[] = {&rd->sub_route, &rd->sub_event, &rd->sub_event_all,
+                             &rd->sub_route_leader};
+    for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
+        if (*subs[i] && kvr_nats_drain(*subs[i], restart_drained, rd) == 0)
+            rd->restart_drains++;
+        *subs[i] = NULL;
+    }
+    rd->groups_left = true; /* keeps them left (ingest, rd_leader_route_update) */
+    uv_timer_init(rd->loop, t);
+    t->data = rd;
+    uv_timer_start(t, restart_poll, 5, 5);
 }

@@ -171,6 +171,11 @@ struct kvr_routerd {
     bool raft_leader;               /* kvr_sync's leader_cb: this router leads the group */
     bool policy_inflight;           /* a ROUTE_POLICY of this router's weights is proposed */
     bool groups_left;
+    /* rd_restart_in_place: handing over (queue groups drained, commands finishing) before the
+     * exec; nothing rejoins a queue group meanwhile */
+    bool restarting;
+    int restart_drains; /* subscriptions still draining */
+    int64_t restart_since_ms;
     /* kvr_mono_ms() when another router last said it is in the kvr.route queue group with a
      * Raft leader (kvr.routers.quorum), 0: never */
     int64_t peer_quorum_ms;
@@ -249,7 +254,9 @@ static inline bool ns_ok(kvr_routerd *rd, kvr_slice ns)
 rd_worker *rd_worker_find(kvr_routerd *rd, uint64_t id);
 void rd_update_index_gauges(kvr_routerd *rd);
 /* Replaces this process's image with a fresh start of the same command line (same pid, same
- * log): every state is rebuilt by the warm-restart path. Returns only if that failed. */
+ * log): every state is rebuilt by the warm-restart path. First hands over (queue groups
+ * drained, held commands finished; at most 2 s, on the loop), then execs. A second call while
+ * handing over does nothing. */
 void rd_restart_in_place(kvr_routerd *rd, const char *why);
 void rd_log_cmd_failure(kvr_routerd *rd, int status, const kvr_fsm_result *res, rd_decided how,
                         void *data);
