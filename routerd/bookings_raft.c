@@ -232,8 +232,8 @@ static void on_leader_change(void *data, bool leader)
 
 static void on_raft_log_stuck(void *data)
 {
-    rd_restart_in_place(data, "the Raft log is unusable since a failed write (full disk?) and "
-                              "the data dir has room again: reloading Raft from its files");
+    rd_restart_in_place(data, "the Raft log is fenced since a failed write (full disk?) and the "
+                              "data dir has room again: reloading Raft from its files");
 }
 
 static int raft_open(kvr_routerd *rd)
