@@ -4,7 +4,9 @@
  * memory error or undefined behaviour; every delivery names a live subscription, carries a
  * payload no larger than the bytes fed and a status of 0 or three digits; and both ways of
  * feeding deliver exactly the same messages, in the same order, up to the first protocol
- * error. Any violation aborts. */
+ * error. The third subscription is drained (kvr_nats_core_drain) once the handshake ends: its
+ * drain ends at most once, at the same message in both ways, and nothing of it comes after.
+ * Any violation aborts. */
 #include "kvr_log.h"
 #include "kvr_nats_core.h"
 #include "fuzz_check.h"
@@ -20,6 +22,9 @@ enum { NSUBS = 3 };
 
 typedef struct run {
     int subs[NSUBS];
+    kvr_nats_core *c;
+    uint64_t drain_sid;
+    int drained; /* on_drained calls */
     uint64_t hash;
     uint64_t n;
     size_t fed;
@@ -47,8 +52,28 @@ static void on_msg(void *cb_data, void *sub_data, const kvr_nats_core_msg *m)
     r->hash = mix(r->hash, m->data.base, m->data.len);
     r->hash = mix(r->hash, &m->status, sizeof m->status);
     int which = (int)(sub - r->subs);
+    CHECK(!(which == NSUBS - 1 && r->drained));
     r->hash = mix(r->hash, &which, sizeof which);
     r->n++;
+}
+
+static void on_event(void *cb_data, kvr_nats_core_event ev)
+{
+    run *r = cb_data;
+    if (ev == KVR_NATS_CORE_CONNECTED && r->drain_sid) {
+        int rc = kvr_nats_core_drain(r->c, r->drain_sid);
+        CHECK(rc == 0 || rc == KVR_ENOMEM);
+        r->drain_sid = 0;
+    }
+}
+
+static void on_drained(void *cb_data, void *sub_data)
+{
+    run *r = cb_data;
+    CHECK(sub_data == &r->subs[NSUBS - 1]);
+    CHECK(r->drained == 0);
+    r->drained++;
+    r->hash = mix(r->hash, &r->n, sizeof r->n);
 }
 
 static void on_closed(void *data)
@@ -61,16 +86,21 @@ static void feed(run *r, const uint8_t *data, size_t size, size_t piece)
 {
     uv_loop_t loop;
     CHECK(uv_loop_init(&loop) == 0);
-    kvr_nats_core_opts o = {.urls = "nats://127.0.0.1:1", .cb_data = r, .on_msg = on_msg};
+    kvr_nats_core_opts o = {.urls = "nats://127.0.0.1:1",
+                            .cb_data = r,
+                            .on_msg = on_msg,
+                            .on_event = on_event,
+                            .on_drained = on_drained};
     kvr_nats_core *c = NULL;
     kvr_err err;
     CHECK(kvr_nats_core_init(&c, &loop, &o, &err) == 0);
+    r->c = c;
     for (int i = 0; i < NSUBS; i++)
         CHECK(kvr_nats_core_subscribe(c,
                                       i == 0   ? "a.>"
                                       : i == 1 ? "_INBOX.x.*"
                                                : "b",
-                                      i == 1 ? NULL : "q", &r->subs[i], NULL) == 0);
+                                      i == 1 ? NULL : "q", &r->subs[i], &r->drain_sid) == 0);
     size_t off = 0;
     while (off < size) {
         size_t n = piece && size - off > piece ? piece : size - off;
@@ -105,5 +135,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     feed(&pieces, data, size, piece);
     CHECK(whole.n == pieces.n);
     CHECK(whole.hash == pieces.hash);
+    CHECK(whole.drained == pieces.drained);
     return 0;
 }
