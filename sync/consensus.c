@@ -2,6 +2,7 @@
 
 #include "auth_transport.h"
 #include "disklog.h"
+#include "termguard.h"
 #include "kvr_log.h"
 #include "memlog.h"
 
@@ -18,9 +19,10 @@
 struct kvr_consensus {
     uv_loop_t *loop;
     struct raft_uv_transport transport;
-    struct raft_io io;    /* what raft uses: memlog or disklog wrapping uv_io */
+    struct raft_io io;    /* what raft uses: memlog or disklog, over tg_io */
+    struct raft_io tg_io; /* termguard over uv_io (a term or vote not stored mutes the node) */
     struct raft_io uv_io; /* raft_uv (network, timers, term and vote; the log in disk mode) */
-    bool memlog_inited, disklog_inited;
+    bool memlog_inited, disklog_inited, termguard_inited;
     struct raft_fsm fsm;
     struct raft raft;
     kvr_consensus_fsm *cbs;
@@ -284,10 +286,15 @@ int kvr_consensus_init(kvr_consensus **out, uv_loop_t *loop, const kvr_consensus
         goto fail;
     }
     c->io_inited = true;
-    struct raft_io *io = &c->uv_io;
+    if ((rc = kvr_termguard_init(&c->tg_io, &c->uv_io, loop)) != 0) {
+        rc = kvr_err_set(err, KVR_ENOMEM, "consensus: term guard: %s", raft_strerror(rc));
+        goto fail;
+    }
+    c->termguard_inited = true;
+    struct raft_io *io = &c->tg_io;
     if (o->memory_log) {
         kvr_memlog_options mo = {.bootstrap = NULL, .hold_ms = o->memory_hold_ms};
-        if ((rc = kvr_memlog_init(&c->io, &c->uv_io, loop, &mo)) != 0) {
+        if ((rc = kvr_memlog_init(&c->io, &c->tg_io, loop, &mo)) != 0) {
             rc = kvr_err_set(err, KVR_ENOMEM, "consensus: memory log: %s", raft_strerror(rc));
             goto fail;
         }
@@ -298,7 +305,7 @@ int kvr_consensus_init(kvr_consensus **out, uv_loop_t *loop, const kvr_consensus
         if (off && *off == '1')
             kvr_memlog_disable_vote_rule(&c->io, true);
     } else {
-        if ((rc = kvr_disklog_init(&c->io, &c->uv_io, loop)) != 0) {
+        if ((rc = kvr_disklog_init(&c->io, &c->tg_io, loop)) != 0) {
             rc = kvr_err_set(err, KVR_ENOMEM, "consensus: disk log: %s", raft_strerror(rc));
             goto fail;
         }
@@ -332,6 +339,8 @@ fail:
         kvr_memlog_discard(&c->io);
     if (c->disklog_inited && !c->raft_inited)
         kvr_disklog_discard(&c->io);
+    if (c->termguard_inited && !c->raft_inited)
+        kvr_termguard_discard(&c->tg_io);
     if (c->io_inited && !c->raft_inited)
         raft_uv_close(&c->uv_io);
     if (c->transport_inited && !c->raft_inited)
@@ -530,11 +539,18 @@ void kvr_consensus_memlog_stats_get(kvr_consensus *c, kvr_consensus_memlog_stats
 
 bool kvr_consensus_log_fenced(kvr_consensus *c)
 {
-    if (!c->disklog_inited)
-        return false;
-    kvr_disklog_stats st;
-    kvr_disklog_get_stats(&c->io, &st);
-    return st.fenced;
+    kvr_disklog_stats st = {0};
+    if (c->disklog_inited)
+        kvr_disklog_get_stats(&c->io, &st);
+    return st.fenced || kvr_consensus_muted(c);
+}
+
+bool kvr_consensus_muted(kvr_consensus *c)
+{
+    kvr_termguard_stats st = {0};
+    if (c->termguard_inited)
+        kvr_termguard_get_stats(&c->tg_io, &st);
+    return st.muted;
 }
 
 void kvr_consensus_disable_vote_rule(kvr_consensus *c)

@@ -130,9 +130,12 @@ typedef struct kvr_consensus_memlog_stats {
     uint64_t withheld;
 } kvr_consensus_memlog_stats;
 void kvr_consensus_memlog_stats_get(kvr_consensus *c, kvr_consensus_memlog_stats *out);
-/* Disk log only (else false): an append failed and the log is fenced (disklog.h): raft
- * writes nothing more until a restart or a leader's snapshot. */
+/* True while this node needs a reload of its Raft files: the disk log is fenced after a failed
+ * append (disklog.h: until a restart or a leader's snapshot), or the node is muted (below). */
 bool kvr_consensus_log_fenced(kvr_consensus *c);
+/* A term or vote could not be stored: the node speaks no more Raft until it restarts
+ * (termguard.h). */
+bool kvr_consensus_muted(kvr_consensus *c);
 /* Tests only: switch memlog's vote rule off (KVR_TEST_NO_VOTE_RULE=1 in routerd). */
 void kvr_consensus_disable_vote_rule(kvr_consensus *c);
 

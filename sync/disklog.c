@@ -13,6 +13,7 @@ typedef struct dl_append {
     struct raft_io_append *req;
     raft_io_append_cb cb;
     struct disklog *d;
+    bool orphan; /* the inner io refused it at once but may still call back: swallow that */
     struct dl_append *next;
 } dl_append;
 
@@ -64,6 +65,14 @@ static void refuse_run(uv_timer_t *t)
     }
 }
 
+static void refuse_later(disklog *d, dl_append *a)
+{
+    *d->tail = a;
+    d->tail = &a->next;
+    if (!uv_is_active((uv_handle_t *)&d->refuse_timer))
+        uv_timer_start(&d->refuse_timer, refuse_run, 0, 0);
+}
+
 static void fence(disklog *d, int status)
 {
     d->failed++;
@@ -80,6 +89,10 @@ static void inner_append_cb(struct raft_io_append *inner_req, int status)
 {
     dl_append *a = (dl_append *)((char *)inner_req - offsetof(dl_append, inner_req));
     disklog *d = a->d;
+    if (a->orphan) {
+        free(a);
+        return;
+    }
     if (status != 0 && status != RAFT_CANCELED)
         fence(d, status);
     else if (status == 0 && d->fenced)
@@ -104,18 +117,29 @@ static int dl_append_fn(struct raft_io *io, struct raft_io_append *req,
     a->d = d;
     if (d->fenced) {
         d->refused++;
-        *d->tail = a;
-        d->tail = &a->next;
-        if (!uv_is_active((uv_handle_t *)&d->refuse_timer))
-            uv_timer_start(&d->refuse_timer, refuse_run, 0, 0);
+        refuse_later(d, a);
         return 0;
     }
     int rv = d->inner->append(d->inner, &a->inner_req, entries, n, inner_append_cb);
-    if (rv) {
-        copy_errmsg(d);
-        free(a);
-    }
-    return rv;
+    if (rv == 0)
+        return 0;
+    /* raft_uv may fail an append at once after queueing it (a write it could not start), and
+     * raft 0.15's own path for a failed call frees entries its receive path frees again (a
+     * double free seen when a follower's data dir vanished). So raft never sees a failed call:
+     * the fence goes up and raft's request fails on a later loop turn, like a failed write;
+     * the inner request is kept in case raft_uv calls it back (it is then freed, unreported;
+     * when raft_uv had not queued it, that is a small leak, once per fence). */
+    copy_errmsg(d);
+    fence(d, rv);
+    a->orphan = true;
+    dl_append *r = calloc(1, sizeof *r);
+    if (!r)
+        return rv; /* out of memory: raft's own failure path, as without disklog */
+    r->req = req;
+    r->cb = cb;
+    r->d = d;
+    refuse_later(d, r);
+    return 0;
 }
 
 /* --- snapshots --- */
