@@ -1,5 +1,6 @@
 #include "disklog.h"
 
+#include "io_layer.h"
 #include "kvr_log.h"
 
 #include <stddef.h>
@@ -26,13 +27,9 @@ typedef struct dl_put {
 } dl_put;
 
 typedef struct disklog {
-    struct raft_io *outer, *inner;
-    uv_loop_t *loop;
+    kvr_io_layer base;       /* first: io->impl points here */
     uv_timer_t refuse_timer; /* completes refused appends on a later loop turn */
     dl_append *head, **tail;
-    raft_io_close_cb close_cb;
-    raft_io_tick_cb tick_cb;
-    raft_io_recv_cb recv_cb;
     bool fenced;
     uint64_t failed, refused, fenced_ms;
 } disklog;
@@ -42,16 +39,11 @@ static disklog *dl_of(struct raft_io *io)
     return io->impl;
 }
 
-static void copy_errmsg(disklog *d)
-{
-    memcpy(d->outer->errmsg, d->inner->errmsg, sizeof d->outer->errmsg);
-}
-
 /* --- appends --- */
 
-static void refuse_run(uv_timer_t *t)
+/* Answers every refused append with status (taking the queue first: a callback may append). */
+static void answer_refused(disklog *d, int status)
 {
-    disklog *d = t->data;
     dl_append *a = d->head;
     d->head = NULL;
     d->tail = &d->head;
@@ -60,9 +52,14 @@ static void refuse_run(uv_timer_t *t)
         raft_io_append_cb cb = a->cb;
         struct raft_io_append *req = a->req;
         free(a);
-        cb(req, RAFT_IOERR);
+        cb(req, status);
         a = next;
     }
+}
+
+static void refuse_run(uv_timer_t *t)
+{
+    answer_refused(t->data, RAFT_IOERR);
 }
 
 static void refuse_later(disklog *d, dl_append *a)
@@ -79,10 +76,10 @@ static void fence(disklog *d, int status)
     if (d->fenced)
         return;
     d->fenced = true;
-    d->fenced_ms = d->inner->time(d->inner);
+    d->fenced_ms = d->base.inner->time(d->base.inner);
     KVR_LOG_ERROR("raft log fenced: an append failed, no later entry is written until a "
                   "restart or a leader's snapshot",
-                  "status=%d raft=\"%s\"", status, d->inner->errmsg);
+                  "status=%d raft=\"%s\"", status, d->base.inner->errmsg);
 }
 
 static void inner_append_cb(struct raft_io_append *inner_req, int status)
@@ -120,7 +117,7 @@ static int dl_append_fn(struct raft_io *io, struct raft_io_append *req,
         refuse_later(d, a);
         return 0;
     }
-    int rv = d->inner->append(d->inner, &a->inner_req, entries, n, inner_append_cb);
+    int rv = d->base.inner->append(d->base.inner, &a->inner_req, entries, n, inner_append_cb);
     if (rv == 0)
         return 0;
     /* raft_uv may fail an append at once after queueing it (a write it could not start), and
@@ -129,7 +126,7 @@ static int dl_append_fn(struct raft_io *io, struct raft_io_append *req,
      * the fence goes up and raft's request fails on a later loop turn, like a failed write;
      * the inner request is kept in case raft_uv calls it back (it is then freed, unreported;
      * when raft_uv had not queued it, that is a small leak, once per fence). */
-    copy_errmsg(d);
+    kvr_io_layer_copy_errmsg(&d->base);
     fence(d, rv);
     a->orphan = true;
     dl_append *r = calloc(1, sizeof *r);
@@ -172,169 +169,35 @@ static int dl_snapshot_put(struct raft_io *io, unsigned trailing, struct raft_io
     p->cb = cb;
     p->d = d;
     p->install = trailing == 0;
-    int rv = d->inner->snapshot_put(d->inner, trailing, &p->inner_req, snapshot, inner_put_cb);
+    int rv =
+        d->base.inner->snapshot_put(d->base.inner, trailing, &p->inner_req, snapshot, inner_put_cb);
     if (rv) {
-        copy_errmsg(d);
+        kvr_io_layer_copy_errmsg(&d->base);
         free(p);
     }
     return rv;
-}
-
-/* --- the rest is the inner io's --- */
-
-static void inner_tick(struct raft_io *inner)
-{
-    disklog *d = inner->data;
-    d->tick_cb(d->outer);
-}
-
-static void inner_recv(struct raft_io *inner, struct raft_message *msg)
-{
-    disklog *d = inner->data;
-    d->recv_cb(d->outer, msg);
-}
-
-static int dl_init(struct raft_io *io, raft_id id, const char *address)
-{
-    disklog *d = dl_of(io);
-    int rv = d->inner->init(d->inner, id, address);
-    if (rv)
-        copy_errmsg(d);
-    return rv;
-}
-
-static int dl_load(struct raft_io *io, raft_term *term, raft_id *vote,
-                   struct raft_snapshot **snapshot, raft_index *start_index,
-                   struct raft_entry *entries[], size_t *n_entries)
-{
-    disklog *d = dl_of(io);
-    int rv = d->inner->load(d->inner, term, vote, snapshot, start_index, entries, n_entries);
-    if (rv)
-        copy_errmsg(d);
-    return rv;
-}
-
-static int dl_start(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick, raft_io_recv_cb recv)
-{
-    disklog *d = dl_of(io);
-    d->tick_cb = tick;
-    d->recv_cb = recv;
-    int rv = d->inner->start(d->inner, msecs, inner_tick, inner_recv);
-    if (rv)
-        copy_errmsg(d);
-    return rv;
-}
-
-static int dl_bootstrap(struct raft_io *io, const struct raft_configuration *conf)
-{
-    disklog *d = dl_of(io);
-    int rv = d->inner->bootstrap(d->inner, conf);
-    if (rv)
-        copy_errmsg(d);
-    return rv;
-}
-
-static int dl_recover(struct raft_io *io, const struct raft_configuration *conf)
-{
-    disklog *d = dl_of(io);
-    int rv = d->inner->recover(d->inner, conf);
-    if (rv)
-        copy_errmsg(d);
-    return rv;
-}
-
-static int dl_set_term(struct raft_io *io, raft_term term)
-{
-    disklog *d = dl_of(io);
-    int rv = d->inner->set_term(d->inner, term);
-    if (rv)
-        copy_errmsg(d);
-    return rv;
-}
-
-static int dl_set_vote(struct raft_io *io, raft_id id)
-{
-    disklog *d = dl_of(io);
-    int rv = d->inner->set_vote(d->inner, id);
-    if (rv)
-        copy_errmsg(d);
-    return rv;
-}
-
-static int dl_send(struct raft_io *io, struct raft_io_send *req, const struct raft_message *msg,
-                   raft_io_send_cb cb)
-{
-    disklog *d = dl_of(io);
-    return d->inner->send(d->inner, req, msg, cb);
-}
-
-/* A truncation removes a suffix: it cannot open a hole, and it keeps raft's count and the
- * disk in step, so it goes through even while fenced. */
-static int dl_truncate(struct raft_io *io, raft_index index)
-{
-    disklog *d = dl_of(io);
-    int rv = d->inner->truncate(d->inner, index);
-    if (rv)
-        copy_errmsg(d);
-    return rv;
-}
-
-static int dl_snapshot_get(struct raft_io *io, struct raft_io_snapshot_get *req,
-                           raft_io_snapshot_get_cb cb)
-{
-    disklog *d = dl_of(io);
-    return d->inner->snapshot_get(d->inner, req, cb);
-}
-
-static raft_time dl_time(struct raft_io *io)
-{
-    disklog *d = dl_of(io);
-    return d->inner->time(d->inner);
-}
-
-static int dl_random(struct raft_io *io, int min, int max)
-{
-    disklog *d = dl_of(io);
-    return d->inner->random(d->inner, min, max);
 }
 
 /* --- close --- */
 
 static void timer_closed(uv_handle_t *h)
 {
-    disklog *d = h->data;
-    struct raft_io *outer = d->outer;
-    raft_io_close_cb cb = d->close_cb;
-    free(d);
-    outer->impl = NULL;
-    if (cb)
-        cb(outer);
+    kvr_io_layer_closed(h->data);
 }
 
-static void inner_closed(struct raft_io *inner)
+static void inner_closed(kvr_io_layer *l)
 {
-    disklog *d = inner->data;
+    disklog *d = (disklog *)l;
     uv_close((uv_handle_t *)&d->refuse_timer, timer_closed);
 }
 
 static void dl_close(struct raft_io *io, raft_io_close_cb cb)
 {
     disklog *d = dl_of(io);
-    d->close_cb = cb;
     uv_timer_stop(&d->refuse_timer);
     /* raft waits for every request it made: the refused ones are cancelled here */
-    dl_append *a = d->head;
-    d->head = NULL;
-    d->tail = &d->head;
-    while (a) {
-        dl_append *next = a->next;
-        raft_io_append_cb acb = a->cb;
-        struct raft_io_append *req = a->req;
-        free(a);
-        acb(req, RAFT_CANCELED);
-        a = next;
-    }
-    d->inner->close(d->inner, inner_closed);
+    answer_refused(d, RAFT_CANCELED);
+    kvr_io_layer_close(io, cb);
 }
 
 int kvr_disklog_init(struct raft_io *io, struct raft_io *inner, uv_loop_t *loop)
@@ -342,31 +205,13 @@ int kvr_disklog_init(struct raft_io *io, struct raft_io *inner, uv_loop_t *loop)
     disklog *d = calloc(1, sizeof *d);
     if (!d)
         return RAFT_NOMEM;
-    d->outer = io;
-    d->inner = inner;
-    d->loop = loop;
+    kvr_io_layer_init(&d->base, io, inner, inner_closed);
     d->tail = &d->head;
     uv_timer_init(loop, &d->refuse_timer);
     d->refuse_timer.data = d;
-    memset(io, 0, sizeof *io);
-    inner->data = d;
-    io->version = 1;
-    io->impl = d;
-    io->init = dl_init;
     io->close = dl_close;
-    io->load = dl_load;
-    io->start = dl_start;
-    io->bootstrap = dl_bootstrap;
-    io->recover = dl_recover;
-    io->set_term = dl_set_term;
-    io->set_vote = dl_set_vote;
-    io->send = dl_send;
     io->append = dl_append_fn;
-    io->truncate = dl_truncate;
     io->snapshot_put = dl_snapshot_put;
-    io->snapshot_get = dl_snapshot_get;
-    io->time = dl_time;
-    io->random = dl_random;
     return 0;
 }
 
