@@ -354,7 +354,7 @@ static void send_quorum_beacon(kvr_routerd *rd, const kvr_sync_state *ss)
 static void follow_quorum(kvr_routerd *rd, int64_t tick_now)
 {
     (void)tick_now;
-    if (!rd->sync || rd->restarting)
+    if (!rd->sync || rd->handing_over)
         return;
     kvr_sync_state ss;
     kvr_sync_get_state(rd->sync, &ss);

@@ -362,14 +362,10 @@ void rd_maybe_finish_stop(kvr_routerd *rd)
     }
 }
 
-void kvr_routerd_stop(kvr_routerd *rd, void (*done_cb)(void *), void *data)
+static void stop_after_handover(kvr_routerd *rd)
 {
-    if (rd->stopping)
-        return;
     rd->stopping = true;
     rd_leader_route_update(rd); /* clients go to kvr.route (any router) from now on */
-    rd->done_cb = done_cb;
-    rd->done_data = data;
     KVR_LOG_INFO("stopping: final snapshot", "stream_seq=%" PRIu64, kvr_index_stream_seq(rd->idx));
     uv_timer_stop(&rd->tick);
     uv_timer_stop(&rd->snap_timer);
@@ -380,6 +376,22 @@ void kvr_routerd_stop(kvr_routerd *rd, void (*done_cb)(void *), void *data)
         return; /* snap_after calls rd_maybe_finish_stop; then one more below is not needed */
     rd_start_snapshot(rd, true);
     rd_maybe_finish_stop(rd);
+}
+
+void kvr_routerd_stop(kvr_routerd *rd, void (*done_cb)(void *), void *data)
+{
+    if (rd->stop_requested || rd->stopping)
+        return;
+    rd->stop_requested = true;
+    rd->done_cb = done_cb;
+    rd->done_data = data;
+    /* a Raft router hands over what it holds first (a restart's hand-over turns into this) */
+    if (rd->sync) {
+        KVR_LOG_INFO("stopping: handing over first", "held=%u", kvr_sync_pending(rd->sync));
+        rd_hand_over(rd, stop_after_handover);
+        return;
+    }
+    stop_after_handover(rd);
 }
 
 void kvr_routerd_free(kvr_routerd *rd)
@@ -421,62 +433,57 @@ static void restart_exec(kvr_routerd *rd)
     KVR_LOG_ERROR("restart in place failed", "err=\"%s\"", strerror(errno));
 }
 
-/* Bound on the hand-over: a router that cannot finish its commands (no leader reachable)
- * restarts anyway; the frontends re-send what times out. */
-#define RESTART_HANDOVER_MS 2000
-
-static void restart_drained(void *data)
+static void handover_drained(void *data)
 {
     kvr_routerd *rd = data;
-    rd->restart_drains--;
+    rd->handover_drains--;
 }
 
-static void restart_poll(uv_timer_t *t)
+static void handover_poll(uv_timer_t *t)
 {
     kvr_routerd *rd = t->data;
     uint32_t pending = rd->sync ? kvr_sync_pending(rd->sync) : 0;
-    int64_t ms = kvr_mono_ms() - rd->restart_since_ms;
-    if ((rd->restart_drains > 0 || pending > 0) && ms < RESTART_HANDOVER_MS)
+    int64_t ms = kvr_mono_ms() - rd->handover_since_ms;
+    if ((rd->handover_drains > 0 || pending > 0) && ms < RD_HANDOVER_MS)
         return;
     uv_timer_stop(t);
-    if (rd->restart_drains > 0 || pending > 0)
-        KVR_LOG_WARN("restart in place: hand-over not finished, restarting anyway",
-                     "draining=%d pending=%u ms=%lld", rd->restart_drains, pending, (long long)ms);
+    if (rd->handover_drains > 0 || pending > 0)
+        KVR_LOG_WARN("hand-over not finished, going on", "draining=%d pending=%u ms=%lld",
+                     rd->handover_drains, pending, (long long)ms);
     else
-        KVR_LOG_INFO("restart in place: handed over", "ms=%lld", (long long)ms);
-    restart_exec(rd);
+        KVR_LOG_INFO("handed over", "ms=%lld", (long long)ms);
+    void (*done)(kvr_routerd *) = rd->handover_done;
+    rd->handover_done = NULL;
+    done(rd);
 }
 
-/* Whatever this router took from the routers' queue groups and has not finished (a FREE
- * forwarded to the leader, say) would be lost with the exec, and a lost FREE holds its
- * booking until --max-request-age. So it first leaves the queue groups without dropping what
- * the server already routed here (kvr_nats_drain), lets every command it holds finish, and
- * only then execs (at most RESTART_HANDOVER_MS later). */
+void rd_hand_over(kvr_routerd *rd, void (*done)(kvr_routerd *rd))
+{
+    rd->handover_done = done;
+    if (rd->handing_over)
+        return;
+    rd->handing_over = true;
+    rd->handover_since_ms = kvr_mono_ms();
+    kvr_nats_sub **subs[] = {&rd->sub_route, &rd->sub_event, &rd->sub_event_all,
+                             &rd->sub_route_leader};
+    for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
+        if (*subs[i] && kvr_nats_drain(*subs[i], handover_drained, rd) == 0)
+            rd->handover_drains++;
+        *subs[i] = NULL;
+    }
+    rd->groups_left = true; /* keeps them left (ingest, rd_leader_route_update) */
+    uv_timer_stop(&rd->tick);
+    uv_timer_start(&rd->tick, handover_poll, 5, 5);
+}
+
 void rd_restart_in_place(kvr_routerd *rd, const char *why)
 {
-    if (rd->restarting)
+    if (rd->handing_over || rd->stop_requested)
         return;
     if (!rd->cfg.argv || !rd->cfg.argv[0]) {
         KVR_LOG_ERROR("cannot restart in place: no command line", "why=\"%s\"", why);
         return;
     }
     KVR_LOG_WARN("restarting in place", "why=\"%s\"", why);
-    uv_timer_t *t = malloc(sizeof *t); /* the exec frees it */
-    if (!t) {
-        restart_exec(rd);
-        return;
-    }
-    rd->restarting = true;
-    rd->restart_since_ms = kvr_mono_ms();
-    kvr_nats_sub **subs[] = {&rd->sub_route, &rd->sub_event, &rd->sub_event_all,
-                             &rd->sub_route_leader};
-    for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
-        if (*subs[i] && kvr_nats_drain(*subs[i], restart_drained, rd) == 0)
-            rd->restart_drains++;
-        *subs[i] = NULL;
-    }
-    rd->groups_left = true; /* keeps them left (ingest, rd_leader_route_update) */
-    uv_timer_init(rd->loop, t);
-    t->data = rd;
-    uv_timer_start(t, restart_poll, 5, 5);
+    rd_hand_over(rd, restart_exec);
 }

@@ -171,11 +171,13 @@ struct kvr_routerd {
     bool raft_leader;               /* kvr_sync's leader_cb: this router leads the group */
     bool policy_inflight;           /* a ROUTE_POLICY of this router's weights is proposed */
     bool groups_left;
-    /* rd_restart_in_place: handing over (queue groups drained, commands finishing) before the
-     * exec; nothing rejoins a queue group meanwhile */
-    bool restarting;
-    int restart_drains; /* subscriptions still draining */
-    int64_t restart_since_ms;
+    /* rd_hand_over (before a restart in place or a stop): queue groups drained, commands
+     * finishing; nothing rejoins a queue group meanwhile */
+    bool handing_over;
+    int handover_drains; /* subscriptions still draining */
+    int64_t handover_since_ms;
+    void (*handover_done)(struct kvr_routerd *rd);
+    bool stop_requested; /* kvr_routerd_stop was called (stopping follows the hand-over) */
     /* kvr_mono_ms() when another router last said it is in the kvr.route queue group with a
      * Raft leader (kvr.routers.quorum), 0: never */
     int64_t peer_quorum_ms;
@@ -254,10 +256,16 @@ static inline bool ns_ok(kvr_routerd *rd, kvr_slice ns)
 rd_worker *rd_worker_find(kvr_routerd *rd, uint64_t id);
 void rd_update_index_gauges(kvr_routerd *rd);
 /* Replaces this process's image with a fresh start of the same command line (same pid, same
- * log): every state is rebuilt by the warm-restart path. First hands over (queue groups
- * drained, held commands finished; at most 2 s, on the loop), then execs. A second call while
- * handing over does nothing. */
+ * log): every state is rebuilt by the warm-restart path. First hands over (rd_hand_over),
+ * then execs. A call while handing over does nothing. */
 void rd_restart_in_place(kvr_routerd *rd, const char *why);
+/* Raft mode: leaves the routers' queue groups without dropping what NATS already routed here
+ * (kvr_nats_drain) and lets every command this router holds finish (a FREE lost with the
+ * process would hold its booking until --max-request-age), then calls done on the loop
+ * thread; at most RD_HANDOVER_MS. Uses rd->tick (the regular tick pauses meanwhile). A call
+ * while handing over only replaces done. */
+#define RD_HANDOVER_MS 2000
+void rd_hand_over(kvr_routerd *rd, void (*done)(kvr_routerd *rd));
 void rd_log_cmd_failure(kvr_routerd *rd, int status, const kvr_fsm_result *res, rd_decided how,
                         void *data);
 void rd_queue_clear(kvr_routerd *rd, uint64_t worker_id, uint64_t down_seq);

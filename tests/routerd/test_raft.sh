@@ -5,7 +5,7 @@
 # with 2 of 3 down the survivor answers in mode "local" (it stays in the NATS queue groups: no
 # other router has a quorum); back together they converge again. No router leaves the queue
 # groups during the elections. A follower restarted in place (POST /admin/restart) keeps its pid,
-# comes back and converges.
+# comes back and converges. A leader stopped while it holds FREEs hands them over first.
 source "$(dirname "$0")/../lib/testenv.sh"
 source "$(dirname "$0")/rd_lib.sh"
 kvr_test_init routerd_raft
@@ -148,6 +148,32 @@ kvr_wait_for 20 converged || kvr_fail "replicas did not converge after r$F resta
 kvr_assert_eq "$(rd_q "${HP[$F]}" .bookings)" $((N + 5)) "bookings after the restart in place"
 kvr_assert_eq "$(rd_q "${HP[$F]}" .index.digest)" "$(rd_q "${HP[$L]}" .index.digest)" "index digest after the restart in place"
 kvr_log "r$F restarted in place (pid $pid) and converged"
+
+# a router stopped (SIGTERM) while it holds FREEs hands them over first: 40 bookings; both
+# followers paused (SIGSTOP), so the leader can commit nothing and the FREEs the queue group
+# gives it wait there; SIGTERM the leader, resume the followers 0.3 s later: every booking is
+# freed (before, the stopping leader dropped the commands it had not proposed yet: those
+# bookings stayed until --max-request-age)
+for k in $(seq 1 40); do printf 'route m1 ns1 7 256 held-%d\n' "$k"; done | "$PUB" --nats "$NATS_URL" >"$KVR_TMP/held.out"
+kvr_assert_eq "$(grep -c '^route ok=1' "$KVR_TMP/held.out")" 40 "40 bookings to free"
+L=$(wait_leader 10 0 1 2 3) || kvr_fail "no leader before the stop"
+FOL=()
+for i in 1 2 3; do [ "$i" != "$L" ] && FOL+=("$i"); done
+kvr_wait_for 10 bash -c "[ \"\$(curl -s http://127.0.0.1:${HP[${FOL[0]}]}/v1/state | jq -r .bookings)\" = $((N + 45)) ]" ||
+    kvr_fail "r${FOL[0]} bookings before the stop: $(rd_q "${HP[${FOL[0]}]}" .bookings)"
+for i in "${FOL[@]}"; do kill -STOP "$(kvr_pid "r$i")"; done
+for k in $(seq 1 40); do printf 'rev held-%d free\n' "$k"; done | "$PUB" --nats "$NATS_URL" >/dev/null
+sleep 0.1
+kill -TERM "$(kvr_pid "r$L")"
+sleep 0.3
+for i in "${FOL[@]}"; do kill -CONT "$(kvr_pid "r$i")"; done
+stopped() { ! kvr_alive "r$L"; }
+kvr_wait_for 10 stopped || kvr_fail "r$L did not stop"
+grep -E 'msg="(stopping: handing over first|handed over|hand-over not finished)' "$KVR_TMP/r$L.log" | tail -2 >&2
+start "$L"
+kvr_wait_http "http://127.0.0.1:${HP[$L]}/ready" 30
+kvr_wait_for 20 converged || kvr_fail "replicas did not converge after r$L stopped"
+kvr_assert_eq "$(rd_q "${HP[$L]}" .bookings)" $((N + 5)) "bookings after FREEs held by a stopping leader"
 
 # membership through the admin API: add router 4 (started with --join), promote, remove
 rd_start r4 4 "${HP[4]}" "$KVR_TMP/r4" --raft-addr "$A4" --peers "$PEERS" --join --cluster-secret-file "$KVR_TMP/secret"
