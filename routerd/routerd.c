@@ -430,7 +430,10 @@ static void restart_exec(kvr_routerd *rd)
     }
     fflush(NULL);
     execv("/proc/self/exe", rd->cfg.argv);
-    KVR_LOG_ERROR("restart in place failed", "err=\"%s\"", strerror(errno));
+    KVR_LOG_ERROR("restart in place failed: serving on", "err=\"%s\"", strerror(errno));
+    /* the tick resumes; follow_quorum sees the groups left without cause and rejoins them */
+    rd->handing_over = false;
+    uv_timer_start(&rd->tick, on_tick, RD_TICK_MS, RD_TICK_MS);
 }
 
 static void handover_drained(void *data)
