@@ -120,12 +120,12 @@ static int dl_append_fn(struct raft_io *io, struct raft_io_append *req,
     int rv = d->base.inner->append(d->base.inner, &a->inner_req, entries, n, inner_append_cb);
     if (rv == 0)
         return 0;
-    /* raft_uv may fail an append at once after queueing it (a write it could not start), and
-     * raft 0.15's own path for a failed call frees entries its receive path frees again (a
-     * double free seen when a follower's data dir vanished). So raft never sees a failed call:
-     * the fence goes up and raft's request fails on a later loop turn, like a failed write;
-     * the inner request is kept in case raft_uv calls it back (it is then freed, unreported;
-     * when raft_uv had not queued it, that is a small leak, once per fence). */
+    /* raft_uv 0.15 may fail an append at once after queueing it (UvAppend: a write it could
+     * not start), while raft frees its request on a failed call: raft_uv would later call back
+     * into freed memory (read in the source, not seen). So raft never sees a failed call: the
+     * fence goes up and raft's request fails on a later loop turn, like a failed write; the
+     * inner request is kept in case raft_uv calls it back (it is then freed, unreported; when
+     * raft_uv had not queued it, that is a small leak, once per fence). */
     kvr_io_layer_copy_errmsg(&d->base);
     fence(d, rv);
     a->orphan = true;
