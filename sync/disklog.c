@@ -15,7 +15,6 @@ typedef struct dl_append {
     raft_io_append_cb cb;
     struct disklog *d;
     bool orphan; /* the inner io refused it at once but may still call back: swallow that */
-    struct dl_append *next;
 } dl_append;
 
 typedef struct dl_put {
@@ -27,9 +26,7 @@ typedef struct dl_put {
 } dl_put;
 
 typedef struct disklog {
-    kvr_io_layer base;       /* first: io->impl points here */
-    uv_timer_t refuse_timer; /* completes refused appends on a later loop turn */
-    dl_append *head, **tail;
+    kvr_io_layer base; /* first: io->impl points here */
     bool fenced;
     uint64_t failed, refused, fenced_ms;
 } disklog;
@@ -40,35 +37,6 @@ static disklog *dl_of(struct raft_io *io)
 }
 
 /* --- appends --- */
-
-/* Answers every refused append with status (taking the queue first: a callback may append). */
-static void answer_refused(disklog *d, int status)
-{
-    dl_append *a = d->head;
-    d->head = NULL;
-    d->tail = &d->head;
-    while (a) {
-        dl_append *next = a->next;
-        raft_io_append_cb cb = a->cb;
-        struct raft_io_append *req = a->req;
-        free(a);
-        cb(req, status);
-        a = next;
-    }
-}
-
-static void refuse_run(uv_timer_t *t)
-{
-    answer_refused(t->data, RAFT_IOERR);
-}
-
-static void refuse_later(disklog *d, dl_append *a)
-{
-    *d->tail = a;
-    d->tail = &a->next;
-    if (!uv_is_active((uv_handle_t *)&d->refuse_timer))
-        uv_timer_start(&d->refuse_timer, refuse_run, 0, 0);
-}
 
 static void fence(disklog *d, int status)
 {
@@ -106,17 +74,16 @@ static int dl_append_fn(struct raft_io *io, struct raft_io_append *req,
                         const struct raft_entry entries[], unsigned n, raft_io_append_cb cb)
 {
     disklog *d = dl_of(io);
+    if (d->fenced) {
+        d->refused++;
+        return kvr_io_layer_append_later(&d->base, req, cb);
+    }
     dl_append *a = calloc(1, sizeof *a);
     if (!a)
         return RAFT_NOMEM;
     a->req = req;
     a->cb = cb;
     a->d = d;
-    if (d->fenced) {
-        d->refused++;
-        refuse_later(d, a);
-        return 0;
-    }
     int rv = d->base.inner->append(d->base.inner, &a->inner_req, entries, n, inner_append_cb);
     if (rv == 0)
         return 0;
@@ -129,13 +96,8 @@ static int dl_append_fn(struct raft_io *io, struct raft_io_append *req,
     kvr_io_layer_copy_errmsg(&d->base);
     fence(d, rv);
     a->orphan = true;
-    dl_append *r = calloc(1, sizeof *r);
-    if (!r)
+    if (kvr_io_layer_append_later(&d->base, req, cb) != 0)
         return rv; /* out of memory: raft's own failure path, as without disklog */
-    r->req = req;
-    r->cb = cb;
-    r->d = d;
-    refuse_later(d, r);
     return 0;
 }
 
@@ -178,38 +140,12 @@ static int dl_snapshot_put(struct raft_io *io, unsigned trailing, struct raft_io
     return rv;
 }
 
-/* --- close --- */
-
-static void timer_closed(uv_handle_t *h)
-{
-    kvr_io_layer_closed(h->data);
-}
-
-static void inner_closed(kvr_io_layer *l)
-{
-    disklog *d = (disklog *)l;
-    uv_close((uv_handle_t *)&d->refuse_timer, timer_closed);
-}
-
-static void dl_close(struct raft_io *io, raft_io_close_cb cb)
-{
-    disklog *d = dl_of(io);
-    uv_timer_stop(&d->refuse_timer);
-    /* raft waits for every request it made: the refused ones are cancelled here */
-    answer_refused(d, RAFT_CANCELED);
-    kvr_io_layer_close(io, cb);
-}
-
 int kvr_disklog_init(struct raft_io *io, struct raft_io *inner, uv_loop_t *loop)
 {
     disklog *d = calloc(1, sizeof *d);
     if (!d)
         return RAFT_NOMEM;
-    kvr_io_layer_init(&d->base, io, inner, inner_closed);
-    d->tail = &d->head;
-    uv_timer_init(loop, &d->refuse_timer);
-    d->refuse_timer.data = d;
-    io->close = dl_close;
+    kvr_io_layer_init(&d->base, io, inner, loop);
     io->append = dl_append_fn;
     io->snapshot_put = dl_snapshot_put;
     return 0;
@@ -227,16 +163,7 @@ void kvr_disklog_get_stats(struct raft_io *io, kvr_disklog_stats *out)
     out->fenced_ms = d->fenced_ms;
 }
 
-static void discard_closed(uv_handle_t *h)
-{
-    free(h->data);
-}
-
 void kvr_disklog_discard(struct raft_io *io)
 {
-    disklog *d = dl_of(io);
-    if (!d)
-        return;
-    io->impl = NULL;
-    uv_close((uv_handle_t *)&d->refuse_timer, discard_closed);
+    kvr_io_layer_discard(io);
 }

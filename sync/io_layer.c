@@ -1,7 +1,66 @@
 #include "io_layer.h"
 
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* A request the layer answers itself, on a later loop turn. */
+typedef struct kvr_io_later {
+    bool is_send; /* else an append */
+    void *req;
+    void *cb;
+    struct kvr_io_later *next;
+} kvr_io_later;
+
+/* Answers every queued request (sends with RAFT_CANCELED, appends with append_status),
+ * taking the queue first: a callback may queue more. */
+static void answer_queued(kvr_io_layer *l, int append_status)
+{
+    kvr_io_later *q = l->later_head;
+    l->later_head = NULL;
+    l->later_tail = &l->later_head;
+    while (q) {
+        kvr_io_later *next = q->next;
+        bool is_send = q->is_send;
+        void *req = q->req, *cb = q->cb;
+        free(q);
+        if (is_send)
+            ((raft_io_send_cb)cb)(req, RAFT_CANCELED);
+        else
+            ((raft_io_append_cb)cb)(req, append_status);
+        q = next;
+    }
+}
+
+static void later_run(uv_timer_t *timer)
+{
+    answer_queued(timer->data, RAFT_IOERR);
+}
+
+static int queue_later(kvr_io_layer *l, bool is_send, void *req, void *cb)
+{
+    kvr_io_later *q = calloc(1, sizeof *q);
+    if (!q)
+        return RAFT_NOMEM;
+    q->is_send = is_send;
+    q->req = req;
+    q->cb = cb;
+    *l->later_tail = q;
+    l->later_tail = &q->next;
+    if (!uv_is_active((uv_handle_t *)&l->later_timer))
+        uv_timer_start(&l->later_timer, later_run, 0, 0);
+    return 0;
+}
+
+int kvr_io_layer_append_later(kvr_io_layer *l, struct raft_io_append *req, raft_io_append_cb cb)
+{
+    return queue_later(l, false, req, (void *)cb);
+}
+
+int kvr_io_layer_send_later(kvr_io_layer *l, struct raft_io_send *req, raft_io_send_cb cb)
+{
+    return queue_later(l, true, req, (void *)cb);
+}
 
 void kvr_io_layer_copy_errmsg(kvr_io_layer *l)
 {
@@ -27,10 +86,21 @@ static void inner_recv(struct raft_io *inner, struct raft_message *msg)
     l->recv_cb(l->outer, msg);
 }
 
+static void timer_closed(uv_handle_t *h)
+{
+    kvr_io_layer *l = h->data;
+    struct raft_io *outer = l->outer;
+    raft_io_close_cb cb = l->close_cb;
+    free(l);
+    outer->impl = NULL;
+    if (cb)
+        cb(outer);
+}
+
 static void inner_closed(struct raft_io *inner)
 {
     kvr_io_layer *l = inner->data;
-    l->on_inner_closed(l);
+    uv_close((uv_handle_t *)&l->later_timer, timer_closed);
 }
 
 static int d_init(struct raft_io *io, raft_id id, const char *address)
@@ -43,6 +113,9 @@ void kvr_io_layer_close(struct raft_io *io, raft_io_close_cb cb)
 {
     kvr_io_layer *l = kvr_io_layer_of(io);
     l->close_cb = cb;
+    uv_timer_stop(&l->later_timer);
+    /* raft waits for every request it made: answer those still queued */
+    answer_queued(l, RAFT_CANCELED);
     l->inner->close(l->inner, inner_closed);
 }
 
@@ -133,12 +206,13 @@ static int d_random(struct raft_io *io, int min, int max)
     return l->inner->random(l->inner, min, max);
 }
 
-void kvr_io_layer_init(kvr_io_layer *l, struct raft_io *io, struct raft_io *inner,
-                       void (*on_inner_closed)(kvr_io_layer *l))
+void kvr_io_layer_init(kvr_io_layer *l, struct raft_io *io, struct raft_io *inner, uv_loop_t *loop)
 {
     l->outer = io;
     l->inner = inner;
-    l->on_inner_closed = on_inner_closed;
+    l->later_tail = &l->later_head;
+    uv_timer_init(loop, &l->later_timer);
+    l->later_timer.data = l;
     memset(io, 0, sizeof *io);
     inner->data = l;
     io->version = 1; /* no async_work: raft uses it only for an fsm of version 3 */
@@ -160,12 +234,16 @@ void kvr_io_layer_init(kvr_io_layer *l, struct raft_io *io, struct raft_io *inne
     io->random = d_random;
 }
 
-void kvr_io_layer_closed(kvr_io_layer *l)
+static void discard_closed(uv_handle_t *h)
 {
-    struct raft_io *outer = l->outer;
-    raft_io_close_cb cb = l->close_cb;
-    free(l);
-    outer->impl = NULL;
-    if (cb)
-        cb(outer);
+    free(h->data);
+}
+
+void kvr_io_layer_discard(struct raft_io *io)
+{
+    kvr_io_layer *l = kvr_io_layer_of(io);
+    if (!l)
+        return;
+    io->impl = NULL;
+    uv_close((uv_handle_t *)&l->later_timer, discard_closed);
 }

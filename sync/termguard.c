@@ -6,18 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* A request answered on a later loop turn without reaching the inner io. */
-typedef struct tg_done {
-    bool is_send; /* else an append */
-    void *req;
-    void *cb;
-    struct tg_done *next;
-} tg_done;
-
 typedef struct termguard {
     kvr_io_layer base; /* first: io->impl points here */
-    uv_timer_t done_timer;
-    tg_done *head, **tail;
     bool muted;
     uint64_t failed, dropped;
 } termguard;
@@ -25,44 +15,6 @@ typedef struct termguard {
 static termguard *tg_of(struct raft_io *io)
 {
     return io->impl;
-}
-
-/* Answers every queued request (sends with RAFT_CANCELED, appends with append_status),
- * taking the queue first: a callback may queue more. */
-static void answer_queued(termguard *t, int append_status)
-{
-    tg_done *d = t->head;
-    t->head = NULL;
-    t->tail = &t->head;
-    while (d) {
-        tg_done *next = d->next;
-        if (d->is_send)
-            ((raft_io_send_cb)d->cb)(d->req, RAFT_CANCELED);
-        else
-            ((raft_io_append_cb)d->cb)(d->req, append_status);
-        free(d);
-        d = next;
-    }
-}
-
-static void done_run(uv_timer_t *timer)
-{
-    answer_queued(timer->data, RAFT_IOERR);
-}
-
-static int done_later(termguard *t, bool is_send, void *req, void *cb)
-{
-    tg_done *d = calloc(1, sizeof *d);
-    if (!d)
-        return RAFT_NOMEM;
-    d->is_send = is_send;
-    d->req = req;
-    d->cb = cb;
-    *t->tail = d;
-    t->tail = &d->next;
-    if (!uv_is_active((uv_handle_t *)&t->done_timer))
-        uv_timer_start(&t->done_timer, done_run, 0, 0);
-    return 0;
 }
 
 /* A term or vote the inner io could not store: success for raft, silence for everyone. */
@@ -99,7 +51,7 @@ static int tg_send(struct raft_io *io, struct raft_io_send *req, const struct ra
     if (!t->muted)
         return t->base.inner->send(t->base.inner, req, msg, cb);
     t->dropped++;
-    return done_later(t, true, req, (void *)cb);
+    return kvr_io_layer_send_later(&t->base, req, cb);
 }
 
 /* Entries of a term that is not durable are not written either: after a restart the log
@@ -114,29 +66,7 @@ static int tg_append(struct raft_io *io, struct raft_io_append *req,
             kvr_io_layer_copy_errmsg(&t->base);
         return rv;
     }
-    return done_later(t, false, req, (void *)cb);
-}
-
-/* --- close --- */
-
-static void timer_closed(uv_handle_t *h)
-{
-    kvr_io_layer_closed(h->data);
-}
-
-static void inner_closed(kvr_io_layer *l)
-{
-    termguard *t = (termguard *)l;
-    uv_close((uv_handle_t *)&t->done_timer, timer_closed);
-}
-
-static void tg_close(struct raft_io *io, raft_io_close_cb cb)
-{
-    termguard *t = tg_of(io);
-    uv_timer_stop(&t->done_timer);
-    /* raft waits for every request it made: answer those still queued */
-    answer_queued(t, RAFT_CANCELED);
-    kvr_io_layer_close(io, cb);
+    return kvr_io_layer_append_later(&t->base, req, cb);
 }
 
 int kvr_termguard_init(struct raft_io *io, struct raft_io *inner, uv_loop_t *loop)
@@ -144,11 +74,7 @@ int kvr_termguard_init(struct raft_io *io, struct raft_io *inner, uv_loop_t *loo
     termguard *t = calloc(1, sizeof *t);
     if (!t)
         return RAFT_NOMEM;
-    kvr_io_layer_init(&t->base, io, inner, inner_closed);
-    t->tail = &t->head;
-    uv_timer_init(loop, &t->done_timer);
-    t->done_timer.data = t;
-    io->close = tg_close;
+    kvr_io_layer_init(&t->base, io, inner, loop);
     io->set_term = tg_set_term;
     io->set_vote = tg_set_vote;
     io->send = tg_send;
@@ -167,16 +93,7 @@ void kvr_termguard_get_stats(struct raft_io *io, kvr_termguard_stats *out)
     out->dropped_sends = t->dropped;
 }
 
-static void discard_closed(uv_handle_t *h)
-{
-    free(h->data);
-}
-
 void kvr_termguard_discard(struct raft_io *io)
 {
-    termguard *t = tg_of(io);
-    if (!t)
-        return;
-    io->impl = NULL;
-    uv_close((uv_handle_t *)&t->done_timer, discard_closed);
+    kvr_io_layer_discard(io);
 }
