@@ -230,7 +230,7 @@ static void on_leader_change(void *data, bool leader)
     route_policy_follow(rd);
 }
 
-static void on_raft_log_stuck(void *data)
+static void on_raft_log_fenced(void *data)
 {
     rd_restart_in_place(data, "the Raft log is fenced since a failed write (full disk?) and the "
                               "data dir has room again: reloading Raft from its files");
@@ -255,8 +255,8 @@ static int raft_open(kvr_routerd *rd)
     so.hop_data = rd;
     so.leader_cb = on_leader_change;
     so.leader_data = rd;
-    so.log_stuck_cb = on_raft_log_stuck;
-    so.log_stuck_data = rd;
+    so.log_fenced_cb = on_raft_log_fenced;
+    so.log_fenced_data = rd;
     /* tests only: shorten memlog's post-catch-up hold */
     const char *hold = getenv("KVR_TEST_MEMLOG_HOLD_MS");
     if (hold && *hold)

@@ -104,7 +104,7 @@ typedef struct kvr_routerd_config {
         cost_tie_band, cost_temperature;
     /* The process's command line, NULL-terminated (not owned; must outlive the router): with
      * it the router restarts itself in place when its Raft log is unusable for good (sync.h
-     * log_stuck_cb). NULL: it only logs that. */
+     * log_fenced_cb). NULL: it only logs that. */
     char *const *argv;
 } kvr_routerd_config;
 

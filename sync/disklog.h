@@ -15,7 +15,7 @@
  * raft's count stays right, and nothing past it is acknowledged. A successful install of a
  * leader's snapshot (snapshot_put with trailing 0) replaces the whole log on disk and resets
  * raft's count, so it lifts the fence. Otherwise the fence stays until the process restarts
- * and raft reloads its files (kvr-routerd restarts in place: sync.h log_stuck_cb).
+ * and raft reloads its files (kvr-routerd restarts in place: sync.h log_fenced_cb).
  *
  * Threads: everything on the loop thread of the inner raft_io. Memory: the inner io is
  * caller-owned and must outlive the disklog io; disklog frees its own state in close. */

@@ -342,7 +342,7 @@ static void on_tick(uv_timer_t *t)
             sync_reconcile(s);
         housekeeping(s, now);
     }
-    sync_check_log_stuck(s, now);
+    sync_check_log_fenced(s, now);
     /* Retry, time out, or answer locally. Newly reconciled commands sit at the list's tail. */
     for (pending *p = s->head.next, *nx; p != &s->head; p = nx) {
         nx = p->next;

@@ -130,13 +130,14 @@ typedef struct kvr_sync_options {
      * route subject while true (DESIGN.md 4). NULL: not called. */
     void (*leader_cb)(void *data, bool leader);
     void *leader_data;
-    /* Called once, on the loop thread, when this node's Raft log needs a reload: an append
-     * failed (a full disk), the disk log has been fenced since (disklog.h: raft writes nothing
-     * more, a leader's snapshot not having lifted it) for 1 s, and the data dir has room again.
-     * Reloading Raft from its files (contiguous up to the last good write) is the way back
-     * (kvr-routerd restarts itself in place). Disk log only. NULL: only logged. */
-    void (*log_stuck_cb)(void *data);
-    void *log_stuck_data;
+    /* Called once, on the loop thread, when this node's Raft needs a reload: the disk log has
+     * been fenced for 1 s since an append failed (a full disk; disklog.h: raft writes nothing
+     * more, a leader's snapshot not having lifted it), or a term or vote could not be stored
+     * (termguard.h, either log: the node is muted), and the data dir has room again. Reloading
+     * Raft from its files (contiguous up to the last good write) is the way back (kvr-routerd
+     * restarts itself in place). NULL: only logged. */
+    void (*log_fenced_cb)(void *data);
+    void *log_fenced_data;
 } kvr_sync_options;
 
 /* The hops hop_cb reports. On the leader, per command: QUEUE from arrival (its own or

@@ -53,37 +53,39 @@ static void io_error_step_down(kvr_sync *s, int status)
     }
 }
 
-/* sync.h log_stuck_cb. A failed append fences the disk log (disklog.h): raft writes nothing
+/* sync.h log_fenced_cb. A failed append fences the disk log (disklog.h): raft writes nothing
  * more, so the node applies nothing more, until a leader's snapshot lifts the fence or the
- * process restarts and raft reloads its files (contiguous up to the last good write). The owner
- * is told once the fence has stood LOG_FENCED_MS (a snapshot already on its way may lift it)
- * and the data dir has LOG_STUCK_MIN_FREE free: with less, a reload would fail the same way. */
+ * process restarts and raft reloads its files (contiguous up to the last good write). A term
+ * or vote not stored mutes the node (termguard.h) until a restart; kvr_consensus_log_fenced
+ * reports both. The owner is told once the fence has stood LOG_FENCED_MS (a snapshot already
+ * on its way may lift it) and the data dir has LOG_FENCED_MIN_FREE free: with less, a reload
+ * would fail the same way. */
 #define LOG_FENCED_MS 1000
-#define LOG_STUCK_MIN_FREE ((uint64_t)32 << 20)
+#define LOG_FENCED_MIN_FREE ((uint64_t)32 << 20)
 
-void sync_check_log_stuck(kvr_sync *s, int64_t now)
+void sync_check_log_fenced(kvr_sync *s, int64_t now)
 {
-    if (s->stuck_told || !s->cons)
+    if (s->fenced_told || !s->cons)
         return;
     if (!kvr_consensus_log_fenced(s->cons)) {
-        s->stuck_since_ms = 0;
+        s->fenced_since_ms = 0;
         return;
     }
-    if (!s->stuck_since_ms)
-        s->stuck_since_ms = now;
-    if (now - s->stuck_since_ms < LOG_FENCED_MS)
+    if (!s->fenced_since_ms)
+        s->fenced_since_ms = now;
+    if (now - s->fenced_since_ms < LOG_FENCED_MS)
         return;
     struct statvfs sv;
-    if (statvfs(s->data_dir, &sv) != 0 || (uint64_t)sv.f_bavail * sv.f_frsize < LOG_STUCK_MIN_FREE)
+    if (statvfs(s->data_dir, &sv) != 0 || (uint64_t)sv.f_bavail * sv.f_frsize < LOG_FENCED_MIN_FREE)
         return;
-    s->stuck_told = true;
+    s->fenced_told = true;
     KVR_LOG_ERROR("sync raft log fenced since a failed write: it needs a reload",
                   "seconds=%lld applied=%llu commit=%llu",
-                  (long long)(now - s->stuck_since_ms) / 1000,
+                  (long long)(now - s->fenced_since_ms) / 1000,
                   (unsigned long long)kvr_consensus_applied_index(s->cons),
                   (unsigned long long)kvr_consensus_commit_index(s->cons));
-    if (s->o.log_stuck_cb)
-        s->o.log_stuck_cb(s->o.log_stuck_data);
+    if (s->o.log_fenced_cb)
+        s->o.log_fenced_cb(s->o.log_fenced_data);
 }
 
 static void batch_cb(kvr_consensus_req *req, int status)

@@ -127,9 +127,9 @@ struct kvr_sync {
     bool io_transfer; /* a leadership transfer after a failed log write is running */
     kvr_consensus_transfer io_treq;
     int64_t io_error_ms; /* last failed log write (mono), 0: none */
-    /* log_stuck_cb's watch (sync_batch.c sync_check_log_stuck): since when the log is fenced */
-    int64_t stuck_since_ms;
-    bool stuck_told;
+    /* log_fenced_cb's watch (sync_batch.c sync_check_log_fenced): since when the log is fenced */
+    int64_t fenced_since_ms;
+    bool fenced_told;
     kvr_fsm *local;
     local_rec *log;
     uint32_t n_log, cap_log;
@@ -153,9 +153,9 @@ static const int64_t RECONCILE_WAIT_MS = 60000;
 void sync_plist_add(kvr_sync *s, pending *p);
 void sync_fwd_slot_clear(kvr_sync *s, pending *p);
 void sync_hop(kvr_sync *s, int h, int64_t from_ns, int64_t now_ns);
-/* sync_batch.c: after a failed log write, tells log_stuck_cb (once) when the log looks unusable
- * for good (sync.h). From the tick, while a leader is known. */
-void sync_check_log_stuck(kvr_sync *s, int64_t now);
+/* sync_batch.c: tells log_fenced_cb (once) when the log is fenced or the node muted and a
+ * reload can succeed (sync.h). From every tick. */
+void sync_check_log_fenced(kvr_sync *s, int64_t now);
 void sync_pending_finish(kvr_sync *s, pending *p);
 void sync_pending_ready(kvr_sync *s, pending *p);
 pending *sync_pending_new(kvr_sync *s, const char *cmd, size_t len);

@@ -14,7 +14,7 @@
  * write: it votes for nobody and acknowledges nothing on a term it could not store, so the
  * in-memory term it runs on is never relied upon. It stays muted until the process restarts
  * and loads its durable term again (kvr-routerd restarts in place once its data dir has room:
- * sync.h log_stuck_cb). Everything else is delegated.
+ * sync.h log_fenced_cb). Everything else is delegated.
  *
  * Threads: everything on the loop thread of the inner raft_io. Memory: the inner io is
  * caller-owned and must outlive the termguard io; termguard frees its own state in close. */
