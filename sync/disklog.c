@@ -76,7 +76,7 @@ static int dl_append_fn(struct raft_io *io, struct raft_io_append *req,
     disklog *d = dl_of(io);
     if (d->fenced) {
         d->refused++;
-        return kvr_io_layer_append_later(&d->base, req, cb);
+        return kvr_io_layer_append_later(&d->base, req, cb, RAFT_IOERR);
     }
     dl_append *a = calloc(1, sizeof *a);
     if (!a)
@@ -96,7 +96,7 @@ static int dl_append_fn(struct raft_io *io, struct raft_io_append *req,
     kvr_io_layer_copy_errmsg(&d->base);
     fence(d, rv);
     a->orphan = true;
-    if (kvr_io_layer_append_later(&d->base, req, cb) != 0)
+    if (kvr_io_layer_append_later(&d->base, req, cb, RAFT_IOERR) != 0)
         return rv; /* out of memory: raft's own failure path, as without disklog */
     return 0;
 }

@@ -4,47 +4,80 @@
 #include <stdlib.h>
 #include <string.h>
 
+enum { LATER_SEND, LATER_APPEND, LATER_PUT, LATER_GET };
+
 /* A request the layer answers itself, on a later loop turn. */
 typedef struct kvr_io_later {
-    bool is_send; /* else an append */
+    int kind, status;
     void *req;
     void *cb;
+    struct raft_snapshot *snap; /* LATER_GET: handed to raft */
     struct kvr_io_later *next;
 } kvr_io_later;
 
-/* Answers every queued request (sends with RAFT_CANCELED, appends with append_status),
- * taking the queue first: a callback may queue more. */
-static void answer_queued(kvr_io_layer *l, int append_status)
+static void snap_free(struct raft_snapshot *s)
+{
+    raft_configuration_close(&s->configuration);
+    for (unsigned i = 0; i < s->n_bufs; i++)
+        raft_free(s->bufs[i].base);
+    raft_free(s->bufs);
+    raft_free(s);
+}
+
+static void answer(kvr_io_later *q, bool cancel)
+{
+    int status = cancel ? RAFT_CANCELED : q->status;
+    switch (q->kind) {
+    case LATER_SEND:
+        ((raft_io_send_cb)q->cb)(q->req, status);
+        break;
+    case LATER_APPEND:
+        ((raft_io_append_cb)q->cb)(q->req, status);
+        break;
+    case LATER_PUT:
+        ((raft_io_snapshot_put_cb)q->cb)(q->req, status);
+        break;
+    default:
+        if (cancel) {
+            snap_free(q->snap);
+            ((raft_io_snapshot_get_cb)q->cb)(q->req, NULL, status);
+        } else {
+            ((raft_io_snapshot_get_cb)q->cb)(q->req, q->snap, 0);
+        }
+        break;
+    }
+}
+
+/* Answers every queued request, taking the queue first: a callback may queue more. */
+static void answer_queued(kvr_io_layer *l, bool cancel)
 {
     kvr_io_later *q = l->later_head;
     l->later_head = NULL;
     l->later_tail = &l->later_head;
     while (q) {
         kvr_io_later *next = q->next;
-        bool is_send = q->is_send;
-        void *req = q->req, *cb = q->cb;
+        answer(q, cancel);
         free(q);
-        if (is_send)
-            ((raft_io_send_cb)cb)(req, RAFT_CANCELED);
-        else
-            ((raft_io_append_cb)cb)(req, append_status);
         q = next;
     }
 }
 
 static void later_run(uv_timer_t *timer)
 {
-    answer_queued(timer->data, RAFT_IOERR);
+    answer_queued(timer->data, false);
 }
 
-static int queue_later(kvr_io_layer *l, bool is_send, void *req, void *cb)
+static int queue_later(kvr_io_layer *l, int kind, void *req, void *cb, int status,
+                       struct raft_snapshot *snap)
 {
     kvr_io_later *q = calloc(1, sizeof *q);
     if (!q)
         return RAFT_NOMEM;
-    q->is_send = is_send;
+    q->kind = kind;
+    q->status = status;
     q->req = req;
     q->cb = cb;
+    q->snap = snap;
     *l->later_tail = q;
     l->later_tail = &q->next;
     if (!uv_is_active((uv_handle_t *)&l->later_timer))
@@ -52,14 +85,28 @@ static int queue_later(kvr_io_layer *l, bool is_send, void *req, void *cb)
     return 0;
 }
 
-int kvr_io_layer_append_later(kvr_io_layer *l, struct raft_io_append *req, raft_io_append_cb cb)
+int kvr_io_layer_append_later(kvr_io_layer *l, struct raft_io_append *req, raft_io_append_cb cb,
+                              int status)
 {
-    return queue_later(l, false, req, (void *)cb);
+    return queue_later(l, LATER_APPEND, req, (void *)cb, status, NULL);
 }
 
-int kvr_io_layer_send_later(kvr_io_layer *l, struct raft_io_send *req, raft_io_send_cb cb)
+int kvr_io_layer_send_later(kvr_io_layer *l, struct raft_io_send *req, raft_io_send_cb cb,
+                            int status)
 {
-    return queue_later(l, true, req, (void *)cb);
+    return queue_later(l, LATER_SEND, req, (void *)cb, status, NULL);
+}
+
+int kvr_io_layer_put_later(kvr_io_layer *l, struct raft_io_snapshot_put *req,
+                           raft_io_snapshot_put_cb cb, int status)
+{
+    return queue_later(l, LATER_PUT, req, (void *)cb, status, NULL);
+}
+
+int kvr_io_layer_get_later(kvr_io_layer *l, struct raft_io_snapshot_get *req,
+                           raft_io_snapshot_get_cb cb, struct raft_snapshot *snap)
+{
+    return queue_later(l, LATER_GET, req, (void *)cb, 0, snap);
 }
 
 void kvr_io_layer_copy_errmsg(kvr_io_layer *l)
@@ -83,7 +130,10 @@ static void inner_tick(struct raft_io *inner)
 static void inner_recv(struct raft_io *inner, struct raft_message *msg)
 {
     kvr_io_layer *l = inner->data;
-    l->recv_cb(l->outer, msg);
+    if (l->recv_hook)
+        l->recv_hook(l, msg);
+    else
+        l->recv_cb(l->outer, msg);
 }
 
 static void timer_closed(uv_handle_t *h)
@@ -91,6 +141,8 @@ static void timer_closed(uv_handle_t *h)
     kvr_io_layer *l = h->data;
     struct raft_io *outer = l->outer;
     raft_io_close_cb cb = l->close_cb;
+    if (l->release)
+        l->release(l);
     free(l);
     outer->impl = NULL;
     if (cb)
@@ -115,7 +167,7 @@ void kvr_io_layer_close(struct raft_io *io, raft_io_close_cb cb)
     l->close_cb = cb;
     uv_timer_stop(&l->later_timer);
     /* raft waits for every request it made: answer those still queued */
-    answer_queued(l, RAFT_CANCELED);
+    answer_queued(l, true);
     l->inner->close(l->inner, inner_closed);
 }
 
@@ -236,7 +288,10 @@ void kvr_io_layer_init(kvr_io_layer *l, struct raft_io *io, struct raft_io *inne
 
 static void discard_closed(uv_handle_t *h)
 {
-    free(h->data);
+    kvr_io_layer *l = h->data;
+    if (l->release)
+        l->release(l);
+    free(l);
 }
 
 void kvr_io_layer_discard(struct raft_io *io)

@@ -1,17 +1,17 @@
-/* io_layer: the plumbing of a raft_io that wraps another one (disklog and termguard).
+/* io_layer: the plumbing of a raft_io that wraps another one (memlog, disklog, termguard).
  *
  * A layer keeps a kvr_io_layer as the first member of its state. kvr_io_layer_init points
  * every method of the outer io at the inner io's (the inner's error message is copied up
  * when a call fails) and routes the inner io's tick, receive and close callbacks back to
  * raft with the outer io; the layer then replaces the methods it changes.
  *
- * Requests a layer answers itself (refused appends, muted sends) go through one queue
- * answered on a later loop turn: raft 0.15 must not see a request's callback inside the call
- * that made it, and must see every request it made answered before its close ends.
+ * Requests a layer answers itself (memlog's appends and snapshots, disklog's refused appends,
+ * termguard's muted sends) go through one queue answered on a later loop turn: raft 0.15 does
+ * work after append() and snapshot_put() return that must precede their callbacks, and must
+ * see every request it made answered before its close ends.
  *
  * Closing: the outer close answers what is still queued (RAFT_CANCELED), closes the inner io,
- * then the layer's timer, then frees the state and tells raft. A layer with nothing more to
- * release keeps the default close.
+ * then the layer's timer, then runs the layer's release hook, frees the state and tells raft.
  *
  * Threads: the inner io's loop thread. Memory: the inner io is caller-owned and must outlive
  * the layer; the state is allocated by the layer with malloc (kvr_io_layer first) and freed
@@ -31,6 +31,11 @@ typedef struct kvr_io_layer {
     raft_io_close_cb close_cb;
     uv_timer_t later_timer; /* answers the queue below on the next loop turn */
     struct kvr_io_later *later_head, **later_tail;
+    /* Optional, set by the layer after init. recv_hook sees each message the inner io
+     * receives instead of raft and passes it on with recv_cb(outer, msg); release frees what
+     * the layer holds besides its state, just before the state is freed. */
+    void (*recv_hook)(struct kvr_io_layer *l, struct raft_message *msg);
+    void (*release)(struct kvr_io_layer *l);
 } kvr_io_layer;
 
 /* Fills io (zeroed first) to delegate to inner; io->impl = l, inner->data = l. */
@@ -42,11 +47,18 @@ static inline kvr_io_layer *kvr_io_layer_of(struct raft_io *io)
     return io->impl;
 }
 
-/* Answers raft's request on a later loop turn without the inner io: an append with
- * RAFT_IOERR, a send with RAFT_CANCELED (both with RAFT_CANCELED when the io closes first).
- * 0, or RAFT_NOMEM (nothing queued: the caller returns it to raft, which then owns req). */
-int kvr_io_layer_append_later(kvr_io_layer *l, struct raft_io_append *req, raft_io_append_cb cb);
-int kvr_io_layer_send_later(kvr_io_layer *l, struct raft_io_send *req, raft_io_send_cb cb);
+/* Answers raft's request on a later loop turn, without the inner io, with status (every one
+ * with RAFT_CANCELED when the io closes first). A snapshot_get's answer hands raft snap
+ * (allocated with raft_malloc; freed here if the io closes first). 0, or RAFT_NOMEM: nothing
+ * queued, the caller returns it to raft (which then owns req) and keeps snap. */
+int kvr_io_layer_append_later(kvr_io_layer *l, struct raft_io_append *req, raft_io_append_cb cb,
+                              int status);
+int kvr_io_layer_send_later(kvr_io_layer *l, struct raft_io_send *req, raft_io_send_cb cb,
+                            int status);
+int kvr_io_layer_put_later(kvr_io_layer *l, struct raft_io_snapshot_put *req,
+                           raft_io_snapshot_put_cb cb, int status);
+int kvr_io_layer_get_later(kvr_io_layer *l, struct raft_io_snapshot_get *req,
+                           raft_io_snapshot_get_cb cb, struct raft_snapshot *snap);
 
 /* The default close (see above): a layer that replaces close calls it last. */
 void kvr_io_layer_close(struct raft_io *io, raft_io_close_cb cb);

@@ -1,28 +1,17 @@
 #include "memlog.h"
 
+#include "io_layer.h"
+
 #include <stdlib.h>
 #include <string.h>
 
 #define MEMLOG_MAX_VOTERS 16
 
-/* A completion raft waits for, run on a later loop turn: raft 0.15 does work after append()
- * and snapshot_put() return that must precede their callbacks. */
-typedef struct memlog_done {
-    struct memlog_done *next;
-    int kind; /* 0 append, 1 snapshot_put, 2 snapshot_get */
-    void *req;
-    void *cb;
-    struct raft_snapshot *snap; /* kind 2: handed to raft */
-} memlog_done;
-
+/* Completions (appends, snapshots) reach raft on a later loop turn through io_layer's queue:
+ * raft 0.15 does work after append() and snapshot_put() return that must precede their
+ * callbacks. */
 typedef struct memlog {
-    struct raft_io *outer, *inner;
-    uv_loop_t *loop;
-    uv_timer_t done_timer;
-    memlog_done *head, **tail;
-    raft_io_close_cb close_cb;
-    raft_io_tick_cb tick_cb;
-    raft_io_recv_cb recv_cb;
+    kvr_io_layer base; /* first: io->impl points here */
     struct raft_configuration bootstrap;
     bool has_bootstrap, bootstrapped;
     unsigned hold_ms;
@@ -49,48 +38,6 @@ typedef struct memlog {
 static memlog *ml_of(struct raft_io *io)
 {
     return io->impl;
-}
-
-/* --- deferred completions --- */
-
-static void done_run(uv_timer_t *t)
-{
-    memlog *m = t->data;
-    memlog_done *d = m->head;
-    m->head = NULL;
-    m->tail = &m->head;
-    while (d) {
-        memlog_done *next = d->next;
-        switch (d->kind) {
-        case 0:
-            ((raft_io_append_cb)d->cb)(d->req, 0);
-            break;
-        case 1:
-            ((raft_io_snapshot_put_cb)d->cb)(d->req, 0);
-            break;
-        default:
-            ((raft_io_snapshot_get_cb)d->cb)(d->req, d->snap, 0);
-            break;
-        }
-        free(d);
-        d = next;
-    }
-}
-
-static int done_push(memlog *m, int kind, void *req, void *cb, struct raft_snapshot *snap)
-{
-    memlog_done *d = calloc(1, sizeof *d);
-    if (!d)
-        return RAFT_NOMEM;
-    d->kind = kind;
-    d->req = req;
-    d->cb = cb;
-    d->snap = snap;
-    *m->tail = d;
-    m->tail = &d->next;
-    if (!uv_is_active((uv_handle_t *)&m->done_timer))
-        uv_timer_start(&m->done_timer, done_run, 0, 0);
-    return 0;
 }
 
 /* --- snapshots --- */
@@ -158,7 +105,7 @@ static int snap_copy(struct raft_snapshot *dst, const struct raft_snapshot *src)
 
 static struct raft *raft_of(memlog *m)
 {
-    return m->outer->data;
+    return m->base.outer->data;
 }
 
 static bool is_other_voter(memlog *m, raft_id id)
@@ -199,7 +146,7 @@ static bool vote_allowed(memlog *m, raft_id candidate)
 {
     if (m->rule_off || !m->restricted || m->may_vote)
         return true;
-    if (m->caught_up_at && m->inner->time(m->inner) >= m->caught_up_at + m->hold_ms) {
+    if (m->caught_up_at && m->base.inner->time(m->base.inner) >= m->caught_up_at + m->hold_ms) {
         m->may_vote = true;
         return true;
     }
@@ -235,9 +182,9 @@ static bool vote_allowed(memlog *m, raft_id candidate)
     return true;
 }
 
-static void inner_recv(struct raft_io *inner, struct raft_message *msg)
+static void recv_hook(kvr_io_layer *l, struct raft_message *msg)
 {
-    memlog *m = inner->data;
+    memlog *m = (memlog *)l;
     if (msg->type == RAFT_IO_REQUEST_VOTE) {
         const struct raft_request_vote *rv = &msg->request_vote;
         note_ask(m, rv->candidate_id ? rv->candidate_id : msg->server_id, rv->last_log_term,
@@ -258,22 +205,16 @@ static void inner_recv(struct raft_io *inner, struct raft_message *msg)
         leader_term = msg->install_snapshot.term;
         leader_commit = msg->install_snapshot.last_index;
     }
-    m->recv_cb(m->outer, msg); /* raft appends the entries to its log before returning */
+    l->recv_cb(l->outer, msg); /* raft appends the entries to its log before returning */
     if (leader_term && m->restricted && !m->caught_up_at && leader_term >= m->start_term) {
         if (m->catchup_target == 0)
             m->catchup_target = leader_commit ? leader_commit : 1;
         if (raft_last_index(raft_of(m)) >= m->catchup_target) {
-            m->caught_up_at = m->inner->time(m->inner);
+            m->caught_up_at = m->base.inner->time(m->base.inner);
             if (m->caught_up_at == 0)
                 m->caught_up_at = 1;
         }
     }
-}
-
-static void inner_tick(struct raft_io *inner)
-{
-    memlog *m = inner->data;
-    m->tick_cb(m->outer);
 }
 
 /* --- raft_io methods --- */
@@ -281,9 +222,10 @@ static void inner_tick(struct raft_io *inner)
 static int ml_init(struct raft_io *io, raft_id id, const char *address)
 {
     memlog *m = ml_of(io);
-    int rv = m->inner->init(m->inner, id, address);
+    struct raft_io *inner = m->base.inner;
+    int rv = inner->init(inner, id, address);
     if (rv) {
-        memcpy(io->errmsg, m->inner->errmsg, sizeof io->errmsg);
+        kvr_io_layer_copy_errmsg(&m->base);
         return rv;
     }
     /* Term and vote from the inner io (its own log, from an earlier --raft-log disk run, is
@@ -292,9 +234,9 @@ static int ml_init(struct raft_io *io, raft_id id, const char *address)
     raft_index start = 0;
     struct raft_entry *entries = NULL;
     size_t n = 0;
-    rv = m->inner->load(m->inner, &m->term, &m->vote, &snap, &start, &entries, &n);
+    rv = inner->load(inner, &m->term, &m->vote, &snap, &start, &entries, &n);
     if (rv) {
-        memcpy(io->errmsg, m->inner->errmsg, sizeof io->errmsg);
+        kvr_io_layer_copy_errmsg(&m->base);
         return rv;
     }
     if (snap) {
@@ -316,53 +258,13 @@ static int ml_init(struct raft_io *io, raft_id id, const char *address)
     return 0;
 }
 
-static void inner_closed(struct raft_io *inner);
-
-static void timer_closed(uv_handle_t *h)
+static void release(kvr_io_layer *l)
 {
-    memlog *m = h->data;
-    struct raft_io *outer = m->outer;
-    raft_io_close_cb cb = m->close_cb;
+    memlog *m = (memlog *)l;
     if (m->has_snap)
         snap_clear(&m->snap);
     if (m->has_bootstrap)
         raft_configuration_close(&m->bootstrap);
-    free(m);
-    outer->impl = NULL;
-    if (cb)
-        cb(outer);
-}
-
-static void inner_closed(struct raft_io *inner)
-{
-    memlog *m = inner->data;
-    uv_close((uv_handle_t *)&m->done_timer, timer_closed);
-}
-
-static void ml_close(struct raft_io *io, raft_io_close_cb cb)
-{
-    memlog *m = ml_of(io);
-    m->close_cb = cb;
-    uv_timer_stop(&m->done_timer);
-    /* raft waits for every request it made: fail those still queued */
-    memlog_done *d = m->head;
-    m->head = NULL;
-    m->tail = &m->head;
-    while (d) {
-        memlog_done *next = d->next;
-        if (d->kind == 0)
-            ((raft_io_append_cb)d->cb)(d->req, RAFT_CANCELED);
-        else if (d->kind == 1)
-            ((raft_io_snapshot_put_cb)d->cb)(d->req, RAFT_CANCELED);
-        else {
-            snap_clear(d->snap);
-            raft_free(d->snap);
-            ((raft_io_snapshot_get_cb)d->cb)(d->req, NULL, RAFT_CANCELED);
-        }
-        free(d);
-        d = next;
-    }
-    m->inner->close(m->inner, inner_closed);
 }
 
 static int entry_for(memlog *m, struct raft_entry **out, size_t *n)
@@ -401,14 +303,6 @@ static int ml_load(struct raft_io *io, raft_term *term, raft_id *voted_for,
     return 0;
 }
 
-static int ml_start(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick, raft_io_recv_cb recv)
-{
-    memlog *m = ml_of(io);
-    m->tick_cb = tick;
-    m->recv_cb = recv;
-    return m->inner->start(m->inner, msecs, inner_tick, inner_recv);
-}
-
 /* Every router builds the same entry 1 from the same peer list, on every start. */
 static int ml_bootstrap(struct raft_io *io, const struct raft_configuration *conf)
 {
@@ -420,7 +314,7 @@ static int ml_bootstrap(struct raft_io *io, const struct raft_configuration *con
         m->has_bootstrap = true;
     }
     if (m->term == 0) {
-        int rv = m->inner->set_term(m->inner, 1);
+        int rv = m->base.inner->set_term(m->base.inner, 1);
         if (rv)
             return rv;
         m->term = 1;
@@ -439,7 +333,7 @@ static int ml_recover(struct raft_io *io, const struct raft_configuration *conf)
 static int ml_set_term(struct raft_io *io, raft_term term)
 {
     memlog *m = ml_of(io);
-    int rv = m->inner->set_term(m->inner, term);
+    int rv = m->base.inner->set_term(m->base.inner, term);
     if (rv == 0) {
         m->term = term;
         m->vote = 0;
@@ -450,7 +344,7 @@ static int ml_set_term(struct raft_io *io, raft_term term)
 static int ml_set_vote(struct raft_io *io, raft_id id)
 {
     memlog *m = ml_of(io);
-    int rv = m->inner->set_vote(m->inner, id);
+    int rv = m->base.inner->set_vote(m->base.inner, id);
     if (rv == 0)
         m->vote = id;
     return rv;
@@ -466,9 +360,9 @@ static int ml_send(struct raft_io *io, struct raft_io_send *req, const struct ra
         struct raft_message copy = *msg;
         copy.request_vote_result.vote_granted = false;
         m->withheld++;
-        return m->inner->send(m->inner, req, &copy, cb);
+        return m->base.inner->send(m->base.inner, req, &copy, cb);
     }
-    return m->inner->send(m->inner, req, msg, cb);
+    return m->base.inner->send(m->base.inner, req, msg, cb);
 }
 
 static int ml_append(struct raft_io *io, struct raft_io_append *req,
@@ -477,7 +371,7 @@ static int ml_append(struct raft_io *io, struct raft_io_append *req,
     (void)entries;
     (void)n;
     /* raft holds the entries in its in-memory log (and owns their buffers): nothing to keep */
-    return done_push(ml_of(io), 0, req, (void *)cb, NULL);
+    return kvr_io_layer_append_later(&ml_of(io)->base, req, cb, 0);
 }
 
 static int ml_truncate(struct raft_io *io, raft_index index)
@@ -500,7 +394,7 @@ static int ml_snapshot_put(struct raft_io *io, unsigned trailing, struct raft_io
         snap_clear(&m->snap);
     m->snap = copy;
     m->has_snap = true;
-    return done_push(m, 1, req, (void *)cb, NULL);
+    return kvr_io_layer_put_later(&m->base, req, cb, 0);
 }
 
 static int ml_snapshot_get(struct raft_io *io, struct raft_io_snapshot_get *req,
@@ -517,24 +411,12 @@ static int ml_snapshot_get(struct raft_io *io, struct raft_io_snapshot_get *req,
         raft_free(s);
         return rv;
     }
-    rv = done_push(m, 2, req, (void *)cb, s);
+    rv = kvr_io_layer_get_later(&m->base, req, cb, s);
     if (rv) {
         snap_clear(s);
         raft_free(s);
     }
     return rv;
-}
-
-static raft_time ml_time(struct raft_io *io)
-{
-    memlog *m = ml_of(io);
-    return m->inner->time(m->inner);
-}
-
-static int ml_random(struct raft_io *io, int min, int max)
-{
-    memlog *m = ml_of(io);
-    return m->inner->random(m->inner, min, max);
 }
 
 int kvr_memlog_init(struct raft_io *io, struct raft_io *inner, uv_loop_t *loop,
@@ -543,11 +425,6 @@ int kvr_memlog_init(struct raft_io *io, struct raft_io *inner, uv_loop_t *loop,
     memlog *m = calloc(1, sizeof *m);
     if (!m)
         return RAFT_NOMEM;
-    memset(io, 0, sizeof *io);
-    m->outer = io;
-    m->inner = inner;
-    m->loop = loop;
-    m->tail = &m->head;
     m->hold_ms = o && o->hold_ms ? o->hold_ms : 4000;
     if (o && o->bootstrap) {
         int rv = conf_copy(&m->bootstrap, o->bootstrap);
@@ -557,15 +434,12 @@ int kvr_memlog_init(struct raft_io *io, struct raft_io *inner, uv_loop_t *loop,
         }
         m->has_bootstrap = true;
     }
-    uv_timer_init(loop, &m->done_timer);
-    m->done_timer.data = m;
-    inner->data = m;
-    io->version = 1;
-    io->impl = m;
+    /* network, timers, term and vote go to the inner io; the log stays here */
+    kvr_io_layer_init(&m->base, io, inner, loop);
+    m->base.recv_hook = recv_hook;
+    m->base.release = release;
     io->init = ml_init;
-    io->close = ml_close;
     io->load = ml_load;
-    io->start = ml_start;
     io->bootstrap = ml_bootstrap;
     io->recover = ml_recover;
     io->set_term = ml_set_term;
@@ -575,8 +449,6 @@ int kvr_memlog_init(struct raft_io *io, struct raft_io *inner, uv_loop_t *loop,
     io->truncate = ml_truncate;
     io->snapshot_put = ml_snapshot_put;
     io->snapshot_get = ml_snapshot_get;
-    io->time = ml_time;
-    io->random = ml_random;
     return 0;
 }
 
@@ -587,28 +459,17 @@ void kvr_memlog_get_stats(struct raft_io *io, kvr_memlog_stats *out)
     if (!m)
         return;
     out->restricted = m->restricted;
-    out->may_vote = !m->restricted || m->may_vote ||
-                    (m->caught_up_at && m->inner->time(m->inner) >= m->caught_up_at + m->hold_ms);
+    out->may_vote =
+        !m->restricted || m->may_vote ||
+        (m->caught_up_at && m->base.inner->time(m->base.inner) >= m->caught_up_at + m->hold_ms);
     out->withheld = m->withheld;
     out->start_term = m->start_term;
     out->caught_up_ms = m->caught_up_at;
 }
 
-static void discard_closed(uv_handle_t *h)
-{
-    memlog *m = h->data;
-    if (m->has_bootstrap)
-        raft_configuration_close(&m->bootstrap);
-    free(m);
-}
-
 void kvr_memlog_discard(struct raft_io *io)
 {
-    memlog *m = ml_of(io);
-    if (!m)
-        return;
-    io->impl = NULL;
-    uv_close((uv_handle_t *)&m->done_timer, discard_closed);
+    kvr_io_layer_discard(io);
 }
 
 void kvr_memlog_disable_vote_rule(struct raft_io *io, bool disable)

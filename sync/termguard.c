@@ -51,7 +51,7 @@ static int tg_send(struct raft_io *io, struct raft_io_send *req, const struct ra
     if (!t->muted)
         return t->base.inner->send(t->base.inner, req, msg, cb);
     t->dropped++;
-    return kvr_io_layer_send_later(&t->base, req, cb);
+    return kvr_io_layer_send_later(&t->base, req, cb, RAFT_CANCELED);
 }
 
 /* Entries of a term that is not durable are not written either: after a restart the log
@@ -66,7 +66,7 @@ static int tg_append(struct raft_io *io, struct raft_io_append *req,
             kvr_io_layer_copy_errmsg(&t->base);
         return rv;
     }
-    return kvr_io_layer_append_later(&t->base, req, cb);
+    return kvr_io_layer_append_later(&t->base, req, cb, RAFT_IOERR);
 }
 
 int kvr_termguard_init(struct raft_io *io, struct raft_io *inner, uv_loop_t *loop)
