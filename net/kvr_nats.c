@@ -127,6 +127,10 @@ void kn_inbox_msg(kvr_nats_impl *ki, const char *subject, bool no_responders, co
     const char *dot = strrchr(subject, '.');
     if (!dot)
         return;
+    if (dot[1] == 'f') {
+        kn_fallback_msg(ki, dot + 2, no_responders);
+        return;
+    }
     char *end = NULL;
     errno = 0;
     unsigned long long id = strtoull(dot + 1, &end, 10);
@@ -561,6 +565,7 @@ static void release(kvr_nats_impl *ki)
     kvr_nats *kn = ki->kn;
     kvr_nats_close_cb cb = ki->close_cb;
     kn_queue_free(ki);
+    kn_fallback_free(ki);
     for (kvr_nats_sub *s = ki->subs; s;) {
         kvr_nats_sub *nx = s->next_all;
         free(s);

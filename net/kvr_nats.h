@@ -144,6 +144,17 @@ int kvr_nats_publish(kvr_nats *kn, const char *subject, const void *data, size_t
 /* Publishes to a message's reply subject (same as publish; a NULL/empty reply is KVR_EINVAL). */
 int kvr_nats_respond(kvr_nats *kn, const char *reply, const void *data, size_t len);
 
+/* Publishes data on subject for its subscribers; if nobody subscribes there (nats-server
+ * answers no responders), publishes it again on fallback, from the loop a round trip later.
+ * For messages that must reach someone, sent first where fewer hops serve them (kvr-epp and
+ * kvr-frontend send route events to the Raft leader's subject, kvr.route.event behind it).
+ * Subscribers on subject must not answer (the reply subject is this connection's inbox). The
+ * message is held until a no-responders answer can no longer come (2 s); when too many are
+ * held (4,096), or memory is short, it goes to fallback at once. len at most 64 KiB.
+ * Returns as kvr_nats_publish. Loop thread. */
+int kvr_nats_publish_fallback(kvr_nats *kn, const char *subject, const char *fallback,
+                              const void *data, size_t len);
+
 /* Asynchronous request/reply: one wildcard inbox subscription per connection, a unique reply
  * subject and a timer per request. When this returns 0, cb runs exactly once on the loop
  * thread (never from inside this call); when it returns an error, cb never runs. */
@@ -172,6 +183,8 @@ typedef struct kvr_nats_stats {
     uint64_t msgs_out, bytes_out;    /* published */
     uint64_t backpressure_waits;     /* times a consumer's cnats thread blocked on a full queue */
     uint64_t requests, request_timeouts, request_no_responders;
+    uint64_t fallbacks;     /* kvr_nats_publish_fallback messages nobody took, sent again */
+    uint64_t fallback_busy; /* ... sent to their fallback at once (every slot held) */
     uint64_t reconnects;
     uint64_t consumer_restarts;      /* JetStream consumers re-created */
     size_t queue_len;                /* JetStream messages waiting for the loop */

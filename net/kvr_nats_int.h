@@ -70,6 +70,19 @@ struct kvr_nats_consumer {
     struct kvr_nats_consumer *next;
 };
 
+/* kvr_nats_publish_fallback's messages, held until a no-responders answer can no longer come
+ * (kvr_nats_fallback.c). A ring indexed by id: a slot still held when its turn comes again
+ * sends the new message to its fallback at once. */
+#define KN_FB_SLOTS 4096
+#define KN_FB_HOLD_MS 2000
+#define KN_FB_MAX_BYTES 65536
+typedef struct kn_fb {
+    uint64_t id; /* 0: free */
+    int64_t at_ms;
+    char *buf; /* the payload (len bytes), then the fallback subject, NUL-terminated */
+    size_t len;
+} kn_fb;
+
 typedef struct kn_req {
     uint64_t id;
     uv_timer_t timer;
@@ -124,6 +137,8 @@ struct kvr_nats_impl {
     char inbox[128];
     uint64_t next_req_id;
     kn_req *req_buckets[KN_REQ_BUCKETS];
+    kn_fb *fb; /* KN_FB_SLOTS, allocated at the first kvr_nats_publish_fallback */
+    uint64_t next_fb_id;
 
     kvr_nats_stats stats;
     int64_t reconnect_wait_ms, max_reconnect_wait_ms;
@@ -131,6 +146,9 @@ struct kvr_nats_impl {
 
 void kn_inbox_msg(kvr_nats_impl *ki, const char *subject, bool no_responders, const char *data,
                   size_t len);
+/* kvr_nats_fallback.c: an inbox message for <inbox>.f<id_str>; frees the held messages */
+void kn_fallback_msg(kvr_nats_impl *ki, const char *id_str, bool no_responders);
+void kn_fallback_free(kvr_nats_impl *ki);
 int kn_request_hdr(kvr_nats *kn, const char *subject, const char *msg_id, const void *data,
                    size_t len, uint32_t timeout_ms, kvr_nats_reply_cb cb, void *cbdata);
 void kn_maybe_start_close(kvr_nats_impl *ki);
