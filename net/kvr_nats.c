@@ -70,6 +70,11 @@ static void core_on_drained(void *cb_data, void *sub_data)
         sub->drained_cb(sub->drained_data);
 }
 
+static void core_on_pub_denied(void *cb_data, const char *subject, size_t len)
+{
+    kn_fallback_denied(cb_data, subject, len);
+}
+
 static void core_on_event(void *cb_data, kvr_nats_core_event ev)
 {
     kvr_nats_impl *ki = cb_data;
@@ -336,6 +341,7 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
             .on_msg = core_on_msg,
             .on_event = core_on_event,
             .on_drained = core_on_drained,
+            .on_pub_denied = core_on_pub_denied,
         };
         rc = kvr_nats_core_init(&ki->core, loop, &co, err);
         if (rc != 0)

@@ -88,6 +88,10 @@ typedef struct kvr_nats_core_opts {
     void (*on_event)(void *cb_data, kvr_nats_core_event ev);
     /* A kvr_nats_core_drain has ended: no message of that subscription comes after this. */
     void (*on_drained)(void *cb_data, void *sub_data);
+    /* The server refused a publish on subject (-ERR 'Permissions Violation for Publish to
+     * "subject"'; the connection stays up, the message is gone). subject is not
+     * NUL-terminated. NULL: only logged. */
+    void (*on_pub_denied)(void *cb_data, const char *subject, size_t len);
 } kvr_nats_core_opts;
 
 /* Allocates and starts connecting (the first attempt begins on the next loop turn). Fails only

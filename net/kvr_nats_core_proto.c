@@ -210,6 +210,21 @@ out:
     return why;
 }
 
+/* -ERR 'Permissions Violation for Publish to "subject"': tell the owner which subject. */
+static void handle_err(kvr_nats_core *c, const char *text, size_t len)
+{
+    static const char pfx[] = "'Permissions Violation for Publish to \"";
+    while (len && *text == ' ')
+        text++, len--;
+    if (!c->o.on_pub_denied || len < sizeof pfx - 1 + 2 || memcmp(text, pfx, sizeof pfx - 1))
+        return;
+    const char *subj = text + sizeof pfx - 1;
+    const char *end = memchr(subj, '"', len - (sizeof pfx - 1));
+    if (!end || end == subj)
+        return;
+    c->o.on_pub_denied(c->o.cb_data, subj, (size_t)(end - subj));
+}
+
 static void handle_pong(kvr_nats_core *c)
 {
     c->pings_out = 0;
@@ -314,6 +329,7 @@ bool nc_parse(kvr_nats_core *c)
             off += ll + 2;
             /* the server closes the connection after a fatal error; a permissions error on
              * one subject is not fatal */
+            handle_err(c, line + 4, ll - 4);
         } else if (op_is(line, ll, "INFO")) {
             off += ll + 2;
             why = handle_info(c, line + 4, ll - 4);

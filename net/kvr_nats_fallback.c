@@ -4,7 +4,12 @@
  * with a 503 status there (no responders: the core client's CONNECT asks for it), and only
  * then is it published again on the fallback subject. A subscriber never answers, so a
  * message held here is one nobody said was lost: it is kept KN_FB_HOLD_MS, by which time a
- * 503 would have come back through the server, and forgotten after. */
+ * 503 would have come back through the server, and forgotten after.
+ *
+ * A server whose permissions do not let this user publish on the subject drops the message
+ * with an -ERR and sends no 503 (a cluster upgraded without new permissions): the first such
+ * -ERR sends every held message of that subject to its fallback, and every later one goes
+ * there at once. */
 #include "kvr_nats_int.h"
 
 #include "kvr_log.h"
@@ -31,6 +36,14 @@ static int publish_plain(kvr_nats_impl *ki, const char *subject, const void *dat
     return rc;
 }
 
+static bool denied(const kvr_nats_impl *ki, const char *subject, size_t len)
+{
+    for (int i = 0; i < ki->n_fb_denied; i++)
+        if (strlen(ki->fb_denied[i]) == len && memcmp(ki->fb_denied[i], subject, len) == 0)
+            return true;
+    return false;
+}
+
 int kvr_nats_publish_fallback(kvr_nats *kn, const char *subject, const char *fallback,
                               const void *data, size_t len)
 {
@@ -39,9 +52,13 @@ int kvr_nats_publish_fallback(kvr_nats *kn, const char *subject, const char *fal
         return KVR_ECLOSED;
     if (!subject || !*subject || !fallback || !*fallback || len > KN_FB_MAX_BYTES)
         return KVR_EINVAL;
-    size_t fl = strlen(fallback);
-    if (fl > KN_SUBJECT_MAX)
+    size_t fl = strlen(fallback), sl = strlen(subject);
+    if (fl > KN_SUBJECT_MAX || sl > KN_SUBJECT_MAX)
         return KVR_EINVAL;
+    if (denied(ki, subject, sl)) {
+        ki->stats.fallback_busy++;
+        return publish_plain(ki, fallback, data, len);
+    }
     if (!ki->fb && !(ki->fb = calloc(KN_FB_SLOTS, sizeof *ki->fb)))
         return publish_plain(ki, fallback, data, len); /* no memory to hold it: the sure path */
     uint64_t id = ++ki->next_fb_id;
@@ -54,10 +71,11 @@ int kvr_nats_publish_fallback(kvr_nats *kn, const char *subject, const char *fal
         return publish_plain(ki, fallback, data, len);
     }
     slot_clear(s);
-    if (!(s->buf = malloc(len + fl + 1)))
+    if (!(s->buf = malloc(len + fl + 1 + sl + 1)))
         return publish_plain(ki, fallback, data, len);
     memcpy(s->buf, data, len);
     memcpy(s->buf + len, fallback, fl + 1);
+    memcpy(s->buf + len + fl + 1, subject, sl + 1);
     s->len = len;
     s->id = id;
     s->at_ms = now;
@@ -93,8 +111,41 @@ void kn_fallback_msg(kvr_nats_impl *ki, const char *id_str, bool no_responders)
     slot_clear(s); /* an answer of any other kind: someone took it */
 }
 
+void kn_fallback_denied(kvr_nats_impl *ki, const char *subject, size_t len)
+{
+    if (!ki->fb || denied(ki, subject, len) || ki->n_fb_denied == KN_FB_DENIED_MAX)
+        return;
+    /* any refused subject (only kvr_nats_publish_fallback consults the set) */
+    char *copy = malloc(len + 1);
+    if (!copy)
+        return;
+    memcpy(copy, subject, len);
+    copy[len] = 0;
+    ki->fb_denied[ki->n_fb_denied++] = copy;
+    unsigned resent = 0;
+    for (size_t i = 0; i < KN_FB_SLOTS; i++) {
+        kn_fb *s = &ki->fb[i];
+        if (!s->buf)
+            continue;
+        const char *fallback = s->buf + s->len;
+        const char *subj = fallback + strlen(fallback) + 1;
+        if (strcmp(subj, copy) != 0)
+            continue;
+        if (publish_plain(ki, fallback, s->buf, s->len) == 0)
+            resent++;
+        ki->stats.fallbacks++;
+        slot_clear(s);
+    }
+    KVR_LOG_WARN("nats: this user may not publish on a subject: its messages go to their "
+                 "fallback (update the server's permissions: docs/SECURITY.md)",
+                 "subject=%s resent=%u", copy, resent);
+}
+
 void kn_fallback_free(kvr_nats_impl *ki)
 {
+    for (int i = 0; i < ki->n_fb_denied; i++)
+        free(ki->fb_denied[i]);
+    ki->n_fb_denied = 0;
     if (!ki->fb)
         return;
     for (size_t i = 0; i < KN_FB_SLOTS; i++)

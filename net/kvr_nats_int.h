@@ -76,10 +76,11 @@ struct kvr_nats_consumer {
 #define KN_FB_SLOTS 4096
 #define KN_FB_HOLD_MS 2000
 #define KN_FB_MAX_BYTES 65536
+#define KN_FB_DENIED_MAX 8
 typedef struct kn_fb {
     uint64_t id; /* 0: free */
     int64_t at_ms;
-    char *buf; /* the payload (len bytes), then the fallback subject, NUL-terminated */
+    char *buf; /* the payload (len bytes), the fallback subject, the subject (NUL-terminated) */
     size_t len;
 } kn_fb;
 
@@ -139,6 +140,8 @@ struct kvr_nats_impl {
     kn_req *req_buckets[KN_REQ_BUCKETS];
     kn_fb *fb; /* KN_FB_SLOTS, allocated at the first kvr_nats_publish_fallback */
     uint64_t next_fb_id;
+    char *fb_denied[KN_FB_DENIED_MAX]; /* subjects the server refused: straight to fallback */
+    int n_fb_denied;
 
     kvr_nats_stats stats;
     int64_t reconnect_wait_ms, max_reconnect_wait_ms;
@@ -149,6 +152,8 @@ void kn_inbox_msg(kvr_nats_impl *ki, const char *subject, bool no_responders, co
 /* kvr_nats_fallback.c: an inbox message for <inbox>.f<id_str>; frees the held messages */
 void kn_fallback_msg(kvr_nats_impl *ki, const char *id_str, bool no_responders);
 void kn_fallback_free(kvr_nats_impl *ki);
+/* the server refused a publish on subject (kvr_nats_core_opts.on_pub_denied) */
+void kn_fallback_denied(kvr_nats_impl *ki, const char *subject, size_t len);
 int kn_request_hdr(kvr_nats *kn, const char *subject, const char *msg_id, const void *data,
                    size_t len, uint32_t timeout_ms, kvr_nats_reply_cb cb, void *cbdata);
 void kn_maybe_start_close(kvr_nats_impl *ki);

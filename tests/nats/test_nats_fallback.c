@@ -7,7 +7,10 @@
  *   phase 3: messages flow while the subscriber changes, as when the Raft leader changes: L2
  *            subscribes after PHASE3/2 messages. Every message reaches L2 or F exactly once.
  * With "plain" as argv[2] the publisher uses kvr_nats_publish (no fallback): phase 2 loses
- * every message, which the test reports (the check of the check). Exit 0 on success. */
+ * every message, which the test reports (the check of the check).
+ * With "denied PUB_URL" the publisher connects as a user the server does not let publish on
+ * t.lead (a cluster whose permissions predate the subject): the server drops each message with
+ * an -ERR and no 503, and all PHASE1 messages must still reach F, none L. Exit 0 on success. */
 #include "kvr_nats.h"
 
 #include <stdio.h>
@@ -27,7 +30,7 @@ static kvr_nats_sub *sub_l1;
 static uint8_t seen[N_MSGS];
 static unsigned got[3], dup, bad, on_f_early;
 static unsigned sent;
-static bool plain, drained, l1_ready;
+static bool plain, drained, l1_ready, denied_mode;
 static unsigned probes, probes_on_f;
 static uv_timer_t tick, wait_t;
 static int phase; /* 0 connect, 1-3 publish, 4 settle, 5 done */
@@ -74,10 +77,28 @@ static void closed(kvr_nats *kn)
     (void)kn;
 }
 
+static void finish_denied(void)
+{
+    kvr_nats_stats st;
+    kvr_nats_get_stats(&pub, &st);
+    unsigned lost = 0;
+    for (unsigned i = 0; i < PHASE1; i++)
+        lost += !seen[i];
+    printf("denied: sent=%u l1=%u fallback=%u lost=%u dup=%u bad=%u fallbacks=%llu "
+           "straight=%llu\n",
+           sent, got[0], got[2], lost, dup, bad, (unsigned long long)st.fallbacks,
+           (unsigned long long)st.fallback_busy);
+    result = sent == PHASE1 && !lost && !dup && !bad && !got[0] && got[2] == PHASE1 ? 0 : 1;
+}
+
 static void finish(uv_timer_t *t)
 {
     (void)t;
     phase = 5;
+    if (denied_mode) {
+        finish_denied();
+        goto close;
+    }
     uv_timer_stop(&tick);
     unsigned lost = 0, lost2 = 0;
     for (unsigned i = 0; i < N_MSGS; i++) {
@@ -95,6 +116,7 @@ static void finish(uv_timer_t *t)
     if (sent != N_MSGS || lost || dup || bad || on_f_early || got[0] != PHASE1 || !got[1] ||
         got[2] < PHASE2 || st.fallbacks + st.fallback_busy != got[2] + probes_on_f)
         result = 1;
+close:
     kvr_nats_close(&pub, closed);
     kvr_nats_close(&l1, closed);
     kvr_nats_close(&l2, closed);
@@ -112,6 +134,13 @@ static void next_phase(uv_timer_t *t)
 static void on_tick(uv_timer_t *t)
 {
     (void)t;
+    if (phase == 0 && denied_mode) {
+        /* nothing the publisher sends on t.lead can reach L: give the subscriptions 300 ms */
+        if (kvr_nats_connected(&pub) && kvr_nats_connected(&l1) && kvr_nats_connected(&l2) &&
+            kvr_nats_connected(&f) && probes++ == 300)
+            phase = 1;
+        return;
+    }
     if (phase == 0) {
         /* connected is not yet subscribed at the server: probe t.lead (with the fallback, so
          * a probe nobody took shows up on F) until one reaches L */
@@ -148,6 +177,11 @@ static void on_tick(uv_timer_t *t)
     }
     if (sent < end)
         return;
+    if (phase == 1 && denied_mode) {
+        phase = 4;
+        uv_timer_start(&wait_t, finish, 1500, 0);
+        return;
+    }
     if (phase == 1) {
         if (got[0] + got[2] < PHASE1)
             return; /* L takes all of phase 1 before it leaves */
@@ -190,13 +224,15 @@ static int nats_connect(kvr_nats *kn, const char *url, const char *name)
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: test_nats_fallback NATS_URL [plain]\n");
+        fprintf(stderr, "usage: test_nats_fallback NATS_URL [plain | denied PUB_URL]\n");
         return 2;
     }
     plain = argc > 2 && strcmp(argv[2], "plain") == 0;
+    denied_mode = argc > 3 && strcmp(argv[2], "denied") == 0;
     loop = uv_default_loop();
-    if (nats_connect(&pub, argv[1], "fb-pub") || nats_connect(&l1, argv[1], "fb-l1") ||
-        nats_connect(&l2, argv[1], "fb-l2") || nats_connect(&f, argv[1], "fb-any"))
+    if (nats_connect(&pub, denied_mode ? argv[3] : argv[1], "fb-pub") ||
+        nats_connect(&l1, argv[1], "fb-l1") || nats_connect(&l2, argv[1], "fb-l2") ||
+        nats_connect(&f, argv[1], "fb-any"))
         return 2;
     kvr_err err = {0};
     kvr_nats_sub *sf;
