@@ -89,8 +89,12 @@ void epp_publish_event(xs *x, kvr_route_event_type type)
     kvr_buf_init(&b);
     kvr_route_event ev = {.type = type};
     memcpy(ev.request_id, x->rid, sizeof ev.request_id);
+    /* to the leader first, as the pick went (bookings_raft.c leader_events_update) */
     if (kvr_route_event_encode(&b, &ev) == 0)
-        kvr_nats_publish(&E.nats, "kvr.route.event", b.base, b.len);
+        (void)(E.route_target.leader_first
+                   ? kvr_nats_publish_fallback(&E.nats, KVR_ROUTE_LEADER_EVENT_SUBJECT,
+                                               KVR_ROUTE_EVENT_SUBJECT, b.base, b.len)
+                   : kvr_nats_publish(&E.nats, KVR_ROUTE_EVENT_SUBJECT, b.base, b.len));
     kvr_buf_free(&b);
 }
 

@@ -145,7 +145,11 @@ static void publish_event(fe_call *c, kvr_route_event_type type)
     memcpy(ev.request_id, c->rid, sizeof ev.request_id);
     const char *event = kvr_route_event_name(type);
     if (kvr_route_event_encode(&b, &ev) == 0) {
-        int rc = kvr_nats_publish(&app.nats, "kvr.route.event", b.base, b.len);
+        /* to the leader first, as the route went (bookings_raft.c leader_events_update) */
+        int rc = app.route_target.leader_first
+                     ? kvr_nats_publish_fallback(&app.nats, KVR_ROUTE_LEADER_EVENT_SUBJECT,
+                                                 KVR_ROUTE_EVENT_SUBJECT, b.base, b.len)
+                     : kvr_nats_publish(&app.nats, KVR_ROUTE_EVENT_SUBJECT, b.base, b.len);
         if (type == KVR_ROUTE_EVENT_FREE)
             resend_note(c->rid);
         if (rc)

@@ -32,6 +32,11 @@
  * answers KVR_ROUTE_LEADER_SUBJECT, where clients ask first (DESIGN.md 4). */
 #define KVR_ROUTE_SUBJECT "kvr.route"
 #define KVR_ROUTE_LEADER_SUBJECT "kvr.route.leader"
+/* Route events (prefill done, free): any router takes KVR_ROUTE_EVENT_SUBJECT (queue group);
+ * only the Raft leader takes KVR_ROUTE_LEADER_EVENT_SUBJECT, where clients send them first with
+ * KVR_ROUTE_EVENT_SUBJECT as the fallback when no leader listens (kvr_nats_publish_fallback). */
+#define KVR_ROUTE_EVENT_SUBJECT "kvr.route.event"
+#define KVR_ROUTE_LEADER_EVENT_SUBJECT "kvr.route.leader.event"
 #define KVR_ROUTE_ID_LEN 16
 #define KVR_ROUTE_NAME_MAX 128  /* model, namespace and role, in bytes */
 #define KVR_ROUTE_URL_MAX 256   /* a worker URL in a reply */

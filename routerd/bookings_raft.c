@@ -165,6 +165,8 @@ static void raft_state_json(kvr_routerd *rd, kvr_jw *w)
     kvr_jw_bool(w, !rd->groups_left);
     kvr_jw_key(w, "leader_subject"); /* answering kvr.route.leader */
     kvr_jw_bool(w, rd->sub_route_leader != NULL);
+    kvr_jw_key(w, "leader_event_subject"); /* taking kvr.route.leader.event */
+    kvr_jw_bool(w, rd->sub_event_leader != NULL);
     kvr_jw_key(w, "fsm_digest");
     char d[24];
     snprintf(d, sizeof(d), "%016" PRIx64, ss.digest);
@@ -201,9 +203,34 @@ static void raft_hop_observe(void *data, int hop, double seconds)
  * moment still answer each request once, and a request that reaches a deposed one is
  * forwarded like any other. No responders (no leader, or one that is not ready) sends the
  * client to kvr.route at once. */
+/* kvr.route.leader.event: route events (prefill done, free) go to the leader first, for the
+ * same reason: a follower that takes one from kvr.route.event forwards it to the leader (two
+ * more wake-ups and a TCP round trip per event, two events per request). The leader takes them
+ * beside kvr.route.leader; clients publish with kvr.route.event as the fallback when nobody
+ * listens (kvr_nats_publish_fallback), so an event sent during an election is not lost. On
+ * leaving, the subscription is drained: events the server already routed here are still
+ * taken (a deposed leader forwards them like any command). */
+static void leader_events_update(kvr_routerd *rd, bool want)
+{
+    if (want == (rd->sub_event_leader != NULL))
+        return;
+    if (!want) {
+        (void)kvr_nats_drain(rd->sub_event_leader, NULL, NULL); /* an error unsubscribed it */
+        rd->sub_event_leader = NULL;
+        return;
+    }
+    kvr_err err = {0};
+    if (kvr_nats_subscribe(&rd->nats, KVR_ROUTE_LEADER_EVENT_SUBJECT, "kvr-route-leader",
+                           rd_on_route_event, rd, &rd->sub_event_leader, &err) != 0) {
+        rd->sub_event_leader = NULL;
+        KVR_LOG_WARN_RL(5, "subscribing to kvr.route.leader.event", "error=\"%s\"", err.msg);
+    }
+}
+
 void rd_leader_route_update(kvr_routerd *rd)
 {
     bool want = rd->raft_leader && rd->ready && !rd->groups_left && !rd->stopping;
+    leader_events_update(rd, want);
     if (want == (rd->sub_route_leader != NULL))
         return;
     if (!want) {

@@ -468,7 +468,7 @@ void rd_hand_over(kvr_routerd *rd, void (*done)(kvr_routerd *rd))
     rd->handing_over = true;
     rd->handover_since_ms = kvr_mono_ms();
     kvr_nats_sub **subs[] = {&rd->sub_route, &rd->sub_event, &rd->sub_event_all,
-                             &rd->sub_route_leader};
+                             &rd->sub_route_leader, &rd->sub_event_leader};
     for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
         if (*subs[i] && kvr_nats_drain(*subs[i], handover_drained, rd) == 0)
             rd->handover_drains++;

@@ -167,6 +167,7 @@ struct kvr_routerd {
      * (follow_quorum, bookings_raft.c) */
     kvr_nats_sub *sub_route, *sub_event, *sub_event_all;
     kvr_nats_sub *sub_route_leader; /* kvr.route.leader while this router is the Raft leader */
+    kvr_nats_sub *sub_event_leader; /* kvr.route.leader.event, the same while */
     kvr_loop_stat loop_stat;        /* kvr_routerd_loop_busy_seconds */
     bool raft_leader;               /* kvr_sync's leader_cb: this router leads the group */
     bool policy_inflight;           /* a ROUTE_POLICY of this router's weights is proposed */

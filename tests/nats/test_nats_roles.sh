@@ -44,13 +44,15 @@ check w1 allowed kvr.kv.default.1 kvr.workers.default.1
 check w1 denied kvr.pools.set kvr.pools.list
 check fe5 allowed kvr.pools.set kvr.pools.list
 check w1 denied kvr.kv.default.2 kvr.workers.default.2 kvr.route.event kvr.route kvr.route.leader \
+    kvr.route.leader.event \
     kvr.route.bcast kvr.frontends.5 '$JS.API.STREAM.DELETE.KVR_EVENTS' kvr.kv.other.1 \
     "${ROUTER_ONLY[@]}"
-check fe5 allowed kvr.route.event kvr.route.leader kvr.frontends.5
+check fe5 allowed kvr.route.event kvr.route.leader kvr.route.leader.event kvr.frontends.5
 check fe5 denied kvr.kv.default.1 kvr.workers.default.1 kvr.frontends.6 kvr.route.bcast \
     '$JS.API.STREAM.PURGE.KVR_EVENTS' "${ROUTER_ONLY[@]}"
 check router allowed "${ROUTER_ONLY[@]}" kvr.kv.other.1 kvr.route.event
-check router denied kvr.workers.default.1 kvr.frontends.5 kvr.route kvr.route.leader kvr.pools.set
+check router denied kvr.workers.default.1 kvr.frontends.5 kvr.route kvr.route.leader \
+    kvr.route.leader.event kvr.pools.set
 python3 "$HERE/nats_pub_check.py" 127.0.0.1 "$port" "$K/stranger.seed" kvr.kv.default.1 &&
     kvr_fail "an unlisted NKEY connected"
 kvr_log "permissions: worker and frontend confined"

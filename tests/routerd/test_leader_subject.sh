@@ -6,7 +6,11 @@
 #  2. --no-route-leader-first spreads over the queue group kvr.route (followers decide some);
 #  3. the leader SIGKILLed: requests keep being answered by a router (no local fallback once a
 #     new leader is elected), and the new leader alone answers the leader subject;
-#  4. a follower never subscribes to kvr.route.leader (/v1/state raft.leader_subject).
+#  4. a follower never subscribes to kvr.route.leader (/v1/state raft.leader_subject);
+#  5. route events go to the leader too (kvr.route.leader.event): with the default frontend no
+#     follower forwards a command to the leader (its forward-hop count stays), every booking
+#     is freed, and only the leader subscribes to the event subject; --no-route-leader-first
+#     sends them to the queue group, where followers take and forward some.
 source "$(dirname "$0")/../lib/testenv.sh"
 source "$(dirname "$0")/rd_lib.sh"
 kvr_test_init routerd_leader_subject
@@ -46,6 +50,12 @@ kvr_spawn fe2 "$KVR_BIN/kvr-frontend" --listen "127.0.0.1:$F2P" --nats "$NATS_UR
 for f in $F1P $F2P; do kvr_wait_http "http://127.0.0.1:$f/health" 10; done
 fworkers() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^kvr_frontend_live_workers / {exit !($2==2)}'; }
 for f in $F1P $F2P; do kvr_wait_for 10 fworkers "$f" || kvr_fail "frontend $f never saw both workers"; done
+forwards() { # router: commands it forwarded to the leader (route events, on a follower)
+    curl -s --max-time 2 "http://127.0.0.1:${HP[$1]}/metrics" |
+        awk '$1 == "kvr_routerd_raft_hop_seconds_count{hop=\"forward\"}" {s += $2} END {printf "%d\n", s}'
+}
+evsubj() { rd_q "${HP[$1]}" .raft.leader_event_subject; }
+all_freed() { for i in "$@"; do [ "$(rd_q "${HP[$i]}" .bookings)" = 0 ] || return 1; done; }
 decided() { # router: its route decisions (all modes)
     curl -s --max-time 2 "http://127.0.0.1:${HP[$1]}/metrics" |
         awk 'index($1, "kvr_routerd_route_decisions_total") == 1 {s += $2} END {printf "%d\n", s}'
@@ -61,28 +71,40 @@ send() { # frontend-port n tag
 }
 
 # 1. the default frontend: every decision on the leader
-declare -A D0
-for i in 1 2 3; do D0[$i]=$(decided $i); done
+declare -A D0 FW0
+for i in 1 2 3; do D0[$i]=$(decided $i); FW0[$i]=$(forwards $i); done
 send "$F1P" 12 leader-first
+kvr_wait_for 10 all_freed 1 2 3 || kvr_fail "bookings left after the leader-first requests: $(
+    for i in 1 2 3; do echo -n "r$i=$(rd_q "${HP[$i]}" .bookings) "; done)"
 for i in 1 2 3; do
     d=$(($(decided $i) - ${D0[$i]}))
     if [ "$i" = "$L" ]; then
         kvr_assert_eq "$d" 12 "decisions on the leader (router $i)"
+        kvr_assert_eq "$(evsubj $i)" true "the leader takes kvr.route.leader.event"
     else
         kvr_assert_eq "$d" 0 "decisions on follower $i"
         kvr_assert_eq "$(subj $i)" false "follower $i answers kvr.route.leader"
+        kvr_assert_eq "$(evsubj $i)" false "follower $i takes kvr.route.leader.event"
+        kvr_assert_eq "$(($(forwards $i) - ${FW0[$i]}))" 0 \
+            "commands follower $i forwarded (the 24 route events went to the leader)"
     fi
 done
 kvr_assert_eq "$(fallbacks "$F1P")" 0 "local fallbacks (leader first)"
-kvr_log "ok: leader first: the leader (router $L) decided all 12"
+kvr_log "ok: leader first: the leader (router $L) decided all 12 and took their 24 events"
 
 # 2. --no-route-leader-first: the queue group spreads them
-for i in 1 2 3; do D0[$i]=$(decided $i); done
+for i in 1 2 3; do D0[$i]=$(decided $i); FW0[$i]=$(forwards $i); done
 send "$F2P" 24 any-router
-fol=0
-for i in 1 2 3; do [ "$i" = "$L" ] || fol=$((fol + $(decided $i) - ${D0[$i]})); done
+fol=0 fw=0
+for i in 1 2 3; do
+    [ "$i" = "$L" ] && continue
+    fol=$((fol + $(decided $i) - ${D0[$i]}))
+    fw=$((fw + $(forwards $i) - ${FW0[$i]}))
+done
 ((fol > 0)) || kvr_fail "no follower decided any of 24 requests sent to kvr.route"
-kvr_log "ok: any router: followers decided $fol of 24"
+((fw > 0)) || kvr_fail "no follower forwarded anything for 24 requests sent to kvr.route"
+kvr_wait_for 10 all_freed 1 2 3 || kvr_fail "bookings left after the any-router requests"
+kvr_log "ok: any router: followers decided $fol of 24 and forwarded $fw commands"
 
 # 3. the leader dies: a new one takes the leader subject; requests keep being routed
 kvr_kill9 "r$L"
