@@ -222,6 +222,9 @@ static void handle_err(kvr_nats_core *c, const char *text, size_t len)
     const char *end = memchr(subj, '"', len - (sizeof pfx - 1));
     if (!end || end == subj)
         return;
+    for (const char *p = subj; p < end; p++)
+        if ((unsigned char)*p <= ' ' || *p == 0x7f)
+            return; /* no subject has spaces or control bytes: not the server's message */
     c->o.on_pub_denied(c->o.cb_data, subj, (size_t)(end - subj));
 }
 

@@ -76,6 +76,17 @@ static void on_drained(void *cb_data, void *sub_data)
     r->hash = mix(r->hash, &r->n, sizeof r->n);
 }
 
+/* a refused publish names a subject: not empty, without the quote that ends it, no space or
+ * control byte */
+static void on_pub_denied(void *cb_data, const char *subject, size_t len)
+{
+    run *r = cb_data;
+    CHECK(len > 0 && memchr(subject, '"', len) == NULL);
+    for (size_t i = 0; i < len; i++)
+        CHECK((unsigned char)subject[i] > ' ' && subject[i] != 0x7f);
+    r->hash = mix(r->hash, subject, len);
+}
+
 static void on_closed(void *data)
 {
     ((run *)data)->closed = true;
@@ -90,7 +101,8 @@ static void feed(run *r, const uint8_t *data, size_t size, size_t piece)
                             .cb_data = r,
                             .on_msg = on_msg,
                             .on_event = on_event,
-                            .on_drained = on_drained};
+                            .on_drained = on_drained,
+                            .on_pub_denied = on_pub_denied};
     kvr_nats_core *c = NULL;
     kvr_err err;
     CHECK(kvr_nats_core_init(&c, &loop, &o, &err) == 0);
