@@ -91,7 +91,7 @@ void epp_publish_event(xs *x, kvr_route_event_type type)
     memcpy(ev.request_id, x->rid, sizeof ev.request_id);
     /* to the leader first, as the pick went (bookings_raft.c leader_events_update) */
     if (kvr_route_event_encode(&b, &ev) == 0)
-        (void)(E.route_target.leader_first
+        (void)(kvr_route_target_events_to_leader(&E.route_target, kvr_mono_ms())
                    ? kvr_nats_publish_fallback(&E.nats, KVR_ROUTE_LEADER_EVENT_SUBJECT,
                                                KVR_ROUTE_EVENT_SUBJECT, b.base, b.len)
                    : kvr_nats_publish(&E.nats, KVR_ROUTE_EVENT_SUBJECT, b.base, b.len));

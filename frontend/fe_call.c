@@ -146,7 +146,7 @@ static void publish_event(fe_call *c, kvr_route_event_type type)
     const char *event = kvr_route_event_name(type);
     if (kvr_route_event_encode(&b, &ev) == 0) {
         /* to the leader first, as the route went (bookings_raft.c leader_events_update) */
-        int rc = app.route_target.leader_first
+        int rc = kvr_route_target_events_to_leader(&app.route_target, kvr_mono_ms())
                      ? kvr_nats_publish_fallback(&app.nats, KVR_ROUTE_LEADER_EVENT_SUBJECT,
                                                  KVR_ROUTE_EVENT_SUBJECT, b.base, b.len)
                      : kvr_nats_publish(&app.nats, KVR_ROUTE_EVENT_SUBJECT, b.base, b.len);

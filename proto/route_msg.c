@@ -371,6 +371,11 @@ const char *kvr_route_target_subject(const kvr_route_target *t, int try_no, int6
     return KVR_ROUTE_SUBJECT;
 }
 
+bool kvr_route_target_events_to_leader(const kvr_route_target *t, int64_t now_ms)
+{
+    return t->leader_first && now_ms >= t->skip_leader_until_ms;
+}
+
 bool kvr_route_target_no_responders(kvr_route_target *t, const char *subject, int64_t now_ms)
 {
     if (subject == NULL || strcmp(subject, KVR_ROUTE_LEADER_SUBJECT) != 0)

@@ -140,6 +140,11 @@ typedef struct kvr_route_target {
 /* The subject for try number try_no (1 = a call's first) at monotonic time now_ms. */
 const char *kvr_route_target_subject(const kvr_route_target *t, int try_no, int64_t now_ms);
 
+/* Whether route events go to the leader's event subject first (with kvr.route.event as the
+ * fallback): when route requests do. While the leader subject has no responders (local or
+ * best-effort routers, an election) they go straight to kvr.route.event, without the detour. */
+bool kvr_route_target_events_to_leader(const kvr_route_target *t, int64_t now_ms);
+
 /* A try sent to subject got "no responders": true when subject was the leader's (then the
  * caller asks again at once on kvr.route without counting a try), false when nobody answers
  * kvr.route either. */

@@ -467,12 +467,35 @@ static void test_event_golden(void **state)
     kvr_buf_free(&b);
 }
 
+/* Where a client sends requests and events: the leader's subjects first, kvr.route and
+ * kvr.route.event for 500 ms after the leader's subject had no responders, and always with
+ * leader_first off. */
+static void test_route_target(void **state)
+{
+    (void)state;
+    kvr_route_target t = {.leader_first = true};
+    assert_string_equal(kvr_route_target_subject(&t, 1, 1000), KVR_ROUTE_LEADER_SUBJECT);
+    assert_string_equal(kvr_route_target_subject(&t, 2, 1000), KVR_ROUTE_SUBJECT);
+    assert_true(kvr_route_target_events_to_leader(&t, 1000));
+    assert_false(kvr_route_target_no_responders(&t, KVR_ROUTE_SUBJECT, 1000));
+    assert_true(kvr_route_target_events_to_leader(&t, 1000));
+    assert_true(kvr_route_target_no_responders(&t, KVR_ROUTE_LEADER_SUBJECT, 1000));
+    assert_string_equal(kvr_route_target_subject(&t, 1, 1499), KVR_ROUTE_SUBJECT);
+    assert_false(kvr_route_target_events_to_leader(&t, 1499));
+    assert_string_equal(kvr_route_target_subject(&t, 1, 1500), KVR_ROUTE_LEADER_SUBJECT);
+    assert_true(kvr_route_target_events_to_leader(&t, 1500));
+    kvr_route_target off = {.leader_first = false};
+    assert_string_equal(kvr_route_target_subject(&off, 1, 1000), KVR_ROUTE_SUBJECT);
+    assert_false(kvr_route_target_events_to_leader(&off, 1000));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_request_golden), cmocka_unit_test(test_request_decode),
         cmocka_unit_test(test_request_bounds), cmocka_unit_test(test_reply_golden),
         cmocka_unit_test(test_event_golden),   cmocka_unit_test(test_request_lora_mdc),
+        cmocka_unit_test(test_route_target),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
