@@ -75,6 +75,11 @@ static void core_on_pub_denied(void *cb_data, const char *subject, size_t len)
     kn_fallback_denied(cb_data, subject, len);
 }
 
+static void core_on_pong(void *cb_data, uint64_t pong_seq)
+{
+    kn_fallback_pong(cb_data, pong_seq);
+}
+
 static void core_on_event(void *cb_data, kvr_nats_core_event ev)
 {
     kvr_nats_impl *ki = cb_data;
@@ -82,6 +87,8 @@ static void core_on_event(void *cb_data, kvr_nats_core_event ev)
                         : ev == KVR_NATS_CORE_RECONNECTED ? KVR_NATS_RECONNECTED
                                                           : KVR_NATS_DISCONNECTED;
     atomic_store(&ki->connected, st != KVR_NATS_DISCONNECTED);
+    if (st == KVR_NATS_DISCONNECTED)
+        kn_fallback_reset(ki); /* its PINGs and 503s are gone with the connection */
     if (st == KVR_NATS_RECONNECTED)
         ki->stats.reconnects++;
     ki->core_up = st != KVR_NATS_DISCONNECTED;
@@ -342,6 +349,7 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
             .on_event = core_on_event,
             .on_drained = core_on_drained,
             .on_pub_denied = core_on_pub_denied,
+            .on_pong = core_on_pong,
         };
         rc = kvr_nats_core_init(&ki->core, loop, &co, err);
         if (rc != 0)

@@ -149,9 +149,11 @@ int kvr_nats_respond(kvr_nats *kn, const char *reply, const void *data, size_t l
  * For messages that must reach someone, sent first where fewer hops serve them (kvr-epp and
  * kvr-frontend send route events to the Raft leader's subject, kvr.route.event behind it).
  * Subscribers on subject must not answer (the reply subject is this connection's inbox). The
- * message is held until a no-responders answer can no longer come (2 s); when too many are
- * held (4,096), or memory is short, it goes to fallback at once. len at most 64 KiB.
- * Returns as kvr_nats_publish. Loop thread. */
+ * message is held until a no-responders answer can no longer come: the server has answered a
+ * PING sent after it (one or two round trips). While disconnected, when 4,096 are held, when
+ * the server refuses subject by its permissions, or when memory is short, it goes to fallback
+ * at once; a dropped connection sends the held ones there (a message may then arrive on both:
+ * for idempotent messages). len at most 64 KiB. Returns as kvr_nats_publish. Loop thread. */
 int kvr_nats_publish_fallback(kvr_nats *kn, const char *subject, const char *fallback,
                               const void *data, size_t len);
 
@@ -184,7 +186,7 @@ typedef struct kvr_nats_stats {
     uint64_t backpressure_waits;     /* times a consumer's cnats thread blocked on a full queue */
     uint64_t requests, request_timeouts, request_no_responders;
     uint64_t fallbacks;     /* kvr_nats_publish_fallback messages nobody took, sent again */
-    uint64_t fallback_busy; /* ... sent to their fallback at once (every slot held) */
+    uint64_t fallback_busy; /* ... sent to their fallback at once (see above) */
     uint64_t reconnects;
     uint64_t consumer_restarts;      /* JetStream consumers re-created */
     size_t queue_len;                /* JetStream messages waiting for the loop */

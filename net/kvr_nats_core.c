@@ -624,6 +624,13 @@ void nc_end_drains(kvr_nats_core *c, bool all)
     }
 }
 
+uint64_t kvr_nats_core_ping(kvr_nats_core *c)
+{
+    if (c->closing || c->st != NC_UP || kvr_buf_append(&c->out, "PING\r\n", 6) != 0)
+        return 0;
+    return ++c->ping_seq;
+}
+
 int kvr_nats_core_publish(kvr_nats_core *c, const char *subject, const char *reply,
                           const void *data, size_t len)
 {

@@ -92,6 +92,9 @@ typedef struct kvr_nats_core_opts {
      * "subject"'; the connection stays up, the message is gone). subject is not
      * NUL-terminated. NULL: only logged. */
     void (*on_pub_denied)(void *cb_data, const char *subject, size_t len);
+    /* A PONG was read on a connection that is up: pong_seq PINGs are answered (see
+     * kvr_nats_core_ping). Numbers restart with each connection. NULL: not called. */
+    void (*on_pong)(void *cb_data, uint64_t pong_seq);
 } kvr_nats_core_opts;
 
 /* Allocates and starts connecting (the first attempt begins on the next loop turn). Fails only
@@ -111,6 +114,10 @@ int kvr_nats_core_unsubscribe(kvr_nats_core *c, uint64_t sid);
  * not connected (unsubscribed at once, no on_drained), KVR_ENOTFOUND for an unknown or
  * draining sid, KVR_ENOMEM. */
 int kvr_nats_core_drain(kvr_nats_core *c, uint64_t sid);
+/* Queues a PING behind everything published so far and returns its number on this connection
+ * (on_pong reports the number of the last PONG read: the server has handled everything sent
+ * before PING n once PONG n is read); 0 when not connected or out of memory. */
+uint64_t kvr_nats_core_ping(kvr_nats_core *c);
 
 /* Queues a PUB (reply may be NULL). KVR_EINVAL: bad subject/reply; KVR_ELIMIT: payload over
  * the server's max_payload; KVR_EAGAIN: over pending_max (disconnected) or out_max;

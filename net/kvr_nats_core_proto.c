@@ -234,6 +234,10 @@ static void handle_pong(kvr_nats_core *c)
     c->pong_seq++;
     if (c->n_draining)
         nc_end_drains(c, false);
+    if (c->st == NC_UP && c->o.on_pong) {
+        c->o.on_pong(c->o.cb_data, c->pong_seq);
+        return;
+    }
     if (c->st != NC_HANDSHAKE)
         return;
     c->st = NC_UP;

@@ -71,15 +71,13 @@ struct kvr_nats_consumer {
 };
 
 /* kvr_nats_publish_fallback's messages, held until a no-responders answer can no longer come
- * (kvr_nats_fallback.c). A ring indexed by id: a slot still held when its turn comes again
- * sends the new message to its fallback at once. */
+ * (kvr_nats_fallback.c: the PONG of a PING sent after them). A ring indexed by id: a slot
+ * still held when its turn comes again sends the new message to its fallback at once. */
 #define KN_FB_SLOTS 4096
-#define KN_FB_HOLD_MS 2000
 #define KN_FB_MAX_BYTES 65536
 #define KN_FB_DENIED_MAX 8
 typedef struct kn_fb {
     uint64_t id; /* 0: free */
-    int64_t at_ms;
     char *buf; /* the payload (len bytes), the fallback subject, the subject (NUL-terminated) */
     size_t len;
 } kn_fb;
@@ -139,7 +137,10 @@ struct kvr_nats_impl {
     uint64_t next_req_id;
     kn_req *req_buckets[KN_REQ_BUCKETS];
     kn_fb *fb; /* KN_FB_SLOTS, allocated at the first kvr_nats_publish_fallback */
-    uint64_t next_fb_id;
+    uint64_t next_fb_id;               /* the last id given */
+    uint64_t fb_ping_seq;              /* the PING covering ids up to fb_covered_id (0: none out) */
+    uint64_t fb_covered_id;            /* ... */
+    uint64_t fb_released_id;           /* every id up to this one is released */
     char *fb_denied[KN_FB_DENIED_MAX]; /* subjects the server refused: straight to fallback */
     int n_fb_denied;
 
@@ -154,6 +155,9 @@ void kn_fallback_msg(kvr_nats_impl *ki, const char *id_str, bool no_responders);
 void kn_fallback_free(kvr_nats_impl *ki);
 /* the server refused a publish on subject (kvr_nats_core_opts.on_pub_denied) */
 void kn_fallback_denied(kvr_nats_impl *ki, const char *subject, size_t len);
+/* a PONG on the core connection (kvr_nats_core_opts.on_pong); the connection dropped */
+void kn_fallback_pong(kvr_nats_impl *ki, uint64_t pong_seq);
+void kn_fallback_reset(kvr_nats_impl *ki);
 int kn_request_hdr(kvr_nats *kn, const char *subject, const char *msg_id, const void *data,
                    size_t len, uint32_t timeout_ms, kvr_nats_reply_cb cb, void *cbdata);
 void kn_maybe_start_close(kvr_nats_impl *ki);

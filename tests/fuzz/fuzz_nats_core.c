@@ -29,6 +29,7 @@ typedef struct run {
     uint64_t n;
     size_t fed;
     bool closed;
+    uint64_t pong_seq; /* the last on_pong */
 } run;
 
 static uint64_t mix(uint64_t h, const void *p, size_t n)
@@ -87,6 +88,15 @@ static void on_pub_denied(void *cb_data, const char *subject, size_t len)
     r->hash = mix(r->hash, subject, len);
 }
 
+/* PONGs on an up connection count up by one */
+static void on_pong(void *cb_data, uint64_t pong_seq)
+{
+    run *r = cb_data;
+    CHECK(pong_seq == r->pong_seq + 1 || r->pong_seq == 0);
+    r->pong_seq = pong_seq;
+    r->hash = mix(r->hash, &pong_seq, sizeof pong_seq);
+}
+
 static void on_closed(void *data)
 {
     ((run *)data)->closed = true;
@@ -102,7 +112,8 @@ static void feed(run *r, const uint8_t *data, size_t size, size_t piece)
                             .on_msg = on_msg,
                             .on_event = on_event,
                             .on_drained = on_drained,
-                            .on_pub_denied = on_pub_denied};
+                            .on_pub_denied = on_pub_denied,
+                            .on_pong = on_pong};
     kvr_nats_core *c = NULL;
     kvr_err err;
     CHECK(kvr_nats_core_init(&c, &loop, &o, &err) == 0);

@@ -1,7 +1,8 @@
 /* kvr_nats_publish_fallback against a real nats-server (URL in argv[1]). A publisher sends
  * numbered messages to "t.lead" with "t.any" as the fallback; L (and later L2) subscribe to
  * t.lead in a queue group, F to t.any.
- *   phase 1: L subscribed: every message reaches L, none F.
+ *   phase 1: L subscribed: every message reaches L, none F (10,000 messages through 4,096
+ *            slots: each is released once a PING sent after it is answered).
  *   phase 2: L gone (drained): every message reaches F, through the server's no-responders
  *            answer.
  *   phase 3: messages flow while the subscriber changes, as when the Raft leader changes: L2
@@ -18,7 +19,7 @@
 #include <string.h>
 #include <uv.h>
 
-#define PHASE1 1000
+#define PHASE1 10000 /* more than the 4,096 slots: each must be released at its PONG */
 #define PHASE2 1000
 #define PHASE3 2000
 #define N_MSGS (PHASE1 + PHASE2 + PHASE3)
