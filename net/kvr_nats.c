@@ -324,6 +324,9 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
     uv_timer_init(loop, &ki->watchdog);
     ki->watchdog.data = ki;
     ki->handles_open++;
+    uv_timer_init(loop, &ki->fb_timer);
+    ki->fb_timer.data = ki;
+    ki->handles_open++;
     kn->impl = ki;
 
     {
@@ -414,6 +417,7 @@ fail_handles:
     /* handles must be closed before ki is freed; leak ki to keep the loop's handle list valid */
     uv_close((uv_handle_t *)&ki->async, NULL);
     uv_close((uv_handle_t *)&ki->watchdog, NULL);
+    uv_close((uv_handle_t *)&ki->fb_timer, NULL);
     ki->close_started = true;
     ki->closing = true;
     kvr_nkey_wipe(seed);
@@ -618,6 +622,7 @@ static void close_after(uv_work_t *req, int status)
     kvr_nats_impl *ki = req->data;
     uv_close((uv_handle_t *)&ki->async, handle_closed);
     uv_close((uv_handle_t *)&ki->watchdog, handle_closed);
+    uv_close((uv_handle_t *)&ki->fb_timer, handle_closed);
 }
 
 void kn_maybe_start_close(kvr_nats_impl *ki)
@@ -640,6 +645,7 @@ int kvr_nats_close(kvr_nats *kn, kvr_nats_close_cb close_cb)
     ki->closing = true;
     ki->close_cb = close_cb;
     uv_timer_stop(&ki->watchdog);
+    uv_timer_stop(&ki->fb_timer);
     pthread_mutex_lock(&ki->mu);
     ki->q_closing = true;
     pthread_cond_broadcast(&ki->cv);

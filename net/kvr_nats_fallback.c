@@ -5,9 +5,9 @@
  * then is it published again on the fallback subject. A subscriber never answers, so silence
  * means delivered; the question is when silence is final. The server handles a connection's
  * messages in order, so once it has answered a PING sent after a message, a 503 for that
- * message would already have been read: each held message is covered by the next PING, one
- * PING outstanding at a time (messages published meanwhile wait for the one after it), and
- * released at its PONG. A message is held about one or two round trips to the server.
+ * message would already have been read: each held message is covered by the next PING, sent
+ * KN_FB_PING_MS after the first message it covers (so a burst shares one PING), one PING
+ * outstanding at a time, and released at its PONG. A message is held a few milliseconds.
  *
  * A dropped connection forgets which PING was which: its held messages go to their fallback
  * (the events this is for are idempotent: one may arrive twice, none is lost). A server whose
@@ -71,13 +71,22 @@ static bool denied(const kvr_nats_impl *ki, const char *subject, size_t len)
 }
 
 /* A PING behind every message held since the last one (ids up to next_fb_id). */
-static void cover(kvr_nats_impl *ki)
+static void cover(uv_timer_t *t)
 {
+    kvr_nats_impl *ki = t->data;
+    if (ki->closing || !ki->core || ki->fb_ping_seq || ki->next_fb_id == ki->fb_covered_id)
+        return;
     uint64_t seq = kvr_nats_core_ping(ki->core);
     if (!seq)
         return; /* not connected: kn_fallback_reset sends them on */
     ki->fb_ping_seq = seq;
     ki->fb_covered_id = ki->next_fb_id;
+}
+
+static void cover_soon(kvr_nats_impl *ki)
+{
+    if (!ki->fb_ping_seq && !uv_is_active((uv_handle_t *)&ki->fb_timer))
+        uv_timer_start(&ki->fb_timer, cover, KN_FB_PING_MS, 0);
 }
 
 int kvr_nats_publish_fallback(kvr_nats *kn, const char *subject, const char *fallback,
@@ -121,8 +130,7 @@ int kvr_nats_publish_fallback(kvr_nats *kn, const char *subject, const char *fal
     }
     ki->stats.msgs_out++;
     ki->stats.bytes_out += len;
-    if (!ki->fb_ping_seq)
-        cover(ki);
+    cover_soon(ki);
     return 0;
 }
 
@@ -154,12 +162,13 @@ void kn_fallback_pong(kvr_nats_impl *ki, uint64_t pong_seq)
     ki->fb_released_id = ki->fb_covered_id;
     ki->fb_ping_seq = 0;
     if (ki->next_fb_id > ki->fb_covered_id)
-        cover(ki); /* the ones published while that PING was out */
+        cover_soon(ki); /* the ones published while that PING was out */
 }
 
 void kn_fallback_reset(kvr_nats_impl *ki)
 {
     ki->fb_ping_seq = 0;
+    uv_timer_stop(&ki->fb_timer);
     if (!ki->fb)
         return;
     unsigned n = 0;

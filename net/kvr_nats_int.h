@@ -74,6 +74,7 @@ struct kvr_nats_consumer {
  * (kvr_nats_fallback.c: the PONG of a PING sent after them). A ring indexed by id: a slot
  * still held when its turn comes again sends the new message to its fallback at once. */
 #define KN_FB_SLOTS 4096
+#define KN_FB_PING_MS 2 /* a PING covers what was published in the last 2 ms, not each batch */
 #define KN_FB_MAX_BYTES 65536
 #define KN_FB_DENIED_MAX 8
 typedef struct kn_fb {
@@ -138,6 +139,7 @@ struct kvr_nats_impl {
     kn_req *req_buckets[KN_REQ_BUCKETS];
     kn_fb *fb; /* KN_FB_SLOTS, allocated at the first kvr_nats_publish_fallback */
     uint64_t next_fb_id;               /* the last id given */
+    uv_timer_t fb_timer;               /* sends the next covering PING */
     uint64_t fb_ping_seq;              /* the PING covering ids up to fb_covered_id (0: none out) */
     uint64_t fb_covered_id;            /* ... */
     uint64_t fb_released_id;           /* every id up to this one is released */
