@@ -195,14 +195,6 @@ static void raft_hop_observe(void *data, int hop, double seconds)
         kvr_metric_observe(rd->m_raft_hop, (size_t)hop, seconds);
 }
 
-/* kvr.route.leader: the same requests as kvr.route, sent there first by frontends, kvr-epp and
- * kvr-bench so that a decision skips the forward to the leader and back, two of the five
- * process wake-ups a follower's answer costs (kvr-bench raft: client mean 491 µs with
- * followers answering two thirds, see docs/DESIGN.md 4 for the figures). Only the leader
- * subscribes, in a queue group of its own, so two routers that both think they lead for a
- * moment still answer each request once, and a request that reaches a deposed one is
- * forwarded like any other. No responders (no leader, or one that is not ready) sends the
- * client to kvr.route at once. */
 /* kvr.route.leader.event: route events (prefill done, free) go to the leader first, for the
  * same reason: a follower that takes one from kvr.route.event forwards it to the leader (two
  * more wake-ups and a TCP round trip per event, two events per request). The leader takes them
@@ -227,6 +219,14 @@ static void leader_events_update(kvr_routerd *rd, bool want)
     }
 }
 
+/* kvr.route.leader: the same requests as kvr.route, sent there first by frontends, kvr-epp and
+ * kvr-bench so that a decision skips the forward to the leader and back, two of the five
+ * process wake-ups a follower's answer costs (kvr-bench raft: client mean 491 µs with
+ * followers answering two thirds, see docs/DESIGN.md 4 for the figures). Only the leader
+ * subscribes, in a queue group of its own, so two routers that both think they lead for a
+ * moment still answer each request once, and a request that reaches a deposed one is
+ * forwarded like any other. No responders (no leader, or one that is not ready) sends the
+ * client to kvr.route at once. */
 void rd_leader_route_update(kvr_routerd *rd)
 {
     bool want = rd->raft_leader && rd->ready && !rd->groups_left && !rd->stopping;
