@@ -43,12 +43,7 @@ static const char *slot_subject(const kn_fb *s)
 
 static int publish_plain(kvr_nats_impl *ki, const char *subject, const void *data, size_t len)
 {
-    int rc = kvr_nats_core_publish(ki->core, subject, NULL, data, len);
-    if (rc == 0) {
-        ki->stats.msgs_out++;
-        ki->stats.bytes_out += len;
-    }
-    return rc;
+    return kvr_nats_publish(ki->kn, subject, data, len);
 }
 
 /* The held message goes to its fallback now (nobody took it, or nobody can tell). */
