@@ -652,21 +652,34 @@ static void test_cluster(void **state)
 
     /* Issue 19: FREEs nobody waits for share an entry. A FREE submitted 10 ms after another
      * (well inside the 30 ms window) is committed in the same entry: both answered in the
-     * same batch callback. Without coalescing the first is proposed at once, alone. */
+     * same batch callback. Without coalescing the first is proposed at once, alone. The
+     * premise is the gap: a loaded machine can stall the 10 ms wait past the window (CI saw
+     * it once), so a try whose second FREE left 20 ms or more after the first is run again
+     * (at most 3 tries; the assertions hold for the try that kept the premise). */
     ldr = leader_of_all();
     assert_true(ldr > 0);
     answer cf[2];
-    memset(cf, 0, sizeof cf);
-    kvr_cmd f0 = tu_req(KVR_CMD_FREE, 4242001);
-    kvr_cmd f1 = tu_req(KVR_CMD_FREE, 4242002);
-    int64_t t0 = kvr_mono_ns();
-    assert_int_equal(kvr_sync_submit(nodes[ldr], &f0, on_answer, &cf[0]), 0);
-    wait_all w0 = {cf, 1};
-    run_until(all_done, &w0, 10);
-    assert_int_equal(cf[0].done, 0); /* still waiting for company */
-    assert_int_equal(kvr_sync_submit(nodes[ldr], &f1, on_answer, &cf[1]), 0);
     wait_all w1 = {cf, 2};
-    assert_true(run_until(all_done, &w1, 10000));
+    int64_t t0 = 0, gap = 0;
+    for (int try_no = 0; try_no < 3; try_no++) {
+        memset(cf, 0, sizeof cf);
+        kvr_cmd f0 = tu_req(KVR_CMD_FREE, 4242001 + 10 * (uint64_t)try_no);
+        kvr_cmd f1 = tu_req(KVR_CMD_FREE, 4242002 + 10 * (uint64_t)try_no);
+        t0 = kvr_mono_ns();
+        assert_int_equal(kvr_sync_submit(nodes[ldr], &f0, on_answer, &cf[0]), 0);
+        wait_all w0 = {cf, 1};
+        run_until(all_done, &w0, 10);
+        gap = kvr_mono_ns() - t0;
+        if (gap < 20 * 1000000LL)
+            assert_int_equal(cf[0].done, 0); /* still waiting for company */
+        assert_int_equal(kvr_sync_submit(nodes[ldr], &f1, on_answer, &cf[1]), 0);
+        assert_true(run_until(all_done, &w1, 10000));
+        if (gap < 20 * 1000000LL)
+            break;
+        print_message("FREE coalescing: the 10 ms wait took %.1f ms, trying again\n",
+                      (double)gap / 1e6);
+    }
+    assert_true(gap < 20 * 1000000LL);
     assert_int_equal(cf[0].status, 0);
     assert_int_equal(cf[1].status, 0);
     assert_true(cf[0].done_ns - t0 >= 25 * 1000000LL);
