@@ -6,6 +6,9 @@
 Connects with the NKEY seed (signs the INFO nonce with python3-cryptography), publishes one
 message on each subject, then PING; prints "allowed SUBJECT" or "denied SUBJECT" per subject
 from whether the server answered -ERR 'Permissions Violation for Publish to ...' before PONG.
+A SUBJECT written "sub:S" is subscribed to instead, in a queue group as a thief would join the
+routers' groups ("SUB S kvr-check N"), and judged by 'Permissions Violation for Subscription
+to ...'; the line printed keeps the "sub:" prefix.
 Exit 3 when the connection itself is refused."""
 import base64, json, socket, sys
 
@@ -33,8 +36,13 @@ def main():
     if not line.startswith("PONG"):
         print("refused", line.strip())
         sys.exit(3)
-    for subj in subjects:
-        s.sendall(f"PUB {subj} 5\r\nforge\r\nPING\r\n".encode())
+    for sid, arg in enumerate(subjects, 1):
+        if arg.startswith("sub:"):
+            subj, what = arg[4:], "Subscription to"
+            s.sendall(f"SUB {subj} kvr-check {sid}\r\nPING\r\n".encode())
+        else:
+            subj, what = arg, "Publish to"
+            s.sendall(f"PUB {subj} 5\r\nforge\r\nPING\r\n".encode())
         denied = False
         while True:
             line = f.readline().decode()
@@ -43,9 +51,9 @@ def main():
                 sys.exit(3)
             if line.startswith("PONG"):
                 break
-            if "Permissions Violation" in line and subj in line:
+            if f"Permissions Violation for {what}" in line and f'"{subj}"' in line:
                 denied = True
-        print(("denied " if denied else "allowed ") + subj)
+        print(("denied " if denied else "allowed ") + arg)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 #     a router-only subject (the quorum beacon kvr.routers.quorum, the best-effort broadcast
 #     kvr.route.bcast, JetStream API and flow control, a KV event subject as the leader does
 #     for a down worker's AllBlocksCleared), which the router credential may; an unlisted key
-#     cannot connect (checked with an independent raw client, nats_pub_check.py);
+#     cannot connect (checked with an independent raw client, nats_pub_check.py); neither a
+#     worker nor a frontend may subscribe to a route subject (in a queue group, as one would
+#     to take the routers' share), a router-only subject or another's, which a router may;
 #  2. a cluster started with these credentials (kvr-routerd, two kvr-workers, kvr-frontend,
 #     all with --nats-nkey) routes requests end to end through the router, and none of them
 #     hit a permissions violation;
@@ -53,9 +55,19 @@ check fe5 denied kvr.kv.default.1 kvr.workers.default.1 kvr.frontends.6 kvr.rout
 check router allowed "${ROUTER_ONLY[@]}" kvr.kv.other.1 kvr.route.event
 check router denied kvr.workers.default.1 kvr.frontends.5 kvr.route kvr.route.leader \
     kvr.route.leader.event kvr.pools.set
+# subscribing: a credential that could join the routers' queue groups would take its share of
+# the route requests (the callers time out) and of the route events (their bookings stay held
+# until --max-request-age), or read what only routers are told
+ROUTER_SUBS=(sub:kvr.route sub:kvr.route.leader sub:kvr.route.event sub:kvr.route.leader.event
+    sub:kvr.route.bcast sub:kvr.routers.quorum sub:kvr.pools.set sub:kvr.pools.list)
+check w1 denied "${ROUTER_SUBS[@]}" sub:kvr.kv.default.2 sub:kvr.workers.default.2 \
+    sub:kvr.frontends.5 sub:kvr.route.\> sub:\> sub:'$JS.API.>'
+check fe5 denied "${ROUTER_SUBS[@]}" sub:kvr.kv.default.1 sub:kvr.frontends.6 sub:kvr.\>
+check fe5 allowed sub:kvr.workers.default.1 sub:_INBOX.x
+check router allowed "${ROUTER_SUBS[@]}" sub:kvr.workers.default.1 sub:kvr.frontends.5
 python3 "$HERE/nats_pub_check.py" 127.0.0.1 "$port" "$K/stranger.seed" kvr.kv.default.1 &&
     kvr_fail "an unlisted NKEY connected"
-kvr_log "permissions: worker and frontend confined"
+kvr_log "permissions: worker and frontend confined (publish and subscribe)"
 
 # --- 2. a cluster on these credentials routes end to end
 declare -A WPORT
