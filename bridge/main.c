@@ -192,6 +192,9 @@ int main(int argc, char **argv)
     kvr_buf_init(&br->metrics_body);
     kvr_nats_opts no = {.url = br->nats_url, .name = "kvr-bridge"};
     kvr_nats_flags_fill(&br->nf, &no);
+    /* rank 0's id: the credential's worker id (kvr-nats-auth.sh worker:NS:ID) */
+    char inbox[KVR_NATS_INBOX_PREFIX_MAX + 1];
+    no.inbox_prefix = kvr_nats_role_inbox(inbox, sizeof inbox, "worker", br->ns, br->id);
     br->nats.data = br;
     if (kvr_nats_init(&br->nats, br->loop, &no, &err) != 0 ||
         kvr_curl_init(&br->curl, br->loop, NULL, &err) != 0) {

@@ -205,6 +205,9 @@ int main(int argc, char **argv)
     }
     if (nats_url) {
         kvr_nats_opts no = {.url = nats_url, .name = "kvr-epp", .on_state = epp_on_nats_state};
+        /* kvr-epp holds a frontend credential (lease kvr.frontends.<id>) */
+        char inbox[KVR_NATS_INBOX_PREFIX_MAX + 1];
+        no.inbox_prefix = kvr_nats_role_inbox(inbox, sizeof inbox, "frontend", NULL, id);
         kvr_nats_flags_fill(&nats_sec, &no);
         if (kvr_nats_init(&E.nats, E.loop, &no, &err)) {
             fprintf(stderr, "kvr-epp: nats: %s\n", err.msg);

@@ -335,6 +335,8 @@ int main(int argc, char **argv)
     }
     if (nats_url) {
         kvr_nats_opts no = {.url = nats_url, .name = "kvr-frontend", .on_state = on_nats_state};
+        char inbox[KVR_NATS_INBOX_PREFIX_MAX + 1];
+        no.inbox_prefix = kvr_nats_role_inbox(inbox, sizeof inbox, "frontend", NULL, id);
         kvr_nats_flags_fill(&nats_sec, &no);
         if (kvr_nats_init(&app.nats, app.loop, &no, &err)) {
             fprintf(stderr, "kvr-frontend: nats: %s\n", err.msg);

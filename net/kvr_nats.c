@@ -197,6 +197,46 @@ int kvr_nats_request(kvr_nats *kn, const char *subject, const void *data, size_t
     return kn_request_hdr(kn, subject, NULL, data, len, timeout_ms, cb, cbdata);
 }
 
+/* ---------- inbox prefixes ---------- */
+
+/* Dot-separated tokens of [A-Za-z0-9_-]: no wildcard, no empty token, no space (a subject
+ * with one would split the protocol line). */
+static bool inbox_prefix_valid(const char *p)
+{
+    size_t n = strlen(p), tok = 0;
+    if (n == 0 || n > KVR_NATS_INBOX_PREFIX_MAX)
+        return false;
+    for (size_t i = 0; i <= n; i++) {
+        char c = p[i];
+        if (c == '.' || c == '\0') {
+            if (tok == 0)
+                return false;
+            tok = 0;
+        } else if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                   c == '_' || c == '-') {
+            tok++;
+        } else {
+            return false;
+        }
+    }
+    return true;
+}
+
+const char *kvr_nats_role_inbox(char *out, size_t cap, const char *role, const char *ns,
+                                uint64_t id)
+{
+    int n;
+    if (ns && *ns && id)
+        n = snprintf(out, cap, "_INBOX.%s.%s.%" PRIu64, role, ns, id);
+    else if (id)
+        n = snprintf(out, cap, "_INBOX.%s.%" PRIu64, role, id);
+    else
+        n = snprintf(out, cap, "_INBOX.%s", role);
+    if (n < 0 || (size_t)n >= cap || !inbox_prefix_valid(out) || (ns && *ns && strchr(ns, '.')))
+        return NULL;
+    return out;
+}
+
 /* ---------- core API ---------- */
 
 int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err *err)
@@ -204,6 +244,10 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
     kn->impl = NULL;
     if (!o || !o->url || !*o->url)
         return kvr_err_set(err, KVR_EINVAL, "nats: url is required");
+    const char *inbox_prefix = o->inbox_prefix ? o->inbox_prefix : "_INBOX";
+    if (!inbox_prefix_valid(inbox_prefix))
+        return kvr_err_set(err, KVR_EINVAL, "nats: bad inbox prefix \"%.*s\"",
+                           KVR_NATS_INBOX_PREFIX_MAX, inbox_prefix);
     kvr_nats_impl *ki = calloc(1, sizeof(*ki));
     if (!ki)
         return kvr_err_set(err, KVR_ENOMEM, "nats: out of memory");
@@ -307,6 +351,8 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
         CHK(natsOptions_SetName(no, jname), "name");
     }
     CHK(natsOptions_SetSendAsap(no, true), "send asap");
+    if (o->inbox_prefix)
+        CHK(natsOptions_SetCustomInboxPrefix(no, inbox_prefix), "inbox prefix");
     CHK(natsOptions_UseGlobalMessageDelivery(no, false), "message delivery");
     CHK(natsOptions_SetDisconnectedCB(no, kn_on_js_conn_noop, ki), "disconnected cb");
     CHK(natsOptions_SetReconnectedCB(no, kn_on_js_reconnected, ki), "reconnected cb");
@@ -385,7 +431,10 @@ int kvr_nats_init(kvr_nats *kn, uv_loop_t *loop, const kvr_nats_opts *o, kvr_err
         rc = kvr_err_set(err, KVR_ENOMEM, "nats: inbox: %s", natsStatus_GetText(s));
         goto fail_handles;
     }
-    snprintf(ki->inbox, sizeof(ki->inbox), "%s", (const char *)inbox);
+    /* cnats writes "_INBOX.<nuid>"; the nuid part under this process's prefix */
+    const char *nuid = strrchr((const char *)inbox, '.');
+    snprintf(ki->inbox, sizeof(ki->inbox), "%s.%s", inbox_prefix,
+             nuid ? nuid + 1 : (const char *)inbox);
     natsInbox_Destroy(inbox);
     char wild[sizeof(ki->inbox) + 4];
     snprintf(wild, sizeof(wild), "%s.*", ki->inbox);

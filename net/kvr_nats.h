@@ -100,7 +100,23 @@ typedef struct kvr_nats_opts {
     size_t queue_max_bytes; /* 0 → 256 MiB */
     kvr_nats_state_cb on_state; /* may be NULL; loop thread */
     void *state_data;
+    /* Where replies to this process's requests go: "<prefix>.<nuid>.<n>" on both connections
+     * (cnats' JetStream API replies too). NULL → "_INBOX". A role's prefix
+     * (kvr_nats_role_inbox) lets the server confine each credential to its own replies
+     * (deploy/nats/kvr-nats-auth.sh). Dot-separated tokens of [A-Za-z0-9_-], at most
+     * KVR_NATS_INBOX_PREFIX_MAX bytes; copied. */
+    const char *inbox_prefix;
 } kvr_nats_opts;
+
+#define KVR_NATS_INBOX_PREFIX_MAX 160
+
+/* Writes the inbox prefix of a process in role `role` ("router", "frontend", "worker") into
+ * out: "_INBOX.router", "_INBOX.frontend.<id>", "_INBOX.worker.<ns>.<id>" (ns NULL or
+ * id 0: left out). The names deploy/nats/kvr-nats-auth.sh allows each role to subscribe
+ * under. Returns out, or NULL when it does not fit or is not a valid prefix (ns with a dot or
+ * a wildcard). Any thread. */
+const char *kvr_nats_role_inbox(char *out, size_t cap, const char *role, const char *ns,
+                                uint64_t id);
 
 struct kvr_nats {
     void *data; /* user's */

@@ -134,7 +134,7 @@ struct kvr_nats_impl {
 
     /* requests */
     kvr_nats_sub *inbox_sub;
-    char inbox[128];
+    char inbox[KVR_NATS_INBOX_PREFIX_MAX + 32]; /* prefix "." nuid (22) */
     uint64_t next_req_id;
     kn_req *req_buckets[KN_REQ_BUCKETS];
     kn_fb *fb; /* KN_FB_SLOTS, allocated at the first kvr_nats_publish_fallback */

@@ -257,7 +257,10 @@ int kvr_routerd_start(kvr_routerd **out, uv_loop_t *loop, const kvr_routerd_conf
 
     char name[64];
     snprintf(name, sizeof(name), "kvr-routerd-%u", cfg->id);
-    kvr_nats_opts no = {.url = cfg->nats_url, .name = name, .on_state = on_nats_state};
+    kvr_nats_opts no = {.url = cfg->nats_url,
+                        .name = name,
+                        .on_state = on_nats_state,
+                        .inbox_prefix = "_INBOX.router"};
     if (cfg->nats_flags)
         kvr_nats_flags_fill(cfg->nats_flags, &no);
     rd->nats.data = rd;

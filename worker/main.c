@@ -612,6 +612,8 @@ int main(int argc, char **argv)
         kvr_nats_opts no = {
             .url = w->o.nats, .name = "kvr-worker", .on_state = wk_on_nats_state, .state_data = w};
         kvr_nats_flags_fill(&w->o.nats_sec, &no);
+        char inbox[KVR_NATS_INBOX_PREFIX_MAX + 1];
+        no.inbox_prefix = kvr_nats_role_inbox(inbox, sizeof inbox, "worker", w->o.ns, w->o.id);
         if (kvr_nats_init(&w->nats, w->loop, &no, &err) != 0) {
             fprintf(stderr, "kvr-worker: nats: %s\n", err.msg);
             return 2;

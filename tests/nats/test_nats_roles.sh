@@ -9,6 +9,7 @@
 #     cannot connect (checked with an independent raw client, nats_pub_check.py); neither a
 #     worker nor a frontend may subscribe to a route subject (in a queue group, as one would
 #     to take the routers' share), a router-only subject or another's, which a router may;
+#     each role reads only replies under its own inbox prefix (_INBOX.frontend.ID, ...);
 #  2. a cluster started with these credentials (kvr-routerd, two kvr-workers, kvr-frontend,
 #     all with --nats-nkey) routes requests end to end through the router, and none of them
 #     hit a permissions violation;
@@ -63,8 +64,18 @@ ROUTER_SUBS=(sub:kvr.route sub:kvr.route.leader sub:kvr.route.event sub:kvr.rout
 check w1 denied "${ROUTER_SUBS[@]}" sub:kvr.kv.default.2 sub:kvr.workers.default.2 \
     sub:kvr.frontends.5 sub:kvr.route.\> sub:\> sub:'$JS.API.>'
 check fe5 denied "${ROUTER_SUBS[@]}" sub:kvr.kv.default.1 sub:kvr.frontends.6 sub:kvr.\>
-check fe5 allowed sub:kvr.workers.default.1 sub:_INBOX.x
-check router allowed "${ROUTER_SUBS[@]}" sub:kvr.workers.default.1 sub:kvr.frontends.5
+check fe5 allowed sub:kvr.workers.default.1
+# replies: each credential reads only its own inbox prefix (net/kvr_nats.h kvr_nats_role_inbox);
+# step 2's processes live under these prefixes (a wrong one: the frontend gets no answers)
+check w1 allowed sub:_INBOX.worker.default.1.x
+check w1 denied sub:_INBOX.\> sub:_INBOX.x sub:_INBOX.worker.default.2.x sub:_INBOX.worker.\> \
+    sub:_INBOX.frontend.5.x sub:_INBOX.router.x
+check fe5 allowed sub:_INBOX.frontend.5.x sub:_INBOX.frontend.5.\>
+check fe5 denied sub:_INBOX.\> sub:_INBOX.frontend.6.x sub:_INBOX.frontend.\> sub:_INBOX.router.x \
+    sub:_INBOX.worker.default.1.x
+check router allowed "${ROUTER_SUBS[@]}" sub:kvr.workers.default.1 sub:kvr.frontends.5 \
+    sub:_INBOX.router.x
+check router denied sub:_INBOX.frontend.5.x sub:_INBOX.worker.default.1.x
 python3 "$HERE/nats_pub_check.py" 127.0.0.1 "$port" "$K/stranger.seed" kvr.kv.default.1 &&
     kvr_fail "an unlisted NKEY connected"
 kvr_log "permissions: worker and frontend confined (publish and subscribe)"

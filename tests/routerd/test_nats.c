@@ -58,8 +58,10 @@ static void on_request_self(const kvr_nats_msg *m, void *data)
     kvr_nats_respond(&kn, m->reply, "ok", 2);
 }
 
+static char last_reply_subject[256];
 static void on_request(const kvr_nats_msg *m, void *data)
 {
+    snprintf(last_reply_subject, sizeof last_reply_subject, "%s", m->reply ? m->reply : "");
     char buf[256];
     int n = snprintf(buf, sizeof(buf), "echo:%.*s", (int)m->len, m->data);
     kvr_nats_respond(&kn2, m->reply, buf, (size_t)n);
@@ -315,8 +317,38 @@ int main(int argc, char **argv)
     uv_timer_start(&tick, noop_timer, 10, 10);
 
     kvr_err err = {0};
-    kvr_nats_opts o = {.url = argv[1], .name = "test-nats", .on_state = on_state,
-                       .queue_max_msgs = 8 /* JetStream backpressure, section 3 */};
+    /* 0. inbox prefixes: a role's names (deploy/nats/kvr-nats-auth.sh allows each role its
+     * own), and a prefix that is no subject is refused before anything connects */
+    char ib[KVR_NATS_INBOX_PREFIX_MAX + 1];
+    CHECK(kvr_nats_role_inbox(ib, sizeof ib, "worker", "default", 3) &&
+              !strcmp(ib, "_INBOX.worker.default.3"),
+          "worker inbox");
+    CHECK(kvr_nats_role_inbox(ib, sizeof ib, "frontend", NULL, 5) &&
+              !strcmp(ib, "_INBOX.frontend.5"),
+          "frontend inbox");
+    CHECK(kvr_nats_role_inbox(ib, sizeof ib, "router", NULL, 0) && !strcmp(ib, "_INBOX.router"),
+          "router inbox");
+    CHECK(!kvr_nats_role_inbox(ib, sizeof ib, "worker", "a.b", 3), "namespace with a dot");
+    CHECK(!kvr_nats_role_inbox(ib, sizeof ib, "worker", "a>", 3), "namespace with a wildcard");
+    CHECK(!kvr_nats_role_inbox(ib, 12, "worker", "default", 3), "truncated");
+    char longp[KVR_NATS_INBOX_PREFIX_MAX + 2];
+    memset(longp, 'a', sizeof longp - 1);
+    longp[sizeof longp - 1] = 0;
+    const char *bad[] = {"",         "_INBOX.", ".x",       "_INBOX..x", "_INBOX.>",
+                         "_INBOX.*", "a b",     "a\r\nPUB", longp};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        kvr_nats_opts ob = {.url = argv[1], .inbox_prefix = bad[i]};
+        kvr_nats kb = {0};
+        CHECK(kvr_nats_init(&kb, &loop, &ob, &err) == KVR_EINVAL && !kb.impl,
+              "inbox prefix %zu accepted", i);
+    }
+    /* kn asks under a frontend's prefix: the replies in step 2 (core) and the JetStream API
+     * answers (cnats' connection) reach it there */
+    kvr_nats_opts o = {.url = argv[1],
+                       .name = "test-nats",
+                       .on_state = on_state,
+                       .queue_max_msgs = 8 /* JetStream backpressure, section 3 */,
+                       .inbox_prefix = "_INBOX.frontend.42"};
     CHECK(kvr_nats_init(&kn, &loop, &o, &err) == 0, "%s", err.msg);
     kvr_nats_opts o2 = {.url = argv[1], .name = "test-nats-2"};
     CHECK(kvr_nats_init(&kn2, &loop, &o2, &err) == 0, "%s", err.msg);
@@ -375,6 +407,8 @@ int main(int argc, char **argv)
     CHECK(run_until(&r1.done, 3000), "reply");
     CHECK(r1.status == 0 && strcmp(r1.reply, "echo:abc") == 0, "status %d reply %s", r1.status,
           r1.reply);
+    CHECK(!strncmp(last_reply_subject, "_INBOX.frontend.42.", 19), "reply subject %s",
+          last_reply_subject);
     req_result r2 = {0};
     CHECK(kvr_nats_request(&kn, "t.nobody.here", "x", 1, 2000, on_reply, &r2) == 0, "request");
     CHECK(run_until(&r2.done, 3000), "no-responders reply");
