@@ -189,7 +189,9 @@ static void on_admin_done(int status, void *data)
     }
 }
 
-/* POST /admin/raft/add {"id":N,"raft_addr":"h:p"}, /promote {"id":N}, /remove {"id":N}.
+/* POST /admin/raft/add {"id":N,"raft_addr":"h:p"}, /promote {"id":N}, /remove {"id":N},
+ * /transfer {"id":N} (leadership to voter N; no id or 0: the most up-to-date voter; answered
+ * once another router leads, for planned maintenance of the leader's host).
  * Only the leader changes membership; elsewhere 409 with the leader id. */
 static void http_admin(kvr_routerd *rd, kvr_http_req *req, const char *op)
 {
@@ -199,13 +201,19 @@ static void http_admin(kvr_routerd *rd, kvr_http_req *req, const char *op)
     }
     cJSON *root = NULL;
     kvr_err err = {0};
-    if (kvr_json_parse(req->body, 65536, 8, &root, &err) != 0) {
+    bool transfer = strcmp(op, "transfer") == 0;
+    kvr_slice body = req->body;
+    if (transfer && body.len == 0)
+        body = kvr_slice_of("{}"); /* no body: to the most up-to-date voter */
+    if (kvr_json_parse(body, 65536, 8, &root, &err) != 0) {
         rd_respond_error(req, 400, err.msg);
         return;
     }
     int64_t id = 0;
     const char *addr = NULL;
-    int rc = kvr_json_get_int(root, "id", true, 1, UINT32_MAX, &id, &err);
+    int rc = kvr_json_get_int(root, "id", !transfer, transfer ? 0 : 1, UINT32_MAX, &id, &err);
+    if (rc == KVR_ENOTFOUND)
+        rc = 0; /* a transfer without an id: id 0 */
     if (rc == 0 && strcmp(op, "add") == 0)
         rc = kvr_json_get_string(root, "raft_addr", true, &addr, &err);
     if (rc != 0) {
@@ -216,6 +224,7 @@ static void http_admin(kvr_routerd *rd, kvr_http_req *req, const char *op)
     uint32_t leader = 0;
     rd_member_op mop = strcmp(op, "add") == 0       ? RD_MEMBER_ADD
                        : strcmp(op, "promote") == 0 ? RD_MEMBER_PROMOTE
+                       : transfer                   ? RD_MEMBER_TRANSFER
                                                     : RD_MEMBER_REMOVE;
     rc = rd->bk->membership(rd, mop, (uint32_t)id, addr, on_admin_done, req, &leader);
     cJSON_Delete(root);
@@ -307,11 +316,15 @@ void rd_on_http(kvr_http_req *req)
         http_admin(rd, req, "promote");
     } else if (post && kvr_slice_eq_cstr(req->path, "/admin/raft/remove")) {
         http_admin(rd, req, "remove");
+    } else if (post && kvr_slice_eq_cstr(req->path, "/admin/raft/transfer")) {
+        http_admin(rd, req, "transfer");
     } else if (post && kvr_slice_eq_cstr(req->path, "/admin/restart")) {
         http_restart(rd, req);
     } else if (kvr_slice_eq_cstr(req->path, "/health") || kvr_slice_eq_cstr(req->path, "/ready") ||
-               kvr_slice_eq_cstr(req->path, "/metrics") || kvr_slice_eq_cstr(req->path, "/v1/state") ||
-               kvr_slice_eq_cstr(req->path, "/v1/match") || kvr_slice_eq_cstr(req->path, "/v1/route")) {
+               kvr_slice_eq_cstr(req->path, "/metrics") ||
+               kvr_slice_eq_cstr(req->path, "/v1/state") ||
+               kvr_slice_eq_cstr(req->path, "/v1/match") ||
+               kvr_slice_eq_cstr(req->path, "/v1/route")) {
         rd_respond_error(req, 405, "method not allowed");
     } else {
         rd_respond_error(req, 404, "not found");

@@ -47,8 +47,14 @@ static inline const char *rd_decided_name(rd_decided d)
 typedef void (*rd_cmd_cb)(kvr_routerd *rd, int status, const kvr_fsm_result *res, rd_decided how,
                           void *data);
 
-/* Membership changes (POST /admin/raft/...). */
-typedef enum rd_member_op { RD_MEMBER_ADD, RD_MEMBER_PROMOTE, RD_MEMBER_REMOVE } rd_member_op;
+/* Membership changes (POST /admin/raft/...); TRANSFER hands leadership to voter id (0: the
+ * most up-to-date one). */
+typedef enum rd_member_op {
+    RD_MEMBER_ADD,
+    RD_MEMBER_PROMOTE,
+    RD_MEMBER_REMOVE,
+    RD_MEMBER_TRANSFER
+} rd_member_op;
 typedef void (*rd_member_cb)(int status, void *data);
 
 typedef struct rd_bookings_ops {

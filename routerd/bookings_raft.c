@@ -195,58 +195,49 @@ static void raft_hop_observe(void *data, int hop, double seconds)
         kvr_metric_observe(rd->m_raft_hop, (size_t)hop, seconds);
 }
 
-/* kvr.route.leader.event: route events (prefill done, free) go to the leader first, for the
- * same reason: a follower that takes one from kvr.route.event forwards it to the leader (two
- * more wake-ups and a TCP round trip per event, two events per request). The leader takes them
- * beside kvr.route.leader; clients publish with kvr.route.event as the fallback when nobody
- * listens (kvr_nats_publish_fallback), so an event sent during an election is not lost. On
- * leaving, the subscription is drained: events the server already routed here are still
- * taken (a deposed leader forwards them like any command). */
-static void leader_events_update(kvr_routerd *rd, bool want)
+/* The leader's two subjects, in the queue group kvr-route-leader of their own, so two routers
+ * that both think they lead for a moment still take each message once:
+ *  - kvr.route.leader: the same requests as kvr.route, sent there first by frontends, kvr-epp
+ *    and kvr-bench so that a decision skips the forward to the leader and back, two of the
+ *    five process wake-ups a follower's answer costs (kvr-bench raft: client mean 491 µs with
+ *    followers answering two thirds, see docs/DESIGN.md 4 for the figures). No responders (no
+ *    leader, or one that is not ready) sends the client to kvr.route at once.
+ *  - kvr.route.leader.event: route events (prefill done, free), for the same reason: a
+ *    follower that takes one from kvr.route.event forwards it (two more wake-ups and a TCP
+ *    round trip per event, two events per request). Clients publish with kvr.route.event as
+ *    the fallback when nobody listens (kvr_nats_publish_fallback), so an event sent during an
+ *    election is not lost.
+ * Leaving either drains it: what the server already routed here is still taken, and a deposed
+ * leader forwards it like any follower, so a step-down (a planned transfer too) costs no
+ * request its client's route timeout and loses no event. */
+static void leader_subject_set(kvr_routerd *rd, kvr_nats_sub **sub, const char *subject,
+                               kvr_nats_msg_cb on_msg, bool want)
 {
-    if (want == (rd->sub_event_leader != NULL))
+    if (want == (*sub != NULL))
         return;
     if (!want) {
-        (void)kvr_nats_drain(rd->sub_event_leader, NULL, NULL); /* an error unsubscribed it */
-        rd->sub_event_leader = NULL;
+        (void)kvr_nats_drain(*sub, NULL, NULL); /* an error unsubscribed it */
+        *sub = NULL;
+        KVR_LOG_INFO("left the leader subject", "subject=%s leader=%d ready=%d", subject,
+                     rd->raft_leader, rd->ready);
         return;
     }
     kvr_err err = {0};
-    if (kvr_nats_subscribe(&rd->nats, KVR_ROUTE_LEADER_EVENT_SUBJECT, "kvr-route-leader",
-                           rd_on_route_event, rd, &rd->sub_event_leader, &err) != 0) {
-        rd->sub_event_leader = NULL;
-        KVR_LOG_WARN_RL(5, "subscribing to kvr.route.leader.event", "error=\"%s\"", err.msg);
+    if (kvr_nats_subscribe(&rd->nats, subject, "kvr-route-leader", on_msg, rd, sub, &err) != 0) {
+        *sub = NULL;
+        KVR_LOG_WARN_RL(5, "subscribing to the leader subject", "subject=%s error=\"%s\"", subject,
+                        err.msg);
+        return;
     }
+    KVR_LOG_INFO("taking the leader subject", "subject=%s id=%u", subject, rd->cfg.id);
 }
 
-/* kvr.route.leader: the same requests as kvr.route, sent there first by frontends, kvr-epp and
- * kvr-bench so that a decision skips the forward to the leader and back, two of the five
- * process wake-ups a follower's answer costs (kvr-bench raft: client mean 491 µs with
- * followers answering two thirds, see docs/DESIGN.md 4 for the figures). Only the leader
- * subscribes, in a queue group of its own, so two routers that both think they lead for a
- * moment still answer each request once, and a request that reaches a deposed one is
- * forwarded like any other. No responders (no leader, or one that is not ready) sends the
- * client to kvr.route at once. */
 void rd_leader_route_update(kvr_routerd *rd)
 {
     bool want = rd->raft_leader && rd->ready && !rd->groups_left && !rd->stopping;
-    leader_events_update(rd, want);
-    if (want == (rd->sub_route_leader != NULL))
-        return;
-    if (!want) {
-        kvr_nats_unsubscribe(rd->sub_route_leader);
-        rd->sub_route_leader = NULL;
-        KVR_LOG_INFO("left kvr.route.leader", "leader=%d ready=%d", rd->raft_leader, rd->ready);
-        return;
-    }
-    kvr_err err = {0};
-    if (kvr_nats_subscribe(&rd->nats, KVR_ROUTE_LEADER_SUBJECT, "kvr-route-leader",
-                           rd_on_route_nats, rd, &rd->sub_route_leader, &err) != 0) {
-        rd->sub_route_leader = NULL;
-        KVR_LOG_WARN_RL(5, "subscribing to kvr.route.leader", "error=\"%s\"", err.msg);
-        return;
-    }
-    KVR_LOG_INFO("answering kvr.route.leader", "id=%u", rd->cfg.id);
+    leader_subject_set(rd, &rd->sub_event_leader, KVR_ROUTE_LEADER_EVENT_SUBJECT, rd_on_route_event,
+                       want);
+    leader_subject_set(rd, &rd->sub_route_leader, KVR_ROUTE_LEADER_SUBJECT, rd_on_route_nats, want);
 }
 
 static void on_leader_change(void *data, bool leader)
@@ -530,9 +521,11 @@ static int raft_membership(kvr_routerd *rd, rd_member_op op, uint32_t id, const 
         return KVR_ENOMEM;
     c->cb = cb;
     c->data = data;
-    int rc = op == RD_MEMBER_ADD       ? kvr_sync_add_node(rd->sync, id, addr, on_member_done, c, leader)
-             : op == RD_MEMBER_PROMOTE ? kvr_sync_promote_node(rd->sync, id, on_member_done, c, leader)
-                                       : kvr_sync_remove_node(rd->sync, id, on_member_done, c, leader);
+    int rc =
+        op == RD_MEMBER_ADD       ? kvr_sync_add_node(rd->sync, id, addr, on_member_done, c, leader)
+        : op == RD_MEMBER_PROMOTE ? kvr_sync_promote_node(rd->sync, id, on_member_done, c, leader)
+        : op == RD_MEMBER_REMOVE  ? kvr_sync_remove_node(rd->sync, id, on_member_done, c, leader)
+                                  : kvr_sync_transfer(rd->sync, id, on_member_done, c, leader);
     if (rc != 0)
         free(c);
     return rc;

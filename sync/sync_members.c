@@ -98,9 +98,9 @@ static void transfer_done(kvr_consensus_transfer *req)
     free(cx);
 }
 
-int kvr_sync_transfer(kvr_sync *s, uint32_t id, kvr_sync_change_cb cb, void *data)
+int kvr_sync_transfer(kvr_sync *s, uint32_t id, kvr_sync_change_cb cb, void *data, uint32_t *leader)
 {
-    int rc = not_leader(s, NULL);
+    int rc = not_leader(s, leader);
     if (rc)
         return rc;
     change_ctx *cx = change_new(s, cb, data);

@@ -6,7 +6,9 @@
 #  2. --no-route-leader-first spreads over the queue group kvr.route (followers decide some);
 #  3. the leader SIGKILLed: requests keep being answered by a router (no local fallback once a
 #     new leader is elected), and the new leader alone answers the leader subject;
-#  4. a follower never subscribes to kvr.route.leader (/v1/state raft.leader_subject);
+#  4. a follower never subscribes to kvr.route.leader (/v1/state raft.leader_subject); six
+#     planned hand-overs (POST /admin/raft/transfer) under load move both leader subjects with
+#     no failed, fallen-back or timed-out request (run before 3, which kills the leader);
 #  5. route events go to the leader too (kvr.route.leader.event): with the default frontend no
 #     follower forwards a command to the leader (its forward-hop count stays), every booking
 #     is freed, and only the leader subscribes to the event subject; --no-route-leader-first
@@ -105,6 +107,66 @@ done
 ((fw > 0)) || kvr_fail "no follower forwarded anything for 24 requests sent to kvr.route"
 kvr_wait_for 10 all_freed 1 2 3 || kvr_fail "bookings left after the any-router requests"
 kvr_log "ok: any router: followers decided $fol of 24 and forwarded $fw commands"
+
+# 4. a planned hand-over (POST /admin/raft/transfer, admin token only) while requests flow
+#    through the leader-first frontend: the leadership and both leader subjects move, no request
+#    fails, none falls back, none waits out its 500 ms route timeout (the deposed leader drains
+#    its subjects and forwards what the server had already sent it), every booking is freed
+code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -X POST \
+    "http://127.0.0.1:${HP[$L]}/admin/raft/transfer")
+kvr_assert_eq "$code" 401 "transfer without the admin token"
+kvr_assert_eq "$(rd_q "${HP[$L]}" .raft.leader)" "$L" "leader after a refused transfer"
+slow() { # route decisions of the leader-first frontend that took over 250 ms (a timeout is 500)
+    curl -s "http://127.0.0.1:$F1P/metrics" | awk '
+        $1 == "kvr_frontend_route_seconds_count" {c = $2}
+        $1 == "kvr_frontend_route_seconds_bucket{le=\"0.25\"}" {b = $2}
+        END {printf "%d\n", c - b}'
+}
+slow0=$(slow)
+fb0=$(fallbacks "$F1P")
+load() {
+    local k r
+    for ((k = 0; k < 2000; k++)); do
+        [ -e "$KVR_TMP/load.stop" ] && return
+        r=$(curl -s --max-time 10 -d "{\"model\":\"m1\",\"prompt\":\"load $1 $k\",\"max_tokens\":2}" \
+            "http://127.0.0.1:$F1P/v1/completions")
+        [ "$(jq -r .usage.completion_tokens <<<"$r" 2>/dev/null)" = 2 ] ||
+            echo "load $1 request $k: $r" >>"$KVR_TMP/load.err"
+    done
+}
+LOADS=()
+for j in 1 2 3 4; do
+    load $j &
+    LOADS+=($!)
+done
+stop_load() { touch "$KVR_TMP/load.stop"; wait "${LOADS[@]}"; } # not the cluster's processes
+LT=$L
+moved() { # every router names one leader other than $1, and it takes the leader subject
+    local n
+    n=$(rd_q "${HP[1]}" .raft.leader)
+    [ -n "$n" ] && [ "$n" != 0 ] && [ "$n" != null ] && [ "$n" != "$1" ] || return 1
+    for i in 2 3; do [ "$(rd_q "${HP[$i]}" .raft.leader)" = "$n" ] || return 1; done
+    leader_answers "$n" && [ "$(evsubj "$n")" = true ] || return 1
+    NL=$n
+}
+for t in 1 2 3 4 5 6; do
+    r=$(rd_post "${HP[$LT]}" /admin/raft/transfer)
+    [ "$(jq -r .ok <<<"$r" 2>/dev/null)" = true ] || { stop_load; kvr_fail "transfer $t from router $LT: $r"; }
+    kvr_wait_for 10 moved "$LT" || { stop_load; kvr_fail "transfer $t: the leadership or the leader subjects did not move from $LT"; }
+    LT=$NL
+    sleep 0.3
+done
+stop_load
+[ ! -s "$KVR_TMP/load.err" ] || kvr_fail "requests failed during the transfers: $(head -3 "$KVR_TMP/load.err")"
+kvr_assert_eq "$(fallbacks "$F1P")" "$fb0" "local fallbacks during the transfers"
+kvr_assert_eq "$(($(slow) - slow0))" 0 "route decisions over 250 ms during the transfers"
+for i in 1 2 3; do
+    [ "$i" = "$LT" ] && continue
+    kvr_assert_eq "$(subj $i)" false "follower $i answers kvr.route.leader after the transfers"
+done
+kvr_wait_for 10 all_freed 1 2 3 || kvr_fail "bookings left after the transfers"
+L=$LT
+kvr_log "ok: 6 transfers under load, leader now router $L, no request slowed to a timeout"
 
 # 3. the leader dies: a new one takes the leader subject; requests keep being routed
 kvr_kill9 "r$L"
