@@ -5,16 +5,20 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* SERVING 1 / NOT_SERVING 2, or -1 for an unknown service. Ready = NATS (the routers' bus)
- * reachable; live workers are not required (a pool may be scaling from zero: requests then
- * get 503 from the picker, not from a dead EPP). */
+/* SERVING 1 / NOT_SERVING 2, or -1 for an unknown service. Ready = NATS (the routers' and
+ * the heartbeats' bus) connected and some worker live, so a gateway stops sending picks to an
+ * EPP that could only answer 503. --ready-without-workers drops the second condition, for a
+ * gateway that must keep calling the picker while a pool is at zero workers. */
 int epp_health_status(const char *s)
 {
     if (!s[0] || strcmp(s, "liveness") == 0)
         return 1;
     if (strcmp(s, "readiness") == 0 || strcmp(s, "inference-extension") == 0 ||
-        strcmp(s, "envoy.service.ext_proc.v3.ExternalProcessor") == 0)
-        return !E.nats_on || kvr_nats_connected(&E.nats) ? 1 : 2;
+        strcmp(s, "envoy.service.ext_proc.v3.ExternalProcessor") == 0) {
+        if (E.nats_on && !kvr_nats_connected(&E.nats))
+            return 2;
+        return E.ready_without_workers || fe_pool_live(&E.pool, NULL, kvr_mono_ms()) > 0 ? 1 : 2;
+    }
     return -1;
 }
 

@@ -56,6 +56,7 @@ struct epp_state {
     uv_loop_t *loop;
     kvr_nats nats;
     bool nats_on;
+    bool ready_without_workers; /* --ready-without-workers: readiness ignores live workers */
     fe_pool pool;
     kvr_cidr_list worker_cidrs;
     epp_grpc_server grpc, health;

@@ -59,7 +59,7 @@ int main(int argc, char **argv)
             route_timeout = 200, route_tries = 3, max_body = 4 << 20, max_fallbacks = 2,
             max_pending = 1024;
     uint64_t id = 1;
-    bool secure = true, route_leader_first = true;
+    bool secure = true, route_leader_first = true, ready_without_workers = false;
     kvr_flag flags[] = {
         {"grpc-port", KVR_FLAG_INT, &grpc_port, "ext_proc gRPC port (0: any)", 0},
         {"grpc-health-port", KVR_FLAG_INT, &health_port, "gRPC health port (-1: off)", 0},
@@ -86,6 +86,10 @@ int main(int argc, char **argv)
         {"route-leader-first", KVR_FLAG_BOOL, &route_leader_first,
          "ask the Raft leader (kvr.route.leader) on a pick's first try, any router after "
          "(default true; --no-route-leader-first)",
+         0},
+        {"ready-without-workers", KVR_FLAG_BOOL, &ready_without_workers,
+         "gRPC readiness SERVING with NATS up even when no worker is live (default: a live "
+         "worker is needed)",
          0},
         {"max-body", KVR_FLAG_SIZE, &max_body, "request body limit (default 4MiB)", 0},
         {"max-fallbacks", KVR_FLAG_INT, &max_fallbacks,
@@ -138,6 +142,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     E.loop = uv_default_loop();
     E.id = id;
+    E.ready_without_workers = ready_without_workers;
     E.route_timeout_ms = route_timeout;
     E.route_tries = route_tries;
     E.route_target.leader_first = route_leader_first;

@@ -3,7 +3,8 @@
 # messages come from Envoy's real protos, with real nats-server, kvr-routerd and two
 # kvr-worker processes: headers-only GET, body in one chunk and in many, a body over 62,000
 # bytes echoed unchanged, a LoRA adapter, subset hints (list and string), garbage → 400, client cancel
-# mid-body, a dropped connection, 100 concurrent streams, gRPC health, unknown method, TLS (self-signed default and
+# mid-body, a dropped connection, 100 concurrent streams, gRPC health (readiness needs NATS and a
+# live worker, unless --ready-without-workers), unknown method, TLS (self-signed default and
 # --cert-path, ALPN h2), no router (local fallback), no live worker → 503.
 source "$(dirname "$0")/../lib/testenv.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -171,10 +172,12 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -su
     -out "$KVR_TMP/certs/tls.crt" 2>/dev/null || kvr_fail "openssl req"
 TP2=$(kvr_free_port)
 kvr_spawn epp_tls2 "$KVR_BIN/kvr-epp" --grpc-port $TP2 --grpc-health-port -1 --metrics-port -1 \
-    --cert-path "$KVR_TMP/certs" --id 11 --bind 127.0.0.1
+    --cert-path "$KVR_TMP/certs" --id 11 --bind 127.0.0.1 --ready-without-workers
 kvr_wait_for 10 alpn $TP2 || kvr_fail "no TLS on the --cert-path port"
 kvr_assert_eq "$($PY "$HERE/epp_client.py" localhost:$TP2 health --tls-ca "$KVR_TMP/certs/tls.crt" | jq -r .status)" \
     SERVING "health over TLS with --cert-path, name verified"
+kvr_assert_eq "$($PY "$HERE/epp_client.py" localhost:$TP2 health --service readiness --tls-ca "$KVR_TMP/certs/tls.crt" | jq -r .status)" \
+    SERVING "readiness with --ready-without-workers and no worker"
 r=$($PY "$HERE/epp_client.py" localhost:$TP2 post --tls-ca "$KVR_TMP/certs/tls.crt")
 kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "--cert-path instance without NATS: 503"
 kvr_term epp_tls2
@@ -230,6 +233,14 @@ kvr_term worker1
 kvr_term worker2
 gone() { [ "$(emetric inference_pool_ready_pods)" = 0 ]; }
 kvr_wait_for 10 gone || kvr_fail "workers never expired"
+# an EPP that could only answer 503 is not ready (the gateway's probe takes it out); alive still
+for svc in readiness inference-extension envoy.service.ext_proc.v3.ExternalProcessor; do
+    kvr_assert_eq "$($PY "$HERE/epp_client.py" 127.0.0.1:$HP health --service $svc | jq -r .status)" \
+        NOT_SERVING "health $svc with no live worker"
+done
+kvr_assert_eq "$(CL health --service readiness | jq -r .status)" NOT_SERVING \
+    "readiness on the ext_proc port with no live worker"
+kvr_assert_eq "$(CL health --service liveness | jq -r .status)" SERVING "liveness with no live worker"
 r=$(CL post)
 kvr_assert_eq "$(echo "$r" | jq -r .status)" 503 "no live worker: 503"
 r=$(CL get)
