@@ -4,7 +4,8 @@ kvr-epp over h2c. Its _pb2 modules are generated with protoc from Envoy's REAL p
 (tests/epp/protos), so kvr-epp's pruned proto is checked against the upstream wire format.
 
 usage: epp_client.py ADDR SCENARIO [options]   → one JSON line on stdout
-scenarios: get, post, post-close, garbage, cancel, hang, hold, concurrent, seq, health, unknown-method
+scenarios: get, post, post-close, garbage, cancel, hang, hold, concurrent, open-together (plaintext
+only: --n streams all open at once on one connection), seq, health, unknown-method
 """
 import argparse
 import atexit
@@ -180,6 +181,76 @@ def post_flow(ch, payload, chunks=1, subset=None, path="/v1/completions", respon
     return out
 
 
+async def open_together(addr, payload, path, n, hold_s=60):
+    """n Process streams on one HTTP/2 connection, all open at once (grpc.aio, one thread):
+    each sends headers and body and reads its pick and the body echo; none answers the
+    response path until all n have their pick, so the server holds n streams (and n bookings)
+    at the same time; then each sends response headers, two body chunks and trailers and
+    checks the echoes and the call's end."""
+    import asyncio
+    picked, all_picked = [0], asyncio.Event()
+
+    async def one(call_of, i):
+        out = {}
+        call = call_of(timeout=hold_s + 60)
+        await call.write(hdrs([(":method", "POST"), (":path", path),
+                               ("content-type", "application/json")]))
+        await call.write(body(payload, True))
+        first = await call.read()
+        if first is grpc.aio.EOF or first.WhichOneof("response") != "request_headers":
+            picked[0] += n  # nobody waits for a stream that got no pick
+            all_picked.set()
+            return {"first": "EOF" if first is grpc.aio.EOF else first.WhichOneof("response")}
+        out["dest"], out["meta"], _ = dest_of(first)
+        echoed, eos = b"", False
+        while not eos:
+            r = await call.read()
+            sb = r.request_body.response.body_mutation.streamed_response
+            echoed += sb.body
+            eos = sb.end_of_stream
+        out["body_same"] = echoed == payload
+        picked[0] += 1
+        if picked[0] >= n:
+            all_picked.set()
+        await asyncio.wait_for(all_picked.wait(), hold_s)
+        pick = out["dest"].split(",")[0]
+        await call.write(hdrs([(":status", "200"), ("content-type", "text/event-stream")],
+                              eos=None, served=pick))
+        seq = [(await call.read()).WhichOneof("response")]
+        rb, got = [b"data: {\"x\":1}\n\n", b"data: [DONE]\n\n"], b""
+        for c in rb:
+            await call.write(body(c, False, response=True))
+            r = await call.read()
+            seq.append(r.WhichOneof("response"))
+            got += r.response_body.response.body_mutation.streamed_response.body
+        tr = ep.ProcessingRequest()
+        tr.response_trailers.trailers.headers.add(key="grpc-status", raw_value=b"0")
+        await call.write(tr)
+        seq.append((await call.read()).WhichOneof("response"))
+        await call.done_writing()
+        out["end"] = "ok" if await call.read() is grpc.aio.EOF else "extra message"
+        out["code"] = str(await call.code())
+        out["ok"] = (out["dest"] == out["meta"] and out["body_same"] and got == b"".join(rb)
+                     and seq == ["response_headers", "response_body", "response_body",
+                                 "response_trailers"] and out["end"] == "ok"
+                     and out["code"] == "StatusCode.OK")
+        return out
+
+    async with grpc.aio.insecure_channel(addr) as ach:
+        call_of = ach.stream_stream(PATH, request_serializer=ep.ProcessingRequest.SerializeToString,
+                                    response_deserializer=ep.ProcessingResponse.FromString)
+        t0 = time.time()
+        rs = await asyncio.gather(*[one(call_of, i) for i in range(n)], return_exceptions=True)
+    ok = [r for r in rs if isinstance(r, dict) and r.get("ok")]
+    bad = [r if isinstance(r, dict) else {"err": repr(r)} for r in rs
+           if not (isinstance(r, dict) and r.get("ok"))]
+    res = {"n": n, "ok": len(ok), "open_at_once": picked[0] == n,
+           "seconds": round(time.time() - t0, 3)}
+    if bad:
+        res["first_bad"] = bad[0]
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("addr")
@@ -309,6 +380,9 @@ def main():
         bad = [r for ok, r in results if not ok]
         if bad:
             res["first_bad"] = bad[0]
+    elif a.scenario == "open-together":
+        import asyncio
+        res = asyncio.run(open_together(a.addr, payload, path, a.n))
     elif a.scenario == "shed":
         # n streams whose bodies all end at once (threads released together): with
         # --max-pending-picks 1 and a router that never answers, one pick is out and the rest

@@ -3,7 +3,7 @@
 # messages come from Envoy's real protos, with real nats-server, kvr-routerd and two
 # kvr-worker processes: headers-only GET, body in one chunk and in many, a body over 62,000
 # bytes echoed unchanged, a LoRA adapter, subset hints (list and string), garbage → 400, client cancel
-# mid-body, a dropped connection, 100 concurrent streams, gRPC health (readiness needs NATS and a
+# mid-body, a dropped connection, 100 concurrent streams and 1,000 open at once, gRPC health (readiness needs NATS and a
 # live worker, unless --ready-without-workers), unknown method, TLS (self-signed default and
 # --cert-path, ALPN h2), no router (local fallback), no live worker → 503.
 source "$(dirname "$0")/../lib/testenv.sh"
@@ -140,6 +140,14 @@ r=$(CL concurrent --n 100)
 kvr_log "concurrent: $r"
 kvr_assert_eq "$(echo "$r" | jq -r .ok)" 100 "100 concurrent streams"
 kvr_wait_for 5 zero || kvr_fail "bookings left after concurrent streams: $(bookings)"
+# --- 1,000 streams open at once on one connection (grpc.aio, one thread): each keeps its pick,
+#     and the router its booking, until all 1,000 have theirs; then each runs the response path
+#     and ends OK, and every booking is freed ---
+r=$(CL open-together --n 1000)
+kvr_log "open together: $(jq -c 'del(.first_bad)' <<<"$r")"
+kvr_assert_eq "$(jq -r .open_at_once <<<"$r")" true "1000 streams open at once: $r"
+kvr_assert_eq "$(jq -r .ok <<<"$r")" 1000 "1000 streams open at once: $(jq -c .first_bad <<<"$r")"
+kvr_wait_for 10 zero || kvr_fail "bookings left after 1000 streams open at once: $(bookings)"
 kvr_assert_eq "$(emetric kvr_epp_open_streams)" 0 "no stream left open"
 kvr_assert "requests counted" [ "$(emetric inference_objective_request_total)" -ge 100 ]
 
