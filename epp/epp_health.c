@@ -30,14 +30,19 @@ void epp_on_heartbeat(const kvr_nats_msg *m, void *data)
         KVR_LOG_WARN_RL(10, "bad worker heartbeat", "subject=%s err=\"%s\"", m->subject, err.msg);
         return;
     }
-    /* a request naming one of its adapters tokenizes as its base model does (as the frontend) */
     kvr_heartbeat hb;
     char ns[FE_NS_MAX];
-    if (kvr_heartbeat_decode(m->data, m->len, &hb) != 0 || !hb.n_loras || hb.ns.len >= sizeof ns)
+    if (kvr_heartbeat_decode(m->data, m->len, &hb) != 0 || hb.ns.len >= sizeof ns)
         return;
     memcpy(ns, hb.ns.base, hb.ns.len);
     ns[hb.ns.len] = 0;
     fe_worker *w = fe_pool_find(&E.pool, ns, hb.id);
+    /* a worker of a pool waking from zero is up: its held picks ask now (epp_hold.c) */
+    if (w)
+        epp_hold_worker_heard(ns, w->model);
+    /* a request naming one of its adapters tokenizes as its base model does (as the frontend) */
+    if (!hb.n_loras)
+        return;
     for (uint32_t i = 0; w && i < hb.n_loras; i++)
         fe_tok_note_lora(hb.loras[i].base, hb.loras[i].len, w->model);
 }

@@ -72,9 +72,9 @@ int epp_register_metrics(void)
                                      "bytes held by the gRPC layer", NULL, NULL);
     E.m_pending = kvr_metrics_gauge(m, "kvr_epp_pending_picks",
                                     "kvr.route requests out (picks in flight)", NULL, NULL);
-    if (!E.m_req || !E.m_err || !E.m_dur || !E.m_ready || !E.m_pick || !E.m_route || !E.m_fallback ||
-        !E.m_routed || !E.m_mismatch || !E.m_cancelled || !E.m_streams || !E.m_buffered ||
-        !E.m_pending)
+    if (!E.m_req || !E.m_err || !E.m_dur || !E.m_ready || !E.m_pick || !E.m_route ||
+        !E.m_fallback || !E.m_routed || !E.m_mismatch || !E.m_cancelled || !E.m_streams ||
+        !E.m_buffered || !E.m_pending || epp_hold_metrics(m) != 0)
         return KVR_EINVAL;
     kvr_metrics_on_collect(m, collect, NULL);
     return 0;

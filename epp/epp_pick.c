@@ -148,8 +148,12 @@ static void choose_local(xs *x, int fb)
     fe_worker *w = epp_local_pick(x, x->ns[0] ? x->ns : NULL,
                                   x->pool_model[0] ? x->pool_model : NULL, NULL, 0);
     if (!w) {
-        epp_immediate(x, 503, ERR_503,
-                      x->has_subset ? "no live worker in the endpoint subset" : "no live worker");
+        if (x->cold_status == 404)
+            epp_immediate(x, 404, ERR_404, "model not served by any live worker");
+        else
+            epp_immediate(x, 503, ERR_503,
+                          x->has_subset ? "no live worker in the endpoint subset"
+                                        : "no live worker");
         return;
     }
     snprintf(x->url, sizeof x->url, "%s", w->url);
@@ -199,6 +203,16 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
         choose_local(x, FB_BAD_REPLY);
         return;
     }
+    if (!rep.ok && rep.pool_waking) {
+        /* the router started waking the pool: the stream waits (epp_hold.c) */
+        if (!epp_hold_waking(x, rep.retry_after_ms))
+            epp_immediate(x, 503, ERR_503, "too many picks held for waking pools");
+        return;
+    }
+    if (!rep.ok && x->cold_status) { /* no worker anywhere: the answer it would have had */
+        choose_local(x, -1);
+        return;
+    }
     if (!rep.ok || rep.url.len >= sizeof x->url) {
         if (rep.ok)
             x->booked = true;
@@ -218,6 +232,7 @@ static void on_route_reply(int status, const char *data, size_t len, void *cbdat
     }
     kvr_metric_inc(E.m_routed);
     worker_inflight(x, +1);
+    epp_hold_routed(x);
     epp_decided(x);
 }
 
@@ -276,6 +291,12 @@ static void send_route(xs *x)
     E.pending_picks++;
 }
 
+void epp_route_again(xs *x)
+{
+    x->tries = 0;
+    send_route(x);
+}
+
 /* The request body is complete: parse, tokenize, pick. */
 void epp_start_pick(xs *x)
 {
@@ -302,6 +323,15 @@ void epp_start_pick(xs *x)
     x->filt.lora = x->lora;
     x->filt.mdc_sum = fe_tok_mdc_sum(x->pool_model);
     int rc = fe_pool_pick_ns_f(&E.pool, x->pool_model, now, &x->filt, x->ns);
+    if ((rc == KVR_ENOTFOUND || rc == KVR_EAGAIN) && E.nats_on && kvr_nats_connected(&E.nats)) {
+        /* No live worker of the model: its pool may be scaled to zero, which only the routers
+         * know (as the frontend, fe_handlers.c). They are asked in kvr-epp's namespace (or its
+         * prefix's first); one that answers "waking" has the pick held (epp_hold.c), else it
+         * gets the answer it would have got at once. */
+        x->cold_status = rc == KVR_ENOTFOUND ? 404 : 503;
+        snprintf(x->ns, sizeof x->ns, "%s", E.pool.ns);
+        rc = 0;
+    }
     if (rc == KVR_ENOTFOUND) { /* workers are live, none of this model: the frontend's 404 */
         epp_immediate(x, 404, ERR_404, "model not served by any live worker");
         return;

@@ -8,7 +8,8 @@
  *   epp_pick.c    the pick: route-and-reserve over kvr.route (tries, timeouts), local least-loaded
  *                 fallback, endpoint subsets, the destination list, bookings and route events
  *   epp_health.c  gRPC health status, worker heartbeats, NATS state, the lease tick
- *   epp_metrics.c the metrics (registration, collection) and the /metrics HTTP handler */
+ *   epp_metrics.c the metrics (registration, collection) and the /metrics HTTP handler
+ *   epp_hold.c    picks held while a router wakes their pool from zero */
 #ifndef KVR_EPP_PRIV_H
 #define KVR_EPP_PRIV_H
 
@@ -109,6 +110,13 @@ typedef struct xs {
     int64_t t_start_ns, t_body_ns;
     int64_t t_route_ns;        /* the last kvr.route request went out */
     const char *route_subject; /* of that request (a static string) */
+    /* no live worker of the model when the pick started: the routers were asked anyway (the
+     * pool may be scaled to zero); the status to answer when none says "waking" (404/503) */
+    int cold_status;
+    /* held for a waking pool (epp_hold.c): its pool, queue links, deadline */
+    void *hold_pool;
+    struct xs *hold_next, *hold_prev;
+    int64_t hold_deadline_ms;
 } xs;
 
 enum { XS_COLLECT = 0, XS_DECIDING, XS_PASS, XS_DONE };
@@ -129,6 +137,22 @@ fe_worker *epp_local_pick(const xs *x, const char *ns, const char *model, const 
 void epp_publish_event(xs *x, kvr_route_event_type type);
 void epp_release(xs *x);
 void epp_start_pick(xs *x);
+/* A held pick asks the routers again (its tries start over). */
+void epp_route_again(xs *x);
+
+/* epp_hold.c: picks held while a router wakes their pool from zero */
+void epp_hold_configure(size_t max_held, int64_t wake_timeout_ms);
+int epp_hold_metrics(kvr_metrics *m);
+/* A router answered x "pool waking": true when x is held (or still is), false when the holds
+ * are full (the caller answers 503). */
+bool epp_hold_waking(xs *x, uint32_t retry_after_ms);
+/* A router routed x ok: if x was held, the other held picks of its pool ask again now. */
+void epp_hold_routed(xs *x);
+/* x got its answer (served: a destination) or its call went: it leaves the hold, if held. */
+void epp_hold_end(xs *x, bool served);
+void epp_hold_client_gone(xs *x);
+/* A heartbeat of a live worker of (ns, model): that pool's held picks ask now. */
+void epp_hold_worker_heard(const char *ns, const char *model);
 void epp_url_hostport(const char *url, char *out, size_t cap);
 
 /* epp_health.c */

@@ -10,6 +10,7 @@ void epp_xs_maybe_free(xs *x)
 {
     if (x->call || x->route_pending)
         return;
+    epp_hold_end(x, false); /* not held any more by now; never freed inside a hold queue */
     epp_release(x);
     kvr_buf_free(&x->body);
     kvr_buf_free(&x->deferred);
@@ -38,6 +39,7 @@ static void send_resp(xs *x, const Envoy__Service__ExtProc__V3__ProcessingRespon
 
 void epp_immediate(xs *x, int status, int err_li, const char *msg)
 {
+    epp_hold_end(x, false);
     kvr_metric_add(E.m_err, (size_t)err_li, 1);
     Envoy__Type__V3__HttpStatus st = ENVOY__TYPE__V3__HTTP_STATUS__INIT;
     st.code = status;
@@ -202,6 +204,7 @@ static void handle_msg(xs *x, const uint8_t *msg, size_t len);
 /* The pick is made: answer the request headers, echo the body, then the messages that waited. */
 void epp_decided(xs *x)
 {
+    epp_hold_end(x, true);
     char dest[3 * FE_URL_MAX];
     epp_build_dest(x, x->pool_model[0] ? x->pool_model : NULL, dest, sizeof dest);
     if (x->t_body_ns)
@@ -458,6 +461,7 @@ void epp_on_close(epp_grpc_call *call, bool finished)
         kvr_metric_inc(E.m_cancelled);
     E.open_streams--;
     x->call = NULL;
+    epp_hold_client_gone(x);
     epp_release(x); /* stream ended or cancelled: the booking goes */
     epp_xs_maybe_free(x);
 }

@@ -57,7 +57,7 @@ int main(int argc, char **argv)
     kvr_nats_flags nats_sec = {0};
     int64_t grpc_port = 9002, health_port = 9003, metrics_port = 9090, block_size = 64,
             route_timeout = 200, route_tries = 3, max_body = 4 << 20, max_fallbacks = 2,
-            max_pending = 1024;
+            max_pending = 1024, max_held = 1024, wake_timeout = 60000;
     uint64_t id = 1;
     bool secure = true, route_leader_first = true, ready_without_workers = false;
     kvr_flag flags[] = {
@@ -96,6 +96,12 @@ int main(int argc, char **argv)
          "next least-loaded live workers listed after the pick (0-8)", 0},
         {"max-pending-picks", KVR_FLAG_INT, &max_pending,
          "picks in flight (kvr.route out) before new ones get 429", 0},
+        {"max-held", KVR_FLAG_INT, &max_held,
+         "picks held (in all) while routers wake their pool from zero; past it: 503 at once", 0},
+        {"wake-timeout", KVR_FLAG_DURATION, &wake_timeout,
+         "how long one pick may wait for its pool to wake (default 60s); then 503. The "
+         "gateway's ext_proc message timeout must allow it",
+         0},
         {"worker-cidr", KVR_FLAG_STRING, &worker_cidr,
          "CIDRs a worker's heartbeat url must be in (private, any, or a list)", 0},
         {"log-level", KVR_FLAG_STRING, &log_level, "debug|info|warn|error", 0},
@@ -130,7 +136,8 @@ int main(int argc, char **argv)
     if (id == 0 || (ns && prefix) || block_size < 1 || route_tries < 1 || route_tries > 100 ||
         route_timeout < 1 || max_body < 1 || max_fallbacks < 0 ||
         max_fallbacks > EPP_MAX_FALLBACKS || max_pending < 1 || max_pending > 1000000 ||
-        grpc_port < 0 || grpc_port > 65535 || health_port > 65535 || metrics_port > 65535) {
+        max_held < 0 || max_held > 1000000 || wake_timeout < 1 || grpc_port < 0 ||
+        grpc_port > 65535 || health_port > 65535 || metrics_port > 65535) {
         fprintf(stderr, "kvr-epp: bad flags (--id >= 1; --namespace and --namespace-prefix are "
                         "exclusive; sizes and ports in range)\n");
         return 2;
@@ -149,6 +156,7 @@ int main(int argc, char **argv)
     E.max_body = (size_t)max_body;
     E.max_fallbacks = (int)max_fallbacks;
     E.max_pending_picks = (uint32_t)max_pending;
+    epp_hold_configure((size_t)max_held, wake_timeout);
     snprintf(E.lease_subject, sizeof E.lease_subject, "kvr.frontends.%" PRIu64, id);
     if (kvr_cidr_list_add_csv(&E.worker_cidrs, worker_cidr, &err)) {
         fprintf(stderr, "kvr-epp: --worker-cidr: %s\n", err.msg);

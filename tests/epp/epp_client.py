@@ -192,6 +192,7 @@ async def open_together(addr, payload, path, n, hold_s=60):
 
     async def one(call_of, i):
         out = {}
+        t_start = time.time()
         call = call_of(timeout=hold_s + 60)
         await call.write(hdrs([(":method", "POST"), (":path", path),
                                ("content-type", "application/json")]))
@@ -202,6 +203,7 @@ async def open_together(addr, payload, path, n, hold_s=60):
             all_picked.set()
             return {"first": "EOF" if first is grpc.aio.EOF else first.WhichOneof("response")}
         out["dest"], out["meta"], _ = dest_of(first)
+        out["pick_s"] = time.time() - t_start
         echoed, eos = b"", False
         while not eos:
             r = await call.read()
@@ -245,7 +247,10 @@ async def open_together(addr, payload, path, n, hold_s=60):
     bad = [r if isinstance(r, dict) else {"err": repr(r)} for r in rs
            if not (isinstance(r, dict) and r.get("ok"))]
     res = {"n": n, "ok": len(ok), "open_at_once": picked[0] == n,
-           "seconds": round(time.time() - t0, 3)}
+           "seconds": round(time.time() - t0, 3),
+           "dests": sorted({r["dest"] for r in ok}),
+           "pick_s_min": round(min((r["pick_s"] for r in ok), default=0), 3),
+           "pick_s_max": round(max((r["pick_s"] for r in ok), default=0), 3)}
     if bad:
         res["first_bad"] = bad[0]
     return res
