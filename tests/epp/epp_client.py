@@ -4,7 +4,7 @@ kvr-epp over h2c. Its _pb2 modules are generated with protoc from Envoy's REAL p
 (tests/epp/protos), so kvr-epp's pruned proto is checked against the upstream wire format.
 
 usage: epp_client.py ADDR SCENARIO [options]   → one JSON line on stdout
-scenarios: get, post, post-close, garbage, cancel, hang, hold, concurrent, open-together (plaintext
+scenarios: get, post, post-close, garbage, cancel, cancel-after-body, hang, hold, concurrent, open-together (plaintext
 only: --n streams all open at once on one connection), seq, health, unknown-method
 """
 import argparse
@@ -338,6 +338,17 @@ def main():
         q.put(hdrs([(":method", "POST"), (":path", path)]))
         q.put(body(payload[:len(payload) // 2], False))
         time.sleep(0.3)
+        fut.cancel()
+        res["cancelled"] = True
+    elif a.scenario == "cancel-after-body":
+        # the whole request, then the client goes away while its pick is out (or held)
+        q = queue.Queue()
+        call = ch.stream_stream(PATH, request_serializer=ep.ProcessingRequest.SerializeToString,
+                                response_deserializer=ep.ProcessingResponse.FromString)
+        fut = call(iter(q.get, None), timeout=20)
+        q.put(hdrs([(":method", "POST"), (":path", path)]))
+        q.put(body(payload, True))
+        time.sleep(0.5)
         fut.cancel()
         res["cancelled"] = True
     elif a.scenario == "hang":

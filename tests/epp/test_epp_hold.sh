@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # epp_hold: scale-to-zero through the endpoint picker, with real processes: nats-server, one
 # kvr-routerd with --pools-file and the local exec scaler (scripts/kvr-local-scaler starts real
-# kvr-worker processes after a 2 s "model load"), kvr-epp, and the ext_proc client built from
+# kvr-worker processes after a 4 s "model load"), kvr-epp, and the ext_proc client built from
 # Envoy's protos.
 #  1. the pool sleeps with no worker; kvr-epp --ready-without-workers is ready (gRPC readiness);
 #  2. 20 ext_proc streams open at once: kvr-epp asks the routers although no worker is live,
 #     the router wakes the pool and answers "waking", kvr-epp holds every pick (no
 #     HeadersResponse) until the scaler's worker is up, then each gets that worker's ip:port,
-#     2 s or more after it was sent, runs its response path and ends OK; held_total{served} 20;
-#  3. idle: the pool sleeps again; a picker with --max-held 1 --wake-timeout 1500ms gets two
-#     picks at once: one is refused at once (rejected_full), the other waits and gets 503
-#     "model m1 is starting" at its deadline (timeout), both before the worker is up.
+#     4 s or more after it was sent, runs its response path and ends OK; held_total{served} 20;
+#  3. idle: the pool sleeps again; on a picker with --max-held 1 --wake-timeout 1500ms a held
+#     pick whose client goes away leaves the hold (client_gone); then two picks at once: one is
+#     refused at once (rejected_full), the other waits and gets 503 "model m1 is starting" at
+#     its deadline (timeout), all before the worker is up.
 source "$(dirname "$0")/../lib/testenv.sh"
 source "$(dirname "$0")/../routerd/rd_lib.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -25,7 +26,7 @@ cat >"$KVR_TMP/pools.json" <<'JSON'
 {"pools": [{"namespace": "default", "model": "m1", "target": "m1-workers"}]}
 JSON
 export KVR_SCALER_DIR="$KVR_TMP/scaler" KVR_SCALER_NATS="$NATS_URL" KVR_WORKER_BIN="$KVR_BIN/kvr-worker"
-export KVR_SCALER_DELAY=2 KVR_SCALER_ARGS="--speedup 50"
+export KVR_SCALER_DELAY=4 KVR_SCALER_ARGS="--speedup 50"
 mkdir -p "$KVR_SCALER_DIR"
 stop_workers() {
     for pf in "$KVR_SCALER_DIR"/pool-*/*.pid; do
@@ -56,9 +57,9 @@ r=$(CL open-together --n 20)
 kvr_log "held streams: $(jq -c 'del(.first_bad)' <<<"$r")"
 kvr_assert_eq "$(jq -r .ok <<<"$r")" 20 "streams served through the wake: $(jq -c .first_bad <<<"$r")"
 kvr_assert_eq "$(jq -r '.dests | length' <<<"$r")" 1 "one destination (the woken worker): $r"
-# the scaler's "model load" takes 2 s: every pick waited for it
+# the scaler's "model load" takes 4 s: every pick waited for it
 kvr_assert "every pick waited for the wake ($(jq -r .pick_s_min <<<"$r") s)" \
-    $PY -c "import sys; sys.exit(not float(sys.argv[1]) >= 2.0)" "$(jq -r .pick_s_min <<<"$r")"
+    $PY -c "import sys; sys.exit(not float(sys.argv[1]) >= 4.0)" "$(jq -r .pick_s_min <<<"$r")"
 kvr_assert_eq "$(metric 'kvr_epp_held_total{result="served"}')" 20 "held_total served"
 kvr_assert_eq "$(metric kvr_epp_held_picks)" 0 "held gauge after the wake"
 # the woken worker's port is the destination
@@ -82,7 +83,11 @@ kvr_spawn epp2 "$KVR_BIN/kvr-epp" --secure-serving=false --grpc-port $G2 --grpc-
 kvr_wait_for 10 bash -c "curl -s http://127.0.0.1:$M2/metrics | grep -q '^kvr_epp_held_picks'" ||
     kvr_fail "kvr-epp 2 never served /metrics"
 sleep 0.5 # its NATS connection
+m2() { curl -s "http://127.0.0.1:$M2/metrics" | awk -v k="$1" '$1==k {print $2}'; }
 t0=${EPOCHREALTIME/./}
+$PY "$HERE/epp_client.py" "127.0.0.1:$G2" cancel-after-body >/dev/null
+gone() { [ "$(m2 'kvr_epp_held_total{result="client_gone"}')" = 1 ] && [ "$(m2 kvr_epp_held_picks)" = 0 ]; }
+kvr_wait_for 5 gone || kvr_fail "a held pick whose client went is still held: $(curl -s "http://127.0.0.1:$M2/metrics" | grep held)"
 $PY "$HERE/epp_client.py" "127.0.0.1:$G2" post >"$KVR_TMP/p1.json" &
 p1=$!
 $PY "$HERE/epp_client.py" "127.0.0.1:$G2" post >"$KVR_TMP/p2.json" &
@@ -91,10 +96,10 @@ wait $p1 $p2
 ms=$(((${EPOCHREALTIME/./} - t0) / 1000))
 kvr_log "two picks on a sleeping pool with --max-held 1: $(cat "$KVR_TMP/p1.json") $(cat "$KVR_TMP/p2.json") in $ms ms"
 for f in p1 p2; do kvr_assert_eq "$(jq -r .status "$KVR_TMP/$f.json")" 503 "$f: 503"; done
-m2() { curl -s "http://127.0.0.1:$M2/metrics" | awk -v k="$1" '$1==k {print $2}'; }
 kvr_assert_eq "$(m2 'kvr_epp_held_total{result="rejected_full"}')" 1 "one refused: the holds were full"
 kvr_assert_eq "$(m2 'kvr_epp_held_total{result="timeout"}')" 1 "one held to its deadline"
 grep -q "is starting" "$KVR_TMP/p1.json" "$KVR_TMP/p2.json" || kvr_fail "no 'model is starting' answer"
 kvr_assert_eq "$(m2 kvr_epp_held_picks)" 0 "held gauge after the deadline"
+kvr_assert "all before the worker was up ($ms ms)" [ "$ms" -lt 3800 ]
 kvr_alive epp2 || kvr_fail "kvr-epp 2 died"
 kvr_pass
