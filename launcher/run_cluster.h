@@ -81,6 +81,10 @@ int run_proc_stop(const run_proc *p, int timeout_ms);
  * timeout). body may be NULL. Returns 0 when a response arrived, else KVR_EIO. */
 void run_http_global_init(void);
 int run_http_get(const char *url, long timeout_ms, long *status, kvr_buf *body);
+/* HTTP POST of body (JSON, may be NULL: empty) with "Authorization: Bearer <token>" when
+ * token is not NULL; otherwise as run_http_get. */
+int run_http_post(const char *url, const char *token, const char *body, long timeout_ms,
+                  long *status, kvr_buf *resp);
 /* Convenience: GET base_url + path, true when it answered 200. */
 bool run_http_ok(const char *base_url, const char *path, long timeout_ms);
 

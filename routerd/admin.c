@@ -191,7 +191,8 @@ static void on_admin_done(int status, void *data)
 
 /* POST /admin/raft/add {"id":N,"raft_addr":"h:p"}, /promote {"id":N}, /remove {"id":N},
  * /transfer {"id":N} (leadership to voter N; no id or 0: the most up-to-date voter; answered
- * once another router leads, for planned maintenance of the leader's host).
+ * once this router stepped down (the winner shows in /v1/state soon after), for planned
+ * maintenance of the leader's host).
  * Only the leader changes membership; elsewhere 409 with the leader id. */
 static void http_admin(kvr_routerd *rd, kvr_http_req *req, const char *op)
 {

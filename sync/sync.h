@@ -254,8 +254,9 @@ int kvr_sync_promote_node(kvr_sync *s, uint32_t id, kvr_sync_change_cb cb, void 
                           uint32_t *leader);
 int kvr_sync_remove_node(kvr_sync *s, uint32_t id, kvr_sync_change_cb cb, void *data,
                          uint32_t *leader);
-/* Hands leadership to another voter (id 0: the most up-to-date one). cb status 0 once another
- * router leads, KVR_EAGAIN when the transfer ended without that. */
+/* Hands leadership to another voter (id 0: the most up-to-date one). cb status 0 once this
+ * node stepped down (the winner may not be known yet), KVR_EAGAIN when it still leads (the
+ * transfer timed out: the target did not catch up or win in time). */
 int kvr_sync_transfer(kvr_sync *s, uint32_t id, kvr_sync_change_cb cb, void *data,
                       uint32_t *leader);
 

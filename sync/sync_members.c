@@ -92,9 +92,12 @@ int kvr_sync_remove_node(kvr_sync *s, uint32_t id, kvr_sync_change_cb cb, void *
 static void transfer_done(kvr_consensus_transfer *req)
 {
     change_ctx *cx = req->data;
-    uint32_t leader = cx->s->cons ? kvr_consensus_leader(cx->s->cons, NULL) : 0;
+    /* raft calls this when this node steps down, often before it has heard who won (a vote
+     * request carries no leader): having stepped down is the success, the winner is named
+     * later by /v1/state. Still leading: the transfer timed out. */
+    bool stepped_down = cx->s->cons && kvr_consensus_get_role(cx->s->cons) != KVR_ROLE_LEADER;
     if (cx->cb)
-        cx->cb(cx->s, leader && leader != cx->s->o.id ? 0 : KVR_EAGAIN, cx->data);
+        cx->cb(cx->s, stepped_down ? 0 : KVR_EAGAIN, cx->data);
     free(cx);
 }
 

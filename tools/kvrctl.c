@@ -1,7 +1,8 @@
 /* kvrctl: start, inspect, break and stop a local kvroute cluster (DESIGN section 10).
  *
  *   kvrctl up --routers N --workers M --frontends K [--dir D] [--base-port P] …
- *   kvrctl status | kill router 2|leader|follower | restart router 2 | down   [--dir D]
+ *   kvrctl status | kill router 2|leader|follower | transfer [2] | restart router 2 | down
+ *   [--dir D]
  *
  * Every process runs in its own session (setsid) with its log in D/logs/<role>-<id>.log, so it
  * outlives kvrctl; D/cluster.json records pid + start time + command line, which is how every
@@ -37,29 +38,32 @@
 
 static void usage(FILE *out)
 {
-    fprintf(out,
-            "usage: kvrctl COMMAND [options]\n"
-            "  up --routers N --workers M --frontends K [--dir D] [--base-port P] [--speedup X]\n"
-            "     [--namespace NS] [--model M] [--worker-args \"…\"] [--router-args \"…\"]\n"
-            "     [--frontend-args \"…\"] [--haproxy] [--no-raft-flags] [--bin-dir DIR] [--timeout S]\n"
-            "     [--bridge]  (each worker as a vLLM stand-in: --kv-events zmq, and a kvr-bridge\n"
-            "                  beside it that forwards its events and heartbeats)\n"
-            "     [--prefill-workers N --decode-workers M]  disaggregated workers (--role prefill|\n"
-            "                  decode, a KV side channel secret in D/kv-secret) besides --workers\n"
-            "     [--scale-to-zero [--idle-after D]]  the pool sleeps when idle and wakes on\n"
-            "                  demand: routers run kvr-local-scaler, which starts and stops\n"
-            "                  kvr-workers in D/scaler (use --workers 0 to start asleep)\n"
-            "     [--nats URL[,URL…]]  use this NATS (with JetStream) instead of starting one\n"
-            "     [--nats-user U --nats-password-file F | --nats-token-file F | --nats-nkey F |\n"
-            "      --nats-creds F] [--nats-tls-ca F [--nats-tls-cert F --nats-tls-key F]]\n"
-            "                  NATS credentials, given to every process that connects to NATS\n"
-            "                  (files only: secrets never go on a command line)\n"
-            "  status [--dir D] [--json]\n"
-            "  kill ROLE ID|leader|follower [--dir D]     (SIGKILL; prints the id it killed)\n"
-            "  restart ROLE ID [--dir D] [--no-wait] [--timeout S]\n"
-            "  down [--dir D] [--timeout S]\n"
-            "Default --dir is %s. Binaries come from --bin-dir, $KVR_BIN, or kvrctl's own directory.\n",
-            DEFAULT_DIR);
+    fprintf(
+        out,
+        "usage: kvrctl COMMAND [options]\n"
+        "  up --routers N --workers M --frontends K [--dir D] [--base-port P] [--speedup X]\n"
+        "     [--namespace NS] [--model M] [--worker-args \"…\"] [--router-args \"…\"]\n"
+        "     [--frontend-args \"…\"] [--haproxy] [--no-raft-flags] [--bin-dir DIR] [--timeout S]\n"
+        "     [--bridge]  (each worker as a vLLM stand-in: --kv-events zmq, and a kvr-bridge\n"
+        "                  beside it that forwards its events and heartbeats)\n"
+        "     [--prefill-workers N --decode-workers M]  disaggregated workers (--role prefill|\n"
+        "                  decode, a KV side channel secret in D/kv-secret) besides --workers\n"
+        "     [--scale-to-zero [--idle-after D]]  the pool sleeps when idle and wakes on\n"
+        "                  demand: routers run kvr-local-scaler, which starts and stops\n"
+        "                  kvr-workers in D/scaler (use --workers 0 to start asleep)\n"
+        "     [--nats URL[,URL…]]  use this NATS (with JetStream) instead of starting one\n"
+        "     [--nats-user U --nats-password-file F | --nats-token-file F | --nats-nkey F |\n"
+        "      --nats-creds F] [--nats-tls-ca F [--nats-tls-cert F --nats-tls-key F]]\n"
+        "                  NATS credentials, given to every process that connects to NATS\n"
+        "                  (files only: secrets never go on a command line)\n"
+        "  status [--dir D] [--json]\n"
+        "  kill ROLE ID|leader|follower [--dir D]     (SIGKILL; prints the id it killed)\n"
+        "  transfer [ID] [--dir D] [--timeout S]      (the Raft leadership to router ID, or\n"
+        "                  the most up-to-date one, as planned maintenance; prints the leader)\n"
+        "  restart ROLE ID [--dir D] [--no-wait] [--timeout S]\n"
+        "  down [--dir D] [--timeout S]\n"
+        "Default --dir is %s. Binaries come from --bin-dir, $KVR_BIN, or kvrctl's own directory.\n",
+        DEFAULT_DIR);
 }
 
 /* ---------- main ---------- */
@@ -187,6 +191,8 @@ int main(int argc, char **argv)
         return cmd_status(dir, json);
     if (strcmp(cmd, "kill") == 0 && npos == 2)
         return cmd_kill(dir, pos[0], pos[1]);
+    if (strcmp(cmd, "transfer") == 0 && npos <= 1)
+        return cmd_transfer(dir, npos ? pos[0] : NULL, timeout_set ? o.timeout_s : 30);
     if (strcmp(cmd, "restart") == 0 && npos == 2)
         return cmd_restart(dir, pos[0], pos[1], wait, o.timeout_s);
     if (strcmp(cmd, "down") == 0 && npos == 0)

@@ -60,6 +60,7 @@ int cmd_up(const char *dir, up_opts *o);
 /* kvrctl_ops.c */
 int cmd_status(const char *dir, bool json);
 int cmd_kill(const char *dir, const char *role, const char *which);
+int cmd_transfer(const char *dir, const char *to, int timeout_s);
 int cmd_restart(const char *dir, const char *role, const char *which, bool wait, int timeout_s);
 int cmd_down(const char *dir, int timeout_s);
 

@@ -1,4 +1,4 @@
-/* kvrctl status | kill | restart | down: act on a running cluster found through
+/* kvrctl status | kill | transfer | restart | down: act on a running cluster found through
  * D/cluster.json (kvrctl.h). */
 #define _GNU_SOURCE
 /* Paths are bounded up front (cluster dir <= 300 bytes); snprintf truncation is the intended
@@ -116,6 +116,101 @@ int cmd_kill(const char *dir, const char *role, const char *which)
     fprintf(stderr, "killed %s-%d (pid %d) with SIGKILL\n", p->role, p->id, p->pid);
     run_cluster_free(&c);
     return 0;
+}
+
+/* POST /admin/raft/transfer to the leader with D/admin-token: leadership to router `to`
+ * (NULL: the most up-to-date voter). A transfer that timed out (a target still catching up,
+ * e.g. just restarted: 500 "try again") or a leader that changed meanwhile (409) is tried
+ * again until timeout_s. Prints the new leader's id. */
+int cmd_transfer(const char *dir, const char *to, int timeout_s)
+{
+    run_cluster c;
+    kvr_err err = {0};
+    if (load_or_die(&c, dir))
+        return 1;
+    int rc = 1;
+    long target = 0;
+    char *end;
+    char path[PATH_MAX + 16], token[256] = "";
+    if (to && (!*to || (target = strtol(to, &end, 10), *end) || target < 1)) {
+        fprintf(stderr, "kvrctl transfer: a router id >= 1, got '%s'\n", to);
+        goto out;
+    }
+    snprintf(path, sizeof path, "%s/admin-token", c.dir);
+    FILE *f = fopen(path, "r");
+    if (!f || !fgets(token, sizeof token, f)) {
+        fprintf(stderr, "kvrctl transfer: cannot read %s\n", path);
+        if (f)
+            fclose(f);
+        goto out;
+    }
+    fclose(f);
+    token[strcspn(token, "\r\n")] = 0;
+    long long deadline = mono_ms() + (long long)timeout_s * 1000;
+    for (int attempt = 1;; attempt++) {
+        int idx = run_cluster_pick_router(&c, "leader", &err);
+        if (idx < 0 && mono_ms() < deadline) { /* an election in progress */
+            sleep_ms(200);
+            continue;
+        }
+        if (idx < 0) {
+            fprintf(stderr, "kvrctl transfer: %s\n", err.msg);
+            goto out;
+        }
+        const run_proc *lp = &c.procs[idx];
+        if (target == lp->id) {
+            printf("%d\n", lp->id);
+            fprintf(stderr, "router-%d leads\n", lp->id);
+            rc = 0;
+            goto out;
+        }
+        char url[320], body[48];
+        snprintf(url, sizeof url, "%s/admin/raft/transfer", lp->url);
+        snprintf(body, sizeof body, "{\"id\":%ld}", target);
+        kvr_buf resp;
+        kvr_buf_init(&resp);
+        long st = 0;
+        int hr = run_http_post(url, token, body, 10000, &st, &resp);
+        bool again =
+            hr == 0 &&
+            (st == 409 || (st == 500 && resp.base && memmem(resp.base, resp.len, "try again", 9)));
+        if (hr != 0 || (st != 200 && (!again || mono_ms() >= deadline))) {
+            fprintf(stderr, "kvrctl transfer: router-%d answered %ld: %.*s\n", lp->id, st,
+                    (int)(resp.len > 300 ? 300 : resp.len), resp.base ? resp.base : "");
+            kvr_buf_free(&resp);
+            goto out;
+        }
+        kvr_buf_free(&resp);
+        if (st != 200) {
+            fprintf(stderr, "router-%d: transfer attempt %d not done (%ld), again\n", lp->id,
+                    attempt, st);
+            sleep_ms(300);
+            continue;
+        }
+        /* it stepped down: name the winner */
+        while (mono_ms() < deadline + 5000) {
+            run_router_state rs;
+            if (run_router_get_state(lp, 1000, &rs, &err) == 0 && rs.leader &&
+                rs.leader != lp->id) {
+                if (target && rs.leader != target)
+                    break; /* another router won: ask again */
+                printf("%lld\n", rs.leader);
+                fprintf(stderr, "leadership moved from router-%d to router-%lld\n", lp->id,
+                        rs.leader);
+                rc = 0;
+                goto out;
+            }
+            sleep_ms(100);
+        }
+        if (mono_ms() >= deadline) {
+            fprintf(stderr, "kvrctl transfer: no leader as asked within %d s\n", timeout_s);
+            goto out;
+        }
+    }
+out:
+    explicit_bzero(token, sizeof token);
+    run_cluster_free(&c);
+    return rc;
 }
 
 int cmd_restart(const char *dir, const char *role, const char *which, bool wait, int timeout_s)

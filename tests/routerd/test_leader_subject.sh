@@ -150,7 +150,11 @@ moved() { # every router names one leader other than $1, and it takes the leader
     NL=$n
 }
 for t in 1 2 3 4 5 6; do
-    r=$(rd_post "${HP[$LT]}" /admin/raft/transfer)
+    for try in 1 2 3; do # "try again": the transfer timed out (a target still catching up)
+        r=$(rd_post "${HP[$LT]}" /admin/raft/transfer)
+        [ "$(jq -r .ok <<<"$r" 2>/dev/null)" = true ] && break
+        sleep 0.3
+    done
     [ "$(jq -r .ok <<<"$r" 2>/dev/null)" = true ] || { stop_load; kvr_fail "transfer $t from router $LT: $r"; }
     kvr_wait_for 10 moved "$LT" || { stop_load; kvr_fail "transfer $t: the leadership or the leader subjects did not move from $LT"; }
     LT=$NL

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# kvrctl up / status / kill / restart / down on a real cluster: nats-server plus whichever
+# kvrctl up / status / kill / restart / transfer / down on a real cluster: nats-server plus whichever
 # kvroute binaries are built (parts whose binary is missing are skipped and say so), haproxy
 # in front of the workers. Checks cluster.json, logs, that processes outlive kvrctl, that kill
 # really kills (leader/follower), that restart re-runs the same command, and that down leaves
@@ -81,6 +81,19 @@ if [ $R -gt 0 ]; then
     out=$("$KVRCTL" restart router "$follower" --dir "$D" 2>&1) || kvr_fail "restart router $follower: $out"
     all_pids="$all_pids $(cluster_pid "$D" router "$follower")"
     kvr_wait_for 20 one_leader || kvr_fail "no single leader after restarts"
+    # planned hand-over: kvrctl transfer (POST /admin/raft/transfer with D/admin-token)
+    lead() { "$KVRCTL" status --dir "$D" --json | jq '.processes[] | select(.role == "router" and .alive and .raft_role == "leader") | .id'; }
+    before=$(lead)
+    moved=$("$KVRCTL" transfer --dir "$D") || kvr_fail "kvrctl transfer failed"
+    [ -n "$moved" ] && [ "$moved" != "$before" ] || kvr_fail "transfer: leader $before, printed '$moved'"
+    kvr_wait_for 10 one_leader || kvr_fail "no single leader after the transfer"
+    kvr_assert_eq "$(lead)" "$moved" "the leader kvrctl transfer printed"
+    back=$("$KVRCTL" transfer "$before" --dir "$D") || kvr_fail "kvrctl transfer $before failed"
+    kvr_assert_eq "$back" "$before" "transfer to a named router"
+    kvr_wait_for 10 one_leader || kvr_fail "no single leader after the second transfer"
+    kvr_assert_eq "$(lead)" "$before" "leader after transfer $before"
+    if "$KVRCTL" transfer 99 --dir "$D" >/dev/null 2>&1; then kvr_fail "transfer to router 99 succeeded"; fi
+    kvr_log "kvrctl transfer: $before -> $moved -> $back"
 else
     # Without routers, exercise kill/restart on nats itself.
     k=$("$KVRCTL" kill nats 0 --dir "$D") || kvr_fail "kill nats 0 failed"
