@@ -461,13 +461,9 @@ static size_t http_write_cb(char *ptr, size_t size, size_t nmemb, void *ud)
     return kvr_buf_append(b, ptr, n) == 0 ? n : 0;
 }
 
-int run_http_get(const char *url, long timeout_ms, long *status, kvr_buf *body)
+/* The options every request shares, then the request itself; cleans h up. */
+static int http_perform(CURL *h, const char *url, long timeout_ms, long *status, kvr_buf *body)
 {
-    run_http_global_init();
-    *status = 0;
-    CURL *h = curl_easy_init();
-    if (!h)
-        return KVR_ENOMEM;
     curl_easy_setopt(h, CURLOPT_URL, url);
     curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout_ms);
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms);
@@ -480,6 +476,16 @@ int run_http_get(const char *url, long timeout_ms, long *status, kvr_buf *body)
         curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, status);
     curl_easy_cleanup(h);
     return cc == CURLE_OK ? 0 : KVR_EIO;
+}
+
+int run_http_get(const char *url, long timeout_ms, long *status, kvr_buf *body)
+{
+    run_http_global_init();
+    *status = 0;
+    CURL *h = curl_easy_init();
+    if (!h)
+        return KVR_ENOMEM;
+    return http_perform(h, url, timeout_ms, status, body);
 }
 
 int run_http_post(const char *url, const char *token, const char *body, long timeout_ms,
@@ -497,23 +503,13 @@ int run_http_post(const char *url, const char *token, const char *body, long tim
         struct curl_slist *more = curl_slist_append(hdrs, auth);
         hdrs = more ? more : hdrs;
     }
-    curl_easy_setopt(h, CURLOPT_URL, url);
     curl_easy_setopt(h, CURLOPT_POST, 1L);
     curl_easy_setopt(h, CURLOPT_POSTFIELDS, body ? body : "");
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
-    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, timeout_ms);
-    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms);
-    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(h, CURLOPT_NOPROXY, "*");
-    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, http_write_cb);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, resp);
-    CURLcode cc = curl_easy_perform(h);
-    if (cc == CURLE_OK)
-        curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, status);
-    curl_easy_cleanup(h);
+    int rc = http_perform(h, url, timeout_ms, status, resp);
     curl_slist_free_all(hdrs);
     explicit_bzero(auth, sizeof auth); /* the admin token */
-    return cc == CURLE_OK ? 0 : KVR_EIO;
+    return rc;
 }
 
 bool run_http_ok(const char *base_url, const char *path, long timeout_ms)
