@@ -329,26 +329,17 @@ def main():
         res["kinds"] = kinds
     elif a.scenario == "garbage":
         res = post_flow(ch, b"{not json", 1, None, path)
-    elif a.scenario == "cancel":
-        # headers and half a body, then the client goes away (Envoy resets the stream)
+    elif a.scenario in ("cancel", "cancel-after-body"):
+        # cancel: headers and half a body, then the client goes away (Envoy resets the stream);
+        # cancel-after-body: the whole request, then it goes while its pick is out (or held)
+        whole = a.scenario == "cancel-after-body"
         q = queue.Queue()
         call = ch.stream_stream(PATH, request_serializer=ep.ProcessingRequest.SerializeToString,
                                 response_deserializer=ep.ProcessingResponse.FromString)
         fut = call(iter(q.get, None), timeout=20)
         q.put(hdrs([(":method", "POST"), (":path", path)]))
-        q.put(body(payload[:len(payload) // 2], False))
-        time.sleep(0.3)
-        fut.cancel()
-        res["cancelled"] = True
-    elif a.scenario == "cancel-after-body":
-        # the whole request, then the client goes away while its pick is out (or held)
-        q = queue.Queue()
-        call = ch.stream_stream(PATH, request_serializer=ep.ProcessingRequest.SerializeToString,
-                                response_deserializer=ep.ProcessingResponse.FromString)
-        fut = call(iter(q.get, None), timeout=20)
-        q.put(hdrs([(":method", "POST"), (":path", path)]))
-        q.put(body(payload, True))
-        time.sleep(0.5)
+        q.put(body(payload, True) if whole else body(payload[:len(payload) // 2], False))
+        time.sleep(0.5 if whole else 0.3)
         fut.cancel()
         res["cancelled"] = True
     elif a.scenario == "hang":

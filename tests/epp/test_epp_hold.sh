@@ -14,6 +14,7 @@
 #     its deadline (timeout), all before the worker is up.
 source "$(dirname "$0")/../lib/testenv.sh"
 source "$(dirname "$0")/../routerd/rd_lib.sh"
+source "$(dirname "$0")/../lib/local_scaler.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
 SRC=$(cd "$HERE/../.." && pwd)
 kvr_test_init epp_hold
@@ -25,16 +26,7 @@ kvr_start_nats
 cat >"$KVR_TMP/pools.json" <<'JSON'
 {"pools": [{"namespace": "default", "model": "m1", "target": "m1-workers"}]}
 JSON
-export KVR_SCALER_DIR="$KVR_TMP/scaler" KVR_SCALER_NATS="$NATS_URL" KVR_WORKER_BIN="$KVR_BIN/kvr-worker"
-export KVR_SCALER_DELAY=8 KVR_SCALER_ARGS="--speedup 50"
-mkdir -p "$KVR_SCALER_DIR"
-stop_workers() {
-    for pf in "$KVR_SCALER_DIR"/pool-*/*.pid; do
-        [ -e "$pf" ] && kill -KILL "$(cat "$pf")" 2>/dev/null
-    done
-    return 0
-}
-trap 'rc=$?; stop_workers; (exit $rc); kvr_cleanup' EXIT
+kvr_local_scaler_env 8
 RP=$(kvr_free_port)
 rd_start r1 1 "$RP" "$KVR_TMP/r1" --pools-file "$KVR_TMP/pools.json" \
     --scaler "exec:$SRC/scripts/kvr-local-scaler" --idle-after 4s --wake-timeout 20s \
